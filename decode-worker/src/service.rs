@@ -1,0 +1,92 @@
+//! The `Decode` gRPC service.
+
+use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
+use futures::Stream;
+use kv_transfer::{pull_blocks, KvLayout, KvTransferParams};
+use proto::worker as pb;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+use tracing::{info_span, Instrument};
+use worker::blocks::kv_layout;
+use worker::convert;
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + Send>>;
+
+/// Generates tokens from handed-off KV, or from a local prefill.
+pub struct DecodeService {
+    engine: EngineHandle,
+    layout: KvLayout,
+    vocab_size: usize,
+    pull_timeout: Duration,
+}
+
+impl DecodeService {
+    pub fn new(engine: EngineHandle, vocab_size: usize, pull_timeout: Duration) -> Self {
+        let layout = kv_layout(&engine);
+        Self { engine, layout, vocab_size, pull_timeout }
+    }
+
+    /// Where the prompt's KV comes from: pulled from the prefill worker, or computed here.
+    async fn kv_source(&self, req: &pb::DecodeRequest) -> Result<KvSource, Status> {
+        let params = req.kv_transfer_params.clone().map(KvTransferParams::try_from).transpose();
+        let remote = match params.map_err(|e| Status::invalid_argument(e.to_string()))? {
+            None => return Ok(KvSource::Compute),
+            Some(KvTransferParams::RemoteDecode) => {
+                return Err(Status::invalid_argument("a decode worker takes do_remote_prefill, not do_remote_decode"))
+            }
+            Some(KvTransferParams::RemotePrefill(r)) => r,
+        };
+        let first_token =
+            req.first_token_id.ok_or_else(|| Status::invalid_argument("do_remote_prefill needs first_token_id"))?;
+        if remote.num_tokens as usize != req.prompt_token_ids.len() {
+            return Err(Status::invalid_argument(format!(
+                "the handed-off KV covers {} tokens, the prompt has {}",
+                remote.num_tokens,
+                req.prompt_token_ids.len()
+            )));
+        }
+        let data = pull_blocks(&remote, &self.layout, self.pull_timeout)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(KvSource::Provided { data, first_token })
+    }
+
+    async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {
+        convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
+        let sampling = convert::sampling(req.sampling.clone())?;
+        let kv = self.kv_source(&req).await?;
+        let engine_req = EngineRequest {
+            request_id: req.request_id,
+            prompt_token_ids: req.prompt_token_ids,
+            sampling,
+            kv,
+            pin_on_finish: false,
+        };
+        let events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
+        // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
+        let chunks = UnboundedReceiverStream::new(events).map(|event| match event {
+            EngineEvent::Token(t) => {
+                Ok(pb::DecodeChunk { token_ids: vec![t], finish_reason: pb::FinishReason::Unspecified as i32 })
+            }
+            EngineEvent::Finished { reason, .. } => {
+                Ok(pb::DecodeChunk { token_ids: vec![], finish_reason: convert::finish_reason(reason) as i32 })
+            }
+            EngineEvent::Error(e) => Err(Status::internal(e)),
+        });
+        Ok(Box::pin(chunks))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::decode_server::Decode for DecodeService {
+    type DecodeStream = ChunkStream;
+
+    async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<ChunkStream>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("decode", request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len());
+        self.start(req).instrument(span).await.map(Response::new)
+    }
+}

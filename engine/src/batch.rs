@@ -1,0 +1,88 @@
+//! One forward step: the new tokens of several sequences, flattened.
+//!
+//! ```text
+//! tokens:  | seq 0 chunk (prefill) | seq 1 (1 decode token) | seq 2 (1) |
+//! seq i:   token_start..token_start+num_tokens, at positions
+//!          context_start..context_start+num_tokens of that sequence
+//! ```
+
+/// The new tokens of one sequence in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqChunk {
+    /// Index of this chunk's first token in [`ForwardBatch::tokens`].
+    pub token_start: usize,
+    /// Number of new tokens (the whole prompt for a prefill, 1 for a decode).
+    pub num_tokens: usize,
+    /// Tokens of this sequence already in the KV cache: the position of the
+    /// chunk's first token.
+    pub context_start: usize,
+    /// Block ids holding this sequence's KV, in order. Must cover
+    /// `context_start + num_tokens` tokens.
+    pub block_table: Vec<u32>,
+    /// Whether the step must return logits for the chunk's last token.
+    pub need_logits: bool,
+}
+
+/// All the work of one forward step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    pub tokens: Vec<u32>,
+    pub seqs: Vec<SeqChunk>,
+}
+
+impl ForwardBatch {
+    /// Appends a sequence's chunk.
+    pub fn push(&mut self, tokens: &[u32], context_start: usize, block_table: Vec<u32>, need_logits: bool) {
+        self.seqs.push(SeqChunk {
+            token_start: self.tokens.len(),
+            num_tokens: tokens.len(),
+            context_start,
+            block_table,
+            need_logits,
+        });
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Number of sequences whose logits the step returns.
+    pub fn num_logits(&self) -> usize {
+        self.seqs.iter().filter(|s| s.need_logits).count()
+    }
+}
+
+/// Logits of one step: one row of `vocab_size` values per sequence whose
+/// [`SeqChunk::need_logits`] is set, in batch order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub vocab_size: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of rows.
+    pub fn num_rows(&self) -> usize {
+        self.data.len() / self.vocab_size.max(1)
+    }
+
+    /// The logits of row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
+}
+
+/// A forward step that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+}
+
+/// A model the serving loop can step: reads the batch's tokens, writes their
+/// K/V into `kv` at the slots their block tables name, and returns logits.
+/// Weights are shared and read-only, so `&self`.
+pub trait Forward: Send + Sync + 'static {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut crate::KvStorage) -> Result<Logits, ForwardError>;
+    /// Size of a logits row.
+    fn vocab_size(&self) -> usize;
+}

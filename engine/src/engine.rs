@@ -1,0 +1,632 @@
+//! The serving loop both worker kinds share.
+//!
+//! [`Engine::start`] spawns one OS thread that owns the [`Scheduler`] and the
+//! samplers, and steps the model; an [`EngineHandle`] (cloneable, `Send +
+//! Sync`) talks to it.
+//!
+//! # Shared state
+//!
+//! - **Commands** (submit, abort, release) go to the step thread over a std
+//!   channel: it is an actor, so the scheduler needs no lock and a command is
+//!   applied between two steps. When idle, the thread blocks on that channel.
+//! - **KV storage** lives in an `Arc<RwLock<KvStorage>>` (std): the step thread
+//!   write-locks it only around `write_blocks` and `forward`, and
+//!   [`EngineHandle::read_blocks`] read-locks it from any thread (the KV server
+//!   serving pinned blocks). A read therefore waits at most one step. Nothing
+//!   awaits under the lock, so a std lock fits; a poisoned lock (a panic in
+//!   the model) is recovered from, because the blocks involved are freed.
+//! - **Stats** are atomics plus the set of live request ids (a short std
+//!   mutex, also used to reject duplicate ids at submit). The step thread
+//!   publishes them before it sends any event, so whoever has received
+//!   `Finished` sees stats that already account for it.
+//!
+//! # One step
+//!
+//! ```text
+//! drain commands ─► drop requests whose receiver is gone ─► schedule (plan)
+//!   ─► [write lock: write provided KV, forward] ─► sample per sequence
+//!   ─► scheduler.finish_step ─► publish stats ─► send events
+//! ```
+
+use crate::batch::{Forward, Logits};
+use crate::block_manager::blocks_for;
+use crate::kv_cache::{KvCacheShape, KvStorage, KvStorageError};
+use crate::sampler::{argmax, Sampler, SamplingParams};
+use crate::scheduler::{NewSequence, ProvidedKv, Scheduler, SchedulerConfig, StepPlan};
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Limits and defaults of one engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most sequences in one batch (at least 1).
+    pub max_num_seqs: usize,
+    /// Longest a sequence (prompt + generated) may grow; generation stops
+    /// with `Length` there.
+    pub max_model_len: usize,
+    /// Tokens that end every request with `Stop`.
+    pub eos_token_ids: Vec<u32>,
+    /// Seeds requests that bring none, combined with their arrival order.
+    pub default_seed: u64,
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    /// Unique among the engine's live requests.
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Where the prompt's KV comes from.
+    pub kv: KvSource,
+    /// Keep the blocks covering the prompt when the request finishes (for a
+    /// remote decode to pull); they are reported in `Finished.pinned_blocks`
+    /// and stay allocated until [`EngineHandle::release_blocks`].
+    pub pin_on_finish: bool,
+}
+
+/// Where a request's prompt KV comes from.
+#[derive(Clone)]
+pub enum KvSource {
+    /// The engine prefills the prompt itself.
+    Compute,
+    /// A prefill worker computed it: `data` is the prompt's KV in the hand-off
+    /// format for `ceil(prompt_len / block_size)` blocks, and `first_token`
+    /// the token it sampled. That token counts as generated token 1; it is not
+    /// emitted again nor checked against stop tokens.
+    Provided { data: Vec<u8>, first_token: u32 },
+}
+
+impl std::fmt::Debug for KvSource {
+    // The payload can be megabytes: show its size, not its bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvSource::Compute => f.write_str("Compute"),
+            KvSource::Provided { data, first_token } => {
+                f.debug_struct("Provided").field("data_len", &data.len()).field("first_token", first_token).finish()
+            }
+        }
+    }
+}
+
+/// What a request hears. `Finished` or `Error` is always the last event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// A generated token.
+    Token(u32),
+    /// Generation ended.
+    Finished {
+        reason: FinishReason,
+        /// With `pin_on_finish` (and not aborted): the held blocks covering
+        /// the prompt, in prompt order.
+        pinned_blocks: Option<Vec<u32>>,
+        num_prompt_tokens: usize,
+    },
+    /// The request failed and is gone (bad provided KV, failed forward pass,
+    /// a sequence too long for the whole cache).
+    Error(String),
+}
+
+impl EngineEvent {
+    fn is_terminal(&self) -> bool {
+        !matches!(self, EngineEvent::Token(_))
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop or EOS token was generated (and emitted).
+    Stop,
+    /// `max_tokens` generated, or the sequence reached `max_model_len`.
+    Length,
+    /// [`EngineHandle::abort`], or the receiver was dropped.
+    Abort,
+}
+
+/// A snapshot of the engine's load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Live requests: submitted and not finished (waiting + running).
+    pub num_sequences: usize,
+    pub num_running: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    /// Blocks pinned by finished `pin_on_finish` requests, not yet released.
+    pub held_blocks: usize,
+    /// Sequences preempted (for recompute) since start.
+    pub num_preemptions: u64,
+}
+
+/// A request the engine refuses at submit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("request {request_id:?} has an empty prompt")]
+    EmptyPrompt { request_id: String },
+    #[error("prompt of {prompt_len} tokens does not fit max_model_len {max_model_len} (it must be shorter to leave room for a token)")]
+    PromptTooLong { prompt_len: usize, max_model_len: usize },
+    #[error("prompt of {prompt_len} tokens needs {blocks_needed} KV blocks of {block_size} tokens, the whole cache has {num_blocks}")]
+    PromptExceedsCache { prompt_len: usize, blocks_needed: usize, block_size: usize, num_blocks: usize },
+    #[error("a request with id {0:?} is already live")]
+    DuplicateRequestId(String),
+    #[error("max_tokens must be at least 1, got 0")]
+    ZeroMaxTokens,
+    #[error("temperature must be finite and >= 0, got {0}")]
+    InvalidTemperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    InvalidTopP(f32),
+    #[error("token id {token} is outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfVocab { token: u32, vocab_size: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Starts engines.
+pub struct Engine;
+
+impl Engine {
+    /// Allocates the KV cache and spawns the thread running the step loop.
+    /// The thread ends once every handle is dropped and no work is left.
+    ///
+    /// # Panics
+    /// If `shape.block_size` or `config.max_num_seqs` is 0, or the OS refuses
+    /// to spawn a thread.
+    pub fn start(model: Arc<dyn Forward>, shape: KvCacheShape, config: EngineConfig) -> EngineHandle {
+        assert!(shape.block_size > 0, "KV block_size must be at least 1");
+        assert!(config.max_num_seqs > 0, "max_num_seqs must be at least 1");
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_seqs: config.max_num_seqs,
+            max_model_len: config.max_model_len,
+            block_size: shape.block_size,
+            num_blocks: shape.num_blocks,
+            block_bytes: shape.block_bytes(),
+            eos_token_ids: config.eos_token_ids.clone(),
+        });
+        let shared = Arc::new(Shared {
+            shape,
+            max_model_len: config.max_model_len,
+            vocab_size: model.vocab_size(),
+            kv: RwLock::new(KvStorage::new(shape)),
+            live: Mutex::new(HashSet::new()),
+            num_running: AtomicUsize::new(0),
+            free_blocks: AtomicUsize::new(shape.num_blocks),
+            held_blocks: AtomicUsize::new(0),
+            num_preemptions: AtomicU64::new(0),
+        });
+        let (commands, receiver) = mpsc::channel();
+        let step_loop = StepLoop {
+            model,
+            shared: shared.clone(),
+            commands: receiver,
+            scheduler,
+            clients: HashMap::new(),
+            default_seed: config.default_seed,
+            num_unseeded: 0,
+            sync_replies: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("engine-step".into())
+            .spawn(move || step_loop.run())
+            .expect("failed to spawn the engine step thread");
+        EngineHandle { commands, shared }
+    }
+}
+
+/// A handle on a running engine; clone it freely.
+///
+/// The engine is an actor: `submit`, `abort` and `release_blocks` only queue
+/// a command for the step thread and return at once. `stats` reads atomics
+/// and a short std mutex; `read_blocks` takes the KV read lock.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("shape", &self.shared.shape).field("stats", &self.stats()).finish()
+    }
+}
+
+impl EngineHandle {
+    /// Validates and queues a request; its events arrive on the receiver.
+    /// Dropping the receiver aborts the request.
+    pub fn submit(&self, req: EngineRequest) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
+        self.validate(&req)?;
+        let request_id = req.request_id.clone();
+        if !self.shared.live().insert(request_id.clone()) {
+            return Err(EngineError::DuplicateRequestId(request_id));
+        }
+        let (events, receiver) = unbounded_channel();
+        if self.commands.send(Command::Submit(Box::new(Submission { request: req, events }))).is_err() {
+            self.shared.live().remove(&request_id);
+            return Err(EngineError::Stopped);
+        }
+        Ok(receiver)
+    }
+
+    /// Ends a live request at once: its blocks are freed (pinned or not) and
+    /// it hears `Finished { Abort }`. Unknown ids are ignored.
+    pub fn abort(&self, request_id: &str) {
+        // A stopped engine has nothing left to abort.
+        let _ = self.commands.send(Command::Abort(request_id.to_string()));
+    }
+
+    /// Load and KV occupancy, without waiting for the step thread.
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.shared;
+        EngineStats {
+            num_sequences: s.live().len(),
+            num_running: s.num_running.load(Ordering::Acquire),
+            free_blocks: s.free_blocks.load(Ordering::Acquire),
+            total_blocks: s.shape.num_blocks,
+            held_blocks: s.held_blocks.load(Ordering::Acquire),
+            num_preemptions: s.num_preemptions.load(Ordering::Acquire),
+        }
+    }
+
+    /// Appends blocks in the hand-off format to `out` (for the KV server to
+    /// serve pinned blocks). Waits for a running forward pass to end. Blocks
+    /// that are not held may be overwritten by the next step.
+    pub fn read_blocks(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), KvStorageError> {
+        self.shared.kv.read().unwrap_or_else(PoisonError::into_inner).read_blocks(ids, out)
+    }
+
+    /// Frees blocks held for a finished `pin_on_finish` request. Ids that are
+    /// not held are ignored (with a warning), so a release can be retried.
+    pub fn release_blocks(&self, ids: &[u32]) {
+        let _ = self.commands.send(Command::Release(ids.to_vec()));
+    }
+
+    /// The KV cache's shape.
+    pub fn shape(&self) -> KvCacheShape {
+        self.shared.shape
+    }
+
+    /// Blocks the calling thread until the step thread has applied every
+    /// command sent before (at most one step plus the commands): after it,
+    /// `stats` reflects earlier `abort`s and `release_blocks`. Meant for tests
+    /// and shutdown; do not call it on an async runtime's hot path.
+    pub fn sync(&self) {
+        let (reply, done) = mpsc::channel();
+        if self.commands.send(Command::Sync(reply)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+
+    fn validate(&self, req: &EngineRequest) -> Result<(), EngineError> {
+        let s = &self.shared;
+        let prompt_len = req.prompt_token_ids.len();
+        if prompt_len == 0 {
+            return Err(EngineError::EmptyPrompt { request_id: req.request_id.clone() });
+        }
+        if prompt_len >= s.max_model_len {
+            return Err(EngineError::PromptTooLong { prompt_len, max_model_len: s.max_model_len });
+        }
+        let blocks_needed = blocks_for(prompt_len, s.shape.block_size);
+        if blocks_needed > s.shape.num_blocks {
+            return Err(EngineError::PromptExceedsCache {
+                prompt_len,
+                blocks_needed,
+                block_size: s.shape.block_size,
+                num_blocks: s.shape.num_blocks,
+            });
+        }
+        let p = &req.sampling;
+        if p.max_tokens == 0 {
+            return Err(EngineError::ZeroMaxTokens);
+        }
+        if !p.temperature.is_finite() || p.temperature < 0.0 {
+            return Err(EngineError::InvalidTemperature(p.temperature));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(EngineError::InvalidTopP(p.top_p));
+        }
+        let first_token = match &req.kv {
+            KvSource::Provided { first_token, .. } => Some(*first_token),
+            KvSource::Compute => None,
+        };
+        let out_of_vocab =
+            req.prompt_token_ids.iter().copied().chain(first_token).find(|&t| t as usize >= s.vocab_size);
+        if let Some(token) = out_of_vocab {
+            return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
+        }
+        Ok(())
+    }
+}
+
+/// What the handles and the step thread share.
+struct Shared {
+    shape: KvCacheShape,
+    max_model_len: usize,
+    vocab_size: usize,
+    kv: RwLock<KvStorage>,
+    /// Ids submitted and not yet finished: the duplicate check and `num_sequences`.
+    live: Mutex<HashSet<String>>,
+    num_running: AtomicUsize,
+    free_blocks: AtomicUsize,
+    held_blocks: AtomicUsize,
+    num_preemptions: AtomicU64,
+}
+
+impl Shared {
+    fn live(&self) -> MutexGuard<'_, HashSet<String>> {
+        // The set stays consistent even if a holder panicked: every critical
+        // section is a single insert, remove or len.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+enum Command {
+    Submit(Box<Submission>),
+    Abort(String),
+    Release(Vec<u32>),
+    Sync(mpsc::Sender<()>),
+}
+
+struct Submission {
+    request: EngineRequest,
+    events: UnboundedSender<EngineEvent>,
+}
+
+/// The step thread's view of a live request.
+struct Client {
+    events: UnboundedSender<EngineEvent>,
+    sampler: Sampler,
+}
+
+/// State owned by the step thread.
+struct StepLoop {
+    model: Arc<dyn Forward>,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    scheduler: Scheduler,
+    clients: HashMap<String, Client>,
+    default_seed: u64,
+    /// Requests seeded from `default_seed` so far.
+    num_unseeded: u64,
+    sync_replies: Vec<mpsc::Sender<()>>,
+}
+
+impl StepLoop {
+    fn run(mut self) {
+        let mut handles_gone = false;
+        loop {
+            handles_gone |= self.drain_commands();
+            self.drop_closed_clients();
+            self.settle();
+            let plan = self.scheduler.schedule();
+            if plan.is_empty() {
+                // Nothing runs and nothing waiting fits: only a command can
+                // change that, so block for one.
+                self.settle();
+                if handles_gone {
+                    break;
+                }
+                match self.commands.recv() {
+                    Ok(command) => self.apply(command),
+                    Err(_) => break,
+                }
+                continue;
+            }
+            self.execute(plan);
+            self.settle();
+        }
+        tracing::debug!(num_waiting = self.scheduler.num_waiting(), "engine step loop stopped: every handle is gone");
+    }
+
+    /// Applies every queued command without blocking. True if every handle
+    /// is gone.
+    fn drain_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => self.apply(command),
+                Err(mpsc::TryRecvError::Empty) => return false,
+                Err(mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Submit(submission) => self.admit_request(*submission),
+            Command::Abort(request_id) => {
+                self.scheduler.abort(&request_id);
+            }
+            Command::Release(ids) => {
+                tracing::debug!(blocks = ?ids, "releasing held blocks");
+                self.scheduler.release(&ids);
+            }
+            Command::Sync(reply) => self.sync_replies.push(reply),
+        }
+    }
+
+    fn admit_request(&mut self, Submission { request, events }: Submission) {
+        let seed = request.sampling.seed.unwrap_or_else(|| {
+            self.num_unseeded += 1;
+            self.default_seed.wrapping_add(self.num_unseeded)
+        });
+        let provided = match request.kv {
+            KvSource::Compute => None,
+            KvSource::Provided { data, first_token } => Some(ProvidedKv { data, first_token }),
+        };
+        tracing::debug!(
+            request_id = %request.request_id,
+            prompt_len = request.prompt_token_ids.len(),
+            max_tokens = request.sampling.max_tokens,
+            provided_kv = provided.is_some(),
+            pin_on_finish = request.pin_on_finish,
+            seed,
+            "queued"
+        );
+        let sampler = Sampler::new(&request.sampling, seed);
+        self.clients.insert(request.request_id.clone(), Client { events, sampler });
+        self.scheduler.add(NewSequence {
+            request_id: request.request_id,
+            prompt: request.prompt_token_ids,
+            max_tokens: request.sampling.max_tokens as usize,
+            stop_token_ids: request.sampling.stop_token_ids,
+            pin_on_finish: request.pin_on_finish,
+            provided,
+        });
+    }
+
+    /// Drops requests whose receiver is gone before spending a step on them
+    /// (a waiting request never gets a send that could fail).
+    fn drop_closed_clients(&mut self) {
+        let closed: Vec<String> =
+            self.clients.iter().filter(|(_, c)| c.events.is_closed()).map(|(id, _)| id.clone()).collect();
+        for id in closed {
+            self.drop_request(&id);
+        }
+    }
+
+    fn drop_request(&mut self, request_id: &str) {
+        self.scheduler.remove(request_id);
+        self.clients.remove(request_id);
+        self.shared.live().remove(request_id);
+    }
+
+    /// Runs one planned step: provided KV writes and the forward pass under
+    /// the KV write lock, then sampling.
+    fn execute(&mut self, plan: StepPlan) {
+        let batch = plan.to_batch();
+        let span = tracing::debug_span!(
+            "engine_step",
+            num_seqs = plan.seqs.len(),
+            num_tokens = batch.tokens.len(),
+            num_kv_writes = plan.kv_writes.len()
+        );
+        let _entered = span.enter();
+        let mut failed_writes = Vec::new();
+        let result = {
+            let mut kv = self.shared.kv.write().unwrap_or_else(PoisonError::into_inner);
+            for w in &plan.kv_writes {
+                // The scheduler checked the size and the ids come from the
+                // block manager, so this is a bug path.
+                if let Err(e) = kv.write_blocks(&w.block_ids, &w.data) {
+                    tracing::error!(request_id = %w.request_id, error = %e, "writing provided KV failed");
+                    failed_writes.push((w.request_id.as_str(), e.to_string()));
+                }
+            }
+            if plan.seqs.is_empty() {
+                None
+            } else {
+                // A panicking model fails this batch, not the whole engine.
+                let forward = catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut kv)));
+                Some(match forward {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(panic) => Err(panic_message(panic.as_ref())),
+                })
+            }
+        };
+        for (request_id, error) in failed_writes {
+            self.scheduler.fail(&[request_id], &format!("writing provided KV failed: {error}"));
+        }
+        let Some(result) = result else { return };
+        let logits = result.and_then(|logits| self.check_logits(&plan, logits));
+        match logits {
+            Ok(logits) => {
+                let sampled: Vec<u32> = plan
+                    .seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| match self.clients.get_mut(&s.request_id) {
+                        Some(client) => client.sampler.sample(logits.row(i)),
+                        None => argmax(logits.row(i)),
+                    })
+                    .collect();
+                self.scheduler.finish_step(&plan, &sampled);
+            }
+            Err(error) => {
+                tracing::error!(%error, "forward pass failed; failing its sequences");
+                let ids: Vec<&str> = plan.seqs.iter().map(|s| s.request_id.as_str()).collect();
+                self.scheduler.fail(&ids, &format!("forward pass failed: {error}"));
+            }
+        }
+    }
+
+    fn check_logits(&self, plan: &StepPlan, logits: Logits) -> Result<Logits, String> {
+        let rows = plan.seqs.len();
+        let expected = rows * self.shared.vocab_size;
+        if logits.vocab_size != self.shared.vocab_size || logits.data.len() != expected {
+            return Err(format!(
+                "model returned {} logits of vocab {} for {rows} sequences, expected vocab {} ({expected} values)",
+                logits.data.len(),
+                logits.vocab_size,
+                self.shared.vocab_size
+            ));
+        }
+        Ok(logits)
+    }
+
+    /// Publishes stats, then delivers events, then answers syncs. A request
+    /// whose receiver is gone is dropped on its first failed send.
+    fn settle(&mut self) {
+        let events = self.scheduler.take_events();
+        {
+            let mut live = self.shared.live();
+            for (id, _) in events.iter().filter(|(_, e)| e.is_terminal()) {
+                live.remove(id);
+            }
+        }
+        self.publish_stats();
+        let mut gone = Vec::new();
+        let mut released_undelivered = false;
+        for (id, event) in events {
+            let terminal = event.is_terminal();
+            let Some(client) = self.clients.get(&id) else {
+                continue;
+            };
+            let pinned = match &event {
+                EngineEvent::Finished { pinned_blocks: Some(blocks), .. } => Some(blocks.clone()),
+                _ => None,
+            };
+            let delivered = client.events.send(event).is_ok();
+            if terminal {
+                self.clients.remove(&id);
+                // Nobody learned of these pins, so nobody would ever release them.
+                if let (false, Some(blocks)) = (delivered, pinned) {
+                    self.scheduler.release(&blocks);
+                    released_undelivered = true;
+                }
+            } else if !delivered {
+                gone.push(id);
+            }
+        }
+        for id in &gone {
+            self.drop_request(id);
+        }
+        if !gone.is_empty() || released_undelivered {
+            self.publish_stats();
+        }
+        for reply in self.sync_replies.drain(..) {
+            let _ = reply.send(());
+        }
+    }
+
+    fn publish_stats(&self) {
+        let (s, sched) = (&self.shared, &self.scheduler);
+        s.num_running.store(sched.num_running(), Ordering::Release);
+        s.free_blocks.store(sched.num_free_blocks(), Ordering::Release);
+        s.held_blocks.store(sched.num_held_blocks(), Ordering::Release);
+        s.num_preemptions.store(sched.num_preemptions(), Ordering::Release);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the model panicked: {message}")
+}
+
+#[cfg(test)]
+#[path = "serving/engine_tests.rs"]
+mod tests;

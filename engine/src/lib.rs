@@ -1,0 +1,26 @@
+//! The serving engine shared by prefill and decode workers.
+//!
+//! # Layout
+//!
+//! - [`model`]: GGUF loading and the Llama forward pass on candle. Weights are
+//!   read-only; KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
+//! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
+//! - [`kv_cache`]: paged KV storage, addressed by block id.
+//! - [`batch`]: what one forward step computes.
+//! - `sampler`, `block_manager`, `scheduler`, `engine`: the serving loop.
+
+pub mod batch;
+pub mod block_manager;
+pub mod engine;
+pub mod kv_cache;
+pub mod model;
+pub mod sampler;
+pub mod scheduler;
+pub mod tokenizer;
+
+pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
+pub use engine::{
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason, KvSource,
+};
+pub use kv_cache::{KvCacheShape, KvStorage};
+pub use sampler::SamplingParams;

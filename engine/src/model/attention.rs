@@ -1,0 +1,220 @@
+//! RoPE and paged causal attention on plain slices.
+//!
+//! The KV cache is paged (see [`crate::kv_cache`]), so attention gathers K/V
+//! by block table instead of through one contiguous tensor per sequence.
+
+use rayon::prelude::*;
+
+/// Per-step rotary tables: for each token, `cos` and `sin` of
+/// `position * theta^(-2i/head_dim)` for each pair `i`.
+pub(crate) struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Tables for the given token positions. Angles are computed in f64
+    /// because `position * freq` loses bits in f32 at long contexts.
+    pub fn new(positions: &[usize], head_dim: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotates every head of one token in place.
+    ///
+    /// Llama GGUF files store Q/K rows permuted for llama.cpp's "normal" RoPE,
+    /// which rotates adjacent pairs `(x[2i], x[2i+1])`. The NeoX convention
+    /// (pairs `(x[i], x[i + d/2])`) would scramble every head here.
+    pub fn apply(&self, token: usize, heads: &mut [f32]) {
+        let cos = &self.cos[token * self.half..(token + 1) * self.half];
+        let sin = &self.sin[token * self.half..(token + 1) * self.half];
+        for head in heads.chunks_exact_mut(2 * self.half) {
+            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * c - x1 * s;
+                pair[1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Where one token of the step sits: its sequence's block table and position.
+pub(crate) struct TokenSlot<'a> {
+    pub block_table: &'a [u32],
+    pub position: usize,
+}
+
+/// Dimensions of the cache and the heads.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+impl Dims {
+    /// Offset of `(position, kv_head)` in a layer's K or V buffer.
+    #[inline]
+    fn cache_offset(&self, block_table: &[u32], position: usize, kv_head: usize) -> usize {
+        let block = block_table[position / self.block_size] as usize;
+        let slot = position % self.block_size;
+        ((block * self.block_size + slot) * self.num_kv_heads + kv_head) * self.head_dim
+    }
+
+    /// Writes one token's K/V rows (`num_kv_heads * head_dim` each) into its slot.
+    pub fn store(&self, k_cache: &mut [f32], v_cache: &mut [f32], slot: &TokenSlot, k: &[f32], v: &[f32]) {
+        let start = self.cache_offset(slot.block_table, slot.position, 0);
+        let n = self.num_kv_heads * self.head_dim;
+        k_cache[start..start + n].copy_from_slice(k);
+        v_cache[start..start + n].copy_from_slice(v);
+    }
+}
+
+/// Causal attention for every token of the step, reading K/V (already
+/// written for this step) from the paged cache.
+///
+/// Token `t`'s query heads (after RoPE, `num_heads * head_dim` values) start
+/// at `q[t * q_stride]`, so fused QKV rows can be passed as they are; `out`
+/// receives the attention output, `num_heads * head_dim` per token. Query head
+/// `h` reads KV head `h / (num_heads / num_kv_heads)` (grouped-query attention).
+pub(crate) fn paged_attention(
+    dims: Dims,
+    slots: &[TokenSlot],
+    q: &[f32],
+    q_stride: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    out: &mut [f32],
+) {
+    let hd = dims.head_dim;
+    let group = dims.num_heads / dims.num_kv_heads;
+    let one = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
+        let (t, h) = (i / dims.num_heads, i % dims.num_heads);
+        let qh = &q[t * q_stride + h * hd..t * q_stride + (h + 1) * hd];
+        attend(dims, &slots[t], h / group, qh, k_cache, v_cache, scores, o);
+    };
+    // Small steps (decode) run inline: waking a pool for a few microseconds
+    // of work costs more than it saves, and on a busy 2-core box it competes
+    // with candle's own spinning matmul workers.
+    let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * dims.num_heads * hd;
+    if work < PARALLEL_MIN_WORK {
+        let mut scores = Vec::new();
+        out.chunks_mut(hd).enumerate().for_each(|item| one(&mut scores, item));
+    } else {
+        // One task per (token, head), so that a few long sequences still
+        // spread over all cores.
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, one);
+    }
+}
+
+/// Multiply-adds below which [`paged_attention`] stays on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// One query head of one token against its KV head `g`, over positions
+/// `0..=slot.position`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attend(
+    dims: Dims,
+    slot: &TokenSlot,
+    g: usize,
+    qh: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let hd = dims.head_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..=slot.position {
+        let off = dims.cache_offset(slot.block_table, p, g);
+        let s = dot(qh, &k_cache[off..off + hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    o.fill(0.0);
+    let inv = 1.0 / sum;
+    for (p, &w) in scores.iter().enumerate() {
+        let off = dims.cache_offset(slot.block_table, p, g);
+        let w = w * inv;
+        for (acc, &x) in o.iter_mut().zip(&v_cache[off..off + hd]) {
+            *acc += w * x;
+        }
+    }
+}
+
+/// Dot product in eight independent lanes so the compiler can vectorise it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_adjacent_pairs() {
+        // head_dim 4: pair 0 turns at 1 rad per position, pair 1 at 1/theta^(1/2).
+        let rope = Rope::new(&[1], 4, 100.0);
+        let mut x = [1.0, 0.0, 1.0, 0.0];
+        rope.apply(0, &mut x);
+        let expected = [1f32.cos(), 1f32.sin(), 0.1f32.cos(), 0.1f32.sin()];
+        for (a, b) in x.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{x:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn attention_reads_the_right_blocks_and_heads() {
+        // 2 query heads on 1 KV head, head_dim 2, blocks of 2; the sequence
+        // lives in blocks [2, 0], so positions 0,1 are block 2 and 2 is block 0.
+        let dims = Dims { num_heads: 2, num_kv_heads: 1, head_dim: 2, block_size: 2 };
+        let mut k = vec![0.0; 3 * 2 * 2];
+        let mut v = vec![0.0; 3 * 2 * 2];
+        let table = [2u32, 0];
+        for p in 0..3 {
+            let slot = TokenSlot { block_table: &table, position: p };
+            dims.store(&mut k, &mut v, &slot, &[0.0, 0.0], &[p as f32, 10.0 * p as f32]);
+        }
+        // All scores equal: the output is the mean of V over positions 0..=2.
+        let slots = [TokenSlot { block_table: &table, position: 2 }];
+        let q = [1.0, 2.0, 3.0, 4.0];
+        let mut out = [0.0; 4];
+        paged_attention(dims, &slots, &q, 4, &k, &v, &mut out);
+        for (a, b) in out.iter().zip([1.0, 10.0, 1.0, 10.0]) {
+            assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+        // Position 0 attends only to itself.
+        let slots = [TokenSlot { block_table: &table, position: 0 }];
+        paged_attention(dims, &slots, &q, 4, &k, &v, &mut out);
+        assert_eq!(out, [0.0; 4]);
+    }
+}

@@ -1,0 +1,506 @@
+//! Engine tests against a fake model.
+//!
+//! The fake's greedy next token is `(last + 1) % vocab`, with the other logits
+//! spread out enough that temperature sampling really draws. It writes each
+//! token's id into its K slot and its position into its V slot, records what
+//! each step looked like (including the token ids it found in the cache), and
+//! waits on a gate so tests can hold a step while they queue more work.
+
+use super::*;
+use crate::batch::{ForwardBatch, ForwardError, Logits};
+use std::sync::Condvar;
+
+/// Permits for forward passes: a step waits until one is available.
+struct Gate {
+    permits: Mutex<usize>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn new(permits: usize) -> Self {
+        Self { permits: Mutex::new(permits), opened: Condvar::new() }
+    }
+
+    fn open(&self) {
+        *self.permits.lock().unwrap() = usize::MAX;
+        self.opened.notify_all();
+    }
+
+    fn add(&self, n: usize) {
+        let mut p = self.permits.lock().unwrap();
+        *p = p.saturating_add(n);
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut p = self.opened.wait_while(self.permits.lock().unwrap(), |p| *p == 0).unwrap();
+        if *p != usize::MAX {
+            *p -= 1;
+        }
+    }
+}
+
+/// One sequence of one step, as the fake model saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct SeenSeq {
+    tokens: Vec<u32>,
+    context_start: usize,
+    /// Token ids found in the K cache at positions `0..context_start`.
+    cached: Vec<u32>,
+}
+
+struct FakeModel {
+    vocab: usize,
+    gate: Gate,
+    steps: Mutex<Vec<Vec<SeenSeq>>>,
+}
+
+/// A token that makes the fake fail its forward pass, and one that makes it panic.
+const FAIL_TOKEN: u32 = 998;
+const PANIC_TOKEN: u32 = 999;
+
+impl FakeModel {
+    fn new(vocab: usize, open: bool) -> Arc<Self> {
+        let gate = Gate::new(if open { usize::MAX } else { 0 });
+        Arc::new(Self { vocab, gate, steps: Mutex::new(Vec::new()) })
+    }
+
+    fn steps(&self) -> Vec<Vec<SeenSeq>> {
+        self.steps.lock().unwrap().clone()
+    }
+
+    fn logits_after(&self, last: u32, row: &mut [f32]) {
+        let v = self.vocab;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = ((j * 7 + last as usize * 13) % v) as f32 / v as f32;
+        }
+        row[(last as usize + 1) % v] = 3.0;
+    }
+}
+
+/// Offset of a token's slot in one layer's K or V buffer, and its length.
+fn slot(shape: &KvCacheShape, block_table: &[u32], pos: usize) -> (usize, usize) {
+    let width = shape.num_kv_heads * shape.head_dim;
+    let block = block_table[pos / shape.block_size] as usize;
+    ((block * shape.block_size + pos % shape.block_size) * width, width)
+}
+
+impl Forward for FakeModel {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+        self.gate.pass();
+        if batch.tokens.contains(&FAIL_TOKEN) {
+            return Err(ForwardError::InvalidBatch("the fake refuses token 998".into()));
+        }
+        assert!(!batch.tokens.contains(&PANIC_TOKEN), "the fake panics on token 999");
+        let shape = *kv.shape();
+        let mut seen = Vec::new();
+        let mut data = Vec::new();
+        for s in &batch.seqs {
+            let end = s.context_start + s.num_tokens;
+            if s.block_table.len() * shape.block_size < end {
+                return Err(ForwardError::InvalidBatch(format!("block table {:?} too short for {end}", s.block_table)));
+            }
+            let cached = (0..s.context_start)
+                .map(|p| {
+                    let (at, _) = slot(&shape, &s.block_table, p);
+                    kv.layer(0).0[at] as u32
+                })
+                .collect();
+            let tokens = batch.tokens[s.token_start..s.token_start + s.num_tokens].to_vec();
+            for (j, &t) in tokens.iter().enumerate() {
+                let pos = s.context_start + j;
+                let (at, width) = slot(&shape, &s.block_table, pos);
+                for layer in 0..shape.num_layers {
+                    let (k, v) = kv.layer_mut(layer);
+                    k[at..at + width].fill(t as f32);
+                    v[at..at + width].fill(pos as f32);
+                }
+            }
+            if s.need_logits {
+                let mut row = vec![0.0; self.vocab];
+                self.logits_after(*tokens.last().unwrap(), &mut row);
+                data.extend(row);
+            }
+            seen.push(SeenSeq { tokens, context_start: s.context_start, cached });
+        }
+        self.steps.lock().unwrap().push(seen);
+        Ok(Logits { vocab_size: self.vocab, data })
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+fn kv_shape(block_size: usize, num_blocks: usize) -> KvCacheShape {
+    KvCacheShape { num_layers: 2, num_kv_heads: 1, head_dim: 2, block_size, num_blocks }
+}
+
+fn config() -> EngineConfig {
+    EngineConfig { max_num_seqs: 8, max_model_len: 64, eos_token_ids: vec![], default_seed: 0 }
+}
+
+fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest {
+    EngineRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt.to_vec(),
+        sampling,
+        kv: KvSource::Compute,
+        pin_on_finish: false,
+    }
+}
+
+/// Every token a request heard, and its last event.
+fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
+    let mut tokens = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("the engine ended a request without a final event") {
+            EngineEvent::Token(t) => tokens.push(t),
+            last => {
+                assert_eq!(rx.blocking_recv(), None, "nothing follows the final event");
+                return (tokens, last);
+            }
+        }
+    }
+}
+
+fn finished(reason: FinishReason, num_prompt_tokens: usize) -> EngineEvent {
+    EngineEvent::Finished { reason, pinned_blocks: None, num_prompt_tokens }
+}
+
+fn assert_idle(engine: &EngineHandle) {
+    let s = engine.stats();
+    assert_eq!((s.num_sequences, s.num_running, s.held_blocks), (0, 0, 0), "{s:?}");
+    assert_eq!(s.free_blocks, s.total_blocks, "{s:?}");
+}
+
+#[test]
+fn the_handle_is_send_and_sync() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<EngineHandle>();
+}
+
+#[test]
+fn four_concurrent_requests_share_forward_passes() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 64), config());
+    let prompts: [&[u32]; 4] = [&[1, 2, 3], &[10], &[20, 21], &[5, 6, 7, 8, 9]];
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| engine.submit(request(&format!("r{i}"), p, SamplingParams::greedy(5))).unwrap())
+        .collect();
+    assert_eq!(engine.stats().num_sequences, 4);
+    model.gate.open();
+    for (rx, prompt) in rxs.into_iter().zip(prompts) {
+        let last = *prompt.last().unwrap();
+        let expected: Vec<u32> = (1..=5).map(|i| (last + i) % 32).collect();
+        assert_eq!(collect(rx), (expected, finished(FinishReason::Length, prompt.len())));
+    }
+    let steps = model.steps();
+    let widest = steps.iter().map(Vec::len).max().unwrap();
+    assert_eq!(widest, 4, "steps: {steps:?}");
+    assert!(
+        steps.iter().any(|s| s.len() == 4 && s.iter().all(|q| q.tokens.len() == 1)),
+        "four decodes never shared a step: {steps:?}"
+    );
+    // Each step is one forward pass: far fewer than 4 requests x 5 tokens.
+    assert!(steps.len() <= 7, "{} steps", steps.len());
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn max_tokens_stop_tokens_eos_and_max_model_len_end_generation() {
+    let model = FakeModel::new(16, true);
+    let engine =
+        Engine::start(model, kv_shape(4, 32), EngineConfig { max_model_len: 12, eos_token_ids: vec![11], ..config() });
+    let run = |id: &str, prompt: &[u32], sampling| collect(engine.submit(request(id, prompt, sampling)).unwrap());
+
+    assert_eq!(
+        run("max", &[1, 2, 3], SamplingParams::greedy(4)),
+        (vec![4, 5, 6, 7], finished(FinishReason::Length, 3))
+    );
+    let stop = SamplingParams { stop_token_ids: vec![6], ..SamplingParams::greedy(10) };
+    assert_eq!(run("stop", &[1, 2, 3], stop), (vec![4, 5, 6], finished(FinishReason::Stop, 3)));
+    assert_eq!(run("eos", &[8], SamplingParams::greedy(10)), (vec![9, 10, 11], finished(FinishReason::Stop, 1)));
+    // 3 prompt tokens + 9 generated reach max_model_len 12.
+    let (tokens, last) = run("len", &[12, 13, 14], SamplingParams::greedy(100));
+    assert_eq!(tokens, vec![15, 0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(last, finished(FinishReason::Length, 3));
+    // The prompt may be one token short of max_model_len.
+    let prompt: Vec<u32> = (0..11).collect();
+    assert_eq!(run("edge", &prompt, SamplingParams::greedy(5)), (vec![11], finished(FinishReason::Stop, 11)));
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn submit_rejects_bad_requests() {
+    let model = FakeModel::new(16, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 8), EngineConfig { max_model_len: 32, ..config() });
+    let submit = |prompt: &[u32], sampling| engine.submit(request("x", prompt, sampling)).err();
+    let greedy = SamplingParams::greedy(4);
+
+    assert_eq!(submit(&[], greedy.clone()), Some(EngineError::EmptyPrompt { request_id: "x".into() }));
+    assert_eq!(
+        submit(&[1; 32], greedy.clone()),
+        Some(EngineError::PromptTooLong { prompt_len: 32, max_model_len: 32 })
+    );
+    let small = Engine::start(FakeModel::new(16, true), kv_shape(4, 2), config());
+    assert_eq!(
+        small.submit(request("x", &[1; 9], greedy.clone())).err(),
+        Some(EngineError::PromptExceedsCache { prompt_len: 9, blocks_needed: 3, block_size: 4, num_blocks: 2 })
+    );
+    assert_eq!(submit(&[1], SamplingParams::greedy(0)), Some(EngineError::ZeroMaxTokens));
+    let hot = SamplingParams { temperature: -1.0, ..greedy.clone() };
+    assert_eq!(submit(&[1], hot), Some(EngineError::InvalidTemperature(-1.0)));
+    let nucleus = SamplingParams { top_p: 0.0, ..greedy.clone() };
+    assert_eq!(submit(&[1], nucleus), Some(EngineError::InvalidTopP(0.0)));
+    assert_eq!(submit(&[1, 16], greedy.clone()), Some(EngineError::TokenOutOfVocab { token: 16, vocab_size: 16 }));
+    let msg = EngineError::PromptExceedsCache { prompt_len: 17, blocks_needed: 5, block_size: 4, num_blocks: 4 };
+    assert_eq!(msg.to_string(), "prompt of 17 tokens needs 5 KV blocks of 4 tokens, the whole cache has 4");
+
+    // A prompt plus max_tokens past max_model_len is fine; a live id twice is not.
+    let rx = engine.submit(request("x", &[1; 31], SamplingParams::greedy(100))).unwrap();
+    assert_eq!(submit(&[1], greedy.clone()), Some(EngineError::DuplicateRequestId("x".into())));
+    model.gate.open();
+    let (tokens, last) = collect(rx);
+    assert_eq!((tokens, last), (vec![2], finished(FinishReason::Length, 31)));
+    // Once finished, the id is free again.
+    assert!(engine.submit(request("x", &[1], greedy)).is_ok());
+}
+
+#[test]
+fn abort_frees_a_running_request_at_once() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    let rx = engine.submit(request("a", &[1, 2, 3, 4, 5], SamplingParams::greedy(50))).unwrap();
+    let waiting = engine.submit(request("b", &[9], SamplingParams::greedy(50))).unwrap();
+    model.gate.add(1);
+    let mut rx = rx;
+    assert_eq!(rx.blocking_recv(), Some(EngineEvent::Token(6)));
+    engine.abort("a");
+    engine.abort("b");
+    engine.abort("unknown");
+    model.gate.open();
+    let (_, last) = collect(rx);
+    assert_eq!(last, finished(FinishReason::Abort, 5));
+    let (_, last) = collect(waiting);
+    assert_eq!(last, finished(FinishReason::Abort, 1));
+    assert_idle(&engine);
+}
+
+#[test]
+fn pinned_prompt_blocks_are_held_until_released() {
+    let model = FakeModel::new(32, true);
+    let engine = Engine::start(model, kv_shape(4, 16), config());
+    let req = EngineRequest { pin_on_finish: true, ..request("p", &[1, 2, 3, 4, 5, 6], SamplingParams::greedy(1)) };
+    let (tokens, last) = collect(engine.submit(req).unwrap());
+    assert_eq!(tokens, vec![7]);
+    let EngineEvent::Finished { reason, pinned_blocks: Some(pinned), num_prompt_tokens } = last else {
+        panic!("expected pinned blocks, got {last:?}");
+    };
+    assert_eq!((reason, pinned.as_slice(), num_prompt_tokens), (FinishReason::Length, &[0u32, 1][..], 6));
+    let s = engine.stats();
+    assert_eq!((s.num_sequences, s.held_blocks, s.free_blocks), (0, 2, 14));
+
+    // The held blocks still hold the prompt: token ids in K, positions in V.
+    let mut bytes = Vec::new();
+    engine.read_blocks(&pinned, &mut bytes).unwrap();
+    assert_eq!(bytes.len(), 2 * engine.shape().block_bytes());
+    let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    // Block 0, layer 0: K = tokens 1..=4 (2 values each), then V = positions 0..4.
+    assert_eq!(&floats[..8], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]);
+    assert_eq!(&floats[8..16], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+
+    engine.release_blocks(&pinned);
+    engine.release_blocks(&pinned); // a retried release is harmless
+    engine.sync();
+    assert_idle(&engine);
+
+    // An aborted pinned request pins nothing.
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    // max_tokens 5: the abort lands after at most one step, before the request ends.
+    let req = EngineRequest { pin_on_finish: true, ..request("q", &[1, 2, 3], SamplingParams::greedy(5)) };
+    let rx = engine.submit(req).unwrap();
+    engine.abort("q");
+    model.gate.open();
+    assert_eq!(collect(rx).1, finished(FinishReason::Abort, 3));
+    assert_idle(&engine);
+}
+
+/// Prefills `prompt` on a fresh engine with `pin_on_finish`, returning the KV
+/// payload and the first token, as a prefill worker would hand them off.
+fn prefill_remotely(prompt: &[u32], block_size: usize) -> (Vec<u8>, u32) {
+    let engine = Engine::start(FakeModel::new(32, true), kv_shape(block_size, 16), config());
+    let req = EngineRequest { pin_on_finish: true, ..request("pre", prompt, SamplingParams::greedy(1)) };
+    let (tokens, last) = collect(engine.submit(req).unwrap());
+    let EngineEvent::Finished { pinned_blocks: Some(pinned), .. } = last else { panic!("{last:?}") };
+    let mut data = Vec::new();
+    engine.read_blocks(&pinned, &mut data).unwrap();
+    engine.release_blocks(&pinned);
+    (data, tokens[0])
+}
+
+#[test]
+fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let (data, first_token) = prefill_remotely(&prompt, 4);
+    assert_eq!(first_token, 10);
+
+    let model = FakeModel::new(32, true);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    // Occupy block 0 so the provided KV lands in other blocks than on the prefill side.
+    let hold = EngineRequest { pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
+    let (_, hold_last) = collect(engine.submit(hold).unwrap());
+    let req = EngineRequest {
+        kv: KvSource::Provided { data: data.clone(), first_token },
+        ..request("d", &prompt, SamplingParams::greedy(4))
+    };
+    // The first token counts toward max_tokens and is not emitted again.
+    assert_eq!(collect(engine.submit(req).unwrap()), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
+
+    let steps = model.steps();
+    // Step 0 was "hold"; step 1 fed only the first token, on top of the provided prompt KV.
+    assert_eq!(steps[1], vec![SeenSeq { tokens: vec![10], context_start: 6, cached: prompt.to_vec() }]);
+    assert_eq!(steps.len(), 4, "no prefill ran for the provided prompt: {steps:?}");
+
+    // A first token that is already the last one allowed: no forward pass at all.
+    let req = EngineRequest {
+        kv: KvSource::Provided { data: data.clone(), first_token },
+        ..request("one", &prompt, SamplingParams::greedy(1))
+    };
+    assert_eq!(collect(engine.submit(req).unwrap()), (vec![], finished(FinishReason::Length, 6)));
+    assert_eq!(model.steps().len(), 4);
+
+    // A payload of the wrong size is an error, and nothing leaks.
+    let req = EngineRequest {
+        kv: KvSource::Provided { data: data[..data.len() - 4].to_vec(), first_token },
+        ..request("bad", &prompt, SamplingParams::greedy(4))
+    };
+    let (tokens, last) = collect(engine.submit(req).unwrap());
+    assert!(tokens.is_empty());
+    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("provided KV of")), "{last:?}");
+    let EngineEvent::Finished { pinned_blocks: Some(held), .. } = hold_last else { panic!() };
+    engine.release_blocks(&held);
+    engine.sync();
+    assert_idle(&engine);
+}
+
+/// Runs `n` seeded temperature-sampled requests (and one greedy) at once and
+/// returns their tokens and the engine's preemption count.
+fn run_concurrently(num_blocks: usize) -> (Vec<Vec<u32>>, u64) {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(2, num_blocks), config());
+    let rxs: Vec<_> = (0..4u32)
+        .map(|i| {
+            let sampling = if i == 0 {
+                SamplingParams::greedy(8)
+            } else {
+                SamplingParams { seed: Some(100 + u64::from(i)), max_tokens: 8, ..SamplingParams::default() }
+            };
+            engine.submit(request(&format!("r{i}"), &[i, i + 1, i + 2], sampling)).unwrap()
+        })
+        .collect();
+    model.gate.open();
+    let outputs = rxs
+        .into_iter()
+        .map(|rx| {
+            let (tokens, last) = collect(rx);
+            assert_eq!(last, finished(FinishReason::Length, 3));
+            tokens
+        })
+        .collect();
+    engine.sync();
+    assert_idle(&engine);
+    (outputs, engine.stats().num_preemptions)
+}
+
+#[test]
+fn preemption_under_a_tiny_cache_gives_the_same_tokens() {
+    let (roomy, roomy_preemptions) = run_concurrently(64);
+    assert_eq!(roomy_preemptions, 0);
+    assert_eq!(roomy[0], vec![3, 4, 5, 6, 7, 8, 9, 10]);
+    // 8 blocks of 2 tokens: 4 prompts of 3 tokens fill the cache at once.
+    let (tiny, tiny_preemptions) = run_concurrently(8);
+    assert!(tiny_preemptions > 0);
+    assert_eq!(tiny, roomy);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_tokens_in_any_batch() {
+    let model = FakeModel::new(32, true);
+    let engine = Engine::start(model.clone(), kv_shape(4, 64), config());
+    let seeded =
+        |id: &str| request(id, &[1, 2], SamplingParams { seed: Some(7), max_tokens: 12, ..Default::default() });
+    let alone = collect(engine.submit(seeded("alone")).unwrap());
+
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 64), config());
+    let crowd: Vec<_> =
+        (0..3).map(|i| engine.submit(request(&format!("c{i}"), &[i, 5], SamplingParams::default())).unwrap()).collect();
+    let rx = engine.submit(seeded("crowded")).unwrap();
+    model.gate.open();
+    assert_eq!(collect(rx), alone);
+    for rx in crowd {
+        collect(rx);
+    }
+    assert!(model.steps().iter().any(|s| s.len() == 4));
+}
+
+#[test]
+fn a_sequence_too_long_for_the_whole_cache_gets_an_error() {
+    let engine = Engine::start(FakeModel::new(32, true), kv_shape(2, 2), config());
+    let (tokens, last) = collect(engine.submit(request("big", &[1, 2, 3], SamplingParams::greedy(10))).unwrap());
+    assert_eq!(tokens, vec![4, 5]);
+    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("needs 3 KV blocks")), "{last:?}");
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn dropping_the_receiver_frees_the_request() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), EngineConfig { max_num_seqs: 1, ..config() });
+    let mut running = engine.submit(request("run", &[1, 2, 3], SamplingParams::greedy(50))).unwrap();
+    let waiting = engine.submit(request("wait", &[20, 21], SamplingParams::greedy(50))).unwrap();
+    let after = engine.submit(request("after", &[9], SamplingParams::greedy(2))).unwrap();
+    model.gate.add(1);
+    assert_eq!(running.blocking_recv(), Some(EngineEvent::Token(4)));
+    drop(running);
+    drop(waiting);
+    model.gate.open();
+    assert_eq!(collect(after), (vec![10, 11], finished(FinishReason::Length, 1)));
+    engine.sync();
+    assert_idle(&engine);
+    // The waiting request never reached the model.
+    assert!(model.steps().iter().flatten().all(|s| s.tokens != [20, 21]));
+}
+
+#[test]
+fn a_failing_or_panicking_model_fails_its_batch_and_the_engine_goes_on() {
+    let engine = Engine::start(FakeModel::new(1000, true), kv_shape(4, 16), config());
+    let (_, last) = collect(engine.submit(request("f", &[FAIL_TOKEN], SamplingParams::greedy(3))).unwrap());
+    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("refuses token 998")), "{last:?}");
+    let (_, last) = collect(engine.submit(request("p", &[PANIC_TOKEN], SamplingParams::greedy(3))).unwrap());
+    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("panicked")), "{last:?}");
+    let ok = collect(engine.submit(request("ok", &[1], SamplingParams::greedy(2))).unwrap());
+    assert_eq!(ok, (vec![2, 3], finished(FinishReason::Length, 1)));
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn pins_nobody_hears_about_are_released() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    let req = EngineRequest { pin_on_finish: true, ..request("gone", &[1, 2, 3, 4, 5], SamplingParams::greedy(1)) };
+    let rx = engine.submit(req).unwrap();
+    // The caller goes away before the prefill finishes: its pins must not outlive it.
+    drop(rx);
+    model.gate.open();
+    engine.sync();
+    assert_idle(&engine);
+}

@@ -1,0 +1,257 @@
+//! The forward pass against llama.cpp's greedy outputs (`shared/golden/`), and
+//! batching/chunking invariants of the paged forward.
+//!
+//! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use engine::model::{load_gguf, LoadedModel};
+use engine::{Forward, ForwardBatch, KvStorage};
+
+const BLOCK_SIZE: usize = 16;
+
+fn model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+        assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+        load_gguf(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    })
+}
+
+struct Record {
+    id: String,
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+    margins: Vec<f64>,
+}
+
+fn golden() -> Vec<Record> {
+    let path = std::env::var_os("PDSERVE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    json["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| Record {
+            id: r["id"].as_str().unwrap().to_string(),
+            prompt: ids(&r["prompt_token_ids"]),
+            completion: ids(&r["completion_token_ids"]),
+            margins: serde_json::from_value(r["top2_margins"].clone()).unwrap(),
+        })
+        .collect()
+}
+
+fn kv(num_blocks: usize) -> KvStorage {
+    KvStorage::new(model().model.kv_shape(BLOCK_SIZE, num_blocks))
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// One sequence's blocks: `first..first + n`.
+fn blocks(first: u32, n: usize) -> Vec<u32> {
+    (first..first + n as u32).collect()
+}
+
+fn step(kv: &mut KvStorage, tokens: &[u32], context_start: usize, table: &[u32]) -> Vec<f32> {
+    let mut batch = ForwardBatch::default();
+    batch.push(tokens, context_start, table.to_vec(), true);
+    model().model.forward(&batch, kv).unwrap().data
+}
+
+#[test]
+fn teacher_forced_agreement_with_llama_cpp() {
+    let (mut agree, mut total) = (0, 0);
+    for r in golden() {
+        let steps = r.completion.len().min(16);
+        let len = r.prompt.len() + steps;
+        // Reversed block ids so that logical and physical order differ.
+        let mut table = blocks(0, len.div_ceil(BLOCK_SIZE));
+        table.reverse();
+        let mut cache = kv(table.len());
+        let mut logits = step(&mut cache, &r.prompt, 0, &table);
+        let mut misses = Vec::new();
+        for k in 0..steps {
+            if r.margins[k] >= 0.5 {
+                total += 1;
+                let got = argmax(&logits);
+                if got == r.completion[k] {
+                    agree += 1;
+                } else {
+                    misses.push((k, got, r.completion[k]));
+                }
+            }
+            logits = step(&mut cache, &r.completion[k..k + 1], r.prompt.len() + k, &table);
+        }
+        if !misses.is_empty() {
+            println!("{}: (position, ours, llama.cpp) differ at {misses:?}", r.id);
+        }
+    }
+    let rate = agree as f64 / total as f64;
+    println!("teacher-forced agreement: {agree}/{total} = {:.1}%", rate * 100.0);
+    assert!(rate >= 0.95, "agreement {:.1}% < 95%", rate * 100.0);
+}
+
+#[test]
+fn greedy_capital_of_france_one_word() {
+    let r = golden().into_iter().find(|r| r.id == "capital-france-one-word").expect("record");
+    let loaded = model();
+    let table = blocks(0, (r.prompt.len() + r.completion.len()).div_ceil(BLOCK_SIZE));
+    let mut cache = kv(table.len());
+    let mut logits = step(&mut cache, &r.prompt, 0, &table);
+    let mut out = Vec::new();
+    while out.len() < r.completion.len() {
+        let next = argmax(&logits);
+        out.push(next);
+        if loaded.info.eos_token_ids.contains(&next) {
+            break;
+        }
+        logits = step(&mut cache, &[next], r.prompt.len() + out.len() - 1, &table);
+    }
+    let text = loaded.tokenizer.decode(&out, true).unwrap();
+    assert_eq!(text, "The capital of France is Paris.");
+    assert_eq!(out, r.completion);
+}
+
+#[test]
+fn mixed_batch_matches_sequences_run_alone() {
+    let records = golden();
+    let prompts: Vec<&[u32]> = records.iter().take(4).map(|r| r.prompt.as_slice()).collect();
+    // Blocks per sequence: up to 128 tokens.
+    let per_seq = 8;
+    // Alone: prefill each prompt, then one decode step of a fixed token.
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let table = blocks((i * per_seq) as u32, per_seq);
+        let mut cache = kv(prompts.len() * per_seq);
+        let prefill = step(&mut cache, p, 0, &table);
+        let decode = step(&mut cache, &[argmax(&prefill)], p.len(), &table);
+        alone.push((argmax(&prefill), argmax(&decode), decode));
+    }
+    // Together: seq 0 prefills alone first; then one step mixes seq 0's
+    // decode with the prefills of seqs 1..4.
+    let mut cache = kv(prompts.len() * per_seq);
+    let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
+    step(&mut cache, prompts[0], 0, &table(0));
+    let mut batch = ForwardBatch::default();
+    batch.push(&[alone[0].0], prompts[0].len(), table(0), true);
+    for (i, p) in prompts.iter().enumerate().skip(1) {
+        batch.push(p, 0, table(i), true);
+    }
+    let logits = model().model.forward(&batch, &mut cache).unwrap();
+    assert_eq!(logits.num_rows(), prompts.len());
+    // Seq 0's decode row rode beside long prefills yet kept its own weight
+    // path: its logits are the very numbers it gets alone.
+    assert_eq!(logits.row(0), alone[0].2.as_slice(), "a decode row's logits depend on its batch");
+    for (i, a) in alone.iter().enumerate().skip(1) {
+        assert_eq!(argmax(logits.row(i)), a.0, "seq {i} prefill");
+    }
+    // Then seqs 1..4 decode together.
+    let mut batch = ForwardBatch::default();
+    for (i, p) in prompts.iter().enumerate().skip(1) {
+        batch.push(&[alone[i].0], p.len(), table(i), true);
+    }
+    let logits = model().model.forward(&batch, &mut cache).unwrap();
+    for (i, a) in alone.iter().enumerate().skip(1) {
+        let row = logits.row(i - 1);
+        assert_eq!(argmax(row), a.1, "seq {i} decode");
+        assert_eq!(row, a.2.as_slice(), "seq {i}: decode logits depend on the batch");
+    }
+}
+
+#[test]
+fn chunked_prefill_matches_one_chunk() {
+    let r = &golden()[0];
+    let table = blocks(0, r.prompt.len().div_ceil(BLOCK_SIZE));
+    let mut cache = kv(table.len());
+    let whole = step(&mut cache, &r.prompt, 0, &table);
+    // Split inside a block, so the second chunk starts mid-block.
+    let split = 21;
+    let mut cache = kv(table.len());
+    let mut batch = ForwardBatch::default();
+    batch.push(&r.prompt[..split], 0, table.clone(), false);
+    let none = model().model.forward(&batch, &mut cache).unwrap();
+    assert_eq!(none.num_rows(), 0);
+    let chunked = step(&mut cache, &r.prompt[split..], split, &table);
+    let diff = whole.iter().zip(&chunked).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-3, "chunked prefill logits differ by {diff}");
+}
+
+#[test]
+fn invalid_batches_are_rejected() {
+    let mut cache = kv(1);
+    let mut batch = ForwardBatch::default();
+    batch.push(&[1; 20], 0, vec![0], true); // 20 tokens need 2 blocks of 16
+    assert!(model().model.forward(&batch, &mut cache).is_err());
+    let mut batch = ForwardBatch::default();
+    batch.push(&[1], 0, vec![5], true); // block id outside the cache
+    assert!(model().model.forward(&batch, &mut cache).is_err());
+    let mut batch = ForwardBatch::default();
+    batch.push(&[u32::MAX], 0, vec![0], true);
+    assert!(model().model.forward(&batch, &mut cache).is_err());
+}
+
+/// Rough throughput: `cargo test -p engine --test golden_forward speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, not a check"]
+fn speed() {
+    use engine::model::{load_gguf_with, LoadOptions};
+    use std::time::Instant;
+    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    let prompt: Vec<u32> = (0..128).map(|i| 1000 + i * 7).collect();
+    for (f32_min_rows, q4_1_to_q8_0) in [(Some(16), true), (Some(16), false), (None, true)] {
+        let options = LoadOptions { f32_min_rows, q4_1_to_q8_0, ..LoadOptions::default() };
+        let m = load_gguf_with(&path, &options).unwrap().model;
+        let per_seq = 16;
+        let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, 4 * per_seq));
+        let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
+        let mut batch = ForwardBatch::default();
+        batch.push(&prompt, 0, table(0), true);
+        m.forward(&batch, &mut cache).unwrap(); // warm-up
+        let t = Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            m.forward(&batch, &mut cache).unwrap();
+        }
+        let prefill = (reps * prompt.len()) as f64 / t.elapsed().as_secs_f64();
+        for seqs in [1usize, 4, 8] {
+            let steps = 32;
+            let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, 8 * per_seq));
+            let mut batch = ForwardBatch::default();
+            for i in 0..seqs {
+                batch.push(&prompt, 0, table(i), false);
+            }
+            m.forward(&batch, &mut cache).unwrap();
+            let t = Instant::now();
+            for s in 0..steps {
+                let mut batch = ForwardBatch::default();
+                for i in 0..seqs {
+                    batch.push(&[1000 + s as u32], prompt.len() + s, table(i), true);
+                }
+                m.forward(&batch, &mut cache).unwrap();
+            }
+            let decode = (steps * seqs) as f64 / t.elapsed().as_secs_f64();
+            println!(
+                "f32_min_rows {f32_min_rows:?} q8_0 {q4_1_to_q8_0}: prefill 128 tok {prefill:.0} tok/s; decode batch {seqs}: {decode:.1} tok/s total"
+            );
+        }
+    }
+}

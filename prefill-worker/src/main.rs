@@ -1,0 +1,69 @@
+//! The prefill worker: runs prompts, samples the first token, and pins the
+//! prompt's KV blocks for a decode worker to pull.
+
+mod service;
+
+use anyhow::Context;
+use clap::Parser;
+use kv_transfer::connector::ConnectorConfig;
+use kv_transfer::KvConnector;
+use proto::worker::{prefill_server::PrefillServer, worker_server::WorkerServer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use worker::blocks::EngineBlocks;
+use worker::{load_engine, EngineArgs, WorkerService};
+
+#[derive(Debug, Parser)]
+#[command(name = "prefill-worker", about = "Prefill worker: prompt processing and KV hand-off")]
+struct Args {
+    /// Address of the gRPC server.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    listen: SocketAddr,
+    /// Address of the kv-transfer server (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    kv_listen: SocketAddr,
+    /// Host decode workers reach the kv-transfer server at; defaults to the `--kv-listen` IP.
+    #[arg(long)]
+    kv_advertise_host: Option<String>,
+    /// Seconds a pinned hand-off waits for its decode worker before its blocks are freed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_pin_timeout_secs: u64,
+    /// Identifies this engine in `remote_engine_id`; a fresh id by default.
+    #[arg(long)]
+    engine_id: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cluster::telemetry::init();
+    let args = Args::parse();
+    let loaded = load_engine(&args.engine)?;
+    let kv_listener = TcpListener::bind(args.kv_listen)
+        .await
+        .with_context(|| format!("binding kv-transfer on {}", args.kv_listen))?;
+    let engine_id = args.engine_id.unwrap_or_else(|| format!("prefill-{}", uuid::Uuid::new_v4()));
+    let config = ConnectorConfig {
+        engine_id,
+        advertise_host: args.kv_advertise_host.unwrap_or_else(|| args.kv_listen.ip().to_string()),
+        pin_timeout: Duration::from_secs(args.kv_pin_timeout_secs),
+    };
+    let connector = KvConnector::start(kv_listener, config, Arc::new(EngineBlocks::new(loaded.engine.clone())))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));
+    let max_model_len = loaded.card.context_length as usize;
+    let prefill = service::PrefillService::new(loaded.engine, connector.clone(), loaded.vocab_size, max_model_len);
+    // Tests and the launcher wait for this line.
+    println!("prefill-worker listening on http://{addr} (kv-transfer port {})", connector.port());
+    tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(worker))
+        .add_service(PrefillServer::new(prefill))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cluster::shutdown::signal())
+        .await?;
+    Ok(())
+}

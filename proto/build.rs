@@ -1,0 +1,11 @@
+//! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["pdserve/worker/v1/worker.proto", "pdserve/kv/v1/transfer.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! [`crate::run`] against fake gRPC workers on real ports: model-card
+//! loading, the gRPC edge, prefill -> decode hand-off and `ReleaseKv`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use proto::worker::decode_server::{Decode, DecodeServer};
+use proto::worker::kv_transfer_params::Params;
+use proto::worker::prefill_server::{Prefill, PrefillServer};
+use proto::worker::worker_server::{Worker, WorkerServer};
+use proto::worker::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::testutil::{card, ids, EOS};
+
+/// Prefill samples "H"; decode continues with "ello" and eos.
+#[derive(Clone, Default)]
+struct FakeWorker {
+    decoded: Arc<Mutex<Vec<DecodeRequest>>>,
+    released: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl Worker for FakeWorker {
+    async fn get_model_card(&self, _: Request<GetModelCardRequest>) -> Result<Response<ModelCard>, Status> {
+        Ok(Response::new(card()))
+    }
+    async fn get_stats(&self, _: Request<GetStatsRequest>) -> Result<Response<WorkerStats>, Status> {
+        Ok(Response::new(WorkerStats::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl Prefill for FakeWorker {
+    async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+        let request = request.into_inner();
+        let remote = RemotePrefill { remote_request_id: format!("pin-{}", request.request_id), ..Default::default() };
+        Ok(Response::new(PrefillResponse {
+            request_id: request.request_id,
+            first_token_id: u32::from(b'H'),
+            finish_reason: FinishReason::Unspecified.into(),
+            kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
+            num_cached_tokens: 0,
+        }))
+    }
+    async fn release_kv(&self, request: Request<ReleaseKvRequest>) -> Result<Response<ReleaseKvResponse>, Status> {
+        self.released.lock().unwrap().push(request.into_inner().remote_request_id);
+        Ok(Response::new(ReleaseKvResponse { released: true }))
+    }
+}
+
+#[tonic::async_trait]
+impl Decode for FakeWorker {
+    type DecodeStream = BoxStream<'static, Result<DecodeChunk, Status>>;
+    async fn decode(&self, request: Request<DecodeRequest>) -> Result<Response<Self::DecodeStream>, Status> {
+        let request = request.into_inner();
+        let mut first = if request.kv_transfer_params.is_some() { vec![] } else { ids("H") };
+        first.extend(ids("ello"));
+        self.decoded.lock().unwrap().push(request);
+        let chunks = vec![
+            Ok(DecodeChunk { token_ids: first, finish_reason: 0 }),
+            Ok(DecodeChunk { token_ids: vec![EOS], finish_reason: FinishReason::Stop.into() }),
+        ];
+        Ok(Response::new(stream::iter(chunks).boxed()))
+    }
+}
+
+async fn serve_worker(worker: FakeWorker) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(worker.clone()))
+        .add_service(PrefillServer::new(worker.clone()))
+        .add_service(DecodeServer::new(worker))
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    url
+}
+
+async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = crate::Config {
+        prefill_urls: prefill,
+        decode_urls: decode,
+        served_model_name: Some("served".into()),
+        model_card_timeout: Duration::from_secs(10),
+    };
+    tokio::spawn(crate::run(listener, config, std::future::pending()));
+    addr
+}
+
+/// One HTTP/1.1 exchange; returns status line and body (raw for SSE).
+async fn http(addr: &str, path: &str, body: Value) -> (String, String) {
+    let body = body.to_string();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-id: r1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_request_goes_prefill_then_decode() {
+    let prefill = FakeWorker::default();
+    let decode = FakeWorker::default();
+    let router =
+        start_router(vec![serve_worker(prefill.clone()).await], vec![serve_worker(decode.clone()).await]).await;
+    let chat = json!({"model": "served", "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, body) = http(&router, "/v1/chat/completions", chat).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    let decoded = decode.decoded.lock().unwrap().remove(0);
+    assert_eq!(decoded.first_token_id, Some(u32::from(b'H')));
+    assert_eq!(decoded.request_id, "r1");
+    assert!(matches!(
+        decoded.kv_transfer_params.and_then(|p| p.params),
+        Some(Params::RemotePrefill(r)) if r.remote_request_id == "pin-r1"
+    ));
+
+    // A stop string on the first token ends the request before decode.
+    let stopped = json!({"prompt": "Hi", "stop": ["H"], "stream": true});
+    let (_, body) = http(&router, "/v1/completions", stopped).await;
+    assert!(body.contains("\"finish_reason\":\"stop\"") && body.contains("[DONE]"), "{body}");
+    for _ in 0..100 {
+        if !prefill.released.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*prefill.released.lock().unwrap(), ["pin-r1"]);
+    assert!(decode.decoded.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colocated_request_goes_to_decode_only() {
+    let decode = FakeWorker::default();
+    let router = start_router(vec![], vec![serve_worker(decode.clone()).await]).await;
+    let (status, body) = http(&router, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 3})).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["choices"][0]["text"], "Hel");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let decoded = decode.decoded.lock().unwrap().remove(0);
+    assert!(decoded.kv_transfer_params.is_none() && decoded.first_token_id.is_none());
+}

@@ -1,0 +1,191 @@
+//! `/v1/chat/completions` and `/v1/completions`: validate, start the
+//! generation, answer as one JSON body or as server-sent events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{BoxStream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::error::{ApiError, AppJson};
+use crate::model::{unix_now, Model};
+use crate::openai::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
+use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
+use crate::openai::response::Usage;
+use crate::pd::{BackendError, GenerateRequest};
+use crate::server::AppState;
+use crate::stream::{deltas, Delta, Output};
+use crate::validation::{validate_chat, validate_completion, ValidRequest};
+
+/// Header that carries the request id in and out.
+const REQUEST_ID: &str = "x-request-id";
+/// Stream events buffered between the generation task and the client.
+const EVENT_BUFFER: usize = 32;
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<ChatCompletionRequest>,
+) -> Response {
+    let request_id = request_id(&headers);
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat");
+    let answer = async {
+        let model = state.model().await?;
+        let valid = validate_chat(&model, body)?;
+        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, ChatFormat).await)
+    }
+    .instrument(span)
+    .await;
+    with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<CompletionRequest>,
+) -> Response {
+    let request_id = request_id(&headers);
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions");
+    let answer = async {
+        let model = state.model().await?;
+        let valid = validate_completion(&model, body)?;
+        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, CompletionFormat).await)
+    }
+    .instrument(span)
+    .await;
+    with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
+}
+
+/// The client's `X-Request-Id`, or a fresh uuid.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// Starts the generation and answers in the endpoint's format.
+async fn run<F: ChunkFormat>(
+    state: &AppState,
+    model: &Model,
+    request_id: &str,
+    valid: ValidRequest,
+    format: F,
+) -> Response {
+    let prompt = Arc::new(valid.prompt_token_ids);
+    let meta = ResponseMeta {
+        id: format!("{}-{}", format.id_prefix(), uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: model.served_name.clone(),
+        prompt_token_ids: valid.return_token_ids.then(|| prompt.clone()),
+    };
+    let output = Output::new(model.tokenizer.clone(), valid.stops, valid.sampling.max_tokens);
+    let tokens = state.backend.generate(GenerateRequest {
+        request_id: request_id.to_owned(),
+        prompt_token_ids: prompt.clone(),
+        sampling: valid.sampling,
+    });
+    let deltas = deltas(tokens, output);
+    if valid.stream {
+        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
+        return sse(stream).into_response();
+    }
+    let collected = match collect(deltas).await {
+        Ok(collected) => collected,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    tracing::info!(prompt_tokens = prompt.len(), completion_tokens = collected.token_ids.len(), "request done");
+    Json(format.whole(&meta, prompt.len(), collected)).into_response()
+}
+
+async fn collect(mut deltas: BoxStream<'static, Result<Delta, BackendError>>) -> Result<Collected, BackendError> {
+    let mut out = Collected::default();
+    while let Some(delta) = deltas.next().await {
+        let delta = delta?;
+        out.text.push_str(&delta.text);
+        out.token_ids.extend(delta.token_ids);
+        out.finish = delta.finish.or(out.finish);
+    }
+    Ok(out)
+}
+
+/// One streaming answer in the making.
+struct Streamed<F> {
+    meta: ResponseMeta,
+    format: F,
+    deltas: BoxStream<'static, Result<Delta, BackendError>>,
+    prompt_tokens: usize,
+    include_usage: bool,
+}
+
+/// Runs the stream in its own task so a slow client never stalls the token
+/// stream's bookkeeping, and stops it (dropping the generation) as soon as
+/// the client goes away.
+fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> impl IntoResponse {
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(write_events(streamed, tx).in_current_span());
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
+
+async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Result<Event, Infallible>>) {
+    let send = |data: String| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(Event::default().data(data))).await.is_ok() }
+    };
+    for chunk in s.format.opening(&s.meta) {
+        if !send(chunk).await {
+            return;
+        }
+    }
+    let mut completion_tokens = 0;
+    let mut first = true;
+    loop {
+        let next = tokio::select! {
+            next = s.deltas.next() => next,
+            () = tx.closed() => {
+                tracing::info!("client disconnected");
+                return;
+            }
+        };
+        let delta = match next {
+            None => break,
+            Some(Ok(delta)) => delta,
+            Some(Err(e)) => {
+                let error = ApiError::from(e);
+                tracing::warn!(%error, "stream failed");
+                send(error.body().to_string()).await;
+                break;
+            }
+        };
+        completion_tokens += delta.token_ids.len();
+        for chunk in s.format.delta(&s.meta, &delta, first) {
+            if !send(chunk).await {
+                return;
+            }
+        }
+        first = false;
+    }
+    tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens, "request done");
+    if s.include_usage {
+        let usage = Usage::new(s.prompt_tokens as u32, completion_tokens as u32);
+        send(s.format.usage(&s.meta, usage)).await;
+    }
+    send("[DONE]".to_owned()).await;
+}

@@ -1,0 +1,221 @@
+//! The HTTP surface over a fake backend: body and chunk shapes, errors.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::{to_bytes, Body};
+use axum::http::{Request, StatusCode};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::model::Model;
+use crate::pd::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenStream};
+use crate::server::{app, AppState};
+use crate::testutil::{card, ids, EOS};
+
+/// Answers every request with `chunks`, recording what it was asked.
+struct FakeBackend {
+    chunks: Vec<Result<TokenChunk, BackendError>>,
+    seen: Mutex<Vec<GenerateRequest>>,
+}
+
+impl Backend for FakeBackend {
+    fn generate(&self, request: GenerateRequest) -> TokenStream {
+        self.seen.lock().unwrap().push(request);
+        stream::iter(self.chunks.clone()).boxed()
+    }
+}
+
+fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
+    // "Hé" with the é split over two tokens, then " you" and eos.
+    vec![
+        Ok(TokenChunk { token_ids: ids("H"), finish: None }),
+        Ok(TokenChunk { token_ids: ids("é you"), finish: None }),
+        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop) }),
+    ]
+}
+
+fn setup(chunks: Vec<Result<TokenChunk, BackendError>>) -> (axum::Router, Arc<FakeBackend>) {
+    let backend = Arc::new(FakeBackend { chunks, seen: Mutex::new(Vec::new()) });
+    let model = Model::from_card(&card(), None).unwrap();
+    (app(AppState::ready(model, backend.clone())), backend)
+}
+
+async fn post(app: axum::Router, path: &str, body: &str) -> (StatusCode, String) {
+    let request = Request::post(path)
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-42")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post_json(app: axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = post(app, path, &body.to_string()).await;
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// The `data:` payloads of an SSE body.
+fn events(body: &str) -> Vec<String> {
+    body.lines().filter_map(|line| line.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test]
+async fn chat_completion_body() {
+    let (app, backend) = setup(hello_chunks());
+    let (status, body) = post_json(app, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "tiny");
+    assert_eq!(
+        body["choices"],
+        json!([{"index": 0, "message": {"role": "assistant", "content": "Hé you"},
+                "logprobs": null, "finish_reason": "stop"}])
+    );
+    let prompt_tokens = backend.seen.lock().unwrap()[0].prompt_token_ids.len();
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 8,
+                                     "total_tokens": prompt_tokens + 8})
+    );
+    assert_eq!(backend.seen.lock().unwrap()[0].request_id, "req-42");
+}
+
+#[tokio::test]
+async fn chat_stream_chunks() {
+    let (app, _) = setup(hello_chunks());
+    let body = chat_body(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let (status, text) = post(app, "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    let content: String = chunks[1..].iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "Hé you");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["delta"], json!({}));
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+}
+
+#[tokio::test]
+async fn completion_body_with_token_ids_and_stop() {
+    let (app, _) = setup(hello_chunks());
+    let body = json!({"prompt": [1, 2], "stop": [" y"], "return_token_ids": true});
+    let (status, body) = post_json(app, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(body["object"], "text_completion");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["text"], "Hé");
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(choice["logprobs"], Value::Null);
+    assert_eq!(choice["token_ids"], json!(ids("Hé y")));
+    assert_eq!(body["prompt_token_ids"], json!([1, 2]));
+    assert_eq!(body["usage"], json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}));
+}
+
+#[tokio::test]
+async fn completion_stream_chunks() {
+    let (app, _) = setup(hello_chunks());
+    let body = json!({"prompt": "ab", "stream": true, "max_tokens": 3, "return_token_ids": true});
+    let (_, text) = post(app, "/v1/completions", &body.to_string()).await;
+    let events = events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let texts: Vec<&str> = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["H", "é"]);
+    assert_eq!(chunks[0]["object"], "text_completion");
+    assert_eq!(chunks[0]["choices"][0]["finish_reason"], Value::Null);
+    assert_eq!(chunks[0]["prompt_token_ids"], json!(ids("ab")));
+    assert_eq!(chunks[1]["choices"][0]["token_ids"], json!(ids("é")));
+    assert_eq!(chunks[1]["choices"][0]["finish_reason"], "length");
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, kind: &str, param: Value) {
+    assert_eq!(status, want, "{body}");
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(error["type"], kind);
+    assert_eq!(error["param"], param);
+    assert!(error.get("code").is_some());
+}
+
+#[tokio::test]
+async fn error_shapes() {
+    let (app, _) = setup(hello_chunks());
+    let (status, text) = post(app.clone(), "/v1/chat/completions", "{not json").await;
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", Value::Null);
+
+    let (status, body) = post_json(app.clone(), "/v1/chat/completions", chat_body(json!({"model": "gpt-9"}))).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "NotFoundError", json!("model"));
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let (status, body) = post_json(app.clone(), "/v1/chat/completions", chat_body(json!({"temperature": 3}))).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("temperature"));
+
+    let (status, body) = post_json(app.clone(), "/v1/chat/completions", json!({"model": "tiny"})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("messages"));
+
+    let (status, body) = post_json(app, "/v1/completions", json!({"prompt": "a".repeat(64)})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("prompt"));
+}
+
+#[tokio::test]
+async fn worker_failures_are_5xx_or_stream_errors() {
+    let failing = vec![Err(BackendError::Unavailable("down".into()))];
+    let (app, _) = setup(failing.clone());
+    let (status, body) = post_json(app, "/v1/completions", json!({"prompt": "a"})).await;
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", Value::Null);
+
+    let (app, _) = setup(vec![Err(BackendError::Worker("boom".into()))]);
+    let (status, _) = post_json(app.clone(), "/v1/completions", json!({"prompt": "a"})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (_, text) = post(app, "/v1/completions", &json!({"prompt": "a", "stream": true}).to_string()).await;
+    let events = events(&text);
+    assert_eq!(events.len(), 2);
+    assert!(events[0].contains("\"error\""));
+    assert_eq!(events[1], "[DONE]");
+}
+
+#[tokio::test]
+async fn models_and_health() {
+    let (app, _) = setup(vec![]);
+    let request = Request::get("/v1/models").body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["object"], "list");
+    let model = &body["data"][0];
+    assert_eq!((model["id"].clone(), model["object"].clone()), (json!("tiny"), json!("model")));
+    assert_eq!((model["owned_by"].clone(), model["max_model_len"].clone()), (json!("pdserve"), json!(64)));
+    assert!(model["created"].is_u64());
+    let request = Request::get("/health").body(Body::empty()).unwrap();
+    assert_eq!(app.oneshot(request).await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn health_is_503_until_the_model_loads() {
+    let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
+    let (state, tx) = AppState::loading(backend);
+    let app = app(state);
+    let health = || Request::get("/health").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(health()).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    tx.send(Some(Arc::new(Model::from_card(&card(), None).unwrap()))).unwrap();
+    assert_eq!(app.oneshot(health()).await.unwrap().status(), StatusCode::OK);
+}

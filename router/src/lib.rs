@@ -1,0 +1,118 @@
+//! The pdserve router: an OpenAI-compatible HTTP front that tokenizes,
+//! sends each request through a prefill worker and a decode worker (or a
+//! decode worker alone, colocated), and streams the text back.
+//!
+//! # Layout
+//!
+//! - [`server`]: routes and shared state; [`app`] builds the `Router`.
+//! - [`handlers`]: the two generation endpoints, JSON and SSE.
+//! - [`openai`]: request and response types, chunk formats.
+//! - [`validation`]: OpenAI body -> [`validation::ValidRequest`], every bound checked.
+//! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
+//! - [`model`], [`template`], [`tokenize`]: model card -> tokenizer, chat template, prompt ids.
+//! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
+//! - [`placement`]: which worker serves a leg (round-robin for now).
+//! - [`workers`]: the gRPC clients and model-card loading.
+//! - [`stream`]: incremental detokenization, stop strings, deltas.
+
+pub mod error;
+pub mod handlers;
+pub mod model;
+pub mod openai;
+pub mod pd;
+pub mod placement;
+pub mod server;
+pub mod stream;
+pub mod template;
+pub mod tokenize;
+pub mod validation;
+pub mod workers;
+
+#[cfg(test)]
+mod e2e_tests;
+#[cfg(test)]
+mod http_tests;
+#[cfg(test)]
+mod testutil;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+
+pub use server::{app, AppState};
+
+use crate::model::{Model, ModelError};
+use crate::pd::PdBackend;
+use crate::placement::RoundRobin;
+use crate::workers::{load_model_card, GrpcWorkers, WorkerError};
+
+/// What the router needs to run, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Prefill workers' gRPC URLs; empty means colocated serving.
+    pub prefill_urls: Vec<String>,
+    /// Decode workers' gRPC URLs; at least one.
+    pub decode_urls: Vec<String>,
+    /// Overrides the model card's name; `None` keeps it.
+    pub served_model_name: Option<String>,
+    /// How long to wait for a worker's model card at start-up.
+    pub model_card_timeout: Duration,
+}
+
+/// Why the router stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The worker configuration is unusable or no worker answered.
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
+    /// The model card could not be used.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+    /// `decode_urls` is empty.
+    #[error("at least one decode worker is required")]
+    NoDecodeWorker,
+}
+
+/// Serves on `listener` until `shutdown` resolves. The model card is loaded
+/// in the background: `/health` answers 503 and generation requests wait
+/// until it arrives. Fails if no worker answers within the configured time.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    if config.decode_urls.is_empty() {
+        return Err(RunError::NoDecodeWorker);
+    }
+    let workers = GrpcWorkers::new(&config.prefill_urls, &config.decode_urls)?;
+    let backend = Arc::new(PdBackend::new(workers, Arc::new(RoundRobin::default())));
+    let (state, model_tx) = AppState::loading(backend);
+
+    // Any worker serves the card; decode workers exist in every mode.
+    let card_urls: Vec<String> = config.decode_urls.iter().chain(&config.prefill_urls).cloned().collect();
+    let load = async move {
+        let card = load_model_card(&card_urls, config.model_card_timeout).await?;
+        let model = Model::from_card(&card, config.served_model_name)?;
+        tracing::info!(model = %model.served_name, context_length = model.context_length, "model ready");
+        let _ = model_tx.send(Some(Arc::new(model)));
+        // Keep the sender alive so waiting requests never see "closed".
+        std::future::pending::<()>().await;
+        Ok::<(), RunError>(())
+    };
+
+    let listener = listener.tap_io(|tcp| {
+        // Tokens are small writes; Nagle would delay each SSE event.
+        let _ = tcp.set_nodelay(true);
+    });
+    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        served = serve => Ok(served?),
+        loaded = load => loaded,
+    }
+}

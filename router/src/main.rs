@@ -1,0 +1,102 @@
+//! `router`: parse flags, set up tracing, bind, run until Ctrl-C or SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+/// OpenAI-compatible router in front of prefill and decode workers.
+#[derive(Debug, Parser)]
+#[command(name = "router", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Prefill worker gRPC URL (repeatable). None: colocated serving on the decode workers.
+    #[arg(long = "prefill", value_name = "URL")]
+    prefill: Vec<String>,
+    /// Decode worker gRPC URL (repeatable, at least one).
+    #[arg(long = "decode", value_name = "URL", required = true)]
+    decode: Vec<String>,
+    /// Model name clients must use; defaults to the model card's name.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Seconds to wait at start-up for a worker to return the model card.
+    #[arg(long, default_value_t = 120)]
+    model_card_timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::try_parse().unwrap_or_else(|e| exit_on_bad_flags(e));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = serve(args).await {
+        eprintln!("router: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Prints clap's error as one line (help and version print as usual).
+fn exit_on_bad_flags(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        error.exit();
+    }
+    let rendered = error.render().to_string();
+    let message = rendered.split("\n\n").next().unwrap_or_default();
+    let message = message.trim_start_matches("error: ");
+    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("router: error: {message} (see --help)");
+    std::process::exit(2);
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let config = router::Config {
+        prefill_urls: args.prefill,
+        decode_urls: args.decode,
+        served_model_name: args.served_model_name,
+        model_card_timeout: Duration::from_secs(args.model_card_timeout_secs),
+    };
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts wait for this exact line on stdout.
+    println!("router listening on http://{addr}");
+    tracing::info!(%addr, "router listening");
+    router::run(listener, config, shutdown_signal()).await?;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,116 @@
+//! Request bodies of `/v1/chat/completions` and `/v1/completions`.
+//!
+//! Numbers are read wide (`f64`, `i64`) so that out-of-range values reach
+//! validation, which names the field and the limit, instead of failing in
+//! serde with a less helpful message. Unknown fields are ignored.
+
+use serde::Deserialize;
+
+/// Body of `POST /v1/chat/completions`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Must equal the served model name; absent means the served model.
+    pub model: Option<String>,
+    /// The conversation; required.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Shared sampling and output options.
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// Body of `POST /v1/completions`.
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionRequest {
+    /// Must equal the served model name; absent means the served model.
+    pub model: Option<String>,
+    /// The prompt; required.
+    pub prompt: Option<Prompt>,
+    /// Shared sampling and output options.
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// Fields both endpoints accept.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommonParams {
+    /// Most tokens to generate; absent means up to the context length.
+    pub max_tokens: Option<i64>,
+    /// Newer OpenAI name for `max_tokens`; used when `max_tokens` is absent.
+    pub max_completion_tokens: Option<i64>,
+    /// In [0, 2], default 1; 0 is greedy.
+    pub temperature: Option<f64>,
+    /// In (0, 1], default 1 (off).
+    pub top_p: Option<f64>,
+    /// vLLM extra: -1 or 0 turn it off, else at least 1.
+    pub top_k: Option<i64>,
+    /// Per-request RNG seed.
+    pub seed: Option<i64>,
+    /// Number of choices; only 1 is supported.
+    pub n: Option<i64>,
+    /// Stream server-sent events instead of one JSON body.
+    pub stream: Option<bool>,
+    /// Streaming options (`include_usage`).
+    pub stream_options: Option<StreamOptions>,
+    /// Stop strings: one or a list of up to 4.
+    pub stop: Option<StopSpec>,
+    /// vLLM extra: return prompt and generated token ids.
+    pub return_token_ids: Option<bool>,
+}
+
+/// `stream_options` of a streaming request.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with empty `choices` and the usage counts.
+    pub include_usage: Option<bool>,
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    /// One stop string.
+    One(String),
+    /// Several stop strings.
+    Many(Vec<String>),
+}
+
+/// One message of a chat.
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Text, or a list of content parts; may be null for assistant turns.
+    pub content: Option<MessageContent>,
+}
+
+/// A message's `content`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Content parts; only `{"type": "text", "text": ...}` is supported.
+    Parts(Vec<ContentPart>),
+}
+
+/// One element of a list-shaped `content`.
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    /// The part's kind; only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    pub text: Option<String>,
+}
+
+/// `prompt` of a completion request.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids, passed through (checked against the vocabulary).
+    TokenIds(Vec<i64>),
+    /// A batch of texts; only a batch of one is supported.
+    Texts(Vec<String>),
+}

@@ -1,0 +1,318 @@
+//! Prefill -> decode orchestration behind the [`Backend`] trait.
+//!
+//! HTTP code only sees [`Backend::generate`], which turns a validated request
+//! into a stream of generated token ids. [`PdBackend`] implements it over the
+//! three worker calls of [`WorkerLegs`] (gRPC in `workers.rs`, fakes in tests):
+//!
+//! ```text
+//! disaggregated: Prefill(remote_decode) ──first token──► client (at once)
+//!                 └─ remote_prefill ──► Decode(first token, remote_prefill) ──tokens──► client
+//! colocated:     Decode(no kv params) ──all tokens, first included──► client
+//! ```
+//!
+//! The token stream is lazy: the decode call is made only when the consumer
+//! asks for the token after the first. A consumer that stops after the first
+//! token (stop string, client gone) drops the stream while the prefill
+//! worker's blocks are still pinned; the [`KvPin`] guard then releases them
+//! at once instead of waiting for the worker's timeout. Dropping the stream
+//! during decode drops the gRPC stream, which cancels the work on the worker.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, StreamExt};
+use proto::worker::RemotePrefill;
+
+use crate::placement::{Leg, Placement};
+
+/// How to pick tokens, validated: no option is left open except the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// In (0, 1]; 1 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// `None` lets the worker pick.
+    pub seed: Option<u64>,
+    /// Most tokens to generate, the first included.
+    pub max_tokens: u32,
+}
+
+/// One generation as the backend sees it.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Carried in every worker call and log line.
+    pub request_id: String,
+    /// The prompt, tokenized.
+    pub prompt_token_ids: Arc<Vec<u32>>,
+    /// Sampling parameters.
+    pub sampling: Sampling,
+}
+
+/// Why the workers ended a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token (or a stop string, decided by the router).
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl Finish {
+    /// The OpenAI `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Newly generated tokens; `finish` is set on the last chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenChunk {
+    /// New token ids, in order.
+    pub token_ids: Vec<u32>,
+    /// Set when the generation is over.
+    pub finish: Option<Finish>,
+}
+
+/// A worker call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// No worker could be reached (503).
+    #[error("no worker available: {0}")]
+    Unavailable(String),
+    /// A worker answered with an error or broke the protocol (502).
+    #[error("worker error: {0}")]
+    Worker(String),
+    /// The worker aborted the request (502).
+    #[error("the worker aborted the request")]
+    Aborted,
+}
+
+impl BackendError {
+    /// A stable label for the OpenAI `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "worker_unavailable",
+            Self::Worker(_) => "worker_error",
+            Self::Aborted => "worker_aborted",
+        }
+    }
+}
+
+/// The generated tokens of one request. Ends after the chunk that carries a
+/// finish reason, or after an error.
+pub type TokenStream = BoxStream<'static, Result<TokenChunk, BackendError>>;
+
+/// The seam between HTTP and the workers.
+pub trait Backend: Send + Sync + 'static {
+    /// Starts a generation. Dropping the stream cancels it.
+    fn generate(&self, request: GenerateRequest) -> TokenStream;
+}
+
+/// What the prefill worker answered.
+#[derive(Debug, Clone)]
+pub struct PrefillOutcome {
+    /// The first generated token.
+    pub first_token_id: u32,
+    /// Set when the first token already ends the request.
+    pub finish: Option<Finish>,
+    /// Where the pinned KV waits, for the decode worker.
+    pub handoff: Option<RemotePrefill>,
+}
+
+/// A decode call: remote KV (`handoff` and `first_token_id`) or local prefill.
+#[derive(Debug, Clone)]
+pub struct DecodeLeg {
+    /// The request.
+    pub request: GenerateRequest,
+    /// `remote_prefill` params from the prefill worker; `None` when colocated.
+    pub handoff: Option<RemotePrefill>,
+    /// The token the prefill worker sampled; `None` when colocated.
+    pub first_token_id: Option<u32>,
+}
+
+/// The worker calls [`PdBackend`] is built from. Worker indices are in
+/// `0..num_prefill()` / `0..num_decode()`.
+pub trait WorkerLegs: Send + Sync + 'static {
+    /// Prefill workers; 0 means colocated serving.
+    fn num_prefill(&self) -> usize;
+    /// Decode workers; at least 1.
+    fn num_decode(&self) -> usize;
+    /// `Prefill.Prefill` with `remote_decode`.
+    fn prefill(
+        &self,
+        worker: usize,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>>;
+    /// `Decode.Decode`, opened: the stream of its chunks.
+    fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
+    /// `Prefill.ReleaseKv`: frees blocks no decode worker will pull.
+    fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>>;
+}
+
+/// [`Backend`] over prefill and decode pools.
+pub struct PdBackend<L> {
+    legs: Arc<L>,
+    placement: Arc<dyn Placement>,
+}
+
+impl<L: WorkerLegs> PdBackend<L> {
+    /// A backend that places requests with `placement`.
+    pub fn new(legs: L, placement: Arc<dyn Placement>) -> Self {
+        Self { legs: Arc::new(legs), placement }
+    }
+}
+
+impl<L: WorkerLegs> Backend for PdBackend<L> {
+    fn generate(&self, request: GenerateRequest) -> TokenStream {
+        let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
+        if self.legs.num_prefill() == 0 {
+            let leg = DecodeLeg { request, handoff: None, first_token_id: None };
+            let opened = self.legs.decode(decode_worker, leg);
+            return stream::once(opened)
+                .flat_map(|opened| match opened {
+                    Ok(tokens) => until_finish(tokens),
+                    Err(e) => stream::iter([Err(e)]).boxed(),
+                })
+                .boxed();
+        }
+        let prefill_worker = self.placement.pick(Leg::Prefill, self.legs.num_prefill());
+        let run = PdRun { legs: self.legs.clone(), prefill_worker, decode_worker };
+        stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
+            let (item, next) = run.step(state).await?;
+            Some((item, (run, next)))
+        })
+        .boxed()
+    }
+}
+
+/// Where a disaggregated request stands.
+enum PdState<L: WorkerLegs> {
+    /// Nothing sent yet.
+    Prefill(GenerateRequest),
+    /// The first token went out; the KV is pinned on the prefill worker.
+    Handoff { leg: DecodeLeg, pin: KvPin<L> },
+    /// Decode is streaming.
+    Decoding(TokenStream),
+    /// Over.
+    Done,
+}
+
+struct PdRun<L> {
+    legs: Arc<L>,
+    prefill_worker: usize,
+    decode_worker: usize,
+}
+
+type Step<L> = (Result<TokenChunk, BackendError>, PdState<L>);
+
+impl<L: WorkerLegs> PdRun<L> {
+    /// Makes the next call and returns what to yield and where we are then.
+    async fn step(&self, state: PdState<L>) -> Option<Step<L>> {
+        match state {
+            PdState::Prefill(request) => Some(self.prefill(request).await),
+            PdState::Handoff { leg, pin } => {
+                match self.legs.decode(self.decode_worker, leg).await {
+                    Ok(tokens) => {
+                        // The decode worker owns the hand-off now: it pulls, then releases.
+                        pin.disarm();
+                        let mut tokens = until_finish(tokens);
+                        let item = tokens.next().await?;
+                        Some((item, PdState::Decoding(tokens)))
+                    }
+                    // `pin` drops armed here, releasing the blocks.
+                    Err(e) => Some((Err(e), PdState::Done)),
+                }
+            }
+            PdState::Decoding(mut tokens) => {
+                let item = tokens.next().await?;
+                Some((item, PdState::Decoding(tokens)))
+            }
+            PdState::Done => None,
+        }
+    }
+
+    async fn prefill(&self, request: GenerateRequest) -> Step<L> {
+        let outcome = match self.legs.prefill(self.prefill_worker, request.clone()).await {
+            Ok(outcome) => outcome,
+            Err(e) => return (Err(e), PdState::Done),
+        };
+        let pin = outcome.handoff.as_ref().map(|h| KvPin {
+            legs: self.legs.clone(),
+            worker: self.prefill_worker,
+            remote_request_id: Some(h.remote_request_id.clone()),
+        });
+        let first = TokenChunk { token_ids: vec![outcome.first_token_id], finish: outcome.finish };
+        match (outcome.finish, pin, outcome.handoff) {
+            // Finished on the first token; a pin, if any, is released on drop.
+            (Some(_), _, _) => (Ok(first), PdState::Done),
+            (None, Some(pin), Some(handoff)) => {
+                let leg = DecodeLeg { request, handoff: Some(handoff), first_token_id: Some(outcome.first_token_id) };
+                (Ok(first), PdState::Handoff { leg, pin })
+            }
+            _ => (
+                Err(BackendError::Worker("prefill answered without kv_transfer_params.remote_prefill".into())),
+                PdState::Done,
+            ),
+        }
+    }
+}
+
+/// Blocks pinned on a prefill worker. Dropped armed, it asks the worker to
+/// release them in a background task (Drop cannot await).
+struct KvPin<L: WorkerLegs> {
+    legs: Arc<L>,
+    worker: usize,
+    remote_request_id: Option<String>,
+}
+
+impl<L: WorkerLegs> KvPin<L> {
+    /// The blocks are someone else's to release now.
+    fn disarm(mut self) {
+        self.remote_request_id = None;
+    }
+}
+
+impl<L: WorkerLegs> Drop for KvPin<L> {
+    fn drop(&mut self) {
+        let Some(id) = self.remote_request_id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // Shutting down: the worker's pin timeout frees the blocks.
+        };
+        let release = self.legs.release_kv(self.worker, id.clone());
+        runtime.spawn(async move {
+            match release.await {
+                Ok(released) => {
+                    tracing::debug!(remote_request_id = %id, released, "released pinned KV")
+                }
+                Err(e) => tracing::warn!(remote_request_id = %id, error = %e, "ReleaseKv failed"),
+            }
+        });
+    }
+}
+
+/// Ends `tokens` after its finish chunk or first error, and turns an end
+/// without a finish reason into an error.
+fn until_finish(tokens: TokenStream) -> TokenStream {
+    stream::unfold(Some(tokens), |tokens| async move {
+        let mut tokens = tokens?;
+        let item = match tokens.next().await {
+            Some(item) => item,
+            None => Err(BackendError::Worker("decode stream ended without a finish reason".into())),
+        };
+        let over = item.as_ref().map_or(true, |chunk| chunk.finish.is_some());
+        Some((item, (!over).then_some(tokens)))
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+#[path = "pd_tests.rs"]
+mod tests;

@@ -1,0 +1,134 @@
+//! Orchestration tests over fake worker legs.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::{self, BoxFuture, FutureExt};
+use futures::stream::{self, StreamExt};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::placement::RoundRobin;
+
+/// Fake pools: prefill answers `prefill`, decode streams `decode_chunks`.
+struct FakeLegs {
+    prefill_workers: usize,
+    prefill: PrefillOutcome,
+    decode_chunks: Vec<Result<TokenChunk, BackendError>>,
+    decode_calls: Mutex<Vec<(usize, DecodeLeg)>>,
+    released: mpsc::UnboundedSender<String>,
+}
+
+impl WorkerLegs for Arc<FakeLegs> {
+    fn num_prefill(&self) -> usize {
+        self.prefill_workers
+    }
+    fn num_decode(&self) -> usize {
+        2
+    }
+    fn prefill(&self, _: usize, _: GenerateRequest) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
+        future::ready(Ok(self.prefill.clone())).boxed()
+    }
+    fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
+        self.decode_calls.lock().unwrap().push((worker, leg));
+        let chunks = self.decode_chunks.clone();
+        future::ready(Ok(stream::iter(chunks).boxed())).boxed()
+    }
+    fn release_kv(&self, _: usize, id: String) -> BoxFuture<'static, Result<bool, BackendError>> {
+        let _ = self.released.send(id);
+        future::ready(Ok(true)).boxed()
+    }
+}
+
+fn handoff() -> RemotePrefill {
+    RemotePrefill {
+        remote_engine_id: "p0".into(),
+        remote_block_ids: vec![1, 2],
+        remote_host: "127.0.0.1".into(),
+        remote_port: 9,
+        tp_size: 1,
+        remote_request_id: "req-1".into(),
+        num_tokens: 3,
+    }
+}
+
+fn chunk(ids: &[u32], finish: Option<Finish>) -> Result<TokenChunk, BackendError> {
+    Ok(TokenChunk { token_ids: ids.to_vec(), finish })
+}
+
+fn setup(
+    prefill_workers: usize,
+    finish: Option<Finish>,
+    decode_chunks: Vec<Result<TokenChunk, BackendError>>,
+) -> (Arc<FakeLegs>, PdBackend<Arc<FakeLegs>>, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let legs = Arc::new(FakeLegs {
+        prefill_workers,
+        prefill: PrefillOutcome { first_token_id: 7, finish, handoff: finish.is_none().then(handoff) },
+        decode_chunks,
+        decode_calls: Mutex::new(Vec::new()),
+        released: tx,
+    });
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    (legs, backend, rx)
+}
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        request_id: "r".into(),
+        prompt_token_ids: Arc::new(vec![1, 2, 3]),
+        sampling: Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, max_tokens: 8 },
+    }
+}
+
+#[tokio::test]
+async fn disaggregated_sends_first_token_then_decodes_with_handoff() {
+    let decoded = vec![chunk(&[8], None), chunk(&[9], Some(Finish::Length))];
+    let (legs, backend, mut released) = setup(1, None, decoded);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    let ids: Vec<_> = items.iter().map(|c| c.as_ref().unwrap().token_ids.clone()).collect();
+    assert_eq!(ids, [vec![7], vec![8], vec![9]]);
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].1.first_token_id, Some(7));
+    assert_eq!(calls[0].1.handoff.as_ref().unwrap().remote_request_id, "req-1");
+    assert!(released.try_recv().is_err(), "decode owns the hand-off");
+}
+
+#[tokio::test]
+async fn dropping_after_first_token_releases_the_pin_without_decoding() {
+    let (legs, backend, mut released) = setup(1, None, vec![chunk(&[8], Some(Finish::Stop))]);
+    let mut tokens = backend.generate(request());
+    assert_eq!(tokens.next().await.unwrap().unwrap().token_ids, [7]);
+    drop(tokens);
+    let id = tokio::time::timeout(Duration::from_secs(5), released.recv()).await.unwrap();
+    assert_eq!(id.as_deref(), Some("req-1"));
+    assert!(legs.decode_calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn finish_on_first_token_skips_decode() {
+    let (legs, backend, _released) = setup(1, Some(Finish::Stop), vec![]);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].as_ref().unwrap().finish, Some(Finish::Stop));
+    assert!(legs.decode_calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn colocated_decodes_without_kv_params() {
+    let decoded = vec![chunk(&[7, 8], None), chunk(&[9], Some(Finish::Stop))];
+    let (legs, backend, _released) = setup(0, None, decoded);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    assert_eq!(items.len(), 2);
+    let calls = legs.decode_calls.lock().unwrap();
+    assert!(calls[0].1.handoff.is_none() && calls[0].1.first_token_id.is_none());
+}
+
+#[tokio::test]
+async fn decode_stream_without_finish_is_an_error() {
+    let (_legs, backend, _released) = setup(0, None, vec![chunk(&[7], None)]);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    assert_eq!(items.len(), 2);
+    assert!(matches!(items[1], Err(BackendError::Worker(_))));
+}

@@ -1,0 +1,88 @@
+//! Routes and shared state. Generation handlers live in `handlers.rs`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::handlers;
+use crate::model::Model;
+use crate::openai::response::{ModelList, ModelObject};
+use crate::pd::Backend;
+
+/// What every handler shares. Cheap to clone.
+///
+/// The model arrives after start-up (workers may still be loading), through a
+/// `watch` channel: requests that come earlier wait for it.
+#[derive(Clone)]
+pub struct AppState {
+    model: watch::Receiver<Option<Arc<Model>>>,
+    /// The workers, behind the PD seam.
+    pub backend: Arc<dyn Backend>,
+}
+
+impl AppState {
+    /// State whose model is set later through the returned sender.
+    pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
+        let (tx, model) = watch::channel(None);
+        (Self { model, backend }, tx)
+    }
+
+    /// State with the model already loaded (tests, embedding).
+    pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
+        let (_, model) = watch::channel(Some(Arc::new(model)));
+        Self { model, backend }
+    }
+
+    /// The model if loaded now.
+    fn loaded(&self) -> Option<Arc<Model>> {
+        self.model.borrow().clone()
+    }
+
+    /// The model, waiting for it while it loads; `NotReady` if loading failed.
+    pub async fn model(&self) -> Result<Arc<Model>, ApiError> {
+        if let Some(model) = self.loaded() {
+            return Ok(model);
+        }
+        let mut rx = self.model.clone();
+        let model = rx.wait_for(Option::is_some).await.map_err(|_| ApiError::NotReady)?;
+        model.clone().ok_or(ApiError::NotReady)
+    }
+}
+
+/// The HTTP application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .with_state(state)
+}
+
+/// 200 once the model card is loaded, 503 before.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.loaded() {
+        Some(_) => StatusCode::OK.into_response(),
+        None => ApiError::NotReady.into_response(),
+    }
+}
+
+async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let model = state.model().await?;
+    Ok(Json(ModelList {
+        object: "list",
+        data: vec![ModelObject {
+            id: model.served_name.clone(),
+            object: "model",
+            created: model.created,
+            owned_by: "pdserve",
+            max_model_len: model.context_length,
+        }],
+    }))
+}

@@ -1,0 +1,91 @@
+use futures::stream::{self, StreamExt};
+
+use super::*;
+use crate::pd::TokenChunk;
+use crate::testutil::{ids, tokenizer, EOS};
+
+fn push_all(output: &mut Output, ids: &[u32]) -> Vec<Delta> {
+    ids.iter().filter_map(|&id| output.push(id, None)).collect()
+}
+
+fn texts(deltas: &[Delta]) -> Vec<&str> {
+    deltas.iter().map(|d| d.text.as_str()).collect()
+}
+
+#[test]
+fn detokenizer_never_splits_a_multibyte_char() {
+    let mut detok = Detokenizer::new(tokenizer());
+    // "é" is 0xC3 0xA9: two tokens, one character.
+    let out: Vec<String> = ids("aé b").into_iter().map(|id| detok.push(id)).collect();
+    assert_eq!(out, ["a", "", "é", " ", "b"]);
+}
+
+#[test]
+fn detokenizer_flushes_an_incomplete_char_at_the_end() {
+    let mut detok = Detokenizer::new(tokenizer());
+    assert_eq!(detok.push(0xE2), "");
+    assert_eq!(detok.flush(), "\u{FFFD}");
+}
+
+#[test]
+fn special_tokens_produce_no_text() {
+    let mut output = Output::new(tokenizer(), vec![], 10);
+    assert_eq!(push_all(&mut output, &ids("hi")).len(), 2);
+    let last = output.push(EOS, Some(Finish::Stop)).unwrap();
+    assert_eq!(last.text, "");
+    assert_eq!(last.token_ids, [EOS]);
+    assert_eq!(last.finish, Some(Finish::Stop));
+    assert_eq!(output.completion_tokens(), 3);
+}
+
+#[test]
+fn stop_matcher_holds_back_a_possible_stop_prefix() {
+    let m = StopMatcher::new(vec!["END".into()]);
+    assert_eq!(m.check("abcE", 3), StopCheck::SafeUpTo(3));
+    assert_eq!(m.check("abcEN", 4), StopCheck::SafeUpTo(3));
+    assert_eq!(m.check("abcENX", 5), StopCheck::SafeUpTo(6));
+    assert_eq!(m.check("abcEND", 5), StopCheck::StopAt(3));
+}
+
+#[test]
+fn stop_string_cuts_text_and_holds_back_while_streaming() {
+    let mut output = Output::new(tokenizer(), vec!["\n\n".into()], 100);
+    let deltas = push_all(&mut output, &ids("ab\ncd\n\nef"));
+    assert_eq!(texts(&deltas), ["a", "b", "\nc", "d", ""]);
+    let last = deltas.last().unwrap();
+    assert_eq!(last.finish, Some(Finish::Stop));
+    // Tokens up to and including the one that completed the stop count.
+    assert_eq!(output.completion_tokens(), 7);
+    assert!(output.push(b'x'.into(), None).is_none());
+}
+
+#[test]
+fn held_back_text_is_flushed_when_the_worker_finishes() {
+    let mut output = Output::new(tokenizer(), vec!["xyz".into()], 100);
+    let mut deltas = push_all(&mut output, &ids("ax"));
+    deltas.push(output.end(Finish::Length));
+    assert_eq!(texts(&deltas), ["a", "x"]);
+    assert_eq!(deltas[1].finish, Some(Finish::Length));
+}
+
+#[test]
+fn max_tokens_finishes_with_length() {
+    let mut output = Output::new(tokenizer(), vec![], 2);
+    let deltas = push_all(&mut output, &ids("abc"));
+    assert_eq!(texts(&deltas), ["a", "b"]);
+    assert_eq!(deltas[1].finish, Some(Finish::Length));
+}
+
+#[tokio::test]
+async fn deltas_stop_pulling_after_a_stop_string() {
+    let chunks = vec![
+        Ok(TokenChunk { token_ids: ids("hi!"), finish: None }),
+        Ok(TokenChunk { token_ids: ids("more"), finish: None }),
+        Err(BackendError::Aborted),
+    ];
+    let output = Output::new(tokenizer(), vec!["!".into()], 100);
+    let all: Vec<_> = deltas(stream::iter(chunks).boxed(), output).collect().await;
+    let all: Vec<Delta> = all.into_iter().map(Result::unwrap).collect();
+    assert_eq!(texts(&all), ["h", "i", ""]);
+    assert_eq!(all[2].finish, Some(Finish::Stop));
+}

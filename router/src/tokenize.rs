@@ -1,0 +1,81 @@
+//! Prompts to token ids, the way vLLM does it.
+//!
+//! A rendered chat already holds every special token the template wants
+//! (BOS included), so it is encoded without adding any; special-token text in
+//! it is still parsed into ids because the tokenizer splits on added tokens
+//! first. A plain completion prompt gets BOS only if the model card says so.
+
+use crate::model::Model;
+use crate::template::TemplateMessage;
+use crate::validation::ValidationError;
+
+/// Renders the chat template and tokenizes the result.
+pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u32>, ValidationError> {
+    let template = model.template.as_ref().ok_or(ValidationError::Unsupported {
+        field: "messages",
+        reason: "the model has no chat template; use /v1/completions".into(),
+    })?;
+    let text = template.render(messages).map_err(|e| ValidationError::Template(e.to_string()))?;
+    encode(model, &text)
+}
+
+/// Tokenizes a completion prompt, with BOS first when the model wants it.
+pub fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    let ids = encode(model, text)?;
+    Ok(model.bos_token_id.into_iter().chain(ids).collect())
+}
+
+/// Checks that every id of a pre-tokenized prompt is in the vocabulary.
+pub fn token_id_prompt(model: &Model, ids: &[i64]) -> Result<Vec<u32>, ValidationError> {
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| id < model.vocab_size)
+                .ok_or(ValidationError::TokenOutOfVocab { value: id, vocab_size: model.vocab_size })
+        })
+        .collect()
+}
+
+fn encode(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    let encoding = model.tokenizer.encode(text, false).map_err(|e| ValidationError::Tokenize(e.to_string()))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{card, ids};
+
+    #[test]
+    fn chat_prompt_parses_special_tokens_without_extra_bos() {
+        let model = Model::from_card(&card(), None).unwrap();
+        let msg = TemplateMessage { role: "user".into(), content: "Hi".into() };
+        let got = chat_prompt(&model, &[msg]).unwrap();
+        let mut want = vec![257];
+        want.extend(ids("user\nHi"));
+        want.push(258);
+        want.extend(ids("\n"));
+        want.push(257);
+        want.extend(ids("assistant\n"));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn text_prompt_prepends_bos_only_when_the_card_asks() {
+        let model = Model::from_card(&card(), None).unwrap();
+        assert_eq!(text_prompt(&model, "ab").unwrap(), ids("ab"));
+        let mut with_bos = card();
+        with_bos.add_bos_token = true;
+        let model = Model::from_card(&with_bos, None).unwrap();
+        assert_eq!(text_prompt(&model, "ab").unwrap(), [256, 97, 98]);
+    }
+
+    #[test]
+    fn token_ids_must_be_in_the_vocabulary() {
+        let model = Model::from_card(&card(), None).unwrap();
+        assert_eq!(token_id_prompt(&model, &[1, 258]).unwrap(), [1, 258]);
+        assert!(token_id_prompt(&model, &[259]).is_err());
+        assert!(token_id_prompt(&model, &[-1]).is_err());
+    }
+}

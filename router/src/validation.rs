@@ -1,0 +1,258 @@
+//! OpenAI body + vLLM extras -> [`ValidRequest`], with no option left open.
+//!
+//! Every bound is checked here so handlers never do; each error names the
+//! field, the limit and the value given.
+
+use crate::error::ApiError;
+use crate::model::Model;
+use crate::openai::request::{
+    ChatCompletionRequest, ChatMessage, CommonParams, CompletionRequest, MessageContent, Prompt, StopSpec,
+};
+use crate::pd::Sampling;
+use crate::template::TemplateMessage;
+use crate::tokenize;
+
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// A request ready to run: prompt tokenized, every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// The prompt's token ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Sampling, with `max_tokens` resolved against the context length.
+    pub sampling: Sampling,
+    /// Stop strings (non-empty strings only).
+    pub stops: Vec<String>,
+    /// Answer with server-sent events.
+    pub stream: bool,
+    /// Send a usage chunk at the end of the stream.
+    pub include_usage: bool,
+    /// Return prompt and generated token ids (vLLM extra).
+    pub return_token_ids: bool,
+}
+
+/// A parameter the router cannot accept (400).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// A required field is absent.
+    #[error("`{field}` is required")]
+    Missing { field: &'static str },
+    /// A list or string that must not be empty is.
+    #[error("`{field}` must not be empty")]
+    Empty { field: &'static str },
+    /// A value is out of its range.
+    #[error("`{field}` must be {limit}, got {value}")]
+    OutOfRange { field: &'static str, limit: &'static str, value: String },
+    /// A value is valid OpenAI but not supported here.
+    #[error("`{field}`: {reason}")]
+    Unsupported { field: &'static str, reason: String },
+    /// The prompt alone fills the context.
+    #[error(
+        "This model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} tokens."
+    )]
+    PromptTooLong { prompt_tokens: usize, context_length: u32 },
+    /// Prompt plus `max_tokens` exceed the context.
+    #[error("This model's maximum context length is {context_length} tokens. However, you requested {total} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion).")]
+    ContextExceeded { prompt_tokens: usize, max_tokens: u32, total: u64, context_length: u32 },
+    /// A token id of the prompt is not in the vocabulary.
+    #[error("token id {value} in `prompt` must be in [0, {vocab_size})")]
+    TokenOutOfVocab { value: i64, vocab_size: u32 },
+    /// The chat template rejected the conversation.
+    #[error("chat template error: {0}")]
+    Template(String),
+    /// The tokenizer failed.
+    #[error("tokenization error: {0}")]
+    Tokenize(String),
+}
+
+impl ValidationError {
+    /// The request field at fault.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::Missing { field }
+            | Self::Empty { field }
+            | Self::OutOfRange { field, .. }
+            | Self::Unsupported { field, .. } => Some(field),
+            Self::PromptTooLong { .. } | Self::TokenOutOfVocab { .. } => Some("prompt"),
+            Self::ContextExceeded { .. } => Some("max_tokens"),
+            Self::Template(_) => Some("messages"),
+            Self::Tokenize(_) => None,
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Missing { .. } => "missing_required_parameter",
+            Self::Unsupported { .. } => "unsupported_value",
+            Self::PromptTooLong { .. } | Self::ContextExceeded { .. } => "context_length_exceeded",
+            _ => "invalid_value",
+        }
+    }
+}
+
+/// Validates a chat request: renders, tokenizes and checks every parameter.
+pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ApiError> {
+    check_model(model, req.model.as_deref())?;
+    let messages = req.messages.ok_or(ValidationError::Missing { field: "messages" })?;
+    if messages.is_empty() {
+        return Err(ValidationError::Empty { field: "messages" }.into());
+    }
+    let messages = messages.into_iter().map(template_message).collect::<Result<Vec<_>, _>>()?;
+    let prompt = tokenize::chat_prompt(model, &messages)?;
+    Ok(finish(model, prompt, req.params)?)
+}
+
+/// Validates a completion request: tokenizes the prompt and checks every parameter.
+pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<ValidRequest, ApiError> {
+    check_model(model, req.model.as_deref())?;
+    let prompt = match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
+        Prompt::Text(text) => text_prompt(model, &text)?,
+        Prompt::Texts(texts) => match texts.as_slice() {
+            [] => return Err(ValidationError::Empty { field: "prompt" }.into()),
+            [text] => text_prompt(model, text)?,
+            _ => {
+                return Err(ValidationError::Unsupported {
+                    field: "prompt",
+                    reason: format!("batched prompts are not supported, got {}", texts.len()),
+                }
+                .into())
+            }
+        },
+        Prompt::TokenIds(ids) => tokenize::token_id_prompt(model, &ids)?,
+    };
+    Ok(finish(model, prompt, req.params)?)
+}
+
+fn check_model(model: &Model, requested: Option<&str>) -> Result<(), ApiError> {
+    match requested {
+        Some(name) if name != model.served_name => Err(ApiError::ModelNotFound(name.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    if text.is_empty() {
+        return Err(ValidationError::Empty { field: "prompt" });
+    }
+    tokenize::text_prompt(model, text)
+}
+
+fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
+    if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+        return Err(ValidationError::OutOfRange {
+            field: "messages.role",
+            limit: "one of system, user, assistant",
+            value: message.role,
+        });
+    }
+    let content = match message.content {
+        None => String::new(),
+        Some(MessageContent::Text(text)) => text,
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                if part.kind != "text" {
+                    return Err(ValidationError::Unsupported {
+                        field: "messages.content",
+                        reason: format!("content parts of type `{}` are not supported", part.kind),
+                    });
+                }
+                text.push_str(part.text.as_deref().unwrap_or_default());
+            }
+            text
+        }
+    };
+    Ok(TemplateMessage { role: message.role, content })
+}
+
+/// Checks the shared parameters against the tokenized prompt.
+fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<ValidRequest, ValidationError> {
+    if prompt.is_empty() {
+        return Err(ValidationError::Empty { field: "prompt" });
+    }
+    if prompt.len() >= model.context_length as usize {
+        return Err(ValidationError::PromptTooLong {
+            prompt_tokens: prompt.len(),
+            context_length: model.context_length,
+        });
+    }
+    let room = model.context_length - prompt.len() as u32;
+    let max_tokens = match params.max_tokens.or(params.max_completion_tokens) {
+        None => room,
+        Some(n) if n < 1 => return Err(out_of_range("max_tokens", ">= 1", n)),
+        Some(n) if n > i64::from(room) => {
+            return Err(ValidationError::ContextExceeded {
+                prompt_tokens: prompt.len(),
+                max_tokens: u32::try_from(n).unwrap_or(u32::MAX),
+                total: prompt.len() as u64 + n as u64,
+                context_length: model.context_length,
+            })
+        }
+        Some(n) => n as u32,
+    };
+    if let Some(n) = params.n.filter(|&n| n != 1) {
+        return Err(out_of_range("n", "1 (one choice per request)", n));
+    }
+    let sampling = Sampling {
+        temperature: temperature(params.temperature)?,
+        top_p: top_p(params.top_p)?,
+        top_k: top_k(params.top_k)?,
+        // Clients send any integer; the bits are what seed the RNG.
+        seed: params.seed.map(|s| s as u64),
+        max_tokens,
+    };
+    let stream = params.stream.unwrap_or(false);
+    Ok(ValidRequest {
+        prompt_token_ids: prompt,
+        sampling,
+        stops: stops(params.stop)?,
+        stream,
+        include_usage: stream && params.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        return_token_ids: params.return_token_ids.unwrap_or(false),
+    })
+}
+
+fn out_of_range(field: &'static str, limit: &'static str, value: impl ToString) -> ValidationError {
+    ValidationError::OutOfRange { field, limit, value: value.to_string() }
+}
+
+fn temperature(value: Option<f64>) -> Result<f32, ValidationError> {
+    match value.unwrap_or(1.0) {
+        t if (0.0..=2.0).contains(&t) => Ok(t as f32),
+        t => Err(out_of_range("temperature", "in [0, 2]", t)),
+    }
+}
+
+fn top_p(value: Option<f64>) -> Result<f32, ValidationError> {
+    match value.unwrap_or(1.0) {
+        p if p > 0.0 && p <= 1.0 => Ok(p as f32),
+        p => Err(out_of_range("top_p", "in (0, 1]", p)),
+    }
+}
+
+/// vLLM's convention: -1 and 0 turn top-k off (0 on the wire).
+fn top_k(value: Option<i64>) -> Result<u32, ValidationError> {
+    match value.unwrap_or(-1) {
+        -1 | 0 => Ok(0),
+        k if k >= 1 => Ok(u32::try_from(k).unwrap_or(u32::MAX)),
+        k => Err(out_of_range("top_k", "-1, 0 (off) or >= 1", k)),
+    }
+}
+
+fn stops(stop: Option<StopSpec>) -> Result<Vec<String>, ValidationError> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(StopSpec::One(s)) => vec![s],
+        Some(StopSpec::Many(list)) => list,
+    };
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(out_of_range("stop", "at most 4 strings", stops.len()));
+    }
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+#[cfg(test)]
+#[path = "validation_tests.rs"]
+mod tests;

@@ -1,0 +1,120 @@
+use serde_json::{json, Value};
+
+use super::*;
+use crate::testutil::{card, ids};
+
+fn model() -> Model {
+    Model::from_card(&card(), None).unwrap()
+}
+
+fn completion(body: Value) -> Result<ValidRequest, ApiError> {
+    validate_completion(&model(), serde_json::from_value(body).unwrap())
+}
+
+fn chat(body: Value) -> Result<ValidRequest, ApiError> {
+    validate_chat(&model(), serde_json::from_value(body).unwrap())
+}
+
+fn field_of(result: Result<ValidRequest, ApiError>) -> Option<&'static str> {
+    match result {
+        Err(ApiError::Validation(e)) => e.param(),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn defaults_fill_every_option() {
+    let req = completion(json!({"prompt": "abcd"})).unwrap();
+    assert_eq!(req.prompt_token_ids, ids("abcd"));
+    let want = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, max_tokens: 60 };
+    assert_eq!(req.sampling, want);
+    assert!(!req.stream && !req.include_usage && !req.return_token_ids && req.stops.is_empty());
+}
+
+#[test]
+fn explicit_values_are_kept() {
+    let req = completion(json!({
+        "prompt": ["ab"], "max_completion_tokens": 5, "temperature": 0, "top_p": 0.5,
+        "top_k": 40, "seed": 7, "stream": true, "stream_options": {"include_usage": true},
+        "stop": "x", "return_token_ids": true, "unknown_field": 1
+    }))
+    .unwrap();
+    let want = Sampling { temperature: 0.0, top_p: 0.5, top_k: 40, seed: Some(7), max_tokens: 5 };
+    assert_eq!(req.sampling, want);
+    assert!(req.stream && req.include_usage && req.return_token_ids);
+    assert_eq!(req.stops, ["x"]);
+}
+
+#[test]
+fn max_tokens_wins_over_max_completion_tokens() {
+    let req = completion(json!({"prompt": "a", "max_tokens": 3, "max_completion_tokens": 9})).unwrap();
+    assert_eq!(req.sampling.max_tokens, 3);
+}
+
+#[test]
+fn sampling_bounds() {
+    for (field, value) in [
+        ("temperature", json!(3)),
+        ("temperature", json!(-0.1)),
+        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
+        ("top_k", json!(-2)),
+        ("max_tokens", json!(0)),
+        ("n", json!(2)),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+    ] {
+        let mut body = json!({"prompt": "a"});
+        body[field] = value;
+        assert_eq!(field_of(completion(body)), Some(field), "{field}");
+    }
+    assert_eq!(completion(json!({"prompt": "a", "top_k": -1})).unwrap().sampling.top_k, 0);
+    assert_eq!(completion(json!({"prompt": "a", "temperature": 2})).unwrap().sampling.temperature, 2.0);
+}
+
+#[test]
+fn error_message_names_field_limit_and_value() {
+    let err = completion(json!({"prompt": "a", "temperature": 3})).unwrap_err();
+    assert_eq!(err.to_string(), "`temperature` must be in [0, 2], got 3");
+}
+
+#[test]
+fn prompt_shapes() {
+    assert_eq!(completion(json!({"prompt": [1, 2]})).unwrap().prompt_token_ids, [1, 2]);
+    assert_eq!(field_of(completion(json!({}))), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": ""}))), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": []}))), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": ["a", "b"]}))), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": [999]}))), Some("prompt"));
+}
+
+#[test]
+fn context_length_is_enforced_like_vllm() {
+    let long = "a".repeat(64);
+    let err = completion(json!({"prompt": long})).unwrap_err();
+    assert!(matches!(err, ApiError::Validation(ValidationError::PromptTooLong { prompt_tokens: 64, .. })));
+    let err = completion(json!({"prompt": "a".repeat(60), "max_tokens": 5})).unwrap_err();
+    assert!(matches!(err, ApiError::Validation(ValidationError::ContextExceeded { total: 65, .. })));
+    let ok = completion(json!({"prompt": "a".repeat(60), "max_tokens": 4})).unwrap();
+    assert_eq!(ok.sampling.max_tokens, 4);
+}
+
+#[test]
+fn unknown_model_is_not_found() {
+    let err = completion(json!({"model": "other", "prompt": "a"})).unwrap_err();
+    assert!(matches!(err, ApiError::ModelNotFound(name) if name == "other"));
+    assert!(completion(json!({"model": "tiny", "prompt": "a"})).is_ok());
+}
+
+#[test]
+fn chat_messages_are_validated_and_parts_concatenated() {
+    let parts = json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]});
+    let plain = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    assert_eq!(chat(parts).unwrap().prompt_token_ids, chat(plain).unwrap().prompt_token_ids);
+    assert_eq!(field_of(chat(json!({}))), Some("messages"));
+    assert_eq!(field_of(chat(json!({"messages": []}))), Some("messages"));
+    let bad_role = json!({"messages": [{"role": "robot", "content": "x"}]});
+    assert_eq!(field_of(chat(bad_role)), Some("messages.role"));
+    let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
+    assert_eq!(field_of(chat(image)), Some("messages.content"));
+}

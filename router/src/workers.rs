@@ -1,0 +1,189 @@
+//! The gRPC edge: tonic clients of the prefill and decode pools, the
+//! conversions between wire and domain types, and model-card loading.
+
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::StreamExt;
+use proto::worker::decode_client::DecodeClient;
+use proto::worker::kv_transfer_params::Params;
+use proto::worker::prefill_client::PrefillClient;
+use proto::worker::worker_client::WorkerClient;
+use proto::worker::{
+    DecodeRequest, FinishReason, GetModelCardRequest, KvTransferParams, ModelCard, PrefillRequest, ReleaseKvRequest,
+    RemoteDecode, SamplingParams,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::pd::{
+    BackendError, DecodeLeg, Finish, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenStream, WorkerLegs,
+};
+
+/// How long one connection attempt may take before the worker counts as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the worker pools could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A worker URL does not parse.
+    #[error("invalid worker url `{url}`: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// No worker answered `GetModelCard` in time.
+    #[error("no worker returned a model card within {timeout:?}; last error: {last_error}")]
+    NoModelCard { timeout: Duration, last_error: String },
+}
+
+/// A channel that connects on first use, so the router starts before its workers.
+fn channel(url: &str) -> Result<Channel, WorkerError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| WorkerError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
+    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+}
+
+/// The prefill and decode pools as [`WorkerLegs`].
+#[derive(Debug, Clone)]
+pub struct GrpcWorkers {
+    prefill: Vec<PrefillClient<Channel>>,
+    decode: Vec<DecodeClient<Channel>>,
+}
+
+impl GrpcWorkers {
+    /// Clients for every URL; nothing connects until the first request.
+    pub fn new(prefill_urls: &[String], decode_urls: &[String]) -> Result<Self, WorkerError> {
+        let prefill =
+            prefill_urls.iter().map(|url| Ok(PrefillClient::new(channel(url)?))).collect::<Result<_, WorkerError>>()?;
+        let decode =
+            decode_urls.iter().map(|url| Ok(DecodeClient::new(channel(url)?))).collect::<Result<_, WorkerError>>()?;
+        Ok(Self { prefill, decode })
+    }
+}
+
+impl From<&Sampling> for SamplingParams {
+    fn from(s: &Sampling) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            seed: s.seed,
+            max_tokens: s.max_tokens,
+            // The workers add the model's eos ids themselves.
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+fn backend_error(status: Status) -> BackendError {
+    match status.code() {
+        Code::Unavailable => BackendError::Unavailable(status.message().to_owned()),
+        Code::Aborted | Code::Cancelled => BackendError::Aborted,
+        code => BackendError::Worker(format!("{code:?}: {}", status.message())),
+    }
+}
+
+fn finish(reason: FinishReason) -> Result<Option<Finish>, BackendError> {
+    match reason {
+        FinishReason::Unspecified => Ok(None),
+        FinishReason::Stop => Ok(Some(Finish::Stop)),
+        FinishReason::Length => Ok(Some(Finish::Length)),
+        FinishReason::Abort => Err(BackendError::Aborted),
+    }
+}
+
+impl WorkerLegs for GrpcWorkers {
+    fn num_prefill(&self) -> usize {
+        self.prefill.len()
+    }
+
+    fn num_decode(&self) -> usize {
+        self.decode.len()
+    }
+
+    fn prefill(
+        &self,
+        worker: usize,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
+        let mut client = self.prefill[worker].clone();
+        let wire = PrefillRequest {
+            request_id: request.request_id,
+            prompt_token_ids: request.prompt_token_ids.to_vec(),
+            sampling: Some((&request.sampling).into()),
+            kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemoteDecode(RemoteDecode {})) }),
+        };
+        async move {
+            let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
+            let handoff = match answer.kv_transfer_params.clone().and_then(|p| p.params) {
+                Some(Params::RemotePrefill(remote)) => Some(remote),
+                _ => None,
+            };
+            Ok(PrefillOutcome {
+                first_token_id: answer.first_token_id,
+                finish: finish(answer.finish_reason())?,
+                handoff,
+            })
+        }
+        .boxed()
+    }
+
+    fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
+        let mut client = self.decode[worker].clone();
+        let wire = DecodeRequest {
+            request_id: leg.request.request_id,
+            prompt_token_ids: leg.request.prompt_token_ids.to_vec(),
+            sampling: Some((&leg.request.sampling).into()),
+            kv_transfer_params: leg
+                .handoff
+                .map(|remote| KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
+            first_token_id: leg.first_token_id,
+        };
+        async move {
+            let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();
+            let tokens = chunks.map(|chunk| {
+                let chunk = chunk.map_err(backend_error)?;
+                Ok(TokenChunk { finish: finish(chunk.finish_reason())?, token_ids: chunk.token_ids })
+            });
+            Ok(tokens.boxed())
+        }
+        .boxed()
+    }
+
+    fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>> {
+        let mut client = self.prefill[worker].clone();
+        async move {
+            let answer = client.release_kv(ReleaseKvRequest { remote_request_id }).await.map_err(backend_error)?;
+            Ok(answer.into_inner().released)
+        }
+        .boxed()
+    }
+}
+
+/// Asks each worker in turn for the model card until one answers, backing off
+/// between rounds: workers may still be loading their model.
+pub async fn load_model_card(urls: &[String], timeout: Duration) -> Result<ModelCard, WorkerError> {
+    let clients =
+        urls.iter().map(|url| Ok((url, WorkerClient::new(channel(url)?)))).collect::<Result<Vec<_>, WorkerError>>()?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::from("no worker configured");
+    loop {
+        for (url, client) in &clients {
+            let mut client = client.clone();
+            let call = client.get_model_card(GetModelCardRequest {});
+            match tokio::time::timeout(CONNECT_TIMEOUT, call).await {
+                Ok(Ok(card)) => {
+                    tracing::info!(worker = %url, "model card loaded");
+                    return Ok(card.into_inner());
+                }
+                Ok(Err(status)) => last_error = format!("{url}: {}", status.message()),
+                Err(_) => last_error = format!("{url}: timed out"),
+            }
+        }
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(WorkerError::NoModelCard { timeout, last_error });
+        }
+        tracing::debug!(%last_error, ?backoff, "waiting for a worker's model card");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

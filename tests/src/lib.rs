@@ -1,0 +1,149 @@
+//! Cluster tests over the real binaries on real ports.
+//!
+//! [`Cluster`] starts a prefill worker, a decode worker and two routers on
+//! loopback ports the OS picks: one router disaggregated (prefill → decode),
+//! one colocated (decode prefills locally), both over the same decode worker.
+//! Every process is killed when the [`Cluster`] drops, panics included.
+
+pub mod process;
+pub mod sse;
+
+use process::Process;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The default model, fetched by `scripts/fetch-model.sh`; `PDSERVE_MODEL` overrides.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(path.is_file(), "model {} is missing: run scripts/fetch-model.sh", path.display());
+    path
+}
+
+/// The llama.cpp reference outputs (`../shared/golden`); `PDSERVE_GOLDEN` overrides.
+pub fn golden() -> serde_json::Value {
+    let path = std::env::var_os("PDSERVE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/golden/smollm2-greedy.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("golden file is JSON")
+}
+
+/// A binary of this workspace, built by `cargo build --bins` next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
+    path
+}
+
+/// Polls `GET /health` until it answers 200: the router has loaded the model
+/// card. Plain blocking HTTP/1.0, since callers may sit inside an async runtime.
+fn wait_healthy(url: &str) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let ok = std::net::TcpStream::connect(&addr)
+            .and_then(|mut s| {
+                s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{url}/health never answered 200");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Cluster processes are heavy on a 2-core machine: tests take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Knobs of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Seconds an unpulled hand-off stays pinned.
+    pub kv_pin_timeout_secs: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { kv_pin_timeout_secs: 30 }
+    }
+}
+
+/// A running cluster; dropping it stops every process.
+pub struct Cluster {
+    pub prefill: Process,
+    pub decode: Process,
+    /// Router over prefill + decode (the disaggregated path).
+    pub router: Process,
+    /// Router over the decode worker alone (colocated: decode prefills locally).
+    pub colocated_router: Process,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Starts all processes and waits until each listens.
+    pub fn start(options: ClusterOptions) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let model = model_path();
+        let model = model.to_str().expect("utf-8 model path");
+        let pin_timeout = options.kv_pin_timeout_secs.to_string();
+        let prefill = Process::start(
+            "prefill-worker",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--kv-listen",
+                "127.0.0.1:0",
+                "--kv-pin-timeout-secs",
+                &pin_timeout,
+                "--model",
+                model,
+            ],
+        );
+        let decode = Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model]);
+        let router = Process::start(
+            "router",
+            &["--host", "127.0.0.1", "--port", "0", "--prefill", prefill.url(), "--decode", decode.url()],
+        );
+        let colocated_router =
+            Process::start("router", &["--host", "127.0.0.1", "--port", "0", "--decode", decode.url()]);
+        for r in [&router, &colocated_router] {
+            wait_healthy(r.url());
+        }
+        Self { prefill, decode, router, colocated_router, _serial: serial }
+    }
+
+    /// The model name the routers serve.
+    pub async fn model_name(&self) -> String {
+        let models: serde_json::Value = reqwest::get(format!("{}/v1/models", self.router.url()))
+            .await
+            .expect("GET /v1/models")
+            .json()
+            .await
+            .expect("models JSON");
+        models["data"][0]["id"].as_str().expect("a model id").to_string()
+    }
+
+    /// The prefill worker's stats (pinned blocks and the like).
+    pub async fn prefill_stats(&self) -> proto::worker::WorkerStats {
+        let mut client = proto::worker::worker_client::WorkerClient::connect(self.prefill.url().to_string())
+            .await
+            .expect("connect to the prefill worker");
+        client.get_stats(proto::worker::GetStatsRequest {}).await.expect("GetStats").into_inner()
+    }
+}

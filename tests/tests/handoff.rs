@@ -1,0 +1,61 @@
+//! The KV hand-off leaks nothing: pulled blocks are released at once, and an
+//! unpulled hand-off is released after its timeout.
+
+use proto::worker::{prefill_client::PrefillClient, KvTransferParams, PrefillRequest, RemoteDecode, SamplingParams};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tests::{Cluster, ClusterOptions};
+
+#[tokio::test]
+async fn pins_are_released_after_use_and_after_timeout() {
+    let cluster = Cluster::start(ClusterOptions { kv_pin_timeout_secs: 2 });
+    let model = cluster.model_name().await;
+
+    // Requests through the router: every hand-off is pulled and released.
+    let url = format!("{}/v1/chat/completions", cluster.router.url());
+    for q in ["Tell me a joke.", "What is Rust?"] {
+        let body =
+            json!({"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0});
+        let r = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let stats = cluster.prefill_stats().await;
+    assert_eq!((stats.pinned_blocks, stats.pinned_requests), (0, 0), "pins left after finished requests");
+
+    // A hand-off nobody pulls: pinned now, released after the 2 s timeout.
+    let mut prefill = PrefillClient::connect(cluster.prefill.url().to_string()).await.unwrap();
+    let prompt: Vec<u32> = (100..140).collect();
+    let answer = prefill
+        .prefill(PrefillRequest {
+            request_id: "unpulled-1".into(),
+            prompt_token_ids: prompt,
+            sampling: Some(SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: None,
+                max_tokens: 16,
+                stop_token_ids: vec![],
+            }),
+            kv_transfer_params: Some(KvTransferParams {
+                params: Some(proto::worker::kv_transfer_params::Params::RemoteDecode(RemoteDecode {})),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.kv_transfer_params.is_some(), "a remote-decode prefill pins its KV");
+    let stats = cluster.prefill_stats().await;
+    assert_eq!(stats.pinned_blocks, 3, "40 tokens in 16-token blocks");
+    assert_eq!(stats.pinned_requests, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = cluster.prefill_stats().await;
+        if stats.pinned_blocks == 0 && stats.pinned_requests == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the unpulled hand-off was not released: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(cluster.prefill_stats().await.free_blocks, cluster.prefill_stats().await.total_blocks);
+}

@@ -1,0 +1,19 @@
+//! What both worker binaries share.
+//!
+//! # Layout
+//!
+//! - [`args`]: the engine flags (`--model`, `--num-kv-blocks`, ...).
+//! - [`load`]: model + engine start-up, and the model card it publishes.
+//! - [`service`]: the `Worker` gRPC service (model card, stats).
+//! - [`blocks`]: the engine's KV cache as a kv-transfer block source.
+//! - [`convert`]: wire types to engine types, with the checks a worker owes its callers.
+
+pub mod args;
+pub mod blocks;
+pub mod convert;
+pub mod load;
+pub mod service;
+
+pub use args::EngineArgs;
+pub use load::{load_engine, LoadedEngine};
+pub use service::WorkerService;

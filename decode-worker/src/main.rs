@@ -4,7 +4,6 @@
 mod service;
 
 use anyhow::Context;
-use clap::Parser;
 use proto::worker::{decode_server::DecodeServer, worker_server::WorkerServer};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use worker::{load_engine, EngineArgs, WorkerService};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "decode-worker", about = "Decode worker: token generation from handed-off or local KV")]
 struct Args {
     /// Address of the gRPC server.
@@ -26,9 +25,13 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    let args: Args = cluster::cli::parse("decode-worker");
     cluster::telemetry::init();
-    let args = Args::parse();
+    cluster::cli::exit_on_error("decode-worker", serve(args).await);
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let loaded = load_engine(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;

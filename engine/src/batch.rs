@@ -21,6 +21,11 @@ pub struct SeqChunk {
     pub block_table: Vec<u32>,
     /// Whether the step must return logits for the chunk's last token.
     pub need_logits: bool,
+    /// The sequence's prompt length. Rows at positions below it are prompt
+    /// tokens, the rest were generated. The model may compute the two kinds
+    /// differently (see `model::llama`), but each the same way however the
+    /// sequence is batched, chunked or recomputed.
+    pub prompt_len: usize,
 }
 
 /// All the work of one forward step.
@@ -31,14 +36,23 @@ pub struct ForwardBatch {
 }
 
 impl ForwardBatch {
-    /// Appends a sequence's chunk.
-    pub fn push(&mut self, tokens: &[u32], context_start: usize, block_table: Vec<u32>, need_logits: bool) {
+    /// Appends a sequence's chunk: `tokens` at positions `context_start..` of a
+    /// sequence whose prompt has `prompt_len` tokens.
+    pub fn push(
+        &mut self,
+        tokens: &[u32],
+        context_start: usize,
+        prompt_len: usize,
+        block_table: Vec<u32>,
+        need_logits: bool,
+    ) {
         self.seqs.push(SeqChunk {
             token_start: self.tokens.len(),
             num_tokens: tokens.len(),
             context_start,
             block_table,
             need_logits,
+            prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
     }

@@ -103,6 +103,8 @@ pub struct ScheduledSeq {
     /// The new tokens, at positions `context_start..`.
     pub tokens: Vec<u32>,
     pub context_start: usize,
+    /// The sequence's prompt length (see [`crate::SeqChunk::prompt_len`]).
+    pub prompt_len: usize,
     pub block_table: Vec<u32>,
 }
 
@@ -116,7 +118,7 @@ impl StepPlan {
     pub fn to_batch(&self) -> ForwardBatch {
         let mut batch = ForwardBatch::default();
         for s in &self.seqs {
-            batch.push(&s.tokens, s.context_start, s.block_table.clone(), true);
+            batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), true);
         }
         batch
     }
@@ -146,6 +148,7 @@ impl Sequence {
             request_id: self.id.clone(),
             tokens: self.tokens[self.num_computed..].to_vec(),
             context_start: self.num_computed,
+            prompt_len: self.prompt_len,
             block_table: self.blocks.clone(),
         }
     }

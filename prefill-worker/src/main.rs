@@ -4,7 +4,6 @@
 mod service;
 
 use anyhow::Context;
-use clap::Parser;
 use kv_transfer::connector::ConnectorConfig;
 use kv_transfer::KvConnector;
 use proto::worker::{prefill_server::PrefillServer, worker_server::WorkerServer};
@@ -16,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use worker::blocks::EngineBlocks;
 use worker::{load_engine, EngineArgs, WorkerService};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "prefill-worker", about = "Prefill worker: prompt processing and KV hand-off")]
 struct Args {
     /// Address of the gRPC server.
@@ -39,9 +38,13 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    let args: Args = cluster::cli::parse("prefill-worker");
     cluster::telemetry::init();
-    let args = Args::parse();
+    cluster::cli::exit_on_error("prefill-worker", serve(args).await);
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let loaded = load_engine(&args.engine)?;
     let kv_listener = TcpListener::bind(args.kv_listen)
         .await

@@ -91,7 +91,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status().is_server_error() {
+        // Not-ready answers are expected while the model card loads (probes poll them).
+        if self.status().is_server_error() && !matches!(self, Self::NotReady) {
             tracing::warn!(error = %self, "request failed");
         }
         (self.status(), Json(self.body())).into_response()

@@ -32,32 +32,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::try_parse().unwrap_or_else(|e| exit_on_bad_flags(e));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = serve(args).await {
-        eprintln!("router: error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// Prints clap's error as one line (help and version print as usual).
-fn exit_on_bad_flags(error: clap::Error) -> ! {
-    use clap::error::ErrorKind;
-    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        error.exit();
-    }
-    let rendered = error.render().to_string();
-    let message = rendered.split("\n\n").next().unwrap_or_default();
-    let message = message.trim_start_matches("error: ");
-    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("router: error: {message} (see --help)");
-    std::process::exit(2);
+    let args: Args = cluster::cli::parse("router");
+    cluster::telemetry::init();
+    cluster::cli::exit_on_error("router", serve(args).await);
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
@@ -74,29 +51,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // Tests and scripts wait for this exact line on stdout.
     println!("router listening on http://{addr}");
     tracing::info!(%addr, "router listening");
-    router::run(listener, config, shutdown_signal()).await?;
+    router::run(listener, config, cluster::shutdown::signal()).await?;
     tracing::info!("router stopped");
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 /// A started binary and the URL it announced.
 pub struct Process {
-    name: String,
     child: Child,
     url: String,
 }
@@ -20,6 +19,8 @@ impl Process {
     pub fn start(name: &str, args: &[&str]) -> Self {
         let mut child = Command::new(crate::bin(name))
             .args(args)
+            // Per-request info lines from every process drown test output; RUST_LOG overrides.
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -40,7 +41,7 @@ impl Process {
                 }
             }
         });
-        let mut process = Self { name: name.to_string(), child, url: String::new() };
+        let mut process = Self { child, url: String::new() };
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(url) => process.url = url,
             Err(_) => {
@@ -69,6 +70,5 @@ impl Drop for Process {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
-        let _ = &self.name;
     }
 }

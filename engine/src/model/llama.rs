@@ -22,11 +22,6 @@ use super::{Config, ModelError};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
 
-/// Default [`super::LoadOptions::f32_min_rows`]. Measured on the 2-core dev
-/// box: at 8 rows the Q8_0 kernels still beat f32 (65 vs 43 tok/s), at 128
-/// rows f32 is about twice as fast (200 vs 96 tok/s).
-pub(crate) const DEFAULT_F32_MIN_ROWS: usize = 16;
-
 /// How [`Proj::stacked`] stores weights; see [`super::LoadOptions`].
 #[derive(Clone, Copy)]
 struct ProjOptions {
@@ -103,10 +98,12 @@ impl Proj {
     }
 }
 
-/// Consecutive rows of a step that share one weight path. Long prefill chunks
-/// take the f32 weights (fast for many rows); decode tokens and short chunks
-/// always take the quantized kernels, whatever else is in the batch, so a
-/// sequence's numbers do not depend on its neighbours.
+/// Consecutive rows of a step that share one weight path. Prompt tokens take
+/// the f32 weights (measured on the 2-core dev box: about twice the Q8_0
+/// kernels' speed at 128 rows, slower at 8), generated tokens the quantized
+/// kernels. The choice depends only on the token, never on its neighbours, so
+/// a sequence computes the same numbers alone, batched, chunked or recomputed
+/// after preemption.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RowRun {
     start: usize,
@@ -115,13 +112,18 @@ struct RowRun {
 }
 
 impl RowRun {
-    fn plan(batch: &ForwardBatch, f32_min_rows: Option<usize>) -> Vec<RowRun> {
+    fn plan(batch: &ForwardBatch, f32_prefill: bool) -> Vec<RowRun> {
         let mut runs: Vec<RowRun> = Vec::new();
-        for s in batch.seqs.iter().filter(|s| s.num_tokens > 0) {
-            let dense = f32_min_rows.is_some_and(|min| s.num_tokens >= min);
-            match runs.last_mut() {
-                Some(r) if r.dense == dense && r.start + r.len == s.token_start => r.len += s.num_tokens,
-                _ => runs.push(RowRun { start: s.token_start, len: s.num_tokens, dense }),
+        for s in &batch.seqs {
+            // Rows of this chunk below the prompt end are prompt rows.
+            let prompt_rows = s.prompt_len.saturating_sub(s.context_start).min(s.num_tokens);
+            let parts = [(0, prompt_rows, f32_prefill), (prompt_rows, s.num_tokens - prompt_rows, false)];
+            for (offset, len, dense) in parts.into_iter().filter(|p| p.1 > 0) {
+                let start = s.token_start + offset;
+                match runs.last_mut() {
+                    Some(r) if r.dense == dense && r.start + r.len == start => r.len += len,
+                    _ => runs.push(RowRun { start, len, dense }),
+                }
             }
         }
         runs
@@ -146,7 +148,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     output_norm: Tensor,
     lm_head: QMatMul,
-    f32_min_rows: Option<usize>,
+    f32_prefill: bool,
 }
 
 /// Reads tensors by name, checking their shapes.
@@ -177,18 +179,18 @@ impl<R: Read + Seek> Loader<'_, R> {
 }
 
 impl Llama {
-    /// Reads the weights that `config` describes. `f32_min_rows` and
+    /// Reads the weights that `config` describes. `f32_prefill` and
     /// `q4_1_to_q8_0`: see [`super::LoadOptions`].
     pub(crate) fn load<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
         config: Config,
-        f32_min_rows: Option<usize>,
+        f32_prefill: bool,
         q4_1_to_q8_0: bool,
     ) -> Result<Self, ModelError> {
         let c = &config;
         let (hidden, kv_dim) = (c.hidden, c.num_kv_heads * c.head_dim);
-        let dense = ProjOptions { dense: f32_min_rows.is_some(), q4_1_to_q8_0 };
+        let dense = ProjOptions { dense: f32_prefill, q4_1_to_q8_0 };
         let mut ld = Loader { content, reader };
         let token_embd = Arc::new(ld.get("token_embd.weight", &[c.vocab_size, hidden])?);
         // Small Llamas tie the LM head to the embedding and ship no output.weight.
@@ -215,7 +217,7 @@ impl Llama {
                 down: Proj::stacked(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?], dense)?,
             });
         }
-        Ok(Self { config, token_embd, layers, output_norm, lm_head, f32_min_rows })
+        Ok(Self { config, token_embd, layers, output_norm, lm_head, f32_prefill })
     }
 
     /// The resolved model shape.
@@ -286,7 +288,7 @@ impl Forward for Llama {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
         let dev = Device::Cpu;
-        let runs = RowRun::plan(batch, self.f32_min_rows);
+        let runs = RowRun::plan(batch, self.f32_prefill);
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkv_dim = q_dim + 2 * kv_dim;
         let dims = Dims {
@@ -355,14 +357,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decode_rows_keep_the_quantized_path_beside_a_long_prefill() {
+    fn prompt_rows_take_f32_and_generated_rows_the_quantized_kernels() {
         let mut batch = ForwardBatch::default();
-        batch.push(&[1], 5, vec![0], true);
-        batch.push(&[2], 7, vec![1], true);
-        batch.push(&[3; 20], 0, vec![2, 3], true);
-        batch.push(&[4; 3], 0, vec![4], true);
+        batch.push(&[1], 5, 5, vec![0], true); // decode
+        batch.push(&[2], 7, 3, vec![1], true); // decode
+        batch.push(&[3; 20], 0, 20, vec![2, 3], true); // a whole prompt
+        batch.push(&[4; 3], 4, 7, vec![4], true); // a prompt's last chunk
+        batch.push(&[5; 6], 0, 4, vec![5], true); // recompute: 4 prompt rows, 2 generated
         let run = |start, len, dense| RowRun { start, len, dense };
-        assert_eq!(RowRun::plan(&batch, Some(16)), vec![run(0, 2, false), run(2, 20, true), run(22, 3, false)]);
-        assert_eq!(RowRun::plan(&batch, None), vec![run(0, 25, false)]);
+        assert_eq!(RowRun::plan(&batch, true), vec![run(0, 2, false), run(2, 27, true), run(29, 2, false)]);
+        assert_eq!(RowRun::plan(&batch, false), vec![run(0, 31, false)]);
     }
 }

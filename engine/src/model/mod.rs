@@ -69,11 +69,13 @@ pub struct LoadedModel {
 pub struct LoadOptions {
     /// Overrides the served model name (default: the GGUF file stem).
     pub model_name: Option<String>,
-    /// Steps with at least this many tokens multiply by f32 copies of the
-    /// weights (dequantized once at load, about 4x the memory of Q4_1) instead
-    /// of the quantized kernels: several times faster for prefill, slower for
-    /// a single row. `None` keeps only the quantized weights.
-    pub f32_min_rows: Option<usize>,
+    /// Prompt tokens multiply by f32 copies of the weights (dequantized once
+    /// at load, about 4x the memory of Q4_1), generated tokens by the
+    /// quantized kernels: f32 is several times faster for the many rows of a
+    /// prefill, slower for one decode row. Each token takes the same path
+    /// however it is batched, so outputs do not depend on batch composition.
+    /// Off keeps only the quantized weights.
+    pub f32_prefill: bool,
     /// Requantizes Q4_1 weights to Q8_0 at load: candle runs Q4_1 products as
     /// scalar loops and Q8_0 ones with SIMD, so decode is several times
     /// faster, for about 1.7x the weight memory and a rounding error far
@@ -83,7 +85,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { model_name: None, f32_min_rows: Some(llama::DEFAULT_F32_MIN_ROWS), q4_1_to_q8_0: true }
+        Self { model_name: None, f32_prefill: true, q4_1_to_q8_0: true }
     }
 }
 
@@ -277,6 +279,6 @@ pub fn load_gguf_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel,
         None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string()),
     };
     let info = ModelInfo::from_gguf(&content, model_name, &config)?;
-    let model = Llama::load(&content, &mut reader, config, options.f32_min_rows, options.q4_1_to_q8_0)?;
+    let model = Llama::load(&content, &mut reader, config, options.f32_prefill, options.q4_1_to_q8_0)?;
     Ok(LoadedModel { model, tokenizer, info })
 }

@@ -81,6 +81,11 @@ impl Logits {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
     }
+
+    /// The logits of row `i`, to process in place before sampling.
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
 }
 
 /// A forward step that could not run.

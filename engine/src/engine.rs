@@ -29,7 +29,7 @@
 //! ```
 
 use crate::batch::{Forward, Logits};
-use crate::block_manager::blocks_for;
+use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv_cache::{KvCacheShape, KvStorage, KvStorageError};
 use crate::sampler::{argmax, Sampler, SamplingParams};
 use crate::scheduler::{NewSequence, ProvidedKv, Scheduler, SchedulerConfig, StepPlan};
@@ -51,6 +51,10 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
     /// Seeds requests that bring none, combined with their arrival order.
     pub default_seed: u64,
+    /// Reuse the KV of cached full blocks whose salted prefix matches a new
+    /// prompt's, and report cached / evicted blocks as [`KvEvent`]s. Default
+    /// on in the workers; `false` computes every prompt and reports nothing.
+    pub enable_prefix_caching: bool,
 }
 
 /// One generation request.
@@ -66,6 +70,9 @@ pub struct EngineRequest {
     /// remote decode to pull); they are reported in `Finished.pinned_blocks`
     /// and stay allocated until [`EngineHandle::release_blocks`].
     pub pin_on_finish: bool,
+    /// Isolates the request's prefix cache: only requests with the same salt
+    /// share cached blocks. `None` shares with every unsalted request.
+    pub cache_salt: Option<String>,
 }
 
 /// Where a request's prompt KV comes from.
@@ -104,6 +111,9 @@ pub enum EngineEvent {
         /// the prompt, in prompt order.
         pinned_blocks: Option<Vec<u32>>,
         num_prompt_tokens: usize,
+        /// Prompt tokens whose KV came from the prefix cache (not computed),
+        /// at the request's first admission.
+        num_cached_tokens: usize,
     },
     /// The request failed and is gone (bad provided KV, failed forward pass,
     /// a sequence too long for the whole cache).
@@ -133,8 +143,12 @@ pub struct EngineStats {
     /// Live requests: submitted and not finished (waiting + running).
     pub num_sequences: usize,
     pub num_running: usize,
+    /// Blocks available for allocation: never used, freed, or cached but
+    /// unowned (evictable): an idle engine with no pins has all blocks free.
     pub free_blocks: usize,
     pub total_blocks: usize,
+    /// Of `free_blocks`, those still holding cached KV (evictable, LRU).
+    pub cached_blocks: usize,
     /// Blocks pinned by finished `pin_on_finish` requests, not yet released.
     pub held_blocks: usize,
     /// Sequences preempted (for recompute) since start.
@@ -158,6 +172,9 @@ pub enum EngineError {
     InvalidTemperature(f32),
     #[error("top_p must be in (0, 1], got {0}")]
     InvalidTopP(f32),
+    /// Another sampling parameter out of its range (see [`SamplingParams`]).
+    #[error("{field} must be {limit}, got {value}")]
+    InvalidSampling { field: &'static str, limit: &'static str, value: String },
     #[error("token id {token} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfVocab { token: u32, vocab_size: usize },
     #[error("the engine has stopped")]
@@ -184,6 +201,7 @@ impl Engine {
             num_blocks: shape.num_blocks,
             block_bytes: shape.block_bytes(),
             eos_token_ids: config.eos_token_ids.clone(),
+            enable_prefix_caching: config.enable_prefix_caching,
         });
         let shared = Arc::new(Shared {
             shape,
@@ -193,7 +211,9 @@ impl Engine {
             live: Mutex::new(HashSet::new()),
             num_running: AtomicUsize::new(0),
             free_blocks: AtomicUsize::new(shape.num_blocks),
+            cached_blocks: AtomicUsize::new(0),
             held_blocks: AtomicUsize::new(0),
+            kv_events: Mutex::new(Vec::new()),
             num_preemptions: AtomicU64::new(0),
         });
         let (commands, receiver) = mpsc::channel();
@@ -264,6 +284,7 @@ impl EngineHandle {
             num_running: s.num_running.load(Ordering::Acquire),
             free_blocks: s.free_blocks.load(Ordering::Acquire),
             total_blocks: s.shape.num_blocks,
+            cached_blocks: s.cached_blocks.load(Ordering::Acquire),
             held_blocks: s.held_blocks.load(Ordering::Acquire),
             num_preemptions: s.num_preemptions.load(Ordering::Acquire),
         }
@@ -276,10 +297,22 @@ impl EngineHandle {
         self.shared.kv.read().unwrap_or_else(PoisonError::into_inner).read_blocks(ids, out)
     }
 
-    /// Frees blocks held for a finished `pin_on_finish` request. Ids that are
-    /// not held are ignored (with a warning), so a release can be retried.
+    /// Frees blocks held for a finished `pin_on_finish` request: `ids` must be
+    /// its whole `Finished.pinned_blocks` list, released once by whoever
+    /// received it (see [`Scheduler::release`]). A list that no outstanding
+    /// pin reported is ignored (with a warning), so a release can be retried;
+    /// blocks shared with another pin stay held for it.
     pub fn release_blocks(&self, ids: &[u32]) {
         let _ = self.commands.send(Command::Release(ids.to_vec()));
+    }
+
+    /// KV events (blocks cached, evicted) since the last call, oldest first,
+    /// for a worker to stream to routers. The step thread queues them before
+    /// it sends a step's request events; with one consumer nothing is repeated.
+    /// At most [`MAX_PENDING_KV_EVENTS`] wait: older ones are dropped, so a
+    /// consumer must take them at least that often to see them all.
+    pub fn take_kv_events(&self) -> Vec<KvEvent> {
+        std::mem::take(&mut *self.shared.kv_events.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The KV cache's shape.
@@ -326,6 +359,10 @@ impl EngineHandle {
         if !(p.top_p > 0.0 && p.top_p <= 1.0) {
             return Err(EngineError::InvalidTopP(p.top_p));
         }
+        check_sampling_ranges(p)?;
+        if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
+            return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
+        }
         let first_token = match &req.kv {
             KvSource::Provided { first_token, .. } => Some(*first_token),
             KvSource::Compute => None,
@@ -339,6 +376,10 @@ impl EngineHandle {
     }
 }
 
+/// KV events kept for [`EngineHandle::take_kv_events`] before the oldest are
+/// dropped (about 6 MB with 16-token blocks).
+pub const MAX_PENDING_KV_EVENTS: usize = 1 << 16;
+
 /// What the handles and the step thread share.
 struct Shared {
     shape: KvCacheShape,
@@ -349,7 +390,10 @@ struct Shared {
     live: Mutex<HashSet<String>>,
     num_running: AtomicUsize,
     free_blocks: AtomicUsize,
+    cached_blocks: AtomicUsize,
     held_blocks: AtomicUsize,
+    /// KV events not yet taken (a short std mutex: push or take only).
+    kv_events: Mutex<Vec<KvEvent>>,
     num_preemptions: AtomicU64,
 }
 
@@ -463,14 +507,23 @@ impl StepLoop {
             seed,
             "queued"
         );
-        let sampler = Sampler::new(&request.sampling, seed);
+        let mut sampler = Sampler::new(&request.sampling, seed)
+            .with_eos(self.scheduler.eos_token_ids())
+            .with_prompt(&request.prompt_token_ids);
+        if let Some(p) = &provided {
+            // Generated token 1, for the penalties and `min_tokens`.
+            sampler.record(p.first_token);
+        }
         self.clients.insert(request.request_id.clone(), Client { events, sampler });
         self.scheduler.add(NewSequence {
             request_id: request.request_id,
             prompt: request.prompt_token_ids,
             max_tokens: request.sampling.max_tokens as usize,
             stop_token_ids: request.sampling.stop_token_ids,
+            ignore_eos: request.sampling.ignore_eos,
+            min_tokens: request.sampling.min_tokens as usize,
             pin_on_finish: request.pin_on_finish,
+            cache_salt: request.cache_salt.map(String::into_bytes).unwrap_or_default(),
             provided,
         });
     }
@@ -530,13 +583,13 @@ impl StepLoop {
         let Some(result) = result else { return };
         let logits = result.and_then(|logits| self.check_logits(&plan, logits));
         match logits {
-            Ok(logits) => {
+            Ok(mut logits) => {
                 let sampled: Vec<u32> = plan
                     .seqs
                     .iter()
                     .enumerate()
                     .map(|(i, s)| match self.clients.get_mut(&s.request_id) {
-                        Some(client) => client.sampler.sample(logits.row(i)),
+                        Some(client) => client.sampler.sample(logits.row_mut(i)),
                         None => argmax(logits.row(i)),
                     })
                     .collect();
@@ -609,13 +662,49 @@ impl StepLoop {
         }
     }
 
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
+        let kv_events = self.scheduler.take_kv_events();
+        if !kv_events.is_empty() {
+            let mut pending = self.shared.kv_events.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.extend(kv_events);
+            // Nobody drains them (yet): keep memory bounded. A router index
+            // that misses old events only under-counts cached blocks.
+            if pending.len() > MAX_PENDING_KV_EVENTS {
+                let excess = pending.len() - MAX_PENDING_KV_EVENTS;
+                tracing::debug!(dropped = excess, "KV events not taken in time; dropping the oldest");
+                pending.drain(..excess);
+            }
+        }
         let (s, sched) = (&self.shared, &self.scheduler);
         s.num_running.store(sched.num_running(), Ordering::Release);
         s.free_blocks.store(sched.num_free_blocks(), Ordering::Release);
+        s.cached_blocks.store(sched.num_cached_blocks(), Ordering::Release);
         s.held_blocks.store(sched.num_held_blocks(), Ordering::Release);
         s.num_preemptions.store(sched.num_preemptions(), Ordering::Release);
     }
+}
+
+/// The ranges of the parameters beyond temperature and top-p (the router
+/// checks them too; a worker is reachable on its own).
+fn check_sampling_ranges(p: &SamplingParams) -> Result<(), EngineError> {
+    let invalid =
+        |field, limit, value: f32| Err(EngineError::InvalidSampling { field, limit, value: value.to_string() });
+    if !(0.0..=1.0).contains(&p.min_p) {
+        return invalid("min_p", "in [0, 1]", p.min_p);
+    }
+    if !(-2.0..=2.0).contains(&p.presence_penalty) {
+        return invalid("presence_penalty", "in [-2, 2]", p.presence_penalty);
+    }
+    if !(-2.0..=2.0).contains(&p.frequency_penalty) {
+        return invalid("frequency_penalty", "in [-2, 2]", p.frequency_penalty);
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty <= 2.0) {
+        return invalid("repetition_penalty", "in (0, 2]", p.repetition_penalty);
+    }
+    if let Some(&(_, bias)) = p.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+        return invalid("logit_bias", "in [-100, 100]", bias);
+    }
+    Ok(())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

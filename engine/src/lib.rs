@@ -7,7 +7,8 @@
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv_cache`]: paged KV storage, addressed by block id.
 //! - [`batch`]: what one forward step computes.
-//! - `sampler`, `block_manager`, `scheduler`, `engine`: the serving loop.
+//! - `sampler`, `block_manager` (ref counts, prefix cache, [`KvEvent`]s),
+//!   `scheduler`, `engine`: the serving loop.
 
 pub mod batch;
 pub mod block_manager;
@@ -19,6 +20,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
+pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason, KvSource,
 };

@@ -4,12 +4,29 @@
 //! same seed gives the same tokens whatever else shares the batch, and a
 //! sequence preempted and recomputed keeps drawing from where it stopped.
 //!
-//! Order of operations, as in vLLM: temperature, then top-k, then top-p
-//! (nucleus) over the remaining tokens sorted by probability, then one draw.
+//! # Order of operations
+//!
+//! As in vLLM, the raw logits are first processed in place:
+//!
+//! 1. `logit_bias` is added;
+//! 2. while fewer than `min_tokens` tokens were generated, the stop tokens
+//!    (`stop_token_ids`, plus the model's eos unless `ignore_eos`) are set to
+//!    `-inf`;
+//! 3. `repetition_penalty` for tokens of the prompt or the output, then
+//!    `presence_penalty` and `frequency_penalty` for tokens of the output.
+//!
+//! Then the token is chosen: greedy (argmax of the processed logits) at
+//! temperature 0, else temperature, top-k, top-p (nucleus) over the remaining
+//! tokens sorted by probability, min-p, and one draw.
+//!
+//! With the default parameters none of that allocates: the per-sequence state
+//! the penalties need (the set of tokens seen, the count of each output
+//! token) is kept only when a penalty is on, and updated one token at a time.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
 
 /// How a request's tokens are chosen, and when its generation ends.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,12 +46,50 @@ pub struct SamplingParams {
     pub max_tokens: u32,
     /// Tokens that end generation (reason `Stop`); the stop token is emitted.
     pub stop_token_ids: Vec<u32>,
+    /// Min-p: drop tokens whose probability (after temperature) is below
+    /// `min_p` times the most likely token's. `0` turns it off. In `[0, 1]`.
+    pub min_p: f32,
+    /// Subtracted once from the logit of every token already in the output.
+    /// `0` turns it off. In `[-2, 2]`.
+    pub presence_penalty: f32,
+    /// Subtracted from the logit of every output token, times its count so
+    /// far. `0` turns it off. In `[-2, 2]`.
+    pub frequency_penalty: f32,
+    /// For every token of the prompt or the output: positive logits are
+    /// divided by it, negative ones multiplied. `1` turns it off; above 1
+    /// discourages repetition. In `(0, 2]` (vLLM takes any value above 0;
+    /// we cap it where it already all but forbids repetition).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids before anything else; each id
+    /// must be in the vocabulary and each bias in `[-100, 100]`.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Do not stop at the model's eos tokens (`stop_token_ids` still stop).
+    pub ignore_eos: bool,
+    /// Until this many tokens were generated (a provided first token counts),
+    /// the stop tokens (eos unless `ignore_eos`, and `stop_token_ids`) cannot
+    /// be sampled and do not stop. `0` turns it off.
+    pub min_tokens: u32,
 }
 
 impl Default for SamplingParams {
-    /// The OpenAI / vLLM defaults: temperature 1, no top-k / top-p, 16 tokens.
+    /// The OpenAI / vLLM defaults: temperature 1, no top-k / top-p / min-p,
+    /// no penalties or bias, 16 tokens.
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, max_tokens: 16, stop_token_ids: Vec::new() }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 16,
+            stop_token_ids: Vec::new(),
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+        }
     }
 }
 
@@ -45,13 +100,76 @@ impl SamplingParams {
     }
 }
 
-/// The sampler of one sequence: its parameters and its RNG.
+/// The sampler of one sequence: its parameters, its RNG, and what the
+/// penalties and `min_tokens` need to know of the sequence so far.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     temperature: f32,
     top_k: usize,
     top_p: f32,
+    min_p: f32,
     rng: ChaCha8Rng,
+    logit_bias: Vec<(u32, f32)>,
+    min_tokens: usize,
+    /// Masked while fewer than `min_tokens` tokens were generated.
+    stop_ids: Vec<u32>,
+    ignore_eos: bool,
+    /// Generated tokens so far, a provided first token included.
+    num_generated: usize,
+    penalties: Penalties,
+}
+
+/// Repetition, presence and frequency penalties, and the token history they
+/// read. The history is only kept for the penalties that are on.
+#[derive(Debug, Clone)]
+struct Penalties {
+    repetition: f32,
+    presence: f32,
+    frequency: f32,
+    /// Distinct tokens of the prompt and the output (repetition penalty).
+    seen: HashSet<u32>,
+    /// How often each token occurs in the output (presence and frequency).
+    output_counts: HashMap<u32, u32>,
+}
+
+impl Penalties {
+    fn repetition_on(&self) -> bool {
+        self.repetition != 1.0
+    }
+
+    fn output_on(&self) -> bool {
+        self.presence != 0.0 || self.frequency != 0.0
+    }
+
+    fn observe_prompt(&mut self, prompt: &[u32]) {
+        if self.repetition_on() {
+            self.seen.extend(prompt.iter().copied());
+        }
+    }
+
+    fn observe_output(&mut self, token: u32) {
+        if self.repetition_on() {
+            self.seen.insert(token);
+        }
+        if self.output_on() {
+            *self.output_counts.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// Applies the penalties in place, touching only the tokens seen.
+    fn apply(&self, logits: &mut [f32]) {
+        let r = self.repetition;
+        for &t in &self.seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / r } else { *l * r };
+            }
+        }
+        for (&t, &count) in &self.output_counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= self.presence + self.frequency * count as f32;
+            }
+        }
+    }
 }
 
 /// A candidate token and its (temperature-scaled) logit.
@@ -68,21 +186,87 @@ fn by_likelihood(a: &Candidate, b: &Candidate) -> Ordering {
 }
 
 impl Sampler {
-    /// A sampler for `params`, drawing from an RNG seeded with `seed`.
+    /// A sampler for `params`, drawing from an RNG seeded with `seed`. It
+    /// knows no prompt and no eos tokens: see [`Sampler::with_eos`] and
+    /// [`Sampler::with_prompt`].
     pub fn new(params: &SamplingParams, seed: u64) -> Self {
+        let penalties = Penalties {
+            repetition: params.repetition_penalty,
+            presence: params.presence_penalty,
+            frequency: params.frequency_penalty,
+            seen: HashSet::new(),
+            output_counts: HashMap::new(),
+        };
         Self {
             temperature: params.temperature,
             top_k: params.top_k as usize,
             top_p: params.top_p,
+            min_p: params.min_p,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            logit_bias: params.logit_bias.clone(),
+            min_tokens: params.min_tokens as usize,
+            stop_ids: if params.min_tokens > 0 { params.stop_token_ids.clone() } else { Vec::new() },
+            ignore_eos: params.ignore_eos,
+            num_generated: 0,
+            penalties,
         }
     }
 
-    /// Chooses the next token from one row of logits.
+    /// The model's eos tokens, masked under `min_tokens` unless `ignore_eos`.
+    pub fn with_eos(mut self, eos_token_ids: &[u32]) -> Self {
+        if self.min_tokens > 0 && !self.ignore_eos {
+            for &t in eos_token_ids {
+                if !self.stop_ids.contains(&t) {
+                    self.stop_ids.push(t);
+                }
+            }
+        }
+        self
+    }
+
+    /// The prompt, for the repetition penalty.
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        self.penalties.observe_prompt(prompt);
+        self
+    }
+
+    /// Counts a token generated elsewhere (a prefill worker's first token) as
+    /// this sequence's output; [`Sampler::sample`] does so for its own.
+    pub fn record(&mut self, token: u32) {
+        self.num_generated += 1;
+        self.penalties.observe_output(token);
+    }
+
+    /// Chooses the next token from one row of logits, which it processes in
+    /// place (bias, `min_tokens` mask, penalties), and records it as output.
     ///
     /// NaN logits never win. A temperature draw takes exactly one value from
     /// the RNG, so a sequence's stream position is its number of draws.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.process(logits);
+        let token = self.choose(logits);
+        self.record(token);
+        token
+    }
+
+    /// Steps 1 to 3 of the module docs.
+    fn process(&self, logits: &mut [f32]) {
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        if self.num_generated < self.min_tokens {
+            for &t in &self.stop_ids {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        self.penalties.apply(logits);
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits);
         }
@@ -91,20 +275,22 @@ impl Sampler {
         if filtered {
             self.sample_filtered(logits, u)
         } else {
-            sample_full(logits, self.temperature, u)
+            sample_full(logits, self.temperature, self.min_p, u)
         }
     }
 
-    /// Top-k and/or top-p: the candidates are collected, cut, then drawn from.
+    /// Top-k and/or top-p, then min-p: the candidates are collected, cut,
+    /// then drawn from.
     fn sample_filtered(&self, logits: &[f32], u: f64) -> u32 {
+        // NaN and masked (-inf) tokens are never candidates.
         let mut cands: Vec<Candidate> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_nan())
+            .filter(|(_, l)| !l.is_nan() && **l != f32::NEG_INFINITY)
             .map(|(i, &logit)| Candidate { id: i as u32, logit })
             .collect();
         if cands.is_empty() {
-            return 0;
+            return argmax(logits);
         }
         if self.top_k > 0 && self.top_k < cands.len() {
             // Partition instead of a full sort: O(vocab) for the usual small k.
@@ -131,24 +317,37 @@ impl Sampler {
         } else {
             weights.extend(cands.iter().map(|c| (f64::from(c.logit - max) / t).exp()));
         }
+        // Each weight is the token's probability over the top one's, and the
+        // top token is always still here: min-p is a cut on the weights.
+        let min_p = f64::from(self.min_p);
+        if min_p > 0.0 {
+            weights.iter_mut().filter(|w| **w < min_p).for_each(|w| *w = 0.0);
+        }
         let total: f64 = weights.iter().sum();
         pick(u * total, cands.iter().map(|c| c.id).zip(weights.iter().copied())).unwrap_or(cands[0].id)
     }
 }
 
-/// Plain temperature sampling over the whole row, without allocating: one pass
-/// for the normaliser, one to find where `u` lands.
-fn sample_full(logits: &[f32], temperature: f32, u: f64) -> u32 {
+/// Plain temperature (and min-p) sampling over the whole row, without
+/// allocating: one pass for the normaliser, one to find where `u` lands.
+/// A token's weight is its probability over the top token's, so min-p zeroes
+/// the weights below `min_p`.
+fn sample_full(logits: &[f32], temperature: f32, min_p: f32, u: f64) -> u32 {
     let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return argmax(logits);
     }
     let t = f64::from(temperature);
+    let min_p = f64::from(min_p);
     let weight = |l: f32| {
         if l.is_nan() {
+            return 0.0;
+        }
+        let w = (f64::from(l - max) / t).exp();
+        if w < min_p {
             0.0
         } else {
-            (f64::from(l - max) / t).exp()
+            w
         }
     };
     let total: f64 = logits.iter().map(|&l| weight(l)).sum();
@@ -196,22 +395,27 @@ mod tests {
         SamplingParams { temperature, top_k, top_p, ..SamplingParams::default() }
     }
 
+    /// Samples from a copy of `row` (sampling processes the logits in place).
+    fn sample_copy(s: &mut Sampler, row: &[f32]) -> u32 {
+        s.sample(&mut row.to_vec())
+    }
+
     const ROW: [f32; 5] = [0.5, 2.0, 1.9, -1.0, 2.0];
 
     #[test]
     fn greedy_picks_the_argmax_and_ties_go_to_the_lowest_id() {
         let mut s = Sampler::new(&params(0.0, 0, 1.0), 1);
-        assert_eq!(s.sample(&ROW), 1);
-        assert_eq!(s.sample(&[0.0, 3.0, f32::NAN, 1.0]), 1);
-        assert_eq!(s.sample(&[f32::NAN, -1.0]), 1);
-        assert_eq!(s.sample(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(sample_copy(&mut s, &ROW), 1);
+        assert_eq!(sample_copy(&mut s, &[0.0, 3.0, f32::NAN, 1.0]), 1);
+        assert_eq!(sample_copy(&mut s, &[f32::NAN, -1.0]), 1);
+        assert_eq!(sample_copy(&mut s, &[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
     #[test]
     fn top_k_one_is_greedy() {
         for seed in 0..50 {
             let mut s = Sampler::new(&params(1.5, 1, 1.0), seed);
-            assert_eq!(s.sample(&ROW), 1, "seed {seed}");
+            assert_eq!(sample_copy(&mut s, &ROW), 1, "seed {seed}");
         }
     }
 
@@ -219,7 +423,7 @@ mod tests {
     fn a_tiny_top_p_is_greedy() {
         for seed in 0..50 {
             let mut s = Sampler::new(&params(1.5, 0, 1e-6), seed);
-            assert_eq!(s.sample(&ROW), 1, "seed {seed}");
+            assert_eq!(sample_copy(&mut s, &ROW), 1, "seed {seed}");
         }
     }
 
@@ -227,7 +431,7 @@ mod tests {
     fn top_k_two_never_picks_a_third_token() {
         let mut s = Sampler::new(&params(5.0, 2, 1.0), 3);
         for _ in 0..500 {
-            let t = s.sample(&ROW);
+            let t = sample_copy(&mut s, &ROW);
             assert!(t == 1 || t == 4, "picked {t}");
         }
     }
@@ -239,7 +443,7 @@ mod tests {
         let mut s = Sampler::new(&params(1.0, 0, 0.7), 9);
         let mut seen = [0usize; 3];
         for _ in 0..2000 {
-            seen[s.sample(&row) as usize] += 1;
+            seen[sample_copy(&mut s, &row) as usize] += 1;
         }
         assert_eq!(seen[2], 0);
         assert!(seen[1] > 500, "{seen:?}");
@@ -249,13 +453,13 @@ mod tests {
     fn the_same_seed_gives_the_same_tokens() {
         let draw = |seed| {
             let mut s = Sampler::new(&params(1.0, 0, 1.0), seed);
-            (0..64).map(|_| s.sample(&ROW)).collect::<Vec<_>>()
+            (0..64).map(|_| sample_copy(&mut s, &ROW)).collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
         let draw_filtered = |seed| {
             let mut s = Sampler::new(&params(0.8, 3, 0.9), seed);
-            (0..64).map(|_| s.sample(&ROW)).collect::<Vec<_>>()
+            (0..64).map(|_| sample_copy(&mut s, &ROW)).collect::<Vec<_>>()
         };
         assert_eq!(draw_filtered(7), draw_filtered(7));
     }
@@ -266,7 +470,7 @@ mod tests {
         let row = [0.7f32.ln(), 0.3f32.ln()];
         let mut s = Sampler::new(&params(1.0, 0, 1.0), 1234);
         let n = 10_000;
-        let ones = (0..n).filter(|_| s.sample(&row) == 1).count();
+        let ones = (0..n).filter(|_| sample_copy(&mut s, &row) == 1).count();
         assert!((2700..3300).contains(&ones), "token 1 drawn {ones} times of {n}");
     }
 
@@ -275,11 +479,164 @@ mod tests {
         let row = [1.0, 0.0];
         let count = |t: f32| {
             let mut s = Sampler::new(&params(t, 0, 1.0), 5);
-            (0..4000).filter(|_| s.sample(&row) == 1).count()
+            (0..4000).filter(|_| sample_copy(&mut s, &row) == 1).count()
         };
         let (cold, warm, hot) = (count(0.1), count(1.0), count(100.0));
         assert!(cold < 10, "{cold}");
         assert!((900..1250).contains(&warm), "{warm}"); // p = 1 / (1 + e) = 0.269
         assert!((1800..2200).contains(&hot), "{hot}");
+    }
+
+    fn greedy_with(p: SamplingParams) -> Sampler {
+        Sampler::new(&SamplingParams { temperature: 0.0, ..p }, 1)
+    }
+
+    #[test]
+    fn default_params_leave_the_logits_untouched() {
+        let mut s = Sampler::new(&SamplingParams::default(), 1);
+        let mut row = ROW;
+        s.sample(&mut row);
+        s.sample(&mut row);
+        assert_eq!(row, ROW);
+        assert!(s.penalties.seen.is_empty() && s.penalties.output_counts.is_empty());
+    }
+
+    #[test]
+    fn presence_penalty_moves_the_argmax_off_a_repeated_token() {
+        let row = [1.0, 1.5, 0.0];
+        let mut plain = greedy_with(SamplingParams::default());
+        assert_eq!([sample_copy(&mut plain, &row), sample_copy(&mut plain, &row)], [1, 1]);
+        let mut s = greedy_with(SamplingParams { presence_penalty: 1.0, ..SamplingParams::default() });
+        assert_eq!(sample_copy(&mut s, &row), 1);
+        // Token 1 is in the output now: 1.5 - 1 = 0.5 < 1.0.
+        let mut processed = row;
+        assert_eq!(s.sample(&mut processed), 0);
+        assert_eq!(processed, [1.0, 0.5, 0.0]);
+        // Presence counts once, whatever the count: both are now down by 1.
+        let mut processed = row;
+        assert_eq!(s.sample(&mut processed), 1);
+        assert_eq!(processed, [0.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn frequency_penalty_scales_with_the_count() {
+        let row = [1.0, 2.0];
+        let mut s = greedy_with(SamplingParams { frequency_penalty: 0.4, ..SamplingParams::default() });
+        // Token 1's logit: 2.0, 1.6, 1.2, then 0.8 < 1.0.
+        let picks: Vec<u32> = (0..4).map(|_| sample_copy(&mut s, &row)).collect();
+        assert_eq!(picks, [1, 1, 1, 0]);
+        let mut processed = row;
+        s.sample(&mut processed);
+        assert!((processed[1] - (2.0 - 3.0 * 0.4)).abs() < 1e-6, "{processed:?}");
+        assert!((processed[0] - (1.0 - 0.4)).abs() < 1e-6, "{processed:?}");
+        // A negative penalty encourages repetition instead.
+        let mut s = greedy_with(SamplingParams { frequency_penalty: -2.0, ..SamplingParams::default() });
+        let picks: Vec<u32> = (0..3).map(|_| sample_copy(&mut s, &[0.0, 1.0, 0.5])).collect();
+        assert_eq!(picks, [1, 1, 1]);
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_tokens_and_both_signs() {
+        let row = [2.0, 1.5, -1.0, -1.2];
+        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::default() };
+        let mut s = greedy_with(p.clone()).with_prompt(&[0, 2, 0]);
+        let mut processed = row;
+        // Token 0 (prompt): 2.0 / 2 = 1.0 loses to token 1.
+        assert_eq!(s.sample(&mut processed), 1);
+        assert_eq!(processed, [1.0, 1.5, -2.0, -1.2]);
+        // Token 1 is output now: 1.5 / 2 = 0.75 < 1.0.
+        let mut processed = row;
+        assert_eq!(s.sample(&mut processed), 0);
+        assert_eq!(processed, [1.0, 0.75, -2.0, -1.2]);
+        // Without the prompt, token 0 wins at once.
+        assert_eq!(sample_copy(&mut greedy_with(p), &row), 0);
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans_tokens() {
+        let row = [5.0, 0.0, 0.0];
+        let force = SamplingParams { logit_bias: vec![(2, 100.0)], ..SamplingParams::default() };
+        assert_eq!(sample_copy(&mut greedy_with(force.clone()), &row), 2);
+        for seed in 0..20 {
+            let mut s = Sampler::new(&force, seed);
+            assert_eq!(sample_copy(&mut s, &row), 2, "seed {seed}");
+        }
+        let ban = SamplingParams { logit_bias: vec![(0, -100.0)], ..SamplingParams::default() };
+        assert_eq!(sample_copy(&mut greedy_with(ban), &row), 1);
+        // Ids past the row are ignored rather than a panic.
+        let outside = SamplingParams { logit_bias: vec![(7, 1.0)], ..SamplingParams::default() };
+        assert_eq!(sample_copy(&mut greedy_with(outside), &row), 0);
+    }
+
+    #[test]
+    fn min_p_removes_the_tail() {
+        // Probabilities 0.6, 0.3, 0.1: min_p 0.2 cuts below 0.12, so token 2.
+        let row = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        for top_p in [1.0, 0.999] {
+            let p = SamplingParams { min_p: 0.2, top_p, ..SamplingParams::default() };
+            let mut s = Sampler::new(&p, 11);
+            let mut seen = [0usize; 3];
+            for _ in 0..3000 {
+                seen[sample_copy(&mut s, &row) as usize] += 1;
+            }
+            assert_eq!(seen[2], 0, "top_p {top_p}: {seen:?}");
+            // Token 1 keeps 0.3 / 0.9 of the mass.
+            assert!((850..1150).contains(&seen[1]), "top_p {top_p}: {seen:?}");
+        }
+        // min_p is relative to the temperature-scaled distribution: at t = 0.5
+        // token 1 has (0.3 / 0.6)^2 = 0.25 of the top one, below 0.3.
+        let p = SamplingParams { min_p: 0.3, temperature: 0.5, ..SamplingParams::default() };
+        let mut s = Sampler::new(&p, 3);
+        assert!((0..500).all(|_| sample_copy(&mut s, &row) == 0));
+    }
+
+    #[test]
+    fn min_tokens_masks_eos_and_stop_tokens_until_reached() {
+        // Eos 0 is the most likely, then stop token 1, then 2.
+        let row = [3.0, 2.0, 1.0];
+        let p = SamplingParams { min_tokens: 2, stop_token_ids: vec![1], ..SamplingParams::default() };
+        let mut s = greedy_with(p.clone()).with_eos(&[0]);
+        let picks: Vec<u32> = (0..3).map(|_| sample_copy(&mut s, &row)).collect();
+        assert_eq!(picks, [2, 2, 0]);
+        // At temperature the masked tokens are never drawn either.
+        for seed in 0..20 {
+            let mut s = Sampler::new(&SamplingParams { temperature: 1.0, ..p.clone() }, seed).with_eos(&[0]);
+            assert_eq!([sample_copy(&mut s, &row), sample_copy(&mut s, &row)], [2, 2], "seed {seed}");
+        }
+        // With ignore_eos, eos is an ordinary token: only the stop token is masked.
+        let mut s = greedy_with(SamplingParams { ignore_eos: true, ..p.clone() }).with_eos(&[0]);
+        assert_eq!(sample_copy(&mut s, &row), 0);
+        // A first token made elsewhere counts toward min_tokens.
+        let mut s = greedy_with(p).with_eos(&[0]);
+        s.record(2);
+        assert_eq!([sample_copy(&mut s, &row), sample_copy(&mut s, &row)], [2, 0]);
+    }
+
+    #[test]
+    fn a_recorded_first_token_counts_for_the_penalties() {
+        let row = [1.0, 1.5];
+        let mut s = greedy_with(SamplingParams { presence_penalty: 1.0, ..SamplingParams::default() });
+        s.record(1);
+        assert_eq!(sample_copy(&mut s, &row), 0);
+    }
+
+    #[test]
+    fn penalised_sampling_repeats_with_the_seed() {
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_k: 4,
+            min_p: 0.05,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.3,
+            logit_bias: vec![(3, 1.0)],
+            ..SamplingParams::default()
+        };
+        let draw = |seed| {
+            let mut s = Sampler::new(&p, seed).with_prompt(&[1, 2]);
+            (0..64).map(|_| sample_copy(&mut s, &ROW)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
     }
 }

@@ -18,11 +18,24 @@
 //! prefill), a running sequence has one (a decode), a preempted sequence has
 //! all of prompt + generated again (recompute), and a sequence whose prompt KV
 //! came from a prefill worker starts with only the first token new.
+//!
+//! # Prefix caching
+//!
+//! At admission a computed sequence looks up the chained, salted hashes of
+//! its full blocks (`cluster::block_hash`) and reuses the longest cached run
+//! of them (one more reference each): those tokens start computed. At least
+//! the last token is always fed, so a prompt made only of cached full blocks
+//! recomputes its last block. After each step, every block whose tokens all
+//! have KV (prompt or generated) is registered under its hash; provided KV is
+//! registered the same way once its first step ran. Finishing, aborting and
+//! preempting drop references; unowned cached blocks stay reusable until
+//! evicted (see [`crate::block_manager`]).
 
 use crate::batch::ForwardBatch;
-use crate::block_manager::{blocks_for, BlockManager};
+use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
 use crate::engine::{EngineEvent, FinishReason};
-use std::collections::{HashSet, VecDeque};
+use cluster::block_hash::extend_block_hashes;
+use std::collections::{HashMap, VecDeque};
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +52,9 @@ pub struct SchedulerConfig {
     pub block_bytes: usize,
     /// Tokens that end every request (besides its own stop tokens).
     pub eos_token_ids: Vec<u32>,
+    /// Reuse cached full blocks of earlier sequences with the same salted
+    /// prefix (see [`Scheduler::schedule`]); off: every prompt is computed.
+    pub enable_prefix_caching: bool,
 }
 
 /// A request as the scheduler sees it, already validated by the engine.
@@ -48,7 +64,15 @@ pub struct NewSequence {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
+    /// Do not stop at `SchedulerConfig::eos_token_ids`.
+    pub ignore_eos: bool,
+    /// Stop and eos tokens do not stop the first `min_tokens` generated
+    /// tokens (the sampler masks them too).
+    pub min_tokens: usize,
     pub pin_on_finish: bool,
+    /// Salts the block hashes: only sequences with the same salt share
+    /// cached blocks (the request's `cache_salt` bytes, empty if none).
+    pub cache_salt: Vec<u8>,
     /// KV of the prompt computed elsewhere, plus the token sampled there.
     pub provided: Option<ProvidedKv>,
 }
@@ -136,10 +160,21 @@ struct Sequence {
     num_generated: usize,
     max_tokens: usize,
     stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
+    min_tokens: usize,
     pin_on_finish: bool,
     blocks: Vec<u32>,
     /// Taken at admission; a preempted sequence recomputes instead.
     provided_kv: Option<Vec<u8>>,
+    cache_salt: Vec<u8>,
+    /// Chained hashes of the full blocks of `tokens` computed so far (tokens
+    /// never change, so they stay valid across preemption).
+    hashes: Vec<BlockHash>,
+    /// Leading blocks of `blocks` already registered in the prefix cache
+    /// (or found there).
+    num_registered: usize,
+    /// Prompt tokens found in the prefix cache at the first admission.
+    num_cached_tokens: Option<usize>,
 }
 
 impl Sequence {
@@ -170,21 +205,27 @@ pub struct Scheduler {
     waiting: VecDeque<Sequence>,
     /// In admission order: the last is the newest, the first to preempt.
     running: Vec<Sequence>,
-    /// Blocks of finished `pin_on_finish` requests, until released.
-    held: HashSet<u32>,
+    /// Pins of finished `pin_on_finish` requests, until released: each
+    /// reported block list, with how many outstanding pins reported exactly
+    /// that list. A pin owns one reference on each of its blocks.
+    pins: HashMap<Vec<u32>, u32>,
+    /// How many outstanding pins hold each block. With prefix caching two
+    /// requests may pin the same (shared prefix) block.
+    held: HashMap<u32, u32>,
     events: Vec<(String, EngineEvent)>,
     num_preemptions: u64,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        let blocks = BlockManager::new(config.num_blocks);
+        let blocks = BlockManager::new(config.num_blocks, config.enable_prefix_caching);
         Self {
             config,
             blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            held: HashSet::new(),
+            pins: HashMap::new(),
+            held: HashMap::new(),
             events: Vec::new(),
             num_preemptions: 0,
         }
@@ -201,9 +242,15 @@ impl Scheduler {
             num_generated: 0,
             max_tokens: new.max_tokens,
             stop_token_ids: new.stop_token_ids,
+            ignore_eos: new.ignore_eos,
+            min_tokens: new.min_tokens,
             pin_on_finish: new.pin_on_finish,
             blocks: Vec::new(),
             provided_kv: None,
+            cache_salt: new.cache_salt,
+            hashes: Vec::new(),
+            num_registered: 0,
+            num_cached_tokens: None,
         };
         if let Some(p) = new.provided {
             // The first token counts as generated but is fed by the first step.
@@ -241,10 +288,13 @@ impl Scheduler {
             };
             let seq = &mut self.running[pos];
             seq.num_computed = seq.tokens.len();
+            register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
             seq.tokens.push(token);
             seq.num_generated += 1;
             self.events.push((seq.id.clone(), EngineEvent::Token(token)));
-            let stop = seq.stop_token_ids.contains(&token) || self.config.eos_token_ids.contains(&token);
+            let stop = seq.num_generated > seq.min_tokens
+                && (seq.stop_token_ids.contains(&token)
+                    || (!seq.ignore_eos && self.config.eos_token_ids.contains(&token)));
             let reason = if stop { Some(FinishReason::Stop) } else { seq.length_limit(self.config.max_model_len) };
             if let Some(reason) = reason {
                 let seq = self.running.remove(pos);
@@ -260,11 +310,12 @@ impl Scheduler {
             return false;
         };
         tracing::debug!(request_id, "aborted");
-        self.blocks.free(&seq.blocks);
+        self.blocks.free_table(&seq.blocks);
         let event = EngineEvent::Finished {
             reason: FinishReason::Abort,
             pinned_blocks: None,
             num_prompt_tokens: seq.prompt_len,
+            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
         };
         self.events.push((seq.id, event));
         true
@@ -276,7 +327,7 @@ impl Scheduler {
             return false;
         };
         tracing::debug!(request_id, "dropped: its receiver is gone");
-        self.blocks.free(&seq.blocks);
+        self.blocks.free_table(&seq.blocks);
         true
     }
 
@@ -285,22 +336,53 @@ impl Scheduler {
     pub fn fail(&mut self, request_ids: &[&str], message: &str) {
         for &id in request_ids {
             if let Some(seq) = self.take(id) {
-                self.blocks.free(&seq.blocks);
+                self.blocks.free_table(&seq.blocks);
                 self.events.push((seq.id, EngineEvent::Error(message.to_string())));
             }
         }
     }
 
-    /// Frees held blocks. Ids not held (already released, never pinned) are
-    /// ignored with a warning: freeing them could free a running sequence's block.
+    /// Ends one pin: `block_ids` must be a whole `Finished.pinned_blocks`
+    /// list, and each of its blocks loses that pin's reference. A list that
+    /// no outstanding pin reported (already released, never pinned, a part of
+    /// a pin) is ignored with a warning, so a retried release is harmless and
+    /// can never free a running sequence's block, nor a block that another
+    /// pin sharing a prefix with it still holds.
+    ///
+    /// Contract: each `Finished.pinned_blocks` list is released once by its
+    /// owner (the kv-transfer connector does so exactly once). Two pins can
+    /// only report the very same list for the same salted prompt, and then
+    /// their references are interchangeable; only releasing such a list more
+    /// times than it was pinned would take the other owner's pin.
     pub fn release(&mut self, block_ids: &[u32]) {
+        let Some(count) = self.pins.get_mut(block_ids) else {
+            tracing::warn!(blocks = ?block_ids, "release of blocks that no pin holds");
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.pins.remove(block_ids);
+        }
         for &id in block_ids {
-            if self.held.remove(&id) {
-                self.blocks.free(&[id]);
-            } else {
-                tracing::warn!(block = id, "release of a block that is not held");
+            if let Some(pins) = self.held.get_mut(&id) {
+                *pins -= 1;
+                if *pins == 0 {
+                    self.held.remove(&id);
+                }
             }
         }
+        self.blocks.free_table(block_ids);
+    }
+
+    /// KV events (blocks cached and evicted) since the last call.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.blocks.take_events()
+    }
+
+    /// Blocks that nobody owns but whose KV stays cached until evicted
+    /// (counted in [`Self::num_free_blocks`] too).
+    pub fn num_cached_blocks(&self) -> usize {
+        self.blocks.num_cached()
     }
 
     /// What requests must hear since the last call, in order. `Finished` and
@@ -317,16 +399,23 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Blocks available for allocation: free plus evictable cached ones.
     pub fn num_free_blocks(&self) -> usize {
         self.blocks.num_free()
     }
 
+    /// Distinct blocks held by at least one pin.
     pub fn num_held_blocks(&self) -> usize {
         self.held.len()
     }
 
     pub fn num_total_blocks(&self) -> usize {
         self.blocks.num_total()
+    }
+
+    /// The model's eos tokens (the sampler masks them under `min_tokens`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.config.eos_token_ids
     }
 
     /// Preemptions so far.
@@ -370,8 +459,9 @@ impl Scheduler {
     /// and nothing is emitted twice.
     fn preempt(&mut self, mut seq: Sequence) {
         tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), "preempted for recompute");
-        self.blocks.free(&seq.blocks);
+        self.blocks.free_table(&seq.blocks);
         seq.blocks.clear();
+        seq.num_registered = 0;
         seq.num_computed = 0;
         seq.provided_kv = None;
         self.num_preemptions += 1;
@@ -394,11 +484,15 @@ impl Scheduler {
             }
             // Strict FCFS: a large request at the front waits for room rather
             // than being overtaken forever by small ones.
-            let Some(ids) = self.blocks.allocate(needed) else {
+            let hits = self.cached_prefix();
+            let Some(ids) = self.blocks.allocate_after_prefix(&hits, needed - hits.len()) else {
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("front exists");
             seq.blocks = ids;
+            seq.num_computed = hits.len() * bs;
+            seq.num_registered = hits.len();
+            seq.num_cached_tokens.get_or_insert(seq.num_computed.min(seq.prompt_len));
             tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), num_blocks = needed, "admitted");
             if let Some(data) = seq.provided_kv.take() {
                 let block_ids = seq.blocks[..blocks_for(seq.prompt_len, bs)].to_vec();
@@ -413,6 +507,24 @@ impl Scheduler {
             plan.seqs.push(seq.chunk());
             self.running.push(seq);
         }
+    }
+
+    /// The cached blocks holding the longest prefix of the front waiting
+    /// sequence's full blocks, at most all but the block of its last token:
+    /// that token is always computed, so the step has logits to sample from
+    /// (a prompt that is all full cached blocks recomputes its last block).
+    /// Empty with caching off and for provided KV, which brings its own blocks.
+    fn cached_prefix(&mut self) -> Vec<u32> {
+        let bs = self.config.block_size;
+        let Some(seq) = self.waiting.front_mut() else {
+            return Vec::new();
+        };
+        if !self.config.enable_prefix_caching || seq.provided_kv.is_some() {
+            return Vec::new();
+        }
+        extend_block_hashes(&seq.cache_salt, &seq.tokens, bs, &mut seq.hashes);
+        let reusable = (seq.tokens.len().saturating_sub(1) / bs).min(seq.hashes.len());
+        self.blocks.lookup(&seq.hashes[..reusable])
     }
 
     /// Why a waiting sequence can never run, if so.
@@ -446,15 +558,21 @@ impl Scheduler {
         let pinned_blocks = if seq.pin_on_finish {
             let n = blocks_for(seq.prompt_len, self.config.block_size);
             let (pinned, rest) = seq.blocks.split_at(n);
-            self.blocks.free(rest);
-            self.held.extend(pinned.iter().copied());
+            self.blocks.free_table(rest);
+            // The sequence's reference on each pinned block becomes the pin's.
+            for &id in pinned {
+                *self.held.entry(id).or_insert(0) += 1;
+            }
+            *self.pins.entry(pinned.to_vec()).or_insert(0) += 1;
             Some(pinned.to_vec())
         } else {
-            self.blocks.free(&seq.blocks);
+            self.blocks.free_table(&seq.blocks);
             None
         };
         tracing::debug!(request_id = %seq.id, ?reason, num_generated = seq.num_generated, ?pinned_blocks, "finished");
-        let event = EngineEvent::Finished { reason, pinned_blocks, num_prompt_tokens: seq.prompt_len };
+        let num_cached_tokens = seq.num_cached_tokens.unwrap_or(0);
+        let event =
+            EngineEvent::Finished { reason, pinned_blocks, num_prompt_tokens: seq.prompt_len, num_cached_tokens };
         self.events.push((seq.id, event));
     }
 
@@ -466,6 +584,22 @@ impl Scheduler {
         let pos = self.waiting.iter().position(|s| s.id == request_id)?;
         self.waiting.remove(pos)
     }
+}
+
+/// Caches the sequence's full blocks whose tokens all have KV now (prompt
+/// and generated alike; a partial block never is).
+fn register_computed_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block_size: usize) {
+    let full = seq.num_computed / block_size;
+    if full <= seq.num_registered {
+        return;
+    }
+    extend_block_hashes(&seq.cache_salt, &seq.tokens[..seq.num_computed], block_size, &mut seq.hashes);
+    for i in seq.num_registered..full {
+        let parent = i.checked_sub(1).map(|p| seq.hashes[p]);
+        let tokens = &seq.tokens[i * block_size..(i + 1) * block_size];
+        blocks.register(seq.blocks[i], seq.hashes[i], parent, tokens);
+    }
+    seq.num_registered = full;
 }
 
 #[cfg(test)]
@@ -480,6 +614,7 @@ mod tests {
             num_blocks,
             block_bytes: 8,
             eos_token_ids: vec![99],
+            enable_prefix_caching: true,
         }
     }
 
@@ -489,7 +624,10 @@ mod tests {
             prompt: prompt.to_vec(),
             max_tokens,
             stop_token_ids: vec![],
+            ignore_eos: false,
+            min_tokens: 0,
             pin_on_finish: false,
+            cache_salt: vec![],
             provided: None,
         }
     }
@@ -527,7 +665,12 @@ mod tests {
             events[3],
             (
                 "a".into(),
-                EngineEvent::Finished { reason: FinishReason::Stop, pinned_blocks: None, num_prompt_tokens: 3 }
+                EngineEvent::Finished {
+                    reason: FinishReason::Stop,
+                    pinned_blocks: None,
+                    num_prompt_tokens: 3,
+                    num_cached_tokens: 0
+                }
             )
         );
         assert_eq!(s.num_free_blocks(), 14);
@@ -575,11 +718,12 @@ mod tests {
         assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
         assert_eq!(s.num_free_blocks(), 1);
 
-        // `old` finishes; `new` is recomputed from prompt + its token 20.
+        // `old` finishes; `new` is recomputed from prompt + its token 20, but
+        // its full first block stayed cached when it was preempted.
         s.finish_step(&plan, &[99]);
         let plan = s.schedule();
-        assert_eq!(shape(&plan), vec![("new", 0, 5)]);
-        assert_eq!(plan.seqs[0].tokens, vec![5, 6, 7, 8, 20]);
+        assert_eq!(shape(&plan), vec![("new", 4, 1)]);
+        assert_eq!((plan.seqs[0].tokens.as_slice(), plan.seqs[0].block_table.as_slice()), (&[20][..], &[1, 2][..]));
         let tokens: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "new").map(|(_, e)| e).collect();
         assert_eq!(tokens, vec![EngineEvent::Token(20)], "the token is not emitted twice");
     }
@@ -614,13 +758,18 @@ mod tests {
             EngineEvent::Finished {
                 reason: FinishReason::Length,
                 pinned_blocks: Some(vec![0, 1]),
-                num_prompt_tokens: 8
+                num_prompt_tokens: 8,
+                num_cached_tokens: 0
             }
         );
         assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (2, 6));
+        // Only a whole pinned list releases anything.
         s.release(&[1, 5]);
-        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (1, 7));
-        s.release(&[0, 0]);
+        s.release(&[0]);
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (2, 6));
+        s.release(&[0, 1]);
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
+        s.release(&[0, 1]);
         assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
     }
 
@@ -673,7 +822,12 @@ mod tests {
             events,
             vec![(
                 "d".into(),
-                EngineEvent::Finished { reason: FinishReason::Length, pinned_blocks: None, num_prompt_tokens: 2 }
+                EngineEvent::Finished {
+                    reason: FinishReason::Length,
+                    pinned_blocks: None,
+                    num_prompt_tokens: 2,
+                    num_cached_tokens: 0
+                }
             )]
         );
         assert_eq!(s.num_free_blocks(), 8);
@@ -697,7 +851,12 @@ mod tests {
             events,
             vec![(
                 "run".into(),
-                EngineEvent::Finished { reason: FinishReason::Abort, pinned_blocks: None, num_prompt_tokens: 5 }
+                EngineEvent::Finished {
+                    reason: FinishReason::Abort,
+                    pinned_blocks: None,
+                    num_prompt_tokens: 5,
+                    num_cached_tokens: 0
+                }
             )]
         );
     }
@@ -711,5 +870,178 @@ mod tests {
         s.fail(&ids, "boom");
         assert_eq!(s.take_events(), vec![("a".into(), EngineEvent::Error("boom".into()))]);
         assert_eq!(s.num_free_blocks(), 4);
+    }
+    /// `num_cached_tokens` of a request's `Finished` event among `events`.
+    fn cached_tokens(events: &[(String, EngineEvent)], id: &str) -> Option<usize> {
+        events.iter().find_map(|(i, e)| match e {
+            EngineEvent::Finished { num_cached_tokens, .. } if i == id => Some(*num_cached_tokens),
+            _ => None,
+        })
+    }
+
+    /// Runs one request alone to its end.
+    fn run_alone(s: &mut Scheduler, new: NewSequence) -> Vec<(String, EngineEvent)> {
+        s.add(new);
+        while s.num_waiting() + s.num_running() > 0 {
+            let plan = s.schedule();
+            let sampled: Vec<u32> = plan.seqs.iter().map(|q| q.tokens.last().unwrap() + 1).collect();
+            s.finish_step(&plan, &sampled);
+        }
+        s.take_events()
+    }
+
+    #[test]
+    fn a_shared_prefix_is_reused_and_only_the_suffix_is_computed() {
+        let mut s = Scheduler::new(config(8, 4));
+        let events = run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5, 6, 7, 8, 9], 1));
+        assert_eq!(cached_tokens(&events, "a"), Some(0));
+        let h = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        assert_eq!(
+            s.take_kv_events(),
+            vec![
+                KvEvent::BlockStored { block_hash: h[0], parent_hash: None, token_ids: vec![1, 2, 3, 4], block_id: 0 },
+                KvEvent::BlockStored {
+                    block_hash: h[1],
+                    parent_hash: Some(h[0]),
+                    token_ids: vec![5, 6, 7, 8],
+                    block_id: 1
+                },
+            ]
+        );
+        assert_eq!((s.num_free_blocks(), s.num_cached_blocks()), (8, 2));
+
+        s.add(seq("b", &[1, 2, 3, 4, 5, 6, 7, 8, 50, 51], 3));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("b", 8, 2)]);
+        assert_eq!(plan.seqs[0].tokens, vec![50, 51]);
+        assert_eq!(plan.seqs[0].block_table[..2], [0, 1]);
+        assert_eq!(s.num_cached_blocks(), 0);
+        s.finish_step(&plan, &[52]);
+        let plan = s.schedule();
+        s.finish_step(&plan, &[53]);
+        // 53 is sampled but has no KV yet: block 2 is not full of computed tokens.
+        assert!(s.take_kv_events().is_empty());
+        let plan = s.schedule();
+        s.finish_step(&plan, &[54]);
+        assert_eq!(cached_tokens(&s.take_events(), "b"), Some(8));
+        // b's third block (50 51 52 53) filled up at its last step.
+        let events = s.take_kv_events();
+        assert!(
+            matches!(&events[..], [KvEvent::BlockStored { parent_hash: Some(p), token_ids, .. }]
+            if *p == h[1] && token_ids == &[50, 51, 52, 53]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_prompt_of_cached_full_blocks_recomputes_its_last_block() {
+        let mut s = Scheduler::new(config(8, 4));
+        run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5, 6, 7, 8], 1));
+        s.add(seq("b", &[1, 2, 3, 4, 5, 6, 7, 8], 1));
+        let plan = s.schedule();
+        // The last token must be computed for logits: block 2 of 2 is redone.
+        assert_eq!(shape(&plan), vec![("b", 4, 4)]);
+        assert_eq!(plan.seqs[0].block_table[0], 0);
+        assert_ne!(plan.seqs[0].block_table[1], 1, "the cached copy stays cached");
+        s.finish_step(&plan, &[9]);
+        assert_eq!(cached_tokens(&s.take_events(), "b"), Some(4));
+        assert!(
+            s.take_kv_events()
+                .iter()
+                .all(|e| !matches!(e, KvEvent::BlockStored { block_id, .. } if *block_id != 0 && *block_id != 1)),
+            "the recomputed duplicate is not stored twice"
+        );
+    }
+
+    #[test]
+    fn only_requests_with_the_same_salt_share_blocks() {
+        let mut s = Scheduler::new(config(16, 4));
+        let salted = |id: &str, salt: &[u8]| NewSequence { cache_salt: salt.to_vec(), ..seq(id, &[1, 2, 3, 4, 5], 1) };
+        run_alone(&mut s, salted("x1", b"x"));
+        assert_eq!(cached_tokens(&run_alone(&mut s, salted("y", b"y")), "y"), Some(0));
+        assert_eq!(cached_tokens(&run_alone(&mut s, salted("none", b"")), "none"), Some(0));
+        assert_eq!(cached_tokens(&run_alone(&mut s, salted("x2", b"x")), "x2"), Some(4));
+        assert_eq!(cached_tokens(&run_alone(&mut s, salted("y2", b"y")), "y2"), Some(4));
+    }
+
+    #[test]
+    fn with_prefix_caching_off_nothing_is_reused_or_reported() {
+        let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: false, ..config(8, 4) });
+        run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5], 1));
+        s.add(seq("b", &[1, 2, 3, 4, 5], 1));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("b", 0, 5)]);
+        assert!(s.take_kv_events().is_empty());
+        assert_eq!(s.num_cached_blocks(), 0);
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_least_recently_used_first() {
+        // 3 blocks: each request needs 2 (one full, one partial).
+        let mut s = Scheduler::new(config(3, 4));
+        run_alone(&mut s, seq("a", &[1, 1, 1, 1, 1], 1));
+        run_alone(&mut s, seq("b", &[2, 2, 2, 2, 2], 1));
+        let ha = cluster::block_hash::block_hashes(b"", &[1, 1, 1, 1], 4)[0];
+        let hb = cluster::block_hash::block_hashes(b"", &[2, 2, 2, 2], 4)[0];
+        s.take_kv_events();
+        assert_eq!(s.num_cached_blocks(), 2);
+        // c needs 2 fresh blocks: the one plain free block, then a's (older).
+        run_alone(&mut s, seq("c", &[3, 3, 3, 3, 3], 1));
+        let removed: Vec<_> =
+            s.take_kv_events().into_iter().filter(|e| matches!(e, KvEvent::BlockRemoved { .. })).collect();
+        assert_eq!(removed, vec![KvEvent::BlockRemoved { block_hashes: vec![ha] }]);
+        assert_eq!(cached_tokens(&run_alone(&mut s, seq("b2", &[2, 2, 2, 2, 9], 1)), "b2"), Some(4));
+        assert_eq!(cached_tokens(&run_alone(&mut s, seq("a2", &[1, 1, 1, 1, 9], 1)), "a2"), Some(0));
+        assert!(!s.take_kv_events().contains(&KvEvent::BlockRemoved { block_hashes: vec![hb] }));
+    }
+
+    #[test]
+    fn two_pins_share_prefix_blocks_and_each_release_drops_only_its_own() {
+        let mut s = Scheduler::new(config(8, 4));
+        let pinned = |id: &str, prompt: &[u32]| NewSequence { pin_on_finish: true, ..seq(id, prompt, 1) };
+        s.add(pinned("p1", &[1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        s.add(pinned("p2", &[1, 2, 3, 4, 5, 6, 7, 8, 60]));
+        // Both are admitted in one step: p2 cannot reuse what p1 has not computed yet.
+        let plan = s.schedule();
+        s.finish_step(&plan, &[0, 0]);
+        s.take_events();
+        s.add(pinned("p3", &[1, 2, 3, 4, 5, 6, 7, 8, 70]));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("p3", 8, 1)]);
+        s.finish_step(&plan, &[0]);
+        let events = s.take_events();
+        let Some(EngineEvent::Finished { pinned_blocks: Some(p3), num_cached_tokens: 8, .. }) =
+            events.last().map(|e| &e.1)
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!(p3, &vec![0, 1, 6]);
+        // p1 holds 0 1 2, p2 3 4 5, p3 shares 0 1 with p1 and adds 6.
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (7, 1));
+        s.release(&[0, 1, 2]);
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (6, 2));
+        // A double release of p1 must not take p3's references on 0 and 1.
+        s.release(&[0, 1, 2]);
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (6, 2));
+        s.release(&[3, 4, 5]);
+        s.release(p3);
+        assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
+        assert!((0..8).all(|id| s.blocks.ref_count(id) == 0));
+    }
+
+    #[test]
+    fn preemption_reuses_the_cached_prefix_and_caching_off_recomputes_it_all() {
+        for caching in [true, false] {
+            let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: caching, ..config(3, 4) });
+            s.add(seq("old", &[1, 2, 3, 4], 8));
+            s.add(seq("new", &[5, 6, 7, 8], 8));
+            let plan = s.schedule();
+            s.finish_step(&plan, &[10, 20]);
+            let plan = s.schedule();
+            s.finish_step(&plan, &[99]);
+            let plan = s.schedule();
+            let expected = if caching { ("new", 4, 1) } else { ("new", 0, 5) };
+            assert_eq!(shape(&plan), vec![expected]);
+        }
     }
 }

@@ -40,15 +40,19 @@ impl PrefillService {
             sampling: engine::SamplingParams { max_tokens: 1, ..sampling },
             kv: KvSource::Compute,
             pin_on_finish: remote_decode,
+            cache_salt: req.cache_salt,
         };
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         let mut first = None;
         while let Some(event) = events.recv().await {
             match event {
                 EngineEvent::Token(t) => first = Some(t),
-                EngineEvent::Finished { reason, pinned_blocks, .. } => {
+                EngineEvent::Finished { reason, pinned_blocks, num_cached_tokens, .. } => {
                     let first = first.ok_or_else(|| Status::internal("engine finished without a token"))?;
-                    return Ok(self.answer(&req.request_id, first, reason, pinned_blocks, wanted_tokens, prompt_len));
+                    let mut response =
+                        self.answer(&req.request_id, first, reason, pinned_blocks, wanted_tokens, prompt_len);
+                    response.num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
+                    return Ok(response);
                 }
                 EngineEvent::Error(e) => return Err(Status::internal(e)),
             }

@@ -38,6 +38,43 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Most tokens to generate, the first included.
     pub max_tokens: u32,
+    /// In [0, 1]; 0 is off.
+    pub min_p: f32,
+    /// In [-2, 2]; 0 is off.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; 0 is off.
+    pub frequency_penalty: f32,
+    /// In (0, 2]; 1 is off.
+    pub repetition_penalty: f32,
+    /// Token ids in the vocabulary with biases in [-100, 100], sorted by id.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Token ids (in the vocabulary) that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's eos tokens.
+    pub ignore_eos: bool,
+    /// No stop before this many tokens; at most `max_tokens`.
+    pub min_tokens: u32,
+}
+
+impl Default for Sampling {
+    /// vLLM's defaults: temperature 1, every filter and penalty off, 16 tokens.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 16,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+        }
+    }
 }
 
 /// One generation as the backend sees it.

@@ -77,7 +77,7 @@ fn request() -> GenerateRequest {
     GenerateRequest {
         request_id: "r".into(),
         prompt_token_ids: Arc::new(vec![1, 2, 3]),
-        sampling: Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, max_tokens: 8 },
+        sampling: Sampling { temperature: 0.0, max_tokens: 8, ..Sampling::default() },
     }
 }
 

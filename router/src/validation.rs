@@ -3,6 +3,8 @@
 //! Every bound is checked here so handlers never do; each error names the
 //! field, the limit and the value given.
 
+use std::collections::HashMap;
+
 use crate::error::ApiError;
 use crate::model::Model;
 use crate::openai::request::{
@@ -202,6 +204,16 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         // Clients send any integer; the bits are what seed the RNG.
         seed: params.seed.map(|s| s as u64),
         max_tokens,
+        min_p: in_range("min_p", "in [0, 1]", params.min_p, 0.0, |p| (0.0..=1.0).contains(&p))?,
+        presence_penalty: penalty("presence_penalty", params.presence_penalty)?,
+        frequency_penalty: penalty("frequency_penalty", params.frequency_penalty)?,
+        repetition_penalty: in_range("repetition_penalty", "in (0, 2]", params.repetition_penalty, 1.0, |r| {
+            r > 0.0 && r <= 2.0
+        })?,
+        logit_bias: logit_bias(params.logit_bias, model.vocab_size)?,
+        stop_token_ids: stop_token_ids(params.stop_token_ids, model.vocab_size)?,
+        ignore_eos: params.ignore_eos.unwrap_or(false),
+        min_tokens: min_tokens(params.min_tokens, max_tokens)?,
     };
     let stream = params.stream.unwrap_or(false);
     Ok(ValidRequest {
@@ -238,6 +250,69 @@ fn top_k(value: Option<i64>) -> Result<u32, ValidationError> {
         -1 | 0 => Ok(0),
         k if k >= 1 => Ok(u32::try_from(k).unwrap_or(u32::MAX)),
         k => Err(out_of_range("top_k", "-1, 0 (off) or >= 1", k)),
+    }
+}
+
+/// An optional float: `default` when absent, else it must pass `ok`.
+fn in_range(
+    field: &'static str,
+    limit: &'static str,
+    value: Option<f64>,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+) -> Result<f32, ValidationError> {
+    match value.unwrap_or(default) {
+        v if ok(v) => Ok(v as f32),
+        v => Err(out_of_range(field, limit, v)),
+    }
+}
+
+/// OpenAI's presence and frequency penalties: in [-2, 2], default 0 (off).
+fn penalty(field: &'static str, value: Option<f64>) -> Result<f32, ValidationError> {
+    in_range(field, "in [-2, 2]", value, 0.0, |p| (-2.0..=2.0).contains(&p))
+}
+
+/// Token ids arrive as string keys (`{"50256": -100}`); each must name a token
+/// of the vocabulary, each bias be in [-100, 100]. Sorted by id.
+fn logit_bias(value: Option<HashMap<String, f64>>, vocab_size: u32) -> Result<Vec<(u32, f32)>, ValidationError> {
+    let mut biases = Vec::new();
+    for (key, bias) in value.unwrap_or_default() {
+        let token = key.trim().parse::<u32>().ok().filter(|&t| t < vocab_size).ok_or_else(|| {
+            out_of_range(
+                "logit_bias",
+                "keyed by token ids in [0, vocab_size)",
+                format!("{key:?} (vocab_size {vocab_size})"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(out_of_range("logit_bias", "biases in [-100, 100]", format!("{bias} for token {token}")));
+        }
+        biases.push((token, bias as f32));
+    }
+    biases.sort_unstable_by_key(|&(token, _)| token);
+    Ok(biases)
+}
+
+fn stop_token_ids(value: Option<Vec<i64>>, vocab_size: u32) -> Result<Vec<u32>, ValidationError> {
+    value
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| {
+            u32::try_from(id).ok().filter(|&t| t < vocab_size).ok_or_else(|| {
+                out_of_range(
+                    "stop_token_ids",
+                    "token ids in [0, vocab_size)",
+                    format!("{id} (vocab_size {vocab_size})"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn min_tokens(value: Option<i64>, max_tokens: u32) -> Result<u32, ValidationError> {
+    match value.unwrap_or(0) {
+        n if (0..=i64::from(max_tokens)).contains(&n) => Ok(n as u32),
+        n => Err(out_of_range("min_tokens", "in [0, max_tokens]", format!("{n} (max_tokens {max_tokens})"))),
     }
 }
 

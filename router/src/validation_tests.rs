@@ -26,7 +26,7 @@ fn field_of(result: Result<ValidRequest, ApiError>) -> Option<&'static str> {
 fn defaults_fill_every_option() {
     let req = completion(json!({"prompt": "abcd"})).unwrap();
     assert_eq!(req.prompt_token_ids, ids("abcd"));
-    let want = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, max_tokens: 60 };
+    let want = Sampling { max_tokens: 60, ..Sampling::default() };
     assert_eq!(req.sampling, want);
     assert!(!req.stream && !req.include_usage && !req.return_token_ids && req.stops.is_empty());
 }
@@ -39,7 +39,8 @@ fn explicit_values_are_kept() {
         "stop": "x", "return_token_ids": true, "unknown_field": 1
     }))
     .unwrap();
-    let want = Sampling { temperature: 0.0, top_p: 0.5, top_k: 40, seed: Some(7), max_tokens: 5 };
+    let want =
+        Sampling { temperature: 0.0, top_p: 0.5, top_k: 40, seed: Some(7), max_tokens: 5, ..Sampling::default() };
     assert_eq!(req.sampling, want);
     assert!(req.stream && req.include_usage && req.return_token_ids);
     assert_eq!(req.stops, ["x"]);
@@ -69,6 +70,71 @@ fn sampling_bounds() {
     }
     assert_eq!(completion(json!({"prompt": "a", "top_k": -1})).unwrap().sampling.top_k, 0);
     assert_eq!(completion(json!({"prompt": "a", "temperature": 2})).unwrap().sampling.temperature, 2.0);
+}
+
+#[test]
+fn vllm_sampling_extras_are_kept() {
+    let req = completion(json!({
+        "prompt": "a", "max_tokens": 8, "min_p": 0.05, "presence_penalty": -2, "frequency_penalty": 1.5,
+        "repetition_penalty": 1.1, "logit_bias": {"65": -100, "7": 2.5}, "stop_token_ids": [3, 9],
+        "ignore_eos": true, "min_tokens": 8
+    }))
+    .unwrap();
+    let want = Sampling {
+        max_tokens: 8,
+        min_p: 0.05,
+        presence_penalty: -2.0,
+        frequency_penalty: 1.5,
+        repetition_penalty: 1.1,
+        logit_bias: vec![(7, 2.5), (65, -100.0)],
+        stop_token_ids: vec![3, 9],
+        ignore_eos: true,
+        min_tokens: 8,
+        ..Sampling::default()
+    };
+    assert_eq!(req.sampling, want);
+    // Explicit nulls are the defaults too.
+    let nulls = json!({"prompt": "a", "max_tokens": 4, "logit_bias": null, "presence_penalty": null});
+    assert_eq!(completion(nulls).unwrap().sampling, Sampling { max_tokens: 4, ..Sampling::default() });
+}
+
+#[test]
+fn vllm_sampling_extras_bounds() {
+    for (field, value) in [
+        ("min_p", json!(-0.1)),
+        ("min_p", json!(1.01)),
+        ("presence_penalty", json!(2.5)),
+        ("presence_penalty", json!(-2.01)),
+        ("frequency_penalty", json!(-3)),
+        ("frequency_penalty", json!(2.1)),
+        ("repetition_penalty", json!(0)),
+        ("repetition_penalty", json!(-1)),
+        ("repetition_penalty", json!(2.5)),
+        ("logit_bias", json!({"5": 100.5})),
+        ("logit_bias", json!({"5": -101})),
+        ("logit_bias", json!({"5000": 1})),
+        ("logit_bias", json!({"-1": 1})),
+        ("logit_bias", json!({"abc": 1})),
+        ("stop_token_ids", json!([1, 5000])),
+        ("stop_token_ids", json!([-1])),
+        ("min_tokens", json!(-1)),
+        ("min_tokens", json!(6)),
+    ] {
+        let mut body = json!({"prompt": "a", "max_tokens": 5});
+        body[field] = value.clone();
+        assert_eq!(field_of(completion(body)), Some(field), "{field} = {value}");
+    }
+    let edges = json!({
+        "prompt": "a", "max_tokens": 5, "min_p": 1, "presence_penalty": 2, "frequency_penalty": -2,
+        "repetition_penalty": 2, "logit_bias": {"0": -100, "255": 100}, "min_tokens": 5
+    });
+    assert!(completion(edges).is_ok());
+    let err = completion(json!({"prompt": "a", "logit_bias": {"5000": 1}})).unwrap_err();
+    assert!(err.to_string().contains("`logit_bias` must be keyed by token ids"), "{err}");
+    assert!(err.to_string().contains("5000"), "{err}");
+    // min_tokens is checked against the resolved max_tokens, also for chat.
+    let chat_req = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "min_tokens": 3});
+    assert_eq!(field_of(chat(chat_req)), Some("min_tokens"));
 }
 
 #[test]

@@ -68,7 +68,14 @@ impl From<&Sampling> for SamplingParams {
             seed: s.seed,
             max_tokens: s.max_tokens,
             // The workers add the model's eos ids themselves.
-            stop_token_ids: Vec::new(),
+            stop_token_ids: s.stop_token_ids.clone(),
+            min_p: s.min_p,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            repetition_penalty: Some(s.repetition_penalty),
+            logit_bias: s.logit_bias.iter().copied().collect(),
+            ignore_eos: s.ignore_eos,
+            min_tokens: s.min_tokens,
         }
     }
 }
@@ -110,6 +117,8 @@ impl WorkerLegs for GrpcWorkers {
             prompt_token_ids: request.prompt_token_ids.to_vec(),
             sampling: Some((&request.sampling).into()),
             kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemoteDecode(RemoteDecode {})) }),
+            // Salted prefix caching reaches the router with its placement work.
+            cache_salt: None,
         };
         async move {
             let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
@@ -136,6 +145,7 @@ impl WorkerLegs for GrpcWorkers {
                 .handoff
                 .map(|remote| KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
             first_token_id: leg.first_token_id,
+            cache_salt: None,
         };
         async move {
             let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();
@@ -185,5 +195,48 @@ pub async fn load_model_card(urls: &[String], timeout: Duration) -> Result<Model
         tracing::debug!(%last_error, ?backoff, "waiting for a worker's model card");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sampling_field_goes_on_the_wire() {
+        let sampling = Sampling {
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: 3,
+            seed: Some(4),
+            max_tokens: 20,
+            min_p: 0.1,
+            presence_penalty: 0.2,
+            frequency_penalty: -0.3,
+            repetition_penalty: 1.4,
+            logit_bias: vec![(2, -1.0), (9, 5.0)],
+            stop_token_ids: vec![7],
+            ignore_eos: true,
+            min_tokens: 6,
+        };
+        let wire = SamplingParams::from(&sampling);
+        let want = SamplingParams {
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: 3,
+            seed: Some(4),
+            max_tokens: 20,
+            stop_token_ids: vec![7],
+            min_p: 0.1,
+            presence_penalty: 0.2,
+            frequency_penalty: -0.3,
+            repetition_penalty: Some(1.4),
+            logit_bias: [(2, -1.0), (9, 5.0)].into_iter().collect(),
+            ignore_eos: true,
+            min_tokens: 6,
+        };
+        assert_eq!(wire, want);
+        // The defaults: repetition 1 is sent, so no worker reads proto's 0.
+        assert_eq!(SamplingParams::from(&Sampling::default()).repetition_penalty, Some(1.0));
     }
 }

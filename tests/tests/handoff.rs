@@ -36,10 +36,12 @@ async fn pins_are_released_after_use_and_after_timeout() {
                 seed: None,
                 max_tokens: 16,
                 stop_token_ids: vec![],
+                ..Default::default()
             }),
             kv_transfer_params: Some(KvTransferParams {
                 params: Some(proto::worker::kv_transfer_params::Params::RemoteDecode(RemoteDecode {})),
             }),
+            cache_salt: None,
         })
         .await
         .unwrap()

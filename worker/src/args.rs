@@ -26,4 +26,8 @@ pub struct EngineArgs {
     /// Seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Turn off prefix caching (on by default): every prompt is computed in
+    /// full and no KV events are produced.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
 }

@@ -16,6 +16,27 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
     if p.max_tokens == 0 {
         return Err(Status::invalid_argument("max_tokens must be at least 1"));
     }
+    check_range("min_p", p.min_p, 0.0, 1.0)?;
+    check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)?;
+    check_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0)?;
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
+        return Err(Status::invalid_argument(format!("repetition_penalty {repetition_penalty} is outside (0, 2]")));
+    }
+    for (&token, &bias) in &p.logit_bias {
+        check_range("logit_bias", bias, -100.0, 100.0).map_err(|_| {
+            Status::invalid_argument(format!("logit_bias {bias} for token {token} is outside [-100, 100]"))
+        })?;
+    }
+    if p.min_tokens > p.max_tokens {
+        return Err(Status::invalid_argument(format!(
+            "min_tokens {} is above max_tokens {}",
+            p.min_tokens, p.max_tokens
+        )));
+    }
+    // Sorted, so equal requests give equal params.
+    let mut logit_bias: Vec<(u32, f32)> = p.logit_bias.into_iter().collect();
+    logit_bias.sort_unstable_by_key(|&(token, _)| token);
     Ok(engine::SamplingParams {
         temperature: p.temperature,
         top_p: p.top_p,
@@ -23,7 +44,23 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
         seed: p.seed,
         max_tokens: p.max_tokens,
         stop_token_ids: p.stop_token_ids,
+        min_p: p.min_p,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty,
+        logit_bias,
+        ignore_eos: p.ignore_eos,
+        min_tokens: p.min_tokens,
     })
+}
+
+/// `value` in `[low, high]` (NaN is not), or `invalid_argument` naming `field`.
+fn check_range(field: &str, value: f32, low: f32, high: f32) -> Result<(), Status> {
+    if (low..=high).contains(&value) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!("{field} {value} is outside [{low}, {high}]")))
+    }
 }
 
 /// The engine's finish reason on the wire.
@@ -49,4 +86,71 @@ pub fn prompt(ids: &[u32], vocab_size: usize) -> Result<(), Status> {
 /// The engine's refusal of a request, as a gRPC status.
 pub fn engine_error(e: engine::EngineError) -> Status {
     Status::invalid_argument(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire() -> pb::SamplingParams {
+        pb::SamplingParams { temperature: 0.7, top_p: 0.9, max_tokens: 32, ..Default::default() }
+    }
+
+    #[test]
+    fn every_sampling_field_reaches_the_engine() {
+        let p = pb::SamplingParams {
+            top_k: 5,
+            seed: Some(9),
+            stop_token_ids: vec![3, 4],
+            min_p: 0.1,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.5,
+            repetition_penalty: Some(1.2),
+            logit_bias: [(7, -100.0), (2, 1.5)].into_iter().collect(),
+            ignore_eos: true,
+            min_tokens: 4,
+            ..wire()
+        };
+        let want = engine::SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 5,
+            seed: Some(9),
+            max_tokens: 32,
+            stop_token_ids: vec![3, 4],
+            min_p: 0.1,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.5,
+            repetition_penalty: 1.2,
+            logit_bias: vec![(2, 1.5), (7, -100.0)],
+            ignore_eos: true,
+            min_tokens: 4,
+        };
+        assert_eq!(sampling(Some(p)).unwrap(), want);
+    }
+
+    #[test]
+    fn absent_fields_are_the_engine_defaults() {
+        let got = sampling(Some(wire())).unwrap();
+        let want = engine::SamplingParams { temperature: 0.7, top_p: 0.9, max_tokens: 32, ..Default::default() };
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn out_of_range_sampling_fields_are_invalid_arguments() {
+        let bad = [
+            pb::SamplingParams { min_p: 1.5, ..wire() },
+            pb::SamplingParams { min_p: f32::NAN, ..wire() },
+            pb::SamplingParams { presence_penalty: 2.5, ..wire() },
+            pb::SamplingParams { frequency_penalty: -2.5, ..wire() },
+            pb::SamplingParams { repetition_penalty: Some(0.0), ..wire() },
+            pb::SamplingParams { repetition_penalty: Some(2.5), ..wire() },
+            pb::SamplingParams { logit_bias: [(1, 101.0)].into_iter().collect(), ..wire() },
+            pb::SamplingParams { min_tokens: 33, ..wire() },
+        ];
+        for p in bad {
+            let status = sampling(Some(p.clone())).expect_err(&format!("{p:?}"));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{p:?}");
+        }
+    }
 }

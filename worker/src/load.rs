@@ -39,6 +39,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         max_model_len: max_model_len as usize,
         eos_token_ids: info.eos_token_ids.clone(),
         default_seed: args.seed,
+        enable_prefix_caching: !args.no_prefix_caching,
     };
     let engine = Engine::start(Arc::new(loaded.model), shape, config);
     let card = pb::ModelCard {

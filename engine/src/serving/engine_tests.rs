@@ -8,6 +8,7 @@
 
 use super::*;
 use crate::batch::{ForwardBatch, ForwardError, Logits};
+use crate::block_manager::KvEvent;
 use std::sync::Condvar;
 
 /// Permits for forward passes: a step waits until one is available.
@@ -137,7 +138,13 @@ fn kv_shape(block_size: usize, num_blocks: usize) -> KvCacheShape {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { max_num_seqs: 8, max_model_len: 64, eos_token_ids: vec![], default_seed: 0 }
+    EngineConfig {
+        max_num_seqs: 8,
+        max_model_len: 64,
+        eos_token_ids: vec![],
+        default_seed: 0,
+        enable_prefix_caching: true,
+    }
 }
 
 fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest {
@@ -147,6 +154,7 @@ fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest 
         sampling,
         kv: KvSource::Compute,
         pin_on_finish: false,
+        cache_salt: None,
     }
 }
 
@@ -165,7 +173,7 @@ fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
 }
 
 fn finished(reason: FinishReason, num_prompt_tokens: usize) -> EngineEvent {
-    EngineEvent::Finished { reason, pinned_blocks: None, num_prompt_tokens }
+    EngineEvent::Finished { reason, pinned_blocks: None, num_prompt_tokens, num_cached_tokens: 0 }
 }
 
 fn assert_idle(engine: &EngineHandle) {
@@ -298,7 +306,7 @@ fn pinned_prompt_blocks_are_held_until_released() {
     let req = EngineRequest { pin_on_finish: true, ..request("p", &[1, 2, 3, 4, 5, 6], SamplingParams::greedy(1)) };
     let (tokens, last) = collect(engine.submit(req).unwrap());
     assert_eq!(tokens, vec![7]);
-    let EngineEvent::Finished { reason, pinned_blocks: Some(pinned), num_prompt_tokens } = last else {
+    let EngineEvent::Finished { reason, pinned_blocks: Some(pinned), num_prompt_tokens, .. } = last else {
         panic!("expected pinned blocks, got {last:?}");
     };
     assert_eq!((reason, pinned.as_slice(), num_prompt_tokens), (FinishReason::Length, &[0u32, 1][..], 6));
@@ -392,8 +400,14 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
 /// Runs `n` seeded temperature-sampled requests (and one greedy) at once and
 /// returns their tokens and the engine's preemption count.
 fn run_concurrently(num_blocks: usize) -> (Vec<Vec<u32>>, u64) {
+    run_concurrently_with(num_blocks, true)
+}
+
+/// [`run_concurrently`] with prefix caching on or off.
+fn run_concurrently_with(num_blocks: usize, caching: bool) -> (Vec<Vec<u32>>, u64) {
     let model = FakeModel::new(32, false);
-    let engine = Engine::start(model.clone(), kv_shape(2, num_blocks), config());
+    let config = EngineConfig { enable_prefix_caching: caching, ..config() };
+    let engine = Engine::start(model.clone(), kv_shape(2, num_blocks), config);
     let rxs: Vec<_> = (0..4u32)
         .map(|i| {
             let sampling = if i == 0 {
@@ -501,6 +515,280 @@ fn pins_nobody_hears_about_are_released() {
     // The caller goes away before the prefill finishes: its pins must not outlive it.
     drop(rx);
     model.gate.open();
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn min_tokens_and_ignore_eos_move_where_generation_stops() {
+    let model = FakeModel::new(16, true);
+    let engine = Engine::start(model, kv_shape(4, 32), EngineConfig { eos_token_ids: vec![11], ..config() });
+    let run = |id: &str, prompt: &[u32], sampling| collect(engine.submit(request(id, prompt, sampling)).unwrap());
+    let greedy = |max_tokens, min_tokens, ignore_eos, stop_token_ids| SamplingParams {
+        min_tokens,
+        ignore_eos,
+        stop_token_ids,
+        ..SamplingParams::greedy(max_tokens)
+    };
+
+    // Eos 11 is generated #3: min_tokens 2 lets it stop, min_tokens 3 masks it
+    // (the fake's runner-up after 10 is 4, whose successors follow).
+    assert_eq!(run("min2", &[8], greedy(10, 2, false, vec![])), (vec![9, 10, 11], finished(FinishReason::Stop, 1)));
+    assert_eq!(
+        run("min3", &[8], greedy(5, 3, false, vec![])),
+        (vec![9, 10, 4, 5, 6], finished(FinishReason::Length, 1))
+    );
+    // Stop tokens are masked the same way: 10 cannot be generated #2.
+    let (tokens, last) = run("stop", &[8], greedy(4, 2, false, vec![10]));
+    assert!(tokens[1] != 10 && tokens.len() == 4, "{tokens:?}");
+    assert_eq!(last, finished(FinishReason::Length, 1));
+    // ignore_eos runs through eos to max_tokens; stop tokens still stop.
+    assert_eq!(
+        run("ignore", &[8], greedy(6, 0, true, vec![])),
+        (vec![9, 10, 11, 12, 13, 14], finished(FinishReason::Length, 1))
+    );
+    assert_eq!(
+        run("ignore_stop", &[8], greedy(10, 0, true, vec![13])),
+        (vec![9, 10, 11, 12, 13], finished(FinishReason::Stop, 1))
+    );
+    // A prefill worker's request (max_tokens 1, the client's min_tokens): its
+    // one token is not eos.
+    let (tokens, last) = run("prefill", &[10], greedy(1, 5, false, vec![]));
+    assert!(tokens.len() == 1 && tokens[0] != 11, "{tokens:?}");
+    assert_eq!(last, finished(FinishReason::Length, 1));
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn penalties_and_min_tokens_count_a_provided_first_token_as_output() {
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let (data, first_token) = prefill_remotely(&prompt, 4);
+    assert_eq!(first_token, 10);
+    let engine =
+        Engine::start(FakeModel::new(32, true), kv_shape(4, 16), EngineConfig { eos_token_ids: vec![11], ..config() });
+    let decode = |id: &str, sampling| {
+        let req = EngineRequest {
+            kv: KvSource::Provided { data: data.clone(), first_token },
+            ..request(id, &prompt, sampling)
+        };
+        collect(engine.submit(req).unwrap())
+    };
+    // The bias makes 10 beat the fake's favourite (4.25 against 3); a presence
+    // penalty of 2 on the provided 10 undoes that.
+    let biased = SamplingParams { logit_bias: vec![(10, 4.0)], ignore_eos: true, ..SamplingParams::greedy(4) };
+    assert_eq!(decode("plain", biased.clone()), (vec![10, 10, 10], finished(FinishReason::Length, 6)));
+    let penalised = SamplingParams { presence_penalty: 2.0, ..biased };
+    assert_eq!(decode("presence", penalised), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
+    // The provided token is generated #1: min_tokens 1 is met and eos 11
+    // stops at #2, min_tokens 2 masks it.
+    let min = |n| SamplingParams { min_tokens: n, ..SamplingParams::greedy(4) };
+    assert_eq!(decode("min1", min(1)), (vec![11], finished(FinishReason::Stop, 6)));
+    let (tokens, _) = decode("min2", min(2));
+    assert_ne!(tokens[0], 11, "{tokens:?}");
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn repetition_penalty_reads_the_prompt_and_logit_bias_applies_to_greedy() {
+    let engine = Engine::start(FakeModel::new(16, true), kv_shape(4, 16), config());
+    let run = |id: &str, sampling| collect(engine.submit(request(id, &[2, 1], sampling)).unwrap()).0;
+    // After 1 the fake favours 2 (3.0); the bias lifts 5 to 2.0.
+    let biased = SamplingParams { logit_bias: vec![(5, 2.0)], ..SamplingParams::greedy(1) };
+    assert_eq!(run("bias", biased.clone()), [2]);
+    // 2 is in the prompt: 3.0 / 2 = 1.5 loses to 5.
+    assert_eq!(run("repetition", SamplingParams { repetition_penalty: 2.0, ..biased }), [5]);
+    let forced = SamplingParams { logit_bias: vec![(7, 100.0)], ..SamplingParams::greedy(3) };
+    assert_eq!(run("forced", forced), [7, 7, 7]);
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn submit_rejects_sampling_params_out_of_range() {
+    let engine = Engine::start(FakeModel::new(16, false), kv_shape(4, 8), config());
+    let field_of = |sampling: SamplingParams| match engine.submit(request("x", &[1], sampling)).err() {
+        Some(EngineError::InvalidSampling { field, .. }) => Some(field),
+        other => panic!("{other:?}"),
+    };
+    let g = SamplingParams::greedy(4);
+    assert_eq!(field_of(SamplingParams { min_p: 1.5, ..g.clone() }), Some("min_p"));
+    assert_eq!(field_of(SamplingParams { presence_penalty: f32::NAN, ..g.clone() }), Some("presence_penalty"));
+    assert_eq!(field_of(SamplingParams { frequency_penalty: 3.0, ..g.clone() }), Some("frequency_penalty"));
+    assert_eq!(field_of(SamplingParams { repetition_penalty: 0.0, ..g.clone() }), Some("repetition_penalty"));
+    assert_eq!(field_of(SamplingParams { logit_bias: vec![(1, 200.0)], ..g.clone() }), Some("logit_bias"));
+    assert_eq!(
+        engine.submit(request("x", &[1], SamplingParams { logit_bias: vec![(16, 1.0)], ..g })).err(),
+        Some(EngineError::TokenOutOfVocab { token: 16, vocab_size: 16 })
+    );
+}
+
+/// `num_cached_tokens` of a final event.
+fn cached_tokens(last: &EngineEvent) -> usize {
+    match last {
+        EngineEvent::Finished { num_cached_tokens, .. } => *num_cached_tokens,
+        other => panic!("expected Finished, got {other:?}"),
+    }
+}
+
+fn salted(id: &str, prompt: &[u32], salt: Option<&str>) -> EngineRequest {
+    EngineRequest { cache_salt: salt.map(str::to_string), ..request(id, prompt, SamplingParams::greedy(3)) }
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once_and_gives_the_same_tokens() {
+    let prompt_a: Vec<u32> = (1..=9).collect();
+    let prompt_b = [1, 2, 3, 4, 5, 6, 7, 8, 20, 21];
+    let run = |caching: bool| {
+        let model = FakeModel::new(32, true);
+        let engine =
+            Engine::start(model.clone(), kv_shape(4, 32), EngineConfig { enable_prefix_caching: caching, ..config() });
+        let a = collect(engine.submit(salted("a", &prompt_a, None)).unwrap());
+        let b = collect(engine.submit(salted("b", &prompt_b, None)).unwrap());
+        engine.sync();
+        assert_idle(&engine);
+        (a, b, model.steps(), engine)
+    };
+    let (a, b, steps, engine) = run(true);
+    assert_eq!((cached_tokens(&a.1), cached_tokens(&b.1)), (0, 8));
+    // b's prefill fed only its two new tokens, on top of a's cached KV.
+    let b_prefill = &steps[3][0];
+    assert_eq!(b_prefill, &SeenSeq { tokens: vec![20, 21], context_start: 8, cached: vec![1, 2, 3, 4, 5, 6, 7, 8] });
+    let (a_off, b_off, steps_off, _) = run(false);
+    assert_eq!((a.0, b.0), (a_off.0, b_off.0), "the same tokens with and without caching");
+    assert_eq!((cached_tokens(&b_off.1), steps_off[3][0].tokens.len()), (0, 10));
+
+    // a stored blocks 0 and 1 (chained) and, with its generated tokens, block 2.
+    let h = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 4);
+    let events = engine.take_kv_events();
+    assert_eq!(
+        events[..2],
+        [
+            KvEvent::BlockStored { block_hash: h[0], parent_hash: None, token_ids: vec![1, 2, 3, 4], block_id: 0 },
+            KvEvent::BlockStored {
+                block_hash: h[1],
+                parent_hash: Some(h[0]),
+                token_ids: vec![5, 6, 7, 8],
+                block_id: 1
+            },
+        ]
+    );
+    assert!(events.iter().all(|e| matches!(e, KvEvent::BlockStored { .. })), "{events:?}");
+    assert!(engine.take_kv_events().is_empty(), "events are taken once");
+    assert!(engine.stats().cached_blocks >= 3, "{:?}", engine.stats());
+}
+
+#[test]
+fn requests_with_different_salts_never_share_blocks() {
+    let engine = Engine::start(FakeModel::new(32, true), kv_shape(4, 32), config());
+    let prompt = [1, 2, 3, 4, 5, 6];
+    let run = |id, salt| cached_tokens(&collect(engine.submit(salted(id, &prompt, salt)).unwrap()).1);
+    assert_eq!(run("a1", Some("tenant-a")), 0);
+    assert_eq!(run("b1", Some("tenant-b")), 0);
+    assert_eq!(run("none1", None), 0);
+    assert_eq!(run("a2", Some("tenant-a")), 4);
+    assert_eq!(run("b2", Some("tenant-b")), 4);
+    assert_eq!(run("none2", None), 4);
+}
+
+#[test]
+fn a_tiny_cache_evicts_the_least_recently_used_blocks_and_reports_them() {
+    // 4 blocks of 2 tokens; each request fills 3 (prompt 4 + 1 generated).
+    let engine = Engine::start(FakeModel::new(32, true), kv_shape(2, 4), config());
+    let run = |id: &str, prompt: &[u32]| {
+        let req = request(id, prompt, SamplingParams::greedy(2));
+        cached_tokens(&collect(engine.submit(req).unwrap()).1)
+    };
+    assert_eq!(run("a", &[1, 2, 3, 4]), 0);
+    let ha = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4], 2);
+    engine.take_kv_events();
+    assert_eq!(run("b", &[7, 8, 9, 10]), 0);
+    let removed: Vec<_> =
+        engine.take_kv_events().into_iter().filter(|e| matches!(e, KvEvent::BlockRemoved { .. })).collect();
+    // b took the never-used block and a's uncached partial one, then for its
+    // generated token evicted a's least recently freed block: its tail (3 4).
+    assert_eq!(removed, vec![KvEvent::BlockRemoved { block_hashes: vec![ha[1]] }]);
+    // a's first block survived: a repeat reuses it.
+    assert_eq!(run("a2", &[1, 2, 3, 4]), 2);
+}
+
+#[test]
+fn pinned_requests_sharing_a_prefix_hold_it_until_both_release() {
+    let engine = Engine::start(FakeModel::new(32, true), kv_shape(4, 16), config());
+    let pin = |id: &str, prompt: &[u32]| {
+        let req = EngineRequest { pin_on_finish: true, ..request(id, prompt, SamplingParams::greedy(1)) };
+        match collect(engine.submit(req).unwrap()).1 {
+            EngineEvent::Finished { pinned_blocks: Some(p), num_cached_tokens, .. } => (p, num_cached_tokens),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (p1, c1) = pin("p1", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    let (p2, c2) = pin("p2", &[1, 2, 3, 4, 5, 6, 7, 8, 30]);
+    assert_eq!((p1.as_slice(), c1, c2), (&[0, 1, 2][..], 0, 8));
+    assert_eq!(p2[..2], [0, 1]);
+    assert_eq!(engine.stats().held_blocks, 4);
+
+    engine.release_blocks(&p1);
+    engine.release_blocks(&p1); // a retried release must not take p2's pins
+    engine.sync();
+    assert_eq!(engine.stats().held_blocks, 3);
+    // p2's blocks still hold its prompt: token ids in K.
+    let mut bytes = Vec::new();
+    engine.read_blocks(&p2, &mut bytes).unwrap();
+    let k0 = |block: usize| f32::from_le_bytes(bytes[block * engine.shape().block_bytes()..][..4].try_into().unwrap());
+    assert_eq!((k0(0), k0(1), k0(2)), (1.0, 5.0, 30.0));
+    engine.release_blocks(&p2);
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn with_prefix_caching_off_nothing_is_reused_or_reported() {
+    let model = FakeModel::new(32, true);
+    let engine =
+        Engine::start(model.clone(), kv_shape(4, 16), EngineConfig { enable_prefix_caching: false, ..config() });
+    for id in ["a", "b"] {
+        assert_eq!(cached_tokens(&collect(engine.submit(salted(id, &[1, 2, 3, 4, 5, 6], None)).unwrap()).1), 0);
+    }
+    assert!(model.steps().iter().flatten().filter(|s| s.tokens.len() == 6).count() == 2);
+    engine.sync();
+    assert!(engine.take_kv_events().is_empty());
+    assert_eq!(engine.stats().cached_blocks, 0);
+}
+
+#[test]
+fn preemption_with_prefix_caching_gives_the_tokens_of_a_run_without() {
+    let (cached, preemptions) = run_concurrently_with(8, true);
+    assert!(preemptions > 0);
+    let (uncached, _) = run_concurrently_with(8, false);
+    assert_eq!(cached, uncached);
+}
+
+#[test]
+fn provided_kv_is_cached_for_later_prompts_with_the_same_prefix() {
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let (data, first_token) = prefill_remotely(&prompt, 4);
+    let model = FakeModel::new(32, true);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    let req = EngineRequest {
+        kv: KvSource::Provided { data, first_token },
+        ..request("d", &prompt, SamplingParams::greedy(2))
+    };
+    let (_, last) = collect(engine.submit(req).unwrap());
+    assert_eq!(cached_tokens(&last), 0);
+    let h = cluster::block_hash::block_hashes(b"", &prompt, 4);
+    assert!(engine.take_kv_events().contains(&KvEvent::BlockStored {
+        block_hash: h[0],
+        parent_hash: None,
+        token_ids: vec![3, 1, 4, 1],
+        block_id: 0
+    }));
+    let (_, last) = collect(engine.submit(request("c", &[3, 1, 4, 1, 7], SamplingParams::greedy(1))).unwrap());
+    assert_eq!(cached_tokens(&last), 4);
+    let steps = model.steps();
+    // The pulled KV (written by the remote prefill) serves the local prompt.
+    assert_eq!(steps.last().unwrap()[0], SeenSeq { tokens: vec![7], context_start: 4, cached: vec![3, 1, 4, 1] });
     engine.sync();
     assert_idle(&engine);
 }

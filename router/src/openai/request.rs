@@ -4,6 +4,8 @@
 //! validation, which names the field and the limit, instead of failing in
 //! serde with a less helpful message. Unknown fields are ignored.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 
 /// Body of `POST /v1/chat/completions`.
@@ -55,6 +57,25 @@ pub struct CommonParams {
     pub stop: Option<StopSpec>,
     /// vLLM extra: return prompt and generated token ids.
     pub return_token_ids: Option<bool>,
+    /// vLLM extra: in [0, 1], default 0 (off); drops tokens less likely than
+    /// `min_p` times the most likely one.
+    pub min_p: Option<f64>,
+    /// In [-2, 2], default 0: subtracted once from tokens already generated.
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2], default 0: subtracted per occurrence in the generated text.
+    pub frequency_penalty: Option<f64>,
+    /// vLLM extra: in (0, 2], default 1 (off); scales the logits of prompt
+    /// and generated tokens.
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string key, e.g. `"50256"`) to a bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f64>>,
+    /// vLLM extra: token ids that end generation (reason `stop`).
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// vLLM extra: keep generating past the model's eos tokens.
+    pub ignore_eos: Option<bool>,
+    /// vLLM extra: at least this many tokens before eos or a stop token
+    /// may end generation; default 0, at most `max_tokens`.
+    pub min_tokens: Option<i64>,
 }
 
 /// `stream_options` of a streaming request.

@@ -1,0 +1,85 @@
+//! Prefix caching on the real model: a repeated golden prompt reuses its
+//! cached blocks and still gives llama.cpp's greedy tokens.
+//!
+//! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use engine::model::load_gguf;
+use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvEvent, KvSource, SamplingParams};
+
+const BLOCK_SIZE: usize = 16;
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+    path
+}
+
+/// The prompt and llama.cpp's greedy completion of one golden record.
+fn golden(id: &str) -> (Vec<u32>, Vec<u32>) {
+    let path = std::env::var_os("PDSERVE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
+    let record = json["records"].as_array().expect("records").iter().find(|r| r["id"] == id).expect("record");
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    (ids(&record["prompt_token_ids"]), ids(&record["completion_token_ids"]))
+}
+
+/// Greedy tokens and `num_cached_tokens` of one request.
+fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) -> (Vec<u32>, usize) {
+    let request = EngineRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt.to_vec(),
+        sampling: SamplingParams::greedy(max_tokens),
+        kv: KvSource::Compute,
+        pin_on_finish: false,
+        cache_salt: None,
+    };
+    let mut events = engine.submit(request).unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match events.blocking_recv().expect("a final event") {
+            EngineEvent::Token(t) => tokens.push(t),
+            EngineEvent::Finished { num_cached_tokens, .. } => return (tokens, num_cached_tokens),
+            EngineEvent::Error(e) => panic!("{id}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_repeated_prompt_hits_the_cache_and_gives_the_same_greedy_tokens() {
+    let loaded = load_gguf(&model_path()).expect("loading the model");
+    let shape = loaded.model.kv_shape(BLOCK_SIZE, 64);
+    let config = EngineConfig {
+        max_num_seqs: 4,
+        max_model_len: 512,
+        eos_token_ids: loaded.info.eos_token_ids.clone(),
+        default_seed: 0,
+        enable_prefix_caching: true,
+    };
+    let engine = Engine::start(Arc::new(loaded.model), shape, config);
+    let (prompt, completion) = golden("capital-france-one-word");
+    let max_tokens = completion.len() as u32;
+
+    let (first, cached) = generate(&engine, "first", &prompt, max_tokens);
+    assert_eq!((first.as_slice(), cached), (completion.as_slice(), 0));
+    let stored = engine.take_kv_events().iter().filter(|e| matches!(e, KvEvent::BlockStored { .. })).count();
+    assert!(stored >= prompt.len() / BLOCK_SIZE, "{stored} blocks stored");
+
+    // 42 prompt tokens: its 2 full blocks come from the cache.
+    let (second, cached) = generate(&engine, "second", &prompt, max_tokens);
+    assert_eq!(cached, prompt.len() / BLOCK_SIZE * BLOCK_SIZE);
+    assert!(cached > 0);
+    assert_eq!(second, first, "a cache hit changed the greedy tokens");
+    engine.sync();
+    let stats = engine.stats();
+    assert_eq!(stats.free_blocks, stats.total_blocks, "{stats:?}");
+    assert!(stats.cached_blocks > 0, "{stats:?}");
+}

@@ -3,8 +3,11 @@
 //!
 //! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
+
+use common::{golden, model_path};
 
 use engine::model::{load_gguf, LoadedModel};
 use engine::{Forward, ForwardBatch, KvStorage};
@@ -14,40 +17,9 @@ const BLOCK_SIZE: usize = 16;
 fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-        assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+        let path = model_path();
         load_gguf(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
     })
-}
-
-struct Record {
-    id: String,
-    prompt: Vec<u32>,
-    completion: Vec<u32>,
-    margins: Vec<f64>,
-}
-
-fn golden() -> Vec<Record> {
-    let path = std::env::var_os("PDSERVE_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
-    let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
-    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
-    json["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .map(|r| Record {
-            id: r["id"].as_str().unwrap().to_string(),
-            prompt: ids(&r["prompt_token_ids"]),
-            completion: ids(&r["completion_token_ids"]),
-            margins: serde_json::from_value(r["top2_margins"].clone()).unwrap(),
-        })
-        .collect()
 }
 
 fn kv(num_blocks: usize) -> KvStorage {
@@ -215,9 +187,7 @@ fn invalid_batches_are_rejected() {
 fn speed() {
     use engine::model::{load_gguf_with, LoadOptions};
     use std::time::Instant;
-    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = model_path();
     let prompt: Vec<u32> = (0..128).map(|i| 1000 + i * 7).collect();
     for (f32_prefill, q4_1_to_q8_0) in [(true, true), (true, false), (false, true)] {
         let options = LoadOptions { f32_prefill, q4_1_to_q8_0, ..LoadOptions::default() };

@@ -3,7 +3,8 @@
 //!
 //! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use engine::model::load_gguf;
@@ -11,25 +12,10 @@ use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvE
 
 const BLOCK_SIZE: usize = 16;
 
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
-    path
-}
-
 /// The prompt and llama.cpp's greedy completion of one golden record.
 fn golden(id: &str) -> (Vec<u32>, Vec<u32>) {
-    let path = std::env::var_os("PDSERVE_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
-    let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
-    let record = json["records"].as_array().expect("records").iter().find(|r| r["id"] == id).expect("record");
-    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
-    (ids(&record["prompt_token_ids"]), ids(&record["completion_token_ids"]))
+    let record = common::golden().into_iter().find(|r| r.id == id).expect("record");
+    (record.prompt, record.completion)
 }
 
 /// Greedy tokens and `num_cached_tokens` of one request.
@@ -55,7 +41,7 @@ fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) ->
 
 #[test]
 fn a_repeated_prompt_hits_the_cache_and_gives_the_same_greedy_tokens() {
-    let loaded = load_gguf(&model_path()).expect("loading the model");
+    let loaded = load_gguf(&common::model_path()).expect("loading the model");
     let shape = loaded.model.kv_shape(BLOCK_SIZE, 64);
     let config = EngineConfig {
         max_num_seqs: 4,

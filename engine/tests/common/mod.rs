@@ -1,0 +1,44 @@
+//! What the model tests share: where the model and llama.cpp's reference
+//! outputs are.
+
+use std::path::PathBuf;
+
+/// The default GGUF (`scripts/fetch-model.sh`), or `PDSERVE_MODEL`.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+    path
+}
+
+/// One reference record of `shared/golden/smollm2-greedy.json`.
+#[allow(dead_code)] // each test binary reads the fields it needs
+pub struct Record {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    pub margins: Vec<f64>,
+}
+
+/// llama.cpp's greedy outputs (`../shared/golden` beside the repository), or `PDSERVE_GOLDEN`.
+pub fn golden() -> Vec<Record> {
+    let path = std::env::var_os("PDSERVE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    json["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| Record {
+            id: r["id"].as_str().unwrap().to_string(),
+            prompt: ids(&r["prompt_token_ids"]),
+            completion: ids(&r["completion_token_ids"]),
+            margins: serde_json::from_value(r["top2_margins"].clone()).unwrap(),
+        })
+        .collect()
+}

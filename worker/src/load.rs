@@ -32,7 +32,22 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     };
     let tokenizer_json =
         loaded.tokenizer.to_string(false).map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
-    let shape = loaded.model.kv_shape(args.block_size as usize, args.num_kv_blocks as usize);
+    let block_bytes = loaded.model.kv_shape(args.block_size as usize, 1).block_bytes();
+    let num_blocks = match args.num_kv_blocks {
+        Some(n) => n as usize,
+        None => usize::try_from(args.kv_cache_memory / block_bytes as u64).unwrap_or(usize::MAX),
+    };
+    if num_blocks == 0 {
+        anyhow::bail!("--kv-cache-memory {} B holds no KV block ({block_bytes} B each)", args.kv_cache_memory);
+    }
+    if u32::try_from(num_blocks).is_err() {
+        anyhow::bail!(
+            "--kv-cache-memory {} B is more than {} blocks of {block_bytes} B",
+            args.kv_cache_memory,
+            u32::MAX
+        );
+    }
+    let shape = loaded.model.kv_shape(args.block_size as usize, num_blocks);
     let vocab_size = engine::Forward::vocab_size(&loaded.model);
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs as usize,
@@ -53,6 +68,12 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         eos_token: info.eos_token,
         add_bos_token: info.add_bos_token,
     };
-    info!(model = card.model_name, blocks = args.num_kv_blocks, secs = started.elapsed().as_secs_f32(), "engine ready");
+    info!(
+        model = card.model_name,
+        blocks = num_blocks,
+        kv_bytes = num_blocks * block_bytes,
+        secs = started.elapsed().as_secs_f32(),
+        "engine ready"
+    );
     Ok(LoadedEngine { engine, card, vocab_size })
 }

@@ -65,6 +65,7 @@ impl DecodeService {
             kv,
             pin_on_finish: false,
             cache_salt: req.cache_salt,
+            priority: 0,
         };
         let events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.

@@ -44,6 +44,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 pub struct EngineConfig {
     /// Most sequences in one batch (at least 1).
     pub max_num_seqs: usize,
+    /// Most tokens in one forward pass (at least 1; the workers default to
+    /// 2048). Running decodes come first, and prompts are prefilled in
+    /// chunks that fit what is left (chunked prefill).
+    pub max_num_batched_tokens: usize,
     /// Longest a sequence (prompt + generated) may grow; generation stops
     /// with `Length` there.
     pub max_model_len: usize,
@@ -73,6 +77,9 @@ pub struct EngineRequest {
     /// Isolates the request's prefix cache: only requests with the same salt
     /// share cached blocks. `None` shares with every unsalted request.
     pub cache_salt: Option<String>,
+    /// Lower values are admitted first (ties by arrival), and when KV blocks
+    /// run out the worst priority is preempted first. Default 0.
+    pub priority: i32,
 }
 
 /// Where a request's prompt KV comes from.
@@ -189,13 +196,16 @@ impl Engine {
     /// The thread ends once every handle is dropped and no work is left.
     ///
     /// # Panics
-    /// If `shape.block_size` or `config.max_num_seqs` is 0, or the OS refuses
+    /// If `shape.block_size`, `config.max_num_seqs` or
+    /// `config.max_num_batched_tokens` is 0, or the OS refuses
     /// to spawn a thread.
     pub fn start(model: Arc<dyn Forward>, shape: KvCacheShape, config: EngineConfig) -> EngineHandle {
         assert!(shape.block_size > 0, "KV block_size must be at least 1");
         assert!(config.max_num_seqs > 0, "max_num_seqs must be at least 1");
+        assert!(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be at least 1");
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
             max_model_len: config.max_model_len,
             block_size: shape.block_size,
             num_blocks: shape.num_blocks,
@@ -504,6 +514,7 @@ impl StepLoop {
             max_tokens = request.sampling.max_tokens,
             provided_kv = provided.is_some(),
             pin_on_finish = request.pin_on_finish,
+            priority = request.priority,
             seed,
             "queued"
         );
@@ -525,6 +536,7 @@ impl StepLoop {
             pin_on_finish: request.pin_on_finish,
             cache_salt: request.cache_salt.map(String::into_bytes).unwrap_or_default(),
             provided,
+            priority: request.priority,
         });
     }
 
@@ -584,9 +596,12 @@ impl StepLoop {
         let logits = result.and_then(|logits| self.check_logits(&plan, logits));
         match logits {
             Ok(mut logits) => {
+                // Row `i` belongs to the `i`-th sequence with logits; a
+                // prefill chunk that is not the last samples nothing.
                 let sampled: Vec<u32> = plan
                     .seqs
                     .iter()
+                    .filter(|s| s.need_logits)
                     .enumerate()
                     .map(|(i, s)| match self.clients.get_mut(&s.request_id) {
                         Some(client) => client.sampler.sample(logits.row_mut(i)),
@@ -604,7 +619,7 @@ impl StepLoop {
     }
 
     fn check_logits(&self, plan: &StepPlan, logits: Logits) -> Result<Logits, String> {
-        let rows = plan.seqs.len();
+        let rows = plan.num_logits();
         let expected = rows * self.shared.vocab_size;
         if logits.vocab_size != self.shared.vocab_size || logits.data.len() != expected {
             return Err(format!(

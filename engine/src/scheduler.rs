@@ -13,11 +13,41 @@
 //!          |<-- computed (KV cached) ->|<- new: fed to the next step
 //! ```
 //!
-//! Each step feeds every scheduled sequence its new tokens and samples one
-//! token from the logits of the last. A fresh prompt has all tokens new (a
+//! Each step feeds every scheduled sequence some of its new tokens, and
+//! samples one token from the logits of the last one only when the chunk
+//! reaches the end of `tokens`. A fresh prompt has all tokens new (a
 //! prefill), a running sequence has one (a decode), a preempted sequence has
 //! all of prompt + generated again (recompute), and a sequence whose prompt KV
 //! came from a prefill worker starts with only the first token new.
+//!
+//! # Token budget and chunked prefill
+//!
+//! A step feeds at most `max_num_batched_tokens` tokens in all. Decodes are
+//! served first, so a long prompt never stalls running sequences; prefills
+//! (partly prefilled running sequences, then admitted waiting ones) share
+//! what is left, each cut to the remaining budget:
+//!
+//! ```text
+//! budget 8:   | d d d | p p p p p |
+//!               ^ one token per decode
+//!                       ^ prefill chunk, cut at the budget
+//!
+//! long prompt:  | chunk 1 (step 1) | chunk 2 (step 2) | last (step 3) |
+//!                  no logits          no logits          logits: sample
+//! ```
+//!
+//! A partly prefilled sequence is running (it owns the blocks of its
+//! computed tokens) and gets blocks chunk by chunk. Only its last chunk has
+//! logits and samples the first generated token.
+//!
+//! # Priority
+//!
+//! Waiting sequences are ordered by `(priority, arrival)`: lower priority
+//! values first, ties first come first served. When blocks run out for a
+//! running sequence, the running sequence with the worst `(priority,
+//! arrival)` (highest value, then latest arrival) is preempted, possibly the
+//! one asking; so a sequence is never preempted for a worse one. Admission
+//! never preempts.
 //!
 //! # Prefix caching
 //!
@@ -42,6 +72,9 @@ use std::collections::{HashMap, VecDeque};
 pub struct SchedulerConfig {
     /// Most sequences running at once (in one batch).
     pub max_num_seqs: usize,
+    /// Most tokens fed to one forward pass, decodes and prefill chunks
+    /// together (at least 1).
+    pub max_num_batched_tokens: usize,
     /// Longest a sequence (prompt + generated) may grow.
     pub max_model_len: usize,
     /// Tokens per KV block.
@@ -75,6 +108,8 @@ pub struct NewSequence {
     pub cache_salt: Vec<u8>,
     /// KV of the prompt computed elsewhere, plus the token sampled there.
     pub provided: Option<ProvidedKv>,
+    /// Lower values are served first; ties by arrival.
+    pub priority: i32,
 }
 
 /// The prompt's KV in the hand-off format and the first generated token.
@@ -95,7 +130,8 @@ impl std::fmt::Debug for ProvidedKv {
 }
 
 /// Everything one step does, in order: write provided KV, then run one
-/// forward pass over `seqs` (each needs logits, so row `i` belongs to `seqs[i]`).
+/// forward pass over `seqs`. The logits have one row per sequence with
+/// `need_logits`, in the order of `seqs`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StepPlan {
     pub kv_writes: Vec<KvWrite>,
@@ -130,6 +166,9 @@ pub struct ScheduledSeq {
     /// The sequence's prompt length (see [`crate::SeqChunk::prompt_len`]).
     pub prompt_len: usize,
     pub block_table: Vec<u32>,
+    /// The chunk ends the sequence's known tokens: sample a token from its
+    /// logits. False for a prefill chunk that is not the last.
+    pub need_logits: bool,
 }
 
 impl StepPlan {
@@ -138,13 +177,23 @@ impl StepPlan {
         self.kv_writes.is_empty() && self.seqs.is_empty()
     }
 
-    /// The forward batch of the step: every sequence needs logits.
+    /// The forward batch of the step.
     pub fn to_batch(&self) -> ForwardBatch {
         let mut batch = ForwardBatch::default();
         for s in &self.seqs {
-            batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), true);
+            batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
         }
         batch
+    }
+
+    /// Tokens fed to the forward pass.
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Sequences that sample a token (rows of the logits).
+    pub fn num_logits(&self) -> usize {
+        self.seqs.iter().filter(|s| s.need_logits).count()
     }
 }
 
@@ -175,17 +224,33 @@ struct Sequence {
     num_registered: usize,
     /// Prompt tokens found in the prefix cache at the first admission.
     num_cached_tokens: Option<usize>,
+    priority: i32,
+    /// Order of `Scheduler::add` calls.
+    arrival: u64,
 }
 
 impl Sequence {
-    fn chunk(&self) -> ScheduledSeq {
+    /// The next `n` new tokens.
+    fn chunk(&self, n: usize) -> ScheduledSeq {
+        let end = self.num_computed + n;
         ScheduledSeq {
             request_id: self.id.clone(),
-            tokens: self.tokens[self.num_computed..].to_vec(),
+            tokens: self.tokens[self.num_computed..end].to_vec(),
             context_start: self.num_computed,
             prompt_len: self.prompt_len,
             block_table: self.blocks.clone(),
+            need_logits: end == self.tokens.len(),
         }
+    }
+
+    /// Tokens without KV yet.
+    fn num_new(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Scheduling order: smaller is served first, larger is preempted first.
+    fn rank(&self) -> (i32, u64) {
+        (self.priority, self.arrival)
     }
 
     /// `Length` if the sequence may not generate another token.
@@ -201,9 +266,9 @@ impl Sequence {
 pub struct Scheduler {
     config: SchedulerConfig,
     blocks: BlockManager,
-    /// FCFS; preempted sequences go back to the front.
+    /// Ordered by `Sequence::rank`; preempted sequences keep their rank.
     waiting: VecDeque<Sequence>,
-    /// In admission order: the last is the newest, the first to preempt.
+    /// In admission order, partly prefilled ones included.
     running: Vec<Sequence>,
     /// Pins of finished `pin_on_finish` requests, until released: each
     /// reported block list, with how many outstanding pins reported exactly
@@ -214,6 +279,7 @@ pub struct Scheduler {
     held: HashMap<u32, u32>,
     events: Vec<(String, EngineEvent)>,
     num_preemptions: u64,
+    num_arrivals: u64,
 }
 
 impl Scheduler {
@@ -228,10 +294,12 @@ impl Scheduler {
             held: HashMap::new(),
             events: Vec::new(),
             num_preemptions: 0,
+            num_arrivals: 0,
         }
     }
 
-    /// Queues a request behind those already waiting.
+    /// Queues a request behind those already waiting with a priority as
+    /// good as its own.
     pub fn add(&mut self, new: NewSequence) {
         let prompt_len = new.prompt.len();
         let mut seq = Sequence {
@@ -251,44 +319,56 @@ impl Scheduler {
             hashes: Vec::new(),
             num_registered: 0,
             num_cached_tokens: None,
+            priority: new.priority,
+            arrival: self.num_arrivals,
         };
+        self.num_arrivals += 1;
         if let Some(p) = new.provided {
             // The first token counts as generated but is fed by the first step.
             seq.tokens.push(p.first_token);
             seq.num_generated = 1;
             seq.provided_kv = Some(p.data);
         }
-        self.waiting.push_back(seq);
+        self.enqueue(seq);
     }
 
-    /// Plans the next step: makes room for every running sequence's next
-    /// token (preempting the newest when blocks run out), then admits waiting
-    /// sequences in order while blocks and `max_num_seqs` allow.
+    /// Plans the next step within the token budget: one token for each
+    /// running decode, then the next chunk of each partly prefilled running
+    /// sequence, then admits waiting sequences in order while the budget,
+    /// blocks and `max_num_seqs` allow (see the module docs). When blocks run
+    /// out for a running sequence, the worst-ranked running one is preempted.
     ///
     /// No sequence is admitted in a step that preempted one while others keep
     /// running: the blocks just freed are what the running ones need next.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
-        let preempted = self.reserve_running_blocks();
-        plan.seqs.extend(self.running.iter().map(Sequence::chunk));
+        let mut budget = self.config.max_num_batched_tokens;
+        let preempted = self.schedule_running(&mut plan, &mut budget);
         if !preempted || self.running.is_empty() {
-            self.admit(&mut plan);
+            self.admit(&mut plan, &mut budget);
         }
+        debug_assert!(plan.num_tokens() <= self.config.max_num_batched_tokens);
         plan
     }
 
-    /// Records the tokens sampled for `plan` (`sampled[i]` for `plan.seqs[i]`)
-    /// and finishes the sequences that stop.
+    /// Records a finished step: the KV of every chunk is now computed, and
+    /// `sampled[i]` is the token of the `i`-th sequence of `plan` with
+    /// `need_logits`. Finishes the sequences that stop.
     pub fn finish_step(&mut self, plan: &StepPlan, sampled: &[u32]) {
-        debug_assert_eq!(plan.seqs.len(), sampled.len());
-        for (chunk, &token) in plan.seqs.iter().zip(sampled) {
+        debug_assert_eq!(plan.num_logits(), sampled.len());
+        let mut sampled = sampled.iter().copied();
+        for chunk in &plan.seqs {
+            let token = if chunk.need_logits { sampled.next() } else { None };
             // A sequence dropped since `schedule` no longer wants its token.
             let Some(pos) = self.running.iter().position(|s| s.id == chunk.request_id) else {
                 continue;
             };
             let seq = &mut self.running[pos];
-            seq.num_computed = seq.tokens.len();
+            seq.num_computed = chunk.context_start + chunk.tokens.len();
             register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
+            let Some(token) = token else {
+                continue;
+            };
             seq.tokens.push(token);
             seq.num_generated += 1;
             self.events.push((seq.id.clone(), EngineEvent::Token(token)));
@@ -423,40 +503,66 @@ impl Scheduler {
         self.num_preemptions
     }
 
-    /// Gives each running sequence, oldest first, the blocks its next token
-    /// needs, preempting from the newest end when none are free. True if
-    /// anything was preempted.
-    fn reserve_running_blocks(&mut self) -> bool {
+    /// Plans the running sequences: decodes first (one token each), then
+    /// the next chunk of each partly prefilled one, each within `budget`
+    /// and given the blocks it needs. When blocks run out the worst-ranked
+    /// running sequence is preempted (possibly the one asking; if it was
+    /// planned already, its chunk is dropped and its tokens go back to the
+    /// budget). True if anything was preempted.
+    fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) -> bool {
         let bs = self.config.block_size;
+        let mut planned: Vec<(String, usize)> = Vec::new();
         let mut preempted = false;
-        let mut i = 0;
-        while i < self.running.len() {
-            let seq = &self.running[i];
-            let need = blocks_for(seq.tokens.len(), bs).saturating_sub(seq.blocks.len());
-            if need == 0 {
-                i += 1;
-                continue;
-            }
-            match self.blocks.allocate(need) {
-                Some(ids) => {
-                    self.running[i].blocks.extend(ids);
+        for decodes in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && *budget > 0 {
+                let seq = &self.running[i];
+                if (seq.num_new() == 1) != decodes {
                     i += 1;
+                    continue;
                 }
-                None => {
-                    // The newest goes, possibly sequence `i` itself, which
-                    // ends the loop since `i == running.len()` then.
-                    let victim = self.running.pop().expect("sequence i is running");
-                    self.preempt(victim);
-                    preempted = true;
+                let n = seq.num_new().min(*budget);
+                let need = blocks_for(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
+                if need > 0 {
+                    let Some(ids) = self.blocks.allocate(need) else {
+                        let victim = self.preempt_worst(&mut planned, budget);
+                        preempted = true;
+                        // Sequence `i` moved down one, or went itself.
+                        if victim < i {
+                            i -= 1;
+                        }
+                        continue;
+                    };
+                    self.running[i].blocks.extend(ids);
                 }
+                planned.push((self.running[i].id.clone(), n));
+                *budget -= n;
+                i += 1;
             }
+        }
+        for (id, n) in planned {
+            let seq = self.running.iter().find(|s| s.id == id).expect("planned sequences are running");
+            plan.seqs.push(seq.chunk(n));
         }
         preempted
     }
 
-    /// Frees a sequence's blocks and queues it first for recompute. Its
-    /// generated tokens stay in `tokens`, so recompute feeds them as prompt
-    /// and nothing is emitted twice.
+    /// Preempts the worst-ranked running sequence, unplanning it. Returns
+    /// the index it had in `running`.
+    fn preempt_worst(&mut self, planned: &mut Vec<(String, usize)>, budget: &mut usize) -> usize {
+        let (victim, _) =
+            self.running.iter().enumerate().max_by_key(|(_, s)| s.rank()).expect("a sequence asked for blocks");
+        let seq = self.running.remove(victim);
+        if let Some(p) = planned.iter().position(|(id, _)| *id == seq.id) {
+            *budget += planned.remove(p).1;
+        }
+        self.preempt(seq);
+        victim
+    }
+
+    /// Frees a sequence's blocks and queues it for recompute at its rank.
+    /// Its generated tokens stay in `tokens`, so recompute feeds them as
+    /// prompt and nothing is emitted twice.
     fn preempt(&mut self, mut seq: Sequence) {
         tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), "preempted for recompute");
         self.blocks.free_table(&seq.blocks);
@@ -465,13 +571,22 @@ impl Scheduler {
         seq.num_computed = 0;
         seq.provided_kv = None;
         self.num_preemptions += 1;
-        self.waiting.push_front(seq);
+        self.enqueue(seq);
     }
 
-    /// Moves waiting sequences to running, in order, while they fit.
-    fn admit(&mut self, plan: &mut StepPlan) {
+    /// Inserts a sequence into `waiting` after every sequence of a rank as
+    /// good as its own.
+    fn enqueue(&mut self, seq: Sequence) {
+        let at = self.waiting.partition_point(|w| w.rank() <= seq.rank());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Moves waiting sequences to running, in order, while `budget`, blocks
+    /// and `max_num_seqs` allow; the last one admitted may get only a first
+    /// chunk of its prompt.
+    fn admit(&mut self, plan: &mut StepPlan, budget: &mut usize) {
         let bs = self.config.block_size;
-        while self.running.len() < self.config.max_num_seqs {
+        while self.running.len() < self.config.max_num_seqs && *budget > 0 {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
@@ -482,10 +597,14 @@ impl Scheduler {
                 self.events.push((seq.id, EngineEvent::Error(error)));
                 continue;
             }
-            // Strict FCFS: a large request at the front waits for room rather
-            // than being overtaken forever by small ones.
+            // Strict order: a large request at the front waits for room
+            // rather than being overtaken forever by small ones.
             let hits = self.cached_prefix();
-            let Some(ids) = self.blocks.allocate_after_prefix(&hits, needed - hits.len()) else {
+            let seq = self.waiting.front().expect("front exists");
+            let computed = if seq.provided_kv.is_some() { seq.prompt_len } else { hits.len() * bs };
+            let n = (seq.tokens.len() - computed).min(*budget);
+            let fresh = blocks_for(computed + n, bs) - hits.len();
+            let Some(ids) = self.blocks.allocate_after_prefix(&hits, fresh) else {
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("front exists");
@@ -493,7 +612,7 @@ impl Scheduler {
             seq.num_computed = hits.len() * bs;
             seq.num_registered = hits.len();
             seq.num_cached_tokens.get_or_insert(seq.num_computed.min(seq.prompt_len));
-            tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), num_blocks = needed, "admitted");
+            tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), num_new = n, "admitted");
             if let Some(data) = seq.provided_kv.take() {
                 let block_ids = seq.blocks[..blocks_for(seq.prompt_len, bs)].to_vec();
                 plan.kv_writes.push(KvWrite { request_id: seq.id.clone(), block_ids, data });
@@ -504,7 +623,8 @@ impl Scheduler {
                     continue;
                 }
             }
-            plan.seqs.push(seq.chunk());
+            plan.seqs.push(seq.chunk(n));
+            *budget -= n;
             self.running.push(seq);
         }
     }
@@ -609,6 +729,7 @@ mod tests {
     fn config(num_blocks: usize, max_num_seqs: usize) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs,
+            max_num_batched_tokens: 1024,
             max_model_len: 64,
             block_size: 4,
             num_blocks,
@@ -629,6 +750,7 @@ mod tests {
             pin_on_finish: false,
             cache_salt: vec![],
             provided: None,
+            priority: 0,
         }
     }
 
@@ -1043,5 +1165,156 @@ mod tests {
             let expected = if caching { ("new", 4, 1) } else { ("new", 0, 5) };
             assert_eq!(shape(&plan), vec![expected]);
         }
+    }
+
+    fn logits_flags(plan: &StepPlan) -> Vec<bool> {
+        plan.seqs.iter().map(|s| s.need_logits).collect()
+    }
+
+    /// Samples `last + 1` for every sequence with logits.
+    fn next_tokens(plan: &StepPlan) -> Vec<u32> {
+        plan.seqs.iter().filter(|q| q.need_logits).map(|q| q.tokens.last().unwrap() + 1).collect()
+    }
+
+    #[test]
+    fn a_long_prompt_is_chunked_to_the_budget_while_another_keeps_decoding() {
+        let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 4, ..config(16, 4) });
+        s.add(seq("d", &[1, 2], 10));
+        let plan = s.schedule();
+        s.finish_step(&plan, &[3]);
+        s.add(seq("long", &[10, 11, 12, 13, 14, 15, 16, 17, 18], 2));
+
+        // Each step: d's decode first, then 3 prompt tokens of `long`.
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("d", 2, 1), ("long", 0, 3)]);
+        assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, false], 1));
+        assert_eq!(plan.to_batch().num_logits(), 1);
+        s.finish_step(&plan, &[4]);
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 0), "a partly prefilled sequence is running");
+
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("d", 3, 1), ("long", 3, 3)]);
+        assert_eq!(plan.seqs[1].tokens, vec![13, 14, 15]);
+        assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, false], 2));
+        s.finish_step(&plan, &[5]);
+
+        // The last chunk has logits and samples long's first token.
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("d", 4, 1), ("long", 6, 3)]);
+        assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, true], 3));
+        s.finish_step(&plan, &[6, 19]);
+
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("d", 5, 1), ("long", 9, 1)]);
+        s.finish_step(&plan, &[7, 20]);
+        let long: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "long").map(|(_, e)| e).collect();
+        assert_eq!(long[..2], [EngineEvent::Token(19), EngineEvent::Token(20)]);
+        assert!(matches!(long[2], EngineEvent::Finished { reason: FinishReason::Length, num_prompt_tokens: 9, .. }));
+    }
+
+    #[test]
+    fn decodes_come_first_even_when_they_leave_no_room_for_prefill() {
+        let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 2, ..config(16, 4) });
+        s.add(seq("a", &[1], 10));
+        s.add(seq("b", &[2], 10));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("a", 0, 1), ("b", 0, 1)]);
+        s.finish_step(&plan, &[3, 4]);
+        s.add(seq("c", &[5, 6, 7], 10));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("a", 1, 1), ("b", 1, 1)]);
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded_and_chunking_changes_no_token() {
+        let prompts: [&[u32]; 4] = [&[1, 2, 3, 4, 5, 6, 7], &[20], &[30, 31, 32, 33, 34], &[40, 41]];
+        let run = |budget: usize| {
+            let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: budget, ..config(32, 3) });
+            for (i, p) in prompts.iter().enumerate() {
+                s.add(seq(&format!("r{i}"), p, 4));
+            }
+            let mut steps = 0;
+            while s.num_waiting() + s.num_running() > 0 {
+                let plan = s.schedule();
+                assert!(plan.num_tokens() <= budget, "{budget}: {plan:?}");
+                s.finish_step(&plan, &next_tokens(&plan));
+                steps += 1;
+            }
+            let mut tokens: Vec<(String, u32)> = s
+                .take_events()
+                .into_iter()
+                .filter_map(|(id, e)| match e {
+                    EngineEvent::Token(t) => Some((id, t)),
+                    _ => None,
+                })
+                .collect();
+            tokens.sort();
+            (tokens, steps)
+        };
+        let (whole, whole_steps) = run(1024);
+        assert_eq!(whole_steps, 8);
+        assert_eq!(whole.iter().filter(|(id, _)| id == "r0").map(|&(_, t)| t).collect::<Vec<_>>(), [8, 9, 10, 11]);
+        for budget in [1, 2, 3, 5] {
+            let (chunked, steps) = run(budget);
+            assert_eq!(chunked, whole, "budget {budget}");
+            assert!(steps > whole_steps, "budget {budget}: {steps} steps");
+        }
+    }
+
+    #[test]
+    fn waiting_sequences_are_admitted_by_priority_then_arrival() {
+        let mut s = Scheduler::new(config(16, 1));
+        s.add(NewSequence { priority: 10, ..seq("first", &[1], 2) });
+        let plan = s.schedule();
+        s.finish_step(&plan, &next_tokens(&plan));
+        for (id, priority) in [("b", 10), ("c", 10), ("urgent", -10), ("d", 0)] {
+            s.add(NewSequence { priority, ..seq(id, &[1], 2) });
+        }
+        let mut admitted = vec!["first".to_string()];
+        while s.num_waiting() + s.num_running() > 0 {
+            let plan = s.schedule();
+            admitted.extend(plan.seqs.iter().filter(|q| q.context_start == 0).map(|q| q.request_id.clone()));
+            s.finish_step(&plan, &next_tokens(&plan));
+        }
+        // The running sequence is not preempted for a better one.
+        assert_eq!(admitted, ["first", "urgent", "d", "b", "c"]);
+    }
+
+    #[test]
+    fn preemption_picks_the_worst_priority_not_the_newest() {
+        // 3 blocks of 4 tokens.
+        let mut s = Scheduler::new(config(3, 4));
+        s.add(NewSequence { priority: 5, ..seq("low", &[1, 2, 3, 4], 8) });
+        let plan = s.schedule();
+        s.finish_step(&plan, &[5]);
+        s.add(seq("high", &[5, 6, 7, 8], 8));
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("low", 4, 1), ("high", 0, 4)]);
+        assert_eq!(s.num_free_blocks(), 0);
+        s.finish_step(&plan, &[6, 9]);
+
+        // `low` fits its decode, but `high` needs a block: `low` goes, and
+        // its planned decode with it.
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("high", 4, 1)]);
+        assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
+        s.finish_step(&plan, &[10]);
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("high", 5, 1)]);
+    }
+
+    #[test]
+    fn a_sequence_preempts_itself_rather_than_a_better_one() {
+        let mut s = Scheduler::new(config(3, 4));
+        s.add(seq("high", &[1, 2, 3, 4], 8));
+        let plan = s.schedule();
+        s.finish_step(&plan, &[5]);
+        s.add(NewSequence { priority: 5, ..seq("low", &[5, 6, 7, 8], 8) });
+        let plan = s.schedule();
+        s.finish_step(&plan, &[6, 9]);
+        let plan = s.schedule();
+        assert_eq!(shape(&plan), vec![("high", 5, 1)]);
+        assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
     }
 }

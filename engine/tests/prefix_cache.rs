@@ -27,6 +27,7 @@ fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) ->
         kv: KvSource::Compute,
         pin_on_finish: false,
         cache_salt: None,
+        priority: 0,
     };
     let mut events = engine.submit(request).unwrap();
     let mut tokens = Vec::new();
@@ -45,6 +46,7 @@ fn a_repeated_prompt_hits_the_cache_and_gives_the_same_greedy_tokens() {
     let shape = loaded.model.kv_shape(BLOCK_SIZE, 64);
     let config = EngineConfig {
         max_num_seqs: 4,
+        max_num_batched_tokens: 2048,
         max_model_len: 512,
         eos_token_ids: loaded.info.eos_token_ids.clone(),
         default_seed: 0,

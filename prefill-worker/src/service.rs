@@ -41,6 +41,7 @@ impl PrefillService {
             kv: KvSource::Compute,
             pin_on_finish: remote_decode,
             cache_salt: req.cache_salt,
+            priority: 0,
         };
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         let mut first = None;

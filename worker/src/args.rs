@@ -25,6 +25,10 @@ pub struct EngineArgs {
     /// Most sequences running at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_num_seqs: u32,
+    /// Most tokens in one forward pass; longer prompts are prefilled in chunks
+    /// while running sequences keep decoding.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_batched_tokens: u32,
     /// Longest sequence (prompt + completion); defaults to the model's context length.
     #[arg(long)]
     pub max_model_len: Option<u32>,

@@ -51,6 +51,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let vocab_size = engine::Forward::vocab_size(&loaded.model);
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs as usize,
+        max_num_batched_tokens: args.max_num_batched_tokens as usize,
         max_model_len: max_model_len as usize,
         eos_token_ids: info.eos_token_ids.clone(),
         default_seed: args.seed,

@@ -140,6 +140,7 @@ fn kv_shape(block_size: usize, num_blocks: usize) -> KvCacheShape {
 fn config() -> EngineConfig {
     EngineConfig {
         max_num_seqs: 8,
+        max_num_batched_tokens: 2048,
         max_model_len: 64,
         eos_token_ids: vec![],
         default_seed: 0,
@@ -155,6 +156,7 @@ fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest 
         kv: KvSource::Compute,
         pin_on_finish: false,
         cache_salt: None,
+        priority: 0,
     }
 }
 
@@ -405,8 +407,14 @@ fn run_concurrently(num_blocks: usize) -> (Vec<Vec<u32>>, u64) {
 
 /// [`run_concurrently`] with prefix caching on or off.
 fn run_concurrently_with(num_blocks: usize, caching: bool) -> (Vec<Vec<u32>>, u64) {
-    let model = FakeModel::new(32, false);
     let config = EngineConfig { enable_prefix_caching: caching, ..config() };
+    run_concurrently_in(num_blocks, config, [0; 4])
+}
+
+/// [`run_concurrently`] under `config`, with a priority per request.
+fn run_concurrently_in(num_blocks: usize, config: EngineConfig, priorities: [i32; 4]) -> (Vec<Vec<u32>>, u64) {
+    let model = FakeModel::new(32, false);
+    let budget = config.max_num_batched_tokens;
     let engine = Engine::start(model.clone(), kv_shape(2, num_blocks), config);
     let rxs: Vec<_> = (0..4u32)
         .map(|i| {
@@ -415,7 +423,8 @@ fn run_concurrently_with(num_blocks: usize, caching: bool) -> (Vec<Vec<u32>>, u6
             } else {
                 SamplingParams { seed: Some(100 + u64::from(i)), max_tokens: 8, ..SamplingParams::default() }
             };
-            engine.submit(request(&format!("r{i}"), &[i, i + 1, i + 2], sampling)).unwrap()
+            let req = request(&format!("r{i}"), &[i, i + 1, i + 2], sampling);
+            engine.submit(EngineRequest { priority: priorities[i as usize], ..req }).unwrap()
         })
         .collect();
     model.gate.open();
@@ -429,6 +438,9 @@ fn run_concurrently_with(num_blocks: usize, caching: bool) -> (Vec<Vec<u32>>, u6
         .collect();
     engine.sync();
     assert_idle(&engine);
+    for step in model.steps() {
+        assert!(step.iter().map(|s| s.tokens.len()).sum::<usize>() <= budget, "{step:?}");
+    }
     (outputs, engine.stats().num_preemptions)
 }
 
@@ -791,4 +803,95 @@ fn provided_kv_is_cached_for_later_prompts_with_the_same_prefix() {
     assert_eq!(steps.last().unwrap()[0], SeenSeq { tokens: vec![7], context_start: 4, cached: vec![3, 1, 4, 1] });
     engine.sync();
     assert_idle(&engine);
+}
+
+/// The steps (after the first) in which the fake saw a token of `range`.
+fn steps_with(model: &FakeModel, range: std::ops::RangeInclusive<u32>) -> Vec<Vec<SeenSeq>> {
+    model.steps().into_iter().filter(|s| s.iter().any(|q| range.contains(&q.tokens[0]))).collect()
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_another_request_decodes() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 32), EngineConfig { max_num_batched_tokens: 4, ..config() });
+    let mut decoding = engine.submit(request("d", &[1], SamplingParams::greedy(10))).unwrap();
+    model.gate.add(1);
+    assert_eq!(decoding.blocking_recv(), Some(EngineEvent::Token(2)));
+    let prompt: Vec<u32> = (20..30).collect();
+    let long = engine.submit(request("long", &prompt, SamplingParams::greedy(2))).unwrap();
+    model.gate.open();
+    let (d_tokens, _) = collect(decoding);
+    assert_eq!(d_tokens, (3..12).collect::<Vec<_>>());
+    assert_eq!(collect(long), (vec![30, 31], finished(FinishReason::Length, 10)));
+
+    // Each step of `long`: d's decode, then what is left of the budget of 4.
+    let steps = steps_with(&model, 20..=31);
+    let long_chunks: Vec<(usize, Vec<u32>, Vec<u32>)> = steps
+        .iter()
+        .map(|s| {
+            assert_eq!(s.len(), 2, "{s:?}");
+            assert_eq!(s[0].tokens.len(), 1, "d decodes first in every step: {s:?}");
+            (s[1].context_start, s[1].tokens.clone(), s[1].cached.clone())
+        })
+        .collect();
+    assert_eq!(
+        long_chunks,
+        vec![
+            (0, vec![20, 21, 22], vec![]),
+            (3, vec![23, 24, 25], vec![20, 21, 22]),
+            (6, vec![26, 27, 28], vec![20, 21, 22, 23, 24, 25]),
+            (9, vec![29], (20..29).collect()),
+            (10, vec![30], (20..30).collect()),
+        ]
+    );
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn chunked_prefill_gives_the_same_tokens_within_the_budget() {
+    let (whole, _) = run_concurrently(64);
+    for budget in [1, 3, 5] {
+        let config = EngineConfig { max_num_batched_tokens: budget, ..config() };
+        let (chunked, preemptions) = run_concurrently_in(64, config, [0; 4]);
+        assert_eq!((chunked, preemptions), (whole.clone(), 0), "budget {budget}");
+    }
+}
+
+#[test]
+fn a_better_priority_request_is_admitted_before_earlier_worse_ones() {
+    let model = FakeModel::new(32, false);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), EngineConfig { max_num_seqs: 1, ..config() });
+    let prioritized = |id: &str, token: u32, priority: i32| EngineRequest {
+        priority,
+        ..request(id, &[token], SamplingParams::greedy(2))
+    };
+    let mut first = engine.submit(prioritized("first", 1, 10)).unwrap();
+    model.gate.add(1);
+    assert_eq!(first.blocking_recv(), Some(EngineEvent::Token(2)));
+    let rxs: Vec<_> = [("b", 5, 10), ("c", 9, 10), ("urgent", 13, -10), ("d", 17, 0)]
+        .into_iter()
+        .map(|(id, token, priority)| engine.submit(prioritized(id, token, priority)).unwrap())
+        .collect();
+    model.gate.open();
+    for rx in rxs {
+        collect(rx);
+    }
+    collect(first);
+    let prefills: Vec<u32> =
+        model.steps().iter().flatten().filter(|q| q.context_start == 0).map(|q| q.tokens[0]).collect();
+    assert_eq!(prefills, vec![1, 13, 17, 5, 9]);
+    engine.sync();
+    assert_idle(&engine);
+}
+
+#[test]
+fn preemption_with_priorities_and_chunks_under_a_tiny_cache_gives_the_same_tokens() {
+    let (roomy, _) = run_concurrently(64);
+    for budget in [2, 2048] {
+        let config = EngineConfig { max_num_batched_tokens: budget, ..config() };
+        let (tiny, preemptions) = run_concurrently_in(8, config, [3, -1, 0, 3]);
+        assert!(preemptions > 0, "budget {budget}");
+        assert_eq!(tiny, roomy, "budget {budget}");
+    }
 }

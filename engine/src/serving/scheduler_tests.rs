@@ -1,0 +1,594 @@
+//! Scheduler unit tests: plans and accounting with literal expectations.
+
+use super::*;
+
+fn config(num_blocks: usize, max_num_seqs: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: 1024,
+        max_model_len: 64,
+        block_size: 4,
+        num_blocks,
+        block_bytes: 8,
+        eos_token_ids: vec![99],
+        enable_prefix_caching: true,
+    }
+}
+
+fn seq(id: &str, prompt: &[u32], max_tokens: usize) -> NewSequence {
+    NewSequence {
+        request_id: id.into(),
+        prompt: prompt.to_vec(),
+        max_tokens,
+        stop_token_ids: vec![],
+        ignore_eos: false,
+        min_tokens: 0,
+        pin_on_finish: false,
+        cache_salt: vec![],
+        provided: None,
+        priority: 0,
+    }
+}
+
+fn shape(plan: &StepPlan) -> Vec<(&str, usize, usize)> {
+    plan.seqs.iter().map(|s| (s.request_id.as_str(), s.context_start, s.tokens.len())).collect()
+}
+
+#[test]
+fn admits_fcfs_up_to_max_num_seqs_and_batches_decodes_with_a_prefill() {
+    let mut s = Scheduler::new(config(16, 2));
+    s.add(seq("a", &[1, 2, 3], 8));
+    s.add(seq("b", &[1, 2, 3, 4, 5], 8));
+    s.add(seq("c", &[7], 8));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 0, 3), ("b", 0, 5)]);
+    assert_eq!(plan.seqs[1].block_table, vec![1, 2]);
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_free_blocks()), (2, 1, 13));
+
+    s.finish_step(&plan, &[10, 20]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 3, 1), ("b", 5, 1)]);
+    assert_eq!(plan.seqs[0].tokens, vec![10]);
+    let batch = plan.to_batch();
+    assert_eq!(batch.tokens, vec![10, 20]);
+    assert_eq!(batch.num_logits(), 2);
+
+    // `a` stops on EOS; `c` joins the next step next to `b`'s decode.
+    s.finish_step(&plan, &[99, 21]);
+    let events = s.take_events();
+    assert_eq!(events[0], ("a".into(), EngineEvent::Token(10)));
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[2], ("a".into(), EngineEvent::Token(99)));
+    assert_eq!(
+        events[3],
+        (
+            "a".into(),
+            EngineEvent::Finished {
+                reason: FinishReason::Stop,
+                pinned_blocks: None,
+                num_prompt_tokens: 3,
+                num_cached_tokens: 0
+            }
+        )
+    );
+    assert_eq!(s.num_free_blocks(), 14);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 6, 1), ("c", 0, 1)]);
+}
+
+#[test]
+fn max_tokens_and_max_model_len_finish_with_length() {
+    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 5, ..config(16, 4) });
+    s.add(seq("short", &[1], 2));
+    s.add(seq("long", &[1, 2, 3], 100));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[5, 5]);
+    let plan = s.schedule();
+    s.finish_step(&plan, &[6, 6]);
+    let finished: Vec<_> = s
+        .take_events()
+        .into_iter()
+        .filter_map(|(id, e)| match e {
+            EngineEvent::Finished { reason, .. } => Some((id, reason)),
+            _ => None,
+        })
+        .collect();
+    // `short` generated its 2 tokens; `long` reached 5 tokens in all.
+    assert_eq!(finished, vec![("short".into(), FinishReason::Length), ("long".into(), FinishReason::Length)]);
+    assert_eq!(s.num_free_blocks(), 16);
+}
+
+#[test]
+fn preempts_the_newest_and_recomputes_it_with_its_tokens() {
+    // 3 blocks of 4 tokens; two sequences of 4 tokens fill two blocks and
+    // both need a second block for their 5th token.
+    let mut s = Scheduler::new(config(3, 4));
+    s.add(seq("old", &[1, 2, 3, 4], 8));
+    s.add(seq("new", &[5, 6, 7, 8], 8));
+    let plan = s.schedule();
+    assert_eq!(s.num_free_blocks(), 1);
+    s.finish_step(&plan, &[10, 20]);
+
+    let plan = s.schedule();
+    // `old` takes the last block; `new` cannot grow and goes back waiting.
+    assert_eq!(shape(&plan), vec![("old", 4, 1)]);
+    assert_eq!(plan.seqs[0].block_table, vec![0, 2]);
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
+    assert_eq!(s.num_free_blocks(), 1);
+
+    // `old` finishes; `new` is recomputed from prompt + its token 20, but
+    // its full first block stayed cached when it was preempted.
+    s.finish_step(&plan, &[99]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("new", 4, 1)]);
+    assert_eq!((plan.seqs[0].tokens.as_slice(), plan.seqs[0].block_table.as_slice()), (&[20][..], &[1, 2][..]));
+    let tokens: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "new").map(|(_, e)| e).collect();
+    assert_eq!(tokens, vec![EngineEvent::Token(20)], "the token is not emitted twice");
+}
+
+#[test]
+fn a_sequence_that_cannot_fit_alone_gets_an_error() {
+    // 2 blocks of 4 tokens hold 8 tokens: the 9th cannot exist.
+    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 100, ..config(2, 4) });
+    s.add(seq("big", &[1, 2, 3, 4, 5, 6, 7], 50));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[8]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("big", 7, 1)]);
+    s.finish_step(&plan, &[9]);
+    // Its 9th token needs a third block: preempted alone, then rejected.
+    let plan = s.schedule();
+    assert!(plan.is_empty());
+    let last = s.take_events().pop().unwrap();
+    assert!(matches!(&last.1, EngineEvent::Error(m) if m.contains("needs 3 KV blocks")), "{last:?}");
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_free_blocks()), (0, 0, 2));
+}
+
+#[test]
+fn pinned_blocks_are_held_until_released() {
+    let mut s = Scheduler::new(config(8, 4));
+    s.add(NewSequence { pin_on_finish: true, ..seq("p", &[1, 2, 3, 4, 5, 6, 7, 8], 1) });
+    let plan = s.schedule();
+    s.finish_step(&plan, &[9]);
+    let events = s.take_events();
+    assert_eq!(
+        events[1].1,
+        EngineEvent::Finished {
+            reason: FinishReason::Length,
+            pinned_blocks: Some(vec![0, 1]),
+            num_prompt_tokens: 8,
+            num_cached_tokens: 0
+        }
+    );
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (2, 6));
+    // Only a whole pinned list releases anything.
+    s.release(&[1, 5]);
+    s.release(&[0]);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (2, 6));
+    s.release(&[0, 1]);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
+    s.release(&[0, 1]);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
+}
+
+#[test]
+fn provided_kv_is_written_and_the_first_token_is_fed() {
+    let mut s = Scheduler::new(config(8, 4));
+    let provided = ProvidedKv { data: vec![0; 16], first_token: 42 };
+    s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
+    let plan = s.schedule();
+    assert_eq!(plan.kv_writes.len(), 1);
+    assert_eq!(plan.kv_writes[0].block_ids, vec![0, 1]);
+    assert_eq!(shape(&plan), vec![("d", 5, 1)]);
+    assert_eq!(plan.seqs[0].tokens, vec![42]);
+    s.finish_step(&plan, &[43]);
+    let plan = s.schedule();
+    s.finish_step(&plan, &[44]);
+    let events: Vec<_> = s.take_events().into_iter().map(|(_, e)| e).collect();
+    // 42 counted as token 1 of 3 and not emitted.
+    assert_eq!(events[..2], [EngineEvent::Token(43), EngineEvent::Token(44)]);
+    assert!(matches!(events[2], EngineEvent::Finished { reason: FinishReason::Length, .. }));
+}
+
+#[test]
+fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
+    let mut s = Scheduler::new(config(8, 4));
+    let provided = ProvidedKv { data: vec![0; 15], first_token: 42 };
+    s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
+    s.add(seq("ok", &[1], 3));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("ok", 0, 1)]);
+    let (id, event) = s.take_events().remove(0);
+    assert_eq!(id, "d");
+    assert!(
+        matches!(&event, EngineEvent::Error(m) if m.contains("15 bytes") && m.contains("expected 16")),
+        "{event:?}"
+    );
+    assert_eq!(s.num_free_blocks(), 7);
+}
+
+#[test]
+fn a_provided_first_token_can_be_the_last() {
+    let mut s = Scheduler::new(config(8, 4));
+    let provided = ProvidedKv { data: vec![0; 8], first_token: 42 };
+    s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2], 1) });
+    let plan = s.schedule();
+    assert!(plan.seqs.is_empty());
+    assert_eq!(plan.kv_writes.len(), 1);
+    let events = s.take_events();
+    assert_eq!(
+        events,
+        vec![(
+            "d".into(),
+            EngineEvent::Finished {
+                reason: FinishReason::Length,
+                pinned_blocks: None,
+                num_prompt_tokens: 2,
+                num_cached_tokens: 0
+            }
+        )]
+    );
+    assert_eq!(s.num_free_blocks(), 8);
+}
+
+#[test]
+fn abort_and_remove_free_waiting_and_running_sequences() {
+    let mut s = Scheduler::new(config(4, 1));
+    s.add(seq("run", &[1, 2, 3, 4, 5], 8));
+    s.add(seq("wait", &[1], 8));
+    let plan = s.schedule();
+    assert_eq!(s.num_free_blocks(), 2);
+    assert!(s.abort("run"));
+    assert!(!s.abort("run"));
+    assert!(s.remove("wait"));
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_free_blocks()), (0, 0, 4));
+    // The aborted sequence's sampled token is ignored.
+    s.finish_step(&plan, &[7]);
+    let events = s.take_events();
+    assert_eq!(
+        events,
+        vec![(
+            "run".into(),
+            EngineEvent::Finished {
+                reason: FinishReason::Abort,
+                pinned_blocks: None,
+                num_prompt_tokens: 5,
+                num_cached_tokens: 0
+            }
+        )]
+    );
+}
+
+#[test]
+fn a_failed_step_errors_its_sequences() {
+    let mut s = Scheduler::new(config(4, 4));
+    s.add(seq("a", &[1], 8));
+    let plan = s.schedule();
+    let ids: Vec<&str> = plan.seqs.iter().map(|s| s.request_id.as_str()).collect();
+    s.fail(&ids, "boom");
+    assert_eq!(s.take_events(), vec![("a".into(), EngineEvent::Error("boom".into()))]);
+    assert_eq!(s.num_free_blocks(), 4);
+}
+/// `num_cached_tokens` of a request's `Finished` event among `events`.
+fn cached_tokens(events: &[(String, EngineEvent)], id: &str) -> Option<usize> {
+    events.iter().find_map(|(i, e)| match e {
+        EngineEvent::Finished { num_cached_tokens, .. } if i == id => Some(*num_cached_tokens),
+        _ => None,
+    })
+}
+
+/// Runs one request alone to its end.
+fn run_alone(s: &mut Scheduler, new: NewSequence) -> Vec<(String, EngineEvent)> {
+    s.add(new);
+    while s.num_waiting() + s.num_running() > 0 {
+        let plan = s.schedule();
+        let sampled: Vec<u32> = plan.seqs.iter().map(|q| q.tokens.last().unwrap() + 1).collect();
+        s.finish_step(&plan, &sampled);
+    }
+    s.take_events()
+}
+
+#[test]
+fn a_shared_prefix_is_reused_and_only_the_suffix_is_computed() {
+    let mut s = Scheduler::new(config(8, 4));
+    let events = run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5, 6, 7, 8, 9], 1));
+    assert_eq!(cached_tokens(&events, "a"), Some(0));
+    let h = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+    assert_eq!(
+        s.take_kv_events(),
+        vec![
+            KvEvent::BlockStored { block_hash: h[0], parent_hash: None, token_ids: vec![1, 2, 3, 4], block_id: 0 },
+            KvEvent::BlockStored {
+                block_hash: h[1],
+                parent_hash: Some(h[0]),
+                token_ids: vec![5, 6, 7, 8],
+                block_id: 1
+            },
+        ]
+    );
+    assert_eq!((s.num_free_blocks(), s.num_cached_blocks()), (8, 2));
+
+    s.add(seq("b", &[1, 2, 3, 4, 5, 6, 7, 8, 50, 51], 3));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 8, 2)]);
+    assert_eq!(plan.seqs[0].tokens, vec![50, 51]);
+    assert_eq!(plan.seqs[0].block_table[..2], [0, 1]);
+    assert_eq!(s.num_cached_blocks(), 0);
+    s.finish_step(&plan, &[52]);
+    let plan = s.schedule();
+    s.finish_step(&plan, &[53]);
+    // 53 is sampled but has no KV yet: block 2 is not full of computed tokens.
+    assert!(s.take_kv_events().is_empty());
+    let plan = s.schedule();
+    s.finish_step(&plan, &[54]);
+    assert_eq!(cached_tokens(&s.take_events(), "b"), Some(8));
+    // b's third block (50 51 52 53) filled up at its last step.
+    let events = s.take_kv_events();
+    assert!(
+        matches!(&events[..], [KvEvent::BlockStored { parent_hash: Some(p), token_ids, .. }]
+        if *p == h[1] && token_ids == &[50, 51, 52, 53]),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_prompt_of_cached_full_blocks_recomputes_its_last_block() {
+    let mut s = Scheduler::new(config(8, 4));
+    run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5, 6, 7, 8], 1));
+    s.add(seq("b", &[1, 2, 3, 4, 5, 6, 7, 8], 1));
+    let plan = s.schedule();
+    // The last token must be computed for logits: block 2 of 2 is redone.
+    assert_eq!(shape(&plan), vec![("b", 4, 4)]);
+    assert_eq!(plan.seqs[0].block_table[0], 0);
+    assert_ne!(plan.seqs[0].block_table[1], 1, "the cached copy stays cached");
+    s.finish_step(&plan, &[9]);
+    assert_eq!(cached_tokens(&s.take_events(), "b"), Some(4));
+    assert!(
+        s.take_kv_events()
+            .iter()
+            .all(|e| !matches!(e, KvEvent::BlockStored { block_id, .. } if *block_id != 0 && *block_id != 1)),
+        "the recomputed duplicate is not stored twice"
+    );
+}
+
+#[test]
+fn only_requests_with_the_same_salt_share_blocks() {
+    let mut s = Scheduler::new(config(16, 4));
+    let salted = |id: &str, salt: &[u8]| NewSequence { cache_salt: salt.to_vec(), ..seq(id, &[1, 2, 3, 4, 5], 1) };
+    run_alone(&mut s, salted("x1", b"x"));
+    assert_eq!(cached_tokens(&run_alone(&mut s, salted("y", b"y")), "y"), Some(0));
+    assert_eq!(cached_tokens(&run_alone(&mut s, salted("none", b"")), "none"), Some(0));
+    assert_eq!(cached_tokens(&run_alone(&mut s, salted("x2", b"x")), "x2"), Some(4));
+    assert_eq!(cached_tokens(&run_alone(&mut s, salted("y2", b"y")), "y2"), Some(4));
+}
+
+#[test]
+fn with_prefix_caching_off_nothing_is_reused_or_reported() {
+    let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: false, ..config(8, 4) });
+    run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5], 1));
+    s.add(seq("b", &[1, 2, 3, 4, 5], 1));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 0, 5)]);
+    assert!(s.take_kv_events().is_empty());
+    assert_eq!(s.num_cached_blocks(), 0);
+}
+
+#[test]
+fn cached_blocks_are_evicted_least_recently_used_first() {
+    // 3 blocks: each request needs 2 (one full, one partial).
+    let mut s = Scheduler::new(config(3, 4));
+    run_alone(&mut s, seq("a", &[1, 1, 1, 1, 1], 1));
+    run_alone(&mut s, seq("b", &[2, 2, 2, 2, 2], 1));
+    let ha = cluster::block_hash::block_hashes(b"", &[1, 1, 1, 1], 4)[0];
+    let hb = cluster::block_hash::block_hashes(b"", &[2, 2, 2, 2], 4)[0];
+    s.take_kv_events();
+    assert_eq!(s.num_cached_blocks(), 2);
+    // c needs 2 fresh blocks: the one plain free block, then a's (older).
+    run_alone(&mut s, seq("c", &[3, 3, 3, 3, 3], 1));
+    let removed: Vec<_> =
+        s.take_kv_events().into_iter().filter(|e| matches!(e, KvEvent::BlockRemoved { .. })).collect();
+    assert_eq!(removed, vec![KvEvent::BlockRemoved { block_hashes: vec![ha] }]);
+    assert_eq!(cached_tokens(&run_alone(&mut s, seq("b2", &[2, 2, 2, 2, 9], 1)), "b2"), Some(4));
+    assert_eq!(cached_tokens(&run_alone(&mut s, seq("a2", &[1, 1, 1, 1, 9], 1)), "a2"), Some(0));
+    assert!(!s.take_kv_events().contains(&KvEvent::BlockRemoved { block_hashes: vec![hb] }));
+}
+
+#[test]
+fn two_pins_share_prefix_blocks_and_each_release_drops_only_its_own() {
+    let mut s = Scheduler::new(config(8, 4));
+    let pinned = |id: &str, prompt: &[u32]| NewSequence { pin_on_finish: true, ..seq(id, prompt, 1) };
+    s.add(pinned("p1", &[1, 2, 3, 4, 5, 6, 7, 8, 9]));
+    s.add(pinned("p2", &[1, 2, 3, 4, 5, 6, 7, 8, 60]));
+    // Both are admitted in one step: p2 cannot reuse what p1 has not computed yet.
+    let plan = s.schedule();
+    s.finish_step(&plan, &[0, 0]);
+    s.take_events();
+    s.add(pinned("p3", &[1, 2, 3, 4, 5, 6, 7, 8, 70]));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("p3", 8, 1)]);
+    s.finish_step(&plan, &[0]);
+    let events = s.take_events();
+    let Some(EngineEvent::Finished { pinned_blocks: Some(p3), num_cached_tokens: 8, .. }) = events.last().map(|e| &e.1)
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(p3, &vec![0, 1, 6]);
+    // p1 holds 0 1 2, p2 3 4 5, p3 shares 0 1 with p1 and adds 6.
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (7, 1));
+    s.release(&[0, 1, 2]);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (6, 2));
+    // A double release of p1 must not take p3's references on 0 and 1.
+    s.release(&[0, 1, 2]);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (6, 2));
+    s.release(&[3, 4, 5]);
+    s.release(p3);
+    assert_eq!((s.num_held_blocks(), s.num_free_blocks()), (0, 8));
+    assert!((0..8).all(|id| s.blocks.ref_count(id) == 0));
+}
+
+#[test]
+fn preemption_reuses_the_cached_prefix_and_caching_off_recomputes_it_all() {
+    for caching in [true, false] {
+        let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: caching, ..config(3, 4) });
+        s.add(seq("old", &[1, 2, 3, 4], 8));
+        s.add(seq("new", &[5, 6, 7, 8], 8));
+        let plan = s.schedule();
+        s.finish_step(&plan, &[10, 20]);
+        let plan = s.schedule();
+        s.finish_step(&plan, &[99]);
+        let plan = s.schedule();
+        let expected = if caching { ("new", 4, 1) } else { ("new", 0, 5) };
+        assert_eq!(shape(&plan), vec![expected]);
+    }
+}
+
+fn logits_flags(plan: &StepPlan) -> Vec<bool> {
+    plan.seqs.iter().map(|s| s.need_logits).collect()
+}
+
+/// Samples `last + 1` for every sequence with logits.
+fn next_tokens(plan: &StepPlan) -> Vec<u32> {
+    plan.seqs.iter().filter(|q| q.need_logits).map(|q| q.tokens.last().unwrap() + 1).collect()
+}
+
+#[test]
+fn a_long_prompt_is_chunked_to_the_budget_while_another_keeps_decoding() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 4, ..config(16, 4) });
+    s.add(seq("d", &[1, 2], 10));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[3]);
+    s.add(seq("long", &[10, 11, 12, 13, 14, 15, 16, 17, 18], 2));
+
+    // Each step: d's decode first, then 3 prompt tokens of `long`.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("d", 2, 1), ("long", 0, 3)]);
+    assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, false], 1));
+    assert_eq!(plan.to_batch().num_logits(), 1);
+    s.finish_step(&plan, &[4]);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 0), "a partly prefilled sequence is running");
+
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("d", 3, 1), ("long", 3, 3)]);
+    assert_eq!(plan.seqs[1].tokens, vec![13, 14, 15]);
+    assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, false], 2));
+    s.finish_step(&plan, &[5]);
+
+    // The last chunk has logits and samples long's first token.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("d", 4, 1), ("long", 6, 3)]);
+    assert_eq!((logits_flags(&plan), plan.seqs[1].block_table.len()), (vec![true, true], 3));
+    s.finish_step(&plan, &[6, 19]);
+
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("d", 5, 1), ("long", 9, 1)]);
+    s.finish_step(&plan, &[7, 20]);
+    let long: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "long").map(|(_, e)| e).collect();
+    assert_eq!(long[..2], [EngineEvent::Token(19), EngineEvent::Token(20)]);
+    assert!(matches!(long[2], EngineEvent::Finished { reason: FinishReason::Length, num_prompt_tokens: 9, .. }));
+}
+
+#[test]
+fn decodes_come_first_even_when_they_leave_no_room_for_prefill() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 2, ..config(16, 4) });
+    s.add(seq("a", &[1], 10));
+    s.add(seq("b", &[2], 10));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 0, 1), ("b", 0, 1)]);
+    s.finish_step(&plan, &[3, 4]);
+    s.add(seq("c", &[5, 6, 7], 10));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 1, 1), ("b", 1, 1)]);
+    assert_eq!(s.num_waiting(), 1);
+}
+
+#[test]
+fn the_budget_is_never_exceeded_and_chunking_changes_no_token() {
+    let prompts: [&[u32]; 4] = [&[1, 2, 3, 4, 5, 6, 7], &[20], &[30, 31, 32, 33, 34], &[40, 41]];
+    let run = |budget: usize| {
+        let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: budget, ..config(32, 3) });
+        for (i, p) in prompts.iter().enumerate() {
+            s.add(seq(&format!("r{i}"), p, 4));
+        }
+        let mut steps = 0;
+        while s.num_waiting() + s.num_running() > 0 {
+            let plan = s.schedule();
+            assert!(plan.num_tokens() <= budget, "{budget}: {plan:?}");
+            s.finish_step(&plan, &next_tokens(&plan));
+            steps += 1;
+        }
+        let mut tokens: Vec<(String, u32)> = s
+            .take_events()
+            .into_iter()
+            .filter_map(|(id, e)| match e {
+                EngineEvent::Token(t) => Some((id, t)),
+                _ => None,
+            })
+            .collect();
+        tokens.sort();
+        (tokens, steps)
+    };
+    let (whole, whole_steps) = run(1024);
+    assert_eq!(whole_steps, 8);
+    assert_eq!(whole.iter().filter(|(id, _)| id == "r0").map(|&(_, t)| t).collect::<Vec<_>>(), [8, 9, 10, 11]);
+    for budget in [1, 2, 3, 5] {
+        let (chunked, steps) = run(budget);
+        assert_eq!(chunked, whole, "budget {budget}");
+        assert!(steps > whole_steps, "budget {budget}: {steps} steps");
+    }
+}
+
+#[test]
+fn waiting_sequences_are_admitted_by_priority_then_arrival() {
+    let mut s = Scheduler::new(config(16, 1));
+    s.add(NewSequence { priority: 10, ..seq("first", &[1], 2) });
+    let plan = s.schedule();
+    s.finish_step(&plan, &next_tokens(&plan));
+    for (id, priority) in [("b", 10), ("c", 10), ("urgent", -10), ("d", 0)] {
+        s.add(NewSequence { priority, ..seq(id, &[1], 2) });
+    }
+    let mut admitted = vec!["first".to_string()];
+    while s.num_waiting() + s.num_running() > 0 {
+        let plan = s.schedule();
+        admitted.extend(plan.seqs.iter().filter(|q| q.context_start == 0).map(|q| q.request_id.clone()));
+        s.finish_step(&plan, &next_tokens(&plan));
+    }
+    // The running sequence is not preempted for a better one.
+    assert_eq!(admitted, ["first", "urgent", "d", "b", "c"]);
+}
+
+#[test]
+fn preemption_picks_the_worst_priority_not_the_newest() {
+    // 3 blocks of 4 tokens.
+    let mut s = Scheduler::new(config(3, 4));
+    s.add(NewSequence { priority: 5, ..seq("low", &[1, 2, 3, 4], 8) });
+    let plan = s.schedule();
+    s.finish_step(&plan, &[5]);
+    s.add(seq("high", &[5, 6, 7, 8], 8));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("low", 4, 1), ("high", 0, 4)]);
+    assert_eq!(s.num_free_blocks(), 0);
+    s.finish_step(&plan, &[6, 9]);
+
+    // `low` fits its decode, but `high` needs a block: `low` goes, and
+    // its planned decode with it.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("high", 4, 1)]);
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
+    s.finish_step(&plan, &[10]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("high", 5, 1)]);
+}
+
+#[test]
+fn a_sequence_preempts_itself_rather_than_a_better_one() {
+    let mut s = Scheduler::new(config(3, 4));
+    s.add(seq("high", &[1, 2, 3, 4], 8));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[5]);
+    s.add(NewSequence { priority: 5, ..seq("low", &[5, 6, 7, 8], 8) });
+    let plan = s.schedule();
+    s.finish_step(&plan, &[6, 9]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("high", 5, 1)]);
+    assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
+}

@@ -360,16 +360,7 @@ impl EngineHandle {
             });
         }
         let p = &req.sampling;
-        if p.max_tokens == 0 {
-            return Err(EngineError::ZeroMaxTokens);
-        }
-        if !p.temperature.is_finite() || p.temperature < 0.0 {
-            return Err(EngineError::InvalidTemperature(p.temperature));
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(EngineError::InvalidTopP(p.top_p));
-        }
-        check_sampling_ranges(p)?;
+        p.validate()?;
         if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
@@ -699,27 +690,39 @@ impl StepLoop {
     }
 }
 
-/// The ranges of the parameters beyond temperature and top-p (the router
-/// checks them too; a worker is reachable on its own).
-fn check_sampling_ranges(p: &SamplingParams) -> Result<(), EngineError> {
-    let invalid =
-        |field, limit, value: f32| Err(EngineError::InvalidSampling { field, limit, value: value.to_string() });
-    if !(0.0..=1.0).contains(&p.min_p) {
-        return invalid("min_p", "in [0, 1]", p.min_p);
+impl SamplingParams {
+    /// Checks every bound the sampler relies on. The engine checks on submit;
+    /// workers call it before costly work (a KV pull) so a bad request fails first.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let p = self;
+        if p.max_tokens == 0 {
+            return Err(EngineError::ZeroMaxTokens);
+        }
+        if !p.temperature.is_finite() || p.temperature < 0.0 {
+            return Err(EngineError::InvalidTemperature(p.temperature));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(EngineError::InvalidTopP(p.top_p));
+        }
+        let invalid =
+            |field, limit, value: f32| Err(EngineError::InvalidSampling { field, limit, value: value.to_string() });
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return invalid("min_p", "in [0, 1]", p.min_p);
+        }
+        if !(-2.0..=2.0).contains(&p.presence_penalty) {
+            return invalid("presence_penalty", "in [-2, 2]", p.presence_penalty);
+        }
+        if !(-2.0..=2.0).contains(&p.frequency_penalty) {
+            return invalid("frequency_penalty", "in [-2, 2]", p.frequency_penalty);
+        }
+        if !(p.repetition_penalty > 0.0 && p.repetition_penalty <= 2.0) {
+            return invalid("repetition_penalty", "in (0, 2]", p.repetition_penalty);
+        }
+        if let Some(&(_, bias)) = p.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return invalid("logit_bias", "in [-100, 100]", bias);
+        }
+        Ok(())
     }
-    if !(-2.0..=2.0).contains(&p.presence_penalty) {
-        return invalid("presence_penalty", "in [-2, 2]", p.presence_penalty);
-    }
-    if !(-2.0..=2.0).contains(&p.frequency_penalty) {
-        return invalid("frequency_penalty", "in [-2, 2]", p.frequency_penalty);
-    }
-    if !(p.repetition_penalty > 0.0 && p.repetition_penalty <= 2.0) {
-        return invalid("repetition_penalty", "in (0, 2]", p.repetition_penalty);
-    }
-    if let Some(&(_, bias)) = p.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
-        return invalid("logit_bias", "in [-100, 100]", bias);
-    }
-    Ok(())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

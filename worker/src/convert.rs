@@ -5,28 +5,13 @@ use proto::worker as pb;
 use tonic::Status;
 
 /// Turns the wire sampling params into the engine's, or `invalid_argument`.
+/// The engine's own [`engine::SamplingParams::validate`] checks the sampler's
+/// bounds; the wire adds OpenAI's temperature ceiling and `min_tokens <=
+/// max_tokens` (the engine allows more, for the prefill's one-token run).
 pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams, Status> {
     let p = p.ok_or_else(|| Status::invalid_argument("sampling params are required"))?;
-    if !(0.0..=2.0).contains(&p.temperature) {
+    if p.temperature > 2.0 {
         return Err(Status::invalid_argument(format!("temperature {} is outside [0, 2]", p.temperature)));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return Err(Status::invalid_argument(format!("top_p {} is outside (0, 1]", p.top_p)));
-    }
-    if p.max_tokens == 0 {
-        return Err(Status::invalid_argument("max_tokens must be at least 1"));
-    }
-    check_range("min_p", p.min_p, 0.0, 1.0)?;
-    check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)?;
-    check_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0)?;
-    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
-        return Err(Status::invalid_argument(format!("repetition_penalty {repetition_penalty} is outside (0, 2]")));
-    }
-    for (&token, &bias) in &p.logit_bias {
-        check_range("logit_bias", bias, -100.0, 100.0).map_err(|_| {
-            Status::invalid_argument(format!("logit_bias {bias} for token {token} is outside [-100, 100]"))
-        })?;
     }
     if p.min_tokens > p.max_tokens {
         return Err(Status::invalid_argument(format!(
@@ -37,7 +22,7 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
     // Sorted, so equal requests give equal params.
     let mut logit_bias: Vec<(u32, f32)> = p.logit_bias.into_iter().collect();
     logit_bias.sort_unstable_by_key(|&(token, _)| token);
-    Ok(engine::SamplingParams {
+    let params = engine::SamplingParams {
         temperature: p.temperature,
         top_p: p.top_p,
         top_k: p.top_k,
@@ -47,20 +32,13 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
         min_p: p.min_p,
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
-        repetition_penalty,
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
         logit_bias,
         ignore_eos: p.ignore_eos,
         min_tokens: p.min_tokens,
-    })
-}
-
-/// `value` in `[low, high]` (NaN is not), or `invalid_argument` naming `field`.
-fn check_range(field: &str, value: f32, low: f32, high: f32) -> Result<(), Status> {
-    if (low..=high).contains(&value) {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!("{field} {value} is outside [{low}, {high}]")))
-    }
+    };
+    params.validate().map_err(engine_error)?;
+    Ok(params)
 }
 
 /// The engine's finish reason on the wire.
@@ -147,6 +125,10 @@ mod tests {
             pb::SamplingParams { repetition_penalty: Some(2.5), ..wire() },
             pb::SamplingParams { logit_bias: [(1, 101.0)].into_iter().collect(), ..wire() },
             pb::SamplingParams { min_tokens: 33, ..wire() },
+            pb::SamplingParams { temperature: 2.5, ..wire() },
+            pb::SamplingParams { temperature: -0.5, ..wire() },
+            pb::SamplingParams { top_p: 0.0, ..wire() },
+            pb::SamplingParams { max_tokens: 0, ..wire() },
         ];
         for p in bad {
             let status = sampling(Some(p.clone())).expect_err(&format!("{p:?}"));

@@ -30,7 +30,7 @@ impl DecodeService {
     }
 
     /// Where the prompt's KV comes from: pulled from the prefill worker, or computed here.
-    async fn kv_source(&self, req: &pb::DecodeRequest) -> Result<KvSource, Status> {
+    async fn kv_source(&self, req: &pb::DecodeRequest, n: u32) -> Result<KvSource, Status> {
         let params = req.kv_transfer_params.clone().map(KvTransferParams::try_from).transpose();
         let remote = match params.map_err(|e| Status::invalid_argument(e.to_string()))? {
             None => return Ok(KvSource::Compute),
@@ -41,6 +41,12 @@ impl DecodeService {
         };
         let first_token =
             req.first_token_id.ok_or_else(|| Status::invalid_argument("do_remote_prefill needs first_token_id"))?;
+        let first_tokens = if req.first_token_ids.is_empty() { vec![first_token] } else { req.first_token_ids.clone() };
+        if first_tokens.len() != n as usize || first_tokens[0] != first_token {
+            return Err(Status::invalid_argument(format!(
+                "do_remote_prefill with n = {n} needs {n} first_token_ids starting with first_token_id, got {first_tokens:?}"
+            )));
+        }
         if remote.num_tokens as usize != req.prompt_token_ids.len() {
             return Err(Status::invalid_argument(format!(
                 "the handed-off KV covers {} tokens, the prompt has {}",
@@ -51,13 +57,14 @@ impl DecodeService {
         let data = pull_blocks(&remote, &self.layout, self.pull_timeout)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(KvSource::Provided { data, first_token })
+        Ok(KvSource::Provided { data, first_tokens })
     }
 
     async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
+        let n = convert::choices(req.sampling.as_ref())?;
         let sampling = convert::sampling(req.sampling.clone())?;
-        let kv = self.kv_source(&req).await?;
+        let kv = self.kv_source(&req, n).await?;
         let engine_req = EngineRequest {
             request_id: req.request_id,
             prompt_token_ids: req.prompt_token_ids,
@@ -66,16 +73,23 @@ impl DecodeService {
             pin_on_finish: false,
             cache_salt: req.cache_salt,
             priority: 0,
+            n,
         };
         let events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
         let chunks = UnboundedReceiverStream::new(events).map(|event| match event {
-            EngineEvent::Token(t) => {
-                Ok(pb::DecodeChunk { token_ids: vec![t], finish_reason: pb::FinishReason::Unspecified as i32 })
-            }
-            EngineEvent::Finished { reason, .. } => {
-                Ok(pb::DecodeChunk { token_ids: vec![], finish_reason: convert::finish_reason(reason) as i32 })
-            }
+            EngineEvent::Token { index, id, logprobs } => Ok(pb::DecodeChunk {
+                token_ids: vec![id],
+                finish_reason: pb::FinishReason::Unspecified as i32,
+                logprobs: logprobs.map(convert::logprobs).into_iter().collect(),
+                index,
+            }),
+            EngineEvent::Finished { index, reason, .. } => Ok(pb::DecodeChunk {
+                token_ids: vec![],
+                finish_reason: convert::finish_reason(reason) as i32,
+                logprobs: vec![],
+                index,
+            }),
             EngineEvent::Error(e) => Err(Status::internal(e)),
         });
         Ok(Box::pin(chunks))

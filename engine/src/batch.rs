@@ -21,10 +21,10 @@ pub struct SeqChunk {
     pub block_table: Vec<u32>,
     /// Whether the step must return logits for the chunk's last token.
     pub need_logits: bool,
-    /// The sequence's prompt length. Rows at positions below it are prompt
-    /// tokens, the rest were generated. The model may compute the two kinds
-    /// differently (see `model::llama`), but each the same way however the
-    /// sequence is batched, chunked or recomputed.
+    /// The sequence's prompt length: rows at positions below it are prompt
+    /// tokens, the rest were generated. Models must compute a row the same
+    /// way however its sequence is batched, chunked or recomputed; this lets
+    /// one treat the two kinds differently if it ever needs to.
     pub prompt_len: usize,
 }
 

@@ -24,15 +24,22 @@
 //!
 //! ```text
 //! drain commands ─► drop requests whose receiver is gone ─► schedule (plan)
-//!   ─► [write lock: write provided KV, forward] ─► sample per sequence
-//!   ─► scheduler.finish_step ─► publish stats ─► send events
+//!   ─► [write lock: write provided KV, copy forked blocks, forward]
+//!   ─► sample per sequence (one token per choice of a forking row)
+//!   ─► scheduler.finish_step ─► [write lock: copy the new forks' blocks]
+//!   ─► publish stats ─► send events
 //! ```
+//!
+//! A request with `n > 1` choices has one sampler per choice; it is over
+//! (and leaves the live set) when its last choice's `Finished` is sent.
 
 use crate::batch::{Forward, Logits};
 use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv_cache::{KvCacheShape, KvStorage, KvStorageError};
-use crate::sampler::{argmax, Sampler, SamplingParams};
-use crate::scheduler::{NewSequence, ProvidedKv, Scheduler, SchedulerConfig, StepPlan};
+use crate::sampler::{argmax, Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
+use crate::scheduler::{
+    BlockCopy, NewSequence, ProvidedKv, SampledToken, ScheduledSeq, Scheduler, SchedulerConfig, StepPlan,
+};
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,7 +87,17 @@ pub struct EngineRequest {
     /// Lower values are admitted first (ties by arrival), and when KV blocks
     /// run out the worst priority is preempted first. Default 0.
     pub priority: i32,
+    /// Choices to generate from the one prompt (parallel sampling), in
+    /// `1..=`[`MAX_N`]; 1 is the usual request. The prompt is computed once
+    /// and its KV blocks are shared (see [`crate::scheduler`]). Choice `i`
+    /// draws from stream `i` of the ChaCha8 generator seeded with the
+    /// request's seed, so with a seed every choice is reproducible, and
+    /// choice 0 draws exactly what an `n = 1` request draws.
+    pub n: u32,
 }
+
+/// Most choices one request may ask for (as the router's `n` limit).
+pub const MAX_N: u32 = 16;
 
 /// Where a request's prompt KV comes from.
 #[derive(Clone)]
@@ -88,10 +105,11 @@ pub enum KvSource {
     /// The engine prefills the prompt itself.
     Compute,
     /// A prefill worker computed it: `data` is the prompt's KV in the hand-off
-    /// format for `ceil(prompt_len / block_size)` blocks, and `first_token`
-    /// the token it sampled. That token counts as generated token 1; it is not
-    /// emitted again nor checked against stop tokens.
-    Provided { data: Vec<u8>, first_token: u32 },
+    /// format for `ceil(prompt_len / block_size)` blocks, and `first_tokens`
+    /// the token it sampled for each choice (`n` of them, choice order). Each
+    /// counts as its choice's generated token 1; it is not emitted again nor
+    /// checked against stop tokens.
+    Provided { data: Vec<u8>, first_tokens: Vec<u32> },
 }
 
 impl std::fmt::Debug for KvSource {
@@ -99,23 +117,27 @@ impl std::fmt::Debug for KvSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvSource::Compute => f.write_str("Compute"),
-            KvSource::Provided { data, first_token } => {
-                f.debug_struct("Provided").field("data_len", &data.len()).field("first_token", first_token).finish()
+            KvSource::Provided { data, first_tokens } => {
+                f.debug_struct("Provided").field("data_len", &data.len()).field("first_tokens", first_tokens).finish()
             }
         }
     }
 }
 
-/// What a request hears. `Finished` or `Error` is always the last event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a request hears. Each choice (`index` in `0..n`) hears its tokens,
+/// then one `Finished`; the request is over when every choice has finished,
+/// or at an `Error`, which ends all its choices. Nothing follows.
+#[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    /// A generated token.
-    Token(u32),
-    /// Generation ended.
+    /// A generated token of choice `index`, with its logprobs when the
+    /// request asked for them (`SamplingParams::logprobs`).
+    Token { index: u32, id: u32, logprobs: Option<TokenLogprobs> },
+    /// Generation of choice `index` ended.
     Finished {
+        index: u32,
         reason: FinishReason,
-        /// With `pin_on_finish` (and not aborted): the held blocks covering
-        /// the prompt, in prompt order.
+        /// With `pin_on_finish` (and not aborted), on choice 0's: the held
+        /// blocks covering the prompt, in prompt order.
         pinned_blocks: Option<Vec<u32>>,
         num_prompt_tokens: usize,
         /// Prompt tokens whose KV came from the prefix cache (not computed),
@@ -125,12 +147,6 @@ pub enum EngineEvent {
     /// The request failed and is gone (bad provided KV, failed forward pass,
     /// a sequence too long for the whole cache).
     Error(String),
-}
-
-impl EngineEvent {
-    fn is_terminal(&self) -> bool {
-        !matches!(self, EngineEvent::Token(_))
-    }
 }
 
 /// Why generation ended.
@@ -361,15 +377,25 @@ impl EngineHandle {
         }
         let p = &req.sampling;
         p.validate()?;
+        if !(1..=MAX_N).contains(&req.n) {
+            return Err(EngineError::InvalidSampling { field: "n", limit: "in [1, 16]", value: req.n.to_string() });
+        }
         if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
-        let first_token = match &req.kv {
-            KvSource::Provided { first_token, .. } => Some(*first_token),
-            KvSource::Compute => None,
+        let first_tokens: &[u32] = match &req.kv {
+            KvSource::Provided { first_tokens, .. } => first_tokens,
+            KvSource::Compute => &[],
         };
+        if matches!(req.kv, KvSource::Provided { .. }) && first_tokens.len() != req.n as usize {
+            return Err(EngineError::InvalidSampling {
+                field: "first_tokens",
+                limit: "one per choice (n)",
+                value: format!("{} for n = {}", first_tokens.len(), req.n),
+            });
+        }
         let out_of_vocab =
-            req.prompt_token_ids.iter().copied().chain(first_token).find(|&t| t as usize >= s.vocab_size);
+            req.prompt_token_ids.iter().chain(first_tokens).copied().find(|&t| t as usize >= s.vocab_size);
         if let Some(token) = out_of_vocab {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
@@ -421,7 +447,10 @@ struct Submission {
 /// The step thread's view of a live request.
 struct Client {
     events: UnboundedSender<EngineEvent>,
-    sampler: Sampler,
+    /// One per choice.
+    samplers: Vec<Sampler>,
+    /// Choices that have not heard `Finished` yet.
+    unfinished: usize,
 }
 
 /// State owned by the step thread.
@@ -497,7 +526,7 @@ impl StepLoop {
         });
         let provided = match request.kv {
             KvSource::Compute => None,
-            KvSource::Provided { data, first_token } => Some(ProvidedKv { data, first_token }),
+            KvSource::Provided { data, first_tokens } => Some(ProvidedKv { data, first_tokens }),
         };
         tracing::debug!(
             request_id = %request.request_id,
@@ -509,14 +538,22 @@ impl StepLoop {
             seed,
             "queued"
         );
-        let mut sampler = Sampler::new(&request.sampling, seed)
-            .with_eos(self.scheduler.eos_token_ids())
-            .with_prompt(&request.prompt_token_ids);
+        let n = request.n.max(1) as usize;
+        let mut samplers: Vec<Sampler> = (0..n)
+            .map(|choice| {
+                Sampler::new(&request.sampling, seed)
+                    .with_stream(choice as u64)
+                    .with_eos(self.scheduler.eos_token_ids())
+                    .with_prompt(&request.prompt_token_ids)
+            })
+            .collect();
         if let Some(p) = &provided {
-            // Generated token 1, for the penalties and `min_tokens`.
-            sampler.record(p.first_token);
+            // Generated token 1 of each choice, for the penalties and `min_tokens`.
+            for (sampler, &first) in samplers.iter_mut().zip(&p.first_tokens) {
+                sampler.record(first);
+            }
         }
-        self.clients.insert(request.request_id.clone(), Client { events, sampler });
+        self.clients.insert(request.request_id.clone(), Client { events, samplers, unfinished: n });
         self.scheduler.add(NewSequence {
             request_id: request.request_id,
             prompt: request.prompt_token_ids,
@@ -528,6 +565,7 @@ impl StepLoop {
             cache_salt: request.cache_salt.map(String::into_bytes).unwrap_or_default(),
             provided,
             priority: request.priority,
+            n,
         });
     }
 
@@ -569,6 +607,8 @@ impl StepLoop {
                     failed_writes.push((w.request_id.as_str(), e.to_string()));
                 }
             }
+            // After the writes: a fork at admission copies provided KV.
+            copy_blocks(&mut kv, &plan.block_copies);
             if plan.seqs.is_empty() {
                 None
             } else {
@@ -589,17 +629,17 @@ impl StepLoop {
             Ok(mut logits) => {
                 // Row `i` belongs to the `i`-th sequence with logits; a
                 // prefill chunk that is not the last samples nothing.
-                let sampled: Vec<u32> = plan
-                    .seqs
-                    .iter()
-                    .filter(|s| s.need_logits)
-                    .enumerate()
-                    .map(|(i, s)| match self.clients.get_mut(&s.request_id) {
-                        Some(client) => client.sampler.sample(logits.row_mut(i)),
-                        None => argmax(logits.row(i)),
-                    })
-                    .collect();
-                self.scheduler.finish_step(&plan, &sampled);
+                let mut sampled: Vec<SampledToken> = Vec::with_capacity(plan.num_samples());
+                for (i, s) in plan.seqs.iter().filter(|s| s.need_logits).enumerate() {
+                    sampled.extend(self.sample_row(s, logits.row_mut(i)));
+                }
+                self.scheduler.finish_step_with(&plan, sampled);
+                // Forks just made copy their partial prompt block now, before
+                // any block freed in this step can be reused.
+                let copies = self.scheduler.take_block_copies();
+                if !copies.is_empty() {
+                    copy_blocks(&mut self.shared.kv.write().unwrap_or_else(PoisonError::into_inner), &copies);
+                }
             }
             Err(error) => {
                 tracing::error!(%error, "forward pass failed; failing its sequences");
@@ -607,6 +647,29 @@ impl StepLoop {
                 self.scheduler.fail(&ids, &format!("forward pass failed: {error}"));
             }
         }
+    }
+
+    /// The tokens of one logits row: one per choice in `s.choices`, each from
+    /// its own sampler. A single choice samples the row in place; several
+    /// each take a copy (sampling processes the row).
+    fn sample_row(&mut self, s: &ScheduledSeq, row: &mut [f32]) -> Vec<SampledToken> {
+        let Some(client) = self.clients.get_mut(&s.request_id) else {
+            return s.choices.clone().map(|_| SampledToken { id: argmax(row), logprobs: None }).collect();
+        };
+        let single = s.choices.len() == 1;
+        let raw = if single { Vec::new() } else { row.to_vec() };
+        s.choices
+            .clone()
+            .map(|choice| {
+                let sampler = &mut client.samplers[choice as usize];
+                let (id, logprobs) = if single {
+                    sampler.sample_with_logprobs(row)
+                } else {
+                    sampler.sample_with_logprobs(&mut raw.clone())
+                };
+                SampledToken { id, logprobs }
+            })
+            .collect()
     }
 
     fn check_logits(&self, plan: &StepPlan, logits: Logits) -> Result<Logits, String> {
@@ -627,17 +690,28 @@ impl StepLoop {
     /// whose receiver is gone is dropped on its first failed send.
     fn settle(&mut self) {
         let events = self.scheduler.take_events();
+        // Which events end their request: an error, or its last choice's `Finished`.
+        let terminal: Vec<bool> = events
+            .iter()
+            .map(|(id, event)| match event {
+                EngineEvent::Token { .. } => false,
+                EngineEvent::Error(_) => true,
+                EngineEvent::Finished { .. } => self.clients.get_mut(id).is_none_or(|c| {
+                    c.unfinished = c.unfinished.saturating_sub(1);
+                    c.unfinished == 0
+                }),
+            })
+            .collect();
         {
             let mut live = self.shared.live();
-            for (id, _) in events.iter().filter(|(_, e)| e.is_terminal()) {
+            for ((id, _), _) in events.iter().zip(&terminal).filter(|(_, &t)| t) {
                 live.remove(id);
             }
         }
         self.publish_stats();
         let mut gone = Vec::new();
         let mut released_undelivered = false;
-        for (id, event) in events {
-            let terminal = event.is_terminal();
+        for ((id, event), terminal) in events.into_iter().zip(terminal) {
             let Some(client) = self.clients.get(&id) else {
                 continue;
             };
@@ -646,13 +720,13 @@ impl StepLoop {
                 _ => None,
             };
             let delivered = client.events.send(event).is_ok();
+            // Nobody learned of these pins, so nobody would ever release them.
+            if let (false, Some(blocks)) = (delivered, pinned) {
+                self.scheduler.release(&blocks);
+                released_undelivered = true;
+            }
             if terminal {
                 self.clients.remove(&id);
-                // Nobody learned of these pins, so nobody would ever release them.
-                if let (false, Some(blocks)) = (delivered, pinned) {
-                    self.scheduler.release(&blocks);
-                    released_undelivered = true;
-                }
             } else if !delivered {
                 gone.push(id);
             }
@@ -721,7 +795,23 @@ impl SamplingParams {
         if let Some(&(_, bias)) = p.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
             return invalid("logit_bias", "in [-100, 100]", bias);
         }
+        if let Some(k) = p.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidSampling { field: "logprobs", limit: "in [0, 20]", value: k.to_string() });
+        }
         Ok(())
+    }
+}
+
+/// Copies each block's KV to its destination (forks' partial prompt blocks).
+/// Both ids come from the block manager, so a failure is a bug: logged.
+fn copy_blocks(kv: &mut KvStorage, copies: &[BlockCopy]) {
+    let mut buf = Vec::new();
+    for c in copies {
+        buf.clear();
+        let copied = kv.read_blocks(&[c.src], &mut buf).and_then(|()| kv.write_blocks(&[c.dst], &buf));
+        if let Err(e) = copied {
+            tracing::error!(src = c.src, dst = c.dst, error = %e, "copying a forked block failed");
+        }
     }
 }
 

@@ -2,19 +2,21 @@
 //!
 //! # Layout
 //!
-//! - [`model`]: GGUF loading and the Llama forward pass on candle. Weights are
+//! - [`model`]: GGUF and Hugging Face (safetensors) loading, and the Llama forward pass on candle. Weights are
 //!   read-only; KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv_cache`]: paged KV storage, addressed by block id.
 //! - [`batch`]: what one forward step computes.
 //! - `sampler`, `block_manager` (ref counts, prefix cache, [`KvEvent`]s),
 //!   `scheduler`, `engine`: the serving loop.
+//! - [`offline`]: offline batch inference ([`offline::Llm`], vLLM's `LLM.generate` / `LLM.chat`).
 
 pub mod batch;
 pub mod block_manager;
 pub mod engine;
 pub mod kv_cache;
 pub mod model;
+pub mod offline;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
@@ -23,6 +25,7 @@ pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason, KvSource,
+    MAX_N,
 };
 pub use kv_cache::{KvCacheShape, KvStorage};
-pub use sampler::SamplingParams;
+pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};

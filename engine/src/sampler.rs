@@ -69,6 +69,70 @@ pub struct SamplingParams {
     /// the stop tokens (eos unless `ignore_eos`, and `stop_token_ids`) cannot
     /// be sampled and do not stop. `0` turns it off.
     pub min_tokens: u32,
+    /// `None`: no logprobs. `Some(k)`: each generated token carries its own
+    /// logprob and the `k` most likely tokens' (`k` in `0..=`[`MAX_TOP_LOGPROBS`]),
+    /// taken from the raw logits (see [`TokenLogprobs`]).
+    pub logprobs: Option<u32>,
+}
+
+/// Most `top` entries a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Log-probabilities of one generated token, vLLM's "raw" logprobs: the
+/// log-softmax of the model's logits row before logit bias, penalties and
+/// temperature, so they describe the model, not the sampling settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's logprob.
+    pub logprob: f32,
+    /// The most likely tokens and their logprobs, most likely first, equal
+    /// logprobs by lower id. NaN logits never appear.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The logprobs of `chosen` and the `k` most likely tokens of a raw
+    /// logits row. NaN logits count as impossible (`-inf`).
+    pub fn from_logits(raw: &[f32], chosen: u32, k: usize) -> Self {
+        let lse = log_sum_exp(raw);
+        let logprob = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l - lse };
+        let chosen_logit = raw.get(chosen as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        Self {
+            logprob: logprob(chosen_logit),
+            top: top_k(raw, k).into_iter().map(|(id, l)| (id, logprob(l))).collect(),
+        }
+    }
+}
+
+/// `ln(sum(exp(l)))` over the row's numbers, shifted by the max so it never
+/// overflows; NaN logits are left out.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if max.is_infinite() {
+        return max;
+    }
+    let sum: f64 = row.iter().filter(|l| !l.is_nan()).map(|&l| f64::from(l - max).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// The `k` largest logits with their ids, largest first, ties by lower id,
+/// NaN left out. One pass with a sorted buffer of `k`: no vocab-sized
+/// allocation, and `k` is small (at most [`MAX_TOP_LOGPROBS`]).
+fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return top;
+    }
+    for (i, &l) in row.iter().enumerate() {
+        if l.is_nan() || (top.len() == k && l <= top[k - 1].1) {
+            continue;
+        }
+        // Ids grow along the row, so an equal logit already kept wins the tie.
+        let at = top.partition_point(|&(_, t)| t >= l);
+        top.insert(at, (i as u32, l));
+        top.truncate(k);
+    }
+    top
 }
 
 impl Default for SamplingParams {
@@ -89,6 +153,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             ignore_eos: false,
             min_tokens: 0,
+            logprobs: None,
         }
     }
 }
@@ -117,6 +182,8 @@ pub struct Sampler {
     /// Generated tokens so far, a provided first token included.
     num_generated: usize,
     penalties: Penalties,
+    /// `SamplingParams::logprobs`.
+    logprobs: Option<u32>,
 }
 
 /// Repetition, presence and frequency penalties, and the token history they
@@ -209,7 +276,15 @@ impl Sampler {
             ignore_eos: params.ignore_eos,
             num_generated: 0,
             penalties,
+            logprobs: params.logprobs,
         }
+    }
+
+    /// Draws from stream `stream` of the seeded generator instead of stream 0:
+    /// the choices of one request share a seed and differ by stream.
+    pub fn with_stream(mut self, stream: u64) -> Self {
+        self.rng.set_stream(stream);
+        self
     }
 
     /// The model's eos tokens, masked under `min_tokens` unless `ignore_eos`.
@@ -231,8 +306,19 @@ impl Sampler {
     }
 
     /// Counts a token generated elsewhere (a prefill worker's first token) as
-    /// this sequence's output; [`Sampler::sample`] does so for its own.
+    /// this sequence's output. Sampling it there took one draw from the same
+    /// seeded stream (unless greedy), so the RNG skips that draw: the next
+    /// token is drawn where a sampler that made the first one would draw it,
+    /// and a seeded request gives the same tokens disaggregated or not.
     pub fn record(&mut self, token: u32) {
+        if self.temperature != 0.0 {
+            let _skipped: f64 = self.rng.random();
+        }
+        self.observe(token);
+    }
+
+    /// Counts a generated token for the penalties and `min_tokens`.
+    fn observe(&mut self, token: u32) {
         self.num_generated += 1;
         self.penalties.observe_output(token);
     }
@@ -245,8 +331,20 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.process(logits);
         let token = self.choose(logits);
-        self.record(token);
+        self.observe(token);
         token
+    }
+
+    /// [`Sampler::sample`], plus the token's logprobs when the request asked
+    /// for them. Only then is the raw row copied (sampling processes it in
+    /// place, the logprobs describe it unprocessed).
+    pub fn sample_with_logprobs(&mut self, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
+        let Some(k) = self.logprobs else {
+            return (self.sample(logits), None);
+        };
+        let raw = logits.to_vec();
+        let token = self.sample(logits);
+        (token, Some(TokenLogprobs::from_logits(&raw, token, k as usize)))
     }
 
     /// Steps 1 to 3 of the module docs.
@@ -618,6 +716,92 @@ mod tests {
         let mut s = greedy_with(SamplingParams { presence_penalty: 1.0, ..SamplingParams::default() });
         s.record(1);
         assert_eq!(sample_copy(&mut s, &row), 0);
+    }
+
+    /// Log-softmax computed the slow, obvious way, in f64.
+    fn log_softmax(row: &[f32]) -> Vec<f64> {
+        let z: f64 = row.iter().map(|&l| f64::from(l).exp()).sum();
+        row.iter().map(|&l| f64::from(l) - z.ln()).collect()
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_raw_row() {
+        let row = [0.5, 2.0, 1.9, -1.0, 2.0, 0.0, 1.0];
+        let want = log_softmax(&row);
+        // Bias, penalties and temperature change the draw, not the logprobs.
+        let p = SamplingParams {
+            temperature: 0.7,
+            logit_bias: vec![(3, 5.0)],
+            presence_penalty: 1.0,
+            logprobs: Some(3),
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(&p, 4);
+        for _ in 0..20 {
+            let (token, logprobs) = s.sample_with_logprobs(&mut row.to_vec());
+            let logprobs = logprobs.expect("asked for");
+            assert!((f64::from(logprobs.logprob) - want[token as usize]).abs() < 1e-5, "{token} {logprobs:?}");
+            // Sorted most likely first, ties (1 and 4) by the lower id.
+            let ids: Vec<u32> = logprobs.top.iter().map(|&(id, _)| id).collect();
+            assert_eq!(ids, [1, 4, 2]);
+            for &(id, lp) in &logprobs.top {
+                assert!((f64::from(lp) - want[id as usize]).abs() < 1e-5, "{id}: {lp}");
+            }
+            let mass: f32 = logprobs.top.iter().map(|&(_, lp)| lp.exp()).sum();
+            assert!(mass <= 1.0 + 1e-6, "{mass}");
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_top_logprob_and_k_zero_gives_only_the_chosen() {
+        let row = [0.1, -3.0, 4.0, 3.9, f32::NAN, f32::NEG_INFINITY];
+        let mut s = Sampler::new(&SamplingParams { logprobs: Some(20), ..SamplingParams::greedy(4) }, 1);
+        let (token, logprobs) = s.sample_with_logprobs(&mut row.to_vec());
+        let logprobs = logprobs.unwrap();
+        assert_eq!(token, 2);
+        assert_eq!(logprobs.top[0], (token, logprobs.logprob));
+        // NaN never appears; a -inf logit is a -inf logprob; k past the row is the row.
+        assert_eq!(logprobs.top.iter().map(|&(id, _)| id).collect::<Vec<_>>(), [2, 3, 0, 1, 5]);
+        assert_eq!(logprobs.top[4].1, f32::NEG_INFINITY);
+        let mass: f32 = logprobs.top.iter().map(|&(_, lp)| lp.exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-5, "{mass}");
+
+        let mut s = Sampler::new(&SamplingParams { logprobs: Some(0), ..SamplingParams::greedy(4) }, 1);
+        let (_, logprobs) = s.sample_with_logprobs(&mut row.to_vec());
+        let logprobs = logprobs.unwrap();
+        assert!(logprobs.top.is_empty());
+        assert!(
+            (f64::from(logprobs.logprob) - (4.0 - (0.1f64.exp() + (-3f64).exp() + 4f64.exp() + 3.9f64.exp()).ln()))
+                .abs()
+                < 1e-5
+        );
+    }
+
+    #[test]
+    fn a_recorded_token_takes_the_draw_that_sampled_it() {
+        let p = params(1.0, 0, 1.0);
+        let mut here = Sampler::new(&p, 9);
+        let first = sample_copy(&mut here, &ROW);
+        let rest: Vec<u32> = (0..16).map(|_| sample_copy(&mut here, &ROW)).collect();
+        let mut elsewhere = Sampler::new(&p, 9);
+        elsewhere.record(first);
+        assert_eq!((0..16).map(|_| sample_copy(&mut elsewhere, &ROW)).collect::<Vec<_>>(), rest);
+    }
+
+    #[test]
+    fn streams_of_one_seed_differ_and_stream_0_is_the_plain_sampler() {
+        let p = params(1.0, 0, 1.0);
+        let draw = |s: &mut Sampler| (0..32).map(|_| sample_copy(s, &ROW)).collect::<Vec<_>>();
+        let plain = draw(&mut Sampler::new(&p, 5));
+        assert_eq!(draw(&mut Sampler::new(&p, 5).with_stream(0)), plain);
+        assert_ne!(draw(&mut Sampler::new(&p, 5).with_stream(1)), plain);
+        assert_eq!(draw(&mut Sampler::new(&p, 5).with_stream(1)), draw(&mut Sampler::new(&p, 5).with_stream(1)));
+    }
+
+    #[test]
+    fn no_logprobs_unless_asked() {
+        let mut s = Sampler::new(&SamplingParams::default(), 1);
+        assert_eq!(s.sample_with_logprobs(&mut ROW.to_vec()).1, None);
     }
 
     #[test]

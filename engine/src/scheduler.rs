@@ -60,12 +60,29 @@
 //! registered the same way once its first step ran. Finishing, aborting and
 //! preempting drop references; unowned cached blocks stay reusable until
 //! evicted (see [`crate::block_manager`]).
+//!
+//! # Parallel sampling (`n > 1`)
+//!
+//! A request with `n` choices is one sequence until its prompt is computed,
+//! so the prompt is prefilled once. The step that computes the prompt's last
+//! token samples `n` tokens from that one logits row, and the sequence forks:
+//! choice 0 keeps the blocks, every other choice shares the prompt's full
+//! blocks (one more reference each) and gets a copy of the last, partial
+//! block, which it will write its own tokens into ([`Scheduler::take_block_copies`]
+//! for the engine to apply before the next forward pass). From there each
+//! choice is a sequence of its own: it stops, is preempted and recomputed
+//! (prompt + its own tokens) alone. With provided KV the fork happens at
+//! admission, from the `n` first tokens the prefill worker sampled. A choice
+//! that cannot get its partial block at the fork is queued for recompute.
+//! A request admitted with `n` choices reserves `n` of `max_num_seqs`.
 
 use crate::batch::ForwardBatch;
 use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
 use crate::engine::{EngineEvent, FinishReason};
+use crate::sampler::TokenLogprobs;
 use cluster::block_hash::extend_block_hashes;
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,17 +123,20 @@ pub struct NewSequence {
     /// Salts the block hashes: only sequences with the same salt share
     /// cached blocks (the request's `cache_salt` bytes, empty if none).
     pub cache_salt: Vec<u8>,
-    /// KV of the prompt computed elsewhere, plus the token sampled there.
+    /// KV of the prompt computed elsewhere, plus the tokens sampled there.
     pub provided: Option<ProvidedKv>,
     /// Lower values are served first; ties by arrival.
     pub priority: i32,
+    /// Choices (at least 1) that share the prompt (see the module docs).
+    pub n: usize,
 }
 
-/// The prompt's KV in the hand-off format and the first generated token.
+/// The prompt's KV in the hand-off format and the first generated token of
+/// each choice (`n` of them, choice order).
 #[derive(Clone)]
 pub struct ProvidedKv {
     pub data: Vec<u8>,
-    pub first_token: u32,
+    pub first_tokens: Vec<u32>,
 }
 
 impl std::fmt::Debug for ProvidedKv {
@@ -124,9 +144,16 @@ impl std::fmt::Debug for ProvidedKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProvidedKv")
             .field("data_len", &self.data.len())
-            .field("first_token", &self.first_token)
+            .field("first_tokens", &self.first_tokens)
             .finish()
     }
+}
+
+/// A token sampled for one sequence of a step, with its logprobs if asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Everything one step does, in order: write provided KV, then run one
@@ -135,7 +162,17 @@ impl std::fmt::Debug for ProvidedKv {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StepPlan {
     pub kv_writes: Vec<KvWrite>,
+    /// Blocks to copy (`src -> dst`) after `kv_writes`, before the forward
+    /// pass: forked choices' own copies of a partial prompt block.
+    pub block_copies: Vec<BlockCopy>,
     pub seqs: Vec<ScheduledSeq>,
+}
+
+/// Copy block `src`'s KV into block `dst` (a fork's partial prompt block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
 }
 
 /// Provided KV to copy into freshly allocated blocks before the forward pass.
@@ -169,12 +206,15 @@ pub struct ScheduledSeq {
     /// The chunk ends the sequence's known tokens: sample a token from its
     /// logits. False for a prefill chunk that is not the last.
     pub need_logits: bool,
+    /// With `need_logits`, the choices that sample from this row: just the
+    /// sequence's own, or all `n` at the fork step (each with its own sampler).
+    pub choices: Range<u32>,
 }
 
 impl StepPlan {
     /// Whether the step has nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.kv_writes.is_empty() && self.seqs.is_empty()
+        self.kv_writes.is_empty() && self.block_copies.is_empty() && self.seqs.is_empty()
     }
 
     /// The forward batch of the step.
@@ -195,11 +235,22 @@ impl StepPlan {
     pub fn num_logits(&self) -> usize {
         self.seqs.iter().filter(|s| s.need_logits).count()
     }
+
+    /// Tokens sampled in all: one per row, `n` per forking row.
+    pub fn num_samples(&self) -> usize {
+        self.seqs.iter().filter(|s| s.need_logits).map(|s| s.choices.len()).sum()
+    }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Sequence {
     id: String,
+    /// Which of the request's choices this is (0 before the fork).
+    choice: u32,
+    /// Choices this sequence stands for: `n` until it forks, then 1.
+    fork: usize,
+    /// With provided KV: the first tokens of choices `1..n`, forked at admission.
+    provided_forks: Vec<u32>,
     /// Prompt, then every generated token (the last one not yet fed).
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -240,7 +291,18 @@ impl Sequence {
             prompt_len: self.prompt_len,
             block_table: self.blocks.clone(),
             need_logits: end == self.tokens.len(),
+            choices: self.choice..self.choice + self.fork as u32,
         }
+    }
+
+    /// Whether this is the sequence's request and choice.
+    fn is(&self, request_id: &str, choice: u32) -> bool {
+        self.id == request_id && self.choice == choice
+    }
+
+    /// The request's choices this sequence stands for.
+    fn choices(&self) -> Range<u32> {
+        self.choice..self.choice + self.fork as u32
     }
 
     /// Tokens without KV yet.
@@ -278,6 +340,8 @@ pub struct Scheduler {
     /// requests may pin the same (shared prefix) block.
     held: HashMap<u32, u32>,
     events: Vec<(String, EngineEvent)>,
+    /// Copies of forks made in `finish_step`, for the engine to apply at once.
+    block_copies: Vec<BlockCopy>,
     num_preemptions: u64,
     num_arrivals: u64,
 }
@@ -293,6 +357,7 @@ impl Scheduler {
             pins: HashMap::new(),
             held: HashMap::new(),
             events: Vec::new(),
+            block_copies: Vec::new(),
             num_preemptions: 0,
             num_arrivals: 0,
         }
@@ -304,6 +369,9 @@ impl Scheduler {
         let prompt_len = new.prompt.len();
         let mut seq = Sequence {
             id: new.request_id,
+            choice: 0,
+            fork: new.n.max(1),
+            provided_forks: Vec::new(),
             tokens: new.prompt,
             prompt_len,
             num_computed: 0,
@@ -325,9 +393,11 @@ impl Scheduler {
         self.num_arrivals += 1;
         if let Some(p) = new.provided {
             // The first token counts as generated but is fed by the first step.
-            seq.tokens.push(p.first_token);
+            let mut firsts = p.first_tokens.into_iter();
+            seq.tokens.extend(firsts.next());
             seq.num_generated = 1;
             seq.provided_kv = Some(p.data);
+            seq.provided_forks = firsts.collect();
         }
         self.enqueue(seq);
     }
@@ -355,59 +425,165 @@ impl Scheduler {
     /// `sampled[i]` is the token of the `i`-th sequence of `plan` with
     /// `need_logits`. Finishes the sequences that stop.
     pub fn finish_step(&mut self, plan: &StepPlan, sampled: &[u32]) {
-        debug_assert_eq!(plan.num_logits(), sampled.len());
-        let mut sampled = sampled.iter().copied();
+        self.finish_step_with(plan, sampled.iter().map(|&id| SampledToken { id, logprobs: None }).collect());
+    }
+
+    /// [`Self::finish_step`] with each token's logprobs, which its `Token`
+    /// event carries.
+    /// `sampled` holds `chunk.choices.len()` tokens per chunk with logits, in
+    /// choice order: more than one forks the sequence (see the module docs).
+    pub fn finish_step_with(&mut self, plan: &StepPlan, sampled: Vec<SampledToken>) {
+        debug_assert_eq!(plan.num_samples(), sampled.len());
+        let mut sampled = sampled.into_iter();
         for chunk in &plan.seqs {
-            let token = if chunk.need_logits { sampled.next() } else { None };
+            let tokens: Vec<SampledToken> =
+                if chunk.need_logits { sampled.by_ref().take(chunk.choices.len()).collect() } else { Vec::new() };
             // A sequence dropped since `schedule` no longer wants its token.
-            let Some(pos) = self.running.iter().position(|s| s.id == chunk.request_id) else {
+            let Some(pos) = self.running.iter().position(|s| s.is(&chunk.request_id, chunk.choices.start)) else {
                 continue;
             };
             let seq = &mut self.running[pos];
             seq.num_computed = chunk.context_start + chunk.tokens.len();
             register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
-            let Some(token) = token else {
+            let mut tokens = tokens.into_iter();
+            let Some(first) = tokens.next() else {
                 continue;
             };
-            seq.tokens.push(token);
+            // Choices 1.. fork off before choice 0 may finish and free the
+            // blocks they share.
+            let forks: Vec<SampledToken> = tokens.collect();
+            if !forks.is_empty() {
+                let parent = self.running[pos].clone();
+                self.running[pos].fork = 1;
+                for (i, token) in forks.into_iter().enumerate() {
+                    self.start_fork(&parent, i as u32 + 1, token);
+                }
+            }
+            let seq = &mut self.running[pos];
+            seq.tokens.push(first.id);
             seq.num_generated += 1;
-            self.events.push((seq.id.clone(), EngineEvent::Token(token)));
-            let stop = seq.num_generated > seq.min_tokens
-                && (seq.stop_token_ids.contains(&token)
-                    || (!seq.ignore_eos && self.config.eos_token_ids.contains(&token)));
-            let reason = if stop { Some(FinishReason::Stop) } else { seq.length_limit(self.config.max_model_len) };
-            if let Some(reason) = reason {
+            let event = EngineEvent::Token { index: seq.choice, id: first.id, logprobs: first.logprobs };
+            self.events.push((seq.id.clone(), event));
+            if let Some(reason) = self.stop_reason(&self.running[pos], first.id) {
                 let seq = self.running.remove(pos);
                 self.finish(seq, reason);
             }
         }
     }
 
+    /// Why a sequence that just generated `token` ends, if it does.
+    fn stop_reason(&self, seq: &Sequence, token: u32) -> Option<FinishReason> {
+        let stop = seq.num_generated > seq.min_tokens
+            && (seq.stop_token_ids.contains(&token) || (!seq.ignore_eos && self.config.eos_token_ids.contains(&token)));
+        if stop {
+            Some(FinishReason::Stop)
+        } else {
+            seq.length_limit(self.config.max_model_len)
+        }
+    }
+
+    /// Choice `choice` of `parent` (whose prompt is computed and whose own
+    /// first token is not pushed yet) with its first token sampled: emits the
+    /// token, then finishes the choice or runs it (its block copy queued in
+    /// `block_copies`) or queues it for recompute when no block is free.
+    fn start_fork(&mut self, parent: &Sequence, choice: u32, token: SampledToken) {
+        let mut child = self.fork_child(parent, choice, token.id);
+        let event = EngineEvent::Token { index: choice, id: token.id, logprobs: token.logprobs };
+        self.events.push((child.id.clone(), event));
+        if let Some(reason) = self.stop_reason(&child, token.id) {
+            self.finish(child, reason);
+            return;
+        }
+        let mut copies = Vec::new();
+        if self.share_prompt_blocks(parent, &mut child, &mut copies) {
+            self.block_copies.extend(copies);
+            self.running.push(child);
+        } else {
+            self.num_preemptions += 1;
+            self.enqueue(child);
+        }
+    }
+
+    /// Choice `choice` of `parent`: the prompt, then `first`; no blocks yet.
+    fn fork_child(&self, parent: &Sequence, choice: u32, first: u32) -> Sequence {
+        let mut child = parent.clone();
+        child.choice = choice;
+        child.fork = 1;
+        child.provided_forks = Vec::new();
+        child.provided_kv = None;
+        child.tokens.truncate(parent.prompt_len);
+        child.tokens.push(first);
+        child.num_generated = 1;
+        child.blocks = Vec::new();
+        child.num_computed = 0;
+        child.num_registered = 0;
+        child
+    }
+
+    /// Gives `child` the parent's prompt KV: a reference on each full prompt
+    /// block and a fresh copy of the partial one (pushed to `copies`). False,
+    /// with nothing held, when no block is free for the copy.
+    fn share_prompt_blocks(&mut self, parent: &Sequence, child: &mut Sequence, copies: &mut Vec<BlockCopy>) -> bool {
+        let bs = self.config.block_size;
+        let full = parent.prompt_len / bs;
+        let mut blocks = parent.blocks[..full].to_vec();
+        if !parent.prompt_len.is_multiple_of(bs) {
+            let Some(fresh) = self.blocks.allocate(1) else {
+                return false;
+            };
+            copies.push(BlockCopy { src: parent.blocks[full], dst: fresh[0] });
+            blocks.extend(fresh);
+        }
+        self.blocks.retain(&parent.blocks[..full]);
+        child.blocks = blocks;
+        child.num_computed = parent.prompt_len;
+        child.num_registered = parent.num_registered.min(full);
+        child.hashes.truncate(full);
+        true
+    }
+
+    /// Block copies of forks made by [`Self::finish_step_with`], to apply to
+    /// the KV storage before anything else allocates (their sources may have
+    /// been freed by a choice that finished in the same step).
+    pub fn take_block_copies(&mut self) -> Vec<BlockCopy> {
+        std::mem::take(&mut self.block_copies)
+    }
+
     /// Ends a request at the client's wish: everything it owns is freed and it
     /// hears `Finished { Abort }`. False if the request is not here.
+    /// Every choice still here hears it.
     pub fn abort(&mut self, request_id: &str) -> bool {
-        let Some(seq) = self.take(request_id) else {
+        let seqs = self.take_all(request_id);
+        if seqs.is_empty() {
             return false;
-        };
+        }
         tracing::debug!(request_id, "aborted");
-        self.blocks.free_table(&seq.blocks);
-        let event = EngineEvent::Finished {
-            reason: FinishReason::Abort,
-            pinned_blocks: None,
-            num_prompt_tokens: seq.prompt_len,
-            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
-        };
-        self.events.push((seq.id, event));
+        for seq in seqs {
+            self.blocks.free_table(&seq.blocks);
+            for index in seq.choices() {
+                let event = EngineEvent::Finished {
+                    index,
+                    reason: FinishReason::Abort,
+                    pinned_blocks: None,
+                    num_prompt_tokens: seq.prompt_len,
+                    num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
+                };
+                self.events.push((seq.id.clone(), event));
+            }
+        }
         true
     }
 
     /// Drops a request silently (nobody is listening any more).
     pub fn remove(&mut self, request_id: &str) -> bool {
-        let Some(seq) = self.take(request_id) else {
+        let seqs = self.take_all(request_id);
+        if seqs.is_empty() {
             return false;
-        };
+        }
         tracing::debug!(request_id, "dropped: its receiver is gone");
-        self.blocks.free_table(&seq.blocks);
+        for seq in seqs {
+            self.blocks.free_table(&seq.blocks);
+        }
         true
     }
 
@@ -415,10 +591,14 @@ impl Scheduler {
     /// `Error(message)` and its blocks are freed.
     pub fn fail(&mut self, request_ids: &[&str], message: &str) {
         for &id in request_ids {
-            if let Some(seq) = self.take(id) {
-                self.blocks.free_table(&seq.blocks);
-                self.events.push((seq.id, EngineEvent::Error(message.to_string())));
+            let seqs = self.take_all(id);
+            if seqs.is_empty() {
+                continue;
             }
+            for seq in &seqs {
+                self.blocks.free_table(&seq.blocks);
+            }
+            self.events.push((id.to_string(), EngineEvent::Error(message.to_string())));
         }
     }
 
@@ -511,7 +691,7 @@ impl Scheduler {
     /// budget). True if anything was preempted.
     fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) -> bool {
         let bs = self.config.block_size;
-        let mut planned: Vec<(String, usize)> = Vec::new();
+        let mut planned: Vec<(String, u32, usize)> = Vec::new();
         let mut preempted = false;
         for decodes in [true, false] {
             let mut i = 0;
@@ -535,13 +715,13 @@ impl Scheduler {
                     };
                     self.running[i].blocks.extend(ids);
                 }
-                planned.push((self.running[i].id.clone(), n));
+                planned.push((self.running[i].id.clone(), self.running[i].choice, n));
                 *budget -= n;
                 i += 1;
             }
         }
-        for (id, n) in planned {
-            let seq = self.running.iter().find(|s| s.id == id).expect("planned sequences are running");
+        for (id, choice, n) in planned {
+            let seq = self.running.iter().find(|s| s.is(&id, choice)).expect("planned sequences are running");
             plan.seqs.push(seq.chunk(n));
         }
         preempted
@@ -549,12 +729,12 @@ impl Scheduler {
 
     /// Preempts the worst-ranked running sequence, unplanning it. Returns
     /// the index it had in `running`.
-    fn preempt_worst(&mut self, planned: &mut Vec<(String, usize)>, budget: &mut usize) -> usize {
+    fn preempt_worst(&mut self, planned: &mut Vec<(String, u32, usize)>, budget: &mut usize) -> usize {
         let (victim, _) =
             self.running.iter().enumerate().max_by_key(|(_, s)| s.rank()).expect("a sequence asked for blocks");
         let seq = self.running.remove(victim);
-        if let Some(p) = planned.iter().position(|(id, _)| *id == seq.id) {
-            *budget += planned.remove(p).1;
+        if let Some(p) = planned.iter().position(|(id, choice, _)| seq.is(id, *choice)) {
+            *budget += planned.remove(p).2;
         }
         self.preempt(seq);
         victim
@@ -586,7 +766,7 @@ impl Scheduler {
     /// chunk of its prompt.
     fn admit(&mut self, plan: &mut StepPlan, budget: &mut usize) {
         let bs = self.config.block_size;
-        while self.running.len() < self.config.max_num_seqs && *budget > 0 {
+        while *budget > 0 {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
@@ -594,8 +774,17 @@ impl Scheduler {
             if let Some(error) = self.never_admissible(seq, needed) {
                 let seq = self.waiting.pop_front().expect("front exists");
                 tracing::debug!(request_id = %seq.id, %error, "rejected at admission");
+                // The request is over: its other choices go with it.
+                for other in self.take_all(&seq.id) {
+                    self.blocks.free_table(&other.blocks);
+                }
                 self.events.push((seq.id, EngineEvent::Error(error)));
                 continue;
+            }
+            // A sequence that will fork reserves a place for every choice.
+            let occupied: usize = self.running.iter().map(|s| s.fork).sum();
+            if occupied + seq.fork > self.config.max_num_seqs {
+                break;
             }
             // Strict order: a large request at the front waits for room
             // rather than being overtaken forever by small ones.
@@ -617,10 +806,26 @@ impl Scheduler {
                 let block_ids = seq.blocks[..blocks_for(seq.prompt_len, bs)].to_vec();
                 plan.kv_writes.push(KvWrite { request_id: seq.id.clone(), block_ids, data });
                 seq.num_computed = seq.prompt_len;
-                // The provided first token may already be the last one allowed.
+                let forks = std::mem::take(&mut seq.provided_forks);
+                seq.fork = 1;
+                // The provided first tokens may already be the last ones allowed
+                // (every choice has generated one token, of the same prompt).
                 if let Some(reason) = seq.length_limit(self.config.max_model_len) {
+                    for index in 1..=forks.len() as u32 {
+                        self.events.push((seq.id.clone(), Self::finished_event(&seq, index, reason, None)));
+                    }
                     self.finish(seq, reason);
                     continue;
+                }
+                // The other choices run from the next step, as decodes of their first token.
+                for (i, &first) in forks.iter().enumerate() {
+                    let mut child = self.fork_child(&seq, i as u32 + 1, first);
+                    if self.share_prompt_blocks(&seq, &mut child, &mut plan.block_copies) {
+                        self.running.push(child);
+                    } else {
+                        self.num_preemptions += 1;
+                        self.enqueue(child);
+                    }
                 }
             }
             plan.seqs.push(seq.chunk(n));
@@ -649,6 +854,9 @@ impl Scheduler {
 
     /// Why a waiting sequence can never run, if so.
     fn never_admissible(&self, seq: &Sequence, needed: usize) -> Option<String> {
+        if seq.fork > self.config.max_num_seqs {
+            return Some(format!("{} choices exceed max_num_seqs {}", seq.fork, self.config.max_num_seqs));
+        }
         if needed > self.config.num_blocks {
             return Some(format!(
                 "sequence of {} tokens needs {needed} KV blocks of {} tokens, the whole cache has {}",
@@ -674,8 +882,9 @@ impl Scheduler {
 
     /// Ends a sequence normally: with `pin_on_finish` the blocks covering the
     /// prompt become held (and are reported), the rest are freed.
+    /// Only choice 0 pins: the prompt's blocks are the same KV for every choice.
     fn finish(&mut self, seq: Sequence, reason: FinishReason) {
-        let pinned_blocks = if seq.pin_on_finish {
+        let pinned_blocks = if seq.pin_on_finish && seq.choice == 0 {
             let n = blocks_for(seq.prompt_len, self.config.block_size);
             let (pinned, rest) = seq.blocks.split_at(n);
             self.blocks.free_table(rest);
@@ -689,20 +898,43 @@ impl Scheduler {
             self.blocks.free_table(&seq.blocks);
             None
         };
-        tracing::debug!(request_id = %seq.id, ?reason, num_generated = seq.num_generated, ?pinned_blocks, "finished");
-        let num_cached_tokens = seq.num_cached_tokens.unwrap_or(0);
-        let event =
-            EngineEvent::Finished { reason, pinned_blocks, num_prompt_tokens: seq.prompt_len, num_cached_tokens };
+        tracing::debug!(request_id = %seq.id, choice = seq.choice, ?reason, num_generated = seq.num_generated, ?pinned_blocks, "finished");
+        let event = Self::finished_event(&seq, seq.choice, reason, pinned_blocks);
         self.events.push((seq.id, event));
     }
 
-    /// Removes a sequence from whichever queue holds it.
-    fn take(&mut self, request_id: &str) -> Option<Sequence> {
-        if let Some(pos) = self.running.iter().position(|s| s.id == request_id) {
-            return Some(self.running.remove(pos));
+    /// `Finished` for choice `index` of `seq`'s request.
+    fn finished_event(
+        seq: &Sequence,
+        index: u32,
+        reason: FinishReason,
+        pinned_blocks: Option<Vec<u32>>,
+    ) -> EngineEvent {
+        EngineEvent::Finished {
+            index,
+            reason,
+            pinned_blocks,
+            num_prompt_tokens: seq.prompt_len,
+            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
         }
-        let pos = self.waiting.iter().position(|s| s.id == request_id)?;
-        self.waiting.remove(pos)
+    }
+
+    /// Removes every sequence (choice) of a request from the queues.
+    fn take_all(&mut self, request_id: &str) -> Vec<Sequence> {
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].id == request_id {
+                taken.push(self.running.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let (mine, others): (VecDeque<Sequence>, VecDeque<Sequence>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|s| s.id == request_id);
+        self.waiting = others;
+        taken.extend(mine);
+        taken
     }
 }
 

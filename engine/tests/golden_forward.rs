@@ -181,49 +181,58 @@ fn invalid_batches_are_rejected() {
     assert!(model().model.forward(&batch, &mut cache).is_err());
 }
 
-/// Rough throughput: `cargo test -p engine --test golden_forward speed -- --ignored --nocapture`.
+/// CPU seconds this process has used (utime + stime, in 10 ms ticks):
+/// unlike wall time, unaffected by other processes on a busy machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Rough throughput, wall and CPU time:
+/// `cargo test --release -p engine --test golden_forward speed -- --ignored --nocapture`
+/// (the bench command compares with llama.cpp).
 #[test]
 #[ignore = "timing, not a check"]
 fn speed() {
-    use engine::model::{load_gguf_with, LoadOptions};
     use std::time::Instant;
-    let path = model_path();
-    let prompt: Vec<u32> = (0..128).map(|i| 1000 + i * 7).collect();
-    for (f32_prefill, q4_1_to_q8_0) in [(true, true), (true, false), (false, true)] {
-        let options = LoadOptions { f32_prefill, q4_1_to_q8_0, ..LoadOptions::default() };
-        let m = load_gguf_with(&path, &options).unwrap().model;
-        let per_seq = 16;
-        let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, 4 * per_seq));
-        let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
+    let m = &model().model;
+    let per_seq = 40;
+    let report = |what: String, tokens: usize, wall: Instant, cpu: f64| {
+        let (wall, cpu) = (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        println!("{what}: {:.0} tok/s wall, {:.0} tok per CPU second", tokens as f64 / wall, tokens as f64 / cpu);
+    };
+    for prompt_len in [128usize, 512] {
+        let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 1000 + i * 7).collect();
+        let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, per_seq));
         let mut batch = ForwardBatch::default();
-        batch.push(&prompt, 0, prompt.len(), table(0), true);
+        batch.push(&prompt, 0, prompt.len(), blocks(0, per_seq), true);
         m.forward(&batch, &mut cache).unwrap(); // warm-up
-        let t = Instant::now();
-        let reps = 3;
+        let (wall, cpu) = (Instant::now(), cpu_seconds());
+        let reps = 4;
         for _ in 0..reps {
             m.forward(&batch, &mut cache).unwrap();
         }
-        let prefill = (reps * prompt.len()) as f64 / t.elapsed().as_secs_f64();
-        for seqs in [1usize, 4, 8] {
-            let steps = 32;
-            let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, 8 * per_seq));
+        report(format!("prefill {prompt_len}"), reps * prompt_len, wall, cpu);
+    }
+    let prompt: Vec<u32> = (0..128).map(|i| 1000 + i * 7).collect();
+    for seqs in [1usize, 4, 16] {
+        let steps = 64;
+        let mut cache = KvStorage::new(m.kv_shape(BLOCK_SIZE, seqs * per_seq));
+        let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
+        let mut batch = ForwardBatch::default();
+        for i in 0..seqs {
+            batch.push(&prompt, 0, prompt.len(), table(i), false);
+        }
+        m.forward(&batch, &mut cache).unwrap();
+        let (wall, cpu) = (Instant::now(), cpu_seconds());
+        for s in 0..steps {
             let mut batch = ForwardBatch::default();
             for i in 0..seqs {
-                batch.push(&prompt, 0, prompt.len(), table(i), false);
+                batch.push(&[1000 + s as u32], prompt.len() + s, prompt.len(), table(i), true);
             }
             m.forward(&batch, &mut cache).unwrap();
-            let t = Instant::now();
-            for s in 0..steps {
-                let mut batch = ForwardBatch::default();
-                for i in 0..seqs {
-                    batch.push(&[1000 + s as u32], prompt.len() + s, prompt.len(), table(i), true);
-                }
-                m.forward(&batch, &mut cache).unwrap();
-            }
-            let decode = (steps * seqs) as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "f32_prefill {f32_prefill} q8_0 {q4_1_to_q8_0}: prefill 128 tok {prefill:.0} tok/s; decode batch {seqs}: {decode:.1} tok/s total"
-            );
         }
+        report(format!("decode batch {seqs}"), steps * seqs, wall, cpu);
     }
 }

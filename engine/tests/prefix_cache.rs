@@ -28,12 +28,13 @@ fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) ->
         pin_on_finish: false,
         cache_salt: None,
         priority: 0,
+        n: 1,
     };
     let mut events = engine.submit(request).unwrap();
     let mut tokens = Vec::new();
     loop {
         match events.blocking_recv().expect("a final event") {
-            EngineEvent::Token(t) => tokens.push(t),
+            EngineEvent::Token { id: t, .. } => tokens.push(t),
             EngineEvent::Finished { num_cached_tokens, .. } => return (tokens, num_cached_tokens),
             EngineEvent::Error(e) => panic!("{id}: {e}"),
         }

@@ -7,6 +7,13 @@ use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 use worker::convert;
 
+/// One choice's first token and how it ended, as the engine reported them.
+#[derive(Default)]
+struct FirstToken {
+    token: Option<(u32, Option<engine::TokenLogprobs>)>,
+    reason: Option<engine::FinishReason>,
+}
+
 /// Runs prompts on the engine and pins their KV for remote decode.
 pub struct PrefillService {
     engine: EngineHandle,
@@ -22,6 +29,7 @@ impl PrefillService {
 
     async fn run(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
+        let n = convert::choices(req.sampling.as_ref())?;
         let sampling = convert::sampling(req.sampling)?;
         let remote_decode = match req.kv_transfer_params.map(KvTransferParams::try_from).transpose() {
             Ok(None) => false,
@@ -42,57 +50,80 @@ impl PrefillService {
             pin_on_finish: remote_decode,
             cache_salt: req.cache_salt,
             priority: 0,
+            n,
         };
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
-        let mut first = None;
+        // Every choice hears one token and `Finished`; choice 0's carries the pin.
+        let mut choices: Vec<FirstToken> = (0..n).map(|_| FirstToken::default()).collect();
+        let (mut pinned, mut num_cached_tokens) = (None, 0);
         while let Some(event) = events.recv().await {
             match event {
-                EngineEvent::Token(t) => first = Some(t),
-                EngineEvent::Finished { reason, pinned_blocks, num_cached_tokens, .. } => {
-                    let first = first.ok_or_else(|| Status::internal("engine finished without a token"))?;
-                    let mut response =
-                        self.answer(&req.request_id, first, reason, pinned_blocks, wanted_tokens, prompt_len);
-                    response.num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
-                    return Ok(response);
+                EngineEvent::Token { index, id, logprobs } => {
+                    let choice = choices.get_mut(index as usize).ok_or_else(|| Status::internal("bad choice"))?;
+                    choice.token = Some((id, logprobs));
+                }
+                EngineEvent::Finished { index, reason, pinned_blocks, num_cached_tokens: cached, .. } => {
+                    let choice = choices.get_mut(index as usize).ok_or_else(|| Status::internal("bad choice"))?;
+                    choice.reason = Some(reason);
+                    pinned = pinned.or(pinned_blocks);
+                    num_cached_tokens = cached;
                 }
                 EngineEvent::Error(e) => return Err(Status::internal(e)),
             }
         }
-        Err(Status::internal("engine dropped the request"))
+        let mut response = self.answer(&req.request_id, choices, pinned, wanted_tokens, prompt_len)?;
+        response.num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
+        Ok(response)
     }
 
-    /// Decides whether the first token ends the request; pins the KV when it does not.
+    /// Decides which choices end on their first token; pins the KV when any goes on.
     fn answer(
         &self,
         request_id: &str,
-        first: u32,
-        reason: engine::FinishReason,
+        choices: Vec<FirstToken>,
         pinned: Option<Vec<u32>>,
         wanted_tokens: u32,
         prompt_len: usize,
-    ) -> pb::PrefillResponse {
-        let finish = match reason {
-            engine::FinishReason::Length if wanted_tokens > 1 && !self.at_context_end(prompt_len) => None,
-            engine::FinishReason::Length => Some(pb::FinishReason::Length),
-            other => Some(convert::finish_reason(other)),
-        };
+    ) -> Result<pb::PrefillResponse, Status> {
+        let mut wire = Vec::with_capacity(choices.len());
+        for choice in choices {
+            let ((token_id, logprobs), reason) = choice
+                .token
+                .zip(choice.reason)
+                .ok_or_else(|| Status::internal("engine finished a choice without a token"))?;
+            let finish = match reason {
+                engine::FinishReason::Length if wanted_tokens > 1 && !self.at_context_end(prompt_len) => None,
+                engine::FinishReason::Length => Some(pb::FinishReason::Length),
+                other => Some(convert::finish_reason(other)),
+            };
+            wire.push(pb::PrefillChoice {
+                token_id,
+                // The decode worker never emits the first token: its logprobs travel from here.
+                logprobs: logprobs.map(convert::logprobs),
+                finish_reason: finish.unwrap_or(pb::FinishReason::Unspecified) as i32,
+            });
+        }
+        let first = wire.first().cloned().ok_or_else(|| Status::internal("no choice"))?;
+        let all_finished = wire.iter().all(|c| c.finish_reason() != pb::FinishReason::Unspecified);
         let mut response = pb::PrefillResponse {
             request_id: request_id.to_string(),
-            first_token_id: first,
-            finish_reason: finish.unwrap_or(pb::FinishReason::Unspecified) as i32,
+            first_token_id: first.token_id,
+            finish_reason: if all_finished { first.finish_reason } else { pb::FinishReason::Unspecified as i32 },
             kv_transfer_params: None,
             num_cached_tokens: 0,
+            first_token_logprobs: first.logprobs,
+            choices: wire,
         };
-        match (finish, pinned) {
-            (None, Some(blocks)) => {
+        match (all_finished, pinned) {
+            (false, Some(blocks)) => {
                 let remote = self.connector.pin(request_id, blocks, prompt_len as u32);
                 response.kv_transfer_params = Some(KvTransferParams::RemotePrefill(remote).into());
             }
-            // Finished on the first token: nothing to hand off.
-            (Some(_), Some(blocks)) => self.engine.release_blocks(&blocks),
+            // Every choice finished on its first token: nothing to hand off.
+            (true, Some(blocks)) => self.engine.release_blocks(&blocks),
             (_, None) => {}
         }
-        response
+        Ok(response)
     }
 
     fn at_context_end(&self, prompt_len: usize) -> bool {

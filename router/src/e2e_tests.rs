@@ -46,6 +46,8 @@ impl Prefill for FakeWorker {
             finish_reason: FinishReason::Unspecified.into(),
             kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
             num_cached_tokens: 0,
+            first_token_logprobs: None,
+            choices: vec![],
         }))
     }
     async fn release_kv(&self, request: Request<ReleaseKvRequest>) -> Result<Response<ReleaseKvResponse>, Status> {
@@ -63,8 +65,13 @@ impl Decode for FakeWorker {
         first.extend(ids("ello"));
         self.decoded.lock().unwrap().push(request);
         let chunks = vec![
-            Ok(DecodeChunk { token_ids: first, finish_reason: 0 }),
-            Ok(DecodeChunk { token_ids: vec![EOS], finish_reason: FinishReason::Stop.into() }),
+            Ok(DecodeChunk { token_ids: first, finish_reason: 0, logprobs: vec![], index: 0 }),
+            Ok(DecodeChunk {
+                token_ids: vec![EOS],
+                finish_reason: FinishReason::Stop.into(),
+                logprobs: vec![],
+                index: 0,
+            }),
         ];
         Ok(Response::new(stream::iter(chunks).boxed()))
     }

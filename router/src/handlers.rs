@@ -95,35 +95,49 @@ async fn run<F: ChunkFormat>(
         created: unix_now(),
         model: model.served_name.clone(),
         prompt_token_ids: valid.return_token_ids.then(|| prompt.clone()),
+        logprobs: valid.sampling.logprobs.is_some(),
+        n: valid.sampling.n,
     };
-    let output = Output::new(model.tokenizer.clone(), valid.stops, valid.sampling.max_tokens);
+    // Each choice has its own detokenizer, stop strings and max_tokens count.
+    let outputs = (0..valid.sampling.n.max(1))
+        .map(|_| Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens))
+        .collect();
     let tokens = state.backend.generate(GenerateRequest {
         request_id: request_id.to_owned(),
         prompt_token_ids: prompt.clone(),
         sampling: valid.sampling,
     });
-    let deltas = deltas(tokens, output);
+    let deltas = deltas(tokens, outputs);
     if valid.stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
         return sse(stream).into_response();
     }
-    let collected = match collect(deltas).await {
+    let collected = match collect(deltas, meta.n).await {
         Ok(collected) => collected,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    tracing::info!(prompt_tokens = prompt.len(), completion_tokens = collected.token_ids.len(), "request done");
+    let completion_tokens: usize = collected.iter().map(|c| c.token_ids.len()).sum();
+    tracing::info!(prompt_tokens = prompt.len(), completion_tokens, "request done");
     Json(format.whole(&meta, prompt.len(), collected)).into_response()
 }
 
-async fn collect(mut deltas: BoxStream<'static, Result<Delta, BackendError>>) -> Result<Collected, BackendError> {
-    let mut out = Collected::default();
+/// Every choice's whole output, in choice order.
+async fn collect(
+    mut deltas: BoxStream<'static, Result<Delta, BackendError>>,
+    n: u32,
+) -> Result<Vec<Collected>, BackendError> {
+    let mut outs: Vec<Collected> = (0..n.max(1)).map(|_| Collected::default()).collect();
     while let Some(delta) = deltas.next().await {
         let delta = delta?;
+        let Some(out) = outs.get_mut(delta.index as usize) else {
+            return Err(BackendError::Worker(format!("a delta for choice {} of {n}", delta.index)));
+        };
         out.text.push_str(&delta.text);
         out.token_ids.extend(delta.token_ids);
+        out.logprobs.extend(delta.logprobs);
         out.finish = delta.finish.or(out.finish);
     }
-    Ok(out)
+    Ok(outs)
 }
 
 /// One streaming answer in the making.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::model::Model;
-use crate::pd::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenStream};
+use crate::pd::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
 use crate::server::{app, AppState};
 use crate::testutil::{card, ids, EOS};
 
@@ -29,9 +29,9 @@ impl Backend for FakeBackend {
 fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
     // "Hé" with the é split over two tokens, then " you" and eos.
     vec![
-        Ok(TokenChunk { token_ids: ids("H"), finish: None }),
-        Ok(TokenChunk { token_ids: ids("é you"), finish: None }),
-        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop) }),
+        Ok(TokenChunk { index: 0, token_ids: ids("H"), logprobs: vec![], finish: None }),
+        Ok(TokenChunk { index: 0, token_ids: ids("é you"), logprobs: vec![], finish: None }),
+        Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }),
     ]
 }
 
@@ -89,6 +89,107 @@ async fn chat_completion_body() {
                                      "total_tokens": prompt_tokens + 8})
     );
     assert_eq!(backend.seen.lock().unwrap()[0].request_id, "req-42");
+}
+
+/// "Hi" then eos, each with logprobs that name the token (logprob -id).
+fn chunks_with_logprobs() -> Vec<Result<TokenChunk, BackendError>> {
+    let lp = |id: u32| TokenLogprobs { logprob: -(id as f32), top: vec![(id, -(id as f32)), (b'z'.into(), -200.0)] };
+    vec![
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("Hi"),
+            logprobs: ids("Hi").into_iter().map(lp).collect(),
+            finish: None,
+        }),
+        Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![lp(EOS)], finish: Some(Finish::Stop) }),
+    ]
+}
+
+#[tokio::test]
+async fn chat_logprobs_body_and_stream() {
+    let (app, backend) = setup(chunks_with_logprobs());
+    let body = chat_body(json!({"logprobs": true, "top_logprobs": 2}));
+    let (status, whole) = post_json(app.clone(), "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(backend.seen.lock().unwrap()[0].sampling.logprobs, Some(2));
+    let entry = |token: &str, logprob: f64| {
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes(),
+               "top_logprobs": [{"token": token, "logprob": logprob, "bytes": token.as_bytes()},
+                                {"token": "z", "logprob": -200.0, "bytes": [122]}]})
+    };
+    let want = json!({"content": [entry("H", -72.0), entry("i", -105.0), entry("<eos>", -256.0)]});
+    assert_eq!(whole["choices"][0]["logprobs"], want);
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (_, text) = post(app, "/v1/chat/completions", &stream_body.to_string()).await;
+    let events = events(&text);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    // Each content chunk carries its own token's logprobs; eos rides with the finish.
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flat_map(|content| content.iter().cloned())
+        .collect();
+    assert_eq!(Value::Array(streamed), want["content"]);
+    for c in &chunks[1..] {
+        let content = c["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        let tokens: String = c["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["token"].as_str().unwrap())
+            .collect();
+        if !content.is_empty() {
+            assert_eq!(tokens, content);
+        }
+    }
+}
+
+#[tokio::test]
+async fn n_choices_each_with_index_finish_and_stop_strings() {
+    // Choice 0 says "ab!" then eos; choice 1 says "xy" and hits max_tokens; interleaved.
+    let chunk = |index, text: &str, finish| Ok(TokenChunk { index, token_ids: ids(text), logprobs: vec![], finish });
+    let chunks = vec![
+        chunk(1, "x", None),
+        chunk(0, "a", None),
+        chunk(0, "b!", None),
+        chunk(1, "y", Some(Finish::Length)),
+        Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }),
+    ];
+    let (app, backend) = setup(chunks);
+    let body = chat_body(json!({"n": 2, "stop": "!"}));
+    let (status, whole) = post_json(app.clone(), "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(backend.seen.lock().unwrap()[0].sampling.n, 2);
+    assert_eq!(
+        whole["choices"],
+        json!([{"index": 0, "message": {"role": "assistant", "content": "ab"}, "logprobs": null, "finish_reason": "stop"},
+               {"index": 1, "message": {"role": "assistant", "content": "xy"}, "logprobs": null, "finish_reason": "length"}])
+    );
+    // Completion tokens of both choices: "ab!" (the stop token counts) and "xy".
+    assert_eq!(whole["usage"]["completion_tokens"], 5);
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (_, text) = post(app, "/v1/chat/completions", &stream_body.to_string()).await;
+    let events = events(&text);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let mut texts = [String::new(), String::new()];
+    let mut finishes = [None, None];
+    let mut roles = 0;
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        roles += usize::from(choice["delta"]["role"] == "assistant");
+        texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            assert!(finishes[i].replace(reason.to_string()).is_none(), "choice {i} finished twice");
+        }
+    }
+    assert_eq!(roles, 2, "a role chunk per choice");
+    assert_eq!(texts, ["ab", "xy"]);
+    assert_eq!(finishes, [Some("stop".to_string()), Some("length".to_string())]);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 //! - [`openai`]: request and response types, chunk formats.
 //! - [`validation`]: OpenAI body -> [`validation::ValidRequest`], every bound checked.
 //! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
-//! - [`model`], [`template`], [`tokenize`]: model card -> tokenizer, chat template, prompt ids.
+//! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`cluster::chat_template`), prompt ids.
 //! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
 //! - [`placement`]: which worker serves a leg (round-robin for now).
 //! - [`workers`]: the gRPC clients and model-card loading.
@@ -23,7 +23,6 @@ pub mod pd;
 pub mod placement;
 pub mod server;
 pub mod stream;
-pub mod template;
 pub mod tokenize;
 pub mod validation;
 pub mod workers;

@@ -54,6 +54,11 @@ pub struct Sampling {
     pub ignore_eos: bool,
     /// No stop before this many tokens; at most `max_tokens`.
     pub min_tokens: u32,
+    /// `None`: no logprobs; `Some(k)`: each token's logprob and the `k`
+    /// (at most 20) most likely tokens'.
+    pub logprobs: Option<u32>,
+    /// Choices generated from the one prompt, in [1, 16].
+    pub n: u32,
 }
 
 impl Default for Sampling {
@@ -73,6 +78,8 @@ impl Default for Sampling {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             min_tokens: 0,
+            logprobs: None,
+            n: 1,
         }
     }
 }
@@ -107,11 +114,26 @@ impl Finish {
     }
 }
 
-/// Newly generated tokens; `finish` is set on the last chunk.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The logprobs of one generated token, as the workers computed them: the
+/// log-softmax of the raw logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token's logprob.
+    pub logprob: f32,
+    /// The most likely tokens and their logprobs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Newly generated tokens of one choice; `finish` is set on that choice's
+/// last chunk.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenChunk {
+    /// The choice, in `0..n`.
+    pub index: u32,
     /// New token ids, in order.
     pub token_ids: Vec<u32>,
+    /// With `Sampling::logprobs`: one entry per token id; else empty.
+    pub logprobs: Vec<TokenLogprobs>,
     /// Set when the generation is over.
     pub finish: Option<Finish>,
 }
@@ -141,8 +163,9 @@ impl BackendError {
     }
 }
 
-/// The generated tokens of one request. Ends after the chunk that carries a
-/// finish reason, or after an error.
+/// The generated tokens of one request, its choices' chunks interleaved.
+/// Ends once every choice's chunk with a finish reason went by, or after an
+/// error.
 pub type TokenStream = BoxStream<'static, Result<TokenChunk, BackendError>>;
 
 /// The seam between HTTP and the workers.
@@ -154,23 +177,33 @@ pub trait Backend: Send + Sync + 'static {
 /// What the prefill worker answered.
 #[derive(Debug, Clone)]
 pub struct PrefillOutcome {
-    /// The first generated token.
-    pub first_token_id: u32,
-    /// Set when the first token already ends the request.
-    pub finish: Option<Finish>,
-    /// Where the pinned KV waits, for the decode worker.
+    /// Each choice's first token, in choice order (`n` of them).
+    pub choices: Vec<FirstToken>,
+    /// Where the pinned KV waits, for the decode worker; `None` when every
+    /// choice ended on its first token.
     pub handoff: Option<RemotePrefill>,
 }
 
-/// A decode call: remote KV (`handoff` and `first_token_id`) or local prefill.
+/// One choice's first token, sampled by the prefill worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstToken {
+    /// The token.
+    pub token_id: u32,
+    /// Its logprobs, when asked: the decode worker does not send them again.
+    pub logprobs: Option<TokenLogprobs>,
+    /// Set when it already ends the choice.
+    pub finish: Option<Finish>,
+}
+
+/// A decode call: remote KV (`handoff` and `first_token_ids`) or local prefill.
 #[derive(Debug, Clone)]
 pub struct DecodeLeg {
     /// The request.
     pub request: GenerateRequest,
     /// `remote_prefill` params from the prefill worker; `None` when colocated.
     pub handoff: Option<RemotePrefill>,
-    /// The token the prefill worker sampled; `None` when colocated.
-    pub first_token_id: Option<u32>,
+    /// The token the prefill worker sampled for each choice; empty when colocated.
+    pub first_token_ids: Vec<u32>,
 }
 
 /// The worker calls [`PdBackend`] is built from. Worker indices are in
@@ -208,22 +241,24 @@ impl<L: WorkerLegs> PdBackend<L> {
 impl<L: WorkerLegs> Backend for PdBackend<L> {
     fn generate(&self, request: GenerateRequest) -> TokenStream {
         let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
+        let n = request.sampling.n.max(1);
         if self.legs.num_prefill() == 0 {
-            let leg = DecodeLeg { request, handoff: None, first_token_id: None };
+            let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
             let opened = self.legs.decode(decode_worker, leg);
             return stream::once(opened)
-                .flat_map(|opened| match opened {
-                    Ok(tokens) => until_finish(tokens),
+                .flat_map(move |opened| match opened {
+                    Ok(tokens) => until_finish(tokens, n),
                     Err(e) => stream::iter([Err(e)]).boxed(),
                 })
                 .boxed();
         }
         let prefill_worker = self.placement.pick(Leg::Prefill, self.legs.num_prefill());
-        let run = PdRun { legs: self.legs.clone(), prefill_worker, decode_worker };
+        let run = PdRun { legs: self.legs.clone(), prefill_worker, decode_worker, n };
         stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
-            let (item, next) = run.step(state).await?;
-            Some((item, (run, next)))
+            let (items, next) = run.step(state).await?;
+            Some((stream::iter(items), (run, next)))
         })
+        .flatten()
         .boxed()
     }
 }
@@ -244,9 +279,12 @@ struct PdRun<L> {
     legs: Arc<L>,
     prefill_worker: usize,
     decode_worker: usize,
+    /// Choices of the request.
+    n: u32,
 }
 
-type Step<L> = (Result<TokenChunk, BackendError>, PdState<L>);
+/// What to yield (the prefill yields every choice's first token at once), and where we are then.
+type Step<L> = (Vec<Result<TokenChunk, BackendError>>, PdState<L>);
 
 impl<L: WorkerLegs> PdRun<L> {
     /// Makes the next call and returns what to yield and where we are then.
@@ -258,17 +296,17 @@ impl<L: WorkerLegs> PdRun<L> {
                     Ok(tokens) => {
                         // The decode worker owns the hand-off now: it pulls, then releases.
                         pin.disarm();
-                        let mut tokens = until_finish(tokens);
+                        let mut tokens = until_finish(tokens, self.n);
                         let item = tokens.next().await?;
-                        Some((item, PdState::Decoding(tokens)))
+                        Some((vec![item], PdState::Decoding(tokens)))
                     }
                     // `pin` drops armed here, releasing the blocks.
-                    Err(e) => Some((Err(e), PdState::Done)),
+                    Err(e) => Some((vec![Err(e)], PdState::Done)),
                 }
             }
             PdState::Decoding(mut tokens) => {
                 let item = tokens.next().await?;
-                Some((item, PdState::Decoding(tokens)))
+                Some((vec![item], PdState::Decoding(tokens)))
             }
             PdState::Done => None,
         }
@@ -277,23 +315,41 @@ impl<L: WorkerLegs> PdRun<L> {
     async fn prefill(&self, request: GenerateRequest) -> Step<L> {
         let outcome = match self.legs.prefill(self.prefill_worker, request.clone()).await {
             Ok(outcome) => outcome,
-            Err(e) => return (Err(e), PdState::Done),
+            Err(e) => return (vec![Err(e)], PdState::Done),
         };
+        if outcome.choices.len() != self.n as usize {
+            let error = format!("prefill answered {} choices for n = {}", outcome.choices.len(), self.n);
+            return (vec![Err(BackendError::Worker(error))], PdState::Done);
+        }
         let pin = outcome.handoff.as_ref().map(|h| KvPin {
             legs: self.legs.clone(),
             worker: self.prefill_worker,
             remote_request_id: Some(h.remote_request_id.clone()),
         });
-        let first = TokenChunk { token_ids: vec![outcome.first_token_id], finish: outcome.finish };
-        match (outcome.finish, pin, outcome.handoff) {
-            // Finished on the first token; a pin, if any, is released on drop.
-            (Some(_), _, _) => (Ok(first), PdState::Done),
-            (None, Some(pin), Some(handoff)) => {
-                let leg = DecodeLeg { request, handoff: Some(handoff), first_token_id: Some(outcome.first_token_id) };
-                (Ok(first), PdState::Handoff { leg, pin })
+        let all_finished = outcome.choices.iter().all(|c| c.finish.is_some());
+        let first_token_ids: Vec<u32> = outcome.choices.iter().map(|c| c.token_id).collect();
+        let firsts: Vec<Result<TokenChunk, BackendError>> = outcome
+            .choices
+            .into_iter()
+            .zip(0..)
+            .map(|(c, index)| {
+                Ok(TokenChunk {
+                    index,
+                    token_ids: vec![c.token_id],
+                    logprobs: c.logprobs.into_iter().collect(),
+                    finish: c.finish,
+                })
+            })
+            .collect();
+        match (all_finished, pin, outcome.handoff) {
+            // Every choice finished on its first token; a pin, if any, is released on drop.
+            (true, _, _) => (firsts, PdState::Done),
+            (false, Some(pin), Some(handoff)) => {
+                let leg = DecodeLeg { request, handoff: Some(handoff), first_token_ids };
+                (firsts, PdState::Handoff { leg, pin })
             }
             _ => (
-                Err(BackendError::Worker("prefill answered without kv_transfer_params.remote_prefill".into())),
+                vec![Err(BackendError::Worker("prefill answered without kv_transfer_params.remote_prefill".into()))],
                 PdState::Done,
             ),
         }
@@ -335,17 +391,25 @@ impl<L: WorkerLegs> Drop for KvPin<L> {
     }
 }
 
-/// Ends `tokens` after its finish chunk or first error, and turns an end
-/// without a finish reason into an error.
-fn until_finish(tokens: TokenStream) -> TokenStream {
-    stream::unfold(Some(tokens), |tokens| async move {
-        let mut tokens = tokens?;
+/// Ends `tokens` once each of its `n` choices sent its finish chunk, or at
+/// the first error, and turns an end before that into an error.
+fn until_finish(tokens: TokenStream, n: u32) -> TokenStream {
+    let finished = vec![false; n.max(1) as usize];
+    stream::unfold(Some((tokens, finished)), |state| async move {
+        let (mut tokens, mut finished) = state?;
         let item = match tokens.next().await {
             Some(item) => item,
             None => Err(BackendError::Worker("decode stream ended without a finish reason".into())),
         };
-        let over = item.as_ref().map_or(true, |chunk| chunk.finish.is_some());
-        Some((item, (!over).then_some(tokens)))
+        let item = item.and_then(|chunk| match finished.get_mut(chunk.index as usize) {
+            Some(done) => {
+                *done |= chunk.finish.is_some();
+                Ok(chunk)
+            }
+            None => Err(BackendError::Worker(format!("decode sent choice {} of {}", chunk.index, finished.len()))),
+        });
+        let over = item.is_err() || finished.iter().all(|&done| done);
+        Some((item, (!over).then_some((tokens, finished))))
     })
     .boxed()
 }

@@ -53,7 +53,7 @@ fn handoff() -> RemotePrefill {
 }
 
 fn chunk(ids: &[u32], finish: Option<Finish>) -> Result<TokenChunk, BackendError> {
-    Ok(TokenChunk { token_ids: ids.to_vec(), finish })
+    Ok(TokenChunk { index: 0, token_ids: ids.to_vec(), logprobs: vec![], finish })
 }
 
 fn setup(
@@ -64,7 +64,10 @@ fn setup(
     let (tx, rx) = mpsc::unbounded_channel();
     let legs = Arc::new(FakeLegs {
         prefill_workers,
-        prefill: PrefillOutcome { first_token_id: 7, finish, handoff: finish.is_none().then(handoff) },
+        prefill: PrefillOutcome {
+            choices: vec![FirstToken { token_id: 7, logprobs: None, finish }],
+            handoff: finish.is_none().then(handoff),
+        },
         decode_chunks,
         decode_calls: Mutex::new(Vec::new()),
         released: tx,
@@ -90,7 +93,7 @@ async fn disaggregated_sends_first_token_then_decodes_with_handoff() {
     assert_eq!(ids, [vec![7], vec![8], vec![9]]);
     let calls = legs.decode_calls.lock().unwrap();
     assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].1.first_token_id, Some(7));
+    assert_eq!(calls[0].1.first_token_ids, [7]);
     assert_eq!(calls[0].1.handoff.as_ref().unwrap().remote_request_id, "req-1");
     assert!(released.try_recv().is_err(), "decode owns the hand-off");
 }
@@ -122,7 +125,7 @@ async fn colocated_decodes_without_kv_params() {
     let items: Vec<_> = backend.generate(request()).collect().await;
     assert_eq!(items.len(), 2);
     let calls = legs.decode_calls.lock().unwrap();
-    assert!(calls[0].1.handoff.is_none() && calls[0].1.first_token_id.is_none());
+    assert!(calls[0].1.handoff.is_none() && calls[0].1.first_token_ids.is_empty());
 }
 
 #[tokio::test]
@@ -131,4 +134,39 @@ async fn decode_stream_without_finish_is_an_error() {
     let items: Vec<_> = backend.generate(request()).collect().await;
     assert_eq!(items.len(), 2);
     assert!(matches!(items[1], Err(BackendError::Worker(_))));
+}
+
+#[tokio::test]
+async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
+    let decoded = vec![
+        Ok(TokenChunk { index: 1, token_ids: vec![21], logprobs: vec![], finish: Some(Finish::Length) }),
+        Ok(TokenChunk { index: 0, token_ids: vec![], logprobs: vec![], finish: Some(Finish::Stop) }),
+        Ok(TokenChunk { index: 2, token_ids: vec![31], logprobs: vec![], finish: Some(Finish::Length) }),
+        // Past every choice's finish: never read.
+        Err(BackendError::Aborted),
+    ];
+    let lp = TokenLogprobs { logprob: -0.5, top: vec![] };
+    let firsts = vec![
+        FirstToken { token_id: 7, logprobs: None, finish: Some(Finish::Stop) },
+        FirstToken { token_id: 20, logprobs: Some(lp.clone()), finish: None },
+        FirstToken { token_id: 30, logprobs: None, finish: None },
+    ];
+    let (released_tx, mut released) = mpsc::unbounded_channel();
+    let legs = Arc::new(FakeLegs {
+        prefill_workers: 1,
+        prefill: PrefillOutcome { choices: firsts, handoff: Some(handoff()) },
+        decode_chunks: decoded,
+        decode_calls: Mutex::new(Vec::new()),
+        released: released_tx,
+    });
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    let mut req = request();
+    req.sampling.n = 3;
+    let items: Vec<TokenChunk> = backend.generate(req).map(Result::unwrap).collect().await;
+    let got: Vec<(u32, Vec<u32>)> = items.iter().map(|c| (c.index, c.token_ids.clone())).collect();
+    assert_eq!(got, [(0, vec![7]), (1, vec![20]), (2, vec![30]), (1, vec![21]), (0, vec![]), (2, vec![31])]);
+    assert_eq!(items[1].logprobs, [lp]);
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls[0].1.first_token_ids, [7, 20, 30]);
+    assert!(released.try_recv().is_err(), "decode owns the hand-off");
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use futures::stream::{self, BoxStream, StreamExt};
 use tokenizers::Tokenizer;
 
-use crate::pd::{BackendError, Finish, TokenStream};
+use crate::openai::response::{ChatTokenLogprob, TopLogprob};
+use crate::pd::{BackendError, Finish, TokenLogprobs, TokenStream};
 
 /// Text decoded from the generated ids so far, handed out piece by piece.
 ///
@@ -117,18 +118,54 @@ impl StopMatcher {
     }
 }
 
-/// Text and ids to send to the client.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Text and ids of one choice to send to the client.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Delta {
+    /// The choice, in `0..n`.
+    pub index: u32,
     /// New text (may be empty on the finish delta).
     pub text: String,
     /// The ids generated since the last delta.
     pub token_ids: Vec<u32>,
+    /// With logprobs asked: those of the tokens whose text this delta
+    /// carries (see [`Output`]); else empty.
+    pub logprobs: Vec<ChatTokenLogprob>,
     /// Set on the last delta.
     pub finish: Option<Finish>,
 }
 
+/// Logprobs below this are sent as this (OpenAI's and vLLM's floor): JSON
+/// has no `-inf`.
+const MIN_LOGPROB: f32 = -9999.0;
+
+/// A token's logprobs with the token's text, for the client.
+fn token_logprob(tokenizer: &Tokenizer, id: u32, logprobs: &TokenLogprobs) -> ChatTokenLogprob {
+    let (token, bytes) = token_text(tokenizer, id);
+    let top_logprobs = logprobs
+        .top
+        .iter()
+        .map(|&(id, logprob)| {
+            let (token, bytes) = token_text(tokenizer, id);
+            TopLogprob { token, logprob: logprob.max(MIN_LOGPROB), bytes }
+        })
+        .collect();
+    ChatTokenLogprob { token, logprob: logprobs.logprob.max(MIN_LOGPROB), bytes, top_logprobs }
+}
+
+/// One token's text on its own (special tokens included) and its UTF-8 bytes.
+fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let text = tokenizer.decode(&[id], false).unwrap_or_default();
+    let bytes = text.as_bytes().to_vec();
+    (text, bytes)
+}
+
 /// The output state of one choice.
+///
+/// Logprobs follow the text: each pending token remembers where its text
+/// starts in `text`, and its logprobs go out with the delta that sends text
+/// past that point. Tokens whose text starts at or after a stop string's cut
+/// never have their logprobs reported; the finish delta of a normal end
+/// carries the rest (an eos token, whose text is empty).
 #[derive(Debug)]
 pub struct Output {
     detok: Detokenizer,
@@ -137,6 +174,8 @@ pub struct Output {
     text: String,
     sent: usize,
     pending_ids: Vec<u32>,
+    /// Tokens with logprobs not yet sent: where their text starts, the id, the logprobs.
+    pending_logprobs: Vec<(usize, u32, TokenLogprobs)>,
     completion_tokens: u32,
     finished: bool,
 }
@@ -151,6 +190,7 @@ impl Output {
             text: String::new(),
             sent: 0,
             pending_ids: Vec::new(),
+            pending_logprobs: Vec::new(),
             completion_tokens: 0,
             finished: false,
         }
@@ -170,16 +210,28 @@ impl Output {
     /// its last token. Returns a delta when there is text to send or the
     /// output ended.
     pub fn push(&mut self, id: u32, finish: Option<Finish>) -> Option<Delta> {
+        self.push_with_logprobs(id, None, finish)
+    }
+
+    /// [`Self::push`] for a token that comes with its logprobs.
+    pub fn push_with_logprobs(
+        &mut self,
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+        finish: Option<Finish>,
+    ) -> Option<Delta> {
         if self.finished {
             return None;
         }
         self.completion_tokens += 1;
         self.pending_ids.push(id);
         let from = self.text.len();
+        if let Some(logprobs) = logprobs {
+            self.pending_logprobs.push((from, id, logprobs));
+        }
         self.text.push_str(&self.detok.push(id));
         if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
-            self.text.truncate(at);
-            return Some(self.finish_with(Finish::Stop));
+            return Some(self.cut_at_stop(at));
         }
         let finish = finish.or((self.completion_tokens >= self.max_tokens).then_some(Finish::Length));
         if let Some(finish) = finish {
@@ -196,10 +248,17 @@ impl Output {
         let from = self.text.len();
         self.text.push_str(&self.detok.flush());
         if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
-            self.text.truncate(at);
-            return self.finish_with(Finish::Stop);
+            return self.cut_at_stop(at);
         }
         self.finish_with(finish)
+    }
+
+    /// Ends the text where a stop string starts; the tokens from there on
+    /// are not reported in logprobs.
+    fn cut_at_stop(&mut self, at: usize) -> Delta {
+        self.text.truncate(at);
+        self.pending_logprobs.retain(|&(start, _, _)| start < at);
+        self.finish_with(Finish::Stop)
     }
 
     fn finish_with(&mut self, finish: Finish) -> Delta {
@@ -210,35 +269,61 @@ impl Output {
     fn delta_up_to(&mut self, end: usize, finish: Option<Finish>) -> Delta {
         let text = self.text[self.sent..end].to_owned();
         self.sent = end;
-        Delta { text, token_ids: std::mem::take(&mut self.pending_ids), finish }
+        // Logprobs of the tokens whose text starts before `end`; on the last
+        // delta, of every token left.
+        let sent = if finish.is_some() {
+            self.pending_logprobs.len()
+        } else {
+            self.pending_logprobs.partition_point(|&(start, _, _)| start < end)
+        };
+        let tokenizer = &self.detok.tokenizer;
+        let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(tokenizer, id, &l)).collect();
+        Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish }
     }
 }
 
-/// Drives `output` over `tokens`: deltas until the finish delta or an error.
-/// Dropping `tokens` once finished cancels the generation on the workers.
-pub fn deltas(tokens: TokenStream, output: Output) -> BoxStream<'static, Result<Delta, BackendError>> {
-    let state = Some((tokens, output, Vec::<Delta>::new()));
+/// Drives one [`Output`] per choice over `tokens` (`outputs[i]` is choice
+/// `i`): deltas until every choice's finish delta or an error. Dropping
+/// `tokens` once all are finished cancels the generation on the workers.
+pub fn deltas(tokens: TokenStream, outputs: Vec<Output>) -> BoxStream<'static, Result<Delta, BackendError>> {
+    let state = Some((tokens, outputs, Vec::<Delta>::new()));
     stream::unfold(state, |state| async move {
-        let (mut tokens, mut output, mut ready) = state?;
+        let (mut tokens, mut outputs, mut ready) = state?;
         loop {
+            let all_finished = outputs.iter().all(Output::is_finished);
             if !ready.is_empty() {
                 let delta = ready.remove(0);
-                let next = (!output.is_finished() || !ready.is_empty()).then_some((tokens, output, ready));
+                let next = (!all_finished || !ready.is_empty()).then_some((tokens, outputs, ready));
                 return Some((Ok(delta), next));
+            }
+            if all_finished {
+                return None;
             }
             let chunk = match tokens.next().await {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => return Some((Err(e), None)),
-                None => return Some((Ok(output.end(Finish::Stop)), None)),
+                None => {
+                    // The workers ended without a reason for these choices.
+                    for (index, output) in (0..).zip(outputs.iter_mut()).filter(|(_, o)| !o.is_finished()) {
+                        ready.push(Delta { index, ..output.end(Finish::Stop) });
+                    }
+                    continue;
+                }
+            };
+            let index = chunk.index;
+            let Some(output) = outputs.get_mut(index as usize) else {
+                let error = format!("the workers sent choice {index} of {}", outputs.len());
+                return Some((Err(BackendError::Worker(error)), None));
             };
             let last = chunk.token_ids.len().saturating_sub(1);
+            let mut logprobs = chunk.logprobs.into_iter();
             for (i, id) in chunk.token_ids.iter().enumerate() {
                 let finish = if i == last { chunk.finish } else { None };
-                ready.extend(output.push(*id, finish));
+                ready.extend(output.push_with_logprobs(*id, logprobs.next(), finish).map(|d| Delta { index, ..d }));
             }
-            if chunk.token_ids.is_empty() {
+            if chunk.token_ids.is_empty() && !output.is_finished() {
                 if let Some(finish) = chunk.finish {
-                    ready.push(output.end(finish));
+                    ready.push(Delta { index, ..output.end(finish) });
                 }
             }
         }

@@ -1,7 +1,7 @@
 use futures::stream::{self, StreamExt};
 
 use super::*;
-use crate::pd::TokenChunk;
+use crate::pd::{TokenChunk, TokenLogprobs};
 use crate::testutil::{ids, tokenizer, EOS};
 
 fn push_all(output: &mut Output, ids: &[u32]) -> Vec<Delta> {
@@ -79,13 +79,63 @@ fn max_tokens_finishes_with_length() {
 #[tokio::test]
 async fn deltas_stop_pulling_after_a_stop_string() {
     let chunks = vec![
-        Ok(TokenChunk { token_ids: ids("hi!"), finish: None }),
-        Ok(TokenChunk { token_ids: ids("more"), finish: None }),
+        Ok(TokenChunk { index: 0, token_ids: ids("hi!"), logprobs: vec![], finish: None }),
+        Ok(TokenChunk { index: 0, token_ids: ids("more"), logprobs: vec![], finish: None }),
         Err(BackendError::Aborted),
     ];
     let output = Output::new(tokenizer(), vec!["!".into()], 100);
-    let all: Vec<_> = deltas(stream::iter(chunks).boxed(), output).collect().await;
+    let all: Vec<_> = deltas(stream::iter(chunks).boxed(), vec![output]).collect().await;
     let all: Vec<Delta> = all.into_iter().map(Result::unwrap).collect();
     assert_eq!(texts(&all), ["h", "i", ""]);
     assert_eq!(all[2].finish, Some(Finish::Stop));
+}
+
+/// Logprobs whose value is the token id, to tell them apart.
+fn lp(id: u32) -> Option<TokenLogprobs> {
+    Some(TokenLogprobs { logprob: -(id as f32), top: vec![(id, -(id as f32))] })
+}
+
+fn reported(deltas: &[Delta]) -> Vec<String> {
+    deltas.iter().flat_map(|d| d.logprobs.iter().map(|l| l.token.clone())).collect()
+}
+
+#[test]
+fn logprobs_go_out_with_their_text_and_stop_strings_cut_them() {
+    let mut output = Output::new(tokenizer(), vec!["cd".into()], 100);
+    let mut deltas = Vec::new();
+    for id in ids("abcde") {
+        deltas.extend(output.push_with_logprobs(id, lp(id), None));
+    }
+    // "c" is held back (it may start "cd"), then "d" completes the stop.
+    assert_eq!(texts(&deltas), ["a", "b", ""]);
+    assert_eq!(deltas.iter().map(|d| d.logprobs.len()).collect::<Vec<_>>(), [1, 1, 0]);
+    assert_eq!(reported(&deltas), ["a", "b"]);
+    let a = &deltas[0].logprobs[0];
+    assert_eq!((a.logprob, a.bytes.clone()), (-97.0, vec![b'a']));
+    assert_eq!(a.top_logprobs[0].token, "a");
+    assert_eq!(a.top_logprobs[0].logprob, -97.0);
+}
+
+#[test]
+fn a_split_character_and_eos_report_every_token() {
+    let mut output = Output::new(tokenizer(), vec![], 100);
+    let mut deltas = Vec::new();
+    for id in ids("é") {
+        deltas.extend(output.push_with_logprobs(id, lp(id), None));
+    }
+    deltas.extend(output.push_with_logprobs(EOS, lp(EOS), Some(Finish::Stop)));
+    assert_eq!(texts(&deltas), ["é", ""]);
+    // Both bytes of "é" go with its text; eos (no text) with the finish.
+    assert_eq!(deltas[0].logprobs.len(), 2);
+    assert_eq!(deltas[1].logprobs.len(), 1);
+    assert_eq!(deltas[1].logprobs[0].token, "<eos>");
+    assert_eq!(deltas[1].logprobs[0].logprob, -256.0);
+}
+
+#[test]
+fn minus_infinity_is_sent_as_the_floor() {
+    let mut output = Output::new(tokenizer(), vec![], 100);
+    let inf = TokenLogprobs { logprob: f32::NEG_INFINITY, top: vec![] };
+    let delta = output.push_with_logprobs(b'a'.into(), Some(inf), None).unwrap();
+    assert_eq!(delta.logprobs[0].logprob, -9999.0);
 }

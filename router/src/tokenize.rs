@@ -6,8 +6,8 @@
 //! first. A plain completion prompt gets BOS only if the model card says so.
 
 use crate::model::Model;
-use crate::template::TemplateMessage;
 use crate::validation::ValidationError;
+use cluster::chat_template::TemplateMessage;
 
 /// Renders the chat template and tokenizes the result.
 pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u32>, ValidationError> {

@@ -11,11 +11,18 @@ use crate::openai::request::{
     ChatCompletionRequest, ChatMessage, CommonParams, CompletionRequest, MessageContent, Prompt, StopSpec,
 };
 use crate::pd::Sampling;
-use crate::template::TemplateMessage;
 use crate::tokenize;
+use cluster::chat_template::TemplateMessage;
 
 /// Most stop strings per request (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Most `top_logprobs` per position (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Most choices (`n`) per request: each is a sequence on the workers, and
+/// the workers cap it at the same value.
+pub const MAX_N: u32 = 16;
 
 /// A request ready to run: prompt tokenized, every default filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,9 +108,12 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     if messages.is_empty() {
         return Err(ValidationError::Empty { field: "messages" }.into());
     }
+    let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
     let messages = messages.into_iter().map(template_message).collect::<Result<Vec<_>, _>>()?;
     let prompt = tokenize::chat_prompt(model, &messages)?;
-    Ok(finish(model, prompt, req.params)?)
+    let mut valid = finish(model, prompt, req.params)?;
+    valid.sampling.logprobs = logprobs;
+    Ok(valid)
 }
 
 /// Validates a completion request: tokenizes the prompt and checks every parameter.
@@ -194,9 +204,10 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         }
         Some(n) => n as u32,
     };
-    if let Some(n) = params.n.filter(|&n| n != 1) {
-        return Err(out_of_range("n", "1 (one choice per request)", n));
-    }
+    let n = match params.n.unwrap_or(1) {
+        n if (1..=i64::from(MAX_N)).contains(&n) => n as u32,
+        n => return Err(out_of_range("n", "in [1, 16]", n)),
+    };
     let sampling = Sampling {
         temperature: temperature(params.temperature)?,
         top_p: top_p(params.top_p)?,
@@ -214,6 +225,9 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         stop_token_ids: stop_token_ids(params.stop_token_ids, model.vocab_size)?,
         ignore_eos: params.ignore_eos.unwrap_or(false),
         min_tokens: min_tokens(params.min_tokens, max_tokens)?,
+        // Chat sets it after; the completions endpoint returns none.
+        logprobs: None,
+        n,
     };
     let stream = params.stream.unwrap_or(false);
     Ok(ValidRequest {
@@ -224,6 +238,18 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         include_usage: stream && params.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         return_token_ids: params.return_token_ids.unwrap_or(false),
     })
+}
+
+/// Chat's `logprobs` (a flag) and `top_logprobs` (in [0, 20], only with
+/// `logprobs`), as the number of top tokens to return per position.
+fn chat_logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Option<u32>, ValidationError> {
+    match (logprobs.unwrap_or(false), top_logprobs) {
+        (false, None) => Ok(None),
+        (false, Some(k)) => Err(out_of_range("top_logprobs", "absent unless `logprobs` is true", k)),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Ok(Some(k as u32)),
+        (true, Some(k)) => Err(out_of_range("top_logprobs", "in [0, 20]", k)),
+    }
 }
 
 fn out_of_range(field: &'static str, limit: &'static str, value: impl ToString) -> ValidationError {

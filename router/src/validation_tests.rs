@@ -61,7 +61,8 @@ fn sampling_bounds() {
         ("top_p", json!(1.5)),
         ("top_k", json!(-2)),
         ("max_tokens", json!(0)),
-        ("n", json!(2)),
+        ("n", json!(0)),
+        ("n", json!(17)),
         ("stop", json!(["a", "b", "c", "d", "e"])),
     ] {
         let mut body = json!({"prompt": "a"});
@@ -69,6 +70,13 @@ fn sampling_bounds() {
         assert_eq!(field_of(completion(body)), Some(field), "{field}");
     }
     assert_eq!(completion(json!({"prompt": "a", "top_k": -1})).unwrap().sampling.top_k, 0);
+    assert_eq!(completion(json!({"prompt": "a"})).unwrap().sampling.n, 1);
+    assert_eq!(completion(json!({"prompt": "a", "n": 16})).unwrap().sampling.n, 16);
+    // Greedy choices are allowed (all the same).
+    assert_eq!(
+        chat(json!({"messages": [{"role": "user", "content": "a"}], "n": 3, "temperature": 0})).unwrap().sampling.n,
+        3
+    );
     assert_eq!(completion(json!({"prompt": "a", "temperature": 2})).unwrap().sampling.temperature, 2.0);
 }
 
@@ -183,4 +191,24 @@ fn chat_messages_are_validated_and_parts_concatenated() {
     assert_eq!(field_of(chat(bad_role)), Some("messages.role"));
     let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
     assert_eq!(field_of(chat(image)), Some("messages.content"));
+}
+
+#[test]
+fn chat_logprobs_and_top_logprobs() {
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let logprobs_of = |extra: Value| {
+        let mut body = json!({"messages": msgs});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        chat(body)
+    };
+    assert_eq!(logprobs_of(json!({})).unwrap().sampling.logprobs, None);
+    assert_eq!(logprobs_of(json!({"logprobs": false})).unwrap().sampling.logprobs, None);
+    assert_eq!(logprobs_of(json!({"logprobs": true})).unwrap().sampling.logprobs, Some(0));
+    assert_eq!(logprobs_of(json!({"logprobs": true, "top_logprobs": 20})).unwrap().sampling.logprobs, Some(20));
+    assert_eq!(field_of(logprobs_of(json!({"top_logprobs": 2}))), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": false, "top_logprobs": 0}))), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": 21}))), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": -1}))), Some("top_logprobs"));
+    let err = logprobs_of(json!({"logprobs": true, "top_logprobs": 21})).unwrap_err();
+    assert_eq!(err.to_string(), "`top_logprobs` must be in [0, 20], got 21");
 }

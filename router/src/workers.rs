@@ -17,7 +17,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::pd::{
-    BackendError, DecodeLeg, Finish, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenStream, WorkerLegs,
+    BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
+    TokenStream, WorkerLegs,
 };
 
 /// How long one connection attempt may take before the worker counts as down.
@@ -76,8 +77,14 @@ impl From<&Sampling> for SamplingParams {
             logit_bias: s.logit_bias.iter().copied().collect(),
             ignore_eos: s.ignore_eos,
             min_tokens: s.min_tokens,
+            logprobs: s.logprobs,
+            n: s.n,
         }
     }
+}
+
+fn logprobs(wire: proto::worker::TokenLogprobs) -> TokenLogprobs {
+    TokenLogprobs { logprob: wire.logprob, top: wire.top.into_iter().map(|t| (t.token_id, t.logprob)).collect() }
 }
 
 fn backend_error(status: Status) -> BackendError {
@@ -126,11 +133,22 @@ impl WorkerLegs for GrpcWorkers {
                 Some(Params::RemotePrefill(remote)) => Some(remote),
                 _ => None,
             };
-            Ok(PrefillOutcome {
-                first_token_id: answer.first_token_id,
-                finish: finish(answer.finish_reason())?,
-                handoff,
-            })
+            let choices = if answer.choices.is_empty() {
+                // A worker that predates `choices`: its one choice is in the top-level fields.
+                vec![FirstToken {
+                    token_id: answer.first_token_id,
+                    logprobs: answer.first_token_logprobs.clone().map(logprobs),
+                    finish: finish(answer.finish_reason())?,
+                }]
+            } else {
+                let mut choices = Vec::with_capacity(answer.choices.len());
+                for c in answer.choices {
+                    let finish = finish(c.finish_reason())?;
+                    choices.push(FirstToken { token_id: c.token_id, logprobs: c.logprobs.map(logprobs), finish });
+                }
+                choices
+            };
+            Ok(PrefillOutcome { choices, handoff })
         }
         .boxed()
     }
@@ -144,14 +162,24 @@ impl WorkerLegs for GrpcWorkers {
             kv_transfer_params: leg
                 .handoff
                 .map(|remote| KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
-            first_token_id: leg.first_token_id,
+            first_token_id: leg.first_token_ids.first().copied(),
+            first_token_ids: leg.first_token_ids,
             cache_salt: None,
         };
         async move {
             let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();
             let tokens = chunks.map(|chunk| {
                 let chunk = chunk.map_err(backend_error)?;
-                Ok(TokenChunk { finish: finish(chunk.finish_reason())?, token_ids: chunk.token_ids })
+                let finish = finish(chunk.finish_reason())?;
+                if !chunk.logprobs.is_empty() && chunk.logprobs.len() != chunk.token_ids.len() {
+                    return Err(BackendError::Worker(format!(
+                        "decode chunk with {} tokens carries {} logprobs",
+                        chunk.token_ids.len(),
+                        chunk.logprobs.len()
+                    )));
+                }
+                let logprobs = chunk.logprobs.into_iter().map(logprobs).collect();
+                Ok(TokenChunk { index: chunk.index, finish, token_ids: chunk.token_ids, logprobs })
             });
             Ok(tokens.boxed())
         }
@@ -218,6 +246,8 @@ mod tests {
             stop_token_ids: vec![7],
             ignore_eos: true,
             min_tokens: 6,
+            logprobs: Some(3),
+            n: 2,
         };
         let wire = SamplingParams::from(&sampling);
         let want = SamplingParams {
@@ -234,6 +264,8 @@ mod tests {
             logit_bias: [(2, -1.0), (9, 5.0)].into_iter().collect(),
             ignore_eos: true,
             min_tokens: 6,
+            logprobs: Some(3),
+            n: 2,
         };
         assert_eq!(wire, want);
         // The defaults: repetition 1 is sent, so no worker reads proto's 0.

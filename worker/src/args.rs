@@ -2,12 +2,24 @@
 
 use std::path::PathBuf;
 
+use engine::model::WeightDtype;
+
 /// How the worker loads its model and sizes its engine.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// GGUF model file.
+    /// A GGUF file, or a Hugging Face model folder (config.json, *.safetensors,
+    /// tokenizer.json, tokenizer_config.json).
     #[arg(long, env = "PDSERVE_MODEL", default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
+    /// A tokenizer.json file, or a folder with one, instead of the model's own
+    /// (Hugging Face folders only).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Precision of the weight matrices: auto (as stored), float32, float16 or
+    /// bfloat16 (also f32, float, f16, half, bf16). Hugging Face folders only:
+    /// GGUF weights keep their stored quantization.
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    pub dtype: WeightDtype,
     /// Name clients use in `model`; defaults to the model's own name.
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -15,10 +27,13 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub block_size: u32,
     /// Memory for the KV cache, allocated once at start-up and never grown:
-    /// bytes, or with a suffix (KiB, MiB, GiB, KB, MB, GB). The cache holds as
-    /// many whole blocks as fit.
-    #[arg(long, default_value = "768MiB", value_parser = parse_bytes)]
-    pub kv_cache_memory: u64,
+    /// bytes, or with a suffix (KiB, MiB, GiB, KB, MB, GB); or a fraction in
+    /// (0, 1] such as 0.9, the share of the machine's memory (or cgroup limit)
+    /// this worker may use in all, as vLLM's gpu_memory_utilization: the cache
+    /// gets that share minus what the process holds after loading the model.
+    /// The cache holds as many whole blocks as fit.
+    #[arg(long, default_value = "768MiB", value_parser = parse_kv_cache_memory)]
+    pub kv_cache_memory: KvCacheMemory,
     /// An exact number of KV blocks instead of a memory budget.
     #[arg(long, conflicts_with = "kv_cache_memory", value_parser = clap::value_parser!(u32).range(1..))]
     pub num_kv_blocks: Option<u32>,
@@ -35,10 +50,61 @@ pub struct EngineArgs {
     /// Seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Turn off prefix caching (on by default): every prompt is computed in
-    /// full and no KV events are produced.
+    /// Reuse the KV blocks of earlier prompts with the same prefix (the default).
+    #[arg(long, conflicts_with = "no_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn off prefix caching: every prompt is computed in full and no KV
+    /// events are produced.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Ranks to split each layer's heads over; the model's attention and KV
+    /// heads must divide by it. Only 1 is available yet.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tensor_parallel_size: u32,
+}
+
+impl EngineArgs {
+    /// Whether prefix caching is on (`--no-prefix-caching` turns it off).
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_prefix_caching
+    }
+}
+
+/// The KV cache budget: `--kv-cache-memory`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheMemory {
+    Bytes(u64),
+    /// A share in (0, 1] of the machine's memory for the whole worker.
+    Fraction(f64),
+}
+
+impl std::fmt::Display for KvCacheMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bytes(n) => write!(f, "{n} B"),
+            Self::Fraction(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// Parses `--kv-cache-memory`: a number in (0, 1] (`0.9`, `1`) is a fraction
+/// of memory, anything else a byte count (see [`parse_bytes`]).
+pub fn parse_kv_cache_memory(text: &str) -> Result<KvCacheMemory, String> {
+    let t = text.trim();
+    let is_number = !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if is_number && (t.contains('.') || t.parse::<u64>().is_ok_and(|n| n <= 1)) {
+        let x: f64 = t.parse().map_err(|_| format!("{t:?} is not a number"))?;
+        if x > 0.0 && x <= 1.0 {
+            return Ok(KvCacheMemory::Fraction(x));
+        }
+        return Err(format!("{t} is neither a fraction in (0, 1] nor a whole byte count"));
+    }
+    parse_bytes(t).map(KvCacheMemory::Bytes)
+}
+
+/// Parses `--dtype` (vLLM's names).
+pub fn parse_dtype(text: &str) -> Result<WeightDtype, String> {
+    text.parse()
 }
 
 /// Parses `1073741824`, `512MiB`, `2GB` and the like into bytes.
@@ -63,6 +129,68 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_cache_memory_is_a_fraction_or_bytes() {
+        use KvCacheMemory::{Bytes, Fraction};
+        assert_eq!(parse_kv_cache_memory("0.9"), Ok(Fraction(0.9)));
+        assert_eq!(parse_kv_cache_memory("1"), Ok(Fraction(1.0)));
+        assert_eq!(parse_kv_cache_memory("1.0"), Ok(Fraction(1.0)));
+        assert_eq!(parse_kv_cache_memory(".5"), Ok(Fraction(0.5)));
+        assert_eq!(parse_kv_cache_memory("768MiB"), Ok(Bytes(768 << 20)));
+        assert_eq!(parse_kv_cache_memory("4096"), Ok(Bytes(4096)));
+        for bad in ["0", "0.0", "1.5", "0.5.1", "-0.5", "0.5GiB", ""] {
+            assert!(parse_kv_cache_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dtypes_take_vllm_names() {
+        for (names, want) in [
+            (&["auto", "AUTO"][..], WeightDtype::Auto),
+            (&["float32", "float", "f32"][..], WeightDtype::F32),
+            (&["float16", "half", "f16"][..], WeightDtype::F16),
+            (&["bfloat16", "bf16"][..], WeightDtype::BF16),
+        ] {
+            for name in names {
+                assert_eq!(parse_dtype(name), Ok(want), "{name}");
+            }
+        }
+        let err = parse_dtype("int8").unwrap_err();
+        assert!(err.contains("int8") && err.contains("bfloat16"), "{err}");
+    }
+
+    /// The flags as the workers parse them.
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn flags(args: &[&str]) -> Result<EngineArgs, clap::Error> {
+        use clap::Parser;
+        Flags::try_parse_from(std::iter::once("worker").chain(args.iter().copied())).map(|f| f.engine)
+    }
+
+    #[test]
+    fn engine_flags_parse_with_vllm_defaults() {
+        let a = flags(&[]).unwrap();
+        assert_eq!(a.kv_cache_memory, KvCacheMemory::Bytes(768 << 20));
+        assert_eq!(a.dtype, WeightDtype::Auto);
+        assert_eq!(a.tensor_parallel_size, 1);
+        assert!(a.prefix_caching());
+        assert!(flags(&["--enable-prefix-caching"]).unwrap().prefix_caching());
+        assert!(!flags(&["--no-prefix-caching"]).unwrap().prefix_caching());
+        assert!(flags(&["--enable-prefix-caching", "--no-prefix-caching"]).is_err());
+
+        let a = flags(&["--model", "m", "--tokenizer", "t", "--dtype", "half", "--kv-cache-memory", "0.8"]).unwrap();
+        assert_eq!((a.dtype, a.kv_cache_memory), (WeightDtype::F16, KvCacheMemory::Fraction(0.8)));
+        assert_eq!(a.tokenizer.as_deref(), Some(std::path::Path::new("t")));
+        assert_eq!(flags(&["--tensor-parallel-size", "2"]).unwrap().tensor_parallel_size, 2);
+        assert!(flags(&["--tensor-parallel-size", "0"]).is_err());
+        assert!(flags(&["--dtype", "fp8"]).is_err());
+        assert!(flags(&["--kv-cache-memory", "1.5"]).is_err());
+    }
 
     #[test]
     fn byte_counts_parse_with_units() {

@@ -36,6 +36,7 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
         logit_bias,
         ignore_eos: p.ignore_eos,
         min_tokens: p.min_tokens,
+        logprobs: p.logprobs,
     };
     params.validate().map_err(engine_error)?;
     Ok(params)
@@ -47,6 +48,24 @@ pub fn finish_reason(r: engine::FinishReason) -> pb::FinishReason {
         engine::FinishReason::Stop => pb::FinishReason::Stop,
         engine::FinishReason::Length => pb::FinishReason::Length,
         engine::FinishReason::Abort => pb::FinishReason::Abort,
+    }
+}
+
+/// The number of choices (`n`) of wire sampling params: 0 (unset) is 1, at
+/// most [`engine::MAX_N`].
+pub fn choices(p: Option<&pb::SamplingParams>) -> Result<u32, Status> {
+    match p.map_or(0, |p| p.n) {
+        0 => Ok(1),
+        n if n <= engine::MAX_N => Ok(n),
+        n => Err(Status::invalid_argument(format!("n {n} is outside [1, {}]", engine::MAX_N))),
+    }
+}
+
+/// A token's logprobs on the wire.
+pub fn logprobs(l: engine::TokenLogprobs) -> pb::TokenLogprobs {
+    pb::TokenLogprobs {
+        logprob: l.logprob,
+        top: l.top.into_iter().map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob }).collect(),
     }
 }
 
@@ -87,6 +106,7 @@ mod tests {
             logit_bias: [(7, -100.0), (2, 1.5)].into_iter().collect(),
             ignore_eos: true,
             min_tokens: 4,
+            logprobs: Some(5),
             ..wire()
         };
         let want = engine::SamplingParams {
@@ -103,8 +123,17 @@ mod tests {
             logit_bias: vec![(2, 1.5), (7, -100.0)],
             ignore_eos: true,
             min_tokens: 4,
+            logprobs: Some(5),
         };
         assert_eq!(sampling(Some(p)).unwrap(), want);
+    }
+
+    #[test]
+    fn n_defaults_to_one_and_is_capped() {
+        assert_eq!(choices(None).unwrap(), 1);
+        assert_eq!(choices(Some(&wire())).unwrap(), 1);
+        assert_eq!(choices(Some(&pb::SamplingParams { n: 16, ..wire() })).unwrap(), 16);
+        assert!(choices(Some(&pb::SamplingParams { n: 17, ..wire() })).is_err());
     }
 
     #[test]
@@ -129,6 +158,7 @@ mod tests {
             pb::SamplingParams { temperature: -0.5, ..wire() },
             pb::SamplingParams { top_p: 0.0, ..wire() },
             pb::SamplingParams { max_tokens: 0, ..wire() },
+            pb::SamplingParams { logprobs: Some(21), ..wire() },
         ];
         for p in bad {
             let status = sampling(Some(p.clone())).expect_err(&format!("{p:?}"));

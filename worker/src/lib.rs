@@ -4,6 +4,7 @@
 //!
 //! - [`args`]: the engine flags (`--model`, `--num-kv-blocks`, ...).
 //! - [`load`]: model + engine start-up, and the model card it publishes.
+//! - [`memory`]: the machine's and the process's memory, for fractional KV budgets.
 //! - [`service`]: the `Worker` gRPC service (model card, stats).
 //! - [`blocks`]: the engine's KV cache as a kv-transfer block source.
 //! - [`convert`]: wire types to engine types, with the checks a worker owes its callers.
@@ -12,6 +13,7 @@ pub mod args;
 pub mod blocks;
 pub mod convert;
 pub mod load;
+pub mod memory;
 pub mod service;
 
 pub use args::EngineArgs;

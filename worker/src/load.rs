@@ -1,6 +1,7 @@
 //! Model and engine start-up.
 
-use crate::args::EngineArgs;
+use crate::args::{EngineArgs, KvCacheMemory};
+use crate::memory;
 use anyhow::Context;
 use engine::{Engine, EngineConfig, EngineHandle};
 use proto::worker as pb;
@@ -17,10 +18,16 @@ pub struct LoadedEngine {
 /// Loads the model and starts the engine's step loop.
 pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let started = std::time::Instant::now();
-    if !args.model.is_file() {
-        anyhow::bail!("model file {} not found (run scripts/fetch-model.sh)", args.model.display());
+    if !args.model.exists() {
+        anyhow::bail!("model {} not found (run scripts/fetch-model.sh)", args.model.display());
     }
-    let loaded = engine::model::load_gguf(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let options =
+        engine::model::LoadOptions { tokenizer: args.tokenizer.clone(), dtype: args.dtype, ..Default::default() };
+    let loaded =
+        engine::model::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let model_config = loaded.model.config();
+    check_tensor_parallel(args.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads)
+        .map_err(anyhow::Error::msg)?;
     let info = loaded.info;
     let context_length = info.context_length as u32;
     let max_model_len = match args.max_model_len {
@@ -35,18 +42,8 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let block_bytes = loaded.model.kv_shape(args.block_size as usize, 1).block_bytes();
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n as usize,
-        None => usize::try_from(args.kv_cache_memory / block_bytes as u64).unwrap_or(usize::MAX),
+        None => kv_blocks(args.kv_cache_memory, block_bytes as u64)?,
     };
-    if num_blocks == 0 {
-        anyhow::bail!("--kv-cache-memory {} B holds no KV block ({block_bytes} B each)", args.kv_cache_memory);
-    }
-    if u32::try_from(num_blocks).is_err() {
-        anyhow::bail!(
-            "--kv-cache-memory {} B is more than {} blocks of {block_bytes} B",
-            args.kv_cache_memory,
-            u32::MAX
-        );
-    }
     let shape = loaded.model.kv_shape(args.block_size as usize, num_blocks);
     let vocab_size = engine::Forward::vocab_size(&loaded.model);
     let config = EngineConfig {
@@ -55,7 +52,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         max_model_len: max_model_len as usize,
         eos_token_ids: info.eos_token_ids.clone(),
         default_seed: args.seed,
-        enable_prefix_caching: !args.no_prefix_caching,
+        enable_prefix_caching: args.prefix_caching(),
     };
     let engine = Engine::start(Arc::new(loaded.model), shape, config);
     let card = pb::ModelCard {
@@ -77,4 +74,57 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         "engine ready"
     );
     Ok(LoadedEngine { engine, card, vocab_size })
+}
+
+/// How many KV blocks of `block_bytes` the `--kv-cache-memory` budget holds.
+/// A fraction is resolved now, after loading, so that the model's own memory
+/// counts against it.
+fn kv_blocks(budget: KvCacheMemory, block_bytes: u64) -> anyhow::Result<usize> {
+    let bytes = match budget {
+        KvCacheMemory::Bytes(n) => n,
+        KvCacheMemory::Fraction(fraction) => {
+            let total = memory::total_memory().map_err(anyhow::Error::msg)?;
+            let resident = memory::resident_memory().map_err(anyhow::Error::msg)?;
+            memory::kv_bytes_for_fraction(fraction, total, resident, block_bytes).map_err(anyhow::Error::msg)?
+        }
+    };
+    let blocks = bytes / block_bytes;
+    if blocks == 0 {
+        anyhow::bail!("--kv-cache-memory {budget} holds no KV block ({block_bytes} B each)");
+    }
+    if blocks > u64::from(u32::MAX) {
+        anyhow::bail!("--kv-cache-memory {budget} ({bytes} B) is more than {} blocks of {block_bytes} B", u32::MAX);
+    }
+    Ok(blocks as usize)
+}
+
+/// `--tensor-parallel-size`: each rank takes a whole number of attention and
+/// KV heads. Sharding itself is not implemented yet, so only 1 passes.
+pub fn check_tensor_parallel(size: u32, num_heads: usize, num_kv_heads: usize) -> Result<(), String> {
+    let n = size as usize;
+    if n == 0 || !num_heads.is_multiple_of(n) || !num_kv_heads.is_multiple_of(n) {
+        return Err(format!(
+            "--tensor-parallel-size {size} must divide the model's {num_heads} attention heads and {num_kv_heads} KV heads"
+        ));
+    }
+    if n > 1 {
+        return Err(format!("--tensor-parallel-size {size}: tensor parallelism is not available yet (use 1)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_parallel_size_must_divide_the_heads_and_is_1_for_now() {
+        assert_eq!(check_tensor_parallel(1, 9, 3), Ok(()));
+        let err = check_tensor_parallel(2, 9, 3).unwrap_err();
+        assert!(err.contains("9 attention heads") && err.contains("3 KV heads"), "{err}");
+        assert!(check_tensor_parallel(4, 32, 2).unwrap_err().contains("2 KV heads"));
+        assert!(check_tensor_parallel(0, 8, 8).is_err());
+        let err = check_tensor_parallel(2, 32, 8).unwrap_err();
+        assert!(err.contains("tensor parallelism is not available yet"), "{err}");
+    }
 }

@@ -89,6 +89,10 @@ impl Dims {
 /// at `q[t * q_stride]`, so fused QKV rows can be passed as they are; `out`
 /// receives the attention output, `num_heads * head_dim` per token. Query head
 /// `h` reads KV head `h / (num_heads / num_kv_heads)` (grouped-query attention).
+///
+/// One unit of work is a token and a KV head: the query heads sharing that
+/// KV head read each cached K and V row together, and the cache is walked
+/// block by block, so no position needs a division to find its slot.
 pub(crate) fn paged_attention(
     dims: Dims,
     slots: &[TokenSlot],
@@ -100,32 +104,68 @@ pub(crate) fn paged_attention(
 ) {
     let hd = dims.head_dim;
     let group = dims.num_heads / dims.num_kv_heads;
+    // Each unit writes the `group` heads of one KV head: adjacent in `out`.
+    let simd = simd_available();
     let one = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
-        let (t, h) = (i / dims.num_heads, i % dims.num_heads);
-        let qh = &q[t * q_stride + h * hd..t * q_stride + (h + 1) * hd];
-        attend(dims, &slots[t], h / group, qh, k_cache, v_cache, scores, o);
+        let (t, g) = (i / dims.num_kv_heads, i % dims.num_kv_heads);
+        let start = t * q_stride + g * group * hd;
+        let qh = &q[start..start + group * hd];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { attend_avx2(dims, &slots[t], g, qh, k_cache, v_cache, scores, o) };
+        }
+        attend(dims, &slots[t], g, qh, k_cache, v_cache, scores, o);
     };
     // Small steps (decode) run inline: waking a pool for a few microseconds
-    // of work costs more than it saves, and on a busy 2-core box it competes
-    // with candle's own spinning matmul workers.
+    // of work costs more than it saves.
     let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * dims.num_heads * hd;
     if work < PARALLEL_MIN_WORK {
         let mut scores = Vec::new();
-        out.chunks_mut(hd).enumerate().for_each(|item| one(&mut scores, item));
+        out.chunks_mut(group * hd).enumerate().for_each(|item| one(&mut scores, item));
     } else {
-        // One task per (token, head), so that a few long sequences still
-        // spread over all cores.
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, one);
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, one);
     }
 }
 
 /// Multiply-adds below which [`paged_attention`] stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// One query head of one token against its KV head `g`, over positions
-/// `0..=slot.position`.
+/// Whether [`attend_avx2`] can run here.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`attend`] compiled for AVX2 and FMA: its loops vectorise eight lanes wide.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-#[inline]
+unsafe fn attend_avx2(
+    dims: Dims,
+    slot: &TokenSlot,
+    g: usize,
+    qh: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    attend(dims, slot, g, qh, k_cache, v_cache, scores, o)
+}
+
+/// The `group` query heads `qh` (`group * head_dim` values) of one token
+/// against KV head `g`, over positions `0..=slot.position`; writes their
+/// outputs to `o`. `scores` is scratch, `group` values per position.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attend(
     dims: Dims,
     slot: &TokenSlot,
@@ -137,33 +177,53 @@ fn attend(
     o: &mut [f32],
 ) {
     let hd = dims.head_dim;
+    let group = qh.len() / hd;
     let scale = 1.0 / (hd as f32).sqrt();
+    let len = slot.position + 1;
+    // Offsets of the KV head's rows, position by position, block by block.
+    let rows = || {
+        let row_stride = dims.num_kv_heads * hd;
+        slot.block_table.iter().flat_map(move |&b| {
+            let first = (b as usize * dims.block_size * dims.num_kv_heads + g) * hd;
+            (0..dims.block_size).map(move |s| first + s * row_stride)
+        })
+    };
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..=slot.position {
-        let off = dims.cache_offset(slot.block_table, p, g);
-        let s = dot(qh, &k_cache[off..off + hd]) * scale;
-        max = max.max(s);
-        scores.push(s);
+    scores.resize(len * group, 0.0);
+    let mut max = vec![f32::NEG_INFINITY; group];
+    for (p, off) in rows().take(len).enumerate() {
+        let k = &k_cache[off..off + hd];
+        for (h, qv) in qh.chunks_exact(hd).enumerate() {
+            let s = dot(qv, k) * scale;
+            max[h] = max[h].max(s);
+            scores[p * group + h] = s;
+        }
     }
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    let mut sum = vec![0.0f32; group];
+    for row in scores.chunks_exact_mut(group) {
+        for ((s, m), total) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+            *s = (*s - m).exp();
+            *total += *s;
+        }
     }
     o.fill(0.0);
-    let inv = 1.0 / sum;
-    for (p, &w) in scores.iter().enumerate() {
-        let off = dims.cache_offset(slot.block_table, p, g);
-        let w = w * inv;
-        for (acc, &x) in o.iter_mut().zip(&v_cache[off..off + hd]) {
-            *acc += w * x;
+    for (p, off) in rows().take(len).enumerate() {
+        let v = &v_cache[off..off + hd];
+        for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
+            let w = scores[p * group + h];
+            for (acc, &x) in oh.iter_mut().zip(v) {
+                *acc += w * x;
+            }
         }
+    }
+    for (oh, total) in o.chunks_exact_mut(hd).zip(sum) {
+        let inv = 1.0 / total;
+        oh.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
 /// Dot product in eight independent lanes so the compiler can vectorise it.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -6,163 +6,65 @@
 //! the token embedding when the file has no `output.weight`.
 //!
 //! Every token of a step, whatever its sequence, goes through each projection
-//! as one matrix; only attention runs per token, over its own sequence's
-//! blocks. Weights are read-only, so one `Llama` serves many steps via `&self`.
+//! as one matrix (quantized weights through [`super::kernels`], so a decode
+//! step reads each weight once however many sequences it carries); only
+//! attention runs per token, over its own sequence's blocks. A row's result
+//! never depends on what else is in the step. Weights are read-only, so one
+//! `Llama` serves many steps via `&self`.
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
-use candle_nn::ops::{rms_norm, silu};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
 
 use super::attention::{paged_attention, Dims, Rope, TokenSlot};
+use super::linear::{Linear, Scratch};
 use super::{Config, ModelError};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
 
-/// How [`Proj::stacked`] stores weights; see [`super::LoadOptions`].
-#[derive(Clone, Copy)]
-struct ProjOptions {
-    dense: bool,
-    q4_1_to_q8_0: bool,
-}
-
-/// A weight matrix `[out, in]`, multiplied as `x @ w^T`.
-struct Proj {
-    quantized: QMatMul,
-    /// The same weights dequantized, for steps with many rows.
-    dense: Option<Tensor>,
-}
-
-impl Proj {
-    /// Stacks the parts' rows into one matrix, so one call computes them all
-    /// (Q, K and V; gate and up).
-    fn stacked(parts: Vec<QTensor>, opts: ProjOptions) -> Result<Self, ModelError> {
-        let cols = parts[0].shape().dims2()?.1;
-        let dtype = parts[0].dtype();
-        let same_dtype = parts.iter().all(|p| p.dtype() == dtype);
-        let quantized = if parts.len() == 1 {
-            QMatMul::from_qtensor(parts.into_iter().next().expect("one part"))?
-        } else if same_dtype && dtype != GgmlDType::F32 {
-            // Quantized rows are self-contained runs of blocks, so stacking
-            // rows is concatenating bytes.
-            let rows: usize = parts.iter().map(|p| p.shape().dims2().map(|d| d.0)).sum::<Result<_, _>>()?;
-            let mut bytes = Vec::new();
-            for p in &parts {
-                bytes.extend_from_slice(&p.data()?);
-            }
-            let storage = QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?;
-            QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?
-        } else {
-            let parts = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<Result<Vec<_>, _>>()?;
-            QMatMul::Tensor(Tensor::cat(&parts, 0)?)
-        };
-        let dense = match (&quantized, opts.dense) {
-            (QMatMul::QTensor(q), true) => Some(q.dequantize(&Device::Cpu)?),
-            _ => None,
-        };
-        let quantized = match quantized {
-            // candle's Q4_1 dot product is a scalar loop while Q8_0 has AVX
-            // kernels; Q8_0 holds every Q4_1 value to within 1/254 of its
-            // block's range, far below the Q4_1 rounding already there.
-            QMatMul::QTensor(q) if opts.q4_1_to_q8_0 && q.dtype() == GgmlDType::Q4_1 => {
-                let w = match &dense {
-                    Some(w) => w.clone(),
-                    None => q.dequantize(&Device::Cpu)?,
-                };
-                QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?
-            }
-            other => other,
-        };
-        Ok(Self { quantized, dense })
-    }
-
-    /// `x @ w^T`, each run of rows with the weights its [`RowRun`] names.
-    fn forward(&self, x: &Tensor, runs: &[RowRun]) -> candle_core::Result<Tensor> {
-        let apply = |x: &Tensor, dense: bool| match (&self.dense, dense) {
-            (Some(w), true) => x.matmul(&w.t()?),
-            _ => self.quantized.forward(x),
-        };
-        match runs {
-            [one] => apply(x, one.dense),
-            _ => {
-                let parts = runs
-                    .iter()
-                    .map(|r| apply(&x.narrow(0, r.start, r.len)?, r.dense))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Tensor::cat(&parts, 0)
-            }
-        }
-    }
-}
-
-/// Consecutive rows of a step that share one weight path. Prompt tokens take
-/// the f32 weights (measured on the 2-core dev box: about twice the Q8_0
-/// kernels' speed at 128 rows, slower at 8), generated tokens the quantized
-/// kernels. The choice depends only on the token, never on its neighbours, so
-/// a sequence computes the same numbers alone, batched, chunked or recomputed
-/// after preemption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RowRun {
-    start: usize,
-    len: usize,
-    dense: bool,
-}
-
-impl RowRun {
-    fn plan(batch: &ForwardBatch, f32_prefill: bool) -> Vec<RowRun> {
-        let mut runs: Vec<RowRun> = Vec::new();
-        for s in &batch.seqs {
-            // Rows of this chunk below the prompt end are prompt rows.
-            let prompt_rows = s.prompt_len.saturating_sub(s.context_start).min(s.num_tokens);
-            let parts = [(0, prompt_rows, f32_prefill), (prompt_rows, s.num_tokens - prompt_rows, false)];
-            for (offset, len, dense) in parts.into_iter().filter(|p| p.1 > 0) {
-                let start = s.token_start + offset;
-                match runs.last_mut() {
-                    Some(r) if r.dense == dense && r.start + r.len == start => r.len += len,
-                    _ => runs.push(RowRun { start, len, dense }),
-                }
-            }
-        }
-        runs
-    }
-}
-
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     /// Q, K and V stacked: `[hidden + 2 * kv_dim, hidden]`.
-    qkv: Proj,
-    attn_output: Proj,
-    ffn_norm: Tensor,
+    qkv: Linear,
+    /// Q, K and V biases stacked (Qwen2 has them, Llama not).
+    qkv_bias: Option<Vec<f32>>,
+    attn_output: Linear,
+    ffn_norm: Vec<f32>,
     /// Gate and up stacked: `[2 * ffn, hidden]`.
-    gate_up: Proj,
-    down: Proj,
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// Llama weights and the forward pass. See the module docs.
 pub struct Llama {
     config: Config,
-    token_embd: Arc<QTensor>,
+    token_embd: Arc<Linear>,
     layers: Vec<Layer>,
-    output_norm: Tensor,
-    lm_head: QMatMul,
-    f32_prefill: bool,
+    output_norm: Vec<f32>,
+    /// The embedding itself when the model ties them.
+    lm_head: Arc<Linear>,
+}
+
+/// Where [`Llama::load`] gets its weights: tensors named as in llama.cpp's
+/// GGUF files (`token_embd.weight`, `blk.N.attn_q.weight`, ...), laid out as
+/// there (Q and K rows ordered for adjacent-pair RoPE). GGUF files are read as
+/// they are; other formats translate names and layout to this.
+pub(crate) trait TensorSource {
+    /// The tensor called `name`, or `None` when the model has none.
+    fn tensor(&mut self, name: &str) -> Result<Option<QTensor>, ModelError>;
 }
 
 /// Reads tensors by name, checking their shapes.
-struct Loader<'a, R> {
-    content: &'a Content,
-    reader: &'a mut R,
+struct Loader<'a> {
+    source: &'a mut dyn TensorSource,
 }
 
-impl<R: Read + Seek> Loader<'_, R> {
-    fn get(&mut self, name: &str, expected: &[usize]) -> Result<QTensor, ModelError> {
-        if !self.content.tensor_infos.contains_key(name) {
-            return Err(ModelError::MissingTensor(name.to_string()));
-        }
-        let t = self.content.tensor(self.reader, name, &Device::Cpu)?;
+impl Loader<'_> {
+    fn opt(&mut self, name: &str, expected: &[usize]) -> Result<Option<QTensor>, ModelError> {
+        let Some(t) = self.source.tensor(name)? else { return Ok(None) };
         if t.shape().dims() != expected {
             return Err(ModelError::BadShape {
                 name: name.to_string(),
@@ -170,36 +72,46 @@ impl<R: Read + Seek> Loader<'_, R> {
                 expected: expected.to_vec(),
             });
         }
-        Ok(t)
+        Ok(Some(t))
     }
 
-    fn dense(&mut self, name: &str, expected: &[usize]) -> Result<Tensor, ModelError> {
-        Ok(self.get(name, expected)?.dequantize(&Device::Cpu)?)
+    fn get(&mut self, name: &str, expected: &[usize]) -> Result<QTensor, ModelError> {
+        self.opt(name, expected)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn vector(&mut self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        Ok(self.get(name, expected)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// A GGUF file's tensors, read on demand.
+pub(crate) struct GgufSource<'a, R> {
+    pub content: &'a Content,
+    pub reader: &'a mut R,
+}
+
+impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
+    fn tensor(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.content.tensor(self.reader, name, &Device::Cpu)?))
     }
 }
 
 impl Llama {
-    /// Reads the weights that `config` describes. `f32_prefill` and
-    /// `q4_1_to_q8_0`: see [`super::LoadOptions`].
-    pub(crate) fn load<R: Read + Seek>(
-        content: &Content,
-        reader: &mut R,
-        config: Config,
-        f32_prefill: bool,
-        q4_1_to_q8_0: bool,
-    ) -> Result<Self, ModelError> {
+    /// Reads the weights that `config` describes.
+    pub(crate) fn load(source: &mut dyn TensorSource, config: Config) -> Result<Self, ModelError> {
         let c = &config;
         let (hidden, kv_dim) = (c.hidden, c.num_kv_heads * c.head_dim);
-        let dense = ProjOptions { dense: f32_prefill, q4_1_to_q8_0 };
-        let mut ld = Loader { content, reader };
-        let token_embd = Arc::new(ld.get("token_embd.weight", &[c.vocab_size, hidden])?);
+        let mut ld = Loader { source };
+        let token_embd = Arc::new(Linear::stacked(vec![ld.get("token_embd.weight", &[c.vocab_size, hidden])?])?);
         // Small Llamas tie the LM head to the embedding and ship no output.weight.
-        let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(ld.get("output.weight", &[c.vocab_size, hidden])?)?
-        } else {
-            QMatMul::from_arc(token_embd.clone())?
+        let lm_head = match ld.opt("output.weight", &[c.vocab_size, hidden])? {
+            Some(w) => Arc::new(Linear::stacked(vec![w])?),
+            None => token_embd.clone(),
         };
-        let output_norm = ld.dense("output_norm.weight", &[hidden])?;
+        let output_norm = ld.vector("output_norm.weight", &[hidden])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
@@ -208,16 +120,34 @@ impl Llama {
             let v = ld.get(&name("attn_v"), &[kv_dim, hidden])?;
             let gate = ld.get(&name("ffn_gate"), &[c.ffn, hidden])?;
             let up = ld.get(&name("ffn_up"), &[c.ffn, hidden])?;
+            let bias = |t: &str| format!("blk.{i}.{t}.bias");
+            let biases = [
+                ld.opt(&bias("attn_q"), &[hidden])?,
+                ld.opt(&bias("attn_k"), &[kv_dim])?,
+                ld.opt(&bias("attn_v"), &[kv_dim])?,
+            ];
+            let qkv_bias = match biases {
+                [None, None, None] => None,
+                [Some(q), Some(k), Some(v)] => {
+                    let mut all = Vec::with_capacity(hidden + 2 * kv_dim);
+                    for b in [q, k, v] {
+                        all.extend(b.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+                    }
+                    Some(all)
+                }
+                _ => return Err(ModelError::MissingTensor(format!("blk.{i}.attn_{{q,k,v}}.bias (some but not all)"))),
+            };
             layers.push(Layer {
-                attn_norm: ld.dense(&name("attn_norm"), &[hidden])?,
-                qkv: Proj::stacked(vec![q, k, v], dense)?,
-                attn_output: Proj::stacked(vec![ld.get(&name("attn_output"), &[hidden, hidden])?], dense)?,
-                ffn_norm: ld.dense(&name("ffn_norm"), &[hidden])?,
-                gate_up: Proj::stacked(vec![gate, up], dense)?,
-                down: Proj::stacked(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?], dense)?,
+                qkv_bias,
+                attn_norm: ld.vector(&name("attn_norm"), &[hidden])?,
+                qkv: Linear::stacked(vec![q, k, v])?,
+                attn_output: Linear::stacked(vec![ld.get(&name("attn_output"), &[hidden, hidden])?])?,
+                ffn_norm: ld.vector(&name("ffn_norm"), &[hidden])?,
+                gate_up: Linear::stacked(vec![gate, up])?,
+                down: Linear::stacked(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?])?,
             });
         }
-        Ok(Self { config, token_embd, layers, output_norm, lm_head, f32_prefill })
+        Ok(Self { config, token_embd, layers, output_norm, lm_head })
     }
 
     /// The resolved model shape.
@@ -287,8 +217,7 @@ impl Forward for Llama {
         if n == 0 {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
-        let dev = Device::Cpu;
-        let runs = RowRun::plan(batch, self.f32_prefill);
+        let (hidden, ffn) = (c.hidden, c.ffn);
         let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkv_dim = q_dim + 2 * kv_dim;
         let dims = Dims {
@@ -307,43 +236,57 @@ impl Forward for Llama {
         let positions: Vec<usize> = slots.iter().map(|s| s.position).collect();
         let rope = Rope::new(&positions, c.head_dim, c.rope_theta);
 
-        let ids = Tensor::from_slice(&batch.tokens, n, &dev)?;
-        let mut x = self.token_embd.embedding(&ids)?;
+        let mut x = vec![0.0f32; n * hidden];
+        for (row, &t) in x.chunks_exact_mut(hidden).zip(&batch.tokens) {
+            self.token_embd.row(t as usize, row)?;
+        }
+        let mut scratch = Scratch::default();
+        let (mut h, mut qkv, mut attn, mut y) = (vec![0.0; n * hidden], Vec::new(), vec![0.0; n * q_dim], Vec::new());
+        let mut gate_up = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mut qkv = layer.qkv.forward(&h, &runs)?.flatten_all()?.to_vec1::<f32>()?;
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            layer.qkv.forward(&h, n, &mut qkv, &mut scratch)?;
             let (k_cache, v_cache) = kv.layer_mut(l);
             // Write the whole step's K/V first: a prefill token attends to the
             // tokens of its own chunk too.
             for (t, row) in qkv.chunks_exact_mut(qkv_dim).enumerate() {
+                if let Some(bias) = &layer.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                }
                 let (q, kv_row) = row.split_at_mut(q_dim);
                 let (k, v) = kv_row.split_at_mut(kv_dim);
                 rope.apply(t, q);
                 rope.apply(t, k);
                 dims.store(k_cache, v_cache, &slots[t], k, v);
             }
-            let mut attn = vec![0.0f32; n * q_dim];
             paged_attention(dims, &slots, &qkv, qkv_dim, k_cache, v_cache, &mut attn);
-            let attn = Tensor::from_vec(attn, (n, q_dim), &dev)?;
-            x = (x + layer.attn_output.forward(&attn, &runs)?)?;
+            layer.attn_output.forward(&attn, n, &mut y, &mut scratch)?;
+            add(&mut x, &y);
 
-            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate_up = layer.gate_up.forward(&h, &runs)?;
-            let gate = gate_up.narrow(1, 0, c.ffn)?;
-            let up = gate_up.narrow(1, c.ffn, c.ffn)?;
-            let act = (silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&act, &runs)?)?;
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
+            layer.gate_up.forward(&h, n, &mut gate_up, &mut scratch)?;
+            // Gate and up share each row: write silu(gate) * up over the gate half.
+            for row in gate_up.chunks_exact_mut(2 * ffn) {
+                let (gate, up) = row.split_at_mut(ffn);
+                for (g, u) in gate.iter_mut().zip(up.iter()) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            }
+            let act: Vec<f32> = gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]).copied().collect();
+            layer.down.forward(&act, n, &mut y, &mut scratch)?;
+            add(&mut x, &y);
         }
 
-        let last: Vec<u32> =
-            batch.seqs.iter().filter(|s| s.need_logits).map(|s| (s.token_start + s.num_tokens - 1) as u32).collect();
+        let last: Vec<usize> =
+            batch.seqs.iter().filter(|s| s.need_logits).map(|s| s.token_start + s.num_tokens - 1).collect();
         if last.is_empty() {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
-        let rows = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, rows, &dev)?, 0)?;
-        let x = rms_norm(&x, &self.output_norm, c.rms_eps)?;
-        let data = self.lm_head.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let rows: Vec<f32> = last.iter().flat_map(|&t| &x[t * hidden..(t + 1) * hidden]).copied().collect();
+        let mut normed = vec![0.0; rows.len()];
+        rms_norm(&rows, &self.output_norm, c.rms_eps, &mut normed);
+        let mut data = Vec::new();
+        self.lm_head.forward(&normed, last.len(), &mut data, &mut scratch)?;
         Ok(Logits { vocab_size, data })
     }
 
@@ -352,20 +295,19 @@ impl Forward for Llama {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_rows_take_f32_and_generated_rows_the_quantized_kernels() {
-        let mut batch = ForwardBatch::default();
-        batch.push(&[1], 5, 5, vec![0], true); // decode
-        batch.push(&[2], 7, 3, vec![1], true); // decode
-        batch.push(&[3; 20], 0, 20, vec![2, 3], true); // a whole prompt
-        batch.push(&[4; 3], 4, 7, vec![4], true); // a prompt's last chunk
-        batch.push(&[5; 6], 0, 4, vec![5], true); // recompute: 4 prompt rows, 2 generated
-        let run = |start, len, dense| RowRun { start, len, dense };
-        assert_eq!(RowRun::plan(&batch, true), vec![run(0, 2, false), run(2, 27, true), run(29, 2, false)]);
-        assert_eq!(RowRun::plan(&batch, false), vec![run(0, 31, false)]);
+/// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mean_sq = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let scale = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * w;
+        }
     }
+}
+
+/// `x += y`, the residual connection.
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }

@@ -1,11 +1,16 @@
-//! GGUF loading and the Llama forward pass.
+//! Model loading (GGUF files and Hugging Face folders) and the Llama forward pass.
 //!
-//! [`load_gguf`] reads one GGUF file into a [`LoadedModel`]: the [`Llama`]
-//! weights (read-only, stepped through [`crate::Forward`]), the tokenizer
-//! built from the same file's metadata, and the [`ModelInfo`] that the
-//! serving layers need (chat template, special tokens, context length).
+//! [`load`] reads a model into a [`LoadedModel`]: the [`Llama`] weights
+//! (read-only, stepped through [`crate::Forward`]), the tokenizer, and the
+//! [`ModelInfo`] that the serving layers need (chat template, special tokens,
+//! context length). A `.gguf` file goes through [`load_gguf_with`], which
+//! takes all of that from the file; a folder with `config.json` through
+//! [`load_hf`] (safetensors weights, `tokenizer.json`, `tokenizer_config.json`).
 
 mod attention;
+mod hf;
+pub(crate) mod kernels;
+mod linear;
 mod llama;
 
 use std::fs::File;
@@ -16,6 +21,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::tokenizer::TokenizerError;
 
+pub use hf::load_hf;
 pub use llama::Llama;
 
 /// The resolved shape of a Llama model: no optional fields left.
@@ -40,7 +46,8 @@ pub struct Config {
 /// What the serving layers need to know about a loaded model besides its weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
-    /// The served model name: [`LoadOptions::model_name`], else the GGUF file stem.
+    /// The served model name: [`LoadOptions::model_name`], else the GGUF file
+    /// stem or the Hugging Face folder's name.
     pub model_name: String,
     /// `tokenizer.chat_template`, a Jinja template, when the file has one.
     pub chat_template: Option<String>,
@@ -67,25 +74,60 @@ pub struct LoadedModel {
 /// Choices made at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Overrides the served model name (default: the GGUF file stem).
+    /// Overrides the served model name (default: the GGUF file stem or the
+    /// Hugging Face folder's name).
     pub model_name: Option<String>,
-    /// Prompt tokens multiply by f32 copies of the weights (dequantized once
-    /// at load, about 4x the memory of Q4_1), generated tokens by the
-    /// quantized kernels: f32 is several times faster for the many rows of a
-    /// prefill, slower for one decode row. Each token takes the same path
-    /// however it is batched, so outputs do not depend on batch composition.
-    /// Off keeps only the quantized weights.
-    pub f32_prefill: bool,
-    /// Requantizes Q4_1 weights to Q8_0 at load: candle runs Q4_1 products as
-    /// scalar loops and Q8_0 ones with SIMD, so decode is several times
-    /// faster, for about 1.7x the weight memory and a rounding error far
-    /// below Q4_1's own.
-    pub q4_1_to_q8_0: bool,
+    /// A `tokenizer.json` file, or a folder holding one (with its
+    /// `tokenizer_config.json`), instead of the model's own. Hugging Face
+    /// folders only: a GGUF file's tokenizer is part of the file.
+    pub tokenizer: Option<PathBuf>,
+    /// The precision weight matrices are kept in. Hugging Face folders only:
+    /// GGUF weights keep their stored quantization.
+    pub dtype: WeightDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { model_name: None, f32_prefill: true, q4_1_to_q8_0: true }
+        Self { model_name: None, tokenizer: None, dtype: WeightDtype::Auto }
+    }
+}
+
+/// The precision of a checkpoint's weight matrices after loading (vLLM's `--dtype`).
+/// Activations are f32 whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// Keep what the checkpoint stores (f32, f16 or bf16).
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    /// Accepts vLLM's names: `auto`, `float32`/`float`/`f32`,
+    /// `float16`/`half`/`f16`, `bfloat16`/`bf16`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "float32" | "float" | "f32" => Ok(Self::F32),
+            "float16" | "half" | "f16" => Ok(Self::F16),
+            "bfloat16" | "bf16" => Ok(Self::BF16),
+            other => Err(format!("unknown dtype {other:?} (use auto, float32, float16 or bfloat16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        })
     }
 }
 
@@ -110,6 +152,30 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
+    #[error("model path {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{0} is neither a .gguf file nor a Hugging Face model folder (a folder with config.json)")]
+    UnknownFormat(PathBuf),
+    #[error("--dtype {0} does not apply to GGUF files: GGUF weights keep their stored quantization")]
+    DtypeForGguf(WeightDtype),
+    #[error("--tokenizer does not apply to GGUF files: the tokenizer is part of the file")]
+    TokenizerForGguf,
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: `{key}` {reason}")]
+    ConfigValue { path: PathBuf, key: String, reason: String },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("cannot parse safetensors file {path}: {source}")]
+    Safetensors { path: PathBuf, source: safetensors::SafeTensorError },
+    #[error("tensor `{name}` is missing: {reason}")]
+    MissingWeight { name: String, reason: String },
+    #[error("tensor `{name}` in {path}: {reason}")]
+    BadWeight { name: String, path: PathBuf, reason: String },
+    #[error("cannot load tokenizer {path}: {reason}")]
+    TokenizerFile { path: PathBuf, reason: String },
 }
 
 /// Typed reads of GGUF metadata whose errors name the key.
@@ -262,6 +328,28 @@ impl ModelInfo {
     }
 }
 
+/// Loads a model from `path`: a `.gguf` file, or a Hugging Face folder
+/// (one with `config.json`).
+pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() && path.join("config.json").is_file() {
+        return load_hf(path, options);
+    }
+    let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if !(is_gguf && path.is_file()) {
+        return Err(ModelError::UnknownFormat(path.to_path_buf()));
+    }
+    if options.dtype != WeightDtype::Auto {
+        return Err(ModelError::DtypeForGguf(options.dtype));
+    }
+    if options.tokenizer.is_some() {
+        return Err(ModelError::TokenizerForGguf);
+    }
+    load_gguf_with(path, options)
+}
+
 /// Loads a Llama GGUF file with default [`LoadOptions`].
 pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
     load_gguf_with(path, &LoadOptions::default())
@@ -279,6 +367,7 @@ pub fn load_gguf_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel,
         None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string()),
     };
     let info = ModelInfo::from_gguf(&content, model_name, &config)?;
-    let model = Llama::load(&content, &mut reader, config, options.f32_prefill, options.q4_1_to_q8_0)?;
+    let mut source = llama::GgufSource { content: &content, reader: &mut reader };
+    let model = Llama::load(&mut source, config)?;
     Ok(LoadedModel { model, tokenizer, info })
 }

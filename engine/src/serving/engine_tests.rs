@@ -157,6 +157,7 @@ fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest 
         pin_on_finish: false,
         cache_salt: None,
         priority: 0,
+        n: 1,
     }
 }
 
@@ -165,7 +166,7 @@ fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the engine ended a request without a final event") {
-            EngineEvent::Token(t) => tokens.push(t),
+            EngineEvent::Token { id: t, .. } => tokens.push(t),
             last => {
                 assert_eq!(rx.blocking_recv(), None, "nothing follows the final event");
                 return (tokens, last);
@@ -175,7 +176,7 @@ fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
 }
 
 fn finished(reason: FinishReason, num_prompt_tokens: usize) -> EngineEvent {
-    EngineEvent::Finished { reason, pinned_blocks: None, num_prompt_tokens, num_cached_tokens: 0 }
+    EngineEvent::Finished { index: 0, reason, pinned_blocks: None, num_prompt_tokens, num_cached_tokens: 0 }
 }
 
 fn assert_idle(engine: &EngineHandle) {
@@ -289,7 +290,7 @@ fn abort_frees_a_running_request_at_once() {
     let waiting = engine.submit(request("b", &[9], SamplingParams::greedy(50))).unwrap();
     model.gate.add(1);
     let mut rx = rx;
-    assert_eq!(rx.blocking_recv(), Some(EngineEvent::Token(6)));
+    assert_eq!(rx.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 6, logprobs: None }));
     engine.abort("a");
     engine.abort("b");
     engine.abort("unknown");
@@ -366,7 +367,7 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
     let hold = EngineRequest { pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
     let (_, hold_last) = collect(engine.submit(hold).unwrap());
     let req = EngineRequest {
-        kv: KvSource::Provided { data: data.clone(), first_token },
+        kv: KvSource::Provided { data: data.clone(), first_tokens: vec![first_token] },
         ..request("d", &prompt, SamplingParams::greedy(4))
     };
     // The first token counts toward max_tokens and is not emitted again.
@@ -379,7 +380,7 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
 
     // A first token that is already the last one allowed: no forward pass at all.
     let req = EngineRequest {
-        kv: KvSource::Provided { data: data.clone(), first_token },
+        kv: KvSource::Provided { data: data.clone(), first_tokens: vec![first_token] },
         ..request("one", &prompt, SamplingParams::greedy(1))
     };
     assert_eq!(collect(engine.submit(req).unwrap()), (vec![], finished(FinishReason::Length, 6)));
@@ -387,7 +388,7 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
 
     // A payload of the wrong size is an error, and nothing leaks.
     let req = EngineRequest {
-        kv: KvSource::Provided { data: data[..data.len() - 4].to_vec(), first_token },
+        kv: KvSource::Provided { data: data[..data.len() - 4].to_vec(), first_tokens: vec![first_token] },
         ..request("bad", &prompt, SamplingParams::greedy(4))
     };
     let (tokens, last) = collect(engine.submit(req).unwrap());
@@ -494,7 +495,7 @@ fn dropping_the_receiver_frees_the_request() {
     let waiting = engine.submit(request("wait", &[20, 21], SamplingParams::greedy(50))).unwrap();
     let after = engine.submit(request("after", &[9], SamplingParams::greedy(2))).unwrap();
     model.gate.add(1);
-    assert_eq!(running.blocking_recv(), Some(EngineEvent::Token(4)));
+    assert_eq!(running.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 4, logprobs: None }));
     drop(running);
     drop(waiting);
     model.gate.open();
@@ -581,7 +582,7 @@ fn penalties_and_min_tokens_count_a_provided_first_token_as_output() {
         Engine::start(FakeModel::new(32, true), kv_shape(4, 16), EngineConfig { eos_token_ids: vec![11], ..config() });
     let decode = |id: &str, sampling| {
         let req = EngineRequest {
-            kv: KvSource::Provided { data: data.clone(), first_token },
+            kv: KvSource::Provided { data: data.clone(), first_tokens: vec![first_token] },
             ..request(id, &prompt, sampling)
         };
         collect(engine.submit(req).unwrap())
@@ -630,6 +631,7 @@ fn submit_rejects_sampling_params_out_of_range() {
     assert_eq!(field_of(SamplingParams { frequency_penalty: 3.0, ..g.clone() }), Some("frequency_penalty"));
     assert_eq!(field_of(SamplingParams { repetition_penalty: 0.0, ..g.clone() }), Some("repetition_penalty"));
     assert_eq!(field_of(SamplingParams { logit_bias: vec![(1, 200.0)], ..g.clone() }), Some("logit_bias"));
+    assert_eq!(field_of(SamplingParams { logprobs: Some(21), ..g.clone() }), Some("logprobs"));
     assert_eq!(
         engine.submit(request("x", &[1], SamplingParams { logit_bias: vec![(16, 1.0)], ..g })).err(),
         Some(EngineError::TokenOutOfVocab { token: 16, vocab_size: 16 })
@@ -784,7 +786,7 @@ fn provided_kv_is_cached_for_later_prompts_with_the_same_prefix() {
     let model = FakeModel::new(32, true);
     let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
     let req = EngineRequest {
-        kv: KvSource::Provided { data, first_token },
+        kv: KvSource::Provided { data, first_tokens: vec![first_token] },
         ..request("d", &prompt, SamplingParams::greedy(2))
     };
     let (_, last) = collect(engine.submit(req).unwrap());
@@ -816,7 +818,7 @@ fn a_long_prompt_is_prefilled_in_chunks_while_another_request_decodes() {
     let engine = Engine::start(model.clone(), kv_shape(4, 32), EngineConfig { max_num_batched_tokens: 4, ..config() });
     let mut decoding = engine.submit(request("d", &[1], SamplingParams::greedy(10))).unwrap();
     model.gate.add(1);
-    assert_eq!(decoding.blocking_recv(), Some(EngineEvent::Token(2)));
+    assert_eq!(decoding.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 2, logprobs: None }));
     let prompt: Vec<u32> = (20..30).collect();
     let long = engine.submit(request("long", &prompt, SamplingParams::greedy(2))).unwrap();
     model.gate.open();
@@ -868,7 +870,7 @@ fn a_better_priority_request_is_admitted_before_earlier_worse_ones() {
     };
     let mut first = engine.submit(prioritized("first", 1, 10)).unwrap();
     model.gate.add(1);
-    assert_eq!(first.blocking_recv(), Some(EngineEvent::Token(2)));
+    assert_eq!(first.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 2, logprobs: None }));
     let rxs: Vec<_> = [("b", 5, 10), ("c", 9, 10), ("urgent", 13, -10), ("d", 17, 0)]
         .into_iter()
         .map(|(id, token, priority)| engine.submit(prioritized(id, token, priority)).unwrap())
@@ -895,3 +897,32 @@ fn preemption_with_priorities_and_chunks_under_a_tiny_cache_gives_the_same_token
         assert_eq!(tiny, roomy, "budget {budget}");
     }
 }
+
+#[test]
+fn token_events_carry_logprobs_only_when_asked() {
+    let model = FakeModel::new(16, true);
+    let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
+    let mut with = engine
+        .submit(request("with", &[3, 4], SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(3) }))
+        .unwrap();
+    let mut row = vec![0.0; 16];
+    let mut last = 4;
+    for _ in 0..3 {
+        let Some(EngineEvent::Token { index: 0, id, logprobs: Some(logprobs) }) = with.blocking_recv() else {
+            panic!("a token with logprobs");
+        };
+        // The fake's row after `last`, as the model returned it.
+        model.logits_after(last, &mut row);
+        assert_eq!(logprobs, TokenLogprobs::from_logits(&row, id, 2));
+        assert_eq!(logprobs.top.len(), 2);
+        assert_eq!(logprobs.top[0].0, id, "greedy takes the most likely");
+        last = id;
+    }
+    let (tokens, _) = collect(engine.submit(request("without", &[3, 4], SamplingParams::greedy(3))).unwrap());
+    assert_eq!(tokens, [5, 6, 7]);
+    let mut without = engine.submit(request("again", &[3, 4], SamplingParams::greedy(1))).unwrap();
+    assert_eq!(without.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 5, logprobs: None }));
+}
+
+#[path = "parallel_sampling_tests.rs"]
+mod parallel_sampling;

@@ -27,6 +27,7 @@ fn seq(id: &str, prompt: &[u32], max_tokens: usize) -> NewSequence {
         cache_salt: vec![],
         provided: None,
         priority: 0,
+        n: 1,
     }
 }
 
@@ -56,14 +57,15 @@ fn admits_fcfs_up_to_max_num_seqs_and_batches_decodes_with_a_prefill() {
     // `a` stops on EOS; `c` joins the next step next to `b`'s decode.
     s.finish_step(&plan, &[99, 21]);
     let events = s.take_events();
-    assert_eq!(events[0], ("a".into(), EngineEvent::Token(10)));
+    assert_eq!(events[0], ("a".into(), EngineEvent::Token { index: 0, id: 10, logprobs: None }));
     assert_eq!(events.len(), 5);
-    assert_eq!(events[2], ("a".into(), EngineEvent::Token(99)));
+    assert_eq!(events[2], ("a".into(), EngineEvent::Token { index: 0, id: 99, logprobs: None }));
     assert_eq!(
         events[3],
         (
             "a".into(),
             EngineEvent::Finished {
+                index: 0,
                 reason: FinishReason::Stop,
                 pinned_blocks: None,
                 num_prompt_tokens: 3,
@@ -123,7 +125,7 @@ fn preempts_the_newest_and_recomputes_it_with_its_tokens() {
     assert_eq!(shape(&plan), vec![("new", 4, 1)]);
     assert_eq!((plan.seqs[0].tokens.as_slice(), plan.seqs[0].block_table.as_slice()), (&[20][..], &[1, 2][..]));
     let tokens: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "new").map(|(_, e)| e).collect();
-    assert_eq!(tokens, vec![EngineEvent::Token(20)], "the token is not emitted twice");
+    assert_eq!(tokens, vec![EngineEvent::Token { index: 0, id: 20, logprobs: None }], "the token is not emitted twice");
 }
 
 #[test]
@@ -154,6 +156,7 @@ fn pinned_blocks_are_held_until_released() {
     assert_eq!(
         events[1].1,
         EngineEvent::Finished {
+            index: 0,
             reason: FinishReason::Length,
             pinned_blocks: Some(vec![0, 1]),
             num_prompt_tokens: 8,
@@ -174,7 +177,7 @@ fn pinned_blocks_are_held_until_released() {
 #[test]
 fn provided_kv_is_written_and_the_first_token_is_fed() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 16], first_token: 42 };
+    let provided = ProvidedKv { data: vec![0; 16], first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
     let plan = s.schedule();
     assert_eq!(plan.kv_writes.len(), 1);
@@ -186,14 +189,20 @@ fn provided_kv_is_written_and_the_first_token_is_fed() {
     s.finish_step(&plan, &[44]);
     let events: Vec<_> = s.take_events().into_iter().map(|(_, e)| e).collect();
     // 42 counted as token 1 of 3 and not emitted.
-    assert_eq!(events[..2], [EngineEvent::Token(43), EngineEvent::Token(44)]);
+    assert_eq!(
+        events[..2],
+        [
+            EngineEvent::Token { index: 0, id: 43, logprobs: None },
+            EngineEvent::Token { index: 0, id: 44, logprobs: None }
+        ]
+    );
     assert!(matches!(events[2], EngineEvent::Finished { reason: FinishReason::Length, .. }));
 }
 
 #[test]
 fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 15], first_token: 42 };
+    let provided = ProvidedKv { data: vec![0; 15], first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
     s.add(seq("ok", &[1], 3));
     let plan = s.schedule();
@@ -210,7 +219,7 @@ fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
 #[test]
 fn a_provided_first_token_can_be_the_last() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 8], first_token: 42 };
+    let provided = ProvidedKv { data: vec![0; 8], first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2], 1) });
     let plan = s.schedule();
     assert!(plan.seqs.is_empty());
@@ -221,6 +230,7 @@ fn a_provided_first_token_can_be_the_last() {
         vec![(
             "d".into(),
             EngineEvent::Finished {
+                index: 0,
                 reason: FinishReason::Length,
                 pinned_blocks: None,
                 num_prompt_tokens: 2,
@@ -250,6 +260,7 @@ fn abort_and_remove_free_waiting_and_running_sequences() {
         vec![(
             "run".into(),
             EngineEvent::Finished {
+                index: 0,
                 reason: FinishReason::Abort,
                 pinned_blocks: None,
                 num_prompt_tokens: 5,
@@ -483,7 +494,13 @@ fn a_long_prompt_is_chunked_to_the_budget_while_another_keeps_decoding() {
     assert_eq!(shape(&plan), vec![("d", 5, 1), ("long", 9, 1)]);
     s.finish_step(&plan, &[7, 20]);
     let long: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "long").map(|(_, e)| e).collect();
-    assert_eq!(long[..2], [EngineEvent::Token(19), EngineEvent::Token(20)]);
+    assert_eq!(
+        long[..2],
+        [
+            EngineEvent::Token { index: 0, id: 19, logprobs: None },
+            EngineEvent::Token { index: 0, id: 20, logprobs: None }
+        ]
+    );
     assert!(matches!(long[2], EngineEvent::Finished { reason: FinishReason::Length, num_prompt_tokens: 9, .. }));
 }
 
@@ -520,7 +537,7 @@ fn the_budget_is_never_exceeded_and_chunking_changes_no_token() {
             .take_events()
             .into_iter()
             .filter_map(|(id, e)| match e {
-                EngineEvent::Token(t) => Some((id, t)),
+                EngineEvent::Token { id: t, .. } => Some((id, t)),
                 _ => None,
             })
             .collect();
@@ -591,4 +608,79 @@ fn a_sequence_preempts_itself_rather_than_a_better_one() {
     let plan = s.schedule();
     assert_eq!(shape(&plan), vec![("high", 5, 1)]);
     assert_eq!((s.num_running(), s.num_waiting(), s.num_preemptions()), (1, 1, 1));
+}
+
+#[test]
+fn n_choices_share_the_prompts_full_blocks_and_copy_the_partial_one() {
+    let mut s = Scheduler::new(config(16, 8));
+    // 6 tokens: one full block of 4, one partial block of 2.
+    s.add(NewSequence { n: 4, ..seq("p", &[1, 2, 3, 4, 5, 6], 3) });
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("p", 0, 6)]);
+    assert_eq!(plan.seqs[0].choices, 0..4);
+    let table = plan.seqs[0].block_table.clone();
+    s.finish_step(&plan, &[10, 11, 12, 13]);
+    let tokens: Vec<(u32, u32)> = s
+        .take_events()
+        .into_iter()
+        .map(|(_, e)| match e {
+            EngineEvent::Token { index, id, .. } => (index, id),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(tokens, [(1, 11), (2, 12), (3, 13), (0, 10)]);
+    // Prompt blocks + one partial per extra choice, not 4x the prompt.
+    assert_eq!(s.blocks.ref_count(table[0]), 4);
+    assert_eq!(s.blocks.num_used(), 2 + 3);
+    assert_eq!(s.num_free_blocks(), 16 - 5);
+    let copies = s.take_block_copies();
+    assert_eq!(copies.len(), 3);
+    assert!(copies.iter().all(|c| c.src == table[1] && !table.contains(&c.dst)));
+    // Each choice decodes its own token on the shared block and its own partial one.
+    let plan = s.schedule();
+    let mut decodes: Vec<(u32, Vec<u32>, Vec<u32>)> =
+        plan.seqs.iter().map(|c| (c.choices.start, c.tokens.clone(), c.block_table.clone())).collect();
+    decodes.sort();
+    assert_eq!(decodes[0], (0, vec![10], table.clone()));
+    for (i, (choice, tokens, blocks)) in decodes.iter().enumerate().skip(1) {
+        assert_eq!((*choice, tokens.clone()), (i as u32, vec![10 + i as u32]));
+        assert_eq!(blocks[0], table[0]);
+        assert_eq!(blocks[1], copies.iter().find(|c| c.dst == blocks[1]).unwrap().dst);
+    }
+    assert!(s.abort("p"));
+    let aborted: Vec<u32> = s
+        .take_events()
+        .into_iter()
+        .map(|(_, e)| match e {
+            EngineEvent::Finished { index, reason: FinishReason::Abort, .. } => index,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(aborted.len(), 4);
+    assert_eq!(s.blocks.num_used(), 0);
+}
+
+#[test]
+fn a_fork_without_a_free_block_recomputes_alone() {
+    // 3 blocks: the prompt takes 2, one choice can copy the partial block, the other cannot.
+    let mut s = Scheduler::new(config(3, 8));
+    s.add(NewSequence { n: 3, ..seq("p", &[1, 2, 3, 4, 5, 6], 2) });
+    let plan = s.schedule();
+    s.finish_step(&plan, &[10, 11, 12]);
+    assert_eq!(s.num_running(), 2);
+    assert_eq!(s.num_waiting(), 1);
+    assert_eq!(s.num_preemptions(), 1);
+    assert_eq!(s.take_block_copies().len(), 1);
+}
+
+#[test]
+fn a_request_reserves_max_num_seqs_for_all_its_choices() {
+    let mut s = Scheduler::new(config(16, 4));
+    s.add(seq("a", &[1], 4));
+    s.add(NewSequence { n: 4, ..seq("p", &[1, 2], 4) });
+    assert_eq!(shape(&s.schedule()), vec![("a", 0, 1)]);
+    let mut s = Scheduler::new(config(16, 4));
+    s.add(NewSequence { n: 5, ..seq("p", &[1, 2], 4) });
+    assert!(s.schedule().is_empty());
+    assert!(matches!(&s.take_events()[0].1, EngineEvent::Error(m) if m.contains("max_num_seqs")));
 }

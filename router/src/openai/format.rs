@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::response::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, Completion, CompletionChoice,
-    Usage,
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
+    ChatTokenLogprob, Completion, CompletionChoice, Usage,
 };
 use crate::pd::Finish;
 use crate::stream::Delta;
@@ -23,6 +23,10 @@ pub struct ResponseMeta {
     pub model: String,
     /// The prompt ids, set only when the client asked for token ids.
     pub prompt_token_ids: Option<Arc<Vec<u32>>>,
+    /// The client asked for logprobs (chat only): choices carry them, else null.
+    pub logprobs: bool,
+    /// Choices of the answer (`n`).
+    pub n: u32,
 }
 
 impl ResponseMeta {
@@ -33,15 +37,21 @@ impl ResponseMeta {
     fn ids(&self, ids: &[u32]) -> Option<Vec<u32>> {
         self.prompt_token_ids.is_some().then(|| ids.to_vec())
     }
+
+    fn logprobs(&self, content: &[ChatTokenLogprob]) -> Option<ChatLogprobs> {
+        self.logprobs.then(|| ChatLogprobs { content: content.to_vec() })
+    }
 }
 
-/// A whole generation, for non-streaming answers.
+/// A whole generation of one choice, for non-streaming answers.
 #[derive(Debug, Default)]
 pub struct Collected {
     /// All text.
     pub text: String,
     /// All generated ids.
     pub token_ids: Vec<u32>,
+    /// The logprobs of the reported tokens (when asked).
+    pub logprobs: Vec<ChatTokenLogprob>,
     /// Why it ended.
     pub finish: Option<Finish>,
 }
@@ -55,8 +65,8 @@ fn json(value: &impl Serialize) -> String {
 pub trait ChunkFormat: Send + 'static {
     /// Prefix of response ids (`chatcmpl`, `cmpl`).
     fn id_prefix(&self) -> &'static str;
-    /// The whole non-streaming answer.
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Collected) -> serde_json::Value;
+    /// The whole non-streaming answer: one [`Collected`] per choice, in order.
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value;
     /// Chunks sent before any text.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String>;
     /// Chunks for one delta; `first` is true for the first delta.
@@ -82,8 +92,14 @@ impl ChatFormat {
         }
     }
 
-    fn choice(delta: ChatDelta, finish: Option<Finish>, ids: Option<Vec<u32>>) -> ChatChunkChoice {
-        ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish.map(Finish::as_str), token_ids: ids }
+    fn choice(
+        index: u32,
+        delta: ChatDelta,
+        finish: Option<Finish>,
+        ids: Option<Vec<u32>>,
+        logprobs: Option<ChatLogprobs>,
+    ) -> ChatChunkChoice {
+        ChatChunkChoice { index, delta, logprobs, finish_reason: finish.map(Finish::as_str), token_ids: ids }
     }
 }
 
@@ -92,28 +108,39 @@ impl ChunkFormat for ChatFormat {
         "chatcmpl"
     }
 
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Collected) -> serde_json::Value {
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
         serde_json::to_value(chat_response(meta, prompt_tokens, out)).unwrap_or_default()
     }
 
+    /// A role chunk per choice; the first carries the prompt ids.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String> {
-        let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-        let mut chunk = Self::chunk(meta, vec![Self::choice(delta, None, meta.ids(&[]))]);
-        chunk.prompt_token_ids = meta.prompt_ids();
-        vec![json(&chunk)]
+        (0..meta.n.max(1))
+            .map(|index| {
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let mut chunk = Self::chunk(meta, vec![Self::choice(index, delta, None, meta.ids(&[]), None)]);
+                if index == 0 {
+                    chunk.prompt_token_ids = meta.prompt_ids();
+                }
+                json(&chunk)
+            })
+            .collect()
     }
 
     fn delta(&self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
         let mut chunks = Vec::new();
         let mut ids = meta.ids(&delta.token_ids);
+        // The logprobs ride with the text; tokens without text (eos) ride
+        // with the finish chunk.
+        let mut logprobs = meta.logprobs(&delta.logprobs);
         if !delta.text.is_empty() {
             let content = ChatDelta { role: None, content: Some(delta.text.clone()) };
-            let choice = Self::choice(content, None, ids.take());
+            let choice = Self::choice(delta.index, content, None, ids.take(), logprobs.take());
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         if let Some(finish) = delta.finish {
             let ids = ids.or_else(|| meta.ids(&[]));
-            let choice = Self::choice(ChatDelta::default(), Some(finish), ids);
+            let logprobs = logprobs.filter(|l| !l.content.is_empty());
+            let choice = Self::choice(delta.index, ChatDelta::default(), Some(finish), ids, logprobs);
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         chunks
@@ -135,7 +162,7 @@ impl ChunkFormat for CompletionFormat {
         "cmpl"
     }
 
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Collected) -> serde_json::Value {
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
         serde_json::to_value(completion_response(meta, prompt_tokens, out)).unwrap_or_default()
     }
 
@@ -146,38 +173,25 @@ impl ChunkFormat for CompletionFormat {
     fn delta(&self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
         let choice = CompletionChoice {
-            index: 0,
+            index: delta.index,
             text: delta.text.clone(),
             logprobs: None,
             finish_reason: delta.finish.map(Finish::as_str),
             prompt_token_ids: prompt_ids.clone(),
             token_ids: meta.ids(&delta.token_ids),
         };
-        let chunk = completion(meta, choice, None, prompt_ids);
+        let chunk = completion(meta, vec![choice], None, prompt_ids);
         vec![json(&chunk)]
     }
 
     fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String {
-        let mut chunk = completion(meta, empty_choice(), Some(usage), None);
-        chunk.choices.clear();
-        json(&chunk)
-    }
-}
-
-fn empty_choice() -> CompletionChoice {
-    CompletionChoice {
-        index: 0,
-        text: String::new(),
-        logprobs: None,
-        finish_reason: None,
-        prompt_token_ids: None,
-        token_ids: None,
+        json(&completion(meta, Vec::new(), Some(usage), None))
     }
 }
 
 fn completion(
     meta: &ResponseMeta,
-    choice: CompletionChoice,
+    choices: Vec<CompletionChoice>,
     usage: Option<Usage>,
     prompt_token_ids: Option<Vec<u32>>,
 ) -> Completion {
@@ -186,46 +200,54 @@ fn completion(
         object: "text_completion",
         created: meta.created,
         model: meta.model.clone(),
-        choices: vec![choice],
+        choices,
         usage,
         prompt_token_ids,
     }
 }
 
-fn usage_of(prompt_tokens: usize, out: &Collected) -> Usage {
-    Usage::new(prompt_tokens as u32, out.token_ids.len() as u32)
+/// Completion tokens count every choice's.
+fn usage_of(prompt_tokens: usize, out: &[Collected]) -> Usage {
+    Usage::new(prompt_tokens as u32, out.iter().map(|c| c.token_ids.len() as u32).sum())
 }
 
 /// The whole `chat.completion` answer.
-pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Collected) -> ChatCompletion {
+pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> ChatCompletion {
     let usage = usage_of(prompt_tokens, &out);
+    let choices = (0..)
+        .zip(out)
+        .map(|(index, out)| ChatChoice {
+            index,
+            token_ids: meta.ids(&out.token_ids),
+            logprobs: meta.logprobs(&out.logprobs),
+            message: AssistantMessage { role: "assistant", content: out.text },
+            finish_reason: out.finish.map(Finish::as_str),
+        })
+        .collect();
     ChatCompletion {
         id: meta.id.clone(),
         object: "chat.completion",
         created: meta.created,
         model: meta.model.clone(),
-        choices: vec![ChatChoice {
-            index: 0,
-            token_ids: meta.ids(&out.token_ids),
-            message: AssistantMessage { role: "assistant", content: out.text },
-            logprobs: None,
-            finish_reason: out.finish.map(Finish::as_str),
-        }],
+        choices,
         usage,
         prompt_token_ids: meta.prompt_ids(),
     }
 }
 
 /// The whole `text_completion` answer.
-pub fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Collected) -> Completion {
+pub fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> Completion {
     let usage = usage_of(prompt_tokens, &out);
-    let choice = CompletionChoice {
-        index: 0,
-        token_ids: meta.ids(&out.token_ids),
-        text: out.text,
-        logprobs: None,
-        finish_reason: out.finish.map(Finish::as_str),
-        prompt_token_ids: meta.prompt_ids(),
-    };
-    completion(meta, choice, Some(usage), meta.prompt_ids())
+    let choices = (0..)
+        .zip(out)
+        .map(|(index, out)| CompletionChoice {
+            index,
+            token_ids: meta.ids(&out.token_ids),
+            text: out.text,
+            logprobs: None,
+            finish_reason: out.finish.map(Finish::as_str),
+            prompt_token_ids: meta.prompt_ids(),
+        })
+        .collect();
+    completion(meta, choices, Some(usage), meta.prompt_ids())
 }

@@ -15,6 +15,10 @@ pub struct ChatCompletionRequest {
     pub model: Option<String>,
     /// The conversation; required.
     pub messages: Option<Vec<ChatMessage>>,
+    /// Return each generated token's logprob (default false).
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: also the this many most likely tokens per position, in [0, 20].
+    pub top_logprobs: Option<i64>,
     /// Shared sampling and output options.
     #[serde(flatten)]
     pub params: CommonParams,
@@ -47,7 +51,7 @@ pub struct CommonParams {
     pub top_k: Option<i64>,
     /// Per-request RNG seed.
     pub seed: Option<i64>,
-    /// Number of choices; only 1 is supported.
+    /// Number of choices, in [1, 16], default 1; they share the prompt's KV.
     pub n: Option<i64>,
     /// Stream server-sent events instead of one JSON body.
     pub stream: Option<bool>,

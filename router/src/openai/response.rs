@@ -58,13 +58,39 @@ pub struct ChatCompletion {
     pub prompt_token_ids: Option<Vec<u32>>,
 }
 
+/// A chat choice's `logprobs` (OpenAI's shape): one entry per reported token.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token's logprob and the most likely alternatives.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+    /// Most likely first; as many as `top_logprobs` asked.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
 /// One choice of [`ChatCompletion`].
 #[derive(Debug, Serialize)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// Always null: logprobs are not supported yet.
-    pub logprobs: Option<()>,
+    /// Null unless the request asked for logprobs.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     /// vLLM extra, with `return_token_ids`: the generated ids.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,7 +126,9 @@ pub struct ChatChunk {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
-    pub logprobs: Option<()>,
+    /// Null unless the request asked for logprobs: then those of the tokens
+    /// whose text this chunk carries.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     /// vLLM extra, with `return_token_ids`: the ids behind this delta.
     #[serde(skip_serializing_if = "Option::is_none")]

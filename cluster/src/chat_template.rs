@@ -1,5 +1,6 @@
-//! Chat templates: the Jinja template of the model card, rendered with
-//! minijinja the way Hugging Face `transformers` renders it.
+//! Chat templates: a model's Jinja chat template, rendered with minijinja the
+//! way Hugging Face `transformers` renders it. Shared by the router (templates
+//! from the model card) and the engine's offline batch mode (from the model).
 //!
 //! HF renders with `trim_blocks` and `lstrip_blocks`, passes `messages`,
 //! `add_generation_prompt`, `bos_token` and `eos_token`, and offers

@@ -1,0 +1,165 @@
+//! The input file: one JSON object per line.
+//!
+//! A line holds exactly one of `prompt` (text), `prompt_token_ids` (ids) or `messages` (a chat,
+//! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional
+//! sampling fields with vLLM's names and defaults. Unknown fields are errors, so a misspelt
+//! parameter never goes unnoticed. Blank lines are skipped.
+
+use engine::offline::{ChatMessage, Input, Prompt, Request};
+use engine::SamplingParams;
+use serde::Deserialize;
+
+/// One request of the file.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// 1-based line number in the file.
+    pub number: usize,
+    pub id: Option<serde_json::Value>,
+    pub request: Request,
+}
+
+/// A line as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLine {
+    id: Option<serde_json::Value>,
+    prompt: Option<String>,
+    prompt_token_ids: Option<Vec<u32>>,
+    messages: Option<Vec<RawMessage>>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    seed: Option<u64>,
+    stop_token_ids: Option<Vec<u32>>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    ignore_eos: Option<bool>,
+    min_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMessage {
+    role: String,
+    content: String,
+}
+
+/// A bad line, with its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    pub number: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.number, self.message)
+    }
+}
+
+/// Parses every non-blank line; on failure, every bad line (so one run shows them all).
+pub fn parse(text: &str) -> Result<Vec<Line>, Vec<LineError>> {
+    let mut lines = Vec::new();
+    let mut errors = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        match parse_line(raw) {
+            Ok((id, request)) => lines.push(Line { number: i + 1, id, request }),
+            Err(message) => errors.push(LineError { number: i + 1, message }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(lines)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The line's fields, or an error naming the field that is wrong (serde names only unknown ones).
+fn raw_line(value: serde_json::Value) -> Result<RawLine, String> {
+    let serde_json::Value::Object(fields) = value else { return Err("not a JSON object".into()) };
+    match serde_json::from_value::<RawLine>(serde_json::Value::Object(fields.clone())) {
+        Ok(line) => Ok(line),
+        Err(e) => {
+            // Every field is optional, so each one alone is a complete line: the first that fails
+            // alone is the culprit.
+            for (key, field) in fields {
+                let alone = serde_json::Value::Object([(key.clone(), field)].into_iter().collect());
+                if let Err(e) = serde_json::from_value::<RawLine>(alone) {
+                    return Err(format!("field {key:?}: {e}"));
+                }
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
+fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String> {
+    let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
+    let line = raw_line(value)?;
+    let input = match (line.prompt, line.prompt_token_ids, line.messages) {
+        (Some(text), None, None) => Input::Prompt(Prompt::Text(text)),
+        (None, Some(ids), None) if !ids.is_empty() => Input::Prompt(Prompt::TokenIds(ids)),
+        (None, Some(_), None) => return Err("prompt_token_ids is empty".into()),
+        (None, None, Some(messages)) if !messages.is_empty() => {
+            Input::Chat(messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
+        }
+        (None, None, Some(_)) => return Err("messages is empty".into()),
+        _ => return Err("needs exactly one of \"prompt\", \"prompt_token_ids\" or \"messages\"".into()),
+    };
+    let d = SamplingParams::default();
+    let sampling = SamplingParams {
+        max_tokens: line.max_tokens.unwrap_or(d.max_tokens),
+        temperature: line.temperature.unwrap_or(d.temperature),
+        top_p: line.top_p.unwrap_or(d.top_p),
+        top_k: line.top_k.unwrap_or(d.top_k),
+        min_p: line.min_p.unwrap_or(d.min_p),
+        seed: line.seed.or(d.seed),
+        stop_token_ids: line.stop_token_ids.unwrap_or(d.stop_token_ids.clone()),
+        presence_penalty: line.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: line.frequency_penalty.unwrap_or(d.frequency_penalty),
+        repetition_penalty: line.repetition_penalty.unwrap_or(d.repetition_penalty),
+        ignore_eos: line.ignore_eos.unwrap_or(d.ignore_eos),
+        min_tokens: line.min_tokens.unwrap_or(d.min_tokens),
+        ..d
+    };
+    sampling.validate().map_err(|e| e.to_string())?;
+    Ok((line.id, Request { input, sampling }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_three_kinds_of_line_parse_with_their_sampling() {
+        let text = r#"{"prompt": "Hi", "max_tokens": 3, "id": "a"}
+
+{"prompt_token_ids": [1, 2], "temperature": 0}
+{"messages": [{"role": "user", "content": "Hi"}], "seed": 7, "stop_token_ids": [2]}"#;
+        let lines = parse(text).unwrap();
+        assert_eq!(lines.iter().map(|l| l.number).collect::<Vec<_>>(), [1, 3, 4]);
+        assert_eq!(lines[0].id, Some(serde_json::json!("a")));
+        assert_eq!(lines[0].request.sampling.max_tokens, 3);
+        assert_eq!(lines[1].request.input, Input::Prompt(Prompt::TokenIds(vec![1, 2])));
+        assert_eq!(lines[1].request.sampling.temperature, 0.0);
+        assert!(matches!(&lines[2].request.input, Input::Chat(m) if m[0].content == "Hi"));
+        assert_eq!(lines[2].request.sampling.seed, Some(7));
+        assert_eq!(lines[2].request.sampling.stop_token_ids, [2]);
+    }
+
+    #[test]
+    fn bad_lines_are_all_named() {
+        let text = "{\"prompt\": \"ok\"}\n{\"prompt\": \"x\", \"temprature\": 1}\nnot json\n{\"prompt\": \"a\", \"messages\": []}\n{\"prompt\": \"t\", \"top_p\": 0}";
+        let errors = parse(text).unwrap_err();
+        assert_eq!(errors.iter().map(|e| e.number).collect::<Vec<_>>(), [2, 3, 4, 5]);
+        assert!(errors[0].message.contains("temprature"), "{}", errors[0]);
+        assert!(errors[2].message.contains("exactly one"), "{}", errors[2]);
+        assert!(errors[3].to_string().starts_with("line 5: top_p"), "{}", errors[3]);
+    }
+}

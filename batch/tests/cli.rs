@@ -1,0 +1,98 @@
+//! `pdserve-batch` run as a process on the real model (`scripts/fetch-model.sh`, or `PDSERVE_MODEL`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+    path
+}
+
+fn run_batch(input: &Path, output: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pdserve-batch"))
+        .arg("--model")
+        .arg(model_path())
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run pdserve-batch")
+}
+
+fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn every_line_gets_a_record_in_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    std::fs::write(
+        &input,
+        [
+            r#"{"id": "chat", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}], "temperature": 0, "max_tokens": 8}"#,
+            r#"{"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 5, "ignore_eos": true}"#,
+            "",
+            r#"{"id": 7, "prompt_token_ids": [504, 2365, 6354], "max_tokens": 3, "seed": 1}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = run_batch(&input, &output);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let recs = records(&output);
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs.iter().map(|r| r["line"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(recs[0]["id"], "chat");
+    assert!(recs[0]["text"].as_str().unwrap().contains("Paris"), "{}", recs[0]);
+    assert_eq!(recs[1]["id"], serde_json::Value::Null);
+    assert_eq!(recs[1]["finish_reason"], "length");
+    assert_eq!(recs[1]["token_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(recs[1]["usage"]["completion_tokens"], 5);
+    assert_eq!(recs[2]["id"], 7);
+    assert_eq!(recs[2]["usage"]["prompt_tokens"], 3);
+}
+
+#[test]
+fn a_bad_line_fails_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"ok\"}\n{\"prompt\": \"x\", \"max_tokens\": \"many\"}\n").unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.trim_end();
+    assert!(!line.contains('\n'), "one line: {stderr}");
+    assert!(line.starts_with("pdserve-batch: error: "), "{line}");
+    assert!(line.contains("prompts.jsonl: line 2: ") && line.contains("max_tokens"), "{line}");
+    assert!(!output.exists(), "nothing ran, so no output file");
+}
+
+#[test]
+fn a_request_the_engine_refuses_gets_an_error_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"bad\", \"prompt_token_ids\": [4000000]}\n{\"id\": \"good\", \"prompt\": \"Hi\", \"max_tokens\": 2}\n",
+    )
+    .unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 of 2 requests failed"), "{stderr}");
+    let recs = records(&output);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0]["id"], "bad");
+    assert!(recs[0]["error"].as_str().unwrap().contains("outside the vocabulary"), "{}", recs[0]);
+    assert_eq!(recs[1]["id"], "good");
+    assert!(recs[1]["text"].is_string());
+}

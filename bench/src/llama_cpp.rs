@@ -1,0 +1,207 @@
+//! llama.cpp's side: `llama-batched-bench` for throughput, `llama-server` for prefix-cache TTFT.
+//!
+//! Both are built by `scripts/setup-llama-cpp.sh` from the llama.cpp source vendored in the
+//! llama-cpp-python sdist, and run here with the same GGUF and thread count as our engine.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the binaries are, checked up front.
+pub struct LlamaCpp {
+    dir: PathBuf,
+    threads: usize,
+    model: PathBuf,
+}
+
+/// One result line of `llama-batched-bench --output-format jsonl`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchedRow {
+    pub pp: usize,
+    pub tg: usize,
+    pub pl: usize,
+    pub t_pp: f64,
+    /// Prompt tokens/s (`S_PP`): `pl * pp / t_pp`.
+    pub speed_pp: f64,
+    pub t_tg: f64,
+    /// Decode tokens/s (`S_TG`): `pl * tg / t_tg`, `tg` one-token decode steps after the prompt.
+    pub speed_tg: f64,
+}
+
+/// Cached and uncached time to first token through `llama-server`.
+#[derive(Debug, Clone)]
+pub struct ServerTtft {
+    pub uncached_secs: f64,
+    pub cached_secs: f64,
+    /// `timings.prompt_n` of the cached requests: the tokens the server actually computed.
+    pub cached_prompt_n: Option<u64>,
+}
+
+/// The one line that says how to get the binaries.
+pub const HOW_TO_GET: &str = "run scripts/setup-llama-cpp.sh (≈ 5 min) to build them into .cache/llama.cpp/bin";
+
+impl LlamaCpp {
+    /// `None` with the reason when a binary is missing.
+    pub fn find(dir: &Path, threads: usize, model: &Path) -> Result<Self, String> {
+        for bin in ["llama-batched-bench", "llama-server"] {
+            if !dir.join(bin).is_file() {
+                return Err(format!("{} not found", dir.join(bin).display()));
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), threads, model: model.to_path_buf() })
+    }
+
+    /// Runs `llama-batched-bench` with every `npl` and returns its rows. The context holds the
+    /// largest batch: `max(npl) * (npp + ntg)` tokens.
+    pub fn batched_bench(&self, npp: usize, ntg: usize, npl: &[usize]) -> anyhow::Result<Vec<BatchedRow>> {
+        let max_pl = npl.iter().copied().max().unwrap_or(1);
+        let ctx = max_pl * (npp + ntg.max(1));
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let output = Command::new(self.dir.join("llama-batched-bench"))
+            .arg("-m")
+            .arg(&self.model)
+            .args(["-t", &self.threads.to_string(), "-tb", &self.threads.to_string()])
+            .args(["-c", &ctx.to_string(), "-b", "2048", "-ub", "512"])
+            .args(["-npp", &npp.to_string(), "-ntg", &ntg.to_string(), "-npl", &list(npl)])
+            .args(["--output-format", "jsonl"])
+            .stdin(Stdio::null())
+            .output()?;
+        let text = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(output.status.success(), "llama-batched-bench failed ({}): {}", output.status, tail(&text));
+        let rows: Vec<BatchedRow> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("{\"n_kv_max\""))
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(
+            rows.len() == npl.len(),
+            "llama-batched-bench printed {} result rows: {}",
+            rows.len(),
+            tail(&text)
+        );
+        Ok(rows)
+    }
+
+    /// TTFT of `prefix + suffix` through `llama-server` (one slot, `cache_prompt`), as the median
+    /// of `reps` rounds. Each round sends a fresh prefix with one suffix (uncached: nothing of it
+    /// is in the cache), then the same prefix with another suffix (cached). TTFT is the wall time
+    /// of a request for one token.
+    pub async fn server_ttft(&self, rounds: &[(Vec<u32>, Vec<u32>, Vec<u32>)]) -> anyhow::Result<ServerTtft> {
+        let ctx = rounds.iter().map(|(p, a, b)| p.len() + a.len().max(b.len()) + 16).max().unwrap_or(2048);
+        let server = Server::start(self, ctx)?;
+        let client = reqwest::Client::new();
+        server.wait_ready(&client).await?;
+        let mut uncached = Vec::new();
+        let mut cached = Vec::new();
+        let mut cached_prompt_n = None;
+        for (prefix, first, second) in rounds {
+            let (secs, _) = server.complete(&client, [prefix.as_slice(), first].concat()).await?;
+            uncached.push(secs);
+            let (secs, prompt_n) = server.complete(&client, [prefix.as_slice(), second].concat()).await?;
+            cached.push(secs);
+            cached_prompt_n = prompt_n;
+        }
+        Ok(ServerTtft { uncached_secs: median(uncached), cached_secs: median(cached), cached_prompt_n })
+    }
+}
+
+/// A running `llama-server`, killed on drop. Its log stays in the temp dir for a look after a failure.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(cpp: &LlamaCpp, ctx: usize) -> anyhow::Result<Self> {
+        // Ask the OS for a free port, then hand it to the server.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = std::env::temp_dir().join(format!("pdserve-bench-llama-server-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(cpp.dir.join("llama-server"))
+            .arg("-m")
+            .arg(&cpp.model)
+            .args(["-t", &cpp.threads.to_string(), "-tb", &cpp.threads.to_string()])
+            .args(["-c", &ctx.to_string(), "-np", "1", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()?;
+        Ok(Self { child, url: format!("http://127.0.0.1:{port}"), log })
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(resp) = client.get(format!("{}/health", self.url)).send().await {
+                if resp.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("llama-server did not become ready in 120 s (log: {})", self.log.display())
+    }
+
+    /// Wall time of a one-token completion, and the prompt tokens the server computed.
+    async fn complete(&self, client: &reqwest::Client, prompt: Vec<u32>) -> anyhow::Result<(f64, Option<u64>)> {
+        let body = serde_json::json!({
+            "prompt": prompt,
+            "n_predict": 1,
+            "cache_prompt": true,
+            "temperature": 0.0,
+        });
+        let started = Instant::now();
+        let resp = client.post(format!("{}/completion", self.url)).json(&body).send().await?;
+        let status = resp.status();
+        let json: serde_json::Value = resp.json().await?;
+        let secs = started.elapsed().as_secs_f64();
+        anyhow::ensure!(status.is_success(), "llama-server answered {status}: {json}");
+        Ok((secs, json["timings"]["prompt_n"].as_u64()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The middle value (mean of the two middle ones for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The last lines of a tool's output, for an error message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batched_bench_jsonl_rows_parse() {
+        let line = r#"{"n_kv_max": 4096, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 128, "tg": 128, "pl": 16, "n_kv": 4096, "t_pp": 7.144000, "speed_pp": 286.700000, "t_tg": 60.672000, "speed_tg": 33.800000, "t": 67.816000, "speed": 60.390000}"#;
+        let row: BatchedRow = serde_json::from_str(line).unwrap();
+        assert_eq!((row.pp, row.tg, row.pl), (128, 128, 16));
+        assert_eq!(row.speed_tg, 33.8);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+}

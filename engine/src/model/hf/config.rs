@@ -1,0 +1,265 @@
+//! `config.json`: the model's shape, checked against what the forward pass
+//! implements, and typed JSON reads whose errors name the file and key.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::model::{Config, ModelError};
+
+/// The Hugging Face architectures whose checkpoints map onto [`crate::model::Llama`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Llama,
+    /// Llama's shape; accepted only without a sliding window.
+    Mistral,
+    /// Llama's shape plus Q/K/V biases.
+    Qwen2,
+}
+
+impl Arch {
+    const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+
+    fn from_architecture(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    fn from_model_type(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// `config.json`, resolved.
+#[derive(Debug, Clone)]
+pub(super) struct HfConfig {
+    pub config: Config,
+    /// The LM head is the embedding matrix (`lm_head.weight` is then ignored, as in transformers).
+    pub tie_word_embeddings: bool,
+    /// `q_proj`, `k_proj` and `v_proj` have biases (Qwen2).
+    pub qkv_bias: bool,
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id`: one id or a list (empty when absent).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Reads and parses a JSON file.
+pub(super) fn read_json(path: &Path) -> Result<Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Read { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+}
+
+/// Typed reads of one JSON object whose errors name the file and key. A
+/// `null` value counts as absent, as transformers treats it.
+pub(super) struct Fields<'a> {
+    path: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(path: &'a Path, value: &'a Value) -> Result<Self, ModelError> {
+        match value {
+            Value::Object(map) => Ok(Self { path, map }),
+            _ => Err(ModelError::Unsupported { path: path.to_path_buf(), reason: "is not a JSON object".into() }),
+        }
+    }
+
+    pub fn bad(&self, key: &str, reason: impl Into<String>) -> ModelError {
+        ModelError::ConfigValue { path: self.path.to_path_buf(), key: key.to_string(), reason: reason.into() }
+    }
+
+    pub fn unsupported(&self, reason: impl Into<String>) -> ModelError {
+        ModelError::Unsupported { path: self.path.to_path_buf(), reason: reason.into() }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        self.get(key)
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| self.bad(key, format!("is {v}, expected a non-negative integer")))
+            })
+            .transpose()
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        self.opt_usize(key)?.ok_or_else(|| self.bad(key, "is missing"))
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        self.get(key).map(|v| v.as_f64().ok_or_else(|| self.bad(key, format!("is {v}, expected a number")))).transpose()
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        self.get(key)
+            .map(|v| v.as_bool().ok_or_else(|| self.bad(key, format!("is {v}, expected true or false"))))
+            .transpose()
+    }
+
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
+        self.get(key).map(|v| v.as_str().ok_or_else(|| self.bad(key, format!("is {v}, expected a string")))).transpose()
+    }
+
+    /// A token id or a list of them; empty when absent.
+    pub fn token_ids(&self, key: &str) -> Result<Vec<u32>, ModelError> {
+        let one = |v: &Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| self.bad(key, format!("holds {v}, expected token ids")))
+        };
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(ids)) => ids.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+}
+
+impl HfConfig {
+    /// Reads `config.json`, rejecting what the forward pass does not implement
+    /// (other architectures, scaled or partial RoPE, sliding windows, ...).
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        let json = read_json(path)?;
+        let f = Fields::new(path, &json)?;
+        let arch = Self::arch(&f)?;
+
+        let act = f.opt_str("hidden_act")?.unwrap_or("silu");
+        if act != "silu" {
+            return Err(f.unsupported(format!("unsupported hidden_act `{act}` (only silu is implemented)")));
+        }
+        let hidden = f.usize("hidden_size")?;
+        let num_heads = f.usize("num_attention_heads")?;
+        if num_heads == 0 || !hidden.is_multiple_of(num_heads) {
+            return Err(f.bad("num_attention_heads", format!("{num_heads} heads do not divide hidden_size {hidden}")));
+        }
+        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(
+                f.bad("num_key_value_heads", format!("{num_kv_heads} KV heads do not divide {num_heads} heads"))
+            );
+        }
+        let head_dim = hidden / num_heads;
+        if let Some(explicit) = f.opt_usize("head_dim")? {
+            if explicit != head_dim {
+                return Err(f.unsupported(format!(
+                    "unsupported head_dim {explicit}: only hidden_size / num_attention_heads = {head_dim} is implemented"
+                )));
+            }
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(f.unsupported(format!("unsupported odd head dimension {head_dim} (RoPE rotates pairs)")));
+        }
+        if let Some(factor) = f.opt_f64("partial_rotary_factor")? {
+            if factor != 1.0 {
+                return Err(f.unsupported(format!("unsupported partial_rotary_factor {factor}")));
+            }
+        }
+        if let Some(q) = f.get("quantization_config") {
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unknown");
+            return Err(f.unsupported(format!(
+                "unsupported quantization_config (quant_method `{method}`): only f32/f16/bf16 checkpoints load"
+            )));
+        }
+        Self::check_rope_scaling(&f)?;
+        let context_length = f.usize("max_position_embeddings")?;
+        Self::check_sliding_window(&f, arch, context_length)?;
+
+        let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+        let qkv_bias = match arch {
+            // Qwen2 always has Q/K/V biases and never an output bias.
+            Arch::Qwen2 => true,
+            // Llama's attention_bias also puts a bias on o_proj, which the
+            // forward pass has no place for.
+            Arch::Llama | Arch::Mistral if attention_bias => {
+                return Err(f.unsupported("unsupported attention_bias = true (an o_proj bias is not implemented)"));
+            }
+            Arch::Llama | Arch::Mistral => false,
+        };
+        if f.opt_bool("mlp_bias")?.unwrap_or(false) {
+            return Err(f.unsupported("unsupported mlp_bias = true"));
+        }
+
+        let config = Config {
+            num_layers: f.usize("num_hidden_layers")?,
+            hidden,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            ffn: f.usize("intermediate_size")?,
+            vocab_size: f.usize("vocab_size")?,
+            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0) as f32,
+            rms_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            context_length,
+        };
+        let bos_token_id = f.token_ids("bos_token_id")?.first().copied();
+        Ok(Self {
+            config,
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            bos_token_id,
+            eos_token_ids: f.token_ids("eos_token_id")?,
+        })
+    }
+
+    /// `architectures[0]`, else `model_type`.
+    fn arch(f: &Fields) -> Result<Arch, ModelError> {
+        if let Some(list) = f.get("architectures") {
+            let name = list
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .ok_or_else(|| f.bad("architectures", format!("is {list}, expected a list of names")))?;
+            return Arch::from_architecture(name).ok_or_else(|| {
+                f.unsupported(format!("unsupported architecture `{name}` (supported: {})", Arch::SUPPORTED))
+            });
+        }
+        let model_type = f.opt_str("model_type")?.ok_or_else(|| f.bad("architectures", "is missing"))?;
+        Arch::from_model_type(model_type).ok_or_else(|| {
+            f.unsupported(format!("unsupported model_type `{model_type}` (supported: {})", Arch::SUPPORTED))
+        })
+    }
+
+    /// Only plain RoPE is implemented: `rope_scaling` must be absent, null or
+    /// of type `default`.
+    fn check_rope_scaling(f: &Fields) -> Result<(), ModelError> {
+        let Some(scaling) = f.get("rope_scaling") else { return Ok(()) };
+        let kind =
+            scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).ok_or_else(|| {
+                f.bad("rope_scaling", format!("is {scaling}, expected null or an object with a type"))
+            })?;
+        if kind == "default" {
+            return Ok(());
+        }
+        Err(f.unsupported(format!("unsupported rope_scaling type `{kind}` (only unscaled RoPE is implemented)")))
+    }
+
+    /// Attention is full-causal; a window shorter than the context would
+    /// change the model.
+    fn check_sliding_window(f: &Fields, arch: Arch, context_length: usize) -> Result<(), ModelError> {
+        let in_use = match arch {
+            Arch::Qwen2 => f.opt_bool("use_sliding_window")?.unwrap_or(false),
+            Arch::Mistral => true,
+            Arch::Llama => false,
+        };
+        match f.opt_usize("sliding_window")? {
+            Some(window) if in_use && window < context_length => Err(f.unsupported(format!(
+                "unsupported sliding_window {window} (shorter than max_position_embeddings {context_length}; \
+                 only full attention is implemented)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Storage formats of quantized weights and activations.
+//!
+//! Weights are read from llama.cpp's GGUF blocks and stored split by field:
+//! the scales (and minimums) of a row in one array and its quants in
+//! another, the same bytes as GGUF but in an order SIMD code can load eight
+//! scales at a time. Activations are quantized per step into
+//! [`QuantizedRows`], which carries what both weight kinds need.
+
+use half::f16;
+
+/// Values per block, for every format here.
+pub const QK: usize = 32;
+
+/// A GGUF block format with 32 values per block.
+pub trait Format: Send + Sync + 'static {
+    /// The quants of one block.
+    type Quants: Copy + Send + Sync + 'static;
+    /// Bytes per block in a GGUF file.
+    const BYTES: usize;
+    /// Splits one GGUF block into scale, minimum (0 when the format has
+    /// none) and quants.
+    fn parse(bytes: &[u8]) -> (u16, u16, Self::Quants);
+    /// The block's 32 values.
+    fn dequantize(d: u16, m: u16, q: &Self::Quants, out: &mut [f32]);
+}
+
+/// GGUF `Q4_1`: `x = d * q + m` with 4-bit `q`. Byte `j` of the quants holds
+/// value `j` in its low nibble and value `j + 16` in its high nibble.
+pub struct Q4_1;
+
+impl Format for Q4_1 {
+    type Quants = [u8; QK / 2];
+    const BYTES: usize = 20;
+
+    fn parse(b: &[u8]) -> (u16, u16, Self::Quants) {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[4..20]);
+        (u16::from_le_bytes([b[0], b[1]]), u16::from_le_bytes([b[2], b[3]]), qs)
+    }
+
+    fn dequantize(d: u16, m: u16, q: &Self::Quants, out: &mut [f32]) {
+        let (d, m) = (f16::from_bits(d).to_f32(), f16::from_bits(m).to_f32());
+        for (j, &q) in q.iter().enumerate() {
+            out[j] = d * f32::from(q & 0x0F) + m;
+            out[j + QK / 2] = d * f32::from(q >> 4) + m;
+        }
+    }
+}
+
+/// GGUF `Q8_0`: `x = d * q` with signed 8-bit `q`.
+pub struct Q8_0;
+
+impl Format for Q8_0 {
+    type Quants = [i8; QK];
+    const BYTES: usize = 34;
+
+    fn parse(b: &[u8]) -> (u16, u16, Self::Quants) {
+        let mut qs = [0i8; QK];
+        for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
+            *q = byte as i8;
+        }
+        (u16::from_le_bytes([b[0], b[1]]), 0, qs)
+    }
+
+    fn dequantize(d: u16, _m: u16, q: &Self::Quants, out: &mut [f32]) {
+        let d = f16::from_bits(d).to_f32();
+        for (o, &q) in out.iter_mut().zip(q) {
+            *o = d * f32::from(q);
+        }
+    }
+}
+
+/// A quantized `[rows, cols]` weight matrix, row-major, split by field.
+pub struct QMatrix<F: Format> {
+    /// Scale of each block (f16 bits), `rows * k`.
+    pub(super) d: Vec<u16>,
+    /// Minimum of each block (f16 bits), `rows * k`; all 0 for formats without.
+    pub(super) m: Vec<u16>,
+    pub(super) qs: Vec<F::Quants>,
+    pub(super) rows: usize,
+    /// Blocks per row (`cols / QK`).
+    pub(super) k: usize,
+}
+
+impl<F: Format> QMatrix<F> {
+    /// Reads `rows * cols / QK` GGUF blocks. `None` unless `cols` is a
+    /// multiple of [`QK`] and `bytes` exactly the matrix.
+    pub fn from_gguf_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * F::BYTES {
+            return None;
+        }
+        let n = rows * cols / QK;
+        let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for block in bytes.chunks_exact(F::BYTES) {
+            let (bd, bm, bq) = F::parse(block);
+            d.push(bd);
+            m.push(bm);
+            qs.push(bq);
+        }
+        Some(Self { d, m, qs, rows, k: cols / QK })
+    }
+
+    /// Stacks matrices with the same number of columns into one.
+    pub fn stack(parts: Vec<Self>) -> Option<Self> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            d.extend(p.d);
+            m.extend(p.m);
+            qs.extend(p.qs);
+        }
+        Some(Self { d, m, qs, rows, k })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k * QK
+    }
+
+    /// Row `j` dequantized into `out` (`cols` values): an embedding lookup.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        for (b, chunk) in (j * self.k..(j + 1) * self.k).zip(out.chunks_exact_mut(QK)) {
+            F::dequantize(self.d[b], self.m[b], &self.qs[b], chunk);
+        }
+    }
+}
+
+/// Activation rows quantized for [`QMatrix`] products: per block of 32
+/// values `x ≈ d * q`, and `s = d * Σq` for the minimum term of `Q4_1`
+/// (llama.cpp's `Q8_1`, with f32 scales since activations are never stored).
+#[derive(Default)]
+pub struct QuantizedRows {
+    pub(super) d: Vec<f32>,
+    pub(super) s: Vec<f32>,
+    pub(super) qs: Vec<[i8; QK]>,
+    pub(super) rows: usize,
+    pub(super) k: usize,
+}
+
+/// Quantizes one row of `32 * d.len()` values (round half away from zero,
+/// `d = amax / 127`, as llama.cpp).
+pub fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
+    for (((chunk, d), s), q) in x.chunks_exact(QK).zip(d).zip(s).zip(qs) {
+        let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if *d == 0.0 { 0.0 } else { 1.0 / *d };
+        let mut sum = 0i32;
+        for (q, &v) in q.iter_mut().zip(chunk) {
+            *q = (v * inv).round() as i8;
+            sum += i32::from(*q);
+        }
+        *s = *d * sum as f32;
+    }
+}

@@ -1,0 +1,237 @@
+//! AVX2 products of quantized weight rows with [`QuantizedRows`], after
+//! llama.cpp's `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`.
+//!
+//! For each weight row, the per-block scale products `d_w * d_x` (and the
+//! `Q4_1` minimum term `Σ m_w * s_x`) of every activation row of the tile are
+//! computed eight blocks at a time first; then each weight block is loaded
+//! and unpacked once and multiplied with up to `R` activation rows, with two
+//! accumulators per row (even and odd blocks) so that consecutive blocks do
+//! not wait on one another. Every row goes through the same instructions
+//! whatever `R` is and whatever rows share its tile, so results never depend
+//! on batch composition.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::blocks::{QMatrix, QuantizedRows, Q4_1, Q8_0, QK};
+
+/// Whether this CPU can run the kernels here (`is_x86_feature_detected`
+/// caches its answer, so this is cheap).
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_to_f32(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `scales[b] = d_w[b] * d_x[b]` and, when `m_w` is given, `Σ_b m_w[b] * s_x[b]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_scales(d_w: &[u16], m_w: Option<&[u16]>, d_x: &[f32], s_x: &[f32], scales: &mut [f32]) -> f32 {
+    let k = d_w.len();
+    let mut offset = _mm256_setzero_ps();
+    let mut b = 0;
+    while b + 8 <= k {
+        // SAFETY: b + 8 <= k, the length of every slice here.
+        unsafe {
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d_w.as_ptr().add(b).cast()));
+            _mm256_storeu_ps(scales.as_mut_ptr().add(b), _mm256_mul_ps(dw, _mm256_loadu_ps(d_x.as_ptr().add(b))));
+            if let Some(m_w) = m_w {
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(m_w.as_ptr().add(b).cast()));
+                offset = _mm256_fmadd_ps(mw, _mm256_loadu_ps(s_x.as_ptr().add(b)), offset);
+            }
+        }
+        b += 8;
+    }
+    let mut total = hsum(offset);
+    for b in b..k {
+        scales[b] = f16_to_f32(d_w[b]) * d_x[b];
+        if let Some(m_w) = m_w {
+            total = f16_to_f32(m_w[b]).mul_add(s_x[b], total);
+        }
+    }
+    total
+}
+
+/// Multiplies the blocks of one weight row with `R` activation rows:
+/// `out[r][j] = Σ_b scales[r][b] * (w_b · x_rb) + offset[r]`.
+/// `$unpack(b)` loads weight block `b` as `(w, sign)` and `$dot(w, sign, x)`
+/// gives the eight i32 lanes of one block's integer products. A macro, not a
+/// function taking closures: closures would not inline across the
+/// `target_feature` boundary, costing a call per block.
+macro_rules! row_products {
+    ($k:expr, $xq:expr, $scales:expr, $offset:expr, $out:expr, $j:expr, $unpack:expr, $dot:expr) => {{
+        let (k, xq, scales, offset, out, j) = ($k, $xq, $scales, $offset, $out, $j);
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        let step = |b: usize, acc: &mut [__m256; R]| {
+            let (w, sign) = $unpack(b);
+            for r in 0..R {
+                // SAFETY: b < k, the length of every activation row.
+                let x = unsafe { _mm256_loadu_si256(xq[r].get_unchecked(b).as_ptr().cast()) };
+                let p = _mm256_cvtepi32_ps($dot(w, sign, x));
+                let scale = unsafe { *scales.get_unchecked(r * k + b) };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), p, acc[r]);
+            }
+        };
+        let mut b = 0;
+        while b + 2 <= k {
+            step(b, &mut even);
+            step(b + 1, &mut odd);
+            b += 2;
+        }
+        if b < k {
+            step(b, &mut even);
+        }
+        for r in 0..R {
+            // SAFETY: out[r] is valid at j (the tile's caller).
+            unsafe { *out[r].add(j) = hsum(_mm256_add_ps(even[r], odd[r])) + offset[r] };
+        }
+    }};
+}
+
+/// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a `Q4_1` matrix.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `w` and `x`
+/// must have the same blocks per row, `x` at least `i0 + R` rows, `scales`
+/// at least `R * k` values, and each `out[r]` must be valid for writes at
+/// `rows`, which nobody else writes meanwhile.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_q4_1<const R: usize>(
+    w: &QMatrix<Q4_1>,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    i0: usize,
+    out: [*mut f32; R],
+    scales: &mut [f32],
+) {
+    let k = w.k;
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let shift = _mm256_setr_epi64x(0, 0, 4, 4);
+    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
+    for j in rows {
+        let row = j * k..(j + 1) * k;
+        let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
+        let offset: [f32; R] = std::array::from_fn(|r| {
+            let xr = (i0 + r) * k..(i0 + r + 1) * k;
+            block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
+        });
+        row_products!(
+            k,
+            xq,
+            &*scales,
+            offset,
+            out,
+            j,
+            |b: usize| {
+                // SAFETY: b < k; 16 bytes from a [u8; 16].
+                // The 16 bytes in both lanes; the high lane shifted to its high nibbles.
+                let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(q_w.get_unchecked(b).as_ptr().cast())) };
+                (_mm256_and_si256(_mm256_srlv_epi64(q, shift), mask), mask)
+            },
+            |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
+        );
+    }
+}
+
+/// As [`tile_q4_1`] for a `Q8_0` matrix.
+///
+/// # Safety
+/// As [`tile_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_q8_0<const R: usize>(
+    w: &QMatrix<Q8_0>,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    i0: usize,
+    out: [*mut f32; R],
+    scales: &mut [f32],
+) {
+    let k = w.k;
+    let ones = _mm256_set1_epi16(1);
+    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
+    for j in rows {
+        let row = j * k..(j + 1) * k;
+        let (d_w, q_w) = (&w.d[row.clone()], &w.qs[row]);
+        let offset: [f32; R] = std::array::from_fn(|r| {
+            let xr = (i0 + r) * k..(i0 + r + 1) * k;
+            block_scales(d_w, None, &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
+        });
+        row_products!(
+            k,
+            xq,
+            &*scales,
+            offset,
+            out,
+            j,
+            |b: usize| {
+                // SAFETY: b < k; 32 bytes from an [i8; 32].
+                let q = unsafe { _mm256_loadu_si256(q_w.get_unchecked(b).as_ptr().cast()) };
+                // maddubs multiplies unsigned by signed bytes: |w| times x with w's sign.
+                (_mm256_sign_epi8(q, q), q)
+            },
+            |aw: __m256i, w: __m256i, x: __m256i| _mm256_madd_epi16(
+                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)),
+                ones
+            )
+        );
+    }
+}
+
+/// Quantizes one row; the same values as [`super::blocks::quantize_row_q8`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len()` must be `32 * d.len()`, and
+/// `s` and `qs` as long as `d`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
+    let sign_mask = _mm256_set1_ps(-0.0);
+    for (((chunk, d), s), q) in x.chunks_exact(QK).zip(d).zip(s).zip(qs) {
+        // SAFETY: 32 floats in four loads.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * i)) });
+        let mut amax = _mm256_andnot_ps(sign_mask, v[0]);
+        for vi in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, *vi));
+        }
+        let amax = {
+            let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+        };
+        *d = amax / 127.0;
+        let inv = _mm256_set1_ps(if *d == 0.0 { 0.0 } else { 1.0 / *d });
+        let mut sum = _mm256_setzero_si256();
+        let mut q32 = [_mm256_setzero_si256(); 4];
+        for (qi, vi) in q32.iter_mut().zip(v) {
+            let scaled = _mm256_mul_ps(vi, inv);
+            // Round half away from zero, as f32::round: add 0.5 with x's sign, truncate.
+            let half = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), _mm256_set1_ps(0.5));
+            *qi = _mm256_cvttps_epi32(_mm256_add_ps(scaled, half));
+            sum = _mm256_add_epi32(sum, *qi);
+        }
+        // Pack 4 x 8 i32 into 32 i8 in order (packs work per 128-bit lane).
+        let p16a = _mm256_packs_epi32(q32[0], q32[1]);
+        let p16b = _mm256_packs_epi32(q32[2], q32[3]);
+        let p8 = _mm256_packs_epi16(p16a, p16b);
+        let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 bytes into an [i8; 32].
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p8) };
+        let t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+        *s = *d * _mm_cvtsi128_si32(t) as f32;
+    }
+}

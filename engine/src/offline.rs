@@ -1,0 +1,388 @@
+//! Offline batch inference, vLLM's `LLM.generate` / `LLM.chat`: a list of prompts in, a list of
+//! outputs out, in the same order.
+//!
+//! Every request is submitted to the engine at once, so the engine's scheduler batches them
+//! (continuous batching, chunked prefill, prefix caching) exactly as it batches concurrent
+//! requests of a server: nothing runs one by one. The calls block the calling thread while the
+//! engine works (they drive the engine's event channels on a private single-threaded runtime);
+//! from async code, call them inside `spawn_blocking`.
+//!
+//! Prompts follow the router's rules: a text prompt gets BOS first when the model asks for it
+//! (`add_bos_token`); a chat is rendered through the model's chat template
+//! ([`cluster::chat_template`]), which places its own special tokens, and is encoded without
+//! adding any; token-id prompts go in unchanged.
+
+use crate::engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason};
+use crate::model::{LoadedModel, ModelInfo};
+use crate::{Forward, KvSource, SamplingParams};
+use cluster::chat_template::ChatTemplate;
+pub use cluster::chat_template::TemplateMessage as ChatMessage;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenizers::Tokenizer;
+
+/// A prompt for [`Llm::generate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text, tokenized with the model's tokenizer (BOS first when the model asks for it).
+    Text(String),
+    /// Token ids, used as they are.
+    TokenIds(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(text: &str) -> Self {
+        Prompt::Text(text.to_string())
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Prompt::TokenIds(ids)
+    }
+}
+
+/// What one request asks the model: a prompt or a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Prompt(Prompt),
+    /// A conversation, rendered through the chat template with the assistant's turn opened.
+    Chat(Vec<ChatMessage>),
+}
+
+/// One request of [`Llm::run`]: its input and its own sampling parameters.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub input: Input,
+    pub sampling: SamplingParams,
+}
+
+/// The result of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The generated text, special tokens (such as EOS) left out.
+    pub text: String,
+    /// Every generated token id, a final stop / EOS token included.
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Tokens of the prompt as the model saw it (after templating and BOS).
+    pub num_prompt_tokens: usize,
+    /// Of those, tokens whose KV came from the prefix cache.
+    pub num_cached_tokens: usize,
+}
+
+/// How far a batch has got, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Requests finished (or failed).
+    pub done: usize,
+    pub total: usize,
+    /// Tokens generated so far, over all requests.
+    pub generated_tokens: usize,
+    /// Since the batch was submitted.
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Generated tokens per second since the batch was submitted.
+    pub fn tokens_per_sec(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.generated_tokens as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Why a request (or the set-up) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OfflineError {
+    #[error("the model has no chat template; use a text or token-id prompt")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenize(String),
+    #[error("the KV cache budget of {budget} B holds no block of {block_bytes} B")]
+    NoKvBlocks { budget: usize, block_bytes: usize },
+    #[error("max_model_len {max_model_len} exceeds the model's context length {context_length}")]
+    MaxModelLen { max_model_len: usize, context_length: usize },
+    /// The engine refused the request at submit.
+    #[error(transparent)]
+    Rejected(#[from] EngineError),
+    /// The engine failed the request while running it.
+    #[error("the engine failed the request: {0}")]
+    Failed(String),
+    /// Request `index` (0-based, in input order) of a batch failed.
+    #[error("request {index}: {source}")]
+    Request { index: usize, source: Box<OfflineError> },
+}
+
+/// Engine sizing for [`Llm::new`]; the defaults are the workers'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmConfig {
+    /// Memory for the KV cache, allocated once; it holds as many whole blocks as fit.
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward pass.
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence (prompt + completion); `None`: the model's context length.
+    pub max_model_len: Option<usize>,
+    /// Seed for requests that bring none.
+    pub seed: u64,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            kv_cache_bytes: 768 << 20,
+            block_size: 16,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+            seed: 0,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// What [`Llm`] needs to turn inputs into token ids and ids into text.
+#[derive(Debug, Clone, Default)]
+pub struct TextConfig {
+    /// The Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Put BOS first in text prompts.
+    pub add_bos_token: bool,
+    pub bos_token_id: Option<u32>,
+}
+
+impl From<&ModelInfo> for TextConfig {
+    fn from(info: &ModelInfo) -> Self {
+        Self {
+            chat_template: info.chat_template.clone(),
+            bos_token: info.bos_token.clone(),
+            eos_token: info.eos_token.clone(),
+            add_bos_token: info.add_bos_token,
+            bos_token_id: info.bos_token_id,
+        }
+    }
+}
+
+/// A model with a running engine, for offline batches.
+pub struct Llm {
+    engine: EngineHandle,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    text: TextConfig,
+}
+
+impl std::fmt::Debug for Llm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llm").field("engine", &self.engine).finish_non_exhaustive()
+    }
+}
+
+/// Makes request ids unique across batches and `Llm`s sharing an engine.
+static NEXT_BATCH: AtomicU64 = AtomicU64::new(0);
+
+impl Llm {
+    /// Starts an engine over a loaded model.
+    pub fn new(loaded: LoadedModel, config: LlmConfig) -> Result<Self, OfflineError> {
+        let LoadedModel { model, tokenizer, info } = loaded;
+        let block_bytes = model.kv_shape(config.block_size, 1).block_bytes();
+        let num_blocks = config.kv_cache_bytes / block_bytes;
+        if num_blocks == 0 {
+            return Err(OfflineError::NoKvBlocks { budget: config.kv_cache_bytes, block_bytes });
+        }
+        let max_model_len = config.max_model_len.unwrap_or(info.context_length);
+        if max_model_len > info.context_length {
+            return Err(OfflineError::MaxModelLen { max_model_len, context_length: info.context_length });
+        }
+        let shape = model.kv_shape(config.block_size, num_blocks);
+        let engine_config = EngineConfig {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            max_model_len,
+            eos_token_ids: info.eos_token_ids.clone(),
+            default_seed: config.seed,
+            enable_prefix_caching: config.enable_prefix_caching,
+        };
+        let model: Arc<dyn Forward> = Arc::new(model);
+        let engine = Engine::start(model, shape, engine_config);
+        Self::from_engine(engine, tokenizer, TextConfig::from(&info))
+    }
+
+    /// Wraps an engine started elsewhere (as the workers start it from their flags).
+    pub fn from_engine(engine: EngineHandle, tokenizer: Tokenizer, text: TextConfig) -> Result<Self, OfflineError> {
+        let template = match &text.chat_template {
+            Some(source) if !source.is_empty() => Some(
+                ChatTemplate::new(source, &text.bos_token, &text.eos_token)
+                    .map_err(|e| OfflineError::Template(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        Ok(Self { engine, tokenizer, template, text })
+    }
+
+    /// The running engine.
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Generates for every prompt with the same parameters; outputs are in prompt order. Fails
+    /// with the first failed request's error ([`OfflineError::Request`]) after all have run.
+    pub fn generate(&self, prompts: Vec<Prompt>, params: &SamplingParams) -> Result<Vec<Output>, OfflineError> {
+        let requests = prompts.into_iter().map(|p| Request { input: Input::Prompt(p), sampling: params.clone() });
+        collect(self.run(requests.collect(), &mut |_| {}))
+    }
+
+    /// Answers every conversation through the chat template; outputs are in input order.
+    pub fn chat(
+        &self,
+        conversations: Vec<Vec<ChatMessage>>,
+        params: &SamplingParams,
+    ) -> Result<Vec<Output>, OfflineError> {
+        let requests = conversations.into_iter().map(|c| Request { input: Input::Chat(c), sampling: params.clone() });
+        collect(self.run(requests.collect(), &mut |_| {}))
+    }
+
+    /// Runs requests with their own parameters, all submitted at once, calling `progress` as
+    /// tokens arrive (at most every 50 ms) and whenever a request ends. One result per request,
+    /// in input order: a request that fails does not stop the others.
+    pub fn run(
+        &self,
+        requests: Vec<Request>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Vec<Result<Output, OfflineError>> {
+        let started = Instant::now();
+        let total = requests.len();
+        let batch = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
+        let mut results: Vec<Option<Result<Output, OfflineError>>> = (0..total).map(|_| None).collect();
+        let mut running = Vec::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            let submitted = self.prompt_ids(&request.input).and_then(|ids| {
+                let num_prompt_tokens = ids.len();
+                let events = self.engine.submit(EngineRequest {
+                    request_id: format!("offline-{batch}-{index}"),
+                    prompt_token_ids: ids,
+                    sampling: request.sampling,
+                    kv: KvSource::Compute,
+                    pin_on_finish: false,
+                    cache_salt: None,
+                    priority: 0,
+                    n: 1,
+                })?;
+                Ok((events, num_prompt_tokens))
+            });
+            match submitted {
+                Ok((events, num_prompt_tokens)) => running.push((index, events, num_prompt_tokens)),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        let mut state = Progress { done: total - running.len(), total, generated_tokens: 0, elapsed: Duration::ZERO };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime");
+        runtime.block_on(async {
+            // Funnel every request's events into one channel, tagged with the request's index.
+            let (merged, mut events) = tokio::sync::mpsc::unbounded_channel();
+            for (index, mut rx, num_prompt_tokens) in running {
+                let merged = merged.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = rx.recv().await {
+                        if merged.send((index, num_prompt_tokens, event)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(merged);
+            let mut token_ids: Vec<Vec<u32>> = vec![Vec::new(); total];
+            let mut last_report = Instant::now();
+            progress(&Progress { elapsed: started.elapsed(), ..state });
+            while let Some((index, num_prompt_tokens, event)) = events.recv().await {
+                let result = match event {
+                    EngineEvent::Token { id, .. } => {
+                        token_ids[index].push(id);
+                        state.generated_tokens += 1;
+                        if last_report.elapsed() >= Duration::from_millis(50) {
+                            last_report = Instant::now();
+                            progress(&Progress { elapsed: started.elapsed(), ..state });
+                        }
+                        continue;
+                    }
+                    EngineEvent::Finished { reason, num_cached_tokens, .. } => {
+                        let ids = std::mem::take(&mut token_ids[index]);
+                        self.output(ids, reason, num_prompt_tokens, num_cached_tokens)
+                    }
+                    EngineEvent::Error(e) => Err(OfflineError::Failed(e)),
+                };
+                results[index] = Some(result);
+                state.done += 1;
+                progress(&Progress { elapsed: started.elapsed(), ..state });
+            }
+        });
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(OfflineError::Failed("the engine stopped before the request ended".into())))
+            })
+            .collect()
+    }
+
+    /// The token ids the model sees for an input.
+    pub fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, OfflineError> {
+        match input {
+            Input::Prompt(Prompt::TokenIds(ids)) => Ok(ids.clone()),
+            Input::Prompt(Prompt::Text(text)) => {
+                let bos = self.text.bos_token_id.filter(|_| self.text.add_bos_token);
+                Ok(bos.into_iter().chain(self.encode(text)?).collect())
+            }
+            Input::Chat(messages) => {
+                let template = self.template.as_ref().ok_or(OfflineError::NoChatTemplate)?;
+                let text = template.render(messages).map_err(|e| OfflineError::Template(e.to_string()))?;
+                self.encode(&text)
+            }
+        }
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, OfflineError> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    fn output(
+        &self,
+        token_ids: Vec<u32>,
+        finish_reason: FinishReason,
+        num_prompt_tokens: usize,
+        num_cached_tokens: usize,
+    ) -> Result<Output, OfflineError> {
+        let text = self.tokenizer.decode(&token_ids, true).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
+        Ok(Output { text, token_ids, finish_reason, num_prompt_tokens, num_cached_tokens })
+    }
+}
+
+/// All outputs, or the first failure with its index.
+fn collect(results: Vec<Result<Output, OfflineError>>) -> Result<Vec<Output>, OfflineError> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| r.map_err(|e| OfflineError::Request { index, source: Box::new(e) }))
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "serving/offline_tests.rs"]
+mod tests;

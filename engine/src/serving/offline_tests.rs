@@ -1,0 +1,83 @@
+//! Offline batch mode on the real model (`scripts/fetch-model.sh`, or `PDSERVE_MODEL`).
+
+use super::*;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.exists(), "model {} not found: run scripts/fetch-model.sh or set PDSERVE_MODEL", path.display());
+    path
+}
+
+/// One engine for every test of this file: loading is the slow part.
+fn llm() -> &'static Llm {
+    static LLM: OnceLock<Llm> = OnceLock::new();
+    LLM.get_or_init(|| {
+        let loaded = crate::model::load_gguf(&model_path()).expect("load the model");
+        let config = LlmConfig { kv_cache_bytes: 128 << 20, ..LlmConfig::default() };
+        Llm::new(loaded, config).expect("start the engine")
+    })
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ..SamplingParams::default() }
+}
+
+#[test]
+fn chat_answers_the_capital_of_france() {
+    let question =
+        ChatMessage { role: "user".into(), content: "What is the capital of France? Answer in one word.".into() };
+    let outputs = llm().chat(vec![vec![question]], &greedy(16)).unwrap();
+    assert_eq!(outputs.len(), 1);
+    let out = &outputs[0];
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert!(out.num_prompt_tokens > 10, "the template wraps the question: {out:?}");
+    assert!(out.token_ids.len() <= 16);
+}
+
+#[test]
+fn batched_outputs_keep_input_order_and_match_single_runs() {
+    let llm = llm();
+    let prompts: Vec<Vec<u32>> = ["The quick brown fox", "Once upon a time, in a land", "1, 2, 3, 4,", "Rust is a"]
+        .iter()
+        .map(|text| llm.tokenizer().encode(*text, false).unwrap().get_ids().to_vec())
+        .collect();
+    // Different lengths, so a mix-up of order would show.
+    let lengths = [12, 5, 9, 7];
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(lengths)
+        .map(|(ids, n)| Request { input: Input::Prompt(Prompt::TokenIds(ids.clone())), sampling: greedy(n) })
+        .collect();
+    let mut reports = Vec::new();
+    let batched = llm.run(requests, &mut |p| reports.push(*p));
+    for ((ids, n), result) in prompts.iter().zip(lengths).zip(&batched) {
+        let out = result.as_ref().unwrap();
+        assert_eq!(out.num_prompt_tokens, ids.len());
+        assert!(out.token_ids.len() <= n as usize);
+        let alone = llm.generate(vec![Prompt::TokenIds(ids.clone())], &greedy(n)).unwrap();
+        assert_eq!(alone[0].token_ids, out.token_ids, "prompt {ids:?}");
+        assert_eq!(alone[0].text, out.text);
+    }
+    let last = reports.last().expect("progress was reported");
+    assert_eq!((last.done, last.total), (4, 4));
+    let generated: usize = batched.iter().map(|r| r.as_ref().unwrap().token_ids.len()).sum();
+    assert_eq!(last.generated_tokens, generated);
+}
+
+#[test]
+fn a_failed_request_does_not_stop_the_others() {
+    let llm = llm();
+    let requests = vec![
+        Request { input: Input::Prompt(Prompt::TokenIds(vec![])), sampling: greedy(2) },
+        Request { input: Input::Prompt(Prompt::Text("Hello".into())), sampling: greedy(2) },
+    ];
+    let results = llm.run(requests, &mut |_| {});
+    assert!(matches!(results[0], Err(OfflineError::Rejected(EngineError::EmptyPrompt { .. }))), "{:?}", results[0]);
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    let err = llm.generate(vec![Prompt::TokenIds(vec![])], &greedy(2)).unwrap_err();
+    assert!(err.to_string().starts_with("request 0: "), "{err}");
+}

@@ -117,8 +117,10 @@ pub(crate) fn paged_attention(
         }
         attend(dims, &slots[t], g, qh, k_cache, v_cache, scores, o);
     };
-    // Small steps (decode) run inline: waking a pool for a few microseconds
-    // of work costs more than it saves.
+    // Tiny steps run inline. A decode step's few units are worth splitting:
+    // the forward pass runs inside the pool (see `Llama::forward`), so a
+    // fork costs a microsecond or two, while a single thread doing all of
+    // attention leaves the other cores idle for a tenth of the step.
     let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * dims.num_heads * hd;
     if work < PARALLEL_MIN_WORK {
         let mut scores = Vec::new();
@@ -129,7 +131,7 @@ pub(crate) fn paged_attention(
 }
 
 /// Multiply-adds below which [`paged_attention`] stays on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
+const PARALLEL_MIN_WORK: usize = 1 << 14;
 
 /// Whether [`attend_avx2`] can run here.
 fn simd_available() -> bool {

@@ -64,6 +64,22 @@ fn quantize_row(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
 
 /// A weight format the product kernels know.
 pub trait Kernel: Format + Sized {
+    /// `w[j] · x[i]`, portably.
+    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32;
+
+    /// The SIMD tile for this CPU, if there is one (see [`Kernel::tile`]).
+    ///
+    /// # Safety
+    /// As [`Kernel::tile`].
+    unsafe fn simd_tile<const R: usize>(
+        w: &QMatrix<Self>,
+        rows: &Range<usize>,
+        x: &QuantizedRows,
+        i0: usize,
+        out: [*mut f32; R],
+        scales: &mut [f32],
+    ) -> bool;
+
     /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows`, with `R` activation
     /// rows per tile; `scales` is scratch of at least `R * k` values.
     ///
@@ -78,52 +94,65 @@ pub trait Kernel: Format + Sized {
         i0: usize,
         out: [*mut f32; R],
         scales: &mut [f32],
-    );
-}
-
-impl Kernel for Q4_1 {
-    unsafe fn tile<const R: usize>(
-        w: &QMatrix<Self>,
-        rows: Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scales: &mut [f32],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: the CPU has the features; the rest is the caller's.
-            return unsafe { x86::tile_q4_1(w, rows, x, i0, out, scales) };
+        // SAFETY: the caller's.
+        if unsafe { Self::simd_tile(w, &rows, x, i0, out, scales) } {
+            return;
         }
         for j in rows {
             for (r, o) in out.iter().enumerate() {
                 // SAFETY: the caller's.
-                unsafe { *o.add(j) = scalar::dot_q4_1(w, j, x, i0 + r) };
+                unsafe { *o.add(j) = Self::dot(w, j, x, i0 + r) };
             }
         }
     }
 }
 
-impl Kernel for Q8_0 {
-    unsafe fn tile<const R: usize>(
+impl Kernel for Q4_1 {
+    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
+        scalar::dot_q4_1(w, j, x, i)
+    }
+
+    #[allow(unused_variables)]
+    unsafe fn simd_tile<const R: usize>(
         w: &QMatrix<Self>,
-        rows: Range<usize>,
+        rows: &Range<usize>,
         x: &QuantizedRows,
         i0: usize,
         out: [*mut f32; R],
         scales: &mut [f32],
-    ) {
+    ) -> bool {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // SAFETY: the CPU has the features; the rest is the caller's.
-            return unsafe { x86::tile_q8_0(w, rows, x, i0, out, scales) };
+            unsafe { x86::tile_q4_1(w, rows.clone(), x, i0, out, scales) };
+            return true;
         }
-        for j in rows {
-            for (r, o) in out.iter().enumerate() {
-                // SAFETY: the caller's.
-                unsafe { *o.add(j) = scalar::dot_q8_0(w, j, x, i0 + r) };
-            }
+        false
+    }
+}
+
+impl Kernel for Q8_0 {
+    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
+        scalar::dot_q8_0(w, j, x, i)
+    }
+
+    #[allow(unused_variables)]
+    unsafe fn simd_tile<const R: usize>(
+        w: &QMatrix<Self>,
+        rows: &Range<usize>,
+        x: &QuantizedRows,
+        i0: usize,
+        out: [*mut f32; R],
+        scales: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: the CPU has the features; the rest is the caller's.
+            unsafe { x86::tile_q8_0(w, rows.clone(), x, i0, out, scales) };
+            return true;
         }
+        false
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`model`]: GGUF and Hugging Face (safetensors) loading, and the Llama forward pass on candle. Weights are
-//!   read-only; KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
+//! - [`model`]: GGUF and Hugging Face (safetensors) loading (read with candle), and the Llama forward
+//!   pass on its own AVX2 quantized kernels. Weights are read-only; KV and positions come in
+//!   through [`ForwardBatch`] and [`KvStorage`].
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv_cache`]: paged KV storage, addressed by block id.
 //! - [`batch`]: what one forward step computes.

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
 use futures::stream::{self, StreamExt};
+use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -36,8 +37,12 @@ fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
 }
 
 fn setup(chunks: Vec<Result<TokenChunk, BackendError>>) -> (axum::Router, Arc<FakeBackend>) {
+    setup_card(&card(), chunks)
+}
+
+fn setup_card(card: &ModelCard, chunks: Vec<Result<TokenChunk, BackendError>>) -> (axum::Router, Arc<FakeBackend>) {
     let backend = Arc::new(FakeBackend { chunks, seen: Mutex::new(Vec::new()) });
-    let model = Model::from_card(&card(), None).unwrap();
+    let model = Model::from_card(card, None).unwrap();
     (app(AppState::ready(model, backend.clone())), backend)
 }
 
@@ -319,4 +324,140 @@ async fn health_is_503_until_the_model_loads() {
     assert_eq!(app.clone().oneshot(health()).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
     tx.send(Some(Arc::new(Model::from_card(&card(), None).unwrap()))).unwrap();
     assert_eq!(app.oneshot(health()).await.unwrap().status(), StatusCode::OK);
+}
+
+async fn get_json(app: axum::Router, path: &str) -> (StatusCode, Value) {
+    let response = app.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The prompt ids the backend was last asked to generate from.
+fn last_prompt(backend: &FakeBackend) -> Value {
+    json!(*backend.seen.lock().unwrap().last().unwrap().prompt_token_ids)
+}
+
+#[tokio::test]
+async fn tokenize_prompt_matches_completions() {
+    let mut bos_card = card();
+    bos_card.add_bos_token = true;
+    let (app, backend) = setup_card(&bos_card, hello_chunks());
+    post_json(app.clone(), "/v1/completions", json!({"prompt": "Hé you"})).await;
+    let (status, body) = post_json(app.clone(), "/tokenize", json!({"model": "tiny", "prompt": "Hé you"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tokens"], last_prompt(&backend));
+    assert_eq!(body["tokens"][0], 256, "BOS, as the card asks");
+    assert_eq!(body["count"], 8);
+    assert_eq!(body["max_model_len"], 64);
+    assert_eq!(body["token_strs"], Value::Null);
+
+    let request = json!({"prompt": "Hé", "add_special_tokens": false, "return_token_strs": true});
+    let (_, body) = post_json(app, "/tokenize", request).await;
+    assert_eq!(body["tokens"], json!(ids("Hé")));
+    // Byte-level vocabulary strings: é is the bytes C3 A9, spelled Ã ©.
+    assert_eq!(body["token_strs"], json!(["H", "Ã", "©"]));
+}
+
+#[tokio::test]
+async fn tokenize_chat_matches_chat_completions() {
+    let (app, backend) = setup(hello_chunks());
+    post_json(app.clone(), "/v1/chat/completions", chat_body(json!({}))).await;
+    let (status, body) = post_json(app.clone(), "/tokenize", chat_body(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tokens"], last_prompt(&backend));
+    let model = Model::from_card(&card(), None).unwrap();
+    let request = serde_json::from_value(chat_body(json!({}))).unwrap();
+    let valid = crate::validation::validate_chat(&model, request).unwrap();
+    assert_eq!(body["tokens"], json!(valid.prompt_token_ids));
+    assert_eq!(body["count"], valid.prompt_token_ids.len());
+
+    // The defaults, spelled out, change nothing; add_special_tokens adds BOS.
+    let defaults = json!({"add_generation_prompt": true, "continue_final_message": false,
+                          "add_special_tokens": false, "chat_template_kwargs": {}});
+    let (_, same) = post_json(app.clone(), "/tokenize", chat_body(defaults)).await;
+    assert_eq!(same["tokens"], body["tokens"]);
+    let mut bos_card = card();
+    bos_card.add_bos_token = true;
+    let (bos_app, _) = setup_card(&bos_card, vec![]);
+    let (_, with_bos) = post_json(bos_app, "/tokenize", chat_body(json!({"add_special_tokens": true}))).await;
+    assert_eq!(with_bos["tokens"][0], 256);
+    assert_eq!(with_bos["tokens"].as_array().unwrap()[1..], body["tokens"].as_array().unwrap()[..]);
+}
+
+#[tokio::test]
+async fn tokenize_refuses_renderings_chat_never_uses() {
+    let (app, _) = setup(vec![]);
+    for (extra, param) in [
+        (json!({"add_generation_prompt": false}), "add_generation_prompt"),
+        (json!({"continue_final_message": true}), "continue_final_message"),
+        (json!({"chat_template": "{{ messages }}"}), "chat_template"),
+        (json!({"chat_template_kwargs": {"enable_thinking": false}}), "chat_template_kwargs"),
+        (json!({"prompt": "Hi"}), "messages"),
+    ] {
+        let (status, body) = post_json(app.clone(), "/tokenize", chat_body(extra)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!(param));
+    }
+    let (status, body) = post_json(app, "/tokenize", json!({"model": "tiny"})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("prompt"));
+}
+
+#[tokio::test]
+async fn detokenize_round_trips_and_checks_the_vocabulary() {
+    let (app, _) = setup(vec![]);
+    let (_, tokenized) = post_json(app.clone(), "/tokenize", json!({"prompt": "Hé you"})).await;
+    let (status, body) = post_json(app.clone(), "/detokenize", json!({"tokens": tokenized["tokens"]})).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"prompt": "Hé you"})));
+    // Special tokens are kept, as vLLM decodes them.
+    let (_, body) = post_json(app.clone(), "/detokenize", json!({"model": "tiny", "tokens": [257, 72]})).await;
+    assert_eq!(body, json!({"prompt": "<|im_start|>H"}));
+
+    for tokens in [json!([72, 259]), json!([-1])] {
+        let (status, body) = post_json(app.clone(), "/detokenize", json!({"tokens": tokens})).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("tokens"));
+    }
+    let (status, body) = post_json(app, "/detokenize", json!({})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("tokens"));
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_error_shapes() {
+    let (app, _) = setup(vec![]);
+    for (path, body) in [
+        ("/tokenize", json!({"model": "gpt-9", "prompt": "Hi"})),
+        ("/detokenize", json!({"model": "gpt-9", "tokens": [72]})),
+    ] {
+        let (status, body) = post_json(app.clone(), path, body).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "NotFoundError", json!("model"));
+        assert_eq!(body["error"]["code"], "model_not_found");
+    }
+    for (path, body) in [
+        ("/tokenize", "{not json".to_owned()),
+        ("/tokenize", json!({"prompt": 5}).to_string()),
+        ("/tokenize", json!({"prompt": "Hi", "return_token_strs": "yes"}).to_string()),
+        ("/detokenize", json!({"tokens": "72"}).to_string()),
+    ] {
+        let (status, text) = post(app.clone(), path, &body).await;
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", Value::Null);
+        assert_eq!(body["error"]["code"], "invalid_json");
+    }
+}
+
+#[tokio::test]
+async fn tokenize_is_503_when_the_model_never_loads() {
+    let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
+    let (state, tx) = AppState::loading(backend);
+    drop(tx);
+    let (status, body) = post_json(app(state), "/tokenize", json!({"prompt": "Hi"})).await;
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", Value::Null);
+}
+
+#[tokio::test]
+async fn version_is_the_crate_version() {
+    let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
+    // No model needed: it answers while the card is still loading.
+    let (state, _tx) = AppState::loading(backend);
+    let (status, body) = get_json(app(state), "/version").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"version": env!("CARGO_PKG_VERSION")})));
 }

@@ -6,6 +6,7 @@
 //!
 //! - [`server`]: routes and shared state; [`app`] builds the `Router`.
 //! - [`handlers`]: the two generation endpoints, JSON and SSE.
+//! - [`tokenize_api`]: vLLM's `/tokenize`, `/detokenize` and `/version`.
 //! - [`openai`]: request and response types, chunk formats.
 //! - [`validation`]: OpenAI body -> [`validation::ValidRequest`], every bound checked.
 //! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
@@ -24,6 +25,7 @@ pub mod placement;
 pub mod server;
 pub mod stream;
 pub mod tokenize;
+pub mod tokenize_api;
 pub mod validation;
 pub mod workers;
 

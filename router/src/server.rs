@@ -1,4 +1,5 @@
-//! Routes and shared state. Generation handlers live in `handlers.rs`.
+//! Routes and shared state. Generation handlers live in `handlers.rs`, vLLM's
+//! tokenize / detokenize / version in `tokenize_api.rs`.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use crate::handlers;
 use crate::model::Model;
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
+use crate::tokenize_api;
 
 /// What every handler shares. Cheap to clone.
 ///
@@ -62,6 +64,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/tokenize", post(tokenize_api::tokenize))
+        .route("/detokenize", post(tokenize_api::detokenize))
+        .route("/version", get(tokenize_api::version))
         .with_state(state)
 }
 

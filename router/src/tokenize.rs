@@ -21,20 +21,48 @@ pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u3
 
 /// Tokenizes a completion prompt, with BOS first when the model wants it.
 pub fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    text_ids(model, text, true)
+}
+
+/// Tokenizes text; `add_special_tokens` (vLLM's flag) puts BOS first when
+/// the model wants it, which is all the special tokens this router adds.
+pub fn text_ids(model: &Model, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ValidationError> {
     let ids = encode(model, text)?;
-    Ok(model.bos_token_id.into_iter().chain(ids).collect())
+    Ok(if add_special_tokens { with_bos(model, ids) } else { ids })
+}
+
+/// `ids` with BOS first when the model card asks for one.
+pub fn with_bos(model: &Model, ids: Vec<u32>) -> Vec<u32> {
+    model.bos_token_id.into_iter().chain(ids).collect()
 }
 
 /// Checks that every id of a pre-tokenized prompt is in the vocabulary.
 pub fn token_id_prompt(model: &Model, ids: &[i64]) -> Result<Vec<u32>, ValidationError> {
+    vocab_ids(model, "prompt", ids)
+}
+
+/// Checks that every id is in the vocabulary; errors name `field`.
+pub fn vocab_ids(model: &Model, field: &'static str, ids: &[i64]) -> Result<Vec<u32>, ValidationError> {
     ids.iter()
         .map(|&id| {
-            u32::try_from(id)
-                .ok()
-                .filter(|&id| id < model.vocab_size)
-                .ok_or(ValidationError::TokenOutOfVocab { value: id, vocab_size: model.vocab_size })
+            u32::try_from(id).ok().filter(|&id| id < model.vocab_size).ok_or(ValidationError::TokenOutOfVocab {
+                field,
+                value: id,
+                vocab_size: model.vocab_size,
+            })
         })
         .collect()
+}
+
+/// Token ids back to text, special tokens kept (as vLLM's `/detokenize`,
+/// which decodes with the tokenizer's defaults).
+pub fn decode(model: &Model, ids: &[u32]) -> Result<String, ValidationError> {
+    model.tokenizer.decode(ids, false).map_err(|e| ValidationError::Tokenize(e.to_string()))
+}
+
+/// Each id's token as the vocabulary spells it (vLLM's `token_strs`).
+pub fn token_strs(model: &Model, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&id| model.tokenizer.id_to_token(id).unwrap_or_default()).collect()
 }
 
 fn encode(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {

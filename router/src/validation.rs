@@ -64,9 +64,9 @@ pub enum ValidationError {
     /// Prompt plus `max_tokens` exceed the context.
     #[error("This model's maximum context length is {context_length} tokens. However, you requested {total} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion).")]
     ContextExceeded { prompt_tokens: usize, max_tokens: u32, total: u64, context_length: u32 },
-    /// A token id of the prompt is not in the vocabulary.
-    #[error("token id {value} in `prompt` must be in [0, {vocab_size})")]
-    TokenOutOfVocab { value: i64, vocab_size: u32 },
+    /// A token id of `field` (a prompt, `/detokenize`'s tokens) is not in the vocabulary.
+    #[error("token id {value} in `{field}` must be in [0, {vocab_size})")]
+    TokenOutOfVocab { field: &'static str, value: i64, vocab_size: u32 },
     /// The chat template rejected the conversation.
     #[error("chat template error: {0}")]
     Template(String),
@@ -82,8 +82,9 @@ impl ValidationError {
             Self::Missing { field }
             | Self::Empty { field }
             | Self::OutOfRange { field, .. }
-            | Self::Unsupported { field, .. } => Some(field),
-            Self::PromptTooLong { .. } | Self::TokenOutOfVocab { .. } => Some("prompt"),
+            | Self::Unsupported { field, .. }
+            | Self::TokenOutOfVocab { field, .. } => Some(field),
+            Self::PromptTooLong { .. } => Some("prompt"),
             Self::ContextExceeded { .. } => Some("max_tokens"),
             Self::Template(_) => Some("messages"),
             Self::Tokenize(_) => None,
@@ -104,12 +105,8 @@ impl ValidationError {
 /// Validates a chat request: renders, tokenizes and checks every parameter.
 pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ApiError> {
     check_model(model, req.model.as_deref())?;
-    let messages = req.messages.ok_or(ValidationError::Missing { field: "messages" })?;
-    if messages.is_empty() {
-        return Err(ValidationError::Empty { field: "messages" }.into());
-    }
+    let messages = chat_messages(req.messages)?;
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
-    let messages = messages.into_iter().map(template_message).collect::<Result<Vec<_>, _>>()?;
     let prompt = tokenize::chat_prompt(model, &messages)?;
     let mut valid = finish(model, prompt, req.params)?;
     valid.sampling.logprobs = logprobs;
@@ -137,7 +134,8 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
     Ok(finish(model, prompt, req.params)?)
 }
 
-fn check_model(model: &Model, requested: Option<&str>) -> Result<(), ApiError> {
+/// `model` must name the served model when given (404 otherwise); absent means the served one.
+pub fn check_model(model: &Model, requested: Option<&str>) -> Result<(), ApiError> {
     match requested {
         Some(name) if name != model.served_name => Err(ApiError::ModelNotFound(name.to_owned())),
         _ => Ok(()),
@@ -149,6 +147,17 @@ fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
         return Err(ValidationError::Empty { field: "prompt" });
     }
     tokenize::text_prompt(model, text)
+}
+
+/// A chat's `messages` as the chat template sees them: required, not empty,
+/// known roles and text-only content. Shared by `/v1/chat/completions` and
+/// `/tokenize` so both render the same conversation into the same ids.
+pub fn chat_messages(messages: Option<Vec<ChatMessage>>) -> Result<Vec<TemplateMessage>, ValidationError> {
+    let messages = messages.ok_or(ValidationError::Missing { field: "messages" })?;
+    if messages.is_empty() {
+        return Err(ValidationError::Empty { field: "messages" });
+    }
+    messages.into_iter().map(template_message).collect()
 }
 
 fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationError> {

@@ -139,3 +139,36 @@ pub enum Prompt {
     /// A batch of texts; only a batch of one is supported.
     Texts(Vec<String>),
 }
+
+/// Body of vLLM's `POST /tokenize`: the completion form (`prompt`) or the
+/// chat form (`messages`), one of the two.
+#[derive(Debug, Default, Deserialize)]
+pub struct TokenizeRequest {
+    /// Must equal the served model name; absent means the served model.
+    pub model: Option<String>,
+    /// Completion form: the text to tokenize.
+    pub prompt: Option<String>,
+    /// Chat form: the conversation, rendered as `/v1/chat/completions` renders it.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Add the model's special tokens (BOS); default true for `prompt`, false for `messages`.
+    pub add_special_tokens: Option<bool>,
+    /// Chat form: end with the assistant's turn header (default true; only true is supported).
+    pub add_generation_prompt: Option<bool>,
+    /// Chat form: leave the last message open (default false; only false is supported).
+    pub continue_final_message: Option<bool>,
+    /// Chat form: a template to use instead of the model's (not supported).
+    pub chat_template: Option<String>,
+    /// Chat form: extra template variables (only an empty object is supported).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Also return each token's vocabulary string.
+    pub return_token_strs: Option<bool>,
+}
+
+/// Body of vLLM's `POST /detokenize`.
+#[derive(Debug, Default, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Must equal the served model name; absent means the served model.
+    pub model: Option<String>,
+    /// The token ids to decode; required, each in the vocabulary.
+    pub tokens: Option<Vec<i64>>,
+}

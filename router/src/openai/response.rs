@@ -174,3 +174,30 @@ pub struct CompletionChoice {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
 }
+
+/// vLLM's `POST /tokenize` answer.
+#[derive(Debug, Serialize)]
+pub struct TokenizeResponse {
+    /// Number of tokens.
+    pub count: usize,
+    /// The context length, as `/v1/models` reports it.
+    pub max_model_len: u32,
+    /// The token ids.
+    pub tokens: Vec<u32>,
+    /// Each token's vocabulary string when `return_token_strs` was set, else null.
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// vLLM's `POST /detokenize` answer.
+#[derive(Debug, Serialize)]
+pub struct DetokenizeResponse {
+    /// The decoded text.
+    pub prompt: String,
+}
+
+/// vLLM's `GET /version` answer.
+#[derive(Debug, Serialize)]
+pub struct VersionResponse {
+    /// The router's crate version.
+    pub version: &'static str,
+}

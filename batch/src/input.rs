@@ -107,7 +107,7 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         (None, Some(ids), None) if !ids.is_empty() => Input::Prompt(Prompt::TokenIds(ids)),
         (None, Some(_), None) => return Err("prompt_token_ids is empty".into()),
         (None, None, Some(messages)) if !messages.is_empty() => {
-            Input::Chat(messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
+            Input::Chat(messages.into_iter().map(|m| ChatMessage::text(m.role, m.content)).collect())
         }
         (None, None, Some(_)) => return Err("messages is empty".into()),
         _ => return Err("needs exactly one of \"prompt\", \"prompt_token_ids\" or \"messages\"".into()),

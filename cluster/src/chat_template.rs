@@ -3,7 +3,8 @@
 //! from the model card) and the engine's offline batch mode (from the model).
 //!
 //! HF renders with `trim_blocks` and `lstrip_blocks`, passes `messages`,
-//! `add_generation_prompt`, `bos_token` and `eos_token`, and offers
+//! `add_generation_prompt`, `bos_token`, `eos_token` and `tools` (the tool
+//! dicts, or none), and offers
 //! `raise_exception`. Templates are written for Python's Jinja, so they call
 //! Python string and dict methods (`.strip()`, `.startswith()`, `.items()`);
 //! [`python_method`] answers the common ones.
@@ -14,13 +15,33 @@ use serde::Serialize;
 
 const TEMPLATE_NAME: &str = "chat";
 
-/// One message as the template sees it: role and flattened text.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One message as the template sees it: role, flattened text, and the tool
+/// fields HF passes through as the client sent them. Absent tool fields are
+/// left out of the dict (not null), so `'tool_calls' in message` and
+/// `message.items()` behave as they do in Python.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct TemplateMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text content.
     pub content: String,
+    /// An assistant turn's calls, OpenAI-shaped
+    /// (`{"id", "type": "function", "function": {"name", "arguments"}}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function's name, when the client gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl TemplateMessage {
+    /// A plain text message, without tool fields.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Self::default() }
+    }
 }
 
 /// A compiled chat template. Rendering takes `&self`, so one is shared by all
@@ -51,9 +72,21 @@ impl ChatTemplate {
 
     /// Renders the conversation followed by the assistant's turn header.
     pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, Error> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// [`Self::render`] with the tools the model may call (OpenAI tool dicts,
+    /// `{"type": "function", "function": {...}}`), passed as HF's `tools`;
+    /// `None` renders `tools` as none, as HF does without tools.
+    pub fn render_with_tools(
+        &self,
+        messages: &[TemplateMessage],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, Error> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
         template.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => true,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -130,7 +163,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> TemplateMessage {
-        TemplateMessage { role: role.into(), content: content.into() }
+        TemplateMessage::text(role, content)
     }
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -156,5 +189,31 @@ mod tests {
         let t = ChatTemplate::new(src, "", "").unwrap();
         let err = t.render(&[msg("assistant", "a")]).unwrap_err();
         assert!(err.to_string().contains("user first"), "{err}");
+    }
+
+    /// Prints tools, assistant tool calls and tool results the way HF
+    /// templates (Qwen2.5, Hermes) read them.
+    const TOOLS: &str = "{% if tools %}TOOLS:{% for t in tools %}[{{ t.function.name }}: {{ t.function.description }}]{% endfor %}|{% endif %}{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{% for c in m.tool_calls %}<call {{ c.id }} {{ c.function.name }} {{ c.function.arguments }}>{% endfor %}{% elif m.role == 'tool' %}<result {{ m.tool_call_id }}>{{ m.content }}{% else %}{{ m.content }}{% endif %}|{% endfor %}";
+
+    #[test]
+    fn renders_tools_tool_calls_and_tool_results() {
+        let t = ChatTemplate::new(TOOLS, "", "").unwrap();
+        let tools = [
+            serde_json::json!({"type": "function", "function": {"name": "get_weather", "description": "Weather now"}}),
+        ];
+        let call = serde_json::json!({"id": "call_1", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}});
+        let messages = [
+            msg("user", "Weather?"),
+            TemplateMessage { tool_calls: Some(vec![call]), ..msg("assistant", "") },
+            TemplateMessage { tool_call_id: Some("call_1".into()), ..msg("tool", "sunny") },
+        ];
+        let out = t.render_with_tools(&messages, Some(&tools)).unwrap();
+        assert_eq!(
+            out,
+            "TOOLS:[get_weather: Weather now]|user:Weather?|assistant:<call call_1 get_weather {\"city\": \"Paris\"}>|tool:<result call_1>sunny|"
+        );
+        // Without tools the template sees none, and messages keep only role and content.
+        assert_eq!(t.render(&[msg("user", "Hi")]).unwrap(), "user:Hi|");
     }
 }

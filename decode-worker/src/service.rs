@@ -72,7 +72,7 @@ impl DecodeService {
             kv,
             pin_on_finish: false,
             cache_salt: req.cache_salt,
-            priority: 0,
+            priority: req.priority,
             n,
         };
         let events = self.engine.submit(engine_req).map_err(convert::engine_error)?;

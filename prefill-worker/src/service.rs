@@ -49,7 +49,7 @@ impl PrefillService {
             kv: KvSource::Compute,
             pin_on_finish: remote_decode,
             cache_salt: req.cache_salt,
-            priority: 0,
+            priority: req.priority,
             n,
         };
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;

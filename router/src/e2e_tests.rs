@@ -22,6 +22,7 @@ use crate::testutil::{card, ids, EOS};
 #[derive(Clone, Default)]
 struct FakeWorker {
     decoded: Arc<Mutex<Vec<DecodeRequest>>>,
+    prefilled: Arc<Mutex<Vec<PrefillRequest>>>,
     released: Arc<Mutex<Vec<String>>>,
 }
 
@@ -39,6 +40,7 @@ impl Worker for FakeWorker {
 impl Prefill for FakeWorker {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
         let request = request.into_inner();
+        self.prefilled.lock().unwrap().push(request.clone());
         let remote = RemotePrefill { remote_request_id: format!("pin-{}", request.request_id), ..Default::default() };
         Ok(Response::new(PrefillResponse {
             request_id: request.request_id,
@@ -97,6 +99,7 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
         decode_urls: decode,
         served_model_name: Some("served".into()),
         model_card_timeout: Duration::from_secs(10),
+        admission: Default::default(),
     };
     tokio::spawn(crate::run(listener, config, std::future::pending()));
     addr
@@ -124,7 +127,8 @@ async fn disaggregated_request_goes_prefill_then_decode() {
     let decode = FakeWorker::default();
     let router =
         start_router(vec![serve_worker(prefill.clone()).await], vec![serve_worker(decode.clone()).await]).await;
-    let chat = json!({"model": "served", "messages": [{"role": "user", "content": "Hi"}]});
+    let chat = json!({"model": "served", "messages": [{"role": "user", "content": "Hi"}],
+                      "priority": -7, "cache_salt": "salt"});
     let (status, body) = http(&router, "/v1/chat/completions", chat).await;
     assert!(status.contains("200"), "{status} {body}");
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -133,6 +137,10 @@ async fn disaggregated_request_goes_prefill_then_decode() {
     let decoded = decode.decoded.lock().unwrap().remove(0);
     assert_eq!(decoded.first_token_id, Some(u32::from(b'H')));
     assert_eq!(decoded.request_id, "r1");
+    // vLLM's extras travel on both legs.
+    assert_eq!((decoded.priority, decoded.cache_salt.as_deref()), (-7, Some("salt")));
+    let prefilled = prefill.prefilled.lock().unwrap().remove(0);
+    assert_eq!((prefilled.priority, prefilled.cache_salt.as_deref()), (-7, Some("salt")));
     assert!(matches!(
         decoded.kv_transfer_params.and_then(|p| p.params),
         Some(Params::RemotePrefill(r)) if r.remote_request_id == "pin-r1"

@@ -6,11 +6,12 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::FromRequest;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::admission::AdmissionError;
 use crate::pd::BackendError;
 use crate::validation::ValidationError;
 
@@ -32,6 +33,9 @@ pub enum ApiError {
     /// A worker failed or is unreachable (502 / 503).
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The admission queue is full (429 with `Retry-After`).
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
 }
 
 impl ApiError {
@@ -43,6 +47,7 @@ impl ApiError {
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(BackendError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(_) => StatusCode::BAD_GATEWAY,
+            Self::Admission(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -52,6 +57,7 @@ impl ApiError {
             StatusCode::BAD_REQUEST => "BadRequestError",
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
             _ => "InternalServerError",
         }
     }
@@ -64,6 +70,7 @@ impl ApiError {
             Self::InvalidJson(_) => "invalid_json",
             Self::NotReady => "model_loading",
             Self::Backend(e) => e.code(),
+            Self::Admission(AdmissionError::QueueFull { .. }) => "queue_full",
         }
     }
 
@@ -95,7 +102,13 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() && !matches!(self, Self::NotReady) {
             tracing::warn!(error = %self, "request failed");
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Self::Admission(AdmissionError::QueueFull { retry_after, .. }) = &self {
+            // Whole seconds, at least 1: clients read `Retry-After` as delay-seconds.
+            let secs = retry_after.as_secs().max(1);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use crate::admission::hold;
 use crate::error::{ApiError, AppJson};
 use crate::model::{unix_now, Model};
 use crate::openai::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
@@ -40,7 +41,8 @@ pub async fn chat_completions(
     let answer = async {
         let model = state.model().await?;
         let valid = validate_chat(&model, body)?;
-        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, ChatFormat).await)
+        let format = ChatFormat::new(valid.parse_tool_calls);
+        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, format).await)
     }
     .instrument(span)
     .await;
@@ -102,11 +104,22 @@ async fn run<F: ChunkFormat>(
     let outputs = (0..valid.sampling.n.max(1))
         .map(|_| Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens))
         .collect();
+    // Waits here, before any byte of the answer, so a full queue is a plain 429.
+    // A client that leaves while queued drops this future and its place in line.
+    let permit = match state.admission.admit(valid.priority).await {
+        Ok(permit) => permit,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let tokens = state.backend.generate(GenerateRequest {
         request_id: request_id.to_owned(),
         prompt_token_ids: prompt.clone(),
         sampling: valid.sampling,
+        priority: valid.priority,
+        cache_salt: valid.cache_salt,
+        first_worker: Some(permit.worker()),
     });
+    // The slot is held until the token stream ends or is dropped (client gone).
+    let tokens = hold(tokens, permit);
     let deltas = deltas(tokens, outputs);
     if valid.stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };

@@ -461,3 +461,115 @@ async fn version_is_the_crate_version() {
     let (status, body) = get_json(app(state), "/version").await;
     assert_eq!((status, body), (StatusCode::OK, json!({"version": env!("CARGO_PKG_VERSION")})));
 }
+
+/// A card with room for longer scripted outputs.
+fn roomy_card() -> ModelCard {
+    ModelCard { context_length: 512, ..card() }
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "weather", "description": "Weather now",
+                                            "parameters": {"type": "object"}}})
+}
+
+/// A think block, a line of text and a Hermes tool call, split mid-tag.
+fn tool_call_chunks() -> Vec<Result<TokenChunk, BackendError>> {
+    let chunk = |text: &str| Ok(TokenChunk { index: 0, token_ids: ids(text), logprobs: vec![], finish: None });
+    vec![
+        chunk("<thi"),
+        chunk("nk>need weather</th"),
+        chunk("ink>\n\nChecking.<tool"),
+        chunk("_call>\n{\"name\": \"weather\", "),
+        chunk("\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+        Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }),
+    ]
+}
+
+#[tokio::test]
+async fn chat_tool_calls_and_reasoning_whole() {
+    let (app, _) = setup_card(&roomy_card(), tool_call_chunks());
+    let (status, body) =
+        post_json(app.clone(), "/v1/chat/completions", chat_body(json!({"tools": [weather_tool()]}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let message = &choice["message"];
+    assert_eq!(message["reasoning_content"], "need weather");
+    assert_eq!(message["content"], "Checking.");
+    let id = message["tool_calls"][0]["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("call_"), "{id}");
+    assert_eq!(
+        message["tool_calls"],
+        json!([{"id": id, "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}])
+    );
+
+    // tool_choice "none": the think block is still split off, the call is text.
+    let body = chat_body(json!({"tools": [weather_tool()], "tool_choice": "none"}));
+    let (_, body) = post_json(app, "/v1/chat/completions", body).await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert!(choice["message"].get("tool_calls").is_none());
+    assert_eq!(choice["message"]["reasoning_content"], "need weather");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(content.starts_with("Checking.<tool_call>\n{\"name\""), "{content}");
+}
+
+#[tokio::test]
+async fn chat_tool_calls_and_reasoning_streamed() {
+    let (app, _) = setup_card(&roomy_card(), tool_call_chunks());
+    let body = chat_body(json!({"tools": [weather_tool()], "stream": true}));
+    let (status, text) = post(app, "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    let joined = |field: &str| deltas.iter().filter_map(|d| d[field].as_str()).collect::<String>();
+    assert_eq!(joined("reasoning_content"), "need weather");
+    // Tags are held back, never sent as content, not even in part.
+    assert_eq!(joined("content"), "Checking.");
+    let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0][0];
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(
+        call,
+        &json!({"index": 0, "id": call["id"], "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}})
+    );
+    let finish = chunks.last().unwrap();
+    assert_eq!(finish["choices"][0]["delta"], json!({}));
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn tools_and_tool_messages_reach_the_template() {
+    let template = "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}\
+        {% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}{% endif %}\
+        {% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}{{ m.content }};{% endfor %}";
+    let card = ModelCard { chat_template: template.into(), ..roomy_card() };
+    let (app, backend) = setup_card(&card, hello_chunks());
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}});
+    let messages = json!([
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]);
+    let body = json!({"messages": messages, "tools": [weather_tool()]});
+    let (status, _) = post_json(app.clone(), "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(last_prompt(&backend), json!(ids("[weather]user:Hi;assistant:weather;tool:(call_1)sunny;")));
+    // tool_choice "none" renders without the tools.
+    let body = json!({"messages": messages, "tools": [weather_tool()], "tool_choice": "none"});
+    post_json(app, "/v1/chat/completions", body).await;
+    assert_eq!(last_prompt(&backend), json!(ids("user:Hi;assistant:weather;tool:(call_1)sunny;")));
+}
+
+#[tokio::test]
+async fn bad_tool_choice_is_a_400_naming_it() {
+    let (app, _) = setup(hello_chunks());
+    let body =
+        chat_body(json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "x"}}}));
+    let (status, body) = post_json(app, "/v1/chat/completions", body).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("tool_choice"));
+}

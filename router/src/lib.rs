@@ -13,9 +13,11 @@
 //! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`cluster::chat_template`), prompt ids.
 //! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
 //! - [`placement`]: which worker serves a leg (round-robin for now).
+//! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
 //! - [`workers`]: the gRPC clients and model-card loading.
 //! - [`stream`]: incremental detokenization, stop strings, deltas.
 
+pub mod admission;
 pub mod error;
 pub mod handlers;
 pub mod model;
@@ -26,9 +28,12 @@ pub mod server;
 pub mod stream;
 pub mod tokenize;
 pub mod tokenize_api;
+pub mod tool_calls;
 pub mod validation;
 pub mod workers;
 
+#[cfg(test)]
+mod admission_http_tests;
 #[cfg(test)]
 mod e2e_tests;
 #[cfg(test)]
@@ -45,6 +50,7 @@ use tokio::net::TcpListener;
 
 pub use server::{app, AppState};
 
+use crate::admission::{Admission, AdmissionConfig};
 use crate::model::{Model, ModelError};
 use crate::pd::PdBackend;
 use crate::placement::RoundRobin;
@@ -61,6 +67,8 @@ pub struct Config {
     pub served_model_name: Option<String>,
     /// How long to wait for a worker's model card at start-up.
     pub model_card_timeout: Duration,
+    /// In-flight and queue limits of the admission queue.
+    pub admission: AdmissionConfig,
 }
 
 /// Why the router stopped with an error.
@@ -93,7 +101,12 @@ pub async fn run(
     }
     let workers = GrpcWorkers::new(&config.prefill_urls, &config.decode_urls)?;
     let backend = Arc::new(PdBackend::new(workers, Arc::new(RoundRobin::default())));
+    // Requests queue for the first leg they need: prefill, or decode when colocated.
+    let first_leg_workers =
+        if config.prefill_urls.is_empty() { config.decode_urls.len() } else { config.prefill_urls.len() };
+    let admission = Admission::new(config.admission, first_leg_workers);
     let (state, model_tx) = AppState::loading(backend);
+    let state = state.with_admission(admission);
 
     // Any worker serves the card; decode workers exist in every mode.
     let card_urls: Vec<String> = config.decode_urls.iter().chain(&config.prefill_urls).cloned().collect();

@@ -28,6 +28,14 @@ struct Args {
     /// Seconds to wait at start-up for a worker to return the model card.
     #[arg(long, default_value_t = 120)]
     model_card_timeout_secs: u64,
+    /// Requests running at once on each worker of a request's first leg (prefill, or decode when
+    /// colocated); more wait in the admission queue, lowest `priority` first.
+    #[arg(long, default_value_t = router::admission::DEFAULT_MAX_INFLIGHT_PER_WORKER,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_inflight_per_worker: usize,
+    /// Requests that may wait for a slot; past this a request gets 429 with `Retry-After`.
+    #[arg(long, default_value_t = router::admission::DEFAULT_MAX_QUEUED_REQUESTS)]
+    max_queued_requests: usize,
 }
 
 #[tokio::main]
@@ -43,6 +51,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         decode_urls: args.decode,
         served_model_name: args.served_model_name,
         model_card_timeout: Duration::from_secs(args.model_card_timeout_secs),
+        admission: router::admission::AdmissionConfig {
+            max_inflight_per_worker: args.max_inflight_per_worker,
+            max_queued: args.max_queued_requests,
+        },
     };
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await

@@ -93,6 +93,13 @@ pub struct GenerateRequest {
     pub prompt_token_ids: Arc<Vec<u32>>,
     /// Sampling parameters.
     pub sampling: Sampling,
+    /// Scheduling priority on the workers, lower first.
+    pub priority: i32,
+    /// Prefix-cache salt; `None` shares blocks with unsalted requests.
+    pub cache_salt: Option<String>,
+    /// The worker of the first leg (prefill, or decode when colocated) that
+    /// admission reserved a slot on; `None` lets placement pick.
+    pub first_worker: Option<usize>,
 }
 
 /// Why the workers ended a generation.
@@ -240,9 +247,12 @@ impl<L: WorkerLegs> PdBackend<L> {
 
 impl<L: WorkerLegs> Backend for PdBackend<L> {
     fn generate(&self, request: GenerateRequest) -> TokenStream {
-        let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
         let n = request.sampling.n.max(1);
+        // Admission holds a slot on the first leg's worker: use that one.
+        let reserved = |num: usize| request.first_worker.filter(|&w| w < num);
         if self.legs.num_prefill() == 0 {
+            let num_decode = self.legs.num_decode();
+            let decode_worker = reserved(num_decode).unwrap_or_else(|| self.placement.pick(Leg::Decode, num_decode));
             let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
             let opened = self.legs.decode(decode_worker, leg);
             return stream::once(opened)
@@ -252,7 +262,9 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
                 })
                 .boxed();
         }
-        let prefill_worker = self.placement.pick(Leg::Prefill, self.legs.num_prefill());
+        let num_prefill = self.legs.num_prefill();
+        let prefill_worker = reserved(num_prefill).unwrap_or_else(|| self.placement.pick(Leg::Prefill, num_prefill));
+        let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
         let run = PdRun { legs: self.legs.clone(), prefill_worker, decode_worker, n };
         stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
             let (items, next) = run.step(state).await?;

@@ -81,6 +81,9 @@ fn request() -> GenerateRequest {
         request_id: "r".into(),
         prompt_token_ids: Arc::new(vec![1, 2, 3]),
         sampling: Sampling { temperature: 0.0, max_tokens: 8, ..Sampling::default() },
+        priority: 0,
+        cache_salt: None,
+        first_worker: None,
     }
 }
 

@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
+use crate::admission::{Admission, AdmissionConfig};
 use crate::error::ApiError;
 use crate::handlers;
 use crate::model::Model;
@@ -26,19 +27,27 @@ pub struct AppState {
     model: watch::Receiver<Option<Arc<Model>>>,
     /// The workers, behind the PD seam.
     pub backend: Arc<dyn Backend>,
+    /// The model's admission queue over the first leg's workers.
+    pub admission: Admission,
 }
 
 impl AppState {
-    /// State whose model is set later through the returned sender.
+    /// State whose model is set later through the returned sender; default
+    /// admission limits over one worker until [`AppState::with_admission`].
     pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
         let (tx, model) = watch::channel(None);
-        (Self { model, backend }, tx)
+        (Self { model, backend, admission: default_admission() }, tx)
     }
 
     /// State with the model already loaded (tests, embedding).
     pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
         let (_, model) = watch::channel(Some(Arc::new(model)));
-        Self { model, backend }
+        Self { model, backend, admission: default_admission() }
+    }
+
+    /// The same state with `admission` as its queue.
+    pub fn with_admission(self, admission: Admission) -> Self {
+        Self { admission, ..self }
     }
 
     /// The model if loaded now.
@@ -55,6 +64,10 @@ impl AppState {
         let model = rx.wait_for(Option::is_some).await.map_err(|_| ApiError::NotReady)?;
         model.clone().ok_or(ApiError::NotReady)
     }
+}
+
+fn default_admission() -> Admission {
+    Admission::new(AdmissionConfig::default(), 1)
 }
 
 /// The HTTP application.

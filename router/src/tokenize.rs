@@ -11,11 +11,20 @@ use cluster::chat_template::TemplateMessage;
 
 /// Renders the chat template and tokenizes the result.
 pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u32>, ValidationError> {
+    chat_prompt_with_tools(model, messages, None)
+}
+
+/// [`chat_prompt`] with the tools offered to the model (the template's `tools`).
+pub fn chat_prompt_with_tools(
+    model: &Model,
+    messages: &[TemplateMessage],
+    tools: Option<&[serde_json::Value]>,
+) -> Result<Vec<u32>, ValidationError> {
     let template = model.template.as_ref().ok_or(ValidationError::Unsupported {
         field: "messages",
         reason: "the model has no chat template; use /v1/completions".into(),
     })?;
-    let text = template.render(messages).map_err(|e| ValidationError::Template(e.to_string()))?;
+    let text = template.render_with_tools(messages, tools).map_err(|e| ValidationError::Template(e.to_string()))?;
     encode(model, &text)
 }
 
@@ -78,7 +87,7 @@ mod tests {
     #[test]
     fn chat_prompt_parses_special_tokens_without_extra_bos() {
         let model = Model::from_card(&card(), None).unwrap();
-        let msg = TemplateMessage { role: "user".into(), content: "Hi".into() };
+        let msg = TemplateMessage::text("user", "Hi");
         let got = chat_prompt(&model, &[msg]).unwrap();
         let mut want = vec![257];
         want.extend(ids("user\nHi"));

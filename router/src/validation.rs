@@ -39,6 +39,13 @@ pub struct ValidRequest {
     pub include_usage: bool,
     /// Return prompt and generated token ids (vLLM extra).
     pub return_token_ids: bool,
+    /// Chat with tools (and `tool_choice` not `none`): parse tool calls out
+    /// of the generated text.
+    pub parse_tool_calls: bool,
+    /// Admission and scheduling priority, lower first (vLLM extra).
+    pub priority: i32,
+    /// Prefix-cache salt (vLLM extra); `None` shares with unsalted requests.
+    pub cache_salt: Option<String>,
 }
 
 /// A parameter the router cannot accept (400).
@@ -107,9 +114,11 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     check_model(model, req.model.as_deref())?;
     let messages = chat_messages(req.messages)?;
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
-    let prompt = tokenize::chat_prompt(model, &messages)?;
+    let tools = chat_tools(req.tools, req.tool_choice)?;
+    let prompt = tokenize::chat_prompt_with_tools(model, &messages, tools.as_deref())?;
     let mut valid = finish(model, prompt, req.params)?;
     valid.sampling.logprobs = logprobs;
+    valid.parse_tool_calls = tools.is_some();
     Ok(valid)
 }
 
@@ -161,12 +170,21 @@ pub fn chat_messages(messages: Option<Vec<ChatMessage>>) -> Result<Vec<TemplateM
 }
 
 fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
-    if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+    if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
         return Err(ValidationError::OutOfRange {
             field: "messages.role",
-            limit: "one of system, user, assistant",
+            limit: "one of system, user, assistant, tool",
             value: message.role,
         });
+    }
+    if message.tool_calls.is_some() && message.role != "assistant" {
+        return Err(ValidationError::Unsupported {
+            field: "messages.tool_calls",
+            reason: format!("only assistant messages carry tool calls, not `{}`", message.role),
+        });
+    }
+    if message.role == "tool" && message.tool_call_id.is_none() {
+        return Err(ValidationError::Missing { field: "messages.tool_call_id" });
     }
     let content = match message.content {
         None => String::new(),
@@ -185,7 +203,87 @@ fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationE
             text
         }
     };
-    Ok(TemplateMessage { role: message.role, content })
+    Ok(TemplateMessage {
+        role: message.role,
+        content,
+        tool_calls: message.tool_calls,
+        tool_call_id: message.tool_call_id,
+        name: message.name,
+    })
+}
+
+/// `tools` and `tool_choice` -> the tools to render, `None` when the model
+/// is offered none (no tools, or `tool_choice: "none"`, which vLLM also
+/// renders without tools). Each tool must be a function with a name; a
+/// named `tool_choice` must name one of them.
+fn chat_tools(
+    tools: Option<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+) -> Result<Option<Vec<serde_json::Value>>, ValidationError> {
+    let tools = match tools {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(tools)) => tools,
+        Some(other) => return Err(out_of_range("tools", "a list of tools", other)),
+    };
+    let names = tools.iter().map(tool_name).collect::<Result<Vec<_>, _>>()?;
+    let choice = tool_choice.filter(|c| !c.is_null());
+    let wants_tools = match &choice {
+        None => !tools.is_empty(),
+        Some(serde_json::Value::String(s)) if s == "none" => false,
+        Some(serde_json::Value::String(s)) if s == "auto" || s == "required" => true,
+        Some(named @ serde_json::Value::Object(_)) => {
+            let name = named_choice(named)?;
+            if !names.contains(&name) {
+                return Err(out_of_range("tool_choice", "a function named in `tools`", name));
+            }
+            true
+        }
+        Some(other) => {
+            return Err(out_of_range(
+                "tool_choice",
+                r#""none", "auto", "required" or {"type": "function", "function": {"name": ...}}"#,
+                other,
+            ))
+        }
+    };
+    if wants_tools && tools.is_empty() {
+        return Err(ValidationError::Unsupported {
+            field: "tool_choice",
+            reason: "needs `tools`, unless it is \"none\"".into(),
+        });
+    }
+    Ok(wants_tools.then_some(tools))
+}
+
+/// A tool's function name; the tool must be `{"type": "function", "function": {"name": ...}}`.
+fn tool_name(tool: &serde_json::Value) -> Result<&str, ValidationError> {
+    match tool.get("type").and_then(serde_json::Value::as_str) {
+        Some("function") => {}
+        Some(kind) => {
+            return Err(ValidationError::Unsupported {
+                field: "tools",
+                reason: format!("tools of type `{kind}` are not supported, only `function`"),
+            })
+        }
+        None => return Err(ValidationError::Missing { field: "tools.type" }),
+    }
+    let function = tool.get("function").filter(|f| f.is_object());
+    let function = function.ok_or(ValidationError::Missing { field: "tools.function" })?;
+    match function.get("name").and_then(serde_json::Value::as_str) {
+        Some("") => Err(ValidationError::Empty { field: "tools.function.name" }),
+        Some(name) => Ok(name),
+        None => Err(ValidationError::Missing { field: "tools.function.name" }),
+    }
+}
+
+/// The function a `{"type": "function", "function": {"name"}}` choice names.
+fn named_choice(choice: &serde_json::Value) -> Result<&str, ValidationError> {
+    let kind = choice.get("type").and_then(serde_json::Value::as_str);
+    let name = choice.get("function").and_then(|f| f.get("name")).and_then(serde_json::Value::as_str);
+    match (kind, name) {
+        (Some("function"), Some(name)) => Ok(name),
+        _ => Err(out_of_range("tool_choice", r#"{"type": "function", "function": {"name": ...}}"#, choice)),
+    }
 }
 
 /// Checks the shared parameters against the tokenized prompt.
@@ -246,7 +344,25 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         stream,
         include_usage: stream && params.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         return_token_ids: params.return_token_ids.unwrap_or(false),
+        // Chat sets it after; completions never parse tool calls.
+        parse_tool_calls: false,
+        priority: priority(params.priority)?,
+        cache_salt: cache_salt(params.cache_salt)?,
     })
+}
+
+/// vLLM's `priority`: any i32, default 0.
+fn priority(value: Option<i64>) -> Result<i32, ValidationError> {
+    let value = value.unwrap_or(0);
+    i32::try_from(value).map_err(|_| out_of_range("priority", "in [-2147483648, 2147483647]", value))
+}
+
+/// vLLM's `cache_salt`: a non-empty string when given.
+fn cache_salt(value: Option<String>) -> Result<Option<String>, ValidationError> {
+    match value {
+        Some(salt) if salt.is_empty() => Err(ValidationError::Empty { field: "cache_salt" }),
+        salt => Ok(salt),
+    }
 }
 
 /// Chat's `logprobs` (a flag) and `top_logprobs` (in [0, 20], only with

@@ -212,3 +212,62 @@ fn chat_logprobs_and_top_logprobs() {
     let err = logprobs_of(json!({"logprobs": true, "top_logprobs": 21})).unwrap_err();
     assert_eq!(err.to_string(), "`top_logprobs` must be in [0, 20], got 21");
 }
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}})
+}
+
+fn chat_with(extra: Value) -> Result<ValidRequest, ApiError> {
+    let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    chat(body)
+}
+
+#[test]
+fn tools_and_tool_choice() {
+    assert!(!chat_with(json!({})).unwrap().parse_tool_calls);
+    assert!(chat_with(json!({"tools": [weather_tool()]})).unwrap().parse_tool_calls);
+    for choice in [json!("auto"), json!("required"), json!({"type": "function", "function": {"name": "weather"}})] {
+        assert!(chat_with(json!({"tools": [weather_tool()], "tool_choice": choice})).unwrap().parse_tool_calls);
+    }
+    // "none" turns parsing off, with or without tools; so do empty tools.
+    assert!(!chat_with(json!({"tools": [weather_tool()], "tool_choice": "none"})).unwrap().parse_tool_calls);
+    assert!(!chat_with(json!({"tool_choice": "none"})).unwrap().parse_tool_calls);
+    assert!(!chat_with(json!({"tools": []})).unwrap().parse_tool_calls);
+}
+
+#[test]
+fn bad_tools_and_tool_choice_name_the_field() {
+    let retrieval = json!({"type": "retrieval", "function": {"name": "x"}});
+    for (extra, field) in [
+        (json!({"tools": {"type": "function"}}), "tools"),
+        (json!({"tools": [retrieval]}), "tools"),
+        (json!({"tools": [{"function": {"name": "x"}}]}), "tools.type"),
+        (json!({"tools": [{"type": "function"}]}), "tools.function"),
+        (json!({"tools": [{"type": "function", "function": {"description": "d"}}]}), "tools.function.name"),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [weather_tool()], "tool_choice": "always"}), "tool_choice"),
+        (
+            json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "other"}}}),
+            "tool_choice",
+        ),
+        (json!({"tools": [weather_tool()], "tool_choice": {"type": "function"}}), "tool_choice"),
+    ] {
+        assert_eq!(field_of(chat_with(extra.clone())), Some(field), "{extra}");
+    }
+}
+
+#[test]
+fn tool_messages_are_validated() {
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}});
+    let ok = json!({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]});
+    assert!(chat(ok).is_ok());
+    let no_id = json!({"messages": [{"role": "tool", "content": "sunny"}]});
+    assert_eq!(field_of(chat(no_id)), Some("messages.tool_call_id"));
+    let user_calls = json!({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]});
+    assert_eq!(field_of(chat(user_calls)), Some("messages.tool_calls"));
+}

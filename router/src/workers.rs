@@ -124,8 +124,8 @@ impl WorkerLegs for GrpcWorkers {
             prompt_token_ids: request.prompt_token_ids.to_vec(),
             sampling: Some((&request.sampling).into()),
             kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemoteDecode(RemoteDecode {})) }),
-            // Salted prefix caching reaches the router with its placement work.
-            cache_salt: None,
+            cache_salt: request.cache_salt,
+            priority: request.priority,
         };
         async move {
             let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
@@ -164,7 +164,8 @@ impl WorkerLegs for GrpcWorkers {
                 .map(|remote| KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
             first_token_id: leg.first_token_ids.first().copied(),
             first_token_ids: leg.first_token_ids,
-            cache_salt: None,
+            cache_salt: leg.request.cache_salt,
+            priority: leg.request.priority,
         };
         async move {
             let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();

@@ -76,11 +76,13 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub struct ClusterOptions {
     /// Seconds an unpulled hand-off stays pinned.
     pub kv_pin_timeout_secs: u64,
+    /// Extra flags for both routers (e.g. the admission limits).
+    pub router_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { kv_pin_timeout_secs: 30 }
+        Self { kv_pin_timeout_secs: 30, router_args: Vec::new() }
     }
 }
 
@@ -116,12 +118,16 @@ impl Cluster {
             ],
         );
         let decode = Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model]);
-        let router = Process::start(
-            "router",
-            &["--host", "127.0.0.1", "--port", "0", "--prefill", prefill.url(), "--decode", decode.url()],
-        );
-        let colocated_router =
-            Process::start("router", &["--host", "127.0.0.1", "--port", "0", "--decode", decode.url()]);
+        let extra = options.router_args.iter().map(String::as_str);
+        let args: Vec<&str> =
+            ["--host", "127.0.0.1", "--port", "0", "--prefill", prefill.url(), "--decode", decode.url()]
+                .into_iter()
+                .chain(extra.clone())
+                .collect();
+        let router = Process::start("router", &args);
+        let args: Vec<&str> =
+            ["--host", "127.0.0.1", "--port", "0", "--decode", decode.url()].into_iter().chain(extra).collect();
+        let colocated_router = Process::start("router", &args);
         for r in [&router, &colocated_router] {
             wait_healthy(r.url());
         }

@@ -8,7 +8,7 @@ use tests::{Cluster, ClusterOptions};
 
 #[tokio::test]
 async fn pins_are_released_after_use_and_after_timeout() {
-    let cluster = Cluster::start(ClusterOptions { kv_pin_timeout_secs: 2 });
+    let cluster = Cluster::start(ClusterOptions { kv_pin_timeout_secs: 2, ..Default::default() });
     let model = cluster.model_name().await;
 
     // Requests through the router: every hand-off is pulled and released.
@@ -42,6 +42,7 @@ async fn pins_are_released_after_use_and_after_timeout() {
                 params: Some(proto::worker::kv_transfer_params::Params::RemoteDecode(RemoteDecode {})),
             }),
             cache_salt: None,
+            priority: 0,
         })
         .await
         .unwrap()

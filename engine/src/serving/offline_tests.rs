@@ -28,8 +28,7 @@ fn greedy(max_tokens: u32) -> SamplingParams {
 
 #[test]
 fn chat_answers_the_capital_of_france() {
-    let question =
-        ChatMessage { role: "user".into(), content: "What is the capital of France? Answer in one word.".into() };
+    let question = ChatMessage::text("user", "What is the capital of France? Answer in one word.");
     let outputs = llm().chat(vec![vec![question]], &greedy(16)).unwrap();
     assert_eq!(outputs.len(), 1);
     let out = &outputs[0];

@@ -7,10 +7,11 @@ use serde::Serialize;
 
 use super::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
-    ChatTokenLogprob, Completion, CompletionChoice, Usage,
+    ChatTokenLogprob, Completion, CompletionChoice, FunctionCall, ToolCallObject, Usage,
 };
 use crate::pd::Finish;
 use crate::stream::Delta;
+use crate::tool_calls::{parse_output, OutputParser, ToolCall};
 
 /// What every chunk of one response shares.
 #[derive(Debug, Clone)]
@@ -69,17 +70,52 @@ pub trait ChunkFormat: Send + 'static {
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value;
     /// Chunks sent before any text.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String>;
-    /// Chunks for one delta; `first` is true for the first delta.
-    fn delta(&self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String>;
+    /// Chunks for one delta; `first` is true for the first delta. Takes
+    /// `&mut self` because a format may hold text back across deltas.
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String>;
     /// The usage chunk (`choices: []`).
     fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String;
 }
 
-/// `chat.completion.chunk`: a role chunk, content chunks, an empty-delta finish chunk.
-#[derive(Debug, Clone, Copy)]
-pub struct ChatFormat;
+/// `chat.completion.chunk`: a role chunk, content (reasoning, tool-call)
+/// chunks, an empty-delta finish chunk.
+///
+/// Text goes through one [`OutputParser`] per choice, which holds back what
+/// may still become a `<think>` or `<tool_call>` tag; the ids and logprobs of
+/// held text ride with the next chunk that is sent.
+#[derive(Debug, Default)]
+pub struct ChatFormat {
+    /// Parse tool calls out of the text (the request offered tools).
+    tools: bool,
+    /// Per choice, in choice order, made on its first delta.
+    choices: Vec<ChoiceStream>,
+}
+
+/// One streamed choice's parser and what it has not sent yet.
+#[derive(Debug)]
+struct ChoiceStream {
+    parser: OutputParser,
+    ids: Vec<u32>,
+    logprobs: Vec<ChatTokenLogprob>,
+    /// Tool calls sent so far (the next call's `index`).
+    calls: u32,
+}
 
 impl ChatFormat {
+    /// A chat format; `tools` turns tool-call parsing on.
+    pub fn new(tools: bool) -> Self {
+        Self { tools, choices: Vec::new() }
+    }
+
+    fn stream(&mut self, index: u32) -> &mut ChoiceStream {
+        let index = index as usize;
+        while self.choices.len() <= index {
+            let parser = OutputParser::new(self.tools);
+            self.choices.push(ChoiceStream { parser, ids: Vec::new(), logprobs: Vec::new(), calls: 0 });
+        }
+        &mut self.choices[index]
+    }
+
     fn chunk(meta: &ResponseMeta, choices: Vec<ChatChunkChoice>) -> ChatChunk {
         ChatChunk {
             id: meta.id.clone(),
@@ -95,11 +131,11 @@ impl ChatFormat {
     fn choice(
         index: u32,
         delta: ChatDelta,
-        finish: Option<Finish>,
+        finish_reason: Option<&'static str>,
         ids: Option<Vec<u32>>,
         logprobs: Option<ChatLogprobs>,
     ) -> ChatChunkChoice {
-        ChatChunkChoice { index, delta, logprobs, finish_reason: finish.map(Finish::as_str), token_ids: ids }
+        ChatChunkChoice { index, delta, logprobs, finish_reason, token_ids: ids }
     }
 }
 
@@ -109,14 +145,14 @@ impl ChunkFormat for ChatFormat {
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
-        serde_json::to_value(chat_response(meta, prompt_tokens, out)).unwrap_or_default()
+        serde_json::to_value(chat_response(meta, prompt_tokens, out, self.tools)).unwrap_or_default()
     }
 
     /// A role chunk per choice; the first carries the prompt ids.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String> {
         (0..meta.n.max(1))
             .map(|index| {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
                 let mut chunk = Self::chunk(meta, vec![Self::choice(index, delta, None, meta.ids(&[]), None)]);
                 if index == 0 {
                     chunk.prompt_token_ids = meta.prompt_ids();
@@ -126,21 +162,40 @@ impl ChunkFormat for ChatFormat {
             .collect()
     }
 
-    fn delta(&self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
+        let stream = self.stream(delta.index);
+        let mut parsed = stream.parser.feed(&delta.text);
+        if delta.finish.is_some() {
+            parsed.extend(stream.parser.finish());
+        }
+        stream.ids.extend_from_slice(&delta.token_ids);
+        stream.logprobs.extend_from_slice(&delta.logprobs);
+        let mut deltas = Vec::new();
+        if !parsed.reasoning.is_empty() {
+            deltas.push(ChatDelta { reasoning_content: Some(parsed.reasoning), ..ChatDelta::default() });
+        }
+        if !parsed.content.is_empty() {
+            deltas.push(ChatDelta { content: Some(parsed.content), ..ChatDelta::default() });
+        }
+        for call in parsed.tool_calls {
+            let call = tool_call_object(call, Some(stream.calls));
+            stream.calls += 1;
+            deltas.push(ChatDelta { tool_calls: Some(vec![call]), ..ChatDelta::default() });
+        }
+        // The ids and logprobs ride with the first chunk after them; tokens
+        // without text (eos) ride with the finish chunk.
         let mut chunks = Vec::new();
-        let mut ids = meta.ids(&delta.token_ids);
-        // The logprobs ride with the text; tokens without text (eos) ride
-        // with the finish chunk.
-        let mut logprobs = meta.logprobs(&delta.logprobs);
-        if !delta.text.is_empty() {
-            let content = ChatDelta { role: None, content: Some(delta.text.clone()) };
-            let choice = Self::choice(delta.index, content, None, ids.take(), logprobs.take());
+        for chat_delta in deltas {
+            let ids = meta.ids(&std::mem::take(&mut stream.ids));
+            let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs));
+            let choice = Self::choice(delta.index, chat_delta, None, ids, logprobs);
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         if let Some(finish) = delta.finish {
-            let ids = ids.or_else(|| meta.ids(&[]));
-            let logprobs = logprobs.filter(|l| !l.content.is_empty());
-            let choice = Self::choice(delta.index, ChatDelta::default(), Some(finish), ids, logprobs);
+            let ids = meta.ids(&std::mem::take(&mut stream.ids));
+            let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs)).filter(|l| !l.content.is_empty());
+            let reason = finish_reason(finish, stream.calls > 0);
+            let choice = Self::choice(delta.index, ChatDelta::default(), Some(reason), ids, logprobs);
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         chunks
@@ -170,7 +225,7 @@ impl ChunkFormat for CompletionFormat {
         Vec::new()
     }
 
-    fn delta(&self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
         let choice = CompletionChoice {
             index: delta.index,
@@ -211,17 +266,61 @@ fn usage_of(prompt_tokens: usize, out: &[Collected]) -> Usage {
     Usage::new(prompt_tokens as u32, out.iter().map(|c| c.token_ids.len() as u32).sum())
 }
 
-/// The whole `chat.completion` answer.
-pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> ChatCompletion {
+/// `tool_calls` once a choice made calls (OpenAI and vLLM do so whatever
+/// ended the generation), else the generation's own reason.
+fn finish_reason(finish: Finish, made_calls: bool) -> &'static str {
+    if made_calls {
+        "tool_calls"
+    } else {
+        finish.as_str()
+    }
+}
+
+fn tool_call_object(call: ToolCall, index: Option<u32>) -> ToolCallObject {
+    ToolCallObject {
+        index,
+        id: call.id,
+        kind: "function",
+        function: FunctionCall { name: call.name, arguments: call.arguments },
+    }
+}
+
+/// The message of a whole generation: the text as is, unless it opened with
+/// a think block or (with `tools`) holds tool calls; then those are split
+/// out and `content` is what is left, null when nothing but blanks is.
+fn assistant_message(text: String, tools: bool) -> AssistantMessage {
+    let parsed = parse_output(&text, tools);
+    if parsed.reasoning.is_none() && parsed.tool_calls.is_empty() {
+        return AssistantMessage {
+            role: "assistant",
+            content: Some(text),
+            reasoning_content: None,
+            tool_calls: Vec::new(),
+        };
+    }
+    AssistantMessage {
+        role: "assistant",
+        content: Some(parsed.content).filter(|c| !c.trim().is_empty()),
+        reasoning_content: parsed.reasoning,
+        tool_calls: parsed.tool_calls.into_iter().map(|call| tool_call_object(call, None)).collect(),
+    }
+}
+
+/// The whole `chat.completion` answer; `tools` turns tool-call parsing on.
+pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>, tools: bool) -> ChatCompletion {
     let usage = usage_of(prompt_tokens, &out);
     let choices = (0..)
         .zip(out)
-        .map(|(index, out)| ChatChoice {
-            index,
-            token_ids: meta.ids(&out.token_ids),
-            logprobs: meta.logprobs(&out.logprobs),
-            message: AssistantMessage { role: "assistant", content: out.text },
-            finish_reason: out.finish.map(Finish::as_str),
+        .map(|(index, out)| {
+            let message = assistant_message(out.text, tools);
+            let made_calls = !message.tool_calls.is_empty();
+            ChatChoice {
+                index,
+                token_ids: meta.ids(&out.token_ids),
+                logprobs: meta.logprobs(&out.logprobs),
+                message,
+                finish_reason: out.finish.map(|f| finish_reason(f, made_calls)),
+            }
         })
         .collect();
     ChatCompletion {

@@ -19,6 +19,13 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: also the this many most likely tokens per position, in [0, 20].
     pub top_logprobs: Option<i64>,
+    /// Functions the model may call: `[{"type": "function", "function": {"name", ...}}]`.
+    /// Read as raw JSON so validation names the field, and the template gets
+    /// the dicts as the client wrote them.
+    pub tools: Option<serde_json::Value>,
+    /// `"auto"` (default with tools), `"none"`, `"required"` or
+    /// `{"type": "function", "function": {"name"}}`.
+    pub tool_choice: Option<serde_json::Value>,
     /// Shared sampling and output options.
     #[serde(flatten)]
     pub params: CommonParams,
@@ -80,6 +87,11 @@ pub struct CommonParams {
     /// vLLM extra: at least this many tokens before eos or a stop token
     /// may end generation; default 0, at most `max_tokens`.
     pub min_tokens: Option<i64>,
+    /// vLLM extra: scheduling priority, lower runs first; default 0, an i32.
+    pub priority: Option<i64>,
+    /// vLLM extra: only requests with the same salt share prefix-cache blocks;
+    /// a non-empty string when given.
+    pub cache_salt: Option<String>,
 }
 
 /// `stream_options` of a streaming request.
@@ -102,10 +114,16 @@ pub enum StopSpec {
 /// One message of a chat.
 #[derive(Debug, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// Text, or a list of content parts; may be null for assistant turns.
     pub content: Option<MessageContent>,
+    /// Assistant turns: the calls it made, passed to the template as sent.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// Tool turns: the id of the call this result answers; required there.
+    pub tool_call_id: Option<String>,
+    /// Tool turns: the function's name (optional).
+    pub name: Option<String>,
 }
 
 /// A message's `content`.

@@ -102,7 +102,36 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    pub content: String,
+    /// The text; null when a think block or tool calls took all of it.
+    pub content: Option<String>,
+    /// vLLM's field: the text of a leading `<think>` block, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// Calls parsed from the text (only with `tools`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallObject>,
+}
+
+/// One tool call: whole in a message; in a stream chunk with its `index`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallObject {
+    /// Stream chunks only: the call's position among the choice's calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// `call_<random>`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCallObject`] calls.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments, a JSON object as a string.
+    pub arguments: String,
 }
 
 /// One streamed chat event (`chat.completion.chunk`).
@@ -135,13 +164,19 @@ pub struct ChatChunkChoice {
     pub token_ids: Option<Vec<u32>>,
 }
 
-/// What a chat chunk adds; both fields absent on the finish chunk (`{}`).
+/// What a chat chunk adds; every field absent on the finish chunk (`{}`).
 #[derive(Debug, Default, Serialize)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// vLLM's field: text of the leading `<think>` block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// A call, sent whole once its block is complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallObject>>,
 }
 
 /// Completion answer (`text_completion`), whole or as one stream chunk.

@@ -108,53 +108,38 @@ pub trait Kernel: Format + Sized {
     }
 }
 
-impl Kernel for Q4_1 {
-    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
-        scalar::dot_q4_1(w, j, x, i)
-    }
+/// Implements [`Kernel`] for a format with its portable dot product and its
+/// x86 tile.
+macro_rules! kernel {
+    ($format:ty, $dot:path, $x86_tile:ident) => {
+        impl Kernel for $format {
+            fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
+                $dot(w, j, x, i)
+            }
 
-    #[allow(unused_variables)]
-    unsafe fn simd_tile<const R: usize>(
-        w: &QMatrix<Self>,
-        rows: &Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scales: &mut [f32],
-    ) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: the CPU has the features; the rest is the caller's.
-            unsafe { x86::tile_q4_1(w, rows.clone(), x, i0, out, scales) };
-            return true;
+            #[allow(unused_variables)]
+            unsafe fn simd_tile<const R: usize>(
+                w: &QMatrix<Self>,
+                rows: &Range<usize>,
+                x: &QuantizedRows,
+                i0: usize,
+                out: [*mut f32; R],
+                scales: &mut [f32],
+            ) -> bool {
+                #[cfg(target_arch = "x86_64")]
+                if x86::available() {
+                    // SAFETY: the CPU has the features; the rest is the caller's.
+                    unsafe { x86::$x86_tile(w, rows.clone(), x, i0, out, scales) };
+                    return true;
+                }
+                false
+            }
         }
-        false
-    }
+    };
 }
 
-impl Kernel for Q8_0 {
-    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
-        scalar::dot_q8_0(w, j, x, i)
-    }
-
-    #[allow(unused_variables)]
-    unsafe fn simd_tile<const R: usize>(
-        w: &QMatrix<Self>,
-        rows: &Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scales: &mut [f32],
-    ) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: the CPU has the features; the rest is the caller's.
-            unsafe { x86::tile_q8_0(w, rows.clone(), x, i0, out, scales) };
-            return true;
-        }
-        false
-    }
-}
+kernel!(Q4_1, scalar::dot_q4_1, tile_q4_1);
+kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0);
 
 /// Weight rows per tile: 16 rows of `Q4_1` at 576 columns are 5.6 KiB, so a
 /// tile and the few activation rows it meets stay in L1.

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
@@ -36,13 +37,14 @@ pub async fn chat_completions(
     headers: HeaderMap,
     AppJson(body): AppJson<ChatCompletionRequest>,
 ) -> Response {
+    let arrival = Instant::now();
     let request_id = request_id(&headers);
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat");
     let answer = async {
         let model = state.model().await?;
         let valid = validate_chat(&model, body)?;
         let format = ChatFormat::new(valid.parse_tool_calls);
-        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, format).await)
+        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
@@ -55,12 +57,13 @@ pub async fn completions(
     headers: HeaderMap,
     AppJson(body): AppJson<CompletionRequest>,
 ) -> Response {
+    let arrival = Instant::now();
     let request_id = request_id(&headers);
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions");
     let answer = async {
         let model = state.model().await?;
         let valid = validate_completion(&model, body)?;
-        Ok::<_, ApiError>(run(&state, &model, &request_id, valid, CompletionFormat).await)
+        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, CompletionFormat).await)
     }
     .instrument(span)
     .await;
@@ -83,11 +86,13 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
     response
 }
 
-/// Starts the generation and answers in the endpoint's format.
+/// Starts the generation and answers in the endpoint's format. `arrival` is
+/// when the handler started, the origin of the time to first token.
 async fn run<F: ChunkFormat>(
     state: &AppState,
     model: &Model,
     request_id: &str,
+    arrival: Instant,
     valid: ValidRequest,
     format: F,
 ) -> Response {
@@ -106,10 +111,14 @@ async fn run<F: ChunkFormat>(
         .collect();
     // Waits here, before any byte of the answer, so a full queue is a plain 429.
     // A client that leaves while queued drops this future and its place in line.
+    let queued = Instant::now();
     let permit = match state.admission.admit(valid.priority).await {
         Ok(permit) => permit,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    // Only admitted requests: a refusal never waited, and its prompt never runs.
+    state.metrics.observe_queue_time(queued.elapsed());
+    state.metrics.count_prompt_tokens(prompt.len());
     let tokens = state.backend.generate(GenerateRequest {
         request_id: request_id.to_owned(),
         prompt_token_ids: prompt.clone(),
@@ -119,8 +128,8 @@ async fn run<F: ChunkFormat>(
         first_worker: Some(permit.worker()),
     });
     // The slot is held until the token stream ends or is dropped (client gone).
-    let tokens = hold(tokens, permit);
-    let deltas = deltas(tokens, outputs);
+    let tokens = hold(state.metrics.time_tokens(tokens, arrival), permit);
+    let deltas = state.metrics.count_deltas(deltas(tokens, outputs));
     if valid.stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
         return sse(stream).into_response();

@@ -573,3 +573,135 @@ async fn bad_tool_choice_is_a_400_naming_it() {
     let (status, body) = post_json(app, "/v1/chat/completions", body).await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("tool_choice"));
 }
+
+/// The `/metrics` text, checked to parse as the Prometheus text format:
+/// `# HELP` / `# TYPE` comments and `name{label="value",...} value` samples.
+async fn scrape(app: axum::Router) -> String {
+    let response = app.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let is_name = |name: &str| {
+        !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            let (kind, name) = (words.next().unwrap(), words.next().unwrap_or(""));
+            assert!(matches!(kind, "HELP" | "TYPE") && is_name(name), "bad comment: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.strip_suffix('}').unwrap_or_else(|| panic!("bad labels: {line}"))),
+            None => (series, ""),
+        };
+        assert!(is_name(name) && name.starts_with("pdserve_router_"), "bad name: {line}");
+        for label in labels.split(',').filter(|l| !l.is_empty()) {
+            let (key, quoted) = label.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+            assert!(is_name(key) && quoted.len() >= 2 && quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+        }
+    }
+    text
+}
+
+/// The value of the sample `series` (name and labels as printed).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_latencies() {
+    let (app, _) = setup(hello_chunks());
+    let (status, whole) = post_json(app.clone(), "/v1/chat/completions", chat_body(json!({}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = chat_body(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let (status, text) = post(app.clone(), "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events(&text);
+    let streamed: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    let usages = [&whole["usage"], &streamed["usage"]];
+    let total = |field: &str| usages.iter().map(|u| u[field].as_f64().unwrap()).sum::<f64>();
+
+    let metrics = scrape(app.clone()).await;
+    let chat = |status: &str| {
+        format!("pdserve_router_requests_total{{endpoint=\"/v1/chat/completions\",status=\"{status}\"}}")
+    };
+    assert_eq!(sample(&metrics, &chat("200")), 2.0);
+    assert_eq!(sample(&metrics, "pdserve_router_prompt_tokens_total"), total("prompt_tokens"));
+    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total"), total("completion_tokens"));
+    assert_eq!(sample(&metrics, "pdserve_router_prefix_cached_tokens_total"), 0.0, "the fake backend reports none");
+    for histogram in ["time_to_first_token", "e2e_request_latency", "queue_time"] {
+        assert_eq!(sample(&metrics, &format!("pdserve_router_{histogram}_seconds_count")), 2.0, "{histogram}");
+    }
+    // Three chunks with tokens per request: two gaps each.
+    assert_eq!(sample(&metrics, "pdserve_router_inter_token_latency_seconds_count"), 4.0);
+    assert_eq!(sample(&metrics, "pdserve_router_admission_queue_depth"), 0.0);
+    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{worker=\"0\"}"), 0.0);
+
+    // A refused request is counted under its status, and not timed.
+    let (status, _) = post_json(app.clone(), "/v1/chat/completions", chat_body(json!({"temperature": 5}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = post(app.clone(), "/v1/completions", "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let metrics = scrape(app).await;
+    assert_eq!(sample(&metrics, &chat("400")), 1.0);
+    assert_eq!(sample(&metrics, &chat("200")), 2.0);
+    assert_eq!(sample(&metrics, "pdserve_router_requests_total{endpoint=\"/v1/completions\",status=\"400\"}"), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_e2e_request_latency_seconds_count"), 2.0);
+}
+
+/// Sends its first chunk, then never ends.
+struct HangingBackend;
+
+impl Backend for HangingBackend {
+    fn generate(&self, _: GenerateRequest) -> TokenStream {
+        let first = TokenChunk { index: 0, token_ids: ids("Hi"), logprobs: vec![], finish: None };
+        stream::iter([Ok(first)]).chain(stream::pending()).boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_stream_is_counted_once_and_timed() {
+    let model = Model::from_card(&card(), None).unwrap();
+    let state = AppState::ready(model, Arc::new(HangingBackend));
+    let app = app(state);
+    let body = chat_body(json!({"stream": true}));
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let mut frames = response.into_body().into_data_stream();
+    // Read until both tokens' text went out (one delta each).
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"i\"") {
+        seen.push_str(std::str::from_utf8(&frames.next().await.unwrap().unwrap()).unwrap());
+    }
+    let metrics = scrape(app.clone()).await;
+    assert!(!metrics.contains("status=\"200\""), "counted before the stream ended:\n{metrics}");
+    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{worker=\"0\"}"), 1.0);
+    drop(frames); // The client goes away.
+
+    let metrics = scrape(app.clone()).await;
+    let chat = "pdserve_router_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}";
+    assert_eq!(sample(&metrics, chat), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_e2e_request_latency_seconds_count"), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total"), 2.0);
+    // The generation task notices the client left and frees the slot.
+    for _ in 0..100 {
+        if sample(&scrape(app.clone()).await, "pdserve_router_inflight_requests{worker=\"0\"}") == 0.0 {
+            let metrics = scrape(app).await;
+            assert_eq!(sample(&metrics, chat), 1.0, "counted exactly once");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the slot was never freed");
+}

@@ -16,10 +16,12 @@
 //! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
 //! - [`workers`]: the gRPC clients and model-card loading.
 //! - [`stream`]: incremental detokenization, stop strings, deltas.
+//! - [`metrics`]: the Prometheus metrics served at `GET /metrics`.
 
 pub mod admission;
 pub mod error;
 pub mod handlers;
+pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod pd;
@@ -51,6 +53,7 @@ use tokio::net::TcpListener;
 pub use server::{app, AppState};
 
 use crate::admission::{Admission, AdmissionConfig};
+use crate::metrics::Metrics;
 use crate::model::{Model, ModelError};
 use crate::pd::PdBackend;
 use crate::placement::RoundRobin;
@@ -100,13 +103,16 @@ pub async fn run(
         return Err(RunError::NoDecodeWorker);
     }
     let workers = GrpcWorkers::new(&config.prefill_urls, &config.decode_urls)?;
-    let backend = Arc::new(PdBackend::new(workers, Arc::new(RoundRobin::default())));
+    let metrics = Arc::new(Metrics::new());
+    let backend = Arc::new(
+        PdBackend::new(workers, Arc::new(RoundRobin::default())).with_cached_tokens(metrics.prefix_cached_tokens()),
+    );
     // Requests queue for the first leg they need: prefill, or decode when colocated.
     let first_leg_workers =
         if config.prefill_urls.is_empty() { config.decode_urls.len() } else { config.prefill_urls.len() };
     let admission = Admission::new(config.admission, first_leg_workers);
     let (state, model_tx) = AppState::loading(backend);
-    let state = state.with_admission(admission);
+    let state = state.with_admission(admission).with_metrics(metrics);
 
     // Any worker serves the card; decode workers exist in every mode.
     let card_urls: Vec<String> = config.decode_urls.iter().chain(&config.prefill_urls).cloned().collect();

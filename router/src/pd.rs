@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
+use prometheus::IntCounter;
 use proto::worker::RemotePrefill;
 
 use crate::placement::{Leg, Placement};
@@ -189,6 +190,8 @@ pub struct PrefillOutcome {
     /// Where the pinned KV waits, for the decode worker; `None` when every
     /// choice ended on its first token.
     pub handoff: Option<RemotePrefill>,
+    /// Prompt tokens the worker served from its prefix cache.
+    pub num_cached_tokens: u32,
 }
 
 /// One choice's first token, sampled by the prefill worker.
@@ -236,12 +239,20 @@ pub trait WorkerLegs: Send + Sync + 'static {
 pub struct PdBackend<L> {
     legs: Arc<L>,
     placement: Arc<dyn Placement>,
+    cached_tokens: Option<IntCounter>,
 }
 
 impl<L: WorkerLegs> PdBackend<L> {
     /// A backend that places requests with `placement`.
     pub fn new(legs: L, placement: Arc<dyn Placement>) -> Self {
-        Self { legs: Arc::new(legs), placement }
+        Self { legs: Arc::new(legs), placement, cached_tokens: None }
+    }
+
+    /// The same backend adding each prefill's prefix-cached prompt tokens to
+    /// `counter`. Only the prefill answer reports them, so the colocated path
+    /// adds nothing.
+    pub fn with_cached_tokens(self, counter: IntCounter) -> Self {
+        Self { cached_tokens: Some(counter), ..self }
     }
 }
 
@@ -265,7 +276,13 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
         let num_prefill = self.legs.num_prefill();
         let prefill_worker = reserved(num_prefill).unwrap_or_else(|| self.placement.pick(Leg::Prefill, num_prefill));
         let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
-        let run = PdRun { legs: self.legs.clone(), prefill_worker, decode_worker, n };
+        let run = PdRun {
+            legs: self.legs.clone(),
+            prefill_worker,
+            decode_worker,
+            n,
+            cached_tokens: self.cached_tokens.clone(),
+        };
         stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
             let (items, next) = run.step(state).await?;
             Some((stream::iter(items), (run, next)))
@@ -293,6 +310,7 @@ struct PdRun<L> {
     decode_worker: usize,
     /// Choices of the request.
     n: u32,
+    cached_tokens: Option<IntCounter>,
 }
 
 /// What to yield (the prefill yields every choice's first token at once), and where we are then.
@@ -329,6 +347,9 @@ impl<L: WorkerLegs> PdRun<L> {
             Ok(outcome) => outcome,
             Err(e) => return (vec![Err(e)], PdState::Done),
         };
+        if let Some(counter) = &self.cached_tokens {
+            counter.inc_by(outcome.num_cached_tokens.into());
+        }
         if outcome.choices.len() != self.n as usize {
             let error = format!("prefill answered {} choices for n = {}", outcome.choices.len(), self.n);
             return (vec![Err(BackendError::Worker(error))], PdState::Done);

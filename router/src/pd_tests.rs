@@ -67,6 +67,7 @@ fn setup(
         prefill: PrefillOutcome {
             choices: vec![FirstToken { token_id: 7, logprobs: None, finish }],
             handoff: finish.is_none().then(handoff),
+            num_cached_tokens: 5,
         },
         decode_chunks,
         decode_calls: Mutex::new(Vec::new()),
@@ -157,7 +158,7 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
     let (released_tx, mut released) = mpsc::unbounded_channel();
     let legs = Arc::new(FakeLegs {
         prefill_workers: 1,
-        prefill: PrefillOutcome { choices: firsts, handoff: Some(handoff()) },
+        prefill: PrefillOutcome { choices: firsts, handoff: Some(handoff()), num_cached_tokens: 0 },
         decode_chunks: decoded,
         decode_calls: Mutex::new(Vec::new()),
         released: released_tx,
@@ -172,4 +173,20 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
     let calls = legs.decode_calls.lock().unwrap();
     assert_eq!(calls[0].1.first_token_ids, [7, 20, 30]);
     assert!(released.try_recv().is_err(), "decode owns the hand-off");
+}
+
+#[tokio::test]
+async fn prefill_cached_tokens_are_counted() {
+    let (_legs, backend, _released) = setup(1, None, vec![chunk(&[8], Some(Finish::Stop))]);
+    let counter = prometheus::IntCounter::new("cached", "test").unwrap();
+    let backend = backend.with_cached_tokens(counter.clone());
+    let _: Vec<_> = backend.generate(request()).collect().await;
+    let _: Vec<_> = backend.generate(request()).collect().await;
+    assert_eq!(counter.get(), 10, "5 cached tokens per prefill");
+
+    // Colocated: no prefill answer, nothing to count.
+    let (_legs, backend, _released) = setup(0, None, vec![chunk(&[8], Some(Finish::Stop))]);
+    let counter = prometheus::IntCounter::new("cached", "test").unwrap();
+    let _: Vec<_> = backend.with_cached_tokens(counter.clone()).generate(request()).collect().await;
+    assert_eq!(counter.get(), 0);
 }

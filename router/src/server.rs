@@ -1,10 +1,11 @@
 //! Routes and shared state. Generation handlers live in `handlers.rs`, vLLM's
-//! tokenize / detokenize / version in `tokenize_api.rs`.
+//! tokenize / detokenize / version in `tokenize_api.rs`, metrics in `metrics.rs`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use crate::admission::{Admission, AdmissionConfig};
 use crate::error::ApiError;
 use crate::handlers;
+use crate::metrics::{self, Metrics};
 use crate::model::Model;
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
@@ -29,6 +31,8 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     /// The model's admission queue over the first leg's workers.
     pub admission: Admission,
+    /// This router's metrics and their registry.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -36,18 +40,24 @@ impl AppState {
     /// admission limits over one worker until [`AppState::with_admission`].
     pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
         let (tx, model) = watch::channel(None);
-        (Self { model, backend, admission: default_admission() }, tx)
+        (Self { model, backend, admission: default_admission(), metrics: Arc::default() }, tx)
     }
 
     /// State with the model already loaded (tests, embedding).
     pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
         let (_, model) = watch::channel(Some(Arc::new(model)));
-        Self { model, backend, admission: default_admission() }
+        Self { model, backend, admission: default_admission(), metrics: Arc::default() }
     }
 
     /// The same state with `admission` as its queue.
     pub fn with_admission(self, admission: Admission) -> Self {
         Self { admission, ..self }
+    }
+
+    /// The same state recording into `metrics` (shared with the backend, which
+    /// counts prefix-cached tokens).
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self { metrics, ..self }
     }
 
     /// The model if loaded now.
@@ -72,14 +82,20 @@ fn default_admission() -> Admission {
 
 /// The HTTP application.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    // Only the generation routes are counted and timed: probes and scrapes
+    // would drown them.
+    let generation = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
+    Router::new()
+        .merge(generation)
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/tokenize", post(tokenize_api::tokenize))
         .route("/detokenize", post(tokenize_api::detokenize))
         .route("/version", get(tokenize_api::version))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
 }
 
@@ -103,4 +119,15 @@ async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiErr
             max_model_len: model.context_length,
         }],
     }))
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    match state.metrics.render(&state.admission.stats()) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }

@@ -133,6 +133,7 @@ impl WorkerLegs for GrpcWorkers {
                 Some(Params::RemotePrefill(remote)) => Some(remote),
                 _ => None,
             };
+            let num_cached_tokens = answer.num_cached_tokens;
             let choices = if answer.choices.is_empty() {
                 // A worker that predates `choices`: its one choice is in the top-level fields.
                 vec![FirstToken {
@@ -148,7 +149,7 @@ impl WorkerLegs for GrpcWorkers {
                 }
                 choices
             };
-            Ok(PrefillOutcome { choices, handoff })
+            Ok(PrefillOutcome { choices, handoff, num_cached_tokens })
         }
         .boxed()
     }

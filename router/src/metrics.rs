@@ -1,0 +1,284 @@
+//! The router's Prometheus metrics, served as text at `GET /metrics`.
+//!
+//! Each router owns its [`Registry`] instead of the process-wide default one,
+//! so several routers in one process (tests, embedding) keep separate counts
+//! and never collide on registration.
+//!
+//! Where each metric is recorded:
+//! - requests and end-to-end latency: [`track`], a middleware on the
+//!   generation routes, through a [`RequestGuard`] that counts the request
+//!   once when it is dropped: after the handler for a JSON answer, when the
+//!   body is dropped for a stream (its end, or the client going away);
+//! - queue time and prompt tokens: the handler, once admitted;
+//! - first-token and inter-token latency: [`Metrics::time_tokens`] over the
+//!   backend's token stream; generated tokens: [`Metrics::count_deltas`] over
+//!   the deltas the client is sent, so they match the reported usage;
+//! - prefix-cached tokens: the disaggregated backend, from the prefill answer;
+//! - admission gauges: read from the queue at scrape time ([`Metrics::render`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::stream::{BoxStream, StreamExt};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::admission::AdmissionStats;
+use crate::pd::{BackendError, TokenStream};
+use crate::stream::Delta;
+
+/// Prefix of every metric name.
+const PREFIX: &str = "pdserve_router_";
+
+/// `status` label of a request whose client left before any response: the
+/// handler was dropped, so no status exists (nginx's "client closed request").
+const CLIENT_CLOSED: &str = "499";
+
+/// Time to first token: a prefill, often behind a queue; ms to tens of seconds.
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+/// Between tokens: one decode step, normally a few ms to a few hundred.
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+    2.5, 5.0, 10.0,
+];
+/// Whole requests and queue waits: up to minutes for long generations.
+const REQUEST_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 300.0];
+
+/// The metrics of one router and the registry that exports them. Shared
+/// behind an `Arc`; every handle inside is cheap to clone.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    e2e_request_latency: Histogram,
+    queue_time: Histogram,
+    requests: IntCounterVec,
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
+    prefix_cached_tokens: IntCounter,
+    admission_queue_depth: IntGauge,
+    inflight_requests: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let opts = HistogramOpts::new(format!("{PREFIX}{name}"), help).buckets(buckets.to_vec());
+            let histogram = Histogram::with_opts(opts).expect("valid histogram options");
+            register(&registry, histogram)
+        };
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::new(format!("{PREFIX}{name}"), help).expect("valid counter options");
+            register(&registry, counter)
+        };
+        let time_to_first_token = histogram(
+            "time_to_first_token_seconds",
+            "Time from the request's arrival to its first generated token.",
+            TTFT_BUCKETS,
+        );
+        let inter_token_latency = histogram(
+            "inter_token_latency_seconds",
+            "Time between successive token chunks of a request (one token each, normally).",
+            ITL_BUCKETS,
+        );
+        let e2e_request_latency = histogram(
+            "e2e_request_latency_seconds",
+            "Time from a successful request's arrival to its end (last byte, or the client leaving a stream).",
+            REQUEST_BUCKETS,
+        );
+        let queue_time =
+            histogram("queue_time_seconds", "Time an admitted request waited in the admission queue.", REQUEST_BUCKETS);
+        let requests = IntCounterVec::new(
+            Opts::new(format!("{PREFIX}requests_total"), "Generation requests by endpoint and HTTP status code."),
+            &["endpoint", "status"],
+        )
+        .expect("valid counter options");
+        let requests = register(&registry, requests);
+        let prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of admitted requests.");
+        let generation_tokens = counter("generation_tokens_total", "Generated tokens sent to clients.");
+        let prefix_cached_tokens = counter(
+            "prefix_cached_tokens_total",
+            "Prompt tokens the prefill workers served from their prefix cache (disaggregated serving).",
+        );
+        let admission_queue_depth =
+            IntGauge::new(format!("{PREFIX}admission_queue_depth"), "Requests waiting in the admission queue.")
+                .expect("valid gauge options");
+        let admission_queue_depth = register(&registry, admission_queue_depth);
+        let inflight_requests = IntGaugeVec::new(
+            Opts::new(
+                format!("{PREFIX}inflight_requests"),
+                "Admitted requests running, by worker index in the first leg's pool.",
+            ),
+            &["worker"],
+        )
+        .expect("valid gauge options");
+        let inflight_requests = register(&registry, inflight_requests);
+        Self {
+            registry,
+            time_to_first_token,
+            inter_token_latency,
+            e2e_request_latency,
+            queue_time,
+            requests,
+            prompt_tokens,
+            generation_tokens,
+            prefix_cached_tokens,
+            admission_queue_depth,
+            inflight_requests,
+        }
+    }
+
+    /// The prefix-cached tokens counter, for the backend that learns them.
+    pub fn prefix_cached_tokens(&self) -> IntCounter {
+        self.prefix_cached_tokens.clone()
+    }
+
+    /// Records how long an admitted request waited for its slot.
+    pub fn observe_queue_time(&self, waited: Duration) {
+        self.queue_time.observe(waited.as_secs_f64());
+    }
+
+    /// Counts the prompt tokens of an admitted request.
+    pub fn count_prompt_tokens(&self, tokens: usize) {
+        self.prompt_tokens.inc_by(tokens as u64);
+    }
+
+    /// `tokens`, observing the time to its first token (from `arrival`) and
+    /// the time between later chunks as they go by.
+    pub fn time_tokens(self: &Arc<Self>, tokens: TokenStream, arrival: Instant) -> TokenStream {
+        let metrics = self.clone();
+        let mut last: Option<Instant> = None;
+        tokens
+            .inspect(move |item| {
+                // Errors and empty finish chunks carry no token to time.
+                if !item.as_ref().is_ok_and(|chunk| !chunk.token_ids.is_empty()) {
+                    return;
+                }
+                let now = Instant::now();
+                match last {
+                    None => metrics.time_to_first_token.observe((now - arrival).as_secs_f64()),
+                    Some(previous) => metrics.inter_token_latency.observe((now - previous).as_secs_f64()),
+                }
+                last = Some(now);
+            })
+            .boxed()
+    }
+
+    /// `deltas`, counting the generated tokens they carry: the same tokens
+    /// the usage reports, and those of a stream cut short too.
+    pub fn count_deltas(
+        self: &Arc<Self>,
+        deltas: BoxStream<'static, Result<Delta, BackendError>>,
+    ) -> BoxStream<'static, Result<Delta, BackendError>> {
+        let metrics = self.clone();
+        deltas
+            .inspect(move |item| {
+                if let Ok(delta) = item {
+                    metrics.generation_tokens.inc_by(delta.token_ids.len() as u64);
+                }
+            })
+            .boxed()
+    }
+
+    /// The Prometheus text exposition, with the admission gauges set from
+    /// `admission` (read at scrape time: the queue is the one source of truth).
+    pub fn render(&self, admission: &AdmissionStats) -> Result<String, prometheus::Error> {
+        self.admission_queue_depth.set(admission.queued as i64);
+        for (worker, &running) in admission.in_flight.iter().enumerate() {
+            self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
+        }
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
+        String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// Registers `collector` in `registry` and hands it back. Names are fixed and
+/// distinct and the registry is fresh, so a failure is a bug.
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+    registry.register(Box::new(collector.clone())).expect("metric registered twice");
+    collector
+}
+
+/// One request in flight: on drop, counts it under its status and, when it
+/// succeeded, records its end-to-end latency. Living in the response body of
+/// a stream, it sees the end of the stream however it comes, and as it drops
+/// exactly once the request is counted exactly once.
+#[derive(Debug)]
+pub struct RequestGuard {
+    metrics: Arc<Metrics>,
+    endpoint: String,
+    arrival: Instant,
+    /// `None` until the handler answered.
+    status: Option<StatusCode>,
+}
+
+impl RequestGuard {
+    /// A request to `endpoint` arriving now.
+    pub fn new(metrics: Arc<Metrics>, endpoint: String) -> Self {
+        Self { metrics, endpoint, arrival: Instant::now(), status: None }
+    }
+
+    /// The status the request was answered with.
+    pub fn set_status(&mut self, status: StatusCode) {
+        self.status = Some(status);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let status = self.status.map_or_else(|| CLIENT_CLOSED.to_owned(), |s| s.as_u16().to_string());
+        self.metrics.requests.with_label_values(&[self.endpoint.as_str(), status.as_str()]).inc();
+        // Failures end early and would skew the latency of real work.
+        if self.status.is_some_and(|s| s.is_success()) {
+            self.metrics.e2e_request_latency.observe(self.arrival.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Middleware for the generation routes: counts each request and times it
+/// end to end through a [`RequestGuard`].
+pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    // The route's pattern, not the raw path: bounded label values.
+    let endpoint = request.extensions().get::<MatchedPath>().map_or("unknown", MatchedPath::as_str).to_owned();
+    // Created before the handler runs, so a client leaving while queued
+    // (the handler future dropped) is counted too.
+    let mut guard = RequestGuard::new(metrics, endpoint);
+    let response = next.run(request).await;
+    guard.set_status(response.status());
+    let streaming =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        // A JSON answer is complete once the handler returns: the guard drops here.
+        return response;
+    }
+    // The stream goes on after the handler: the body carries the guard until
+    // hyper drops it, at the end of the stream or when the client goes away.
+    response.map(|body| {
+        Body::from_stream(body.into_data_stream().map(move |frame| {
+            let _alive = &guard;
+            frame
+        }))
+    })
+}
+
+#[cfg(test)]
+#[path = "metrics_tests.rs"]
+mod tests;

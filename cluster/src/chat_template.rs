@@ -70,6 +70,13 @@ impl ChatTemplate {
         Ok(Self { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
+    /// Compiles another template (a request's `chat_template`) that renders
+    /// with this one's BOS and EOS tokens, which come from the model, not the
+    /// template.
+    pub fn with_source(&self, source: &str) -> Result<Self, Error> {
+        Self::new(source, &self.bos_token, &self.eos_token)
+    }
+
     /// Renders the conversation followed by the assistant's turn header.
     pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, Error> {
         self.render_with_tools(messages, None)
@@ -83,15 +90,73 @@ impl ChatTemplate {
         messages: &[TemplateMessage],
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, Error> {
+        self.render_with(messages, &RenderOptions { tools, ..RenderOptions::default() })
+    }
+
+    /// Renders with every HF `apply_chat_template` option in `options`.
+    ///
+    /// `continue_final_message` renders without the generation prompt and
+    /// cuts the text right after the last message's content, as HF does, so
+    /// the model continues that message instead of starting a new turn.
+    pub fn render_with(&self, messages: &[TemplateMessage], options: &RenderOptions<'_>) -> Result<String, Error> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
-        template.render(minijinja::context! {
+        let extra = options.kwargs.map(Value::from_serialize).unwrap_or_default();
+        // Explicit variables come first: minijinja resolves a name in the
+        // first context that has it, so kwargs cannot replace `messages`.
+        let rendered = template.render(minijinja::context! {
             messages => messages,
-            tools => tools,
-            add_generation_prompt => true,
+            tools => options.tools,
+            add_generation_prompt => options.add_generation_prompt && !options.continue_final_message,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })
+            ..extra
+        })?;
+        if !options.continue_final_message {
+            return Ok(rendered);
+        }
+        let last = messages.last().map_or("", |m| m.content.as_str());
+        cut_after_final_message(rendered, last)
     }
+}
+
+/// How to render a chat, beyond the messages: HF's `apply_chat_template`
+/// options. The default is what a plain chat request renders.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderOptions<'a> {
+    /// OpenAI tool dicts for the template's `tools`; `None` renders none.
+    pub tools: Option<&'a [serde_json::Value]>,
+    /// End with the assistant's turn header (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open for the model to continue (default false);
+    /// wins over `add_generation_prompt`.
+    pub continue_final_message: bool,
+    /// Extra template variables (vLLM's `chat_template_kwargs`, e.g. `enable_thinking`).
+    pub kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Default for RenderOptions<'_> {
+    fn default() -> Self {
+        Self { tools: None, add_generation_prompt: true, continue_final_message: false, kwargs: None }
+    }
+}
+
+/// HF's `continue_final_message` cut: the text up to the end of the last
+/// occurrence of the final message's content. Templates may strip the
+/// content, so it is searched stripped, and kept with its leading spaces
+/// removed only when the template kept them.
+fn cut_after_final_message(rendered: String, final_message: &str) -> Result<String, Error> {
+    let stripped = final_message.trim();
+    let Some(at) = rendered.rfind(stripped) else {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "continue_final_message is set but the final message does not appear in the rendered chat",
+        ));
+    };
+    let lstripped = final_message.trim_start();
+    let keep = if rendered[at..].starts_with(lstripped) { lstripped.len() } else { stripped.len() };
+    let mut rendered = rendered;
+    rendered.truncate(at + keep);
+    Ok(rendered)
 }
 
 /// `raise_exception(msg)`: templates call it to reject a conversation.
@@ -181,6 +246,40 @@ mod tests {
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         let out = t.render(&[msg("user", "xy  ")]).unwrap();
         assert_eq!(out, "<s>XY[role][content]");
+    }
+
+    #[test]
+    fn generation_prompt_off_and_continue_final_message() {
+        let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
+        let off = RenderOptions { add_generation_prompt: false, ..RenderOptions::default() };
+        assert_eq!(t.render_with(&[msg("user", "Hi")], &off).unwrap(), "<|im_start|>user\nHi<|im_end|>\n");
+        let cont = RenderOptions { continue_final_message: true, ..RenderOptions::default() };
+        let out = t.render_with(&[msg("user", "Hi"), msg("assistant", "Hello, ")], &cont).unwrap();
+        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, ");
+        // A template that strips the content: the cut keeps what it rendered.
+        let strip = ChatTemplate::new("{% for m in messages %}[{{ m.content.strip() }}]{% endfor %}", "", "").unwrap();
+        assert_eq!(strip.render_with(&[msg("assistant", " ab ")], &cont).unwrap(), "[ab");
+        // A template that drops the content entirely cannot be continued.
+        let drop = ChatTemplate::new("{% for m in messages %}{{ m.role }}{% endfor %}", "", "").unwrap();
+        assert!(drop.render_with(&[msg("assistant", "xyz")], &cont).is_err());
+    }
+
+    #[test]
+    fn kwargs_become_variables_but_never_replace_the_standard_ones() {
+        let src = "{{ messages | length }}{% if enable_thinking is defined %}:{{ enable_thinking }}{% endif %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let kwargs = serde_json::json!({"enable_thinking": false, "messages": []});
+        let options = RenderOptions { kwargs: kwargs.as_object(), ..RenderOptions::default() };
+        assert_eq!(t.render_with(&[msg("user", "Hi")], &options).unwrap(), "1:False");
+        assert_eq!(t.render(&[msg("user", "Hi")]).unwrap(), "1");
+    }
+
+    #[test]
+    fn with_source_keeps_the_models_special_tokens() {
+        let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
+        let other = t.with_source("{{ bos_token }}{{ messages[0].content }}{{ eos_token }}").unwrap();
+        assert_eq!(other.render(&[msg("user", "Hi")]).unwrap(), "<s>Hi</s>");
+        assert!(t.with_source("{% if %}").is_err());
     }
 
     #[test]

@@ -40,10 +40,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         service::DecodeService::new(loaded.engine, loaded.vocab_size, Duration::from_secs(args.kv_pull_timeout_secs));
     // Tests and the launcher wait for this line.
     println!("decode-worker listening on http://{addr}");
+    // The server drains open streams before it stops; KV event streams never
+    // end on their own, so they are ended first.
+    let kv_events = worker.kv_events().clone();
+    let shutdown = async move {
+        cluster::shutdown::signal().await;
+        kv_events.shutdown();
+    };
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(DecodeServer::new(decode))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cluster::shutdown::signal())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -63,10 +63,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let prefill = service::PrefillService::new(loaded.engine, connector.clone(), loaded.vocab_size, max_model_len);
     // Tests and the launcher wait for this line.
     println!("prefill-worker listening on http://{addr} (kv-transfer port {})", connector.port());
+    // The server drains open streams before it stops; KV event streams never
+    // end on their own, so they are ended first.
+    let kv_events = worker.kv_events().clone();
+    let shutdown = async move {
+        cluster::shutdown::signal().await;
+        kv_events.shutdown();
+    };
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(PrefillServer::new(prefill))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cluster::shutdown::signal())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -82,12 +82,25 @@ struct State {
     next_seq: u64,
 }
 
+/// Picks the worker of a waiter whose turn came, from each worker's in-flight
+/// count and the cap: called once, under the queue's lock, while at least one
+/// worker is below the cap. A full worker returned is replaced by the least
+/// busy free one.
+pub type Chooser = Box<dyn FnOnce(&[usize], usize) -> usize + Send>;
+
 /// A queued request. The heap is a max-heap, so the key is reversed: the
 /// lowest (priority, arrival) is on top.
-#[derive(Debug)]
 struct Waiter {
     key: Reverse<(i32, u64)>,
     tx: oneshot::Sender<Permit>,
+    /// `None`: the least busy worker.
+    choose: Option<Chooser>,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter").field("key", &self.key).finish_non_exhaustive()
+    }
 }
 
 impl PartialEq for Waiter {
@@ -126,14 +139,20 @@ impl Admission {
     /// Waits for a slot, best priority first; refuses at once when the queue
     /// is full. Dropping the future leaves the queue without taking a slot.
     pub async fn admit(&self, priority: i32) -> Result<Permit, AdmissionError> {
-        let ticket = self.enqueue(priority)?;
+        self.admit_with(priority, None).await
+    }
+
+    /// [`Admission::admit`], with `choose` picking the worker when the turn
+    /// comes (placement runs then, on the load of that moment).
+    pub async fn admit_with(&self, priority: i32, choose: Option<Chooser>) -> Result<Permit, AdmissionError> {
+        let ticket = self.enqueue(priority, choose)?;
         // The sender lives in the heap until granted or skipped, and a skip
         // only happens once this receiver is gone, so this cannot fail.
         Ok(ticket.await.expect("admission waiter dropped without a grant"))
     }
 
     /// Queues a waiter and grants whatever slots are free.
-    fn enqueue(&self, priority: i32) -> Result<oneshot::Receiver<Permit>, AdmissionError> {
+    fn enqueue(&self, priority: i32, choose: Option<Chooser>) -> Result<oneshot::Receiver<Permit>, AdmissionError> {
         let mut state = self.shared.lock();
         if state.free_worker(&self.shared.config).is_none() && state.waiters.len() >= self.shared.config.max_queued {
             // Waiters whose client left still sit in the heap: don't count them.
@@ -146,7 +165,7 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let seq = state.next_seq;
         state.next_seq += 1;
-        state.waiters.push(Waiter { key: Reverse((priority, seq)), tx });
+        state.waiters.push(Waiter { key: Reverse((priority, seq)), tx, choose });
         state.dispatch(&self.shared);
         Ok(rx)
     }
@@ -178,10 +197,19 @@ impl State {
 
     /// Hands free slots to the best live waiters. Called with the lock held.
     fn dispatch(&mut self, shared: &Arc<Shared>) {
-        while let Some(worker) = self.free_worker(&shared.config) {
+        while let Some(least_busy) = self.free_worker(&shared.config) {
             let Some(waiter) = self.waiters.pop() else {
                 return;
             };
+            if waiter.tx.is_closed() {
+                continue; // The client left while queued: don't run placement for it.
+            }
+            let cap = shared.config.max_inflight_per_worker;
+            let worker = match waiter.choose {
+                Some(choose) => Some(choose(&self.in_flight, cap)).filter(|&w| self.in_flight.get(w) < Some(&cap)),
+                None => None,
+            }
+            .unwrap_or(least_busy);
             self.in_flight[worker] += 1;
             let permit = Permit { shared: Some(shared.clone()), worker };
             if let Err(mut permit) = waiter.tx.send(permit) {
@@ -221,13 +249,14 @@ impl Drop for Permit {
     }
 }
 
-/// `items`, holding `permit` until the stream ends or is dropped.
-pub fn hold<T: Send + 'static>(items: BoxStream<'static, T>, permit: Permit) -> BoxStream<'static, T> {
-    stream::unfold(Some((items, permit)), |held| async move {
-        let (mut items, permit) = held?;
-        // At the end the permit drops here, before the stream itself is dropped.
+/// `items`, holding `guard` (a [`Permit`], or any slot freed on drop) until
+/// the stream ends or is dropped.
+pub fn hold<T: Send + 'static, G: Send + 'static>(items: BoxStream<'static, T>, guard: G) -> BoxStream<'static, T> {
+    stream::unfold(Some((items, guard)), |held| async move {
+        let (mut items, guard) = held?;
+        // At the end the guard drops here, before the stream itself is dropped.
         let item = items.next().await?;
-        Some((item, Some((items, permit))))
+        Some((item, Some((items, guard))))
     })
     .boxed()
 }

@@ -61,8 +61,8 @@ async fn waiters_are_served_by_priority_then_arrival() {
 async fn a_full_queue_refuses_with_retry_after() {
     let q = admission(1, 2, 1);
     let _running = q.admit(0).await.unwrap();
-    let _w1 = q.enqueue(0).unwrap();
-    let _w2 = q.enqueue(0).unwrap();
+    let _w1 = q.enqueue(0, None).unwrap();
+    let _w2 = q.enqueue(0, None).unwrap();
     let err = q.admit(-100).now_or_never().unwrap().unwrap_err();
     assert_eq!(err, AdmissionError::QueueFull { queued: 2, retry_after: RETRY_AFTER });
     assert_eq!(q.stats().queued, 2);
@@ -72,11 +72,11 @@ async fn a_full_queue_refuses_with_retry_after() {
 async fn waiters_that_left_free_their_place_in_the_queue() {
     let q = admission(1, 1, 1);
     let _running = q.admit(0).await.unwrap();
-    drop(q.enqueue(0).unwrap());
+    drop(q.enqueue(0, None).unwrap());
     assert_eq!(q.stats().queued, 0);
     // The dead waiter does not count against the cap.
-    let _w = q.enqueue(0).unwrap();
-    assert!(q.enqueue(0).is_err());
+    let _w = q.enqueue(0, None).unwrap();
+    assert!(q.enqueue(0, None).is_err());
 }
 
 #[tokio::test]
@@ -107,7 +107,7 @@ async fn a_dropped_waiter_is_skipped_and_takes_no_slot() {
 async fn a_grant_whose_waiter_left_before_receiving_is_returned() {
     let q = admission(1, 10, 1);
     let running = q.admit(0).await.unwrap();
-    let ticket = q.enqueue(0).unwrap();
+    let ticket = q.enqueue(0, None).unwrap();
     drop(running);
     // Granted, then the receiver drops with the permit still inside.
     drop(ticket);
@@ -127,4 +127,23 @@ async fn the_slot_is_released_when_the_held_stream_ends_or_drops() {
     assert_eq!(q.stats().in_flight, [1]);
     drop(items);
     assert_eq!(q.stats().in_flight, [0]);
+}
+
+#[tokio::test]
+async fn a_chooser_picks_among_free_workers_and_a_full_choice_falls_back() {
+    let q = admission(1, 10, 3);
+    let to = |w: usize| -> Option<Chooser> { Some(Box::new(move |_: &[usize], _: usize| w)) };
+    let on_2 = q.admit_with(0, to(2)).await.unwrap();
+    assert_eq!(on_2.worker(), 2);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let chooser: Chooser = Box::new(move |in_flight: &[usize], cap: usize| {
+        record.lock().unwrap().push((in_flight.to_vec(), cap));
+        2 // full: admission must not overfill it
+    });
+    let fallback = q.admit_with(0, Some(chooser)).await.unwrap();
+    assert_eq!(seen.lock().unwrap().as_slice(), [(vec![0, 0, 1], 1)]);
+    assert_eq!(fallback.worker(), 0, "the least busy free worker instead");
+    drop((on_2, fallback));
+    assert_eq!(q.stats().in_flight, [0, 0, 0]);
 }

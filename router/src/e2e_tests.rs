@@ -34,6 +34,14 @@ impl Worker for FakeWorker {
     async fn get_stats(&self, _: Request<GetStatsRequest>) -> Result<Response<WorkerStats>, Status> {
         Ok(Response::new(WorkerStats::default()))
     }
+    type SubscribeKvEventsStream = futures::stream::Empty<Result<proto::worker::KvEventBatch, Status>>;
+    async fn subscribe_kv_events(
+        &self,
+        _: Request<proto::worker::SubscribeKvEventsRequest>,
+    ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
+        // No prefix cache here: placement sees every worker down and falls back to rendezvous.
+        Err(Status::unimplemented("this fake has no prefix cache"))
+    }
 }
 
 #[tonic::async_trait]
@@ -100,6 +108,11 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
         served_model_name: Some("served".into()),
         model_card_timeout: Duration::from_secs(10),
         admission: Default::default(),
+        // Hand off even the tiny prompts here: these tests are about the hand-off.
+        policy: crate::Policy::CacheAware(crate::placement::CacheAwareConfig {
+            local_prefill_max_tokens: 0,
+            ..Default::default()
+        }),
     };
     tokio::spawn(crate::run(listener, config, std::future::pending()));
     addr

@@ -19,12 +19,13 @@ use crate::admission::hold;
 use crate::error::{ApiError, AppJson};
 use crate::model::{unix_now, Model};
 use crate::openai::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
+use crate::openai::openapi::ErrorResponse;
 use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
 use crate::openai::response::Usage;
-use crate::pd::{BackendError, GenerateRequest};
+use crate::pd::{BackendError, Finish, GenerateRequest};
 use crate::server::AppState;
 use crate::stream::{deltas, Delta, Output};
-use crate::validation::{validate_chat, validate_completion, ValidRequest};
+use crate::validation::{check_request_id, validate_chat, validate_completion, ValidRequest};
 
 /// Header that carries the request id in and out.
 const REQUEST_ID: &str = "x-request-id";
@@ -32,18 +33,30 @@ const REQUEST_ID: &str = "x-request-id";
 const EVENT_BUFFER: usize = 32;
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion`; with `stream`, `text/event-stream` of \
+            `chat.completion.chunk`s ending in `[DONE]`",
+            content(("application/json"), ("text/event-stream"))),
+        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
+        (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full; see `Retry-After`", body = ErrorResponse),
+        (status = 502, description = "A worker failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+    ))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     AppJson(body): AppJson<ChatCompletionRequest>,
 ) -> Response {
     let arrival = Instant::now();
-    let request_id = request_id(&headers);
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat");
+    let request_id = request_id(&headers, body.params.request_id.as_deref());
+    let user = body.params.user.clone();
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref());
     let answer = async {
         let model = state.model().await?;
         let valid = validate_chat(&model, body)?;
-        let format = ChatFormat::new(valid.parse_tool_calls);
+        let format = ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone());
         Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
@@ -52,31 +65,45 @@ pub async fn chat_completions(
 }
 
 /// `POST /v1/completions`.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A `text_completion`; with `stream`, `text/event-stream` of \
+            chunks ending in `[DONE]`",
+            content(("application/json"), ("text/event-stream"))),
+        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
+        (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full; see `Retry-After`", body = ErrorResponse),
+        (status = 502, description = "A worker failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+    ))]
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     AppJson(body): AppJson<CompletionRequest>,
 ) -> Response {
     let arrival = Instant::now();
-    let request_id = request_id(&headers);
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions");
+    let request_id = request_id(&headers, body.params.request_id.as_deref());
+    let user = body.params.user.clone();
+    let span =
+        tracing::info_span!("request", request_id = %request_id, endpoint = "completions", user = user.as_deref());
     let answer = async {
         let model = state.model().await?;
         let valid = validate_completion(&model, body)?;
-        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, CompletionFormat).await)
+        let format = CompletionFormat::new(valid.echo.clone());
+        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
     with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
 }
 
-/// The client's `X-Request-Id`, or a fresh uuid.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+/// The client's `X-Request-Id`, else the body's `request_id` (vLLM's extra)
+/// when it is valid, else a fresh uuid. An invalid body id is refused by
+/// validation, and the refusal carries the uuid.
+fn request_id(headers: &HeaderMap, body_id: Option<&str>) -> String {
+    let header = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let body = body_id.filter(|id| check_request_id(id).is_ok());
+    header.or(body).map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
 fn with_request_id(mut response: Response, request_id: &str) -> Response {
@@ -107,26 +134,34 @@ async fn run<F: ChunkFormat>(
     };
     // Each choice has its own detokenizer, stop strings and max_tokens count.
     let outputs = (0..valid.sampling.n.max(1))
-        .map(|_| Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens))
+        .map(|_| {
+            Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens)
+                .include_stop_str(valid.include_stop_str_in_output)
+                .skip_special_tokens(valid.skip_special_tokens)
+        })
         .collect();
     // Waits here, before any byte of the answer, so a full queue is a plain 429.
     // A client that leaves while queued drops this future and its place in line.
     let queued = Instant::now();
-    let permit = match state.admission.admit(valid.priority).await {
+    let mut request = GenerateRequest {
+        request_id: request_id.to_owned(),
+        prompt_token_ids: prompt.clone(),
+        sampling: valid.sampling,
+        priority: valid.priority,
+        cache_salt: valid.cache_salt,
+        first_worker: None,
+    };
+    // Placement runs when the turn comes, on the load of that moment.
+    let chooser = state.backend.first_leg_chooser(&request);
+    let permit = match state.admission.admit_with(request.priority, chooser).await {
         Ok(permit) => permit,
         Err(e) => return ApiError::from(e).into_response(),
     };
     // Only admitted requests: a refusal never waited, and its prompt never runs.
     state.metrics.observe_queue_time(queued.elapsed());
     state.metrics.count_prompt_tokens(prompt.len());
-    let tokens = state.backend.generate(GenerateRequest {
-        request_id: request_id.to_owned(),
-        prompt_token_ids: prompt.clone(),
-        sampling: valid.sampling,
-        priority: valid.priority,
-        cache_salt: valid.cache_salt,
-        first_worker: Some(permit.worker()),
-    });
+    request.first_worker = Some(permit.worker());
+    let tokens = state.backend.generate(request);
     // The slot is held until the token stream ends or is dropped (client gone).
     let tokens = hold(state.metrics.time_tokens(tokens, arrival), permit);
     let deltas = state.metrics.count_deltas(deltas(tokens, outputs));
@@ -192,6 +227,7 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Resul
     }
     let mut completion_tokens = 0;
     let mut first = true;
+    let mut finished = vec![false; s.meta.n.max(1) as usize];
     loop {
         let next = tokio::select! {
             next = s.deltas.next() => next,
@@ -206,10 +242,22 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Resul
             Some(Err(e)) => {
                 let error = ApiError::from(e);
                 tracing::warn!(%error, "stream failed");
+                // Each choice the failure cut short ends visibly, as vLLM's
+                // do: `finish_reason: "error"`, then the error itself.
+                for index in (0..finished.len()).filter(|&i| !finished[i]) {
+                    let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
+                    for chunk in s.format.delta(&s.meta, &end, first) {
+                        send(chunk).await;
+                    }
+                    first = false;
+                }
                 send(error.body().to_string()).await;
                 break;
             }
         };
+        if let Some(done) = finished.get_mut(delta.index as usize) {
+            *done |= delta.finish.is_some();
+        }
         completion_tokens += delta.token_ids.len();
         for chunk in s.format.delta(&s.meta, &delta, first) {
             if !send(chunk).await {

@@ -294,9 +294,38 @@ async fn worker_failures_are_5xx_or_stream_errors() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let (_, text) = post(app, "/v1/completions", &json!({"prompt": "a", "stream": true}).to_string()).await;
     let events = events(&text);
-    assert_eq!(events.len(), 2);
-    assert!(events[0].contains("\"error\""));
-    assert_eq!(events[1], "[DONE]");
+    assert_eq!(events.len(), 3, "{events:?}");
+    let end: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(end["choices"][0]["finish_reason"], "error");
+    let error: Value = serde_json::from_str(&events[1]).unwrap();
+    assert_eq!(error["error"]["code"], "worker_error");
+    assert_eq!(events[2], "[DONE]");
+}
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_ends_each_open_choice_with_an_error() {
+    let chunks = vec![
+        Ok(TokenChunk { index: 0, token_ids: ids("H"), logprobs: vec![], finish: None }),
+        Ok(TokenChunk { index: 1, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }),
+        Err(BackendError::Unavailable("decode worker gone".into())),
+    ];
+    let (app, _) = setup(chunks);
+    let body = chat_body(json!({"stream": true, "n": 2, "max_tokens": 5}));
+    let (status, text) = post(app, "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events(&text);
+    let (last, chunks) = events.split_last().unwrap();
+    assert_eq!(last, "[DONE]");
+    let chunks: Vec<Value> = chunks.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let finishes: Vec<(u64, &str)> = chunks
+        .iter()
+        .filter_map(|c| {
+            let choice = c["choices"].get(0)?;
+            Some((choice["index"].as_u64()?, choice["finish_reason"].as_str()?))
+        })
+        .collect();
+    assert_eq!(finishes, [(1, "stop"), (0, "error")], "only the open choice ends in error");
+    assert_eq!(chunks.last().unwrap()["error"]["code"], "worker_unavailable");
 }
 
 #[tokio::test]
@@ -385,14 +414,46 @@ async fn tokenize_chat_matches_chat_completions() {
     assert_eq!(with_bos["tokens"].as_array().unwrap()[1..], body["tokens"].as_array().unwrap()[..]);
 }
 
+/// A ChatML-like card whose template shows every rendering option it sees.
+fn options_card() -> ModelCard {
+    let template = "{% if tools %}[{% for t in tools %}{{ t.function.name }}{% endfor %}]{% endif %}\
+        {% for m in messages %}{{ m.role }}:{{ m.content }}|{% endfor %}\
+        {% if enable_thinking is defined %}think={{ enable_thinking }}|{% endif %}\
+        {% if add_generation_prompt %}assistant:{% endif %}";
+    ModelCard { chat_template: template.into(), ..roomy_card() }
+}
+
 #[tokio::test]
-async fn tokenize_refuses_renderings_chat_never_uses() {
-    let (app, _) = setup(vec![]);
+async fn tokenize_renders_with_chats_options() {
+    let (app, backend) = setup_card(&options_card(), hello_chunks());
+    let tokens = |app: axum::Router, extra: Value| async move {
+        let (status, body) = post_json(app, "/tokenize", chat_body(extra)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["tokens"].clone()
+    };
+    assert_eq!(tokens(app.clone(), json!({})).await, json!(ids("user:Hi|assistant:")));
+    assert_eq!(tokens(app.clone(), json!({"add_generation_prompt": false})).await, json!(ids("user:Hi|")));
+    let kwargs = json!({"chat_template_kwargs": {"enable_thinking": false}});
+    assert_eq!(tokens(app.clone(), kwargs).await, json!(ids("user:Hi|think=False|assistant:")));
+    let own = json!({"chat_template": "{% for m in messages %}<{{ m.content }}>{% endfor %}"});
+    assert_eq!(tokens(app.clone(), own).await, json!(ids("<Hi>")));
+    // Tools are rendered as chat renders them, and the ids are the chat's.
+    let with_tools = json!({"tools": [weather_tool()]});
+    let tokenized = tokens(app.clone(), with_tools.clone()).await;
+    assert_eq!(tokenized, json!(ids("[weather]user:Hi|assistant:")));
+    post_json(app.clone(), "/v1/chat/completions", chat_body(with_tools)).await;
+    assert_eq!(last_prompt(&backend), tokenized);
+    let messages = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]);
+    let body = json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": false});
+    let (_, continued) = post_json(app.clone(), "/tokenize", body).await;
+    assert_eq!(continued["tokens"], json!(ids("user:Hi|assistant:Hel")));
+
     for (extra, param) in [
-        (json!({"add_generation_prompt": false}), "add_generation_prompt"),
+        (json!({"continue_final_message": true, "add_generation_prompt": true}), "continue_final_message"),
         (json!({"continue_final_message": true}), "continue_final_message"),
-        (json!({"chat_template": "{{ messages }}"}), "chat_template"),
-        (json!({"chat_template_kwargs": {"enable_thinking": false}}), "chat_template_kwargs"),
+        (json!({"chat_template": "{% if %}"}), "chat_template"),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
+        (json!({"tools": {"type": "function"}}), "tools"),
         (json!({"prompt": "Hi"}), "messages"),
     ] {
         let (status, body) = post_json(app.clone(), "/tokenize", chat_body(extra)).await;
@@ -400,6 +461,49 @@ async fn tokenize_refuses_renderings_chat_never_uses() {
     }
     let (status, body) = post_json(app, "/tokenize", json!({"model": "tiny"})).await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("prompt"));
+}
+
+#[tokio::test]
+async fn chat_rendering_options_reach_the_template() {
+    let (app, backend) = setup_card(&options_card(), hello_chunks());
+    let chat = |extra: Value| {
+        let app = app.clone();
+        async move {
+            let (status, body) = post_json(app, "/v1/chat/completions", chat_body(extra)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    chat(json!({"chat_template_kwargs": {"enable_thinking": true}})).await;
+    assert_eq!(last_prompt(&backend), json!(ids("user:Hi|think=True|assistant:")));
+    chat(json!({"chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"})).await;
+    // The model's BOS text parses back into its special token.
+    assert_eq!(last_prompt(&backend), json!([256, 72, 105]));
+    chat(json!({"add_generation_prompt": false})).await;
+    assert_eq!(last_prompt(&backend), json!(ids("user:Hi|")));
+    let messages = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]);
+    let body = json!({"messages": messages, "continue_final_message": true});
+    let (status, _) = post_json(app.clone(), "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(last_prompt(&backend), json!(ids("user:Hi|assistant:Hel")));
+    let body = json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": true});
+    let (status, body) = post_json(app, "/v1/chat/completions", body).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("continue_final_message"));
+}
+
+#[tokio::test]
+async fn tool_call_arguments_reach_the_template_as_a_mapping() {
+    let template = "{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}\
+        {% if c.function.arguments is mapping %}{% for k, v in c.function.arguments.items() %}{{ k }}={{ v }};{% endfor %}\
+        {% else %}raw:{{ c.function.arguments }};{% endif %}{% endfor %}{% endif %}{% endfor %}";
+    let card = ModelCard { chat_template: template.into(), ..roomy_card() };
+    let (app, _) = setup_card(&card, vec![]);
+    let call = |arguments: &str| json!({"id": "c", "type": "function", "function": {"name": "weather", "arguments": arguments}});
+    let messages = json!([{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": null,
+                           "tool_calls": [call("{\"city\": \"Paris\"}"), call("not json"), call("[1]")]}]);
+    let (status, body) = post_json(app, "/tokenize", json!({"messages": messages})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tokens"], json!(ids("city=Paris;raw:not json;raw:[1];")));
 }
 
 #[tokio::test]
@@ -704,4 +808,151 @@ async fn a_dropped_stream_is_counted_once_and_timed() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("the slot was never freed");
+}
+
+#[tokio::test]
+async fn completion_echo_whole_and_streamed() {
+    let (app, _) = setup(hello_chunks());
+    let (status, body) = post_json(app.clone(), "/v1/completions", json!({"prompt": "ab", "echo": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["text"], "abHé you");
+    // Token-id prompts echo their decoded text.
+    let (_, body) = post_json(app.clone(), "/v1/completions", json!({"prompt": ids("xy"), "echo": true})).await;
+    assert_eq!(body["choices"][0]["text"], "xyHé you");
+    let (_, body) = post_json(app.clone(), "/v1/completions", json!({"prompt": "ab"})).await;
+    assert_eq!(body["choices"][0]["text"], "Hé you");
+
+    let request = json!({"prompt": "ab", "echo": true, "stream": true, "n": 2});
+    let (_, text) = post(app.clone(), "/v1/completions", &request.to_string()).await;
+    let events = events(&text);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let mut texts = [String::new(), String::new()];
+    let mut firsts = [None, None];
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        let piece = choice["text"].as_str().unwrap();
+        firsts[i].get_or_insert_with(|| piece.to_owned());
+        texts[i].push_str(piece);
+    }
+    // The fake backend sends choice 0's tokens only; choice 1 ends empty.
+    // Each starts with the prompt, once.
+    assert_eq!(texts, ["abHé you", "ab"]);
+    assert!(firsts.iter().all(|f| f.as_deref().unwrap().starts_with("ab")));
+
+    let (status, body) = post_json(app, "/v1/completions", json!({"prompt": "ab", "echo": true, "logprobs": 1})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("echo"));
+}
+
+#[tokio::test]
+async fn chat_echo_prepends_the_final_assistant_message() {
+    let (app, _) = setup(hello_chunks());
+    let messages = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, "}]);
+    let body = json!({"messages": messages, "echo": true, "continue_final_message": true});
+    let (status, whole) = post_json(app.clone(), "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["choices"][0]["message"]["content"], "Well, Hé you");
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (_, text) = post(app.clone(), "/v1/chat/completions", &stream_body.to_string()).await;
+    let events = events(&text);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Well, "}));
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "Well, Hé you");
+
+    // The last message is the user's: nothing to echo.
+    let (_, whole) = post_json(app, "/v1/chat/completions", chat_body(json!({"echo": true}))).await;
+    assert_eq!(whole["choices"][0]["message"]["content"], "Hé you");
+}
+
+#[tokio::test]
+async fn include_stop_str_in_output_keeps_the_stop_string() {
+    let (app, _) = setup(hello_chunks());
+    let body = json!({"prompt": "ab", "stop": [" y"], "include_stop_str_in_output": true});
+    let (_, whole) = post_json(app.clone(), "/v1/completions", body.clone()).await;
+    assert_eq!(whole["choices"][0]["text"], "Hé y");
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (_, text) = post(app.clone(), "/v1/completions", &stream_body.to_string()).await;
+    let events = events(&text);
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(streamed, "Hé y");
+    let (_, whole) = post_json(app, "/v1/chat/completions", chat_body(json!({"stop": " y"}))).await;
+    assert_eq!(whole["choices"][0]["message"]["content"], "Hé");
+}
+
+#[tokio::test]
+async fn skip_special_tokens_false_keeps_them_in_the_text() {
+    let chunks = vec![
+        Ok(TokenChunk { index: 0, token_ids: vec![b'a'.into(), 257, b'b'.into()], logprobs: vec![], finish: None }),
+        Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }),
+    ];
+    let (app, _) = setup(chunks);
+    let text_of = |extra: Value| {
+        let app = app.clone();
+        async move {
+            let mut body = json!({"prompt": "x"});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let (status, body) = post_json(app, "/v1/completions", body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["choices"][0]["text"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(text_of(json!({})).await, "ab");
+    // The eos that stopped the generation stays out, as in vLLM...
+    assert_eq!(text_of(json!({"skip_special_tokens": false})).await, "a<|im_start|>b");
+    // ...unless stop strings are kept.
+    let both = json!({"skip_special_tokens": false, "include_stop_str_in_output": true});
+    assert_eq!(text_of(both).await, "a<|im_start|>b<eos>");
+}
+
+#[tokio::test]
+async fn request_id_header_wins_over_the_body() {
+    let (app, backend) = setup(hello_chunks());
+    let send = |header: Option<&'static str>, body: Value| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::post("/v1/completions").header("content-type", "application/json");
+            if let Some(id) = header {
+                request = request.header("x-request-id", id);
+            }
+            let response = app.oneshot(request.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+            let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let status = response.status();
+            let body: Value =
+                serde_json::from_slice(&to_bytes(response.into_body(), usize::MAX).await.unwrap()).unwrap();
+            (status, id, body)
+        }
+    };
+    let (_, id, _) = send(None, json!({"prompt": "a", "request_id": "body-id"})).await;
+    assert_eq!(id, "body-id");
+    assert_eq!(backend.seen.lock().unwrap().last().unwrap().request_id, "body-id");
+    let (_, id, _) = send(Some("header-id"), json!({"prompt": "a", "request_id": "body-id"})).await;
+    assert_eq!(id, "header-id");
+    assert_eq!(backend.seen.lock().unwrap().last().unwrap().request_id, "header-id");
+    let (_, id, _) = send(None, json!({"prompt": "a"})).await;
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let (status, id, body) = send(None, json!({"prompt": "a", "request_id": "bad\nid"})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("request_id"));
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "an invalid body id is not echoed: {id}");
+}
+
+#[tokio::test]
+async fn user_and_kv_transfer_params_are_accepted() {
+    let (app, _) = setup(hello_chunks());
+    let body = chat_body(
+        json!({"user": "alice", "kv_transfer_params": {"do_remote_prefill": true}, "return_token_ids": true}),
+    );
+    let (status, whole) = post_json(app.clone(), "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["choices"][0]["token_ids"], json!([72, 195, 169, 32, 121, 111, 117, 256]));
+    assert!(whole["prompt_token_ids"].is_array());
+    let (status, body) = post_json(app, "/v1/chat/completions", chat_body(json!({"kv_transfer_params": "x"}))).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("kv_transfer_params"));
 }

@@ -12,7 +12,8 @@
 //! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
 //! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`cluster::chat_template`), prompt ids.
 //! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
-//! - [`placement`]: which worker serves a leg (round-robin for now).
+//! - [`placement`]: which worker serves a leg: cost over cached prefixes and load, or round-robin.
+//! - [`prefix_index`]: each worker's cached block hashes, followed from its KV event stream.
 //! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
 //! - [`workers`]: the gRPC clients and model-card loading.
 //! - [`stream`]: incremental detokenization, stop strings, deltas.
@@ -26,6 +27,7 @@ pub mod model;
 pub mod openai;
 pub mod pd;
 pub mod placement;
+pub mod prefix_index;
 pub mod server;
 pub mod stream;
 pub mod tokenize;
@@ -56,8 +58,25 @@ use crate::admission::{Admission, AdmissionConfig};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelError};
 use crate::pd::PdBackend;
-use crate::placement::RoundRobin;
-use crate::workers::{load_model_card, GrpcWorkers, WorkerError};
+use crate::placement::{CacheAware, CacheAwareConfig, Placement, RoundRobin};
+use crate::prefix_index::PrefixIndex;
+use crate::workers::{load_model_card, worker_clients, GrpcWorkers, WorkerError};
+
+/// How the router places requests on workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// By cached prefix and load ([`CacheAware`]), following every worker's
+    /// KV event stream.
+    CacheAware(CacheAwareConfig),
+    /// In turn, blind to caches and load ([`RoundRobin`]).
+    RoundRobin,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::CacheAware(CacheAwareConfig::default())
+    }
+}
 
 /// What the router needs to run, resolved from the command line.
 #[derive(Debug, Clone)]
@@ -72,6 +91,8 @@ pub struct Config {
     pub model_card_timeout: Duration,
     /// In-flight and queue limits of the admission queue.
     pub admission: AdmissionConfig,
+    /// The placement policy.
+    pub policy: Policy,
 }
 
 /// Why the router stopped with an error.
@@ -104,8 +125,11 @@ pub async fn run(
     }
     let workers = GrpcWorkers::new(&config.prefill_urls, &config.decode_urls)?;
     let metrics = Arc::new(Metrics::new());
+    let placement = placement(&config, &metrics)?;
     let backend = Arc::new(
-        PdBackend::new(workers, Arc::new(RoundRobin::default())).with_cached_tokens(metrics.prefix_cached_tokens()),
+        PdBackend::new(workers, placement)
+            .with_cached_tokens(metrics.prefix_cached_tokens())
+            .with_placement_counters(metrics.placement()),
     );
     // Requests queue for the first leg they need: prefill, or decode when colocated.
     let first_leg_workers =
@@ -135,4 +159,24 @@ pub async fn run(
         served = serve => Ok(served?),
         loaded = load => loaded,
     }
+}
+
+/// The configured policy; with [`Policy::CacheAware`], one task per worker
+/// follows its KV event stream into the pool's [`PrefixIndex`] for as long
+/// as the runtime lives.
+fn placement(config: &Config, metrics: &Metrics) -> Result<Arc<dyn Placement>, WorkerError> {
+    let Policy::CacheAware(knobs) = config.policy else {
+        return Ok(Arc::new(RoundRobin::default()));
+    };
+    let follow_pool = |urls: &[String]| -> Result<Arc<PrefixIndex>, WorkerError> {
+        let index = Arc::new(PrefixIndex::new(urls.len()));
+        for (worker, client) in worker_clients(urls)?.into_iter().enumerate() {
+            tokio::spawn(prefix_index::follow(index.clone(), worker, client));
+        }
+        Ok(index)
+    };
+    let prefill = follow_pool(&config.prefill_urls)?;
+    let decode = follow_pool(&config.decode_urls)?;
+    metrics.watch_indexes(vec![("prefill", prefill.clone()), ("decode", decode.clone())]);
+    Ok(Arc::new(CacheAware::new(prefill, &config.prefill_urls, decode, &config.decode_urls, knobs)))
 }

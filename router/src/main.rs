@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use router::placement::{self, CacheAwareConfig};
 use tokio::net::TcpListener;
 
 /// OpenAI-compatible router in front of prefill and decode workers.
@@ -36,6 +37,28 @@ struct Args {
     /// Requests that may wait for a slot; past this a request gets 429 with `Retry-After`.
     #[arg(long, default_value_t = router::admission::DEFAULT_MAX_QUEUED_REQUESTS)]
     max_queued_requests: usize,
+    /// How requests are placed: by cached prefix and load (following each worker's KV event
+    /// stream), or in turn.
+    #[arg(long, value_enum, default_value_t = PolicyArg::CacheAware)]
+    policy: PolicyArg,
+    /// Cache-aware cost: prefill tokens each request already running on a worker is worth.
+    #[arg(long, default_value_t = placement::DEFAULT_LOAD_WEIGHT_TOKENS)]
+    load_weight_tokens: usize,
+    /// Cache-aware guard: a worker running more than this many requests beyond the least busy
+    /// one is not chosen for its cache.
+    #[arg(long, default_value_t = placement::DEFAULT_MAX_IMBALANCE)]
+    max_load_imbalance: usize,
+    /// Disaggregated requests with at most this many prompt tokens uncached on their decode
+    /// worker skip the hand-off and prefill there; 0 always hands off.
+    #[arg(long, default_value_t = placement::DEFAULT_LOCAL_PREFILL_MAX_TOKENS)]
+    local_prefill_max_tokens: usize,
+}
+
+/// `--policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PolicyArg {
+    CacheAware,
+    RoundRobin,
 }
 
 #[tokio::main]
@@ -54,6 +77,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         admission: router::admission::AdmissionConfig {
             max_inflight_per_worker: args.max_inflight_per_worker,
             max_queued: args.max_queued_requests,
+        },
+        policy: match args.policy {
+            PolicyArg::CacheAware => router::Policy::CacheAware(CacheAwareConfig {
+                load_weight_tokens: args.load_weight_tokens,
+                max_imbalance: args.max_load_imbalance,
+                local_prefill_max_tokens: args.local_prefill_max_tokens,
+            }),
+            PolicyArg::RoundRobin => router::Policy::RoundRobin,
         },
     };
     let listener = TcpListener::bind((args.host.as_str(), args.port))

@@ -16,7 +16,7 @@
 //! - prefix-cached tokens: the disaggregated backend, from the prefill answer;
 //! - admission gauges: read from the queue at scrape time ([`Metrics::render`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -30,7 +30,8 @@ use prometheus::{
 };
 
 use crate::admission::AdmissionStats;
-use crate::pd::{BackendError, TokenStream};
+use crate::pd::{BackendError, PlacementCounters, TokenStream};
+use crate::prefix_index::PrefixIndex;
 use crate::stream::Delta;
 
 /// Prefix of every metric name.
@@ -65,6 +66,11 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     prefix_cached_tokens: IntCounter,
+    placement: PlacementCounters,
+    /// The pools' prefix indexes, summarised at each scrape.
+    indexes: OnceLock<Vec<(&'static str, Arc<PrefixIndex>)>>,
+    worker_up: IntGaugeVec,
+    worker_cached_blocks: IntGaugeVec,
     admission_queue_depth: IntGauge,
     inflight_requests: IntGaugeVec,
 }
@@ -117,6 +123,32 @@ impl Metrics {
             "prefix_cached_tokens_total",
             "Prompt tokens the prefill workers served from their prefix cache (disaggregated serving).",
         );
+        let placement = PlacementCounters {
+            hit_blocks: counter(
+                "prefix_hit_blocks_total",
+                "Leading prompt blocks the chosen first-leg worker had cached, as the router's prefix index saw them.",
+            ),
+            total_blocks: counter(
+                "prompt_blocks_total",
+                "Full KV blocks of the prompts placed: the prefix hit rate's denominator.",
+            ),
+            placements: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(format!("{PREFIX}placements_total"), "Request legs placed, by pool and worker index."),
+                    &["pool", "worker"],
+                )
+                .expect("valid counter options"),
+            ),
+        };
+        let pool_gauge = |name: &str, help: &str| {
+            let gauge = IntGaugeVec::new(Opts::new(format!("{PREFIX}{name}"), help), &["pool", "worker"])
+                .expect("valid gauge options");
+            register(&registry, gauge)
+        };
+        let worker_up = pool_gauge("worker_up", "1 while the worker's KV event stream is live and snapshotted.");
+        let worker_cached_blocks =
+            pool_gauge("worker_cached_blocks", "KV blocks the router's prefix index holds for the worker.");
         let admission_queue_depth =
             IntGauge::new(format!("{PREFIX}admission_queue_depth"), "Requests waiting in the admission queue.")
                 .expect("valid gauge options");
@@ -140,6 +172,10 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             prefix_cached_tokens,
+            placement,
+            indexes: OnceLock::new(),
+            worker_up,
+            worker_cached_blocks,
             admission_queue_depth,
             inflight_requests,
         }
@@ -148,6 +184,17 @@ impl Metrics {
     /// The prefix-cached tokens counter, for the backend that learns them.
     pub fn prefix_cached_tokens(&self) -> IntCounter {
         self.prefix_cached_tokens.clone()
+    }
+
+    /// The placement counters, for the backend that places requests.
+    pub fn placement(&self) -> PlacementCounters {
+        self.placement.clone()
+    }
+
+    /// Reports each worker of these pools' indexes (up, cached blocks) at
+    /// every scrape. Only the first call takes effect.
+    pub fn watch_indexes(&self, pools: Vec<(&'static str, Arc<PrefixIndex>)>) {
+        let _ = self.indexes.set(pools);
     }
 
     /// Records how long an admitted request waited for its slot.
@@ -203,6 +250,13 @@ impl Metrics {
         self.admission_queue_depth.set(admission.queued as i64);
         for (worker, &running) in admission.in_flight.iter().enumerate() {
             self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
+        }
+        for (pool, index) in self.indexes.get().into_iter().flatten() {
+            for (worker, summary) in index.summary().iter().enumerate() {
+                let labels = [*pool, &worker.to_string()];
+                self.worker_up.with_label_values(&labels).set(summary.up.into());
+                self.worker_cached_blocks.with_label_values(&labels).set(summary.cached_blocks as i64);
+            }
         }
         let mut text = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut text)?;

@@ -37,6 +37,10 @@ pub struct Model {
     pub tokenizer: Arc<Tokenizer>,
     /// The chat template; `None` when the card has none (chat is then refused).
     pub template: Option<ChatTemplate>,
+    /// The BOS token's text, the template's `bos_token` (also for a request's own template).
+    pub bos_token: String,
+    /// The EOS token's text, the template's `eos_token`.
+    pub eos_token: String,
     /// Prepended to text prompts of `/v1/completions` when set.
     pub bos_token_id: Option<u32>,
     /// Unix seconds when the card was loaded, shown by `/v1/models`.
@@ -63,6 +67,8 @@ impl Model {
             vocab_size,
             tokenizer: Arc::new(tokenizer),
             template,
+            bos_token: card.bos_token.clone(),
+            eos_token: card.eos_token.clone(),
             bos_token_id,
             created: unix_now(),
         })

@@ -17,14 +17,16 @@
 //! at once instead of waiting for the worker's timeout. Dropping the stream
 //! during decode drops the gRPC stream, which cancels the work on the worker.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use proto::worker::RemotePrefill;
 
-use crate::placement::{Leg, Placement};
+use crate::admission::{hold, Chooser};
+use crate::placement::{Demand, Leg, Placement, Slots};
 
 /// How to pick tokens, validated: no option is left open except the seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +112,9 @@ pub enum Finish {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// A worker failed mid-generation (vLLM's `error`); never sent by a
+    /// worker, only set by the router on the choices a failure cut short.
+    Error,
 }
 
 impl Finish {
@@ -118,6 +123,7 @@ impl Finish {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::Error => "error",
         }
     }
 }
@@ -178,6 +184,12 @@ pub type TokenStream = BoxStream<'static, Result<TokenChunk, BackendError>>;
 
 /// The seam between HTTP and the workers.
 pub trait Backend: Send + Sync + 'static {
+    /// How admission should pick the first leg's worker for `request` when
+    /// its turn comes; `None`: the least busy one.
+    fn first_leg_chooser(&self, _request: &GenerateRequest) -> Option<Chooser> {
+        None
+    }
+
     /// Starts a generation. Dropping the stream cancels it.
     fn generate(&self, request: GenerateRequest) -> TokenStream;
 }
@@ -235,17 +247,43 @@ pub trait WorkerLegs: Send + Sync + 'static {
     fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>>;
 }
 
+/// What placement decided, counted: where requests went, and how much of
+/// their prompts the chosen worker had cached.
+#[derive(Debug, Clone)]
+pub struct PlacementCounters {
+    /// Leading prompt blocks cached on the chosen first-leg worker.
+    pub hit_blocks: IntCounter,
+    /// Full prompt blocks.
+    pub total_blocks: IntCounter,
+    /// Legs placed, by `pool` (`prefill` / `decode`) and `worker` index.
+    pub placements: IntCounterVec,
+}
+
+impl PlacementCounters {
+    fn placed(&self, leg: Leg, worker: usize) {
+        let pool = match leg {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        };
+        self.placements.with_label_values(&[pool, &worker.to_string()]).inc();
+    }
+}
+
 /// [`Backend`] over prefill and decode pools.
 pub struct PdBackend<L> {
     legs: Arc<L>,
     placement: Arc<dyn Placement>,
+    /// This router's open decode streams per decode worker, for placement.
+    decode_in_flight: Arc<Vec<AtomicUsize>>,
     cached_tokens: Option<IntCounter>,
+    counters: Option<PlacementCounters>,
 }
 
 impl<L: WorkerLegs> PdBackend<L> {
     /// A backend that places requests with `placement`.
     pub fn new(legs: L, placement: Arc<dyn Placement>) -> Self {
-        Self { legs: Arc::new(legs), placement, cached_tokens: None }
+        let decode_in_flight = Arc::new((0..legs.num_decode()).map(|_| AtomicUsize::new(0)).collect());
+        Self { legs: Arc::new(legs), placement, decode_in_flight, cached_tokens: None, counters: None }
     }
 
     /// The same backend adding each prefill's prefix-cached prompt tokens to
@@ -254,32 +292,103 @@ impl<L: WorkerLegs> PdBackend<L> {
     pub fn with_cached_tokens(self, counter: IntCounter) -> Self {
         Self { cached_tokens: Some(counter), ..self }
     }
+
+    /// The same backend counting its placements into `counters`.
+    pub fn with_placement_counters(self, counters: PlacementCounters) -> Self {
+        Self { counters: Some(counters), ..self }
+    }
+
+    fn count_placement(&self, leg: Leg, worker: usize) {
+        if let Some(counters) = &self.counters {
+            counters.placed(leg, worker);
+        }
+    }
+
+    fn demand(&self, request: &GenerateRequest) -> Demand {
+        Demand::new(&request.prompt_token_ids, request.cache_salt.as_deref(), self.placement.block_size())
+    }
+
+    /// The first leg's pool.
+    fn first_leg(&self) -> Leg {
+        if self.legs.num_prefill() == 0 {
+            Leg::Decode
+        } else {
+            Leg::Prefill
+        }
+    }
+
+    /// Decode on `worker` only, prefilling there; counted in `decode_in_flight`.
+    fn colocated(&self, worker: usize, request: GenerateRequest) -> TokenStream {
+        let n = request.sampling.n.max(1);
+        let slot = DecodeSlot::take(&self.decode_in_flight, worker);
+        let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
+        let opened = self.legs.decode(worker, leg);
+        let placement = self.placement.clone();
+        stream::once(opened)
+            .flat_map(move |opened| match opened {
+                Ok(tokens) => hold(until_finish(tokens, n), slot.clone()),
+                Err(e) => {
+                    if matches!(e, BackendError::Unavailable(_)) {
+                        placement.mark_down(Leg::Decode, worker);
+                    }
+                    stream::iter([Err(e)]).boxed()
+                }
+            })
+            .boxed()
+    }
 }
 
 impl<L: WorkerLegs> Backend for PdBackend<L> {
+    fn first_leg_chooser(&self, request: &GenerateRequest) -> Option<Chooser> {
+        let demand = self.demand(request);
+        let placement = self.placement.clone();
+        let leg = self.first_leg();
+        let counters = self.counters.clone();
+        Some(Box::new(move |in_flight: &[usize], cap: usize| {
+            let pick = placement.pick_first(leg, &demand, &Slots { in_flight, cap });
+            if let Some(counters) = counters {
+                counters.hit_blocks.inc_by(pick.cached_blocks as u64);
+                counters.total_blocks.inc_by(demand.hashes.len() as u64);
+                counters.placed(leg, pick.worker);
+            }
+            pick.worker
+        }))
+    }
+
     fn generate(&self, request: GenerateRequest) -> TokenStream {
         let n = request.sampling.n.max(1);
+        let demand = self.demand(&request);
         // Admission holds a slot on the first leg's worker: use that one.
-        let reserved = |num: usize| request.first_worker.filter(|&w| w < num);
+        let first_worker = |num: usize| {
+            request.first_worker.filter(|&w| w < num).unwrap_or_else(|| {
+                let idle = vec![0; num];
+                self.placement
+                    .pick_first(self.first_leg(), &demand, &Slots { in_flight: &idle, cap: usize::MAX })
+                    .worker
+            })
+        };
         if self.legs.num_prefill() == 0 {
-            let num_decode = self.legs.num_decode();
-            let decode_worker = reserved(num_decode).unwrap_or_else(|| self.placement.pick(Leg::Decode, num_decode));
-            let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
-            let opened = self.legs.decode(decode_worker, leg);
-            return stream::once(opened)
-                .flat_map(move |opened| match opened {
-                    Ok(tokens) => until_finish(tokens, n),
-                    Err(e) => stream::iter([Err(e)]).boxed(),
-                })
-                .boxed();
+            let worker = first_worker(self.legs.num_decode());
+            return self.colocated(worker, request);
         }
-        let num_prefill = self.legs.num_prefill();
-        let prefill_worker = reserved(num_prefill).unwrap_or_else(|| self.placement.pick(Leg::Prefill, num_prefill));
-        let decode_worker = self.placement.pick(Leg::Decode, self.legs.num_decode());
+        let prefill_worker = first_worker(self.legs.num_prefill());
+        let in_flight: Vec<usize> = self.decode_in_flight.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let decode = self.placement.pick_decode(&demand, &in_flight);
+        self.count_placement(Leg::Decode, decode.worker);
+        if decode.prefill_locally {
+            tracing::debug!(
+                decode_worker = decode.worker,
+                "uncached part below the hand-off threshold: prefilling on decode"
+            );
+            return self.colocated(decode.worker, request);
+        }
         let run = PdRun {
             legs: self.legs.clone(),
+            placement: self.placement.clone(),
+            demand,
             prefill_worker,
-            decode_worker,
+            decode_worker: decode.worker,
+            decode_slot: DecodeSlot::take(&self.decode_in_flight, decode.worker),
             n,
             cached_tokens: self.cached_tokens.clone(),
         };
@@ -306,8 +415,13 @@ enum PdState<L: WorkerLegs> {
 
 struct PdRun<L> {
     legs: Arc<L>,
+    placement: Arc<dyn Placement>,
+    demand: Demand,
     prefill_worker: usize,
     decode_worker: usize,
+    /// Counts this request on its decode worker until the run is dropped.
+    #[allow(dead_code)] // Held for its drop.
+    decode_slot: Arc<DecodeSlot>,
     /// Choices of the request.
     n: u32,
     cached_tokens: Option<IntCounter>,
@@ -331,7 +445,12 @@ impl<L: WorkerLegs> PdRun<L> {
                         Some((vec![item], PdState::Decoding(tokens)))
                     }
                     // `pin` drops armed here, releasing the blocks.
-                    Err(e) => Some((vec![Err(e)], PdState::Done)),
+                    Err(e) => {
+                        if matches!(e, BackendError::Unavailable(_)) {
+                            self.placement.mark_down(Leg::Decode, self.decode_worker);
+                        }
+                        Some((vec![Err(e)], PdState::Done))
+                    }
                 }
             }
             PdState::Decoding(mut tokens) => {
@@ -342,9 +461,32 @@ impl<L: WorkerLegs> PdRun<L> {
         }
     }
 
+    /// The prefill call, retried once on another prefill worker when the
+    /// first fails: nothing reached the client yet, so a retry is invisible.
+    async fn call_prefill(&self, request: &GenerateRequest) -> Result<(usize, PrefillOutcome), BackendError> {
+        let first = self.prefill_worker;
+        let error = match self.legs.prefill(first, request.clone()).await {
+            Ok(outcome) => return Ok((first, outcome)),
+            Err(e) => e,
+        };
+        if matches!(error, BackendError::Unavailable(_)) {
+            self.placement.mark_down(Leg::Prefill, first);
+        }
+        let Some(retry) = self.placement.pick_prefill_retry(&self.demand, first, self.legs.num_prefill()) else {
+            return Err(error);
+        };
+        tracing::warn!(failed = first, retry, %error, "prefill failed; retrying on another prefill worker");
+        let outcome = self.legs.prefill(retry, request.clone()).await.inspect_err(|e| {
+            if matches!(e, BackendError::Unavailable(_)) {
+                self.placement.mark_down(Leg::Prefill, retry);
+            }
+        })?;
+        Ok((retry, outcome))
+    }
+
     async fn prefill(&self, request: GenerateRequest) -> Step<L> {
-        let outcome = match self.legs.prefill(self.prefill_worker, request.clone()).await {
-            Ok(outcome) => outcome,
+        let (prefill_worker, outcome) = match self.call_prefill(&request).await {
+            Ok(answered) => answered,
             Err(e) => return (vec![Err(e)], PdState::Done),
         };
         if let Some(counter) = &self.cached_tokens {
@@ -356,7 +498,7 @@ impl<L: WorkerLegs> PdRun<L> {
         }
         let pin = outcome.handoff.as_ref().map(|h| KvPin {
             legs: self.legs.clone(),
-            worker: self.prefill_worker,
+            worker: prefill_worker,
             remote_request_id: Some(h.remote_request_id.clone()),
         });
         let all_finished = outcome.choices.iter().all(|c| c.finish.is_some());
@@ -421,6 +563,30 @@ impl<L: WorkerLegs> Drop for KvPin<L> {
                 Err(e) => tracing::warn!(remote_request_id = %id, error = %e, "ReleaseKv failed"),
             }
         });
+    }
+}
+
+/// One request counted on a decode worker, uncounted when dropped.
+#[derive(Debug)]
+struct DecodeSlot {
+    counters: Arc<Vec<AtomicUsize>>,
+    worker: usize,
+}
+
+impl DecodeSlot {
+    fn take(counters: &Arc<Vec<AtomicUsize>>, worker: usize) -> Arc<Self> {
+        if let Some(counter) = counters.get(worker) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Arc::new(Self { counters: counters.clone(), worker })
+    }
+}
+
+impl Drop for DecodeSlot {
+    fn drop(&mut self) {
+        if let Some(counter) = self.counters.get(self.worker) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

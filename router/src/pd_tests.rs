@@ -8,7 +8,7 @@ use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::placement::RoundRobin;
+use crate::placement::{Demand, Leg, Placement, RoundRobin, Slots};
 
 /// Fake pools: prefill answers `prefill`, decode streams `decode_chunks`.
 struct FakeLegs {
@@ -17,6 +17,9 @@ struct FakeLegs {
     decode_chunks: Vec<Result<TokenChunk, BackendError>>,
     decode_calls: Mutex<Vec<(usize, DecodeLeg)>>,
     released: mpsc::UnboundedSender<String>,
+    /// Prefill workers that answer `Unavailable`.
+    failing_prefill: Vec<usize>,
+    prefill_calls: Mutex<Vec<usize>>,
 }
 
 impl WorkerLegs for Arc<FakeLegs> {
@@ -26,7 +29,11 @@ impl WorkerLegs for Arc<FakeLegs> {
     fn num_decode(&self) -> usize {
         2
     }
-    fn prefill(&self, _: usize, _: GenerateRequest) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
+    fn prefill(&self, worker: usize, _: GenerateRequest) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
+        self.prefill_calls.lock().unwrap().push(worker);
+        if self.failing_prefill.contains(&worker) {
+            return future::ready(Err(BackendError::Unavailable(format!("prefill {worker} is gone")))).boxed();
+        }
         future::ready(Ok(self.prefill.clone())).boxed()
     }
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
@@ -72,6 +79,8 @@ fn setup(
         decode_chunks,
         decode_calls: Mutex::new(Vec::new()),
         released: tx,
+        failing_prefill: Vec::new(),
+        prefill_calls: Mutex::new(Vec::new()),
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     (legs, backend, rx)
@@ -162,6 +171,8 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
         decode_chunks: decoded,
         decode_calls: Mutex::new(Vec::new()),
         released: released_tx,
+        failing_prefill: Vec::new(),
+        prefill_calls: Mutex::new(Vec::new()),
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     let mut req = request();
@@ -189,4 +200,63 @@ async fn prefill_cached_tokens_are_counted() {
     let counter = prometheus::IntCounter::new("cached", "test").unwrap();
     let _: Vec<_> = backend.with_cached_tokens(counter.clone()).generate(request()).collect().await;
     assert_eq!(counter.get(), 0);
+}
+
+fn with_failing_prefill(prefill_workers: usize, failing: &[usize]) -> (Arc<FakeLegs>, PdBackend<Arc<FakeLegs>>) {
+    let decoded = vec![chunk(&[8], Some(Finish::Stop))];
+    let (legs, _, _) = setup(prefill_workers, None, decoded);
+    let mut legs = Arc::into_inner(legs).expect("only setup's backend shares it");
+    legs.failing_prefill = failing.to_vec();
+    let legs = Arc::new(legs);
+    (legs.clone(), PdBackend::new(legs, Arc::new(RoundRobin::default())))
+}
+
+#[tokio::test]
+async fn a_failed_prefill_is_retried_once_on_another_worker() {
+    let (legs, backend) = with_failing_prefill(3, &[0]);
+    let mut req = request();
+    req.first_worker = Some(0);
+    let ids: Vec<_> = backend.generate(req).map(|c| c.unwrap().token_ids).collect().await;
+    assert_eq!(ids, [vec![7], vec![8]], "the client sees a normal answer");
+    assert_eq!(*legs.prefill_calls.lock().unwrap(), [0, 1]);
+}
+
+#[tokio::test]
+async fn a_second_prefill_failure_or_no_other_worker_is_a_clean_error() {
+    for (workers, failing, calls) in [(3, vec![0, 1], vec![0, 1]), (1, vec![0], vec![0])] {
+        let (legs, backend) = with_failing_prefill(workers, &failing);
+        let mut req = request();
+        req.first_worker = Some(0);
+        let items: Vec<_> = backend.generate(req).collect().await;
+        assert!(matches!(items[..], [Err(BackendError::Unavailable(_))]), "{items:?}");
+        assert_eq!(*legs.prefill_calls.lock().unwrap(), calls, "retried once at most");
+        assert!(legs.decode_calls.lock().unwrap().is_empty());
+    }
+}
+
+/// Says every request is small enough to prefill on decode worker 1.
+struct PrefillOnDecode;
+
+impl Placement for PrefillOnDecode {
+    fn pick_first(&self, _: Leg, _: &Demand, _: &Slots<'_>) -> crate::placement::Pick {
+        crate::placement::Pick { worker: 0, cached_blocks: 0 }
+    }
+    fn pick_decode(&self, _: &Demand, _: &[usize]) -> crate::placement::DecodePick {
+        crate::placement::DecodePick { worker: 1, prefill_locally: true }
+    }
+    fn pick_prefill_retry(&self, _: &Demand, _: usize, _: usize) -> Option<usize> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn a_small_uncached_remainder_skips_the_hand_off() {
+    let (legs, _, _) = setup(2, None, vec![chunk(&[7, 8], Some(Finish::Stop))]);
+    let backend = PdBackend::new(legs.clone(), Arc::new(PrefillOnDecode));
+    let ids: Vec<_> = backend.generate(request()).map(|c| c.unwrap().token_ids).collect().await;
+    assert_eq!(ids, [vec![7, 8]]);
+    assert!(legs.prefill_calls.lock().unwrap().is_empty(), "no prefill worker was called");
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls[0].0, 1);
+    assert!(calls[0].1.handoff.is_none() && calls[0].1.first_token_ids.is_empty());
 }

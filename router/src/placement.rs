@@ -1,8 +1,45 @@
-//! Which worker of a pool serves a request. Only round-robin for now; the
-//! cache-aware policy of ARCHITECTURE.md will be another implementation of
-//! [`Placement`].
+//! Which worker serves each leg of a request.
+//!
+//! [`CacheAware`] (the default) places by the workers' prefix caches, as the
+//! [`PrefixIndex`] of each pool sees them, and by load:
+//!
+//! ```text
+//! first leg (prefill pool, or decode pool when colocated), over workers with
+//! a free admission slot:
+//!     cost(w) = uncached_tokens(w) + load_weight_tokens * load(w)
+//!     uncached_tokens(w) = prompt_tokens - block_size * cached_blocks(w)
+//!     load(w) = max(requests this router has in flight on w,
+//!                   sequences w reported in its last KV event batch)
+//! decode pool: least load(w), then most free KV blocks
+//! ```
+//!
+//! Lowest cost wins. The credit for cached blocks is the prefill work they
+//! save; the load term prices each request already on the worker as
+//! `load_weight_tokens` of prefill. A guard keeps affinity from piling every
+//! request on one worker (a hot shared prefix would otherwise draw all the
+//! traffic, the "death spiral"): only workers within `max_imbalance` requests
+//! of the least busy one compete on cost. Workers whose KV event stream is
+//! down are avoided while any other is up.
+//!
+//! Ties, and every choice on an idle cluster, are broken by rendezvous
+//! hashing of the prompt's first block (or its tokens when shorter) against
+//! each worker's URL: no counter or clock takes part, so two router replicas
+//! with the same view make the same choice, and new conversations spread.
+//!
+//! A disaggregated request whose uncached part on the chosen decode worker is
+//! at most `local_prefill_max_tokens` skips the hand-off: the decode worker
+//! prefills it itself, which costs less than a transfer.
+//!
+//! [`RoundRobin`] ignores caches and load: the baseline of the affinity
+//! benchmark.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cluster::block_hash::{block_hashes, BlockHash};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::prefix_index::PrefixIndex;
 
 /// The leg of a request a worker is picked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,10 +50,100 @@ pub enum Leg {
     Decode,
 }
 
-/// Picks a worker index in `0..num_workers` (callers pass `num_workers > 0`).
+/// A request as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Tokens per KV block; 0 when no worker has reported one yet.
+    pub block_size: usize,
+    /// The salted, chained hashes of the prompt's full blocks.
+    pub hashes: Vec<BlockHash>,
+    /// The rendezvous key: the same for requests that share a first block.
+    pub key: u64,
+}
+
+impl Demand {
+    /// Hashes `prompt` in blocks of `block_size` with the request's salt,
+    /// exactly as the workers do (`cluster::block_hash`).
+    pub fn new(prompt: &[u32], cache_salt: Option<&str>, block_size: Option<u32>) -> Self {
+        let salt = cache_salt.unwrap_or_default().as_bytes();
+        let block_size = block_size.unwrap_or(0) as usize;
+        let hashes = if block_size > 0 { block_hashes(salt, prompt, block_size) } else { Vec::new() };
+        let key = match hashes.first() {
+            Some(first) => first.0,
+            // Shorter than a block: the salt and the tokens themselves.
+            None => {
+                let mut bytes = salt.to_vec();
+                prompt.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+                xxh3_64_with_seed(&bytes, 1)
+            }
+        };
+        Self { prompt_tokens: prompt.len(), block_size, hashes, key }
+    }
+
+    /// Prompt tokens not covered by `cached_blocks` leading cached blocks.
+    fn uncached_tokens(&self, cached_blocks: usize) -> usize {
+        self.prompt_tokens.saturating_sub(cached_blocks * self.block_size)
+    }
+}
+
+/// Requests each worker of the first leg runs now, as admission counts them,
+/// and the cap on them.
+#[derive(Debug, Clone, Copy)]
+pub struct Slots<'a> {
+    /// Per worker.
+    pub in_flight: &'a [usize],
+    /// A worker at the cap takes nothing more.
+    pub cap: usize,
+}
+
+impl Slots<'_> {
+    fn free(&self, worker: usize) -> bool {
+        self.in_flight[worker] < self.cap
+    }
+}
+
+/// The first leg's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// The worker.
+    pub worker: usize,
+    /// Leading prompt blocks the index says it has cached.
+    pub cached_blocks: usize,
+}
+
+/// The decode leg's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePick {
+    /// The decode worker.
+    pub worker: usize,
+    /// Skip the prefill worker: the uncached part is too small to hand off.
+    pub prefill_locally: bool,
+}
+
+/// Picks workers. Worker indices are positions in the router's lists of
+/// prefill and decode URLs.
 pub trait Placement: Send + Sync + 'static {
-    /// The index of the worker that serves this leg.
-    fn pick(&self, leg: Leg, num_workers: usize) -> usize;
+    /// The block size prompts are hashed with; `None` while unknown.
+    fn block_size(&self) -> Option<u32> {
+        None
+    }
+
+    /// The worker of the first leg (`Leg::Prefill`, or `Leg::Decode` when
+    /// serving colocated), among those with a free slot. Admission calls
+    /// this only when at least one slot is free.
+    fn pick_first(&self, leg: Leg, demand: &Demand, slots: &Slots<'_>) -> Pick;
+
+    /// The decode worker of a disaggregated request; `in_flight` counts this
+    /// router's decode streams per decode worker.
+    fn pick_decode(&self, demand: &Demand, in_flight: &[usize]) -> DecodePick;
+
+    /// A prefill worker other than `failed` to retry on, if there is one.
+    fn pick_prefill_retry(&self, demand: &Demand, failed: usize, num_prefill: usize) -> Option<usize>;
+
+    /// A call found `worker` unreachable: avoid it until it is seen again.
+    fn mark_down(&self, _leg: Leg, _worker: usize) {}
 }
 
 /// Cycles through each pool independently. Lock-free: one atomic per pool.
@@ -26,26 +153,190 @@ pub struct RoundRobin {
     decode: AtomicUsize,
 }
 
-impl Placement for RoundRobin {
-    fn pick(&self, leg: Leg, num_workers: usize) -> usize {
+impl RoundRobin {
+    fn next(&self, leg: Leg) -> usize {
         let counter = match leg {
             Leg::Prefill => &self.prefill,
             Leg::Decode => &self.decode,
         };
-        counter.fetch_add(1, Ordering::Relaxed) % num_workers.max(1)
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Placement for RoundRobin {
+    fn pick_first(&self, leg: Leg, _: &Demand, slots: &Slots<'_>) -> Pick {
+        let n = slots.in_flight.len().max(1);
+        let start = self.next(leg);
+        // The next worker in turn that has a free slot.
+        let worker = (0..n).map(|i| (start + i) % n).find(|&w| slots.free(w)).unwrap_or(start % n);
+        Pick { worker, cached_blocks: 0 }
+    }
+
+    fn pick_decode(&self, _: &Demand, in_flight: &[usize]) -> DecodePick {
+        DecodePick { worker: self.next(Leg::Decode) % in_flight.len().max(1), prefill_locally: false }
+    }
+
+    fn pick_prefill_retry(&self, _: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
+        (num_prefill > 1).then(|| (failed + 1) % num_prefill)
+    }
+}
+
+/// The knobs of [`CacheAware`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheAwareConfig {
+    /// Prefill tokens one in-flight request is worth in the cost.
+    pub load_weight_tokens: usize,
+    /// Most requests a worker may run beyond the least busy one and still be
+    /// chosen for its cache.
+    pub max_imbalance: usize,
+    /// Uncached prompt tokens at or below which a disaggregated request is
+    /// prefilled by its decode worker.
+    pub local_prefill_max_tokens: usize,
+}
+
+/// Default of `--load-weight-tokens`.
+pub const DEFAULT_LOAD_WEIGHT_TOKENS: usize = 64;
+/// Default of `--max-load-imbalance`.
+pub const DEFAULT_MAX_IMBALANCE: usize = 8;
+/// Default of `--local-prefill-max-tokens`.
+pub const DEFAULT_LOCAL_PREFILL_MAX_TOKENS: usize = 32;
+
+impl Default for CacheAwareConfig {
+    fn default() -> Self {
+        Self {
+            load_weight_tokens: DEFAULT_LOAD_WEIGHT_TOKENS,
+            max_imbalance: DEFAULT_MAX_IMBALANCE,
+            local_prefill_max_tokens: DEFAULT_LOCAL_PREFILL_MAX_TOKENS,
+        }
+    }
+}
+
+/// One pool: its index and each worker's rendezvous identity.
+#[derive(Debug)]
+struct Pool {
+    index: Arc<PrefixIndex>,
+    ids: Vec<u64>,
+}
+
+impl Pool {
+    fn new(index: Arc<PrefixIndex>, urls: &[String]) -> Self {
+        Self { index, ids: urls.iter().map(|u| xxh3_64_with_seed(u.as_bytes(), 0)).collect() }
+    }
+
+    fn rendezvous(&self, demand: &Demand, worker: usize) -> u64 {
+        xxh3_64_with_seed(&demand.key.to_le_bytes(), self.ids[worker])
+    }
+
+    /// `candidates`, narrowed to the workers whose stream is up if any is.
+    fn prefer_up(&self, candidates: Vec<usize>) -> Vec<usize> {
+        let up: Vec<usize> = candidates.iter().copied().filter(|&w| self.index.is_up(w)).collect();
+        if up.is_empty() {
+            candidates
+        } else {
+            up
+        }
+    }
+
+    fn load(&self, worker: usize, in_flight: usize) -> usize {
+        in_flight.max(self.index.load(worker).num_sequences as usize)
+    }
+
+    /// The cheapest of `candidates` by the module's cost; `in_flight(w)` is
+    /// the router's own count.
+    fn cheapest(
+        &self,
+        config: &CacheAwareConfig,
+        demand: &Demand,
+        candidates: Vec<usize>,
+        in_flight: impl Fn(usize) -> usize,
+    ) -> Option<Pick> {
+        let candidates = self.prefer_up(candidates);
+        let least = candidates.iter().map(|&w| in_flight(w)).min()?;
+        candidates
+            .into_iter()
+            .filter(|&w| in_flight(w) <= least + config.max_imbalance)
+            .map(|w| {
+                let cached_blocks = self.index.cached_blocks(w, &demand.hashes);
+                let cost =
+                    demand.uncached_tokens(cached_blocks) + config.load_weight_tokens * self.load(w, in_flight(w));
+                (cost, std::cmp::Reverse(self.rendezvous(demand, w)), Pick { worker: w, cached_blocks })
+            })
+            .min_by_key(|&(cost, rank, _)| (cost, rank))
+            .map(|(_, _, pick)| pick)
+    }
+}
+
+/// Prefix-cache- and load-aware placement (see the module doc).
+#[derive(Debug)]
+pub struct CacheAware {
+    prefill: Pool,
+    decode: Pool,
+    config: CacheAwareConfig,
+}
+
+impl CacheAware {
+    /// Placement over the pools at `prefill_urls` / `decode_urls`, whose
+    /// prefix caches `prefill_index` / `decode_index` follow.
+    pub fn new(
+        prefill_index: Arc<PrefixIndex>,
+        prefill_urls: &[String],
+        decode_index: Arc<PrefixIndex>,
+        decode_urls: &[String],
+        config: CacheAwareConfig,
+    ) -> Self {
+        Self { prefill: Pool::new(prefill_index, prefill_urls), decode: Pool::new(decode_index, decode_urls), config }
+    }
+
+    fn pool(&self, leg: Leg) -> &Pool {
+        match leg {
+            Leg::Prefill => &self.prefill,
+            Leg::Decode => &self.decode,
+        }
+    }
+}
+
+impl Placement for CacheAware {
+    fn block_size(&self) -> Option<u32> {
+        self.prefill.index.block_size().or_else(|| self.decode.index.block_size())
+    }
+
+    fn pick_first(&self, leg: Leg, demand: &Demand, slots: &Slots<'_>) -> Pick {
+        let free: Vec<usize> = (0..slots.in_flight.len()).filter(|&w| slots.free(w)).collect();
+        let candidates = if free.is_empty() { (0..slots.in_flight.len()).collect() } else { free };
+        self.pool(leg)
+            .cheapest(&self.config, demand, candidates, |w| slots.in_flight[w])
+            .unwrap_or(Pick { worker: 0, cached_blocks: 0 })
+    }
+
+    fn pick_decode(&self, demand: &Demand, in_flight: &[usize]) -> DecodePick {
+        let pool = &self.decode;
+        let candidates = pool.prefer_up((0..in_flight.len()).collect());
+        let worker = candidates
+            .into_iter()
+            .min_by_key(|&w| {
+                let free_blocks = pool.index.load(w).free_blocks;
+                (
+                    pool.load(w, in_flight[w]),
+                    std::cmp::Reverse(free_blocks),
+                    std::cmp::Reverse(pool.rendezvous(demand, w)),
+                )
+            })
+            .unwrap_or(0);
+        let cached_blocks = pool.index.cached_blocks(worker, &demand.hashes);
+        let prefill_locally = demand.uncached_tokens(cached_blocks) <= self.config.local_prefill_max_tokens;
+        DecodePick { worker, prefill_locally }
+    }
+
+    fn pick_prefill_retry(&self, demand: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
+        let others = (0..num_prefill).filter(|&w| w != failed).collect();
+        self.prefill.cheapest(&self.config, demand, others, |_| 0).map(|pick| pick.worker)
+    }
+
+    fn mark_down(&self, leg: Leg, worker: usize) {
+        self.pool(leg).index.mark_down(worker);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_robin_cycles_each_pool_on_its_own() {
-        let rr = RoundRobin::default();
-        let prefill: Vec<_> = (0..4).map(|_| rr.pick(Leg::Prefill, 3)).collect();
-        assert_eq!(prefill, [0, 1, 2, 0]);
-        assert_eq!(rr.pick(Leg::Decode, 2), 0);
-        assert_eq!(rr.pick(Leg::Decode, 2), 1);
-    }
-}
+#[path = "placement_tests.rs"]
+mod tests;

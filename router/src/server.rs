@@ -1,13 +1,14 @@
 //! Routes and shared state. Generation handlers live in `handlers.rs`, vLLM's
-//! tokenize / detokenize / version in `tokenize_api.rs`, metrics in `metrics.rs`.
+//! tokenize / detokenize / version in `tokenize_api.rs`, metrics in `metrics.rs`,
+//! the OpenAPI document of all of them in `openai/openapi.rs`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
@@ -16,6 +17,7 @@ use crate::error::ApiError;
 use crate::handlers;
 use crate::metrics::{self, Metrics};
 use crate::model::Model;
+use crate::openai::openapi::{self, ErrorResponse};
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
 use crate::tokenize_api;
@@ -80,34 +82,78 @@ fn default_admission() -> Admission {
     Admission::new(AdmissionConfig::default(), 1)
 }
 
+/// One route: its method and path (for the OpenAPI check), its handler, and
+/// whether it is a generation route.
+struct Route {
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<AppState>,
+    generation: bool,
+}
+
+/// Every route, in one table so tests can hold `/openapi.json` to what the
+/// router really serves.
+fn routes() -> Vec<Route> {
+    let route = |method, path, handler, generation| Route { method, path, handler, generation };
+    vec![
+        route(Method::POST, "/v1/chat/completions", post(handlers::chat_completions), true),
+        route(Method::POST, "/v1/completions", post(handlers::completions), true),
+        route(Method::GET, "/v1/models", get(models), false),
+        route(Method::GET, "/health", get(health), false),
+        route(Method::POST, "/tokenize", post(tokenize_api::tokenize), false),
+        route(Method::POST, "/detokenize", post(tokenize_api::detokenize), false),
+        route(Method::GET, "/version", get(tokenize_api::version), false),
+        route(Method::GET, "/metrics", get(render_metrics), false),
+        route(Method::GET, "/openapi.json", get(openapi_json), false),
+    ]
+}
+
+/// The method and path of every route [`app`] serves.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    routes().into_iter().map(|r| (r.method, r.path)).collect()
+}
+
 /// The HTTP application.
 pub fn app(state: AppState) -> Router {
+    let (mut generation, mut other) = (Router::new(), Router::new());
+    for Route { path, handler, generation: is_generation, .. } in routes() {
+        if is_generation {
+            generation = generation.route(path, handler);
+        } else {
+            other = other.route(path, handler);
+        }
+    }
     // Only the generation routes are counted and timed: probes and scrapes
     // would drown them.
-    let generation = Router::new()
-        .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/completions", post(handlers::completions))
-        .route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
-    Router::new()
-        .merge(generation)
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/tokenize", post(tokenize_api::tokenize))
-        .route("/detokenize", post(tokenize_api::detokenize))
-        .route("/version", get(tokenize_api::version))
-        .route("/metrics", get(render_metrics))
-        .with_state(state)
+    let generation = generation.route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
+    Router::new().merge(generation).merge(other).with_state(state)
+}
+
+/// `GET /openapi.json`: built once, it never changes while the router runs.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "This OpenAPI document", content_type = "application/json")))]
+pub(crate) async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let document = DOCUMENT.get_or_init(openapi::document).clone();
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
 /// 200 once the model card is loaded, 503 before.
-async fn health(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/health", tag = "meta", responses(
+    (status = 200, description = "The model is loaded"),
+    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     match state.loaded() {
         Some(_) => StatusCode::OK.into_response(),
         None => ApiError::NotReady.into_response(),
     }
 }
 
-async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+/// The served model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
+    (status = 200, description = "A `list` of the one served model", content_type = "application/json"),
+    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
+pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let model = state.model().await?;
     Ok(Json(ModelList {
         object: "list",
@@ -122,7 +168,10 @@ async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiErr
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
-async fn render_metrics(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses(
+    (status = 200, description = "Prometheus text format", content_type = "text/plain"),
+    (status = 500, description = "The metrics could not be encoded")))]
+pub(crate) async fn render_metrics(State(state): State<AppState>) -> Response {
     match state.metrics.render(&state.admission.stats()) {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(e) => {

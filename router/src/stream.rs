@@ -27,17 +27,23 @@ pub struct Detokenizer {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    skip_special_tokens: bool,
 }
 
 impl Detokenizer {
-    /// A detokenizer with nothing decoded yet.
+    /// A detokenizer with nothing decoded yet; special tokens decode to nothing.
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
+    }
+
+    /// The same detokenizer, keeping special tokens' text when
+    /// `skip_special_tokens` is false (vLLM's `skip_special_tokens`).
+    pub fn skip_special_tokens(self, skip_special_tokens: bool) -> Self {
+        Self { skip_special_tokens, ..self }
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        // Special tokens (eos, end of turn) decode to nothing.
-        self.tokenizer.decode(ids, true).unwrap_or_default()
+        self.tokenizer.decode(ids, self.skip_special_tokens).unwrap_or_default()
     }
 
     /// Adds one id; returns the text it completes (maybe empty).
@@ -91,6 +97,14 @@ impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
         Self { stops }
+    }
+
+    /// The length of the stop string that starts at `at` in `text` (the
+    /// shortest, should several start there: it is the one a stream meets
+    /// first). 0 when none does.
+    pub fn len_at(&self, text: &str, at: usize) -> usize {
+        let rest = text.get(at..).unwrap_or_default();
+        self.stops.iter().filter(|s| rest.starts_with(s.as_str())).map(String::len).min().unwrap_or(0)
     }
 
     /// Checks `text`; `from` is where new text begins (earlier text was
@@ -178,6 +192,7 @@ pub struct Output {
     pending_logprobs: Vec<(usize, u32, TokenLogprobs)>,
     completion_tokens: u32,
     finished: bool,
+    include_stop_str: bool,
 }
 
 impl Output {
@@ -193,7 +208,20 @@ impl Output {
             pending_logprobs: Vec::new(),
             completion_tokens: 0,
             finished: false,
+            include_stop_str: false,
         }
+    }
+
+    /// The same output keeping the stop string that ends it in the text
+    /// (vLLM's `include_stop_str_in_output`).
+    pub fn include_stop_str(self, include_stop_str: bool) -> Self {
+        Self { include_stop_str, ..self }
+    }
+
+    /// The same output with special tokens' text kept when
+    /// `skip_special_tokens` is false.
+    pub fn skip_special_tokens(self, skip_special_tokens: bool) -> Self {
+        Self { detok: self.detok.skip_special_tokens(skip_special_tokens), ..self }
     }
 
     /// Generated tokens used so far (those after a stop are not counted).
@@ -229,7 +257,13 @@ impl Output {
         if let Some(logprobs) = logprobs {
             self.pending_logprobs.push((from, id, logprobs));
         }
-        self.text.push_str(&self.detok.push(id));
+        // vLLM leaves the token that stopped the generation (eos, a stop
+        // token id) out of the text unless stop strings are kept; it matters
+        // once special tokens are not skipped.
+        let stop_token = finish == Some(Finish::Stop) && !self.include_stop_str;
+        if !stop_token {
+            self.text.push_str(&self.detok.push(id));
+        }
         if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
             return Some(self.cut_at_stop(at));
         }
@@ -253,9 +287,11 @@ impl Output {
         self.finish_with(finish)
     }
 
-    /// Ends the text where a stop string starts; the tokens from there on
-    /// are not reported in logprobs.
+    /// Ends the text where a stop string starts, or where it ends when the
+    /// stop string is kept; the tokens from there on are not reported in
+    /// logprobs.
     fn cut_at_stop(&mut self, at: usize) -> Delta {
+        let at = if self.include_stop_str { at + self.stops.len_at(&self.text, at) } else { at };
         self.text.truncate(at);
         self.pending_logprobs.retain(|&(start, _, _)| start < at);
         self.finish_with(Finish::Stop)

@@ -6,8 +6,8 @@
 //! first. A plain completion prompt gets BOS only if the model card says so.
 
 use crate::model::Model;
-use crate::validation::ValidationError;
-use cluster::chat_template::TemplateMessage;
+use crate::validation::{ChatRender, ValidationError};
+use cluster::chat_template::{ChatTemplate, RenderOptions, TemplateMessage};
 
 /// Renders the chat template and tokenizes the result.
 pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u32>, ValidationError> {
@@ -20,11 +20,38 @@ pub fn chat_prompt_with_tools(
     messages: &[TemplateMessage],
     tools: Option<&[serde_json::Value]>,
 ) -> Result<Vec<u32>, ValidationError> {
-    let template = model.template.as_ref().ok_or(ValidationError::Unsupported {
-        field: "messages",
-        reason: "the model has no chat template; use /v1/completions".into(),
-    })?;
-    let text = template.render_with_tools(messages, tools).map_err(|e| ValidationError::Template(e.to_string()))?;
+    render_chat(model, messages, &ChatRender { tools: tools.map(<[_]>::to_vec), ..ChatRender::default() })
+}
+
+/// Renders the chat as `render` asks (the request's own template, when it
+/// brings one) and tokenizes the result.
+pub fn render_chat(
+    model: &Model,
+    messages: &[TemplateMessage],
+    render: &ChatRender,
+) -> Result<Vec<u32>, ValidationError> {
+    // A request's template is compiled for that request only: it is the
+    // client's, and most requests use the model's.
+    let own;
+    let template = match &render.chat_template {
+        Some(source) => {
+            own = ChatTemplate::new(source, &model.bos_token, &model.eos_token).map_err(|e| {
+                ValidationError::Unsupported { field: "chat_template", reason: format!("does not compile: {e}") }
+            })?;
+            &own
+        }
+        None => model.template.as_ref().ok_or(ValidationError::Unsupported {
+            field: "messages",
+            reason: "the model has no chat template; use /v1/completions or send `chat_template`".into(),
+        })?,
+    };
+    let options = RenderOptions {
+        tools: render.tools.as_deref(),
+        add_generation_prompt: render.add_generation_prompt,
+        continue_final_message: render.continue_final_message,
+        kwargs: render.kwargs.as_ref(),
+    };
+    let text = template.render_with(messages, &options).map_err(|e| ValidationError::Template(e.to_string()))?;
     encode(model, &text)
 }
 
@@ -66,7 +93,12 @@ pub fn vocab_ids(model: &Model, field: &'static str, ids: &[i64]) -> Result<Vec<
 /// Token ids back to text, special tokens kept (as vLLM's `/detokenize`,
 /// which decodes with the tokenizer's defaults).
 pub fn decode(model: &Model, ids: &[u32]) -> Result<String, ValidationError> {
-    model.tokenizer.decode(ids, false).map_err(|e| ValidationError::Tokenize(e.to_string()))
+    decode_with(model, ids, false)
+}
+
+/// Token ids back to text, special tokens left out when `skip_special_tokens`.
+pub fn decode_with(model: &Model, ids: &[u32], skip_special_tokens: bool) -> Result<String, ValidationError> {
+    model.tokenizer.decode(ids, skip_special_tokens).map_err(|e| ValidationError::Tokenize(e.to_string()))
 }
 
 /// Each id's token as the vocabulary spells it (vLLM's `token_strs`).

@@ -9,13 +9,19 @@ use axum::Json;
 
 use crate::error::{ApiError, AppJson};
 use crate::model::Model;
+use crate::openai::openapi::ErrorResponse;
 use crate::openai::request::{DetokenizeRequest, TokenizeRequest};
 use crate::openai::response::{DetokenizeResponse, TokenizeResponse, VersionResponse};
 use crate::server::AppState;
 use crate::tokenize;
-use crate::validation::{chat_messages, check_model, ValidationError};
+use crate::validation::{chat_messages, chat_render, chat_tools, check_model, ValidationError};
 
 /// `POST /tokenize`.
+#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, responses(
+    (status = 200, description = "`tokens`, `count`, `max_model_len`, maybe `token_strs`", content_type = "application/json"),
+    (status = 400, description = "A parameter is missing or invalid; `param` names it", body = ErrorResponse),
+    (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     AppJson(body): AppJson<TokenizeRequest>,
@@ -33,6 +39,11 @@ pub async fn tokenize(
 }
 
 /// `POST /detokenize`.
+#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest, responses(
+    (status = 200, description = "The decoded `prompt`", content_type = "application/json"),
+    (status = 400, description = "`tokens` is missing or out of the vocabulary", body = ErrorResponse),
+    (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
     AppJson(body): AppJson<DetokenizeRequest>,
@@ -45,6 +56,8 @@ pub async fn detokenize(
 }
 
 /// `GET /version`: needs no model, so it answers while the card loads.
+#[utoipa::path(get, path = "/version", tag = "vllm",
+    responses((status = 200, description = "The router's `version`", content_type = "application/json")))]
 pub async fn version() -> Json<VersionResponse> {
     Json(VersionResponse { version: env!("CARGO_PKG_VERSION") })
 }
@@ -62,32 +75,15 @@ fn tokenize_request(model: &Model, req: TokenizeRequest) -> Result<Vec<u32>, Val
     }
 }
 
-/// Renders and tokenizes the chat form exactly as `/v1/chat/completions` does.
+/// Renders and tokenizes the chat form exactly as `/v1/chat/completions` does,
+/// with the same tools and rendering options.
 fn chat_ids(model: &Model, req: TokenizeRequest) -> Result<Vec<u32>, ValidationError> {
-    check_chat_options(&req)?;
     let messages = chat_messages(req.messages)?;
-    let ids = tokenize::chat_prompt(model, &messages)?;
+    // Without `tool_choice`, tools are offered whenever there are any, as in chat.
+    let tools = chat_tools(req.tools, None)?;
+    let render = chat_render(req.render, &messages, tools)?;
+    let ids = tokenize::render_chat(model, &messages, &render)?;
     // The rendered chat already holds the template's special tokens; vLLM adds
     // the tokenizer's (BOS) on top only when asked.
     Ok(if req.add_special_tokens.unwrap_or(false) { tokenize::with_bos(model, ids) } else { ids })
-}
-
-/// Chat generation always renders the model's own template with the
-/// generation prompt and no extra variables; any other rendering is refused
-/// rather than answered with ids no chat request would use.
-fn check_chat_options(req: &TokenizeRequest) -> Result<(), ValidationError> {
-    let unsupported = |field, reason: &str| Err(ValidationError::Unsupported { field, reason: reason.into() });
-    if req.add_generation_prompt == Some(false) {
-        return unsupported("add_generation_prompt", "only true is supported");
-    }
-    if req.continue_final_message == Some(true) {
-        return unsupported("continue_final_message", "only false is supported");
-    }
-    if req.chat_template.is_some() {
-        return unsupported("chat_template", "only the model's chat template is supported");
-    }
-    if req.chat_template_kwargs.as_ref().is_some_and(|kwargs| !kwargs.is_empty()) {
-        return unsupported("chat_template_kwargs", "template variables are not supported");
-    }
-    Ok(())
 }

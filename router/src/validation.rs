@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use crate::error::ApiError;
 use crate::model::Model;
 use crate::openai::request::{
-    ChatCompletionRequest, ChatMessage, CommonParams, CompletionRequest, MessageContent, Prompt, StopSpec,
+    ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, MessageContent, Prompt,
+    StopSpec,
 };
 use crate::pd::Sampling;
 use crate::tokenize;
@@ -19,6 +20,9 @@ pub const MAX_STOP_STRINGS: usize = 4;
 
 /// Most `top_logprobs` per position (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Longest `request_id` a body may carry: it is logged and sent back in a header.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
 
 /// Most choices (`n`) per request: each is a sequence on the workers, and
 /// the workers cap it at the same value.
@@ -46,6 +50,30 @@ pub struct ValidRequest {
     pub priority: i32,
     /// Prefix-cache salt (vLLM extra); `None` shares with unsalted requests.
     pub cache_salt: Option<String>,
+    /// Text each choice starts with (`echo`): the prompt's text for
+    /// completions, the final assistant message's content for chat.
+    pub echo: Option<String>,
+    /// Keep the stop string that ended a choice in its text (vLLM extra).
+    pub include_stop_str_in_output: bool,
+    /// Leave special tokens out of the generated text (vLLM extra).
+    pub skip_special_tokens: bool,
+}
+
+/// A chat's rendering, checked: the tools offered and vLLM's template options.
+/// The default is what a chat request that sets no option renders: the
+/// model's template with the generation prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRender {
+    /// Tools for the template's `tools`; `None` offers none.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// End the prompt with the assistant's turn header.
+    pub add_generation_prompt: bool,
+    /// Leave the last (assistant) message open for the model to continue.
+    pub continue_final_message: bool,
+    /// The request's own Jinja template, replacing the model's.
+    pub chat_template: Option<String>,
+    /// Extra template variables.
+    pub kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A parameter the router cannot accept (400).
@@ -115,21 +143,92 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     let messages = chat_messages(req.messages)?;
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
     let tools = chat_tools(req.tools, req.tool_choice)?;
-    let prompt = tokenize::chat_prompt_with_tools(model, &messages, tools.as_deref())?;
+    let parse_tool_calls = tools.is_some();
+    let render = chat_render(req.render, &messages, tools)?;
+    let prompt = tokenize::render_chat(model, &messages, &render)?;
+    // vLLM echoes the last message only when it has the answer's role.
+    let echo = req.echo.unwrap_or(false).then(|| messages.last().filter(|m| m.role == "assistant")).flatten();
+    let echo = echo.map(|m| m.content.clone());
     let mut valid = finish(model, prompt, req.params)?;
     valid.sampling.logprobs = logprobs;
-    valid.parse_tool_calls = tools.is_some();
+    valid.parse_tool_calls = parse_tool_calls;
+    valid.echo = echo;
     Ok(valid)
+}
+
+impl Default for ChatRender {
+    fn default() -> Self {
+        Self {
+            tools: None,
+            add_generation_prompt: true,
+            continue_final_message: false,
+            chat_template: None,
+            kwargs: None,
+        }
+    }
+}
+
+/// Checks vLLM's rendering options against the conversation: not both
+/// `add_generation_prompt` and `continue_final_message` set true, the latter
+/// only after an assistant message; `chat_template_kwargs` an object.
+/// Shared by chat completions and `/tokenize`.
+pub fn chat_render(
+    params: ChatRenderParams,
+    messages: &[TemplateMessage],
+    tools: Option<Vec<serde_json::Value>>,
+) -> Result<ChatRender, ValidationError> {
+    let continue_final_message = params.continue_final_message.unwrap_or(false);
+    if continue_final_message && params.add_generation_prompt == Some(true) {
+        return Err(ValidationError::Unsupported {
+            field: "continue_final_message",
+            reason: "cannot be true together with `add_generation_prompt`".into(),
+        });
+    }
+    if continue_final_message && messages.last().is_none_or(|m| m.role != "assistant") {
+        return Err(ValidationError::Unsupported {
+            field: "continue_final_message",
+            reason: "needs the last message to be an assistant message".into(),
+        });
+    }
+    let kwargs = match params.chat_template_kwargs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(kwargs)) => Some(kwargs),
+        Some(other) => return Err(out_of_range("chat_template_kwargs", "an object", other)),
+    };
+    Ok(ChatRender {
+        tools,
+        add_generation_prompt: params.add_generation_prompt.unwrap_or(true),
+        continue_final_message,
+        chat_template: params.chat_template,
+        kwargs,
+    })
 }
 
 /// Validates a completion request: tokenizes the prompt and checks every parameter.
 pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<ValidRequest, ApiError> {
     check_model(model, req.model.as_deref())?;
+    let echo = req.echo.unwrap_or(false);
+    if echo && req.logprobs.is_some() {
+        return Err(ValidationError::Unsupported {
+            field: "echo",
+            reason: "echo with logprobs needs prompt logprobs, which are not supported".into(),
+        }
+        .into());
+    }
+    let skip_special_tokens = req.params.skip_special_tokens.unwrap_or(true);
+    let mut echo_text = None;
     let prompt = match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
-        Prompt::Text(text) => text_prompt(model, &text)?,
+        Prompt::Text(text) => {
+            let ids = text_prompt(model, &text)?;
+            echo_text = echo.then_some(text);
+            ids
+        }
         Prompt::Texts(texts) => match texts.as_slice() {
             [] => return Err(ValidationError::Empty { field: "prompt" }.into()),
-            [text] => text_prompt(model, text)?,
+            [text] => {
+                echo_text = echo.then(|| text.clone());
+                text_prompt(model, text)?
+            }
             _ => {
                 return Err(ValidationError::Unsupported {
                     field: "prompt",
@@ -138,9 +237,17 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
                 .into())
             }
         },
-        Prompt::TokenIds(ids) => tokenize::token_id_prompt(model, &ids)?,
+        Prompt::TokenIds(ids) => {
+            let ids = tokenize::token_id_prompt(model, &ids)?;
+            if echo {
+                echo_text = Some(tokenize::decode_with(model, &ids, skip_special_tokens)?);
+            }
+            ids
+        }
     };
-    Ok(finish(model, prompt, req.params)?)
+    let mut valid = finish(model, prompt, req.params)?;
+    valid.echo = echo_text;
+    Ok(valid)
 }
 
 /// `model` must name the served model when given (404 otherwise); absent means the served one.
@@ -203,20 +310,36 @@ fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationE
             text
         }
     };
+    let tool_calls = message.tool_calls.map(|calls| calls.into_iter().map(parse_tool_call_arguments).collect());
     Ok(TemplateMessage {
         role: message.role,
         content,
-        tool_calls: message.tool_calls,
+        tool_calls,
         tool_call_id: message.tool_call_id,
         name: message.name,
     })
+}
+
+/// A tool call's `arguments` as a JSON object when the client sent it as a
+/// JSON string (the OpenAI shape): templates such as Qwen's and Hermes'
+/// iterate it as a mapping, as vLLM renders it. A string that is not a JSON
+/// object is kept as sent.
+fn parse_tool_call_arguments(mut call: serde_json::Value) -> serde_json::Value {
+    let arguments = call.get_mut("function").and_then(|f| f.get_mut("arguments"));
+    if let Some(arguments) = arguments {
+        let parsed = arguments.as_str().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok());
+        if let Some(object @ serde_json::Value::Object(_)) = parsed {
+            *arguments = object;
+        }
+    }
+    call
 }
 
 /// `tools` and `tool_choice` -> the tools to render, `None` when the model
 /// is offered none (no tools, or `tool_choice: "none"`, which vLLM also
 /// renders without tools). Each tool must be a function with a name; a
 /// named `tool_choice` must name one of them.
-fn chat_tools(
+pub fn chat_tools(
     tools: Option<serde_json::Value>,
     tool_choice: Option<serde_json::Value>,
 ) -> Result<Option<Vec<serde_json::Value>>, ValidationError> {
@@ -337,6 +460,13 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         n,
     };
     let stream = params.stream.unwrap_or(false);
+    if let Some(id) = &params.request_id {
+        check_request_id(id)?;
+    }
+    match &params.kv_transfer_params {
+        None | Some(serde_json::Value::Null | serde_json::Value::Object(_)) => {}
+        Some(other) => return Err(out_of_range("kv_transfer_params", "an object or null", other)),
+    }
     Ok(ValidRequest {
         prompt_token_ids: prompt,
         sampling,
@@ -348,7 +478,26 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         parse_tool_calls: false,
         priority: priority(params.priority)?,
         cache_salt: cache_salt(params.cache_salt)?,
+        // Set by the endpoint, which knows what the prompt's text is.
+        echo: None,
+        include_stop_str_in_output: params.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
     })
+}
+
+/// A body's `request_id` (vLLM extra): it becomes a log field and a response
+/// header, so it must be non-empty, short and printable ASCII.
+pub fn check_request_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() {
+        return Err(ValidationError::Empty { field: "request_id" });
+    }
+    if id.len() > MAX_REQUEST_ID_LEN {
+        return Err(out_of_range("request_id", "at most 256 characters", format!("{} characters", id.len())));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(out_of_range("request_id", "printable ASCII", format!("{id:?}")));
+    }
+    Ok(())
 }
 
 /// vLLM's `priority`: any i32, default 0.

@@ -271,3 +271,72 @@ fn tool_messages_are_validated() {
     let user_calls = json!({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]});
     assert_eq!(field_of(chat(user_calls)), Some("messages.tool_calls"));
 }
+
+#[test]
+fn new_fields_default_like_vllm() {
+    let req = completion(json!({"prompt": "a"})).unwrap();
+    assert!(!req.include_stop_str_in_output && req.skip_special_tokens && req.echo.is_none());
+    let req = completion(json!({"prompt": "a", "include_stop_str_in_output": true, "skip_special_tokens": false,
+                                "echo": true, "user": "u", "request_id": "r-1", "kv_transfer_params": null}))
+    .unwrap();
+    assert!(req.include_stop_str_in_output && !req.skip_special_tokens);
+    assert_eq!(req.echo.as_deref(), Some("a"));
+    assert!(completion(json!({"prompt": "a", "kv_transfer_params": {"remote_host": "x"}})).is_ok());
+}
+
+#[test]
+fn new_fields_out_of_range_name_the_field() {
+    let user = json!([{"role": "user", "content": "a"}]);
+    let continued = json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]);
+    for (body, field) in [
+        (json!({"prompt": "a", "request_id": ""}), "request_id"),
+        (json!({"prompt": "a", "request_id": "x".repeat(257)}), "request_id"),
+        (json!({"prompt": "a", "request_id": "caf\u{e9}"}), "request_id"),
+        (json!({"prompt": "a", "request_id": "a\tb"}), "request_id"),
+        (json!({"prompt": "a", "kv_transfer_params": 5}), "kv_transfer_params"),
+        (json!({"prompt": "a", "kv_transfer_params": [1]}), "kv_transfer_params"),
+        (json!({"prompt": "a", "echo": true, "logprobs": 0}), "echo"),
+    ] {
+        assert_eq!(field_of(completion(body.clone())), Some(field), "{body}");
+    }
+    for (body, field) in [
+        (
+            json!({"messages": continued, "continue_final_message": true, "add_generation_prompt": true}),
+            "continue_final_message",
+        ),
+        (json!({"messages": user, "continue_final_message": true}), "continue_final_message"),
+        (json!({"messages": user, "chat_template_kwargs": "x"}), "chat_template_kwargs"),
+        (json!({"messages": user, "chat_template": "{% for %}"}), "chat_template"),
+        (json!({"messages": user, "request_id": ""}), "request_id"),
+        (json!({"messages": user, "kv_transfer_params": true}), "kv_transfer_params"),
+    ] {
+        assert_eq!(field_of(chat(body.clone())), Some(field), "{body}");
+    }
+    // The limits themselves are accepted.
+    assert!(completion(json!({"prompt": "a", "request_id": "x".repeat(256)})).is_ok());
+    assert!(completion(json!({"prompt": "a", "request_id": " ~"})).is_ok());
+    assert!(completion(json!({"prompt": "a", "echo": false, "logprobs": 0})).is_ok());
+    assert!(chat(json!({"messages": continued, "continue_final_message": true})).is_ok());
+    assert!(chat(json!({"messages": user, "chat_template_kwargs": null})).is_ok());
+}
+
+#[test]
+fn chat_echo_is_the_final_assistant_message_only() {
+    let continued = json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]);
+    let req = chat(json!({"messages": continued, "echo": true, "continue_final_message": true})).unwrap();
+    assert_eq!(req.echo.as_deref(), Some("b"));
+    let req = chat(json!({"messages": [{"role": "user", "content": "a"}], "echo": true})).unwrap();
+    assert_eq!(req.echo, None);
+}
+
+#[test]
+fn tool_call_arguments_strings_become_objects() {
+    let call =
+        |arguments: Value| json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}});
+    let messages = json!([{"role": "assistant", "content": null,
+                           "tool_calls": [call(json!("{\"x\": 1}")), call(json!("nope")), call(json!("3")), call(json!({"y": 2}))]}]);
+    let messages = chat_messages(serde_json::from_value(messages).unwrap()).unwrap();
+    let arguments: Vec<&Value> =
+        messages[0].tool_calls.as_ref().unwrap().iter().map(|c| &c["function"]["arguments"]).collect();
+    assert_eq!(arguments, [&json!({"x": 1}), &json!("nope"), &json!("3"), &json!({"y": 2})]);
+}

@@ -42,6 +42,11 @@ fn channel(url: &str) -> Result<Channel, WorkerError> {
     Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
 }
 
+/// `Worker` service clients for `urls`, in order; nothing connects until used.
+pub fn worker_clients(urls: &[String]) -> Result<Vec<WorkerClient<Channel>>, WorkerError> {
+    urls.iter().map(|url| Ok(WorkerClient::new(channel(url)?))).collect()
+}
+
 /// The prefill and decode pools as [`WorkerLegs`].
 #[derive(Debug, Clone)]
 pub struct GrpcWorkers {

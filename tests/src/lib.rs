@@ -5,6 +5,7 @@
 //! one colocated (decode prefills locally), both over the same decode worker.
 //! Every process is killed when the [`Cluster`] drops, panics included.
 
+pub mod metrics;
 pub mod process;
 pub mod sse;
 
@@ -47,7 +48,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Polls `GET /health` until it answers 200: the router has loaded the model
 /// card. Plain blocking HTTP/1.0, since callers may sit inside an async runtime.
-fn wait_healthy(url: &str) {
+pub fn wait_healthy(url: &str) {
     use std::io::{Read, Write};
     let addr = url.trim_start_matches("http://").to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -97,10 +98,45 @@ pub struct Cluster {
     _serial: MutexGuard<'static, ()>,
 }
 
+/// Waits for this test binary's other cluster tests to finish; hold the
+/// guard while your processes run.
+pub fn take_turn() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts a prefill worker on `listen` (`127.0.0.1:0` for any port).
+pub fn start_prefill(listen: &str) -> Process {
+    let model = model_path();
+    let model = model.to_str().expect("utf-8 model path");
+    Process::start("prefill-worker", &["--listen", listen, "--kv-listen", "127.0.0.1:0", "--model", model])
+}
+
+/// Starts a decode worker on any free port.
+pub fn start_decode() -> Process {
+    let model = model_path();
+    Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8 model path")])
+}
+
+/// Starts a router over these workers with `extra` flags and waits until it
+/// has the model card.
+pub fn start_router(prefill: &[&Process], decode: &[&Process], extra: &[&str]) -> Process {
+    let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
+    for p in prefill {
+        args.extend(["--prefill", p.url()]);
+    }
+    for d in decode {
+        args.extend(["--decode", d.url()]);
+    }
+    args.extend(extra);
+    let router = Process::start("router", &args);
+    wait_healthy(router.url());
+    router
+}
+
 impl Cluster {
     /// Starts all processes and waits until each listens.
     pub fn start(options: ClusterOptions) -> Self {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = take_turn();
         let model = model_path();
         let model = model.to_str().expect("utf-8 model path");
         let pin_timeout = options.kv_pin_timeout_secs.to_string();
@@ -119,11 +155,10 @@ impl Cluster {
         );
         let decode = Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model]);
         let extra = options.router_args.iter().map(String::as_str);
+        // Hand off every prompt, however short: this router is the disaggregated path.
+        let disaggregated = ["--prefill", prefill.url(), "--decode", decode.url(), "--local-prefill-max-tokens", "0"];
         let args: Vec<&str> =
-            ["--host", "127.0.0.1", "--port", "0", "--prefill", prefill.url(), "--decode", decode.url()]
-                .into_iter()
-                .chain(extra.clone())
-                .collect();
+            ["--host", "127.0.0.1", "--port", "0"].into_iter().chain(disaggregated).chain(extra.clone()).collect();
         let router = Process::start("router", &args);
         let args: Vec<&str> =
             ["--host", "127.0.0.1", "--port", "0", "--decode", decode.url()].into_iter().chain(extra).collect();

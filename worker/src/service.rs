@@ -1,27 +1,43 @@
 //! The `Worker` gRPC service every worker serves.
 
+use crate::kv_events::{KvEventConfig, KvEventPublisher, KvEventStream};
 use engine::EngineHandle;
 use kv_transfer::KvConnector;
 use proto::worker as pb;
 use tonic::{Request, Response, Status};
 
-/// Model card and stats of one worker.
+/// Model card, stats and KV event stream of one worker.
 #[derive(Clone)]
 pub struct WorkerService {
     card: pb::ModelCard,
     engine: EngineHandle,
     /// The KV server of a prefill worker, whose pins the stats report.
     connector: Option<KvConnector>,
+    /// The one consumer of the engine's KV events, shared by every subscriber.
+    kv_events: KvEventPublisher,
 }
 
 impl WorkerService {
+    /// Also starts the engine's [`KvEventPublisher`], so it must be called on
+    /// a tokio runtime, once per engine (a second publisher would split the
+    /// engine's events with the first).
     pub fn new(card: pb::ModelCard, engine: EngineHandle, connector: Option<KvConnector>) -> Self {
-        Self { card, engine, connector }
+        let kv_events = KvEventPublisher::start(engine.clone(), KvEventConfig::default());
+        Self { card, engine, connector, kv_events }
+    }
+
+    /// The KV event publisher, for the caller to [`shutdown`](KvEventPublisher::shutdown)
+    /// when the server stops: a graceful shutdown waits for open streams, and
+    /// `SubscribeKvEvents` streams never end on their own.
+    pub fn kv_events(&self) -> &KvEventPublisher {
+        &self.kv_events
     }
 }
 
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
+    type SubscribeKvEventsStream = KvEventStream;
+
     async fn get_model_card(&self, _: Request<pb::GetModelCardRequest>) -> Result<Response<pb::ModelCard>, Status> {
         Ok(Response::new(self.card.clone()))
     }
@@ -37,5 +53,12 @@ impl pb::worker_server::Worker for WorkerService {
             pinned_blocks: stats.held_blocks as u32,
             pinned_requests: pins.requests as u32,
         }))
+    }
+
+    async fn subscribe_kv_events(
+        &self,
+        _: Request<pb::SubscribeKvEventsRequest>,
+    ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
+        Ok(Response::new(self.kv_events.subscribe()))
     }
 }

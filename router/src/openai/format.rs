@@ -89,6 +89,8 @@ pub struct ChatFormat {
     tools: bool,
     /// Per choice, in choice order, made on its first delta.
     choices: Vec<ChoiceStream>,
+    /// `echo`: the final assistant message's content each answer starts with.
+    echo: Option<String>,
 }
 
 /// One streamed choice's parser and what it has not sent yet.
@@ -104,7 +106,13 @@ struct ChoiceStream {
 impl ChatFormat {
     /// A chat format; `tools` turns tool-call parsing on.
     pub fn new(tools: bool) -> Self {
-        Self { tools, choices: Vec::new() }
+        Self { tools, choices: Vec::new(), echo: None }
+    }
+
+    /// The same format, starting each choice's content with `echo` (vLLM's
+    /// chat `echo`: sent whole, right after the role chunks, when streaming).
+    pub fn with_echo(self, echo: Option<String>) -> Self {
+        Self { echo, ..self }
     }
 
     fn stream(&mut self, index: u32) -> &mut ChoiceStream {
@@ -145,21 +153,34 @@ impl ChunkFormat for ChatFormat {
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
-        serde_json::to_value(chat_response(meta, prompt_tokens, out, self.tools)).unwrap_or_default()
+        let mut response = chat_response(meta, prompt_tokens, out, self.tools);
+        if let Some(echo) = &self.echo {
+            for choice in &mut response.choices {
+                let content = choice.message.content.take().unwrap_or_default();
+                choice.message.content = Some(format!("{echo}{content}"));
+            }
+        }
+        serde_json::to_value(response).unwrap_or_default()
     }
 
-    /// A role chunk per choice; the first carries the prompt ids.
+    /// A role chunk per choice, the first with the prompt ids; then, with
+    /// `echo`, a content chunk per choice with the echoed text.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String> {
-        (0..meta.n.max(1))
-            .map(|index| {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
-                let mut chunk = Self::chunk(meta, vec![Self::choice(index, delta, None, meta.ids(&[]), None)]);
-                if index == 0 {
-                    chunk.prompt_token_ids = meta.prompt_ids();
-                }
-                json(&chunk)
+        let roles = (0..meta.n.max(1)).map(|index| {
+            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
+            let mut chunk = Self::chunk(meta, vec![Self::choice(index, delta, None, meta.ids(&[]), None)]);
+            if index == 0 {
+                chunk.prompt_token_ids = meta.prompt_ids();
+            }
+            json(&chunk)
+        });
+        let echoes = self.echo.iter().flat_map(|echo| {
+            (0..meta.n.max(1)).map(move |index| {
+                let delta = ChatDelta { content: Some(echo.clone()), ..ChatDelta::default() };
+                json(&Self::chunk(meta, vec![Self::choice(index, delta, None, None, None)]))
             })
-            .collect()
+        });
+        roles.chain(echoes).collect()
     }
 
     fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
@@ -209,8 +230,33 @@ impl ChunkFormat for ChatFormat {
 }
 
 /// `text_completion` chunks: one per delta, the last with its finish reason.
-#[derive(Debug, Clone, Copy)]
-pub struct CompletionFormat;
+#[derive(Debug, Clone, Default)]
+pub struct CompletionFormat {
+    /// `echo`: the prompt's text each choice's text starts with.
+    echo: Option<String>,
+    /// Choices whose first chunk went out (the one that carries the echo).
+    started: Vec<bool>,
+}
+
+impl CompletionFormat {
+    /// A completion format; `echo` is the prompt text to start each choice with.
+    pub fn new(echo: Option<String>) -> Self {
+        Self { echo, started: Vec::new() }
+    }
+
+    /// The echo for choice `index` if its first chunk has not gone out yet.
+    fn echo_for(&mut self, index: u32) -> &str {
+        let index = index as usize;
+        if self.started.len() <= index {
+            self.started.resize(index + 1, false);
+        }
+        let first = !std::mem::replace(&mut self.started[index], true);
+        match &self.echo {
+            Some(echo) if first => echo,
+            _ => "",
+        }
+    }
+}
 
 impl ChunkFormat for CompletionFormat {
     fn id_prefix(&self) -> &'static str {
@@ -218,7 +264,13 @@ impl ChunkFormat for CompletionFormat {
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
-        serde_json::to_value(completion_response(meta, prompt_tokens, out)).unwrap_or_default()
+        let mut response = completion_response(meta, prompt_tokens, out);
+        if let Some(echo) = &self.echo {
+            for choice in &mut response.choices {
+                choice.text.insert_str(0, echo);
+            }
+        }
+        serde_json::to_value(response).unwrap_or_default()
     }
 
     fn opening(&self, _meta: &ResponseMeta) -> Vec<String> {
@@ -227,9 +279,10 @@ impl ChunkFormat for CompletionFormat {
 
     fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
+        let text = format!("{}{}", self.echo_for(delta.index), delta.text);
         let choice = CompletionChoice {
             index: delta.index,
-            text: delta.text.clone(),
+            text,
             logprobs: None,
             finish_reason: delta.finish.map(Finish::as_str),
             prompt_token_ids: prompt_ids.clone(),

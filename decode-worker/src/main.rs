@@ -1,6 +1,7 @@
 //! The decode worker: pulls a prompt's KV from a prefill worker (or prefills
 //! locally) and streams the generated tokens.
 
+mod mock_http;
 mod service;
 
 use anyhow::Context;
@@ -8,7 +9,6 @@ use proto::worker::{decode_server::DecodeServer, worker_server::WorkerServer};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use worker::{load_engine, EngineArgs, WorkerService};
 
 #[derive(Debug, clap::Parser)]
@@ -20,6 +20,20 @@ struct Args {
     /// Seconds a KV pull from a prefill worker may take before the request fails.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     kv_pull_timeout_secs: u64,
+    /// For benchmarks only: stream `max_tokens` of a fixed token at once,
+    /// without loading the weights (the model's tokenizer and chat template
+    /// are still read, for the model card).
+    #[arg(long)]
+    mock: bool,
+    /// With `--mock`: also serve an OpenAI HTTP face (`/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/models`, `/health`) on this address, the
+    /// direct baseline of benchmarks and the worker of HTTP gateways.
+    #[arg(long, value_name = "ADDR", requires = "mock")]
+    mock_http_listen: Option<SocketAddr>,
+    /// With `--mock`: answer colocated requests with this text (tokenized),
+    /// then stop; for client tests that need a known answer, e.g. a tool call.
+    #[arg(long, value_name = "TEXT", requires = "mock")]
+    mock_reply: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -32,6 +46,9 @@ async fn main() {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    if args.mock {
+        return serve_mock(args).await;
+    }
     let loaded = load_engine(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -40,17 +57,44 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         service::DecodeService::new(loaded.engine, loaded.vocab_size, Duration::from_secs(args.kv_pull_timeout_secs));
     // Tests and the launcher wait for this line.
     println!("decode-worker listening on http://{addr}");
-    // The server drains open streams before it stops; KV event streams never
-    // end on their own, so they are ended first.
-    let kv_events = worker.kv_events().clone();
-    let shutdown = async move {
-        cluster::shutdown::signal().await;
-        kv_events.shutdown();
-    };
+    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(DecodeServer::new(decode))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `--mock`: the same gRPC services, answered without a model, and the
+/// optional OpenAI HTTP face.
+async fn serve_mock(args: Args) -> anyhow::Result<()> {
+    let mut model = worker::mock::MockModel::load(&args.engine)?;
+    if let Some(reply) = &args.mock_reply {
+        model = model.with_reply(&args.engine, reply)?;
+    }
+    if let Some(http) = args.mock_http_listen {
+        let listener = TcpListener::bind(http).await.with_context(|| format!("binding HTTP on {http}"))?;
+        // Before the gRPC line: whoever waits for that one has this one already.
+        println!("decode-worker mock HTTP face on http://{}", listener.local_addr()?);
+        let model = model.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mock_http::serve(listener, &model).await {
+                tracing::error!("mock HTTP face stopped: {e:#}");
+            }
+        });
+    }
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let worker = worker::mock::MockWorker::new(model.card.clone());
+    let decode = worker::mock::MockDecode::new(&model);
+    // Tests and the launcher wait for this line.
+    println!("decode-worker listening on http://{addr} (mock: no model)");
+    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
+    tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(worker))
+        .add_service(DecodeServer::new(decode))
+        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
         .await?;
     Ok(())
 }

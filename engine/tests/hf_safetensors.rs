@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine::model::{load, LoadOptions, LoadedModel, WeightDtype};
+use engine::model::{load, load_metadata, LoadOptions, LoadedModel, WeightDtype};
 use engine::{Forward, ForwardBatch, KvStorage};
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
@@ -508,6 +508,26 @@ fn serving_metadata_comes_from_the_tokenizer_and_generation_files() {
     write_json(&dir.join("tokenizer_config.json"), &json!({"eos_token": "</s>"}));
     std::fs::write(dir.join("chat_template.jinja"), "J").unwrap();
     assert_eq!(load_ok(&dir, &LoadOptions::default()).info.chat_template.as_deref(), Some("J"));
+}
+
+#[test]
+fn metadata_is_what_a_full_load_reads_and_needs_no_weights() {
+    let spec = Spec::llama();
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &spec, &Weights::random(&spec, 1), |_| {});
+    let full = load_ok(dir.path(), &LoadOptions::default());
+    // The workers' --mock publishes its model card from the metadata alone: it
+    // must be the card a full load gives, and must not touch the weights.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    assert!(load(dir.path(), &LoadOptions::default()).is_err(), "the weights are gone");
+    let metadata = load_metadata(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(metadata.info, full.info);
+    assert_eq!(metadata.tokenizer.to_string(false).unwrap(), full.tokenizer.to_string(false).unwrap());
 }
 
 #[test]

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use worker::blocks::EngineBlocks;
 use worker::{load_engine, EngineArgs, WorkerService};
 
@@ -33,6 +32,11 @@ struct Args {
     /// Identifies this engine in `remote_engine_id`; a fresh id by default.
     #[arg(long)]
     engine_id: Option<String>,
+    /// For benchmarks only: answer at once with a fixed token and a fake KV
+    /// hand-off, without loading the weights (the model's tokenizer and chat
+    /// template are still read, for the model card). No kv-transfer server.
+    #[arg(long)]
+    mock: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -45,6 +49,9 @@ async fn main() {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    if args.mock {
+        return serve_mock(args).await;
+    }
     let loaded = load_engine(&args.engine)?;
     let kv_listener = TcpListener::bind(args.kv_listen)
         .await
@@ -63,17 +70,30 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let prefill = service::PrefillService::new(loaded.engine, connector.clone(), loaded.vocab_size, max_model_len);
     // Tests and the launcher wait for this line.
     println!("prefill-worker listening on http://{addr} (kv-transfer port {})", connector.port());
-    // The server drains open streams before it stops; KV event streams never
-    // end on their own, so they are ended first.
-    let kv_events = worker.kv_events().clone();
-    let shutdown = async move {
-        cluster::shutdown::signal().await;
-        kv_events.shutdown();
-    };
+    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(PrefillServer::new(prefill))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `--mock`: the same gRPC services, answered without a model.
+async fn serve_mock(args: Args) -> anyhow::Result<()> {
+    let model = worker::mock::MockModel::load(&args.engine)?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let engine_id = args.engine_id.unwrap_or_else(|| format!("mock-prefill-{}", uuid::Uuid::new_v4()));
+    let worker = worker::mock::MockWorker::new(model.card.clone());
+    let prefill = worker::mock::MockPrefill::new(&model, engine_id);
+    // Tests and the launcher wait for this line.
+    println!("prefill-worker listening on http://{addr} (mock: no model)");
+    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
+    tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(worker))
+        .add_service(PrefillServer::new(prefill))
+        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
         .await?;
     Ok(())
 }

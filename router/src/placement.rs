@@ -22,9 +22,10 @@
 //! down are avoided while any other is up.
 //!
 //! Ties, and every choice on an idle cluster, are broken by rendezvous
-//! hashing of the prompt's first block (or its tokens when shorter) against
-//! each worker's URL: no counter or clock takes part, so two router replicas
-//! with the same view make the same choice, and new conversations spread.
+//! hashing of the prompt's last full block (or its tokens when shorter)
+//! against each worker's URL: no counter or clock takes part, so two router
+//! replicas with the same view make the same choice, and new conversations
+//! spread even when they all start with the same system prompt.
 //!
 //! A disaggregated request whose uncached part on the chosen decode worker is
 //! at most `local_prefill_max_tokens` skips the hand-off: the decode worker
@@ -59,7 +60,8 @@ pub struct Demand {
     pub block_size: usize,
     /// The salted, chained hashes of the prompt's full blocks.
     pub hashes: Vec<BlockHash>,
-    /// The rendezvous key: the same for requests that share a first block.
+    /// The rendezvous key: the prompt's last full block, so conversations
+    /// that share only a system prompt still spread over the workers.
     pub key: u64,
 }
 
@@ -70,8 +72,8 @@ impl Demand {
         let salt = cache_salt.unwrap_or_default().as_bytes();
         let block_size = block_size.unwrap_or(0) as usize;
         let hashes = if block_size > 0 { block_hashes(salt, prompt, block_size) } else { Vec::new() };
-        let key = match hashes.first() {
-            Some(first) => first.0,
+        let key = match hashes.last() {
+            Some(last) => last.0,
             // Shorter than a block: the salt and the tokens themselves.
             None => {
                 let mut bytes = salt.to_vec();

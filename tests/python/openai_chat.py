@@ -25,14 +25,21 @@ def main() -> None:
         model=model, messages=messages, temperature=0, max_tokens=32, stream=True,
         stream_options={"include_usage": True},
     )
-    pieces, finish = [], None
+    pieces, finish, usage = [], None, None
     for chunk in stream:
         for choice in chunk.choices:
             if choice.delta.content:
                 pieces.append(choice.delta.content)
             finish = choice.finish_reason or finish
+        if chunk.usage is not None:
+            assert not chunk.choices, ("usage rides on its own chunk", chunk)
+            usage = chunk.usage
     assert "".join(pieces) == text, ("".join(pieces), text)
     assert finish == "stop", finish
+    assert usage is not None, "include_usage asked for a usage chunk"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        full.usage.prompt_tokens, full.usage.completion_tokens), (usage, full.usage)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, usage
 
     models = client.models.list()
     assert [m.id for m in models.data] == [model], models

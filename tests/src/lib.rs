@@ -36,11 +36,15 @@ pub fn golden() -> serde_json::Value {
     serde_json::from_str(&text).expect("golden file is JSON")
 }
 
-/// A binary of this workspace, built by `cargo build --bins` next to the test executable.
+/// A binary of this workspace, built by `cargo build --bins` next to the
+/// running executable (a test in `target/<profile>/deps/`, or a benchmark
+/// binary in `target/<profile>/`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let exe = std::env::current_exe().expect("executable path");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(path.is_file(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
     path

@@ -1,12 +1,45 @@
 //! The clients the platform's users already use work unchanged.
 
+// The tool tests hold the cluster turn (a std mutex) for their whole run:
+// tests run on their own runtimes and no task awaits the lock.
+#![allow(clippy::await_holding_lock)]
+
 use futures::StreamExt;
 use serde_json::json;
 use std::path::PathBuf;
-use tests::{workspace_root, Cluster, ClusterOptions};
+use tests::process::Process;
+use tests::{model_path, start_router, take_turn, workspace_root, Cluster, ClusterOptions};
 use vllm_client::{StreamEvent, VllmClient};
 
 const PARIS: &str = "What is the capital of France? Answer in one word.";
+
+/// What the mock decode worker answers in the tool tests: one Hermes call.
+const TOOL_CALL: &str = r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>"#;
+
+/// A router over a mock decode worker that answers every request with
+/// [`TOOL_CALL`]; returns both and the model name.
+async fn tool_calling_router() -> (Process, Process, String) {
+    let model = model_path();
+    let decode = Process::start(
+        "decode-worker",
+        &["--listen", "127.0.0.1:0", "--model", model.to_str().unwrap(), "--mock", "--mock-reply", TOOL_CALL],
+    );
+    let router = start_router(&[], &[&decode], &[]);
+    let models: serde_json::Value =
+        reqwest::get(format!("{}/v1/models", router.url())).await.unwrap().json().await.unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_owned();
+    (decode, router, name)
+}
+
+fn weather_tool() -> serde_json::Value {
+    json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }])
+}
 
 /// The Python that has `openai` installed: `PDSERVE_PYTHON`, else the project's venv.
 fn python() -> PathBuf {
@@ -63,15 +96,18 @@ async fn vllm_client_crate_chats() {
         .temperature(0.0)
         .max_tokens(32)
         .stream(true)
+        .extra(json!({"stream_options": {"include_usage": true}}))
         .send_stream()
         .await
         .expect("vllm-client send_stream")
         .into_stream();
     let mut streamed = String::new();
     let mut done = false;
+    let mut usage = None;
     while let Some(event) = stream.next().await {
         match event {
             StreamEvent::Content(delta) => streamed.push_str(&delta),
+            StreamEvent::Usage(u) => usage = Some(u),
             StreamEvent::Done => done = true,
             StreamEvent::Error(e) => panic!("stream error: {e}"),
             _ => {}
@@ -79,4 +115,59 @@ async fn vllm_client_crate_chats() {
     }
     assert!(done, "the stream ended without [DONE]");
     assert_eq!(streamed, text);
+    let usage = usage.expect("include_usage asked for a usage event");
+    let whole = response.usage.expect("usage on the whole answer");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (whole.prompt_tokens, whole.completion_tokens));
+}
+
+#[tokio::test]
+async fn openai_python_sdk_reads_tool_calls() {
+    let _turn = take_turn();
+    let (_decode, router, model) = tool_calling_router().await;
+    let script = workspace_root().join("tests/python/openai_tools.py");
+    let base = format!("{}/v1", router.url());
+    let output = tokio::process::Command::new(python()).arg(&script).arg(&base).arg(&model).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "openai tools failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("openai tools ok"), "{stdout}");
+}
+
+#[tokio::test]
+async fn vllm_client_crate_reads_tool_calls() {
+    let _turn = take_turn();
+    let (_decode, router, model) = tool_calling_router().await;
+    let client = VllmClient::new(format!("{}/v1", router.url()));
+    let messages = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let request =
+        || client.chat.completions().create().model(model.clone()).messages(messages.clone()).tools(weather_tool());
+
+    let response = request().max_tokens(64).send().await.expect("vllm-client send");
+    assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
+    let calls = response.tool_calls.clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name, "get_weather");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&calls[0].arguments).unwrap(), json!({"city": "Paris"}));
+
+    let mut stream = request()
+        .max_tokens(64)
+        .stream(true)
+        .extra(json!({"stream_options": {"include_usage": true}}))
+        .send_stream()
+        .await
+        .expect("vllm-client send_stream")
+        .into_stream();
+    let (mut completed, mut usage) = (Vec::new(), None);
+    while let Some(event) = stream.next().await {
+        match event {
+            StreamEvent::ToolCallComplete(call) => completed.push(call),
+            StreamEvent::Usage(u) => usage = Some(u),
+            StreamEvent::Error(e) => panic!("stream error: {e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!(completed[0].name, "get_weather");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&completed[0].arguments).unwrap(), json!({"city": "Paris"}));
+    assert_eq!(usage.expect("usage event").completion_tokens, response.usage.expect("usage").completion_tokens);
 }

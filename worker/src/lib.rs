@@ -9,6 +9,7 @@
 //! - [`kv_events`]: the engine's KV events as a snapshot-then-deltas stream for routers.
 //! - [`blocks`]: the engine's KV cache as a kv-transfer block source.
 //! - [`convert`]: wire types to engine types, with the checks a worker owes its callers.
+//! - [`mock`]: `--mock`, services that answer without a model, for benchmarks only.
 
 pub mod args;
 pub mod blocks;
@@ -16,9 +17,10 @@ pub mod convert;
 pub mod kv_events;
 pub mod load;
 pub mod memory;
+pub mod mock;
 pub mod service;
 
 pub use args::EngineArgs;
 pub use kv_events::{KvEventConfig, KvEventPublisher, KvEventSource, KvEventStream};
-pub use load::{load_engine, LoadedEngine};
+pub use load::{load_card, load_engine, LoadedEngine};
 pub use service::WorkerService;

@@ -29,16 +29,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     check_tensor_parallel(args.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads)
         .map_err(anyhow::Error::msg)?;
     let info = loaded.info;
-    let context_length = info.context_length as u32;
-    let max_model_len = match args.max_model_len {
-        Some(n) if n > context_length => {
-            anyhow::bail!("--max-model-len {n} exceeds the model's context length {context_length}")
-        }
-        Some(n) => n,
-        None => context_length,
-    };
-    let tokenizer_json =
-        loaded.tokenizer.to_string(false).map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    let max_model_len = max_model_len(args, &info)?;
     let block_bytes = loaded.model.kv_shape(args.block_size as usize, 1).block_bytes();
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n as usize,
@@ -55,7 +46,55 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         enable_prefix_caching: args.prefix_caching(),
     };
     let engine = Engine::start(Arc::new(loaded.model), shape, config);
-    let card = pb::ModelCard {
+    let card = model_card(args, info, &loaded.tokenizer, max_model_len)?;
+    info!(
+        model = card.model_name,
+        blocks = num_blocks,
+        kv_bytes = num_blocks * block_bytes,
+        secs = started.elapsed().as_secs_f32(),
+        "engine ready"
+    );
+    Ok(LoadedEngine { engine, card, vocab_size })
+}
+
+/// The model card alone, from the tokenizer and metadata: no weights are
+/// read and no engine starts. For the workers' `--mock` mode, which serves
+/// the real card (the router builds its tokenizer from it) without a model.
+/// Also returns the tokenizer, for the mock to pick the token it answers.
+pub fn load_card(args: &EngineArgs) -> anyhow::Result<(pb::ModelCard, tokenizers::Tokenizer)> {
+    if !args.model.exists() {
+        anyhow::bail!("model {} not found (run scripts/fetch-model.sh)", args.model.display());
+    }
+    let options =
+        engine::model::LoadOptions { tokenizer: args.tokenizer.clone(), dtype: args.dtype, ..Default::default() };
+    let metadata = engine::model::load_metadata(&args.model, &options)
+        .with_context(|| format!("reading the metadata of {}", args.model.display()))?;
+    let max_model_len = max_model_len(args, &metadata.info)?;
+    let card = model_card(args, metadata.info, &metadata.tokenizer, max_model_len)?;
+    Ok((card, metadata.tokenizer))
+}
+
+/// `--max-model-len`, checked against the model's context length.
+fn max_model_len(args: &EngineArgs, info: &engine::model::ModelInfo) -> anyhow::Result<u32> {
+    let context_length = info.context_length as u32;
+    match args.max_model_len {
+        Some(n) if n > context_length => {
+            anyhow::bail!("--max-model-len {n} exceeds the model's context length {context_length}")
+        }
+        Some(n) => Ok(n),
+        None => Ok(context_length),
+    }
+}
+
+/// What the worker publishes: the same whether it runs the model or mocks it.
+fn model_card(
+    args: &EngineArgs,
+    info: engine::model::ModelInfo,
+    tokenizer: &tokenizers::Tokenizer,
+    max_model_len: u32,
+) -> anyhow::Result<pb::ModelCard> {
+    let tokenizer_json = tokenizer.to_string(false).map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    Ok(pb::ModelCard {
         model_name: args.served_model_name.clone().unwrap_or(info.model_name),
         tokenizer_json,
         chat_template: info.chat_template.unwrap_or_default(),
@@ -65,15 +104,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         bos_token: info.bos_token,
         eos_token: info.eos_token,
         add_bos_token: info.add_bos_token,
-    };
-    info!(
-        model = card.model_name,
-        blocks = num_blocks,
-        kv_bytes = num_blocks * block_bytes,
-        secs = started.elapsed().as_secs_f32(),
-        "engine ready"
-    );
-    Ok(LoadedEngine { engine, card, vocab_size })
+    })
 }
 
 /// How many KV blocks of `block_bytes` the `--kv-cache-memory` budget holds.

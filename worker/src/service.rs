@@ -62,3 +62,26 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(self.kv_events.subscribe()))
     }
 }
+
+/// Accepted connections with `TCP_NODELAY` set. Tonic's own incoming stream
+/// leaves Nagle on, which can hold a token's small gRPC frame back for the
+/// peer's ACK.
+pub fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            // Best effort: a socket that refuses it still works, only slower.
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// Resolves on SIGTERM / Ctrl-C after ending the KV event streams: the gRPC
+/// server drains open streams before it stops, and those never end alone.
+pub async fn shutdown_signal(kv_events: KvEventPublisher) {
+    cluster::shutdown::signal().await;
+    kv_events.shutdown();
+}

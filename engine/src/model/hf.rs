@@ -13,7 +13,7 @@ mod weights;
 
 use std::path::Path;
 
-use super::{Llama, LoadOptions, LoadedModel, ModelError};
+use super::{Llama, LoadOptions, LoadedModel, ModelError, ModelMetadata};
 use config::HfConfig;
 use tokenizer_files::TokenizerFiles;
 use weights::SafetensorsSource;
@@ -22,6 +22,20 @@ use weights::SafetensorsSource;
 /// Hugging Face folder. Matrices keep their stored f32/f16/bf16 precision
 /// unless [`LoadOptions::dtype`] asks for another; activations are f32.
 pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let (hf, ModelMetadata { tokenizer, info }) = read_metadata(dir, options)?;
+    let config = hf.config.clone();
+    let mut source = SafetensorsSource::open(dir, hf, options.dtype)?;
+    let model = Llama::load(&mut source, config)?;
+    Ok(LoadedModel { model, tokenizer, info })
+}
+
+/// Everything [`load_hf`] reads but the weights.
+pub(super) fn load_hf_metadata(dir: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
+    read_metadata(dir, options).map(|(_, metadata)| metadata)
+}
+
+/// The config (which the weights need) and the tokenizer and serving metadata.
+fn read_metadata(dir: &Path, options: &LoadOptions) -> Result<(HfConfig, ModelMetadata), ModelError> {
     let hf = HfConfig::read(&dir.join("config.json"))?;
     let files = TokenizerFiles::locate(dir, options.tokenizer.as_deref())?;
     let tokenizer = files.load()?;
@@ -30,10 +44,7 @@ pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelEr
         None => folder_name(dir),
     };
     let info = files.model_info(&tokenizer, &hf, &dir.join("generation_config.json"), model_name)?;
-    let config = hf.config.clone();
-    let mut source = SafetensorsSource::open(dir, hf, options.dtype)?;
-    let model = Llama::load(&mut source, config)?;
-    Ok(LoadedModel { model, tokenizer, info })
+    Ok((hf, ModelMetadata { tokenizer, info }))
 }
 
 /// The folder's own name (`.` and trailing slashes resolved).

@@ -331,11 +331,47 @@ impl ModelInfo {
 /// Loads a model from `path`: a `.gguf` file, or a Hugging Face folder
 /// (one with `config.json`).
 pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    match format(path, options)? {
+        Format::HfFolder => load_hf(path, options),
+        Format::Gguf => load_gguf_with(path, options),
+    }
+}
+
+/// A model's tokenizer and serving metadata without its weights.
+pub struct ModelMetadata {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub info: ModelInfo,
+}
+
+/// Reads what [`load`] reads except the weights: a GGUF file's header and
+/// metadata (its tensor data is never read), or a Hugging Face folder's
+/// config and tokenizer files. For workers that publish a model card without
+/// running the model (the workers' `--mock`), in milliseconds instead of a load.
+pub fn load_metadata(path: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
+    match format(path, options)? {
+        Format::HfFolder => hf::load_hf_metadata(path, options),
+        Format::Gguf => {
+            let (content, _) = read_gguf(path)?;
+            let (_, metadata) = gguf_metadata(path, &content, options)?;
+            Ok(metadata)
+        }
+    }
+}
+
+/// Which loader a path takes.
+enum Format {
+    HfFolder,
+    Gguf,
+}
+
+/// The checks [`load`] and [`load_metadata`] share, so that a mock worker
+/// refuses the same paths and options a real one does.
+fn format(path: &Path, options: &LoadOptions) -> Result<Format, ModelError> {
     if !path.exists() {
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
     if path.is_dir() && path.join("config.json").is_file() {
-        return load_hf(path, options);
+        return Ok(Format::HfFolder);
     }
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if !(is_gguf && path.is_file()) {
@@ -347,7 +383,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelErro
     if options.tokenizer.is_some() {
         return Err(ModelError::TokenizerForGguf);
     }
-    load_gguf_with(path, options)
+    Ok(Format::Gguf)
 }
 
 /// Loads a Llama GGUF file with default [`LoadOptions`].
@@ -357,17 +393,30 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
 
 /// Loads a Llama GGUF file: weights, tokenizer and serving metadata.
 pub fn load_gguf_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let (content, mut reader) = read_gguf(path)?;
+    let (config, ModelMetadata { tokenizer, info }) = gguf_metadata(path, &content, options)?;
+    let mut source = llama::GgufSource { content: &content, reader: &mut reader };
+    let model = Llama::load(&mut source, config)?;
+    Ok(LoadedModel { model, tokenizer, info })
+}
+
+/// A GGUF file's header (metadata and tensor index, not the tensor data) and
+/// the reader positioned after it.
+fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>), ModelError> {
     let file = File::open(path).map_err(|source| ModelError::Open { path: path.to_path_buf(), source })?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|source| ModelError::Gguf { path: path.to_path_buf(), source })?;
-    let config = Config::from_gguf(&content)?;
-    let tokenizer = crate::tokenizer::from_gguf(&content)?;
+    Ok((content, reader))
+}
+
+/// The model shape, tokenizer and serving metadata of a GGUF header.
+fn gguf_metadata(path: &Path, content: &Content, options: &LoadOptions) -> Result<(Config, ModelMetadata), ModelError> {
+    let config = Config::from_gguf(content)?;
+    let tokenizer = crate::tokenizer::from_gguf(content)?;
     let model_name = match &options.model_name {
         Some(name) => name.clone(),
         None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string()),
     };
-    let info = ModelInfo::from_gguf(&content, model_name, &config)?;
-    let mut source = llama::GgufSource { content: &content, reader: &mut reader };
-    let model = Llama::load(&mut source, config)?;
-    Ok(LoadedModel { model, tokenizer, info })
+    let info = ModelInfo::from_gguf(content, model_name, &config)?;
+    Ok((config, ModelMetadata { tokenizer, info }))
 }

@@ -133,7 +133,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     if let Err(why) = &llama {
         eprintln!("{NAME}: llama.cpp: {why}");
     }
-    let load_at_start = report::load_average();
+    let load_at_start = bench::load_average();
     let wanted = |n: u8| args.only.is_none_or(|only| only == n);
     let ours = if (1..=4).any(wanted) { Some(Ours::load(&args.model)?) } else { None };
     let mut figures = Vec::new();
@@ -149,7 +149,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     let report = Report {
         model: args.model.display().to_string(),
         threads,
-        load_average: [load_at_start, report::load_average()],
+        load_average: [load_at_start, bench::load_average()],
         llama_cpp_missing: llama.err(),
         figures,
     };

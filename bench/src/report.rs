@@ -173,8 +173,3 @@ impl Report {
         out
     }
 }
-
-/// The 1-minute load average, where `/proc/loadavg` exists.
-pub fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
-}

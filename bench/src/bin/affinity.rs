@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bench::{load_average, percentile};
 use clap::Parser;
 use cluster::block_hash::block_hashes;
 use futures::stream::{self, StreamExt};
@@ -101,8 +102,8 @@ struct Report {
     ttft_p50_speedup: f64,
     /// Cache-aware hit rate over the ideal (target ≥ 0.95).
     hit_rate_vs_ideal: f64,
-    load_average_start: String,
-    load_average_end: String,
+    /// 1-minute load average at start and end.
+    load_average: [Option<f64>; 2],
 }
 
 /// One conversation's messages so far.
@@ -139,8 +140,7 @@ fn main() -> anyhow::Result<()> {
         ideal_hit_rate,
         ttft_p50_speedup: rr.ttft_p50_ms / ours.ttft_p50_ms,
         hit_rate_vs_ideal: ours.hit_rate_vs_ideal,
-        load_average_start,
-        load_average_end: load_average(),
+        load_average: [load_average_start, load_average()],
         policies,
     };
     if args.json {
@@ -190,7 +190,8 @@ fn print_table(r: &Report) {
     );
     println!(
         "load average: {} at start, {} at end (2 cores shared by every process and the client)",
-        r.load_average_start, r.load_average_end
+        r.load_average[0].map_or("?".into(), |l| format!("{l:.2}")),
+        r.load_average[1].map_or("?".into(), |l| format!("{l:.2}"))
     );
 }
 
@@ -347,18 +348,4 @@ fn ideal_hit_rate(turns: &[Turn], block_size: usize) -> f64 {
         seen.extend(hashes);
     }
     cached as f64 / total.max(1) as f64
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }

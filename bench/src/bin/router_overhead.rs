@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use bench::{load_average, percentile};
 use clap::Parser;
 use serde::Serialize;
 
@@ -585,20 +586,6 @@ async fn closed_loop(
         let _ = task.await;
     }
     (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
-}
-
-/// Nearest-rank percentile of sorted values; NaN when there are none.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// The 1-minute load average, where `/proc/loadavg` exists.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -5,8 +5,10 @@ mod mock_http;
 mod service;
 
 use anyhow::Context;
+use kv_transfer::{KvPuller, PullerConfig, TransportPolicy};
 use proto::worker::{decode_server::DecodeServer, worker_server::WorkerServer};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use worker::{load_engine, EngineArgs, WorkerService};
@@ -17,9 +19,18 @@ struct Args {
     /// Address of the gRPC server.
     #[arg(long, default_value = "127.0.0.1:7002")]
     listen: SocketAddr,
-    /// Seconds a KV pull from a prefill worker may take before the request fails.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_pull_timeout_secs: u64,
+    /// How KV comes from prefill workers: `auto` maps a same-host prefill
+    /// worker's KV cache and copies from it, TCP otherwise; `tcp` always
+    /// uses TCP.
+    #[arg(long, default_value = "auto", value_parser = parse_transport)]
+    kv_transport: TransportPolicy,
+    /// Do not ask for and verify a checksum of each KV transfer.
+    #[arg(long)]
+    no_kv_checksum: bool,
+    /// Milliseconds a KV pull may wait on a silent prefill worker (for any
+    /// answer, or for 4 MiB of blocks) before the request fails.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_stall_timeout_ms: u64,
     /// For benchmarks only: stream `max_tokens` of a fixed token at once,
     /// without loading the weights (the model's tokenizer and chat template
     /// are still read, for the model card).
@@ -52,9 +63,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let loaded = load_engine(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None);
-    let decode =
-        service::DecodeService::new(loaded.engine, loaded.vocab_size, Duration::from_secs(args.kv_pull_timeout_secs));
+    let puller = Arc::new(KvPuller::new(PullerConfig {
+        layout: worker::blocks::kv_layout(&loaded.engine),
+        transport: args.kv_transport,
+        checksum: !args.no_kv_checksum,
+        idle_timeout: Duration::from_millis(args.kv_stall_timeout_ms),
+    }));
+    let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_puller(puller.clone());
+    let decode = service::DecodeService::new(loaded.engine, puller, loaded.vocab_size);
     // Tests and the launcher wait for this line.
     println!("decode-worker listening on http://{addr}");
     let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
@@ -97,4 +113,13 @@ async fn serve_mock(args: Args) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// Parses `--kv-transport`.
+fn parse_transport(text: &str) -> Result<TransportPolicy, String> {
+    match text {
+        "auto" => Ok(TransportPolicy::Auto),
+        "tcp" => Ok(TransportPolicy::Tcp),
+        other => Err(format!("{other:?} is not a KV transport (auto or tcp)")),
+    }
 }

@@ -2,15 +2,14 @@
 
 use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
 use futures::Stream;
-use kv_transfer::{pull_blocks, KvLayout, KvTransferParams};
+use kv_transfer::{KvPuller, KvTransferParams};
 use proto::worker as pb;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
-use worker::blocks::kv_layout;
 use worker::convert;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + Send>>;
@@ -18,15 +17,14 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + 
 /// Generates tokens from handed-off KV, or from a local prefill.
 pub struct DecodeService {
     engine: EngineHandle,
-    layout: KvLayout,
+    puller: Arc<KvPuller>,
     vocab_size: usize,
-    pull_timeout: Duration,
 }
 
 impl DecodeService {
-    pub fn new(engine: EngineHandle, vocab_size: usize, pull_timeout: Duration) -> Self {
-        let layout = kv_layout(&engine);
-        Self { engine, layout, vocab_size, pull_timeout }
+    /// `puller` pulls with this engine's layout.
+    pub fn new(engine: EngineHandle, puller: Arc<KvPuller>, vocab_size: usize) -> Self {
+        Self { engine, puller, vocab_size }
     }
 
     /// Where the prompt's KV comes from: pulled from the prefill worker, or computed here.
@@ -54,10 +52,11 @@ impl DecodeService {
                 req.prompt_token_ids.len()
             )));
         }
-        let data = pull_blocks(&remote, &self.layout, self.pull_timeout)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(KvSource::Provided { data, first_tokens })
+        // The router tells a failed pull (the prefill side's fault, or the
+        // network's) from a failed decode worker by this code.
+        let pulled = self.puller.pull_and_release(&remote).await.map_err(|e| Status::data_loss(e.to_string()))?;
+        tracing::debug!(bytes = pulled.data.len(), transport = ?pulled.transport, "pulled the prompt's KV");
+        Ok(KvSource::Provided { data: pulled.data, first_tokens })
     }
 
     async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {

@@ -15,6 +15,8 @@
 //!   serving pinned blocks). A read therefore waits at most one step. Nothing
 //!   awaits under the lock, so a std lock fits; a poisoned lock (a panic in
 //!   the model) is recovered from, because the blocks involved are freed.
+//!   [`EngineHandle::kv_arena`] hands out the same memory without the lock,
+//!   for pinned blocks only (see [`KvArena`]).
 //! - **Stats** are atomics plus the set of live request ids (a short std
 //!   mutex, also used to reject duplicate ids at submit). The step thread
 //!   publishes them before it sends any event, so whoever has received
@@ -35,7 +37,7 @@
 
 use crate::batch::{Forward, Logits};
 use crate::block_manager::{blocks_for, KvEvent};
-use crate::kv_cache::{KvCacheShape, KvStorage, KvStorageError};
+use crate::kv_cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
 use crate::sampler::{argmax, Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 use crate::scheduler::{
     BlockCopy, NewSequence, ProvidedKv, SampledToken, ScheduledSeq, Scheduler, SchedulerConfig, StepPlan,
@@ -229,11 +231,13 @@ impl Engine {
             eos_token_ids: config.eos_token_ids.clone(),
             enable_prefix_caching: config.enable_prefix_caching,
         });
+        let kv = KvStorage::new(shape);
         let shared = Arc::new(Shared {
             shape,
             max_model_len: config.max_model_len,
             vocab_size: model.vocab_size(),
-            kv: RwLock::new(KvStorage::new(shape)),
+            kv_arena: kv.arena(),
+            kv: RwLock::new(kv),
             live: Mutex::new(HashSet::new()),
             num_running: AtomicUsize::new(0),
             free_blocks: AtomicUsize::new(shape.num_blocks),
@@ -321,6 +325,12 @@ impl EngineHandle {
     /// that are not held may be overwritten by the next step.
     pub fn read_blocks(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), KvStorageError> {
         self.shared.kv.read().unwrap_or_else(PoisonError::into_inner).read_blocks(ids, out)
+    }
+
+    /// The KV cache's memory, for a KV server that reads pinned blocks
+    /// without waiting for a step (see [`KvArena`] for what it may read).
+    pub fn kv_arena(&self) -> KvArena {
+        self.shared.kv_arena.clone()
     }
 
     /// Frees blocks held for a finished `pin_on_finish` request: `ids` must be
@@ -413,6 +423,8 @@ struct Shared {
     max_model_len: usize,
     vocab_size: usize,
     kv: RwLock<KvStorage>,
+    /// `kv`'s memory, taken once so handing it out needs no lock.
+    kv_arena: KvArena,
     /// Ids submitted and not yet finished: the duplicate check and `num_sequences`.
     live: Mutex<HashSet<String>>,
     num_running: AtomicUsize,
@@ -805,11 +817,8 @@ impl SamplingParams {
 /// Copies each block's KV to its destination (forks' partial prompt blocks).
 /// Both ids come from the block manager, so a failure is a bug: logged.
 fn copy_blocks(kv: &mut KvStorage, copies: &[BlockCopy]) {
-    let mut buf = Vec::new();
     for c in copies {
-        buf.clear();
-        let copied = kv.read_blocks(&[c.src], &mut buf).and_then(|()| kv.write_blocks(&[c.dst], &buf));
-        if let Err(e) = copied {
+        if let Err(e) = kv.copy_block(c.src, c.dst) {
             tracing::error!(src = c.src, dst = c.dst, error = %e, "copying a forked block failed");
         }
     }

@@ -28,5 +28,5 @@ pub use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason, KvSource,
     MAX_N,
 };
-pub use kv_cache::{KvCacheShape, KvStorage};
+pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};

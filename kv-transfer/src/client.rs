@@ -1,66 +1,365 @@
-//! The decode side of the hand-off: pull the pinned blocks, then release them.
+//! The decode side of the hand-off: each decode rank pulls its slice of KV
+//! heads from the prefill ranks that hold them, into one buffer in the
+//! hand-off format (layer-major, its own heads); then the blocks are released.
+//!
+//! Connections are kept per KV server after the layout exchange, so a small
+//! pull costs one round trip. A same-host server's KV memory is mapped once
+//! per connection and copied from directly; any other server sends the bytes
+//! over TCP.
 
+use crate::checksum::Checksum;
 use crate::frame::{read_frame, write_frame};
-use crate::layout::KvLayout;
+use crate::layout::{pull_plan, KvLayout, PullPiece};
+use crate::memory::{landing, PieceShape};
 use crate::params::RemotePrefill;
+use crate::shm::PeerMapping;
 use crate::KvTransferError;
-use proto::kv::{frame::Kind, pull_response, Frame, PullRequest, ReleaseRequest};
+use proto::kv::{frame::Kind, hello_ack, pull_response, Frame, Hello, PullRequest, ReleaseRequest, Renew, Transport};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tracing::debug;
 
-/// Pulls the blocks named by `remote` in the hand-off format, then tells the
-/// prefill worker to release them. `layout` is the puller's; the server
-/// refuses it unless it equals its own. The whole exchange is bounded by
-/// `timeout`, so a stalled peer fails the pull instead of hanging it.
-pub async fn pull_blocks(
-    remote: &RemotePrefill,
-    layout: &KvLayout,
-    timeout: Duration,
-) -> Result<Vec<u8>, KvTransferError> {
-    let addr = remote.addr();
-    match tokio::time::timeout(timeout, pull_inner(remote, layout, &addr)).await {
-        Ok(result) => result,
-        Err(_) => Err(KvTransferError::Timeout { addr, secs: timeout.as_secs() }),
+/// Which transports a puller may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportPolicy {
+    /// Shared memory with a same-host server, TCP otherwise.
+    Auto,
+    /// TCP always.
+    Tcp,
+}
+
+/// How a decode rank pulls.
+#[derive(Debug, Clone)]
+pub struct PullerConfig {
+    /// This rank's layout; the buffer holds its heads.
+    pub layout: KvLayout,
+    pub transport: TransportPolicy,
+    /// Ask for and verify a checksum of every transfer.
+    pub checksum: bool,
+    /// Longest wait for any one answer or 4 MiB of payload: a stalled or
+    /// dead peer fails the pull after this, never hangs it.
+    pub idle_timeout: Duration,
+}
+
+/// The blocks of one hand-off, as this rank holds them.
+#[derive(Debug)]
+pub struct Pulled {
+    /// Hand-off format: for each layer, K then V, each block in order.
+    pub data: Vec<u8>,
+    /// How the bytes came (the last piece's, when there were several).
+    pub transport: Transport,
+}
+
+/// One open connection to a KV server, after the layout exchange.
+struct Conn {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    server: KvLayout,
+    server_blocks: usize,
+    peer: Option<PeerMapping>,
+}
+
+/// Pulls hand-offs for one decode rank, keeping connections between pulls.
+pub struct KvPuller {
+    config: PullerConfig,
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    tcp_pulls: AtomicU64,
+    shm_pulls: AtomicU64,
+}
+
+/// Pieces pulled so far, by transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullCounts {
+    pub tcp: u64,
+    pub shm: u64,
+}
+
+/// Payload bytes read or copied between timeout checks and lease renewals.
+const CHUNK: usize = 4 << 20;
+/// Socket buffer asked for on KV connections (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
+
+impl KvPuller {
+    pub fn new(config: PullerConfig) -> Self {
+        Self { config, idle: Mutex::new(HashMap::new()), tcp_pulls: AtomicU64::new(0), shm_pulls: AtomicU64::new(0) }
+    }
+
+    /// Pieces pulled so far, by transport.
+    pub fn counts(&self) -> PullCounts {
+        PullCounts { tcp: self.tcp_pulls.load(Ordering::Relaxed), shm: self.shm_pulls.load(Ordering::Relaxed) }
+    }
+
+    /// This rank's layout.
+    pub fn layout(&self) -> &KvLayout {
+        &self.config.layout
+    }
+
+    /// Pulls this rank's heads of `remote`'s blocks. The pin stays: call
+    /// [`KvPuller::release`] once every rank has pulled.
+    pub async fn pull(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
+        let mut data = Vec::new();
+        let transport = self.pull_into(remote, &mut data).await?;
+        Ok(Pulled { data, transport })
+    }
+
+    /// Like [`KvPuller::pull`], into `data`, resized to the hand-off (a
+    /// buffer of the right size is reused as it is: its pages are already
+    /// there, which is most of the cost of a large pull into fresh memory).
+    pub async fn pull_into(&self, remote: &RemotePrefill, data: &mut Vec<u8>) -> Result<Transport, KvTransferError> {
+        let layout = &self.config.layout;
+        data.resize(remote.remote_block_ids.len() * layout.block_bytes(), 0);
+        let mut transport = Transport::Tcp;
+        for piece in pull_plan(layout, remote.tp_size) {
+            transport = self.pull_piece(remote, &piece, data).await?;
+        }
+        Ok(transport)
+    }
+
+    /// Frees the pins on every prefill rank; true when each still held one.
+    pub async fn release(&self, remote: &RemotePrefill) -> Result<bool, KvTransferError> {
+        let mut all = true;
+        for rank in 0..remote.tp_size.max(1) {
+            let addr = remote.rank_addr(rank);
+            let mut conn = self.checkout(&addr, remote).await?;
+            let release = ReleaseRequest { request_id: remote.remote_request_id.clone() };
+            let answer = async {
+                write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Release(release)) }).await?;
+                read_frame(&mut conn.reader).await
+            };
+            match self.within(&addr, answer).await?.and_then(|f| f.kind) {
+                Some(Kind::ReleaseResponse(r)) => all &= r.released,
+                _ => return Err(protocol(&addr, "expected a release response")),
+            }
+            self.checkin(addr, conn);
+        }
+        Ok(all)
+    }
+
+    /// Pulls, then releases: the whole hand-off for a single-rank decode.
+    pub async fn pull_and_release(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
+        let pulled = self.pull(remote).await;
+        // Released whatever happened: a failed pull must not hold the blocks for a lease.
+        let released = self.release(remote).await;
+        let pulled = pulled?;
+        released?;
+        Ok(pulled)
+    }
+
+    async fn pull_piece(
+        &self,
+        remote: &RemotePrefill,
+        piece: &PullPiece,
+        data: &mut [u8],
+    ) -> Result<Transport, KvTransferError> {
+        let addr = remote.rank_addr(piece.server_rank);
+        let mut conn = self.checkout(&addr, remote).await?;
+        let shape = PieceShape {
+            server: conn.server,
+            server_blocks: conn.server_blocks,
+            block_ids: remote.remote_block_ids.clone(),
+            heads: piece.heads.clone(),
+        };
+        shape.check().map_err(|m| protocol(&addr, &m))?;
+        let transport = if conn.peer.is_some() { Transport::Shm } else { Transport::Tcp };
+        let pull = PullRequest {
+            request_id: remote.remote_request_id.clone(),
+            block_ids: remote.remote_block_ids.clone(),
+            head_start: piece.heads.start,
+            head_end: piece.heads.end,
+            transport: transport as i32,
+            checksum: self.config.checksum,
+        };
+        let header = async {
+            write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Pull(pull)) }).await?;
+            read_frame(&mut conn.reader).await
+        };
+        let num_bytes = match self.within(&addr, header).await?.and_then(|f| f.kind) {
+            Some(Kind::PullResponse(r)) => match r.result {
+                Some(pull_response::Result::NumBytes(n)) => n as usize,
+                Some(pull_response::Result::Error(message)) => {
+                    // The connection is still in step: keep it.
+                    self.checkin(addr.clone(), conn);
+                    return Err(KvTransferError::Refused { addr, message });
+                }
+                None => return Err(protocol(&addr, "empty pull response")),
+            },
+            _ => return Err(protocol(&addr, "expected a pull response")),
+        };
+        if num_bytes != shape.payload_bytes() {
+            return Err(protocol(
+                &addr,
+                &format!("peer announced {num_bytes} bytes, {} expected", shape.payload_bytes()),
+            ));
+        }
+        let land = landing(&self.config.layout, &shape);
+        let dst = coalesce(land.ranges());
+        let mut sum = self.config.checksum.then(Checksum::new);
+        if transport == Transport::Tcp {
+            self.receive(&addr, &mut conn, &dst, data, sum.as_mut()).await?;
+        } else {
+            // The server sums its side meanwhile, on another core.
+            let src: Vec<Range<usize>> = shape.ranges(land.per_slot).collect();
+            let dst: Vec<Range<usize>> = land.ranges().collect();
+            self.copy_shared(&addr, &mut conn, remote, &src, &dst, data, sum.as_mut()).await?;
+        }
+        let expected = match self.within(&addr, read_frame(&mut conn.reader)).await?.and_then(|f| f.kind) {
+            Some(Kind::PullDone(done)) => done.checksum,
+            _ => return Err(protocol(&addr, "expected the end of the pull")),
+        };
+        if let Some(sum) = sum {
+            let got = sum.finish();
+            if got != expected {
+                return Err(KvTransferError::Checksum { addr, expected, got });
+            }
+        }
+        debug!(request_id = remote.remote_request_id, bytes = num_bytes, ?transport, "pulled KV");
+        let counter = if transport == Transport::Shm { &self.shm_pulls } else { &self.tcp_pulls };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.checkin(addr, conn);
+        Ok(transport)
+    }
+
+    /// Reads the TCP payload into its landing ranges.
+    async fn receive(
+        &self,
+        addr: &str,
+        conn: &mut Conn,
+        dst: &[Range<usize>],
+        data: &mut [u8],
+        mut sum: Option<&mut Checksum>,
+    ) -> Result<(), KvTransferError> {
+        for range in dst {
+            for chunk in data[range.clone()].chunks_mut(CHUNK) {
+                self.within(addr, conn.reader.read_exact(chunk)).await?;
+                if let Some(sum) = sum.as_deref_mut() {
+                    sum.update(chunk);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies from the server's mapping, renewing the pin as it goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_shared(
+        &self,
+        addr: &str,
+        conn: &mut Conn,
+        remote: &RemotePrefill,
+        src: &[Range<usize>],
+        dst: &[Range<usize>],
+        data: &mut [u8],
+        mut sum: Option<&mut Checksum>,
+    ) -> Result<(), KvTransferError> {
+        let peer = conn.peer.as_ref().expect("shared pulls need a mapping");
+        let mut since_renew = 0;
+        for (s, d) in src.iter().zip(dst) {
+            let from = peer.bytes(s.clone()).map_err(|m| protocol(addr, &m))?;
+            let to = &mut data[d.clone()];
+            to.copy_from_slice(from);
+            if let Some(sum) = sum.as_deref_mut() {
+                sum.update(to);
+            }
+            since_renew += to.len();
+            if since_renew >= 16 * CHUNK {
+                since_renew = 0;
+                let renew = Renew { request_id: remote.remote_request_id.clone() };
+                self.within(addr, write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Renew(renew)) })).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An idle connection to `addr`, or a new one after the layout exchange.
+    async fn checkout(&self, addr: &str, remote: &RemotePrefill) -> Result<Conn, KvTransferError> {
+        let idle = self.idle.lock().expect("connection pool poisoned").get_mut(addr).and_then(Vec::pop);
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.connect(addr, remote).await,
+        }
+    }
+
+    fn checkin(&self, addr: String, conn: Conn) {
+        self.idle.lock().expect("connection pool poisoned").entry(addr).or_default().push(conn);
+    }
+
+    async fn connect(&self, addr: &str, remote: &RemotePrefill) -> Result<Conn, KvTransferError> {
+        let stream = self.within(addr, TcpStream::connect(addr)).await?;
+        let _ = stream.set_nodelay(true);
+        // A deep receive queue keeps the sender writing while we copy out.
+        let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(SOCKET_BUFFER);
+        let (reader, mut writer) = stream.into_split();
+        let mut reader = BufReader::with_capacity(64 << 10, reader);
+        let hello = Hello { layout: Some(self.config.layout.into()), engine_id: remote.remote_engine_id.clone() };
+        let ack = async {
+            write_frame(&mut writer, &Frame { kind: Some(Kind::Hello(hello)) }).await?;
+            read_frame(&mut reader).await
+        };
+        let accepted = match self.within(addr, ack).await?.and_then(|f| f.kind) {
+            Some(Kind::HelloAck(ack)) => match ack.result {
+                Some(hello_ack::Result::Accepted(a)) => a,
+                Some(hello_ack::Result::Error(message)) => {
+                    return Err(KvTransferError::Refused { addr: addr.to_string(), message })
+                }
+                None => return Err(protocol(addr, "empty hello answer")),
+            },
+            _ => return Err(protocol(addr, "expected a hello answer")),
+        };
+        let server = accepted.layout.ok_or_else(|| protocol(addr, "hello answer without a layout"))?;
+        let server = KvLayout::try_from(server).map_err(|e| protocol(addr, &e.to_string()))?;
+        self.config
+            .layout
+            .check_compatible(&server)
+            .map_err(|e| KvTransferError::Refused { addr: addr.to_string(), message: e.to_string() })?;
+        let peer = match (self.config.transport, &accepted.shared_memory) {
+            (TransportPolicy::Auto, Some(shared)) => match PeerMapping::open(shared) {
+                Ok(peer) => Some(peer),
+                Err(reason) => {
+                    debug!(addr, %reason, "KV server's shared memory unusable; TCP it is");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Ok(Conn { reader, writer, server, server_blocks: accepted.num_blocks as usize, peer })
+    }
+
+    /// Runs one network step under the idle timeout.
+    async fn within<T>(
+        &self,
+        addr: &str,
+        step: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, KvTransferError> {
+        match tokio::time::timeout(self.config.idle_timeout, step).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(KvTransferError::Io { addr: addr.to_string(), source }),
+            Err(_) => {
+                Err(KvTransferError::Timeout { addr: addr.to_string(), secs: self.config.idle_timeout.as_secs_f64() })
+            }
+        }
     }
 }
 
-async fn pull_inner(remote: &RemotePrefill, layout: &KvLayout, addr: &str) -> Result<Vec<u8>, KvTransferError> {
-    let io = |source| KvTransferError::Io { addr: addr.to_string(), source };
-    let protocol = |message: &str| KvTransferError::Protocol { addr: addr.to_string(), message: message.to_string() };
-    let mut stream = TcpStream::connect(addr).await.map_err(io)?;
-    let _ = stream.set_nodelay(true);
-    let pull = PullRequest {
-        engine_id: remote.remote_engine_id.clone(),
-        request_id: remote.remote_request_id.clone(),
-        block_ids: remote.remote_block_ids.clone(),
-        layout: Some((*layout).into()),
-    };
-    write_frame(&mut stream, &Frame { kind: Some(Kind::Pull(pull)) }).await.map_err(io)?;
-    let num_bytes = match read_frame(&mut stream).await.map_err(io)?.and_then(|f| f.kind) {
-        Some(Kind::PullResponse(r)) => match r.result {
-            Some(pull_response::Result::NumBytes(n)) => n as usize,
-            Some(pull_response::Result::Error(message)) => {
-                return Err(KvTransferError::Refused { addr: addr.to_string(), message })
-            }
-            None => return Err(protocol("empty pull response")),
-        },
-        _ => return Err(protocol("expected a pull response")),
-    };
-    let expected = remote.remote_block_ids.len() * layout.block_bytes();
-    if num_bytes != expected {
-        return Err(protocol(&format!(
-            "peer announced {num_bytes} bytes, {expected} expected for {} blocks",
-            remote.remote_block_ids.len()
-        )));
+fn protocol(addr: &str, message: &str) -> KvTransferError {
+    KvTransferError::Protocol { addr: addr.to_string(), message: message.to_string() }
+}
+
+/// Merges ranges that follow each other, so a whole-heads pull reads into
+/// one run per contiguous stretch of the buffer.
+fn coalesce(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
     }
-    let mut data = vec![0u8; num_bytes];
-    stream.read_exact(&mut data).await.map_err(io)?;
-    let release =
-        ReleaseRequest { engine_id: remote.remote_engine_id.clone(), request_id: remote.remote_request_id.clone() };
-    write_frame(&mut stream, &Frame { kind: Some(Kind::Release(release)) }).await.map_err(io)?;
-    match read_frame(&mut stream).await.map_err(io)?.and_then(|f| f.kind) {
-        Some(Kind::ReleaseResponse(_)) => Ok(data),
-        _ => Err(protocol("expected a release response")),
-    }
+    out
 }

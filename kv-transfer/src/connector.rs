@@ -1,16 +1,24 @@
 //! The prefill side of the hand-off: pins a finished prompt's blocks under a
-//! timeout and serves them to the decode worker that pulls them.
+//! lease and serves them to the decode ranks that pull them.
 //!
 //! A pin lives until the puller releases it, the router gives it up
-//! ([`KvConnector::release`]), or its timeout passes; in each case the blocks
-//! go back to the engine exactly once.
+//! ([`KvConnector::release`]), or its lease runs out without a pull or a
+//! renewal; in each case the blocks go back to the engine exactly once. A
+//! lease is seconds long: a decode rank that dies mid-pull costs its blocks
+//! for at most that long.
 
+use crate::checksum::Checksum;
 use crate::frame::{read_frame, write_frame};
 use crate::layout::KvLayout;
+use crate::memory::{walk, KvMemory, PieceShape};
 use crate::params::RemotePrefill;
-use proto::kv::{frame::Kind, pull_response, Frame, PullRequest, PullResponse, ReleaseResponse};
+use crate::shm;
+use proto::kv::{
+    frame::Kind, hello_ack, pull_response, Accepted, Frame, HelloAck, PullDone, PullRequest, PullResponse,
+    ReleaseResponse, Transport,
+};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -18,13 +26,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 /// Where the connector reads pinned blocks from and gives them back to: the
-/// engine.
+/// engine (one rank of it).
 pub trait BlockSource: Send + Sync + 'static {
-    /// The layout of the engine's blocks.
+    /// The layout of this rank's blocks.
     fn layout(&self) -> KvLayout;
-    /// Appends the blocks, in the hand-off format, to `out`. May block while
-    /// the engine is mid-step.
-    fn read_blocks(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), String>;
+    /// This rank's KV memory, in the paged layout.
+    fn memory(&self) -> KvMemory;
     /// Returns pinned blocks to the engine's free pool.
     fn release_blocks(&self, ids: &[u32]);
 }
@@ -36,56 +43,50 @@ pub struct PinStats {
     pub blocks: usize,
 }
 
+/// How a connector identifies itself and how long pins live.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// Unique per engine instance, so a pull never reaches a restarted engine's blocks.
+    pub engine_id: String,
+    /// The host decode workers dial.
+    pub advertise_host: String,
+    /// How long a pin lives without a pull or renewal.
+    pub lease: Duration,
+    /// Offer same-host pullers the shared mapping of the KV memory.
+    pub shared_memory: bool,
+}
+
 struct Pin {
     block_ids: Vec<u32>,
     expires: Instant,
 }
 
 struct Inner {
-    engine_id: String,
-    advertise_host: String,
+    config: ConnectorConfig,
     port: u16,
-    tp_size: u32,
     source: Arc<dyn BlockSource>,
-    pin_timeout: Duration,
-    // A std mutex: no await while held, and every critical section is a map operation.
+    memory: KvMemory,
+    layout: KvLayout,
     pins: Mutex<HashMap<String, Pin>>,
 }
 
-/// The prefill worker's KV server and pin table. Cheap to clone.
+/// The prefill side of kv-transfer: a pin table and a KV server.
 #[derive(Clone)]
 pub struct KvConnector {
     inner: Arc<Inner>,
 }
 
-/// How a [`KvConnector`] is set up.
-pub struct ConnectorConfig {
-    /// Identifies this engine instance in `remote_engine_id`.
-    pub engine_id: String,
-    /// The host decode workers connect to (put in `remote_host`).
-    pub advertise_host: String,
-    /// Pins nobody pulls or releases are freed after this long.
-    pub pin_timeout: Duration,
-}
-
 impl KvConnector {
-    /// Serves pulls on `listener` and starts the expiry reaper.
+    /// Serves pulls on `listener` from `source`'s memory.
     pub fn start(
         listener: TcpListener,
         config: ConnectorConfig,
         source: Arc<dyn BlockSource>,
     ) -> std::io::Result<Self> {
         let port = listener.local_addr()?.port();
-        let tp_size = source.layout().tp_size;
-        let inner = Arc::new(Inner {
-            engine_id: config.engine_id,
-            advertise_host: config.advertise_host,
-            port,
-            tp_size,
-            source,
-            pin_timeout: config.pin_timeout,
-            pins: Mutex::new(HashMap::new()),
-        });
+        let layout = source.layout();
+        let memory = source.memory();
+        let inner = Arc::new(Inner { config, port, source, memory, layout, pins: Mutex::new(HashMap::new()) });
         tokio::spawn(accept_loop(listener, Arc::clone(&inner)));
         tokio::spawn(reap_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -101,19 +102,18 @@ impl KvConnector {
     pub fn pin(&self, request_id: &str, block_ids: Vec<u32>, num_tokens: u32) -> RemotePrefill {
         let inner = &self.inner;
         let remote = RemotePrefill {
-            remote_engine_id: inner.engine_id.clone(),
+            remote_engine_id: inner.config.engine_id.clone(),
             remote_block_ids: block_ids.clone(),
-            remote_host: inner.advertise_host.clone(),
+            remote_host: inner.config.advertise_host.clone(),
             remote_port: inner.port,
-            tp_size: inner.tp_size,
+            tp_size: inner.layout.tp_size,
             remote_request_id: request_id.to_string(),
             num_tokens,
+            lease_ms: inner.config.lease.as_millis() as u64,
+            remote_ports: Vec::new(),
         };
-        let old = inner
-            .pins
-            .lock()
-            .expect("pin table poisoned")
-            .insert(request_id.to_string(), Pin { block_ids, expires: Instant::now() + inner.pin_timeout });
+        let pin = Pin { block_ids, expires: Instant::now() + inner.config.lease };
+        let old = inner.pins.lock().expect("pin table poisoned").insert(request_id.to_string(), pin);
         if let Some(old) = old {
             // A request id reused while its previous pin is live: never leak the old blocks.
             warn!(request_id, "replacing a live pin");
@@ -147,14 +147,27 @@ impl Inner {
         }
     }
 
-    /// Checks a pull against the pin table and extends the pin while it is served.
-    fn admit_pull(&self, req: &PullRequest) -> Result<(), String> {
-        if req.engine_id != self.engine_id {
-            return Err(format!("engine id {:?} is not this engine ({:?})", req.engine_id, self.engine_id));
+    /// Pushes a pin's expiry one lease ahead; false when it is gone.
+    fn renew(&self, request_id: &str) -> bool {
+        let mut pins = self.pins.lock().expect("pin table poisoned");
+        match pins.get_mut(request_id) {
+            Some(pin) => {
+                pin.expires = Instant::now() + self.config.lease;
+                true
+            }
+            None => false,
         }
-        let theirs = req.layout.ok_or("pull without a KV layout")?;
-        let theirs = KvLayout::try_from(theirs).map_err(|e| e.to_string())?;
-        self.source.layout().check_compatible(&theirs).map_err(|e| e.to_string())?;
+    }
+
+    /// Checks a pull against the pin table and renews the pin.
+    fn admit_pull(&self, req: &PullRequest) -> Result<PieceShape, String> {
+        let shape = PieceShape {
+            server: self.layout,
+            server_blocks: self.memory.num_blocks(),
+            block_ids: req.block_ids.clone(),
+            heads: req.head_start..req.head_end,
+        };
+        shape.check()?;
         let mut pins = self.pins.lock().expect("pin table poisoned");
         let pin = pins
             .get_mut(&req.request_id)
@@ -165,8 +178,8 @@ impl Inner {
                 req.request_id, pin.block_ids, req.block_ids
             ));
         }
-        pin.expires = Instant::now() + self.pin_timeout;
-        Ok(())
+        pin.expires = Instant::now() + self.config.lease;
+        Ok(shape)
     }
 
     fn reap_expired(&self) {
@@ -177,9 +190,21 @@ impl Inner {
             ids.into_iter().filter_map(|id| pins.remove(&id).map(|p| (id, p))).collect()
         };
         for (request_id, pin) in expired {
-            info!(request_id, blocks = pin.block_ids.len(), "pinned KV expired unpulled; releasing");
+            info!(request_id, blocks = pin.block_ids.len(), "pinned KV lease expired; releasing");
             self.source.release_blocks(&pin.block_ids);
         }
+    }
+
+    /// The layout exchange: accept `theirs` or say what differs.
+    fn hello(&self, engine_id: &str, theirs: Option<proto::kv::KvLayout>) -> Result<Accepted, String> {
+        if engine_id != self.config.engine_id {
+            return Err(format!("engine id {engine_id:?} is not this engine ({:?})", self.config.engine_id));
+        }
+        let theirs = KvLayout::try_from(theirs.ok_or("hello without a KV layout")?).map_err(|e| e.to_string())?;
+        self.layout.check_compatible(&theirs).map_err(|e| e.to_string())?;
+        let shared_memory =
+            if self.config.shared_memory { shm::advertise(self.memory.memfd(), self.memory.len()) } else { None };
+        Ok(Accepted { layout: Some(self.layout.into()), num_blocks: self.memory.num_blocks() as u32, shared_memory })
     }
 }
 
@@ -188,6 +213,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(crate::client::SOCKET_BUFFER);
                 let inner = Arc::clone(&inner);
                 tokio::spawn(async move {
                     if let Err(e) = serve_connection(stream, &inner).await {
@@ -214,52 +240,113 @@ async fn reap_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
+fn invalid(message: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message.to_string())
+}
+
 async fn serve_connection(mut stream: TcpStream, inner: &Arc<Inner>) -> std::io::Result<()> {
-    let _peer: Option<SocketAddr> = stream.peer_addr().ok();
+    let Some(Frame { kind: Some(Kind::Hello(hello)) }) = read_frame(&mut stream).await? else {
+        return Err(invalid("a kv-transfer connection must open with a hello"));
+    };
+    let result = match inner.hello(&hello.engine_id, hello.layout) {
+        Ok(accepted) => hello_ack::Result::Accepted(accepted),
+        Err(message) => {
+            warn!(%message, "refused a KV puller");
+            hello_ack::Result::Error(message)
+        }
+    };
+    let refused = matches!(result, hello_ack::Result::Error(_));
+    write_frame(&mut stream, &Frame { kind: Some(Kind::HelloAck(HelloAck { result: Some(result) })) }).await?;
+    if refused {
+        return Ok(());
+    }
     while let Some(frame) = read_frame(&mut stream).await? {
         match frame.kind {
             Some(Kind::Pull(req)) => serve_pull(&mut stream, inner, req).await?,
+            Some(Kind::Renew(req)) => {
+                inner.renew(&req.request_id);
+            }
             Some(Kind::Release(req)) => {
-                let released = req.engine_id == inner.engine_id && inner.release(&req.request_id);
+                let released = inner.release(&req.request_id);
                 let answer = Frame { kind: Some(Kind::ReleaseResponse(ReleaseResponse { released })) };
                 write_frame(&mut stream, &answer).await?;
             }
-            _ => {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected frame from a puller"));
-            }
+            _ => return Err(invalid("unexpected frame from a puller")),
         }
     }
     Ok(())
 }
 
+/// Slices gathered per `writev`; Linux takes up to 1024.
+const IOVECS: usize = 64;
+/// Bytes between lease renewals while a pull is being written.
+const RENEW_EVERY: usize = 64 << 20;
+
 async fn serve_pull(stream: &mut TcpStream, inner: &Arc<Inner>, req: PullRequest) -> std::io::Result<()> {
-    let read = match inner.admit_pull(&req) {
-        Ok(()) => {
-            let source = Arc::clone(&inner.source);
-            let ids = req.block_ids.clone();
-            // The engine may hold its cache lock for a whole step: read off the async runtime.
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                source.read_blocks(&ids, &mut out).map(|()| out)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("block read panicked: {e}")))
-        }
-        Err(e) => Err(e),
-    };
-    match read {
-        Ok(bytes) => {
-            let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes.len() as u64)) };
-            write_frame(stream, &Frame { kind: Some(Kind::PullResponse(header)) }).await?;
-            stream.write_all(&bytes).await?;
-            stream.flush().await?;
-            debug!(request_id = req.request_id, bytes = bytes.len(), "served KV pull");
-        }
+    let transport = Transport::try_from(req.transport).unwrap_or(Transport::Unspecified);
+    let admitted = inner.admit_pull(&req).and_then(|shape| match transport {
+        Transport::Tcp => Ok(shape),
+        Transport::Shm if inner.config.shared_memory && inner.memory.memfd().is_some() => Ok(shape),
+        Transport::Shm => Err("this KV server offers no shared memory".into()),
+        Transport::Unspecified => Err("pull without a transport".into()),
+    });
+    let shape = match admitted {
+        Ok(shape) => shape,
         Err(message) => {
             warn!(request_id = req.request_id, %message, "refused KV pull");
             let header = PullResponse { result: Some(pull_response::Result::Error(message)) };
-            write_frame(stream, &Frame { kind: Some(Kind::PullResponse(header)) }).await?;
+            return write_frame(stream, &Frame { kind: Some(Kind::PullResponse(header)) }).await;
+        }
+    };
+    let bytes = shape.payload_bytes();
+    let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes as u64)) };
+    write_frame(stream, &Frame { kind: Some(Kind::PullResponse(header)) }).await?;
+    let mut checksum = req.checksum.then(Checksum::new);
+    let memory = &inner.memory;
+    if transport == Transport::Tcp {
+        write_payload(stream, walk(memory, &shape, false), checksum.as_mut(), || inner.renew(&req.request_id)).await?;
+    } else if let Some(sum) = checksum.as_mut() {
+        // The puller copies on its own; it still needs the sum of what we hold.
+        walk(memory, &shape, false).for_each(|s| sum.update(s));
+    }
+    let done = PullDone { checksum: checksum.map_or(0, Checksum::finish) };
+    write_frame(stream, &Frame { kind: Some(Kind::PullDone(done)) }).await?;
+    debug!(request_id = req.request_id, bytes, ?transport, "served KV pull");
+    Ok(())
+}
+
+/// Writes `slices` with gathered writes straight from the KV memory: no copy
+/// into a message, and the socket always has the next slices queued.
+async fn write_payload<'a>(
+    stream: &mut TcpStream,
+    slices: impl Iterator<Item = &'a [u8]>,
+    mut checksum: Option<&mut Checksum>,
+    renew: impl Fn() -> bool,
+) -> std::io::Result<()> {
+    let mut slices = slices.peekable();
+    let mut since_renew = 0;
+    let mut batch: Vec<IoSlice<'a>> = Vec::with_capacity(IOVECS);
+    while slices.peek().is_some() {
+        batch.clear();
+        batch.extend(slices.by_ref().take(IOVECS).map(|s| {
+            if let Some(sum) = checksum.as_deref_mut() {
+                sum.update(s);
+            }
+            IoSlice::new(s)
+        }));
+        let mut rest: &mut [IoSlice<'a>] = &mut batch;
+        while !rest.is_empty() {
+            let n = stream.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            since_renew += n;
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        if since_renew >= RENEW_EVERY {
+            since_renew = 0;
+            renew();
         }
     }
-    Ok(())
+    stream.flush().await
 }

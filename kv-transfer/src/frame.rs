@@ -45,7 +45,7 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_eof_is_none() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let f = Frame { kind: Some(Kind::Release(ReleaseRequest { engine_id: "e".into(), request_id: "r".into() })) };
+        let f = Frame { kind: Some(Kind::Release(ReleaseRequest { request_id: "r".into() })) };
         write_frame(&mut a, &f).await.unwrap();
         drop(a);
         assert_eq!(read_frame(&mut b).await.unwrap(), Some(f));

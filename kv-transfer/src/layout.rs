@@ -1,8 +1,25 @@
-//! The shape of one KV block. Two engines exchange blocks only when their
-//! layouts are equal; anything else would be silently misread.
+//! The shape of one rank's KV blocks, and the head slicing between tensor
+//! parallel sizes. Two ranks exchange blocks only when everything but the TP
+//! split agrees; anything else would be silently misread.
+//!
+//! # The paged layout
+//!
+//! A rank's KV memory is one region of `num_layers × 2 × num_blocks`
+//! *segments*. A segment is the K (`kv = 0`) or V (`kv = 1`) of one block of
+//! one layer, `[slot][head][dim]` inside, at
+//! [`KvLayout::segment_offset`]. The engine's cache follows this layout, which
+//! is what lets the KV server write blocks to a socket, or a same-host peer
+//! copy them, straight from the engine's memory.
+//!
+//! # Heads under tensor parallelism
+//!
+//! Rank `r` of `n` holds the global KV heads `[r·H/n, (r+1)·H/n)`, `H` the
+//! model's KV heads ([`KvLayout::head_range`]). A puller asks each server rank
+//! for the intersection of their ranges ([`pull_plan`]).
 
 use proto::kv as pb;
 use std::fmt;
+use std::ops::Range;
 
 /// Element type of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,16 +49,19 @@ impl fmt::Display for KvDtype {
     }
 }
 
-/// What one engine's KV blocks look like.
+/// What one rank's KV blocks look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub num_layers: u32,
+    /// KV heads this rank holds (`total_kv_heads / tp_size`).
     pub num_kv_heads: u32,
     pub head_dim: u32,
     pub dtype: KvDtype,
     pub block_size: u32,
     pub tp_size: u32,
     pub tp_rank: u32,
+    /// KV heads of the whole model.
+    pub total_kv_heads: u32,
 }
 
 /// The fields on which two layouts differ, as `name: ours vs theirs`.
@@ -50,17 +70,66 @@ pub struct KvLayout {
 pub struct LayoutMismatch(pub Vec<String>);
 
 impl KvLayout {
-    /// Bytes of one block: K and V for every layer.
-    pub fn block_bytes(&self) -> usize {
-        2 * self.num_layers as usize
-            * self.block_size as usize
-            * self.num_kv_heads as usize
-            * self.head_dim as usize
-            * self.dtype.size()
+    /// The layout of one rank of a model with `total_kv_heads`, split `tp_size` ways.
+    pub fn for_rank(mut self, tp_size: u32, tp_rank: u32) -> Self {
+        self.tp_size = tp_size;
+        self.tp_rank = tp_rank;
+        self.num_kv_heads = self.total_kv_heads / tp_size.max(1);
+        self
     }
 
-    /// Checks that `theirs` can exchange blocks with `self`, naming every difference.
+    /// Bytes of one block on this rank: K and V for every layer.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.num_layers as usize * self.segment_bytes()
+    }
+
+    /// Bytes of one token's values for one head.
+    pub fn head_bytes(&self) -> usize {
+        self.head_dim as usize * self.dtype.size()
+    }
+
+    /// Bytes of one segment: one block's K (or V) of one layer, this rank's heads.
+    pub fn segment_bytes(&self) -> usize {
+        self.block_size as usize * self.num_kv_heads as usize * self.head_bytes()
+    }
+
+    /// Byte offset of segment (`layer`, `kv`, `block`) in a region of `num_blocks` blocks.
+    pub fn segment_offset(&self, num_blocks: usize, layer: usize, kv: usize, block: usize) -> usize {
+        ((layer * 2 + kv) * num_blocks + block) * self.segment_bytes()
+    }
+
+    /// The global KV heads this rank holds.
+    pub fn head_range(&self) -> Range<u32> {
+        let per_rank = self.total_kv_heads / self.tp_size.max(1);
+        self.tp_rank * per_rank..(self.tp_rank + 1) * per_rank
+    }
+
+    /// Checks that the layout describes a real split: heads divide by TP size
+    /// and the rank is inside it.
+    pub fn check_valid(&self) -> Result<(), LayoutMismatch> {
+        let mut problems = Vec::new();
+        if self.tp_size == 0 || self.tp_rank >= self.tp_size {
+            problems.push(format!("tp_rank {} outside tp_size {}", self.tp_rank, self.tp_size));
+        } else if !self.total_kv_heads.is_multiple_of(self.tp_size) {
+            problems.push(format!("{} KV heads do not divide by tp_size {}", self.total_kv_heads, self.tp_size));
+        } else if self.num_kv_heads * self.tp_size != self.total_kv_heads {
+            problems.push(format!(
+                "num_kv_heads {} × tp_size {} is not total_kv_heads {}",
+                self.num_kv_heads, self.tp_size, self.total_kv_heads
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LayoutMismatch(problems))
+        }
+    }
+
+    /// Checks that `theirs` can exchange blocks with `self`, naming every
+    /// difference. TP sizes and ranks may differ: heads are sliced.
     pub fn check_compatible(&self, theirs: &KvLayout) -> Result<(), LayoutMismatch> {
+        self.check_valid()?;
+        theirs.check_valid()?;
         let mut diffs = Vec::new();
         let mut cmp = |name: &str, a: String, b: String| {
             if a != b {
@@ -68,13 +137,10 @@ impl KvLayout {
             }
         };
         cmp("num_layers", self.num_layers.to_string(), theirs.num_layers.to_string());
-        cmp("num_kv_heads", self.num_kv_heads.to_string(), theirs.num_kv_heads.to_string());
+        cmp("total_kv_heads", self.total_kv_heads.to_string(), theirs.total_kv_heads.to_string());
         cmp("head_dim", self.head_dim.to_string(), theirs.head_dim.to_string());
         cmp("dtype", self.dtype.to_string(), theirs.dtype.to_string());
         cmp("block_size", self.block_size.to_string(), theirs.block_size.to_string());
-        // Head slicing across different TP sizes is not supported yet: both sides must match.
-        cmp("tp_size", self.tp_size.to_string(), theirs.tp_size.to_string());
-        cmp("tp_rank", self.tp_rank.to_string(), theirs.tp_rank.to_string());
         if diffs.is_empty() {
             Ok(())
         } else {
@@ -98,6 +164,7 @@ impl From<KvLayout> for pb::KvLayout {
             block_size: l.block_size,
             tp_size: l.tp_size,
             tp_rank: l.tp_rank,
+            total_kv_heads: l.total_kv_heads,
         }
     }
 }
@@ -120,8 +187,31 @@ impl TryFrom<pb::KvLayout> for KvLayout {
             block_size: l.block_size,
             tp_size: l.tp_size,
             tp_rank: l.tp_rank,
+            total_kv_heads: l.total_kv_heads,
         })
     }
+}
+
+/// One piece of a puller rank's heads: which server rank holds it and which
+/// global heads to ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullPiece {
+    pub server_rank: u32,
+    pub heads: Range<u32>,
+}
+
+/// The pieces `puller` needs from a server of `server_tp` ranks: the
+/// intersection of its head range with each server rank's, in head order.
+/// Together they cover the puller's heads exactly once.
+pub fn pull_plan(puller: &KvLayout, server_tp: u32) -> Vec<PullPiece> {
+    let mine = puller.head_range();
+    (0..server_tp)
+        .filter_map(|rank| {
+            let theirs = puller.for_rank(server_tp, rank).head_range();
+            let heads = mine.start.max(theirs.start)..mine.end.min(theirs.end);
+            (heads.start < heads.end).then_some(PullPiece { server_rank: rank, heads })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -137,6 +227,7 @@ mod tests {
             block_size: 16,
             tp_size: 1,
             tp_rank: 0,
+            total_kv_heads: 3,
         }
     }
 
@@ -152,6 +243,41 @@ mod tests {
         let err = smollm().check_compatible(&theirs).unwrap_err();
         assert_eq!(err.to_string(), "incompatible KV layout: head_dim 64 vs 128, dtype f32 vs f16");
         assert!(smollm().check_compatible(&smollm()).is_ok());
+    }
+
+    #[test]
+    fn tp_sizes_may_differ_but_heads_must_divide() {
+        let one = smollm();
+        let three = smollm().for_rank(3, 2);
+        assert_eq!((three.num_kv_heads, three.head_range()), (1, 2..3));
+        assert!(one.check_compatible(&three).is_ok());
+        let err = one.check_compatible(&smollm().for_rank(2, 0)).unwrap_err();
+        assert_eq!(err.to_string(), "incompatible KV layout: 3 KV heads do not divide by tp_size 2");
+    }
+
+    #[test]
+    fn segments_tile_the_region() {
+        let l = smollm();
+        assert_eq!(l.segment_bytes(), 16 * 3 * 64 * 4);
+        assert_eq!(l.segment_offset(10, 0, 1, 0), 10 * l.segment_bytes());
+        assert_eq!(l.segment_offset(10, 29, 1, 9) + l.segment_bytes(), 10 * l.block_bytes());
+    }
+
+    fn plan(puller_tp: u32, rank: u32, server_tp: u32, total: u32) -> Vec<(u32, Range<u32>)> {
+        let layout = KvLayout { total_kv_heads: total, ..smollm() }.for_rank(puller_tp, rank);
+        pull_plan(&layout, server_tp).into_iter().map(|p| (p.server_rank, p.heads)).collect()
+    }
+
+    #[test]
+    fn pull_plans_cover_each_rank_once() {
+        // TP 1 -> 3: each decode rank pulls its one head from the one prefill rank.
+        assert_eq!(plan(3, 1, 1, 3), vec![(0, 1..2)]);
+        // TP 3 -> 1: the one decode rank pulls a head from each prefill rank.
+        assert_eq!(plan(1, 0, 3, 3), vec![(0, 0..1), (1, 1..2), (2, 2..3)]);
+        assert_eq!(plan(3, 2, 3, 3), vec![(2, 2..3)]);
+        // 8 heads: TP 2 -> 4 and 4 -> 2.
+        assert_eq!(plan(4, 3, 2, 8), vec![(1, 6..8)]);
+        assert_eq!(plan(2, 1, 4, 8), vec![(2, 4..6), (3, 6..8)]);
     }
 
     #[test]

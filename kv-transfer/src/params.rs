@@ -4,8 +4,13 @@
 //! {"do_remote_decode": true}                       // router -> prefill
 //! {"do_remote_prefill": true, "remote_engine_id": "...", "remote_block_ids": [0, 1],
 //!  "remote_host": "127.0.0.1", "remote_port": 7100, "tp_size": 1,
-//!  "remote_request_id": "...", "num_tokens": 20}   // prefill -> decode
+//!  "remote_request_id": "...", "num_tokens": 20,
+//!  "lease_ms": 5000, "remote_ports": [7100]}       // prefill -> decode
 //! ```
+//!
+//! `remote_host` / `remote_port` are rank 0's KV server; `remote_ports` lists
+//! every prefill rank's, in rank order, when `tp_size` > 1. `lease_ms` is how
+//! long the blocks stay pinned without a pull or a renewal.
 
 use proto::worker as pb;
 use serde::{Deserialize, Serialize};
@@ -21,15 +26,27 @@ pub struct RemotePrefill {
     pub remote_request_id: String,
     /// Prompt tokens the blocks cover.
     pub num_tokens: u32,
+    /// Milliseconds the pin lives without a pull or renewal.
+    #[serde(default)]
+    pub lease_ms: u64,
+    /// Every prefill rank's KV server port, in rank order (empty: only `remote_port`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ports: Vec<u16>,
 }
 
 impl RemotePrefill {
-    /// `host:port` of the prefill worker's KV server.
+    /// `host:port` of the prefill worker's (rank 0's) KV server.
     pub fn addr(&self) -> String {
+        self.rank_addr(0)
+    }
+
+    /// `host:port` of prefill rank `rank`'s KV server.
+    pub fn rank_addr(&self, rank: u32) -> String {
+        let port = self.remote_ports.get(rank as usize).copied().unwrap_or(self.remote_port);
         if self.remote_host.contains(':') {
-            format!("[{}]:{}", self.remote_host, self.remote_port)
+            format!("[{}]:{}", self.remote_host, port)
         } else {
-            format!("{}:{}", self.remote_host, self.remote_port)
+            format!("{}:{}", self.remote_host, port)
         }
     }
 }
@@ -89,21 +106,11 @@ impl KvTransferParams {
     }
 }
 
+/// The proto message carries the JSON object as text: the router forwards it
+/// verbatim, so this crate is the one reader of its fields.
 impl From<KvTransferParams> for pb::KvTransferParams {
     fn from(p: KvTransferParams) -> Self {
-        let params = match p {
-            KvTransferParams::RemoteDecode => pb::kv_transfer_params::Params::RemoteDecode(pb::RemoteDecode {}),
-            KvTransferParams::RemotePrefill(r) => pb::kv_transfer_params::Params::RemotePrefill(pb::RemotePrefill {
-                remote_engine_id: r.remote_engine_id,
-                remote_block_ids: r.remote_block_ids,
-                remote_host: r.remote_host,
-                remote_port: u32::from(r.remote_port),
-                tp_size: r.tp_size,
-                remote_request_id: r.remote_request_id,
-                num_tokens: r.num_tokens,
-            }),
-        };
-        pb::KvTransferParams { params: Some(params) }
+        pb::KvTransferParams { json: p.to_json().to_string() }
     }
 }
 
@@ -111,23 +118,12 @@ impl TryFrom<pb::KvTransferParams> for KvTransferParams {
     type Error = ParamsError;
 
     fn try_from(p: pb::KvTransferParams) -> Result<Self, Self::Error> {
-        match p.params {
-            Some(pb::kv_transfer_params::Params::RemoteDecode(_)) => Ok(Self::RemoteDecode),
-            Some(pb::kv_transfer_params::Params::RemotePrefill(r)) => {
-                let remote_port = u16::try_from(r.remote_port)
-                    .map_err(|_| ParamsError::Invalid(format!("remote_port {} is not a TCP port", r.remote_port)))?;
-                Ok(Self::RemotePrefill(RemotePrefill {
-                    remote_engine_id: r.remote_engine_id,
-                    remote_block_ids: r.remote_block_ids,
-                    remote_host: r.remote_host,
-                    remote_port,
-                    tp_size: r.tp_size,
-                    remote_request_id: r.remote_request_id,
-                    num_tokens: r.num_tokens,
-                }))
-            }
-            None => Err(ParamsError::Invalid("empty kv_transfer_params".into())),
+        if p.json.trim().is_empty() {
+            return Err(ParamsError::Invalid("empty kv_transfer_params".into()));
         }
+        let value: serde_json::Value =
+            serde_json::from_str(&p.json).map_err(|e| ParamsError::Invalid(format!("invalid JSON text: {e}")))?;
+        Self::from_json(value)
     }
 }
 
@@ -145,6 +141,8 @@ mod tests {
             tp_size: 1,
             remote_request_id: "req-1".into(),
             num_tokens: 20,
+            lease_ms: 5000,
+            remote_ports: vec![],
         }
     }
 
@@ -170,12 +168,24 @@ mod tests {
     fn proto_round_trip() {
         for p in [KvTransferParams::RemoteDecode, KvTransferParams::RemotePrefill(remote())] {
             let wire: pb::KvTransferParams = p.clone().into();
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&wire.json).unwrap(), p.to_json());
             assert_eq!(KvTransferParams::try_from(wire).unwrap(), p);
         }
-        let mut bad: pb::KvTransferParams = KvTransferParams::RemotePrefill(remote()).into();
-        if let Some(pb::kv_transfer_params::Params::RemotePrefill(r)) = &mut bad.params {
-            r.remote_port = 70000;
+        let wire: pb::KvTransferParams = KvTransferParams::RemoteDecode.into();
+        assert_eq!(wire.json, r#"{"do_remote_decode":true}"#);
+        let mut value = KvTransferParams::RemotePrefill(remote()).to_json();
+        value["remote_port"] = json!(70000);
+        assert!(KvTransferParams::try_from(pb::KvTransferParams { json: value.to_string() }).is_err());
+    }
+
+    #[test]
+    fn invalid_proto_json_is_a_params_error() {
+        for text in ["", "  ", "{not json", "[1, 2]", "5"] {
+            let err = KvTransferParams::try_from(pb::KvTransferParams { json: text.into() }).unwrap_err();
+            assert!(matches!(&err, ParamsError::Invalid(msg) if !msg.is_empty()), "{text:?}: {err}");
+            assert!(err.to_string().starts_with("kv_transfer_params: "), "{text:?}: {err}");
         }
-        assert!(KvTransferParams::try_from(bad).is_err());
+        let err = KvTransferParams::try_from(pb::KvTransferParams { json: "{not json".into() }).unwrap_err();
+        assert!(err.to_string().contains("invalid JSON text"), "{err}");
     }
 }

@@ -4,8 +4,7 @@
 mod service;
 
 use anyhow::Context;
-use kv_transfer::connector::ConnectorConfig;
-use kv_transfer::KvConnector;
+use kv_transfer::{ConnectorConfig, KvConnector};
 use proto::worker::{prefill_server::PrefillServer, worker_server::WorkerServer};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,9 +25,15 @@ struct Args {
     /// Host decode workers reach the kv-transfer server at; defaults to the `--kv-listen` IP.
     #[arg(long)]
     kv_advertise_host: Option<String>,
-    /// Seconds a pinned hand-off waits for its decode worker before its blocks are freed.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_pin_timeout_secs: u64,
+    /// Milliseconds a pinned hand-off lives without a pull or a renewal
+    /// before its blocks are freed: what a decode worker that dies mid-pull
+    /// costs at most.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    kv_lease_ms: u64,
+    /// Do not offer same-host decode workers the shared mapping of the KV
+    /// cache; every pull then goes over TCP.
+    #[arg(long)]
+    no_kv_shared_memory: bool,
     /// Identifies this engine in `remote_engine_id`; a fresh id by default.
     #[arg(long)]
     engine_id: Option<String>,
@@ -60,7 +65,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let config = ConnectorConfig {
         engine_id,
         advertise_host: args.kv_advertise_host.unwrap_or_else(|| args.kv_listen.ip().to_string()),
-        pin_timeout: Duration::from_secs(args.kv_pin_timeout_secs),
+        lease: Duration::from_millis(args.kv_lease_ms),
+        shared_memory: !args.no_kv_shared_memory,
     };
     let connector = KvConnector::start(kv_listener, config, Arc::new(EngineBlocks::new(loaded.engine.clone())))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
 use proto::worker::decode_server::{Decode, DecodeServer};
-use proto::worker::kv_transfer_params::Params;
 use proto::worker::prefill_server::{Prefill, PrefillServer};
 use proto::worker::worker_server::{Worker, WorkerServer};
 use proto::worker::*;
@@ -44,17 +43,26 @@ impl Worker for FakeWorker {
     }
 }
 
+/// The prefill worker's `kv_transfer_params`, with a field the router has
+/// never heard of: it must reach the decode worker byte for byte.
+fn handoff_json(request_id: &str) -> String {
+    format!(
+        r#"{{"do_remote_prefill": true, "remote_request_id": "{request_id}", "remote_block_ids": [4, 2], "x": {{}}}}"#
+    )
+}
+
 #[tonic::async_trait]
 impl Prefill for FakeWorker {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
         let request = request.into_inner();
         self.prefilled.lock().unwrap().push(request.clone());
-        let remote = RemotePrefill { remote_request_id: format!("pin-{}", request.request_id), ..Default::default() };
+        // As a real prefill worker: pinned under the request id it was sent.
+        let json = handoff_json(&request.request_id);
         Ok(Response::new(PrefillResponse {
             request_id: request.request_id,
             first_token_id: u32::from(b'H'),
             finish_reason: FinishReason::Unspecified.into(),
-            kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
+            kv_transfer_params: Some(KvTransferParams { json }),
             num_cached_tokens: 0,
             first_token_logprobs: None,
             choices: vec![],
@@ -113,6 +121,7 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
             local_prefill_max_tokens: 0,
             ..Default::default()
         }),
+        on_kv_failure: Default::default(),
     };
     tokio::spawn(crate::run(listener, config, std::future::pending()));
     addr
@@ -154,10 +163,9 @@ async fn disaggregated_request_goes_prefill_then_decode() {
     assert_eq!((decoded.priority, decoded.cache_salt.as_deref()), (-7, Some("salt")));
     let prefilled = prefill.prefilled.lock().unwrap().remove(0);
     assert_eq!((prefilled.priority, prefilled.cache_salt.as_deref()), (-7, Some("salt")));
-    assert!(matches!(
-        decoded.kv_transfer_params.and_then(|p| p.params),
-        Some(Params::RemotePrefill(r)) if r.remote_request_id == "pin-r1"
-    ));
+    // The router asks for a remote decode and forwards the answer verbatim.
+    assert_eq!(prefilled.kv_transfer_params.unwrap().json, r#"{"do_remote_decode":true}"#);
+    assert_eq!(decoded.kv_transfer_params.unwrap().json, handoff_json("r1"));
 
     // A stop string on the first token ends the request before decode.
     let stopped = json!({"prompt": "Hi", "stop": ["H"], "stream": true});
@@ -169,7 +177,7 @@ async fn disaggregated_request_goes_prefill_then_decode() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(*prefill.released.lock().unwrap(), ["pin-r1"]);
+    assert_eq!(*prefill.released.lock().unwrap(), ["r1"]);
     assert!(decode.decoded.lock().unwrap().is_empty());
 }
 

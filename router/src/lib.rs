@@ -57,7 +57,7 @@ pub use server::{app, AppState};
 use crate::admission::{Admission, AdmissionConfig};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelError};
-use crate::pd::PdBackend;
+use crate::pd::{KvFailurePolicy, PdBackend};
 use crate::placement::{CacheAware, CacheAwareConfig, Placement, RoundRobin};
 use crate::prefix_index::PrefixIndex;
 use crate::workers::{load_model_card, worker_clients, GrpcWorkers, WorkerError};
@@ -93,6 +93,8 @@ pub struct Config {
     pub admission: AdmissionConfig,
     /// The placement policy.
     pub policy: Policy,
+    /// What a failed KV hand-off does to its request.
+    pub on_kv_failure: KvFailurePolicy,
 }
 
 /// Why the router stopped with an error.
@@ -129,7 +131,8 @@ pub async fn run(
     let backend = Arc::new(
         PdBackend::new(workers, placement)
             .with_cached_tokens(metrics.prefix_cached_tokens())
-            .with_placement_counters(metrics.placement()),
+            .with_placement_counters(metrics.placement())
+            .with_kv_failure_policy(config.on_kv_failure),
     );
     // Requests queue for the first leg they need: prefill, or decode when colocated.
     let first_leg_workers =

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use router::pd::KvFailurePolicy;
 use router::placement::{self, CacheAwareConfig};
 use tokio::net::TcpListener;
 
@@ -52,6 +53,18 @@ struct Args {
     /// worker skip the hand-off and prefill there; 0 always hands off.
     #[arg(long, default_value_t = placement::DEFAULT_LOCAL_PREFILL_MAX_TOKENS)]
     local_prefill_max_tokens: usize,
+    /// When a decode worker cannot get a prompt's KV from its prefill worker (which died, stalled
+    /// or sent corrupt blocks): `recompute` has the decode worker compute the prompt and go on
+    /// (requests with n = 1; others fail), `fail` ends the stream with an error.
+    #[arg(long, value_enum, default_value_t = KvFailureArg::Recompute)]
+    kv_transfer_failure: KvFailureArg,
+}
+
+/// `--kv-transfer-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvFailureArg {
+    Recompute,
+    Fail,
 }
 
 /// `--policy`.
@@ -85,6 +98,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 local_prefill_max_tokens: args.local_prefill_max_tokens,
             }),
             PolicyArg::RoundRobin => router::Policy::RoundRobin,
+        },
+        on_kv_failure: match args.kv_transfer_failure {
+            KvFailureArg::Recompute => KvFailurePolicy::Recompute,
+            KvFailureArg::Fail => KvFailurePolicy::Fail,
         },
     };
     let listener = TcpListener::bind((args.host.as_str(), args.port))

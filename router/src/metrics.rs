@@ -71,6 +71,7 @@ pub struct Metrics {
     indexes: OnceLock<Vec<(&'static str, Arc<PrefixIndex>)>>,
     worker_up: IntGaugeVec,
     worker_cached_blocks: IntGaugeVec,
+    worker_pinned_blocks: IntGaugeVec,
     admission_queue_depth: IntGauge,
     inflight_requests: IntGaugeVec,
 }
@@ -149,6 +150,10 @@ impl Metrics {
         let worker_up = pool_gauge("worker_up", "1 while the worker's KV event stream is live and snapshotted.");
         let worker_cached_blocks =
             pool_gauge("worker_cached_blocks", "KV blocks the router's prefix index holds for the worker.");
+        let worker_pinned_blocks = pool_gauge(
+            "worker_pinned_blocks",
+            "KV blocks the worker holds for hand-offs not released yet, as it last reported.",
+        );
         let admission_queue_depth =
             IntGauge::new(format!("{PREFIX}admission_queue_depth"), "Requests waiting in the admission queue.")
                 .expect("valid gauge options");
@@ -176,6 +181,7 @@ impl Metrics {
             indexes: OnceLock::new(),
             worker_up,
             worker_cached_blocks,
+            worker_pinned_blocks,
             admission_queue_depth,
             inflight_requests,
         }
@@ -256,6 +262,7 @@ impl Metrics {
                 let labels = [*pool, &worker.to_string()];
                 self.worker_up.with_label_values(&labels).set(summary.up.into());
                 self.worker_cached_blocks.with_label_values(&labels).set(summary.cached_blocks as i64);
+                self.worker_pinned_blocks.with_label_values(&labels).set(summary.pinned_blocks.into());
             }
         }
         let mut text = Vec::new();

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
 use prometheus::{IntCounter, IntCounterVec};
-use proto::worker::RemotePrefill;
+use proto::worker::KvTransferParams;
 
 use crate::admission::{hold, Chooser};
 use crate::placement::{Demand, Leg, Placement, Slots};
@@ -164,6 +164,11 @@ pub enum BackendError {
     /// The worker aborted the request (502).
     #[error("the worker aborted the request")]
     Aborted,
+    /// The decode worker could not get the prompt's KV from the prefill
+    /// worker (the prefill worker died, stalled, or sent corrupt blocks);
+    /// the decode worker itself is fine (502).
+    #[error("KV hand-off failed: {0}")]
+    KvTransfer(String),
 }
 
 impl BackendError {
@@ -173,6 +178,7 @@ impl BackendError {
             Self::Unavailable(_) => "worker_unavailable",
             Self::Worker(_) => "worker_error",
             Self::Aborted => "worker_aborted",
+            Self::KvTransfer(_) => "kv_transfer_failed",
         }
     }
 }
@@ -199,9 +205,11 @@ pub trait Backend: Send + Sync + 'static {
 pub struct PrefillOutcome {
     /// Each choice's first token, in choice order (`n` of them).
     pub choices: Vec<FirstToken>,
-    /// Where the pinned KV waits, for the decode worker; `None` when every
-    /// choice ended on its first token.
-    pub handoff: Option<RemotePrefill>,
+    /// Where the pinned KV waits, for the decode worker: the prefill worker's
+    /// `kv_transfer_params`, opaque here and forwarded verbatim; `None` when
+    /// every choice ended on its first token. The blocks are pinned under the
+    /// prefill leg's `request_id`.
+    pub handoff: Option<KvTransferParams>,
     /// Prompt tokens the worker served from its prefix cache.
     pub num_cached_tokens: u32,
 }
@@ -222,8 +230,8 @@ pub struct FirstToken {
 pub struct DecodeLeg {
     /// The request.
     pub request: GenerateRequest,
-    /// `remote_prefill` params from the prefill worker; `None` when colocated.
-    pub handoff: Option<RemotePrefill>,
+    /// The prefill worker's `kv_transfer_params`, verbatim; `None` when colocated.
+    pub handoff: Option<KvTransferParams>,
     /// The token the prefill worker sampled for each choice; empty when colocated.
     pub first_token_ids: Vec<u32>,
 }
@@ -269,6 +277,19 @@ impl PlacementCounters {
     }
 }
 
+/// What the client sees when the KV hand-off fails after the first token
+/// went out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvFailurePolicy {
+    /// The decode worker computes the prompt (and the first token) itself
+    /// and the answer goes on; only for `n` = 1, whose first token is one
+    /// more prompt token. The default: the client sees a complete answer.
+    #[default]
+    Recompute,
+    /// The stream ends with `finish_reason: "error"`.
+    Fail,
+}
+
 /// [`Backend`] over prefill and decode pools.
 pub struct PdBackend<L> {
     legs: Arc<L>,
@@ -277,13 +298,26 @@ pub struct PdBackend<L> {
     decode_in_flight: Arc<Vec<AtomicUsize>>,
     cached_tokens: Option<IntCounter>,
     counters: Option<PlacementCounters>,
+    on_kv_failure: KvFailurePolicy,
 }
 
 impl<L: WorkerLegs> PdBackend<L> {
     /// A backend that places requests with `placement`.
     pub fn new(legs: L, placement: Arc<dyn Placement>) -> Self {
         let decode_in_flight = Arc::new((0..legs.num_decode()).map(|_| AtomicUsize::new(0)).collect());
-        Self { legs: Arc::new(legs), placement, decode_in_flight, cached_tokens: None, counters: None }
+        Self {
+            legs: Arc::new(legs),
+            placement,
+            decode_in_flight,
+            cached_tokens: None,
+            counters: None,
+            on_kv_failure: KvFailurePolicy::default(),
+        }
+    }
+
+    /// The same backend answering a failed KV hand-off by `policy`.
+    pub fn with_kv_failure_policy(self, policy: KvFailurePolicy) -> Self {
+        Self { on_kv_failure: policy, ..self }
     }
 
     /// The same backend adding each prefill's prefix-cached prompt tokens to
@@ -391,6 +425,7 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
             decode_slot: DecodeSlot::take(&self.decode_in_flight, decode.worker),
             n,
             cached_tokens: self.cached_tokens.clone(),
+            on_kv_failure: self.on_kv_failure,
         };
         stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
             let (items, next) = run.step(state).await?;
@@ -425,6 +460,7 @@ struct PdRun<L> {
     /// Choices of the request.
     n: u32,
     cached_tokens: Option<IntCounter>,
+    on_kv_failure: KvFailurePolicy,
 }
 
 /// What to yield (the prefill yields every choice's first token at once), and where we are then.
@@ -436,6 +472,8 @@ impl<L: WorkerLegs> PdRun<L> {
         match state {
             PdState::Prefill(request) => Some(self.prefill(request).await),
             PdState::Handoff { leg, pin } => {
+                let recompute =
+                    (self.on_kv_failure == KvFailurePolicy::Recompute && self.n == 1).then(|| recompute_leg(&leg));
                 match self.legs.decode(self.decode_worker, leg).await {
                     Ok(tokens) => {
                         // The decode worker owns the hand-off now: it pulls, then releases.
@@ -445,6 +483,18 @@ impl<L: WorkerLegs> PdRun<L> {
                         Some((vec![item], PdState::Decoding(tokens)))
                     }
                     // `pin` drops armed here, releasing the blocks.
+                    Err(BackendError::KvTransfer(error)) if recompute.is_some() => {
+                        tracing::warn!(%error, "KV hand-off failed; the decode worker recomputes the prompt");
+                        let leg = recompute.expect("checked above");
+                        match self.legs.decode(self.decode_worker, leg).await {
+                            Ok(tokens) => {
+                                let mut tokens = until_finish(tokens, self.n);
+                                let item = tokens.next().await?;
+                                Some((vec![item], PdState::Decoding(tokens)))
+                            }
+                            Err(e) => Some((vec![Err(e)], PdState::Done)),
+                        }
+                    }
                     Err(e) => {
                         if matches!(e, BackendError::Unavailable(_)) {
                             self.placement.mark_down(Leg::Decode, self.decode_worker);
@@ -496,10 +546,11 @@ impl<L: WorkerLegs> PdRun<L> {
             let error = format!("prefill answered {} choices for n = {}", outcome.choices.len(), self.n);
             return (vec![Err(BackendError::Worker(error))], PdState::Done);
         }
-        let pin = outcome.handoff.as_ref().map(|h| KvPin {
+        // The prefill worker pins under the request id it was sent: the key to release.
+        let pin = outcome.handoff.as_ref().map(|_| KvPin {
             legs: self.legs.clone(),
             worker: prefill_worker,
-            remote_request_id: Some(h.remote_request_id.clone()),
+            remote_request_id: Some(request.request_id.clone()),
         });
         let all_finished = outcome.choices.iter().all(|c| c.finish.is_some());
         let first_token_ids: Vec<u32> = outcome.choices.iter().map(|c| c.token_id).collect();
@@ -523,12 +574,23 @@ impl<L: WorkerLegs> PdRun<L> {
                 let leg = DecodeLeg { request, handoff: Some(handoff), first_token_ids };
                 (firsts, PdState::Handoff { leg, pin })
             }
-            _ => (
-                vec![Err(BackendError::Worker("prefill answered without kv_transfer_params.remote_prefill".into()))],
-                PdState::Done,
-            ),
+            _ => (vec![Err(BackendError::Worker("prefill answered without kv_transfer_params".into()))], PdState::Done),
         }
     }
+}
+
+/// The colocated leg that replaces a failed hand-off of a one-choice
+/// request: the first token, already streamed, becomes the prompt's last, and
+/// the decode worker generates the rest.
+fn recompute_leg(leg: &DecodeLeg) -> DecodeLeg {
+    let mut request = leg.request.clone();
+    let mut prompt = request.prompt_token_ids.as_ref().clone();
+    prompt.extend(&leg.first_token_ids);
+    request.prompt_token_ids = Arc::new(prompt);
+    let sampling = &mut request.sampling;
+    sampling.max_tokens = sampling.max_tokens.saturating_sub(1).max(1);
+    sampling.min_tokens = sampling.min_tokens.saturating_sub(1);
+    DecodeLeg { request, handoff: None, first_token_ids: Vec::new() }
 }
 
 /// Blocks pinned on a prefill worker. Dropped armed, it asks the worker to

@@ -20,6 +20,8 @@ struct FakeLegs {
     /// Prefill workers that answer `Unavailable`.
     failing_prefill: Vec<usize>,
     prefill_calls: Mutex<Vec<usize>>,
+    /// Decode answers every hand-off with a failed KV pull.
+    failing_handoff: bool,
 }
 
 impl WorkerLegs for Arc<FakeLegs> {
@@ -37,7 +39,11 @@ impl WorkerLegs for Arc<FakeLegs> {
         future::ready(Ok(self.prefill.clone())).boxed()
     }
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
+        let handoff = leg.handoff.is_some();
         self.decode_calls.lock().unwrap().push((worker, leg));
+        if handoff && self.failing_handoff {
+            return future::ready(Err(BackendError::KvTransfer("the prefill worker is gone".into()))).boxed();
+        }
         let chunks = self.decode_chunks.clone();
         future::ready(Ok(stream::iter(chunks).boxed())).boxed()
     }
@@ -47,16 +53,12 @@ impl WorkerLegs for Arc<FakeLegs> {
     }
 }
 
-fn handoff() -> RemotePrefill {
-    RemotePrefill {
-        remote_engine_id: "p0".into(),
-        remote_block_ids: vec![1, 2],
-        remote_host: "127.0.0.1".into(),
-        remote_port: 9,
-        tp_size: 1,
-        remote_request_id: "req-1".into(),
-        num_tokens: 3,
-    }
+/// Opaque to the router: forwarded verbatim, never parsed (a field the
+/// router has never heard of must travel too).
+const HANDOFF: &str = r#"{"do_remote_prefill":true,"remote_request_id":"r","remote_block_ids":[1,2],"future_field":1}"#;
+
+fn handoff() -> KvTransferParams {
+    KvTransferParams { json: HANDOFF.into() }
 }
 
 fn chunk(ids: &[u32], finish: Option<Finish>) -> Result<TokenChunk, BackendError> {
@@ -81,6 +83,7 @@ fn setup(
         released: tx,
         failing_prefill: Vec::new(),
         prefill_calls: Mutex::new(Vec::new()),
+        failing_handoff: false,
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     (legs, backend, rx)
@@ -107,7 +110,7 @@ async fn disaggregated_sends_first_token_then_decodes_with_handoff() {
     let calls = legs.decode_calls.lock().unwrap();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].1.first_token_ids, [7]);
-    assert_eq!(calls[0].1.handoff.as_ref().unwrap().remote_request_id, "req-1");
+    assert_eq!(calls[0].1.handoff, Some(handoff()), "forwarded verbatim");
     assert!(released.try_recv().is_err(), "decode owns the hand-off");
 }
 
@@ -118,7 +121,33 @@ async fn dropping_after_first_token_releases_the_pin_without_decoding() {
     assert_eq!(tokens.next().await.unwrap().unwrap().token_ids, [7]);
     drop(tokens);
     let id = tokio::time::timeout(Duration::from_secs(5), released.recv()).await.unwrap();
-    assert_eq!(id.as_deref(), Some("req-1"));
+    assert_eq!(id.as_deref(), Some("r"), "released under the prefill leg's request id");
+    assert!(legs.decode_calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn prefill_without_kv_transfer_params_is_an_error() {
+    let (released_tx, _released) = mpsc::unbounded_channel();
+    let legs = Arc::new(FakeLegs {
+        prefill_workers: 1,
+        prefill: PrefillOutcome {
+            choices: vec![FirstToken { token_id: 7, logprobs: None, finish: None }],
+            handoff: None,
+            num_cached_tokens: 0,
+        },
+        decode_chunks: vec![chunk(&[8], Some(Finish::Stop))],
+        decode_calls: Mutex::new(Vec::new()),
+        released: released_tx,
+        failing_prefill: Vec::new(),
+        prefill_calls: Mutex::new(Vec::new()),
+        failing_handoff: false,
+    });
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    assert!(
+        matches!(&items[..], [Err(BackendError::Worker(e))] if e.contains("without kv_transfer_params")),
+        "{items:?}"
+    );
     assert!(legs.decode_calls.lock().unwrap().is_empty());
 }
 
@@ -173,6 +202,7 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
         released: released_tx,
         failing_prefill: Vec::new(),
         prefill_calls: Mutex::new(Vec::new()),
+        failing_handoff: false,
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     let mut req = request();
@@ -259,4 +289,38 @@ async fn a_small_uncached_remainder_skips_the_hand_off() {
     let calls = legs.decode_calls.lock().unwrap();
     assert_eq!(calls[0].0, 1);
     assert!(calls[0].1.handoff.is_none() && calls[0].1.first_token_ids.is_empty());
+}
+
+fn with_failing_handoff(policy: KvFailurePolicy) -> (Arc<FakeLegs>, PdBackend<Arc<FakeLegs>>) {
+    let (legs, _, _) = setup(1, None, vec![chunk(&[8], None), chunk(&[9], Some(Finish::Length))]);
+    let mut legs = Arc::into_inner(legs).unwrap();
+    legs.failing_handoff = true;
+    let legs = Arc::new(legs);
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default())).with_kv_failure_policy(policy);
+    (legs, backend)
+}
+
+#[tokio::test]
+async fn a_failed_hand_off_is_recomputed_on_the_decode_worker() {
+    let (legs, backend) = with_failing_handoff(KvFailurePolicy::Recompute);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    let ids: Vec<_> = items.iter().map(|c| c.as_ref().unwrap().token_ids.clone()).collect();
+    assert_eq!(ids, [vec![7], vec![8], vec![9]], "the client sees one whole answer");
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls.len(), 2);
+    let (worker, leg) = &calls[1];
+    assert_eq!(*worker, calls[0].0, "the same decode worker: it is fine, its KV source was not");
+    assert_eq!(*leg.request.prompt_token_ids, [1, 2, 3, 7], "the streamed first token ends the prompt");
+    assert_eq!((leg.handoff.as_ref(), leg.first_token_ids.len()), (None, 0));
+    assert_eq!(leg.request.sampling.max_tokens, 7, "one token was already generated");
+}
+
+#[tokio::test]
+async fn a_failed_hand_off_fails_the_stream_when_so_configured() {
+    let (legs, backend) = with_failing_handoff(KvFailurePolicy::Fail);
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    assert_eq!(items[0].as_ref().unwrap().token_ids, [7]);
+    assert!(matches!(items[1], Err(BackendError::KvTransfer(_))), "{:?}", items[1]);
+    assert_eq!(items.len(), 2);
+    assert_eq!(legs.decode_calls.lock().unwrap().len(), 1);
 }

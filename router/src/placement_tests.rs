@@ -20,7 +20,13 @@ fn cache(index: &PrefixIndex, w: usize, salt: &str, prompt: &[u32], blocks: usiz
         .take(blocks)
         .map(|h| KvEvent { event: Some(Event::Stored(BlockStored { block_hash: h.0, parent_hash: None })) })
         .collect();
-    let load = WorkerLoad { num_sequences: sequences, num_running: sequences, free_blocks: 50, total_blocks: 100 };
+    let load = WorkerLoad {
+        num_sequences: sequences,
+        num_running: sequences,
+        free_blocks: 50,
+        total_blocks: 100,
+        pinned_blocks: 0,
+    };
     let batch = KvEventBatch {
         epoch: 1,
         seq: 1,

@@ -62,6 +62,8 @@ pub struct WorkerSummary {
     pub seq: u64,
     /// Block hashes cached there.
     pub cached_blocks: usize,
+    /// KV blocks the worker holds for hand-offs, as it last reported.
+    pub pinned_blocks: u32,
 }
 
 /// The prefix caches of one pool's workers, indexed by worker.
@@ -183,7 +185,13 @@ impl PrefixIndex {
             .map(|w| {
                 let view = self.read(w);
                 let (epoch, seq) = view.position.unwrap_or_default();
-                WorkerSummary { up: view.position.is_some(), epoch, seq, cached_blocks: view.hashes.len() }
+                WorkerSummary {
+                    up: view.position.is_some(),
+                    epoch,
+                    seq,
+                    cached_blocks: view.hashes.len(),
+                    pinned_blocks: view.load.pinned_blocks,
+                }
             })
             .collect()
     }

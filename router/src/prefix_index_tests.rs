@@ -33,7 +33,13 @@ fn batch(epoch: u64, seq: u64, snapshot: bool, events: Vec<KvEvent>) -> KvEventB
         seq,
         snapshot,
         events,
-        load: Some(WorkerLoad { num_sequences: 1, num_running: 1, free_blocks: 90, total_blocks: 100 }),
+        load: Some(WorkerLoad {
+            num_sequences: 1,
+            num_running: 1,
+            free_blocks: 90,
+            total_blocks: 100,
+            pinned_blocks: 0,
+        }),
         block_size: 4,
         heartbeat_ms: 100,
     }
@@ -61,7 +67,7 @@ fn a_snapshot_then_deltas_give_the_cached_prefix_length() {
     index.apply(0, &batch(7, 12, false, vec![removed(&[h[1]])])).unwrap();
     assert_eq!(index.cached_blocks(0, &h), 1);
     index.apply(0, &batch(7, 13, false, vec![cleared(), stored(h[0])])).unwrap();
-    assert_eq!(index.summary()[0], WorkerSummary { up: true, epoch: 7, seq: 13, cached_blocks: 1 });
+    assert_eq!(index.summary()[0], WorkerSummary { up: true, epoch: 7, seq: 13, cached_blocks: 1, pinned_blocks: 0 });
     assert_eq!(index.load(0).free_blocks, 90);
 }
 

@@ -6,12 +6,11 @@ use std::time::Duration;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::StreamExt;
 use proto::worker::decode_client::DecodeClient;
-use proto::worker::kv_transfer_params::Params;
 use proto::worker::prefill_client::PrefillClient;
 use proto::worker::worker_client::WorkerClient;
 use proto::worker::{
     DecodeRequest, FinishReason, GetModelCardRequest, KvTransferParams, ModelCard, PrefillRequest, ReleaseKvRequest,
-    RemoteDecode, SamplingParams,
+    SamplingParams,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -20,6 +19,10 @@ use crate::pd::{
     BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
     TokenStream, WorkerLegs,
 };
+
+/// vLLM's `kv_transfer_params` asking the prefill worker to pin the KV for a
+/// remote decode. The router writes only this; the answer is opaque to it.
+const REMOTE_DECODE: &str = r#"{"do_remote_decode":true}"#;
 
 /// How long one connection attempt may take before the worker counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,6 +99,8 @@ fn backend_error(status: Status) -> BackendError {
     match status.code() {
         Code::Unavailable => BackendError::Unavailable(status.message().to_owned()),
         Code::Aborted | Code::Cancelled => BackendError::Aborted,
+        // The decode worker's answer to a failed KV pull.
+        Code::DataLoss => BackendError::KvTransfer(status.message().to_owned()),
         code => BackendError::Worker(format!("{code:?}: {}", status.message())),
     }
 }
@@ -128,16 +133,14 @@ impl WorkerLegs for GrpcWorkers {
             request_id: request.request_id,
             prompt_token_ids: request.prompt_token_ids.to_vec(),
             sampling: Some((&request.sampling).into()),
-            kv_transfer_params: Some(KvTransferParams { params: Some(Params::RemoteDecode(RemoteDecode {})) }),
+            kv_transfer_params: Some(KvTransferParams { json: REMOTE_DECODE.to_string() }),
             cache_salt: request.cache_salt,
             priority: request.priority,
         };
         async move {
             let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
-            let handoff = match answer.kv_transfer_params.clone().and_then(|p| p.params) {
-                Some(Params::RemotePrefill(remote)) => Some(remote),
-                _ => None,
-            };
+            // Opaque: forwarded to the decode worker as the prefill worker wrote it.
+            let handoff = answer.kv_transfer_params.clone().filter(|p| !p.json.is_empty());
             let num_cached_tokens = answer.num_cached_tokens;
             let choices = if answer.choices.is_empty() {
                 // A worker that predates `choices`: its one choice is in the top-level fields.
@@ -165,9 +168,7 @@ impl WorkerLegs for GrpcWorkers {
             request_id: leg.request.request_id,
             prompt_token_ids: leg.request.prompt_token_ids.to_vec(),
             sampling: Some((&leg.request.sampling).into()),
-            kv_transfer_params: leg
-                .handoff
-                .map(|remote| KvTransferParams { params: Some(Params::RemotePrefill(remote)) }),
+            kv_transfer_params: leg.handoff,
             first_token_id: leg.first_token_ids.first().copied(),
             first_token_ids: leg.first_token_ids,
             cache_salt: leg.request.cache_salt,

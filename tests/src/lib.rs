@@ -79,15 +79,17 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Knobs of a test cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// Seconds an unpulled hand-off stays pinned.
-    pub kv_pin_timeout_secs: u64,
+    /// Milliseconds an unpulled hand-off stays pinned (the prefill worker's lease).
+    pub kv_lease_ms: u64,
     /// Extra flags for both routers (e.g. the admission limits).
     pub router_args: Vec<String>,
+    /// Extra flags for the decode worker (e.g. `--kv-transport tcp`).
+    pub decode_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { kv_pin_timeout_secs: 30, router_args: Vec::new() }
+        Self { kv_lease_ms: 10_000, router_args: Vec::new(), decode_args: Vec::new() }
     }
 }
 
@@ -117,8 +119,22 @@ pub fn start_prefill(listen: &str) -> Process {
 
 /// Starts a decode worker on any free port.
 pub fn start_decode() -> Process {
+    start_decode_with(&[])
+}
+
+/// Starts a decode worker on any free port with `extra` flags.
+pub fn start_decode_with(extra: &[&str]) -> Process {
     let model = model_path();
-    Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8 model path")])
+    let mut args = vec!["--listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8 model path")];
+    args.extend(extra);
+    Process::start("decode-worker", &args)
+}
+
+/// A worker's `GetStats` answer (pins, pulls, blocks).
+pub async fn worker_stats(url: &str) -> proto::worker::WorkerStats {
+    let mut client =
+        proto::worker::worker_client::WorkerClient::connect(url.to_string()).await.expect("connect to the worker");
+    client.get_stats(proto::worker::GetStatsRequest {}).await.expect("GetStats").into_inner()
 }
 
 /// Starts a router over these workers with `extra` flags and waits until it
@@ -143,21 +159,16 @@ impl Cluster {
         let serial = take_turn();
         let model = model_path();
         let model = model.to_str().expect("utf-8 model path");
-        let pin_timeout = options.kv_pin_timeout_secs.to_string();
+        let lease = options.kv_lease_ms.to_string();
         let prefill = Process::start(
             "prefill-worker",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--kv-listen",
-                "127.0.0.1:0",
-                "--kv-pin-timeout-secs",
-                &pin_timeout,
-                "--model",
-                model,
-            ],
+            &["--listen", "127.0.0.1:0", "--kv-listen", "127.0.0.1:0", "--kv-lease-ms", &lease, "--model", model],
         );
-        let decode = Process::start("decode-worker", &["--listen", "127.0.0.1:0", "--model", model]);
+        let decode_args: Vec<&str> = ["--listen", "127.0.0.1:0", "--model", model]
+            .into_iter()
+            .chain(options.decode_args.iter().map(String::as_str))
+            .collect();
+        let decode = Process::start("decode-worker", &decode_args);
         let extra = options.router_args.iter().map(String::as_str);
         // Hand off every prompt, however short: this router is the disaggregated path.
         let disaggregated = ["--prefill", prefill.url(), "--decode", decode.url(), "--local-prefill-max-tokens", "0"];
@@ -186,9 +197,6 @@ impl Cluster {
 
     /// The prefill worker's stats (pinned blocks and the like).
     pub async fn prefill_stats(&self) -> proto::worker::WorkerStats {
-        let mut client = proto::worker::worker_client::WorkerClient::connect(self.prefill.url().to_string())
-            .await
-            .expect("connect to the prefill worker");
-        client.get_stats(proto::worker::GetStatsRequest {}).await.expect("GetStats").into_inner()
+        worker_stats(self.prefill.url()).await
     }
 }

@@ -1,7 +1,7 @@
 //! Fidelity against llama.cpp's greedy outputs, and disaggregated == colocated.
 
 use serde_json::{json, Value};
-use tests::{golden, Cluster, ClusterOptions};
+use tests::{golden, worker_stats, Cluster, ClusterOptions};
 
 async fn post(url: &str, body: Value) -> Value {
     let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
@@ -72,13 +72,16 @@ async fn chat_prompts_tokenize_exactly_like_the_reference() {
 }
 
 /// Disaggregated (prefill -> KV hand-off -> decode) and colocated serving are
-/// the same computation: identical greedy tokens on every golden prompt.
-#[tokio::test]
-async fn disaggregated_equals_colocated() {
-    let cluster = Cluster::start(ClusterOptions::default());
+/// the same computation: identical greedy tokens on every golden prompt,
+/// whichever transport carried the KV. `decode_args` pick the transport;
+/// the decode worker's pull counts show which one it used.
+async fn disaggregated_equals_colocated_over(decode_args: &[&str], shared_memory: bool) {
+    let decode_args = decode_args.iter().map(|a| a.to_string()).collect();
+    let cluster = Cluster::start(ClusterOptions { decode_args, ..Default::default() });
     let model = cluster.model_name().await;
     let golden = golden();
-    for record in golden["records"].as_array().unwrap() {
+    let records = golden["records"].as_array().unwrap();
+    for record in records {
         let body = json!({"model": model, "prompt": record["prompt_token_ids"], "max_tokens": 32, "temperature": 0, "return_token_ids": true});
         let pd = post(&format!("{}/v1/completions", cluster.router.url()), body.clone()).await;
         let colocated = post(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
@@ -89,4 +92,20 @@ async fn disaggregated_equals_colocated() {
     }
     let stats = cluster.prefill_stats().await;
     assert_eq!(stats.pinned_blocks, 0, "every hand-off was pulled and released");
+    let pulls = worker_stats(cluster.decode.url()).await;
+    let (used, unused) =
+        if shared_memory { (pulls.kv_pulls_shm, pulls.kv_pulls_tcp) } else { (pulls.kv_pulls_tcp, pulls.kv_pulls_shm) };
+    assert_eq!((used, unused), (records.len() as u64, 0), "pulls by transport: {pulls:?}");
+}
+
+/// One host: the decode worker maps the prefill worker's KV cache by itself.
+#[tokio::test]
+async fn disaggregated_equals_colocated_over_shared_memory() {
+    disaggregated_equals_colocated_over(&[], true).await;
+}
+
+/// `--kv-transport tcp` forces TCP on the same host, with the same tokens.
+#[tokio::test]
+async fn disaggregated_equals_colocated_over_tcp() {
+    disaggregated_equals_colocated_over(&["--kv-transport", "tcp"], false).await;
 }

@@ -1,18 +1,26 @@
 //! The engine's KV cache seen by kv-transfer.
 
 use engine::EngineHandle;
-use kv_transfer::{BlockSource, KvDtype, KvLayout};
+use kv_transfer::{BlockSource, KvDtype, KvLayout, KvMemory};
+use std::sync::Arc;
 
 /// Adapts an [`EngineHandle`] to kv-transfer's [`BlockSource`].
 pub struct EngineBlocks {
     engine: EngineHandle,
     layout: KvLayout,
+    memory: KvMemory,
 }
 
 impl EngineBlocks {
     pub fn new(engine: EngineHandle) -> Self {
         let layout = kv_layout(&engine);
-        Self { engine, layout }
+        let arena = engine.kv_arena();
+        // SAFETY: the arena is the engine's KV cache in kv-transfer's paged
+        // layout (the engine's `KvCacheShape::segment_offset` is the same
+        // formula; a test below checks it), kept mapped by the clone held as
+        // owner, and its memfd is the file it is mapped from.
+        let memory = unsafe { KvMemory::new(arena.as_ptr(), arena.len(), &layout, arena.memfd(), Arc::new(arena)) };
+        Self { engine, layout, memory }
     }
 }
 
@@ -28,6 +36,7 @@ pub fn kv_layout(engine: &EngineHandle) -> KvLayout {
         block_size: shape.block_size as u32,
         tp_size: 1,
         tp_rank: 0,
+        total_kv_heads: shape.num_kv_heads as u32,
     }
 }
 
@@ -36,11 +45,36 @@ impl BlockSource for EngineBlocks {
         self.layout
     }
 
-    fn read_blocks(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), String> {
-        self.engine.read_blocks(ids, out).map_err(|e| e.to_string())
+    fn memory(&self) -> KvMemory {
+        self.memory.clone()
     }
 
     fn release_blocks(&self, ids: &[u32]) {
         self.engine.release_blocks(ids);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::KvCacheShape;
+
+    #[test]
+    fn the_engine_and_kv_transfer_agree_on_segment_offsets() {
+        let shape = KvCacheShape { num_layers: 3, num_kv_heads: 2, head_dim: 4, block_size: 5, num_blocks: 7 };
+        let layout = KvLayout {
+            num_layers: 3,
+            num_kv_heads: 2,
+            head_dim: 4,
+            dtype: KvDtype::F32,
+            block_size: 5,
+            tp_size: 1,
+            tp_rank: 0,
+            total_kv_heads: 2,
+        };
+        assert_eq!(shape.block_bytes(), layout.block_bytes());
+        for (layer, kv, block) in [(0, 0, 0), (0, 1, 3), (2, 1, 6), (1, 0, 4)] {
+            assert_eq!(shape.segment_offset(layer, kv, block), layout.segment_offset(7, layer, kv, block));
+        }
     }
 }

@@ -54,6 +54,7 @@ impl KvEventSource for EngineHandle {
             num_running: saturate(s.num_running),
             free_blocks: saturate(s.free_blocks),
             total_blocks: saturate(s.total_blocks),
+            pinned_blocks: saturate(s.held_blocks),
         }
     }
 

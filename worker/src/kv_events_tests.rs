@@ -211,7 +211,8 @@ async fn removed_and_cleared_apply_to_the_mirror() {
 #[tokio::test(start_paused = true)]
 async fn heartbeats_carry_the_load() {
     let fake = Fake::default();
-    let load = pb::WorkerLoad { num_sequences: 3, num_running: 2, free_blocks: 90, total_blocks: 128 };
+    let load =
+        pb::WorkerLoad { num_sequences: 3, num_running: 2, free_blocks: 90, total_blocks: 128, pinned_blocks: 0 };
     fake.set_load(load);
     let publisher = KvEventPublisher::start(fake.clone(), config(1024));
     let mut stream = publisher.subscribe();
@@ -225,7 +226,8 @@ async fn heartbeats_carry_the_load() {
     assert!(beat.events.is_empty());
     assert_eq!(beat.load, Some(load));
 
-    let busier = pb::WorkerLoad { num_sequences: 5, num_running: 4, free_blocks: 10, total_blocks: 128 };
+    let busier =
+        pb::WorkerLoad { num_sequences: 5, num_running: 4, free_blocks: 10, total_blocks: 128, pinned_blocks: 0 };
     fake.set_load(busier);
     let beat = next(&mut stream).await;
     assert_eq!(start.elapsed(), 2 * HEARTBEAT);

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use kv_transfer::{KvTransferParams, RemotePrefill};
 use proto::worker as pb;
 use tonic::{Request, Response, Status};
 
@@ -162,21 +163,23 @@ impl pb::prefill_server::Prefill for MockPrefill {
         // is handed off, as a real prefill worker answers.
         let finish = if sampling.max_tokens <= 1 { pb::FinishReason::Length } else { pb::FinishReason::Unspecified };
         let remote_decode = matches!(
-            request.kv_transfer_params.and_then(|p| p.params),
-            Some(pb::kv_transfer_params::Params::RemoteDecode(_))
+            request.kv_transfer_params.map(KvTransferParams::try_from),
+            Some(Ok(KvTransferParams::RemoteDecode))
         );
-        let kv_transfer_params =
-            (remote_decode && finish == pb::FinishReason::Unspecified).then(|| pb::KvTransferParams {
-                params: Some(pb::kv_transfer_params::Params::RemotePrefill(pb::RemotePrefill {
-                    remote_engine_id: self.engine_id.clone(),
-                    remote_block_ids: Vec::new(),
-                    remote_host: "127.0.0.1".to_string(),
-                    remote_port: 0,
-                    tp_size: 1,
-                    remote_request_id: request.request_id.clone(),
-                    num_tokens: request.prompt_token_ids.len() as u32,
-                })),
-            });
+        let kv_transfer_params = (remote_decode && finish == pb::FinishReason::Unspecified).then(|| {
+            KvTransferParams::RemotePrefill(RemotePrefill {
+                remote_engine_id: self.engine_id.clone(),
+                remote_block_ids: Vec::new(),
+                remote_host: "127.0.0.1".to_string(),
+                remote_port: 0,
+                tp_size: 1,
+                remote_request_id: request.request_id.clone(),
+                num_tokens: request.prompt_token_ids.len() as u32,
+                lease_ms: 0,
+                remote_ports: Vec::new(),
+            })
+            .into()
+        });
         let choice = pb::PrefillChoice { token_id: self.token_id, logprobs: None, finish_reason: finish as i32 };
         Ok(Response::new(pb::PrefillResponse {
             request_id: request.request_id,
@@ -220,8 +223,8 @@ impl pb::decode_server::Decode for MockDecode {
         let request = request.into_inner();
         let sampling = request.sampling.unwrap_or_default();
         let handed_off = matches!(
-            request.kv_transfer_params.and_then(|p| p.params),
-            Some(pb::kv_transfer_params::Params::RemotePrefill(_))
+            request.kv_transfer_params.map(KvTransferParams::try_from),
+            Some(Ok(KvTransferParams::RemotePrefill(_)))
         );
         // After a hand-off the prefill worker already sent the first token.
         let max_tokens = sampling.max_tokens.max(1);

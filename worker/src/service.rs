@@ -2,8 +2,9 @@
 
 use crate::kv_events::{KvEventConfig, KvEventPublisher, KvEventStream};
 use engine::EngineHandle;
-use kv_transfer::KvConnector;
+use kv_transfer::{KvConnector, KvPuller};
 use proto::worker as pb;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// Model card, stats and KV event stream of one worker.
@@ -13,6 +14,8 @@ pub struct WorkerService {
     engine: EngineHandle,
     /// The KV server of a prefill worker, whose pins the stats report.
     connector: Option<KvConnector>,
+    /// The KV puller of a decode worker, whose pulls the stats count.
+    puller: Option<Arc<KvPuller>>,
     /// The one consumer of the engine's KV events, shared by every subscriber.
     kv_events: KvEventPublisher,
 }
@@ -23,7 +26,12 @@ impl WorkerService {
     /// engine's events with the first).
     pub fn new(card: pb::ModelCard, engine: EngineHandle, connector: Option<KvConnector>) -> Self {
         let kv_events = KvEventPublisher::start(engine.clone(), KvEventConfig::default());
-        Self { card, engine, connector, kv_events }
+        Self { card, engine, connector, puller: None, kv_events }
+    }
+
+    /// The same service reporting `puller`'s pulls in its stats.
+    pub fn with_puller(self, puller: Arc<KvPuller>) -> Self {
+        Self { puller: Some(puller), ..self }
     }
 
     /// The KV event publisher, for the caller to [`shutdown`](KvEventPublisher::shutdown)
@@ -45,6 +53,7 @@ impl pb::worker_server::Worker for WorkerService {
     async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::WorkerStats>, Status> {
         let stats = self.engine.stats();
         let pins = self.connector.as_ref().map(|c| c.stats()).unwrap_or_default();
+        let pulls = self.puller.as_ref().map(|p| p.counts()).unwrap_or_default();
         Ok(Response::new(pb::WorkerStats {
             num_sequences: stats.num_sequences as u32,
             free_blocks: stats.free_blocks as u32,
@@ -52,6 +61,8 @@ impl pb::worker_server::Worker for WorkerService {
             // The engine's count, not the pin table's: a block held without a pin is a leak to see.
             pinned_blocks: stats.held_blocks as u32,
             pinned_requests: pins.requests as u32,
+            kv_pulls_tcp: pulls.tcp,
+            kv_pulls_shm: pulls.shm,
         }))
     }
 

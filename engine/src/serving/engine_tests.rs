@@ -321,9 +321,12 @@ fn pinned_prompt_blocks_are_held_until_released() {
     engine.read_blocks(&pinned, &mut bytes).unwrap();
     assert_eq!(bytes.len(), 2 * engine.shape().block_bytes());
     let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    // Block 0, layer 0: K = tokens 1..=4 (2 values each), then V = positions 0..4.
+    // Layer-major: layer 0's K of blocks 0 and 1 (tokens 1..=6, 2 values
+    // each), then its V of both blocks (positions 0..6).
+    let n = engine.shape().block_elems();
     assert_eq!(&floats[..8], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]);
-    assert_eq!(&floats[8..16], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+    assert_eq!(&floats[n..n + 4], &[5.0, 5.0, 6.0, 6.0]);
+    assert_eq!(&floats[2 * n..2 * n + 8], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
 
     engine.release_blocks(&pinned);
     engine.release_blocks(&pinned); // a retried release is harmless
@@ -747,10 +750,12 @@ fn pinned_requests_sharing_a_prefix_hold_it_until_both_release() {
     engine.release_blocks(&p1); // a retried release must not take p2's pins
     engine.sync();
     assert_eq!(engine.stats().held_blocks, 3);
-    // p2's blocks still hold its prompt: token ids in K.
+    // p2's blocks still hold its prompt: token ids in K (layer 0's K of
+    // each block comes first in the layer-major payload).
     let mut bytes = Vec::new();
     engine.read_blocks(&p2, &mut bytes).unwrap();
-    let k0 = |block: usize| f32::from_le_bytes(bytes[block * engine.shape().block_bytes()..][..4].try_into().unwrap());
+    let k0 =
+        |block: usize| f32::from_le_bytes(bytes[block * engine.shape().segment_bytes()..][..4].try_into().unwrap());
     assert_eq!((k0(0), k0(1), k0(2)), (1.0, 5.0, 30.0));
     engine.release_blocks(&p2);
     engine.sync();

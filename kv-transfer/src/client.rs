@@ -117,7 +117,7 @@ impl KvPuller {
         data.resize(remote.remote_block_ids.len() * layout.block_bytes(), 0);
         let mut transport = Transport::Tcp;
         for piece in pull_plan(layout, remote.tp_size) {
-            transport = self.pull_piece(remote, &piece, data).await?;
+            transport = self.pull_piece(remote, &piece, data, false).await?;
         }
         Ok(transport)
     }
@@ -144,6 +144,20 @@ impl KvPuller {
 
     /// Pulls, then releases: the whole hand-off for a single-rank decode.
     pub async fn pull_and_release(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
+        let plan = pull_plan(&self.config.layout, remote.tp_size);
+        if let [piece] = plan.as_slice() {
+            // One server rank: over TCP it frees the pin as the payload goes
+            // out, without a round trip of ours.
+            let mut data = vec![0u8; remote.remote_block_ids.len() * self.config.layout.block_bytes()];
+            let pulled = self.pull_piece(remote, piece, &mut data, true).await;
+            if matches!(pulled, Ok(Transport::Tcp)) {
+                return Ok(Pulled { data, transport: Transport::Tcp });
+            }
+            let released = self.release(remote).await;
+            let transport = pulled?;
+            released?;
+            return Ok(Pulled { data, transport });
+        }
         let pulled = self.pull(remote).await;
         // Released whatever happened: a failed pull must not hold the blocks for a lease.
         let released = self.release(remote).await;
@@ -157,6 +171,7 @@ impl KvPuller {
         remote: &RemotePrefill,
         piece: &PullPiece,
         data: &mut [u8],
+        release: bool,
     ) -> Result<Transport, KvTransferError> {
         let addr = remote.rank_addr(piece.server_rank);
         let mut conn = self.checkout(&addr, remote).await?;
@@ -175,6 +190,7 @@ impl KvPuller {
             head_end: piece.heads.end,
             transport: transport as i32,
             checksum: self.config.checksum,
+            release,
         };
         let header = async {
             write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Pull(pull)) }).await?;

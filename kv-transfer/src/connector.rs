@@ -311,6 +311,9 @@ async fn serve_pull(stream: &mut TcpStream, inner: &Arc<Inner>, req: PullRequest
     }
     let done = PullDone { checksum: checksum.map_or(0, Checksum::finish) };
     write_frame(stream, &Frame { kind: Some(Kind::PullDone(done)) }).await?;
+    if req.release && transport == Transport::Tcp {
+        inner.release(&req.request_id);
+    }
     debug!(request_id = req.request_id, bytes, ?transport, "served KV pull");
     Ok(())
 }

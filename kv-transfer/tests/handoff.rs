@@ -193,6 +193,7 @@ async fn start_pull_and_die(remote: &RemotePrefill, layout: KvLayout) {
         head_end: layout.total_kv_heads,
         transport: Transport::Tcp as i32,
         checksum: false,
+        release: false,
     };
     write_frame(&mut s, &Frame { kind: Some(Kind::Pull(pull)) }).await.unwrap();
     let mut some = [0u8; 64];

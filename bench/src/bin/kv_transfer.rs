@@ -21,18 +21,23 @@
 //! - Bandwidth, per size (`--sizes`, default 1 MiB, 16 MiB, 256 MiB, 1 GiB, each rounded up to
 //!   whole blocks: the payload is the rounded size, which the table shows): the connector pins
 //!   blocks `0..n` (the whole region) under a fresh request id (not timed), then the time of
-//!   `KvPuller::pull`, from the call to the returned buffer, is the pull time; it includes the
-//!   allocation of the puller's buffer (`vec![0; n]`, whose pages fault in as the bytes land), as
-//!   that is part of every pull. `release` follows and is timed apart; dropping the buffer is not
-//!   timed. Each path first does one untimed pull + release on the same puller, so the
-//!   connection (and for shm the mapping) exists and the payload is checked byte for byte; then
-//!   `--reps` timed pulls (default 5, 3 from 1 GiB up). Best and median (nearest rank) are shown;
+//!   `KvPuller::pull_into`, from the call to its return, is the pull time. The pulls land in one
+//!   buffer per path, made by an untimed warm pull first (which also opens the connection, and
+//!   for shm the mapping, and is checked byte for byte against the server's memory): a decode
+//!   worker pulls into KV memory it allocated once, so page faults of fresh memory are not part
+//!   of a hand-off. `release` follows each pull and is timed apart. Then `--reps` timed pulls
+//!   (default 5, 3 from 1 GiB up). Best and median (nearest rank) are shown;
 //!   GB/s is payload bytes / pull time, GB = 10⁹ B.
 //! - Baseline, per size, before the transfers (its buffers freed before the server memory is
 //!   made): `copy_from_slice` of the payload's byte count between two `Vec<u8>` pre-faulted by an
 //!   untimed copy, on one thread, whole and in 32 KiB pieces; `--reps` timed copies each, best and
 //!   median. "× memcpy" is a path's best GB/s over the whole memcpy's best GB/s, beside the
-//!   targets: tcp ≥ 0.60, shm ≥ 0.85. The memcpy's buffers are pre-faulted, the pull's is not.
+//!   targets: tcp ≥ 0.60, shm ≥ 0.85. Also per size, **tcp raw**: the same bytes over a plain
+//!   loopback TCP connection from one pre-faulted buffer to another (a 1-byte request, then
+//!   `write_all` / `read_exact`, no protocol, no checksum), the ceiling any TCP transport has here;
+//!   and **shm raw**: the same bytes copied in 32 KiB pieces out of a read-only mapping of a
+//!   /dev/shm file into a pre-faulted buffer, the ceiling of a shared-memory transport (shared
+//!   pages can read slower than private memory: on the development VM 2–4 GB/s against 7–11).
 //! - Latency: one 16-token block (737,280 B), checksum on, both paths, on a warm connection (100
 //!   untimed pulls first): `--latency-pulls` timed pulls, each pinned before (not timed) and
 //!   released after; p50 and p99 of the pull time, and of pull + release, in µs.
@@ -160,10 +165,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("{NAME}: {} ({blocks} blocks, {bytes} B), {reps} reps", size_label(requested));
         // The memcpy's buffers are freed when it returns, before the server memory exists.
         let (whole, pieces) = memcpy(bytes, reps);
+        let raw_shm = shm_copy(bytes, reps)?;
         let runtime = runtime()?;
+        let raw_tcp = runtime.block_on(raw_tcp(bytes, reps))?;
         let paths = runtime.block_on(bandwidth(blocks, reps, &template))?;
         drop(runtime);
-        results.push(SizeResult { requested, blocks, bytes, reps, whole, pieces, paths });
+        results.push(SizeResult { requested, blocks, bytes, reps, whole, pieces, raw_shm, raw_tcp, paths });
     }
     eprintln!("{NAME}: latency, {} one-block pulls per path", args.latency_pulls);
     let runtime = runtime()?;
@@ -205,6 +212,68 @@ fn memcpy(bytes: usize, reps: u32) -> (Vec<f64>, Vec<f64>) {
         pieces.push(start.elapsed().as_secs_f64());
     }
     (whole, pieces)
+}
+
+/// Seconds of `reps` single-threaded copies of `bytes` in 32 KiB pieces out
+/// of a read-only shared mapping of an unlinked /dev/shm file (written
+/// through another mapping first) into a pre-faulted buffer: the ceiling of
+/// any shared-memory transport on this machine, whose shared pages may read
+/// slower than private memory.
+fn shm_copy(bytes: usize, reps: u32) -> anyhow::Result<Vec<f64>> {
+    let file = tempfile::tempfile_in("/dev/shm").or_else(|_| tempfile::tempfile())?;
+    file.set_len(bytes as u64)?;
+    // SAFETY: the file is this function's alone.
+    let mut writer = unsafe { memmap2::MmapMut::map_mut(&file)? };
+    writer.fill(0x5a);
+    let reader = unsafe { memmap2::Mmap::map(&file)? };
+    let mut dst = vec![0u8; bytes];
+    let mut seconds = Vec::new();
+    for rep in 0..=reps {
+        let start = Instant::now();
+        for (d, s) in dst.chunks_mut(PIECE).zip(std::hint::black_box(&reader[..]).chunks(PIECE)) {
+            d.copy_from_slice(s);
+        }
+        std::hint::black_box(&mut dst);
+        // Rep 0 faults the mapping and `dst` in, untimed.
+        if rep > 0 {
+            seconds.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(seconds)
+}
+
+/// Seconds of `reps` plain loopback TCP transfers of `bytes` from one
+/// pre-faulted buffer to another on one connection (a 1-byte request, then
+/// the bytes): the kernel's ceiling for any TCP transport on this machine.
+async fn raw_tcp(bytes: usize, reps: u32) -> anyhow::Result<Vec<f64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let src = vec![0x5au8; bytes];
+        let mut ask = [0u8; 1];
+        while s.read_exact(&mut ask).await.is_ok() {
+            s.write_all(&src).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut client = tokio::net::TcpStream::connect(addr).await?;
+    client.set_nodelay(true)?;
+    let mut dst = vec![0u8; bytes];
+    let mut seconds = Vec::new();
+    for rep in 0..=reps {
+        let start = Instant::now();
+        client.write_all(&[1]).await?;
+        client.read_exact(&mut dst).await?;
+        // Rep 0 faults `dst` in, untimed.
+        if rep > 0 {
+            seconds.push(start.elapsed().as_secs_f64());
+        }
+    }
+    drop(client);
+    server.await??;
+    Ok(seconds)
 }
 
 /// A fake engine rank: shared memory filled with the pattern; releases only counted.
@@ -301,23 +370,23 @@ fn pin(connector: &KvConnector, blocks: usize) -> RemotePrefill {
     connector.pin(&id, ids, (blocks * smollm().block_size as usize) as u32)
 }
 
-/// One timed pull + release: (pull seconds, release seconds). The buffer is dropped untimed.
+/// One timed pull into `buf` + release: (pull seconds, release seconds).
 async fn timed_pull(
     puller: &KvPuller,
     connector: &KvConnector,
     blocks: usize,
     path: Path,
+    buf: &mut Vec<u8>,
 ) -> anyhow::Result<(f64, f64)> {
     let remote = pin(connector, blocks);
     let start = Instant::now();
-    let pulled = puller.pull(&remote).await?;
+    let transport = puller.pull_into(&remote, buf).await?;
     let pull_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let released = puller.release(&remote).await?;
     let release_s = start.elapsed().as_secs_f64();
     ensure!(released, "the pin of {} was gone before its release", remote.remote_request_id);
-    ensure!(pulled.transport == path.transport(), "a {} pull came over {:?}", path.name(), pulled.transport);
-    drop(pulled);
+    ensure!(transport == path.transport(), "a {} pull came over {:?}", path.name(), transport);
     Ok((pull_s, release_s))
 }
 
@@ -346,10 +415,12 @@ async fn bandwidth(blocks: usize, reps: u32, template: &[u8]) -> anyhow::Result<
                 "the {} pull's payload differs from the server's memory",
                 path.name()
             );
-            drop(pulled);
+            // The warm pull's buffer, its pages present, is where the timed pulls land, as a
+            // decode worker pulls into KV blocks it allocated once.
+            let mut buf = pulled.data;
             let (mut pull, mut release) = (Vec::new(), Vec::new());
             for _ in 0..reps {
-                let (p, r) = timed_pull(&puller, &connector, blocks, path).await?;
+                let (p, r) = timed_pull(&puller, &connector, blocks, path, &mut buf).await?;
                 pull.push(p);
                 release.push(r);
             }
@@ -366,12 +437,13 @@ async fn latency(pulls: u64, template: &[u8]) -> anyhow::Result<Vec<(Path, Vec<f
     let mut out = Vec::new();
     for path in [Path::Tcp, Path::Shm] {
         let puller = puller(path, true);
+        let mut buf = Vec::new();
         for _ in 0..LATENCY_WARMUP {
-            timed_pull(&puller, &connector, 1, path).await?;
+            timed_pull(&puller, &connector, 1, path, &mut buf).await?;
         }
         let (mut pull, mut total) = (Vec::new(), Vec::new());
         for _ in 0..pulls {
-            let (p, r) = timed_pull(&puller, &connector, 1, path).await?;
+            let (p, r) = timed_pull(&puller, &connector, 1, path, &mut buf).await?;
             pull.push(p * 1e6);
             total.push((p + r) * 1e6);
         }
@@ -388,6 +460,8 @@ struct SizeResult {
     reps: u32,
     whole: Vec<f64>,
     pieces: Vec<f64>,
+    raw_shm: Vec<f64>,
+    raw_tcp: Vec<f64>,
     paths: Vec<PathResult>,
 }
 
@@ -434,6 +508,10 @@ struct SizeRow {
     reps: u32,
     memcpy_whole: Timing,
     memcpy_32kib: Timing,
+    /// A plain copy out of a /dev/shm mapping: the shared-memory ceiling.
+    shm_copy_raw: Timing,
+    /// Plain loopback TCP of the same bytes, no protocol: the kernel's ceiling.
+    tcp_loopback_raw: Timing,
     paths: Vec<PathRow>,
 }
 
@@ -498,6 +576,8 @@ impl Report {
                     bytes: s.bytes,
                     reps: s.reps,
                     memcpy_32kib: Timing::of(s.bytes, s.pieces),
+                    shm_copy_raw: Timing::of(s.bytes, s.raw_shm),
+                    tcp_loopback_raw: Timing::of(s.bytes, s.raw_tcp),
                     memcpy_whole: whole,
                     paths,
                 }
@@ -539,8 +619,9 @@ impl Report {
             self.layout, self.block_bytes, load[0], load[1], self.cores
         );
         out.push_str(
-            "bandwidth of one hand-off: pull time incl. buffer allocation, warm connection; GB = 1e9 B; \
-             × memcpy = best GB/s / whole memcpy's best\n",
+            "bandwidth of one hand-off: pull time into a reused buffer, warm connection; GB = 1e9 B; \
+             × memcpy = best GB/s / whole memcpy's best; shm raw = plain copy out of a /dev/shm mapping; \
+             tcp raw = plain loopback TCP of the same bytes\n",
         );
         let header = [
             "size",
@@ -582,6 +663,8 @@ impl Report {
             let none = || ["-".to_string(), "-".to_string(), "-".to_string(), "-".to_string()];
             row("memcpy", "-", &s.memcpy_whole, none());
             row("memcpy 32 KiB", "-", &s.memcpy_32kib, none());
+            row("shm raw (copy)", "-", &s.shm_copy_raw, none());
+            row("tcp raw (kernel)", "-", &s.tcp_loopback_raw, none());
             for p in &s.paths {
                 row(
                     p.path.name(),

@@ -65,6 +65,18 @@ struct Conn {
     peer: Option<PeerMapping>,
 }
 
+impl Conn {
+    /// Whether the server's end is still open: an idle connection has
+    /// nothing to read, so a read that does not block means EOF or an error.
+    fn is_open(&self) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return false; // Bytes nobody asked for: out of step.
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.reader.get_ref().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 /// Pulls hand-offs for one decode rank, keeping connections between pulls.
 pub struct KvPuller {
     config: PullerConfig,
@@ -295,10 +307,15 @@ impl KvPuller {
 
     /// An idle connection to `addr`, or a new one after the layout exchange.
     async fn checkout(&self, addr: &str, remote: &RemotePrefill) -> Result<Conn, KvTransferError> {
-        let idle = self.idle.lock().expect("connection pool poisoned").get_mut(addr).and_then(Vec::pop);
-        match idle {
-            Some(conn) => Ok(conn),
-            None => self.connect(addr, remote).await,
+        loop {
+            let idle = self.idle.lock().expect("connection pool poisoned").get_mut(addr).and_then(Vec::pop);
+            match idle {
+                // A server that restarted or went away closed its end while
+                // the connection sat idle: drop it rather than fail a pull on it.
+                Some(conn) if !conn.is_open() => continue,
+                Some(conn) => return Ok(conn),
+                None => return self.connect(addr, remote).await,
+            }
         }
     }
 

@@ -378,3 +378,44 @@ async fn the_checksum_catches_a_flipped_byte() {
     let pulled = unchecked.pull(&remote).await.unwrap();
     assert!(pulled.data != expected(&model(3), &[4, 5]));
 }
+
+/// A KV server that serves one correct pull per connection, then closes it,
+/// as a prefill worker that restarts between two pulls does.
+async fn one_pull_per_connection_server() -> String {
+    use kv_transfer::frame::{read_frame, write_frame};
+    use proto::kv::{frame::Kind, hello_ack, pull_response, Accepted, Frame, HelloAck, PullDone, PullResponse};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            read_frame(&mut s).await.unwrap();
+            let accepted = Accepted { layout: Some(model(3).into()), num_blocks: BLOCKS as u32, shared_memory: None };
+            let ack = HelloAck { result: Some(hello_ack::Result::Accepted(accepted)) };
+            write_frame(&mut s, &Frame { kind: Some(Kind::HelloAck(ack)) }).await.unwrap();
+            read_frame(&mut s).await.unwrap();
+            let bytes = model(3).block_bytes();
+            let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes as u64)) };
+            write_frame(&mut s, &Frame { kind: Some(Kind::PullResponse(header)) }).await.unwrap();
+            s.write_all(&vec![9u8; bytes]).await.unwrap();
+            write_frame(&mut s, &Frame { kind: Some(Kind::PullDone(PullDone { checksum: 0 })) }).await.unwrap();
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_is_replaced() {
+    let addr = one_pull_per_connection_server().await;
+    let puller = KvPuller::new(PullerConfig {
+        layout: model(3),
+        transport: TransportPolicy::Tcp,
+        checksum: false,
+        idle_timeout: Duration::from_secs(2),
+    });
+    for _ in 0..3 {
+        let pulled = puller.pull(&remote_at(&addr, vec![0])).await.unwrap();
+        assert!(pulled.data.iter().all(|&b| b == 9));
+        // Let the server's close reach us before the next pull.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

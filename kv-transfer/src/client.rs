@@ -108,9 +108,9 @@ impl KvPuller {
         PullCounts { tcp: self.tcp_pulls.load(Ordering::Relaxed), shm: self.shm_pulls.load(Ordering::Relaxed) }
     }
 
-    /// This rank's layout.
-    pub fn layout(&self) -> &KvLayout {
-        &self.config.layout
+    /// Bytes of `remote`'s blocks as this rank holds them.
+    fn buffer_len(&self, remote: &RemotePrefill) -> usize {
+        remote.remote_block_ids.len() * self.config.layout.block_bytes()
     }
 
     /// Pulls this rank's heads of `remote`'s blocks. The pin stays: call
@@ -125,10 +125,9 @@ impl KvPuller {
     /// buffer of the right size is reused as it is: its pages are already
     /// there, which is most of the cost of a large pull into fresh memory).
     pub async fn pull_into(&self, remote: &RemotePrefill, data: &mut Vec<u8>) -> Result<Transport, KvTransferError> {
-        let layout = &self.config.layout;
-        data.resize(remote.remote_block_ids.len() * layout.block_bytes(), 0);
+        data.resize(self.buffer_len(remote), 0);
         let mut transport = Transport::Tcp;
-        for piece in pull_plan(layout, remote.tp_size) {
+        for piece in pull_plan(&self.config.layout, remote.tp_size) {
             transport = self.pull_piece(remote, &piece, data, false).await?;
         }
         Ok(transport)
@@ -160,7 +159,7 @@ impl KvPuller {
         if let [piece] = plan.as_slice() {
             // One server rank: over TCP it frees the pin as the payload goes
             // out, without a round trip of ours.
-            let mut data = vec![0u8; remote.remote_block_ids.len() * self.config.layout.block_bytes()];
+            let mut data = vec![0u8; self.buffer_len(remote)];
             let pulled = self.pull_piece(remote, piece, &mut data, true).await;
             if matches!(pulled, Ok(Transport::Tcp)) {
                 return Ok(Pulled { data, transport: Transport::Tcp });

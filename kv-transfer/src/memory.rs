@@ -201,11 +201,6 @@ pub struct Landing<'a> {
 }
 
 impl<'a> Landing<'a> {
-    /// Bytes the buffer needs: every block, the puller's heads.
-    pub fn buffer_bytes(&self) -> usize {
-        self.shape.block_ids.len() * self.puller.block_bytes()
-    }
-
     /// Destination ranges in payload order.
     pub fn ranges(&self) -> impl Iterator<Item = Range<usize>> + 'a {
         // The buffer is a region of exactly the request's blocks, in order.

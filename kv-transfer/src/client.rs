@@ -155,26 +155,21 @@ impl KvPuller {
 
     /// Pulls, then releases: the whole hand-off for a single-rank decode.
     pub async fn pull_and_release(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
-        let plan = pull_plan(&self.config.layout, remote.tp_size);
-        if let [piece] = plan.as_slice() {
+        let mut data = vec![0u8; self.buffer_len(remote)];
+        let pulled = match pull_plan(&self.config.layout, remote.tp_size).as_slice() {
             // One server rank: over TCP it frees the pin as the payload goes
             // out, without a round trip of ours.
-            let mut data = vec![0u8; self.buffer_len(remote)];
-            let pulled = self.pull_piece(remote, piece, &mut data, true).await;
-            if matches!(pulled, Ok(Transport::Tcp)) {
-                return Ok(Pulled { data, transport: Transport::Tcp });
-            }
-            let released = self.release(remote).await;
-            let transport = pulled?;
-            released?;
-            return Ok(Pulled { data, transport });
-        }
-        let pulled = self.pull(remote).await;
+            [piece] => match self.pull_piece(remote, piece, &mut data, true).await {
+                Ok(Transport::Tcp) => return Ok(Pulled { data, transport: Transport::Tcp }),
+                other => other,
+            },
+            _ => self.pull_into(remote, &mut data).await,
+        };
         // Released whatever happened: a failed pull must not hold the blocks for a lease.
         let released = self.release(remote).await;
-        let pulled = pulled?;
+        let transport = pulled?;
         released?;
-        Ok(pulled)
+        Ok(Pulled { data, transport })
     }
 
     async fn pull_piece(

@@ -140,8 +140,7 @@ impl PieceShape {
     /// (layer, K/V, block, slot): whole segments when all heads are wanted
     /// and `per_slot` is false, one run of heads per slot otherwise.
     pub fn ranges(&self, per_slot: bool) -> impl Iterator<Item = Range<usize>> + '_ {
-        let ids = &self.block_ids;
-        let blocks = (0..ids.len()).map(move |i| ids[i] as usize);
+        let blocks = self.block_ids.iter().map(|&id| id as usize);
         runs(&self.server, self.server_blocks, blocks, &self.heads, per_slot || !self.whole_segments())
     }
 }
@@ -158,11 +157,13 @@ fn runs<'a>(
 ) -> impl Iterator<Item = Range<usize>> + 'a {
     let seg = layout.segment_bytes();
     let row = layout.num_kv_heads as usize * layout.head_bytes();
-    let skip = (heads.start - layout.head_range().start) as usize * layout.head_bytes();
-    let take = heads.len() * layout.head_bytes();
-    let slots = if per_slot { layout.block_size as usize } else { 1 };
-    let (step, piece) = if per_slot { (row, take) } else { (seg, seg) };
-    let skip = if per_slot { skip } else { 0 };
+    // Per slot: the wanted heads' run in each slot's row. Whole: the segment.
+    let (slots, step, skip, piece) = if per_slot {
+        let skip = (heads.start - layout.head_range().start) as usize * layout.head_bytes();
+        (layout.block_size as usize, row, skip, heads.len() * layout.head_bytes())
+    } else {
+        (1, seg, 0, seg)
+    };
     (0..layout.num_layers as usize).flat_map(move |layer| {
         let blocks = blocks.clone();
         (0..2).flat_map(move |kv| {

@@ -212,23 +212,30 @@ async fn a_puller_that_dies_mid_pull_costs_the_blocks_one_lease() {
     assert_eq!(rank.released.lock().unwrap().len(), 12);
 }
 
-/// A KV server that answers the hello and the pull header, then does
-/// `then` with the socket: a prefill worker dying or stalling mid-pull.
-async fn broken_server(close: bool) -> (String, tokio::task::JoinHandle<()>) {
+/// A hand-driven KV server's side of a connection up to the payload: accept
+/// the hello with the 3-head model's layout, read one pull, announce one
+/// block's bytes. The caller writes (or withholds) them.
+async fn accept_one_block_pull(s: &mut TcpStream) {
     use kv_transfer::frame::{read_frame, write_frame};
     use proto::kv::{frame::Kind, hello_ack, pull_response, Accepted, Frame, HelloAck, PullResponse};
+    read_frame(s).await.unwrap();
+    let accepted = Accepted { layout: Some(model(3).into()), num_blocks: BLOCKS as u32, shared_memory: None };
+    let ack = HelloAck { result: Some(hello_ack::Result::Accepted(accepted)) };
+    write_frame(s, &Frame { kind: Some(Kind::HelloAck(ack)) }).await.unwrap();
+    read_frame(s).await.unwrap();
+    let bytes = model(3).block_bytes() as u64;
+    let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes)) };
+    write_frame(s, &Frame { kind: Some(Kind::PullResponse(header)) }).await.unwrap();
+}
+
+/// A KV server that answers the hello and the pull header, sends 100 bytes,
+/// then closes (`close`) or stalls: a prefill worker dying or stalling mid-pull.
+async fn broken_server(close: bool) -> (String, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        read_frame(&mut s).await.unwrap();
-        let accepted = Accepted { layout: Some(model(3).into()), num_blocks: BLOCKS as u32, shared_memory: None };
-        let ack = HelloAck { result: Some(hello_ack::Result::Accepted(accepted)) };
-        write_frame(&mut s, &Frame { kind: Some(Kind::HelloAck(ack)) }).await.unwrap();
-        read_frame(&mut s).await.unwrap();
-        let bytes = model(3).block_bytes() as u64;
-        let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes)) };
-        write_frame(&mut s, &Frame { kind: Some(Kind::PullResponse(header)) }).await.unwrap();
+        accept_one_block_pull(&mut s).await;
         s.write_all(&[1; 100]).await.unwrap();
         if close {
             return;
@@ -382,21 +389,14 @@ async fn the_checksum_catches_a_flipped_byte() {
 /// A KV server that serves one correct pull per connection, then closes it,
 /// as a prefill worker that restarts between two pulls does.
 async fn one_pull_per_connection_server() -> String {
-    use kv_transfer::frame::{read_frame, write_frame};
-    use proto::kv::{frame::Kind, hello_ack, pull_response, Accepted, Frame, HelloAck, PullDone, PullResponse};
+    use kv_transfer::frame::write_frame;
+    use proto::kv::{frame::Kind, Frame, PullDone};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            read_frame(&mut s).await.unwrap();
-            let accepted = Accepted { layout: Some(model(3).into()), num_blocks: BLOCKS as u32, shared_memory: None };
-            let ack = HelloAck { result: Some(hello_ack::Result::Accepted(accepted)) };
-            write_frame(&mut s, &Frame { kind: Some(Kind::HelloAck(ack)) }).await.unwrap();
-            read_frame(&mut s).await.unwrap();
-            let bytes = model(3).block_bytes();
-            let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes as u64)) };
-            write_frame(&mut s, &Frame { kind: Some(Kind::PullResponse(header)) }).await.unwrap();
-            s.write_all(&vec![9u8; bytes]).await.unwrap();
+            accept_one_block_pull(&mut s).await;
+            s.write_all(&vec![9u8; model(3).block_bytes()]).await.unwrap();
             write_frame(&mut s, &Frame { kind: Some(Kind::PullDone(PullDone { checksum: 0 })) }).await.unwrap();
         }
     });

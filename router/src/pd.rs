@@ -474,40 +474,40 @@ impl<L: WorkerLegs> PdRun<L> {
             PdState::Handoff { leg, pin } => {
                 let recompute =
                     (self.on_kv_failure == KvFailurePolicy::Recompute && self.n == 1).then(|| recompute_leg(&leg));
-                match self.legs.decode(self.decode_worker, leg).await {
+                let opened = match self.legs.decode(self.decode_worker, leg).await {
                     Ok(tokens) => {
                         // The decode worker owns the hand-off now: it pulls, then releases.
                         pin.disarm();
-                        let mut tokens = until_finish(tokens, self.n);
-                        let item = tokens.next().await?;
-                        Some((vec![item], PdState::Decoding(tokens)))
+                        Ok(tokens)
                     }
-                    // `pin` drops armed here, releasing the blocks.
+                    // `pin` drops armed after this, releasing the blocks.
                     Err(BackendError::KvTransfer(error)) if recompute.is_some() => {
                         tracing::warn!(%error, "KV hand-off failed; the decode worker recomputes the prompt");
-                        let leg = recompute.expect("checked above");
-                        match self.legs.decode(self.decode_worker, leg).await {
-                            Ok(tokens) => {
-                                let mut tokens = until_finish(tokens, self.n);
-                                let item = tokens.next().await?;
-                                Some((vec![item], PdState::Decoding(tokens)))
-                            }
-                            Err(e) => Some((vec![Err(e)], PdState::Done)),
-                        }
+                        self.legs.decode(self.decode_worker, recompute.expect("checked above")).await
                     }
-                    Err(e) => {
-                        if matches!(e, BackendError::Unavailable(_)) {
-                            self.placement.mark_down(Leg::Decode, self.decode_worker);
-                        }
-                        Some((vec![Err(e)], PdState::Done))
-                    }
-                }
+                    Err(e) => Err(e),
+                };
+                Some(self.decoding(opened))
             }
             PdState::Decoding(mut tokens) => {
                 let item = tokens.next().await?;
                 Some((vec![item], PdState::Decoding(tokens)))
             }
             PdState::Done => None,
+        }
+    }
+
+    /// Where an opened decode leg leads: its tokens, or its error, marking
+    /// an unreachable decode worker down.
+    fn decoding(&self, opened: Result<TokenStream, BackendError>) -> Step<L> {
+        match opened {
+            Ok(tokens) => (Vec::new(), PdState::Decoding(until_finish(tokens, self.n))),
+            Err(e) => {
+                if matches!(e, BackendError::Unavailable(_)) {
+                    self.placement.mark_down(Leg::Decode, self.decode_worker);
+                }
+                (vec![Err(e)], PdState::Done)
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 
 use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
 use futures::Stream;
-use kv_transfer::{KvPuller, KvTransferParams};
+use kv_transfer::{KvPuller, KvTransferParams, PullTarget};
 use proto::worker as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
+use worker::blocks::pull_target;
 use worker::convert;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + Send>>;
@@ -54,9 +55,22 @@ impl DecodeService {
         }
         // The router tells a failed pull (the prefill side's fault, or the
         // network's) from a failed decode worker by this code.
-        let pulled = self.puller.pull_and_release(&remote).await.map_err(|e| Status::data_loss(e.to_string()))?;
-        tracing::debug!(bytes = pulled.data.len(), transport = ?pulled.transport, "pulled the prompt's KV");
-        Ok(KvSource::Provided { data: pulled.data, first_tokens })
+        let failed = |e: kv_transfer::KvTransferError| Status::data_loss(e.to_string());
+        let layout = self.puller.layout();
+        // Straight into the engine's cache when it has room now; a failed or
+        // cancelled pull drops the reservation, which frees the blocks.
+        if let Some(blocks) = self.engine.reserve_kv(req.prompt_token_ids.len()).await.map_err(convert::engine_error)? {
+            let transport =
+                self.puller.pull_and_release(&remote, &mut pull_target(&blocks, layout)).await.map_err(failed)?;
+            tracing::debug!(blocks = ?blocks.block_ids(), ?transport, "pulled the prompt's KV into its blocks");
+            return Ok(KvSource::Reserved { blocks, first_tokens });
+        }
+        // A full cache: the bytes wait for room at admission.
+        let mut data = vec![0; self.puller.buffer_len(&remote)];
+        let transport =
+            self.puller.pull_and_release(&remote, &mut PullTarget::buffer(&mut data, layout)).await.map_err(failed)?;
+        tracing::debug!(bytes = data.len(), ?transport, "pulled the prompt's KV");
+        Ok(KvSource::Provided { data, first_tokens })
     }
 
     async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {

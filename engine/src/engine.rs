@@ -40,7 +40,7 @@ use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv_cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
 use crate::sampler::{argmax, Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 use crate::scheduler::{
-    BlockCopy, NewSequence, ProvidedKv, SampledToken, ScheduledSeq, Scheduler, SchedulerConfig, StepPlan,
+    BlockCopy, NewSequence, ProvidedData, ProvidedKv, SampledToken, ScheduledSeq, Scheduler, SchedulerConfig, StepPlan,
 };
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -71,7 +71,7 @@ pub struct EngineConfig {
 }
 
 /// One generation request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EngineRequest {
     /// Unique among the engine's live requests.
     pub request_id: String,
@@ -102,7 +102,6 @@ pub struct EngineRequest {
 pub const MAX_N: u32 = 16;
 
 /// Where a request's prompt KV comes from.
-#[derive(Clone)]
 pub enum KvSource {
     /// The engine prefills the prompt itself.
     Compute,
@@ -110,8 +109,23 @@ pub enum KvSource {
     /// format for `ceil(prompt_len / block_size)` blocks, and `first_tokens`
     /// the token it sampled for each choice (`n` of them, choice order). Each
     /// counts as its choice's generated token 1; it is not emitted again nor
-    /// checked against stop tokens.
+    /// checked against stop tokens. The engine copies `data` into blocks it
+    /// allocates at admission.
     Provided { data: Vec<u8>, first_tokens: Vec<u32> },
+    /// Like `Provided`, with the KV already written into `blocks` (from
+    /// [`EngineHandle::reserve_kv`], one per `block_size` prompt tokens), which
+    /// become the sequence's own: nothing is copied at admission.
+    Reserved { blocks: KvReservation, first_tokens: Vec<u32> },
+}
+
+impl KvSource {
+    /// The first token of each choice, when the prompt was computed elsewhere.
+    fn first_tokens(&self) -> Option<&[u32]> {
+        match self {
+            KvSource::Compute => None,
+            KvSource::Provided { first_tokens, .. } | KvSource::Reserved { first_tokens, .. } => Some(first_tokens),
+        }
+    }
 }
 
 impl std::fmt::Debug for KvSource {
@@ -122,6 +136,59 @@ impl std::fmt::Debug for KvSource {
             KvSource::Provided { data, first_tokens } => {
                 f.debug_struct("Provided").field("data_len", &data.len()).field("first_tokens", first_tokens).finish()
             }
+            KvSource::Reserved { blocks, first_tokens } => {
+                f.debug_struct("Reserved").field("blocks", &blocks.ids).field("first_tokens", first_tokens).finish()
+            }
+        }
+    }
+}
+
+/// Blocks taken from the cache for a hand-off to land in before its request
+/// is submitted (vLLM's "waiting for remote KV"): the puller writes them
+/// straight into the engine's memory, so admission copies nothing.
+///
+/// The blocks belong to no sequence and to no prefix-cache entry while
+/// reserved, so the engine neither reads nor writes them: the puller may
+/// write them through [`KvReservation::as_mut_ptr`] without the engine's
+/// lock while steps run. Submitting the reservation in
+/// [`KvSource::Reserved`] hands the blocks to the request; dropping it
+/// (a failed pull, a cancelled request) frees them.
+pub struct KvReservation {
+    ids: Vec<u32>,
+    arena: KvArena,
+    commands: mpsc::Sender<Command>,
+}
+
+impl KvReservation {
+    /// The reserved blocks, in prompt order.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The cache's memory, in the layout of [`crate::kv_cache`].
+    pub fn arena(&self) -> &KvArena {
+        &self.arena
+    }
+
+    /// The first byte of the cache's memory, for writing the reserved
+    /// blocks' segments — and nothing else — until the reservation is
+    /// submitted or dropped.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.arena.as_ptr().cast_mut()
+    }
+
+    /// The ids, which the caller now owns.
+    fn take(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.ids)
+    }
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            let ids = self.take();
+            // A stopped engine has no blocks left to free.
+            let _ = self.commands.send(Command::Unreserve(ids));
         }
     }
 }
@@ -202,6 +269,8 @@ pub enum EngineError {
     InvalidSampling { field: &'static str, limit: &'static str, value: String },
     #[error("token id {token} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfVocab { token: u32, vocab_size: usize },
+    #[error("{reserved} reserved KV blocks for a prompt of {prompt_len} tokens, which needs {blocks_needed}")]
+    ReservationSize { reserved: usize, prompt_len: usize, blocks_needed: usize },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -333,6 +402,22 @@ impl EngineHandle {
         self.shared.kv_arena.clone()
     }
 
+    /// Takes blocks for `num_tokens` of handed-off KV to be written into
+    /// (see [`KvReservation`]), or `None` when the cache has no room for them
+    /// now: the caller then brings the KV as bytes ([`KvSource::Provided`]),
+    /// which waits for room at admission. Never preempts and never waits for
+    /// room; it waits for the step running now to end.
+    pub async fn reserve_kv(&self, num_tokens: usize) -> Result<Option<KvReservation>, EngineError> {
+        let s = &self.shared;
+        let num_blocks = blocks_for(num_tokens, s.shape.block_size);
+        let empty = KvReservation { ids: Vec::new(), arena: s.kv_arena.clone(), commands: self.commands.clone() };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Reserve { num_blocks, empty, reply }).map_err(|_| EngineError::Stopped)?;
+        // The step thread answers every Reserve; a dropped future drops the
+        // reservation with its receiver, which frees the blocks.
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
     /// Frees blocks held for a finished `pin_on_finish` request: `ids` must be
     /// its whole `Finished.pinned_blocks` list, released once by whoever
     /// received it (see [`Scheduler::release`]). A list that no outstanding
@@ -393,16 +478,18 @@ impl EngineHandle {
         if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
-        let first_tokens: &[u32] = match &req.kv {
-            KvSource::Provided { first_tokens, .. } => first_tokens,
-            KvSource::Compute => &[],
-        };
-        if matches!(req.kv, KvSource::Provided { .. }) && first_tokens.len() != req.n as usize {
+        let first_tokens = req.kv.first_tokens().unwrap_or_default();
+        if req.kv.first_tokens().is_some() && first_tokens.len() != req.n as usize {
             return Err(EngineError::InvalidSampling {
                 field: "first_tokens",
                 limit: "one per choice (n)",
                 value: format!("{} for n = {}", first_tokens.len(), req.n),
             });
+        }
+        if let KvSource::Reserved { blocks, .. } = &req.kv {
+            if blocks.ids.len() != blocks_needed {
+                return Err(EngineError::ReservationSize { reserved: blocks.ids.len(), prompt_len, blocks_needed });
+            }
         }
         let out_of_vocab =
             req.prompt_token_ids.iter().chain(first_tokens).copied().find(|&t| t as usize >= s.vocab_size);
@@ -448,6 +535,13 @@ enum Command {
     Submit(Box<Submission>),
     Abort(String),
     Release(Vec<u32>),
+    /// Fill `empty` with `num_blocks` blocks and send it back, or `None`.
+    Reserve {
+        num_blocks: usize,
+        empty: KvReservation,
+        reply: tokio::sync::oneshot::Sender<Option<KvReservation>>,
+    },
+    Unreserve(Vec<u32>),
     Sync(mpsc::Sender<()>),
 }
 
@@ -527,6 +621,20 @@ impl StepLoop {
                 tracing::debug!(blocks = ?ids, "releasing held blocks");
                 self.scheduler.release(&ids);
             }
+            Command::Reserve { num_blocks, mut empty, reply } => {
+                let reservation = self.scheduler.reserve(num_blocks).map(|ids| {
+                    empty.ids = ids;
+                    empty
+                });
+                tracing::debug!(num_blocks, granted = reservation.is_some(), "KV blocks reserved for a hand-off");
+                // A receiver that is gone hands the reservation back here,
+                // whose drop queues an Unreserve.
+                let _ = reply.send(reservation);
+            }
+            Command::Unreserve(ids) => {
+                tracing::debug!(blocks = ?ids, "freeing reserved KV blocks");
+                self.scheduler.unreserve(&ids);
+            }
             Command::Sync(reply) => self.sync_replies.push(reply),
         }
     }
@@ -538,7 +646,12 @@ impl StepLoop {
         });
         let provided = match request.kv {
             KvSource::Compute => None,
-            KvSource::Provided { data, first_tokens } => Some(ProvidedKv { data, first_tokens }),
+            KvSource::Provided { data, first_tokens } => {
+                Some(ProvidedKv { kv: ProvidedData::Bytes(data), first_tokens })
+            }
+            KvSource::Reserved { mut blocks, first_tokens } => {
+                Some(ProvidedKv { kv: ProvidedData::InBlocks(blocks.take()), first_tokens })
+            }
         };
         tracing::debug!(
             request_id = %request.request_id,

@@ -25,8 +25,8 @@ pub mod tokenizer;
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason, KvSource,
-    MAX_N,
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason,
+    KvReservation, KvSource, MAX_N,
 };
 pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};

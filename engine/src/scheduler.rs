@@ -131,21 +131,32 @@ pub struct NewSequence {
     pub n: usize,
 }
 
-/// The prompt's KV in the hand-off format and the first generated token of
-/// each choice (`n` of them, choice order).
-#[derive(Clone)]
+/// The prompt's KV computed elsewhere and the first generated token of each
+/// choice (`n` of them, choice order).
+#[derive(Debug, Clone)]
 pub struct ProvidedKv {
-    pub data: Vec<u8>,
+    pub kv: ProvidedData,
     pub first_tokens: Vec<u32>,
 }
 
-impl std::fmt::Debug for ProvidedKv {
+/// Where provided KV is.
+#[derive(Clone)]
+pub enum ProvidedData {
+    /// In the hand-off format, to copy into blocks allocated at admission.
+    Bytes(Vec<u8>),
+    /// Already in these blocks (from [`Scheduler::reserve`]), one per
+    /// `block_size` prompt tokens: the sequence owns them from
+    /// [`Scheduler::add`] on.
+    InBlocks(Vec<u32>),
+}
+
+impl std::fmt::Debug for ProvidedData {
     // The payload can be megabytes: show its size, not its bytes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProvidedKv")
-            .field("data_len", &self.data.len())
-            .field("first_tokens", &self.first_tokens)
-            .finish()
+        match self {
+            ProvidedData::Bytes(data) => f.debug_struct("Bytes").field("len", &data.len()).finish(),
+            ProvidedData::InBlocks(ids) => f.debug_tuple("InBlocks").field(ids).finish(),
+        }
     }
 }
 
@@ -264,8 +275,10 @@ struct Sequence {
     min_tokens: usize,
     pin_on_finish: bool,
     blocks: Vec<u32>,
-    /// Taken at admission; a preempted sequence recomputes instead.
-    provided_kv: Option<Vec<u8>>,
+    /// Provided KV still to be taken in at admission: its bytes, or
+    /// `Some(None)` when it is in the leading `blocks` already. Taken at
+    /// admission; a preempted sequence recomputes instead.
+    provided_kv: Option<Option<Vec<u8>>>,
     cache_salt: Vec<u8>,
     /// Chained hashes of the full blocks of `tokens` computed so far (tokens
     /// never change, so they stay valid across preemption).
@@ -396,7 +409,13 @@ impl Scheduler {
             let mut firsts = p.first_tokens.into_iter();
             seq.tokens.extend(firsts.next());
             seq.num_generated = 1;
-            seq.provided_kv = Some(p.data);
+            seq.provided_kv = Some(match p.kv {
+                ProvidedData::Bytes(data) => Some(data),
+                ProvidedData::InBlocks(ids) => {
+                    seq.blocks = ids;
+                    None
+                }
+            });
             seq.provided_forks = firsts.collect();
         }
         self.enqueue(seq);
@@ -634,6 +653,20 @@ impl Scheduler {
         self.blocks.free_table(block_ids);
     }
 
+    /// Takes `num_blocks` free (or evictable) blocks for a hand-off to land
+    /// in, or `None`, taking nothing, when there are not that many. They
+    /// belong to no sequence until a [`NewSequence`] brings them back in
+    /// [`ProvidedData::InBlocks`], or [`Self::unreserve`] frees them.
+    /// Never preempts: a running sequence's blocks are not up for grabs.
+    pub fn reserve(&mut self, num_blocks: usize) -> Option<Vec<u32>> {
+        self.blocks.allocate(num_blocks)
+    }
+
+    /// Frees blocks from [`Self::reserve`] that no sequence took.
+    pub fn unreserve(&mut self, block_ids: &[u32]) {
+        self.blocks.free_table(block_ids);
+    }
+
     /// KV events (blocks cached and evicted) since the last call.
     pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
         self.blocks.take_events()
@@ -792,19 +825,23 @@ impl Scheduler {
             let seq = self.waiting.front().expect("front exists");
             let computed = if seq.provided_kv.is_some() { seq.prompt_len } else { hits.len() * bs };
             let n = (seq.tokens.len() - computed).min(*budget);
-            let fresh = blocks_for(computed + n, bs) - hits.len();
+            // Provided KV already in blocks brings them; nothing else holds any.
+            let held = seq.blocks.len();
+            let fresh = blocks_for(computed + n, bs) - hits.len() - held;
             let Some(ids) = self.blocks.allocate_after_prefix(&hits, fresh) else {
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("front exists");
-            seq.blocks = ids;
+            seq.blocks.extend(ids);
             seq.num_computed = hits.len() * bs;
             seq.num_registered = hits.len();
             seq.num_cached_tokens.get_or_insert(seq.num_computed.min(seq.prompt_len));
             tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), num_new = n, "admitted");
-            if let Some(data) = seq.provided_kv.take() {
-                let block_ids = seq.blocks[..blocks_for(seq.prompt_len, bs)].to_vec();
-                plan.kv_writes.push(KvWrite { request_id: seq.id.clone(), block_ids, data });
+            if let Some(bytes) = seq.provided_kv.take() {
+                if let Some(data) = bytes {
+                    let block_ids = seq.blocks[..blocks_for(seq.prompt_len, bs)].to_vec();
+                    plan.kv_writes.push(KvWrite { request_id: seq.id.clone(), block_ids, data });
+                }
                 seq.num_computed = seq.prompt_len;
                 let forks = std::mem::take(&mut seq.provided_forks);
                 seq.fork = 1;
@@ -865,7 +902,7 @@ impl Scheduler {
                 self.config.num_blocks
             ));
         }
-        if let Some(data) = &seq.provided_kv {
+        if let Some(Some(data)) = &seq.provided_kv {
             let blocks = blocks_for(seq.prompt_len, self.config.block_size);
             let expected = blocks * self.config.block_bytes;
             if data.len() != expected {

@@ -10,7 +10,7 @@
 use crate::checksum::Checksum;
 use crate::frame::{read_frame, write_frame};
 use crate::layout::{pull_plan, KvLayout, PullPiece};
-use crate::memory::{landing, PieceShape};
+use crate::memory::{PieceShape, PullTarget};
 use crate::params::RemotePrefill;
 use crate::shm::PeerMapping;
 use crate::KvTransferError;
@@ -103,34 +103,52 @@ impl KvPuller {
         Self { config, idle: Mutex::new(HashMap::new()), tcp_pulls: AtomicU64::new(0), shm_pulls: AtomicU64::new(0) }
     }
 
+    /// The layout this rank pulls into.
+    pub fn layout(&self) -> &KvLayout {
+        &self.config.layout
+    }
+
     /// Pieces pulled so far, by transport.
     pub fn counts(&self) -> PullCounts {
         PullCounts { tcp: self.tcp_pulls.load(Ordering::Relaxed), shm: self.shm_pulls.load(Ordering::Relaxed) }
     }
 
     /// Bytes of `remote`'s blocks as this rank holds them.
-    fn buffer_len(&self, remote: &RemotePrefill) -> usize {
+    pub fn buffer_len(&self, remote: &RemotePrefill) -> usize {
         remote.remote_block_ids.len() * self.config.layout.block_bytes()
     }
 
-    /// Pulls this rank's heads of `remote`'s blocks. The pin stays: call
-    /// [`KvPuller::release`] once every rank has pulled.
+    /// Pulls this rank's heads of `remote`'s blocks into a new buffer in the
+    /// hand-off format. The pin stays: call [`KvPuller::release`] once every
+    /// rank has pulled.
     pub async fn pull(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
-        let mut data = Vec::new();
-        let transport = self.pull_into(remote, &mut data).await?;
+        let mut data = vec![0; self.buffer_len(remote)];
+        let transport = self.pull_into(remote, &mut PullTarget::buffer(&mut data, &self.config.layout)).await?;
         Ok(Pulled { data, transport })
     }
 
-    /// Like [`KvPuller::pull`], into `data`, resized to the hand-off (a
-    /// buffer of the right size is reused as it is: its pages are already
-    /// there, which is most of the cost of a large pull into fresh memory).
-    pub async fn pull_into(&self, remote: &RemotePrefill, data: &mut Vec<u8>) -> Result<Transport, KvTransferError> {
-        data.resize(self.buffer_len(remote), 0);
+    /// Like [`KvPuller::pull`], into `target`: a reused buffer (whose pages
+    /// are already there, which is most of the cost of a large pull into
+    /// fresh memory), or blocks of the decode engine's own cache.
+    pub async fn pull_into(
+        &self,
+        remote: &RemotePrefill,
+        target: &mut PullTarget<'_>,
+    ) -> Result<Transport, KvTransferError> {
+        self.check_target(remote, target)?;
         let mut transport = Transport::Tcp;
         for piece in pull_plan(&self.config.layout, remote.tp_size) {
-            transport = self.pull_piece(remote, &piece, data, false).await?;
+            transport = self.pull_piece(remote, &piece, target, false).await?;
         }
         Ok(transport)
+    }
+
+    fn check_target(&self, remote: &RemotePrefill, target: &PullTarget<'_>) -> Result<(), KvTransferError> {
+        let (want, have) = (remote.remote_block_ids.len(), target.block_ids().len());
+        if want == have {
+            return Ok(());
+        }
+        Err(KvTransferError::Target(format!("{want} blocks to pull into {have}")))
     }
 
     /// Frees the pins on every prefill rank; true when each still held one.
@@ -153,30 +171,37 @@ impl KvPuller {
         Ok(all)
     }
 
-    /// Pulls, then releases: the whole hand-off for a single-rank decode.
-    pub async fn pull_and_release(&self, remote: &RemotePrefill) -> Result<Pulled, KvTransferError> {
-        let mut data = vec![0u8; self.buffer_len(remote)];
+    /// Pulls into `target`, then releases: the whole hand-off for a
+    /// single-rank decode.
+    pub async fn pull_and_release(
+        &self,
+        remote: &RemotePrefill,
+        target: &mut PullTarget<'_>,
+    ) -> Result<Transport, KvTransferError> {
         let pulled = match pull_plan(&self.config.layout, remote.tp_size).as_slice() {
             // One server rank: over TCP it frees the pin as the payload goes
             // out, without a round trip of ours.
-            [piece] => match self.pull_piece(remote, piece, &mut data, true).await {
-                Ok(Transport::Tcp) => return Ok(Pulled { data, transport: Transport::Tcp }),
-                other => other,
+            [piece] => match self.check_target(remote, target) {
+                Ok(()) => match self.pull_piece(remote, piece, target, true).await {
+                    Ok(Transport::Tcp) => return Ok(Transport::Tcp),
+                    other => other,
+                },
+                Err(e) => Err(e),
             },
-            _ => self.pull_into(remote, &mut data).await,
+            _ => self.pull_into(remote, target).await,
         };
         // Released whatever happened: a failed pull must not hold the blocks for a lease.
         let released = self.release(remote).await;
         let transport = pulled?;
         released?;
-        Ok(Pulled { data, transport })
+        Ok(transport)
     }
 
     async fn pull_piece(
         &self,
         remote: &RemotePrefill,
         piece: &PullPiece,
-        data: &mut [u8],
+        target: &mut PullTarget<'_>,
         release: bool,
     ) -> Result<Transport, KvTransferError> {
         let addr = remote.rank_addr(piece.server_rank);
@@ -220,16 +245,17 @@ impl KvPuller {
                 &format!("peer announced {num_bytes} bytes, {} expected", shape.payload_bytes()),
             ));
         }
-        let land = landing(&self.config.layout, &shape);
-        let dst = coalesce(land.ranges());
+        let land = target.landing(&self.config.layout, &shape);
+        let per_slot = land.per_slot;
         let mut sum = self.config.checksum.then(Checksum::new);
         if transport == Transport::Tcp {
-            self.receive(&addr, &mut conn, &dst, data, sum.as_mut()).await?;
+            let dst = coalesce(land.ranges());
+            self.receive(&addr, &mut conn, &dst, target, sum.as_mut()).await?;
         } else {
             // The server sums its side meanwhile, on another core.
-            let src: Vec<Range<usize>> = shape.ranges(land.per_slot).collect();
+            let src: Vec<Range<usize>> = shape.ranges(per_slot).collect();
             let dst: Vec<Range<usize>> = land.ranges().collect();
-            self.copy_shared(&addr, &mut conn, remote, &src, &dst, data, sum.as_mut()).await?;
+            self.copy_shared(&addr, &mut conn, remote, &src, &dst, target, sum.as_mut()).await?;
         }
         let expected = match self.within(&addr, read_frame(&mut conn.reader)).await?.and_then(|f| f.kind) {
             Some(Kind::PullDone(done)) => done.checksum,
@@ -254,11 +280,11 @@ impl KvPuller {
         addr: &str,
         conn: &mut Conn,
         dst: &[Range<usize>],
-        data: &mut [u8],
+        target: &mut PullTarget<'_>,
         mut sum: Option<&mut Checksum>,
     ) -> Result<(), KvTransferError> {
         for range in dst {
-            for chunk in data[range.clone()].chunks_mut(CHUNK) {
+            for chunk in target.bytes_mut(range.clone()).chunks_mut(CHUNK) {
                 self.within(addr, conn.reader.read_exact(chunk)).await?;
                 if let Some(sum) = sum.as_deref_mut() {
                     sum.update(chunk);
@@ -277,14 +303,14 @@ impl KvPuller {
         remote: &RemotePrefill,
         src: &[Range<usize>],
         dst: &[Range<usize>],
-        data: &mut [u8],
+        target: &mut PullTarget<'_>,
         mut sum: Option<&mut Checksum>,
     ) -> Result<(), KvTransferError> {
         let peer = conn.peer.as_ref().expect("shared pulls need a mapping");
         let mut since_renew = 0;
         for (s, d) in src.iter().zip(dst) {
             let from = peer.bytes(s.clone()).map_err(|m| protocol(addr, &m))?;
-            let to = &mut data[d.clone()];
+            let to = target.bytes_mut(d.clone());
             to.copy_from_slice(from);
             if let Some(sum) = sum.as_deref_mut() {
                 sum.update(to);

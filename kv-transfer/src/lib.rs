@@ -27,7 +27,7 @@ pub mod shm;
 pub use client::{KvPuller, PullCounts, Pulled, PullerConfig, TransportPolicy};
 pub use connector::{BlockSource, ConnectorConfig, KvConnector, PinStats};
 pub use layout::{pull_plan, KvDtype, KvLayout, LayoutMismatch, PullPiece};
-pub use memory::KvMemory;
+pub use memory::{KvMemory, PullTarget};
 pub use params::{KvTransferParams, RemotePrefill};
 pub use proto::kv::Transport;
 
@@ -44,4 +44,6 @@ pub enum KvTransferError {
     Timeout { addr: String, secs: f64 },
     #[error("kv-transfer from {addr}: checksum {got:#018x} does not match the sender's {expected:#018x}; the blocks were not used")]
     Checksum { addr: String, expected: u64, got: u64 },
+    #[error("kv-transfer target: {0}")]
+    Target(String),
 }

@@ -3,6 +3,7 @@
 
 use crate::layout::KvLayout;
 use std::any::Any;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -183,20 +184,76 @@ pub fn walk<'a>(memory: &'a KvMemory, shape: &'a PieceShape, per_slot: bool) -> 
     shape.ranges(per_slot).map(move |r| memory.bytes(r))
 }
 
-/// Where a piece's payload lands in the puller's hand-off buffer (layer-major:
-/// layer, K/V, block, the puller's own heads), in payload order. With
-/// `per_slot` false the runs are whole segments when that is possible on both
-/// sides; the caller pairs them with [`PieceShape::ranges`] of the same
-/// `per_slot` from [`Landing::per_slot`].
-pub fn landing<'a>(puller: &'a KvLayout, shape: &'a PieceShape) -> Landing<'a> {
-    let per_slot = !(shape.whole_segments() && shape.heads == puller.head_range());
-    Landing { puller, shape, per_slot }
+/// Where a pull lands: a KV region in the puller's layout and, in the
+/// order of the remote blocks, the blocks of it that receive them. Either a
+/// buffer in the hand-off format ([`PullTarget::buffer`]) or blocks reserved
+/// in the decode engine's own cache ([`PullTarget::blocks`]), which then
+/// needs no copy on admission.
+pub struct PullTarget<'a> {
+    base: *mut u8,
+    len: usize,
+    region_blocks: usize,
+    block_ids: Vec<u32>,
+    _region: PhantomData<&'a mut [u8]>,
 }
 
-/// See [`landing`].
+// SAFETY: the target only writes its own blocks' bytes (see `blocks`), from
+// whichever thread runs the pull.
+unsafe impl Send for PullTarget<'_> {}
+
+impl<'a> PullTarget<'a> {
+    /// `data` as a region of exactly its blocks, in order: the hand-off
+    /// format (layer, K/V, block).
+    pub fn buffer(data: &'a mut [u8], layout: &KvLayout) -> Self {
+        let region_blocks = data.len().checked_div(layout.block_bytes()).unwrap_or(0);
+        let block_ids = (0..region_blocks as u32).collect();
+        Self { base: data.as_mut_ptr(), len: data.len(), region_blocks, block_ids, _region: PhantomData }
+    }
+
+    /// `block_ids` of a KV region of `layout` at `base`, `len` bytes long.
+    ///
+    /// # Safety
+    /// The region must stay mapped and writable for `'a`, and nothing else
+    /// may read or write the segments of `block_ids` meanwhile (they are
+    /// reserved for this pull). Ids outside the region are refused.
+    pub unsafe fn blocks(base: *mut u8, len: usize, layout: &KvLayout, block_ids: Vec<u32>) -> Result<Self, String> {
+        let region_blocks = len.checked_div(layout.block_bytes()).unwrap_or(0);
+        if let Some(id) = block_ids.iter().find(|&&id| id as usize >= region_blocks) {
+            return Err(format!("block id {id} outside the region's {region_blocks} blocks"));
+        }
+        Ok(Self { base, len, region_blocks, block_ids, _region: PhantomData })
+    }
+
+    /// Blocks that receive the pull, in the order of the remote blocks.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.block_ids
+    }
+
+    /// Where a piece's payload lands, in payload order (layer, K/V, block,
+    /// the puller's own heads). With `per_slot` false the runs are whole
+    /// segments when that is possible on both sides; the caller pairs them
+    /// with [`PieceShape::ranges`] of the same `per_slot` from
+    /// [`Landing::per_slot`].
+    pub(crate) fn landing<'b>(&'b self, puller: &'b KvLayout, shape: &'b PieceShape) -> Landing<'b> {
+        let per_slot = !(shape.whole_segments() && shape.heads == puller.head_range());
+        Landing { puller, shape, region_blocks: self.region_blocks, block_ids: &self.block_ids, per_slot }
+    }
+
+    /// The bytes at `range`, which [`Landing::ranges`] keeps inside the region.
+    pub(crate) fn bytes_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        assert!(range.end <= self.len, "landing past the KV region");
+        // SAFETY: in bounds; the segments written belong to this target's
+        // blocks, which nothing else touches (see `blocks`).
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(range.start), range.len()) }
+    }
+}
+
+/// See [`PullTarget::landing`].
 pub struct Landing<'a> {
     puller: &'a KvLayout,
     shape: &'a PieceShape,
+    region_blocks: usize,
+    block_ids: &'a [u32],
     /// Whether runs are per slot (a head slice) rather than whole segments.
     pub per_slot: bool,
 }
@@ -204,8 +261,7 @@ pub struct Landing<'a> {
 impl<'a> Landing<'a> {
     /// Destination ranges in payload order.
     pub fn ranges(&self) -> impl Iterator<Item = Range<usize>> + 'a {
-        // The buffer is a region of exactly the request's blocks, in order.
-        let n = self.shape.block_ids.len();
-        runs(self.puller, n, 0..n, &self.shape.heads, self.per_slot)
+        let blocks = self.block_ids.iter().map(|&id| id as usize);
+        runs(self.puller, self.region_blocks, blocks, &self.shape.heads, self.per_slot)
     }
 }

@@ -4,7 +4,7 @@
 
 use kv_transfer::{
     BlockSource, ConnectorConfig, KvConnector, KvDtype, KvLayout, KvMemory, KvPuller, KvTransferError, PinStats,
-    PullerConfig, RemotePrefill, Transport, TransportPolicy,
+    PullTarget, PullerConfig, RemotePrefill, Transport, TransportPolicy,
 };
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -114,6 +114,37 @@ fn puller(layout: KvLayout, transport: TransportPolicy) -> KvPuller {
     KvPuller::new(PullerConfig { layout, transport, checksum: true, idle_timeout: Duration::from_secs(2) })
 }
 
+/// Pulls and releases into a fresh hand-off buffer: the bytes and how they came.
+async fn pull_and_release(puller: &KvPuller, layout: &KvLayout, remote: &RemotePrefill) -> (Vec<u8>, Transport) {
+    let mut data = vec![0; puller.buffer_len(remote)];
+    let transport = puller.pull_and_release(remote, &mut PullTarget::buffer(&mut data, layout)).await.unwrap();
+    (data, transport)
+}
+
+/// Pulls three blocks into blocks 6, 1 and 4 of an 8-block region of
+/// `layout` (as into a decode engine's cache), then reads those back in the
+/// hand-off format.
+async fn pull_into_region(puller: &KvPuller, layout: &KvLayout, remote: &RemotePrefill) -> Vec<u8> {
+    const REGION: usize = 8;
+    let ids = vec![6, 1, 4];
+    let mut region = vec![0u8; REGION * layout.block_bytes()];
+    // SAFETY: `region` outlives the target and nothing else touches it.
+    let mut target = unsafe { PullTarget::blocks(region.as_mut_ptr(), region.len(), layout, ids.clone()) }.unwrap();
+    puller.pull_into(remote, &mut target).await.unwrap();
+    drop(target);
+    let seg = layout.segment_bytes();
+    let mut out = Vec::new();
+    for layer in 0..2 {
+        for kv in 0..2 {
+            for &id in &ids {
+                let at = layout.segment_offset(REGION, layer, kv, id as usize);
+                out.extend_from_slice(&region[at..at + seg]);
+            }
+        }
+    }
+    out
+}
+
 /// Polls until `f` holds, for at most `secs`.
 async fn eventually(secs: f64, f: impl Fn() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -134,9 +165,9 @@ async fn pull_then_release_over_tcp_and_shared_memory() {
         let remote = connector.pin("req-1", vec![5, 2, 9], 5);
         assert_eq!(connector.stats(), PinStats { requests: 1, blocks: 3 });
         let puller = puller(model(3), policy);
-        let pulled = puller.pull_and_release(&remote).await.unwrap();
-        assert_eq!(pulled.transport, transport);
-        assert!(pulled.data == expected(&model(3), &[5, 2, 9]), "{transport:?} payload differs");
+        let (data, got) = pull_and_release(&puller, &model(3), &remote).await;
+        assert_eq!(got, transport);
+        assert!(data == expected(&model(3), &[5, 2, 9]), "{transport:?} payload differs");
         assert_eq!(connector.stats(), PinStats::default());
         assert_eq!(*rank.released.lock().unwrap(), BTreeSet::from([2, 5, 9]));
         // A second pull of the same hand-off is refused: the blocks are gone.
@@ -152,8 +183,8 @@ async fn the_same_connection_serves_many_pulls() {
     let puller = puller(model(3), TransportPolicy::Tcp);
     for i in 0..BLOCKS as u32 {
         let remote = connector.pin(&format!("req-{i}"), vec![i], 2);
-        let pulled = puller.pull_and_release(&remote).await.unwrap();
-        assert!(pulled.data == expected(&model(3), &[i]));
+        let (data, _) = pull_and_release(&puller, &model(3), &remote).await;
+        assert!(data == expected(&model(3), &[i]));
     }
     assert_eq!(connector.stats(), PinStats::default());
 }
@@ -312,8 +343,8 @@ async fn pull_across(heads: u32, from: u32, to: u32, policy: TransportPolicy) {
     remote.remote_ports = connectors.iter().map(KvConnector::port).collect();
     for d in 0..to {
         let layout = model(heads).for_rank(to, d);
-        let pulled = puller(layout, policy).pull(&remote).await.unwrap();
-        assert!(pulled.data == expected(&layout, &blocks), "TP {from} -> {to}, decode rank {d}: wrong heads");
+        let pulled = pull_into_region(&puller(layout, policy), &layout, &remote).await;
+        assert!(pulled == expected(&layout, &blocks), "TP {from} -> {to}, decode rank {d}: wrong heads");
     }
     assert!(puller(model(heads).for_rank(to, 0), policy).release(&remote).await.unwrap());
     for (c, rank) in connectors.iter().zip(&ranks) {

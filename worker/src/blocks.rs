@@ -1,7 +1,7 @@
 //! The engine's KV cache seen by kv-transfer.
 
-use engine::EngineHandle;
-use kv_transfer::{BlockSource, KvDtype, KvLayout, KvMemory};
+use engine::{EngineHandle, KvReservation};
+use kv_transfer::{BlockSource, KvDtype, KvLayout, KvMemory, PullTarget};
 use std::sync::Arc;
 
 /// Adapts an [`EngineHandle`] to kv-transfer's [`BlockSource`].
@@ -38,6 +38,18 @@ pub fn kv_layout(engine: &EngineHandle) -> KvLayout {
         tp_rank: 0,
         total_kv_heads: shape.num_kv_heads as u32,
     }
+}
+
+/// The reserved blocks as a pull target: the hand-off lands straight in the
+/// engine's cache. `layout` is the engine's ([`kv_layout`]).
+pub fn pull_target<'a>(blocks: &'a KvReservation, layout: &KvLayout) -> PullTarget<'a> {
+    let arena = blocks.arena();
+    // SAFETY: the arena is the engine's KV cache in kv-transfer's layout (see
+    // `EngineBlocks::new`), mapped while `blocks` lives, and the reserved
+    // blocks are the engine's to leave alone until the reservation is
+    // submitted or dropped, which the borrow of `blocks` outlasts.
+    let target = unsafe { PullTarget::blocks(blocks.as_mut_ptr(), arena.len(), layout, blocks.block_ids().to_vec()) };
+    target.expect("the engine reserves blocks of its own cache")
 }
 
 impl BlockSource for EngineBlocks {

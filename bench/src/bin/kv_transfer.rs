@@ -55,8 +55,8 @@ use anyhow::{ensure, Context};
 use bench::{align, load_average, percentile};
 use clap::Parser;
 use kv_transfer::{
-    BlockSource, ConnectorConfig, KvConnector, KvDtype, KvLayout, KvMemory, KvPuller, PullerConfig, RemotePrefill,
-    Transport, TransportPolicy,
+    BlockSource, ConnectorConfig, KvConnector, KvDtype, KvLayout, KvMemory, KvPuller, PullTarget, PullerConfig,
+    RemotePrefill, Transport, TransportPolicy,
 };
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -380,7 +380,8 @@ async fn timed_pull(
 ) -> anyhow::Result<(f64, f64)> {
     let remote = pin(connector, blocks);
     let start = Instant::now();
-    let transport = puller.pull_into(&remote, buf).await?;
+    buf.resize(puller.buffer_len(&remote), 0);
+    let transport = puller.pull_into(&remote, &mut PullTarget::buffer(buf, &smollm())).await?;
     let pull_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let released = puller.release(&remote).await?;

@@ -403,6 +403,61 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
     assert_idle(&engine);
 }
 
+fn reserve(engine: &EngineHandle, num_tokens: usize) -> Option<KvReservation> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(engine.reserve_kv(num_tokens)).unwrap()
+}
+
+#[test]
+fn kv_pulled_into_reserved_blocks_is_decoded_from_without_a_copy() {
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let (data, first_token) = prefill_remotely(&prompt, 4);
+    let model = FakeModel::new(32, true);
+    let shape = kv_shape(4, 16);
+    let engine = Engine::start(model.clone(), shape, config());
+    // Occupy block 0 so the reserved blocks are others than on the prefill side.
+    let hold = EngineRequest { pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
+    let (_, hold_last) = collect(engine.submit(hold).unwrap());
+    let blocks = reserve(&engine, prompt.len()).unwrap();
+    assert_eq!(blocks.block_ids(), [1, 2]);
+    assert_eq!(engine.stats().free_blocks, 13);
+    // Land the payload (hand-off order: layer, K/V, block) as a puller would.
+    let seg = shape.segment_bytes();
+    let mut segments = data.chunks_exact(seg);
+    for lkv in 0..shape.num_layers * 2 {
+        for &id in blocks.block_ids() {
+            let at = shape.segment_offset(lkv / 2, lkv % 2, id as usize);
+            let src = segments.next().unwrap();
+            // SAFETY: a reserved block's segment, inside the arena.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr().add(at), seg) };
+        }
+    }
+    let req = EngineRequest {
+        kv: KvSource::Reserved { blocks, first_tokens: vec![first_token] },
+        ..request("d", &prompt, SamplingParams::greedy(4))
+    };
+    assert_eq!(collect(engine.submit(req).unwrap()), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
+    let steps = model.steps();
+    assert_eq!(steps[1], vec![SeenSeq { tokens: vec![10], context_start: 6, cached: prompt.to_vec() }]);
+    assert_eq!(steps.len(), 4, "no prefill ran for the handed-off prompt: {steps:?}");
+
+    // A reservation of the wrong size is refused at submit; dropping it frees its blocks.
+    let one = reserve(&engine, 4).unwrap();
+    let req = EngineRequest {
+        kv: KvSource::Reserved { blocks: one, first_tokens: vec![first_token] },
+        ..request("bad", &prompt, SamplingParams::greedy(4))
+    };
+    let error = engine.submit(req).unwrap_err();
+    assert_eq!(error.to_string(), "1 reserved KV blocks for a prompt of 6 tokens, which needs 2");
+    // More than is free: nothing taken.
+    assert!(reserve(&engine, 16 * 4).is_none());
+    drop(reserve(&engine, 8).unwrap());
+    let EngineEvent::Finished { pinned_blocks: Some(held), .. } = hold_last else { panic!() };
+    engine.release_blocks(&held);
+    engine.sync();
+    assert_idle(&engine);
+}
+
 /// Runs `n` seeded temperature-sampled requests (and one greedy) at once and
 /// returns their tokens and the engine's preemption count.
 fn run_concurrently(num_blocks: usize) -> (Vec<Vec<u32>>, u64) {

@@ -177,7 +177,7 @@ fn pinned_blocks_are_held_until_released() {
 #[test]
 fn provided_kv_is_written_and_the_first_token_is_fed() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 16], first_tokens: vec![42] };
+    let provided = ProvidedKv { kv: ProvidedData::Bytes(vec![0; 16]), first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
     let plan = s.schedule();
     assert_eq!(plan.kv_writes.len(), 1);
@@ -200,9 +200,53 @@ fn provided_kv_is_written_and_the_first_token_is_fed() {
 }
 
 #[test]
+fn provided_kv_in_reserved_blocks_is_not_copied_and_gets_a_block_for_its_first_token() {
+    let mut s = Scheduler::new(config(8, 4));
+    s.add(seq("busy", &[9], 8));
+    s.schedule();
+    // The prompt fills its blocks exactly: the first token needs a third.
+    let reserved = s.reserve(2).unwrap();
+    assert_eq!(reserved, vec![1, 2]);
+    assert_eq!(s.num_free_blocks(), 5);
+    let provided = ProvidedKv { kv: ProvidedData::InBlocks(reserved), first_tokens: vec![42] };
+    s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5, 6, 7, 8], 3) });
+    let plan = s.schedule();
+    assert!(plan.kv_writes.is_empty());
+    let d = plan.seqs.iter().find(|q| q.request_id == "d").unwrap();
+    assert_eq!((d.context_start, d.tokens.clone(), d.block_table.clone()), (8, vec![42], vec![1, 2, 3]));
+    assert_eq!(s.num_free_blocks(), 4);
+}
+
+#[test]
+fn a_reservation_takes_all_or_nothing_and_unreserve_frees_it() {
+    let mut s = Scheduler::new(config(4, 4));
+    assert_eq!(s.reserve(5), None);
+    assert_eq!(s.num_free_blocks(), 4);
+    let ids = s.reserve(3).unwrap();
+    assert_eq!(s.reserve(2), None);
+    s.unreserve(&ids);
+    assert_eq!(s.num_free_blocks(), 4);
+}
+
+#[test]
+fn aborting_a_waiting_sequence_frees_its_reserved_blocks() {
+    let mut s = Scheduler::new(config(4, 1));
+    s.add(seq("busy", &[9], 8));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[10]);
+    let provided = ProvidedKv { kv: ProvidedData::InBlocks(s.reserve(2).unwrap()), first_tokens: vec![42] };
+    s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
+    // max_num_seqs 1: it waits, holding its blocks.
+    assert_eq!(shape(&s.schedule()), vec![("busy", 1, 1)]);
+    assert_eq!(s.num_free_blocks(), 1);
+    assert!(s.abort("d"));
+    assert_eq!(s.num_free_blocks(), 3);
+}
+
+#[test]
 fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 15], first_tokens: vec![42] };
+    let provided = ProvidedKv { kv: ProvidedData::Bytes(vec![0; 15]), first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2, 3, 4, 5], 3) });
     s.add(seq("ok", &[1], 3));
     let plan = s.schedule();
@@ -219,7 +263,7 @@ fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
 #[test]
 fn a_provided_first_token_can_be_the_last() {
     let mut s = Scheduler::new(config(8, 4));
-    let provided = ProvidedKv { data: vec![0; 8], first_tokens: vec![42] };
+    let provided = ProvidedKv { kv: ProvidedData::Bytes(vec![0; 8]), first_tokens: vec![42] };
     s.add(NewSequence { provided: Some(provided), ..seq("d", &[1, 2], 1) });
     let plan = s.schedule();
     assert!(plan.seqs.is_empty());

@@ -31,6 +31,13 @@ struct Args {
     /// answer, or for 4 MiB of blocks) before the request fails.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
     kv_stall_timeout_ms: u64,
+    /// Start decoding a handed-off prompt while its KV is still arriving:
+    /// each layer of the first step waits for its own KV (per-layer
+    /// streaming). Used only when the engine is otherwise idle, so a slow
+    /// pull never stalls running sequences; a busy engine admits the request
+    /// once its KV has landed, as without the flag.
+    #[arg(long)]
+    kv_layer_streaming: bool,
     /// For benchmarks only: stream `max_tokens` of a fixed token at once,
     /// without loading the weights (the model's tokenizer and chat template
     /// are still read, for the model card).
@@ -70,7 +77,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         idle_timeout: Duration::from_millis(args.kv_stall_timeout_ms),
     }));
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_puller(puller.clone());
-    let decode = service::DecodeService::new(loaded.engine, puller, loaded.vocab_size);
+    let decode = service::DecodeService::new(loaded.engine, puller, loaded.vocab_size)
+        .with_layer_streaming(args.kv_layer_streaming);
     // Tests and the launcher wait for this line.
     println!("decode-worker listening on http://{addr}");
     let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());

@@ -1,8 +1,8 @@
 //! The `Decode` gRPC service.
 
-use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
+use engine::{EngineEvent, EngineHandle, EngineRequest, KvLanding, KvReservation, KvSource, HANDOFF_FAILED};
 use futures::Stream;
-use kv_transfer::{KvPuller, KvTransferParams, PullTarget};
+use kv_transfer::{KvPuller, KvTransferParams, PullTarget, RemotePrefill};
 use proto::worker as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,12 +20,18 @@ pub struct DecodeService {
     engine: EngineHandle,
     puller: Arc<KvPuller>,
     vocab_size: usize,
+    layer_streaming: bool,
 }
 
 impl DecodeService {
     /// `puller` pulls with this engine's layout.
     pub fn new(engine: EngineHandle, puller: Arc<KvPuller>, vocab_size: usize) -> Self {
-        Self { engine, puller, vocab_size }
+        Self { engine, puller, vocab_size, layer_streaming: false }
+    }
+
+    /// Decodes while the KV streams in, layer by layer (`--kv-layer-streaming`).
+    pub fn with_layer_streaming(self, on: bool) -> Self {
+        Self { layer_streaming: on, ..self }
     }
 
     /// Where the prompt's KV comes from: pulled from the prefill worker, or computed here.
@@ -60,10 +66,15 @@ impl DecodeService {
         // Straight into the engine's cache when it has room now; a failed or
         // cancelled pull drops the reservation, which frees the blocks.
         if let Some(blocks) = self.engine.reserve_kv(req.prompt_token_ids.len()).await.map_err(convert::engine_error)? {
+            // One choice only: forks copy the prompt's last block at admission.
+            if self.layer_streaming && n == 1 {
+                let landing = self.stream_in(&blocks, remote);
+                return Ok(KvSource::Reserved { blocks, first_tokens, landing: Some(landing) });
+            }
             let transport =
                 self.puller.pull_and_release(&remote, &mut pull_target(&blocks, layout)).await.map_err(failed)?;
             tracing::debug!(blocks = ?blocks.block_ids(), ?transport, "pulled the prompt's KV into its blocks");
-            return Ok(KvSource::Reserved { blocks, first_tokens });
+            return Ok(KvSource::Reserved { blocks, first_tokens, landing: None });
         }
         // A full cache: the bytes wait for room at admission.
         let mut data = vec![0; self.puller.buffer_len(&remote)];
@@ -71,6 +82,26 @@ impl DecodeService {
             self.puller.pull_and_release(&remote, &mut PullTarget::buffer(&mut data, layout)).await.map_err(failed)?;
         tracing::debug!(bytes = data.len(), ?transport, "pulled the prompt's KV");
         Ok(KvSource::Provided { data, first_tokens })
+    }
+
+    /// Pulls into `blocks` in the background, reporting each layer as it
+    /// lands. The pull holds its own share of the blocks until it ends, so
+    /// an aborted request never frees blocks that are still being written.
+    fn stream_in(&self, blocks: &KvReservation, remote: RemotePrefill) -> Arc<KvLanding> {
+        let landing = KvLanding::new(self.puller.layout().num_layers as usize);
+        let reporter = landing.reporter();
+        let (held, puller) = (blocks.share(), self.puller.clone());
+        let pull = async move {
+            let layout = *puller.layout();
+            let progress = reporter.landing().clone();
+            let mut target = pull_target(&held, &layout).with_progress(move |layers| progress.landed(layers));
+            match puller.pull_and_release(&remote, &mut target).await {
+                Ok(transport) => tracing::debug!(?transport, "the prompt's KV streamed in"),
+                Err(e) => reporter.landing().fail(e.to_string()),
+            }
+        };
+        tokio::spawn(pull.in_current_span());
+        landing
     }
 
     async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {
@@ -88,9 +119,21 @@ impl DecodeService {
             priority: req.priority,
             n,
         };
-        let events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
+        let streaming = matches!(&engine_req.kv, KvSource::Reserved { landing: Some(_), .. });
+        let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
+        // Streaming in, a failed pull shows as the request's error: answer
+        // it as a failed pull (the router's policy decides), as without
+        // streaming, rather than as a stream that breaks.
+        let mut first = None;
+        if streaming {
+            match events.recv().await {
+                Some(EngineEvent::Error(e)) if e.starts_with(HANDOFF_FAILED) => return Err(Status::data_loss(e)),
+                event => first = event,
+            }
+        }
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
-        let chunks = UnboundedReceiverStream::new(events).map(|event| match event {
+        let events = tokio_stream::iter(first).chain(UnboundedReceiverStream::new(events));
+        let chunks = events.map(|event| match event {
             EngineEvent::Token { index, id, logprobs } => Ok(pb::DecodeChunk {
                 token_ids: vec![id],
                 finish_reason: pb::FinishReason::Unspecified as i32,

@@ -6,6 +6,8 @@
 //!          context_start..context_start+num_tokens of that sequence
 //! ```
 
+use crate::landing::Landings;
+
 /// The new tokens of one sequence in a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqChunk {
@@ -33,6 +35,10 @@ pub struct SeqChunk {
 pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqChunk>,
+    /// Hand-offs whose KV is still landing in blocks of this step (see
+    /// [`crate::landing`]): a model that [`Forward::waits_for_layers`] calls
+    /// [`ForwardBatch::wait_for_layer`] before each layer's cache.
+    pub landings: Landings,
 }
 
 impl ForwardBatch {
@@ -55,6 +61,15 @@ impl ForwardBatch {
             prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Blocks until layer `layer` of every hand-off still landing is in
+    /// place. A failed one does not block: the engine fails its sequence
+    /// after the step, whose other rows it does not touch.
+    pub fn wait_for_layer(&self, layer: usize) {
+        for landing in &self.landings.0 {
+            let _ = landing.wait_for(layer);
+        }
     }
 
     /// Number of sequences whose logits the step returns.
@@ -104,4 +119,10 @@ pub trait Forward: Send + Sync + 'static {
     fn forward(&self, batch: &ForwardBatch, kv: &mut crate::KvStorage) -> Result<Logits, ForwardError>;
     /// Size of a logits row.
     fn vocab_size(&self) -> usize;
+    /// Whether `forward` calls [`ForwardBatch::wait_for_layer`] before it
+    /// touches each layer's cache; if not, the engine waits for every layer
+    /// of a landing hand-off before the step.
+    fn waits_for_layers(&self) -> bool {
+        false
+    }
 }

@@ -38,6 +38,7 @@
 use crate::batch::{Forward, Logits};
 use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv_cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
+use crate::landing::{KvLanding, Landings};
 use crate::sampler::{argmax, Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 use crate::scheduler::{
     BlockCopy, NewSequence, ProvidedData, ProvidedKv, SampledToken, ScheduledSeq, Scheduler, SchedulerConfig, StepPlan,
@@ -112,10 +113,16 @@ pub enum KvSource {
     /// checked against stop tokens. The engine copies `data` into blocks it
     /// allocates at admission.
     Provided { data: Vec<u8>, first_tokens: Vec<u32> },
-    /// Like `Provided`, with the KV already written into `blocks` (from
+    /// Like `Provided`, with the KV written into `blocks` (from
     /// [`EngineHandle::reserve_kv`], one per `block_size` prompt tokens), which
-    /// become the sequence's own: nothing is copied at admission.
-    Reserved { blocks: KvReservation, first_tokens: Vec<u32> },
+    /// become the sequence's own: nothing is copied at admission. With
+    /// `landing`, the KV may still be arriving layer by layer (per-layer
+    /// streaming): the puller must hold its own [`KvReservation::share`] of
+    /// the blocks until it is done. An idle engine starts the first step at
+    /// once, each layer waiting for its KV; a busy one admits the request
+    /// once every layer has landed, so a slow pull never stalls the others.
+    /// A failed landing fails the request.
+    Reserved { blocks: KvReservation, first_tokens: Vec<u32>, landing: Option<Arc<KvLanding>> },
 }
 
 impl KvSource {
@@ -136,9 +143,12 @@ impl std::fmt::Debug for KvSource {
             KvSource::Provided { data, first_tokens } => {
                 f.debug_struct("Provided").field("data_len", &data.len()).field("first_tokens", first_tokens).finish()
             }
-            KvSource::Reserved { blocks, first_tokens } => {
-                f.debug_struct("Reserved").field("blocks", &blocks.ids).field("first_tokens", first_tokens).finish()
-            }
+            KvSource::Reserved { blocks, first_tokens, landing } => f
+                .debug_struct("Reserved")
+                .field("blocks", &blocks.ids)
+                .field("first_tokens", first_tokens)
+                .field("landing", landing)
+                .finish(),
         }
     }
 }
@@ -175,6 +185,15 @@ impl KvReservation {
     /// submitted or dropped.
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.arena.as_ptr().cast_mut()
+    }
+
+    /// A second hold on the same blocks, for a puller that writes them while
+    /// the request runs: they are freed once both holds are gone.
+    pub fn share(&self) -> KvReservation {
+        // Queued before either hold can be dropped, so the count never
+        // reaches zero in between.
+        let _ = self.commands.send(Command::Retain(self.ids.clone()));
+        KvReservation { ids: self.ids.clone(), arena: self.arena.clone(), commands: self.commands.clone() }
     }
 
     /// The ids, which the caller now owns.
@@ -325,6 +344,8 @@ impl Engine {
             default_seed: config.default_seed,
             num_unseeded: 0,
             sync_replies: Vec::new(),
+            landings: HashMap::new(),
+            held_back: Vec::new(),
         };
         std::thread::Builder::new()
             .name("engine-step".into())
@@ -542,6 +563,8 @@ enum Command {
         reply: tokio::sync::oneshot::Sender<Option<KvReservation>>,
     },
     Unreserve(Vec<u32>),
+    /// One more hold on reserved blocks ([`KvReservation::share`]).
+    Retain(Vec<u32>),
     Sync(mpsc::Sender<()>),
 }
 
@@ -570,6 +593,12 @@ struct StepLoop {
     /// Requests seeded from `default_seed` so far.
     num_unseeded: u64,
     sync_replies: Vec<mpsc::Sender<()>>,
+    /// Admitted requests whose hand-off may still be landing, until a step
+    /// of theirs has run (and so waited for every layer).
+    landings: HashMap<String, Arc<KvLanding>>,
+    /// Submissions still landing that arrived while the engine was busy:
+    /// admitted once their landing settles, or as soon as the engine idles.
+    held_back: Vec<Submission>,
 }
 
 impl StepLoop {
@@ -577,9 +606,15 @@ impl StepLoop {
         let mut handles_gone = false;
         loop {
             handles_gone |= self.drain_commands();
+            self.admit_held_back(false);
             self.drop_closed_clients();
             self.settle();
             let plan = self.scheduler.schedule();
+            if plan.is_empty() && !self.held_back.is_empty() {
+                // Idle now: a landing hand-off may stream into its first step.
+                self.admit_held_back(true);
+                continue;
+            }
             if plan.is_empty() {
                 // Nothing runs and nothing waiting fits: only a command can
                 // change that, so block for one.
@@ -613,9 +648,22 @@ impl StepLoop {
 
     fn apply(&mut self, command: Command) {
         match command {
-            Command::Submit(submission) => self.admit_request(*submission),
+            Command::Submit(submission) => {
+                let busy = self.scheduler.num_running() + self.scheduler.num_waiting() > 0;
+                if busy && still_landing(&submission.request) {
+                    self.held_back.push(*submission);
+                } else {
+                    self.admit_request(*submission);
+                }
+            }
             Command::Abort(request_id) => {
+                // One held back is admitted first, to hear its abort like any other.
+                if let Some(at) = self.held_back.iter().position(|s| s.request.request_id == request_id) {
+                    let submission = self.held_back.remove(at);
+                    self.admit_request(submission);
+                }
                 self.scheduler.abort(&request_id);
+                self.landings.remove(&request_id);
             }
             Command::Release(ids) => {
                 tracing::debug!(blocks = ?ids, "releasing held blocks");
@@ -635,6 +683,7 @@ impl StepLoop {
                 tracing::debug!(blocks = ?ids, "freeing reserved KV blocks");
                 self.scheduler.unreserve(&ids);
             }
+            Command::Retain(ids) => self.scheduler.retain_reserved(&ids),
             Command::Sync(reply) => self.sync_replies.push(reply),
         }
     }
@@ -649,7 +698,10 @@ impl StepLoop {
             KvSource::Provided { data, first_tokens } => {
                 Some(ProvidedKv { kv: ProvidedData::Bytes(data), first_tokens })
             }
-            KvSource::Reserved { mut blocks, first_tokens } => {
+            KvSource::Reserved { mut blocks, first_tokens, landing } => {
+                if let Some(landing) = landing {
+                    self.landings.insert(request.request_id.clone(), landing);
+                }
                 Some(ProvidedKv { kv: ProvidedData::InBlocks(blocks.take()), first_tokens })
             }
         };
@@ -704,7 +756,18 @@ impl StepLoop {
         }
     }
 
+    /// Admits held-back submissions whose landing settled, or all of them.
+    fn admit_held_back(&mut self, all: bool) {
+        let (ready, waiting): (Vec<Submission>, Vec<Submission>) =
+            std::mem::take(&mut self.held_back).into_iter().partition(|s| all || !still_landing(&s.request));
+        self.held_back = waiting;
+        for submission in ready {
+            self.admit_request(submission);
+        }
+    }
+
     fn drop_request(&mut self, request_id: &str) {
+        self.landings.remove(request_id);
         self.scheduler.remove(request_id);
         self.clients.remove(request_id);
         self.shared.live().remove(request_id);
@@ -713,7 +776,20 @@ impl StepLoop {
     /// Runs one planned step: provided KV writes and the forward pass under
     /// the KV write lock, then sampling.
     fn execute(&mut self, plan: StepPlan) {
-        let batch = plan.to_batch();
+        let mut batch = plan.to_batch();
+        let landings: Vec<(String, Arc<KvLanding>)> = plan
+            .seqs
+            .iter()
+            .filter_map(|s| self.landings.remove(&s.request_id).map(|l| (s.request_id.clone(), l)))
+            .collect();
+        // Block copies (a fork's partial block) and models that do not wait
+        // per layer need the whole KV in place before the step.
+        if !self.model.waits_for_layers() || !plan.block_copies.is_empty() {
+            for (_, landing) in &landings {
+                let _ = landing.wait_for(usize::MAX);
+            }
+        }
+        batch.landings = Landings(landings.iter().map(|(_, l)| l.clone()).collect());
         let span = tracing::debug_span!(
             "engine_step",
             num_seqs = plan.seqs.len(),
@@ -747,6 +823,14 @@ impl StepLoop {
         };
         for (request_id, error) in failed_writes {
             self.scheduler.fail(&[request_id], &format!("writing provided KV failed: {error}"));
+        }
+        // The step waited for every layer: each landing is complete or
+        // failed, and a failed one's row must not be sampled into a token.
+        for (request_id, landing) in &landings {
+            if let Some(reason) = landing.failure() {
+                tracing::warn!(%request_id, %reason, "KV hand-off failed while streaming in");
+                self.scheduler.fail(&[request_id], &format!("{HANDOFF_FAILED}: {reason}"));
+            }
         }
         let Some(result) = result else { return };
         let logits = result.and_then(|logits| self.check_logits(&plan, logits));
@@ -925,6 +1009,14 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// How the error of a request whose streamed-in KV failed to land begins.
+pub const HANDOFF_FAILED: &str = "the KV hand-off failed";
+
+/// Whether a request's KV is still streaming in.
+fn still_landing(request: &EngineRequest) -> bool {
+    matches!(&request.kv, KvSource::Reserved { landing: Some(landing), .. } if !landing.is_settled())
 }
 
 /// Copies each block's KV to its destination (forks' partial prompt blocks).

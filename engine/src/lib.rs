@@ -16,6 +16,7 @@ pub mod batch;
 pub mod block_manager;
 pub mod engine;
 pub mod kv_cache;
+pub mod landing;
 pub mod model;
 pub mod offline;
 pub mod sampler;
@@ -26,7 +27,8 @@ pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason,
-    KvReservation, KvSource, MAX_N,
+    KvReservation, KvSource, HANDOFF_FAILED, MAX_N,
 };
 pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
+pub use landing::{KvLanding, LandingReporter};
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};

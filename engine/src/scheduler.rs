@@ -662,7 +662,14 @@ impl Scheduler {
         self.blocks.allocate(num_blocks)
     }
 
-    /// Frees blocks from [`Self::reserve`] that no sequence took.
+    /// One more owner on each reserved block (a puller still writing blocks
+    /// a sequence now owns).
+    pub fn retain_reserved(&mut self, block_ids: &[u32]) {
+        self.blocks.retain(block_ids);
+    }
+
+    /// Frees blocks from [`Self::reserve`] that no sequence took, or drops
+    /// a [`Self::retain_reserved`] owner.
     pub fn unreserve(&mut self, block_ids: &[u32]) {
         self.blocks.free_table(block_ids);
     }

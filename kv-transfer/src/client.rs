@@ -137,8 +137,9 @@ impl KvPuller {
     ) -> Result<Transport, KvTransferError> {
         self.check_target(remote, target)?;
         let mut transport = Transport::Tcp;
-        for piece in pull_plan(&self.config.layout, remote.tp_size) {
-            transport = self.pull_piece(remote, &piece, target, false).await?;
+        let plan = pull_plan(&self.config.layout, remote.tp_size);
+        for (i, piece) in plan.iter().enumerate() {
+            transport = self.pull_piece(remote, piece, target, false, i + 1 == plan.len()).await?;
         }
         Ok(transport)
     }
@@ -182,7 +183,7 @@ impl KvPuller {
             // One server rank: over TCP it frees the pin as the payload goes
             // out, without a round trip of ours.
             [piece] => match self.check_target(remote, target) {
-                Ok(()) => match self.pull_piece(remote, piece, target, true).await {
+                Ok(()) => match self.pull_piece(remote, piece, target, true, true).await {
                     Ok(Transport::Tcp) => return Ok(Transport::Tcp),
                     other => other,
                 },
@@ -203,6 +204,7 @@ impl KvPuller {
         piece: &PullPiece,
         target: &mut PullTarget<'_>,
         release: bool,
+        report: bool,
     ) -> Result<Transport, KvTransferError> {
         let addr = remote.rank_addr(piece.server_rank);
         let mut conn = self.checkout(&addr, remote).await?;
@@ -246,16 +248,26 @@ impl KvPuller {
             ));
         }
         let land = target.landing(&self.config.layout, &shape);
-        let per_slot = land.per_slot;
+        let dst: Vec<Range<usize>> = land.ranges().collect();
+        let src: Vec<Range<usize>> = shape.ranges(land.per_slot).collect();
+        // The payload is layer-major: equal runs per layer, landed (and
+        // reported, for streaming) one layer at a time.
+        let num_layers = self.config.layout.num_layers as usize;
+        let per_layer = (dst.len() / num_layers).max(1);
         let mut sum = self.config.checksum.then(Checksum::new);
-        if transport == Transport::Tcp {
-            let dst = coalesce(land.ranges());
-            self.receive(&addr, &mut conn, &dst, target, sum.as_mut()).await?;
-        } else {
-            // The server sums its side meanwhile, on another core.
-            let src: Vec<Range<usize>> = shape.ranges(per_slot).collect();
-            let dst: Vec<Range<usize>> = land.ranges().collect();
-            self.copy_shared(&addr, &mut conn, remote, &src, &dst, target, sum.as_mut()).await?;
+        let mut since_renew = 0;
+        for (layer, (dst, src)) in dst.chunks(per_layer).zip(src.chunks(per_layer)).enumerate() {
+            if transport == Transport::Tcp {
+                let dst = coalesce(dst.iter().cloned());
+                self.receive(&addr, &mut conn, &dst, target, sum.as_mut()).await?;
+            } else {
+                // The server sums its side meanwhile, on another core.
+                let copy = SharedCopy { src, dst, since_renew: &mut since_renew };
+                self.copy_shared(&addr, &mut conn, remote, copy, target, sum.as_mut()).await?;
+            }
+            if report && layer + 1 < num_layers {
+                target.report(layer as u32 + 1);
+            }
         }
         let expected = match self.within(&addr, read_frame(&mut conn.reader)).await?.and_then(|f| f.kind) {
             Some(Kind::PullDone(done)) => done.checksum,
@@ -266,6 +278,9 @@ impl KvPuller {
             if got != expected {
                 return Err(KvTransferError::Checksum { addr, expected, got });
             }
+        }
+        if report {
+            target.report(num_layers as u32);
         }
         debug!(request_id = remote.remote_request_id, bytes = num_bytes, ?transport, "pulled KV");
         let counter = if transport == Transport::Shm { &self.shm_pulls } else { &self.tcp_pulls };
@@ -295,19 +310,17 @@ impl KvPuller {
     }
 
     /// Copies from the server's mapping, renewing the pin as it goes.
-    #[allow(clippy::too_many_arguments)]
     async fn copy_shared(
         &self,
         addr: &str,
         conn: &mut Conn,
         remote: &RemotePrefill,
-        src: &[Range<usize>],
-        dst: &[Range<usize>],
+        copy: SharedCopy<'_>,
         target: &mut PullTarget<'_>,
         mut sum: Option<&mut Checksum>,
     ) -> Result<(), KvTransferError> {
         let peer = conn.peer.as_ref().expect("shared pulls need a mapping");
-        let mut since_renew = 0;
+        let SharedCopy { src, dst, since_renew } = copy;
         for (s, d) in src.iter().zip(dst) {
             let from = peer.bytes(s.clone()).map_err(|m| protocol(addr, &m))?;
             let to = target.bytes_mut(d.clone());
@@ -315,9 +328,9 @@ impl KvPuller {
             if let Some(sum) = sum.as_deref_mut() {
                 sum.update(to);
             }
-            since_renew += to.len();
-            if since_renew >= 16 * CHUNK {
-                since_renew = 0;
+            *since_renew += to.len();
+            if *since_renew >= 16 * CHUNK {
+                *since_renew = 0;
                 let renew = Renew { request_id: remote.remote_request_id.clone() };
                 self.within(addr, write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Renew(renew)) })).await?;
             }
@@ -402,6 +415,14 @@ impl KvPuller {
 
 fn protocol(addr: &str, message: &str) -> KvTransferError {
     KvTransferError::Protocol { addr: addr.to_string(), message: message.to_string() }
+}
+
+/// Runs to copy out of a server's mapping, paired in order, and the bytes
+/// copied since the pin was last renewed.
+struct SharedCopy<'a> {
+    src: &'a [Range<usize>],
+    dst: &'a [Range<usize>],
+    since_renew: &'a mut usize,
 }
 
 /// Merges ranges that follow each other, so a whole-heads pull reads into

@@ -194,8 +194,12 @@ pub struct PullTarget<'a> {
     len: usize,
     region_blocks: usize,
     block_ids: Vec<u32>,
+    progress: Option<Progress<'a>>,
     _region: PhantomData<&'a mut [u8]>,
 }
+
+/// Told how many layers (from layer 0) are in place.
+type Progress<'a> = Box<dyn Fn(u32) + Send + Sync + 'a>;
 
 // SAFETY: the target only writes its own blocks' bytes (see `blocks`), from
 // whichever thread runs the pull.
@@ -207,7 +211,14 @@ impl<'a> PullTarget<'a> {
     pub fn buffer(data: &'a mut [u8], layout: &KvLayout) -> Self {
         let region_blocks = data.len().checked_div(layout.block_bytes()).unwrap_or(0);
         let block_ids = (0..region_blocks as u32).collect();
-        Self { base: data.as_mut_ptr(), len: data.len(), region_blocks, block_ids, _region: PhantomData }
+        Self {
+            base: data.as_mut_ptr(),
+            len: data.len(),
+            region_blocks,
+            block_ids,
+            progress: None,
+            _region: PhantomData,
+        }
     }
 
     /// `block_ids` of a KV region of `layout` at `base`, `len` bytes long.
@@ -215,13 +226,31 @@ impl<'a> PullTarget<'a> {
     /// # Safety
     /// The region must stay mapped and writable for `'a`, and nothing else
     /// may read or write the segments of `block_ids` meanwhile (they are
-    /// reserved for this pull). Ids outside the region are refused.
+    /// reserved for this pull), except the layers that [`Self::with_progress`]
+    /// reported in place, which the pull no longer writes. Ids outside the
+    /// region are refused.
     pub unsafe fn blocks(base: *mut u8, len: usize, layout: &KvLayout, block_ids: Vec<u32>) -> Result<Self, String> {
         let region_blocks = len.checked_div(layout.block_bytes()).unwrap_or(0);
         if let Some(id) = block_ids.iter().find(|&&id| id as usize >= region_blocks) {
             return Err(format!("block id {id} outside the region's {region_blocks} blocks"));
         }
-        Ok(Self { base, len, region_blocks, block_ids, _region: PhantomData })
+        Ok(Self { base, len, region_blocks, block_ids, progress: None, _region: PhantomData })
+    }
+
+    /// Reports each layer as it lands (per-layer streaming): `progress(n)`
+    /// means layers `0..n` are in place and will not be written again. The
+    /// last layer is reported only once the checksum (when asked for) has
+    /// matched, so a consumer that waits for every layer never reads a
+    /// corrupt payload. With several server ranks, layers are reported
+    /// during the last rank's piece, once the earlier pieces are whole.
+    pub fn with_progress(self, progress: impl Fn(u32) + Send + Sync + 'a) -> Self {
+        Self { progress: Some(Box::new(progress)), ..self }
+    }
+
+    pub(crate) fn report(&self, layers: u32) {
+        if let Some(progress) = &self.progress {
+            progress(layers);
+        }
     }
 
     /// Blocks that receive the pull, in the order of the remote blocks.

@@ -145,6 +145,36 @@ async fn pull_into_region(puller: &KvPuller, layout: &KvLayout, remote: &RemoteP
     out
 }
 
+#[tokio::test]
+async fn layers_are_reported_as_they_land_on_both_transports_and_across_ranks() {
+    for policy in [TransportPolicy::Tcp, TransportPolicy::Auto] {
+        // One server rank, then three whose pieces each bring one head.
+        for from in [1, 3] {
+            let mut connectors = Vec::new();
+            for r in 0..from {
+                connectors.push(serve(FakeRank::new(model(3).for_rank(from, r)), Duration::from_secs(30)).await);
+            }
+            let mut remote = connectors[0].pin("req-1", vec![7, 1], 4);
+            for c in &connectors[1..] {
+                c.pin("req-1", vec![7, 1], 4);
+            }
+            remote.remote_ports = connectors.iter().map(KvConnector::port).collect();
+            let reported = Mutex::new(Vec::new());
+            let mut data = vec![0; 2 * model(3).block_bytes()];
+            let mut target =
+                PullTarget::buffer(&mut data, &model(3)).with_progress(|n| reported.lock().unwrap().push(n));
+            puller(model(3), policy).pull_and_release(&remote, &mut target).await.unwrap();
+            drop(target);
+            assert!(data == expected(&model(3), &[7, 1]), "{policy:?} from TP {from}");
+            assert_eq!(
+                *reported.lock().unwrap(),
+                [1, 2],
+                "{policy:?} from TP {from}: layer by layer, the last once checked"
+            );
+        }
+    }
+}
+
 /// Polls until `f` holds, for at most `secs`.
 async fn eventually(secs: f64, f: impl Fn() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -404,8 +434,14 @@ async fn the_checksum_catches_a_flipped_byte() {
     let port = flipping_proxy(format!("127.0.0.1:{}", connector.port()), 300).await;
     let mut remote = connector.pin("req-1", vec![4, 5], 4);
     remote.remote_port = port;
-    let err = puller(model(3), TransportPolicy::Tcp).pull(&remote).await.unwrap_err();
+    // Streaming: the layer before the corruption is reported, the last never.
+    let reported = Mutex::new(Vec::new());
+    let mut data = vec![0; 2 * model(3).block_bytes()];
+    let mut target = PullTarget::buffer(&mut data, &model(3)).with_progress(|n| reported.lock().unwrap().push(n));
+    let err = puller(model(3), TransportPolicy::Tcp).pull_into(&remote, &mut target).await.unwrap_err();
     assert!(matches!(err, KvTransferError::Checksum { .. }), "{err}");
+    drop(target);
+    assert_eq!(*reported.lock().unwrap(), [1], "the last layer is reported only after the checksum matched");
     // Without the checksum the same corruption goes through unnoticed, which is why it is on by default.
     let unchecked = KvPuller::new(PullerConfig {
         layout: model(3),

@@ -109,3 +109,11 @@ async fn disaggregated_equals_colocated_over_shared_memory() {
 async fn disaggregated_equals_colocated_over_tcp() {
     disaggregated_equals_colocated_over(&["--kv-transport", "tcp"], false).await;
 }
+
+/// `--kv-layer-streaming`: the first step starts while the KV is still
+/// arriving (over TCP, the slower path), each layer waiting for its own KV;
+/// the tokens are the same.
+#[tokio::test]
+async fn disaggregated_equals_colocated_with_layer_streaming() {
+    disaggregated_equals_colocated_over(&["--kv-transport", "tcp", "--kv-layer-streaming"], false).await;
+}

@@ -81,6 +81,10 @@ struct Args {
     /// The decode worker's KV transport.
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     kv_transport: Transport,
+    /// Start the decode worker with `--kv-layer-streaming`: its first step
+    /// runs while the KV arrives, each layer waiting for its own.
+    #[arg(long)]
+    kv_layer_streaming: bool,
     /// Seed of the prompts' pseudo-random token ids.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -129,6 +133,7 @@ struct Report {
     requests_per_mode: u64,
     warmup_per_mode: u64,
     kv_transport: Transport,
+    kv_layer_streaming: bool,
     modes: Vec<ModeReport>,
     /// Disaggregated TTFT p50 over colocated.
     ttft_p50_ratio: f64,
@@ -150,11 +155,14 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("starting a prefill worker, a decode worker and two routers ...");
     let prefill = start_prefill("127.0.0.1:0");
-    let decode_flags: &[&str] = match args.kv_transport {
-        Transport::Auto => &[],
-        Transport::Tcp => &["--kv-transport", "tcp"],
+    let mut decode_flags: Vec<&str> = match args.kv_transport {
+        Transport::Auto => vec![],
+        Transport::Tcp => vec!["--kv-transport", "tcp"],
     };
-    let decode = start_decode_with(decode_flags);
+    if args.kv_layer_streaming {
+        decode_flags.push("--kv-layer-streaming");
+    }
+    let decode = start_decode_with(&decode_flags);
     let disaggregated = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
     let colocated = start_router(&[], &[&decode], &[]);
 
@@ -170,6 +178,7 @@ fn main() -> anyhow::Result<()> {
         requests_per_mode: args.requests,
         warmup_per_mode: args.warmup,
         kv_transport: args.kv_transport,
+        kv_layer_streaming: args.kv_layer_streaming,
         ttft_p50_ratio: d.ttft_p50_ms / c.ttft_p50_ms,
         second_token_p50_ratio: d.second_token_p50_ms / c.second_token_p50_ms,
         second_token_target: SECOND_TOKEN_TARGET,
@@ -336,7 +345,7 @@ fn mode_report(mode: Mode, samples: &[Sample]) -> ModeReport {
 fn print_table(r: &Report) {
     println!(
         "KV hand-off: {}-token prompts, max_tokens {}, {} timed + {} warm-up requests per mode, one at a time; \
-         decode worker --kv-transport {}",
+         decode worker --kv-transport {}{}",
         r.prompt_tokens,
         r.max_tokens,
         r.requests_per_mode,
@@ -344,7 +353,8 @@ fn print_table(r: &Report) {
         match r.kv_transport {
             Transport::Auto => "auto (shared memory on this host)",
             Transport::Tcp => "tcp",
-        }
+        },
+        if r.kv_layer_streaming { " --kv-layer-streaming" } else { "" }
     );
     println!();
     let mut rows = vec![[

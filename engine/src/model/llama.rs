@@ -220,6 +220,10 @@ impl Forward for Llama {
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
+
+    fn waits_for_layers(&self) -> bool {
+        true
+    }
 }
 
 impl Llama {
@@ -260,6 +264,8 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
             layer.qkv.forward(&h, n, &mut qkv, &mut scratch)?;
+            // A hand-off streaming in: this layer's KV must be in place first.
+            batch.wait_for_layer(l);
             let (k_cache, v_cache) = kv.layer_mut(l);
             // Write the whole step's K/V first: a prefill token attends to the
             // tokens of its own chunk too.

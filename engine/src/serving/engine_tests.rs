@@ -403,6 +403,67 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
     assert_idle(&engine);
 }
 
+/// Writes a hand-off payload (layer, K/V, block) into reserved blocks, as a puller would.
+fn land(blocks: &KvReservation, data: &[u8], shape: KvCacheShape) {
+    let seg = shape.segment_bytes();
+    let mut segments = data.chunks_exact(seg);
+    for lkv in 0..shape.num_layers * 2 {
+        for &id in blocks.block_ids() {
+            let at = shape.segment_offset(lkv / 2, lkv % 2, id as usize);
+            let src = segments.next().unwrap();
+            // SAFETY: a reserved block's segment, inside the arena.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr().add(at), seg) };
+        }
+    }
+}
+
+/// Streams a hand-off into `blocks` on another thread after `delay`, through
+/// a share of them, then lands every layer or fails.
+fn stream_in(blocks: &KvReservation, data: Vec<u8>, shape: KvCacheShape, fail: bool) -> Arc<KvLanding> {
+    let landing = KvLanding::new(shape.num_layers);
+    let (reporter, held) = (landing.reporter(), blocks.share());
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        if !fail {
+            land(&held, &data, shape);
+            reporter.landing().landed(shape.num_layers as u32);
+        }
+        // Dropping the reporter of an unfinished landing fails it.
+    });
+    landing
+}
+
+#[test]
+fn kv_streaming_in_is_waited_for_and_a_failed_one_fails_only_its_request() {
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let (data, first_token) = prefill_remotely(&prompt, 4);
+    let model = FakeModel::new(32, true);
+    let shape = kv_shape(4, 16);
+    let engine = Engine::start(model.clone(), shape, config());
+    let streamed = |id: &str, max_tokens, fail| {
+        let blocks = reserve(&engine, prompt.len()).unwrap();
+        let landing = Some(stream_in(&blocks, data.clone(), shape, fail));
+        let req = EngineRequest {
+            kv: KvSource::Reserved { blocks, first_tokens: vec![first_token], landing },
+            ..request(id, &prompt, SamplingParams::greedy(max_tokens))
+        };
+        engine.submit(req).unwrap()
+    };
+    // Idle: admitted at once, the step waits for the KV.
+    assert_eq!(collect(streamed("idle", 4, false)), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
+    // Busy with another request: held back until landed, then the same.
+    let busy = engine.submit(request("busy", &[2, 7], SamplingParams::greedy(40))).unwrap();
+    assert_eq!(collect(streamed("held", 4, false)), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
+    // A failed pull fails its request alone; its blocks come back once the pull lets go.
+    let (tokens, last) = collect(streamed("failed", 4, true));
+    assert!(tokens.is_empty());
+    assert!(matches!(&last, EngineEvent::Error(m) if m.starts_with(HANDOFF_FAILED)), "{last:?}");
+    assert_eq!(collect(busy).0.len(), 40);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    engine.sync();
+    assert_idle(&engine);
+}
+
 fn reserve(engine: &EngineHandle, num_tokens: usize) -> Option<KvReservation> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     runtime.block_on(engine.reserve_kv(num_tokens)).unwrap()
@@ -421,19 +482,9 @@ fn kv_pulled_into_reserved_blocks_is_decoded_from_without_a_copy() {
     let blocks = reserve(&engine, prompt.len()).unwrap();
     assert_eq!(blocks.block_ids(), [1, 2]);
     assert_eq!(engine.stats().free_blocks, 13);
-    // Land the payload (hand-off order: layer, K/V, block) as a puller would.
-    let seg = shape.segment_bytes();
-    let mut segments = data.chunks_exact(seg);
-    for lkv in 0..shape.num_layers * 2 {
-        for &id in blocks.block_ids() {
-            let at = shape.segment_offset(lkv / 2, lkv % 2, id as usize);
-            let src = segments.next().unwrap();
-            // SAFETY: a reserved block's segment, inside the arena.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr().add(at), seg) };
-        }
-    }
+    land(&blocks, &data, shape);
     let req = EngineRequest {
-        kv: KvSource::Reserved { blocks, first_tokens: vec![first_token] },
+        kv: KvSource::Reserved { blocks, first_tokens: vec![first_token], landing: None },
         ..request("d", &prompt, SamplingParams::greedy(4))
     };
     assert_eq!(collect(engine.submit(req).unwrap()), (vec![11, 12, 13], finished(FinishReason::Length, 6)));
@@ -444,7 +495,7 @@ fn kv_pulled_into_reserved_blocks_is_decoded_from_without_a_copy() {
     // A reservation of the wrong size is refused at submit; dropping it frees its blocks.
     let one = reserve(&engine, 4).unwrap();
     let req = EngineRequest {
-        kv: KvSource::Reserved { blocks: one, first_tokens: vec![first_token] },
+        kv: KvSource::Reserved { blocks: one, first_tokens: vec![first_token], landing: None },
         ..request("bad", &prompt, SamplingParams::greedy(4))
     };
     let error = engine.submit(req).unwrap_err();

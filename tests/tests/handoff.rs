@@ -1,5 +1,7 @@
-//! The KV hand-off leaks nothing: pulled blocks are released at once, and an
-//! unpulled hand-off is released after its timeout.
+//! The KV hand-off leaks nothing: pulled blocks are released at once, an
+//! unpulled hand-off after its lease, the blocks a decode worker reserved for
+//! a failed pull at once, and the pin of a decode worker killed mid-pull
+//! within the lease.
 
 use proto::worker::{
     decode_client::DecodeClient, prefill_client::PrefillClient, DecodeRequest, KvTransferParams, PrefillRequest,
@@ -82,6 +84,87 @@ async fn a_failed_pull_frees_the_blocks_reserved_for_it_on_the_decode_worker() {
     assert!(decode_idle(&cluster).await, "blocks left held after the request");
     let stats = cluster.prefill_stats().await;
     assert_eq!((stats.pinned_blocks, stats.pinned_requests), (0, 0));
+}
+
+#[tokio::test]
+async fn a_decode_worker_killed_mid_pull_leaves_no_pin_behind() {
+    let decode_args = vec!["--kv-transport".into(), "tcp".into()];
+    let mut cluster = Cluster::start(ClusterOptions { kv_lease_ms: 2_000, decode_args, ..Default::default() });
+    let prompt: Vec<u32> = (300..400).collect();
+    let answer = prefill_for_remote_decode(&cluster, "handoff-killed", prompt.clone()).await;
+    assert_eq!(cluster.prefill_stats().await.pinned_blocks, 7);
+    // The pull goes through a proxy that passes 1 MiB of the ~5 MB answer, then stalls.
+    let mut params: serde_json::Value = serde_json::from_str(&answer.kv_transfer_params.unwrap().json).unwrap();
+    let kv_port = params["remote_port"].as_u64().unwrap() as u16;
+    let (proxy_port, stalled) = stalling_proxy(kv_port, 1 << 20).await;
+    params["remote_port"] = json!(proxy_port);
+    params["remote_ports"] = json!([proxy_port]);
+    let mut decode = DecodeClient::connect(cluster.decode.url().to_string()).await.unwrap();
+    let call = tokio::spawn(async move {
+        let request = DecodeRequest {
+            request_id: "d-killed".into(),
+            prompt_token_ids: prompt,
+            sampling: Some(greedy(4)),
+            kv_transfer_params: Some(KvTransferParams { json: params.to_string() }),
+            first_token_id: Some(answer.first_token_id),
+            ..Default::default()
+        };
+        decode.decode(request).await.map(|_| ())
+    });
+    tokio::time::timeout(Duration::from_secs(10), stalled.notified()).await.expect("the pull never got going");
+    cluster.decode.kill();
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), call).await.expect("the call hung").unwrap().unwrap_err();
+    assert!(matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown), "{status:?}");
+    // The prefill worker gets its blocks back within the lease.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let stats = cluster.prefill_stats().await;
+        if (stats.pinned_blocks, stats.pinned_requests) == (0, 0) && stats.free_blocks == stats.total_blocks {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the killed pull's pin stayed: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A TCP proxy to `127.0.0.1:port` that passes every byte to the server but
+/// only `limit` bytes back, then holds both connections open without
+/// forwarding: a pull stuck mid-payload. The notify fires at the stall.
+async fn stalling_proxy(port: u16, limit: usize) -> (u16, std::sync::Arc<tokio::sync::Notify>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let stalled = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                let mut passed = 0;
+                let mut buf = vec![0u8; 64 << 10];
+                while passed < limit {
+                    let n = match server_read.read(&mut buf[..(limit - passed).min(64 << 10)]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    passed += n;
+                }
+                notify.notify_one();
+                // Hold both halves open, forwarding nothing more.
+                let _open = (server_read, client_write);
+                std::future::pending::<()>().await
+            });
+        }
+    });
+    (proxy_port, stalled)
 }
 
 /// Whether the decode worker's every block is free again within 5 s.

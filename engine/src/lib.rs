@@ -19,6 +19,7 @@ pub mod kv_cache;
 pub mod landing;
 pub mod model;
 pub mod offline;
+pub mod parallel;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;

@@ -321,12 +321,19 @@ impl KvPuller {
     ) -> Result<(), KvTransferError> {
         let peer = conn.peer.as_ref().expect("shared pulls need a mapping");
         let SharedCopy { src, dst, since_renew } = copy;
-        for (s, d) in src.iter().zip(dst) {
-            let from = peer.bytes(s.clone()).map_err(|m| protocol(addr, &m))?;
-            let to = target.bytes_mut(d.clone());
-            to.copy_from_slice(from);
-            if let Some(sum) = sum.as_deref_mut() {
-                sum.update(to);
+        for (s, d) in coalesce_pairs(src, dst) {
+            let from = peer.bytes(s).map_err(|m| protocol(addr, &m))?;
+            let to = target.bytes_mut(d);
+            match sum.as_deref_mut() {
+                // A long run in one copy takes memcpy's fastest (streaming) path.
+                None => to.copy_from_slice(from),
+                // Summed piece by piece, each while it is still in the cache.
+                Some(sum) => {
+                    for (to, from) in to.chunks_mut(SUM_PIECE).zip(from.chunks(SUM_PIECE)) {
+                        to.copy_from_slice(from);
+                        sum.update(to);
+                    }
+                }
             }
             *since_renew += to.len();
             if *since_renew >= 16 * CHUNK {
@@ -423,6 +430,26 @@ struct SharedCopy<'a> {
     src: &'a [Range<usize>],
     dst: &'a [Range<usize>],
     since_renew: &'a mut usize,
+}
+
+/// Bytes copied then summed at a time: small enough to stay in L2.
+const SUM_PIECE: usize = 256 << 10;
+
+/// Pairs of source and destination runs, each merged with the next where
+/// both continue it (consecutive blocks on both sides, the usual case), so
+/// the copy runs in long stretches.
+fn coalesce_pairs(src: &[Range<usize>], dst: &[Range<usize>]) -> Vec<(Range<usize>, Range<usize>)> {
+    let mut out: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+    for (s, d) in src.iter().zip(dst) {
+        match out.last_mut() {
+            Some((ls, ld)) if ls.end == s.start && ld.end == d.start => {
+                ls.end = s.end;
+                ld.end = d.end;
+            }
+            _ => out.push((s.clone(), d.clone())),
+        }
+    }
+    out
 }
 
 /// Merges ranges that follow each other, so a whole-heads pull reads into

@@ -29,15 +29,15 @@
 //!   (default 5, 3 from 1 GiB up). Best and median (nearest rank) are shown;
 //!   GB/s is payload bytes / pull time, GB = 10⁹ B.
 //! - Baseline, per size, before the transfers (its buffers freed before the server memory is
-//!   made): `copy_from_slice` of the payload's byte count between two `Vec<u8>` pre-faulted by an
-//!   untimed copy, on one thread, whole and in 32 KiB pieces; `--reps` timed copies each, best and
+//!   made): `copy_from_slice` of the payload's byte count between two page-aligned buffers
+//!   pre-faulted by an untimed copy, on one thread, whole and in 32 KiB pieces; `--reps` timed copies each, best and
 //!   median. "× memcpy" is a path's best GB/s over the whole memcpy's best GB/s, beside the
 //!   targets: tcp ≥ 0.60, shm ≥ 0.85. Also per size, **tcp raw**: the same bytes over a plain
 //!   loopback TCP connection from one pre-faulted buffer to another (a 1-byte request, then
 //!   `write_all` / `read_exact`, no protocol, no checksum), the ceiling any TCP transport has here;
 //!   and **shm raw**: the same bytes copied in 32 KiB pieces out of a read-only mapping of a
-//!   /dev/shm file into a pre-faulted buffer, the ceiling of a shared-memory transport (shared
-//!   pages can read slower than private memory: on the development VM 2–4 GB/s against 7–11).
+//!   /dev/shm file into a pre-faulted buffer, the ceiling of a shared-memory transport.
+//! - Every buffer is page-aligned, as KV memory is (see [`page_aligned`] for why it matters).
 //! - Latency: one 16-token block (737,280 B), checksum on, both paths, on a warm connection (100
 //!   untimed pulls first): `--latency-pulls` timed pulls, each pinned before (not timed) and
 //!   released after; p50 and p99 of the pull time, and of pull + release, in µs.
@@ -189,10 +189,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// `bytes` of zeroed, prefaulted, page-aligned memory. Every buffer here is
+/// page-aligned, as KV memory is: on some CPUs (this development VM's AMD
+/// EPYC among them) `rep movsb`, which glibc's memcpy uses for mid-sized
+/// copies, runs 3–4× slower when the destination sits 16 bytes off the
+/// source's alignment, as two `Vec`s can, which would measure the
+/// allocator rather than the transport.
+fn page_aligned(bytes: usize) -> memmap2::MmapMut {
+    let mut map = memmap2::MmapMut::map_anon(bytes.max(1)).expect("anonymous mapping");
+    map.fill(0);
+    map
+}
+
 /// Seconds of `reps` single-threaded copies of `bytes`: whole, then in 32 KiB pieces.
 fn memcpy(bytes: usize, reps: u32) -> (Vec<f64>, Vec<f64>) {
-    let src = vec![0x5au8; bytes];
-    let mut dst = vec![0u8; bytes];
+    let mut src = page_aligned(bytes);
+    src.fill(0x5a);
+    let mut dst = page_aligned(bytes);
     // Untimed: faults in every page of `dst` (`src`'s were written by its fill).
     dst.copy_from_slice(std::hint::black_box(&src));
     let mut whole = Vec::new();
@@ -226,7 +239,7 @@ fn shm_copy(bytes: usize, reps: u32) -> anyhow::Result<Vec<f64>> {
     let mut writer = unsafe { memmap2::MmapMut::map_mut(&file)? };
     writer.fill(0x5a);
     let reader = unsafe { memmap2::Mmap::map(&file)? };
-    let mut dst = vec![0u8; bytes];
+    let mut dst = page_aligned(bytes);
     let mut seconds = Vec::new();
     for rep in 0..=reps {
         let start = Instant::now();
@@ -251,7 +264,8 @@ async fn raw_tcp(bytes: usize, reps: u32) -> anyhow::Result<Vec<f64>> {
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
-        let src = vec![0x5au8; bytes];
+        let mut src = page_aligned(bytes);
+        src.fill(0x5a);
         let mut ask = [0u8; 1];
         while s.read_exact(&mut ask).await.is_ok() {
             s.write_all(&src).await?;
@@ -260,7 +274,7 @@ async fn raw_tcp(bytes: usize, reps: u32) -> anyhow::Result<Vec<f64>> {
     });
     let mut client = tokio::net::TcpStream::connect(addr).await?;
     client.set_nodelay(true)?;
-    let mut dst = vec![0u8; bytes];
+    let mut dst = page_aligned(bytes);
     let mut seconds = Vec::new();
     for rep in 0..=reps {
         let start = Instant::now();
@@ -376,11 +390,11 @@ async fn timed_pull(
     connector: &KvConnector,
     blocks: usize,
     path: Path,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
 ) -> anyhow::Result<(f64, f64)> {
     let remote = pin(connector, blocks);
+    ensure!(buf.len() == puller.buffer_len(&remote), "a pull buffer of {} bytes", buf.len());
     let start = Instant::now();
-    buf.resize(puller.buffer_len(&remote), 0);
     let transport = puller.pull_into(&remote, &mut PullTarget::buffer(buf, &smollm())).await?;
     let pull_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
@@ -407,18 +421,14 @@ async fn bandwidth(blocks: usize, reps: u32, template: &[u8]) -> anyhow::Result<
             let puller = puller(path, checksum);
             // Warm: the connection and mapping now exist; the payload is the server's, byte for byte
             // (blocks 0..n of a region of n blocks: the hand-off format is the region's layout).
-            let remote = pin(&connector, blocks);
-            let pulled = puller.pull(&remote).await?;
-            ensure!(puller.release(&remote).await?, "the warm pull's pin was gone before its release");
-            ensure!(pulled.transport == path.transport(), "a {} pull came over {:?}", path.name(), pulled.transport);
+            // Page-aligned and prefaulted, as a decode engine's KV memory is.
+            let mut buf = page_aligned(blocks * smollm().block_bytes());
+            timed_pull(&puller, &connector, blocks, path, &mut buf).await?;
             ensure!(
-                pulled.data.chunks(template.len()).all(|c| c == &template[..c.len()]),
+                buf.chunks(template.len()).all(|c| c == &template[..c.len()]),
                 "the {} pull's payload differs from the server's memory",
                 path.name()
             );
-            // The warm pull's buffer, its pages present, is where the timed pulls land, as a
-            // decode worker pulls into KV blocks it allocated once.
-            let mut buf = pulled.data;
             let (mut pull, mut release) = (Vec::new(), Vec::new());
             for _ in 0..reps {
                 let (p, r) = timed_pull(&puller, &connector, blocks, path, &mut buf).await?;
@@ -438,7 +448,7 @@ async fn latency(pulls: u64, template: &[u8]) -> anyhow::Result<Vec<(Path, Vec<f
     let mut out = Vec::new();
     for path in [Path::Tcp, Path::Shm] {
         let puller = puller(path, true);
-        let mut buf = Vec::new();
+        let mut buf = page_aligned(smollm().block_bytes());
         for _ in 0..LATENCY_WARMUP {
             timed_pull(&puller, &connector, 1, path, &mut buf).await?;
         }

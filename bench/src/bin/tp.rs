@@ -1,0 +1,171 @@
+//! `pdserve-tp-bench`: the tensor-parallel communicator on CPU ranks.
+//!
+//! For each size from 4 KiB to 16 MiB of f32 it runs `--world-size` ranks
+//! (threads, one per rank, as the workers run them) that all-reduce the same
+//! buffer `--reps` times after untimed warm-up rounds, and prints the p50 and
+//! p99 latency of one all-reduce (the slowest rank's time for each round),
+//! its bus bandwidth as NCCL's tests define it (`2 × (n − 1) / n × bytes /
+//! time`: the bytes each rank must send and receive at the least), and a
+//! single-threaded memcpy of the same bytes measured in the same run (small
+//! sizes stay in the cache, so their memcpy is the cache's speed).
+//!
+//! On a machine with fewer cores than ranks the ranks take turns on the
+//! cores and every barrier waits for a descheduled thread: the figures then
+//! show that machine, not the communicator's floor. The load average at
+//! start and end is printed.
+
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use bench::{align, load_average, percentile};
+use clap::Parser;
+use engine::parallel::cpu::CpuGroup;
+use engine::parallel::Communicator;
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pdserve-tp-bench",
+    about = "All-reduce latency and bandwidth of the CPU tensor-parallel communicator"
+)]
+struct Args {
+    /// Ranks in the group.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=64))]
+    world_size: u64,
+    /// Timed all-reduces per size.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    bytes: usize,
+    reps: u64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Bus bandwidth at the p50 latency, GB/s.
+    bus_gb_per_s: f64,
+    /// Single-threaded memcpy of the same bytes, GB/s.
+    memcpy_gb_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    world_size: u64,
+    cores: usize,
+    load_average_start: Option<f64>,
+    load_average_end: Option<f64>,
+    all_reduce: Vec<Row>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let load_average_start = load_average();
+    let sizes: Vec<usize> = (12..=24).step_by(2).map(|p| 1usize << p).collect();
+    let all_reduce = sizes.iter().map(|&bytes| measure(args.world_size as usize, bytes, args.reps)).collect();
+    let report = Report {
+        world_size: args.world_size,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        load_average_start,
+        load_average_end: load_average(),
+        all_reduce,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// One size: each rank times its own rounds; a round's time is the slowest rank's.
+fn measure(world: usize, bytes: usize, reps: u64) -> Row {
+    let len = bytes / 4;
+    let warmup = 10;
+    let start = Arc::new(Barrier::new(world));
+    let handles: Vec<_> = CpuGroup::ranks(world)
+        .into_iter()
+        .map(|comm| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut data = vec![comm.rank() as f32; len];
+                let mut times = Vec::with_capacity(reps as usize);
+                start.wait();
+                for round in 0..warmup + reps {
+                    let t = Instant::now();
+                    comm.all_reduce_sum(&mut data).expect("all-reduce");
+                    if round >= warmup {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                times
+            })
+        })
+        .collect();
+    let per_rank: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    let mut rounds: Vec<f64> = (0..reps as usize).map(|i| per_rank.iter().map(|t| t[i]).fold(0.0, f64::max)).collect();
+    rounds.sort_by(f64::total_cmp);
+    let p50 = percentile(&rounds, 0.5);
+    let bus = 2.0 * (world as f64 - 1.0) / world as f64 * bytes as f64 / p50 / 1e9;
+    Row {
+        bytes,
+        reps,
+        p50_us: p50 * 1e6,
+        p99_us: percentile(&rounds, 0.99) * 1e6,
+        bus_gb_per_s: bus,
+        memcpy_gb_per_s: memcpy_gb_per_s(bytes, reps),
+    }
+}
+
+/// Single-threaded memcpy of `bytes`: the best of 5 timed loops of `reps`
+/// copies (one copy of a few KiB is too short to time alone).
+fn memcpy_gb_per_s(bytes: usize, reps: u64) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    bytes as f64 / best / 1e9
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "CPU communicator all-reduce (sum of f32), {} ranks as threads on {} cores; load average {} at start, {} at end",
+        r.world_size,
+        r.cores,
+        r.load_average_start.map_or("?".into(), |l| format!("{l:.2}")),
+        r.load_average_end.map_or("?".into(), |l| format!("{l:.2}")),
+    );
+    println!();
+    let header = ["size", "reps", "p50 µs", "p99 µs", "bus GB/s", "memcpy GB/s"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for row in &r.all_reduce {
+        rows.push(vec![
+            size_label(row.bytes),
+            row.reps.to_string(),
+            format!("{:.1}", row.p50_us),
+            format!("{:.1}", row.p99_us),
+            format!("{:.2}", row.bus_gb_per_s),
+            format!("{:.2}", row.memcpy_gb_per_s),
+        ]);
+    }
+    print!("{}", align(&rows, 1));
+    println!("bus GB/s = 2 × (ranks − 1) / ranks × bytes / p50 (NCCL's bus bandwidth); memcpy: single thread, best of 5 loops of `reps` copies");
+}
+
+fn size_label(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}

@@ -1,0 +1,48 @@
+//! Tensor parallelism: one model run across `world_size` ranks.
+//!
+//! [`Communicator`] is what the sharded model needs from its peers: an
+//! all-reduce sum after each row-parallel projection, an all-gather, and a
+//! broadcast of rank 0's step plan. [`cpu::CpuGroup`] runs the ranks as
+//! threads of one process exchanging through shared buffers, so every test
+//! runs without a GPU; NCCL is the backend behind the `cuda` feature.
+
+pub mod cpu;
+
+use std::time::Duration;
+
+/// Why a collective did not complete. Any of them takes the whole group
+/// down: a tensor-parallel step cannot finish without every rank.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    /// A rank left the group (it panicked, or its worker is shutting down).
+    #[error("tensor-parallel group broken: {0}")]
+    Broken(String),
+    /// A peer did not reach the collective in time.
+    #[error("tensor-parallel rank {rank} waited {secs} s for its peers; the group is broken")]
+    Timeout { rank: usize, secs: f64 },
+    /// The ranks disagree on a collective's size.
+    #[error("rank {rank} passed {got} values to a collective of {expected}")]
+    SizeMismatch { rank: usize, expected: usize, got: usize },
+}
+
+/// The collectives of one rank of a tensor-parallel group. Every rank must
+/// call the same collectives in the same order with matching sizes.
+pub trait Communicator: Send + Sync {
+    /// This rank, in `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn world_size(&self) -> usize;
+    /// Replaces `data` on every rank with the elementwise sum of every
+    /// rank's `data` (all the same length).
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
+    /// Writes every rank's `local` (all the same length) into `out`, in rank
+    /// order; `out` is `world_size × local.len()` long.
+    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CommError>;
+    /// Replaces `data` on every rank with rank `root`'s.
+    fn broadcast(&self, data: &mut Vec<u8>, root: usize) -> Result<(), CommError>;
+}
+
+/// How long a rank waits for its peers at a collective before the group is
+/// declared broken. A step's slowest rank is a few ms behind the others; a
+/// minute means a rank is stuck for good.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);

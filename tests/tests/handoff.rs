@@ -52,7 +52,19 @@ async fn pins_are_released_after_use_and_after_timeout() {
 
 #[tokio::test]
 async fn a_failed_pull_frees_the_blocks_reserved_for_it_on_the_decode_worker() {
-    let cluster = Cluster::start(ClusterOptions::default());
+    failed_pull_frees_reserved_blocks(vec![]).await;
+}
+
+/// Streaming in, the request is already admitted when the pull fails: it
+/// still ends as a failed pull (`DATA_LOSS`, for the router's policy) and
+/// frees its blocks.
+#[tokio::test]
+async fn a_failed_pull_streaming_in_fails_as_a_pull_and_frees_its_blocks() {
+    failed_pull_frees_reserved_blocks(vec!["--kv-layer-streaming".into()]).await;
+}
+
+async fn failed_pull_frees_reserved_blocks(decode_args: Vec<String>) {
+    let cluster = Cluster::start(ClusterOptions { decode_args, ..Default::default() });
     let prompt: Vec<u32> = (200..300).collect();
     let answer = prefill_for_remote_decode(&cluster, "handoff-1", prompt.clone()).await;
     let params = answer.kv_transfer_params.clone().expect("pinned").json;

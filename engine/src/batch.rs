@@ -110,6 +110,8 @@ pub enum ForwardError {
     Candle(#[from] candle_core::Error),
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    #[error(transparent)]
+    Comm(#[from] crate::parallel::CommError),
 }
 
 /// A model the serving loop can step: reads the batch's tokens, writes their

@@ -366,20 +366,82 @@ fn engine_logits(m: &LoadedModel, tokens: &[u32], prompt_len: usize) -> Vec<Vec<
     const BLOCK_SIZE: usize = 4;
     let per_seq = tokens.len().div_ceil(BLOCK_SIZE);
     let mut kv = KvStorage::new(m.model.kv_shape(BLOCK_SIZE, per_seq * prompt_len));
-    // Reversed block ids, so that logical and physical order differ.
-    let table = |seq: usize| -> Vec<u32> { (seq * per_seq..(seq + 1) * per_seq).rev().map(|b| b as u32).collect() };
-    let mut batch = ForwardBatch::default();
-    for len in 1..=prompt_len {
-        batch.push(&tokens[..len], 0, len, table(len - 1), true);
+    let mut rows = Vec::new();
+    for batch in logit_batches(tokens, prompt_len, per_seq) {
+        let logits = m.model.forward(&batch, &mut kv).unwrap();
+        rows.extend((0..batch.num_logits()).map(|i| logits.row(i).to_vec()));
     }
-    let logits = m.model.forward(&batch, &mut kv).unwrap();
-    let mut rows: Vec<Vec<f32>> = (0..prompt_len).map(|i| logits.row(i).to_vec()).collect();
+    rows
+}
+
+/// The batches of [`engine_logits`]: one step prefilling every prefix of the
+/// prompt as its own sequence, then decode steps of the whole prompt's
+/// sequence, one token each. Block ids are reversed, so that logical and
+/// physical order differ.
+fn logit_batches(tokens: &[u32], prompt_len: usize, per_seq: usize) -> Vec<ForwardBatch> {
+    let table = |seq: usize| -> Vec<u32> { (seq * per_seq..(seq + 1) * per_seq).rev().map(|b| b as u32).collect() };
+    let mut first = ForwardBatch::default();
+    for len in 1..=prompt_len {
+        first.push(&tokens[..len], 0, len, table(len - 1), true);
+    }
+    let mut batches = vec![first];
     for pos in prompt_len..tokens.len() {
         let mut batch = ForwardBatch::default();
         batch.push(&tokens[pos..pos + 1], pos, prompt_len, table(prompt_len - 1), true);
-        rows.push(m.model.forward(&batch, &mut kv).unwrap().row(0).to_vec());
+        batches.push(batch);
     }
-    rows
+    batches
+}
+
+/// Every logits row of the batches, with the model sharded over `world`
+/// CPU ranks (rank 0's; every rank must agree).
+fn tensor_parallel_logits(m: &LoadedModel, world: usize, tokens: &[u32], prompt_len: usize) -> Vec<Vec<f32>> {
+    const BLOCK_SIZE: usize = 4;
+    let per_seq = tokens.len().div_ceil(BLOCK_SIZE);
+    let batches = logit_batches(tokens, prompt_len, per_seq);
+    let shards: Vec<_> = (0..world).map(|r| m.model.shard(r, world).unwrap()).collect();
+    let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = shards
+            .iter()
+            .zip(engine::parallel::cpu::CpuGroup::ranks(world))
+            .map(|(shard, comm)| {
+                let batches = &batches;
+                s.spawn(move || {
+                    let mut kv = KvStorage::new(shard.kv_shape(BLOCK_SIZE, per_seq * prompt_len));
+                    let mut rows = Vec::new();
+                    for batch in batches {
+                        let logits = shard.forward_rank(batch, &mut kv, &comm).unwrap();
+                        rows.extend((0..batch.num_logits()).map(|i| logits.row(i).to_vec()));
+                    }
+                    rows
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ranks.iter().all(|r| *r == ranks[0]), "every rank returns the same logits");
+    ranks.into_iter().next().unwrap()
+}
+
+#[test]
+fn two_and_four_cpu_ranks_compute_the_logits_of_one() {
+    for spec in [Spec { heads: 8, kv_heads: 4, ..Spec::llama() }, Spec { heads: 8, kv_heads: 4, ..Spec::qwen2() }] {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
+        let m = load_ok(dir.path(), &LoadOptions::default());
+        let tokens = test_tokens(&spec);
+        let one = engine_logits(&m, &tokens, 7);
+        for world in [2, 4] {
+            let sharded = tensor_parallel_logits(&m, world, &tokens, 7);
+            let diff =
+                one.iter().flatten().zip(sharded.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            println!("{:?} 8/4 heads, TP={world} vs TP=1: largest |logit difference| {diff:.2e}", spec.arch);
+            assert_eq!(one.len(), sharded.len());
+            assert!(diff < 1e-4, "TP={world}: logits differ by {diff}");
+        }
+        let error = m.model.shard(0, 3).err().expect("8 heads do not split in 3").to_string();
+        assert!(error.contains("8 heads / 4 KV heads"), "{error}");
+    }
 }
 
 /// Tokens of a test sequence: some beyond the tokenizer's vocabulary (but in

@@ -66,6 +66,36 @@ impl Linear {
             .ok_or_else(|| candle_core::Error::Msg("stacked matrices differ in width".into()).into())
     }
 
+    /// The rows in `ranges`, in order (a column-parallel shard).
+    pub fn select_rows(&self, ranges: &[std::ops::Range<usize>]) -> candle_core::Result<Self> {
+        Ok(match self {
+            Self::Q4_1(m) => Self::Q4_1(m.select_rows(ranges)),
+            Self::Q8_0(m) => Self::Q8_0(m.select_rows(ranges)),
+            Self::Dense(t) => {
+                let parts = ranges.iter().map(|r| t.narrow(0, r.start, r.len())).collect::<Result<Vec<_>, _>>()?;
+                Self::Dense(Tensor::cat(&parts, 0)?)
+            }
+        })
+    }
+
+    /// Columns `cols` of every row (a row-parallel shard). Quantized
+    /// matrices split only at block boundaries (multiples of [`QK`]).
+    pub fn select_cols(&self, cols: std::ops::Range<usize>) -> candle_core::Result<Self> {
+        let blocks = || {
+            if !cols.start.is_multiple_of(QK) || !cols.end.is_multiple_of(QK) {
+                return Err(candle_core::Error::Msg(format!(
+                    "columns {cols:?} do not split the quantized blocks of {QK}"
+                )));
+            }
+            Ok(cols.start / QK..cols.end / QK)
+        };
+        Ok(match self {
+            Self::Q4_1(m) => Self::Q4_1(m.select_col_blocks(blocks()?)),
+            Self::Q8_0(m) => Self::Q8_0(m.select_col_blocks(blocks()?)),
+            Self::Dense(t) => Self::Dense(t.narrow(1, cols.start, cols.len())?.contiguous()?),
+        })
+    }
+
     pub fn rows(&self) -> usize {
         match self {
             Self::Q4_1(m) => m.rows(),

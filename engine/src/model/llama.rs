@@ -24,6 +24,7 @@ use super::linear::{Linear, Scratch};
 use super::{Config, ModelError};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::parallel::Communicator;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -150,6 +151,76 @@ impl Llama {
         Ok(Self { config, token_embd, layers, output_norm, lm_head })
     }
 
+    /// Rank `rank`'s shard of `world_size` (Megatron-style tensor
+    /// parallelism): its share of the query and KV heads (the rows of Q, K
+    /// and V, column-parallel) and of the MLP (the rows of gate and up), and
+    /// the matching input columns of the output and down projections
+    /// (row-parallel: each rank's product is a partial sum that
+    /// [`Llama::forward_rank`] all-reduces). Norms, the embedding and the LM
+    /// head stay whole on every rank: the LM head is 28 M of the model's
+    /// 135 M parameters, and replicating it costs no collective per step,
+    /// where a vocab-parallel head would gather 49,152 logits per row.
+    pub fn shard(&self, rank: usize, world_size: usize) -> Result<Self, ModelError> {
+        let c = &self.config;
+        let w = world_size;
+        let divides =
+            w > 0 && c.num_heads.is_multiple_of(w) && c.num_kv_heads.is_multiple_of(w) && c.ffn.is_multiple_of(w);
+        if !divides {
+            return Err(ModelError::TensorParallel(format!(
+                "{} heads / {} KV heads / {} MLP columns do not divide by tensor-parallel size {w}",
+                c.num_heads, c.num_kv_heads, c.ffn
+            )));
+        }
+        assert!(rank < w, "rank {rank} of {w}");
+        let (hd, heads, kv_heads, ffn) = (c.head_dim, c.num_heads / w, c.num_kv_heads / w, c.ffn / w);
+        let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let q = rank * heads * hd..(rank + 1) * heads * hd;
+        let k = q_dim + rank * kv_heads * hd..q_dim + (rank + 1) * kv_heads * hd;
+        let v = k.start + kv_dim..k.end + kv_dim;
+        let (gate, up) = (rank * ffn..(rank + 1) * ffn, c.ffn + rank * ffn..c.ffn + (rank + 1) * ffn);
+        let split = |e: candle_core::Error| ModelError::TensorParallel(format!("size {w}: {e}"));
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let qkv_rows = [q.clone(), k.clone(), v.clone()];
+                Ok(Layer {
+                    attn_norm: l.attn_norm.clone(),
+                    qkv: l.qkv.select_rows(&qkv_rows).map_err(split)?,
+                    qkv_bias: l
+                        .qkv_bias
+                        .as_ref()
+                        .map(|b| qkv_rows.iter().flat_map(|r| &b[r.clone()]).copied().collect()),
+                    attn_output: l.attn_output.select_cols(q.clone()).map_err(split)?,
+                    ffn_norm: l.ffn_norm.clone(),
+                    gate_up: l.gate_up.select_rows(&[gate.clone(), up.clone()]).map_err(split)?,
+                    down: l.down.select_cols(gate.clone()).map_err(split)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let config = Config { num_heads: heads, num_kv_heads: kv_heads, ffn, ..self.config.clone() };
+        Ok(Self {
+            config,
+            token_embd: self.token_embd.clone(),
+            layers,
+            output_norm: self.output_norm.clone(),
+            lm_head: self.lm_head.clone(),
+        })
+    }
+
+    /// One step of a [`Llama::shard`] on its rank's thread (not inside the
+    /// thread pool: the collectives wait for the other ranks), with its own
+    /// KV cache of its heads. Every rank runs the same batch and returns the
+    /// same logits.
+    pub fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError> {
+        self.step(batch, kv, Some(comm))
+    }
+
     /// The resolved model shape.
     pub fn config(&self) -> &Config {
         &self.config
@@ -214,7 +285,7 @@ impl Forward for Llama {
         // then forks from inside the pool, where the other workers are still
         // spinning from the last one, instead of waking the pool from outside
         // and sleeping on a latch every time (tens of microseconds each).
-        rayon::scope(|_| self.step(batch, kv))
+        rayon::scope(|_| self.step(batch, kv, None))
     }
 
     fn vocab_size(&self) -> usize {
@@ -227,7 +298,13 @@ impl Forward for Llama {
 }
 
 impl Llama {
-    fn step(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+    /// One step; a shard's partial sums are all-reduced through `comm`.
+    fn step(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: Option<&dyn Communicator>,
+    ) -> Result<Logits, ForwardError> {
         self.check(batch, kv)?;
         let c = &self.config;
         let vocab_size = c.vocab_size;
@@ -281,6 +358,9 @@ impl Llama {
             }
             paged_attention(dims, &slots, &qkv, qkv_dim, k_cache, v_cache, &mut attn);
             layer.attn_output.forward(&attn, n, &mut y, &mut scratch)?;
+            if let Some(comm) = comm {
+                comm.all_reduce_sum(&mut y)?;
+            }
             add(&mut x, &y);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
@@ -294,6 +374,9 @@ impl Llama {
             }
             let act: Vec<f32> = gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]).copied().collect();
             layer.down.forward(&act, n, &mut y, &mut scratch)?;
+            if let Some(comm) = comm {
+                comm.all_reduce_sum(&mut y)?;
+            }
             add(&mut x, &y);
         }
 

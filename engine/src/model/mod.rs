@@ -152,6 +152,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
     #[error("{0} is neither a .gguf file nor a Hugging Face model folder (a folder with config.json)")]

@@ -116,6 +116,30 @@ impl<F: Format> QMatrix<F> {
         Some(Self { d, m, qs, rows, k })
     }
 
+    /// The rows in `ranges`, in order: a column-parallel shard (its
+    /// outputs' share of the rows).
+    pub fn select_rows(&self, ranges: &[std::ops::Range<usize>]) -> Self {
+        let k = self.k;
+        let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+        for r in ranges {
+            d.extend_from_slice(&self.d[r.start * k..r.end * k]);
+            m.extend_from_slice(&self.m[r.start * k..r.end * k]);
+            qs.extend(self.qs[r.start * k..r.end * k].iter().copied());
+        }
+        Self { d, m, qs, rows: ranges.iter().map(|r| r.len()).sum(), k }
+    }
+
+    /// Blocks `blocks` of every row (columns `blocks × QK`): a row-parallel
+    /// shard (its inputs' share of the columns).
+    pub fn select_col_blocks(&self, blocks: std::ops::Range<usize>) -> Self {
+        let k = self.k;
+        let pick = |row: usize| row * k + blocks.start..row * k + blocks.end;
+        let d = (0..self.rows).flat_map(|r| self.d[pick(r)].iter().copied()).collect();
+        let m = (0..self.rows).flat_map(|r| self.m[pick(r)].iter().copied()).collect();
+        let qs = (0..self.rows).flat_map(|r| self.qs[pick(r)].iter().copied()).collect();
+        Self { d, m, qs, rows: self.rows, k: blocks.len() }
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

@@ -481,6 +481,8 @@ fn kv_pulled_into_reserved_blocks_is_decoded_from_without_a_copy() {
     let (_, hold_last) = collect(engine.submit(hold).unwrap());
     let blocks = reserve(&engine, prompt.len()).unwrap();
     assert_eq!(blocks.block_ids(), [1, 2]);
+    // Stats are published after the step thread's commands, not with the reply.
+    engine.sync();
     assert_eq!(engine.stats().free_blocks, 13);
     land(&blocks, &data, shape);
     let req = EngineRequest {

@@ -499,12 +499,12 @@ impl EngineHandle {
         if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
-        let first_tokens = req.kv.first_tokens().unwrap_or_default();
-        if req.kv.first_tokens().is_some() && first_tokens.len() != req.n as usize {
+        let first_tokens = req.kv.first_tokens();
+        if let Some(first) = first_tokens.filter(|first| first.len() != req.n as usize) {
             return Err(EngineError::InvalidSampling {
                 field: "first_tokens",
                 limit: "one per choice (n)",
-                value: format!("{} for n = {}", first_tokens.len(), req.n),
+                value: format!("{} for n = {}", first.len(), req.n),
             });
         }
         if let KvSource::Reserved { blocks, .. } = &req.kv {
@@ -512,8 +512,12 @@ impl EngineHandle {
                 return Err(EngineError::ReservationSize { reserved: blocks.ids.len(), prompt_len, blocks_needed });
             }
         }
-        let out_of_vocab =
-            req.prompt_token_ids.iter().chain(first_tokens).copied().find(|&t| t as usize >= s.vocab_size);
+        let out_of_vocab = req
+            .prompt_token_ids
+            .iter()
+            .chain(first_tokens.unwrap_or_default())
+            .copied()
+            .find(|&t| t as usize >= s.vocab_size);
         if let Some(token) = out_of_vocab {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }

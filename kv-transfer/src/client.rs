@@ -249,19 +249,22 @@ impl KvPuller {
         }
         let land = target.landing(&self.config.layout, &shape);
         let dst: Vec<Range<usize>> = land.ranges().collect();
-        let src: Vec<Range<usize>> = shape.ranges(land.per_slot).collect();
+        // Over TCP the server walks its own side.
+        let src: Vec<Range<usize>> =
+            if transport == Transport::Shm { shape.ranges(land.per_slot).collect() } else { Vec::new() };
         // The payload is layer-major: equal runs per layer, landed (and
         // reported, for streaming) one layer at a time.
         let num_layers = self.config.layout.num_layers as usize;
         let per_layer = (dst.len() / num_layers).max(1);
         let mut sum = self.config.checksum.then(Checksum::new);
         let mut since_renew = 0;
-        for (layer, (dst, src)) in dst.chunks(per_layer).zip(src.chunks(per_layer)).enumerate() {
+        for (layer, dst) in dst.chunks(per_layer).enumerate() {
             if transport == Transport::Tcp {
                 let dst = coalesce(dst.iter().cloned());
                 self.receive(&addr, &mut conn, &dst, target, sum.as_mut()).await?;
             } else {
                 // The server sums its side meanwhile, on another core.
+                let src = &src[layer * per_layer..layer * per_layer + dst.len()];
                 let copy = SharedCopy { src, dst, since_renew: &mut since_renew };
                 self.copy_shared(&addr, &mut conn, remote, copy, target, sum.as_mut()).await?;
             }

@@ -5,6 +5,9 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Per-step rotary tables: for each token, `cos` and `sin` of
 /// `position * theta^(-2i/head_dim)` for each pair `i`.
 pub(crate) struct Rope {
@@ -105,15 +108,17 @@ pub(crate) fn paged_attention(
     let hd = dims.head_dim;
     let group = dims.num_heads / dims.num_kv_heads;
     // Each unit writes the `group` heads of one KV head: adjacent in `out`.
-    let simd = simd_available();
+    #[cfg(target_arch = "x86_64")]
+    let simd = x86::available(hd);
     let one = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
         let (t, g) = (i / dims.num_kv_heads, i % dims.num_kv_heads);
         let start = t * q_stride + g * group * hd;
         let qh = &q[start..start + group * hd];
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { attend_avx2(dims, &slots[t], g, qh, k_cache, v_cache, scores, o) };
+            // SAFETY: the CPU and head size suit it (checked above); the
+            // model checked the block tables against the cache.
+            return unsafe { x86::attend(dims, &slots[t], g, qh, k_cache, v_cache, scores, o) };
         }
         attend(dims, &slots[t], g, qh, k_cache, v_cache, scores, o);
     };
@@ -133,41 +138,10 @@ pub(crate) fn paged_attention(
 /// Multiply-adds below which [`paged_attention`] stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 14;
 
-/// Whether [`attend_avx2`] can run here.
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// [`attend`] compiled for AVX2 and FMA: its loops vectorise eight lanes wide.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    dims: Dims,
-    slot: &TokenSlot,
-    g: usize,
-    qh: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    attend(dims, slot, g, qh, k_cache, v_cache, scores, o)
-}
-
 /// The `group` query heads `qh` (`group * head_dim` values) of one token
 /// against KV head `g`, over positions `0..=slot.position`; writes their
 /// outputs to `o`. `scores` is scratch, `group` values per position.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
 fn attend(
     dims: Dims,
     slot: &TokenSlot,
@@ -278,5 +252,46 @@ mod tests {
         let slots = [TokenSlot { block_table: &table, position: 0 }];
         paged_attention(dims, &slots, &q, 4, &k, &v, &mut out);
         assert_eq!(out, [0.0; 4]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_path_matches_the_portable_one() {
+        // Cheap deterministic values in [-1, 1).
+        let mut state = 0x2545_f491_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut worst = 0.0f32;
+        for (head_dim, num_kv_heads, group, block_size) in [(64, 3, 3, 16), (8, 2, 1, 1), (72, 1, 9, 3), (96, 2, 2, 5)]
+        {
+            if !x86::available(head_dim) {
+                return;
+            }
+            let dims = Dims { num_heads: num_kv_heads * group, num_kv_heads, head_dim, block_size };
+            let num_blocks = 60usize.div_ceil(block_size) + 2;
+            let row = num_kv_heads * head_dim;
+            let k: Vec<f32> = (0..num_blocks * block_size * row).map(|_| 3.0 * next()).collect();
+            let v: Vec<f32> = (0..k.len()).map(|_| next()).collect();
+            // Blocks in reverse order, so the table matters.
+            let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
+            let q: Vec<f32> = (0..group * head_dim).map(|_| next()).collect();
+            for position in [0, 1, 7, 8, 9, 16, 17, 59] {
+                let slot = TokenSlot { block_table: &table, position };
+                for g in 0..num_kv_heads {
+                    let (mut want, mut got) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+                    attend(dims, &slot, g, &q, &k, &v, &mut Vec::new(), &mut want);
+                    // SAFETY: checked `available`; the table covers 60 positions.
+                    unsafe { x86::attend(dims, &slot, g, &q, &k, &v, &mut Vec::new(), &mut got) };
+                    for (a, b) in want.iter().zip(&got) {
+                        worst = worst.max((a - b).abs());
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-5, "largest difference {worst:e}");
     }
 }

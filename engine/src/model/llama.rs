@@ -21,6 +21,7 @@ use candle_core::Device;
 
 use super::attention::{paged_attention, Dims, Rope, TokenSlot};
 use super::linear::{Linear, Scratch};
+use super::vmath::silu_mul;
 use super::{Config, ModelError};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
@@ -368,9 +369,7 @@ impl Llama {
             // Gate and up share each row: write silu(gate) * up over the gate half.
             for row in gate_up.chunks_exact_mut(2 * ffn) {
                 let (gate, up) = row.split_at_mut(ffn);
-                for (g, u) in gate.iter_mut().zip(up.iter()) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
+                silu_mul(gate, up);
             }
             let act: Vec<f32> = gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]).copied().collect();
             layer.down.forward(&act, n, &mut y, &mut scratch)?;

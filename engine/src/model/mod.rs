@@ -12,6 +12,7 @@ mod hf;
 pub(crate) mod kernels;
 mod linear;
 mod llama;
+mod vmath;
 
 use std::fs::File;
 use std::io::BufReader;

@@ -1,5 +1,9 @@
-//! What the bench binaries share: the statistics their reports print and
-//! the machine load they are read against.
+//! What the bench binaries share: the statistics their reports print, the
+//! machine load they are read against, and the engine driven in-process
+//! ([`ours`], over [`prompts`]).
+
+pub mod ours;
+pub mod prompts;
 
 /// Nearest-rank percentile (`q` in `[0, 1]`) of ascending values; NaN when
 /// there are none.

@@ -46,11 +46,10 @@
 
 mod figures;
 mod llama_cpp;
-mod ours;
-mod prompts;
 mod report;
 mod rss;
 
+use bench::ours;
 use clap::{Parser, Subcommand};
 use llama_cpp::LlamaCpp;
 use ours::Ours;

@@ -2,6 +2,7 @@
 
 use crate::prompts::Prompts;
 use engine::model::{Llama, LoadedModel, ModelInfo};
+use engine::parallel::TensorParallel;
 use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvSource, SamplingParams};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,24 @@ impl Ours {
 
     /// Starts an engine over the shared weights with `num_blocks` KV blocks.
     pub fn engine(&self, num_blocks: usize, max_num_seqs: usize, prefix_caching: bool) -> EngineHandle {
-        let config = EngineConfig {
+        let shape = self.model.kv_shape(BLOCK_SIZE, num_blocks);
+        Engine::start(self.model.clone(), shape, self.config(max_num_seqs, prefix_caching))
+    }
+
+    /// Like [`Ours::engine`], with the model sharded over `tp_size` CPU
+    /// ranks as a worker's `--tensor-parallel-size` runs it (each rank's
+    /// cache `num_blocks` blocks of its heads).
+    pub fn engine_tp(&self, tp_size: usize, num_blocks: usize, max_num_seqs: usize) -> anyhow::Result<EngineHandle> {
+        if tp_size == 1 {
+            return Ok(self.engine(num_blocks, max_num_seqs, true));
+        }
+        let sharded = TensorParallel::new(&self.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let shape = sharded.kv_shape(BLOCK_SIZE, num_blocks);
+        Ok(Engine::start(Arc::new(sharded), shape, self.config(max_num_seqs, true)))
+    }
+
+    fn config(&self, max_num_seqs: usize, prefix_caching: bool) -> EngineConfig {
+        EngineConfig {
             max_num_seqs,
             // The workers' default step budget.
             max_num_batched_tokens: 2048,
@@ -60,8 +78,7 @@ impl Ours {
             eos_token_ids: self.info.eos_token_ids.clone(),
             default_seed: 0,
             enable_prefix_caching: prefix_caching,
-        };
-        Engine::start(self.model.clone(), self.model.kv_shape(BLOCK_SIZE, num_blocks), config)
+        }
     }
 
     /// A prompt source over this model's tokenizer.

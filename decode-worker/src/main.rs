@@ -70,14 +70,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let loaded = load_engine(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let puller = Arc::new(KvPuller::new(PullerConfig {
-        layout: worker::blocks::kv_layout(&loaded.engine),
-        transport: args.kv_transport,
-        checksum: !args.no_kv_checksum,
-        idle_timeout: Duration::from_millis(args.kv_stall_timeout_ms),
-    }));
-    let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_puller(puller.clone());
-    let decode = service::DecodeService::new(loaded.engine, puller, loaded.vocab_size)
+    let pullers: Vec<_> = (0..loaded.engine.tp_size())
+        .map(|rank| {
+            Arc::new(KvPuller::new(PullerConfig {
+                layout: worker::blocks::kv_layout(&loaded.engine, rank),
+                transport: args.kv_transport,
+                checksum: !args.no_kv_checksum,
+                idle_timeout: Duration::from_millis(args.kv_stall_timeout_ms),
+            }))
+        })
+        .collect();
+    let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_pullers(pullers.clone());
+    let decode = service::DecodeService::new(loaded.engine, pullers, loaded.vocab_size)
         .with_layer_streaming(args.kv_layer_streaming);
     // Tests and the launcher wait for this line.
     println!("decode-worker listening on http://{addr}");

@@ -2,7 +2,8 @@
 
 use engine::{EngineEvent, EngineHandle, EngineRequest, KvLanding, KvReservation, KvSource, HANDOFF_FAILED};
 use futures::Stream;
-use kv_transfer::{KvPuller, KvTransferParams, PullTarget, RemotePrefill};
+use kv_transfer::{KvPuller, KvTransferError, KvTransferParams, PullTarget, RemotePrefill, Transport};
+
 use proto::worker as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,18 +19,25 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + 
 /// Generates tokens from handed-off KV, or from a local prefill.
 pub struct DecodeService {
     engine: EngineHandle,
-    puller: Arc<KvPuller>,
+    /// One per tensor-parallel rank, each pulling that rank's heads.
+    pullers: Vec<Arc<KvPuller>>,
     vocab_size: usize,
     layer_streaming: bool,
 }
 
 impl DecodeService {
-    /// `puller` pulls with this engine's layout.
-    pub fn new(engine: EngineHandle, puller: Arc<KvPuller>, vocab_size: usize) -> Self {
-        Self { engine, puller, vocab_size, layer_streaming: false }
+    /// `pullers[r]` pulls with rank `r`'s layout of this engine.
+    ///
+    /// # Panics
+    /// If there is not one puller per rank of the engine.
+    pub fn new(engine: EngineHandle, pullers: Vec<Arc<KvPuller>>, vocab_size: usize) -> Self {
+        assert_eq!(pullers.len(), engine.tp_size(), "one KV puller per tensor-parallel rank");
+        Self { engine, pullers, vocab_size, layer_streaming: false }
     }
 
-    /// Decodes while the KV streams in, layer by layer (`--kv-layer-streaming`).
+    /// Decodes while the KV streams in, layer by layer (`--kv-layer-streaming`;
+    /// single-rank engines only: with several ranks a step would wait for
+    /// the slowest rank's layer anyway).
     pub fn with_layer_streaming(self, on: bool) -> Self {
         Self { layer_streaming: on, ..self }
     }
@@ -62,35 +70,60 @@ impl DecodeService {
         // The router tells a failed pull (the prefill side's fault, or the
         // network's) from a failed decode worker by this code.
         let failed = |e: kv_transfer::KvTransferError| Status::data_loss(e.to_string());
-        let layout = self.puller.layout();
         // Straight into the engine's cache when it has room now; a failed or
         // cancelled pull drops the reservation, which frees the blocks.
         if let Some(blocks) = self.engine.reserve_kv(req.prompt_token_ids.len()).await.map_err(convert::engine_error)? {
             // One choice only: forks copy the prompt's last block at admission.
-            if self.layer_streaming && n == 1 {
+            if self.layer_streaming && n == 1 && self.pullers.len() == 1 {
                 let landing = self.stream_in(&blocks, remote);
                 return Ok(KvSource::Reserved { blocks, first_tokens, landing: Some(landing) });
             }
-            let transport =
-                self.puller.pull_and_release(&remote, &mut pull_target(&blocks, layout)).await.map_err(failed)?;
+            let targets = self.pullers.iter().map(|p| pull_target(&blocks, p.layout())).collect();
+            let transport = self.pull_and_release(&remote, targets).await.map_err(failed)?;
             tracing::debug!(blocks = ?blocks.block_ids(), ?transport, "pulled the prompt's KV into its blocks");
             return Ok(KvSource::Reserved { blocks, first_tokens, landing: None });
         }
-        // A full cache: the bytes wait for room at admission.
-        let mut data = vec![0; self.puller.buffer_len(&remote)];
-        let transport =
-            self.puller.pull_and_release(&remote, &mut PullTarget::buffer(&mut data, layout)).await.map_err(failed)?;
+        // A full cache: the bytes (every rank's, rank after rank) wait for
+        // room at admission.
+        let per_rank = self.pullers[0].buffer_len(&remote);
+        let mut data = vec![0; per_rank * self.pullers.len()];
+        let targets = data
+            .chunks_mut(per_rank.max(1))
+            .zip(&self.pullers)
+            .map(|(chunk, p)| PullTarget::buffer(chunk, p.layout()))
+            .collect();
+        let transport = self.pull_and_release(&remote, targets).await.map_err(failed)?;
         tracing::debug!(bytes = data.len(), ?transport, "pulled the prompt's KV");
         Ok(KvSource::Provided { data, first_tokens })
+    }
+
+    /// Every rank pulls its heads into its target at once; then the pins are
+    /// released, whatever happened, so a failed pull never holds them for a
+    /// lease.
+    async fn pull_and_release(
+        &self,
+        remote: &RemotePrefill,
+        mut targets: Vec<PullTarget<'_>>,
+    ) -> Result<Transport, KvTransferError> {
+        if let ([puller], [target]) = (&self.pullers[..], &mut targets[..]) {
+            return puller.pull_and_release(remote, target).await;
+        }
+        let pulls = self.pullers.iter().zip(&mut targets).map(|(puller, target)| puller.pull_into(remote, target));
+        let pulled = futures::future::try_join_all(pulls).await;
+        let released = self.pullers[0].release(remote).await;
+        let transport = pulled?.pop().unwrap_or(Transport::Tcp);
+        released?;
+        Ok(transport)
     }
 
     /// Pulls into `blocks` in the background, reporting each layer as it
     /// lands. The pull holds its own share of the blocks until it ends, so
     /// an aborted request never frees blocks that are still being written.
     fn stream_in(&self, blocks: &KvReservation, remote: RemotePrefill) -> Arc<KvLanding> {
-        let landing = KvLanding::new(self.puller.layout().num_layers as usize);
+        let puller = &self.pullers[0];
+        let landing = KvLanding::new(puller.layout().num_layers as usize);
         let reporter = landing.reporter();
-        let (held, puller) = (blocks.share(), self.puller.clone());
+        let (held, puller) = (blocks.share(), puller.clone());
         let pull = async move {
             let layout = *puller.layout();
             let progress = reporter.landing().clone();
@@ -133,7 +166,8 @@ impl DecodeService {
         }
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
         let events = tokio_stream::iter(first).chain(UnboundedReceiverStream::new(events));
-        let chunks = events.map(|event| match event {
+        let engine = self.engine.clone();
+        let chunks = events.map(move |event| match event {
             EngineEvent::Token { index, id, logprobs } => Ok(pb::DecodeChunk {
                 token_ids: vec![id],
                 finish_reason: pb::FinishReason::Unspecified as i32,
@@ -146,7 +180,7 @@ impl DecodeService {
                 logprobs: vec![],
                 index,
             }),
-            EngineEvent::Error(e) => Err(Status::internal(e)),
+            EngineEvent::Error(e) => Err(convert::request_error(&engine, e)),
         });
         Ok(Box::pin(chunks))
     }

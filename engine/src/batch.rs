@@ -127,4 +127,26 @@ pub trait Forward: Send + Sync + 'static {
     fn waits_for_layers(&self) -> bool {
         false
     }
+
+    /// Tensor-parallel ranks the model runs on; the engine keeps one KV cache
+    /// per rank, each holding that rank's share of the KV heads.
+    fn tp_size(&self) -> usize {
+        1
+    }
+
+    /// One step on every rank, `kv[r]` being rank `r`'s cache (the engine
+    /// calls this, with [`Forward::tp_size`] caches). A single-rank model
+    /// runs [`Forward::forward`] on the one cache; a tensor-parallel one
+    /// hands each rank its own, and fails with [`ForwardError::Comm`] once a
+    /// rank is gone, which the engine takes as fatal.
+    fn forward_ranks(&self, batch: &ForwardBatch, kv: &[RankKv]) -> Result<Logits, ForwardError> {
+        let [kv] = kv else {
+            return Err(ForwardError::InvalidBatch(format!("{} KV caches for a single-rank model", kv.len())));
+        };
+        self.forward(batch, &mut kv.write().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
 }
+
+/// One tensor-parallel rank's KV cache, which the engine's step thread and
+/// that rank's thread take turns to lock.
+pub type RankKv = std::sync::Arc<std::sync::RwLock<crate::KvStorage>>;

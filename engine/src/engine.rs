@@ -9,8 +9,10 @@
 //! - **Commands** (submit, abort, release) go to the step thread over a std
 //!   channel: it is an actor, so the scheduler needs no lock and a command is
 //!   applied between two steps. When idle, the thread blocks on that channel.
-//! - **KV storage** lives in an `Arc<RwLock<KvStorage>>` (std): the step thread
-//!   write-locks it only around `write_blocks` and `forward`, and
+//! - **KV storage**, one per tensor-parallel rank ([`Forward::tp_size`]), each
+//!   in an `Arc<RwLock<KvStorage>>` (std): the step thread write-locks them
+//!   only around `write_blocks` and `forward` (a follower rank locks its own
+//!   for its share of the step), and
 //!   [`EngineHandle::read_blocks`] read-locks it from any thread (the KV server
 //!   serving pinned blocks). A read therefore waits at most one step. Nothing
 //!   awaits under the lock, so a std lock fits; a poisoned lock (a panic in
@@ -35,7 +37,7 @@
 //! A request with `n > 1` choices has one sampler per choice; it is over
 //! (and leaves the live set) when its last choice's `Finished` is sent.
 
-use crate::batch::{Forward, Logits};
+use crate::batch::{Forward, ForwardError, Logits};
 use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv_cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
 use crate::landing::{KvLanding, Landings};
@@ -46,7 +48,7 @@ use crate::scheduler::{
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Limits and defaults of one engine.
@@ -165,7 +167,8 @@ impl std::fmt::Debug for KvSource {
 /// (a failed pull, a cancelled request) frees them.
 pub struct KvReservation {
     ids: Vec<u32>,
-    arena: KvArena,
+    /// Every rank's cache, rank order: the same block ids in each.
+    arenas: Arc<[KvArena]>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -175,16 +178,23 @@ impl KvReservation {
         &self.ids
     }
 
-    /// The cache's memory, in the layout of [`crate::kv_cache`].
-    pub fn arena(&self) -> &KvArena {
-        &self.arena
+    /// Tensor-parallel rank `rank`'s cache memory, in the layout of
+    /// [`crate::kv_cache`]; the reserved ids name blocks of every rank's.
+    ///
+    /// # Panics
+    /// If `rank` is not below the engine's [`EngineHandle::tp_size`].
+    pub fn arena(&self, rank: usize) -> &KvArena {
+        &self.arenas[rank]
     }
 
-    /// The first byte of the cache's memory, for writing the reserved
+    /// The first byte of rank `rank`'s cache memory, for writing the reserved
     /// blocks' segments — and nothing else — until the reservation is
     /// submitted or dropped.
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.arena.as_ptr().cast_mut()
+    ///
+    /// # Panics
+    /// If `rank` is not below the engine's [`EngineHandle::tp_size`].
+    pub fn as_mut_ptr(&self, rank: usize) -> *mut u8 {
+        self.arenas[rank].as_ptr().cast_mut()
     }
 
     /// A second hold on the same blocks, for a puller that writes them while
@@ -193,7 +203,7 @@ impl KvReservation {
         // Queued before either hold can be dropped, so the count never
         // reaches zero in between.
         let _ = self.commands.send(Command::Retain(self.ids.clone()));
-        KvReservation { ids: self.ids.clone(), arena: self.arena.clone(), commands: self.commands.clone() }
+        KvReservation { ids: self.ids.clone(), arenas: self.arenas.clone(), commands: self.commands.clone() }
     }
 
     /// The ids, which the caller now owns.
@@ -292,13 +302,18 @@ pub enum EngineError {
     ReservationSize { reserved: usize, prompt_len: usize, blocks_needed: usize },
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine can run no step any more (a tensor-parallel rank died):
+    /// every request it had failed, and it takes no new ones.
+    #[error("the engine has failed: {0}")]
+    Failed(String),
 }
 
 /// Starts engines.
 pub struct Engine;
 
 impl Engine {
-    /// Allocates the KV cache and spawns the thread running the step loop.
+    /// Allocates the KV cache (`shape` for each of the model's
+    /// [`Forward::tp_size`] ranks) and spawns the thread running the step loop.
     /// The thread ends once every handle is dropped and no work is left.
     ///
     /// # Panics
@@ -309,23 +324,26 @@ impl Engine {
         assert!(shape.block_size > 0, "KV block_size must be at least 1");
         assert!(config.max_num_seqs > 0, "max_num_seqs must be at least 1");
         assert!(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be at least 1");
+        let tp_size = model.tp_size();
+        assert!(tp_size > 0, "a model runs on at least one rank");
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
             max_model_len: config.max_model_len,
             block_size: shape.block_size,
             num_blocks: shape.num_blocks,
-            block_bytes: shape.block_bytes(),
+            block_bytes: shape.block_bytes() * tp_size,
             eos_token_ids: config.eos_token_ids.clone(),
             enable_prefix_caching: config.enable_prefix_caching,
         });
-        let kv = KvStorage::new(shape);
+        let kv: Vec<KvStorage> = (0..tp_size).map(|_| KvStorage::new(shape)).collect();
         let shared = Arc::new(Shared {
             shape,
             max_model_len: config.max_model_len,
             vocab_size: model.vocab_size(),
-            kv_arena: kv.arena(),
-            kv: RwLock::new(kv),
+            kv_arenas: kv.iter().map(KvStorage::arena).collect(),
+            kv: kv.into_iter().map(|kv| Arc::new(RwLock::new(kv))).collect(),
+            failure: OnceLock::new(),
             live: Mutex::new(HashSet::new()),
             num_running: AtomicUsize::new(0),
             free_blocks: AtomicUsize::new(shape.num_blocks),
@@ -376,6 +394,9 @@ impl EngineHandle {
     /// Validates and queues a request; its events arrive on the receiver.
     /// Dropping the receiver aborts the request.
     pub fn submit(&self, req: EngineRequest) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
+        if let Some(reason) = self.shared.failure.get() {
+            return Err(EngineError::Failed(reason.clone()));
+        }
         self.validate(&req)?;
         let request_id = req.request_id.clone();
         if !self.shared.live().insert(request_id.clone()) {
@@ -410,17 +431,38 @@ impl EngineHandle {
         }
     }
 
-    /// Appends blocks in the hand-off format to `out` (for the KV server to
-    /// serve pinned blocks). Waits for a running forward pass to end. Blocks
-    /// that are not held may be overwritten by the next step.
+    /// Appends blocks in the engine's hand-off format to `out`: each rank's
+    /// ([`KvStorage::read_blocks`]) in rank order, one rank's alone without
+    /// tensor parallelism. What [`KvSource::Provided`] takes. Waits for a
+    /// running forward pass to end. Blocks that are not held may be
+    /// overwritten by the next step.
     pub fn read_blocks(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), KvStorageError> {
-        self.shared.kv.read().unwrap_or_else(PoisonError::into_inner).read_blocks(ids, out)
+        for kv in &self.shared.kv {
+            kv.read().unwrap_or_else(PoisonError::into_inner).read_blocks(ids, out)?;
+        }
+        Ok(())
     }
 
-    /// The KV cache's memory, for a KV server that reads pinned blocks
-    /// without waiting for a step (see [`KvArena`] for what it may read).
-    pub fn kv_arena(&self) -> KvArena {
-        self.shared.kv_arena.clone()
+    /// Tensor-parallel rank `rank`'s KV cache memory, for a KV server that
+    /// reads pinned blocks without waiting for a step (see [`KvArena`] for
+    /// what it may read).
+    ///
+    /// # Panics
+    /// If `rank` is not below [`EngineHandle::tp_size`].
+    pub fn kv_arena(&self, rank: usize) -> KvArena {
+        self.shared.kv_arenas[rank].clone()
+    }
+
+    /// Tensor-parallel ranks of the model, each with its own KV cache of
+    /// [`EngineHandle::shape`].
+    pub fn tp_size(&self) -> usize {
+        self.shared.kv.len()
+    }
+
+    /// Why the engine can run no more steps ([`EngineError::Failed`]), once
+    /// it cannot: a worker reports itself unhealthy from then on.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.get().cloned()
     }
 
     /// Takes blocks for `num_tokens` of handed-off KV to be written into
@@ -431,7 +473,10 @@ impl EngineHandle {
     pub async fn reserve_kv(&self, num_tokens: usize) -> Result<Option<KvReservation>, EngineError> {
         let s = &self.shared;
         let num_blocks = blocks_for(num_tokens, s.shape.block_size);
-        let empty = KvReservation { ids: Vec::new(), arena: s.kv_arena.clone(), commands: self.commands.clone() };
+        if let Some(reason) = s.failure.get() {
+            return Err(EngineError::Failed(reason.clone()));
+        }
+        let empty = KvReservation { ids: Vec::new(), arenas: s.kv_arenas.clone(), commands: self.commands.clone() };
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands.send(Command::Reserve { num_blocks, empty, reply }).map_err(|_| EngineError::Stopped)?;
         // The step thread answers every Reserve; a dropped future drops the
@@ -457,7 +502,7 @@ impl EngineHandle {
         std::mem::take(&mut *self.shared.kv_events.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The KV cache's shape.
+    /// The KV cache's shape, on each rank.
     pub fn shape(&self) -> KvCacheShape {
         self.shared.shape
     }
@@ -534,9 +579,12 @@ struct Shared {
     shape: KvCacheShape,
     max_model_len: usize,
     vocab_size: usize,
-    kv: RwLock<KvStorage>,
+    /// One cache per tensor-parallel rank, rank order.
+    kv: Vec<Arc<RwLock<KvStorage>>>,
     /// `kv`'s memory, taken once so handing it out needs no lock.
-    kv_arena: KvArena,
+    kv_arenas: Arc<[KvArena]>,
+    /// Set once, when a step fails in a way no later step can recover from.
+    failure: OnceLock<String>,
     /// Ids submitted and not yet finished: the duplicate check and `num_sequences`.
     live: Mutex<HashSet<String>>,
     num_running: AtomicUsize,
@@ -652,6 +700,13 @@ impl StepLoop {
 
     fn apply(&mut self, command: Command) {
         match command {
+            Command::Submit(submission) if self.shared.failure.get().is_some() => {
+                // Sent before the engine failed: it hears why, like the others.
+                let request_id = submission.request.request_id.clone();
+                self.admit_request(*submission);
+                let reason = self.shared.failure.get().cloned().unwrap_or_default();
+                self.scheduler.fail(&[&request_id], &format!("the engine has failed: {reason}"));
+            }
             Command::Submit(submission) => {
                 let busy = self.scheduler.num_running() + self.scheduler.num_waiting() > 0;
                 if busy && still_landing(&submission.request) {
@@ -802,29 +857,31 @@ impl StepLoop {
         );
         let _entered = span.enter();
         let mut failed_writes = Vec::new();
-        let result = {
-            let mut kv = self.shared.kv.write().unwrap_or_else(PoisonError::into_inner);
+        let num_ranks = self.shared.kv.len();
+        for (rank, kv) in self.shared.kv.iter().enumerate() {
+            let mut kv = kv.write().unwrap_or_else(PoisonError::into_inner);
             for w in &plan.kv_writes {
+                // Every rank's hand-off bytes, one after another (see `read_blocks`).
+                let per_rank = w.data.len() / num_ranks;
+                let data = &w.data[rank * per_rank..(rank + 1) * per_rank];
                 // The scheduler checked the size and the ids come from the
                 // block manager, so this is a bug path.
-                if let Err(e) = kv.write_blocks(&w.block_ids, &w.data) {
-                    tracing::error!(request_id = %w.request_id, error = %e, "writing provided KV failed");
+                if let Err(e) = kv.write_blocks(&w.block_ids, data) {
+                    tracing::error!(request_id = %w.request_id, rank, error = %e, "writing provided KV failed");
                     failed_writes.push((w.request_id.as_str(), e.to_string()));
                 }
             }
             // After the writes: a fork at admission copies provided KV.
             copy_blocks(&mut kv, &plan.block_copies);
-            if plan.seqs.is_empty() {
-                None
-            } else {
-                // A panicking model fails this batch, not the whole engine.
-                let forward = catch_unwind(AssertUnwindSafe(|| self.model.forward(&batch, &mut kv)));
-                Some(match forward {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(panic) => Err(panic_message(panic.as_ref())),
-                })
+        }
+        failed_writes.dedup_by(|a, b| a.0 == b.0);
+        let result = (!plan.seqs.is_empty()).then(|| {
+            // A panicking model fails this batch, not the whole engine.
+            match catch_unwind(AssertUnwindSafe(|| self.model.forward_ranks(&batch, &self.shared.kv))) {
+                Ok(result) => result.map_err(StepFailure::from),
+                Err(panic) => Err(StepFailure { message: panic_message(panic.as_ref()), fatal: false }),
             }
-        };
+        });
         for (request_id, error) in failed_writes {
             self.scheduler.fail(&[request_id], &format!("writing provided KV failed: {error}"));
         }
@@ -837,7 +894,9 @@ impl StepLoop {
             }
         }
         let Some(result) = result else { return };
-        let logits = result.and_then(|logits| self.check_logits(&plan, logits));
+        let logits = result.and_then(|logits| {
+            self.check_logits(&plan, logits).map_err(|message| StepFailure { message, fatal: false })
+        });
         match logits {
             Ok(mut logits) => {
                 // Row `i` belongs to the `i`-th sequence with logits; a
@@ -851,15 +910,32 @@ impl StepLoop {
                 // any block freed in this step can be reused.
                 let copies = self.scheduler.take_block_copies();
                 if !copies.is_empty() {
-                    copy_blocks(&mut self.shared.kv.write().unwrap_or_else(PoisonError::into_inner), &copies);
+                    for kv in &self.shared.kv {
+                        copy_blocks(&mut kv.write().unwrap_or_else(PoisonError::into_inner), &copies);
+                    }
                 }
             }
-            Err(error) => {
-                tracing::error!(%error, "forward pass failed; failing its sequences");
+            Err(StepFailure { message, fatal: false }) => {
+                tracing::error!(error = %message, "forward pass failed; failing its sequences");
                 let ids: Vec<&str> = plan.seqs.iter().map(|s| s.request_id.as_str()).collect();
-                self.scheduler.fail(&ids, &format!("forward pass failed: {error}"));
+                self.scheduler.fail(&ids, &format!("forward pass failed: {message}"));
             }
+            Err(StepFailure { message, fatal: true }) => self.fail_engine(&message),
         }
+    }
+
+    /// No step can run any more: fails every request, now and from now on
+    /// (see [`EngineError::Failed`]).
+    fn fail_engine(&mut self, reason: &str) {
+        tracing::error!(%reason, "the engine has failed; failing every request");
+        let _ = self.shared.failure.set(reason.to_string());
+        for submission in std::mem::take(&mut self.held_back) {
+            self.admit_request(submission);
+        }
+        let ids: Vec<String> = self.clients.keys().cloned().collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.scheduler.fail(&ids, &format!("the engine has failed: {reason}"));
+        self.landings.clear();
     }
 
     /// The tokens of one logits row: one per choice in `s.choices`, each from
@@ -1025,6 +1101,20 @@ fn still_landing(request: &EngineRequest) -> bool {
 
 /// Copies each block's KV to its destination (forks' partial prompt blocks).
 /// Both ids come from the block manager, so a failure is a bug: logged.
+/// Why a step's forward pass failed, and whether any later step can succeed.
+struct StepFailure {
+    message: String,
+    /// A broken tensor-parallel group: every later step would fail too.
+    fatal: bool,
+}
+
+impl From<ForwardError> for StepFailure {
+    fn from(error: ForwardError) -> Self {
+        let fatal = matches!(error, ForwardError::Comm(_));
+        Self { message: error.to_string(), fatal }
+    }
+}
+
 fn copy_blocks(kv: &mut KvStorage, copies: &[BlockCopy]) {
     for c in copies {
         if let Err(e) = kv.copy_block(c.src, c.dst) {

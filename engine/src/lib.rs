@@ -24,7 +24,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
-pub use batch::{Forward, ForwardBatch, ForwardError, Logits, SeqChunk};
+pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason,

@@ -11,11 +11,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use engine::model::{load, load_metadata, LoadOptions, LoadedModel, WeightDtype};
-use engine::{Forward, ForwardBatch, KvStorage};
+use engine::parallel::TensorParallel;
+use engine::{
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason, Forward, ForwardBatch,
+    KvCacheShape, KvSource, KvStorage, SamplingParams,
+};
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::{AddedToken, Tokenizer};
@@ -442,6 +449,128 @@ fn two_and_four_cpu_ranks_compute_the_logits_of_one() {
         let error = m.model.shard(0, 3).err().expect("8 heads do not split in 3").to_string();
         assert!(error.contains("8 heads / 4 KV heads"), "{error}");
     }
+}
+
+/// Requests that exercise what a tensor-parallel engine must keep in step on
+/// every rank: concurrent prefills and decodes, a fork (`n = 2`, whose
+/// partial block is copied), and seeded sampling.
+fn tp_requests(spec: &Spec) -> Vec<EngineRequest> {
+    let tokens = test_tokens(spec);
+    let request = |i: usize, prompt: &[u32], sampling: SamplingParams, n: u32| EngineRequest {
+        request_id: format!("r{i}"),
+        prompt_token_ids: prompt.to_vec(),
+        sampling: SamplingParams { ignore_eos: true, ..sampling },
+        kv: KvSource::Compute,
+        pin_on_finish: false,
+        cache_salt: None,
+        priority: 0,
+        n,
+    };
+    let seeded = SamplingParams { temperature: 0.8, seed: Some(5), max_tokens: 12, ..SamplingParams::default() };
+    vec![
+        request(0, &tokens, SamplingParams::greedy(20), 1),
+        request(1, &tokens[3..], SamplingParams::greedy(16), 1),
+        request(2, &tokens[..6], seeded, 2),
+        request(3, &tokens[1..2], SamplingParams::greedy(24), 1),
+    ]
+}
+
+fn tp_engine(model: Arc<dyn Forward>, shape: KvCacheShape) -> EngineHandle {
+    let config = EngineConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 16,
+        max_model_len: CONTEXT,
+        eos_token_ids: vec![2],
+        default_seed: 0,
+        enable_prefix_caching: true,
+    };
+    Engine::start(model, shape, config)
+}
+
+/// Every event of a request, or a panic if it has not ended within 10 s.
+fn events_of(mut events: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> Vec<EngineEvent> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(event) = events.blocking_recv() {
+            let _ = tx.send(event);
+        }
+    });
+    let mut out = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(event) => out.push(event),
+            Err(RecvTimeoutError::Disconnected) => return out,
+            Err(RecvTimeoutError::Timeout) => panic!("no end of the request within 10 s: {out:?}"),
+        }
+    }
+}
+
+/// Each request's tokens per choice, the requests submitted at once.
+fn served_tokens(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec<Vec<u32>>> {
+    let streams: Vec<_> = requests.into_iter().map(|r| (r.n, engine.submit(r).unwrap())).collect();
+    streams
+        .into_iter()
+        .map(|(n, events)| {
+            let mut choices = vec![Vec::new(); n as usize];
+            for event in events_of(events) {
+                match event {
+                    EngineEvent::Token { index, id, .. } => choices[index as usize].push(id),
+                    EngineEvent::Finished { reason, .. } => assert_eq!(reason, FinishReason::Length),
+                    EngineEvent::Error(e) => panic!("request failed: {e}"),
+                }
+            }
+            choices
+        })
+        .collect()
+}
+
+#[test]
+fn an_engine_on_two_and_four_ranks_serves_what_one_rank_serves() {
+    let spec = Spec { heads: 8, kv_heads: 4, ..Spec::llama() };
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
+    let m = load_ok(dir.path(), &LoadOptions::default());
+    // The one shard of one rank is the whole model.
+    let one = tp_engine(Arc::new(m.model.shard(0, 1).unwrap()), m.model.kv_shape(4, 64));
+    let want = served_tokens(&one, tp_requests(&spec));
+    for world in [2, 4] {
+        let tp = TensorParallel::new(&m.model, world).unwrap();
+        let shape = tp.kv_shape(4, 64);
+        assert_eq!(shape.num_kv_heads, 4 / world, "each rank caches its share of the KV heads");
+        let engine = tp_engine(Arc::new(tp), shape);
+        assert_eq!(engine.tp_size(), world);
+        assert_eq!(served_tokens(&engine, tp_requests(&spec)), want, "TP={world}");
+        // The prompt blocks each rank cached are reused by a repeat.
+        let repeat = served_tokens(&engine, tp_requests(&spec).into_iter().take(1).collect());
+        assert_eq!(repeat[0], want[0], "TP={world}, from the prefix cache");
+        engine.sync();
+        assert_eq!(engine.stats().num_sequences, 0);
+    }
+}
+
+#[test]
+fn a_dead_rank_fails_the_engine_cleanly() {
+    let spec = Spec { heads: 8, kv_heads: 4, ..Spec::llama() };
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
+    let m = load_ok(dir.path(), &LoadOptions::default());
+    let tp = Arc::new(TensorParallel::new(&m.model, 2).unwrap());
+    let engine = tp_engine(tp.clone(), tp.kv_shape(4, 64));
+    let mut requests = tp_requests(&spec);
+    requests[0].sampling.max_tokens = 50;
+    let mut running = engine.submit(requests.remove(0)).unwrap();
+    assert!(matches!(running.blocking_recv(), Some(EngineEvent::Token { .. })));
+    assert_eq!(engine.failure(), None);
+
+    tp.kill_rank(1);
+    let rest = events_of(running);
+    let Some(EngineEvent::Error(error)) = rest.last() else { panic!("the running request must fail: {rest:?}") };
+    assert!(error.contains("the engine has failed") && error.contains("rank 1"), "{error}");
+    assert!(engine.failure().is_some_and(|f| f.contains("rank 1")));
+    let refused = engine.submit(requests.remove(0)).unwrap_err();
+    assert!(matches!(refused, EngineError::Failed(_)), "{refused}");
+    engine.sync();
+    assert_eq!(engine.stats().num_sequences, 0, "nothing is left live");
 }
 
 /// Tokens of a test sequence: some beyond the tokenizer's vocabulary (but in

@@ -134,6 +134,71 @@ impl KvConnector {
     }
 }
 
+/// The KV servers of every tensor-parallel rank of one prefill engine, each
+/// on its own port and serving its rank's heads. A pin covers the same block
+/// ids on every rank; each rank's [`BlockSource`] hears its own release, so
+/// the engine frees the blocks once every rank has (see the worker's blocks).
+#[derive(Clone)]
+pub struct KvConnectors {
+    ranks: Vec<KvConnector>,
+}
+
+impl KvConnectors {
+    /// Rank `r` serves `sources[r]` on `listeners[r]`; one engine id for all.
+    ///
+    /// # Panics
+    /// If there are no ranks, or not one listener per source.
+    pub fn start(
+        listeners: Vec<TcpListener>,
+        config: ConnectorConfig,
+        sources: Vec<Arc<dyn BlockSource>>,
+    ) -> std::io::Result<Self> {
+        assert!(!sources.is_empty() && listeners.len() == sources.len(), "one listener per rank");
+        let ranks = listeners
+            .into_iter()
+            .zip(sources)
+            .map(|(listener, source)| KvConnector::start(listener, config.clone(), source))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { ranks })
+    }
+
+    /// Pins `block_ids` on every rank; the params list every rank's port.
+    pub fn pin(&self, request_id: &str, block_ids: Vec<u32>, num_tokens: u32) -> RemotePrefill {
+        let mut remote = self.ranks[0].pin(request_id, block_ids.clone(), num_tokens);
+        for rank in &self.ranks[1..] {
+            rank.pin(request_id, block_ids.clone(), num_tokens);
+        }
+        if self.ranks.len() > 1 {
+            remote.remote_ports = self.ports();
+        }
+        remote
+    }
+
+    /// Frees the pin on every rank; false when no rank held it any more.
+    pub fn release(&self, request_id: &str) -> bool {
+        self.ranks.iter().fold(false, |any, rank| rank.release(request_id) | any)
+    }
+
+    /// Rank 0's KV server port.
+    pub fn port(&self) -> u16 {
+        self.ranks[0].port()
+    }
+
+    /// Every rank's KV server port, rank order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.ranks.iter().map(KvConnector::port).collect()
+    }
+
+    /// Pins of the engine: each rank's pins are freed on their own (as its
+    /// pullers finish), so those of the rank that still holds the most.
+    pub fn stats(&self) -> PinStats {
+        self.ranks.iter().map(KvConnector::stats).fold(PinStats::default(), |a, b| PinStats {
+            requests: a.requests.max(b.requests),
+            blocks: a.blocks.max(b.blocks),
+        })
+    }
+}
+
 impl Inner {
     fn release(&self, request_id: &str) -> bool {
         let pin = self.pins.lock().expect("pin table poisoned").remove(request_id);

@@ -25,7 +25,7 @@ pub mod params;
 pub mod shm;
 
 pub use client::{KvPuller, PullCounts, Pulled, PullerConfig, TransportPolicy};
-pub use connector::{BlockSource, ConnectorConfig, KvConnector, PinStats};
+pub use connector::{BlockSource, ConnectorConfig, KvConnector, KvConnectors, PinStats};
 pub use layout::{pull_plan, KvDtype, KvLayout, LayoutMismatch, PullPiece};
 pub use memory::{KvMemory, PullTarget};
 pub use params::{KvTransferParams, RemotePrefill};

@@ -4,10 +4,9 @@
 mod service;
 
 use anyhow::Context;
-use kv_transfer::{ConnectorConfig, KvConnector};
+use kv_transfer::{ConnectorConfig, KvConnectors};
 use proto::worker::{prefill_server::PrefillServer, worker_server::WorkerServer};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use worker::blocks::EngineBlocks;
@@ -19,7 +18,9 @@ struct Args {
     /// Address of the gRPC server.
     #[arg(long, default_value = "127.0.0.1:7001")]
     listen: SocketAddr,
-    /// Address of the kv-transfer server (port 0 picks a free one).
+    /// Address of the kv-transfer server (port 0 picks a free one). With
+    /// `--tensor-parallel-size N`, rank `r` serves its heads on port + `r`
+    /// (each on a free port with 0).
     #[arg(long, default_value = "127.0.0.1:0")]
     kv_listen: SocketAddr,
     /// Host decode workers reach the kv-transfer server at; defaults to the `--kv-listen` IP.
@@ -58,9 +59,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         return serve_mock(args).await;
     }
     let loaded = load_engine(&args.engine)?;
-    let kv_listener = TcpListener::bind(args.kv_listen)
-        .await
-        .with_context(|| format!("binding kv-transfer on {}", args.kv_listen))?;
+    let mut kv_listeners = Vec::new();
+    for rank in 0..loaded.engine.tp_size() {
+        let port = match args.kv_listen.port() {
+            0 => Some(0),
+            port => u16::try_from(rank).ok().and_then(|r| port.checked_add(r)),
+        };
+        let port = port.with_context(|| format!("--kv-listen {}: no port for rank {rank}", args.kv_listen))?;
+        let addr = SocketAddr::new(args.kv_listen.ip(), port);
+        kv_listeners.push(TcpListener::bind(addr).await.with_context(|| format!("binding kv-transfer on {addr}"))?);
+    }
     let engine_id = args.engine_id.unwrap_or_else(|| format!("prefill-{}", uuid::Uuid::new_v4()));
     let config = ConnectorConfig {
         engine_id,
@@ -68,7 +76,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         lease: Duration::from_millis(args.kv_lease_ms),
         shared_memory: !args.no_kv_shared_memory,
     };
-    let connector = KvConnector::start(kv_listener, config, Arc::new(EngineBlocks::new(loaded.engine.clone())))?;
+    let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));

@@ -1,7 +1,7 @@
 //! The `Prefill` gRPC service.
 
 use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
-use kv_transfer::{KvConnector, KvTransferParams};
+use kv_transfer::{KvConnectors, KvTransferParams};
 use proto::worker as pb;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
@@ -17,13 +17,13 @@ struct FirstToken {
 /// Runs prompts on the engine and pins their KV for remote decode.
 pub struct PrefillService {
     engine: EngineHandle,
-    connector: KvConnector,
+    connector: KvConnectors,
     vocab_size: usize,
     max_model_len: usize,
 }
 
 impl PrefillService {
-    pub fn new(engine: EngineHandle, connector: KvConnector, vocab_size: usize, max_model_len: usize) -> Self {
+    pub fn new(engine: EngineHandle, connector: KvConnectors, vocab_size: usize, max_model_len: usize) -> Self {
         Self { engine, connector, vocab_size, max_model_len }
     }
 
@@ -68,7 +68,7 @@ impl PrefillService {
                     pinned = pinned.or(pinned_blocks);
                     num_cached_tokens = cached;
                 }
-                EngineEvent::Error(e) => return Err(Status::internal(e)),
+                EngineEvent::Error(e) => return Err(convert::request_error(&self.engine, e)),
             }
         }
         let mut response = self.answer(&req.request_id, choices, pinned, wanted_tokens, prompt_len)?;

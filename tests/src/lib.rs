@@ -112,9 +112,15 @@ pub fn take_turn() -> MutexGuard<'static, ()> {
 
 /// Starts a prefill worker on `listen` (`127.0.0.1:0` for any port).
 pub fn start_prefill(listen: &str) -> Process {
+    start_prefill_with(listen, &[])
+}
+
+/// Starts a prefill worker on `listen` with `extra` flags.
+pub fn start_prefill_with(listen: &str, extra: &[&str]) -> Process {
     let model = model_path();
-    let model = model.to_str().expect("utf-8 model path");
-    Process::start("prefill-worker", &["--listen", listen, "--kv-listen", "127.0.0.1:0", "--model", model])
+    let mut args = vec!["--listen", listen, "--kv-listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8")];
+    args.extend(extra);
+    Process::start("prefill-worker", &args)
 }
 
 /// Starts a decode worker on any free port.

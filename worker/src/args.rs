@@ -57,8 +57,9 @@ pub struct EngineArgs {
     /// events are produced.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// Ranks to split each layer's heads over; the model's attention and KV
-    /// heads must divide by it. Only 1 is available yet.
+    /// Tensor-parallel ranks to split each layer's heads and MLP over (CPU
+    /// ranks: threads sharing the machine's cores); the model's attention
+    /// and KV heads must divide by it. `--kv-cache-memory` covers all ranks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub tensor_parallel_size: u32,
 }

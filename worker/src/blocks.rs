@@ -2,53 +2,95 @@
 
 use engine::{EngineHandle, KvReservation};
 use kv_transfer::{BlockSource, KvDtype, KvLayout, KvMemory, PullTarget};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// Adapts an [`EngineHandle`] to kv-transfer's [`BlockSource`].
+/// Adapts one tensor-parallel rank of an [`EngineHandle`] to kv-transfer's
+/// [`BlockSource`]: that rank's layout and memory.
 pub struct EngineBlocks {
-    engine: EngineHandle,
     layout: KvLayout,
     memory: KvMemory,
+    releases: Arc<Releases>,
 }
 
-impl EngineBlocks {
-    pub fn new(engine: EngineHandle) -> Self {
-        let layout = kv_layout(&engine);
-        let arena = engine.kv_arena();
-        // SAFETY: the arena is the engine's KV cache in kv-transfer's paged
-        // layout (the engine's `KvCacheShape::segment_offset` is the same
-        // formula; a test below checks it), kept mapped by the clone held as
-        // owner, and its memfd is the file it is mapped from.
-        let memory = unsafe { KvMemory::new(arena.as_ptr(), arena.len(), &layout, arena.memfd(), Arc::new(arena)) };
-        Self { engine, layout, memory }
+/// Counts the ranks' releases of each pin: the blocks are one set of ids for
+/// every rank, freed in the engine once all ranks have let go of them.
+struct Releases {
+    engine: EngineHandle,
+    /// Releases heard per pinned id list, below the rank count.
+    heard: Mutex<HashMap<Vec<u32>, usize>>,
+}
+
+impl Releases {
+    fn release(&self, ids: &[u32]) {
+        let ranks = self.engine.tp_size();
+        let done = {
+            let mut heard = self.heard.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = heard.entry(ids.to_vec()).or_default();
+            *count += 1;
+            // Two live pins may list the same ids (one prompt twice); they
+            // hold the same blocks, so any `ranks` releases may free one.
+            let done = *count == ranks;
+            if done {
+                heard.remove(ids);
+            }
+            done
+        };
+        if done {
+            self.engine.release_blocks(ids);
+        }
     }
 }
 
-/// The engine's KV layout in kv-transfer's terms. The engine keeps f32 KV
-/// and runs on one rank.
-pub fn kv_layout(engine: &EngineHandle) -> KvLayout {
+impl EngineBlocks {
+    /// One block source per rank of `engine`, rank order.
+    pub fn ranks(engine: &EngineHandle) -> Vec<Arc<dyn BlockSource>> {
+        let releases = Arc::new(Releases { engine: engine.clone(), heard: Mutex::new(HashMap::new()) });
+        (0..engine.tp_size())
+            .map(|rank| {
+                let layout = kv_layout(engine, rank);
+                let arena = engine.kv_arena(rank);
+                // SAFETY: the arena is the rank's KV cache in kv-transfer's
+                // paged layout (the engine's `KvCacheShape::segment_offset`
+                // is the same formula; a test below checks it), kept mapped
+                // by the clone held as owner, and its memfd is the file it is
+                // mapped from.
+                let memory =
+                    unsafe { KvMemory::new(arena.as_ptr(), arena.len(), &layout, arena.memfd(), Arc::new(arena)) };
+                Arc::new(Self { layout, memory, releases: releases.clone() }) as Arc<dyn BlockSource>
+            })
+            .collect()
+    }
+}
+
+/// Rank `rank`'s KV layout in kv-transfer's terms: f32, its share of the KV
+/// heads.
+pub fn kv_layout(engine: &EngineHandle, rank: usize) -> KvLayout {
     let shape = engine.shape();
+    let tp_size = engine.tp_size() as u32;
     KvLayout {
         num_layers: shape.num_layers as u32,
         num_kv_heads: shape.num_kv_heads as u32,
         head_dim: shape.head_dim as u32,
         dtype: KvDtype::F32,
         block_size: shape.block_size as u32,
-        tp_size: 1,
-        tp_rank: 0,
-        total_kv_heads: shape.num_kv_heads as u32,
+        tp_size,
+        tp_rank: rank as u32,
+        total_kv_heads: shape.num_kv_heads as u32 * tp_size,
     }
 }
 
-/// The reserved blocks as a pull target: the hand-off lands straight in the
-/// engine's cache. `layout` is the engine's ([`kv_layout`]).
+/// The reserved blocks of `layout`'s rank as a pull target: the hand-off
+/// lands straight in that rank's cache. `layout` is the engine's ([`kv_layout`]).
 pub fn pull_target<'a>(blocks: &'a KvReservation, layout: &KvLayout) -> PullTarget<'a> {
-    let arena = blocks.arena();
-    // SAFETY: the arena is the engine's KV cache in kv-transfer's layout (see
-    // `EngineBlocks::new`), mapped while `blocks` lives, and the reserved
+    let rank = layout.tp_rank as usize;
+    let arena = blocks.arena(rank);
+    // SAFETY: the arena is the rank's KV cache in kv-transfer's layout (see
+    // `EngineBlocks::ranks`), mapped while `blocks` lives, and the reserved
     // blocks are the engine's to leave alone until the reservation is
     // submitted or dropped, which the borrow of `blocks` outlasts.
-    let target = unsafe { PullTarget::blocks(blocks.as_mut_ptr(), arena.len(), layout, blocks.block_ids().to_vec()) };
+    let target =
+        unsafe { PullTarget::blocks(blocks.as_mut_ptr(rank), arena.len(), layout, blocks.block_ids().to_vec()) };
     target.expect("the engine reserves blocks of its own cache")
 }
 
@@ -62,7 +104,7 @@ impl BlockSource for EngineBlocks {
     }
 
     fn release_blocks(&self, ids: &[u32]) {
-        self.engine.release_blocks(ids);
+        self.releases.release(ids);
     }
 }
 

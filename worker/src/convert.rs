@@ -82,7 +82,21 @@ pub fn prompt(ids: &[u32], vocab_size: usize) -> Result<(), Status> {
 
 /// The engine's refusal of a request, as a gRPC status.
 pub fn engine_error(e: engine::EngineError) -> Status {
-    Status::invalid_argument(e.to_string())
+    match e {
+        // The router routes around a worker that answers UNAVAILABLE.
+        engine::EngineError::Failed(_) | engine::EngineError::Stopped => Status::unavailable(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// A request's `EngineEvent::Error`: UNAVAILABLE when the whole engine has
+/// failed (the router routes around the worker), INTERNAL otherwise.
+pub fn request_error(engine: &engine::EngineHandle, message: String) -> Status {
+    if engine.failure().is_some() {
+        Status::unavailable(message)
+    } else {
+        Status::internal(message)
+    }
 }
 
 #[cfg(test)]
@@ -164,5 +178,13 @@ mod tests {
             let status = sampling(Some(p.clone())).expect_err(&format!("{p:?}"));
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{p:?}");
         }
+    }
+
+    #[test]
+    fn a_failed_engine_answers_unavailable_so_the_router_routes_around_it() {
+        let failed = engine_error(engine::EngineError::Failed("rank 2 is gone".into()));
+        assert_eq!(failed.code(), tonic::Code::Unavailable);
+        assert_eq!(engine_error(engine::EngineError::Stopped).code(), tonic::Code::Unavailable);
+        assert_eq!(engine_error(engine::EngineError::ZeroMaxTokens).code(), tonic::Code::InvalidArgument);
     }
 }

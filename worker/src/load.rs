@@ -3,7 +3,8 @@
 use crate::args::{EngineArgs, KvCacheMemory};
 use crate::memory;
 use anyhow::Context;
-use engine::{Engine, EngineConfig, EngineHandle};
+use engine::parallel::TensorParallel;
+use engine::{Engine, EngineConfig, EngineHandle, Forward, KvCacheShape};
 use proto::worker as pb;
 use std::sync::Arc;
 use tracing::info;
@@ -30,13 +31,25 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         .map_err(anyhow::Error::msg)?;
     let info = loaded.info;
     let max_model_len = max_model_len(args, &info)?;
-    let block_bytes = loaded.model.kv_shape(args.block_size as usize, 1).block_bytes();
+    let tp_size = args.tensor_parallel_size as usize;
+    // Each rank caches its share of the KV heads; the budget covers them all.
+    let whole = loaded.model.kv_shape(args.block_size as usize, 0);
+    let rank_shape = |num_blocks| KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, num_blocks, ..whole };
+    let model: Arc<dyn Forward> = if tp_size > 1 {
+        // The shards are copies: the whole model goes before the KV budget is measured.
+        let sharded = TensorParallel::new(&loaded.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
+        drop(loaded.model);
+        Arc::new(sharded)
+    } else {
+        Arc::new(loaded.model)
+    };
+    let block_bytes = rank_shape(1).block_bytes() * tp_size;
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n as usize,
         None => kv_blocks(args.kv_cache_memory, block_bytes as u64)?,
     };
-    let shape = loaded.model.kv_shape(args.block_size as usize, num_blocks);
-    let vocab_size = engine::Forward::vocab_size(&loaded.model);
+    let shape = rank_shape(num_blocks);
+    let vocab_size = model.vocab_size();
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs as usize,
         max_num_batched_tokens: args.max_num_batched_tokens as usize,
@@ -45,7 +58,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         default_seed: args.seed,
         enable_prefix_caching: args.prefix_caching(),
     };
-    let engine = Engine::start(Arc::new(loaded.model), shape, config);
+    let engine = Engine::start(model, shape, config);
     let card = model_card(args, info, &loaded.tokenizer, max_model_len)?;
     info!(
         model = card.model_name,
@@ -130,16 +143,13 @@ fn kv_blocks(budget: KvCacheMemory, block_bytes: u64) -> anyhow::Result<usize> {
 }
 
 /// `--tensor-parallel-size`: each rank takes a whole number of attention and
-/// KV heads. Sharding itself is not implemented yet, so only 1 passes.
+/// KV heads (the MLP's split is checked when the model is sharded).
 pub fn check_tensor_parallel(size: u32, num_heads: usize, num_kv_heads: usize) -> Result<(), String> {
     let n = size as usize;
     if n == 0 || !num_heads.is_multiple_of(n) || !num_kv_heads.is_multiple_of(n) {
         return Err(format!(
             "--tensor-parallel-size {size} must divide the model's {num_heads} attention heads and {num_kv_heads} KV heads"
         ));
-    }
-    if n > 1 {
-        return Err(format!("--tensor-parallel-size {size}: tensor parallelism is not available yet (use 1)"));
     }
     Ok(())
 }
@@ -149,13 +159,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tensor_parallel_size_must_divide_the_heads_and_is_1_for_now() {
+    fn tensor_parallel_size_must_divide_the_heads() {
         assert_eq!(check_tensor_parallel(1, 9, 3), Ok(()));
         let err = check_tensor_parallel(2, 9, 3).unwrap_err();
         assert!(err.contains("9 attention heads") && err.contains("3 KV heads"), "{err}");
         assert!(check_tensor_parallel(4, 32, 2).unwrap_err().contains("2 KV heads"));
         assert!(check_tensor_parallel(0, 8, 8).is_err());
-        let err = check_tensor_parallel(2, 32, 8).unwrap_err();
-        assert!(err.contains("tensor parallelism is not available yet"), "{err}");
+        assert_eq!(check_tensor_parallel(3, 9, 3), Ok(()));
+        assert_eq!(check_tensor_parallel(2, 32, 8), Ok(()));
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::kv_events::{KvEventConfig, KvEventPublisher, KvEventStream};
 use engine::EngineHandle;
-use kv_transfer::{KvConnector, KvPuller};
+use kv_transfer::{KvConnectors, KvPuller};
 use proto::worker as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -13,9 +13,9 @@ pub struct WorkerService {
     card: pb::ModelCard,
     engine: EngineHandle,
     /// The KV server of a prefill worker, whose pins the stats report.
-    connector: Option<KvConnector>,
-    /// The KV puller of a decode worker, whose pulls the stats count.
-    puller: Option<Arc<KvPuller>>,
+    connector: Option<KvConnectors>,
+    /// The KV pullers of a decode worker (one per rank), whose pulls the stats count.
+    pullers: Vec<Arc<KvPuller>>,
     /// The one consumer of the engine's KV events, shared by every subscriber.
     kv_events: KvEventPublisher,
 }
@@ -24,14 +24,14 @@ impl WorkerService {
     /// Also starts the engine's [`KvEventPublisher`], so it must be called on
     /// a tokio runtime, once per engine (a second publisher would split the
     /// engine's events with the first).
-    pub fn new(card: pb::ModelCard, engine: EngineHandle, connector: Option<KvConnector>) -> Self {
+    pub fn new(card: pb::ModelCard, engine: EngineHandle, connector: Option<KvConnectors>) -> Self {
         let kv_events = KvEventPublisher::start(engine.clone(), KvEventConfig::default());
-        Self { card, engine, connector, puller: None, kv_events }
+        Self { card, engine, connector, pullers: Vec::new(), kv_events }
     }
 
-    /// The same service reporting `puller`'s pulls in its stats.
-    pub fn with_puller(self, puller: Arc<KvPuller>) -> Self {
-        Self { puller: Some(puller), ..self }
+    /// The same service reporting the pullers' pulls in its stats.
+    pub fn with_pullers(self, pullers: Vec<Arc<KvPuller>>) -> Self {
+        Self { pullers, ..self }
     }
 
     /// The KV event publisher, for the caller to [`shutdown`](KvEventPublisher::shutdown)
@@ -51,9 +51,16 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::WorkerStats>, Status> {
+        // A failed engine (a tensor-parallel rank died) serves nothing more.
+        if let Some(reason) = self.engine.failure() {
+            return Err(Status::unavailable(format!("the engine has failed: {reason}")));
+        }
         let stats = self.engine.stats();
         let pins = self.connector.as_ref().map(|c| c.stats()).unwrap_or_default();
-        let pulls = self.puller.as_ref().map(|p| p.counts()).unwrap_or_default();
+        let pulls =
+            self.pullers.iter().map(|p| p.counts()).fold(Default::default(), |a: kv_transfer::PullCounts, b| {
+                kv_transfer::PullCounts { tcp: a.tcp + b.tcp, shm: a.shm + b.shm }
+            });
         Ok(Response::new(pb::WorkerStats {
             num_sequences: stats.num_sequences as u32,
             free_blocks: stats.free_blocks as u32,

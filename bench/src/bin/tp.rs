@@ -9,6 +9,12 @@
 //! single-threaded memcpy of the same bytes measured in the same run (small
 //! sizes stay in the cache, so their memcpy is the cache's speed).
 //!
+//! Then it runs the default model in the engine unsharded and sharded over
+//! `--world-size` ranks (as a worker's `--tensor-parallel-size` does) and
+//! prints decode tokens/s for one sequence and for `--batch` sequences
+//! (128-token prompts, `--max-tokens` generated; llama-batched-bench's S_TG:
+//! tokens after every sequence's first over the time they took).
+//!
 //! On a machine with fewer cores than ranks the ranks take turns on the
 //! cores and every barrier waits for a descheduled thread: the figures then
 //! show that machine, not the communicator's floor. The load average at
@@ -17,6 +23,7 @@
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
+use bench::ours::{blocks_for, decode_tokens_per_sec, run, warm_up, Ours};
 use bench::{align, load_average, percentile};
 use clap::Parser;
 use engine::parallel::cpu::CpuGroup;
@@ -35,9 +42,29 @@ struct Args {
     /// Timed all-reduces per size.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     reps: u64,
+    /// Sequences of the batched decode figure.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    batch: u64,
+    /// Tokens each sequence generates in the decode figures.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..=512))]
+    max_tokens: u32,
+    /// The GGUF model of the decode figures.
+    #[arg(long, env = "PDSERVE_MODEL", default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: std::path::PathBuf,
+    /// Skip the decode figures (the communicator alone).
+    #[arg(long)]
+    no_decode: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Decode tokens/s of one engine configuration.
+#[derive(Debug, Serialize)]
+struct DecodeRow {
+    tp_size: usize,
+    sequences: usize,
+    tokens_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +86,7 @@ struct Report {
     load_average_start: Option<f64>,
     load_average_end: Option<f64>,
     all_reduce: Vec<Row>,
+    decode: Vec<DecodeRow>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,12 +94,14 @@ fn main() -> anyhow::Result<()> {
     let load_average_start = load_average();
     let sizes: Vec<usize> = (12..=24).step_by(2).map(|p| 1usize << p).collect();
     let all_reduce = sizes.iter().map(|&bytes| measure(args.world_size as usize, bytes, args.reps)).collect();
+    let decode = if args.no_decode { Vec::new() } else { decode_figures(&args)? };
     let report = Report {
         world_size: args.world_size,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         load_average_start,
         load_average_end: load_average(),
         all_reduce,
+        decode,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -79,6 +109,24 @@ fn main() -> anyhow::Result<()> {
         print_table(&report);
     }
     Ok(())
+}
+
+/// Decode tokens/s unsharded and on `--world-size` ranks, one sequence and a batch.
+fn decode_figures(args: &Args) -> anyhow::Result<Vec<DecodeRow>> {
+    let ours = Ours::load(&args.model)?;
+    let prompts = ours.prompts()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut rows = Vec::new();
+    for tp_size in [1, args.world_size as usize] {
+        let batch = args.batch as usize;
+        let engine = ours.engine_tp(tp_size, blocks_for(batch, 128 + args.max_tokens as usize), batch)?;
+        runtime.block_on(warm_up(&engine, &prompts))?;
+        for sequences in [1, batch] {
+            let timelines = runtime.block_on(run(&engine, prompts.batch(sequences, 128)?, args.max_tokens))?;
+            rows.push(DecodeRow { tp_size, sequences, tokens_per_s: decode_tokens_per_sec(&timelines)? });
+        }
+    }
+    Ok(rows)
 }
 
 /// One size: each rank times its own rounds; a round's time is the slowest rank's.
@@ -160,6 +208,23 @@ fn print_table(r: &Report) {
     }
     print!("{}", align(&rows, 1));
     println!("bus GB/s = 2 × (ranks − 1) / ranks × bytes / p50 (NCCL's bus bandwidth); memcpy: single thread, best of 5 loops of `reps` copies");
+    if r.decode.is_empty() {
+        return;
+    }
+    println!();
+    println!("Decode in the engine, 128-token prompts (tokens/s after every sequence's first token):");
+    println!();
+    let mut rows: Vec<Vec<String>> = vec![["TP", "sequences", "decode tok/s", "vs TP=1"].map(String::from).to_vec()];
+    for row in &r.decode {
+        let base = r.decode.iter().find(|b| b.tp_size == 1 && b.sequences == row.sequences);
+        rows.push(vec![
+            row.tp_size.to_string(),
+            row.sequences.to_string(),
+            format!("{:.1}", row.tokens_per_s),
+            base.map_or("?".into(), |b| format!("{:.2}×", row.tokens_per_s / b.tokens_per_s)),
+        ]);
+    }
+    print!("{}", align(&rows, 2));
 }
 
 fn size_label(bytes: usize) -> String {

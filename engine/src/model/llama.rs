@@ -219,7 +219,18 @@ impl Llama {
         kv: &mut KvStorage,
         comm: &dyn Communicator,
     ) -> Result<Logits, ForwardError> {
-        self.step(batch, kv, Some(comm))
+        self.step(batch, kv, Some(comm), true)
+    }
+
+    /// A follower rank's share of a step: [`Llama::forward_rank`] without the
+    /// LM head, since only rank 0's logits are sampled.
+    pub fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError> {
+        self.step(batch, kv, Some(comm), false).map(drop)
     }
 
     /// The resolved model shape.
@@ -239,7 +250,7 @@ impl Llama {
     }
 
     /// Rejects batches that would index outside the cache or the vocabulary.
-    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+    pub(crate) fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
         let bad = |m: String| Err(ForwardError::InvalidBatch(m));
         let shape = kv.shape();
         let want = self.kv_shape(shape.block_size, shape.num_blocks);
@@ -286,7 +297,7 @@ impl Forward for Llama {
         // then forks from inside the pool, where the other workers are still
         // spinning from the last one, instead of waking the pool from outside
         // and sleeping on a latch every time (tens of microseconds each).
-        rayon::scope(|_| self.step(batch, kv, None))
+        rayon::scope(|_| self.step(batch, kv, None, true))
     }
 
     fn vocab_size(&self) -> usize {
@@ -300,11 +311,13 @@ impl Forward for Llama {
 
 impl Llama {
     /// One step; a shard's partial sums are all-reduced through `comm`.
+    /// Without `logits`, the step ends at the last layer (empty logits).
     fn step(
         &self,
         batch: &ForwardBatch,
         kv: &mut KvStorage,
         comm: Option<&dyn Communicator>,
+        logits: bool,
     ) -> Result<Logits, ForwardError> {
         self.check(batch, kv)?;
         let c = &self.config;
@@ -381,7 +394,7 @@ impl Llama {
 
         let last: Vec<usize> =
             batch.seqs.iter().filter(|s| s.need_logits).map(|s| s.token_start + s.num_tokens - 1).collect();
-        if last.is_empty() {
+        if last.is_empty() || !logits {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
         let rows: Vec<f32> = last.iter().flat_map(|&t| &x[t * hidden..(t + 1) * hidden]).copied().collect();

@@ -231,6 +231,10 @@ impl Communicator for CpuComm {
         }
         s.wait(rank)
     }
+
+    fn abort(&self, reason: &str) {
+        self.shared.break_group(format!("rank {}: {reason}", self.rank));
+    }
 }
 
 impl Drop for CpuComm {

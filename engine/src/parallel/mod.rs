@@ -5,8 +5,13 @@
 //! broadcast of rank 0's step plan. [`cpu::CpuGroup`] runs the ranks as
 //! threads of one process exchanging through shared buffers, so every test
 //! runs without a GPU; NCCL is the backend behind the `cuda` feature.
+//! [`TensorParallel`] is a model sharded over CPU ranks that the engine
+//! steps like any other.
 
 pub mod cpu;
+mod model;
+
+pub use model::TensorParallel;
 
 use std::time::Duration;
 
@@ -40,6 +45,9 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CommError>;
     /// Replaces `data` on every rank with rank `root`'s.
     fn broadcast(&self, data: &mut Vec<u8>, root: usize) -> Result<(), CommError>;
+    /// Breaks the group because this rank cannot go on: every waiting and
+    /// later collective of every rank fails with [`CommError::Broken`].
+    fn abort(&self, reason: &str);
 }
 
 /// How long a rank waits for its peers at a collective before the group is

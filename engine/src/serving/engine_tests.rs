@@ -412,7 +412,7 @@ fn land(blocks: &KvReservation, data: &[u8], shape: KvCacheShape) {
             let at = shape.segment_offset(lkv / 2, lkv % 2, id as usize);
             let src = segments.next().unwrap();
             // SAFETY: a reserved block's segment, inside the arena.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr().add(at), seg) };
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr(0).add(at), seg) };
         }
     }
 }

@@ -22,7 +22,7 @@ trap stop INT TERM EXIT
 "$bin/decode-worker" --model "$model" --listen 127.0.0.1:7002 & pids+=($!)
 "$bin/router" --host 127.0.0.1 --port "$port" --prefill http://127.0.0.1:7001 --decode http://127.0.0.1:7002 & pids+=($!)
 
-until curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; do
+until curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1; do
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited during start-up" >&2; exit 1; }; done
   sleep 0.5
 done

@@ -7,9 +7,12 @@
 //! - [`cli`]: flag parsing with one-line errors.
 //! - [`telemetry`]: tracing set-up for the binaries.
 //! - [`shutdown`]: the signal every process stops on.
+//! - `discovery` (feature `discovery`): worker registration and watches over etcd.
 
 pub mod block_hash;
 pub mod chat_template;
 pub mod cli;
+#[cfg(feature = "discovery")]
+pub mod discovery;
 pub mod shutdown;
 pub mod telemetry;

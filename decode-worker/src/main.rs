@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use worker::discovery::{DiscoveryArgs, Endpoints, Role};
+use worker::lifecycle::{start_face, Lifecycle, LifecycleArgs};
 use worker::{load_engine, EngineArgs, WorkerService};
 
 #[derive(Debug, clap::Parser)]
@@ -54,6 +56,10 @@ struct Args {
     mock_reply: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    discovery: DiscoveryArgs,
+    #[command(flatten)]
+    lifecycle: LifecycleArgs,
 }
 
 #[tokio::main]
@@ -80,16 +86,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }))
         })
         .collect();
+    let tp_size = loaded.engine.tp_size();
+    let (face, http) = start_face(&args.lifecycle, Role::Decode, Some(loaded.engine.clone())).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_pullers(pullers.clone());
     let decode = service::DecodeService::new(loaded.engine, pullers, loaded.vocab_size)
         .with_layer_streaming(args.kv_layer_streaming);
-    // Tests and the launcher wait for this line.
+    // Tests and the launcher wait for the second line.
+    println!("decode-worker health and metrics on http://{http}");
     println!("decode-worker listening on http://{addr}");
-    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
-    tonic::transport::Server::builder()
+    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
+    let registration = args.discovery.announce(Role::Decode, &loaded.card, tp_size, &endpoints)?;
+    let kv_events = worker.kv_events().clone();
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
-        .add_service(DecodeServer::new(decode))
-        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .add_service(DecodeServer::new(decode));
+    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
+    Lifecycle { face, registration, kv_events, grace }
+        .serve(server, worker::service::nodelay_incoming(listener))
         .await?;
     Ok(())
 }
@@ -114,15 +127,21 @@ async fn serve_mock(args: Args) -> anyhow::Result<()> {
     }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (face, http) = start_face(&args.lifecycle, Role::Decode, None).await?;
     let worker = worker::mock::MockWorker::new(model.card.clone());
     let decode = worker::mock::MockDecode::new(&model);
-    // Tests and the launcher wait for this line.
+    // Tests and the launcher wait for the second line.
+    println!("decode-worker health and metrics on http://{http}");
     println!("decode-worker listening on http://{addr} (mock: no model)");
-    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
-    tonic::transport::Server::builder()
+    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
+    let registration = args.discovery.announce(Role::Decode, &model.card, 1, &endpoints)?;
+    let kv_events = worker.kv_events().clone();
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
-        .add_service(DecodeServer::new(decode))
-        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .add_service(DecodeServer::new(decode));
+    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
+    Lifecycle { face, registration, kv_events, grace }
+        .serve(server, worker::service::nodelay_incoming(listener))
         .await?;
     Ok(())
 }

@@ -264,6 +264,11 @@ pub struct EngineStats {
     /// Live requests: submitted and not finished (waiting + running).
     pub num_sequences: usize,
     pub num_running: usize,
+    /// Sequences the scheduler holds back (not admitted, or preempted).
+    pub num_waiting: usize,
+    /// Prompt tokens admitted but not computed yet
+    /// ([`Scheduler::num_pending_prefill_tokens`]).
+    pub pending_prefill_tokens: usize,
     /// Blocks available for allocation: never used, freed, or cached but
     /// unowned (evictable): an idle engine with no pins has all blocks free.
     pub free_blocks: usize,
@@ -346,6 +351,8 @@ impl Engine {
             failure: OnceLock::new(),
             live: Mutex::new(HashSet::new()),
             num_running: AtomicUsize::new(0),
+            num_waiting: AtomicUsize::new(0),
+            pending_prefill_tokens: AtomicUsize::new(0),
             free_blocks: AtomicUsize::new(shape.num_blocks),
             cached_blocks: AtomicUsize::new(0),
             held_blocks: AtomicUsize::new(0),
@@ -423,6 +430,8 @@ impl EngineHandle {
         EngineStats {
             num_sequences: s.live().len(),
             num_running: s.num_running.load(Ordering::Acquire),
+            num_waiting: s.num_waiting.load(Ordering::Acquire),
+            pending_prefill_tokens: s.pending_prefill_tokens.load(Ordering::Acquire),
             free_blocks: s.free_blocks.load(Ordering::Acquire),
             total_blocks: s.shape.num_blocks,
             cached_blocks: s.cached_blocks.load(Ordering::Acquire),
@@ -588,6 +597,8 @@ struct Shared {
     /// Ids submitted and not yet finished: the duplicate check and `num_sequences`.
     live: Mutex<HashSet<String>>,
     num_running: AtomicUsize,
+    num_waiting: AtomicUsize,
+    pending_prefill_tokens: AtomicUsize,
     free_blocks: AtomicUsize,
     cached_blocks: AtomicUsize,
     held_blocks: AtomicUsize,
@@ -1046,6 +1057,8 @@ impl StepLoop {
         }
         let (s, sched) = (&self.shared, &self.scheduler);
         s.num_running.store(sched.num_running(), Ordering::Release);
+        s.num_waiting.store(sched.num_waiting(), Ordering::Release);
+        s.pending_prefill_tokens.store(sched.num_pending_prefill_tokens(), Ordering::Release);
         s.free_blocks.store(sched.num_free_blocks(), Ordering::Release);
         s.cached_blocks.store(sched.num_cached_blocks(), Ordering::Release);
         s.held_blocks.store(sched.num_held_blocks(), Ordering::Release);

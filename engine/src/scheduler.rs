@@ -699,6 +699,16 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Prefill work not done yet, in tokens: whatever waiting sequences must
+    /// compute (a preempted one recomputes its generated tokens too), and the
+    /// prompt tokens running sequences have not reached. The demand signal
+    /// a prefill pool scales on.
+    pub fn num_pending_prefill_tokens(&self) -> usize {
+        let waiting: usize = self.waiting.iter().map(Sequence::num_new).sum();
+        let running: usize = self.running.iter().map(|s| s.prompt_len.saturating_sub(s.num_computed)).sum();
+        waiting + running
+    }
+
     /// Blocks available for allocation: free plus evictable cached ones.
     pub fn num_free_blocks(&self) -> usize {
         self.blocks.num_free()

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use worker::blocks::EngineBlocks;
+use worker::discovery::{DiscoveryArgs, Endpoints, Role};
+use worker::lifecycle::{start_face, Lifecycle, LifecycleArgs};
 use worker::{load_engine, EngineArgs, WorkerService};
 
 #[derive(Debug, clap::Parser)]
@@ -23,7 +25,8 @@ struct Args {
     /// (each on a free port with 0).
     #[arg(long, default_value = "127.0.0.1:0")]
     kv_listen: SocketAddr,
-    /// Host decode workers reach the kv-transfer server at; defaults to the `--kv-listen` IP.
+    /// Host decode workers reach the kv-transfer server at; defaults to
+    /// `--advertise-host`, else the `--kv-listen` IP.
     #[arg(long)]
     kv_advertise_host: Option<String>,
     /// Milliseconds a pinned hand-off lives without a pull or a renewal
@@ -45,6 +48,10 @@ struct Args {
     mock: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    discovery: DiscoveryArgs,
+    #[command(flatten)]
+    lifecycle: LifecycleArgs,
 }
 
 #[tokio::main]
@@ -72,23 +79,35 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let engine_id = args.engine_id.unwrap_or_else(|| format!("prefill-{}", uuid::Uuid::new_v4()));
     let config = ConnectorConfig {
         engine_id,
-        advertise_host: args.kv_advertise_host.unwrap_or_else(|| args.kv_listen.ip().to_string()),
+        advertise_host: match args.kv_advertise_host.clone().or_else(|| args.discovery.advertise_host.clone()) {
+            Some(host) => host,
+            None => args.kv_listen.ip().to_string(),
+        },
         lease: Duration::from_millis(args.kv_lease_ms),
         shared_memory: !args.no_kv_shared_memory,
     };
+    let kv_host = config.advertise_host.clone();
     let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (face, http) = start_face(&args.lifecycle, Role::Prefill, Some(loaded.engine.clone())).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));
     let max_model_len = loaded.card.context_length as usize;
+    let tp_size = loaded.engine.tp_size();
     let prefill = service::PrefillService::new(loaded.engine, connector.clone(), loaded.vocab_size, max_model_len);
-    // Tests and the launcher wait for this line.
+    // Tests and the launcher wait for the second line.
+    println!("prefill-worker health and metrics on http://{http}");
     println!("prefill-worker listening on http://{addr} (kv-transfer port {})", connector.port());
-    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
-    tonic::transport::Server::builder()
+    let kv = connector.ports().iter().map(|port| format!("{kv_host}:{port}")).collect();
+    let endpoints = Endpoints { grpc: addr, kv, http: Some(http) };
+    let registration = args.discovery.announce(Role::Prefill, &loaded.card, tp_size, &endpoints)?;
+    let kv_events = worker.kv_events().clone();
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
-        .add_service(PrefillServer::new(prefill))
-        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .add_service(PrefillServer::new(prefill));
+    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
+    Lifecycle { face, registration, kv_events, grace }
+        .serve(server, worker::service::nodelay_incoming(listener))
         .await?;
     Ok(())
 }
@@ -99,15 +118,21 @@ async fn serve_mock(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let engine_id = args.engine_id.unwrap_or_else(|| format!("mock-prefill-{}", uuid::Uuid::new_v4()));
+    let (face, http) = start_face(&args.lifecycle, Role::Prefill, None).await?;
     let worker = worker::mock::MockWorker::new(model.card.clone());
     let prefill = worker::mock::MockPrefill::new(&model, engine_id);
-    // Tests and the launcher wait for this line.
+    // Tests and the launcher wait for the second line.
+    println!("prefill-worker health and metrics on http://{http}");
     println!("prefill-worker listening on http://{addr} (mock: no model)");
-    let shutdown = worker::service::shutdown_signal(worker.kv_events().clone());
-    tonic::transport::Server::builder()
+    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
+    let registration = args.discovery.announce(Role::Prefill, &model.card, 1, &endpoints)?;
+    let kv_events = worker.kv_events().clone();
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
-        .add_service(PrefillServer::new(prefill))
-        .serve_with_incoming_shutdown(worker::service::nodelay_incoming(listener), shutdown)
+        .add_service(PrefillServer::new(prefill));
+    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
+    Lifecycle { face, registration, kv_events, grace }
+        .serve(server, worker::service::nodelay_incoming(listener))
         .await?;
     Ok(())
 }

@@ -11,3 +11,8 @@ pub mod worker {
 pub mod kv {
     tonic::include_proto!("pdserve.kv.v1");
 }
+
+/// What workers register in etcd for routers to find (`pdserve.discovery.v1`).
+pub mod discovery {
+    tonic::include_proto!("pdserve.discovery.v1");
+}

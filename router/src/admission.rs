@@ -8,6 +8,11 @@
 //! hands it to the best waiter at once. A waiter whose request was dropped
 //! while queued is skipped when its turn comes, so it never takes a slot.
 //!
+//! Workers come and go ([`Admission::set_active`]): only workers in the pool
+//! get slots. With none in it a request is refused at once, and the waiters
+//! are refused when the last one leaves, so nothing waits for a pool that
+//! may never come back.
+//!
 //! The router serves one model, so one [`Admission`] is the model's queue.
 
 use std::cmp::Reverse;
@@ -43,6 +48,9 @@ impl Default for AdmissionConfig {
 /// Why a request was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
+    /// The first leg's pool has no worker (503).
+    #[error("no worker is available in the pool that serves this request")]
+    NoWorker,
     /// The queue is full (429 with `Retry-After`).
     #[error("the server is overloaded: {queued} requests are already waiting; retry after {}s", retry_after.as_secs())]
     QueueFull {
@@ -58,8 +66,10 @@ pub enum AdmissionError {
 pub struct AdmissionStats {
     /// Requests waiting (not counting ones whose client left).
     pub queued: usize,
-    /// Running requests per worker of the first leg.
+    /// Running requests per worker slot of the first leg.
     pub in_flight: Vec<usize>,
+    /// Whether each slot holds a worker now.
+    pub active: Vec<bool>,
 }
 
 /// The queue of one model over the workers of its first leg. Cheap to clone.
@@ -77,6 +87,8 @@ struct Shared {
 #[derive(Debug)]
 struct State {
     in_flight: Vec<usize>,
+    /// Whether each worker is in the pool: only those get slots.
+    active: Vec<bool>,
     waiters: BinaryHeap<Waiter>,
     /// Arrival counter: equal priorities are served in this order.
     next_seq: u64,
@@ -92,7 +104,7 @@ pub type Chooser = Box<dyn FnOnce(&[usize], usize) -> usize + Send>;
 /// lowest (priority, arrival) is on top.
 struct Waiter {
     key: Reverse<(i32, u64)>,
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Result<Permit, AdmissionError>>,
     /// `None`: the least busy worker.
     choose: Option<Chooser>,
 }
@@ -124,11 +136,42 @@ impl Ord for Waiter {
 }
 
 impl Admission {
-    /// A queue over `num_workers` workers (at least 1 is assumed).
+    /// A queue over `num_workers` workers, all in the pool (at least 1 is
+    /// assumed).
     pub fn new(config: AdmissionConfig, num_workers: usize) -> Self {
+        Self::with_slots(config, num_workers.max(1), true)
+    }
+
+    /// A queue over `slots` worker slots, empty until [`Admission::set_active`]
+    /// fills them.
+    pub fn empty(config: AdmissionConfig, slots: usize) -> Self {
+        Self::with_slots(config, slots, false)
+    }
+
+    fn with_slots(config: AdmissionConfig, slots: usize, active: bool) -> Self {
         let config = AdmissionConfig { max_inflight_per_worker: config.max_inflight_per_worker.max(1), ..config };
-        let state = State { in_flight: vec![0; num_workers.max(1)], waiters: BinaryHeap::new(), next_seq: 0 };
+        let state =
+            State { in_flight: vec![0; slots], active: vec![active; slots], waiters: BinaryHeap::new(), next_seq: 0 };
         Self { shared: Arc::new(Shared { config, state: Mutex::new(state) }) }
+    }
+
+    /// Puts `worker` in the pool or takes it out. A worker that joins takes
+    /// waiters at once; when the last one leaves, every waiter is refused
+    /// with [`AdmissionError::NoWorker`]. Requests running on a worker that
+    /// left keep their permits until they end.
+    pub fn set_active(&self, worker: usize, active: bool) {
+        let mut state = self.shared.lock();
+        let Some(slot) = state.active.get_mut(worker) else {
+            return;
+        };
+        *slot = active;
+        if state.active.iter().any(|&a| a) {
+            state.dispatch(&self.shared);
+        } else {
+            for waiter in std::mem::take(&mut state.waiters).into_vec() {
+                let _ = waiter.tx.send(Err(AdmissionError::NoWorker));
+            }
+        }
     }
 
     /// The limits in force.
@@ -146,14 +189,21 @@ impl Admission {
     /// comes (placement runs then, on the load of that moment).
     pub async fn admit_with(&self, priority: i32, choose: Option<Chooser>) -> Result<Permit, AdmissionError> {
         let ticket = self.enqueue(priority, choose)?;
-        // The sender lives in the heap until granted or skipped, and a skip
-        // only happens once this receiver is gone, so this cannot fail.
-        Ok(ticket.await.expect("admission waiter dropped without a grant"))
+        // The sender lives in the heap until granted, refused or skipped, and
+        // a skip only happens once this receiver is gone, so this cannot fail.
+        ticket.await.expect("admission waiter dropped without an answer")
     }
 
     /// Queues a waiter and grants whatever slots are free.
-    fn enqueue(&self, priority: i32, choose: Option<Chooser>) -> Result<oneshot::Receiver<Permit>, AdmissionError> {
+    fn enqueue(
+        &self,
+        priority: i32,
+        choose: Option<Chooser>,
+    ) -> Result<oneshot::Receiver<Result<Permit, AdmissionError>>, AdmissionError> {
         let mut state = self.shared.lock();
+        if !state.active.iter().any(|&a| a) {
+            return Err(AdmissionError::NoWorker);
+        }
         if state.free_worker(&self.shared.config).is_none() && state.waiters.len() >= self.shared.config.max_queued {
             // Waiters whose client left still sit in the heap: don't count them.
             state.waiters.retain(|w| !w.tx.is_closed());
@@ -176,6 +226,7 @@ impl Admission {
         AdmissionStats {
             queued: state.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
             in_flight: state.in_flight.clone(),
+            active: state.active.clone(),
         }
     }
 }
@@ -188,10 +239,10 @@ impl Shared {
 }
 
 impl State {
-    /// The least busy worker with a free slot.
+    /// The least busy worker in the pool with a free slot.
     fn free_worker(&self, config: &AdmissionConfig) -> Option<usize> {
         (0..self.in_flight.len())
-            .filter(|&w| self.in_flight[w] < config.max_inflight_per_worker)
+            .filter(|&w| self.active[w] && self.in_flight[w] < config.max_inflight_per_worker)
             .min_by_key(|&w| self.in_flight[w])
     }
 
@@ -206,13 +257,14 @@ impl State {
             }
             let cap = shared.config.max_inflight_per_worker;
             let worker = match waiter.choose {
-                Some(choose) => Some(choose(&self.in_flight, cap)).filter(|&w| self.in_flight.get(w) < Some(&cap)),
+                Some(choose) => Some(choose(&self.in_flight, cap))
+                    .filter(|&w| self.active.get(w) == Some(&true) && self.in_flight[w] < cap),
                 None => None,
             }
             .unwrap_or(least_busy);
             self.in_flight[worker] += 1;
             let permit = Permit { shared: Some(shared.clone()), worker };
-            if let Err(mut permit) = waiter.tx.send(permit) {
+            if let Err(Ok(mut permit)) = waiter.tx.send(Ok(permit)) {
                 // The client left while queued: take the slot back here, as
                 // the permit's drop would lock the mutex we hold.
                 permit.shared = None;

@@ -26,7 +26,7 @@ async fn free_slots_are_granted_at_once_on_the_least_busy_worker() {
     assert_ne!(a.worker(), b.worker());
     let _c = q.admit(0).now_or_never().unwrap().unwrap();
     let _d = q.admit(0).now_or_never().unwrap().unwrap();
-    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![2, 2] });
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![2, 2], active: vec![true; 2] });
 }
 
 #[tokio::test]
@@ -54,7 +54,7 @@ async fn waiters_are_served_by_priority_then_arrival() {
         got.push(name);
     }
     assert_eq!(got, ["d-10", "c0", "e0", "a10", "b10"]);
-    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0] });
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0], active: vec![true; 1] });
 }
 
 #[tokio::test]
@@ -98,9 +98,9 @@ async fn a_dropped_waiter_is_skipped_and_takes_no_slot() {
     assert!(gone.await.unwrap_err().is_cancelled());
     drop(running);
     let permit = tokio::time::timeout(Duration::from_secs(5), stays).await.unwrap().unwrap();
-    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![1] });
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![1], active: vec![true; 1] });
     drop(permit);
-    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0] });
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0], active: vec![true; 1] });
 }
 
 #[tokio::test]
@@ -111,7 +111,7 @@ async fn a_grant_whose_waiter_left_before_receiving_is_returned() {
     drop(running);
     // Granted, then the receiver drops with the permit still inside.
     drop(ticket);
-    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0] });
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0], active: vec![true; 1] });
 }
 
 #[tokio::test]
@@ -146,4 +146,39 @@ async fn a_chooser_picks_among_free_workers_and_a_full_choice_falls_back() {
     assert_eq!(fallback.worker(), 0, "the least busy free worker instead");
     drop((on_2, fallback));
     assert_eq!(q.stats().in_flight, [0, 0, 0]);
+}
+
+#[tokio::test]
+async fn only_workers_in_the_pool_get_slots_and_waiters_are_refused_when_the_last_one_leaves() {
+    let q = Admission::empty(AdmissionConfig { max_inflight_per_worker: 1, max_queued: 8 }, 2);
+    assert_eq!(q.admit(0).now_or_never().unwrap().unwrap_err(), AdmissionError::NoWorker);
+
+    q.set_active(1, true);
+    let first = q.admit(0).now_or_never().unwrap().unwrap();
+    assert_eq!(first.worker(), 1, "slot 0 is empty");
+    let waiter = tokio::spawn({
+        let q = q.clone();
+        async move { q.admit(0).await }
+    });
+    settle().await;
+    assert_eq!(q.stats().queued, 1);
+    // A worker joining takes the waiter at once.
+    q.set_active(0, true);
+    let second = waiter.await.unwrap().unwrap();
+    assert_eq!(second.worker(), 0);
+
+    // Both leave while a request waits: it is refused, never left hanging.
+    let waiter = tokio::spawn({
+        let q = q.clone();
+        async move { q.admit(0).await.map(|p| p.worker()) }
+    });
+    settle().await;
+    q.set_active(0, false);
+    settle().await;
+    assert!(!waiter.is_finished(), "worker 1 is still in the pool");
+    q.set_active(1, false);
+    assert_eq!(waiter.await.unwrap(), Err(AdmissionError::NoWorker));
+    // Running requests keep their permits; dropping them frees the counts.
+    drop((first, second));
+    assert_eq!(q.stats(), AdmissionStats { queued: 0, in_flight: vec![0, 0], active: vec![false, false] });
 }

@@ -113,6 +113,8 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
     let config = crate::Config {
         prefill_urls: prefill,
         decode_urls: decode,
+        discovery: None,
+        shutdown_grace: Duration::from_secs(1),
         served_model_name: Some("served".into()),
         model_card_timeout: Duration::from_secs(10),
         admission: Default::default(),

@@ -30,10 +30,17 @@ pub enum ApiError {
     /// The model card has not been loaded yet (503).
     #[error("the model is still loading")]
     NotReady,
+    /// The router is shutting down (503 from `/ready`).
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    /// A pool a request needs has no worker now (503 from `/ready`).
+    #[error("no {0} worker is available")]
+    NoWorkers(&'static str),
     /// A worker failed or is unreachable (502 / 503).
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// The admission queue is full (429 with `Retry-After`).
+    /// The admission queue is full (429 with `Retry-After`), or its pool
+    /// has no worker (503).
     #[error(transparent)]
     Admission(#[from] AdmissionError),
 }
@@ -44,10 +51,11 @@ impl ApiError {
         match self {
             Self::Validation(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::ShuttingDown | Self::NoWorkers(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(BackendError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(_) => StatusCode::BAD_GATEWAY,
-            Self::Admission(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Admission(AdmissionError::QueueFull { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Admission(AdmissionError::NoWorker) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -69,8 +77,11 @@ impl ApiError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::InvalidJson(_) => "invalid_json",
             Self::NotReady => "model_loading",
+            Self::ShuttingDown => "shutting_down",
+            Self::NoWorkers(_) => "no_worker",
             Self::Backend(e) => e.code(),
             Self::Admission(AdmissionError::QueueFull { .. }) => "queue_full",
+            Self::Admission(AdmissionError::NoWorker) => "no_worker",
         }
     }
 
@@ -99,7 +110,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // Not-ready answers are expected while the model card loads (probes poll them).
-        if self.status().is_server_error() && !matches!(self, Self::NotReady) {
+        if self.status().is_server_error() && !matches!(self, Self::NotReady | Self::ShuttingDown | Self::NoWorkers(_))
+        {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (self.status(), Json(self.body())).into_response();

@@ -345,14 +345,30 @@ async fn models_and_health() {
 }
 
 #[tokio::test]
-async fn health_is_503_until_the_model_loads() {
+async fn ready_waits_for_the_model_and_a_worker_in_every_pool_and_health_only_for_the_process() {
+    use crate::roster::{Member, Roster};
+    use crate::server::Readiness;
     let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
     let (state, tx) = AppState::loading(backend);
-    let app = app(state);
-    let health = || Request::get("/health").body(Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(health()).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let decode = Arc::new(Roster::with_capacity(1));
+    let readiness = Arc::new(Readiness::over(vec![("decode", decode.clone())]));
+    let app = app(state.with_readiness(readiness.clone()));
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let status = |path: &'static str| {
+        let app = app.clone();
+        async move { app.oneshot(get(path)).await.unwrap().status() }
+    };
+    assert_eq!(status("/health").await, StatusCode::OK);
+    assert_eq!(status("/ready").await, StatusCode::SERVICE_UNAVAILABLE);
     tx.send(Some(Arc::new(Model::from_card(&card(), None).unwrap()))).unwrap();
-    assert_eq!(app.oneshot(health()).await.unwrap().status(), StatusCode::OK);
+    let (code, body) = get_json(app.clone(), "/ready").await;
+    assert_eq!((code, body["error"]["code"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!("no_worker")));
+    decode.join(Member::new("http://127.0.0.1:1", "d"));
+    assert_eq!(status("/ready").await, StatusCode::OK);
+    readiness.start_draining();
+    let (code, body) = get_json(app.clone(), "/ready").await;
+    assert_eq!((code, body["error"]["code"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!("shutting_down")));
+    assert_eq!(status("/health").await, StatusCode::OK);
 }
 
 async fn get_json(app: axum::Router, path: &str) -> (StatusCode, Value) {

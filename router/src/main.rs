@@ -21,9 +21,29 @@ struct Args {
     /// Prefill worker gRPC URL (repeatable). None: colocated serving on the decode workers.
     #[arg(long = "prefill", value_name = "URL")]
     prefill: Vec<String>,
-    /// Decode worker gRPC URL (repeatable, at least one).
-    #[arg(long = "decode", value_name = "URL", required = true)]
+    /// Decode worker gRPC URL (repeatable; at least one unless `--etcd` finds them).
+    #[arg(long = "decode", value_name = "URL", required_unless_present = "etcd", conflicts_with = "etcd")]
     decode: Vec<String>,
+    /// etcd client URLs (comma-separated or repeated): find the workers
+    /// registered there instead of `--prefill` / `--decode`, following them
+    /// as they come and go.
+    #[arg(long, value_name = "URL", value_delimiter = ',', env = "PDSERVE_ETCD", conflicts_with = "prefill")]
+    etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd (the workers' `--etcd-prefix`).
+    #[arg(long, default_value = cluster::discovery::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// With `--etcd`: the most workers of one role the router places at once.
+    #[arg(long, default_value_t = router::DEFAULT_MAX_WORKERS_PER_POOL,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_workers_per_pool: usize,
+    /// With `--etcd`: ignore prefill workers and serve colocated (decode
+    /// workers prefill themselves).
+    #[arg(long, requires = "etcd")]
+    colocated: bool,
+    /// Seconds running requests may take to finish once the router is asked
+    /// to stop (SIGTERM); new requests are refused meanwhile.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_secs: u64,
     /// Model name clients must use; defaults to the model card's name.
     #[arg(long)]
     served_model_name: Option<String>,
@@ -85,6 +105,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let config = router::Config {
         prefill_urls: args.prefill,
         decode_urls: args.decode,
+        discovery: (!args.etcd.is_empty()).then_some(router::Discovery {
+            etcd: cluster::discovery::EtcdConfig { endpoints: args.etcd, prefix: args.etcd_prefix },
+            max_workers_per_pool: args.max_workers_per_pool,
+            colocated: args.colocated,
+        }),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         served_model_name: args.served_model_name,
         model_card_timeout: Duration::from_secs(args.model_card_timeout_secs),
         admission: router::admission::AdmissionConfig {

@@ -32,6 +32,10 @@ use prometheus::{
 use crate::admission::AdmissionStats;
 use crate::pd::{BackendError, PlacementCounters, TokenStream};
 use crate::prefix_index::PrefixIndex;
+use crate::roster::Roster;
+
+/// A pool whose workers `/metrics` reports: its name, prefix index and roster.
+pub type WatchedPool = (&'static str, Arc<PrefixIndex>, Arc<Roster>);
 use crate::stream::Delta;
 
 /// Prefix of every metric name.
@@ -68,7 +72,7 @@ pub struct Metrics {
     prefix_cached_tokens: IntCounter,
     placement: PlacementCounters,
     /// The pools' prefix indexes, summarised at each scrape.
-    indexes: OnceLock<Vec<(&'static str, Arc<PrefixIndex>)>>,
+    indexes: OnceLock<Vec<WatchedPool>>,
     worker_up: IntGaugeVec,
     worker_cached_blocks: IntGaugeVec,
     worker_pinned_blocks: IntGaugeVec,
@@ -198,8 +202,9 @@ impl Metrics {
     }
 
     /// Reports each worker of these pools' indexes (up, cached blocks) at
-    /// every scrape. Only the first call takes effect.
-    pub fn watch_indexes(&self, pools: Vec<(&'static str, Arc<PrefixIndex>)>) {
+    /// every scrape, for the slots their rosters fill then. Only the first
+    /// call takes effect.
+    pub fn watch_indexes(&self, pools: Vec<WatchedPool>) {
         let _ = self.indexes.set(pools);
     }
 
@@ -254,11 +259,18 @@ impl Metrics {
     /// `admission` (read at scrape time: the queue is the one source of truth).
     pub fn render(&self, admission: &AdmissionStats) -> Result<String, prometheus::Error> {
         self.admission_queue_depth.set(admission.queued as i64);
+        // Workers that left lose their series: start from none at each scrape.
+        self.inflight_requests.reset();
         for (worker, &running) in admission.in_flight.iter().enumerate() {
-            self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
+            if admission.active.get(worker) == Some(&true) || running > 0 {
+                self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
+            }
         }
-        for (pool, index) in self.indexes.get().into_iter().flatten() {
-            for (worker, summary) in index.summary().iter().enumerate() {
+        for gauge in [&self.worker_up, &self.worker_cached_blocks, &self.worker_pinned_blocks] {
+            gauge.reset();
+        }
+        for (pool, index, roster) in self.indexes.get().into_iter().flatten() {
+            for (worker, summary) in index.summary().iter().enumerate().filter(|(w, _)| roster.is_active(*w)) {
                 let labels = [*pool, &worker.to_string()];
                 self.worker_up.with_label_values(&labels).set(summary.up.into());
                 self.worker_cached_blocks.with_label_values(&labels).set(summary.cached_blocks as i64);

@@ -8,7 +8,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 fn stats() -> AdmissionStats {
-    AdmissionStats { queued: 3, in_flight: vec![1, 0] }
+    AdmissionStats { queued: 3, in_flight: vec![1, 0], active: vec![true, true] }
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn admission_gauges_come_from_the_stats() {
     assert_eq!(sample(&text, "pdserve_router_admission_queue_depth"), Some(3.0));
     assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"0\"}"), Some(1.0));
     assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"1\"}"), Some(0.0));
-    let text = metrics.render(&AdmissionStats { queued: 0, in_flight: vec![0, 2] }).unwrap();
+    let text = metrics.render(&AdmissionStats { queued: 0, in_flight: vec![0, 2], active: vec![true, true] }).unwrap();
     assert_eq!(sample(&text, "pdserve_router_admission_queue_depth"), Some(0.0));
     assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"1\"}"), Some(2.0));
 }

@@ -41,6 +41,7 @@ use cluster::block_hash::{block_hashes, BlockHash};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::prefix_index::PrefixIndex;
+use crate::roster::Roster;
 
 /// The leg of a request a worker is picked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +125,9 @@ pub struct DecodePick {
     pub prefill_locally: bool,
 }
 
-/// Picks workers. Worker indices are positions in the router's lists of
-/// prefill and decode URLs.
+/// Picks workers. Worker indices are slots of the pools' [`Roster`]s (with
+/// static lists, positions in the router's lists of prefill and decode
+/// URLs); only filled slots are picked while any is filled.
 pub trait Placement: Send + Sync + 'static {
     /// The block size prompts are hashed with; `None` while unknown.
     fn block_size(&self) -> Option<u32> {
@@ -148,14 +150,22 @@ pub trait Placement: Send + Sync + 'static {
     fn mark_down(&self, _leg: Leg, _worker: usize) {}
 }
 
-/// Cycles through each pool independently. Lock-free: one atomic per pool.
+/// Cycles through each pool independently, skipping empty slots. Lock-free:
+/// one atomic per pool.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     prefill: AtomicUsize,
     decode: AtomicUsize,
+    /// The pools' rosters; `None`: every slot is filled (static lists).
+    rosters: Option<(Arc<Roster>, Arc<Roster>)>,
 }
 
 impl RoundRobin {
+    /// Round-robin over the filled slots of these pools.
+    pub fn over(prefill: Arc<Roster>, decode: Arc<Roster>) -> Self {
+        Self { rosters: Some((prefill, decode)), ..Self::default() }
+    }
+
     fn next(&self, leg: Leg) -> usize {
         let counter = match leg {
             Leg::Prefill => &self.prefill,
@@ -163,23 +173,37 @@ impl RoundRobin {
         };
         counter.fetch_add(1, Ordering::Relaxed)
     }
+
+    fn is_active(&self, leg: Leg, worker: usize) -> bool {
+        match (&self.rosters, leg) {
+            (None, _) => true,
+            (Some((prefill, _)), Leg::Prefill) => prefill.is_active(worker),
+            (Some((_, decode)), Leg::Decode) => decode.is_active(worker),
+        }
+    }
+
+    /// The first of `n` slots from the next turn on that is filled and `ok`.
+    fn next_where(&self, leg: Leg, n: usize, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = n.max(1);
+        let start = self.next(leg);
+        (0..n).map(|i| (start + i) % n).find(|&w| self.is_active(leg, w) && ok(w))
+    }
 }
 
 impl Placement for RoundRobin {
     fn pick_first(&self, leg: Leg, _: &Demand, slots: &Slots<'_>) -> Pick {
-        let n = slots.in_flight.len().max(1);
-        let start = self.next(leg);
-        // The next worker in turn that has a free slot.
-        let worker = (0..n).map(|i| (start + i) % n).find(|&w| slots.free(w)).unwrap_or(start % n);
-        Pick { worker, cached_blocks: 0 }
+        let n = slots.in_flight.len();
+        let worker = self.next_where(leg, n, |w| slots.free(w)).or_else(|| self.next_where(leg, n, |_| true));
+        Pick { worker: worker.unwrap_or(0), cached_blocks: 0 }
     }
 
     fn pick_decode(&self, _: &Demand, in_flight: &[usize]) -> DecodePick {
-        DecodePick { worker: self.next(Leg::Decode) % in_flight.len().max(1), prefill_locally: false }
+        let worker = self.next_where(Leg::Decode, in_flight.len(), |_| true).unwrap_or(0);
+        DecodePick { worker, prefill_locally: false }
     }
 
     fn pick_prefill_retry(&self, _: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
-        (num_prefill > 1).then(|| (failed + 1) % num_prefill)
+        (1..num_prefill).map(|i| (failed + i) % num_prefill).find(|&w| self.is_active(Leg::Prefill, w))
     }
 }
 
@@ -213,20 +237,22 @@ impl Default for CacheAwareConfig {
     }
 }
 
-/// One pool: its index and each worker's rendezvous identity.
+/// One pool: its index, and its roster for who is in it and each worker's
+/// rendezvous identity.
 #[derive(Debug)]
 struct Pool {
     index: Arc<PrefixIndex>,
-    ids: Vec<u64>,
+    roster: Arc<Roster>,
 }
 
 impl Pool {
-    fn new(index: Arc<PrefixIndex>, urls: &[String]) -> Self {
-        Self { index, ids: urls.iter().map(|u| xxh3_64_with_seed(u.as_bytes(), 0)).collect() }
+    fn rendezvous(&self, demand: &Demand, worker: usize) -> u64 {
+        xxh3_64_with_seed(&demand.key.to_le_bytes(), self.roster.id(worker))
     }
 
-    fn rendezvous(&self, demand: &Demand, worker: usize) -> u64 {
-        xxh3_64_with_seed(&demand.key.to_le_bytes(), self.ids[worker])
+    /// The filled slots among `0..n`.
+    fn members(&self, n: usize) -> Vec<usize> {
+        (0..n).filter(|&w| self.roster.is_active(w)).collect()
     }
 
     /// `candidates`, narrowed to the workers whose stream is up if any is.
@@ -277,8 +303,8 @@ pub struct CacheAware {
 }
 
 impl CacheAware {
-    /// Placement over the pools at `prefill_urls` / `decode_urls`, whose
-    /// prefix caches `prefill_index` / `decode_index` follow.
+    /// Placement over the static pools at `prefill_urls` / `decode_urls`,
+    /// whose prefix caches `prefill_index` / `decode_index` follow.
     pub fn new(
         prefill_index: Arc<PrefixIndex>,
         prefill_urls: &[String],
@@ -286,7 +312,23 @@ impl CacheAware {
         decode_urls: &[String],
         config: CacheAwareConfig,
     ) -> Self {
-        Self { prefill: Pool::new(prefill_index, prefill_urls), decode: Pool::new(decode_index, decode_urls), config }
+        let prefill = (prefill_index, Arc::new(Roster::fixed(prefill_urls)));
+        let decode = (decode_index, Arc::new(Roster::fixed(decode_urls)));
+        Self::over(prefill, decode, config)
+    }
+
+    /// Placement over pools whose members come and go: each pool's prefix
+    /// index and roster, slot for slot.
+    pub fn over(
+        (prefill_index, prefill_roster): (Arc<PrefixIndex>, Arc<Roster>),
+        (decode_index, decode_roster): (Arc<PrefixIndex>, Arc<Roster>),
+        config: CacheAwareConfig,
+    ) -> Self {
+        Self {
+            prefill: Pool { index: prefill_index, roster: prefill_roster },
+            decode: Pool { index: decode_index, roster: decode_roster },
+            config,
+        }
     }
 
     fn pool(&self, leg: Leg) -> &Pool {
@@ -303,8 +345,9 @@ impl Placement for CacheAware {
     }
 
     fn pick_first(&self, leg: Leg, demand: &Demand, slots: &Slots<'_>) -> Pick {
-        let free: Vec<usize> = (0..slots.in_flight.len()).filter(|&w| slots.free(w)).collect();
-        let candidates = if free.is_empty() { (0..slots.in_flight.len()).collect() } else { free };
+        let members = self.pool(leg).members(slots.in_flight.len());
+        let free: Vec<usize> = members.iter().copied().filter(|&w| slots.free(w)).collect();
+        let candidates = if free.is_empty() { members } else { free };
         self.pool(leg)
             .cheapest(&self.config, demand, candidates, |w| slots.in_flight[w])
             .unwrap_or(Pick { worker: 0, cached_blocks: 0 })
@@ -312,7 +355,7 @@ impl Placement for CacheAware {
 
     fn pick_decode(&self, demand: &Demand, in_flight: &[usize]) -> DecodePick {
         let pool = &self.decode;
-        let candidates = pool.prefer_up((0..in_flight.len()).collect());
+        let candidates = pool.prefer_up(pool.members(in_flight.len()));
         let worker = candidates
             .into_iter()
             .min_by_key(|&w| {
@@ -330,7 +373,7 @@ impl Placement for CacheAware {
     }
 
     fn pick_prefill_retry(&self, demand: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
-        let others = (0..num_prefill).filter(|&w| w != failed).collect();
+        let others = self.prefill.members(num_prefill).into_iter().filter(|&w| w != failed).collect();
         self.prefill.cheapest(&self.config, demand, others, |_| 0).map(|pick| pick.worker)
     }
 

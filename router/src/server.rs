@@ -2,6 +2,7 @@
 //! tokenize / detokenize / version in `tokenize_api.rs`, metrics in `metrics.rs`,
 //! the OpenAPI document of all of them in `openai/openapi.rs`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -20,6 +21,7 @@ use crate::model::Model;
 use crate::openai::openapi::{self, ErrorResponse};
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
+use crate::roster::Roster;
 use crate::tokenize_api;
 
 /// What every handler shares. Cheap to clone.
@@ -35,6 +37,36 @@ pub struct AppState {
     pub admission: Admission,
     /// This router's metrics and their registry.
     pub metrics: Arc<Metrics>,
+    /// What `/ready` checks besides the model.
+    pub readiness: Arc<Readiness>,
+}
+
+/// What makes the router ready besides its model: not shutting down, and a
+/// worker in every pool a request needs.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    draining: AtomicBool,
+    pools: Vec<(&'static str, Arc<Roster>)>,
+}
+
+impl Readiness {
+    /// Ready while each of `pools` (name, roster) has a worker.
+    pub fn over(pools: Vec<(&'static str, Arc<Roster>)>) -> Self {
+        Self { draining: AtomicBool::new(false), pools }
+    }
+
+    /// Stops reporting ready: the router is shutting down.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Why the router is not ready, if it is not (the model aside).
+    fn blocker(&self) -> Option<ApiError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Some(ApiError::ShuttingDown);
+        }
+        self.pools.iter().find(|(_, roster)| roster.active().is_empty()).map(|(pool, _)| ApiError::NoWorkers(pool))
+    }
 }
 
 impl AppState {
@@ -42,18 +74,26 @@ impl AppState {
     /// admission limits over one worker until [`AppState::with_admission`].
     pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
         let (tx, model) = watch::channel(None);
-        (Self { model, backend, admission: default_admission(), metrics: Arc::default() }, tx)
+        (
+            Self { model, backend, admission: default_admission(), metrics: Arc::default(), readiness: Arc::default() },
+            tx,
+        )
     }
 
     /// State with the model already loaded (tests, embedding).
     pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
         let (_, model) = watch::channel(Some(Arc::new(model)));
-        Self { model, backend, admission: default_admission(), metrics: Arc::default() }
+        Self { model, backend, admission: default_admission(), metrics: Arc::default(), readiness: Arc::default() }
     }
 
     /// The same state with `admission` as its queue.
     pub fn with_admission(self, admission: Admission) -> Self {
         Self { admission, ..self }
+    }
+
+    /// The same state, ready only as `readiness` says.
+    pub fn with_readiness(self, readiness: Arc<Readiness>) -> Self {
+        Self { readiness, ..self }
     }
 
     /// The same state recording into `metrics` (shared with the backend, which
@@ -100,6 +140,7 @@ fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/completions", post(handlers::completions), true),
         route(Method::GET, "/v1/models", get(models), false),
         route(Method::GET, "/health", get(health), false),
+        route(Method::GET, "/ready", get(ready), false),
         route(Method::POST, "/tokenize", post(tokenize_api::tokenize), false),
         route(Method::POST, "/detokenize", post(tokenize_api::detokenize), false),
         route(Method::GET, "/version", get(tokenize_api::version), false),
@@ -138,14 +179,25 @@ pub(crate) async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
-/// 200 once the model card is loaded, 503 before.
-#[utoipa::path(get, path = "/health", tag = "meta", responses(
-    (status = 200, description = "The model is loaded"),
-    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
-pub(crate) async fn health(State(state): State<AppState>) -> Response {
-    match state.loaded() {
-        Some(_) => StatusCode::OK.into_response(),
-        None => ApiError::NotReady.into_response(),
+/// Liveness: 200 while the router serves HTTP at all.
+#[utoipa::path(get, path = "/health", tag = "meta", responses((status = 200, description = "The router is alive")))]
+pub(crate) async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness: 200 once the model card is loaded while every pool a request
+/// needs has a worker and the router is not shutting down; 503 otherwise.
+#[utoipa::path(get, path = "/ready", tag = "meta", responses(
+    (status = 200, description = "Requests can be served"),
+    (status = 503, description = "The model is loading, a pool has no worker, or the router is shutting down",
+     body = ErrorResponse)))]
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    if state.loaded().is_none() {
+        return ApiError::NotReady.into_response();
+    }
+    match state.readiness.blocker() {
+        None => StatusCode::OK.into_response(),
+        Some(why) => why.into_response(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The gRPC edge: tonic clients of the prefill and decode pools, the
 //! conversions between wire and domain types, and model-card loading.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
@@ -19,6 +20,7 @@ use crate::pd::{
     BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
     TokenStream, WorkerLegs,
 };
+use crate::roster::Roster;
 
 /// vLLM's `kv_transfer_params` asking the prefill worker to pin the KV for a
 /// remote decode. The router writes only this; the answer is opaque to it.
@@ -38,11 +40,15 @@ pub enum WorkerError {
     NoModelCard { timeout: Duration, last_error: String },
 }
 
+/// `url` as a gRPC endpoint.
+fn endpoint(url: &str) -> Result<Endpoint, WorkerError> {
+    Endpoint::from_shared(url.to_owned())
+        .map_err(|e| WorkerError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })
+}
+
 /// A channel that connects on first use, so the router starts before its workers.
 fn channel(url: &str) -> Result<Channel, WorkerError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| WorkerError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+    Ok(endpoint(url)?.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
 }
 
 /// `Worker` service clients for `urls`, in order; nothing connects until used.
@@ -50,21 +56,59 @@ pub fn worker_clients(urls: &[String]) -> Result<Vec<WorkerClient<Channel>>, Wor
     urls.iter().map(|url| Ok(WorkerClient::new(channel(url)?))).collect()
 }
 
+/// One pool's channels, slot for slot with its [`Roster`]: a slot's channel
+/// is made on first use and remade when another worker takes the slot.
+#[derive(Debug)]
+struct Channels {
+    roster: Arc<Roster>,
+    slots: Vec<Mutex<Option<(String, Channel)>>>,
+}
+
+impl Channels {
+    fn new(roster: Arc<Roster>) -> Self {
+        let slots = (0..roster.capacity()).map(|_| Mutex::default()).collect();
+        Self { roster, slots }
+    }
+
+    /// The channel to the worker in slot `worker`; `Unavailable` when the
+    /// slot is empty (the worker left since it was picked).
+    fn get(&self, worker: usize) -> Result<Channel, BackendError> {
+        let member = self
+            .roster
+            .member(worker)
+            .ok_or_else(|| BackendError::Unavailable(format!("worker {worker} left the pool")))?;
+        let mut slot = self.slots[worker].lock().unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            Some((url, channel)) if *url == member.url => Ok(channel.clone()),
+            _ => {
+                let made = channel(&member.url).map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                *slot = Some((member.url, made.clone()));
+                Ok(made)
+            }
+        }
+    }
+}
+
 /// The prefill and decode pools as [`WorkerLegs`].
 #[derive(Debug, Clone)]
 pub struct GrpcWorkers {
-    prefill: Vec<PrefillClient<Channel>>,
-    decode: Vec<DecodeClient<Channel>>,
+    prefill: Arc<Channels>,
+    decode: Arc<Channels>,
 }
 
 impl GrpcWorkers {
-    /// Clients for every URL; nothing connects until the first request.
+    /// The static pools at these URLs; nothing connects until the first
+    /// request, and a URL that does not parse is an error now.
     pub fn new(prefill_urls: &[String], decode_urls: &[String]) -> Result<Self, WorkerError> {
-        let prefill =
-            prefill_urls.iter().map(|url| Ok(PrefillClient::new(channel(url)?))).collect::<Result<_, WorkerError>>()?;
-        let decode =
-            decode_urls.iter().map(|url| Ok(DecodeClient::new(channel(url)?))).collect::<Result<_, WorkerError>>()?;
-        Ok(Self { prefill, decode })
+        for url in prefill_urls.iter().chain(decode_urls) {
+            endpoint(url)?;
+        }
+        Ok(Self::over(Arc::new(Roster::fixed(prefill_urls)), Arc::new(Roster::fixed(decode_urls))))
+    }
+
+    /// The pools whose members these rosters hold, whenever a call is made.
+    pub fn over(prefill: Arc<Roster>, decode: Arc<Roster>) -> Self {
+        Self { prefill: Arc::new(Channels::new(prefill)), decode: Arc::new(Channels::new(decode)) }
     }
 }
 
@@ -116,11 +160,11 @@ fn finish(reason: FinishReason) -> Result<Option<Finish>, BackendError> {
 
 impl WorkerLegs for GrpcWorkers {
     fn num_prefill(&self) -> usize {
-        self.prefill.len()
+        self.prefill.slots.len()
     }
 
     fn num_decode(&self) -> usize {
-        self.decode.len()
+        self.decode.slots.len()
     }
 
     fn prefill(
@@ -128,7 +172,11 @@ impl WorkerLegs for GrpcWorkers {
         worker: usize,
         request: GenerateRequest,
     ) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
-        let mut client = self.prefill[worker].clone();
+        let channel = match self.prefill.get(worker) {
+            Ok(channel) => channel,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let mut client = PrefillClient::new(channel);
         let wire = PrefillRequest {
             request_id: request.request_id,
             prompt_token_ids: request.prompt_token_ids.to_vec(),
@@ -163,7 +211,11 @@ impl WorkerLegs for GrpcWorkers {
     }
 
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
-        let mut client = self.decode[worker].clone();
+        let channel = match self.decode.get(worker) {
+            Ok(channel) => channel,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let mut client = DecodeClient::new(channel);
         let wire = DecodeRequest {
             request_id: leg.request.request_id,
             prompt_token_ids: leg.request.prompt_token_ids.to_vec(),
@@ -195,8 +247,9 @@ impl WorkerLegs for GrpcWorkers {
     }
 
     fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>> {
-        let mut client = self.prefill[worker].clone();
+        let channel = self.prefill.get(worker);
         async move {
+            let mut client = PrefillClient::new(channel?);
             let answer = client.release_kv(ReleaseKvRequest { remote_request_id }).await.map_err(backend_error)?;
             Ok(answer.into_inner().released)
         }

@@ -5,6 +5,7 @@
 //! one colocated (decode prefills locally), both over the same decode worker.
 //! Every process is killed when the [`Cluster`] drops, panics included.
 
+pub mod etcd;
 pub mod metrics;
 pub mod process;
 pub mod sse;
@@ -50,16 +51,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Polls `GET /health` until it answers 200: the router has loaded the model
-/// card. Plain blocking HTTP/1.0, since callers may sit inside an async runtime.
-pub fn wait_healthy(url: &str) {
+/// Polls `GET /ready` until it answers 200: the router has loaded the model
+/// card and has workers. Plain blocking HTTP/1.0, since callers may sit
+/// inside an async runtime.
+pub fn wait_ready(url: &str) {
     use std::io::{Read, Write};
     let addr = url.trim_start_matches("http://").to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let ok = std::net::TcpStream::connect(&addr)
             .and_then(|mut s| {
-                s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
                 let mut answer = String::new();
                 s.read_to_string(&mut answer)?;
                 Ok(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
@@ -68,7 +70,7 @@ pub fn wait_healthy(url: &str) {
         if ok {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{url}/health never answered 200");
+        assert!(std::time::Instant::now() < deadline, "{url}/ready never answered 200");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -155,7 +157,7 @@ pub fn start_router(prefill: &[&Process], decode: &[&Process], extra: &[&str]) -
     }
     args.extend(extra);
     let router = Process::start("router", &args);
-    wait_healthy(router.url());
+    wait_ready(router.url());
     router
 }
 
@@ -185,7 +187,7 @@ impl Cluster {
             ["--host", "127.0.0.1", "--port", "0", "--decode", decode.url()].into_iter().chain(extra).collect();
         let colocated_router = Process::start("router", &args);
         for r in [&router, &colocated_router] {
-            wait_healthy(r.url());
+            wait_ready(r.url());
         }
         Self { prefill, decode, router, colocated_router, _serial: serial }
     }

@@ -2,13 +2,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// A started binary and the URL it announced.
 pub struct Process {
     child: Child,
     url: String,
+    /// Every other `... on http://ADDR` line it printed, as (line, URL).
+    announced: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 /// Model loading on a busy 2-core machine can take a while.
@@ -29,19 +31,24 @@ impl Process {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         let label = name.to_string();
+        let announced = Arc::new(Mutex::new(Vec::new()));
+        let record = announced.clone();
         std::thread::spawn(move || {
+            let url_after =
+                |line: &str, pos: usize| line[pos..].split_whitespace().next().unwrap_or_default().to_string();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(pos) = line.find("listening on http://") {
-                    let url =
-                        line[pos + "listening on ".len()..].split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = tx.send(url);
+                    let _ = tx.send(url_after(&line, pos + "listening on ".len()));
+                } else if let Some(pos) = line.find("http://") {
+                    let url = url_after(&line, pos);
+                    record.lock().unwrap_or_else(|e| e.into_inner()).push((line, url));
                 } else {
                     eprintln!("[{label}] {line}");
                 }
             }
         });
-        let mut process = Self { child, url: String::new() };
+        let mut process = Self { child, url: String::new(), announced };
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(url) => process.url = url,
             Err(_) => {
@@ -55,6 +62,44 @@ impl Process {
     /// `http://host:port` of the process.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL of the first other address line containing `what` that the
+    /// process printed before it listened (e.g. `"health and metrics"`).
+    pub fn announced(&self, what: &str) -> Option<String> {
+        let lines = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().find(|(line, _)| line.contains(what)).map(|(_, url)| url.clone())
+    }
+
+    /// The worker's `/health`, `/ready` and `/metrics` server.
+    pub fn health_url(&self) -> String {
+        self.announced("health and metrics").expect("the process printed its health and metrics address")
+    }
+
+    /// Sends SIGTERM, as Kubernetes does to stop a pod, and waits up to
+    /// `limit` for the exit; `None` if it is still running then.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.send_sigterm();
+        self.wait_exit(limit)
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Kills the process now (to test what its peers do).

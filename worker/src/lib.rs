@@ -14,7 +14,9 @@
 pub mod args;
 pub mod blocks;
 pub mod convert;
+pub mod discovery;
 pub mod kv_events;
+pub mod lifecycle;
 pub mod load;
 pub mod memory;
 pub mod mock;

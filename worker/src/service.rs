@@ -96,10 +96,3 @@ pub fn nodelay_incoming(
         Some((accepted, listener))
     })
 }
-
-/// Resolves on SIGTERM / Ctrl-C after ending the KV event streams: the gRPC
-/// server drains open streams before it stops, and those never end alone.
-pub async fn shutdown_signal(kv_events: KvEventPublisher) {
-    cluster::shutdown::signal().await;
-    kv_events.shutdown();
-}

@@ -728,3 +728,21 @@ fn a_request_reserves_max_num_seqs_for_all_its_choices() {
     assert!(s.schedule().is_empty());
     assert!(matches!(&s.take_events()[0].1, EngineEvent::Error(m) if m.contains("max_num_seqs")));
 }
+
+#[test]
+fn pending_prefill_tokens_count_waiting_prompts_and_unfinished_chunks() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 4, ..config(16, 1) });
+    s.add(seq("a", &[1, 2, 3, 4, 5, 6], 8));
+    s.add(seq("b", &[7, 8, 9], 8));
+    assert_eq!(s.num_pending_prefill_tokens(), 9);
+    // `a` gets a 4-token chunk; `b` waits for the one slot.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 0, 4)]);
+    s.finish_step(&plan, &[]);
+    assert_eq!(s.num_pending_prefill_tokens(), 2 + 3);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 4, 2)]);
+    s.finish_step(&plan, &[10]);
+    // Decoding: only `b`'s prompt is left to prefill.
+    assert_eq!(s.num_pending_prefill_tokens(), 3);
+}

@@ -30,6 +30,7 @@ use super::request::{
         crate::handlers::completions,
         crate::server::models,
         crate::server::health,
+        crate::server::ready,
         crate::server::render_metrics,
         crate::server::openapi_json,
         crate::tokenize_api::tokenize,

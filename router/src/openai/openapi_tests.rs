@@ -59,6 +59,7 @@ fn lists_exactly_the_routes_the_router_serves() {
         "/tokenize",
         "/detokenize",
         "/health",
+        "/ready",
         "/metrics",
         "/version",
         "/openapi.json",

@@ -167,3 +167,33 @@ async fn a_stream_longer_than_the_grace_period_does_not_keep_the_worker_alive() 
         .expect("stream task");
     assert_ne!(finish.as_deref(), Some("length"), "6000 tokens in {chunks} chunks cannot have finished");
 }
+
+#[tokio::test]
+async fn the_router_finishes_its_streams_after_sigterm_and_refuses_new_requests() {
+    let _turn = tests::take_turn();
+    let prefill = start_prefill_with("127.0.0.1:0", &[]);
+    let decode = start_decode_with(&[]);
+    let mut router = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
+    let url = router.url().to_owned();
+
+    const TOKENS: usize = 400;
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let stream = tokio::spawn(drain(long_stream(&url, TOKENS).await, started_tx));
+    started.await.expect("the decode worker generating");
+    router.send_sigterm();
+    // Draining: not ready, new connections refused or answered 503, the running stream goes on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&format!("{url}/ready")).await == 200 {
+        assert!(Instant::now() < deadline, "/ready still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (chunks, finish) = stream.await.expect("stream task");
+    assert_eq!(finish.as_deref(), Some("length"), "the stream was cut after {chunks} chunks");
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = router.wait_exit(Duration::from_secs(20));
+        (exit, router)
+    });
+    let (exit, _router) = exit.await.expect("waiter");
+    let exit = exit.expect("the drained router exits");
+    assert!(exit.success(), "{exit}");
+}

@@ -46,6 +46,12 @@ async fn long_stream(router: &str, max_tokens: usize) -> reqwest::Response {
     response
 }
 
+/// Waits off the runtime for `process` to exit within `limit`; the process
+/// is killed on drop if it still runs.
+async fn exit_within(mut process: tests::process::Process, limit: Duration) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || process.wait_exit(limit)).await.expect("waiter")
+}
+
 /// Content chunks seen before a test signals a worker: the first comes from
 /// the prefill worker, the later ones show the decode worker is generating.
 const CHUNKS_BEFORE_SIGNAL: usize = 3;
@@ -110,7 +116,7 @@ async fn every_worker_serves_health_readiness_and_metrics_that_promtool_accepts(
 async fn a_decode_worker_finishes_its_streams_after_sigterm_then_exits() {
     let _turn = tests::take_turn();
     let prefill = start_prefill_with("127.0.0.1:0", &[]);
-    let mut decode = start_decode_with(&["--shutdown-grace-secs", "60"]);
+    let decode = start_decode_with(&["--shutdown-grace-secs", "60"]);
     let router = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
     let face = decode.health_url();
 
@@ -130,12 +136,7 @@ async fn a_decode_worker_finishes_its_streams_after_sigterm_then_exits() {
     assert_eq!(finish.as_deref(), Some("length"), "the stream was cut after {chunks} chunks");
     // Chunks carry at least a token each; the prefill's first token is one of them.
     assert!(chunks >= TOKENS / 2, "{chunks} content chunks for {TOKENS} tokens");
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = decode.wait_exit(Duration::from_secs(20));
-        (exit, decode)
-    });
-    let (exit, _decode) = exit.await.expect("waiter");
-    let exit = exit.expect("the drained worker exits");
+    let exit = exit_within(decode, Duration::from_secs(20)).await.expect("the drained worker exits");
     assert!(exit.success(), "{exit}");
 }
 
@@ -143,7 +144,7 @@ async fn a_decode_worker_finishes_its_streams_after_sigterm_then_exits() {
 async fn a_stream_longer_than_the_grace_period_does_not_keep_the_worker_alive() {
     let _turn = tests::take_turn();
     let prefill = start_prefill_with("127.0.0.1:0", &[]);
-    let mut decode = start_decode_with(&["--shutdown-grace-secs", "1"]);
+    let decode = start_decode_with(&["--shutdown-grace-secs", "1"]);
     let router = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
 
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
@@ -152,11 +153,7 @@ async fn a_stream_longer_than_the_grace_period_does_not_keep_the_worker_alive() 
     first_rx.await.expect("the decode worker generating");
     let signalled = Instant::now();
     decode.send_sigterm();
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = decode.wait_exit(Duration::from_secs(15));
-        (exit, decode)
-    });
-    let (exit, _decode) = exit.await.expect("waiter");
+    let exit = exit_within(decode, Duration::from_secs(15)).await;
     assert!(exit.is_some(), "still running 15 s after SIGTERM with a 1 s grace period");
     let took = signalled.elapsed();
     assert!(took >= Duration::from_millis(900), "exited after {took:?}, before its grace period");
@@ -173,7 +170,7 @@ async fn the_router_finishes_its_streams_after_sigterm_and_refuses_new_requests(
     let _turn = tests::take_turn();
     let prefill = start_prefill_with("127.0.0.1:0", &[]);
     let decode = start_decode_with(&[]);
-    let mut router = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
+    let router = start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
     let url = router.url().to_owned();
 
     const TOKENS: usize = 400;
@@ -189,11 +186,6 @@ async fn the_router_finishes_its_streams_after_sigterm_and_refuses_new_requests(
     }
     let (chunks, finish) = stream.await.expect("stream task");
     assert_eq!(finish.as_deref(), Some("length"), "the stream was cut after {chunks} chunks");
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = router.wait_exit(Duration::from_secs(20));
-        (exit, router)
-    });
-    let (exit, _router) = exit.await.expect("waiter");
-    let exit = exit.expect("the drained router exits");
+    let exit = exit_within(router, Duration::from_secs(20)).await.expect("the drained router exits");
     assert!(exit.success(), "{exit}");
 }

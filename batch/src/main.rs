@@ -53,8 +53,10 @@ struct Args {
 
 fn main() {
     let args: Args = cluster::cli::parse(NAME);
-    cluster::telemetry::init();
-    cluster::cli::exit_on_error(NAME, run(args));
+    let telemetry = cluster::telemetry::init(NAME);
+    let ran = run(args);
+    drop(telemetry);
+    cluster::cli::exit_on_error(NAME, ran);
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

@@ -65,8 +65,11 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args: Args = cluster::cli::parse("decode-worker");
-    cluster::telemetry::init();
-    cluster::cli::exit_on_error("decode-worker", serve(args).await);
+    let telemetry = cluster::telemetry::init("decode-worker");
+    let served = serve(args).await;
+    // Flushed before a failure exits the process, so its last spans are exported too.
+    drop(telemetry);
+    cluster::cli::exit_on_error("decode-worker", served);
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

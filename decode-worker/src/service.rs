@@ -105,15 +105,21 @@ impl DecodeService {
         remote: &RemotePrefill,
         mut targets: Vec<PullTarget<'_>>,
     ) -> Result<Transport, KvTransferError> {
-        if let ([puller], [target]) = (&self.pullers[..], &mut targets[..]) {
-            return puller.pull_and_release(remote, target).await;
-        }
-        let pulls = self.pullers.iter().zip(&mut targets).map(|(puller, target)| puller.pull_into(remote, target));
-        let pulled = futures::future::try_join_all(pulls).await;
-        let released = self.pullers[0].release(remote).await;
-        let transport = pulled?.pop().unwrap_or(Transport::Tcp);
-        released?;
-        Ok(transport)
+        let span = kv_pull_span(remote, self.pullers.len());
+        let pull = async {
+            if let ([puller], [target]) = (&self.pullers[..], &mut targets[..]) {
+                return puller.pull_and_release(remote, target).await;
+            }
+            let pulls = self.pullers.iter().zip(&mut targets).map(|(puller, target)| puller.pull_into(remote, target));
+            let pulled = futures::future::try_join_all(pulls).await;
+            let released = self.pullers[0].release(remote).await;
+            let transport = pulled?.pop().unwrap_or(Transport::Tcp);
+            released?;
+            Ok(transport)
+        };
+        let pulled = pull.instrument(span.clone()).await;
+        record_pull(&span, &pulled);
+        pulled
     }
 
     /// Pulls into `blocks` in the background, reporting each layer as it
@@ -124,11 +130,14 @@ impl DecodeService {
         let landing = KvLanding::new(puller.layout().num_layers as usize);
         let reporter = landing.reporter();
         let (held, puller) = (blocks.share(), puller.clone());
+        let span = kv_pull_span(&remote, 1);
         let pull = async move {
             let layout = *puller.layout();
             let progress = reporter.landing().clone();
             let mut target = pull_target(&held, &layout).with_progress(move |layers| progress.landed(layers));
-            match puller.pull_and_release(&remote, &mut target).await {
+            let pulled = puller.pull_and_release(&remote, &mut target).instrument(span.clone()).await;
+            record_pull(&span, &pulled);
+            match pulled {
                 Ok(transport) => tracing::debug!(?transport, "the prompt's KV streamed in"),
                 Err(e) => reporter.landing().fail(e.to_string()),
             }
@@ -186,13 +195,43 @@ impl DecodeService {
     }
 }
 
+/// The kv-transfer hop of a request: a child of the decode span, and the
+/// parent of the prefill worker's `kv_serve` spans (the pull request carries
+/// its context).
+fn kv_pull_span(remote: &RemotePrefill, ranks: usize) -> tracing::Span {
+    info_span!(
+        "kv_pull",
+        otel.kind = "client",
+        remote_request_id = %remote.remote_request_id,
+        remote_host = %remote.remote_host,
+        blocks = remote.remote_block_ids.len(),
+        tokens = remote.num_tokens,
+        ranks,
+        transport = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
+}
+
+fn record_pull(span: &tracing::Span, pulled: &Result<Transport, KvTransferError>) {
+    match pulled {
+        Ok(transport) => span.record("transport", tracing::field::debug(transport)),
+        Err(e) => span.record("error", tracing::field::display(e)),
+    };
+}
+
 #[tonic::async_trait]
 impl pb::decode_server::Decode for DecodeService {
     type DecodeStream = ChunkStream;
 
     async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<ChunkStream>, Status> {
+        let span = info_span!(
+            "decode",
+            otel.kind = "server",
+            request_id = %request.get_ref().request_id,
+            prompt_tokens = request.get_ref().prompt_token_ids.len(),
+        );
+        cluster::telemetry::set_parent(&span, request.metadata());
         let req = request.into_inner();
-        let span = info_span!("decode", request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len());
         self.start(req).instrument(span).await.map(Response::new)
     }
 }

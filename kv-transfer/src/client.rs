@@ -224,6 +224,7 @@ impl KvPuller {
             transport: transport as i32,
             checksum: self.config.checksum,
             release,
+            traceparent: cluster::telemetry::current_traceparent(),
         };
         let header = async {
             write_frame(&mut conn.writer, &Frame { kind: Some(Kind::Pull(pull)) }).await?;

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Where the connector reads pinned blocks from and gives them back to: the
 /// engine (one rank of it).
@@ -327,7 +327,20 @@ async fn serve_connection(mut stream: TcpStream, inner: &Arc<Inner>) -> std::io:
     }
     while let Some(frame) = read_frame(&mut stream).await? {
         match frame.kind {
-            Some(Kind::Pull(req)) => serve_pull(&mut stream, inner, req).await?,
+            Some(Kind::Pull(req)) => {
+                let span = tracing::info_span!(
+                    "kv_serve",
+                    otel.kind = "server",
+                    request_id = %req.request_id,
+                    blocks = req.block_ids.len(),
+                    heads = req.head_end.saturating_sub(req.head_start),
+                    bytes = tracing::field::Empty,
+                );
+                if let Some(traceparent) = &req.traceparent {
+                    cluster::telemetry::set_parent_from_traceparent(&span, traceparent);
+                }
+                serve_pull(&mut stream, inner, req).instrument(span).await?
+            }
             Some(Kind::Renew(req)) => {
                 inner.renew(&req.request_id);
             }
@@ -364,6 +377,7 @@ async fn serve_pull(stream: &mut TcpStream, inner: &Arc<Inner>, req: PullRequest
         }
     };
     let bytes = shape.payload_bytes();
+    tracing::Span::current().record("bytes", bytes);
     let header = PullResponse { result: Some(pull_response::Result::NumBytes(bytes as u64)) };
     write_frame(stream, &Frame { kind: Some(Kind::PullResponse(header)) }).await?;
     let mut checksum = req.checksum.then(Checksum::new);

@@ -255,6 +255,7 @@ async fn start_pull_and_die(remote: &RemotePrefill, layout: KvLayout) {
         transport: Transport::Tcp as i32,
         checksum: false,
         release: false,
+        traceparent: None,
     };
     write_frame(&mut s, &Frame { kind: Some(Kind::Pull(pull)) }).await.unwrap();
     let mut some = [0u8; 64];

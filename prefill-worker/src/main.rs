@@ -57,8 +57,11 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args: Args = cluster::cli::parse("prefill-worker");
-    cluster::telemetry::init();
-    cluster::cli::exit_on_error("prefill-worker", serve(args).await);
+    let telemetry = cluster::telemetry::init("prefill-worker");
+    let served = serve(args).await;
+    // Flushed before a failure exits the process, so its last spans are exported too.
+    drop(telemetry);
+    cluster::cli::exit_on_error("prefill-worker", served);
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

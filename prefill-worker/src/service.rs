@@ -134,8 +134,14 @@ impl PrefillService {
 #[tonic::async_trait]
 impl pb::prefill_server::Prefill for PrefillService {
     async fn prefill(&self, request: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let span = info_span!(
+            "prefill",
+            otel.kind = "server",
+            request_id = %request.get_ref().request_id,
+            prompt_tokens = request.get_ref().prompt_token_ids.len(),
+        );
+        cluster::telemetry::set_parent(&span, request.metadata());
         let req = request.into_inner();
-        let span = info_span!("prefill", request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len());
         self.run(req).instrument(span).await.map(Response::new)
     }
 
@@ -143,7 +149,12 @@ impl pb::prefill_server::Prefill for PrefillService {
         &self,
         request: Request<pb::ReleaseKvRequest>,
     ) -> Result<Response<pb::ReleaseKvResponse>, Status> {
+        let span =
+            info_span!("release_kv", otel.kind = "server", remote_request_id = %request.get_ref().remote_request_id);
+        cluster::telemetry::set_parent(&span, request.metadata());
+        let _entered = span.enter();
         let released = self.connector.release(&request.into_inner().remote_request_id);
+        tracing::debug!(released, "released pinned KV");
         Ok(Response::new(pb::ReleaseKvResponse { released }))
     }
 }

@@ -53,6 +53,7 @@ pub async fn chat_completions(
     let request_id = request_id(&headers, body.params.request_id.as_deref());
     let user = body.params.user.clone();
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref());
+    cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let model = state.model().await?;
         let valid = validate_chat(&model, body)?;
@@ -86,6 +87,7 @@ pub async fn completions(
     let user = body.params.user.clone();
     let span =
         tracing::info_span!("request", request_id = %request_id, endpoint = "completions", user = user.as_deref());
+    cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let model = state.model().await?;
         let valid = validate_completion(&model, body)?;

@@ -97,8 +97,11 @@ enum PolicyArg {
 #[tokio::main]
 async fn main() {
     let args: Args = cluster::cli::parse("router");
-    cluster::telemetry::init();
-    cluster::cli::exit_on_error("router", serve(args).await);
+    let telemetry = cluster::telemetry::init("router");
+    let served = serve(args).await;
+    // Flushed before a failure exits the process, so its last spans are exported too.
+    drop(telemetry);
+    cluster::cli::exit_on_error("router", served);
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use proto::worker::{
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::pd::{
     BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
@@ -177,6 +178,13 @@ impl WorkerLegs for GrpcWorkers {
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
         let mut client = PrefillClient::new(channel);
+        let span = tracing::info_span!(
+            "prefill",
+            otel.kind = "client",
+            request_id = %request.request_id,
+            worker,
+            prompt_tokens = request.prompt_token_ids.len(),
+        );
         let wire = PrefillRequest {
             request_id: request.request_id,
             prompt_token_ids: request.prompt_token_ids.to_vec(),
@@ -185,6 +193,7 @@ impl WorkerLegs for GrpcWorkers {
             cache_salt: request.cache_salt,
             priority: request.priority,
         };
+        let wire = traced(wire, &span);
         async move {
             let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
             // Opaque: forwarded to the decode worker as the prefill worker wrote it.
@@ -207,6 +216,7 @@ impl WorkerLegs for GrpcWorkers {
             };
             Ok(PrefillOutcome { choices, handoff, num_cached_tokens })
         }
+        .instrument(span)
         .boxed()
     }
 
@@ -216,6 +226,13 @@ impl WorkerLegs for GrpcWorkers {
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
         let mut client = DecodeClient::new(channel);
+        let span = tracing::info_span!(
+            "decode",
+            otel.kind = "client",
+            request_id = %leg.request.request_id,
+            worker,
+            prompt_tokens = leg.request.prompt_token_ids.len(),
+        );
         let wire = DecodeRequest {
             request_id: leg.request.request_id,
             prompt_token_ids: leg.request.prompt_token_ids.to_vec(),
@@ -226,6 +243,7 @@ impl WorkerLegs for GrpcWorkers {
             cache_salt: leg.request.cache_salt,
             priority: leg.request.priority,
         };
+        let wire = traced(wire, &span);
         async move {
             let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();
             let tokens = chunks.map(|chunk| {
@@ -243,18 +261,30 @@ impl WorkerLegs for GrpcWorkers {
             });
             Ok(tokens.boxed())
         }
+        .instrument(span)
         .boxed()
     }
 
     fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>> {
         let channel = self.prefill.get(worker);
+        let span = tracing::info_span!("release_kv", otel.kind = "client", %remote_request_id, worker);
+        let wire = traced(ReleaseKvRequest { remote_request_id }, &span);
         async move {
             let mut client = PrefillClient::new(channel?);
-            let answer = client.release_kv(ReleaseKvRequest { remote_request_id }).await.map_err(backend_error)?;
+            let answer = client.release_kv(wire).await.map_err(backend_error)?;
             Ok(answer.into_inner().released)
         }
+        .instrument(span)
         .boxed()
     }
+}
+
+/// A gRPC request carrying `span`'s trace context, so the worker's span
+/// joins the router's trace as its child.
+fn traced<T>(message: T, span: &tracing::Span) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    cluster::telemetry::inject_span(span, request.metadata_mut());
+    request
 }
 
 /// Asks each worker in turn for the model card until one answers, backing off

@@ -119,10 +119,15 @@ pub fn start_prefill(listen: &str) -> Process {
 
 /// Starts a prefill worker on `listen` with `extra` flags.
 pub fn start_prefill_with(listen: &str, extra: &[&str]) -> Process {
+    start_prefill_env(listen, extra, &[])
+}
+
+/// [`start_prefill_with`], with `env` set for the worker.
+pub fn start_prefill_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Process {
     let model = model_path();
     let mut args = vec!["--listen", listen, "--kv-listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8")];
     args.extend(extra);
-    Process::start("prefill-worker", &args)
+    Process::start_with_env("prefill-worker", &args, env)
 }
 
 /// Starts a decode worker on any free port.
@@ -132,10 +137,15 @@ pub fn start_decode() -> Process {
 
 /// Starts a decode worker on any free port with `extra` flags.
 pub fn start_decode_with(extra: &[&str]) -> Process {
+    start_decode_env(extra, &[])
+}
+
+/// [`start_decode_with`], with `env` set for the worker.
+pub fn start_decode_env(extra: &[&str], env: &[(&str, &str)]) -> Process {
     let model = model_path();
     let mut args = vec!["--listen", "127.0.0.1:0", "--model", model.to_str().expect("utf-8 model path")];
     args.extend(extra);
-    Process::start("decode-worker", &args)
+    Process::start_with_env("decode-worker", &args, env)
 }
 
 /// A worker's `GetStats` answer (pins, pulls, blocks).
@@ -148,6 +158,11 @@ pub async fn worker_stats(url: &str) -> proto::worker::WorkerStats {
 /// Starts a router over these workers with `extra` flags and waits until it
 /// has the model card.
 pub fn start_router(prefill: &[&Process], decode: &[&Process], extra: &[&str]) -> Process {
+    start_router_env(prefill, decode, extra, &[])
+}
+
+/// [`start_router`], with `env` set for the router.
+pub fn start_router_env(prefill: &[&Process], decode: &[&Process], extra: &[&str], env: &[(&str, &str)]) -> Process {
     let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
     for p in prefill {
         args.extend(["--prefill", p.url()]);
@@ -156,7 +171,7 @@ pub fn start_router(prefill: &[&Process], decode: &[&Process], extra: &[&str]) -
         args.extend(["--decode", d.url()]);
     }
     args.extend(extra);
-    let router = Process::start("router", &args);
+    let router = Process::start_with_env("router", &args, env);
     wait_ready(router.url());
     router
 }

@@ -19,8 +19,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 impl Process {
     /// Starts `bin(name)` with `args` and waits for its `listening on http://ADDR` line.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_with_env(name, args, &[])
+    }
+
+    /// [`Process::start`] with `env` set in the child's environment (on top
+    /// of the test's own), so tests need not change their own environment.
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(crate::bin(name))
             .args(args)
+            .envs(env.iter().copied())
             // Per-request info lines from every process drown test output; RUST_LOG overrides.
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())

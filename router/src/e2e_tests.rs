@@ -124,6 +124,7 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
             ..Default::default()
         }),
         on_kv_failure: Default::default(),
+        tenancy: Default::default(),
     };
     tokio::spawn(crate::run(listener, config, std::future::pending()));
     addr

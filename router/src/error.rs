@@ -13,6 +13,8 @@ use serde_json::json;
 
 use crate::admission::AdmissionError;
 use crate::pd::BackendError;
+use crate::tenancy::limits::LimitError;
+use crate::tenancy::AuthError;
 use crate::validation::ValidationError;
 
 /// Everything a request can fail with, mapped to a status in one place.
@@ -27,6 +29,19 @@ pub enum ApiError {
     /// The body is not the JSON we expect (400).
     #[error("{0}")]
     InvalidJson(String),
+    /// The body is longer than `--max-request-body-bytes` (413).
+    #[error("The request body is larger than this server accepts.")]
+    BodyTooLarge,
+    /// No valid API key (401).
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// The key's tenant may not use this model (403).
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    /// The key's limits refuse the request (429 with `Retry-After`, or 400
+    /// for a request the key can never send).
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// The model card has not been loaded yet (503).
     #[error("the model is still loading")]
     NotReady,
@@ -50,6 +65,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Validation(_) | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::Limit(e) if e.is_rate_limit() => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limit(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::NotReady | Self::ShuttingDown | Self::NoWorkers(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(BackendError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
@@ -62,7 +82,9 @@ impl ApiError {
     /// The OpenAI `type` label, as the OpenAI SDK names its exceptions.
     fn error_type(&self) -> &'static str {
         match self.status() {
-            StatusCode::BAD_REQUEST => "BadRequestError",
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "BadRequestError",
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
@@ -76,6 +98,12 @@ impl ApiError {
             Self::Validation(e) => e.code(),
             Self::ModelNotFound(_) => "model_not_found",
             Self::InvalidJson(_) => "invalid_json",
+            Self::BodyTooLarge => "request_too_large",
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::Limit(LimitError::PromptTooLong { .. }) => "prompt_too_long",
+            Self::Limit(LimitError::TooLarge { .. }) => "request_too_large",
+            Self::Limit(_) => "rate_limit_exceeded",
             Self::NotReady => "model_loading",
             Self::ShuttingDown => "shutting_down",
             Self::NoWorkers(_) => "no_worker",
@@ -89,7 +117,17 @@ impl ApiError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::Validation(e) => e.param(),
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
+            Self::Limit(LimitError::TooLarge { .. }) => Some("max_tokens"),
+            _ => None,
+        }
+    }
+
+    /// When the client may try again, for `Retry-After`.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Admission(AdmissionError::QueueFull { retry_after, .. }) => Some(*retry_after),
+            Self::Limit(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -115,10 +153,14 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let Self::Admission(AdmissionError::QueueFull { retry_after, .. }) = &self {
-            // Whole seconds, at least 1: clients read `Retry-After` as delay-seconds.
-            let secs = retry_after.as_secs().max(1);
+        if let Some(retry_after) = self.retry_after() {
+            // Whole seconds, rounded up and at least 1: clients read
+            // `Retry-After` as delay-seconds and must not come back too early.
+            let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -126,6 +168,9 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::BodyTooLarge;
+        }
         Self::InvalidJson(rejection.body_text())
     }
 }

@@ -25,6 +25,9 @@ use crate::openai::response::Usage;
 use crate::pd::{BackendError, Finish, GenerateRequest};
 use crate::server::AppState;
 use crate::stream::{deltas, Delta, Output};
+use crate::tenancy::limits::Running;
+use crate::tenancy::usage::{meter, UsageRecord};
+use crate::tenancy::Caller;
 use crate::validation::{check_request_id, validate_chat, validate_completion, ValidRequest};
 
 /// Header that carries the request id in and out.
@@ -39,13 +42,17 @@ const EVENT_BUFFER: usize = 32;
             `chat.completion.chunk`s ending in `[DONE]`",
             content(("application/json"), ("text/event-stream"))),
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
+        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
         (status = 404, description = "`model` is not the served model", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full; see `Retry-After`", body = ErrorResponse),
+        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
         (status = 502, description = "A worker failed", body = ErrorResponse),
         (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
     ))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     AppJson(body): AppJson<ChatCompletionRequest>,
 ) -> Response {
@@ -56,9 +63,9 @@ pub async fn chat_completions(
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let model = state.model().await?;
-        let valid = validate_chat(&model, body)?;
+        let valid = for_caller(&caller, &model, validate_chat(&model, body)?)?;
         let format = ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, format).await)
+        Ok::<_, ApiError>(run(&state, &caller, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
@@ -72,13 +79,17 @@ pub async fn chat_completions(
             chunks ending in `[DONE]`",
             content(("application/json"), ("text/event-stream"))),
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
+        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
         (status = 404, description = "`model` is not the served model", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full; see `Retry-After`", body = ErrorResponse),
+        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
         (status = 502, description = "A worker failed", body = ErrorResponse),
         (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
     ))]
 pub async fn completions(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     AppJson(body): AppJson<CompletionRequest>,
 ) -> Response {
@@ -90,13 +101,32 @@ pub async fn completions(
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let model = state.model().await?;
-        let valid = validate_completion(&model, body)?;
+        let valid = for_caller(&caller, &model, validate_completion(&model, body)?)?;
         let format = CompletionFormat::new(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &model, &request_id, arrival, valid, format).await)
+        Ok::<_, ApiError>(run(&state, &caller, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
     with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
+}
+
+/// `valid` as `caller` may send it: on a model its tenant may use, under
+/// its tenant's cache salt.
+fn for_caller(caller: &Caller, model: &Model, mut valid: ValidRequest) -> Result<ValidRequest, ApiError> {
+    if !caller.may_use(&model.served_name) {
+        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
+    }
+    valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
+    Ok(valid)
+}
+
+/// Holds `valid` to its caller's limits, counting a refusal in the metrics.
+fn caller_limits(state: &AppState, caller: &Caller, valid: &ValidRequest) -> Result<Running, ApiError> {
+    let most_new_tokens = u64::from(valid.sampling.max_tokens) * u64::from(valid.sampling.n.max(1));
+    caller.check_request().and_then(|()| caller.admit(valid.prompt_token_ids.len(), most_new_tokens)).map_err(|e| {
+        state.metrics.tenants().limited(caller.tenant(), caller.key_id(), e.kind());
+        ApiError::Limit(e)
+    })
 }
 
 /// The client's `X-Request-Id`, else the body's `request_id` (vLLM's extra)
@@ -119,12 +149,17 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
 /// when the handler started, the origin of the time to first token.
 async fn run<F: ChunkFormat>(
     state: &AppState,
+    caller: &Caller,
     model: &Model,
     request_id: &str,
     arrival: Instant,
     valid: ValidRequest,
     format: F,
 ) -> Response {
+    let running = match caller_limits(state, caller, &valid) {
+        Ok(running) => running,
+        Err(e) => return e.into_response(),
+    };
     let prompt = Arc::new(valid.prompt_token_ids);
     let meta = ResponseMeta {
         id: format!("{}-{}", format.id_prefix(), uuid::Uuid::new_v4().simple()),
@@ -166,7 +201,8 @@ async fn run<F: ChunkFormat>(
     let tokens = state.backend.generate(request);
     // The slot is held until the token stream ends or is dropped (client gone).
     let tokens = hold(state.metrics.time_tokens(tokens, arrival), permit);
-    let deltas = state.metrics.count_deltas(deltas(tokens, outputs));
+    let usage = UsageRecord::start(state.usage(), caller, request_id, &model.served_name, prompt.len(), running);
+    let deltas = meter(state.metrics.count_deltas(deltas(tokens, outputs)), usage);
     if valid.stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
         return sse(stream).into_response();

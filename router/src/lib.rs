@@ -20,6 +20,7 @@
 //! - [`workers`]: the gRPC clients and model-card loading.
 //! - [`stream`]: incremental detokenization, stop strings, deltas.
 //! - [`metrics`]: the Prometheus metrics served at `GET /metrics`.
+//! - [`tenancy`]: API keys and tenants, their limits, and each request's usage.
 
 pub mod admission;
 pub mod discovery;
@@ -34,6 +35,7 @@ pub mod prefix_index;
 pub mod roster;
 pub mod server;
 pub mod stream;
+pub mod tenancy;
 pub mod tokenize;
 pub mod tokenize_api;
 pub mod tool_calls;
@@ -47,9 +49,12 @@ mod e2e_tests;
 #[cfg(test)]
 mod http_tests;
 #[cfg(test)]
+mod tenancy_http_tests;
+#[cfg(test)]
 mod testutil;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +74,8 @@ use crate::placement::{CacheAware, CacheAwareConfig, Placement, RoundRobin};
 use crate::prefix_index::PrefixIndex;
 use crate::roster::Roster;
 use crate::server::Readiness;
+use crate::tenancy::keys::{KeyRing, KeysError};
+use crate::tenancy::usage::UsageLog;
 use crate::workers::{load_model_card, worker_clients, GrpcWorkers, WorkerError};
 
 /// How the router places requests on workers.
@@ -110,6 +117,43 @@ pub struct Config {
     pub on_kv_failure: KvFailurePolicy,
     /// How long in-flight requests may run once shutdown began.
     pub shutdown_grace: Duration,
+    /// API keys, usage log and body size.
+    pub tenancy: Tenancy,
+}
+
+/// Who may call the router and what is recorded of it, opened before the
+/// router listens so a bad keys file stops it at once.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    /// The API keys; open when none are configured.
+    pub keys: Arc<KeyRing>,
+    /// Where each request's usage line is appended, if anywhere.
+    pub usage_log: Option<Arc<UsageLog>>,
+    /// The largest request body accepted (`--max-request-body-bytes`).
+    pub max_body_bytes: usize,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Self { keys: Arc::new(KeyRing::open()), usage_log: None, max_body_bytes: server::DEFAULT_MAX_BODY_BYTES }
+    }
+}
+
+impl Tenancy {
+    /// Reads the keys file (`--api-keys`; none: the API is open) and opens
+    /// the usage log (`--usage-log`) for appending.
+    pub fn open(
+        keys_file: Option<&std::path::Path>,
+        usage_log: Option<&std::path::Path>,
+        max_body_bytes: usize,
+    ) -> Result<Self, RunError> {
+        let keys = keys_file.map(KeyRing::load).transpose()?.unwrap_or_else(KeyRing::open);
+        let usage_log = usage_log
+            .map(|path| UsageLog::open(path).map_err(|source| RunError::UsageLog { path: path.to_owned(), source }))
+            .transpose()?
+            .map(Arc::new);
+        Ok(Self { keys: Arc::new(keys), usage_log, max_body_bytes })
+    }
 }
 
 /// Workers found through etcd (`--etcd`).
@@ -144,6 +188,12 @@ pub enum RunError {
     /// etcd discovery could not start.
     #[error("etcd discovery: {0}")]
     Discovery(#[from] discovery::FollowError),
+    /// The keys file is unusable.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    /// The usage log cannot be opened for appending.
+    #[error("cannot open the usage log {path}")]
+    UsageLog { path: PathBuf, source: std::io::Error },
 }
 
 /// The two pools' rosters, prefix indexes and the first leg's admission.
@@ -250,6 +300,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    if !config.tenancy.keys.is_open() {
+        tracing::info!("API keys required");
+    }
     let metrics = Arc::new(Metrics::new());
     let pools = Arc::new(Pools::new(&config, &metrics)?);
     let workers = GrpcWorkers::over(pools.prefill.roster.clone(), pools.decode.roster.clone());
@@ -265,7 +318,12 @@ pub async fn run(
     }
     let readiness = Arc::new(Readiness::over(needed));
     let (state, model_tx) = AppState::loading(backend);
-    let state = state.with_admission(pools.admission()).with_metrics(metrics).with_readiness(readiness.clone());
+    let state = state
+        .with_admission(pools.admission())
+        .with_metrics(metrics)
+        .with_readiness(readiness.clone())
+        .with_tenancy(config.tenancy.keys.clone(), config.tenancy.usage_log.clone())
+        .with_max_body_bytes(config.tenancy.max_body_bytes);
 
     let _discovery = match &config.discovery {
         None => {

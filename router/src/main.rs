@@ -78,6 +78,17 @@ struct Args {
     /// (requests with n = 1; others fail), `fail` ends the stream with an error.
     #[arg(long, value_enum, default_value_t = KvFailureArg::Recompute)]
     kv_transfer_failure: KvFailureArg,
+    /// API keys and tenants (TOML; keys kept as SHA-256 digests, see
+    /// `router/src/tenancy/keys.rs`). Without it the API is open.
+    #[arg(long, value_name = "PATH", env = "PDSERVE_API_KEYS")]
+    api_keys: Option<std::path::PathBuf>,
+    /// Append one JSON line per finished request (tenant, key, tokens, outcome) to this file.
+    #[arg(long, value_name = "PATH")]
+    usage_log: Option<std::path::PathBuf>,
+    /// The largest request body accepted; larger ones get 413.
+    #[arg(long, default_value_t = router::server::DEFAULT_MAX_BODY_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_request_body_bytes: usize,
 }
 
 /// `--kv-transfer-failure`.
@@ -132,6 +143,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             KvFailureArg::Recompute => KvFailurePolicy::Recompute,
             KvFailureArg::Fail => KvFailurePolicy::Fail,
         },
+        tenancy: router::Tenancy::open(
+            args.api_keys.as_deref(),
+            args.usage_log.as_deref(),
+            args.max_request_body_bytes,
+        )?,
     };
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await

@@ -14,7 +14,10 @@
 //!   backend's token stream; generated tokens: [`Metrics::count_deltas`] over
 //!   the deltas the client is sent, so they match the reported usage;
 //! - prefix-cached tokens: the disaggregated backend, from the prefill answer;
-//! - admission gauges: read from the queue at scrape time ([`Metrics::render`]).
+//! - admission gauges: read from the queue at scrape time ([`Metrics::render`]);
+//! - per-key usage and refusals ([`TenantCounters`]): the usage record of each
+//!   admitted request when it ends (`tenancy::usage`), and the handler for a
+//!   request a key's limits refuse.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -78,6 +81,60 @@ pub struct Metrics {
     worker_pinned_blocks: IntGaugeVec,
     admission_queue_depth: IntGauge,
     inflight_requests: IntGaugeVec,
+    tenants: TenantCounters,
+}
+
+/// Per-key counters, labelled by tenant and key id (`anonymous` without keys).
+#[derive(Debug, Clone)]
+pub struct TenantCounters {
+    requests: IntCounterVec,
+    prompt_tokens: IntCounterVec,
+    completion_tokens: IntCounterVec,
+    rate_limited: IntCounterVec,
+}
+
+impl TenantCounters {
+    fn register(registry: &Registry) -> Self {
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            let counter =
+                IntCounterVec::new(Opts::new(format!("{PREFIX}{name}"), help), labels).expect("valid counter options");
+            register(registry, counter)
+        };
+        Self {
+            requests: vec(
+                "key_requests_total",
+                "Admitted requests by key and how they ended (completed, failed, cancelled).",
+                &["tenant", "key", "outcome"],
+            ),
+            prompt_tokens: vec(
+                "key_prompt_tokens_total",
+                "Prompt tokens of admitted requests, by key.",
+                &["tenant", "key"],
+            ),
+            completion_tokens: vec(
+                "key_completion_tokens_total",
+                "Tokens sent to clients, by key, cancelled streams included.",
+                &["tenant", "key"],
+            ),
+            rate_limited: vec(
+                "key_limited_requests_total",
+                "Requests a key's limits refused, by limit.",
+                &["tenant", "key", "limit"],
+            ),
+        }
+    }
+
+    /// Records one admitted request that ended.
+    pub fn record(&self, tenant: &str, key: &str, outcome: &str, prompt_tokens: u64, completion_tokens: u64) {
+        self.requests.with_label_values(&[tenant, key, outcome]).inc();
+        self.prompt_tokens.with_label_values(&[tenant, key]).inc_by(prompt_tokens);
+        self.completion_tokens.with_label_values(&[tenant, key]).inc_by(completion_tokens);
+    }
+
+    /// Counts a request refused by the key's `limit`.
+    pub fn limited(&self, tenant: &str, key: &str, limit: &str) {
+        self.rate_limited.with_label_values(&[tenant, key, limit]).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -171,6 +228,7 @@ impl Metrics {
         )
         .expect("valid gauge options");
         let inflight_requests = register(&registry, inflight_requests);
+        let tenants = TenantCounters::register(&registry);
         Self {
             registry,
             time_to_first_token,
@@ -188,7 +246,13 @@ impl Metrics {
             worker_pinned_blocks,
             admission_queue_depth,
             inflight_requests,
+            tenants,
         }
+    }
+
+    /// The per-key counters.
+    pub fn tenants(&self) -> TenantCounters {
+        self.tenants.clone()
     }
 
     /// The prefix-cached tokens counter, for the backend that learns them.

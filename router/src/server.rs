@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,14 @@ use crate::openai::openapi::{self, ErrorResponse};
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
 use crate::roster::Roster;
+use crate::tenancy::keys::KeyRing;
+use crate::tenancy::usage::{UsageLog, UsageSink};
+use crate::tenancy::Caller;
 use crate::tokenize_api;
+
+/// Request bodies accepted by default: room for a long prompt given as
+/// token ids, while a flood of huge bodies cannot fill the memory.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
 
 /// What every handler shares. Cheap to clone.
 ///
@@ -39,6 +46,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// What `/ready` checks besides the model.
     pub readiness: Arc<Readiness>,
+    /// The API keys; open when none are configured.
+    pub keys: Arc<KeyRing>,
+    /// Where each request's usage line is appended, if anywhere.
+    pub usage_log: Option<Arc<UsageLog>>,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
 }
 
 /// What makes the router ready besides its model: not shutting down, and a
@@ -74,16 +87,41 @@ impl AppState {
     /// admission limits over one worker until [`AppState::with_admission`].
     pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
         let (tx, model) = watch::channel(None);
-        (
-            Self { model, backend, admission: default_admission(), metrics: Arc::default(), readiness: Arc::default() },
-            tx,
-        )
+        (Self::with_model(model, backend), tx)
     }
 
     /// State with the model already loaded (tests, embedding).
     pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
         let (_, model) = watch::channel(Some(Arc::new(model)));
-        Self { model, backend, admission: default_admission(), metrics: Arc::default(), readiness: Arc::default() }
+        Self::with_model(model, backend)
+    }
+
+    fn with_model(model: watch::Receiver<Option<Arc<Model>>>, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            model,
+            backend,
+            admission: default_admission(),
+            metrics: Arc::default(),
+            readiness: Arc::default(),
+            keys: Arc::new(KeyRing::open()),
+            usage_log: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+
+    /// The same state behind `keys`, logging usage to `usage_log`.
+    pub fn with_tenancy(self, keys: Arc<KeyRing>, usage_log: Option<Arc<UsageLog>>) -> Self {
+        Self { keys, usage_log, ..self }
+    }
+
+    /// The same state accepting bodies of up to `bytes`.
+    pub fn with_max_body_bytes(self, bytes: usize) -> Self {
+        Self { max_body_bytes: bytes, ..self }
+    }
+
+    /// Where a request's usage goes.
+    pub fn usage(&self) -> UsageSink {
+        UsageSink::new(self.metrics.tenants(), self.usage_log.clone())
     }
 
     /// The same state with `admission` as its queue.
@@ -167,7 +205,8 @@ pub fn app(state: AppState) -> Router {
     // Only the generation routes are counted and timed: probes and scrapes
     // would drown them.
     let generation = generation.route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
-    Router::new().merge(generation).merge(other).with_state(state)
+    let limit = DefaultBodyLimit::max(state.max_body_bytes);
+    Router::new().merge(generation).merge(other).layer(limit).with_state(state)
 }
 
 /// `GET /openapi.json`: built once, it never changes while the router runs.
@@ -201,22 +240,25 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The served model.
+/// The served models the caller's key may use.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
-    (status = 200, description = "A `list` of the one served model", content_type = "application/json"),
+    (status = 200, description = "A `list` of the served models this key may use", content_type = "application/json"),
+    (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 503, description = "The model is still loading", body = ErrorResponse)))]
-pub(crate) async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+pub(crate) async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<ModelList>, ApiError> {
     let model = state.model().await?;
-    Ok(Json(ModelList {
-        object: "list",
-        data: vec![ModelObject {
+    let data = caller
+        .may_use(&model.served_name)
+        .then(|| ModelObject {
             id: model.served_name.clone(),
             object: "model",
             created: model.created,
             owned_by: "pdserve",
             max_model_len: model.context_length,
-        }],
-    }))
+        })
+        .into_iter()
+        .collect();
+    Ok(Json(ModelList { object: "list", data }))
 }
 
 /// `GET /metrics`: the Prometheus text exposition.

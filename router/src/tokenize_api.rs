@@ -13,6 +13,7 @@ use crate::openai::openapi::ErrorResponse;
 use crate::openai::request::{DetokenizeRequest, TokenizeRequest};
 use crate::openai::response::{DetokenizeResponse, TokenizeResponse, VersionResponse};
 use crate::server::AppState;
+use crate::tenancy::Caller;
 use crate::tokenize;
 use crate::validation::{chat_messages, chat_render, chat_tools, check_model, ValidationError};
 
@@ -20,14 +21,20 @@ use crate::validation::{chat_messages, chat_render, chat_tools, check_model, Val
 #[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, responses(
     (status = 200, description = "`tokens`, `count`, `max_model_len`, maybe `token_strs`", content_type = "application/json"),
     (status = 400, description = "A parameter is missing or invalid; `param` names it", body = ErrorResponse),
+    (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+    (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
     (status = 404, description = "`model` is not the served model", body = ErrorResponse),
     (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
+    caller: Caller,
     AppJson(body): AppJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = state.model().await?;
     check_model(&model, body.model.as_deref())?;
+    if !caller.may_use(&model.served_name) {
+        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
+    }
     let return_token_strs = body.return_token_strs.unwrap_or(false);
     let tokens = tokenize_request(&model, body)?;
     Ok(Json(TokenizeResponse {
@@ -42,14 +49,20 @@ pub async fn tokenize(
 #[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest, responses(
     (status = 200, description = "The decoded `prompt`", content_type = "application/json"),
     (status = 400, description = "`tokens` is missing or out of the vocabulary", body = ErrorResponse),
+    (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+    (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
     (status = 404, description = "`model` is not the served model", body = ErrorResponse),
     (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
+    caller: Caller,
     AppJson(body): AppJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let model = state.model().await?;
     check_model(&model, body.model.as_deref())?;
+    if !caller.may_use(&model.served_name) {
+        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
+    }
     let tokens = body.tokens.ok_or(ValidationError::Missing { field: "tokens" })?;
     let ids = tokenize::vocab_ids(&model, "tokens", &tokens)?;
     Ok(Json(DetokenizeResponse { prompt: tokenize::decode(&model, &ids)? }))

@@ -1,0 +1,83 @@
+//! API keys and tenants: who is calling, what they may use, how much, and
+//! what they used.
+//!
+//! - [`keys`]: the keys file -> [`keys::KeyRing`], SHA-256 digest -> key -> tenant.
+//! - [`limits`]: each key's rate buckets, concurrency cap and prompt cap.
+//! - [`usage`]: each request's usage, counted from the tokens it was sent
+//!   (a cancelled stream too), as metrics and a JSON-lines usage log.
+//! - [`Caller`]: the extractor the handlers take, 401 without a valid key.
+
+mod auth;
+pub mod keys;
+pub mod limits;
+pub mod usage;
+
+use std::sync::Arc;
+
+pub use auth::AuthError;
+use keys::ApiKey;
+use limits::{LimitError, Running};
+
+/// Who sent a request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No keys are configured: the API is open and nothing is limited.
+    Anonymous,
+    /// A configured key.
+    Key(Arc<ApiKey>),
+}
+
+/// The `tenant` and `key` labels of requests without a key.
+const ANONYMOUS: &str = "anonymous";
+
+impl Caller {
+    /// Whether the caller may use the model served as `name`.
+    pub fn may_use(&self, name: &str) -> bool {
+        match self {
+            Self::Anonymous => true,
+            Self::Key(key) => key.tenant.may_use(name),
+        }
+    }
+
+    /// The cache salt the caller's request runs under: the client's own
+    /// without keys (vLLM's `cache_salt`), else inside its tenant's namespace.
+    pub fn cache_salt(&self, requested: Option<String>) -> Option<String> {
+        match self {
+            Self::Anonymous => requested,
+            Self::Key(key) => Some(key.tenant.salt(requested)),
+        }
+    }
+
+    /// Counts a request against the key's requests per minute.
+    pub fn check_request(&self) -> Result<(), LimitError> {
+        match self {
+            Self::Anonymous => Ok(()),
+            Self::Key(key) => key.limiter.check_request(),
+        }
+    }
+
+    /// Admits a request of `prompt_tokens` that may generate `max_new_tokens`
+    /// under the key's token, prompt and concurrency limits.
+    pub fn admit(&self, prompt_tokens: usize, max_new_tokens: u64) -> Result<Running, LimitError> {
+        match self {
+            Self::Anonymous => Ok(Running::unlimited()),
+            Self::Key(key) => key.limiter.admit(prompt_tokens, max_new_tokens),
+        }
+    }
+
+    /// The caller's tenant name, `anonymous` without keys.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Self::Anonymous => ANONYMOUS,
+            Self::Key(key) => &key.tenant.name,
+        }
+    }
+
+    /// The caller's key id, `anonymous` without keys.
+    pub fn key_id(&self) -> &str {
+        match self {
+            Self::Anonymous => ANONYMOUS,
+            Self::Key(key) => &key.id,
+        }
+    }
+}

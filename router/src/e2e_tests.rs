@@ -196,3 +196,32 @@ async fn colocated_request_goes_to_decode_only() {
     let decoded = decode.decoded.lock().unwrap().remove(0);
     assert!(decoded.kv_transfer_params.is_none() && decoded.first_token_id.is_none());
 }
+
+/// A URL nothing listens on: connections are refused at once.
+async fn dead_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
+}
+
+async fn get(addr: &str, path: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_trips_its_breaker_and_no_request_is_lost() {
+    let live = FakeWorker::default();
+    let dead = dead_url().await;
+    let router = start_router(vec![], vec![dead, serve_worker(live.clone()).await]).await;
+    for _ in 0..6 {
+        let (status, body) = http(&router, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 3})).await;
+        assert!(status.contains("200"), "a dead worker is retried on the live one: {status} {body}");
+    }
+    assert_eq!(live.decoded.lock().unwrap().len(), 6);
+    let metrics = get(&router, "/metrics").await;
+    assert!(metrics.contains(r#"pdserve_router_worker_circuit_state{pool="decode",worker="0"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"pdserve_router_worker_circuit_state{pool="decode",worker="1"} 0"#), "{metrics}");
+}

@@ -15,6 +15,7 @@
 //! - [`placement`]: which worker serves a leg: cost over cached prefixes and load, or round-robin.
 //! - [`prefix_index`]: each worker's cached block hashes, followed from its KV event stream.
 //! - [`roster`]: who is in each pool now: worker slots, filled and emptied as workers come and go.
+//! - [`breaker`]: each slot's circuit breaker (closed / open / half-open), fed by the gRPC edge.
 //! - [`discovery`]: the pools' rosters kept in step with etcd registrations (`--etcd`).
 //! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
 //! - [`workers`]: the gRPC clients and model-card loading.
@@ -23,6 +24,7 @@
 //! - [`tenancy`]: API keys and tenants, their limits, and each request's usage.
 
 pub mod admission;
+pub mod breaker;
 pub mod discovery;
 pub mod error;
 pub mod handlers;
@@ -240,6 +242,7 @@ impl Pools {
             prefill: pool(prefill, prefill_index, first_is_prefill),
             decode: pool(decode, decode_index, !first_is_prefill),
         };
+        metrics.watch_rosters(vec![("prefill", pools.prefill.roster.clone()), ("decode", pools.decode.roster.clone())]);
         if let (Some(p), Some(d)) = (&pools.prefill.index, &pools.decode.index) {
             metrics.watch_indexes(vec![
                 ("prefill", p.clone(), pools.prefill.roster.clone()),

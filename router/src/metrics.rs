@@ -82,6 +82,9 @@ pub struct Metrics {
     admission_queue_depth: IntGauge,
     inflight_requests: IntGaugeVec,
     tenants: TenantCounters,
+    /// The pools' rosters, whose breakers are read at every scrape.
+    rosters: OnceLock<Vec<(&'static str, Arc<Roster>)>>,
+    worker_circuit_state: IntGaugeVec,
 }
 
 /// Per-key counters, labelled by tenant and key id (`anonymous` without keys).
@@ -209,6 +212,10 @@ impl Metrics {
             register(&registry, gauge)
         };
         let worker_up = pool_gauge("worker_up", "1 while the worker's KV event stream is live and snapshotted.");
+        let worker_circuit_state = pool_gauge(
+            "worker_circuit_state",
+            "The worker's circuit breaker: 0 closed, 1 open (no requests), 2 half-open (one probe request).",
+        );
         let worker_cached_blocks =
             pool_gauge("worker_cached_blocks", "KV blocks the router's prefix index holds for the worker.");
         let worker_pinned_blocks = pool_gauge(
@@ -247,7 +254,15 @@ impl Metrics {
             admission_queue_depth,
             inflight_requests,
             tenants,
+            rosters: OnceLock::new(),
+            worker_circuit_state,
         }
+    }
+
+    /// Reports the circuit breaker of each worker in these pools (name,
+    /// roster) at every scrape. Only the first call takes effect.
+    pub fn watch_rosters(&self, pools: Vec<(&'static str, Arc<Roster>)>) {
+        let _ = self.rosters.set(pools);
     }
 
     /// The per-key counters.
@@ -330,8 +345,16 @@ impl Metrics {
                 self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
             }
         }
-        for gauge in [&self.worker_up, &self.worker_cached_blocks, &self.worker_pinned_blocks] {
+        for gauge in
+            [&self.worker_up, &self.worker_cached_blocks, &self.worker_pinned_blocks, &self.worker_circuit_state]
+        {
             gauge.reset();
+        }
+        for (pool, roster) in self.rosters.get().into_iter().flatten() {
+            for worker in roster.active() {
+                let state = roster.breaker(worker).circuit().gauge();
+                self.worker_circuit_state.with_label_values(&[*pool, &worker.to_string()]).set(state);
+            }
         }
         for (pool, index, roster) in self.indexes.get().into_iter().flatten() {
             for (worker, summary) in index.summary().iter().enumerate().filter(|(w, _)| roster.is_active(*w)) {

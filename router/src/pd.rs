@@ -352,21 +352,40 @@ impl<L: WorkerLegs> PdBackend<L> {
     }
 
     /// Decode on `worker` only, prefilling there; counted in `decode_in_flight`.
+    /// A worker found unreachable before anything was sent is retried once
+    /// on another decode worker: the client cannot tell.
     fn colocated(&self, worker: usize, request: GenerateRequest) -> TokenStream {
         let n = request.sampling.n.max(1);
-        let slot = DecodeSlot::take(&self.decode_in_flight, worker);
+        let demand = self.demand(&request);
         let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
-        let opened = self.legs.decode(worker, leg);
-        let placement = self.placement.clone();
-        stream::once(opened)
-            .flat_map(move |opened| match opened {
-                Ok(tokens) => hold(until_finish(tokens, n), slot.clone()),
+        let (legs, placement, in_flight) = (self.legs.clone(), self.placement.clone(), self.decode_in_flight.clone());
+        let opened = async move {
+            let slot = DecodeSlot::take(&in_flight, worker);
+            let error = match legs.decode(worker, leg.clone()).await {
+                Ok(tokens) => return Ok((tokens, slot)),
+                Err(e @ BackendError::Unavailable(_)) => e,
+                Err(e) => return Err(e),
+            };
+            placement.mark_down(Leg::Decode, worker);
+            let Some(retry) = placement.pick_retry(Leg::Decode, &demand, worker, legs.num_decode()) else {
+                return Err(error);
+            };
+            tracing::warn!(failed = worker, retry, %error, "decode worker unreachable; retrying on another");
+            let slot = DecodeSlot::take(&in_flight, retry);
+            match legs.decode(retry, leg).await {
+                Ok(tokens) => Ok((tokens, slot)),
                 Err(e) => {
                     if matches!(e, BackendError::Unavailable(_)) {
-                        placement.mark_down(Leg::Decode, worker);
+                        placement.mark_down(Leg::Decode, retry);
                     }
-                    stream::iter([Err(e)]).boxed()
+                    Err(e)
                 }
+            }
+        };
+        stream::once(opened)
+            .flat_map(move |opened| match opened {
+                Ok((tokens, slot)) => hold(until_finish(tokens, n), slot),
+                Err(e) => stream::iter([Err(e)]).boxed(),
             })
             .boxed()
     }
@@ -522,7 +541,7 @@ impl<L: WorkerLegs> PdRun<L> {
         if matches!(error, BackendError::Unavailable(_)) {
             self.placement.mark_down(Leg::Prefill, first);
         }
-        let Some(retry) = self.placement.pick_prefill_retry(&self.demand, first, self.legs.num_prefill()) else {
+        let Some(retry) = self.placement.pick_retry(Leg::Prefill, &self.demand, first, self.legs.num_prefill()) else {
             return Err(error);
         };
         tracing::warn!(failed = first, retry, %error, "prefill failed; retrying on another prefill worker");

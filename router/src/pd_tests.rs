@@ -22,6 +22,8 @@ struct FakeLegs {
     prefill_calls: Mutex<Vec<usize>>,
     /// Decode answers every hand-off with a failed KV pull.
     failing_handoff: bool,
+    /// Decode workers that answer `Unavailable`.
+    failing_decode: Vec<usize>,
 }
 
 impl WorkerLegs for Arc<FakeLegs> {
@@ -41,6 +43,9 @@ impl WorkerLegs for Arc<FakeLegs> {
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
         let handoff = leg.handoff.is_some();
         self.decode_calls.lock().unwrap().push((worker, leg));
+        if self.failing_decode.contains(&worker) {
+            return future::ready(Err(BackendError::Unavailable(format!("decode {worker} is gone")))).boxed();
+        }
         if handoff && self.failing_handoff {
             return future::ready(Err(BackendError::KvTransfer("the prefill worker is gone".into()))).boxed();
         }
@@ -84,6 +89,7 @@ fn setup(
         failing_prefill: Vec::new(),
         prefill_calls: Mutex::new(Vec::new()),
         failing_handoff: false,
+        failing_decode: Vec::new(),
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     (legs, backend, rx)
@@ -141,6 +147,7 @@ async fn prefill_without_kv_transfer_params_is_an_error() {
         failing_prefill: Vec::new(),
         prefill_calls: Mutex::new(Vec::new()),
         failing_handoff: false,
+        failing_decode: Vec::new(),
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     let items: Vec<_> = backend.generate(request()).collect().await;
@@ -203,6 +210,7 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
         failing_prefill: Vec::new(),
         prefill_calls: Mutex::new(Vec::new()),
         failing_handoff: false,
+        failing_decode: Vec::new(),
     });
     let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
     let mut req = request();
@@ -274,7 +282,7 @@ impl Placement for PrefillOnDecode {
     fn pick_decode(&self, _: &Demand, _: &[usize]) -> crate::placement::DecodePick {
         crate::placement::DecodePick { worker: 1, prefill_locally: true }
     }
-    fn pick_prefill_retry(&self, _: &Demand, _: usize, _: usize) -> Option<usize> {
+    fn pick_retry(&self, _: Leg, _: &Demand, _: usize, _: usize) -> Option<usize> {
         None
     }
 }
@@ -323,4 +331,28 @@ async fn a_failed_hand_off_fails_the_stream_when_so_configured() {
     assert!(matches!(items[1], Err(BackendError::KvTransfer(_))), "{:?}", items[1]);
     assert_eq!(items.len(), 2);
     assert_eq!(legs.decode_calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn colocated_retries_an_unreachable_decode_worker_on_another() {
+    let (legs, _, _) = setup(0, None, vec![chunk(&[8], Some(Finish::Stop))]);
+    let mut legs = Arc::into_inner(legs).unwrap();
+    legs.failing_decode = vec![0];
+    let legs = Arc::new(legs);
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    let items: Vec<_> = backend.generate(GenerateRequest { first_worker: Some(0), ..request() }).collect().await;
+    let ids: Vec<_> = items.iter().map(|c| c.as_ref().unwrap().token_ids.clone()).collect();
+    assert_eq!(ids, [vec![8]], "the client sees the answer of the second worker only");
+    let calls: Vec<usize> = legs.decode_calls.lock().unwrap().iter().map(|(w, _)| *w).collect();
+    assert_eq!(calls, [0, 1]);
+
+    // Both gone: one clean error, no third try.
+    let (legs, _, _) = setup(0, None, vec![chunk(&[8], Some(Finish::Stop))]);
+    let mut legs = Arc::into_inner(legs).unwrap();
+    legs.failing_decode = vec![0, 1];
+    let legs = Arc::new(legs);
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    let items: Vec<_> = backend.generate(GenerateRequest { first_worker: Some(0), ..request() }).collect().await;
+    assert!(matches!(items.as_slice(), [Err(BackendError::Unavailable(_))]), "{items:?}");
+    assert_eq!(legs.decode_calls.lock().unwrap().len(), 2);
 }

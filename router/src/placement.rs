@@ -18,8 +18,9 @@
 //! `load_weight_tokens` of prefill. A guard keeps affinity from piling every
 //! request on one worker (a hot shared prefix would otherwise draw all the
 //! traffic, the "death spiral"): only workers within `max_imbalance` requests
-//! of the least busy one compete on cost. Workers whose KV event stream is
-//! down are avoided while any other is up.
+//! of the least busy one compete on cost. Workers whose circuit breaker is
+//! open, or whose KV event stream is down, are avoided while any other is
+//! fine.
 //!
 //! Ties, and every choice on an idle cluster, are broken by rendezvous
 //! hashing of the prompt's last full block (or its tokens when shorter)
@@ -143,8 +144,9 @@ pub trait Placement: Send + Sync + 'static {
     /// router's decode streams per decode worker.
     fn pick_decode(&self, demand: &Demand, in_flight: &[usize]) -> DecodePick;
 
-    /// A prefill worker other than `failed` to retry on, if there is one.
-    fn pick_prefill_retry(&self, demand: &Demand, failed: usize, num_prefill: usize) -> Option<usize>;
+    /// A worker of `leg`'s pool (of `num` slots) other than `failed` to
+    /// retry a call on that reached no client yet, if there is one.
+    fn pick_retry(&self, leg: Leg, demand: &Demand, failed: usize, num: usize) -> Option<usize>;
 
     /// A call found `worker` unreachable: avoid it until it is seen again.
     fn mark_down(&self, _leg: Leg, _worker: usize) {}
@@ -174,19 +176,29 @@ impl RoundRobin {
         counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn is_active(&self, leg: Leg, worker: usize) -> bool {
+    fn roster(&self, leg: Leg) -> Option<&Roster> {
         match (&self.rosters, leg) {
-            (None, _) => true,
-            (Some((prefill, _)), Leg::Prefill) => prefill.is_active(worker),
-            (Some((_, decode)), Leg::Decode) => decode.is_active(worker),
+            (None, _) => None,
+            (Some((prefill, _)), Leg::Prefill) => Some(prefill),
+            (Some((_, decode)), Leg::Decode) => Some(decode),
         }
     }
 
-    /// The first of `n` slots from the next turn on that is filled and `ok`.
+    fn is_active(&self, leg: Leg, worker: usize) -> bool {
+        self.roster(leg).is_none_or(|r| r.is_active(worker))
+    }
+
+    fn is_available(&self, leg: Leg, worker: usize) -> bool {
+        self.roster(leg).is_none_or(|r| r.available(worker))
+    }
+
+    /// The first of `n` slots from the next turn on that is filled and `ok`,
+    /// preferring those whose breaker lets requests through.
     fn next_where(&self, leg: Leg, n: usize, ok: impl Fn(usize) -> bool) -> Option<usize> {
         let n = n.max(1);
         let start = self.next(leg);
-        (0..n).map(|i| (start + i) % n).find(|&w| self.is_active(leg, w) && ok(w))
+        let turn = || (0..n).map(|i| (start + i) % n).filter(|&w| self.is_active(leg, w) && ok(w));
+        turn().find(|&w| self.is_available(leg, w)).or_else(|| turn().next())
     }
 }
 
@@ -202,8 +214,9 @@ impl Placement for RoundRobin {
         DecodePick { worker, prefill_locally: false }
     }
 
-    fn pick_prefill_retry(&self, _: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
-        (1..num_prefill).map(|i| (failed + i) % num_prefill).find(|&w| self.is_active(Leg::Prefill, w))
+    fn pick_retry(&self, leg: Leg, _: &Demand, failed: usize, num: usize) -> Option<usize> {
+        let others = || (1..num).map(|i| (failed + i) % num);
+        others().find(|&w| self.is_available(leg, w)).or_else(|| others().find(|&w| self.is_active(leg, w)))
     }
 }
 
@@ -255,14 +268,13 @@ impl Pool {
         (0..n).filter(|&w| self.roster.is_active(w)).collect()
     }
 
-    /// `candidates`, narrowed to the workers whose stream is up if any is.
+    /// `candidates`, narrowed to the workers whose breaker lets requests
+    /// through and whose stream is up, else to those whose breaker does,
+    /// else none narrowed: a pool all down still gets tried.
     fn prefer_up(&self, candidates: Vec<usize>) -> Vec<usize> {
-        let up: Vec<usize> = candidates.iter().copied().filter(|&w| self.index.is_up(w)).collect();
-        if up.is_empty() {
-            candidates
-        } else {
-            up
-        }
+        let available: Vec<usize> = candidates.iter().copied().filter(|&w| self.roster.available(w)).collect();
+        let up: Vec<usize> = available.iter().copied().filter(|&w| self.index.is_up(w)).collect();
+        [up, available].into_iter().find(|tier| !tier.is_empty()).unwrap_or(candidates)
     }
 
     fn load(&self, worker: usize, in_flight: usize) -> usize {
@@ -372,9 +384,10 @@ impl Placement for CacheAware {
         DecodePick { worker, prefill_locally }
     }
 
-    fn pick_prefill_retry(&self, demand: &Demand, failed: usize, num_prefill: usize) -> Option<usize> {
-        let others = self.prefill.members(num_prefill).into_iter().filter(|&w| w != failed).collect();
-        self.prefill.cheapest(&self.config, demand, others, |_| 0).map(|pick| pick.worker)
+    fn pick_retry(&self, leg: Leg, demand: &Demand, failed: usize, num: usize) -> Option<usize> {
+        let pool = self.pool(leg);
+        let others = pool.members(num).into_iter().filter(|&w| w != failed).collect();
+        pool.cheapest(&self.config, demand, others, |_| 0).map(|pick| pick.worker)
     }
 
     fn mark_down(&self, leg: Leg, worker: usize) {

@@ -160,9 +160,9 @@ fn a_retry_goes_to_another_worker() {
         cache(&p, w, "", &prompt, blocks, 0);
     }
     let demand = Demand::new(&prompt, None, Some(BLOCK));
-    assert_eq!(placement.pick_prefill_retry(&demand, 0, 3), Some(2), "the next best cache");
+    assert_eq!(placement.pick_retry(Leg::Prefill, &demand, 0, 3), Some(2), "the next best cache");
     assert_eq!(
-        CacheAware::new(p.clone(), &urls(1), p, &urls(1), Default::default()).pick_prefill_retry(&demand, 0, 1),
+        CacheAware::new(p.clone(), &urls(1), p, &urls(1), Default::default()).pick_retry(Leg::Prefill, &demand, 0, 1),
         None
     );
 }
@@ -196,6 +196,39 @@ fn round_robin_cycles_and_skips_full_workers() {
     assert_eq!(rr.pick_first(Leg::Prefill, &demand, &slots).worker, 2, "turn 1 is full: the next free one");
     assert_eq!(rr.pick_decode(&demand, &[0, 0]).worker, 0);
     assert_eq!(rr.pick_decode(&demand, &[0, 0]).worker, 1);
-    assert_eq!(rr.pick_prefill_retry(&demand, 2, 3), Some(0));
-    assert_eq!(rr.pick_prefill_retry(&demand, 0, 1), None);
+    assert_eq!(rr.pick_retry(Leg::Prefill, &demand, 2, 3), Some(0));
+    assert_eq!(rr.pick_retry(Leg::Prefill, &demand, 0, 1), None);
+}
+
+#[test]
+fn a_worker_whose_breaker_is_open_is_avoided_while_another_is_fine() {
+    use crate::breaker::Failure;
+    let demand = Demand::new(&prompt(0, 40), None, Some(BLOCK));
+    let slots = Slots { in_flight: &[0, 0], cap: 8 };
+    // Round-robin over rosters: the open worker's turns go to the other.
+    let (prefill, decode) = (Arc::new(Roster::fixed(&urls(2))), Arc::new(Roster::fixed(&urls(2))));
+    let rr = RoundRobin::over(prefill.clone(), decode.clone());
+    prefill.breaker(0).failed(Failure::Unreachable);
+    let picks: Vec<_> = (0..4).map(|_| rr.pick_first(Leg::Prefill, &demand, &slots).worker).collect();
+    assert_eq!(picks, [1, 1, 1, 1]);
+    assert_eq!(rr.pick_retry(Leg::Prefill, &demand, 1, 2), Some(0), "the only other one, open or not");
+    decode.breaker(1).failed(Failure::Unreachable);
+    assert!((0..3).all(|_| rr.pick_decode(&demand, &[0, 0]).worker == 0));
+
+    // Cache-aware: the open worker loses even with the whole prompt cached.
+    let p = Arc::new(PrefixIndex::new(2));
+    let d = Arc::new(PrefixIndex::new(2));
+    let prompt = prompt(0, 40);
+    cache(&p, 0, "", &prompt, 2, 0);
+    cache(&p, 1, "", &prompt, 0, 0);
+    cache(&d, 0, "", &prompt, 0, 0);
+    cache(&d, 1, "", &prompt, 0, 0);
+    let (prefill, decode) = (Arc::new(Roster::fixed(&urls(2))), Arc::new(Roster::fixed(&urls(2))));
+    let placement = CacheAware::over((p, prefill.clone()), (d, decode.clone()), Default::default());
+    assert_eq!(pick(&placement, &demand, &[0, 0]).worker, 0, "its cache wins while closed");
+    prefill.breaker(0).failed(Failure::Unreachable);
+    assert_eq!(pick(&placement, &demand, &[0, 0]).worker, 1);
+    // Every worker open: still placed, so a request is tried rather than lost.
+    prefill.breaker(1).failed(Failure::Unreachable);
+    assert_eq!(pick(&placement, &demand, &[0, 0]).worker, 0);
 }

@@ -13,6 +13,8 @@ use std::sync::{PoisonError, RwLock};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::breaker::Breaker;
+
 /// A worker in a slot.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -36,6 +38,8 @@ impl Member {
 #[derive(Debug)]
 pub struct Roster {
     slots: Vec<RwLock<Slot>>,
+    /// Each slot's circuit breaker, closed again when a worker joins it.
+    breakers: Vec<Breaker>,
 }
 
 #[derive(Debug, Default)]
@@ -49,14 +53,29 @@ struct Slot {
 impl Roster {
     /// A pool of `capacity` empty slots.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { slots: (0..capacity).map(|_| RwLock::default()).collect() }
+        Self::from_slots((0..capacity).map(|_| RwLock::default()).collect())
     }
 
     /// A pool whose slots hold the workers at `urls`, in order, for good.
     pub fn fixed(urls: &[String]) -> Self {
         let slot =
             |url: &String| RwLock::new(Slot { last_url: Some(url.clone()), member: Some(Member::new(url, url)) });
-        Self { slots: urls.iter().map(slot).collect() }
+        Self::from_slots(urls.iter().map(slot).collect())
+    }
+
+    fn from_slots(slots: Vec<RwLock<Slot>>) -> Self {
+        let breakers = slots.iter().map(|_| Breaker::default()).collect();
+        Self { slots, breakers }
+    }
+
+    /// Slot `index`'s circuit breaker.
+    pub fn breaker(&self, index: usize) -> &Breaker {
+        &self.breakers[index]
+    }
+
+    /// Whether slot `index` holds a worker whose breaker lets a request through.
+    pub fn available(&self, index: usize) -> bool {
+        self.is_active(index) && self.breakers[index].available()
     }
 
     /// How many slots there are (filled or not): worker indices are below it.
@@ -107,6 +126,7 @@ impl Roster {
         }
         slot.last_url = Some(member.url.clone());
         slot.member = Some(member);
+        self.breakers[index].reset();
         Some(index)
     }
 

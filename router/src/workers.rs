@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
+use crate::breaker::Failure;
 use crate::pd::{
     BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
     TokenStream, WorkerLegs,
@@ -69,6 +70,29 @@ impl Channels {
     fn new(roster: Arc<Roster>) -> Self {
         let slots = (0..roster.capacity()).map(|_| Mutex::default()).collect();
         Self { roster, slots }
+    }
+
+    /// The channel to the worker in slot `worker` for a call about to be
+    /// made (the probe, if its breaker is half-open); `Unavailable` when the
+    /// slot is empty (the worker left since it was picked).
+    fn dispatch(&self, worker: usize) -> Result<Channel, BackendError> {
+        let channel = self.get(worker)?;
+        self.roster.breaker(worker).dispatched();
+        Ok(channel)
+    }
+
+    /// Feeds a call's result to the worker's breaker.
+    fn report<T>(&self, worker: usize, result: &Result<T, Status>) {
+        let breaker = self.roster.breaker(worker);
+        match result {
+            Ok(_) => breaker.succeeded(),
+            Err(status) => {
+                if let Some(failure) = breaker_failure(status) {
+                    tracing::debug!(worker, code = ?status.code(), "worker call failed");
+                    breaker.failed(failure);
+                }
+            }
+        }
     }
 
     /// The channel to the worker in slot `worker`; `Unavailable` when the
@@ -140,6 +164,18 @@ fn logprobs(wire: proto::worker::TokenLogprobs) -> TokenLogprobs {
     TokenLogprobs { logprob: wire.logprob, top: wire.top.into_iter().map(|t| (t.token_id, t.logprob)).collect() }
 }
 
+/// What a failed call says about the worker's health: only unreachable
+/// workers and their own internal failures count; a refusal of the request
+/// (bad argument, full, cancelled) or a failed KV pull from another worker
+/// says nothing against it.
+fn breaker_failure(status: &Status) -> Option<Failure> {
+    match status.code() {
+        Code::Unavailable => Some(Failure::Unreachable),
+        Code::Internal | Code::Unknown | Code::DeadlineExceeded => Some(Failure::Error),
+        _ => None,
+    }
+}
+
 fn backend_error(status: Status) -> BackendError {
     match status.code() {
         Code::Unavailable => BackendError::Unavailable(status.message().to_owned()),
@@ -173,10 +209,11 @@ impl WorkerLegs for GrpcWorkers {
         worker: usize,
         request: GenerateRequest,
     ) -> BoxFuture<'static, Result<PrefillOutcome, BackendError>> {
-        let channel = match self.prefill.get(worker) {
+        let channel = match self.prefill.dispatch(worker) {
             Ok(channel) => channel,
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
+        let pool = self.prefill.clone();
         let mut client = PrefillClient::new(channel);
         let span = tracing::info_span!(
             "prefill",
@@ -195,7 +232,9 @@ impl WorkerLegs for GrpcWorkers {
         };
         let wire = traced(wire, &span);
         async move {
-            let answer = client.prefill(wire).await.map_err(backend_error)?.into_inner();
+            let answer = client.prefill(wire).await;
+            pool.report(worker, &answer);
+            let answer = answer.map_err(backend_error)?.into_inner();
             // Opaque: forwarded to the decode worker as the prefill worker wrote it.
             let handoff = answer.kv_transfer_params.clone().filter(|p| !p.json.is_empty());
             let num_cached_tokens = answer.num_cached_tokens;
@@ -221,10 +260,11 @@ impl WorkerLegs for GrpcWorkers {
     }
 
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
-        let channel = match self.decode.get(worker) {
+        let channel = match self.decode.dispatch(worker) {
             Ok(channel) => channel,
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
+        let pool = self.decode.clone();
         let mut client = DecodeClient::new(channel);
         let span = tracing::info_span!(
             "decode",
@@ -245,8 +285,14 @@ impl WorkerLegs for GrpcWorkers {
         };
         let wire = traced(wire, &span);
         async move {
-            let chunks = client.decode(wire).await.map_err(backend_error)?.into_inner();
-            let tokens = chunks.map(|chunk| {
+            let opened = client.decode(wire).await;
+            pool.report(worker, &opened);
+            let chunks = opened.map_err(backend_error)?.into_inner();
+            let tokens = chunks.map(move |chunk| {
+                if let Err(status) = &chunk {
+                    // A stream the worker broke off counts against it.
+                    pool.report(worker, &Err::<(), _>(status.clone()));
+                }
                 let chunk = chunk.map_err(backend_error)?;
                 let finish = finish(chunk.finish_reason())?;
                 if !chunk.logprobs.is_empty() && chunk.logprobs.len() != chunk.token_ids.len() {

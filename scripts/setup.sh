@@ -22,3 +22,7 @@ if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check openai
 fi
+# Schemathesis fuzzes the router's /openapi.json (tests/tests/schemathesis.rs).
+if [ "$(.venv/bin/st --version 2>/dev/null)" != "st, version 4.32.5" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+fi

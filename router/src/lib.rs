@@ -47,6 +47,8 @@ pub mod workers;
 #[cfg(test)]
 mod admission_http_tests;
 #[cfg(test)]
+mod bad_input_tests;
+#[cfg(test)]
 mod e2e_tests;
 #[cfg(test)]
 mod http_tests;

@@ -10,3 +10,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+# The request fuzz target, briefly (scripts/fuzz.sh SECONDS runs it longer by hand).
+scripts/fuzz.sh "${PDSERVE_FUZZ_SECS:-60}"

@@ -108,6 +108,15 @@ async fn serve_worker(worker: FakeWorker) -> String {
 }
 
 async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
+    // Hand off even the tiny prompts here: these tests are about the hand-off.
+    let policy = crate::Policy::CacheAware(crate::placement::CacheAwareConfig {
+        local_prefill_max_tokens: 0,
+        ..Default::default()
+    });
+    start_router_with(prefill, decode, policy).await
+}
+
+async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: crate::Policy) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let config = crate::Config {
@@ -118,11 +127,7 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
         served_model_name: Some("served".into()),
         model_card_timeout: Duration::from_secs(10),
         admission: Default::default(),
-        // Hand off even the tiny prompts here: these tests are about the hand-off.
-        policy: crate::Policy::CacheAware(crate::placement::CacheAwareConfig {
-            local_prefill_max_tokens: 0,
-            ..Default::default()
-        }),
+        policy,
         on_kv_failure: Default::default(),
         tenancy: Default::default(),
     };
@@ -215,7 +220,9 @@ async fn get(addr: &str, path: &str) -> String {
 async fn a_dead_worker_trips_its_breaker_and_no_request_is_lost() {
     let live = FakeWorker::default();
     let dead = dead_url().await;
-    let router = start_router(vec![], vec![dead, serve_worker(live.clone()).await]).await;
+    // In turn, so the first request is placed on the dead worker for sure.
+    let decode = vec![dead, serve_worker(live.clone()).await];
+    let router = start_router_with(vec![], decode, crate::Policy::RoundRobin).await;
     for _ in 0..6 {
         let (status, body) = http(&router, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 3})).await;
         assert!(status.contains("200"), "a dead worker is retried on the live one: {status} {body}");

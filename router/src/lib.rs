@@ -53,9 +53,11 @@ mod e2e_tests;
 #[cfg(test)]
 mod http_tests;
 #[cfg(test)]
-mod tenancy_http_tests;
+mod sse_props_tests;
 #[cfg(test)]
-mod testutil;
+mod tenancy_http_tests;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testutil;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -474,7 +474,6 @@ struct PdRun<L> {
     prefill_worker: usize,
     decode_worker: usize,
     /// Counts this request on its decode worker until the run is dropped.
-    #[allow(dead_code)] // Held for its drop.
     decode_slot: Arc<DecodeSlot>,
     /// Choices of the request.
     n: u32,
@@ -493,7 +492,8 @@ impl<L: WorkerLegs> PdRun<L> {
             PdState::Handoff { leg, pin } => {
                 let recompute =
                     (self.on_kv_failure == KvFailurePolicy::Recompute && self.n == 1).then(|| recompute_leg(&leg));
-                let opened = match self.legs.decode(self.decode_worker, leg).await {
+                let (worker, opened) = self.open_decode(leg).await;
+                let opened = match opened {
                     Ok(tokens) => {
                         // The decode worker owns the hand-off now: it pulls, then releases.
                         pin.disarm();
@@ -502,11 +502,11 @@ impl<L: WorkerLegs> PdRun<L> {
                     // `pin` drops armed after this, releasing the blocks.
                     Err(BackendError::KvTransfer(error)) if recompute.is_some() => {
                         tracing::warn!(%error, "KV hand-off failed; the decode worker recomputes the prompt");
-                        self.legs.decode(self.decode_worker, recompute.expect("checked above")).await
+                        self.legs.decode(worker, recompute.expect("checked above")).await
                     }
                     Err(e) => Err(e),
                 };
-                Some(self.decoding(opened))
+                Some(self.decoding(worker, opened))
             }
             PdState::Decoding(mut tokens) => {
                 let item = tokens.next().await?;
@@ -516,14 +516,34 @@ impl<L: WorkerLegs> PdRun<L> {
         }
     }
 
+    /// Opens the decode leg on the chosen decode worker or, when that one
+    /// cannot be reached, once on another: the KV is still pinned on the
+    /// prefill worker, so any decode worker can pull it, and the client has
+    /// only seen the first token. Returns the worker that answered last.
+    async fn open_decode(&self, leg: DecodeLeg) -> (usize, Result<TokenStream, BackendError>) {
+        let first = self.decode_worker;
+        let error = match self.legs.decode(first, leg.clone()).await {
+            Err(e @ BackendError::Unavailable(_)) => e,
+            opened => return (first, opened),
+        };
+        self.placement.mark_down(Leg::Decode, first);
+        let Some(retry) = self.placement.pick_retry(Leg::Decode, &self.demand, first, self.legs.num_decode()) else {
+            return (first, Err(error));
+        };
+        tracing::warn!(failed = first, retry, %error, "decode worker unreachable; handing off to another");
+        let slot = DecodeSlot::take(&self.decode_slot.counters, retry);
+        let opened = self.legs.decode(retry, leg).await.map(|tokens| hold(tokens, slot));
+        (retry, opened)
+    }
+
     /// Where an opened decode leg leads: its tokens, or its error, marking
-    /// an unreachable decode worker down.
-    fn decoding(&self, opened: Result<TokenStream, BackendError>) -> Step<L> {
+    /// an unreachable decode `worker` down.
+    fn decoding(&self, worker: usize, opened: Result<TokenStream, BackendError>) -> Step<L> {
         match opened {
             Ok(tokens) => (Vec::new(), PdState::Decoding(until_finish(tokens, self.n))),
             Err(e) => {
                 if matches!(e, BackendError::Unavailable(_)) {
-                    self.placement.mark_down(Leg::Decode, self.decode_worker);
+                    self.placement.mark_down(Leg::Decode, worker);
                 }
                 (vec![Err(e)], PdState::Done)
             }

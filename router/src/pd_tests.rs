@@ -356,3 +356,20 @@ async fn colocated_retries_an_unreachable_decode_worker_on_another() {
     assert!(matches!(items.as_slice(), [Err(BackendError::Unavailable(_))]), "{items:?}");
     assert_eq!(legs.decode_calls.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn an_unreachable_decode_worker_hands_off_to_another() {
+    let decoded = vec![chunk(&[8], None), chunk(&[9], Some(Finish::Length))];
+    let (legs, _, mut released) = setup(1, None, decoded);
+    let mut legs = Arc::into_inner(legs).unwrap();
+    legs.failing_decode = vec![0];
+    let legs = Arc::new(legs);
+    let backend = PdBackend::new(legs.clone(), Arc::new(RoundRobin::default()));
+    let items: Vec<_> = backend.generate(request()).collect().await;
+    let ids: Vec<_> = items.iter().map(|c| c.as_ref().unwrap().token_ids.clone()).collect();
+    assert_eq!(ids, [vec![7], vec![8], vec![9]], "the client sees one whole answer");
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls.iter().map(|(w, _)| *w).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(calls[1].1.handoff, Some(handoff()), "the same pinned KV, pulled by the other worker");
+    assert!(released.try_recv().is_err(), "the second decode worker owns the hand-off");
+}

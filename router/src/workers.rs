@@ -30,6 +30,12 @@ const REMOTE_DECODE: &str = r#"{"do_remote_decode":true}"#;
 
 /// How long one connection attempt may take before the worker counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on every worker connection, idle or not, and how long an
+/// answer may take: a worker that stalls (frozen, or cut off without a
+/// reset) fails its calls within about 6 s instead of hanging them. A busy
+/// worker still answers pings: its engine runs off the I/O threads.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Why the worker pools could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +56,13 @@ fn endpoint(url: &str) -> Result<Endpoint, WorkerError> {
 
 /// A channel that connects on first use, so the router starts before its workers.
 fn channel(url: &str) -> Result<Channel, WorkerError> {
-    Ok(endpoint(url)?.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).connect_lazy())
+    Ok(endpoint(url)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_lazy())
 }
 
 /// `Worker` service clients for `urls`, in order; nothing connects until used.

@@ -92,9 +92,24 @@ impl Process {
 
     /// Sends SIGTERM and returns at once.
     pub fn send_sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Freezes the process (SIGSTOP): it holds its sockets open and answers
+    /// nothing, as a stalled peer does.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid} failed");
+        let sent = Command::new("kill").args([&format!("-{name}"), &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{name} {pid} failed");
     }
 
     /// Waits up to `limit` for the process to exit; `None` if it still runs.

@@ -7,6 +7,8 @@
 //!
 //! A router [`watch_workers`]: it reads the prefix, then follows its changes
 //! from the revision it read, and publishes the whole set after every change.
+//! [`watch_prefix`] does the same for any other folder of keys (the router's
+//! API keys).
 //!
 //! Both sides outlive etcd outages. While etcd is unreachable the watcher
 //! keeps its last known set (marked disconnected) and retries; the worker
@@ -51,6 +53,11 @@ impl EtcdConfig {
     /// The folder of worker keys, with its trailing slash.
     pub fn workers_prefix(&self) -> String {
         format!("{}/workers/", self.prefix.trim_end_matches('/'))
+    }
+
+    /// The key holding the router's API keys file (`--api-keys-from-etcd`).
+    pub fn api_keys_key(&self) -> String {
+        format!("{}/api-keys", self.prefix.trim_end_matches('/'))
     }
 
     fn worker_key(&self, instance_id: &str) -> String {
@@ -234,65 +241,91 @@ async fn renew(client: &mut Client, lease: i64, ttl: Duration) -> String {
     }
 }
 
-/// Every registered worker, by key, as a router last saw them.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Workers {
-    /// The registrations, by their etcd key.
-    pub by_key: BTreeMap<String, WorkerRegistration>,
+/// Every value under a watched prefix, by key, as last seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched<T> {
+    /// The values, by their etcd key.
+    pub by_key: BTreeMap<String, T>,
     /// Whether the watch is live; while it is not, `by_key` is the last
     /// known set.
     pub connected: bool,
 }
 
-/// A live view of the registered workers; see [`watch_workers`].
+impl<T> Default for Watched<T> {
+    fn default() -> Self {
+        Self { by_key: BTreeMap::new(), connected: false }
+    }
+}
+
+/// Every registered worker, by key, as a router last saw them.
+pub type Workers = Watched<WorkerRegistration>;
+
+/// A live view of the values under a prefix; see [`watch_prefix`].
 #[derive(Debug)]
-pub struct WorkersWatch {
-    workers: watch::Receiver<Arc<Workers>>,
+pub struct PrefixWatch<T> {
+    values: watch::Receiver<Arc<Watched<T>>>,
     task: JoinHandle<()>,
 }
 
-impl WorkersWatch {
+/// A live view of the registered workers; see [`watch_workers`].
+pub type WorkersWatch = PrefixWatch<WorkerRegistration>;
+
+impl<T> PrefixWatch<T> {
     /// The set now, and every change after: a receiver sees the latest set
     /// whenever it looks, skipping intermediate ones.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Workers>> {
-        self.workers.clone()
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Watched<T>>> {
+        self.values.clone()
     }
 
     /// The set now.
-    pub fn current(&self) -> Arc<Workers> {
-        self.workers.borrow().clone()
+    pub fn current(&self) -> Arc<Watched<T>> {
+        self.values.borrow().clone()
     }
 }
 
-impl Drop for WorkersWatch {
+impl<T> Drop for PrefixWatch<T> {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
+/// Reads an etcd value into a `T`; `None` skips it (the decoder says why).
+pub type Decoder<T> = fn(key: &str, value: &[u8]) -> Option<T>;
+
 /// Follows the workers registered under `config`'s prefix until the returned
 /// handle is dropped. Starts empty and disconnected; see the module doc.
 pub fn watch_workers(config: EtcdConfig) -> Result<WorkersWatch, DiscoveryError> {
+    let prefix = config.workers_prefix();
+    watch_prefix(config, prefix, decode)
+}
+
+/// Follows every key under `prefix`, read by `decoder`, until the returned
+/// handle is dropped: a snapshot, then its changes; through etcd outages it
+/// keeps the last known values and reconnects. Starts empty and disconnected.
+pub fn watch_prefix<T: Clone + Send + Sync + 'static>(
+    config: EtcdConfig,
+    prefix: String,
+    decoder: Decoder<T>,
+) -> Result<PrefixWatch<T>, DiscoveryError> {
     if config.endpoints.is_empty() {
         return Err(DiscoveryError::NoEndpoint);
     }
-    let (tx, workers) = watch::channel(Arc::new(Workers::default()));
-    let task = tokio::spawn(follow(config, tx));
-    Ok(WorkersWatch { workers, task })
+    let (tx, values) = watch::channel(Arc::new(Watched::default()));
+    let task = tokio::spawn(follow(config, prefix, decoder, tx));
+    Ok(PrefixWatch { values, task })
 }
 
 /// The watch loop: read the prefix, follow it, start over on any failure.
-async fn follow(config: EtcdConfig, tx: watch::Sender<Arc<Workers>>) {
-    let prefix = config.workers_prefix();
+async fn follow<T: Clone>(config: EtcdConfig, prefix: String, decoder: Decoder<T>, tx: watch::Sender<Arc<Watched<T>>>) {
     let mut backoff = Backoff::default();
     loop {
-        match follow_once(&config, &prefix, &tx, &mut backoff).await {
+        match follow_once(&config, &prefix, decoder, &tx, &mut backoff).await {
             Ok(()) => tracing::warn!(prefix, "etcd watch ended; reconnecting"),
-            Err(e) => tracing::warn!(prefix, error = %e, "etcd watch failed; keeping the last known workers"),
+            Err(e) => tracing::warn!(prefix, error = %e, "etcd watch failed; keeping the last known values"),
         }
-        tx.send_modify(|workers| {
-            if workers.connected {
-                Arc::make_mut(workers).connected = false;
+        tx.send_modify(|values| {
+            if values.connected {
+                Arc::make_mut(values).connected = false;
             }
         });
         backoff.wait().await;
@@ -300,10 +333,11 @@ async fn follow(config: EtcdConfig, tx: watch::Sender<Arc<Workers>>) {
 }
 
 /// One connection's worth of [`follow`]: a snapshot, then its changes.
-async fn follow_once(
+async fn follow_once<T: Clone>(
     config: &EtcdConfig,
     prefix: &str,
-    tx: &watch::Sender<Arc<Workers>>,
+    decoder: Decoder<T>,
+    tx: &watch::Sender<Arc<Watched<T>>>,
     backoff: &mut Backoff,
 ) -> Result<(), etcd_client::Error> {
     let mut client = config.connect().await?;
@@ -311,13 +345,14 @@ async fn follow_once(
     let revision = snapshot.header().map_or(0, |h| h.revision());
     let mut by_key = BTreeMap::new();
     for kv in snapshot.kvs() {
-        if let Some((key, worker)) = decode(kv.key(), kv.value()) {
-            by_key.insert(key, worker);
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        if let Some(value) = decoder(&key, kv.value()) {
+            by_key.insert(key, value);
         }
     }
     let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
     let mut stream = timed(client.watch(prefix, Some(options))).await?;
-    tx.send_replace(Arc::new(Workers { by_key, connected: true }));
+    tx.send_replace(Arc::new(Watched { by_key, connected: true }));
     backoff.reset();
     while let Some(answer) = stream.message().await? {
         if answer.canceled() {
@@ -328,18 +363,23 @@ async fn follow_once(
         if answer.events().is_empty() {
             continue;
         }
-        tx.send_modify(|workers| {
-            let workers = Arc::make_mut(workers);
+        tx.send_modify(|values| {
+            let values = Arc::make_mut(values);
             for event in answer.events() {
                 let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
                 match event.event_type() {
-                    EventType::Put => {
-                        if let Some((key, worker)) = decode(kv.key(), kv.value()) {
-                            workers.by_key.insert(key, worker);
+                    EventType::Put => match decoder(&key, kv.value()) {
+                        Some(value) => {
+                            values.by_key.insert(key, value);
                         }
-                    }
+                        // A value that no longer reads is gone, not stale.
+                        None => {
+                            values.by_key.remove(&key);
+                        }
+                    },
                     EventType::Delete => {
-                        workers.by_key.remove(String::from_utf8_lossy(kv.key()).as_ref());
+                        values.by_key.remove(&key);
                     }
                 }
             }
@@ -348,11 +388,10 @@ async fn follow_once(
     Ok(())
 }
 
-/// A key and its registration; `None`, with a warning, for anything else.
-fn decode(key: &[u8], value: &[u8]) -> Option<(String, WorkerRegistration)> {
-    let key = String::from_utf8_lossy(key).into_owned();
+/// A worker's registration; `None`, with a warning, for anything else.
+fn decode(key: &str, value: &[u8]) -> Option<WorkerRegistration> {
     match WorkerRegistration::decode(value) {
-        Ok(worker) => Some((key, worker)),
+        Ok(worker) => Some(worker),
         Err(e) => {
             tracing::warn!(key, error = %e, "ignoring an etcd key that is not a worker registration");
             None
@@ -419,9 +458,8 @@ mod tests {
 
     #[test]
     fn a_value_that_is_not_a_registration_is_skipped() {
-        assert!(decode(b"/pdserve/workers/x", &[0xff, 0xff, 0xff]).is_none());
+        assert!(decode("/pdserve/workers/x", &[0xff, 0xff, 0xff]).is_none());
         let worker = WorkerRegistration { instance_id: "x".into(), role: Role::Decode as i32, ..Default::default() };
-        let (key, back) = decode(b"/pdserve/workers/x", &worker.encode_to_vec()).unwrap();
-        assert_eq!((key.as_str(), back), ("/pdserve/workers/x", worker));
+        assert_eq!(decode("/pdserve/workers/x", &worker.encode_to_vec()), Some(worker));
     }
 }

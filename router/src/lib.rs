@@ -82,6 +82,7 @@ use crate::roster::Roster;
 use crate::server::Readiness;
 use crate::tenancy::keys::{KeyRing, KeysError};
 use crate::tenancy::usage::UsageLog;
+use crate::tenancy::Keys;
 use crate::workers::{load_model_card, worker_clients, GrpcWorkers, WorkerError};
 
 /// How the router places requests on workers.
@@ -132,7 +133,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Tenancy {
     /// The API keys; open when none are configured.
-    pub keys: Arc<KeyRing>,
+    pub keys: Arc<Keys>,
+    /// Follow the keys file stored in etcd (`--api-keys-from-etcd`): `keys`
+    /// starts closed and takes each version as it is written.
+    pub keys_from_etcd: bool,
     /// Where each request's usage line is appended, if anywhere.
     pub usage_log: Option<Arc<UsageLog>>,
     /// The largest request body accepted (`--max-request-body-bytes`).
@@ -141,24 +145,35 @@ pub struct Tenancy {
 
 impl Default for Tenancy {
     fn default() -> Self {
-        Self { keys: Arc::new(KeyRing::open()), usage_log: None, max_body_bytes: server::DEFAULT_MAX_BODY_BYTES }
+        Self {
+            keys: Arc::new(Keys::new(KeyRing::open())),
+            keys_from_etcd: false,
+            usage_log: None,
+            max_body_bytes: server::DEFAULT_MAX_BODY_BYTES,
+        }
     }
 }
 
 impl Tenancy {
-    /// Reads the keys file (`--api-keys`; none: the API is open) and opens
-    /// the usage log (`--usage-log`) for appending.
+    /// Reads the keys file (`--api-keys`), or starts closed to follow the
+    /// one in etcd (`keys_from_etcd`), or neither: the API is open. Opens the
+    /// usage log (`--usage-log`) for appending.
     pub fn open(
         keys_file: Option<&std::path::Path>,
+        keys_from_etcd: bool,
         usage_log: Option<&std::path::Path>,
         max_body_bytes: usize,
     ) -> Result<Self, RunError> {
-        let keys = keys_file.map(KeyRing::load).transpose()?.unwrap_or_else(KeyRing::open);
+        let keys = match keys_file {
+            Some(path) => KeyRing::load(path)?,
+            None if keys_from_etcd => KeyRing::closed(),
+            None => KeyRing::open(),
+        };
         let usage_log = usage_log
             .map(|path| UsageLog::open(path).map_err(|source| RunError::UsageLog { path: path.to_owned(), source }))
             .transpose()?
             .map(Arc::new);
-        Ok(Self { keys: Arc::new(keys), usage_log, max_body_bytes })
+        Ok(Self { keys: Arc::new(Keys::new(keys)), keys_from_etcd, usage_log, max_body_bytes })
     }
 }
 
@@ -197,6 +212,9 @@ pub enum RunError {
     /// The keys file is unusable.
     #[error(transparent)]
     Keys(#[from] KeysError),
+    /// `--api-keys-from-etcd` without `--etcd`.
+    #[error("--api-keys-from-etcd needs --etcd")]
+    KeysNeedEtcd,
     /// The usage log cannot be opened for appending.
     #[error("cannot open the usage log {path}")]
     UsageLog { path: PathBuf, source: std::io::Error },
@@ -307,7 +325,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    if !config.tenancy.keys.is_open() {
+    if !config.tenancy.keys.current().is_open() {
         tracing::info!("API keys required");
     }
     let metrics = Arc::new(Metrics::new());
@@ -338,6 +356,11 @@ pub async fn run(
             None
         }
         Some(d) => Some(AbortOnDrop(discovery::follow(d.etcd.clone(), pools.prefill.clone(), pools.decode.clone())?)),
+    };
+    let _keys = match (&config.discovery, config.tenancy.keys_from_etcd) {
+        (Some(d), true) => Some(AbortOnDrop(tenancy::etcd::follow_keys(d.etcd.clone(), config.tenancy.keys.clone())?)),
+        (None, true) => return Err(RunError::KeysNeedEtcd),
+        (_, false) => None,
     };
     let load = load_model(config.clone(), pools.clone(), model_tx);
 

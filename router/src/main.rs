@@ -82,6 +82,11 @@ struct Args {
     /// `router/src/tenancy/keys.rs`). Without it the API is open.
     #[arg(long, value_name = "PATH", env = "PDSERVE_API_KEYS")]
     api_keys: Option<std::path::PathBuf>,
+    /// Follow the keys file stored in etcd at `<etcd-prefix>/api-keys` (same
+    /// format as `--api-keys`), taking each new version as it is written; no
+    /// request is let in until the first one is read.
+    #[arg(long, requires = "etcd", conflicts_with = "api_keys")]
+    api_keys_from_etcd: bool,
     /// Append one JSON line per finished request (tenant, key, tokens, outcome) to this file.
     #[arg(long, value_name = "PATH")]
     usage_log: Option<std::path::PathBuf>,
@@ -145,6 +150,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         tenancy: router::Tenancy::open(
             args.api_keys.as_deref(),
+            args.api_keys_from_etcd,
             args.usage_log.as_deref(),
             args.max_request_body_bytes,
         )?,

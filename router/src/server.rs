@@ -25,6 +25,7 @@ use crate::roster::Roster;
 use crate::tenancy::keys::KeyRing;
 use crate::tenancy::usage::{UsageLog, UsageSink};
 use crate::tenancy::Caller;
+use crate::tenancy::Keys;
 use crate::tokenize_api;
 
 /// Request bodies accepted by default: room for a long prompt given as
@@ -47,7 +48,7 @@ pub struct AppState {
     /// What `/ready` checks besides the model.
     pub readiness: Arc<Readiness>,
     /// The API keys; open when none are configured.
-    pub keys: Arc<KeyRing>,
+    pub keys: Arc<Keys>,
     /// Where each request's usage line is appended, if anywhere.
     pub usage_log: Option<Arc<UsageLog>>,
     /// The largest request body accepted.
@@ -103,14 +104,14 @@ impl AppState {
             admission: default_admission(),
             metrics: Arc::default(),
             readiness: Arc::default(),
-            keys: Arc::new(KeyRing::open()),
+            keys: Arc::new(Keys::new(KeyRing::open())),
             usage_log: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 
     /// The same state behind `keys`, logging usage to `usage_log`.
-    pub fn with_tenancy(self, keys: Arc<KeyRing>, usage_log: Option<Arc<UsageLog>>) -> Self {
+    pub fn with_tenancy(self, keys: Arc<Keys>, usage_log: Option<Arc<UsageLog>>) -> Self {
         Self { keys, usage_log, ..self }
     }
 

@@ -16,6 +16,7 @@ use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::server::{app, AppState};
 use crate::tenancy::keys::{digest_hex, KeyRing};
 use crate::tenancy::usage::UsageLog;
+use crate::tenancy::Keys;
 use crate::testutil::{card, EOS};
 
 /// Answers `a`, `b`, `c` then EOS; a request with id `slow` waits for
@@ -104,7 +105,8 @@ fn setup(keys: Option<&str>, usage_log: Option<&Path>) -> Setup {
         None => KeyRing::open(),
     };
     let log = usage_log.map(|p| Arc::new(UsageLog::open(p).unwrap()));
-    let state = AppState::ready(model, backend.clone()).with_tenancy(Arc::new(ring), log).with_max_body_bytes(4096);
+    let state =
+        AppState::ready(model, backend.clone()).with_tenancy(Arc::new(Keys::new(ring)), log).with_max_body_bytes(4096);
     Setup { app: app(state), backend }
 }
 

@@ -1,6 +1,10 @@
 //! API keys and usage through the real router binary: `--api-keys` guards
 //! the API, `--usage-log` receives one line per request, and a bad keys file
-//! stops the router at start-up with a one-line reason.
+//! stops the router at start-up with a one-line reason. Keys kept in etcd
+//! are followed live.
+
+// The etcd test holds its turn (a std mutex) while its processes run, awaits included.
+#![allow(clippy::await_holding_lock)]
 
 use std::process::Command;
 
@@ -83,4 +87,88 @@ fn a_bad_keys_file_stops_the_router_with_one_line() {
         assert!(stderr.contains(reason), "{stderr}");
         assert_eq!(errors.len(), 1, "one line: {stderr}");
     }
+}
+
+/// A keys file with one tenant and these keys, at `requests_per_minute`.
+fn keys_file(keys: &[&str]) -> String {
+    let mut text = String::from("[tenants.acme]\nrequests_per_minute = 1000\n");
+    for key in keys {
+        text.push_str(&format!("[[keys]]\nid = \"{key}\"\ntenant = \"acme\"\nsha256 = \"{}\"\n", sha256_hex(key)));
+    }
+    text
+}
+
+/// The status of a completion sent with `key`.
+async fn status_with(router: &str, key: &str) -> u16 {
+    let body = json!({"prompt": "Hello", "max_tokens": 2});
+    let response = reqwest::Client::new().post(format!("{router}/v1/completions")).bearer_auth(key).json(&body).send();
+    response.await.unwrap().status().as_u16()
+}
+
+/// Waits until a request with `key` gets `status`.
+async fn until_status(router: &str, key: &str, status: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status_with(router, key).await != status {
+        assert!(std::time::Instant::now() < deadline, "{key} never got {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_etcd_are_followed_live_and_a_bad_version_is_refused() {
+    let _turn = tests::take_turn();
+    let etcd = tests::etcd::Etcd::start();
+    let prefix = format!("/keys-{}", std::process::id());
+    let key_path = format!("{prefix}/api-keys");
+    let url = etcd.url();
+    let model = model_path();
+    let worker_flags = [
+        "--mock",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+        "--etcd",
+        &url,
+        "--etcd-prefix",
+        &prefix,
+    ];
+    let _decode = Process::start("decode-worker", &worker_flags);
+    let router = Process::start(
+        "router",
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--etcd",
+            &url,
+            "--etcd-prefix",
+            &prefix,
+            "--colocated",
+            "--api-keys-from-etcd",
+        ],
+    );
+    tests::wait_ready(router.url());
+    // Nothing written yet: closed, not open.
+    assert_eq!(status_with(router.url(), "sk-one").await, 401);
+
+    let mut etcd_client = etcd_client::Client::connect([url.as_str()], None).await.unwrap();
+    etcd_client.put(key_path.as_str(), keys_file(&["sk-one"]), None).await.unwrap();
+    until_status(router.url(), "sk-one", 200).await;
+    assert_eq!(status_with(router.url(), "sk-two").await, 401);
+
+    // Rotate: two in, one out.
+    etcd_client.put(key_path.as_str(), keys_file(&["sk-two"]), None).await.unwrap();
+    until_status(router.url(), "sk-one", 401).await;
+    assert_eq!(status_with(router.url(), "sk-two").await, 200);
+
+    // A broken version is refused: the keys in use stay.
+    etcd_client.put(key_path.as_str(), "[[keys]]\nid = 1\n", None).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(status_with(router.url(), "sk-two").await, 200);
+
+    // Deleted: every key is refused (fail closed).
+    etcd_client.delete(key_path.as_str(), None).await.unwrap();
+    until_status(router.url(), "sk-two", 401).await;
 }

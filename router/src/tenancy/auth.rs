@@ -23,7 +23,8 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if state.keys.is_open() {
+        let ring = state.keys.current();
+        if ring.is_open() {
             return Ok(Self::Anonymous);
         }
         let header = parts.headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
@@ -35,7 +36,7 @@ impl FromRequestParts<AppState> for Caller {
             .map(|(_, secret)| secret.trim())
             .filter(|secret| !secret.is_empty())
             .ok_or(AuthError::Missing)?;
-        let key = state.keys.find(secret).ok_or(AuthError::Invalid)?;
+        let key = ring.find(secret).ok_or(AuthError::Invalid)?;
         Ok(Self::Key(key))
     }
 }

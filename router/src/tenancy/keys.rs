@@ -35,7 +35,7 @@ pub enum KeysError {
     #[error("cannot read the keys file {path}")]
     Read { path: PathBuf, source: std::io::Error },
     /// The file is not valid TOML of the expected shape.
-    #[error("the keys file {path} is invalid: {message}")]
+    #[error("the keys file{} is invalid: {message}", named(path))]
     Parse { path: PathBuf, message: String },
     /// A key names a tenant the file does not define.
     #[error("key `{key}` names tenant `{tenant}`, which is not defined under [tenants]")]
@@ -47,8 +47,17 @@ pub enum KeysError {
     #[error("key `{key}` is defined twice (same id or same sha256)")]
     Duplicate { key: String },
     /// A file with no key would lock every client out.
-    #[error("the keys file {path} defines no [[keys]]")]
+    #[error("the keys file{} defines no [[keys]]", named(path))]
     Empty { path: PathBuf },
+}
+
+/// ` PATH`, or nothing for keys that came from elsewhere than a file (etcd).
+fn named(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!(" {}", path.display())
+    }
 }
 
 /// A tenant: the owner of one or more keys.
@@ -89,24 +98,42 @@ pub struct ApiKey {
     pub id: String,
     /// The tenant it belongs to.
     pub tenant: Arc<Tenant>,
-    /// Its rate and concurrency limits, counted for this key alone.
-    pub limiter: KeyLimiter,
+    /// Its rate and concurrency limits, counted for this key alone; kept
+    /// across reloads of the keys while its limits stay the same.
+    pub limiter: Arc<KeyLimiter>,
 }
 
 /// Every configured key, by the SHA-256 digest of its secret.
 #[derive(Debug, Default)]
 pub struct KeyRing {
     by_digest: HashMap<[u8; 32], Arc<ApiKey>>,
+    /// No keys are configured at all, as opposed to none loaded yet.
+    open: bool,
 }
 
 impl KeyRing {
     /// No keys: the API is open, as vLLM's is without `--api-key`.
     pub fn open() -> Self {
+        Self { by_digest: HashMap::new(), open: true }
+    }
+
+    /// Keys are required but none is known (yet): every request is refused.
+    pub fn closed() -> Self {
         Self::default()
     }
 
     /// Whether requests need no key.
     pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Whether there is no key.
+    pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
     }
 
@@ -123,6 +150,13 @@ impl KeyRing {
 
     /// The keys file's contents, checked.
     pub fn parse(text: &str) -> Result<Self, KeysError> {
+        Self::parse_after(text, &Self::closed())
+    }
+
+    /// The keys file's contents, checked, replacing `previous`: a key whose
+    /// id, digest and limits are unchanged keeps its limiter, so a reload
+    /// neither refills its buckets nor forgets its running requests.
+    pub fn parse_after(text: &str, previous: &KeyRing) -> Result<Self, KeysError> {
         let file: KeysFile = toml::from_str(text).map_err(|e| {
             // toml's own rendering spans lines; the CLI says it in one.
             let line = e.span().map_or(1, |span| text[..span.start].matches('\n').count() + 1);
@@ -148,7 +182,7 @@ impl KeyRing {
                 (name, (Arc::new(tenant), limits))
             })
             .collect();
-        let mut ring = Self::default();
+        let mut ring = Self::closed();
         let mut ids = BTreeSet::new();
         for key in file.keys {
             let (tenant, limits) = tenants
@@ -158,7 +192,11 @@ impl KeyRing {
             if !ids.insert(key.id.clone()) || ring.by_digest.contains_key(&digest) {
                 return Err(KeysError::Duplicate { key: key.id });
             }
-            let limiter = KeyLimiter::new(key.limits().or(limits));
+            let limits = key.limits().or(limits);
+            let limiter = match previous.by_digest.get(&digest) {
+                Some(old) if old.id == key.id && *old.limiter.limits() == limits => old.limiter.clone(),
+                _ => Arc::new(KeyLimiter::new(limits)),
+            };
             let entry = ApiKey { id: key.id, tenant: tenant.clone(), limiter };
             ring.by_digest.insert(digest, Arc::new(entry));
         }
@@ -334,5 +372,39 @@ mod tests {
         assert!(acme.limiter.check_request().is_ok());
         assert!(acme.limiter.check_request().is_ok());
         assert!(acme.limiter.check_request().is_err(), "the key's 2/min, not the tenant's 10/min");
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    fn file(rpm: u32, keys: &[&str]) -> String {
+        let mut text = format!("[tenants.t]\nrequests_per_minute = {rpm}\n");
+        for k in keys {
+            text.push_str(&format!("[[keys]]\nid = \"{k}\"\ntenant = \"t\"\nsha256 = \"{}\"\n", digest_hex(k)));
+        }
+        text
+    }
+
+    #[test]
+    fn a_reload_keeps_the_buckets_of_unchanged_keys_only() {
+        let first = KeyRing::parse(&file(1, &["a", "b"])).unwrap();
+        first.find("a").unwrap().limiter.check_request().unwrap();
+        first.find("b").unwrap().limiter.check_request().unwrap();
+        let same = KeyRing::parse_after(&file(1, &["a", "c"]), &first).unwrap();
+        assert!(same.find("a").unwrap().limiter.check_request().is_err(), "a's minute is still spent");
+        assert!(same.find("b").is_none(), "b was removed");
+        assert!(same.find("c").unwrap().limiter.check_request().is_ok());
+        let raised = KeyRing::parse_after(&file(5, &["a"]), &same).unwrap();
+        assert!(raised.find("a").unwrap().limiter.check_request().is_ok(), "new limits, new buckets");
+    }
+
+    #[test]
+    fn open_and_closed_rings_differ() {
+        assert!(KeyRing::open().is_open());
+        let closed = KeyRing::closed();
+        assert!(!closed.is_open() && closed.is_empty());
+        assert!(closed.find("anything").is_none());
     }
 }

@@ -6,17 +6,44 @@
 //! - [`usage`]: each request's usage, counted from the tokens it was sent
 //!   (a cancelled stream too), as metrics and a JSON-lines usage log.
 //! - [`Caller`]: the extractor the handlers take, 401 without a valid key.
+//! - [`Keys`]: the ring in use, replaced whole when the keys change ([`etcd`]).
 
 mod auth;
+pub mod etcd;
 pub mod keys;
 pub mod limits;
 pub mod usage;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 pub use auth::AuthError;
-use keys::ApiKey;
+use keys::{ApiKey, KeyRing};
 use limits::{LimitError, Running};
+
+/// The key ring in use. Requests read it once each; a reload swaps it
+/// whole, so a request never sees half of one file and half of another.
+#[derive(Debug)]
+pub struct Keys {
+    ring: RwLock<Arc<KeyRing>>,
+}
+
+impl Keys {
+    /// Starts with `ring`.
+    pub fn new(ring: KeyRing) -> Self {
+        Self { ring: RwLock::new(Arc::new(ring)) }
+    }
+
+    /// The ring now.
+    pub fn current(&self) -> Arc<KeyRing> {
+        // Replaced whole under the lock: a poisoned one still holds a ring.
+        self.ring.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Puts `ring` in use for every request from now on.
+    pub fn replace(&self, ring: KeyRing) {
+        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
+    }
+}
 
 /// Who sent a request.
 #[derive(Debug, Clone)]

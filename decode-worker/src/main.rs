@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use worker::discovery::{DiscoveryArgs, Endpoints, Role};
-use worker::lifecycle::{start_face, Lifecycle, LifecycleArgs};
+use worker::discovery::{DiscoveryArgs, Role};
+use worker::lifecycle::{start_face, Launch, LifecycleArgs};
 use worker::{load_engine, EngineArgs, WorkerService};
 
 #[derive(Debug, clap::Parser)]
@@ -78,7 +78,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let loaded = load_engine(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     let pullers: Vec<_> = (0..loaded.engine.tp_size())
         .map(|rank| {
             Arc::new(KvPuller::new(PullerConfig {
@@ -89,25 +88,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }))
         })
         .collect();
-    let tp_size = loaded.engine.tp_size();
-    let (face, http) = start_face(&args.lifecycle, Role::Decode, Some(loaded.engine.clone())).await?;
+    let face = start_face(&args.lifecycle, Role::Decode, Some(loaded.engine.clone())).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_pullers(pullers.clone());
+    let launch = Launch {
+        name: "decode-worker",
+        role: Role::Decode,
+        card: loaded.card.clone(),
+        tensor_parallel_size: loaded.engine.tp_size(),
+        listener,
+        kv: vec![],
+        detail: String::new(),
+        face,
+        kv_events: worker.kv_events().clone(),
+    };
     let decode = service::DecodeService::new(loaded.engine, pullers, loaded.vocab_size)
         .with_layer_streaming(args.kv_layer_streaming);
-    // Tests and the launcher wait for the second line.
-    println!("decode-worker health and metrics on http://{http}");
-    println!("decode-worker listening on http://{addr}");
-    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
-    let registration = args.discovery.announce(Role::Decode, &loaded.card, tp_size, &endpoints)?;
-    let kv_events = worker.kv_events().clone();
-    let server = tonic::transport::Server::builder()
+    let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(DecodeServer::new(decode));
-    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
-    Lifecycle { face, registration, kv_events, grace }
-        .serve(server, worker::service::nodelay_incoming(listener))
-        .await?;
-    Ok(())
+    launch.serve(&args.discovery, &args.lifecycle, services).await
 }
 
 /// `--mock`: the same gRPC services, answered without a model, and the
@@ -129,24 +128,23 @@ async fn serve_mock(args: Args) -> anyhow::Result<()> {
         });
     }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let (face, http) = start_face(&args.lifecycle, Role::Decode, None).await?;
     let worker = worker::mock::MockWorker::new(model.card.clone());
+    let launch = Launch {
+        name: "decode-worker",
+        role: Role::Decode,
+        card: model.card.clone(),
+        tensor_parallel_size: 1,
+        listener,
+        kv: vec![],
+        detail: " (mock: no model)".into(),
+        face: start_face(&args.lifecycle, Role::Decode, None).await?,
+        kv_events: worker.kv_events().clone(),
+    };
     let decode = worker::mock::MockDecode::new(&model);
-    // Tests and the launcher wait for the second line.
-    println!("decode-worker health and metrics on http://{http}");
-    println!("decode-worker listening on http://{addr} (mock: no model)");
-    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
-    let registration = args.discovery.announce(Role::Decode, &model.card, 1, &endpoints)?;
-    let kv_events = worker.kv_events().clone();
-    let server = tonic::transport::Server::builder()
+    let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(DecodeServer::new(decode));
-    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
-    Lifecycle { face, registration, kv_events, grace }
-        .serve(server, worker::service::nodelay_incoming(listener))
-        .await?;
-    Ok(())
+    launch.serve(&args.discovery, &args.lifecycle, services).await
 }
 
 /// Parses `--kv-transport`.

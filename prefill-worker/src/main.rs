@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use worker::blocks::EngineBlocks;
-use worker::discovery::{DiscoveryArgs, Endpoints, Role};
-use worker::lifecycle::{start_face, Lifecycle, LifecycleArgs};
+use worker::discovery::{DiscoveryArgs, Role};
+use worker::lifecycle::{start_face, Launch, LifecycleArgs};
 use worker::{load_engine, EngineArgs, WorkerService};
 
 #[derive(Debug, clap::Parser)]
@@ -92,50 +92,47 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let kv_host = config.advertise_host.clone();
     let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let (face, http) = start_face(&args.lifecycle, Role::Prefill, Some(loaded.engine.clone())).await?;
+    let face = start_face(&args.lifecycle, Role::Prefill, Some(loaded.engine.clone())).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));
     let max_model_len = loaded.card.context_length as usize;
-    let tp_size = loaded.engine.tp_size();
-    let prefill = service::PrefillService::new(loaded.engine, connector.clone(), loaded.vocab_size, max_model_len);
-    // Tests and the launcher wait for the second line.
-    println!("prefill-worker health and metrics on http://{http}");
-    println!("prefill-worker listening on http://{addr} (kv-transfer port {})", connector.port());
-    let kv = connector.ports().iter().map(|port| format!("{kv_host}:{port}")).collect();
-    let endpoints = Endpoints { grpc: addr, kv, http: Some(http) };
-    let registration = args.discovery.announce(Role::Prefill, &loaded.card, tp_size, &endpoints)?;
-    let kv_events = worker.kv_events().clone();
-    let server = tonic::transport::Server::builder()
+    let launch = Launch {
+        name: "prefill-worker",
+        role: Role::Prefill,
+        card: loaded.card.clone(),
+        tensor_parallel_size: loaded.engine.tp_size(),
+        listener,
+        kv: connector.ports().iter().map(|port| format!("{kv_host}:{port}")).collect(),
+        detail: format!(" (kv-transfer port {})", connector.port()),
+        face,
+        kv_events: worker.kv_events().clone(),
+    };
+    let prefill = service::PrefillService::new(loaded.engine, connector, loaded.vocab_size, max_model_len);
+    let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(PrefillServer::new(prefill));
-    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
-    Lifecycle { face, registration, kv_events, grace }
-        .serve(server, worker::service::nodelay_incoming(listener))
-        .await?;
-    Ok(())
+    launch.serve(&args.discovery, &args.lifecycle, services).await
 }
 
 /// `--mock`: the same gRPC services, answered without a model.
 async fn serve_mock(args: Args) -> anyhow::Result<()> {
     let model = worker::mock::MockModel::load(&args.engine)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     let engine_id = args.engine_id.unwrap_or_else(|| format!("mock-prefill-{}", uuid::Uuid::new_v4()));
-    let (face, http) = start_face(&args.lifecycle, Role::Prefill, None).await?;
     let worker = worker::mock::MockWorker::new(model.card.clone());
+    let launch = Launch {
+        name: "prefill-worker",
+        role: Role::Prefill,
+        card: model.card.clone(),
+        tensor_parallel_size: 1,
+        listener,
+        kv: vec![],
+        detail: " (mock: no model)".into(),
+        face: start_face(&args.lifecycle, Role::Prefill, None).await?,
+        kv_events: worker.kv_events().clone(),
+    };
     let prefill = worker::mock::MockPrefill::new(&model, engine_id);
-    // Tests and the launcher wait for the second line.
-    println!("prefill-worker health and metrics on http://{http}");
-    println!("prefill-worker listening on http://{addr} (mock: no model)");
-    let endpoints = Endpoints { grpc: addr, kv: vec![], http: Some(http) };
-    let registration = args.discovery.announce(Role::Prefill, &model.card, 1, &endpoints)?;
-    let kv_events = worker.kv_events().clone();
-    let server = tonic::transport::Server::builder()
+    let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(PrefillServer::new(prefill));
-    let grace = Duration::from_secs(args.lifecycle.shutdown_grace_secs);
-    Lifecycle { face, registration, kv_events, grace }
-        .serve(server, worker::service::nodelay_incoming(listener))
-        .await?;
-    Ok(())
+    launch.serve(&args.discovery, &args.lifecycle, services).await
 }

@@ -24,6 +24,7 @@ use futures::Stream;
 use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::discovery::{DiscoveryArgs, Endpoints};
 use crate::kv_events::KvEventPublisher;
 
 /// Default of `--shutdown-grace-secs`.
@@ -197,6 +198,52 @@ impl WorkerMetrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// A worker process with everything bound and built, about to say so.
+pub struct Launch {
+    /// The binary's name, which starts the lines it prints.
+    pub name: &'static str,
+    /// Its pool.
+    pub role: Role,
+    /// The model card it registers.
+    pub card: proto::worker::ModelCard,
+    /// Its tensor-parallel ranks.
+    pub tensor_parallel_size: usize,
+    /// The bound gRPC listener.
+    pub listener: TcpListener,
+    /// Each rank's kv-transfer endpoint (`host:port`); none on a decode worker.
+    pub kv: Vec<String>,
+    /// What follows the address on the listening line, such as ` (mock: no model)`.
+    pub detail: String,
+    /// The HTTP face and where it listens.
+    pub face: (Face, SocketAddr),
+    /// The KV event streams its `Worker` service publishes.
+    pub kv_events: KvEventPublisher,
+}
+
+impl Launch {
+    /// Prints the two lines tests and launchers wait for (the HTTP face's,
+    /// then the gRPC listener's), registers in etcd when `discovery` says
+    /// so, and serves `services` until SIGTERM as [`Lifecycle`] does.
+    pub async fn serve(
+        self,
+        discovery: &DiscoveryArgs,
+        lifecycle: &LifecycleArgs,
+        services: tonic::transport::server::Router,
+    ) -> anyhow::Result<()> {
+        let Self { name, role, card, tensor_parallel_size, listener, kv, detail, face: (face, http), kv_events } = self;
+        let addr = listener.local_addr()?;
+        println!("{name} health and metrics on http://{http}");
+        println!("{name} listening on http://{addr}{detail}");
+        let endpoints = Endpoints { grpc: addr, kv, http: Some(http) };
+        let registration = discovery.announce(role, &card, tensor_parallel_size, &endpoints)?;
+        let grace = Duration::from_secs(lifecycle.shutdown_grace_secs);
+        Lifecycle { face, registration, kv_events, grace }
+            .serve(services, crate::service::nodelay_incoming(listener))
+            .await?;
+        Ok(())
     }
 }
 

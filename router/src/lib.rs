@@ -224,6 +224,8 @@ pub enum RunError {
 struct Pools {
     prefill: PoolHandle,
     decode: PoolHandle,
+    /// The queue in front of the first leg's pool (also in its handle).
+    admission: Admission,
 }
 
 impl Pools {
@@ -263,6 +265,7 @@ impl Pools {
         let pools = Self {
             prefill: pool(prefill, prefill_index, first_is_prefill),
             decode: pool(decode, decode_index, !first_is_prefill),
+            admission,
         };
         metrics.watch_rosters(vec![("prefill", pools.prefill.roster.clone()), ("decode", pools.decode.roster.clone())]);
         if let (Some(p), Some(d)) = (&pools.prefill.index, &pools.decode.index) {
@@ -272,11 +275,6 @@ impl Pools {
             ]);
         }
         Ok(pools)
-    }
-
-    fn admission(&self) -> Admission {
-        let first = if self.prefill.roster.capacity() > 0 { &self.prefill } else { &self.decode };
-        first.admission.clone().expect("the first leg's pool has the admission queue")
     }
 
     /// One task per worker of a static list following its KV event stream
@@ -344,7 +342,7 @@ pub async fn run(
     let readiness = Arc::new(Readiness::over(needed));
     let (state, model_tx) = AppState::loading(backend);
     let state = state
-        .with_admission(pools.admission())
+        .with_admission(pools.admission.clone())
         .with_metrics(metrics)
         .with_readiness(readiness.clone())
         .with_tenancy(config.tenancy.keys.clone(), config.tenancy.usage_log.clone())

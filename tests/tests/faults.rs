@@ -134,6 +134,19 @@ async fn nothing_held(workers: &[&Process]) {
     }
 }
 
+/// Twelve streams through `router`, `fault` once two are under way; then
+/// every stream's end within [`ENDS_WITHIN`], fresh requests served whole,
+/// and nothing `held` on the surviving workers.
+async fn under_load(router: &Process, fault_name: &str, fault: impl FnOnce(), held: &[&Process]) {
+    let (handles, mut started) = launch(router, 0, 12);
+    in_flight(&mut started, 2).await;
+    fault();
+    let endings = endings(handles, Instant::now() + ENDS_WITHIN).await;
+    println!("{fault_name}: {endings:?}");
+    survivors_serve(router, 4).await;
+    nothing_held(held).await;
+}
+
 fn prefill() -> Process {
     start_prefill_with("127.0.0.1:0", &["--kv-lease-ms", KV_LEASE_MS])
 }
@@ -146,13 +159,7 @@ async fn a_prefill_worker_killed_mid_flight() {
     let _turn = take_turn();
     let (mut doomed, survivor, decode) = (prefill(), prefill(), start_decode());
     let router = start_router(&[&doomed, &survivor], &[&decode], &HAND_OFF);
-    let (handles, mut started) = launch(&router, 0, 12);
-    in_flight(&mut started, 2).await;
-    doomed.kill();
-    let endings = endings(handles, Instant::now() + ENDS_WITHIN).await;
-    println!("prefill killed: {endings:?}");
-    survivors_serve(&router, 4).await;
-    nothing_held(&[&survivor, &decode]).await;
+    under_load(&router, "prefill killed", || doomed.kill(), &[&survivor, &decode]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,13 +167,7 @@ async fn a_decode_worker_killed_mid_flight() {
     let _turn = take_turn();
     let (prefill, mut doomed, survivor) = (prefill(), start_decode(), start_decode());
     let router = start_router(&[&prefill], &[&doomed, &survivor], &HAND_OFF);
-    let (handles, mut started) = launch(&router, 0, 12);
-    in_flight(&mut started, 2).await;
-    doomed.kill();
-    let endings = endings(handles, Instant::now() + ENDS_WITHIN).await;
-    println!("decode killed: {endings:?}");
-    survivors_serve(&router, 4).await;
-    nothing_held(&[&prefill, &survivor]).await;
+    under_load(&router, "decode killed", || doomed.kill(), &[&prefill, &survivor]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -195,13 +196,7 @@ async fn a_stalled_prefill_worker_mid_flight() {
     let _turn = take_turn();
     let (stalled, survivor, decode) = (prefill(), prefill(), start_decode());
     let router = start_router(&[&stalled, &survivor], &[&decode], &HAND_OFF);
-    let (handles, mut started) = launch(&router, 0, 12);
-    in_flight(&mut started, 2).await;
-    stalled.freeze();
-    let endings = endings(handles, Instant::now() + ENDS_WITHIN).await;
-    println!("prefill stalled: {endings:?}");
-    survivors_serve(&router, 4).await;
-    nothing_held(&[&survivor, &decode]).await;
+    under_load(&router, "prefill stalled", || stalled.freeze(), &[&survivor, &decode]).await;
     // Thawed, it frees what it held for hand-offs nobody will pull.
     stalled.thaw();
     nothing_held(&[&stalled]).await;

@@ -230,51 +230,37 @@ struct KeysFile {
     keys: Vec<KeyEntry>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TenantEntry {
-    models: Option<Vec<String>>,
-    cache_salt: Option<String>,
-    // serde cannot deny unknown fields through `flatten`: the limits are spelled out.
-    requests_per_minute: Option<NonZeroU32>,
-    tokens_per_minute: Option<NonZeroU32>,
-    max_concurrent_requests: Option<NonZeroU32>,
-    max_prompt_tokens: Option<NonZeroU32>,
-}
-
-impl TenantEntry {
-    fn limits(&self) -> Limits {
-        Limits {
-            requests_per_minute: self.requests_per_minute,
-            tokens_per_minute: self.tokens_per_minute,
-            max_concurrent_requests: self.max_concurrent_requests,
-            max_prompt_tokens: self.max_prompt_tokens,
+/// A keys-file entry: its own fields plus the four limits, each with a
+/// `limits()` gathering them. serde cannot deny unknown fields through
+/// `flatten`, and a misspelt limit must be an error, so the limits are
+/// spelled out in each entry, by this one definition.
+macro_rules! entry_with_limits {
+    ($name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            $($field: $ty,)*
+            requests_per_minute: Option<NonZeroU32>,
+            tokens_per_minute: Option<NonZeroU32>,
+            max_concurrent_requests: Option<NonZeroU32>,
+            max_prompt_tokens: Option<NonZeroU32>,
         }
-    }
-}
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyEntry {
-    id: String,
-    tenant: String,
-    sha256: String,
-    requests_per_minute: Option<NonZeroU32>,
-    tokens_per_minute: Option<NonZeroU32>,
-    max_concurrent_requests: Option<NonZeroU32>,
-    max_prompt_tokens: Option<NonZeroU32>,
-}
-
-impl KeyEntry {
-    fn limits(&self) -> Limits {
-        Limits {
-            requests_per_minute: self.requests_per_minute,
-            tokens_per_minute: self.tokens_per_minute,
-            max_concurrent_requests: self.max_concurrent_requests,
-            max_prompt_tokens: self.max_prompt_tokens,
+        impl $name {
+            fn limits(&self) -> Limits {
+                Limits {
+                    requests_per_minute: self.requests_per_minute,
+                    tokens_per_minute: self.tokens_per_minute,
+                    max_concurrent_requests: self.max_concurrent_requests,
+                    max_prompt_tokens: self.max_prompt_tokens,
+                }
+            }
         }
-    }
+    };
 }
+
+entry_with_limits!(TenantEntry { models: Option<Vec<String>>, cache_salt: Option<String> });
+entry_with_limits!(KeyEntry { id: String, tenant: String, sha256: String });
 
 #[cfg(test)]
 mod tests {

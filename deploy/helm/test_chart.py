@@ -444,6 +444,24 @@ def check_external_etcd():
     render_fails({"etcd": {"bundled": False}}, "etcd.endpoints")
 
 
+def check_api_keys():
+    router = lambda docs: one(docs, "Deployment", f"{FULL}-router")  # noqa: E731
+    default = container(router(render(None)))["args"]
+    assert "--api-keys" not in default and "--api-keys-from-etcd" not in default, "open by default, as vLLM"
+    docs = render({"router": {"apiKeys": {"source": "secret", "secretName": "tenant-keys"}}})
+    validate_all(docs)
+    pod = router(docs)["spec"]["template"]["spec"]
+    c = container(router(docs))
+    assert flag(c["args"], "--api-keys") == "/etc/pdserve/api-keys/keys.toml", c["args"]
+    assert c["volumeMounts"] == [{"name": "api-keys", "mountPath": "/etc/pdserve/api-keys", "readOnly": True}]
+    assert pod["volumes"][0]["secret"]["secretName"] == "tenant-keys"
+    docs = render({"router": {"apiKeys": {"source": "etcd"}}})
+    validate_all(docs)
+    assert "--api-keys-from-etcd" in container(router(docs))["args"]
+    render_fails({"router": {"apiKeys": {"source": "secret"}}}, "router.apiKeys.secretName")
+    fails_helm({"router": {"apiKeys": {"source": "file"}}}, "source")
+
+
 def check_model_sources():
     render_fails({"model": {"source": "volume"}}, "model.volume")
     docs = render({"model": {"source": "volume", "path": "llama", "volume": {"hostPath": "/mnt/models"}}})

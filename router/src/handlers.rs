@@ -113,9 +113,7 @@ pub async fn completions(
 /// `valid` as `caller` may send it: on a model its tenant may use, under
 /// its tenant's cache salt.
 fn for_caller(caller: &Caller, model: &Model, mut valid: ValidRequest) -> Result<ValidRequest, ApiError> {
-    if !caller.may_use(&model.served_name) {
-        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
-    }
+    caller.authorize(model)?;
     valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
     Ok(valid)
 }

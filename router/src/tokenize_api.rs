@@ -32,9 +32,7 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = state.model().await?;
     check_model(&model, body.model.as_deref())?;
-    if !caller.may_use(&model.served_name) {
-        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
-    }
+    caller.authorize(&model)?;
     let return_token_strs = body.return_token_strs.unwrap_or(false);
     let tokens = tokenize_request(&model, body)?;
     Ok(Json(TokenizeResponse {
@@ -60,9 +58,7 @@ pub async fn detokenize(
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let model = state.model().await?;
     check_model(&model, body.model.as_deref())?;
-    if !caller.may_use(&model.served_name) {
-        return Err(ApiError::ModelNotAllowed(model.served_name.clone()));
-    }
+    caller.authorize(&model)?;
     let tokens = body.tokens.ok_or(ValidationError::Missing { field: "tokens" })?;
     let ids = tokenize::vocab_ids(&model, "tokens", &tokens)?;
     Ok(Json(DetokenizeResponse { prompt: tokenize::decode(&model, &ids)? }))

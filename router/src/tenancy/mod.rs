@@ -66,6 +66,15 @@ impl Caller {
         }
     }
 
+    /// `Ok` when the caller may use `model`, else `403 model_not_allowed`.
+    pub fn authorize(&self, model: &crate::model::Model) -> Result<(), crate::error::ApiError> {
+        if self.may_use(&model.served_name) {
+            Ok(())
+        } else {
+            Err(crate::error::ApiError::ModelNotAllowed(model.served_name.clone()))
+        }
+    }
+
     /// The cache salt the caller's request runs under: the client's own
     /// without keys (vLLM's `cache_salt`), else inside its tenant's namespace.
     pub fn cache_salt(&self, requested: Option<String>) -> Option<String> {

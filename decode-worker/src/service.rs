@@ -98,8 +98,7 @@ impl DecodeService {
     }
 
     /// Every rank pulls its heads into its target at once; then the pins are
-    /// released, whatever happened, so a failed pull never holds them for a
-    /// lease.
+    /// released (see `KvPuller::release_after`).
     async fn pull_and_release(
         &self,
         remote: &RemotePrefill,
@@ -112,10 +111,8 @@ impl DecodeService {
             }
             let pulls = self.pullers.iter().zip(&mut targets).map(|(puller, target)| puller.pull_into(remote, target));
             let pulled = futures::future::try_join_all(pulls).await;
-            let released = self.pullers[0].release(remote).await;
-            let transport = pulled?.pop().unwrap_or(Transport::Tcp);
-            released?;
-            Ok(transport)
+            let mut transports = self.pullers[0].release_after(remote, pulled).await?;
+            Ok(transports.pop().unwrap_or(Transport::Tcp))
         };
         let pulled = pull.instrument(span.clone()).await;
         record_pull(&span, &pulled);

@@ -191,11 +191,26 @@ impl KvPuller {
             },
             _ => self.pull_into(remote, target).await,
         };
-        // Released whatever happened: a failed pull must not hold the blocks for a lease.
+        self.release_after(remote, pulled).await
+    }
+
+    /// Releases `remote`'s pins after a pull that ended as `pulled`, and
+    /// returns it: a failed pull must not hold the blocks for a lease. Not
+    /// after a pull the peer left unanswered, though: the release would
+    /// wait out the idle timeout a second time before the request can move
+    /// on, and the pins' lease frees the blocks anyway.
+    pub async fn release_after<T>(
+        &self,
+        remote: &RemotePrefill,
+        pulled: Result<T, KvTransferError>,
+    ) -> Result<T, KvTransferError> {
+        if let Err(e @ KvTransferError::Timeout { .. }) = pulled {
+            return Err(e);
+        }
         let released = self.release(remote).await;
-        let transport = pulled?;
+        let pulled = pulled?;
         released?;
-        Ok(transport)
+        Ok(pulled)
     }
 
     async fn pull_piece(

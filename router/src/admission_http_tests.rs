@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use crate::admission::{Admission, AdmissionConfig};
 use crate::model::Model;
 use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use crate::served::ServedModel;
 use crate::server::{app, AppState};
 use crate::testutil::{card, EOS};
 
@@ -45,7 +46,7 @@ fn setup(max_inflight_per_worker: usize, max_queued: usize) -> (axum::Router, Ar
     let backend = Arc::new(GatedBackend::default());
     let admission = Admission::new(AdmissionConfig { max_inflight_per_worker, max_queued }, 1);
     let model = Model::from_card(&card(), None).unwrap();
-    let state = AppState::ready(model, backend.clone()).with_admission(admission.clone());
+    let state = AppState::serving(ServedModel::ready(model, backend.clone()).with_admission(admission.clone()));
     (app(state), backend, admission)
 }
 

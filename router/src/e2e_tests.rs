@@ -120,8 +120,8 @@ async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: cr
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let config = crate::Config {
-        prefill_urls: prefill,
-        decode_urls: decode,
+        prefill: prefill.into_iter().map(crate::WorkerUrl::unnamed).collect(),
+        decode: decode.into_iter().map(crate::WorkerUrl::unnamed).collect(),
         discovery: None,
         shutdown_grace: Duration::from_secs(1),
         served_model_name: Some("served".into()),
@@ -229,6 +229,12 @@ async fn a_dead_worker_trips_its_breaker_and_no_request_is_lost() {
     }
     assert_eq!(live.decoded.lock().unwrap().len(), 6);
     let metrics = get(&router, "/metrics").await;
-    assert!(metrics.contains(r#"pdserve_router_worker_circuit_state{pool="decode",worker="0"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"pdserve_router_worker_circuit_state{pool="decode",worker="1"} 0"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"pdserve_router_worker_circuit_state{model="served",pool="decode",worker="0"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"pdserve_router_worker_circuit_state{model="served",pool="decode",worker="1"} 0"#),
+        "{metrics}"
+    );
 }

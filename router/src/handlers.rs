@@ -23,6 +23,7 @@ use crate::openai::openapi::ErrorResponse;
 use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
 use crate::openai::response::Usage;
 use crate::pd::{BackendError, Finish, GenerateRequest};
+use crate::served::ServedModel;
 use crate::server::AppState;
 use crate::stream::{deltas, Delta, Output};
 use crate::tenancy::limits::Running;
@@ -44,7 +45,7 @@ const EVENT_BUFFER: usize = 32;
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
         (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
         (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
         (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
         (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
         (status = 502, description = "A worker failed", body = ErrorResponse),
@@ -62,10 +63,10 @@ pub async fn chat_completions(
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref());
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
-        let model = state.model().await?;
+        let (served, model) = state.model(body.model.as_deref()).await?;
         let valid = for_caller(&caller, &model, validate_chat(&model, body)?)?;
         let format = ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &caller, &model, &request_id, arrival, valid, format).await)
+        Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
@@ -81,7 +82,7 @@ pub async fn chat_completions(
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
         (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
         (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
         (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
         (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
         (status = 502, description = "A worker failed", body = ErrorResponse),
@@ -100,10 +101,10 @@ pub async fn completions(
         tracing::info_span!("request", request_id = %request_id, endpoint = "completions", user = user.as_deref());
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
-        let model = state.model().await?;
+        let (served, model) = state.model(body.model.as_deref()).await?;
         let valid = for_caller(&caller, &model, validate_completion(&model, body)?)?;
         let format = CompletionFormat::new(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &caller, &model, &request_id, arrival, valid, format).await)
+        Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)
     }
     .instrument(span)
     .await;
@@ -143,10 +144,13 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
     response
 }
 
-/// Starts the generation and answers in the endpoint's format. `arrival` is
-/// when the handler started, the origin of the time to first token.
+/// Starts the generation on `served`'s workers and answers in the
+/// endpoint's format. `arrival` is when the handler started, the origin of
+/// the time to first token.
+#[allow(clippy::too_many_arguments)]
 async fn run<F: ChunkFormat>(
     state: &AppState,
+    served: &ServedModel,
     caller: &Caller,
     model: &Model,
     request_id: &str,
@@ -187,20 +191,21 @@ async fn run<F: ChunkFormat>(
         first_worker: None,
     };
     // Placement runs when the turn comes, on the load of that moment.
-    let chooser = state.backend.first_leg_chooser(&request);
-    let permit = match state.admission.admit_with(request.priority, chooser).await {
+    let chooser = served.backend.first_leg_chooser(&request);
+    let permit = match served.admission.admit_with(request.priority, chooser).await {
         Ok(permit) => permit,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let name = model.served_name.as_str();
     // Only admitted requests: a refusal never waited, and its prompt never runs.
-    state.metrics.observe_queue_time(queued.elapsed());
-    state.metrics.count_prompt_tokens(prompt.len());
+    state.metrics.observe_queue_time(name, queued.elapsed());
+    state.metrics.count_prompt_tokens(name, prompt.len());
     request.first_worker = Some(permit.worker());
-    let tokens = state.backend.generate(request);
+    let tokens = served.backend.generate(request);
     // The slot is held until the token stream ends or is dropped (client gone).
-    let tokens = hold(state.metrics.time_tokens(tokens, arrival), permit);
-    let usage = UsageRecord::start(state.usage(), caller, request_id, &model.served_name, prompt.len(), running);
-    let deltas = meter(state.metrics.count_deltas(deltas(tokens, outputs)), usage);
+    let tokens = hold(state.metrics.time_tokens(name, tokens, arrival), permit);
+    let usage = UsageRecord::start(state.usage(), caller, request_id, name, prompt.len(), running);
+    let deltas = meter(state.metrics.count_deltas(name, deltas(tokens, outputs)), usage);
     if valid.stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
         return sse(stream).into_response();

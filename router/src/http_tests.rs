@@ -346,13 +346,17 @@ async fn models_and_health() {
 
 #[tokio::test]
 async fn ready_waits_for_the_model_and_a_worker_in_every_pool_and_health_only_for_the_process() {
+    use crate::metrics::ScrapedPool;
+    use crate::model::ModelName;
     use crate::roster::{Member, Roster};
+    use crate::served::ServedModel;
     use crate::server::Readiness;
     let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
-    let (state, tx) = AppState::loading(backend);
+    let (model, tx) = ServedModel::loading(ModelName::unknown(), backend);
     let decode = Arc::new(Roster::with_capacity(1));
-    let readiness = Arc::new(Readiness::over(vec![("decode", decode.clone())]));
-    let app = app(state.with_readiness(readiness.clone()));
+    let model = model.with_pools(vec![ScrapedPool { pool: "decode", roster: decode.clone(), index: None }]);
+    let readiness = Arc::new(Readiness::default());
+    let app = app(AppState::serving(model).with_readiness(readiness.clone()));
     let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
     let status = |path: &'static str| {
         let app = app.clone();
@@ -753,16 +757,18 @@ async fn metrics_count_requests_tokens_and_latencies() {
         format!("pdserve_router_requests_total{{endpoint=\"/v1/chat/completions\",status=\"{status}\"}}")
     };
     assert_eq!(sample(&metrics, &chat("200")), 2.0);
-    assert_eq!(sample(&metrics, "pdserve_router_prompt_tokens_total"), total("prompt_tokens"));
-    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total"), total("completion_tokens"));
-    assert_eq!(sample(&metrics, "pdserve_router_prefix_cached_tokens_total"), 0.0, "the fake backend reports none");
-    for histogram in ["time_to_first_token", "e2e_request_latency", "queue_time"] {
-        assert_eq!(sample(&metrics, &format!("pdserve_router_{histogram}_seconds_count")), 2.0, "{histogram}");
+    assert_eq!(sample(&metrics, "pdserve_router_prompt_tokens_total{model=\"tiny\"}"), total("prompt_tokens"));
+    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total{model=\"tiny\"}"), total("completion_tokens"));
+    assert!(!metrics.contains("pdserve_router_prefix_cached_tokens_total{"), "the fake backend reports none");
+    for histogram in ["time_to_first_token", "queue_time"] {
+        let series = format!("pdserve_router_{histogram}_seconds_count{{model=\"tiny\"}}");
+        assert_eq!(sample(&metrics, &series), 2.0, "{histogram}");
     }
+    assert_eq!(sample(&metrics, "pdserve_router_e2e_request_latency_seconds_count"), 2.0);
     // Three chunks with tokens per request: two gaps each.
-    assert_eq!(sample(&metrics, "pdserve_router_inter_token_latency_seconds_count"), 4.0);
-    assert_eq!(sample(&metrics, "pdserve_router_admission_queue_depth"), 0.0);
-    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{worker=\"0\"}"), 0.0);
+    assert_eq!(sample(&metrics, "pdserve_router_inter_token_latency_seconds_count{model=\"tiny\"}"), 4.0);
+    assert_eq!(sample(&metrics, "pdserve_router_admission_queue_depth{model=\"tiny\"}"), 0.0);
+    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{model=\"tiny\",worker=\"0\"}"), 0.0);
 
     // A refused request is counted under its status, and not timed.
     let (status, _) = post_json(app.clone(), "/v1/chat/completions", chat_body(json!({"temperature": 5}))).await;
@@ -805,18 +811,18 @@ async fn a_dropped_stream_is_counted_once_and_timed() {
     }
     let metrics = scrape(app.clone()).await;
     assert!(!metrics.contains("status=\"200\""), "counted before the stream ended:\n{metrics}");
-    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{worker=\"0\"}"), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_inflight_requests{model=\"tiny\",worker=\"0\"}"), 1.0);
     drop(frames); // The client goes away.
 
     let metrics = scrape(app.clone()).await;
     let chat = "pdserve_router_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}";
     assert_eq!(sample(&metrics, chat), 1.0);
     assert_eq!(sample(&metrics, "pdserve_router_e2e_request_latency_seconds_count"), 1.0);
-    assert_eq!(sample(&metrics, "pdserve_router_time_to_first_token_seconds_count"), 1.0);
-    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total"), 2.0);
+    assert_eq!(sample(&metrics, "pdserve_router_time_to_first_token_seconds_count{model=\"tiny\"}"), 1.0);
+    assert_eq!(sample(&metrics, "pdserve_router_generation_tokens_total{model=\"tiny\"}"), 2.0);
     // The generation task notices the client left and frees the slot.
     for _ in 0..100 {
-        if sample(&scrape(app.clone()).await, "pdserve_router_inflight_requests{worker=\"0\"}") == 0.0 {
+        if sample(&scrape(app.clone()).await, "pdserve_router_inflight_requests{model=\"tiny\",worker=\"0\"}") == 0.0 {
             let metrics = scrape(app).await;
             assert_eq!(sample(&metrics, chat), 1.0, "counted exactly once");
             return;

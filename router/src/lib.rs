@@ -5,6 +5,8 @@
 //! # Layout
 //!
 //! - [`server`]: routes and shared state; [`app`] builds the `Router`.
+//! - [`served`]: the served models by name; a request's `model` picks one.
+//! - [`pools`]: one model's worker pools, placement and queue, from the command line or discovery.
 //! - [`handlers`]: the two generation endpoints, JSON and SSE.
 //! - [`tokenize_api`]: vLLM's `/tokenize`, `/detokenize` and `/version`.
 //! - [`openai`]: request and response types, chunk formats.
@@ -16,7 +18,7 @@
 //! - [`prefix_index`]: each worker's cached block hashes, followed from its KV event stream.
 //! - [`roster`]: who is in each pool now: worker slots, filled and emptied as workers come and go.
 //! - [`breaker`]: each slot's circuit breaker (closed / open / half-open), fed by the gRPC edge.
-//! - [`discovery`]: the pools' rosters kept in step with etcd registrations (`--etcd`).
+//! - [`discovery`]: every model's pools kept in step with etcd registrations (`--etcd`).
 //! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
 //! - [`workers`]: the gRPC clients and model-card loading.
 //! - [`stream`]: incremental detokenization, stop strings, deltas.
@@ -33,8 +35,10 @@ pub mod model;
 pub mod openai;
 pub mod pd;
 pub mod placement;
+pub mod pools;
 pub mod prefix_index;
 pub mod roster;
+pub mod served;
 pub mod server;
 pub mod stream;
 pub mod tenancy;
@@ -53,6 +57,8 @@ mod e2e_tests;
 #[cfg(test)]
 mod http_tests;
 #[cfg(test)]
+mod models_http_tests;
+#[cfg(test)]
 mod sse_props_tests;
 #[cfg(test)]
 mod tenancy_http_tests;
@@ -65,25 +71,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::net::TcpListener;
 
+pub use pools::WorkerUrl;
 pub use server::{app, AppState};
 
 use cluster::discovery::EtcdConfig;
 
-use crate::admission::{Admission, AdmissionConfig};
-use crate::discovery::PoolHandle;
+use crate::admission::AdmissionConfig;
+use crate::discovery::{ModelPools, NewModel};
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelError};
-use crate::pd::{KvFailurePolicy, PdBackend};
-use crate::placement::{CacheAware, CacheAwareConfig, Placement, RoundRobin};
-use crate::prefix_index::PrefixIndex;
-use crate::roster::Roster;
+use crate::model::{ModelError, ModelName};
+use crate::pd::KvFailurePolicy;
+use crate::placement::CacheAwareConfig;
+use crate::pools::{load_discovered, load_static, static_models, Pools};
+use crate::served::ServedModels;
 use crate::server::Readiness;
 use crate::tenancy::keys::{KeyRing, KeysError};
 use crate::tenancy::usage::UsageLog;
 use crate::tenancy::Keys;
-use crate::workers::{load_model_card, worker_clients, GrpcWorkers, WorkerError};
+use crate::workers::WorkerError;
 
 /// How the router places requests on workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,14 +113,15 @@ impl Default for Policy {
 /// What the router needs to run, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Prefill workers' gRPC URLs; empty means colocated serving. Unused
-    /// with [`Config::discovery`].
-    pub prefill_urls: Vec<String>,
-    /// Decode workers' gRPC URLs; at least one without discovery.
-    pub decode_urls: Vec<String>,
-    /// Find the workers in etcd instead of the lists above.
+    /// Prefill workers, each for a named model or the unnamed one; a model
+    /// with none is served colocated. Unused with [`Config::discovery`].
+    pub prefill: Vec<WorkerUrl>,
+    /// Decode workers; at least one per model without discovery.
+    pub decode: Vec<WorkerUrl>,
+    /// Find the workers in etcd instead of the lists above; each model is
+    /// then named by its workers' registrations.
     pub discovery: Option<Discovery>,
-    /// Overrides the model card's name; `None` keeps it.
+    /// Names the unnamed model of the lists above instead of its card.
     pub served_model_name: Option<String>,
     /// How long to wait for a worker's model card at start-up (static lists;
     /// with discovery the router waits for workers as long as it takes).
@@ -206,6 +216,15 @@ pub enum RunError {
     /// Neither decode workers nor discovery were given.
     #[error("at least one decode worker is required (--decode, or --etcd to discover them)")]
     NoDecodeWorker,
+    /// A named model has prefill workers but no decode worker.
+    #[error("model {0} has no decode worker (--decode {0}=URL)")]
+    NoDecodeFor(String),
+    /// Two models of the command line are served under one name.
+    #[error("two models are served as {0}; name one with --served-model-name or NAME=URL")]
+    DuplicateModel(String),
+    /// `--served-model-name` where it names nothing.
+    #[error("--served-model-name names the workers given without NAME=; with --etcd, give it to the workers")]
+    ServedNameUnused,
     /// etcd discovery could not start.
     #[error("etcd discovery: {0}")]
     Discovery(#[from] discovery::FollowError),
@@ -218,98 +237,6 @@ pub enum RunError {
     /// The usage log cannot be opened for appending.
     #[error("cannot open the usage log {path}")]
     UsageLog { path: PathBuf, source: std::io::Error },
-}
-
-/// The two pools' rosters, prefix indexes and the first leg's admission.
-struct Pools {
-    prefill: PoolHandle,
-    decode: PoolHandle,
-    /// The queue in front of the first leg's pool (also in its handle).
-    admission: Admission,
-}
-
-impl Pools {
-    /// The static lists, or empty pools for discovery to fill.
-    fn new(config: &Config, metrics: &Metrics) -> Result<Self, RunError> {
-        let (prefill, decode, fixed) = match &config.discovery {
-            None => {
-                if config.decode_urls.is_empty() {
-                    return Err(RunError::NoDecodeWorker);
-                }
-                // Parses every URL now: a typo fails at start-up.
-                GrpcWorkers::new(&config.prefill_urls, &config.decode_urls)?;
-                (Roster::fixed(&config.prefill_urls), Roster::fixed(&config.decode_urls), true)
-            }
-            Some(d) => {
-                let prefill_slots = if d.colocated { 0 } else { d.max_workers_per_pool };
-                (Roster::with_capacity(prefill_slots), Roster::with_capacity(d.max_workers_per_pool), false)
-            }
-        };
-        let index = |roster: &Roster| {
-            matches!(config.policy, Policy::CacheAware(_)).then(|| Arc::new(PrefixIndex::new(roster.capacity())))
-        };
-        let (prefill_index, decode_index) = (index(&prefill), index(&decode));
-        // Requests queue for the first leg they need: prefill, or decode when colocated.
-        let first_leg = if prefill.capacity() > 0 { &prefill } else { &decode };
-        let admission = if fixed {
-            Admission::new(config.admission, first_leg.capacity())
-        } else {
-            Admission::empty(config.admission, first_leg.capacity())
-        };
-        let first_is_prefill = prefill.capacity() > 0;
-        let pool = |roster: Roster, index: Option<Arc<PrefixIndex>>, first: bool| PoolHandle {
-            roster: Arc::new(roster),
-            index,
-            admission: first.then(|| admission.clone()),
-        };
-        let pools = Self {
-            prefill: pool(prefill, prefill_index, first_is_prefill),
-            decode: pool(decode, decode_index, !first_is_prefill),
-            admission,
-        };
-        metrics.watch_rosters(vec![("prefill", pools.prefill.roster.clone()), ("decode", pools.decode.roster.clone())]);
-        if let (Some(p), Some(d)) = (&pools.prefill.index, &pools.decode.index) {
-            metrics.watch_indexes(vec![
-                ("prefill", p.clone(), pools.prefill.roster.clone()),
-                ("decode", d.clone(), pools.decode.roster.clone()),
-            ]);
-        }
-        Ok(pools)
-    }
-
-    /// One task per worker of a static list following its KV event stream
-    /// into the pool's index, for as long as the runtime lives.
-    fn follow_static(&self) -> Result<(), WorkerError> {
-        for pool in [&self.prefill, &self.decode] {
-            let Some(index) = &pool.index else { continue };
-            let urls: Vec<String> =
-                (0..pool.roster.capacity()).filter_map(|w| pool.roster.member(w)).map(|m| m.url).collect();
-            for (worker, client) in worker_clients(&urls)?.into_iter().enumerate() {
-                tokio::spawn(prefix_index::follow(index.clone(), worker, client));
-            }
-        }
-        Ok(())
-    }
-
-    fn placement(&self, policy: Policy) -> Arc<dyn Placement> {
-        let (prefill, decode) = (&self.prefill, &self.decode);
-        match (policy, &prefill.index, &decode.index) {
-            (Policy::CacheAware(knobs), Some(p), Some(d)) => Arc::new(CacheAware::over(
-                (p.clone(), prefill.roster.clone()),
-                (d.clone(), decode.roster.clone()),
-                knobs,
-            )),
-            _ => Arc::new(RoundRobin::over(prefill.roster.clone(), decode.roster.clone())),
-        }
-    }
-
-    /// The URLs of every worker in the pools now, decode first.
-    fn urls(&self) -> Vec<String> {
-        [&self.decode, &self.prefill]
-            .iter()
-            .flat_map(|pool| pool.roster.active().into_iter().filter_map(|w| pool.roster.member(w)).map(|m| m.url))
-            .collect()
-    }
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops taking
@@ -327,40 +254,39 @@ pub async fn run(
         tracing::info!("API keys required");
     }
     let metrics = Arc::new(Metrics::new());
-    let pools = Arc::new(Pools::new(&config, &metrics)?);
-    let workers = GrpcWorkers::over(pools.prefill.roster.clone(), pools.decode.roster.clone());
-    let backend = Arc::new(
-        PdBackend::new(workers, pools.placement(config.policy))
-            .with_cached_tokens(metrics.prefix_cached_tokens())
-            .with_placement_counters(metrics.placement())
-            .with_kv_failure_policy(config.on_kv_failure),
-    );
-    let mut needed = vec![("decode", pools.decode.roster.clone())];
-    if pools.prefill.roster.capacity() > 0 {
-        needed.push(("prefill", pools.prefill.roster.clone()));
-    }
-    let readiness = Arc::new(Readiness::over(needed));
-    let (state, model_tx) = AppState::loading(backend);
-    let state = state
-        .with_admission(pools.admission.clone())
+    let (models, loads, _discovery) = match &config.discovery {
+        None => {
+            let (models, loads) = static_pools(&config, &metrics)?;
+            (models, loads, None)
+        }
+        Some(d) => {
+            if config.served_model_name.is_some() {
+                return Err(RunError::ServedNameUnused);
+            }
+            let models = Arc::new(ServedModels::new(Vec::new()));
+            let new_model = discovered_model(d, &config, &metrics, &models);
+            let follow = discovery::follow(d.etcd.clone(), new_model)?;
+            (models, Vec::new(), Some(AbortOnDrop(follow)))
+        }
+    };
+    let readiness = Arc::new(Readiness::default());
+    let state = AppState::new(models)
         .with_metrics(metrics)
         .with_readiness(readiness.clone())
         .with_tenancy(config.tenancy.keys.clone(), config.tenancy.usage_log.clone())
         .with_max_body_bytes(config.tenancy.max_body_bytes);
-
-    let _discovery = match &config.discovery {
-        None => {
-            pools.follow_static()?;
-            None
-        }
-        Some(d) => Some(AbortOnDrop(discovery::follow(d.etcd.clone(), pools.prefill.clone(), pools.decode.clone())?)),
-    };
     let _keys = match (&config.discovery, config.tenancy.keys_from_etcd) {
         (Some(d), true) => Some(AbortOnDrop(tenancy::etcd::follow_keys(d.etcd.clone(), config.tenancy.keys.clone())?)),
         (None, true) => return Err(RunError::KeysNeedEtcd),
         (_, false) => None,
     };
-    let load = load_model(config.clone(), pools.clone(), model_tx);
+    // Each static load ends only in an error (which stops the router).
+    let load = async move {
+        if loads.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        futures::future::try_join_all(loads).await.map(drop)
+    };
 
     let listener = listener.tap_io(|tcp| {
         // Tokens are small writes; Nagle would delay each SSE event.
@@ -392,37 +318,49 @@ pub async fn run(
     }
 }
 
-/// Loads the model card from whichever worker answers, then keeps the
-/// model's sender alive so waiting requests never see "closed". With
-/// discovery, waits for workers to register and retries for as long as it
-/// takes; with static lists, gives up after the configured time.
-async fn load_model(
-    config: Config,
-    pools: Arc<Pools>,
-    model_tx: tokio::sync::watch::Sender<Option<Arc<Model>>>,
-) -> Result<(), RunError> {
-    let card = if config.discovery.is_none() {
-        // Any worker serves the card; decode workers exist in every mode.
-        let urls: Vec<String> = config.decode_urls.iter().chain(&config.prefill_urls).cloned().collect();
-        load_model_card(&urls, config.model_card_timeout).await?
-    } else {
-        loop {
-            let urls = pools.urls();
-            if urls.is_empty() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            match load_model_card(&urls, config.model_card_timeout).await {
-                Ok(card) => break card,
-                Err(e) => tracing::warn!(error = %e, "no registered worker returned a model card yet; retrying"),
-            }
-        }
-    };
-    let model = Model::from_card(&card, config.served_model_name)?;
-    tracing::info!(model = %model.served_name, context_length = model.context_length, "model ready");
-    let _ = model_tx.send(Some(Arc::new(model)));
-    std::future::pending::<()>().await;
-    Ok(())
+/// The command line's models, each with its pools, and the futures loading
+/// their cards.
+#[allow(clippy::type_complexity)]
+fn static_pools(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(Arc<ServedModels>, Vec<BoxFuture<'static, Result<(), RunError>>>), RunError> {
+    let groups = static_models(&config.prefill, &config.decode)?;
+    if config.served_model_name.is_some() && groups.iter().all(|g| g.name.is_some()) {
+        return Err(RunError::ServedNameUnused);
+    }
+    let named: Vec<String> = groups.iter().filter_map(|g| g.name.clone()).collect();
+    let mut served = Vec::new();
+    let mut loads = Vec::new();
+    for group in groups {
+        let pools = Pools::fixed(&group, config)?;
+        pools.follow_static()?;
+        let name = group.name.clone().map_or_else(ModelName::unknown, ModelName::known);
+        let (model, tx) = pools.serve(name.clone(), config, metrics);
+        served.push(model);
+        // Only the unnamed model can collide: it learns its name from its card.
+        let taken = if group.name.is_none() { named.clone() } else { Vec::new() };
+        let fallback = config.served_model_name.clone();
+        let load = load_static(group, config.model_card_timeout, name, fallback, tx, taken);
+        loads.push(load.boxed());
+    }
+    Ok((Arc::new(ServedModels::new(served)), loads))
+}
+
+/// Discovery's maker of a newly registered model: empty pools, a served
+/// model of that name, and a task loading its card from the workers.
+fn discovered_model(d: &Discovery, config: &Config, metrics: &Arc<Metrics>, models: &Arc<ServedModels>) -> NewModel {
+    let (d, config, metrics, models) = (d.clone(), config.clone(), metrics.clone(), models.clone());
+    let mut loaders: Vec<AbortOnDrop> = Vec::new();
+    Box::new(move |name: &str| {
+        let pools = Arc::new(Pools::empty(d.max_workers_per_pool, d.colocated, &config));
+        let name = ModelName::known(name);
+        let (model, tx) = pools.serve(name.clone(), &config, &metrics);
+        models.add(model);
+        let (prefill, decode) = pools.handles();
+        loaders.push(AbortOnDrop(tokio::spawn(load_discovered(pools, config.model_card_timeout, name, tx))));
+        ModelPools { prefill, decode }
+    })
 }
 
 /// Aborts the task when the router stops.

@@ -18,15 +18,18 @@ struct Args {
     /// Port to listen on; 0 picks a free one.
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Prefill worker gRPC URL (repeatable). None: colocated serving on the decode workers.
-    #[arg(long = "prefill", value_name = "URL")]
-    prefill: Vec<String>,
-    /// Decode worker gRPC URL (repeatable; at least one unless `--etcd` finds them).
-    #[arg(long = "decode", value_name = "URL", required_unless_present = "etcd", conflicts_with = "etcd")]
-    decode: Vec<String>,
+    /// Prefill worker gRPC URL (repeatable); `NAME=URL` for the model served as NAME (several
+    /// models at once, each with its own pools). A model without one is served colocated.
+    #[arg(long = "prefill", value_name = "[NAME=]URL")]
+    prefill: Vec<router::WorkerUrl>,
+    /// Decode worker gRPC URL (repeatable; at least one per model unless `--etcd` finds them);
+    /// `NAME=URL` as for `--prefill`.
+    #[arg(long = "decode", value_name = "[NAME=]URL", required_unless_present = "etcd", conflicts_with = "etcd")]
+    decode: Vec<router::WorkerUrl>,
     /// etcd client URLs (comma-separated or repeated): find the workers
     /// registered there instead of `--prefill` / `--decode`, following them
-    /// as they come and go.
+    /// as they come and go; each model is served under the name its workers
+    /// register (their `--served-model-name`).
     #[arg(long, value_name = "URL", value_delimiter = ',', env = "PDSERVE_ETCD", conflicts_with = "prefill")]
     etcd: Vec<String>,
     /// Key prefix of the cluster in etcd (the workers' `--etcd-prefix`).
@@ -44,8 +47,9 @@ struct Args {
     /// to stop (SIGTERM); new requests are refused meanwhile.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
-    /// Model name clients must use; defaults to the model card's name.
-    #[arg(long)]
+    /// Model name clients use for the workers given without `NAME=`; defaults to the model
+    /// card's name. With `--etcd`, give it to the workers instead.
+    #[arg(long, conflicts_with = "etcd")]
     served_model_name: Option<String>,
     /// Seconds to wait at start-up for a worker to return the model card.
     #[arg(long, default_value_t = 120)]
@@ -122,8 +126,8 @@ async fn main() {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let config = router::Config {
-        prefill_urls: args.prefill,
-        decode_urls: args.decode,
+        prefill: args.prefill,
+        decode: args.decode,
         discovery: (!args.etcd.is_empty()).then_some(router::Discovery {
             etcd: cluster::discovery::EtcdConfig { endpoints: args.etcd, prefix: args.etcd_prefix },
             max_workers_per_pool: args.max_workers_per_pool,

@@ -19,7 +19,7 @@
 //!   admitted request when it ends (`tenancy::usage`), and the handler for a
 //!   request a key's limits refuse.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -29,17 +29,39 @@ use axum::middleware::Next;
 use axum::response::Response;
 use futures::stream::{BoxStream, StreamExt};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::admission::AdmissionStats;
+use crate::model::ModelName;
 use crate::pd::{BackendError, PlacementCounters, TokenStream};
 use crate::prefix_index::PrefixIndex;
 use crate::roster::Roster;
-
-/// A pool whose workers `/metrics` reports: its name, prefix index and roster.
-pub type WatchedPool = (&'static str, Arc<PrefixIndex>, Arc<Roster>);
 use crate::stream::Delta;
+
+/// One served model as a scrape sees it: the source of its admission and
+/// worker gauges, read at scrape time (the queue and rosters are the one
+/// source of truth).
+#[derive(Debug)]
+pub struct ModelScrape {
+    /// The `model` label.
+    pub name: String,
+    /// Its admission queue now.
+    pub admission: AdmissionStats,
+    /// Its pools.
+    pub pools: Vec<ScrapedPool>,
+}
+
+/// A pool whose workers `/metrics` reports.
+#[derive(Debug, Clone)]
+pub struct ScrapedPool {
+    /// `prefill` or `decode`.
+    pub pool: &'static str,
+    /// Its slots and their breakers.
+    pub roster: Arc<Roster>,
+    /// Its prefix index, with cache-aware placement.
+    pub index: Option<Arc<PrefixIndex>>,
+}
 
 /// Prefix of every metric name.
 const PREFIX: &str = "pdserve_router_";
@@ -65,25 +87,23 @@ const REQUEST_BUCKETS: &[f64] =
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    time_to_first_token: Histogram,
-    inter_token_latency: Histogram,
+    time_to_first_token: HistogramVec,
+    inter_token_latency: HistogramVec,
     e2e_request_latency: Histogram,
-    queue_time: Histogram,
+    queue_time: HistogramVec,
     requests: IntCounterVec,
-    prompt_tokens: IntCounter,
-    generation_tokens: IntCounter,
-    prefix_cached_tokens: IntCounter,
-    placement: PlacementCounters,
-    /// The pools' prefix indexes, summarised at each scrape.
-    indexes: OnceLock<Vec<WatchedPool>>,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+    prefix_cached_tokens: IntCounterVec,
+    hit_blocks: IntCounterVec,
+    total_blocks: IntCounterVec,
+    placements: IntCounterVec,
     worker_up: IntGaugeVec,
     worker_cached_blocks: IntGaugeVec,
     worker_pinned_blocks: IntGaugeVec,
-    admission_queue_depth: IntGauge,
+    admission_queue_depth: IntGaugeVec,
     inflight_requests: IntGaugeVec,
     tenants: TenantCounters,
-    /// The pools' rosters, whose breakers are read at every scrape.
-    rosters: OnceLock<Vec<(&'static str, Arc<Roster>)>>,
     worker_circuit_state: IntGaugeVec,
 }
 
@@ -150,119 +170,101 @@ impl Metrics {
     /// Every metric, registered in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+        let per_model_histogram = |name: &str, help: &str, buckets: &[f64]| {
             let opts = HistogramOpts::new(format!("{PREFIX}{name}"), help).buckets(buckets.to_vec());
-            let histogram = Histogram::with_opts(opts).expect("valid histogram options");
-            register(&registry, histogram)
+            register(&registry, HistogramVec::new(opts, &["model"]).expect("valid histogram options"))
         };
-        let counter = |name: &str, help: &str| {
-            let counter = IntCounter::new(format!("{PREFIX}{name}"), help).expect("valid counter options");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let counter =
+                IntCounterVec::new(Opts::new(format!("{PREFIX}{name}"), help), labels).expect("valid counter options");
             register(&registry, counter)
         };
-        let time_to_first_token = histogram(
-            "time_to_first_token_seconds",
-            "Time from the request's arrival to its first generated token.",
-            TTFT_BUCKETS,
-        );
-        let inter_token_latency = histogram(
-            "inter_token_latency_seconds",
-            "Time between successive token chunks of a request (one token each, normally).",
-            ITL_BUCKETS,
-        );
-        let e2e_request_latency = histogram(
-            "e2e_request_latency_seconds",
-            "Time from a successful request's arrival to its end (last byte, or the client leaving a stream).",
-            REQUEST_BUCKETS,
-        );
-        let queue_time =
-            histogram("queue_time_seconds", "Time an admitted request waited in the admission queue.", REQUEST_BUCKETS);
-        let requests = IntCounterVec::new(
-            Opts::new(format!("{PREFIX}requests_total"), "Generation requests by endpoint and HTTP status code."),
-            &["endpoint", "status"],
-        )
-        .expect("valid counter options");
-        let requests = register(&registry, requests);
-        let prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of admitted requests.");
-        let generation_tokens = counter("generation_tokens_total", "Generated tokens sent to clients.");
-        let prefix_cached_tokens = counter(
-            "prefix_cached_tokens_total",
-            "Prompt tokens the prefill workers served from their prefix cache (disaggregated serving).",
-        );
-        let placement = PlacementCounters {
-            hit_blocks: counter(
-                "prefix_hit_blocks_total",
-                "Leading prompt blocks the chosen first-leg worker had cached, as the router's prefix index saw them.",
-            ),
-            total_blocks: counter(
-                "prompt_blocks_total",
-                "Full KV blocks of the prompts placed: the prefix hit rate's denominator.",
-            ),
-            placements: register(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new(format!("{PREFIX}placements_total"), "Request legs placed, by pool and worker index."),
-                    &["pool", "worker"],
-                )
-                .expect("valid counter options"),
-            ),
-        };
-        let pool_gauge = |name: &str, help: &str| {
-            let gauge = IntGaugeVec::new(Opts::new(format!("{PREFIX}{name}"), help), &["pool", "worker"])
-                .expect("valid gauge options");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let gauge =
+                IntGaugeVec::new(Opts::new(format!("{PREFIX}{name}"), help), labels).expect("valid gauge options");
             register(&registry, gauge)
         };
-        let worker_up = pool_gauge("worker_up", "1 while the worker's KV event stream is live and snapshotted.");
-        let worker_circuit_state = pool_gauge(
-            "worker_circuit_state",
-            "The worker's circuit breaker: 0 closed, 1 open (no requests), 2 half-open (one probe request).",
-        );
-        let worker_cached_blocks =
-            pool_gauge("worker_cached_blocks", "KV blocks the router's prefix index holds for the worker.");
-        let worker_pinned_blocks = pool_gauge(
-            "worker_pinned_blocks",
-            "KV blocks the worker holds for hand-offs not released yet, as it last reported.",
-        );
-        let admission_queue_depth =
-            IntGauge::new(format!("{PREFIX}admission_queue_depth"), "Requests waiting in the admission queue.")
-                .expect("valid gauge options");
-        let admission_queue_depth = register(&registry, admission_queue_depth);
-        let inflight_requests = IntGaugeVec::new(
-            Opts::new(
-                format!("{PREFIX}inflight_requests"),
-                "Admitted requests running, by worker index in the first leg's pool.",
-            ),
-            &["worker"],
+        let e2e_request_latency = HistogramOpts::new(
+            format!("{PREFIX}e2e_request_latency_seconds"),
+            "Time from a successful request's arrival to its end (last byte, or the client leaving a stream).",
         )
-        .expect("valid gauge options");
-        let inflight_requests = register(&registry, inflight_requests);
-        let tenants = TenantCounters::register(&registry);
+        .buckets(REQUEST_BUCKETS.to_vec());
+        let e2e_request_latency =
+            register(&registry, Histogram::with_opts(e2e_request_latency).expect("valid histogram options"));
+        let pool_worker = &["model", "pool", "worker"];
         Self {
-            registry,
-            time_to_first_token,
-            inter_token_latency,
+            time_to_first_token: per_model_histogram(
+                "time_to_first_token_seconds",
+                "Time from the request's arrival to its first generated token.",
+                TTFT_BUCKETS,
+            ),
+            inter_token_latency: per_model_histogram(
+                "inter_token_latency_seconds",
+                "Time between successive token chunks of a request (one token each, normally).",
+                ITL_BUCKETS,
+            ),
             e2e_request_latency,
-            queue_time,
-            requests,
-            prompt_tokens,
-            generation_tokens,
-            prefix_cached_tokens,
-            placement,
-            indexes: OnceLock::new(),
-            worker_up,
-            worker_cached_blocks,
-            worker_pinned_blocks,
-            admission_queue_depth,
-            inflight_requests,
-            tenants,
-            rosters: OnceLock::new(),
-            worker_circuit_state,
+            queue_time: per_model_histogram(
+                "queue_time_seconds",
+                "Time an admitted request waited in the admission queue.",
+                REQUEST_BUCKETS,
+            ),
+            requests: counter_vec(
+                "requests_total",
+                "Generation requests by endpoint and HTTP status code.",
+                &["endpoint", "status"],
+            ),
+            prompt_tokens: counter_vec("prompt_tokens_total", "Prompt tokens of admitted requests.", &["model"]),
+            generation_tokens: counter_vec("generation_tokens_total", "Generated tokens sent to clients.", &["model"]),
+            prefix_cached_tokens: counter_vec(
+                "prefix_cached_tokens_total",
+                "Prompt tokens the prefill workers served from their prefix cache (disaggregated serving).",
+                &["model"],
+            ),
+            hit_blocks: counter_vec(
+                "prefix_hit_blocks_total",
+                "Leading prompt blocks the chosen first-leg worker had cached, as the router's prefix index saw them.",
+                &["model"],
+            ),
+            total_blocks: counter_vec(
+                "prompt_blocks_total",
+                "Full KV blocks of the prompts placed: the prefix hit rate's denominator.",
+                &["model"],
+            ),
+            placements: counter_vec("placements_total", "Request legs placed, by pool and worker index.", pool_worker),
+            worker_up: gauge_vec(
+                "worker_up",
+                "1 while the worker's KV event stream is live and snapshotted.",
+                pool_worker,
+            ),
+            worker_circuit_state: gauge_vec(
+                "worker_circuit_state",
+                "The worker's circuit breaker: 0 closed, 1 open (no requests), 2 half-open (one probe request).",
+                pool_worker,
+            ),
+            worker_cached_blocks: gauge_vec(
+                "worker_cached_blocks",
+                "KV blocks the router's prefix index holds for the worker.",
+                pool_worker,
+            ),
+            worker_pinned_blocks: gauge_vec(
+                "worker_pinned_blocks",
+                "KV blocks the worker holds for hand-offs not released yet, as it last reported.",
+                pool_worker,
+            ),
+            admission_queue_depth: gauge_vec(
+                "admission_queue_depth",
+                "Requests waiting in the model's admission queue.",
+                &["model"],
+            ),
+            inflight_requests: gauge_vec(
+                "inflight_requests",
+                "Admitted requests running, by worker index in the model's first-leg pool.",
+                &["model", "worker"],
+            ),
+            tenants: TenantCounters::register(&registry),
+            registry,
         }
-    }
-
-    /// Reports the circuit breaker of each worker in these pools (name,
-    /// roster) at every scrape. Only the first call takes effect.
-    pub fn watch_rosters(&self, pools: Vec<(&'static str, Arc<Roster>)>) {
-        let _ = self.rosters.set(pools);
     }
 
     /// The per-key counters.
@@ -270,37 +272,35 @@ impl Metrics {
         self.tenants.clone()
     }
 
-    /// The prefix-cached tokens counter, for the backend that learns them.
-    pub fn prefix_cached_tokens(&self) -> IntCounter {
-        self.prefix_cached_tokens.clone()
+    /// The placement and prefix-cache counters of the model named `model`,
+    /// for its backend.
+    pub fn placement(&self, model: ModelName) -> PlacementCounters {
+        PlacementCounters {
+            model,
+            cached_tokens: self.prefix_cached_tokens.clone(),
+            hit_blocks: self.hit_blocks.clone(),
+            total_blocks: self.total_blocks.clone(),
+            placements: self.placements.clone(),
+        }
     }
 
-    /// The placement counters, for the backend that places requests.
-    pub fn placement(&self) -> PlacementCounters {
-        self.placement.clone()
+    /// Records how long an admitted request for `model` waited for its slot.
+    pub fn observe_queue_time(&self, model: &str, waited: Duration) {
+        self.queue_time.with_label_values(&[model]).observe(waited.as_secs_f64());
     }
 
-    /// Reports each worker of these pools' indexes (up, cached blocks) at
-    /// every scrape, for the slots their rosters fill then. Only the first
-    /// call takes effect.
-    pub fn watch_indexes(&self, pools: Vec<WatchedPool>) {
-        let _ = self.indexes.set(pools);
+    /// Counts the prompt tokens of an admitted request for `model`.
+    pub fn count_prompt_tokens(&self, model: &str, tokens: usize) {
+        self.prompt_tokens.with_label_values(&[model]).inc_by(tokens as u64);
     }
 
-    /// Records how long an admitted request waited for its slot.
-    pub fn observe_queue_time(&self, waited: Duration) {
-        self.queue_time.observe(waited.as_secs_f64());
-    }
-
-    /// Counts the prompt tokens of an admitted request.
-    pub fn count_prompt_tokens(&self, tokens: usize) {
-        self.prompt_tokens.inc_by(tokens as u64);
-    }
-
-    /// `tokens`, observing the time to its first token (from `arrival`) and
-    /// the time between later chunks as they go by.
-    pub fn time_tokens(self: &Arc<Self>, tokens: TokenStream, arrival: Instant) -> TokenStream {
-        let metrics = self.clone();
+    /// `tokens` of a request for `model`, observing the time to its first
+    /// token (from `arrival`) and the time between later chunks as they go by.
+    pub fn time_tokens(&self, model: &str, tokens: TokenStream, arrival: Instant) -> TokenStream {
+        let (first, between) = (
+            self.time_to_first_token.with_label_values(&[model]),
+            self.inter_token_latency.with_label_values(&[model]),
+        );
         let mut last: Option<Instant> = None;
         tokens
             .inspect(move |item| {
@@ -310,63 +310,75 @@ impl Metrics {
                 }
                 let now = Instant::now();
                 match last {
-                    None => metrics.time_to_first_token.observe((now - arrival).as_secs_f64()),
-                    Some(previous) => metrics.inter_token_latency.observe((now - previous).as_secs_f64()),
+                    None => first.observe((now - arrival).as_secs_f64()),
+                    Some(previous) => between.observe((now - previous).as_secs_f64()),
                 }
                 last = Some(now);
             })
             .boxed()
     }
 
-    /// `deltas`, counting the generated tokens they carry: the same tokens
-    /// the usage reports, and those of a stream cut short too.
+    /// `deltas` of a request for `model`, counting the generated tokens they
+    /// carry: the same tokens the usage reports, and those of a stream cut
+    /// short too.
     pub fn count_deltas(
-        self: &Arc<Self>,
+        &self,
+        model: &str,
         deltas: BoxStream<'static, Result<Delta, BackendError>>,
     ) -> BoxStream<'static, Result<Delta, BackendError>> {
-        let metrics = self.clone();
+        let generated = self.generation_tokens.with_label_values(&[model]);
         deltas
             .inspect(move |item| {
                 if let Ok(delta) = item {
-                    metrics.generation_tokens.inc_by(delta.token_ids.len() as u64);
+                    generated.inc_by(delta.token_ids.len() as u64);
                 }
             })
             .boxed()
     }
 
-    /// The Prometheus text exposition, with the admission gauges set from
-    /// `admission` (read at scrape time: the queue is the one source of truth).
-    pub fn render(&self, admission: &AdmissionStats) -> Result<String, prometheus::Error> {
-        self.admission_queue_depth.set(admission.queued as i64);
-        // Workers that left lose their series: start from none at each scrape.
-        self.inflight_requests.reset();
-        for (worker, &running) in admission.in_flight.iter().enumerate() {
-            if admission.active.get(worker) == Some(&true) || running > 0 {
-                self.inflight_requests.with_label_values(&[worker.to_string()]).set(running as i64);
-            }
-        }
-        for gauge in
-            [&self.worker_up, &self.worker_cached_blocks, &self.worker_pinned_blocks, &self.worker_circuit_state]
-        {
+    /// The Prometheus text exposition, with the admission and worker gauges
+    /// set from `models` as they are now. Workers and models that went lose
+    /// their series: the gauges start from none at each scrape.
+    pub fn render(&self, models: &[ModelScrape]) -> Result<String, prometheus::Error> {
+        for gauge in [
+            &self.admission_queue_depth,
+            &self.inflight_requests,
+            &self.worker_up,
+            &self.worker_cached_blocks,
+            &self.worker_pinned_blocks,
+            &self.worker_circuit_state,
+        ] {
             gauge.reset();
         }
-        for (pool, roster) in self.rosters.get().into_iter().flatten() {
-            for worker in roster.active() {
-                let state = roster.breaker(worker).circuit().gauge();
-                self.worker_circuit_state.with_label_values(&[*pool, &worker.to_string()]).set(state);
+        for model in models {
+            self.set_model_gauges(model);
+        }
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
+        String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+
+    fn set_model_gauges(&self, model: &ModelScrape) {
+        let (name, admission) = (model.name.as_str(), &model.admission);
+        self.admission_queue_depth.with_label_values(&[name]).set(admission.queued as i64);
+        for (worker, &running) in admission.in_flight.iter().enumerate() {
+            if admission.active.get(worker) == Some(&true) || running > 0 {
+                self.inflight_requests.with_label_values(&[name, &worker.to_string()]).set(running as i64);
             }
         }
-        for (pool, index, roster) in self.indexes.get().into_iter().flatten() {
+        for ScrapedPool { pool, roster, index } in &model.pools {
+            for worker in roster.active() {
+                let state = roster.breaker(worker).circuit().gauge();
+                self.worker_circuit_state.with_label_values(&[name, pool, &worker.to_string()]).set(state);
+            }
+            let Some(index) = index else { continue };
             for (worker, summary) in index.summary().iter().enumerate().filter(|(w, _)| roster.is_active(*w)) {
-                let labels = [*pool, &worker.to_string()];
+                let labels = [name, pool, &worker.to_string()];
                 self.worker_up.with_label_values(&labels).set(summary.up.into());
                 self.worker_cached_blocks.with_label_values(&labels).set(summary.cached_blocks as i64);
                 self.worker_pinned_blocks.with_label_values(&labels).set(summary.pinned_blocks.into());
             }
         }
-        let mut text = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
-        String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
 }
 

@@ -7,8 +7,12 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn stats() -> AdmissionStats {
-    AdmissionStats { queued: 3, in_flight: vec![1, 0], active: vec![true, true] }
+fn stats() -> Vec<ModelScrape> {
+    vec![scrape("m", AdmissionStats { queued: 3, in_flight: vec![1, 0], active: vec![true, true] })]
+}
+
+fn scrape(name: &str, admission: AdmissionStats) -> ModelScrape {
+    ModelScrape { name: name.into(), admission, pools: Vec::new() }
 }
 
 #[test]
@@ -37,19 +41,29 @@ fn guard_counts_once_and_times_only_successes() {
 fn admission_gauges_come_from_the_stats() {
     let metrics = Metrics::new();
     let text = metrics.render(&stats()).unwrap();
-    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth"), Some(3.0));
-    assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"0\"}"), Some(1.0));
-    assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"1\"}"), Some(0.0));
-    let text = metrics.render(&AdmissionStats { queued: 0, in_flight: vec![0, 2], active: vec![true, true] }).unwrap();
-    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth"), Some(0.0));
-    assert_eq!(sample(&text, "pdserve_router_inflight_requests{worker=\"1\"}"), Some(2.0));
+    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth{model=\"m\"}"), Some(3.0));
+    assert_eq!(sample(&text, "pdserve_router_inflight_requests{model=\"m\",worker=\"0\"}"), Some(1.0));
+    assert_eq!(sample(&text, "pdserve_router_inflight_requests{model=\"m\",worker=\"1\"}"), Some(0.0));
+    // Two models: each its own series; a model gone loses its series.
+    let text = metrics
+        .render(&[
+            scrape("m", AdmissionStats { queued: 0, in_flight: vec![0, 2], active: vec![true, true] }),
+            scrape("n/v2", AdmissionStats { queued: 5, in_flight: vec![1], active: vec![true] }),
+        ])
+        .unwrap();
+    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth{model=\"m\"}"), Some(0.0));
+    assert_eq!(sample(&text, "pdserve_router_inflight_requests{model=\"m\",worker=\"1\"}"), Some(2.0));
+    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth{model=\"n/v2\"}"), Some(5.0));
+    assert_eq!(sample(&text, "pdserve_router_inflight_requests{model=\"n/v2\",worker=\"0\"}"), Some(1.0));
+    let text = metrics.render(&[]).unwrap();
+    assert_eq!(sample(&text, "pdserve_router_admission_queue_depth{model=\"m\"}"), None);
 }
 
 #[test]
 fn routers_do_not_share_counts() {
     let (a, b) = (Metrics::new(), Metrics::new());
-    a.count_prompt_tokens(4);
+    a.count_prompt_tokens("m", 4);
     let b_text = b.render(&stats()).unwrap();
-    assert_eq!(sample(&b_text, "pdserve_router_prompt_tokens_total"), Some(0.0));
-    assert_eq!(sample(&a.render(&stats()).unwrap(), "pdserve_router_prompt_tokens_total"), Some(4.0));
+    assert_eq!(sample(&b_text, "pdserve_router_prompt_tokens_total{model=\"m\"}"), None);
+    assert_eq!(sample(&a.render(&stats()).unwrap(), "pdserve_router_prompt_tokens_total{model=\"m\"}"), Some(4.0));
 }

@@ -2,7 +2,7 @@
 //! [`ModelCard`] a worker publishes: tokenizer, chat template and limits.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use proto::worker::ModelCard;
@@ -45,7 +45,14 @@ pub struct Model {
     pub bos_token_id: Option<u32>,
     /// Unix seconds when the card was loaded, shown by `/v1/models`.
     pub created: u64,
+    /// Texts longer than this cannot fit the context whatever their tokens
+    /// (see [`Model::from_card`]), so they are refused without tokenizing.
+    pub max_prompt_bytes: usize,
 }
+
+/// Slack on the longest token's spelling as the most text one token covers:
+/// normalizers can fold several input bytes into one (NFKC ligatures).
+const TOKEN_BYTES_SLACK: usize = 4;
 
 impl Model {
     /// Builds the model from a card; `served_name` overrides `card.model_name`.
@@ -61,6 +68,12 @@ impl Model {
         };
         let bos_token_id = card.add_bos_token.then(|| tokenizer.token_to_id(&card.bos_token)).flatten();
         let vocab_size = u32::try_from(tokenizer.get_vocab_size(true)).unwrap_or(u32::MAX);
+        // No token stands for more text than its spelling in the vocabulary
+        // (byte-level and sentencepiece spellings are longer than their bytes),
+        // so a text over this many bytes has more tokens than the context.
+        let longest_token = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
+        let max_prompt_bytes =
+            (card.context_length as usize).saturating_mul(longest_token).saturating_mul(TOKEN_BYTES_SLACK);
         Ok(Self {
             served_name: served_name.unwrap_or_else(|| card.model_name.clone()),
             context_length: card.context_length,
@@ -71,6 +84,7 @@ impl Model {
             eos_token: card.eos_token.clone(),
             bos_token_id,
             created: unix_now(),
+            max_prompt_bytes,
         })
     }
 }
@@ -78,4 +92,39 @@ impl Model {
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A served model's name, shared by everything that labels or finds it: known
+/// from the start (a named static pool, an etcd registration) or set once its
+/// card loads, which is always before its first request runs.
+#[derive(Debug, Clone, Default)]
+pub struct ModelName(Arc<OnceLock<String>>);
+
+impl ModelName {
+    /// A name known now.
+    pub fn known(name: impl Into<String>) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(name.into());
+        Self(Arc::new(cell))
+    }
+
+    /// A name learnt later, with [`ModelName::learn`].
+    pub fn unknown() -> Self {
+        Self::default()
+    }
+
+    /// The name, if known.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Sets the name unless it is already known; the name it has after.
+    pub fn learn(&self, name: &str) -> &str {
+        self.0.get_or_init(|| name.to_owned())
+    }
+
+    /// The name as a metric label: empty while unknown, which no request sees.
+    pub fn label(&self) -> &str {
+        self.get().unwrap_or_default()
+    }
 }

@@ -22,10 +22,11 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::IntCounterVec;
 use proto::worker::KvTransferParams;
 
 use crate::admission::{hold, Chooser};
+use crate::model::ModelName;
 use crate::placement::{Demand, Leg, Placement, Slots};
 
 /// How to pick tokens, validated: no option is left open except the seed.
@@ -255,15 +256,19 @@ pub trait WorkerLegs: Send + Sync + 'static {
     fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>>;
 }
 
-/// What placement decided, counted: where requests went, and how much of
-/// their prompts the chosen worker had cached.
+/// What placement decided for one model, counted: where requests went, and
+/// how much of their prompts the chosen worker had cached.
 #[derive(Debug, Clone)]
 pub struct PlacementCounters {
-    /// Leading prompt blocks cached on the chosen first-leg worker.
-    pub hit_blocks: IntCounter,
-    /// Full prompt blocks.
-    pub total_blocks: IntCounter,
-    /// Legs placed, by `pool` (`prefill` / `decode`) and `worker` index.
+    /// The `model` label of every count.
+    pub model: ModelName,
+    /// Prompt tokens the prefill workers served from their prefix cache, by `model`.
+    pub cached_tokens: IntCounterVec,
+    /// Leading prompt blocks cached on the chosen first-leg worker, by `model`.
+    pub hit_blocks: IntCounterVec,
+    /// Full prompt blocks, by `model`.
+    pub total_blocks: IntCounterVec,
+    /// Legs placed, by `model`, `pool` (`prefill` / `decode`) and `worker` index.
     pub placements: IntCounterVec,
 }
 
@@ -273,7 +278,17 @@ impl PlacementCounters {
             Leg::Prefill => "prefill",
             Leg::Decode => "decode",
         };
-        self.placements.with_label_values(&[pool, &worker.to_string()]).inc();
+        self.placements.with_label_values(&[self.model.label(), pool, &worker.to_string()]).inc();
+    }
+
+    fn first_leg(&self, cached_blocks: usize, total_blocks: usize) {
+        let model = [self.model.label()];
+        self.hit_blocks.with_label_values(&model).inc_by(cached_blocks as u64);
+        self.total_blocks.with_label_values(&model).inc_by(total_blocks as u64);
+    }
+
+    fn cached_tokens(&self, tokens: u32) {
+        self.cached_tokens.with_label_values(&[self.model.label()]).inc_by(tokens.into());
     }
 }
 
@@ -296,7 +311,6 @@ pub struct PdBackend<L> {
     placement: Arc<dyn Placement>,
     /// This router's open decode streams per decode worker, for placement.
     decode_in_flight: Arc<Vec<AtomicUsize>>,
-    cached_tokens: Option<IntCounter>,
     counters: Option<PlacementCounters>,
     on_kv_failure: KvFailurePolicy,
 }
@@ -309,7 +323,6 @@ impl<L: WorkerLegs> PdBackend<L> {
             legs: Arc::new(legs),
             placement,
             decode_in_flight,
-            cached_tokens: None,
             counters: None,
             on_kv_failure: KvFailurePolicy::default(),
         }
@@ -320,14 +333,9 @@ impl<L: WorkerLegs> PdBackend<L> {
         Self { on_kv_failure: policy, ..self }
     }
 
-    /// The same backend adding each prefill's prefix-cached prompt tokens to
-    /// `counter`. Only the prefill answer reports them, so the colocated path
-    /// adds nothing.
-    pub fn with_cached_tokens(self, counter: IntCounter) -> Self {
-        Self { cached_tokens: Some(counter), ..self }
-    }
-
-    /// The same backend counting its placements into `counters`.
+    /// The same backend counting its placements into `counters`, and each
+    /// prefill's prefix-cached prompt tokens (only the prefill answer reports
+    /// them, so the colocated path adds none).
     pub fn with_placement_counters(self, counters: PlacementCounters) -> Self {
         Self { counters: Some(counters), ..self }
     }
@@ -400,8 +408,7 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
         Some(Box::new(move |in_flight: &[usize], cap: usize| {
             let pick = placement.pick_first(leg, &demand, &Slots { in_flight, cap });
             if let Some(counters) = counters {
-                counters.hit_blocks.inc_by(pick.cached_blocks as u64);
-                counters.total_blocks.inc_by(demand.hashes.len() as u64);
+                counters.first_leg(pick.cached_blocks, demand.hashes.len());
                 counters.placed(leg, pick.worker);
             }
             pick.worker
@@ -443,7 +450,7 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
             decode_worker: decode.worker,
             decode_slot: DecodeSlot::take(&self.decode_in_flight, decode.worker),
             n,
-            cached_tokens: self.cached_tokens.clone(),
+            counters: self.counters.clone(),
             on_kv_failure: self.on_kv_failure,
         };
         stream::unfold((run, PdState::Prefill(request)), |(run, state)| async move {
@@ -477,7 +484,7 @@ struct PdRun<L> {
     decode_slot: Arc<DecodeSlot>,
     /// Choices of the request.
     n: u32,
-    cached_tokens: Option<IntCounter>,
+    counters: Option<PlacementCounters>,
     on_kv_failure: KvFailurePolicy,
 }
 
@@ -578,8 +585,8 @@ impl<L: WorkerLegs> PdRun<L> {
             Ok(answered) => answered,
             Err(e) => return (vec![Err(e)], PdState::Done),
         };
-        if let Some(counter) = &self.cached_tokens {
-            counter.inc_by(outcome.num_cached_tokens.into());
+        if let Some(counters) = &self.counters {
+            counters.cached_tokens(outcome.num_cached_tokens);
         }
         if outcome.choices.len() != self.n as usize {
             let error = format!("prefill answered {} choices for n = {}", outcome.choices.len(), self.n);

@@ -227,17 +227,24 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
 #[tokio::test]
 async fn prefill_cached_tokens_are_counted() {
     let (_legs, backend, _released) = setup(1, None, vec![chunk(&[8], Some(Finish::Stop))]);
-    let counter = prometheus::IntCounter::new("cached", "test").unwrap();
-    let backend = backend.with_cached_tokens(counter.clone());
+    let metrics = crate::metrics::Metrics::new();
+    let backend = backend.with_placement_counters(metrics.placement(ModelName::known("m")));
     let _: Vec<_> = backend.generate(request()).collect().await;
     let _: Vec<_> = backend.generate(request()).collect().await;
-    assert_eq!(counter.get(), 10, "5 cached tokens per prefill");
+    let cached = |metrics: &crate::metrics::Metrics| {
+        let text = metrics.render(&[]).unwrap();
+        text.lines().find_map(|l| {
+            l.strip_prefix("pdserve_router_prefix_cached_tokens_total{model=\"m\"} ")?.parse::<u64>().ok()
+        })
+    };
+    assert_eq!(cached(&metrics), Some(10), "5 cached tokens per prefill");
 
     // Colocated: no prefill answer, nothing to count.
     let (_legs, backend, _released) = setup(0, None, vec![chunk(&[8], Some(Finish::Stop))]);
-    let counter = prometheus::IntCounter::new("cached", "test").unwrap();
-    let _: Vec<_> = backend.with_cached_tokens(counter.clone()).generate(request()).collect().await;
-    assert_eq!(counter.get(), 0);
+    let metrics = crate::metrics::Metrics::new();
+    let _: Vec<_> =
+        backend.with_placement_counters(metrics.placement(ModelName::known("m"))).generate(request()).collect().await;
+    assert_eq!(cached(&metrics).unwrap_or(0), 0);
 }
 
 fn with_failing_prefill(prefill_workers: usize, failing: &[usize]) -> (Arc<FakeLegs>, PdBackend<Arc<FakeLegs>>) {

@@ -13,15 +13,14 @@ use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::admission::{Admission, AdmissionConfig};
 use crate::error::ApiError;
 use crate::handlers;
 use crate::metrics::{self, Metrics};
-use crate::model::Model;
+use crate::model::{Model, ModelName};
 use crate::openai::openapi::{self, ErrorResponse};
 use crate::openai::response::{ModelList, ModelObject};
 use crate::pd::Backend;
-use crate::roster::Roster;
+use crate::served::{ServedModel, ServedModels};
 use crate::tenancy::keys::KeyRing;
 use crate::tenancy::usage::{UsageLog, UsageSink};
 use crate::tenancy::Caller;
@@ -33,19 +32,13 @@ use crate::tokenize_api;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
 
 /// What every handler shares. Cheap to clone.
-///
-/// The model arrives after start-up (workers may still be loading), through a
-/// `watch` channel: requests that come earlier wait for it.
 #[derive(Clone)]
 pub struct AppState {
-    model: watch::Receiver<Option<Arc<Model>>>,
-    /// The workers, behind the PD seam.
-    pub backend: Arc<dyn Backend>,
-    /// The model's admission queue over the first leg's workers.
-    pub admission: Admission,
+    /// The served models, each with its workers, queue and card.
+    pub models: Arc<ServedModels>,
     /// This router's metrics and their registry.
     pub metrics: Arc<Metrics>,
-    /// What `/ready` checks besides the model.
+    /// Whether the router is shutting down.
     pub readiness: Arc<Readiness>,
     /// The API keys; open when none are configured.
     pub keys: Arc<Keys>,
@@ -55,59 +48,52 @@ pub struct AppState {
     pub max_body_bytes: usize,
 }
 
-/// What makes the router ready besides its model: not shutting down, and a
-/// worker in every pool a request needs.
+/// Whether the router still takes requests: `/ready` turns 503 once it is
+/// shutting down, whatever its models.
 #[derive(Debug, Default)]
 pub struct Readiness {
     draining: AtomicBool,
-    pools: Vec<(&'static str, Arc<Roster>)>,
 }
 
 impl Readiness {
-    /// Ready while each of `pools` (name, roster) has a worker.
-    pub fn over(pools: Vec<(&'static str, Arc<Roster>)>) -> Self {
-        Self { draining: AtomicBool::new(false), pools }
-    }
-
     /// Stops reporting ready: the router is shutting down.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Why the router is not ready, if it is not (the model aside).
-    fn blocker(&self) -> Option<ApiError> {
-        if self.draining.load(Ordering::Acquire) {
-            return Some(ApiError::ShuttingDown);
-        }
-        self.pools.iter().find(|(_, roster)| roster.active().is_empty()).map(|(pool, _)| ApiError::NoWorkers(pool))
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }
 
 impl AppState {
-    /// State whose model is set later through the returned sender; default
-    /// admission limits over one worker until [`AppState::with_admission`].
-    pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
-        let (tx, model) = watch::channel(None);
-        (Self::with_model(model, backend), tx)
-    }
-
-    /// State with the model already loaded (tests, embedding).
-    pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
-        let (_, model) = watch::channel(Some(Arc::new(model)));
-        Self::with_model(model, backend)
-    }
-
-    fn with_model(model: watch::Receiver<Option<Arc<Model>>>, backend: Arc<dyn Backend>) -> Self {
+    /// State serving `models`.
+    pub fn new(models: Arc<ServedModels>) -> Self {
         Self {
-            model,
-            backend,
-            admission: default_admission(),
+            models,
             metrics: Arc::default(),
             readiness: Arc::default(),
             keys: Arc::new(Keys::new(KeyRing::open())),
             usage_log: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
+    }
+
+    /// State serving one model.
+    pub fn serving(model: ServedModel) -> Self {
+        Self::new(Arc::new(ServedModels::new(vec![model])))
+    }
+
+    /// State serving one model whose card is set later through the returned
+    /// sender (named from it).
+    pub fn loading(backend: Arc<dyn Backend>) -> (Self, watch::Sender<Option<Arc<Model>>>) {
+        let (model, tx) = ServedModel::loading(ModelName::unknown(), backend);
+        (Self::serving(model), tx)
+    }
+
+    /// State serving one model already loaded (tests, embedding).
+    pub fn ready(model: Model, backend: Arc<dyn Backend>) -> Self {
+        Self::serving(ServedModel::ready(model, backend))
     }
 
     /// The same state behind `keys`, logging usage to `usage_log`.
@@ -125,40 +111,24 @@ impl AppState {
         UsageSink::new(self.metrics.tenants(), self.usage_log.clone())
     }
 
-    /// The same state with `admission` as its queue.
-    pub fn with_admission(self, admission: Admission) -> Self {
-        Self { admission, ..self }
-    }
-
-    /// The same state, ready only as `readiness` says.
+    /// The same state, draining as `readiness` says.
     pub fn with_readiness(self, readiness: Arc<Readiness>) -> Self {
         Self { readiness, ..self }
     }
 
-    /// The same state recording into `metrics` (shared with the backend, which
-    /// counts prefix-cached tokens).
+    /// The same state recording into `metrics` (shared with the backends,
+    /// which count placements and prefix-cached tokens).
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         Self { metrics, ..self }
     }
 
-    /// The model if loaded now.
-    fn loaded(&self) -> Option<Arc<Model>> {
-        self.model.borrow().clone()
+    /// The model a request names and its card, waiting for the card while
+    /// it loads.
+    pub async fn model(&self, requested: Option<&str>) -> Result<(Arc<ServedModel>, Arc<Model>), ApiError> {
+        let served = self.models.resolve(requested).await?;
+        let model = served.model().await?;
+        Ok((served, model))
     }
-
-    /// The model, waiting for it while it loads; `NotReady` if loading failed.
-    pub async fn model(&self) -> Result<Arc<Model>, ApiError> {
-        if let Some(model) = self.loaded() {
-            return Ok(model);
-        }
-        let mut rx = self.model.clone();
-        let model = rx.wait_for(Option::is_some).await.map_err(|_| ApiError::NotReady)?;
-        model.clone().ok_or(ApiError::NotReady)
-    }
-}
-
-fn default_admission() -> Admission {
-    Admission::new(AdmissionConfig::default(), 1)
 }
 
 /// One route: its method and path (for the OpenAPI check), its handler, and
@@ -225,39 +195,43 @@ pub(crate) async fn health() -> StatusCode {
     StatusCode::OK
 }
 
-/// Readiness: 200 once the model card is loaded while every pool a request
-/// needs has a worker and the router is not shutting down; 503 otherwise.
+/// Readiness: 200 while some model can serve (its card loaded, a worker in
+/// every pool it needs) and the router is not shutting down; 503 otherwise.
 #[utoipa::path(get, path = "/ready", tag = "meta", responses(
     (status = 200, description = "Requests can be served"),
-    (status = 503, description = "The model is loading, a pool has no worker, or the router is shutting down",
+    (status = 503, description = "No model can serve (loading, or a pool without workers), or the router is shutting down",
      body = ErrorResponse)))]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
-    if state.loaded().is_none() {
-        return ApiError::NotReady.into_response();
+    if state.readiness.draining() {
+        return ApiError::ShuttingDown.into_response();
     }
-    match state.readiness.blocker() {
+    match state.models.blocker() {
         None => StatusCode::OK.into_response(),
         Some(why) => why.into_response(),
     }
 }
 
-/// The served models the caller's key may use.
+/// The served models the caller's key may use, those whose card has loaded.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
     (status = 200, description = "A `list` of the served models this key may use", content_type = "application/json"),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
-    (status = 503, description = "The model is still loading", body = ErrorResponse)))]
+    (status = 503, description = "No model has loaded yet", body = ErrorResponse)))]
 pub(crate) async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<ModelList>, ApiError> {
-    let model = state.model().await?;
-    let data = caller
-        .may_use(&model.served_name)
-        .then(|| ModelObject {
+    let mut loaded: Vec<Arc<Model>> = state.models.all().iter().filter_map(|m| m.loaded()).collect();
+    if loaded.is_empty() {
+        // Before any card, wait for one, as a single-model router always has.
+        loaded.push(state.models.first_loaded().await?);
+    }
+    let data = loaded
+        .iter()
+        .filter(|model| caller.may_use(&model.served_name))
+        .map(|model| ModelObject {
             id: model.served_name.clone(),
             object: "model",
             created: model.created,
             owned_by: "pdserve",
             max_model_len: model.context_length,
         })
-        .into_iter()
         .collect();
     Ok(Json(ModelList { object: "list", data }))
 }
@@ -267,7 +241,8 @@ pub(crate) async fn models(State(state): State<AppState>, caller: Caller) -> Res
     (status = 200, description = "Prometheus text format", content_type = "text/plain"),
     (status = 500, description = "The metrics could not be encoded")))]
 pub(crate) async fn render_metrics(State(state): State<AppState>) -> Response {
-    match state.metrics.render(&state.admission.stats()) {
+    let models: Vec<_> = state.models.all().iter().filter_map(|m| m.scrape()).collect();
+    match state.metrics.render(&models) {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "encoding metrics failed");

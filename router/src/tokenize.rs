@@ -107,6 +107,10 @@ pub fn token_strs(model: &Model, ids: &[u32]) -> Vec<String> {
 }
 
 fn encode(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    // Tokenizing megabytes takes seconds: refuse what cannot fit first.
+    if text.len() > model.max_prompt_bytes {
+        return Err(ValidationError::TextTooLong { bytes: text.len(), context_length: model.context_length });
+    }
     let encoding = model.tokenizer.encode(text, false).map_err(|e| ValidationError::Tokenize(e.to_string()))?;
     Ok(encoding.get_ids().to_vec())
 }
@@ -115,6 +119,17 @@ fn encode(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
 mod tests {
     use super::*;
     use crate::testutil::{card, ids};
+
+    #[test]
+    fn a_text_longer_than_any_context_is_refused_before_tokenizing() {
+        let model = Model::from_card(&card(), None).unwrap();
+        let limit = model.max_prompt_bytes;
+        // 64 tokens of context, "<|im_start|>" the longest spelling (12 bytes), 4 times over.
+        assert_eq!(limit, 64 * 12 * 4);
+        let err = text_prompt(&model, &"a".repeat(limit + 1)).unwrap_err();
+        assert!(matches!(err, ValidationError::TextTooLong { bytes, context_length: 64 } if bytes == limit + 1));
+        assert_eq!(text_prompt(&model, &"a".repeat(limit)).unwrap().len(), limit, "at the bound it is tokenized");
+    }
 
     #[test]
     fn chat_prompt_parses_special_tokens_without_extra_bos() {

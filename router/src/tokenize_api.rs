@@ -15,7 +15,7 @@ use crate::openai::response::{DetokenizeResponse, TokenizeResponse, VersionRespo
 use crate::server::AppState;
 use crate::tenancy::Caller;
 use crate::tokenize;
-use crate::validation::{chat_messages, chat_render, chat_tools, check_model, ValidationError};
+use crate::validation::{chat_messages, chat_render, chat_tools, ValidationError};
 
 /// `POST /tokenize`.
 #[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, responses(
@@ -23,15 +23,14 @@ use crate::validation::{chat_messages, chat_render, chat_tools, check_model, Val
     (status = 400, description = "A parameter is missing or invalid; `param` names it", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-    (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+    (status = 404, description = "`model` is not a served model", body = ErrorResponse),
     (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(body): AppJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let model = state.model().await?;
-    check_model(&model, body.model.as_deref())?;
+    let (_, model) = state.model(body.model.as_deref()).await?;
     caller.authorize(&model)?;
     let return_token_strs = body.return_token_strs.unwrap_or(false);
     let tokens = tokenize_request(&model, body)?;
@@ -49,15 +48,14 @@ pub async fn tokenize(
     (status = 400, description = "`tokens` is missing or out of the vocabulary", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-    (status = 404, description = "`model` is not the served model", body = ErrorResponse),
+    (status = 404, description = "`model` is not a served model", body = ErrorResponse),
     (status = 503, description = "The model is still loading", body = ErrorResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(body): AppJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let model = state.model().await?;
-    check_model(&model, body.model.as_deref())?;
+    let (_, model) = state.model(body.model.as_deref()).await?;
     caller.authorize(&model)?;
     let tokens = body.tokens.ok_or(ValidationError::Missing { field: "tokens" })?;
     let ids = tokenize::vocab_ids(&model, "tokens", &tokens)?;

@@ -96,6 +96,11 @@ pub enum ValidationError {
         "This model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} tokens."
     )]
     PromptTooLong { prompt_tokens: usize, context_length: u32 },
+    /// The prompt's text is longer than any prompt of the context's length.
+    #[error(
+        "This model's maximum context length is {context_length} tokens, but the prompt ({bytes} bytes) is longer than that many tokens can be."
+    )]
+    TextTooLong { bytes: usize, context_length: u32 },
     /// Prompt plus `max_tokens` exceed the context.
     #[error("This model's maximum context length is {context_length} tokens. However, you requested {total} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion).")]
     ContextExceeded { prompt_tokens: usize, max_tokens: u32, total: u64, context_length: u32 },
@@ -119,7 +124,7 @@ impl ValidationError {
             | Self::OutOfRange { field, .. }
             | Self::Unsupported { field, .. }
             | Self::TokenOutOfVocab { field, .. } => Some(field),
-            Self::PromptTooLong { .. } => Some("prompt"),
+            Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some("prompt"),
             Self::ContextExceeded { .. } => Some("max_tokens"),
             Self::Template(_) => Some("messages"),
             Self::Tokenize(_) => None,
@@ -131,7 +136,9 @@ impl ValidationError {
         match self {
             Self::Missing { .. } => "missing_required_parameter",
             Self::Unsupported { .. } => "unsupported_value",
-            Self::PromptTooLong { .. } | Self::ContextExceeded { .. } => "context_length_exceeded",
+            Self::PromptTooLong { .. } | Self::TextTooLong { .. } | Self::ContextExceeded { .. } => {
+                "context_length_exceeded"
+            }
             _ => "invalid_value",
         }
     }

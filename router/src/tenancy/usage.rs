@@ -227,8 +227,7 @@ mod tests {
             (&logged[1]["prompt_tokens"], &logged[1]["completion_tokens"], &logged[1]["outcome"]),
             (&json!(7), &json!(3), &json!("cancelled"))
         );
-        let text =
-            metrics.render(&crate::admission::AdmissionStats { queued: 0, in_flight: vec![], active: vec![] }).unwrap();
+        let text = metrics.render(&[]).unwrap();
         assert!(
             text.contains(r#"pdserve_router_key_completion_tokens_total{key="anonymous",tenant="anonymous"} 6"#),
             "{text}"

@@ -12,3 +12,5 @@ cargo build --workspace --bins --locked
 cargo test --workspace --locked
 # The request fuzz target, briefly (scripts/fuzz.sh SECONDS runs it longer by hand).
 scripts/fuzz.sh "${PDSERVE_FUZZ_SECS:-60}"
+# The `cuda` feature, compiled and linted without a GPU (scripts/cuda-toolkit.sh installs the toolkit).
+scripts/check-cuda.sh

@@ -60,10 +60,12 @@ pub async fn chat_completions(
     let arrival = Instant::now();
     let request_id = request_id(&headers, body.params.request_id.as_deref());
     let user = body.params.user.clone();
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref());
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref(),
+        model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let (served, model) = state.model(body.model.as_deref()).await?;
+        tracing::Span::current().record("model", model.served_name.as_str());
         let valid = for_caller(&caller, &model, validate_chat(&model, body)?)?;
         let format = ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone());
         Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)
@@ -97,11 +99,12 @@ pub async fn completions(
     let arrival = Instant::now();
     let request_id = request_id(&headers, body.params.request_id.as_deref());
     let user = body.params.user.clone();
-    let span =
-        tracing::info_span!("request", request_id = %request_id, endpoint = "completions", user = user.as_deref());
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions",
+        user = user.as_deref(), model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
         let (served, model) = state.model(body.model.as_deref()).await?;
+        tracing::Span::current().record("model", model.served_name.as_str());
         let valid = for_caller(&caller, &model, validate_completion(&model, body)?)?;
         let format = CompletionFormat::new(valid.echo.clone());
         Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)

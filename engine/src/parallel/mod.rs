@@ -4,12 +4,15 @@
 //! all-reduce sum after each row-parallel projection, an all-gather, and a
 //! broadcast of rank 0's step plan. [`cpu::CpuGroup`] runs the ranks as
 //! threads of one process exchanging through shared buffers, so every test
-//! runs without a GPU; NCCL is the backend behind the `cuda` feature.
+//! runs without a GPU; `nccl::NcclGroup` is the backend over GPUs, behind
+//! the `cuda` feature.
 //! [`TensorParallel`] is a model sharded over CPU ranks that the engine
 //! steps like any other.
 
 pub mod cpu;
 mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 pub use model::TensorParallel;
 

@@ -566,6 +566,10 @@ async fn tokenize_and_detokenize_error_shapes() {
         assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", Value::Null);
         assert_eq!(body["error"]["code"], "invalid_json");
     }
+    // Found by schemathesis: tools (here with an invalid type) beside a plain prompt were ignored.
+    let tools = json!([{"type": "x", "function": {"name": "f"}}]);
+    let (status, body) = post_json(app.clone(), "/tokenize", json!({"prompt": "Hi", "tools": tools})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("tools"));
 }
 
 #[tokio::test]

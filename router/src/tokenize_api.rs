@@ -76,6 +76,11 @@ fn tokenize_request(model: &Model, req: TokenizeRequest) -> Result<Vec<u32>, Val
             field: "messages",
             reason: "give either `prompt` or `messages`, not both".into(),
         }),
+        // Tools are rendered by the chat template only: with a plain prompt they would be ignored.
+        (Some(_), None) if req.tools.is_some() => Err(ValidationError::Unsupported {
+            field: "tools",
+            reason: "tools are rendered only with `messages`".into(),
+        }),
         (Some(prompt), None) => tokenize::text_ids(model, prompt, req.add_special_tokens.unwrap_or(true)),
         (None, Some(_)) => chat_ids(model, req),
         (None, None) => Err(ValidationError::Missing { field: "prompt" }),

@@ -99,7 +99,7 @@ pub fn follow(config: EtcdConfig, new_model: NewModel) -> Result<JoinHandle<()>,
 pub struct FollowError(#[from] cluster::discovery::DiscoveryError);
 
 /// What discovery placed: every model's pools, and where each worker went.
-struct Placement {
+struct Membership {
     models: HashMap<String, ModelPools>,
     placed: HashMap<String, Placed>,
     new_model: NewModel,
@@ -107,7 +107,7 @@ struct Placement {
 
 async fn apply_changes(watch: WorkersWatch, new_model: NewModel) {
     let mut updates = watch.subscribe();
-    let mut state = Placement { models: HashMap::new(), placed: HashMap::new(), new_model };
+    let mut state = Membership { models: HashMap::new(), placed: HashMap::new(), new_model };
     loop {
         let workers: Arc<Workers> = updates.borrow_and_update().clone();
         state.reconcile(&workers);
@@ -117,7 +117,7 @@ async fn apply_changes(watch: WorkersWatch, new_model: NewModel) {
     }
 }
 
-impl Placement {
+impl Membership {
     /// Makes the pools hold exactly the registered workers.
     fn reconcile(&mut self, workers: &Workers) {
         let gone: Vec<String> = self
@@ -211,7 +211,7 @@ mod tests {
     fn placement(
         prefill_slots: usize,
         slots: usize,
-    ) -> (Placement, Arc<std::sync::Mutex<HashMap<String, ModelPools>>>) {
+    ) -> (Membership, Arc<std::sync::Mutex<HashMap<String, ModelPools>>>) {
         let made = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let record = made.clone();
         let new_model: NewModel = Box::new(move |name: &str| {
@@ -220,7 +220,7 @@ mod tests {
             record.lock().unwrap().insert(name.to_owned(), pools.clone());
             pools
         });
-        (Placement { models: HashMap::new(), placed: HashMap::new(), new_model }, made)
+        (Membership { models: HashMap::new(), placed: HashMap::new(), new_model }, made)
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the tests need besides the Rust toolchain, installed idempotently:
 # Debian packages (etcd for the discovery tests, protoc for the etcd client's
-# build, promtool to check every /metrics), the default model, and a Python
+# build with its well-known types, promtool to check every /metrics), the default model, and a Python
 # venv with the `openai` client.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,6 +9,9 @@ cd "$root"
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which etcd's protos
+# import: only a recommendation of protobuf-compiler, so named here.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""

@@ -772,7 +772,12 @@ impl StepLoop {
                 if let Some(landing) = landing {
                     self.landings.insert(request.request_id.clone(), landing);
                 }
-                Some(ProvidedKv { kv: ProvidedData::InBlocks(blocks.take()), first_tokens })
+                let ids = blocks.take();
+                // The puller wrote (or is writing) them through the arena.
+                for kv in self.shared.kv.iter() {
+                    kv.write().unwrap_or_else(PoisonError::into_inner).mark_written(&ids);
+                }
+                Some(ProvidedKv { kv: ProvidedData::InBlocks(ids), first_tokens })
             }
         };
         tracing::debug!(

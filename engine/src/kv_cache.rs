@@ -184,6 +184,14 @@ impl std::fmt::Debug for KvArena {
 pub struct KvStorage {
     shape: KvCacheShape,
     region: Arc<Region>,
+    /// Per block: written from outside the forward pass (a hand-off, a
+    /// block copy) since a model last took it ([`KvStorage::take_written`]).
+    /// A model that mirrors the cache in device memory reloads such blocks;
+    /// a model that reads this memory directly ignores the marks.
+    written: Vec<bool>,
+    /// Unique in the process: a mirror of this cache elsewhere knows it by
+    /// this, since a later cache may be mapped at the same address.
+    id: u64,
 }
 
 /// A block id outside the cache, a payload of the wrong size, or no memory.
@@ -212,11 +220,18 @@ impl KvStorage {
     pub fn try_new(shape: KvCacheShape) -> Result<Self, KvStorageError> {
         let bytes = shape.total_bytes();
         let region = Region::new(bytes).map_err(|source| KvStorageError::Map { bytes, source })?;
-        Ok(Self { shape, region: Arc::new(region) })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { shape, region: Arc::new(region), written: vec![false; shape.num_blocks], id })
     }
 
     pub fn shape(&self) -> &KvCacheShape {
         &self.shape
+    }
+
+    /// This cache's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// A handle on the cache's memory, for a KV server (see [`KvArena`]).
@@ -296,7 +311,25 @@ impl KvStorage {
         for (range, src) in segments(shape, ids).zip(data.chunks_exact(shape.segment_bytes())) {
             bytes[range].copy_from_slice(src);
         }
+        self.mark_written(ids);
         Ok(())
+    }
+
+    /// Marks blocks as written from outside the forward pass: through the
+    /// arena (a hand-off pulled straight into reserved blocks) rather than
+    /// through this storage. Ids outside the cache are ignored.
+    pub fn mark_written(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if let Some(w) = self.written.get_mut(id as usize) {
+                *w = true;
+            }
+        }
+    }
+
+    /// Of `ids`, the blocks written from outside the forward pass since the
+    /// last take (each once, in first-seen order); their marks are cleared.
+    pub fn take_written(&mut self, ids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        ids.into_iter().filter(|&id| self.written.get_mut(id as usize).is_some_and(std::mem::take)).collect()
     }
 
     /// Copies block `src`'s K and V, in every layer, over block `dst`.
@@ -308,6 +341,7 @@ impl KvStorage {
             let to = self.shape.segment_offset(lkv / 2, lkv % 2, dst as usize);
             self.bytes_mut().copy_within(from..from + seg, to);
         }
+        self.mark_written(&[dst]);
         Ok(())
     }
 }
@@ -419,6 +453,21 @@ mod tests {
             assert_eq!(k[4], (layer * 100 + 4) as f32);
         }
         assert!(matches!(a.copy_block(0, 3), Err(KvStorageError::BlockOutOfRange { id: 3, .. })));
+    }
+
+    #[test]
+    fn writes_from_outside_the_forward_pass_are_marked_until_taken() {
+        let mut a = filled();
+        assert!(a.take_written(0..3).is_empty(), "a fresh cache has no outside writes");
+        let mut bytes = Vec::new();
+        a.read_blocks(&[0], &mut bytes).unwrap();
+        a.write_blocks(&[1], &bytes).unwrap();
+        a.copy_block(1, 2).unwrap();
+        a.mark_written(&[0, 99]);
+        // Only the blocks asked about are taken; the others keep their marks.
+        assert_eq!(a.take_written([2, 2, 1]), vec![2, 1]);
+        assert_eq!(a.take_written(0..3), vec![0]);
+        assert!(a.take_written(0..3).is_empty());
     }
 
     #[cfg(target_os = "linux")]

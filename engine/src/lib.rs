@@ -3,8 +3,9 @@
 //! # Layout
 //!
 //! - [`model`]: GGUF and Hugging Face (safetensors) loading (read with candle), and the Llama forward
-//!   pass on its own AVX2 quantized kernels. Weights are read-only; KV and positions come in
-//!   through [`ForwardBatch`] and [`KvStorage`].
+//!   pass on its own AVX2 quantized kernels; the same forward on candle tensors for CUDA GPUs
+//!   ([`model::DeviceLlama`], which mirrors the KV cache in device memory). Weights are read-only;
+//!   KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv_cache`]: paged KV storage, addressed by block id.
 //! - [`batch`]: what one forward step computes.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use engine::model::WeightDtype;
+use engine::model::{ComputeDevice, WeightDtype};
 
 /// How the worker loads its model and sizes its engine.
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +62,13 @@ pub struct EngineArgs {
     /// and KV heads must divide by it. `--kv-cache-memory` covers all ranks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub tensor_parallel_size: u32,
+    /// Where the model runs: cpu (the engine's own quantized kernels), or
+    /// cuda / cuda:N, a GPU through candle (a build with the `cuda` feature;
+    /// weights dequantized to bf16 unless --dtype says otherwise). The KV
+    /// cache stays in host memory, where KV hand-offs read and land, with a
+    /// copy in GPU memory of the same size.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: ComputeDevice,
 }
 
 impl EngineArgs {
@@ -101,6 +108,11 @@ pub fn parse_kv_cache_memory(text: &str) -> Result<KvCacheMemory, String> {
         return Err(format!("{t} is neither a fraction in (0, 1] nor a whole byte count"));
     }
     parse_bytes(t).map(KvCacheMemory::Bytes)
+}
+
+/// Parses `--device`.
+pub fn parse_device(text: &str) -> Result<ComputeDevice, String> {
+    text.parse()
 }
 
 /// Parses `--dtype` (vLLM's names).
@@ -190,6 +202,11 @@ mod tests {
         assert_eq!(flags(&["--tensor-parallel-size", "2"]).unwrap().tensor_parallel_size, 2);
         assert!(flags(&["--tensor-parallel-size", "0"]).is_err());
         assert!(flags(&["--dtype", "fp8"]).is_err());
+        assert_eq!(a.device, ComputeDevice::Cpu);
+        assert_eq!(flags(&["--device", "cuda"]).unwrap().device, ComputeDevice::Cuda(0));
+        assert_eq!(flags(&["--device", "cuda:3"]).unwrap().device, ComputeDevice::Cuda(3));
+        assert!(flags(&["--device", "tpu"]).is_err());
+        assert!(flags(&["--device", "cuda:x"]).is_err());
         assert!(flags(&["--kv-cache-memory", "1.5"]).is_err());
     }
 

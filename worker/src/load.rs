@@ -3,6 +3,7 @@
 use crate::args::{EngineArgs, KvCacheMemory};
 use crate::memory;
 use anyhow::Context;
+use engine::model::{ComputeDevice, DeviceLlama};
 use engine::parallel::TensorParallel;
 use engine::{Engine, EngineConfig, EngineHandle, Forward, KvCacheShape};
 use proto::worker as pb;
@@ -35,13 +36,22 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     // Each rank caches its share of the KV heads; the budget covers them all.
     let whole = loaded.model.kv_shape(args.block_size as usize, 0);
     let rank_shape = |num_blocks| KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, num_blocks, ..whole };
-    let model: Arc<dyn Forward> = if tp_size > 1 {
-        // The shards are copies: the whole model goes before the KV budget is measured.
-        let sharded = TensorParallel::new(&loaded.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
-        drop(loaded.model);
-        Arc::new(sharded)
-    } else {
-        Arc::new(loaded.model)
+    let model: Arc<dyn Forward> = match args.device {
+        ComputeDevice::Cpu if tp_size > 1 => {
+            // The shards are copies: the whole model goes before the KV budget is measured.
+            let sharded = TensorParallel::new(&loaded.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
+            drop(loaded.model);
+            Arc::new(sharded)
+        }
+        ComputeDevice::Cpu => Arc::new(loaded.model),
+        device if tp_size > 1 => {
+            anyhow::bail!("--tensor-parallel-size {tp_size} with --device {device}: tensor parallelism runs on CPU ranks only so far")
+        }
+        device => {
+            let on_device = DeviceLlama::on(&loaded.model, device, args.dtype).map_err(|e| anyhow::anyhow!("{e}"))?;
+            drop(loaded.model);
+            Arc::new(on_device)
+        }
     };
     let block_bytes = rank_shape(1).block_bytes() * tp_size;
     let num_blocks = match args.num_kv_blocks {
@@ -62,6 +72,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let card = model_card(args, info, &loaded.tokenizer, max_model_len)?;
     info!(
         model = card.model_name,
+        device = %args.device,
         blocks = num_blocks,
         kv_bytes = num_blocks * block_bytes,
         secs = started.elapsed().as_secs_f32(),

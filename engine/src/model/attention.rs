@@ -12,8 +12,8 @@ mod x86;
 /// `position * theta^(-2i/head_dim)` for each pair `i`.
 pub(crate) struct Rope {
     half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
 }
 
 impl Rope {

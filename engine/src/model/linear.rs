@@ -140,6 +140,23 @@ impl Linear {
         Ok(())
     }
 
+    /// The whole matrix, dequantized, as a `[rows, cols]` tensor of `dtype`
+    /// on `device` (for the forward pass on candle devices).
+    pub fn to_tensor(&self, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        let dense = match self {
+            Self::Dense(t) => t.clone(),
+            _ => {
+                let cols = self.cols();
+                let mut data = vec![0.0f32; self.rows() * cols];
+                for (j, row) in data.chunks_exact_mut(cols).enumerate() {
+                    self.row(j, row)?;
+                }
+                Tensor::from_vec(data, (self.rows(), cols), &Device::Cpu)?
+            }
+        };
+        dense.to_dtype(dtype)?.to_device(device)
+    }
+
     /// Row `j` as f32 (an embedding lookup) into `out` (`cols` values).
     pub fn row(&self, j: usize, out: &mut [f32]) -> candle_core::Result<()> {
         match self {

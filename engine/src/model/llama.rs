@@ -27,27 +27,27 @@ use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
 use crate::parallel::Communicator;
 
-struct Layer {
-    attn_norm: Vec<f32>,
+pub(super) struct Layer {
+    pub attn_norm: Vec<f32>,
     /// Q, K and V stacked: `[hidden + 2 * kv_dim, hidden]`.
-    qkv: Linear,
+    pub qkv: Linear,
     /// Q, K and V biases stacked (Qwen2 has them, Llama not).
-    qkv_bias: Option<Vec<f32>>,
-    attn_output: Linear,
-    ffn_norm: Vec<f32>,
+    pub qkv_bias: Option<Vec<f32>>,
+    pub attn_output: Linear,
+    pub ffn_norm: Vec<f32>,
     /// Gate and up stacked: `[2 * ffn, hidden]`.
-    gate_up: Linear,
-    down: Linear,
+    pub gate_up: Linear,
+    pub down: Linear,
 }
 
 /// Llama weights and the forward pass. See the module docs.
 pub struct Llama {
     config: Config,
-    token_embd: Arc<Linear>,
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>,
+    pub(super) token_embd: Arc<Linear>,
+    pub(super) layers: Vec<Layer>,
+    pub(super) output_norm: Vec<f32>,
     /// The embedding itself when the model ties them.
-    lm_head: Arc<Linear>,
+    pub(super) lm_head: Arc<Linear>,
 }
 
 /// Where [`Llama::load`] gets its weights: tensors named as in llama.cpp's
@@ -240,54 +240,62 @@ impl Llama {
 
     /// The KV cache shape this model needs for the given paging.
     pub fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape {
-        KvCacheShape {
-            num_layers: self.config.num_layers,
-            num_kv_heads: self.config.num_kv_heads,
-            head_dim: self.config.head_dim,
-            block_size,
-            num_blocks,
-        }
+        kv_shape(&self.config, block_size, num_blocks)
     }
 
     /// Rejects batches that would index outside the cache or the vocabulary.
     pub(crate) fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
-        let bad = |m: String| Err(ForwardError::InvalidBatch(m));
-        let shape = kv.shape();
-        let want = self.kv_shape(shape.block_size, shape.num_blocks);
-        if *shape != want || shape.block_size == 0 {
-            return bad(format!("KV cache shape {shape:?} does not fit the model (expected {want:?})"));
+        check_batch(&self.config, batch, kv)
+    }
+}
+
+/// Rejects batches that would index outside the cache or the vocabulary of a
+/// model of shape `config`.
+pub(super) fn check_batch(config: &Config, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+    let bad = |m: String| Err(ForwardError::InvalidBatch(m));
+    let shape = kv.shape();
+    let want = kv_shape(config, shape.block_size, shape.num_blocks);
+    if *shape != want || shape.block_size == 0 {
+        return bad(format!("KV cache shape {shape:?} does not fit the model (expected {want:?})"));
+    }
+    let mut next = 0;
+    for (i, s) in batch.seqs.iter().enumerate() {
+        if s.token_start != next || s.num_tokens == 0 {
+            return bad(format!(
+                "seq {i}: chunks must be non-empty and laid out in order (token_start {}, expected {next}, num_tokens {})",
+                s.token_start, s.num_tokens
+            ));
         }
-        let mut next = 0;
-        for (i, s) in batch.seqs.iter().enumerate() {
-            if s.token_start != next || s.num_tokens == 0 {
-                return bad(format!(
-                    "seq {i}: chunks must be non-empty and laid out in order (token_start {}, expected {next}, num_tokens {})",
-                    s.token_start, s.num_tokens
-                ));
-            }
-            next += s.num_tokens;
-            let end = s.context_start + s.num_tokens;
-            if end > self.config.context_length {
-                return bad(format!("seq {i}: {end} tokens exceed the context length {}", self.config.context_length));
-            }
-            let blocks = end.div_ceil(shape.block_size);
-            if s.block_table.len() < blocks {
-                return bad(format!(
-                    "seq {i}: block table has {} blocks, {end} tokens need {blocks}",
-                    s.block_table.len()
-                ));
-            }
-            if let Some(b) = s.block_table[..blocks].iter().find(|&&b| b as usize >= shape.num_blocks) {
-                return bad(format!("seq {i}: block id {b} out of range ({} blocks)", shape.num_blocks));
-            }
+        next += s.num_tokens;
+        let end = s.context_start + s.num_tokens;
+        if end > config.context_length {
+            return bad(format!("seq {i}: {end} tokens exceed the context length {}", config.context_length));
         }
-        if next != batch.tokens.len() {
-            return bad(format!("chunks cover {next} tokens, the batch has {}", batch.tokens.len()));
+        let blocks = end.div_ceil(shape.block_size);
+        if s.block_table.len() < blocks {
+            return bad(format!("seq {i}: block table has {} blocks, {end} tokens need {blocks}", s.block_table.len()));
         }
-        if let Some(t) = batch.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return bad(format!("token id {t} outside the vocabulary of {}", self.config.vocab_size));
+        if let Some(b) = s.block_table[..blocks].iter().find(|&&b| b as usize >= shape.num_blocks) {
+            return bad(format!("seq {i}: block id {b} out of range ({} blocks)", shape.num_blocks));
         }
-        Ok(())
+    }
+    if next != batch.tokens.len() {
+        return bad(format!("chunks cover {next} tokens, the batch has {}", batch.tokens.len()));
+    }
+    if let Some(t) = batch.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+        return bad(format!("token id {t} outside the vocabulary of {}", config.vocab_size));
+    }
+    Ok(())
+}
+
+/// The KV cache shape a model of shape `config` needs for the given paging.
+pub(super) fn kv_shape(config: &Config, block_size: usize, num_blocks: usize) -> KvCacheShape {
+    KvCacheShape {
+        num_layers: config.num_layers,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        block_size,
+        num_blocks,
     }
 }
 

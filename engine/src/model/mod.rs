@@ -8,6 +8,7 @@
 //! [`load_hf`] (safetensors weights, `tokenizer.json`, `tokenizer_config.json`).
 
 mod attention;
+mod device;
 mod hf;
 pub(crate) mod kernels;
 mod linear;
@@ -22,6 +23,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::tokenizer::TokenizerError;
 
+pub use device::{ComputeDevice, DeviceLlama};
 pub use hf::load_hf;
 pub use llama::Llama;
 
@@ -153,6 +155,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
     #[error("model path {0} does not exist")]

@@ -1,0 +1,459 @@
+//! The Llama forward pass on candle tensors, on any candle [`Device`]: a CUDA
+//! GPU with the `cuda` feature, or the CPU, where the tests check it against
+//! llama.cpp's outputs without a GPU.
+//!
+//! The weights of a loaded [`Llama`] are dequantized once into dense matrices
+//! of the compute dtype (bf16 on a GPU), so every projection is one GEMM of
+//! the whole step. The residual stream, norms, RoPE and attention stay in f32;
+//! norms, RoPE and softmax are candle-nn's fused kernels. Attention runs per
+//! sequence over the K/V its slot ids gather from the paged cache.
+//!
+//! # The KV cache on the device
+//!
+//! The engine's [`KvStorage`] in host memory stays the cache every peer sees:
+//! hand-offs are read from it and land in it. The model keeps a mirror of it
+//! in device memory, laid out the same way (one `[num_blocks * block_size,
+//! kv_dim]` f32 matrix per layer for K and one for V), and keeps the two equal:
+//!
+//! - each step's new K/V go into the mirror as they are computed, and into
+//!   host memory in one copy at the end of the step;
+//! - blocks written from outside the forward pass (a hand-off, a block copy:
+//!   [`KvStorage::take_written`]) are uploaded before the step reads them,
+//!   layer by layer, each after its layer of a streaming hand-off has landed.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::Rope;
+use super::linear::Linear;
+use super::llama::{check_batch, Llama};
+use super::{Config, ModelError, WeightDtype};
+use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::kv_cache::{KvCacheShape, KvStorage};
+
+/// Where the forward pass runs (the workers' `--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDevice {
+    /// The host's cores, through the engine's own quantized kernels
+    /// ([`Llama`] itself).
+    #[default]
+    Cpu,
+    /// CUDA GPU `n`, through candle ([`DeviceLlama`]; the `cuda` feature).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for ComputeDevice {
+    type Err = String;
+
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (use cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl ComputeDevice {
+    /// The candle device, or why it cannot be had (no GPU `n`, or a build
+    /// without the `cuda` feature).
+    pub fn candle(self) -> Result<Device, ModelError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(_) if !cfg!(feature = "cuda") => Err(ModelError::Device {
+                device: self.to_string(),
+                reason: "this build has no CUDA support (build with --features cuda)".into(),
+            }),
+            Self::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| ModelError::Device { device: self.to_string(), reason: e.to_string() })
+            }
+        }
+    }
+}
+
+/// A [`Llama`] on a candle device. See the module docs.
+pub struct DeviceLlama {
+    config: Config,
+    device: Device,
+    /// The dtype of the weight matrices and of the GEMMs' inputs.
+    dtype: DType,
+    /// `[vocab, hidden]`.
+    embed: Tensor,
+    layers: Vec<DeviceLayer>,
+    /// f32 `[hidden]`.
+    output_norm: Tensor,
+    /// `[vocab, hidden]`; the embedding itself when the model ties them.
+    lm_head: Tensor,
+    /// f32 `[context_length, head_dim / 2]`: RoPE's cos and sin by position.
+    cos: Tensor,
+    sin: Tensor,
+    /// Built at the first step, when the engine's cache shape is known; only
+    /// the step thread locks it.
+    mirror: Mutex<Option<Mirror>>,
+}
+
+struct DeviceLayer {
+    /// f32 `[hidden]`.
+    attn_norm: Tensor,
+    /// Q, K and V stacked: `[q_dim + 2 * kv_dim, hidden]`.
+    qkv: Tensor,
+    /// f32 `[q_dim + 2 * kv_dim]`.
+    qkv_bias: Option<Tensor>,
+    attn_output: Tensor,
+    ffn_norm: Tensor,
+    /// Gate and up stacked: `[2 * ffn, hidden]`.
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+/// The device copy of the engine's KV cache: per layer, f32 `[num_blocks *
+/// block_size, kv_dim]` for K and for V, row `block * block_size + slot`.
+struct Mirror {
+    /// The id of the host cache it mirrors.
+    host: u64,
+    shape: KvCacheShape,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl DeviceLlama {
+    /// Copies `model`'s weights to `device`, matrices in `dtype` (f32 on the
+    /// CPU, where candle's bf16 GEMM is slow; bf16 or f16 on a GPU).
+    pub fn new(model: &Llama, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        let config = model.config().clone();
+        let mat = |l: &Linear| l.to_tensor(device, dtype);
+        let vector = |v: &[f32]| Tensor::from_slice(v, v.len(), device);
+        let embed = mat(&model.token_embd)?;
+        let lm_head = if std::sync::Arc::ptr_eq(&model.token_embd, &model.lm_head) {
+            embed.clone()
+        } else {
+            mat(&model.lm_head)?
+        };
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DeviceLayer {
+                    attn_norm: vector(&l.attn_norm)?,
+                    qkv: mat(&l.qkv)?,
+                    qkv_bias: l.qkv_bias.as_deref().map(vector).transpose()?,
+                    attn_output: mat(&l.attn_output)?,
+                    ffn_norm: vector(&l.ffn_norm)?,
+                    gate_up: mat(&l.gate_up)?,
+                    down: mat(&l.down)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (cos, sin) = rope_tables(&config, device)?;
+        Ok(Self {
+            output_norm: vector(&model.output_norm)?,
+            config,
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            lm_head,
+            cos,
+            sin,
+            mirror: Mutex::new(None),
+        })
+    }
+
+    /// [`DeviceLlama::new`] on `device` with its weights in `dtype`
+    /// (`auto`: bf16 on a GPU, f32 on the CPU).
+    pub fn on(model: &Llama, device: ComputeDevice, dtype: WeightDtype) -> Result<Self, ModelError> {
+        let dtype = match (dtype, device) {
+            (WeightDtype::Auto, ComputeDevice::Cpu) | (WeightDtype::F32, _) => DType::F32,
+            (WeightDtype::Auto, ComputeDevice::Cuda(_)) | (WeightDtype::BF16, _) => DType::BF16,
+            (WeightDtype::F16, _) => DType::F16,
+        };
+        Self::new(model, &device.candle()?, dtype)
+    }
+
+    /// The resolved model shape.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `x @ w^T` with `x` f32 and `w` in the compute dtype; f32 out.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        x.to_dtype(self.dtype)?.matmul(&w.t()?)?.to_dtype(DType::F32)
+    }
+
+    fn step(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+        let c = &self.config;
+        check_batch(c, batch, kv)?;
+        let vocab_size = c.vocab_size;
+        let n = batch.tokens.len();
+        if n == 0 {
+            return Ok(Logits { vocab_size, data: Vec::new() });
+        }
+        let dev = &self.device;
+        let (q_dim, kv_dim, ffn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn);
+        let mut mirror = self.mirror.lock().unwrap_or_else(PoisonError::into_inner);
+        let mirror = match &mut *mirror {
+            Some(m) if m.mirrors(kv) => m,
+            slot => slot.insert(Mirror::upload(kv, dev)?),
+        };
+        let plan = StepSlots::new(batch, kv.shape().block_size);
+        let stale = kv.take_written(plan.blocks_read.iter().copied());
+        let new_slots = Tensor::from_slice(&plan.new_slots, n, dev)?;
+        // scatter_set takes one index per value: each token's row, repeated.
+        let scatter = new_slots.reshape((n, 1))?.broadcast_as((n, kv_dim))?.contiguous()?;
+        let positions = Tensor::from_slice(&plan.positions, n, dev)?;
+        let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
+        let context = Tensor::from_slice(&plan.context_slots, plan.context_slots.len(), dev)?;
+        let tokens = Tensor::from_slice(&batch.tokens, n, dev)?;
+
+        let mut x = self.embed.index_select(&tokens, 0)?.to_dtype(DType::F32)?;
+        let (mut new_k, mut new_v) = (Vec::with_capacity(c.num_layers), Vec::with_capacity(c.num_layers));
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let mut qkv = self.linear(&h, &layer.qkv)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(bias)?;
+            }
+            let q = rope(&qkv.narrow(1, 0, q_dim)?, c.num_heads, &cos, &sin)?;
+            let k = rope(&qkv.narrow(1, q_dim, kv_dim)?, c.num_kv_heads, &cos, &sin)?.reshape((n, kv_dim))?;
+            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.contiguous()?;
+            // A hand-off streaming in: this layer's KV must be in place first.
+            batch.wait_for_layer(l);
+            mirror.reload(kv, l, &stale)?;
+            mirror.k[l].scatter_set(&scatter, &k, 0)?;
+            mirror.v[l].scatter_set(&scatter, &v, 0)?;
+            let attn = self.attention(batch, &q, &mirror.k[l], &mirror.v[l], &context)?;
+            x = (x + self.linear(&attn, &layer.attn_output)?)?;
+
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            let gate_up = self.linear(&h, &layer.gate_up)?;
+            let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
+            x = (x + self.linear(&act, &layer.down)?)?;
+            new_k.push(k);
+            new_v.push(v);
+        }
+        write_back(kv, &plan.new_slots, &new_k, &new_v)?;
+
+        let last: Vec<u32> =
+            batch.seqs.iter().filter(|s| s.need_logits).map(|s| (s.token_start + s.num_tokens - 1) as u32).collect();
+        if last.is_empty() {
+            return Ok(Logits { vocab_size, data: Vec::new() });
+        }
+        let rows = x.index_select(&Tensor::from_slice(&last, last.len(), dev)?, 0)?;
+        let normed = candle_nn::ops::rms_norm(&rows, &self.output_norm, c.rms_eps)?;
+        let data = self.linear(&normed, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Logits { vocab_size, data })
+    }
+
+    /// Causal attention of each sequence's queries (`q`: f32 `[n, heads,
+    /// head_dim]`) over its context in the cache; f32 `[n, q_dim]` out.
+    fn attention(
+        &self,
+        batch: &ForwardBatch,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        // Query head h reads KV head h / group: the group's queries of all
+        // the sequence's tokens form one matrix against that KV head.
+        let group = heads / kv_heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(batch.seqs.len());
+        let mut offset = 0;
+        for s in &batch.seqs {
+            let (m, len) = (s.num_tokens, s.context_start + s.num_tokens);
+            let ids = context.narrow(0, offset, len)?;
+            offset += len;
+            let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+                cache.index_select(&ids, 0)?.reshape((len, kv_heads, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
+            let q = q.narrow(0, s.token_start, m)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * m, hd))?;
+            let mut scores = (q.matmul(&k.t()?)? * scale)?;
+            if m > 1 {
+                // Query i sits at position context_start + i and sees keys up to it.
+                let q_pos = Tensor::arange(s.context_start as u32, len as u32, &self.device)?.reshape((m, 1))?;
+                let k_pos = Tensor::arange(0, len as u32, &self.device)?.reshape((1, len))?;
+                let shape = (kv_heads, group, m, len);
+                let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
+                let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
+                scores = visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
+            }
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = p.matmul(&v)?.reshape((heads, m, hd))?.transpose(0, 1)?.contiguous()?.reshape((m, heads * hd))?;
+            outs.push(o);
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+impl Forward for DeviceLlama {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+        self.step(batch, kv)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn waits_for_layers(&self) -> bool {
+        true
+    }
+}
+
+/// Where a step's tokens sit in the cache, as row ids of a layer's mirror.
+struct StepSlots {
+    /// Row of each new token, in batch order.
+    new_slots: Vec<u32>,
+    /// Position of each new token in its sequence.
+    positions: Vec<u32>,
+    /// Each sequence's rows of positions `0..context_start + num_tokens`, one
+    /// sequence after another.
+    context_slots: Vec<u32>,
+    /// The blocks the step reads or writes.
+    blocks_read: Vec<u32>,
+}
+
+impl StepSlots {
+    fn new(batch: &ForwardBatch, block_size: usize) -> Self {
+        let n = batch.tokens.len();
+        let mut plan = Self {
+            new_slots: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            context_slots: Vec::new(),
+            blocks_read: Vec::new(),
+        };
+        for s in &batch.seqs {
+            let len = s.context_start + s.num_tokens;
+            let row = |p: usize| s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32;
+            plan.new_slots.extend((s.context_start..len).map(row));
+            plan.positions.extend((s.context_start..len).map(|p| p as u32));
+            plan.context_slots.extend((0..len).map(row));
+            plan.blocks_read.extend_from_slice(&s.block_table[..len.div_ceil(block_size)]);
+        }
+        plan
+    }
+}
+
+impl Mirror {
+    /// A device copy of the whole host cache.
+    fn upload(kv: &KvStorage, device: &Device) -> candle_core::Result<Self> {
+        let shape = *kv.shape();
+        let rows = (shape.num_blocks * shape.block_size, shape.num_kv_heads * shape.head_dim);
+        let (mut k, mut v) = (Vec::with_capacity(shape.num_layers), Vec::with_capacity(shape.num_layers));
+        for l in 0..shape.num_layers {
+            let (hk, hv) = kv.layer(l);
+            k.push(Tensor::from_slice(hk, rows, device)?);
+            v.push(Tensor::from_slice(hv, rows, device)?);
+        }
+        Ok(Self { host: kv.id(), shape, k, v })
+    }
+
+    /// Whether this is the mirror of `kv` (a model stepped on another cache
+    /// builds a new one).
+    fn mirrors(&self, kv: &KvStorage) -> bool {
+        self.host == kv.id() && self.shape == *kv.shape()
+    }
+
+    /// Uploads layer `layer` of `blocks` from the host cache.
+    fn reload(&mut self, kv: &KvStorage, layer: usize, blocks: &[u32]) -> candle_core::Result<()> {
+        let s = self.shape;
+        let (elems, kv_dim) = (s.block_elems(), s.num_kv_heads * s.head_dim);
+        let (hk, hv) = kv.layer(layer);
+        for &b in blocks {
+            let b = b as usize;
+            for (host, mirror) in [(hk, &self.k[layer]), (hv, &self.v[layer])] {
+                let src =
+                    Tensor::from_slice(&host[b * elems..(b + 1) * elems], (s.block_size, kv_dim), mirror.device())?;
+                mirror.slice_set(&src, 0, b * s.block_size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies the step's new K/V (per layer, f32 `[n, kv_dim]`) from the device
+/// into the host cache's rows `slots`, in one transfer.
+fn write_back(kv: &mut KvStorage, slots: &[u32], k: &[Tensor], v: &[Tensor]) -> candle_core::Result<()> {
+    let all = Tensor::stack(&[Tensor::stack(k, 0)?, Tensor::stack(v, 0)?], 0)?.flatten_all()?.to_vec1::<f32>()?;
+    let shape = *kv.shape();
+    let kv_dim = shape.num_kv_heads * shape.head_dim;
+    let per_layer = slots.len() * kv_dim;
+    for l in 0..shape.num_layers {
+        let (hk, hv) = kv.layer_mut(l);
+        for (which, host) in [hk, hv].into_iter().enumerate() {
+            let src = &all[(which * shape.num_layers + l) * per_layer..][..per_layer];
+            for (&slot, row) in slots.iter().zip(src.chunks_exact(kv_dim)) {
+                host[slot as usize * kv_dim..][..kv_dim].copy_from_slice(row);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adjacent-pair RoPE (see [`Rope`]) of `x`, f32 `[n,
+/// heads * head_dim]`, with `cos`/`sin` `[n, head_dim / 2]` of each token's
+/// position; `[n, heads, head_dim]` out.
+fn rope(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let n = x.dim(0)?;
+    let hd = x.dim(1)? / heads;
+    // rope_i wants `[batch, heads, tokens, head_dim]`: one batch of n tokens.
+    let x = x.contiguous()?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+    candle_nn::rotary_emb::rope_i(&x, cos, sin)?.squeeze(0)?.transpose(0, 1)?.contiguous()
+}
+
+/// f32 `[context_length, head_dim / 2]` tables of RoPE's cos and sin for
+/// every position, the very numbers of the CPU path's [`Rope`].
+fn rope_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let positions: Vec<usize> = (0..c.context_length).collect();
+    let Rope { cos, sin, .. } = Rope::new(&positions, c.head_dim, c.rope_theta);
+    let shape = (c.context_length, c.head_dim / 2);
+    Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print_as_the_flag_takes_them() {
+        assert_eq!("cpu".parse(), Ok(ComputeDevice::Cpu));
+        assert_eq!("CUDA".parse(), Ok(ComputeDevice::Cuda(0)));
+        assert_eq!("cuda:2".parse(), Ok(ComputeDevice::Cuda(2)));
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda2"] {
+            let err = bad.parse::<ComputeDevice>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("cuda:N"), "{err}");
+        }
+        assert_eq!(ComputeDevice::Cuda(1).to_string(), "cuda:1");
+        assert!(matches!(ComputeDevice::Cpu.candle(), Ok(Device::Cpu)));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_without_the_cuda_feature_is_refused_in_one_line() {
+        let err = ComputeDevice::Cuda(0).candle().unwrap_err().to_string();
+        assert_eq!(err, "device cuda:0: this build has no CUDA support (build with --features cuda)");
+    }
+}

@@ -11,11 +11,11 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device};
-use common::{golden, model_path};
+use common::{argmax, blocks, golden, greedy_request as request, model_path};
 use engine::model::{load_gguf, DeviceLlama, LoadedModel};
 use engine::{
     Engine, EngineConfig, EngineEvent, EngineRequest, Forward, ForwardBatch, KvCacheShape, KvLanding, KvReservation,
-    KvSource, KvStorage, SamplingParams,
+    KvSource, KvStorage,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -56,16 +56,6 @@ fn kv(num_blocks: usize) -> KvStorage {
     KvStorage::new(loaded().model.kv_shape(BLOCK_SIZE, num_blocks))
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// The gap between the best and the second-best logit.
 fn margin(row: &[f32]) -> f32 {
     let best = argmax(row) as usize;
@@ -84,10 +74,6 @@ fn softmax(row: &[f32]) -> Vec<f32> {
 /// distributions (total variation distance, 0 to 1).
 fn total_variation(a: &[f32], b: &[f32]) -> f32 {
     softmax(a).iter().zip(softmax(b)).map(|(p, q)| (p - q).abs()).sum::<f32>() / 2.0
-}
-
-fn blocks(first: u32, n: usize) -> Vec<u32> {
-    (first..first + n as u32).collect()
 }
 
 fn step(
@@ -254,19 +240,6 @@ fn the_host_cache_and_the_device_mirror_stay_equal() {
     cache.write_blocks(&blocks(n as u32, n), &ours).unwrap();
     let moved = step(model, &mut cache, &next, p.len(), p.len(), &blocks(n as u32, n + 1));
     assert_close(&moved, &decode, "a decode over handed-off blocks");
-}
-
-fn request(id: &str, prompt: &[u32], max_tokens: u32) -> EngineRequest {
-    EngineRequest {
-        request_id: id.into(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams::greedy(max_tokens),
-        kv: KvSource::Compute,
-        pin_on_finish: false,
-        cache_salt: None,
-        priority: 0,
-        n: 1,
-    }
 }
 
 /// Every token a request heard, and its last event.

@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{golden, model_path};
+use common::{argmax, blocks, golden, model_path};
 
 use engine::model::{load_gguf, LoadedModel};
 use engine::{Forward, ForwardBatch, KvStorage};
@@ -24,21 +24,6 @@ fn model() -> &'static LoadedModel {
 
 fn kv(num_blocks: usize) -> KvStorage {
     KvStorage::new(model().model.kv_shape(BLOCK_SIZE, num_blocks))
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// One sequence's blocks: `first..first + n`.
-fn blocks(first: u32, n: usize) -> Vec<u32> {
-    (first..first + n as u32).collect()
 }
 
 /// One forward step of one sequence whose prompt has `prompt_len` tokens.

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine::model::{load, load_metadata, LoadOptions, LoadedModel, WeightDtype};
+use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, WeightDtype};
 use engine::parallel::TensorParallel;
 use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason, Forward, ForwardBatch,
@@ -537,6 +537,30 @@ fn served_tokens(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec
             choices
         })
         .collect()
+}
+
+/// Ranks on candle devices (the CPU device here; GPUs over NCCL with the
+/// `cuda` feature) serve what the engine's kernels serve on one rank.
+#[test]
+fn an_engine_on_device_ranks_serves_what_one_rank_serves() {
+    let spec = Spec { heads: 8, kv_heads: 4, ..Spec::llama() };
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
+    let m = load_ok(dir.path(), &LoadOptions::default());
+    let one = tp_engine(Arc::new(m.model.shard(0, 1).unwrap()), m.model.kv_shape(4, 64));
+    let want = served_tokens(&one, tp_requests(&spec));
+    for world in [1, 2, 4] {
+        let tp = TensorParallel::on_devices(&m.model, ComputeDevice::Cpu, world, WeightDtype::Auto).unwrap();
+        let shape = tp.kv_shape(4, 64);
+        assert_eq!(shape.num_kv_heads, 4 / world, "each rank caches its share of the KV heads");
+        let engine = tp_engine(Arc::new(tp), shape);
+        assert_eq!(engine.tp_size(), world);
+        assert_eq!(served_tokens(&engine, tp_requests(&spec)), want, "{world} device ranks");
+    }
+    let error = TensorParallel::on_devices(&m.model, ComputeDevice::Cpu, 3, WeightDtype::Auto).err().unwrap();
+    assert!(error.to_string().contains("8 heads / 4 KV heads"), "{error}");
+    let error = TensorParallel::on_devices(&m.model, ComputeDevice::Cuda(1), 2, WeightDtype::Auto).err().unwrap();
+    assert!(error.to_string().contains("use --device cuda"), "{error}");
 }
 
 #[test]

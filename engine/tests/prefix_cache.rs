@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use engine::model::load_gguf;
-use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvEvent, KvSource, SamplingParams};
+use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, KvEvent};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -20,17 +20,7 @@ fn golden(id: &str) -> (Vec<u32>, Vec<u32>) {
 
 /// Greedy tokens and `num_cached_tokens` of one request.
 fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) -> (Vec<u32>, usize) {
-    let request = EngineRequest {
-        request_id: id.into(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams::greedy(max_tokens),
-        kv: KvSource::Compute,
-        pin_on_finish: false,
-        cache_salt: None,
-        priority: 0,
-        n: 1,
-    };
-    let mut events = engine.submit(request).unwrap();
+    let mut events = engine.submit(common::greedy_request(id, prompt, max_tokens)).unwrap();
     let mut tokens = Vec::new();
     loop {
         match events.blocking_recv().expect("a final event") {

@@ -58,8 +58,9 @@ pub struct EngineArgs {
     #[arg(long)]
     pub no_prefix_caching: bool,
     /// Tensor-parallel ranks to split each layer's heads and MLP over (CPU
-    /// ranks: threads sharing the machine's cores); the model's attention
-    /// and KV heads must divide by it. `--kv-cache-memory` covers all ranks.
+    /// ranks: threads sharing the machine's cores; with --device cuda, GPUs
+    /// 0..N over NCCL); the model's attention and KV heads must divide by it.
+    /// `--kv-cache-memory` covers all ranks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub tensor_parallel_size: u32,
     /// Where the model runs: cpu (the engine's own quantized kernels), or

@@ -45,7 +45,10 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         }
         ComputeDevice::Cpu => Arc::new(loaded.model),
         device if tp_size > 1 => {
-            anyhow::bail!("--tensor-parallel-size {tp_size} with --device {device}: tensor parallelism runs on CPU ranks only so far")
+            let sharded = TensorParallel::on_devices(&loaded.model, device, tp_size, args.dtype)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            drop(loaded.model);
+            Arc::new(sharded)
         }
         device => {
             let on_device = DeviceLlama::on(&loaded.model, device, args.dtype).map_err(|e| anyhow::anyhow!("{e}"))?;

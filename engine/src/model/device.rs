@@ -27,10 +27,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::Rope;
 use super::linear::Linear;
-use super::llama::{check_batch, Llama};
+use super::llama::{check_batch, kv_shape, Llama};
 use super::{Config, ModelError, WeightDtype};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::parallel::{Communicator, RankModel};
 
 /// Where the forward pass runs (the workers' `--device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,14 +76,19 @@ impl ComputeDevice {
     pub fn candle(self) -> Result<Device, ModelError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(_) if !cfg!(feature = "cuda") => Err(ModelError::Device {
-                device: self.to_string(),
-                reason: "this build has no CUDA support (build with --features cuda)".into(),
-            }),
+            Self::Cuda(_) if !cfg!(feature = "cuda") => Err(no_cuda(self)),
             Self::Cuda(n) => {
                 Device::new_cuda(n).map_err(|e| ModelError::Device { device: self.to_string(), reason: e.to_string() })
             }
         }
+    }
+}
+
+/// Why `device` cannot be had in a build without the `cuda` feature.
+pub(crate) fn no_cuda(device: ComputeDevice) -> ModelError {
+    ModelError::Device {
+        device: device.to_string(),
+        reason: "this build has no CUDA support (build with --features cuda)".into(),
     }
 }
 
@@ -200,7 +206,15 @@ impl DeviceLlama {
         x.to_dtype(self.dtype)?.matmul(&w.t()?)?.to_dtype(DType::F32)
     }
 
-    fn step(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+    /// One step; a shard's partial sums are all-reduced through `comm`.
+    /// Without `logits`, the step ends at the last layer (empty logits).
+    fn step(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: Option<&dyn Communicator>,
+        logits: bool,
+    ) -> Result<Logits, ForwardError> {
         let c = &self.config;
         check_batch(c, batch, kv)?;
         let vocab_size = c.vocab_size;
@@ -242,12 +256,12 @@ impl DeviceLlama {
             mirror.k[l].scatter_set(&scatter, &k, 0)?;
             mirror.v[l].scatter_set(&scatter, &v, 0)?;
             let attn = self.attention(batch, &q, &mirror.k[l], &mirror.v[l], &context)?;
-            x = (x + self.linear(&attn, &layer.attn_output)?)?;
+            x = (x + all_reduce(self.linear(&attn, &layer.attn_output)?, comm)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = self.linear(&h, &layer.gate_up)?;
             let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
-            x = (x + self.linear(&act, &layer.down)?)?;
+            x = (x + all_reduce(self.linear(&act, &layer.down)?, comm)?)?;
             new_k.push(k);
             new_v.push(v);
         }
@@ -255,7 +269,7 @@ impl DeviceLlama {
 
         let last: Vec<u32> =
             batch.seqs.iter().filter(|s| s.need_logits).map(|s| (s.token_start + s.num_tokens - 1) as u32).collect();
-        if last.is_empty() {
+        if last.is_empty() || !logits {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
         let rows = x.index_select(&Tensor::from_slice(&last, last.len(), dev)?, 0)?;
@@ -311,7 +325,7 @@ impl DeviceLlama {
 
 impl Forward for DeviceLlama {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
-        self.step(batch, kv)
+        self.step(batch, kv, None, true)
     }
 
     fn vocab_size(&self) -> usize {
@@ -321,6 +335,48 @@ impl Forward for DeviceLlama {
     fn waits_for_layers(&self) -> bool {
         true
     }
+}
+
+impl RankModel for DeviceLlama {
+    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+        check_batch(&self.config, batch, kv)
+    }
+
+    fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError> {
+        self.step(batch, kv, Some(comm), true)
+    }
+
+    fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError> {
+        self.step(batch, kv, Some(comm), false).map(drop)
+    }
+
+    fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape {
+        kv_shape(&self.config, block_size, num_blocks)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+}
+
+/// The sum of every rank's partial product `y` (f32 `[n, hidden]`), staged
+/// through host memory, where the communicators take their buffers; `y`
+/// itself without a group.
+fn all_reduce(y: Tensor, comm: Option<&dyn Communicator>) -> Result<Tensor, ForwardError> {
+    let Some(comm) = comm else { return Ok(y) };
+    let mut host = y.flatten_all()?.to_vec1::<f32>()?;
+    comm.all_reduce_sum(&mut host)?;
+    Ok(Tensor::from_vec(host, y.shape(), y.device())?)
 }
 
 /// Where a step's tokens sit in the cache, as row ids of a layer's mirror.

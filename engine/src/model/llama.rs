@@ -299,6 +299,38 @@ pub(super) fn kv_shape(config: &Config, block_size: usize, num_blocks: usize) ->
     }
 }
 
+impl crate::parallel::RankModel for Llama {
+    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+        Llama::check(self, batch, kv)
+    }
+
+    fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError> {
+        Llama::forward_rank(self, batch, kv, comm)
+    }
+
+    fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError> {
+        Llama::follow_rank(self, batch, kv, comm)
+    }
+
+    fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape {
+        Llama::kv_shape(self, block_size, num_blocks)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+}
+
 impl Forward for Llama {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
         // Run the step on a rayon worker: each of its ~120 parallel products

@@ -23,6 +23,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::tokenizer::TokenizerError;
 
+pub(crate) use device::no_cuda;
 pub use device::{ComputeDevice, DeviceLlama};
 pub use hf::load_hf;
 pub use llama::Llama;

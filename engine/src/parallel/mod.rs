@@ -18,6 +18,9 @@ pub use model::TensorParallel;
 
 use std::time::Duration;
 
+use crate::batch::{ForwardBatch, ForwardError, Logits};
+use crate::kv_cache::{KvCacheShape, KvStorage};
+
 /// Why a collective did not complete. Any of them takes the whole group
 /// down: a tensor-parallel step cannot finish without every rank.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -51,6 +54,35 @@ pub trait Communicator: Send + Sync {
     /// Breaks the group because this rank cannot go on: every waiting and
     /// later collective of every rank fails with [`CommError::Broken`].
     fn abort(&self, reason: &str);
+}
+
+/// One rank's shard of a model, as [`TensorParallel`] steps it: the
+/// engine's kernels ([`crate::model::Llama::shard`]) or candle tensors on a
+/// device ([`crate::model::DeviceLlama`]).
+pub trait RankModel: Send + Sync + 'static {
+    /// Rejects a batch this rank could not run; every rank would refuse it
+    /// the same way, so rank 0 checks before any rank starts.
+    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError>;
+    /// One step on this rank's KV cache, all-reducing its partial sums
+    /// through `comm`; every rank returns the same logits.
+    fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError>;
+    /// A follower's share of a step: [`RankModel::forward_rank`] without the
+    /// LM head, since only rank 0's logits are sampled.
+    fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError>;
+    /// The KV cache shape of this rank: its share of the KV heads.
+    fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape;
+    /// Size of a logits row.
+    fn vocab_size(&self) -> usize;
 }
 
 /// How long a rank waits for its peers at a collective before the group is

@@ -17,23 +17,27 @@
 //! collective fails at once (see [`super::cpu`]), this step and every later
 //! one return [`ForwardError::Comm`], and the engine fails for good.
 
-use super::cpu::{CpuComm, CpuGroup};
-use super::{CommError, Communicator, DEFAULT_TIMEOUT};
+use super::cpu::CpuGroup;
+use super::{CommError, Communicator, RankModel, DEFAULT_TIMEOUT};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv};
 use crate::kv_cache::{KvCacheShape, KvStorage};
-use crate::model::{Llama, ModelError};
+use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// A [`Llama`] run across `world_size` CPU ranks (Megatron sharding, see
-/// [`Llama::shard`]), each with its own KV cache of its KV heads.
+/// A [`Llama`] run across `world_size` ranks (Megatron sharding, see
+/// [`Llama::shard`]), each with its own KV cache of its KV heads: CPU ranks
+/// on the engine's kernels, or one GPU per rank.
 pub struct TensorParallel {
-    leader: Llama,
-    comm: CpuComm,
+    leader: Box<dyn RankModel>,
+    comm: Box<dyn Communicator>,
     followers: Vec<Follower>,
 }
+
+/// One rank: its shard and its end of the group.
+pub type Rank = (Box<dyn RankModel>, Box<dyn Communicator>);
 
 /// Rank 0's end of another rank's thread.
 struct Follower {
@@ -62,11 +66,52 @@ impl TensorParallel {
     /// Like [`TensorParallel::new`], with how long a rank waits for its
     /// peers at a collective before the group counts as broken.
     pub fn with_timeout(model: &Llama, world_size: usize, timeout: Duration) -> Result<Self, ModelError> {
-        let shards = (0..world_size).map(|rank| model.shard(rank, world_size)).collect::<Result<Vec<_>, _>>()?;
-        let mut comms = CpuGroup::ranks_with_timeout(world_size, timeout).into_iter();
-        let mut shards = shards.into_iter();
-        let (leader, comm) = (shards.next().expect("world_size > 0"), comms.next().expect("world_size > 0"));
-        let followers = shards.zip(comms).enumerate().map(|(i, (shard, comm))| Follower::start(i + 1, shard, comm));
+        let comms = CpuGroup::ranks_with_timeout(world_size, timeout);
+        let ranks = (0..world_size).zip(comms).map(|(rank, comm)| -> Result<Rank, ModelError> {
+            Ok((Box::new(model.shard(rank, world_size)?), Box::new(comm)))
+        });
+        Self::from_ranks(ranks.collect::<Result<_, _>>()?)
+    }
+
+    /// Shards `model` over `world_size` ranks on candle devices, matrices in
+    /// `dtype`: on GPUs `0..world_size` over NCCL for [`ComputeDevice::Cuda`]
+    /// (the `cuda` feature), or on the CPU device over CPU ranks (what the
+    /// tests run without a GPU).
+    pub fn on_devices(
+        model: &Llama,
+        device: ComputeDevice,
+        world_size: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self, ModelError> {
+        let comms: Vec<Box<dyn Communicator>> = match device {
+            ComputeDevice::Cpu => {
+                CpuGroup::ranks(world_size).into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect()
+            }
+            ComputeDevice::Cuda(first) if first != 0 => {
+                return Err(ModelError::TensorParallel(format!(
+                    "{world_size} ranks run on GPUs 0..{world_size}; use --device cuda, not {device}"
+                )))
+            }
+            ComputeDevice::Cuda(_) => gpu_comms(world_size)?,
+        };
+        let ranks = comms.into_iter().enumerate().map(|(rank, comm)| -> Result<Rank, ModelError> {
+            let on = match device {
+                ComputeDevice::Cpu => ComputeDevice::Cpu,
+                ComputeDevice::Cuda(_) => ComputeDevice::Cuda(rank),
+            };
+            Ok((Box::new(DeviceLlama::on(&model.shard(rank, world_size)?, on, dtype)?), comm))
+        });
+        Self::from_ranks(ranks.collect::<Result<_, _>>()?)
+    }
+
+    /// Rank 0 steps on the caller's thread; ranks `1..` start on their own.
+    ///
+    /// # Panics
+    /// If `ranks` is empty.
+    pub fn from_ranks(ranks: Vec<Rank>) -> Result<Self, ModelError> {
+        let mut ranks = ranks.into_iter();
+        let (leader, comm) = ranks.next().expect("at least one rank");
+        let followers = ranks.enumerate().map(|(i, (shard, comm))| Follower::start(i + 1, shard, comm));
         Ok(Self { leader, comm, followers: followers.collect::<Result<_, _>>()? })
     }
 
@@ -91,7 +136,7 @@ impl TensorParallel {
 }
 
 impl Follower {
-    fn start(rank: usize, shard: Llama, comm: CpuComm) -> Result<Self, ModelError> {
+    fn start(rank: usize, shard: Box<dyn RankModel>, comm: Box<dyn Communicator>) -> Result<Self, ModelError> {
         let (orders, inbox) = mpsc::channel();
         let (report, done) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -104,11 +149,16 @@ impl Follower {
 
 /// A follower rank's loop: execute each step it is sent, until told to
 /// leave or rank 0 is gone. Dropping `comm` on the way out breaks the group.
-fn follow(shard: Llama, comm: CpuComm, inbox: mpsc::Receiver<Order>, report: mpsc::Sender<Result<(), ForwardError>>) {
+fn follow(
+    shard: Box<dyn RankModel>,
+    comm: Box<dyn Communicator>,
+    inbox: mpsc::Receiver<Order>,
+    report: mpsc::Sender<Result<(), ForwardError>>,
+) {
     while let Ok(Order::Step { batch, kv }) = inbox.recv() {
         let step = catch_unwind(AssertUnwindSafe(|| {
             let mut kv = kv.write().unwrap_or_else(PoisonError::into_inner);
-            shard.follow_rank(&batch, &mut kv, &comm)
+            shard.follow_rank(&batch, &mut kv, comm.as_ref())
         }));
         let result = step.unwrap_or_else(|_| Err(ForwardError::Comm(CommError::Broken("panicked".into()))));
         let failed = result.is_err();
@@ -134,7 +184,7 @@ impl Forward for TensorParallel {
     }
 
     fn vocab_size(&self) -> usize {
-        self.leader.config().vocab_size
+        self.leader.vocab_size()
     }
 
     fn waits_for_layers(&self) -> bool {
@@ -163,7 +213,8 @@ impl Forward for TensorParallel {
             }
             sent += 1;
         }
-        let leader = catch_unwind(AssertUnwindSafe(|| self.leader.forward_rank(batch, &mut leader_kv, &self.comm)));
+        let leader =
+            catch_unwind(AssertUnwindSafe(|| self.leader.forward_rank(batch, &mut leader_kv, self.comm.as_ref())));
         let leader = leader.unwrap_or_else(|_| Err(ForwardError::Comm(CommError::Broken("rank 0 panicked".into()))));
         if let Err(e) = &leader {
             self.comm.abort(&e.to_string());
@@ -198,4 +249,17 @@ impl Drop for TensorParallel {
             }
         }
     }
+}
+
+/// NCCL communicators over GPUs `0..world_size`.
+#[cfg(feature = "cuda")]
+fn gpu_comms(world_size: usize) -> Result<Vec<Box<dyn Communicator>>, ModelError> {
+    let comms = super::nccl::NcclGroup::ranks(world_size).map_err(|e| ModelError::TensorParallel(e.to_string()))?;
+    Ok(comms.into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect())
+}
+
+/// Without the `cuda` feature there are no GPUs to run ranks on.
+#[cfg(not(feature = "cuda"))]
+fn gpu_comms(_world_size: usize) -> Result<Vec<Box<dyn Communicator>>, ModelError> {
+    Err(crate::model::no_cuda(ComputeDevice::Cuda(0)))
 }

@@ -42,3 +42,36 @@ pub fn golden() -> Vec<Record> {
         })
         .collect()
 }
+
+/// The id of the largest logit.
+#[allow(dead_code)]
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// One sequence's blocks: `first..first + n`.
+#[allow(dead_code)]
+pub fn blocks(first: u32, n: usize) -> Vec<u32> {
+    (first..first + n as u32).collect()
+}
+
+/// A greedy request for `max_tokens` that computes its own prompt.
+#[allow(dead_code)]
+pub fn greedy_request(id: &str, prompt: &[u32], max_tokens: u32) -> engine::EngineRequest {
+    engine::EngineRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt.to_vec(),
+        sampling: engine::SamplingParams::greedy(max_tokens),
+        kv: engine::KvSource::Compute,
+        pin_on_finish: false,
+        cache_salt: None,
+        priority: 0,
+        n: 1,
+    }
+}

@@ -23,6 +23,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::tokenizer::TokenizerError;
 
+#[cfg(not(feature = "cuda"))]
 pub(crate) use device::no_cuda;
 pub use device::{ComputeDevice, DeviceLlama};
 pub use hf::load_hf;

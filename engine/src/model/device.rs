@@ -222,15 +222,37 @@ impl DeviceLlama {
         if n == 0 {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
-        let dev = &self.device;
-        let (q_dim, kv_dim, ffn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn);
         let mut mirror = self.mirror.lock().unwrap_or_else(PoisonError::into_inner);
         let mirror = match &mut *mirror {
             Some(m) if m.mirrors(kv) => m,
-            slot => slot.insert(Mirror::upload(kv, dev)?),
+            slot => slot.insert(Mirror::upload(kv, &self.device)?),
         };
         let plan = StepSlots::new(batch, kv.shape().block_size);
         let stale = kv.take_written(plan.blocks_read.iter().copied());
+        let result = self.run(batch, kv, mirror, &plan, &stale, comm, logits);
+        if result.is_err() {
+            // Some layers may not have been reloaded: leave it to a later step.
+            kv.mark_written(&stale);
+        }
+        result
+    }
+
+    /// [`DeviceLlama::step`] once the mirror is in place and the blocks that
+    /// need reloading are known.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        mirror: &mut Mirror,
+        plan: &StepSlots,
+        stale: &[u32],
+        comm: Option<&dyn Communicator>,
+        logits: bool,
+    ) -> Result<Logits, ForwardError> {
+        let c = &self.config;
+        let (vocab_size, n, dev) = (c.vocab_size, batch.tokens.len(), &self.device);
+        let (q_dim, kv_dim, ffn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn);
         let new_slots = Tensor::from_slice(&plan.new_slots, n, dev)?;
         // scatter_set takes one index per value: each token's row, repeated.
         let scatter = new_slots.reshape((n, 1))?.broadcast_as((n, kv_dim))?.contiguous()?;
@@ -252,7 +274,7 @@ impl DeviceLlama {
             let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.contiguous()?;
             // A hand-off streaming in: this layer's KV must be in place first.
             batch.wait_for_layer(l);
-            mirror.reload(kv, l, &stale)?;
+            mirror.reload(kv, l, stale)?;
             mirror.k[l].scatter_set(&scatter, &k, 0)?;
             mirror.v[l].scatter_set(&scatter, &v, 0)?;
             let attn = self.attention(batch, &q, &mirror.k[l], &mirror.v[l], &context)?;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, WeightDtype};
-use engine::parallel::TensorParallel;
+use engine::parallel::{RankModel, TensorParallel};
 use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason, Forward, ForwardBatch,
     KvCacheShape, KvSource, KvStorage, SamplingParams,
@@ -539,16 +539,24 @@ fn served_tokens(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec
         .collect()
 }
 
-/// Ranks on candle devices (the CPU device here; GPUs over NCCL with the
-/// `cuda` feature) serve what the engine's kernels serve on one rank.
-#[test]
-fn an_engine_on_device_ranks_serves_what_one_rank_serves() {
+/// The 8/4-head tiny llama (its folder must outlive the model) and what
+/// [`tp_requests`] get from an engine on its one shard of one rank, which is
+/// the whole model on the engine's kernels.
+fn served_on_one_rank() -> (Spec, tempfile::TempDir, LoadedModel, Vec<Vec<Vec<u32>>>) {
     let spec = Spec { heads: 8, kv_heads: 4, ..Spec::llama() };
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
     let m = load_ok(dir.path(), &LoadOptions::default());
     let one = tp_engine(Arc::new(m.model.shard(0, 1).unwrap()), m.model.kv_shape(4, 64));
     let want = served_tokens(&one, tp_requests(&spec));
+    (spec, dir, m, want)
+}
+
+/// Ranks on candle devices (the CPU device here; GPUs over NCCL with the
+/// `cuda` feature) serve what the engine's kernels serve on one rank.
+#[test]
+fn an_engine_on_device_ranks_serves_what_one_rank_serves() {
+    let (spec, _dir, m, want) = served_on_one_rank();
     for world in [1, 2, 4] {
         let tp = TensorParallel::on_devices(&m.model, ComputeDevice::Cpu, world, WeightDtype::Auto).unwrap();
         let shape = tp.kv_shape(4, 64);
@@ -565,13 +573,7 @@ fn an_engine_on_device_ranks_serves_what_one_rank_serves() {
 
 #[test]
 fn an_engine_on_two_and_four_ranks_serves_what_one_rank_serves() {
-    let spec = Spec { heads: 8, kv_heads: 4, ..Spec::llama() };
-    let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path(), &spec, &Weights::random(&spec, 42), |_| {});
-    let m = load_ok(dir.path(), &LoadOptions::default());
-    // The one shard of one rank is the whole model.
-    let one = tp_engine(Arc::new(m.model.shard(0, 1).unwrap()), m.model.kv_shape(4, 64));
-    let want = served_tokens(&one, tp_requests(&spec));
+    let (spec, _dir, m, want) = served_on_one_rank();
     for world in [2, 4] {
         let tp = TensorParallel::new(&m.model, world).unwrap();
         let shape = tp.kv_shape(4, 64);

@@ -157,7 +157,7 @@ impl Llama {
     /// and V, column-parallel) and of the MLP (the rows of gate and up), and
     /// the matching input columns of the output and down projections
     /// (row-parallel: each rank's product is a partial sum that
-    /// [`Llama::forward_rank`] all-reduces). Norms, the embedding and the LM
+    /// [`crate::parallel::RankModel::forward_rank`] all-reduces). Norms, the embedding and the LM
     /// head stay whole on every rank: the LM head is 28 M of the model's
     /// 135 M parameters, and replicating it costs no collective per step,
     /// where a vocab-parallel head would gather 49,152 logits per row.
@@ -207,30 +207,6 @@ impl Llama {
             output_norm: self.output_norm.clone(),
             lm_head: self.lm_head.clone(),
         })
-    }
-
-    /// One step of a [`Llama::shard`] on its rank's thread (not inside the
-    /// thread pool: the collectives wait for the other ranks), with its own
-    /// KV cache of its heads. Every rank runs the same batch and returns the
-    /// same logits.
-    pub fn forward_rank(
-        &self,
-        batch: &ForwardBatch,
-        kv: &mut KvStorage,
-        comm: &dyn Communicator,
-    ) -> Result<Logits, ForwardError> {
-        self.step(batch, kv, Some(comm), true)
-    }
-
-    /// A follower rank's share of a step: [`Llama::forward_rank`] without the
-    /// LM head, since only rank 0's logits are sampled.
-    pub fn follow_rank(
-        &self,
-        batch: &ForwardBatch,
-        kv: &mut KvStorage,
-        comm: &dyn Communicator,
-    ) -> Result<(), ForwardError> {
-        self.step(batch, kv, Some(comm), false).map(drop)
     }
 
     /// The resolved model shape.
@@ -304,13 +280,16 @@ impl crate::parallel::RankModel for Llama {
         Llama::check(self, batch, kv)
     }
 
+    /// One step of a [`Llama::shard`] on its rank's thread (not inside the
+    /// thread pool: the collectives wait for the other ranks), with its own
+    /// KV cache of its heads.
     fn forward_rank(
         &self,
         batch: &ForwardBatch,
         kv: &mut KvStorage,
         comm: &dyn Communicator,
     ) -> Result<Logits, ForwardError> {
-        Llama::forward_rank(self, batch, kv, comm)
+        self.step(batch, kv, Some(comm), true)
     }
 
     fn follow_rank(
@@ -319,7 +298,7 @@ impl crate::parallel::RankModel for Llama {
         kv: &mut KvStorage,
         comm: &dyn Communicator,
     ) -> Result<(), ForwardError> {
-        Llama::follow_rank(self, batch, kv, comm)
+        self.step(batch, kv, Some(comm), false).map(drop)
     }
 
     fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape {

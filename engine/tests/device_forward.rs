@@ -160,14 +160,16 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(argmax(got), argmax(want), "{what}: greedy token");
 }
 
-/// A mixed step (one decode beside three prefills), then a decode batch,
-/// give each sequence what it gets alone; a prefill split mid-block gives
-/// what one chunk does.
+/// A mixed step (two decodes between two prefills), then a decode batch of
+/// contexts of different lengths, give each sequence what it gets alone; a
+/// prefill split mid-block gives what one chunk does.
 #[test]
 fn batching_and_chunking_change_no_row() {
     let model = device_model();
     let records = golden();
     let prompts: Vec<&[u32]> = records.iter().take(4).map(|r| r.prompt.as_slice()).collect();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    assert!(lens[1..].iter().any(|&l| l != lens[1]), "the decode batch needs contexts of different lengths: {lens:?}");
     let per_seq = 8;
     let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
     let mut alone = Vec::new();
@@ -177,21 +179,33 @@ fn batching_and_chunking_change_no_row() {
         let decode = step(model, &mut cache, &[argmax(&prefill)], p.len(), p.len(), &table(i));
         alone.push((prefill, decode));
     }
+    let decode_of = |i: usize, batch: &mut ForwardBatch| {
+        batch.push(&[argmax(&alone[i].0)], prompts[i].len(), prompts[i].len(), table(i), true);
+    };
+    let prefill_of = |i: usize, batch: &mut ForwardBatch| batch.push(prompts[i], 0, prompts[i].len(), table(i), true);
+
     let mut cache = kv(prompts.len() * per_seq);
-    step(model, &mut cache, prompts[0], 0, prompts[0].len(), &table(0));
-    let mut batch = ForwardBatch::default();
-    batch.push(&[argmax(&alone[0].0)], prompts[0].len(), prompts[0].len(), table(0), true);
-    for (i, p) in prompts.iter().enumerate().skip(1) {
-        batch.push(p, 0, p.len(), table(i), true);
+    for (i, p) in prompts.iter().enumerate().take(2) {
+        step(model, &mut cache, p, 0, p.len(), &table(i));
     }
+    let mut batch = ForwardBatch::default();
+    prefill_of(2, &mut batch);
+    decode_of(0, &mut batch);
+    decode_of(1, &mut batch);
+    prefill_of(3, &mut batch);
     let logits = model.forward(&batch, &mut cache).unwrap();
-    assert_close(logits.row(0), &alone[0].1, "seq 0 decode beside prefills");
-    for (i, (prefill, _)) in alone.iter().enumerate().skip(1) {
-        assert_close(logits.row(i), prefill, &format!("seq {i} prefill in a mixed step"));
-    }
+    assert_close(logits.row(0), &alone[2].0, "seq 2 prefill before two decodes");
+    assert_close(logits.row(1), &alone[0].1, "seq 0 decode between prefills");
+    assert_close(logits.row(2), &alone[1].1, "seq 1 decode between prefills");
+    assert_close(logits.row(3), &alone[3].0, "seq 3 prefill after two decodes");
+
     let mut batch = ForwardBatch::default();
+    for i in 1..prompts.len() {
+        decode_of(i, &mut batch);
+    }
+    let mut cache = kv(prompts.len() * per_seq);
     for (i, p) in prompts.iter().enumerate().skip(1) {
-        batch.push(&[argmax(&alone[i].0)], p.len(), p.len(), table(i), true);
+        step(model, &mut cache, p, 0, p.len(), &table(i));
     }
     let logits = model.forward(&batch, &mut cache).unwrap();
     for (i, (_, decode)) in alone.iter().enumerate().skip(1) {

@@ -5,8 +5,9 @@
 //! The weights of a loaded [`Llama`] are dequantized once into dense matrices
 //! of the compute dtype (bf16 on a GPU), so every projection is one GEMM of
 //! the whole step. The residual stream, norms, RoPE and attention stay in f32;
-//! norms, RoPE and softmax are candle-nn's fused kernels. Attention runs per
-//! sequence over the K/V its slot ids gather from the paged cache.
+//! norms, RoPE and softmax are candle-nn's fused kernels. Attention gathers
+//! each sequence's K/V from the paged cache by slot ids: the decodes of a
+//! step as one padded batch, each longer chunk on its own.
 //!
 //! # The KV cache on the device
 //!
@@ -258,7 +259,7 @@ impl DeviceLlama {
         let scatter = new_slots.reshape((n, 1))?.broadcast_as((n, kv_dim))?.contiguous()?;
         let positions = Tensor::from_slice(&plan.positions, n, dev)?;
         let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
-        let context = Tensor::from_slice(&plan.context_slots, plan.context_slots.len(), dev)?;
+        let attend = AttendIndex::new(plan, dev)?;
         let tokens = Tensor::from_slice(&batch.tokens, n, dev)?;
 
         let mut x = self.embed.index_select(&tokens, 0)?.to_dtype(DType::F32)?;
@@ -277,7 +278,7 @@ impl DeviceLlama {
             mirror.reload(kv, l, stale)?;
             mirror.k[l].scatter_set(&scatter, &k, 0)?;
             mirror.v[l].scatter_set(&scatter, &v, 0)?;
-            let attn = self.attention(batch, &q, &mirror.k[l], &mirror.v[l], &context)?;
+            let attn = self.attention(plan, &attend, &q, &mirror.k[l], &mirror.v[l])?;
             x = (x + all_reduce(self.linear(&attn, &layer.attn_output)?, comm)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
@@ -300,48 +301,64 @@ impl DeviceLlama {
         Ok(Logits { vocab_size, data })
     }
 
-    /// Causal attention of each sequence's queries (`q`: f32 `[n, heads,
-    /// head_dim]`) over its context in the cache; f32 `[n, q_dim]` out.
+    /// Causal attention of the step's queries (`q`: f32 `[n, heads,
+    /// head_dim]`) over their contexts in the cache; f32 `[n, q_dim]` out.
+    ///
+    /// The single-token sequences (decodes) attend as one padded batch, so a
+    /// decode step launches the same few kernels however many sequences it
+    /// holds; a longer chunk (a prefill) attends on its own with a causal mask.
     fn attention(
         &self,
-        batch: &ForwardBatch,
+        plan: &StepSlots,
+        index: &AttendIndex,
         q: &Tensor,
         k_cache: &Tensor,
         v_cache: &Tensor,
-        context: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        // Query head h reads KV head h / group: the group's queries of all
-        // the sequence's tokens form one matrix against that KV head.
+        // Query head h reads KV head h / group: the group's queries form one
+        // matrix against that KV head.
         let group = heads / kv_heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(batch.seqs.len());
-        let mut offset = 0;
-        for s in &batch.seqs {
-            let (m, len) = (s.num_tokens, s.context_start + s.num_tokens);
-            let ids = context.narrow(0, offset, len)?;
-            offset += len;
+        let mut outs = Vec::with_capacity(plan.chunks.len() + 1);
+        if let Some(d) = &index.decode {
+            let (b, len) = (plan.decode.tokens.len(), plan.decode.len);
+            let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+                cache.index_select(&d.context, 0)?.reshape((b, len, kv_heads, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
+            let q = q.index_select(&d.tokens, 0)?.reshape((b, kv_heads, group, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(p.matmul(&v)?.reshape((b, heads * hd))?);
+        }
+        for chunk in &plan.chunks {
+            let (m, len) = (chunk.num_tokens, chunk.context_start + chunk.num_tokens);
+            let ids = index.chunk_context.narrow(0, chunk.context_offset, len)?;
             let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
                 cache.index_select(&ids, 0)?.reshape((len, kv_heads, hd))?.transpose(0, 1)?.contiguous()
             };
             let (k, v) = (gather(k_cache)?, gather(v_cache)?);
-            let q = q.narrow(0, s.token_start, m)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * m, hd))?;
-            let mut scores = (q.matmul(&k.t()?)? * scale)?;
-            if m > 1 {
-                // Query i sits at position context_start + i and sees keys up to it.
-                let q_pos = Tensor::arange(s.context_start as u32, len as u32, &self.device)?.reshape((m, 1))?;
-                let k_pos = Tensor::arange(0, len as u32, &self.device)?.reshape((1, len))?;
-                let shape = (kv_heads, group, m, len);
-                let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
-                let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
-                scores = visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
-            }
+            let q =
+                q.narrow(0, chunk.token_start, m)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * m, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            // Query i sits at position context_start + i and sees keys up to it.
+            let q_pos = Tensor::arange(chunk.context_start as u32, len as u32, &self.device)?.reshape((m, 1))?;
+            let k_pos = Tensor::arange(0, len as u32, &self.device)?.reshape((1, len))?;
+            let shape = (kv_heads, group, m, len);
+            let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
+            let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
+            let scores = visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
             let p = candle_nn::ops::softmax_last_dim(&scores)?;
             let o = p.matmul(&v)?.reshape((heads, m, hd))?.transpose(0, 1)?.contiguous()?.reshape((m, heads * hd))?;
             outs.push(o);
         }
-        Tensor::cat(&outs, 0)
+        let out = Tensor::cat(&outs, 0)?;
+        match &index.order {
+            Some(order) => out.index_select(order, 0),
+            None => Ok(out),
+        }
     }
 }
 
@@ -391,14 +408,14 @@ impl RankModel for DeviceLlama {
     }
 }
 
-/// The sum of every rank's partial product `y` (f32 `[n, hidden]`), staged
-/// through host memory, where the communicators take their buffers; `y`
-/// itself without a group.
+/// The sum of every rank's partial product `y` (f32 `[n, hidden]`), reduced
+/// where the communicator keeps its buffers (the GPU for NCCL); `y` itself
+/// without a group.
 fn all_reduce(y: Tensor, comm: Option<&dyn Communicator>) -> Result<Tensor, ForwardError> {
-    let Some(comm) = comm else { return Ok(y) };
-    let mut host = y.flatten_all()?.to_vec1::<f32>()?;
-    comm.all_reduce_sum(&mut host)?;
-    Ok(Tensor::from_vec(host, y.shape(), y.device())?)
+    match comm {
+        Some(comm) => comm.all_reduce_sum_tensor(&y),
+        None => Ok(y),
+    }
 }
 
 /// Where a step's tokens sit in the cache, as row ids of a layer's mirror.
@@ -407,11 +424,41 @@ struct StepSlots {
     new_slots: Vec<u32>,
     /// Position of each new token in its sequence.
     positions: Vec<u32>,
-    /// Each sequence's rows of positions `0..context_start + num_tokens`, one
-    /// sequence after another.
-    context_slots: Vec<u32>,
     /// The blocks the step reads or writes.
     blocks_read: Vec<u32>,
+    /// The single-token sequences, attended as one batch.
+    decode: DecodeRows,
+    /// The longer chunks, attended one by one.
+    chunks: Vec<ChunkRows>,
+    /// Each chunk's rows of positions `0..context_start + num_tokens`, one
+    /// chunk after another.
+    chunk_context: Vec<u32>,
+    /// The batch index of each row attention computes (the decodes' rows,
+    /// then each chunk's); `None` when that is the batch order already.
+    order: Option<Vec<u32>>,
+}
+
+/// The step's single-token sequences, padded to the longest context.
+#[derive(Default)]
+struct DecodeRows {
+    /// The batch index of each one's token.
+    tokens: Vec<u32>,
+    /// The longest context among them.
+    len: usize,
+    /// `[tokens.len() * len]`: each one's context rows, padded with its last.
+    context: Vec<u32>,
+    /// `[tokens.len() * len]`: 0 where a key is in the context, -inf where
+    /// it is padding.
+    mask: Vec<f32>,
+}
+
+/// A chunk of more than one token of a sequence.
+struct ChunkRows {
+    token_start: usize,
+    num_tokens: usize,
+    context_start: usize,
+    /// Where its rows start in [`StepSlots::chunk_context`].
+    context_offset: usize,
 }
 
 impl StepSlots {
@@ -420,18 +467,96 @@ impl StepSlots {
         let mut plan = Self {
             new_slots: Vec::with_capacity(n),
             positions: Vec::with_capacity(n),
-            context_slots: Vec::new(),
             blocks_read: Vec::new(),
+            decode: DecodeRows::default(),
+            chunks: Vec::new(),
+            chunk_context: Vec::new(),
+            order: None,
         };
+        let mut decode_contexts = Vec::new();
         for s in &batch.seqs {
             let len = s.context_start + s.num_tokens;
             let row = |p: usize| s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32;
             plan.new_slots.extend((s.context_start..len).map(row));
             plan.positions.extend((s.context_start..len).map(|p| p as u32));
-            plan.context_slots.extend((0..len).map(row));
             plan.blocks_read.extend_from_slice(&s.block_table[..len.div_ceil(block_size)]);
+            if s.num_tokens == 1 {
+                plan.decode.tokens.push(s.token_start as u32);
+                decode_contexts.push((0..len).map(row).collect::<Vec<_>>());
+            } else if s.num_tokens > 1 {
+                plan.chunks.push(ChunkRows {
+                    token_start: s.token_start,
+                    num_tokens: s.num_tokens,
+                    context_start: s.context_start,
+                    context_offset: plan.chunk_context.len(),
+                });
+                plan.chunk_context.extend((0..len).map(row));
+            }
+        }
+        plan.decode.pad(decode_contexts);
+        let computed =
+            plan.decode.tokens.iter().copied().chain(
+                plan.chunks.iter().flat_map(|c| (c.token_start..c.token_start + c.num_tokens).map(|t| t as u32)),
+            );
+        let computed: Vec<u32> = computed.collect();
+        if computed.iter().enumerate().any(|(i, &t)| t as usize != i) {
+            // The row holding token t is where `computed` names t.
+            let mut order = vec![0; n];
+            for (row, &t) in computed.iter().enumerate() {
+                order[t as usize] = row as u32;
+            }
+            plan.order = Some(order);
         }
         plan
+    }
+}
+
+impl DecodeRows {
+    fn pad(&mut self, contexts: Vec<Vec<u32>>) {
+        self.len = contexts.iter().map(Vec::len).max().unwrap_or(0);
+        for ctx in contexts {
+            let last = *ctx.last().expect("a sequence's context holds its own token");
+            let padding = self.len - ctx.len();
+            self.mask
+                .extend(std::iter::repeat_n(0.0, ctx.len()).chain(std::iter::repeat_n(f32::NEG_INFINITY, padding)));
+            self.context.extend(ctx.into_iter().chain(std::iter::repeat_n(last, padding)));
+        }
+    }
+}
+
+/// A step's [`StepSlots`] on the device, uploaded once for all the layers.
+struct AttendIndex {
+    decode: Option<DecodeIndex>,
+    chunk_context: Tensor,
+    order: Option<Tensor>,
+}
+
+struct DecodeIndex {
+    tokens: Tensor,
+    context: Tensor,
+    /// f32 `[b, 1, 1, len]`, against scores `[b, kv_heads, group, len]`.
+    mask: Tensor,
+}
+
+impl AttendIndex {
+    fn new(plan: &StepSlots, dev: &Device) -> candle_core::Result<Self> {
+        let d = &plan.decode;
+        let decode = if d.tokens.is_empty() {
+            None
+        } else {
+            let b = d.tokens.len();
+            Some(DecodeIndex {
+                tokens: Tensor::from_slice(&d.tokens, b, dev)?,
+                context: Tensor::from_slice(&d.context, b * d.len, dev)?,
+                mask: Tensor::from_slice(&d.mask, (b, 1, 1, d.len), dev)?,
+            })
+        };
+        let order = plan.order.as_ref().map(|o| Tensor::from_slice(o, o.len(), dev)).transpose()?;
+        Ok(Self {
+            decode,
+            chunk_context: Tensor::from_slice(&plan.chunk_context, plan.chunk_context.len(), dev)?,
+            order,
+        })
     }
 }
 

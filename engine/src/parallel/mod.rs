@@ -18,6 +18,8 @@ pub use model::TensorParallel;
 
 use std::time::Duration;
 
+use candle_core::Tensor;
+
 use crate::batch::{ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
 
@@ -46,6 +48,13 @@ pub trait Communicator: Send + Sync {
     /// Replaces `data` on every rank with the elementwise sum of every
     /// rank's `data` (all the same length).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
+    /// [`Communicator::all_reduce_sum`] of an f32 tensor on any device; the
+    /// sum comes back as a new tensor there. By default it is staged through
+    /// host memory ([`all_reduce_through_host`]); a backend whose buffers
+    /// live on the GPU reduces there instead.
+    fn all_reduce_sum_tensor(&self, y: &Tensor) -> Result<Tensor, ForwardError> {
+        all_reduce_through_host(self, y)
+    }
     /// Writes every rank's `local` (all the same length) into `out`, in rank
     /// order; `out` is `world_size × local.len()` long.
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CommError>;
@@ -54,6 +63,14 @@ pub trait Communicator: Send + Sync {
     /// Breaks the group because this rank cannot go on: every waiting and
     /// later collective of every rank fails with [`CommError::Broken`].
     fn abort(&self, reason: &str);
+}
+
+/// An all-reduce of `y` (f32) through host memory, where
+/// [`Communicator::all_reduce_sum`] takes its buffer.
+pub fn all_reduce_through_host<C: Communicator + ?Sized>(comm: &C, y: &Tensor) -> Result<Tensor, ForwardError> {
+    let mut host = y.flatten_all()?.to_vec1::<f32>()?;
+    comm.all_reduce_sum(&mut host)?;
+    Ok(Tensor::from_vec(host, y.shape(), y.device())?)
 }
 
 /// One rank's shard of a model, as [`TensorParallel`] steps it: the

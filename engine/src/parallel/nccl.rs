@@ -2,9 +2,12 @@
 //! one worker process as with [`super::cpu::CpuGroup`], communicating
 //! through NCCL over NVLink or PCIe.
 //!
-//! The sharded model hands the collectives host buffers, so each one is
-//! staged through its rank's GPU: copy in, NCCL on the rank's stream, copy
-//! out. A rank waits for its NCCL kernel by polling an event rather than
+//! A model on the GPUs ([`crate::model::DeviceLlama`]) all-reduces its
+//! tensors where they are ([`Communicator::all_reduce_sum_tensor`]); the
+//! host-buffer collectives (the step plan's broadcast, the CPU kernels'
+//! shards) are staged through the rank's GPU: copy in, NCCL on the rank's
+//! stream, copy out. NCCL runs on a stream of its own; cudarc's event
+//! tracking orders it against candle's stream on either side. A rank waits for its NCCL kernel by polling an event rather than
 //! blocking in the driver, which is what keeps a broken group from hanging:
 //! NCCL itself waits forever for a peer that never arrives. While it polls,
 //! a rank sees the group broken by another (its thread died, or
@@ -14,10 +17,12 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use candle_core::{CudaStorage, CustomOp1, Layout, Shape, Tensor};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use cudarc::nccl::{Comm, ReduceOp};
 
-use super::{CommError, Communicator, DEFAULT_TIMEOUT};
+use super::{all_reduce_through_host, CommError, Communicator, DEFAULT_TIMEOUT};
+use crate::batch::ForwardError;
 
 /// Creates the ranks of one group over this machine's GPUs.
 pub struct NcclGroup;
@@ -176,6 +181,20 @@ impl Communicator for NcclComm {
         stream.synchronize().map_err(driver)
     }
 
+    fn all_reduce_sum_tensor(&self, y: &Tensor) -> Result<Tensor, ForwardError> {
+        if !y.device().is_cuda() {
+            return all_reduce_through_host(self, y);
+        }
+        let op = DeviceAllReduce { comm: self, failed: Mutex::new(None) };
+        let sum = y.contiguous()?.apply_op1_no_bwd(&op);
+        // A broken group is a CommError for the engine, not a tensor error.
+        match (sum, op.failed.into_inner().unwrap_or_else(PoisonError::into_inner)) {
+            (Ok(sum), _) => Ok(sum),
+            (Err(_), Some(comm)) => Err(comm.into()),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         if out.len() != local.len() * self.world_size {
             return Err(CommError::SizeMismatch {
@@ -227,6 +246,48 @@ impl Communicator for NcclComm {
     }
 }
 
+/// An all-reduce of a tensor in GPU memory, as a candle op: its output is a
+/// new buffer holding the sum.
+struct DeviceAllReduce<'a> {
+    comm: &'a NcclComm,
+    /// Why the collective failed, to hand back as a [`CommError`].
+    failed: Mutex<Option<CommError>>,
+}
+
+impl CustomOp1 for DeviceAllReduce<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the NCCL all-reduce takes GPU tensors")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the NCCL all-reduce takes a contiguous tensor")
+        };
+        let src = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let summed = self.comm.collective(|comm, stream| {
+            let mut sum = stream.alloc_zeros::<f32>(end - start).map_err(driver)?;
+            comm.all_reduce(&src, &mut sum, &ReduceOp::Sum).map_err(nccl)?;
+            Ok(sum)
+        });
+        match summed {
+            Ok(sum) => Ok((CudaStorage::wrap_cuda_slice(sum, storage.device.clone()), layout.shape().clone())),
+            Err(e) => {
+                let msg = e.to_string();
+                *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                Err(candle_core::Error::Msg(msg))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! These need CUDA GPUs: run them on a GPU machine with
@@ -265,6 +326,29 @@ mod tests {
             let want: Vec<f32> = (0..n).flat_map(|r| [r as f32; 3]).collect();
             assert_eq!(gathered, want);
             assert_eq!(plan, b"step plan");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs CUDA GPUs"]
+    fn nccl_all_reduces_tensors_in_gpu_memory() {
+        let n = gpus();
+        assert!(n > 0, "no CUDA device");
+        let sums = on_every_rank(NcclGroup::ranks(n).unwrap(), |comm| {
+            let device = candle_core::Device::new_cuda(comm.rank()).unwrap();
+            let r = comm.rank() as f32;
+            let y = Tensor::arange(0f32, 6.0, &device).unwrap().reshape((2, 3)).unwrap();
+            // A strided view: the op makes it contiguous first.
+            let y = (y + f64::from(r)).unwrap().t().unwrap();
+            let sum = comm.all_reduce_sum_tensor(&y).unwrap();
+            assert!(sum.device().is_cuda());
+            sum.to_vec2::<f32>().unwrap()
+        });
+        let shift = (n * (n - 1) / 2) as f32;
+        let want: Vec<Vec<f32>> =
+            (0..3).map(|c| (0..2).map(|r| n as f32 * (r * 3 + c) as f32 + shift).collect()).collect();
+        for sum in sums {
+            assert_eq!(sum, want);
         }
     }
 

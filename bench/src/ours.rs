@@ -1,9 +1,8 @@
 //! Our side: the engine in-process, driven through [`EngineHandle::submit`] as the workers drive it.
 
 use crate::prompts::Prompts;
-use engine::model::{Llama, LoadedModel, ModelInfo};
-use engine::parallel::TensorParallel;
-use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvSource, SamplingParams};
+use engine::model::{ComputeDevice, Llama, LoadedModel, ModelInfo, WeightDtype};
+use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvCacheShape, KvSource, SamplingParams};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,16 +56,21 @@ impl Ours {
         Engine::start(self.model.clone(), shape, self.config(max_num_seqs, prefix_caching))
     }
 
-    /// Like [`Ours::engine`], with the model sharded over `tp_size` CPU
-    /// ranks as a worker's `--tensor-parallel-size` runs it (each rank's
-    /// cache `num_blocks` blocks of its heads).
-    pub fn engine_tp(&self, tp_size: usize, num_blocks: usize, max_num_seqs: usize) -> anyhow::Result<EngineHandle> {
-        if tp_size == 1 {
-            return Ok(self.engine(num_blocks, max_num_seqs, true));
-        }
-        let sharded = TensorParallel::new(&self.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let shape = sharded.kv_shape(BLOCK_SIZE, num_blocks);
-        Ok(Engine::start(Arc::new(sharded), shape, self.config(max_num_seqs, true)))
+    /// Like [`Ours::engine`], with the model placed as a worker's `--device`
+    /// and `--tensor-parallel-size` place it (each rank's cache `num_blocks`
+    /// blocks of its heads).
+    pub fn engine_on(
+        &self,
+        device: ComputeDevice,
+        tp_size: usize,
+        num_blocks: usize,
+        max_num_seqs: usize,
+    ) -> anyhow::Result<EngineHandle> {
+        let model = engine::parallel::place(self.model.clone(), device, tp_size, WeightDtype::Auto)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let whole = self.model.kv_shape(BLOCK_SIZE, num_blocks);
+        let shape = KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, ..whole };
+        Ok(Engine::start(model, shape, self.config(max_num_seqs, true)))
     }
 
     fn config(&self, max_num_seqs: usize, prefix_caching: bool) -> EngineConfig {

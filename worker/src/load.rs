@@ -3,9 +3,7 @@
 use crate::args::{EngineArgs, KvCacheMemory};
 use crate::memory;
 use anyhow::Context;
-use engine::model::{ComputeDevice, DeviceLlama};
-use engine::parallel::TensorParallel;
-use engine::{Engine, EngineConfig, EngineHandle, Forward, KvCacheShape};
+use engine::{Engine, EngineConfig, EngineHandle, KvCacheShape};
 use proto::worker as pb;
 use std::sync::Arc;
 use tracing::info;
@@ -36,26 +34,10 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     // Each rank caches its share of the KV heads; the budget covers them all.
     let whole = loaded.model.kv_shape(args.block_size as usize, 0);
     let rank_shape = |num_blocks| KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, num_blocks, ..whole };
-    let model: Arc<dyn Forward> = match args.device {
-        ComputeDevice::Cpu if tp_size > 1 => {
-            // The shards are copies: the whole model goes before the KV budget is measured.
-            let sharded = TensorParallel::new(&loaded.model, tp_size).map_err(|e| anyhow::anyhow!("{e}"))?;
-            drop(loaded.model);
-            Arc::new(sharded)
-        }
-        ComputeDevice::Cpu => Arc::new(loaded.model),
-        device if tp_size > 1 => {
-            let sharded = TensorParallel::on_devices(&loaded.model, device, tp_size, args.dtype)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            drop(loaded.model);
-            Arc::new(sharded)
-        }
-        device => {
-            let on_device = DeviceLlama::on(&loaded.model, device, args.dtype).map_err(|e| anyhow::anyhow!("{e}"))?;
-            drop(loaded.model);
-            Arc::new(on_device)
-        }
-    };
+    // Copies of the weights (shards, device matrices) are made and the loaded
+    // model dropped before the KV budget is measured.
+    let model = engine::parallel::place(Arc::new(loaded.model), args.device, tp_size, args.dtype)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let block_bytes = rank_shape(1).block_bytes() * tp_size;
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n as usize,

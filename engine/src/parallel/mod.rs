@@ -16,12 +16,33 @@ pub mod nccl;
 
 pub use model::TensorParallel;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Tensor;
 
-use crate::batch::{ForwardBatch, ForwardError, Logits};
+use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
+
+/// The model a worker steps for `--device` and `--tensor-parallel-size`:
+/// `model` itself (the engine's kernels on the CPU), [`DeviceLlama`] on one
+/// GPU, or a [`TensorParallel`] of either over `tp_size` ranks. Matrices on a
+/// device are in `dtype`. `model` is dropped once copied, so the caller
+/// holds one copy of the weights only while it is built.
+pub fn place(
+    model: Arc<Llama>,
+    device: ComputeDevice,
+    tp_size: usize,
+    dtype: WeightDtype,
+) -> Result<Arc<dyn Forward>, ModelError> {
+    Ok(match device {
+        ComputeDevice::Cpu if tp_size > 1 => Arc::new(TensorParallel::new(&model, tp_size)?),
+        ComputeDevice::Cpu => model,
+        device if tp_size > 1 => Arc::new(TensorParallel::on_devices(&model, device, tp_size, dtype)?),
+        device => Arc::new(DeviceLlama::on(&model, device, dtype)?),
+    })
+}
 
 /// Why a collective did not complete. Any of them takes the whole group
 /// down: a tensor-parallel step cannot finish without every rank.

@@ -31,7 +31,10 @@ pub struct EngineArgs {
     /// (0, 1] such as 0.9, the share of the machine's memory (or cgroup limit)
     /// this worker may use in all, as vLLM's gpu_memory_utilization: the cache
     /// gets that share minus what the process holds after loading the model.
-    /// The cache holds as many whole blocks as fit.
+    /// With --device cuda a fraction is of each rank's GPU, minus what the GPU
+    /// holds after loading (the cache's device copy fills it; its host copy
+    /// must fit in host memory too). The cache holds as many whole blocks as
+    /// fit.
     #[arg(long, default_value = "768MiB", value_parser = parse_kv_cache_memory)]
     pub kv_cache_memory: KvCacheMemory,
     /// An exact number of KV blocks instead of a memory budget.

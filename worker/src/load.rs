@@ -3,10 +3,11 @@
 use crate::args::{EngineArgs, KvCacheMemory};
 use crate::memory;
 use anyhow::Context;
+use engine::model::ComputeDevice;
 use engine::{Engine, EngineConfig, EngineHandle, KvCacheShape};
 use proto::worker as pb;
 use std::sync::Arc;
-use tracing::info;
+use tracing::{info, warn};
 
 /// A running engine and what the worker publishes about it.
 pub struct LoadedEngine {
@@ -38,10 +39,10 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     // model dropped before the KV budget is measured.
     let model = engine::parallel::place(Arc::new(loaded.model), args.device, tp_size, args.dtype)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let block_bytes = rank_shape(1).block_bytes() * tp_size;
+    let rank_block_bytes = rank_shape(1).block_bytes();
     let num_blocks = match args.num_kv_blocks {
         Some(n) => n as usize,
-        None => kv_blocks(args.kv_cache_memory, block_bytes as u64)?,
+        None => kv_blocks(args, tp_size, rank_block_bytes as u64)?,
     };
     let shape = rank_shape(num_blocks);
     let vocab_size = model.vocab_size();
@@ -59,7 +60,8 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         model = card.model_name,
         device = %args.device,
         blocks = num_blocks,
-        kv_bytes = num_blocks * block_bytes,
+        // On GPUs as much again, in the cache's device copy.
+        kv_bytes = num_blocks * rank_block_bytes * tp_size,
         secs = started.elapsed().as_secs_f32(),
         "engine ready"
     );
@@ -116,24 +118,46 @@ fn model_card(
     })
 }
 
-/// How many KV blocks of `block_bytes` the `--kv-cache-memory` budget holds.
-/// A fraction is resolved now, after loading, so that the model's own memory
-/// counts against it.
-fn kv_blocks(budget: KvCacheMemory, block_bytes: u64) -> anyhow::Result<usize> {
-    let bytes = match budget {
-        KvCacheMemory::Bytes(n) => n,
-        KvCacheMemory::Fraction(fraction) => {
-            let total = memory::total_memory().map_err(anyhow::Error::msg)?;
-            let resident = memory::resident_memory().map_err(anyhow::Error::msg)?;
-            memory::kv_bytes_for_fraction(fraction, total, resident, block_bytes).map_err(anyhow::Error::msg)?
+/// How many KV blocks the `--kv-cache-memory` budget holds, a block being
+/// `rank_block_bytes` on each of `tp_size` ranks. A fraction is resolved
+/// now, after loading, so that the model's own memory counts against it: on
+/// GPUs, a fraction of each GPU's memory, which the cache's device copy
+/// fills, as long as host memory holds the host copy.
+fn kv_blocks(args: &EngineArgs, tp_size: usize, rank_block_bytes: u64) -> anyhow::Result<usize> {
+    let budget = args.kv_cache_memory;
+    let block_bytes = rank_block_bytes * tp_size as u64;
+    let host_fraction = |fraction| -> anyhow::Result<u64> {
+        let total = memory::total_memory().map_err(anyhow::Error::msg)?;
+        let resident = memory::resident_memory().map_err(anyhow::Error::msg)?;
+        let bytes = memory::kv_bytes_for_fraction("the worker", fraction, total, resident, block_bytes)
+            .map_err(anyhow::Error::msg)?;
+        Ok(bytes / block_bytes)
+    };
+    let blocks = match (budget, args.device) {
+        (KvCacheMemory::Bytes(n), _) => n / block_bytes,
+        (KvCacheMemory::Fraction(fraction), ComputeDevice::Cpu) => host_fraction(fraction)?,
+        (KvCacheMemory::Fraction(fraction), device) => {
+            let gpus = device
+                .ranks(tp_size)
+                .into_iter()
+                .map(|gpu| Ok((gpu.to_string(), gpu.gpu_memory()?)))
+                .collect::<Result<Vec<_>, engine::model::ModelError>>()?;
+            let on_gpus = memory::kv_blocks_on_gpus(fraction, &gpus, rank_block_bytes).map_err(anyhow::Error::msg)?;
+            let in_host = host_fraction(1.0)?;
+            if in_host < on_gpus {
+                warn!(
+                    on_gpus,
+                    in_host, "host memory holds fewer KV blocks than the GPUs: the host copy limits the cache"
+                );
+            }
+            on_gpus.min(in_host)
         }
     };
-    let blocks = bytes / block_bytes;
     if blocks == 0 {
         anyhow::bail!("--kv-cache-memory {budget} holds no KV block ({block_bytes} B each)");
     }
     if blocks > u64::from(u32::MAX) {
-        anyhow::bail!("--kv-cache-memory {budget} ({bytes} B) is more than {} blocks of {block_bytes} B", u32::MAX);
+        anyhow::bail!("--kv-cache-memory {budget} is more than {} blocks of {block_bytes} B", u32::MAX);
     }
     Ok(blocks as usize)
 }

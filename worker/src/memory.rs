@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use engine::model::GpuMemory;
+
 /// The memory this process may use: `MemTotal`, or the cgroup v2 limit
 /// (`memory.max`) when that is lower.
 pub fn total_memory() -> Result<u64, String> {
@@ -51,13 +53,20 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 }
 
 /// The KV cache's share of memory: `fraction × total − resident`, or an error
-/// naming both figures when that leaves less than one block.
-pub fn kv_bytes_for_fraction(fraction: f64, total: u64, resident: u64, block_bytes: u64) -> Result<u64, String> {
+/// naming both figures when that leaves less than one block. `holder` is
+/// what holds `resident` (the worker, or a GPU).
+pub fn kv_bytes_for_fraction(
+    holder: &str,
+    fraction: f64,
+    total: u64,
+    resident: u64,
+    block_bytes: u64,
+) -> Result<u64, String> {
     let allowed = (fraction * total as f64) as u64;
     match allowed.checked_sub(resident) {
         Some(left) if left >= block_bytes => Ok(left),
         _ => Err(format!(
-            "--kv-cache-memory {fraction} allows {} of {} total, but the worker already uses {} after loading \
+            "--kv-cache-memory {fraction} allows {} of {} total, but {holder} already uses {} after loading \
              the model: no room for one KV block of {} (raise the fraction or give a byte budget)",
             human(allowed),
             human(total),
@@ -65,6 +74,23 @@ pub fn kv_bytes_for_fraction(fraction: f64, total: u64, resident: u64, block_byt
             human(block_bytes)
         )),
     }
+}
+
+/// KV blocks for a fraction of every rank's GPU memory, as vLLM's
+/// `gpu_memory_utilization`: each GPU gives the cache `fraction × total`
+/// minus what it already holds (the weights), in blocks of
+/// `rank_block_bytes` (a rank's share of a block); the cache has the blocks
+/// of the tightest GPU.
+pub fn kv_blocks_on_gpus(fraction: f64, gpus: &[(String, GpuMemory)], rank_block_bytes: u64) -> Result<u64, String> {
+    let per_gpu = gpus.iter().map(|(name, m)| {
+        let bytes = kv_bytes_for_fraction(name, fraction, m.total, m.total - m.free.min(m.total), rank_block_bytes)?;
+        Ok(bytes / rank_block_bytes)
+    });
+    per_gpu
+        .collect::<Result<Vec<_>, String>>()?
+        .into_iter()
+        .min()
+        .ok_or_else(|| "no GPU to size the KV cache on".into())
 }
 
 /// Bytes as MiB or GiB for messages.
@@ -85,14 +111,29 @@ mod tests {
 
     #[test]
     fn the_cache_gets_the_fraction_minus_what_the_process_holds() {
-        assert_eq!(kv_bytes_for_fraction(0.5, 16 * GIB, 3 * GIB, 1 << 20), Ok(5 * GIB));
-        assert_eq!(kv_bytes_for_fraction(1.0, 8 * GIB, 0, 1 << 20), Ok(8 * GIB));
+        let w = "the worker";
+        assert_eq!(kv_bytes_for_fraction(w, 0.5, 16 * GIB, 3 * GIB, 1 << 20), Ok(5 * GIB));
+        assert_eq!(kv_bytes_for_fraction(w, 1.0, 8 * GIB, 0, 1 << 20), Ok(8 * GIB));
         // Exactly one block left is enough; less is an error naming both figures.
-        assert_eq!(kv_bytes_for_fraction(0.5, 4 * GIB, 2 * GIB - 100, 100), Ok(100));
-        let err = kv_bytes_for_fraction(0.25, 8 * GIB, 3 * GIB, 1 << 20).unwrap_err();
+        assert_eq!(kv_bytes_for_fraction(w, 0.5, 4 * GIB, 2 * GIB - 100, 100), Ok(100));
+        let err = kv_bytes_for_fraction(w, 0.25, 8 * GIB, 3 * GIB, 1 << 20).unwrap_err();
         assert!(err.contains("allows 2.00 GiB of 8.00 GiB total"), "{err}");
-        assert!(err.contains("already uses 3.00 GiB"), "{err}");
-        assert!(kv_bytes_for_fraction(0.5, 4 * GIB, 2 * GIB, 1).is_err());
+        assert!(err.contains("the worker already uses 3.00 GiB"), "{err}");
+        assert!(kv_bytes_for_fraction(w, 0.5, 4 * GIB, 2 * GIB, 1).is_err());
+    }
+
+    #[test]
+    fn gpus_give_the_cache_the_fraction_minus_the_weights_and_the_tightest_wins() {
+        let gpu = |name: &str, used: u64| (name.to_string(), GpuMemory { free: 80 * GIB - used, total: 80 * GIB });
+        let block = 1 << 20;
+        // 0.9 × 80 GiB = 72 GiB, minus 8 GiB of weights: 64 GiB of 1 MiB blocks.
+        assert_eq!(kv_blocks_on_gpus(0.9, &[gpu("cuda:0", 8 * GIB)], block), Ok(64 << 10));
+        // Another process on GPU 1 leaves the group 62 GiB a rank.
+        let pair = [gpu("cuda:0", 8 * GIB), gpu("cuda:1", 10 * GIB)];
+        assert_eq!(kv_blocks_on_gpus(0.9, &pair, block), Ok(62 << 10));
+        let err = kv_blocks_on_gpus(0.1, &pair, block).unwrap_err();
+        assert!(err.contains("cuda:0 already uses 8.00 GiB"), "{err}");
+        assert!(kv_blocks_on_gpus(0.9, &[], block).is_err());
     }
 
     #[test]

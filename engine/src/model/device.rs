@@ -78,11 +78,56 @@ impl ComputeDevice {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(_) if !cfg!(feature = "cuda") => Err(no_cuda(self)),
-            Self::Cuda(n) => {
-                Device::new_cuda(n).map_err(|e| ModelError::Device { device: self.to_string(), reason: e.to_string() })
-            }
+            // A stream of its own rather than candle's default per-thread
+            // stream: a model is built on one thread and stepped on another,
+            // and every op on the device must queue in the order it is issued.
+            Self::Cuda(n) => Device::new_cuda_with_stream(n)
+                .map_err(|e| ModelError::Device { device: self.to_string(), reason: e.to_string() }),
         }
     }
+
+    /// The device of each of `world_size` tensor-parallel ranks: GPUs
+    /// `0..world_size` for more than one rank on CUDA (which
+    /// [`crate::parallel::TensorParallel::on_devices`] requires of
+    /// `cuda:0`), `self` for one rank.
+    pub fn ranks(self, world_size: usize) -> Vec<ComputeDevice> {
+        match self {
+            Self::Cuda(_) if world_size > 1 => (0..world_size).map(Self::Cuda).collect(),
+            device => vec![device; world_size],
+        }
+    }
+
+    /// The GPU's memory now (after the model is loaded, the weights are in
+    /// `total - free`); an error on the CPU or in a build without CUDA.
+    pub fn gpu_memory(self) -> Result<GpuMemory, ModelError> {
+        match self {
+            Self::Cpu => Err(ModelError::Device { device: self.to_string(), reason: "not a GPU".into() }),
+            Self::Cuda(n) => gpu_memory(n),
+        }
+    }
+}
+
+/// A GPU's memory as its driver reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// Bytes not allocated by any process.
+    pub free: u64,
+    /// The GPU's bytes in all.
+    pub total: u64,
+}
+
+/// GPU `n`'s memory, from its driver.
+#[cfg(feature = "cuda")]
+fn gpu_memory(n: usize) -> Result<GpuMemory, ModelError> {
+    let (free, total) = cudarc::driver::CudaContext::new(n)
+        .and_then(|ctx| ctx.mem_get_info())
+        .map_err(|e| ModelError::Device { device: ComputeDevice::Cuda(n).to_string(), reason: format!("{e:?}") })?;
+    Ok(GpuMemory { free: free as u64, total: total as u64 })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(n: usize) -> Result<GpuMemory, ModelError> {
+    Err(no_cuda(ComputeDevice::Cuda(n)))
 }
 
 /// Why `device` cannot be had in a build without the `cuda` feature.
@@ -658,5 +703,8 @@ mod tests {
     fn a_gpu_without_the_cuda_feature_is_refused_in_one_line() {
         let err = ComputeDevice::Cuda(0).candle().unwrap_err().to_string();
         assert_eq!(err, "device cuda:0: this build has no CUDA support (build with --features cuda)");
+        let err = ComputeDevice::Cuda(1).gpu_memory().unwrap_err().to_string();
+        assert_eq!(err, "device cuda:1: this build has no CUDA support (build with --features cuda)");
+        assert!(ComputeDevice::Cpu.gpu_memory().is_err());
     }
 }

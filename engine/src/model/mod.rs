@@ -25,7 +25,7 @@ use crate::tokenizer::TokenizerError;
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use device::no_cuda;
-pub use device::{ComputeDevice, DeviceLlama};
+pub use device::{ComputeDevice, DeviceLlama, GpuMemory};
 pub use hf::load_hf;
 pub use llama::Llama;
 

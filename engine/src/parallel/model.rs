@@ -94,13 +94,11 @@ impl TensorParallel {
             }
             ComputeDevice::Cuda(_) => gpu_comms(world_size)?,
         };
-        let ranks = comms.into_iter().enumerate().map(|(rank, comm)| -> Result<Rank, ModelError> {
-            let on = match device {
-                ComputeDevice::Cpu => ComputeDevice::Cpu,
-                ComputeDevice::Cuda(_) => ComputeDevice::Cuda(rank),
-            };
-            Ok((Box::new(DeviceLlama::on(&model.shard(rank, world_size)?, on, dtype)?), comm))
-        });
+        let ranks = comms.into_iter().zip(device.ranks(world_size)).enumerate().map(
+            |(rank, (comm, on))| -> Result<Rank, ModelError> {
+                Ok((Box::new(DeviceLlama::on(&model.shard(rank, world_size)?, on, dtype)?), comm))
+            },
+        );
         Self::from_ranks(ranks.collect::<Result<_, _>>()?)
     }
 

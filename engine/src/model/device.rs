@@ -379,8 +379,9 @@ impl DeviceLlama {
             outs.push(p.matmul(&v)?.reshape((b, heads * hd))?);
         }
         for chunk in &plan.chunks {
+            let context = index.chunk_context.as_ref().expect("a step with chunks has their context");
             let (m, len) = (chunk.num_tokens, chunk.context_start + chunk.num_tokens);
-            let ids = index.chunk_context.narrow(0, chunk.context_offset, len)?;
+            let ids = context.narrow(0, chunk.context_offset, len)?;
             let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
                 cache.index_select(&ids, 0)?.reshape((len, kv_heads, hd))?.transpose(0, 1)?.contiguous()
             };
@@ -570,9 +571,11 @@ impl DecodeRows {
 }
 
 /// A step's [`StepSlots`] on the device, uploaded once for all the layers.
+/// What a step does not use is `None`, never an empty tensor: CUDA refuses
+/// to allocate zero bytes.
 struct AttendIndex {
     decode: Option<DecodeIndex>,
-    chunk_context: Tensor,
+    chunk_context: Option<Tensor>,
     order: Option<Tensor>,
 }
 
@@ -597,11 +600,12 @@ impl AttendIndex {
             })
         };
         let order = plan.order.as_ref().map(|o| Tensor::from_slice(o, o.len(), dev)).transpose()?;
-        Ok(Self {
-            decode,
-            chunk_context: Tensor::from_slice(&plan.chunk_context, plan.chunk_context.len(), dev)?,
-            order,
-        })
+        let chunk_context = if plan.chunks.is_empty() {
+            None
+        } else {
+            Some(Tensor::from_slice(&plan.chunk_context, plan.chunk_context.len(), dev)?)
+        };
+        Ok(Self { decode, chunk_context, order })
     }
 }
 

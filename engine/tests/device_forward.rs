@@ -10,9 +10,9 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{argmax, blocks, golden, greedy_request as request, model_path};
-use engine::model::{load_gguf, DeviceLlama, LoadedModel};
+use engine::model::{load_gguf, ComputeDevice, DeviceLlama, LoadedModel};
 use engine::{
     Engine, EngineConfig, EngineEvent, EngineRequest, Forward, ForwardBatch, KvCacheShape, KvLanding, KvReservation,
     KvSource, KvStorage,
@@ -43,13 +43,20 @@ fn device_dtype() -> DType {
 }
 
 /// The device under test: the CPU in f32, or the first GPU in bf16 when
-/// `PDSERVE_TEST_DEVICE=cuda`.
+/// `PDSERVE_TEST_DEVICE=cuda`. Shared by the tests that only compare logits:
+/// its mirror follows whichever test's cache stepped last.
 fn device_model() -> &'static DeviceLlama {
     static MODEL: OnceLock<DeviceLlama> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let device = if on_cuda() { Device::new_cuda(0).expect("a CUDA device") } else { Device::Cpu };
-        DeviceLlama::new(&loaded().model, &device, device_dtype()).expect("copying the model to the device")
-    })
+    MODEL.get_or_init(own_device_model)
+}
+
+/// A model of its own on the device under test, for a test that checks what
+/// its mirror keeps between steps (the shared one is rebuilt whenever another
+/// test steps it on another cache).
+fn own_device_model() -> DeviceLlama {
+    let device = if on_cuda() { ComputeDevice::Cuda(0) } else { ComputeDevice::Cpu };
+    let device = device.candle().expect("the device under test");
+    DeviceLlama::new(&loaded().model, &device, device_dtype()).expect("copying the model to the device")
 }
 
 fn kv(num_blocks: usize) -> KvStorage {
@@ -228,7 +235,7 @@ fn batching_and_chunking_change_no_row() {
 /// step reads them.
 #[test]
 fn the_host_cache_and_the_device_mirror_stay_equal() {
-    let model = device_model();
+    let model = &own_device_model();
     let r = &golden()[1];
     let p = &r.prompt;
     let n = p.len().div_ceil(BLOCK_SIZE);
@@ -300,8 +307,7 @@ fn kv_handed_off_through_the_arena_reaches_the_device() {
         enable_prefix_caching: false,
     };
     let start = || {
-        let model = DeviceLlama::new(&loaded().model, &device_model().device().clone(), device_dtype()).unwrap();
-        Engine::start(Arc::new(model), shape, config.clone())
+        Engine::start(Arc::new(own_device_model()), shape, config.clone())
     };
     let prefill = start();
     let (first, last) =

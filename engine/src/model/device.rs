@@ -299,9 +299,8 @@ impl DeviceLlama {
         let c = &self.config;
         let (vocab_size, n, dev) = (c.vocab_size, batch.tokens.len(), &self.device);
         let (q_dim, kv_dim, ffn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn);
-        let new_slots = Tensor::from_slice(&plan.new_slots, n, dev)?;
-        // scatter_set takes one index per value: each token's row, repeated.
-        let scatter = new_slots.reshape((n, 1))?.broadcast_as((n, kv_dim))?.contiguous()?;
+        let scatter = scatter_index(&plan.new_slots, kv_dim, dev)?;
+        let stale = StaleBlocks::new(stale, &mirror.shape, dev)?;
         let positions = Tensor::from_slice(&plan.positions, n, dev)?;
         let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
         let attend = AttendIndex::new(plan, dev)?;
@@ -320,7 +319,7 @@ impl DeviceLlama {
             let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.contiguous()?;
             // A hand-off streaming in: this layer's KV must be in place first.
             batch.wait_for_layer(l);
-            mirror.reload(kv, l, stale)?;
+            mirror.reload(kv, l, &stale)?;
             mirror.k[l].scatter_set(&scatter, &k, 0)?;
             mirror.v[l].scatter_set(&scatter, &v, 0)?;
             let attn = self.attention(plan, &attend, &q, &mirror.k[l], &mirror.v[l])?;
@@ -629,21 +628,49 @@ impl Mirror {
         self.host == kv.id() && self.shape == *kv.shape()
     }
 
-    /// Uploads layer `layer` of `blocks` from the host cache.
-    fn reload(&mut self, kv: &KvStorage, layer: usize, blocks: &[u32]) -> candle_core::Result<()> {
+    /// Uploads layer `layer` of the stale blocks from the host cache: one
+    /// copy for K and one for V, scattered to the blocks' rows.
+    fn reload(&mut self, kv: &KvStorage, layer: usize, stale: &StaleBlocks) -> candle_core::Result<()> {
+        let Some(rows) = &stale.rows else { return Ok(()) };
         let s = self.shape;
-        let (elems, kv_dim) = (s.block_elems(), s.num_kv_heads * s.head_dim);
+        let elems = s.block_elems();
         let (hk, hv) = kv.layer(layer);
-        for &b in blocks {
-            let b = b as usize;
-            for (host, mirror) in [(hk, &self.k[layer]), (hv, &self.v[layer])] {
-                let src =
-                    Tensor::from_slice(&host[b * elems..(b + 1) * elems], (s.block_size, kv_dim), mirror.device())?;
-                mirror.slice_set(&src, 0, b * s.block_size)?;
+        for (host, mirror) in [(hk, &self.k[layer]), (hv, &self.v[layer])] {
+            let mut staged = Vec::with_capacity(stale.blocks.len() * elems);
+            for &b in stale.blocks {
+                staged.extend_from_slice(&host[b as usize * elems..][..elems]);
             }
+            let values = Tensor::from_vec(staged, rows.shape(), mirror.device())?;
+            mirror.scatter_set(rows, &values, 0)?;
         }
         Ok(())
     }
+}
+
+/// The blocks a step must upload before it reads them (see
+/// [`KvStorage::take_written`]), and their rows in a layer's mirror as
+/// [`scatter_index`] gives them; `None` when there are none.
+struct StaleBlocks<'a> {
+    blocks: &'a [u32],
+    rows: Option<Tensor>,
+}
+
+impl<'a> StaleBlocks<'a> {
+    fn new(blocks: &'a [u32], shape: &KvCacheShape, dev: &Device) -> candle_core::Result<Self> {
+        if blocks.is_empty() {
+            return Ok(Self { blocks, rows: None });
+        }
+        let bs = shape.block_size as u32;
+        let rows: Vec<u32> = blocks.iter().flat_map(|&b| b * bs..(b + 1) * bs).collect();
+        Ok(Self { blocks, rows: Some(scatter_index(&rows, shape.num_kv_heads * shape.head_dim, dev)?) })
+    }
+}
+
+/// The index `scatter_set` takes to write one row of `width` values at each
+/// of the mirror rows `rows`: each row id repeated `width` times.
+fn scatter_index(rows: &[u32], width: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let n = rows.len();
+    Tensor::from_slice(rows, (n, 1), dev)?.broadcast_as((n, width))?.contiguous()
 }
 
 /// Copies the step's new K/V (per layer, f32 `[n, kv_dim]`) from the device

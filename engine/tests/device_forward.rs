@@ -306,9 +306,7 @@ fn kv_handed_off_through_the_arena_reaches_the_device() {
         // Freed blocks are reused at once, still holding other KV on the device.
         enable_prefix_caching: false,
     };
-    let start = || {
-        Engine::start(Arc::new(own_device_model()), shape, config.clone())
-    };
+    let start = || Engine::start(Arc::new(own_device_model()), shape, config.clone());
     let prefill = start();
     let (first, last) =
         collect(prefill.submit(EngineRequest { pin_on_finish: true, ..request("pre", prompt, 1) }).unwrap());

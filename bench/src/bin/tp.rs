@@ -224,14 +224,14 @@ fn memcpy_gb_per_s(bytes: usize, reps: u64) -> f64 {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     use engine::parallel::nccl::NcclGroup;
 
     pub fn measure(world: usize, bytes: usize, reps: u64) -> anyhow::Result<Row> {
         let len = bytes / 4;
         let ranks = NcclGroup::ranks(world).map_err(|e| anyhow::anyhow!("{e}"))?;
         let rounds = rounds(ranks, reps, |comm, start| {
-            let device = Device::new_cuda(comm.rank()).expect("CUDA device of a rank");
+            let device = ComputeDevice::Cuda(comm.rank()).candle().expect("CUDA device of a rank");
             let y = Tensor::full(comm.rank() as f32, len, &device).expect("a rank's buffer");
             let mut times = Vec::with_capacity(reps as usize);
             start.wait();
@@ -245,7 +245,7 @@ mod gpu {
             }
             times
         });
-        let device = Device::new_cuda(0)?;
+        let device = ComputeDevice::Cuda(0).candle()?;
         let src = Tensor::full(1f32, len, &device)?;
         let copy = copy_gb_per_s(bytes, reps, || {
             drop(src.copy().expect("device copy"));

@@ -335,7 +335,7 @@ mod tests {
         let n = gpus();
         assert!(n > 0, "no CUDA device");
         let sums = on_every_rank(NcclGroup::ranks(n).unwrap(), |comm| {
-            let device = candle_core::Device::new_cuda(comm.rank()).unwrap();
+            let device = crate::model::ComputeDevice::Cuda(comm.rank()).candle().unwrap();
             let r = comm.rank() as f32;
             let y = Tensor::arange(0f32, 6.0, &device).unwrap().reshape((2, 3)).unwrap();
             // A strided view: the op makes it contiguous first.

@@ -229,6 +229,38 @@ fn batching_and_chunking_change_no_row() {
     assert_close(&chunked, &alone[0].0, "a prefill in two chunks");
 }
 
+/// Attention in tiles (a prefill's query rows, a decode batch's sequences)
+/// gives what one product gives.
+#[test]
+fn attention_in_tiles_changes_no_row() {
+    let records = golden();
+    let prompts: Vec<&[u32]> = records.iter().take(3).map(|r| r.prompt.as_slice()).collect();
+    let longest = prompts.iter().map(|p| p.len() + 1).max().unwrap();
+    // Two query rows, or two sequences, per product.
+    let heads = loaded().model.config().num_heads;
+    let tiled = own_device_model().with_max_attention_scores(2 * heads * longest);
+    let per_seq = 8;
+    let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
+    let run = |model: &DeviceLlama| {
+        let mut cache = kv(prompts.len() * per_seq);
+        let mut prefill = ForwardBatch::default();
+        for (i, p) in prompts.iter().enumerate() {
+            prefill.push(p, 0, p.len(), table(i), true);
+        }
+        let first = model.forward(&prefill, &mut cache).unwrap();
+        let mut decode = ForwardBatch::default();
+        for (i, p) in prompts.iter().enumerate() {
+            decode.push(&[argmax(first.row(i))], p.len(), p.len(), table(i), true);
+        }
+        (first.clone(), model.forward(&decode, &mut cache).unwrap())
+    };
+    let (whole, tiles) = (run(device_model()), run(&tiled));
+    for i in 0..prompts.len() {
+        assert_close(tiles.0.row(i), whole.0.row(i), &format!("seq {i} prefill in tiles"));
+        assert_close(tiles.1.row(i), whole.1.row(i), &format!("seq {i} decode in a group"));
+    }
+}
+
 /// The host cache is what peers read: every step's K/V land there, the very
 /// bytes the CPU kernels' cache holds for the same tokens (up to rounding).
 /// Blocks written from outside (a hand-off) reach the device mirror before a

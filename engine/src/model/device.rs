@@ -130,6 +130,19 @@ fn gpu_memory(n: usize) -> Result<GpuMemory, ModelError> {
     Err(no_cuda(ComputeDevice::Cuda(n)))
 }
 
+/// Whether GPU `n` runs candle's bf16 kernels (built for compute capability
+/// 8.0 and later only). A GPU that cannot be queried fails when the model is
+/// copied to it, with its own error.
+#[cfg(feature = "cuda")]
+fn has_bf16(n: usize) -> bool {
+    cudarc::driver::CudaContext::new(n).and_then(|ctx| ctx.compute_capability()).map_or(true, |(major, _)| major >= 8)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn has_bf16(_: usize) -> bool {
+    true
+}
+
 /// Why `device` cannot be had in a build without the `cuda` feature.
 pub(crate) fn no_cuda(device: ComputeDevice) -> ModelError {
     ModelError::Device {
@@ -157,7 +170,14 @@ pub struct DeviceLlama {
     /// Built at the first step, when the engine's cache shape is known; only
     /// the step thread locks it.
     mirror: Mutex<Option<Mirror>>,
+    /// The most attention scores one batched product may hold (see
+    /// [`DeviceLlama::with_max_attention_scores`]).
+    max_attention_scores: usize,
 }
+
+/// Elements of one attention score matrix by default: 1 GiB of f32, far
+/// below the 2^31 that candle's CUDA softmax indexes with an `int`.
+const DEFAULT_MAX_ATTENTION_SCORES: usize = 1 << 28;
 
 struct DeviceLayer {
     /// f32 `[hidden]`.
@@ -223,18 +243,30 @@ impl DeviceLlama {
             cos,
             sin,
             mirror: Mutex::new(None),
+            max_attention_scores: DEFAULT_MAX_ATTENTION_SCORES,
         })
     }
 
     /// [`DeviceLlama::new`] on `device` with its weights in `dtype`
-    /// (`auto`: bf16 on a GPU, f32 on the CPU).
+    /// (`auto`: bf16 on a GPU that has bf16 kernels, compute capability 8.0
+    /// or later, f16 on an older one; f32 on the CPU).
     pub fn on(model: &Llama, device: ComputeDevice, dtype: WeightDtype) -> Result<Self, ModelError> {
         let dtype = match (dtype, device) {
             (WeightDtype::Auto, ComputeDevice::Cpu) | (WeightDtype::F32, _) => DType::F32,
+            (WeightDtype::Auto, ComputeDevice::Cuda(n)) if !has_bf16(n) => DType::F16,
             (WeightDtype::Auto, ComputeDevice::Cuda(_)) | (WeightDtype::BF16, _) => DType::BF16,
             (WeightDtype::F16, _) => DType::F16,
         };
         Self::new(model, &device.candle()?, dtype)
+    }
+
+    /// Bounds the score matrix of one batched attention product to `scores`
+    /// elements: a long prefill attends in tiles of query rows, a large
+    /// decode batch in groups of sequences. This bounds attention's scratch
+    /// memory, and keeps CUDA kernels that index with 32 bits in range.
+    pub fn with_max_attention_scores(mut self, scores: usize) -> Self {
+        self.max_attention_scores = scores.max(1);
+        self
     }
 
     /// The resolved model shape.
@@ -367,37 +399,48 @@ impl DeviceLlama {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(plan.chunks.len() + 1);
         if let Some(d) = &index.decode {
-            let (b, len) = (plan.decode.tokens.len(), plan.decode.len);
-            let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
-                cache.index_select(&d.context, 0)?.reshape((b, len, kv_heads, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
-            let q = q.index_select(&d.tokens, 0)?.reshape((b, kv_heads, group, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(p.matmul(&v)?.reshape((b, heads * hd))?);
+            let len = plan.decode.len;
+            for (first, b) in tiles(plan.decode.tokens.len(), heads * len, self.max_attention_scores) {
+                let ids = d.context.narrow(0, first * len, b * len)?;
+                let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+                    cache.index_select(&ids, 0)?.reshape((b, len, kv_heads, hd))?.transpose(1, 2)?.contiguous()
+                };
+                let (k, v) = (gather(k_cache)?, gather(v_cache)?);
+                let q = q.index_select(&d.tokens.narrow(0, first, b)?, 0)?.reshape((b, kv_heads, group, hd))?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask.narrow(0, first, b)?)?;
+                let p = candle_nn::ops::softmax_last_dim(&scores)?;
+                outs.push(p.matmul(&v)?.reshape((b, heads * hd))?);
+            }
         }
         for chunk in &plan.chunks {
             let context = index.chunk_context.as_ref().expect("a step with chunks has their context");
-            let (m, len) = (chunk.num_tokens, chunk.context_start + chunk.num_tokens);
+            let len = chunk.context_start + chunk.num_tokens;
             let ids = context.narrow(0, chunk.context_offset, len)?;
             let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
                 cache.index_select(&ids, 0)?.reshape((len, kv_heads, hd))?.transpose(0, 1)?.contiguous()
             };
             let (k, v) = (gather(k_cache)?, gather(v_cache)?);
-            let q =
-                q.narrow(0, chunk.token_start, m)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * m, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            // Query i sits at position context_start + i and sees keys up to it.
-            let q_pos = Tensor::arange(chunk.context_start as u32, len as u32, &self.device)?.reshape((m, 1))?;
             let k_pos = Tensor::arange(0, len as u32, &self.device)?.reshape((1, len))?;
-            let shape = (kv_heads, group, m, len);
-            let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
-            let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
-            let scores = visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = p.matmul(&v)?.reshape((heads, m, hd))?.transpose(0, 1)?.contiguous()?.reshape((m, heads * hd))?;
-            outs.push(o);
+            for (first, m) in tiles(chunk.num_tokens, heads * len, self.max_attention_scores) {
+                let q = q.narrow(0, chunk.token_start + first, m)?.transpose(0, 1)?.contiguous()?.reshape((
+                    kv_heads,
+                    group * m,
+                    hd,
+                ))?;
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                // Query i sits at position context_start + i and sees keys up to it.
+                let start = (chunk.context_start + first) as u32;
+                let q_pos = Tensor::arange(start, start + m as u32, &self.device)?.reshape((m, 1))?;
+                let shape = (kv_heads, group, m, len);
+                let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
+                let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
+                let scores =
+                    visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
+                let p = candle_nn::ops::softmax_last_dim(&scores)?;
+                let o =
+                    p.matmul(&v)?.reshape((heads, m, hd))?.transpose(0, 1)?.contiguous()?.reshape((m, heads * hd))?;
+                outs.push(o);
+            }
         }
         let out = Tensor::cat(&outs, 0)?;
         match &index.order {
@@ -692,6 +735,13 @@ fn write_back(kv: &mut KvStorage, slots: &[u32], k: &[Tensor], v: &[Tensor]) -> 
     Ok(())
 }
 
+/// `rows` split into runs of at most `max / per_row` rows (at least one):
+/// `(first, count)` each.
+fn tiles(rows: usize, per_row: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let tile = (max / per_row.max(1)).max(1);
+    (0..rows).step_by(tile).map(move |first| (first, tile.min(rows - first)))
+}
+
 /// Adjacent-pair RoPE (see [`Rope`]) of `x`, f32 `[n,
 /// heads * head_dim]`, with `cos`/`sin` `[n, head_dim / 2]` of each token's
 /// position; `[n, heads, head_dim]` out.
@@ -715,6 +765,13 @@ fn rope_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiles_cover_the_rows_within_the_bound() {
+        assert_eq!(tiles(10, 3, 9).collect::<Vec<_>>(), [(0, 3), (3, 3), (6, 3), (9, 1)]);
+        assert_eq!(tiles(4, 100, 10).collect::<Vec<_>>(), [(0, 1), (1, 1), (2, 1), (3, 1)]);
+        assert_eq!(tiles(4, 1, 1 << 28).collect::<Vec<_>>(), [(0, 4)]);
+    }
 
     #[test]
     fn devices_parse_and_print_as_the_flag_takes_them() {

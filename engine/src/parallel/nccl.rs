@@ -6,10 +6,13 @@
 //! tensors where they are ([`Communicator::all_reduce_sum_tensor`]); the
 //! host-buffer collectives (the step plan's broadcast, the CPU kernels'
 //! shards) are staged through the rank's GPU: copy in, NCCL on the rank's
-//! stream, copy out. NCCL runs on a stream of its own; cudarc's event
-//! tracking orders it against candle's stream on either side. A rank waits for its NCCL kernel by polling an event rather than
-//! blocking in the driver, which is what keeps a broken group from hanging:
-//! NCCL itself waits forever for a peer that never arrives. While it polls,
+//! stream, copy out. NCCL runs on a stream of its own: it waits for
+//! candle's stream before it reads a tensor, and cudarc's event tracking
+//! makes candle wait for the sum before it reads it.
+//!
+//! A rank waits for its NCCL kernel by polling an event rather than blocking
+//! in the driver, which is what keeps a broken group from hanging: NCCL
+//! itself waits forever for a peer that never arrives. While it polls,
 //! a rank sees the group broken by another (its thread died, or
 //! [`Communicator::abort`]) or its own timeout, aborts its communicator
 //! (`ncclCommAbort`, which ends its kernels) and fails.
@@ -273,6 +276,10 @@ impl CustomOp1 for DeviceAllReduce<'_> {
         };
         let src = storage.as_cuda_slice::<f32>()?.slice(start..end);
         let summed = self.comm.collective(|comm, stream| {
+            // candle hands its kernels' outputs to them as shared references,
+            // so cudarc records no write event on `src` to order NCCL after
+            // them: wait for everything queued on candle's stream instead.
+            stream.join(&storage.device.cuda_stream()).map_err(driver)?;
             let mut sum = stream.alloc_zeros::<f32>(end - start).map_err(driver)?;
             comm.all_reduce(&src, &mut sum, &ReduceOp::Sum).map_err(nccl)?;
             Ok(sum)

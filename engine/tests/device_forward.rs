@@ -160,11 +160,27 @@ fn greedy_capital_of_france_one_word() {
     assert_eq!(loaded().tokenizer.decode(&out, true).unwrap(), "The capital of France is Paris.");
 }
 
+/// How far two computations of the same logits may be apart when only the
+/// batch around them differs: f32 rounding on the CPU. On a GPU the bf16
+/// GEMMs round every projection's output to 8 bits of mantissa, and cuBLAS
+/// may pick another algorithm for another batch shape.
+fn batch_tolerance() -> f32 {
+    if on_cuda() {
+        0.25
+    } else {
+        1e-3
+    }
+}
+
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let tolerance = batch_tolerance();
     let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(diff < 1e-3, "{what}: logits differ by {diff}");
-    assert_eq!(argmax(got), argmax(want), "{what}: greedy token");
+    assert!(diff < tolerance, "{what}: logits differ by {diff}");
+    // A near-tie within the rounding may flip on a GPU; on the CPU every choice counts.
+    if !on_cuda() || margin(want) > 2.0 * tolerance {
+        assert_eq!(argmax(got), argmax(want), "{what}: greedy token");
+    }
 }
 
 /// A mixed step (two decodes between two prefills), then a decode batch of

@@ -11,8 +11,8 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::DType;
-use common::{argmax, blocks, golden, greedy_request as request, model_path};
-use engine::model::{load_gguf, ComputeDevice, DeviceLlama, LoadedModel};
+use common::{argmax, blocks, default_model, golden, greedy_request as request};
+use engine::model::{ComputeDevice, DeviceLlama};
 use engine::{
     Engine, EngineConfig, EngineEvent, EngineRequest, Forward, ForwardBatch, KvCacheShape, KvLanding, KvReservation,
     KvSource, KvStorage,
@@ -20,14 +20,6 @@ use engine::{
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const BLOCK_SIZE: usize = 16;
-
-fn loaded() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = model_path();
-        load_gguf(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-    })
-}
 
 fn on_cuda() -> bool {
     std::env::var("PDSERVE_TEST_DEVICE").is_ok_and(|d| d == "cuda")
@@ -56,11 +48,11 @@ fn device_model() -> &'static DeviceLlama {
 fn own_device_model() -> DeviceLlama {
     let device = if on_cuda() { ComputeDevice::Cuda(0) } else { ComputeDevice::Cpu };
     let device = device.candle().expect("the device under test");
-    DeviceLlama::new(&loaded().model, &device, device_dtype()).expect("copying the model to the device")
+    DeviceLlama::new(&default_model().model, &device, device_dtype()).expect("copying the model to the device")
 }
 
 fn kv(num_blocks: usize) -> KvStorage {
-    KvStorage::new(loaded().model.kv_shape(BLOCK_SIZE, num_blocks))
+    KvStorage::new(default_model().model.kv_shape(BLOCK_SIZE, num_blocks))
 }
 
 /// The gap between the best and the second-best logit.
@@ -108,7 +100,7 @@ fn step(
 #[test]
 fn matches_llama_cpp_and_the_cpu_kernels() {
     let device = device_model();
-    let cpu = &loaded().model;
+    let cpu = &default_model().model;
     let (mut agree, mut total, mut largest) = (0, 0, 0.0f32);
     let mut differ = Vec::new();
     for r in golden() {
@@ -152,12 +144,12 @@ fn greedy_capital_of_france_one_word() {
     while out.len() < r.completion.len() {
         let next = argmax(&logits);
         out.push(next);
-        if loaded().info.eos_token_ids.contains(&next) {
+        if default_model().info.eos_token_ids.contains(&next) {
             break;
         }
         logits = step(model, &mut cache, &[next], r.prompt.len() + out.len() - 1, r.prompt.len(), &table);
     }
-    assert_eq!(loaded().tokenizer.decode(&out, true).unwrap(), "The capital of France is Paris.");
+    assert_eq!(default_model().tokenizer.decode(&out, true).unwrap(), "The capital of France is Paris.");
 }
 
 /// How far two computations of the same logits may be apart when only the
@@ -253,7 +245,7 @@ fn attention_in_tiles_changes_no_row() {
     let prompts: Vec<&[u32]> = records.iter().take(3).map(|r| r.prompt.as_slice()).collect();
     let longest = prompts.iter().map(|p| p.len() + 1).max().unwrap();
     // Two query rows, or two sequences, per product.
-    let heads = loaded().model.config().num_heads;
+    let heads = default_model().model.config().num_heads;
     let tiled = own_device_model().with_max_attention_scores(2 * heads * longest);
     let per_seq = 8;
     let table = |i: usize| blocks((i * per_seq) as u32, per_seq);
@@ -297,7 +289,7 @@ fn the_host_cache_and_the_device_mirror_stay_equal() {
     // The host cache holds what the CPU kernels compute for the prompt, up
     // to their 8-bit activations (K and V reach about 20 in size here).
     let mut cpu_cache = kv(n);
-    step(&loaded().model, &mut cpu_cache, p, 0, p.len(), &blocks(0, n));
+    step(&default_model().model, &mut cpu_cache, p, 0, p.len(), &blocks(0, n));
     let mut theirs = Vec::new();
     cpu_cache.read_blocks(&blocks(0, n), &mut theirs).unwrap();
     let floats = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
@@ -344,7 +336,7 @@ fn land(blocks: &KvReservation, data: &[u8], shape: KvCacheShape, layers: std::o
 fn kv_handed_off_through_the_arena_reaches_the_device() {
     let records = golden();
     let prompt = &records[0].prompt;
-    let shape = loaded().model.kv_shape(BLOCK_SIZE, 24);
+    let shape = default_model().model.kv_shape(BLOCK_SIZE, 24);
     let config = EngineConfig {
         max_num_seqs: 4,
         max_num_batched_tokens: 2048,

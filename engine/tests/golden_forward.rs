@@ -5,32 +5,21 @@
 
 mod common;
 
-use std::sync::OnceLock;
+use common::{argmax, blocks, default_model, golden};
 
-use common::{argmax, blocks, golden, model_path};
-
-use engine::model::{load_gguf, LoadedModel};
 use engine::{Forward, ForwardBatch, KvStorage};
 
 const BLOCK_SIZE: usize = 16;
 
-fn model() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = model_path();
-        load_gguf(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-    })
-}
-
 fn kv(num_blocks: usize) -> KvStorage {
-    KvStorage::new(model().model.kv_shape(BLOCK_SIZE, num_blocks))
+    KvStorage::new(default_model().model.kv_shape(BLOCK_SIZE, num_blocks))
 }
 
 /// One forward step of one sequence whose prompt has `prompt_len` tokens.
 fn step(kv: &mut KvStorage, tokens: &[u32], context_start: usize, prompt_len: usize, table: &[u32]) -> Vec<f32> {
     let mut batch = ForwardBatch::default();
     batch.push(tokens, context_start, prompt_len, table.to_vec(), true);
-    model().model.forward(&batch, kv).unwrap().data
+    default_model().model.forward(&batch, kv).unwrap().data
 }
 
 #[test]
@@ -69,7 +58,7 @@ fn teacher_forced_agreement_with_llama_cpp() {
 #[test]
 fn greedy_capital_of_france_one_word() {
     let r = golden().into_iter().find(|r| r.id == "capital-france-one-word").expect("record");
-    let loaded = model();
+    let loaded = default_model();
     let table = blocks(0, (r.prompt.len() + r.completion.len()).div_ceil(BLOCK_SIZE));
     let mut cache = kv(table.len());
     let mut logits = step(&mut cache, &r.prompt, 0, r.prompt.len(), &table);
@@ -112,7 +101,7 @@ fn mixed_batch_matches_sequences_run_alone() {
     for (i, p) in prompts.iter().enumerate().skip(1) {
         batch.push(p, 0, p.len(), table(i), true);
     }
-    let logits = model().model.forward(&batch, &mut cache).unwrap();
+    let logits = default_model().model.forward(&batch, &mut cache).unwrap();
     assert_eq!(logits.num_rows(), prompts.len());
     // Seq 0's decode row rode beside long prefills yet kept its own weight
     // path: its logits are the very numbers it gets alone.
@@ -125,7 +114,7 @@ fn mixed_batch_matches_sequences_run_alone() {
     for (i, p) in prompts.iter().enumerate().skip(1) {
         batch.push(&[alone[i].0], p.len(), p.len(), table(i), true);
     }
-    let logits = model().model.forward(&batch, &mut cache).unwrap();
+    let logits = default_model().model.forward(&batch, &mut cache).unwrap();
     for (i, a) in alone.iter().enumerate().skip(1) {
         let row = logits.row(i - 1);
         assert_eq!(argmax(row), a.1, "seq {i} decode");
@@ -144,7 +133,7 @@ fn chunked_prefill_matches_one_chunk() {
     let mut cache = kv(table.len());
     let mut batch = ForwardBatch::default();
     batch.push(&r.prompt[..split], 0, r.prompt.len(), table.clone(), false);
-    let none = model().model.forward(&batch, &mut cache).unwrap();
+    let none = default_model().model.forward(&batch, &mut cache).unwrap();
     assert_eq!(none.num_rows(), 0);
     let chunked = step(&mut cache, &r.prompt[split..], split, r.prompt.len(), &table);
     // Every row's numbers are independent of its chunk: prefix caching and
@@ -157,13 +146,13 @@ fn invalid_batches_are_rejected() {
     let mut cache = kv(1);
     let mut batch = ForwardBatch::default();
     batch.push(&[1; 20], 0, 20, vec![0], true); // 20 tokens need 2 blocks of 16
-    assert!(model().model.forward(&batch, &mut cache).is_err());
+    assert!(default_model().model.forward(&batch, &mut cache).is_err());
     let mut batch = ForwardBatch::default();
     batch.push(&[1], 0, 1, vec![5], true); // block id outside the cache
-    assert!(model().model.forward(&batch, &mut cache).is_err());
+    assert!(default_model().model.forward(&batch, &mut cache).is_err());
     let mut batch = ForwardBatch::default();
     batch.push(&[u32::MAX], 0, 1, vec![0], true);
-    assert!(model().model.forward(&batch, &mut cache).is_err());
+    assert!(default_model().model.forward(&batch, &mut cache).is_err());
 }
 
 /// CPU seconds this process has used (utime + stime, in 10 ms ticks):
@@ -181,7 +170,7 @@ fn cpu_seconds() -> f64 {
 #[ignore = "timing, not a check"]
 fn speed() {
     use std::time::Instant;
-    let m = &model().model;
+    let m = &default_model().model;
     let per_seq = 40;
     let report = |what: String, tokens: usize, wall: Instant, cpu: f64| {
         let (wall, cpu) = (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);

@@ -12,6 +12,16 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The default model, loaded once per test binary.
+#[allow(dead_code)]
+pub fn default_model() -> &'static engine::model::LoadedModel {
+    static MODEL: std::sync::OnceLock<engine::model::LoadedModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = model_path();
+        engine::model::load_gguf(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    })
+}
+
 /// One reference record of `shared/golden/smollm2-greedy.json`.
 #[allow(dead_code)] // each test binary reads the fields it needs
 pub struct Record {

@@ -36,13 +36,16 @@ if [ "$(cat "$dest/.pins" 2>/dev/null)" != "${pins[*]}" ]; then
   echo "cuda-toolkit: installing ${#pins[@]} wheels into $dest (about 1 GB)" >&2
   rm -rf "$dest"
   mkdir -p "$dest"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest/site" "${pins[@]}" >&2
+  # pip from .venv when there is one (scripts/setup.sh makes it; Debian's python3 has no pip).
+  python="$root/.venv/bin/python"
+  [ -x "$python" ] || python=python3
+  "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest/site" "${pins[@]}" >&2
   for lib in cudart cublas cublasLt curand nvrtc; do
     so="$(cd "$cuda/lib" && ls "lib$lib.so."* | sort | head -1)"
     ln -sf "$so" "$cuda/lib/lib$lib.so"
   done
-  ln -sf ../../nccl/lib/libnccl.so.2 "$cuda/lib/libnccl.so"
-  ln -sf ../../nccl/include/nccl.h "$cuda/include/nccl.h" 2>/dev/null || true
+  ln -sf "$dest/site/nvidia/nccl/lib/libnccl.so.2" "$cuda/lib/libnccl.so"
+  ln -sf "$dest/site/nvidia/nccl/include/nccl.h" "$cuda/include/nccl.h" 2>/dev/null || true
   mkdir -p "$cuda/lib/stubs"
   driver_symbols | sed -E 's/(.*)/void \1(void) {}/' >"$dest/libcuda-stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib/stubs/libcuda.so" "$dest/libcuda-stub.c"

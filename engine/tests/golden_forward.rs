@@ -1,4 +1,4 @@
-//! The forward pass against llama.cpp's greedy outputs (`shared/golden/`), and
+//! The forward pass against llama.cpp's greedy outputs (`tests/data/golden/`), and
 //! batching/chunking invariants of the paged forward.
 //!
 //! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.

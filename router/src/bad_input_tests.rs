@@ -202,6 +202,14 @@ async fn every_bad_body_gets_its_4xx_and_reaches_no_worker() {
             "",
         ),
         (
+            "a user message without content",
+            "/v1/chat/completions",
+            JSON,
+            br#"{"messages": [{"role": "user"}]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "missing_required_parameter",
+        ),
+        (
             "logit_bias keys not ids",
             "/v1/chat/completions",
             JSON,
@@ -239,6 +247,17 @@ async fn every_bad_body_gets_its_4xx_and_reaches_no_worker() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     assert_eq!(*backend.started.lock().unwrap(), 0, "no bad request reached a worker");
+}
+
+#[tokio::test]
+async fn a_message_without_content_is_named_by_its_index() {
+    let (app, backend) = setup();
+    let body = br#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}"#.to_vec();
+    let (status, error) = send(&app, "/v1/chat/completions", JSON, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["error"]["param"], "messages[1].content", "{error}");
+    assert_eq!(error["error"]["type"], "BadRequestError", "{error}");
+    assert_eq!(*backend.started.lock().unwrap(), 0);
 }
 
 #[tokio::test]

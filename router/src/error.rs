@@ -10,6 +10,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::borrow::Cow;
 
 use crate::admission::AdmissionError;
 use crate::pd::BackendError;
@@ -114,11 +115,11 @@ impl ApiError {
     }
 
     /// The request field at fault, when there is one.
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<Cow<'static, str>> {
         match self {
             Self::Validation(e) => e.param(),
-            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
-            Self::Limit(LimitError::TooLarge { .. }) => Some("max_tokens"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some(Cow::Borrowed("model")),
+            Self::Limit(LimitError::TooLarge { .. }) => Some(Cow::Borrowed("max_tokens")),
             _ => None,
         }
     }

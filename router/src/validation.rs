@@ -3,6 +3,7 @@
 //! Every bound is checked here so handlers never do; each error names the
 //! field, the limit and the value given.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::error::ApiError;
@@ -91,6 +92,10 @@ pub enum ValidationError {
     /// A value is valid OpenAI but not supported here.
     #[error("`{field}`: {reason}")]
     Unsupported { field: &'static str, reason: String },
+    /// A chat message without the `content` its role needs (only an assistant turn that makes
+    /// tool calls may leave it out).
+    #[error("`messages[{index}].content` is required in a `{role}` message{}", if role == "assistant" { " without `tool_calls`" } else { "" })]
+    MissingContent { index: usize, role: String },
     /// The prompt alone fills the context.
     #[error(
         "This model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} tokens."
@@ -117,16 +122,17 @@ pub enum ValidationError {
 
 impl ValidationError {
     /// The request field at fault.
-    pub fn param(&self) -> Option<&'static str> {
+    pub fn param(&self) -> Option<Cow<'static, str>> {
         match self {
             Self::Missing { field }
             | Self::Empty { field }
             | Self::OutOfRange { field, .. }
             | Self::Unsupported { field, .. }
-            | Self::TokenOutOfVocab { field, .. } => Some(field),
-            Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some("prompt"),
-            Self::ContextExceeded { .. } => Some("max_tokens"),
-            Self::Template(_) => Some("messages"),
+            | Self::TokenOutOfVocab { field, .. } => Some(Cow::Borrowed(field)),
+            Self::MissingContent { index, .. } => Some(Cow::Owned(format!("messages[{index}].content"))),
+            Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some(Cow::Borrowed("prompt")),
+            Self::ContextExceeded { .. } => Some(Cow::Borrowed("max_tokens")),
+            Self::Template(_) => Some(Cow::Borrowed("messages")),
             Self::Tokenize(_) => None,
         }
     }
@@ -134,7 +140,7 @@ impl ValidationError {
     /// A stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Missing { .. } => "missing_required_parameter",
+            Self::Missing { .. } | Self::MissingContent { .. } => "missing_required_parameter",
             Self::Unsupported { .. } => "unsupported_value",
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } | Self::ContextExceeded { .. } => {
                 "context_length_exceeded"
@@ -280,10 +286,10 @@ pub fn chat_messages(messages: Option<Vec<ChatMessage>>) -> Result<Vec<TemplateM
     if messages.is_empty() {
         return Err(ValidationError::Empty { field: "messages" });
     }
-    messages.into_iter().map(template_message).collect()
+    messages.into_iter().enumerate().map(|(index, message)| template_message(index, message)).collect()
 }
 
-fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
+fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
     if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
         return Err(ValidationError::OutOfRange {
             field: "messages.role",
@@ -301,7 +307,9 @@ fn template_message(message: ChatMessage) -> Result<TemplateMessage, ValidationE
         return Err(ValidationError::Missing { field: "messages.tool_call_id" });
     }
     let content = match message.content {
-        None => String::new(),
+        // As OpenAI: only an assistant turn that calls tools may come without content.
+        None if message.role == "assistant" && message.tool_calls.is_some() => String::new(),
+        None => return Err(ValidationError::MissingContent { index, role: message.role }),
         Some(MessageContent::Text(text)) => text,
         Some(MessageContent::Parts(parts)) => {
             let mut text = String::new();

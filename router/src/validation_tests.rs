@@ -15,9 +15,9 @@ fn chat(body: Value) -> Result<ValidRequest, ApiError> {
     validate_chat(&model(), serde_json::from_value(body).unwrap())
 }
 
-fn field_of(result: Result<ValidRequest, ApiError>) -> Option<&'static str> {
+fn field_of(result: Result<ValidRequest, ApiError>) -> Option<String> {
     match result {
-        Err(ApiError::Validation(e)) => e.param(),
+        Err(ApiError::Validation(e)) => e.param().map(Cow::into_owned),
         other => panic!("expected a validation error, got {other:?}"),
     }
 }
@@ -67,7 +67,7 @@ fn sampling_bounds() {
     ] {
         let mut body = json!({"prompt": "a"});
         body[field] = value;
-        assert_eq!(field_of(completion(body)), Some(field), "{field}");
+        assert_eq!(field_of(completion(body)).as_deref(), Some(field), "{field}");
     }
     assert_eq!(completion(json!({"prompt": "a", "top_k": -1})).unwrap().sampling.top_k, 0);
     assert_eq!(completion(json!({"prompt": "a"})).unwrap().sampling.n, 1);
@@ -130,7 +130,7 @@ fn vllm_sampling_extras_bounds() {
     ] {
         let mut body = json!({"prompt": "a", "max_tokens": 5});
         body[field] = value.clone();
-        assert_eq!(field_of(completion(body)), Some(field), "{field} = {value}");
+        assert_eq!(field_of(completion(body)).as_deref(), Some(field), "{field} = {value}");
     }
     let edges = json!({
         "prompt": "a", "max_tokens": 5, "min_p": 1, "presence_penalty": 2, "frequency_penalty": -2,
@@ -142,7 +142,7 @@ fn vllm_sampling_extras_bounds() {
     assert!(err.to_string().contains("5000"), "{err}");
     // min_tokens is checked against the resolved max_tokens, also for chat.
     let chat_req = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "min_tokens": 3});
-    assert_eq!(field_of(chat(chat_req)), Some("min_tokens"));
+    assert_eq!(field_of(chat(chat_req)).as_deref(), Some("min_tokens"));
 }
 
 #[test]
@@ -154,11 +154,11 @@ fn error_message_names_field_limit_and_value() {
 #[test]
 fn prompt_shapes() {
     assert_eq!(completion(json!({"prompt": [1, 2]})).unwrap().prompt_token_ids, [1, 2]);
-    assert_eq!(field_of(completion(json!({}))), Some("prompt"));
-    assert_eq!(field_of(completion(json!({"prompt": ""}))), Some("prompt"));
-    assert_eq!(field_of(completion(json!({"prompt": []}))), Some("prompt"));
-    assert_eq!(field_of(completion(json!({"prompt": ["a", "b"]}))), Some("prompt"));
-    assert_eq!(field_of(completion(json!({"prompt": [999]}))), Some("prompt"));
+    assert_eq!(field_of(completion(json!({}))).as_deref(), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": ""}))).as_deref(), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": []}))).as_deref(), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": ["a", "b"]}))).as_deref(), Some("prompt"));
+    assert_eq!(field_of(completion(json!({"prompt": [999]}))).as_deref(), Some("prompt"));
 }
 
 #[test]
@@ -185,12 +185,12 @@ fn chat_messages_are_validated_and_parts_concatenated() {
         {"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]});
     let plain = json!({"messages": [{"role": "user", "content": "Hi"}]});
     assert_eq!(chat(parts).unwrap().prompt_token_ids, chat(plain).unwrap().prompt_token_ids);
-    assert_eq!(field_of(chat(json!({}))), Some("messages"));
-    assert_eq!(field_of(chat(json!({"messages": []}))), Some("messages"));
+    assert_eq!(field_of(chat(json!({}))).as_deref(), Some("messages"));
+    assert_eq!(field_of(chat(json!({"messages": []}))).as_deref(), Some("messages"));
     let bad_role = json!({"messages": [{"role": "robot", "content": "x"}]});
-    assert_eq!(field_of(chat(bad_role)), Some("messages.role"));
+    assert_eq!(field_of(chat(bad_role)).as_deref(), Some("messages.role"));
     let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
-    assert_eq!(field_of(chat(image)), Some("messages.content"));
+    assert_eq!(field_of(chat(image)).as_deref(), Some("messages.content"));
 }
 
 #[test]
@@ -205,10 +205,10 @@ fn chat_logprobs_and_top_logprobs() {
     assert_eq!(logprobs_of(json!({"logprobs": false})).unwrap().sampling.logprobs, None);
     assert_eq!(logprobs_of(json!({"logprobs": true})).unwrap().sampling.logprobs, Some(0));
     assert_eq!(logprobs_of(json!({"logprobs": true, "top_logprobs": 20})).unwrap().sampling.logprobs, Some(20));
-    assert_eq!(field_of(logprobs_of(json!({"top_logprobs": 2}))), Some("top_logprobs"));
-    assert_eq!(field_of(logprobs_of(json!({"logprobs": false, "top_logprobs": 0}))), Some("top_logprobs"));
-    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": 21}))), Some("top_logprobs"));
-    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": -1}))), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"top_logprobs": 2}))).as_deref(), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": false, "top_logprobs": 0}))).as_deref(), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": 21}))).as_deref(), Some("top_logprobs"));
+    assert_eq!(field_of(logprobs_of(json!({"logprobs": true, "top_logprobs": -1}))).as_deref(), Some("top_logprobs"));
     let err = logprobs_of(json!({"logprobs": true, "top_logprobs": 21})).unwrap_err();
     assert_eq!(err.to_string(), "`top_logprobs` must be in [0, 20], got 21");
 }
@@ -254,7 +254,7 @@ fn bad_tools_and_tool_choice_name_the_field() {
         ),
         (json!({"tools": [weather_tool()], "tool_choice": {"type": "function"}}), "tool_choice"),
     ] {
-        assert_eq!(field_of(chat_with(extra.clone())), Some(field), "{extra}");
+        assert_eq!(field_of(chat_with(extra.clone())).as_deref(), Some(field), "{extra}");
     }
 }
 
@@ -267,9 +267,9 @@ fn tool_messages_are_validated() {
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]});
     assert!(chat(ok).is_ok());
     let no_id = json!({"messages": [{"role": "tool", "content": "sunny"}]});
-    assert_eq!(field_of(chat(no_id)), Some("messages.tool_call_id"));
+    assert_eq!(field_of(chat(no_id)).as_deref(), Some("messages.tool_call_id"));
     let user_calls = json!({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]});
-    assert_eq!(field_of(chat(user_calls)), Some("messages.tool_calls"));
+    assert_eq!(field_of(chat(user_calls)).as_deref(), Some("messages.tool_calls"));
 }
 
 #[test]
@@ -297,7 +297,7 @@ fn new_fields_out_of_range_name_the_field() {
         (json!({"prompt": "a", "kv_transfer_params": [1]}), "kv_transfer_params"),
         (json!({"prompt": "a", "echo": true, "logprobs": 0}), "echo"),
     ] {
-        assert_eq!(field_of(completion(body.clone())), Some(field), "{body}");
+        assert_eq!(field_of(completion(body.clone())).as_deref(), Some(field), "{body}");
     }
     for (body, field) in [
         (
@@ -310,7 +310,7 @@ fn new_fields_out_of_range_name_the_field() {
         (json!({"messages": user, "request_id": ""}), "request_id"),
         (json!({"messages": user, "kv_transfer_params": true}), "kv_transfer_params"),
     ] {
-        assert_eq!(field_of(chat(body.clone())), Some(field), "{body}");
+        assert_eq!(field_of(chat(body.clone())).as_deref(), Some(field), "{body}");
     }
     // The limits themselves are accepted.
     assert!(completion(json!({"prompt": "a", "request_id": "x".repeat(256)})).is_ok());
@@ -339,4 +339,23 @@ fn tool_call_arguments_strings_become_objects() {
     let arguments: Vec<&Value> =
         messages[0].tool_calls.as_ref().unwrap().iter().map(|c| &c["function"]["arguments"]).collect();
     assert_eq!(arguments, [&json!({"x": 1}), &json!("nope"), &json!("3"), &json!({"y": 2})]);
+}
+
+#[test]
+fn a_message_needs_content_unless_it_is_an_assistant_calling_tools() {
+    let call = json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+    let user = json!({"role": "user", "content": "Hi"});
+    for (message, field) in [
+        (json!({"role": "user"}), "messages[1].content"),
+        (json!({"role": "user", "content": null}), "messages[1].content"),
+        (json!({"role": "system"}), "messages[1].content"),
+        (json!({"role": "tool", "tool_call_id": "c"}), "messages[1].content"),
+        (json!({"role": "assistant"}), "messages[1].content"),
+    ] {
+        let body = json!({"messages": [user.clone(), message.clone()]});
+        assert_eq!(field_of(chat(body)).as_deref(), Some(field), "{message}");
+    }
+    let calling = json!({"role": "assistant", "tool_calls": [call]});
+    let messages = chat_messages(serde_json::from_value(json!([user, calling])).unwrap()).unwrap();
+    assert_eq!(messages[1].content, "");
 }

@@ -28,11 +28,11 @@ pub fn model_path() -> PathBuf {
     path
 }
 
-/// The llama.cpp reference outputs (`../shared/golden`); `PDSERVE_GOLDEN` overrides.
+/// The llama.cpp reference outputs (`tests/data/golden/`); `PDSERVE_GOLDEN` overrides.
 pub fn golden() -> serde_json::Value {
     let path = std::env::var_os("PDSERVE_GOLDEN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/golden/smollm2-greedy.json"));
+        .unwrap_or_else(|| workspace_root().join("tests/data/golden/smollm2-greedy.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden file is JSON")
 }

@@ -22,7 +22,7 @@ pub fn default_model() -> &'static engine::model::LoadedModel {
     })
 }
 
-/// One reference record of `shared/golden/smollm2-greedy.json`.
+/// One reference record of `tests/data/golden/smollm2-greedy.json`.
 #[allow(dead_code)] // each test binary reads the fields it needs
 pub struct Record {
     pub id: String,
@@ -31,11 +31,11 @@ pub struct Record {
     pub margins: Vec<f64>,
 }
 
-/// llama.cpp's greedy outputs (`../shared/golden` beside the repository), or `PDSERVE_GOLDEN`.
+/// llama.cpp's greedy outputs (`tests/data/golden/`), or `PDSERVE_GOLDEN`.
 pub fn golden() -> Vec<Record> {
     let path = std::env::var_os("PDSERVE_GOLDEN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-greedy.json"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/smollm2-greedy.json"));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
     let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");

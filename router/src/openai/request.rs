@@ -185,7 +185,7 @@ pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     #[schema(schema_with = schema::role)]
     pub role: String,
-    /// Text, or a list of content parts; may be null for assistant turns.
+    /// Text, or a list of content parts; required, except in an assistant turn with `tool_calls`.
     pub content: Option<MessageContent>,
     /// Assistant turns: the calls it made, passed to the template as sent.
     #[schema(value_type = Option<Vec<Object>>)]

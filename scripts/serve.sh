@@ -86,7 +86,7 @@ Cluster ready in $((SECONDS - started)) s: $url  (model: $name)
 
 Try:
   curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"model": "$name", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+    -d '{"model": "$name", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}], "max_tokens": 32, "temperature": 0}'
 
 Ctrl-C (or kill $$) stops the cluster.
 MSG

@@ -36,10 +36,7 @@ if [ "$(cat "$dest/.pins" 2>/dev/null)" != "${pins[*]}" ]; then
   echo "cuda-toolkit: installing ${#pins[@]} wheels into $dest (about 1 GB)" >&2
   rm -rf "$dest"
   mkdir -p "$dest"
-  # pip from .venv when there is one (scripts/setup.sh makes it; Debian's python3 has no pip).
-  python="$root/.venv/bin/python"
-  [ -x "$python" ] || python=python3
-  "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest/site" "${pins[@]}" >&2
+  "$root/scripts/pip" install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest/site" "${pins[@]}" >&2
   for lib in cudart cublas cublasLt curand nvrtc; do
     so="$(cd "$cuda/lib" && ls "lib$lib.so."* | sort | head -1)"
     ln -sf "$so" "$cuda/lib/lib$lib.so"

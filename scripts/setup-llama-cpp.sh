@@ -3,7 +3,7 @@
 # `pdserve-bench` to compare against. The source is the copy vendored inside the llama-cpp-python
 # sdist (the only llama.cpp source reachable through an ordinary package client here), of the
 # version that made tests/data/golden/.
-# Idempotent: does nothing when the three binaries are there, built as below. ≈ 5 min on 2 cores.
+# Idempotent: does nothing when the three binaries are there, built as below. ≈ 6 min on 2 cores.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${PDSERVE_LLAMA_CPP_DIR:-$root/.cache/llama.cpp}"

@@ -39,7 +39,7 @@ pub struct ServerTtft {
 }
 
 /// The one line that says how to get the binaries.
-pub const HOW_TO_GET: &str = "run scripts/setup-llama-cpp.sh (≈ 5 min) to build them into .cache/llama.cpp/bin";
+pub const HOW_TO_GET: &str = "run scripts/setup-llama-cpp.sh (≈ 6 min) to build them into .cache/llama.cpp/bin";
 
 impl LlamaCpp {
     /// `None` with the reason when a binary is missing.

@@ -21,7 +21,7 @@
 //! other tokens when no plain free block is left, least recently freed first.
 //! Both free and evictable blocks count as available ([`BlockManager::num_free`]).
 
-pub use cluster::block_hash::BlockHash;
+pub use prompt::block_hash::BlockHash;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// What changed in the prefix cache, for a router's block index. Drained with

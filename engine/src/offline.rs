@@ -9,14 +9,14 @@
 //!
 //! Prompts follow the router's rules: a text prompt gets BOS first when the model asks for it
 //! (`add_bos_token`); a chat is rendered through the model's chat template
-//! ([`cluster::chat_template`]), which places its own special tokens, and is encoded without
+//! ([`prompt::chat_template`]), which places its own special tokens, and is encoded without
 //! adding any; token-id prompts go in unchanged.
 
 use crate::engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason};
 use crate::model::{LoadedModel, ModelInfo};
 use crate::{Forward, KvSource, SamplingParams};
-use cluster::chat_template::ChatTemplate;
-pub use cluster::chat_template::TemplateMessage as ChatMessage;
+use prompt::chat_template::ChatTemplate;
+pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

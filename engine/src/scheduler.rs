@@ -52,7 +52,7 @@
 //! # Prefix caching
 //!
 //! At admission a computed sequence looks up the chained, salted hashes of
-//! its full blocks (`cluster::block_hash`) and reuses the longest cached run
+//! its full blocks (`prompt::block_hash`) and reuses the longest cached run
 //! of them (one more reference each): those tokens start computed. At least
 //! the last token is always fed, so a prompt made only of cached full blocks
 //! recomputes its last block. After each step, every block whose tokens all
@@ -80,7 +80,7 @@ use crate::batch::ForwardBatch;
 use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
 use crate::engine::{EngineEvent, FinishReason};
 use crate::sampler::TokenLogprobs;
-use cluster::block_hash::extend_block_hashes;
+use prompt::block_hash::extend_block_hashes;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 

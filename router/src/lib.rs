@@ -12,7 +12,7 @@
 //! - [`openai`]: request and response types, chunk formats.
 //! - [`validation`]: OpenAI body -> [`validation::ValidRequest`], every bound checked.
 //! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
-//! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`cluster::chat_template`), prompt ids.
+//! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`prompt::chat_template`), prompt ids.
 //! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
 //! - [`placement`]: which worker serves a leg: cost over cached prefixes and load, or round-robin.
 //! - [`prefix_index`]: each worker's cached block hashes, followed from its KV event stream.

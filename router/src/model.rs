@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use proto::worker::ModelCard;
 use tokenizers::Tokenizer;
 
-use cluster::chat_template::ChatTemplate;
+use prompt::chat_template::ChatTemplate;
 
 /// Why a model card could not be turned into a [`Model`].
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cluster::block_hash::{block_hashes, BlockHash};
+use prompt::block_hash::{block_hashes, BlockHash};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::prefix_index::PrefixIndex;
@@ -69,7 +69,7 @@ pub struct Demand {
 
 impl Demand {
     /// Hashes `prompt` in blocks of `block_size` with the request's salt,
-    /// exactly as the workers do (`cluster::block_hash`).
+    /// exactly as the workers do (`prompt::block_hash`).
     pub fn new(prompt: &[u32], cache_salt: Option<&str>, block_size: Option<u32>) -> Self {
         let salt = cache_salt.unwrap_or_default().as_bytes();
         let block_size = block_size.unwrap_or(0) as usize;

@@ -1,6 +1,6 @@
 //! The cost function's choices over hand-fed indexes.
 
-use cluster::block_hash::block_hashes;
+use prompt::block_hash::block_hashes;
 use proto::worker::kv_event::Event;
 use proto::worker::{BlockStored, KvEvent, KvEventBatch, WorkerLoad};
 

@@ -15,8 +15,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use cluster::block_hash::BlockHash;
 use futures::StreamExt;
+use prompt::block_hash::BlockHash;
 use proto::worker::kv_event::Event;
 use proto::worker::worker_client::WorkerClient;
 use proto::worker::{KvEventBatch, SubscribeKvEventsRequest, WorkerLoad};

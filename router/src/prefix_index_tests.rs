@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use cluster::block_hash::block_hashes;
+use prompt::block_hash::block_hashes;
 use proto::worker::worker_server::{Worker, WorkerServer};
 use proto::worker::{
     AllCleared, BlockRemoved, BlockStored, GetModelCardRequest, GetStatsRequest, KvEvent, ModelCard, WorkerStats,

@@ -7,7 +7,7 @@
 
 use crate::model::Model;
 use crate::validation::{ChatRender, ValidationError};
-use cluster::chat_template::{ChatTemplate, RenderOptions, TemplateMessage};
+use prompt::chat_template::{ChatTemplate, RenderOptions, TemplateMessage};
 
 /// Renders the chat template and tokenizes the result.
 pub fn chat_prompt(model: &Model, messages: &[TemplateMessage]) -> Result<Vec<u32>, ValidationError> {

@@ -14,7 +14,7 @@ use crate::openai::request::{
 };
 use crate::pd::Sampling;
 use crate::tokenize;
-use cluster::chat_template::TemplateMessage;
+use prompt::chat_template::TemplateMessage;
 
 /// Most stop strings per request (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;

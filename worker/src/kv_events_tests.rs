@@ -355,9 +355,9 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 /// waits for open streams, which would otherwise never end).
 #[tokio::test]
 async fn engine_events_reach_a_grpc_subscriber_and_shutdown_ends_the_stream() {
-    use cluster::block_hash::{chained_block_hash, first_block_hash};
     use pb::worker_client::WorkerClient;
     use pb::worker_server::WorkerServer;
+    use prompt::block_hash::{chained_block_hash, first_block_hash};
 
     let shape = engine::KvCacheShape { num_layers: 1, num_kv_heads: 1, head_dim: 2, block_size: 4, num_blocks: 16 };
     let config = engine::EngineConfig {

@@ -785,7 +785,7 @@ fn a_shared_prefix_is_computed_once_and_gives_the_same_tokens() {
     assert_eq!((cached_tokens(&b_off.1), steps_off[3][0].tokens.len()), (0, 10));
 
     // a stored blocks 0 and 1 (chained) and, with its generated tokens, block 2.
-    let h = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 4);
+    let h = prompt::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 4);
     let events = engine.take_kv_events();
     assert_eq!(
         events[..2],
@@ -826,7 +826,7 @@ fn a_tiny_cache_evicts_the_least_recently_used_blocks_and_reports_them() {
         cached_tokens(&collect(engine.submit(req).unwrap()).1)
     };
     assert_eq!(run("a", &[1, 2, 3, 4]), 0);
-    let ha = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4], 2);
+    let ha = prompt::block_hash::block_hashes(b"", &[1, 2, 3, 4], 2);
     engine.take_kv_events();
     assert_eq!(run("b", &[7, 8, 9, 10]), 0);
     let removed: Vec<_> =
@@ -904,7 +904,7 @@ fn provided_kv_is_cached_for_later_prompts_with_the_same_prefix() {
     };
     let (_, last) = collect(engine.submit(req).unwrap());
     assert_eq!(cached_tokens(&last), 0);
-    let h = cluster::block_hash::block_hashes(b"", &prompt, 4);
+    let h = prompt::block_hash::block_hashes(b"", &prompt, 4);
     assert!(engine.take_kv_events().contains(&KvEvent::BlockStored {
         block_hash: h[0],
         parent_hash: None,

@@ -146,7 +146,7 @@ fn forked_choices_keep_prefix_caching_and_kv_events_right() {
     let choices = collect_choices(engine.submit(parallel("p", &prompt, 3, SamplingParams::greedy(2))).unwrap(), 3);
     assert!(choices.iter().all(|(tokens, _)| tokens == &[6, 7]), "{choices:?}");
     // The two full prompt blocks are stored once, not once per choice.
-    let hashes = cluster::block_hash::block_hashes(b"", &prompt, 4);
+    let hashes = prompt::block_hash::block_hashes(b"", &prompt, 4);
     let stored: Vec<crate::BlockHash> = engine
         .take_kv_events()
         .into_iter()

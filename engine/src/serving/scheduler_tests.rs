@@ -348,7 +348,7 @@ fn a_shared_prefix_is_reused_and_only_the_suffix_is_computed() {
     let mut s = Scheduler::new(config(8, 4));
     let events = run_alone(&mut s, seq("a", &[1, 2, 3, 4, 5, 6, 7, 8, 9], 1));
     assert_eq!(cached_tokens(&events, "a"), Some(0));
-    let h = cluster::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+    let h = prompt::block_hash::block_hashes(b"", &[1, 2, 3, 4, 5, 6, 7, 8], 4);
     assert_eq!(
         s.take_kv_events(),
         vec![
@@ -434,8 +434,8 @@ fn cached_blocks_are_evicted_least_recently_used_first() {
     let mut s = Scheduler::new(config(3, 4));
     run_alone(&mut s, seq("a", &[1, 1, 1, 1, 1], 1));
     run_alone(&mut s, seq("b", &[2, 2, 2, 2, 2], 1));
-    let ha = cluster::block_hash::block_hashes(b"", &[1, 1, 1, 1], 4)[0];
-    let hb = cluster::block_hash::block_hashes(b"", &[2, 2, 2, 2], 4)[0];
+    let ha = prompt::block_hash::block_hashes(b"", &[1, 1, 1, 1], 4)[0];
+    let hb = prompt::block_hash::block_hashes(b"", &[2, 2, 2, 2], 4)[0];
     s.take_kv_events();
     assert_eq!(s.num_cached_blocks(), 2);
     // c needs 2 fresh blocks: the one plain free block, then a's (older).

@@ -1,0 +1,12 @@
+//! What a prompt becomes before any process runs it, shared by the router, the workers and the
+//! engine. Pure functions: no I/O, no async runtime, no telemetry, so the engine links none.
+//!
+//! # Layout
+//!
+//! - [`chat_template`]: a model's chat template rendered as Hugging Face renders it (the router
+//!   from the model card, the engine's offline batch from the model).
+//! - [`block_hash`]: the salted, chained hash of full KV blocks that names cached prefixes on the
+//!   workers and in the router's index.
+
+pub mod block_hash;
+pub mod chat_template;

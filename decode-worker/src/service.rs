@@ -1,6 +1,6 @@
 //! The `Decode` gRPC service.
 
-use engine::{EngineEvent, EngineHandle, EngineRequest, KvLanding, KvReservation, KvSource, HANDOFF_FAILED};
+use engine::{EngineEvent, EngineHandle, EngineRequest, FailureKind, KvLanding, KvReservation, KvSource};
 use futures::Stream;
 use kv_transfer::{KvPuller, KvTransferError, KvTransferParams, PullTarget, RemotePrefill, Transport};
 
@@ -166,13 +166,14 @@ impl DecodeService {
         let mut first = None;
         if streaming {
             match events.recv().await {
-                Some(EngineEvent::Error(e)) if e.starts_with(HANDOFF_FAILED) => return Err(Status::data_loss(e)),
+                Some(EngineEvent::Error(e)) if e.kind == FailureKind::Handoff => {
+                    return Err(Status::data_loss(e.message))
+                }
                 event => first = event,
             }
         }
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
         let events = tokio_stream::iter(first).chain(UnboundedReceiverStream::new(events));
-        let engine = self.engine.clone();
         let chunks = events.map(move |event| match event {
             EngineEvent::Token { index, id, logprobs } => Ok(pb::DecodeChunk {
                 token_ids: vec![id],
@@ -186,7 +187,7 @@ impl DecodeService {
                 logprobs: vec![],
                 index,
             }),
-            EngineEvent::Error(e) => Err(convert::request_error(&engine, e)),
+            EngineEvent::Error(e) => Err(convert::request_error(e)),
         });
         Ok(Box::pin(chunks))
     }

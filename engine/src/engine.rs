@@ -244,7 +244,42 @@ pub enum EngineEvent {
     },
     /// The request failed and is gone (bad provided KV, failed forward pass,
     /// a sequence too long for the whole cache).
-    Error(String),
+    Error(RequestError),
+}
+
+/// Why a request failed, for callers that answer each kind differently (a
+/// failed hand-off can be recomputed; a failed engine takes the worker out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// It can never run here: more KV than the whole cache, more choices than
+    /// `max_num_seqs`, provided KV of the wrong size.
+    Refused,
+    /// Writing its provided KV into the cache failed.
+    KvWrite,
+    /// Its KV, streaming in from a prefill worker, stopped before every layer
+    /// landed.
+    Handoff,
+    /// A forward pass over it failed; the engine goes on.
+    Forward,
+    /// The engine has failed and refuses every request from now on.
+    Engine,
+}
+
+/// A failed request: its kind, and the engine's words for it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    /// What failed.
+    pub kind: FailureKind,
+    /// The whole message, for logs and clients.
+    pub message: String,
+}
+
+impl RequestError {
+    /// A failure of `kind`, described by `message`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
 }
 
 /// Why generation ended.
@@ -716,7 +751,10 @@ impl StepLoop {
                 let request_id = submission.request.request_id.clone();
                 self.admit_request(*submission);
                 let reason = self.shared.failure.get().cloned().unwrap_or_default();
-                self.scheduler.fail(&[&request_id], &format!("the engine has failed: {reason}"));
+                self.scheduler.fail(
+                    &[&request_id],
+                    &RequestError::new(FailureKind::Engine, format!("the engine has failed: {reason}")),
+                );
             }
             Command::Submit(submission) => {
                 let busy = self.scheduler.num_running() + self.scheduler.num_waiting() > 0;
@@ -899,14 +937,20 @@ impl StepLoop {
             }
         });
         for (request_id, error) in failed_writes {
-            self.scheduler.fail(&[request_id], &format!("writing provided KV failed: {error}"));
+            self.scheduler.fail(
+                &[request_id],
+                &RequestError::new(FailureKind::KvWrite, format!("writing provided KV failed: {error}")),
+            );
         }
         // The step waited for every layer: each landing is complete or
         // failed, and a failed one's row must not be sampled into a token.
         for (request_id, landing) in &landings {
             if let Some(reason) = landing.failure() {
                 tracing::warn!(%request_id, %reason, "KV hand-off failed while streaming in");
-                self.scheduler.fail(&[request_id], &format!("{HANDOFF_FAILED}: {reason}"));
+                self.scheduler.fail(
+                    &[request_id],
+                    &RequestError::new(FailureKind::Handoff, format!("the KV hand-off failed: {reason}")),
+                );
             }
         }
         let Some(result) = result else { return };
@@ -934,7 +978,8 @@ impl StepLoop {
             Err(StepFailure { message, fatal: false }) => {
                 tracing::error!(error = %message, "forward pass failed; failing its sequences");
                 let ids: Vec<&str> = plan.seqs.iter().map(|s| s.request_id.as_str()).collect();
-                self.scheduler.fail(&ids, &format!("forward pass failed: {message}"));
+                self.scheduler
+                    .fail(&ids, &RequestError::new(FailureKind::Forward, format!("forward pass failed: {message}")));
             }
             Err(StepFailure { message, fatal: true }) => self.fail_engine(&message),
         }
@@ -950,7 +995,7 @@ impl StepLoop {
         }
         let ids: Vec<String> = self.clients.keys().cloned().collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.scheduler.fail(&ids, &format!("the engine has failed: {reason}"));
+        self.scheduler.fail(&ids, &RequestError::new(FailureKind::Engine, format!("the engine has failed: {reason}")));
         self.landings.clear();
     }
 
@@ -1108,9 +1153,6 @@ impl SamplingParams {
         Ok(())
     }
 }
-
-/// How the error of a request whose streamed-in KV failed to land begins.
-pub const HANDOFF_FAILED: &str = "the KV hand-off failed";
 
 /// Whether a request's KV is still streaming in.
 fn still_landing(request: &EngineRequest) -> bool {

@@ -28,8 +28,8 @@ pub mod tokenizer;
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FinishReason,
-    KvReservation, KvSource, HANDOFF_FAILED, MAX_N,
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FailureKind,
+    FinishReason, KvReservation, KvSource, RequestError, MAX_N,
 };
 pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
 pub use landing::{KvLanding, LandingReporter};

@@ -12,7 +12,10 @@
 //! ([`prompt::chat_template`]), which places its own special tokens, and is encoded without
 //! adding any; token-id prompts go in unchanged.
 
-use crate::engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason};
+use crate::engine::{
+    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FailureKind, FinishReason,
+    RequestError,
+};
 use crate::model::{LoadedModel, ModelInfo};
 use crate::{Forward, KvSource, SamplingParams};
 use prompt::chat_template::ChatTemplate;
@@ -114,7 +117,7 @@ pub enum OfflineError {
     Rejected(#[from] EngineError),
     /// The engine failed the request while running it.
     #[error("the engine failed the request: {0}")]
-    Failed(String),
+    Failed(RequestError),
     /// Request `index` (0-based, in input order) of a batch failed.
     #[error("request {index}: {source}")]
     Request { index: usize, source: Box<OfflineError> },
@@ -336,7 +339,12 @@ impl Llm {
         results
             .into_iter()
             .map(|r| {
-                r.unwrap_or_else(|| Err(OfflineError::Failed("the engine stopped before the request ended".into())))
+                r.unwrap_or_else(|| {
+                    Err(OfflineError::Failed(RequestError::new(
+                        FailureKind::Engine,
+                        "the engine stopped before the request ended",
+                    )))
+                })
             })
             .collect()
     }

@@ -78,7 +78,7 @@
 
 use crate::batch::ForwardBatch;
 use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
-use crate::engine::{EngineEvent, FinishReason};
+use crate::engine::{EngineEvent, FailureKind, FinishReason, RequestError};
 use crate::sampler::TokenLogprobs;
 use prompt::block_hash::extend_block_hashes;
 use std::collections::{HashMap, VecDeque};
@@ -607,8 +607,8 @@ impl Scheduler {
     }
 
     /// Ends requests with an error (a failed forward pass): each hears
-    /// `Error(message)` and its blocks are freed.
-    pub fn fail(&mut self, request_ids: &[&str], message: &str) {
+    /// `Error(error)` and its blocks are freed.
+    pub fn fail(&mut self, request_ids: &[&str], error: &RequestError) {
         for &id in request_ids {
             let seqs = self.take_all(id);
             if seqs.is_empty() {
@@ -617,7 +617,7 @@ impl Scheduler {
             for seq in &seqs {
                 self.blocks.free_table(&seq.blocks);
             }
-            self.events.push((id.to_string(), EngineEvent::Error(message.to_string())));
+            self.events.push((id.to_string(), EngineEvent::Error(error.clone())));
         }
     }
 
@@ -828,7 +828,7 @@ impl Scheduler {
                 for other in self.take_all(&seq.id) {
                     self.blocks.free_table(&other.blocks);
                 }
-                self.events.push((seq.id, EngineEvent::Error(error)));
+                self.events.push((seq.id, EngineEvent::Error(RequestError::new(FailureKind::Refused, error))));
                 continue;
             }
             // A sequence that will fork reserves a place for every choice.

@@ -606,7 +606,8 @@ fn a_dead_rank_fails_the_engine_cleanly() {
     tp.kill_rank(1);
     let rest = events_of(running);
     let Some(EngineEvent::Error(error)) = rest.last() else { panic!("the running request must fail: {rest:?}") };
-    assert!(error.contains("the engine has failed") && error.contains("rank 1"), "{error}");
+    assert_eq!(error.kind, engine::FailureKind::Engine, "{error}");
+    assert!(error.message.contains("the engine has failed") && error.message.contains("rank 1"), "{error}");
     assert!(engine.failure().is_some_and(|f| f.contains("rank 1")));
     let refused = engine.submit(requests.remove(0)).unwrap_err();
     assert!(matches!(refused, EngineError::Failed(_)), "{refused}");

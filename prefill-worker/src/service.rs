@@ -68,7 +68,7 @@ impl PrefillService {
                     pinned = pinned.or(pinned_blocks);
                     num_cached_tokens = cached;
                 }
-                EngineEvent::Error(e) => return Err(convert::request_error(&self.engine, e)),
+                EngineEvent::Error(e) => return Err(convert::request_error(e)),
             }
         }
         let mut response = self.answer(&req.request_id, choices, pinned, wanted_tokens, prompt_len)?;

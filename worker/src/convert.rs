@@ -91,11 +91,10 @@ pub fn engine_error(e: engine::EngineError) -> Status {
 
 /// A request's `EngineEvent::Error`: UNAVAILABLE when the whole engine has
 /// failed (the router routes around the worker), INTERNAL otherwise.
-pub fn request_error(engine: &engine::EngineHandle, message: String) -> Status {
-    if engine.failure().is_some() {
-        Status::unavailable(message)
-    } else {
-        Status::internal(message)
+pub fn request_error(error: engine::RequestError) -> Status {
+    match error.kind {
+        engine::FailureKind::Engine => Status::unavailable(error.message),
+        _ => Status::internal(error.message),
     }
 }
 

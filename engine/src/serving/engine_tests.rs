@@ -396,7 +396,10 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
     };
     let (tokens, last) = collect(engine.submit(req).unwrap());
     assert!(tokens.is_empty());
-    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("provided KV of")), "{last:?}");
+    assert!(
+        matches!(&last, EngineEvent::Error(e) if e.kind == FailureKind::Refused && e.message.contains("provided KV of")),
+        "{last:?}"
+    );
     let EngineEvent::Finished { pinned_blocks: Some(held), .. } = hold_last else { panic!() };
     engine.release_blocks(&held);
     engine.sync();
@@ -457,7 +460,10 @@ fn kv_streaming_in_is_waited_for_and_a_failed_one_fails_only_its_request() {
     // A failed pull fails its request alone; its blocks come back once the pull lets go.
     let (tokens, last) = collect(streamed("failed", 4, true));
     assert!(tokens.is_empty());
-    assert!(matches!(&last, EngineEvent::Error(m) if m.starts_with(HANDOFF_FAILED)), "{last:?}");
+    assert!(
+        matches!(&last, EngineEvent::Error(e) if e.kind == FailureKind::Handoff && e.message.starts_with("the KV hand-off failed")),
+        "{last:?}"
+    );
     assert_eq!(collect(busy).0.len(), 40);
     std::thread::sleep(std::time::Duration::from_millis(50));
     engine.sync();
@@ -593,7 +599,10 @@ fn a_sequence_too_long_for_the_whole_cache_gets_an_error() {
     let engine = Engine::start(FakeModel::new(32, true), kv_shape(2, 2), config());
     let (tokens, last) = collect(engine.submit(request("big", &[1, 2, 3], SamplingParams::greedy(10))).unwrap());
     assert_eq!(tokens, vec![4, 5]);
-    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("needs 3 KV blocks")), "{last:?}");
+    assert!(
+        matches!(&last, EngineEvent::Error(e) if e.kind == FailureKind::Refused && e.message.contains("needs 3 KV blocks")),
+        "{last:?}"
+    );
     engine.sync();
     assert_idle(&engine);
 }
@@ -621,9 +630,15 @@ fn dropping_the_receiver_frees_the_request() {
 fn a_failing_or_panicking_model_fails_its_batch_and_the_engine_goes_on() {
     let engine = Engine::start(FakeModel::new(1000, true), kv_shape(4, 16), config());
     let (_, last) = collect(engine.submit(request("f", &[FAIL_TOKEN], SamplingParams::greedy(3))).unwrap());
-    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("refuses token 998")), "{last:?}");
+    assert!(
+        matches!(&last, EngineEvent::Error(e) if e.kind == FailureKind::Forward && e.message.contains("refuses token 998")),
+        "{last:?}"
+    );
     let (_, last) = collect(engine.submit(request("p", &[PANIC_TOKEN], SamplingParams::greedy(3))).unwrap());
-    assert!(matches!(&last, EngineEvent::Error(m) if m.contains("panicked")), "{last:?}");
+    assert!(
+        matches!(&last, EngineEvent::Error(e) if e.kind == FailureKind::Forward && e.message.contains("panicked")),
+        "{last:?}"
+    );
     let ok = collect(engine.submit(request("ok", &[1], SamplingParams::greedy(2))).unwrap());
     assert_eq!(ok, (vec![2, 3], finished(FinishReason::Length, 1)));
     engine.sync();

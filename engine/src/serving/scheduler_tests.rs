@@ -142,7 +142,10 @@ fn a_sequence_that_cannot_fit_alone_gets_an_error() {
     let plan = s.schedule();
     assert!(plan.is_empty());
     let last = s.take_events().pop().unwrap();
-    assert!(matches!(&last.1, EngineEvent::Error(m) if m.contains("needs 3 KV blocks")), "{last:?}");
+    assert!(
+        matches!(&last.1, EngineEvent::Error(e) if e.kind == FailureKind::Refused && e.message.contains("needs 3 KV blocks")),
+        "{last:?}"
+    );
     assert_eq!((s.num_running(), s.num_waiting(), s.num_free_blocks()), (0, 0, 2));
 }
 
@@ -254,7 +257,7 @@ fn provided_kv_of_the_wrong_size_is_an_error_and_frees_nothing_twice() {
     let (id, event) = s.take_events().remove(0);
     assert_eq!(id, "d");
     assert!(
-        matches!(&event, EngineEvent::Error(m) if m.contains("15 bytes") && m.contains("expected 16")),
+        matches!(&event, EngineEvent::Error(e) if e.kind == FailureKind::Refused && e.message.contains("15 bytes") && e.message.contains("expected 16")),
         "{event:?}"
     );
     assert_eq!(s.num_free_blocks(), 7);
@@ -320,8 +323,9 @@ fn a_failed_step_errors_its_sequences() {
     s.add(seq("a", &[1], 8));
     let plan = s.schedule();
     let ids: Vec<&str> = plan.seqs.iter().map(|s| s.request_id.as_str()).collect();
-    s.fail(&ids, "boom");
-    assert_eq!(s.take_events(), vec![("a".into(), EngineEvent::Error("boom".into()))]);
+    let boom = RequestError::new(FailureKind::Forward, "boom");
+    s.fail(&ids, &boom);
+    assert_eq!(s.take_events(), vec![("a".into(), EngineEvent::Error(boom))]);
     assert_eq!(s.num_free_blocks(), 4);
 }
 /// `num_cached_tokens` of a request's `Finished` event among `events`.
@@ -726,7 +730,9 @@ fn a_request_reserves_max_num_seqs_for_all_its_choices() {
     let mut s = Scheduler::new(config(16, 4));
     s.add(NewSequence { n: 5, ..seq("p", &[1, 2], 4) });
     assert!(s.schedule().is_empty());
-    assert!(matches!(&s.take_events()[0].1, EngineEvent::Error(m) if m.contains("max_num_seqs")));
+    assert!(
+        matches!(&s.take_events()[0].1, EngineEvent::Error(e) if e.kind == FailureKind::Refused && e.message.contains("max_num_seqs"))
+    );
 }
 
 #[test]

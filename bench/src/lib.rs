@@ -21,6 +21,19 @@ pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
+/// CPU time a process has used so far, all its threads, user and system (`/proc/<pid>/stat`'s
+/// `utime + stime`, in clock ticks of usually 10 ms: measure spans of many requests).
+pub fn process_cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, field 2, is in parentheses and may hold spaces: count fields after it.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+    // Fields 14 and 15 of the whole line are the 12th and 13th after the name.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let tick = rustix::param::clock_ticks_per_second();
+    Some(std::time::Duration::from_secs_f64((utime + stime) as f64 / tick as f64))
+}
+
 /// Columns padded to their widest cell: the first `text` left-aligned, the rest right-aligned.
 pub fn align(rows: &[Vec<String>], text: usize) -> String {
     let columns = rows.first().map_or(0, Vec::len);

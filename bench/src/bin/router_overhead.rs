@@ -25,6 +25,10 @@
 //!   the target's percentile minus direct's.
 //! - Throughput: a closed loop of `--concurrency` clients for `--seconds`: completed requests per
 //!   second. "× SMG" is that over SMG's, same mode.
+//! - CPU per request: the CPU time (user + system, all threads, from `/proc/<pid>/stat`) that the
+//!   target's front process (the router, SMG, or for direct the mock) spent during the closed
+//!   loop, over the requests it answered. Unlike req/s this does not depend on how the cores are
+//!   shared, so it compares the routers' cost on a busy machine too.
 //!
 //! One keep-alive HTTP client (connection pool, `TCP_NODELAY`) measures in-process with
 //! `Instant`. The client, the router(s), SMG and the mocks share this machine's cores: on a small
@@ -40,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use bench::{align, load_average, percentile};
+use bench::{align, load_average, percentile, process_cpu_time};
 use clap::Parser;
 use serde::Serialize;
 
@@ -273,6 +277,8 @@ async fn start_smg(
 struct Target {
     name: &'static str,
     url: String,
+    /// The process that answers the client, whose CPU time is measured.
+    pid: u32,
 }
 
 /// One row of the report: a target in one mode.
@@ -290,6 +296,10 @@ struct Row {
     requests_per_sec: f64,
     /// `requests_per_sec` over SMG's, same mode.
     ratio_vs_smg: Option<f64>,
+    /// Microseconds of the front process's CPU time per request, during the closed loop.
+    cpu_us_per_request: Option<f64>,
+    /// `cpu_us_per_request` over SMG's, same mode.
+    cpu_vs_smg: Option<f64>,
     /// Requests that did not answer 200 (latency and throughput runs together).
     errors: u64,
 }
@@ -333,7 +343,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
     let model = args.model.to_str().ok_or_else(|| anyhow::anyhow!("model path is not UTF-8"))?;
     let any = "127.0.0.1:0";
     let (_prefill, prefill) = start_ours("prefill-worker", &["--mock", "--listen", any, "--model", model])?;
-    let (_decode, decode) =
+    let (decode_proc, decode) =
         start_ours("decode-worker", &["--mock", "--listen", any, "--mock-http-listen", any, "--model", model])?;
     let (prefill_url, decode_url) = (prefill.url("listening on")?, decode.url("listening on")?);
     let direct = decode.url("HTTP face on")?.to_string();
@@ -349,13 +359,17 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
         "--local-prefill-max-tokens",
         "0",
     ];
-    let (_router_pd, router_pd) = start_ours("router", &pd_args)?;
-    let (_router_co, router_co) =
+    let (router_pd_proc, router_pd) = start_ours("router", &pd_args)?;
+    let (router_co_proc, router_co) =
         start_ours("router", &["--host", "127.0.0.1", "--port", "0", "--decode", decode_url])?;
     let mut targets = vec![
-        Target { name: "direct", url: direct.clone() },
-        Target { name: "router PD", url: router_pd.url("listening on")?.to_string() },
-        Target { name: "router colocated", url: router_co.url("listening on")?.to_string() },
+        Target { name: "direct", url: direct.clone(), pid: decode_proc.child.id() },
+        Target { name: "router PD", url: router_pd.url("listening on")?.to_string(), pid: router_pd_proc.child.id() },
+        Target {
+            name: "router colocated",
+            url: router_co.url("listening on")?.to_string(),
+            pid: router_co_proc.child.id(),
+        },
     ];
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -370,7 +384,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
     };
     let (_smg, smg_missing) = match smg {
         Ok((proc, url)) => {
-            targets.push(Target { name: "SMG", url });
+            targets.push(Target { name: "SMG", url, pid: proc.child.id() });
             (Some(proc), None)
         }
         Err(why) => (None, Some(why)),
@@ -385,7 +399,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{} ({}): {e}", target.name, mode(stream)))?;
             let (latencies, latency_errors) = latency(&client, &url, &body, args.requests).await;
-            let (rate, rate_errors) = throughput(&client, &url, &body, args.concurrency, args.seconds).await;
+            let loop_ = throughput(&client, &url, &body, args.concurrency, args.seconds, target.pid).await;
             rows.push(Row {
                 target: target.name,
                 stream,
@@ -394,9 +408,11 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
                 p99_ms: percentile(&latencies, 0.99),
                 added_p50_ms: None,
                 added_p99_ms: None,
-                requests_per_sec: rate,
+                requests_per_sec: loop_.rate,
                 ratio_vs_smg: None,
-                errors: latency_errors + rate_errors,
+                cpu_us_per_request: loop_.cpu_per_request.map(|t| t.as_secs_f64() * 1e6),
+                cpu_vs_smg: None,
+                errors: latency_errors + loop_.errors,
             });
             if !args.json {
                 eprintln!("{NAME}: {} {} done", target.name, mode(stream));
@@ -412,6 +428,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
         }
         if let Some(smg) = find("SMG", row.stream) {
             row.ratio_vs_smg = Some(row.requests_per_sec / smg.requests_per_sec);
+            row.cpu_vs_smg = row.cpu_us_per_request.zip(smg.cpu_us_per_request).map(|(ours, smg)| ours / smg);
         }
     }
     let verdicts = rows
@@ -540,21 +557,35 @@ async fn latency(client: &reqwest::Client, url: &str, body: &reqwest::Body, requ
     (latencies, errors)
 }
 
+/// What a closed loop measured.
+struct Loop {
+    /// Completed requests per second.
+    rate: f64,
+    errors: u64,
+    /// CPU time of the measured process per request it answered (completed or not).
+    cpu_per_request: Option<Duration>,
+}
+
 /// `concurrency` clients, each sending its next request as soon as the last one ends, for
-/// `seconds` (after a short warm-up that opens the connections): completed requests per second,
-/// and the errors.
+/// `seconds` (after a short warm-up that opens the connections), while the CPU time of process
+/// `pid` is taken before and after.
 async fn throughput(
     client: &reqwest::Client,
     url: &str,
     body: &reqwest::Body,
     concurrency: u64,
     seconds: f64,
-) -> (f64, u64) {
+    pid: u32,
+) -> Loop {
     let warm_up = Duration::from_secs_f64((seconds / 5.0).min(1.0));
     closed_loop(client, url, body, concurrency, warm_up).await;
+    let cpu_before = process_cpu_time(pid);
     let started = Instant::now();
     let (done, errors) = closed_loop(client, url, body, concurrency, Duration::from_secs_f64(seconds)).await;
-    (done as f64 / started.elapsed().as_secs_f64(), errors)
+    let elapsed = started.elapsed();
+    let cpu = process_cpu_time(pid).zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    let answered = (done + errors).max(1) as u32;
+    Loop { rate: done as f64 / elapsed.as_secs_f64(), errors, cpu_per_request: cpu.map(|c| c / answered) }
 }
 
 async fn closed_loop(
@@ -609,8 +640,20 @@ impl Report {
              load average {} at start, {} at end; {} cores shared by the client, the routers, SMG and the mocks\n\n",
             self.max_tokens, self.requests, self.concurrency, self.seconds, load[0], load[1], self.cores
         );
-        let header =
-            ["target", "mode", "p50 ms", "p90 ms", "p99 ms", "added p50", "added p99", "req/s", "× SMG", "errors"];
+        let header = [
+            "target",
+            "mode",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "added p50",
+            "added p99",
+            "req/s",
+            "× SMG",
+            "CPU µs/req",
+            "CPU × SMG",
+            "errors",
+        ];
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
         for r in &self.rows {
             rows.push(vec![
@@ -623,6 +666,8 @@ impl Report {
                 ms(r.added_p99_ms),
                 format!("{:.0}", r.requests_per_sec),
                 r.ratio_vs_smg.map_or("n/a".to_string(), |x| format!("{x:.2}×")),
+                r.cpu_us_per_request.map_or("n/a".to_string(), |c| format!("{c:.0}")),
+                r.cpu_vs_smg.map_or("n/a".to_string(), |x| format!("{x:.2}×")),
                 r.errors.to_string(),
             ]);
         }

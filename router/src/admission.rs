@@ -314,5 +314,4 @@ pub fn hold<T: Send + 'static, G: Send + 'static>(items: BoxStream<'static, T>, 
 }
 
 #[cfg(test)]
-#[path = "admission_tests.rs"]
 mod tests;

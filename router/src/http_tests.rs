@@ -9,9 +9,10 @@ use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::model::Model;
+use crate::fleet::model::Model;
+use crate::http::app::app;
+use crate::http::state::AppState;
 use crate::pd::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
-use crate::server::{app, AppState};
 use crate::testutil::{card, ids, EOS};
 
 /// Answers every request with `chunks`, recording what it was asked.
@@ -346,11 +347,11 @@ async fn models_and_health() {
 
 #[tokio::test]
 async fn ready_waits_for_the_model_and_a_worker_in_every_pool_and_health_only_for_the_process() {
+    use crate::fleet::model::ModelName;
+    use crate::fleet::roster::{Member, Roster};
+    use crate::fleet::served::ServedModel;
+    use crate::http::state::Readiness;
     use crate::metrics::ScrapedPool;
-    use crate::model::ModelName;
-    use crate::roster::{Member, Roster};
-    use crate::served::ServedModel;
-    use crate::server::Readiness;
     let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
     let (model, tx) = ServedModel::loading(ModelName::unknown(), backend);
     let decode = Arc::new(Roster::with_capacity(1));
@@ -417,7 +418,7 @@ async fn tokenize_chat_matches_chat_completions() {
     assert_eq!(body["tokens"], last_prompt(&backend));
     let model = Model::from_card(&card(), None).unwrap();
     let request = serde_json::from_value(chat_body(json!({}))).unwrap();
-    let valid = crate::validation::validate_chat(&model, request).unwrap();
+    let valid = crate::prepare::validate::validate_chat(&model, request).unwrap();
     assert_eq!(body["tokens"], json!(valid.prompt_token_ids));
     assert_eq!(body["count"], valid.prompt_token_ids.len());
 

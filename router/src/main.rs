@@ -95,7 +95,7 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     usage_log: Option<std::path::PathBuf>,
     /// The largest request body accepted; larger ones get 413.
-    #[arg(long, default_value_t = router::server::DEFAULT_MAX_BODY_BYTES,
+    #[arg(long, default_value_t = router::http::state::DEFAULT_MAX_BODY_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_request_body_bytes: usize,
 }

@@ -33,11 +33,11 @@ use prometheus::{
 };
 
 use crate::admission::AdmissionStats;
-use crate::model::ModelName;
+use crate::fleet::model::ModelName;
+use crate::fleet::roster::Roster;
 use crate::pd::{BackendError, PlacementCounters, TokenStream};
-use crate::prefix_index::PrefixIndex;
-use crate::roster::Roster;
-use crate::stream::Delta;
+use crate::placement::prefix_index::PrefixIndex;
+use crate::respond::stream::Delta;
 
 /// One served model as a scrape sees it: the source of its admission and
 /// worker gauges, read at scrape time (the queue and rosters are the one
@@ -452,5 +452,4 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: 
 }
 
 #[cfg(test)]
-#[path = "metrics_tests.rs"]
 mod tests;

@@ -17,6 +17,8 @@
 //! at once instead of waiting for the worker's timeout. Dropping the stream
 //! during decode drops the gRPC stream, which cancels the work on the worker.
 
+pub mod grpc;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use prometheus::IntCounterVec;
 use proto::worker::KvTransferParams;
 
 use crate::admission::{hold, Chooser};
-use crate::model::ModelName;
+use crate::fleet::model::ModelName;
 use crate::placement::{Demand, Leg, Placement, Slots};
 
 /// How to pick tokens, validated: no option is left open except the seed.
@@ -722,5 +724,4 @@ fn until_finish(tokens: TokenStream, n: u32) -> TokenStream {
 }
 
 #[cfg(test)]
-#[path = "pd_tests.rs"]
 mod tests;

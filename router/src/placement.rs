@@ -35,14 +35,16 @@
 //! [`RoundRobin`] ignores caches and load: the baseline of the affinity
 //! benchmark.
 
+pub mod prefix_index;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prompt::block_hash::{block_hashes, BlockHash};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::prefix_index::PrefixIndex;
-use crate::roster::Roster;
+use crate::fleet::roster::Roster;
+use crate::placement::prefix_index::PrefixIndex;
 
 /// The leg of a request a worker is picked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,5 +398,4 @@ impl Placement for CacheAware {
 }
 
 #[cfg(test)]
-#[path = "placement_tests.rs"]
 mod tests;

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::keys::KeyRing;
 use super::Keys;
-use crate::discovery::FollowError;
+use crate::fleet::discovery::FollowError;
 
 /// Follows the keys file in etcd into `keys` until the task is aborted.
 pub fn follow_keys(config: EtcdConfig, keys: Arc<Keys>) -> Result<JoinHandle<()>, FollowError> {

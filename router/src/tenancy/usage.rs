@@ -18,7 +18,7 @@ use super::limits::Running;
 use super::Caller;
 use crate::metrics::TenantCounters;
 use crate::pd::BackendError;
-use crate::stream::Delta;
+use crate::respond::stream::Delta;
 
 /// An append-only file of one JSON object per finished request.
 #[derive(Debug)]

@@ -1,0 +1,63 @@
+//! The route table and the application: generation in [`super::generate`],
+//! vLLM's tokenize / detokenize / version in [`super::tokenize`], probes,
+//! models and metrics in [`super::meta`], the OpenAPI document of all of them
+//! in [`super::openapi`].
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::Method;
+use axum::middleware;
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+
+use crate::http::state::AppState;
+use crate::http::{generate, meta, openapi, tokenize};
+use crate::metrics;
+
+/// One route: its method and path (for the OpenAPI check), its handler, and
+/// whether it is a generation route.
+struct Route {
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<AppState>,
+    generation: bool,
+}
+
+/// Every route, in one table so tests can hold `/openapi.json` to what the
+/// router really serves.
+fn routes() -> Vec<Route> {
+    let route = |method, path, handler, generation| Route { method, path, handler, generation };
+    vec![
+        route(Method::POST, "/v1/chat/completions", post(generate::chat_completions), true),
+        route(Method::POST, "/v1/completions", post(generate::completions), true),
+        route(Method::GET, "/v1/models", get(meta::models), false),
+        route(Method::GET, "/health", get(meta::health), false),
+        route(Method::GET, "/ready", get(meta::ready), false),
+        route(Method::POST, "/tokenize", post(tokenize::tokenize), false),
+        route(Method::POST, "/detokenize", post(tokenize::detokenize), false),
+        route(Method::GET, "/version", get(tokenize::version), false),
+        route(Method::GET, "/metrics", get(meta::render_metrics), false),
+        route(Method::GET, "/openapi.json", get(openapi::openapi_json), false),
+    ]
+}
+
+/// The method and path of every route [`app`] serves.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    routes().into_iter().map(|r| (r.method, r.path)).collect()
+}
+
+/// The HTTP application.
+pub fn app(state: AppState) -> Router {
+    let (mut generation, mut other) = (Router::new(), Router::new());
+    for Route { path, handler, generation: is_generation, .. } in routes() {
+        if is_generation {
+            generation = generation.route(path, handler);
+        } else {
+            other = other.route(path, handler);
+        }
+    }
+    // Only the generation routes are counted and timed: probes and scrapes
+    // would drown them.
+    let generation = generation.route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
+    let limit = DefaultBodyLimit::max(state.max_body_bytes);
+    Router::new().merge(generation).merge(other).layer(limit).with_state(state)
+}

@@ -1,0 +1,73 @@
+//! The router's OpenAPI document, served at `GET /openapi.json`.
+//!
+//! Request schemas are derived from the request types themselves
+//! ([`crate::prepare::request`]), with each field's bounds as validation checks them,
+//! so the document cannot drift from what the router parses. Fields whose
+//! JSON shape serde reads loosely (raw JSON, untagged enums) get the
+//! schemas below, written to accept exactly what validation accepts: the
+//! document is used to fuzz the router, so a schema wider or narrower than
+//! validation shows up as a false failure.
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+
+use crate::http::error::{ErrorObject, ErrorResponse};
+
+use crate::prepare::request::{
+    ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, ContentPart,
+    DetokenizeRequest, MessageContent, StreamOptions, TokenizeRequest,
+};
+
+/// The document's root: every route the router serves.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "pdserve router",
+        description = "OpenAI-compatible API of the pdserve disaggregated serving cluster, with vLLM's extras."
+    ),
+    paths(
+        crate::http::generate::chat_completions,
+        crate::http::generate::completions,
+        crate::http::meta::models,
+        crate::http::meta::health,
+        crate::http::meta::ready,
+        crate::http::meta::render_metrics,
+        crate::http::openapi::openapi_json,
+        crate::http::tokenize::tokenize,
+        crate::http::tokenize::detokenize,
+        crate::http::tokenize::version,
+    ),
+    components(schemas(
+        ChatCompletionRequest,
+        CompletionRequest,
+        ChatRenderParams,
+        CommonParams,
+        ChatMessage,
+        MessageContent,
+        ContentPart,
+        StreamOptions,
+        TokenizeRequest,
+        DetokenizeRequest,
+        ErrorResponse,
+        ErrorObject,
+    ))
+)]
+pub struct ApiDoc;
+
+/// The document as JSON text.
+pub fn document() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// `GET /openapi.json`: built once, it never changes while the router runs.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "This OpenAPI document", content_type = "application/json")))]
+pub async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let document = DOCUMENT.get_or_init(document).clone();
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,7 @@
+//! The first stage: an OpenAI body becomes a checked request with its prompt
+//! token ids. No HTTP here: failures are [`validate::ValidationError`]s.
+
+pub mod error;
+pub mod request;
+pub mod tokenize;
+pub mod validate;

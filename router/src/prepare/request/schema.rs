@@ -1,0 +1,95 @@
+//! Schemas for the request fields whose JSON shape serde reads loosely (raw
+//! JSON, untagged enums), written to accept exactly what validation accepts:
+//! the OpenAPI document built from them is used to fuzz the router, so a
+//! schema wider or narrower than validation shows up as a false failure.
+
+use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+
+fn string() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::String)
+}
+
+fn null() -> Object {
+    ObjectBuilder::new().schema_type(Type::Null).build()
+}
+
+fn string_enum(values: &[&str]) -> ObjectBuilder {
+    string().enum_values(Some(values.iter().copied()))
+}
+
+/// `{"type": "function", "function": {"name": <non-empty>, ...}}`, other keys free.
+fn function_object() -> Object {
+    let function =
+        ObjectBuilder::new().schema_type(Type::Object).property("name", string().min_length(Some(1))).required("name");
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("type", string_enum(&["function"]))
+        .required("type")
+        .property("function", function)
+        .required("function")
+        .build()
+}
+
+/// Chat `tools`: a list of function tools, or null.
+pub fn tools() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(ArrayBuilder::new().items(function_object())).item(null())
+}
+
+/// Chat `tool_choice`: `none`, `auto`, `required`, a named function, or null.
+/// (A named function must be one of `tools`, which a schema cannot say.)
+pub fn tool_choice() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(string_enum(&["none", "auto", "required"])).item(function_object()).item(null())
+}
+
+/// `stop`: one string or up to 4, or null.
+pub fn stop() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(string()).item(ArrayBuilder::new().items(string()).max_items(Some(4))).item(null())
+}
+
+/// Completion `prompt`: non-empty text, non-empty token ids, or a batch of
+/// exactly one non-empty text.
+pub fn prompt() -> impl Into<RefOr<Schema>> {
+    let text = || string().min_length(Some(1));
+    OneOfBuilder::new()
+        .item(text())
+        .item(ArrayBuilder::new().items(token_id()).min_items(Some(1)))
+        .item(ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(1)))
+}
+
+fn token_id() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Int64)))
+        .minimum(Some(0))
+}
+
+/// Token ids (each in the vocabulary, which the document cannot bound), or null.
+pub fn token_ids() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(ArrayBuilder::new().items(token_id())).item(null())
+}
+
+/// `/detokenize`'s `tokens`: required, so not null.
+pub fn required_token_ids() -> impl Into<RefOr<Schema>> {
+    ArrayBuilder::new().items(token_id())
+}
+
+/// `logit_bias`: token id keys to biases in [-100, 100], or null.
+pub fn logit_bias() -> impl Into<RefOr<Schema>> {
+    let bias = ObjectBuilder::new().schema_type(Type::Number).minimum(Some(-100)).maximum(Some(100));
+    let map = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(string().pattern(Some(r"^\s*[0-9]+\s*$"))))
+        .additional_properties(Some(AdditionalProperties::RefOr(RefOr::T(Schema::Object(bias.build())))));
+    OneOfBuilder::new().item(map).item(null())
+}
+
+/// A message's `role`.
+pub fn role() -> impl Into<RefOr<Schema>> {
+    string_enum(&["system", "user", "assistant", "tool"])
+}
+
+/// A content part's `type`: only text parts are supported.
+pub fn text_part() -> impl Into<RefOr<Schema>> {
+    string_enum(&["text"])
+}

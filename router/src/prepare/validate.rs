@@ -1,0 +1,544 @@
+//! OpenAI body + vLLM extras -> [`ValidRequest`], with no option left open.
+//!
+//! Every bound is checked here so handlers never do; each error names the
+//! field, the limit and the value given.
+
+use std::collections::HashMap;
+
+use crate::fleet::model::Model;
+use crate::pd::Sampling;
+pub use crate::prepare::error::ValidationError;
+use crate::prepare::request::{
+    ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, MessageContent, Prompt,
+    StopSpec,
+};
+use crate::prepare::tokenize::{self, ChatRender};
+use prompt::chat_template::TemplateMessage;
+
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Most `top_logprobs` per position (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Longest `request_id` a body may carry: it is logged and sent back in a header.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+/// Most choices (`n`) per request: each is a sequence on the workers, and
+/// the workers cap it at the same value.
+pub const MAX_N: u32 = 16;
+
+/// A request ready to run: prompt tokenized, every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// The prompt's token ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Sampling, with `max_tokens` resolved against the context length.
+    pub sampling: Sampling,
+    /// Stop strings (non-empty strings only).
+    pub stops: Vec<String>,
+    /// Answer with server-sent events.
+    pub stream: bool,
+    /// Send a usage chunk at the end of the stream.
+    pub include_usage: bool,
+    /// Return prompt and generated token ids (vLLM extra).
+    pub return_token_ids: bool,
+    /// Chat with tools (and `tool_choice` not `none`): parse tool calls out
+    /// of the generated text.
+    pub parse_tool_calls: bool,
+    /// Admission and scheduling priority, lower first (vLLM extra).
+    pub priority: i32,
+    /// Prefix-cache salt (vLLM extra); `None` shares with unsalted requests.
+    pub cache_salt: Option<String>,
+    /// Text each choice starts with (`echo`): the prompt's text for
+    /// completions, the final assistant message's content for chat.
+    pub echo: Option<String>,
+    /// Keep the stop string that ended a choice in its text (vLLM extra).
+    pub include_stop_str_in_output: bool,
+    /// Leave special tokens out of the generated text (vLLM extra).
+    pub skip_special_tokens: bool,
+}
+
+/// Validates a chat request: renders, tokenizes and checks every parameter.
+pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ValidationError> {
+    let messages = chat_messages(req.messages)?;
+    let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
+    let tools = chat_tools(req.tools, req.tool_choice)?;
+    let parse_tool_calls = tools.is_some();
+    let render = chat_render(req.render, &messages, tools)?;
+    let prompt = tokenize::render_chat(model, &messages, &render)?;
+    // vLLM echoes the last message only when it has the answer's role.
+    let echo = req.echo.unwrap_or(false).then(|| messages.last().filter(|m| m.role == "assistant")).flatten();
+    let echo = echo.map(|m| m.content.clone());
+    let mut valid = finish(model, prompt, req.params)?;
+    valid.sampling.logprobs = logprobs;
+    valid.parse_tool_calls = parse_tool_calls;
+    valid.echo = echo;
+    Ok(valid)
+}
+
+impl Default for ChatRender {
+    fn default() -> Self {
+        Self {
+            tools: None,
+            add_generation_prompt: true,
+            continue_final_message: false,
+            chat_template: None,
+            kwargs: None,
+        }
+    }
+}
+
+/// Checks vLLM's rendering options against the conversation: not both
+/// `add_generation_prompt` and `continue_final_message` set true, the latter
+/// only after an assistant message; `chat_template_kwargs` an object.
+/// Shared by chat completions and `/tokenize`.
+pub fn chat_render(
+    params: ChatRenderParams,
+    messages: &[TemplateMessage],
+    tools: Option<Vec<serde_json::Value>>,
+) -> Result<ChatRender, ValidationError> {
+    let continue_final_message = params.continue_final_message.unwrap_or(false);
+    if continue_final_message && params.add_generation_prompt == Some(true) {
+        return Err(ValidationError::Unsupported {
+            field: "continue_final_message",
+            reason: "cannot be true together with `add_generation_prompt`".into(),
+        });
+    }
+    if continue_final_message && messages.last().is_none_or(|m| m.role != "assistant") {
+        return Err(ValidationError::Unsupported {
+            field: "continue_final_message",
+            reason: "needs the last message to be an assistant message".into(),
+        });
+    }
+    let kwargs = match params.chat_template_kwargs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(kwargs)) => Some(kwargs),
+        Some(other) => return Err(out_of_range("chat_template_kwargs", "an object", other)),
+    };
+    Ok(ChatRender {
+        tools,
+        add_generation_prompt: params.add_generation_prompt.unwrap_or(true),
+        continue_final_message,
+        chat_template: params.chat_template,
+        kwargs,
+    })
+}
+
+/// Validates a completion request: tokenizes the prompt and checks every parameter.
+pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<ValidRequest, ValidationError> {
+    let echo = req.echo.unwrap_or(false);
+    if echo && req.logprobs.is_some() {
+        return Err(ValidationError::Unsupported {
+            field: "echo",
+            reason: "echo with logprobs needs prompt logprobs, which are not supported".into(),
+        });
+    }
+    let skip_special_tokens = req.params.skip_special_tokens.unwrap_or(true);
+    let mut echo_text = None;
+    let prompt = match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
+        Prompt::Text(text) => {
+            let ids = text_prompt(model, &text)?;
+            echo_text = echo.then_some(text);
+            ids
+        }
+        Prompt::Texts(texts) => match texts.as_slice() {
+            [] => return Err(ValidationError::Empty { field: "prompt" }),
+            [text] => {
+                echo_text = echo.then(|| text.clone());
+                text_prompt(model, text)?
+            }
+            _ => {
+                return Err(ValidationError::Unsupported {
+                    field: "prompt",
+                    reason: format!("batched prompts are not supported, got {}", texts.len()),
+                })
+            }
+        },
+        Prompt::TokenIds(ids) => {
+            let ids = tokenize::token_id_prompt(model, &ids)?;
+            if echo {
+                echo_text = Some(tokenize::decode_with(model, &ids, skip_special_tokens)?);
+            }
+            ids
+        }
+    };
+    let mut valid = finish(model, prompt, req.params)?;
+    valid.echo = echo_text;
+    Ok(valid)
+}
+
+fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+    if text.is_empty() {
+        return Err(ValidationError::Empty { field: "prompt" });
+    }
+    tokenize::text_prompt(model, text)
+}
+
+/// A chat's `messages` as the chat template sees them: required, not empty,
+/// known roles and text-only content. Shared by `/v1/chat/completions` and
+/// `/tokenize` so both render the same conversation into the same ids.
+pub fn chat_messages(messages: Option<Vec<ChatMessage>>) -> Result<Vec<TemplateMessage>, ValidationError> {
+    let messages = messages.ok_or(ValidationError::Missing { field: "messages" })?;
+    if messages.is_empty() {
+        return Err(ValidationError::Empty { field: "messages" });
+    }
+    messages.into_iter().enumerate().map(|(index, message)| template_message(index, message)).collect()
+}
+
+fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
+    if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
+        return Err(ValidationError::OutOfRange {
+            field: "messages.role",
+            limit: "one of system, user, assistant, tool",
+            value: message.role,
+        });
+    }
+    if message.tool_calls.is_some() && message.role != "assistant" {
+        return Err(ValidationError::Unsupported {
+            field: "messages.tool_calls",
+            reason: format!("only assistant messages carry tool calls, not `{}`", message.role),
+        });
+    }
+    if message.role == "tool" && message.tool_call_id.is_none() {
+        return Err(ValidationError::Missing { field: "messages.tool_call_id" });
+    }
+    let content = match message.content {
+        // As OpenAI: only an assistant turn that calls tools may come without content.
+        None if message.role == "assistant" && message.tool_calls.is_some() => String::new(),
+        None => return Err(ValidationError::MissingContent { index, role: message.role }),
+        Some(MessageContent::Text(text)) => text,
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                if part.kind != "text" {
+                    return Err(ValidationError::Unsupported {
+                        field: "messages.content",
+                        reason: format!("content parts of type `{}` are not supported", part.kind),
+                    });
+                }
+                text.push_str(part.text.as_deref().unwrap_or_default());
+            }
+            text
+        }
+    };
+    let tool_calls = message.tool_calls.map(|calls| calls.into_iter().map(parse_tool_call_arguments).collect());
+    Ok(TemplateMessage {
+        role: message.role,
+        content,
+        tool_calls,
+        tool_call_id: message.tool_call_id,
+        name: message.name,
+    })
+}
+
+/// A tool call's `arguments` as a JSON object when the client sent it as a
+/// JSON string (the OpenAI shape): templates such as Qwen's and Hermes'
+/// iterate it as a mapping, as vLLM renders it. A string that is not a JSON
+/// object is kept as sent.
+fn parse_tool_call_arguments(mut call: serde_json::Value) -> serde_json::Value {
+    let arguments = call.get_mut("function").and_then(|f| f.get_mut("arguments"));
+    if let Some(arguments) = arguments {
+        let parsed = arguments.as_str().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok());
+        if let Some(object @ serde_json::Value::Object(_)) = parsed {
+            *arguments = object;
+        }
+    }
+    call
+}
+
+/// `tools` and `tool_choice` -> the tools to render, `None` when the model
+/// is offered none (no tools, or `tool_choice: "none"`, which vLLM also
+/// renders without tools). Each tool must be a function with a name; a
+/// named `tool_choice` must name one of them.
+pub fn chat_tools(
+    tools: Option<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+) -> Result<Option<Vec<serde_json::Value>>, ValidationError> {
+    let tools = match tools {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(tools)) => tools,
+        Some(other) => return Err(out_of_range("tools", "a list of tools", other)),
+    };
+    let names = tools.iter().map(tool_name).collect::<Result<Vec<_>, _>>()?;
+    let choice = tool_choice.filter(|c| !c.is_null());
+    let wants_tools = match &choice {
+        None => !tools.is_empty(),
+        Some(serde_json::Value::String(s)) if s == "none" => false,
+        Some(serde_json::Value::String(s)) if s == "auto" || s == "required" => true,
+        Some(named @ serde_json::Value::Object(_)) => {
+            let name = named_choice(named)?;
+            if !names.contains(&name) {
+                return Err(out_of_range("tool_choice", "a function named in `tools`", name));
+            }
+            true
+        }
+        Some(other) => {
+            return Err(out_of_range(
+                "tool_choice",
+                r#""none", "auto", "required" or {"type": "function", "function": {"name": ...}}"#,
+                other,
+            ))
+        }
+    };
+    if wants_tools && tools.is_empty() {
+        return Err(ValidationError::Unsupported {
+            field: "tool_choice",
+            reason: "needs `tools`, unless it is \"none\"".into(),
+        });
+    }
+    Ok(wants_tools.then_some(tools))
+}
+
+/// A tool's function name; the tool must be `{"type": "function", "function": {"name": ...}}`.
+fn tool_name(tool: &serde_json::Value) -> Result<&str, ValidationError> {
+    match tool.get("type").and_then(serde_json::Value::as_str) {
+        Some("function") => {}
+        Some(kind) => {
+            return Err(ValidationError::Unsupported {
+                field: "tools",
+                reason: format!("tools of type `{kind}` are not supported, only `function`"),
+            })
+        }
+        None => return Err(ValidationError::Missing { field: "tools.type" }),
+    }
+    let function = tool.get("function").filter(|f| f.is_object());
+    let function = function.ok_or(ValidationError::Missing { field: "tools.function" })?;
+    match function.get("name").and_then(serde_json::Value::as_str) {
+        Some("") => Err(ValidationError::Empty { field: "tools.function.name" }),
+        Some(name) => Ok(name),
+        None => Err(ValidationError::Missing { field: "tools.function.name" }),
+    }
+}
+
+/// The function a `{"type": "function", "function": {"name"}}` choice names.
+fn named_choice(choice: &serde_json::Value) -> Result<&str, ValidationError> {
+    let kind = choice.get("type").and_then(serde_json::Value::as_str);
+    let name = choice.get("function").and_then(|f| f.get("name")).and_then(serde_json::Value::as_str);
+    match (kind, name) {
+        (Some("function"), Some(name)) => Ok(name),
+        _ => Err(out_of_range("tool_choice", r#"{"type": "function", "function": {"name": ...}}"#, choice)),
+    }
+}
+
+/// Checks the shared parameters against the tokenized prompt.
+fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<ValidRequest, ValidationError> {
+    if prompt.is_empty() {
+        return Err(ValidationError::Empty { field: "prompt" });
+    }
+    if prompt.len() >= model.context_length as usize {
+        return Err(ValidationError::PromptTooLong {
+            prompt_tokens: prompt.len(),
+            context_length: model.context_length,
+        });
+    }
+    let room = model.context_length - prompt.len() as u32;
+    let max_tokens = match params.max_tokens.or(params.max_completion_tokens) {
+        None => room,
+        Some(n) if n < 1 => return Err(out_of_range("max_tokens", ">= 1", n)),
+        Some(n) if n > i64::from(room) => {
+            return Err(ValidationError::ContextExceeded {
+                prompt_tokens: prompt.len(),
+                max_tokens: u32::try_from(n).unwrap_or(u32::MAX),
+                total: prompt.len() as u64 + n as u64,
+                context_length: model.context_length,
+            })
+        }
+        Some(n) => n as u32,
+    };
+    let n = match params.n.unwrap_or(1) {
+        n if (1..=i64::from(MAX_N)).contains(&n) => n as u32,
+        n => return Err(out_of_range("n", "in [1, 16]", n)),
+    };
+    let sampling = Sampling {
+        temperature: temperature(params.temperature)?,
+        top_p: top_p(params.top_p)?,
+        top_k: top_k(params.top_k)?,
+        // Clients send any integer; the bits are what seed the RNG.
+        seed: params.seed.map(|s| s as u64),
+        max_tokens,
+        min_p: in_range("min_p", "in [0, 1]", params.min_p, 0.0, |p| (0.0..=1.0).contains(&p))?,
+        presence_penalty: penalty("presence_penalty", params.presence_penalty)?,
+        frequency_penalty: penalty("frequency_penalty", params.frequency_penalty)?,
+        repetition_penalty: in_range("repetition_penalty", "in (0, 2]", params.repetition_penalty, 1.0, |r| {
+            r > 0.0 && r <= 2.0
+        })?,
+        logit_bias: logit_bias(params.logit_bias, model.vocab_size)?,
+        stop_token_ids: stop_token_ids(params.stop_token_ids, model.vocab_size)?,
+        ignore_eos: params.ignore_eos.unwrap_or(false),
+        min_tokens: min_tokens(params.min_tokens, max_tokens)?,
+        // Chat sets it after; the completions endpoint returns none.
+        logprobs: None,
+        n,
+    };
+    let stream = params.stream.unwrap_or(false);
+    if let Some(id) = &params.request_id {
+        check_request_id(id)?;
+    }
+    match &params.kv_transfer_params {
+        None | Some(serde_json::Value::Null | serde_json::Value::Object(_)) => {}
+        Some(other) => return Err(out_of_range("kv_transfer_params", "an object or null", other)),
+    }
+    Ok(ValidRequest {
+        prompt_token_ids: prompt,
+        sampling,
+        stops: stops(params.stop)?,
+        stream,
+        include_usage: stream && params.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        return_token_ids: params.return_token_ids.unwrap_or(false),
+        // Chat sets it after; completions never parse tool calls.
+        parse_tool_calls: false,
+        priority: priority(params.priority)?,
+        cache_salt: cache_salt(params.cache_salt)?,
+        // Set by the endpoint, which knows what the prompt's text is.
+        echo: None,
+        include_stop_str_in_output: params.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
+    })
+}
+
+/// A body's `request_id` (vLLM extra): it becomes a log field and a response
+/// header, so it must be non-empty, short and printable ASCII.
+pub fn check_request_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() {
+        return Err(ValidationError::Empty { field: "request_id" });
+    }
+    if id.len() > MAX_REQUEST_ID_LEN {
+        return Err(out_of_range("request_id", "at most 256 characters", format!("{} characters", id.len())));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(out_of_range("request_id", "printable ASCII", format!("{id:?}")));
+    }
+    Ok(())
+}
+
+/// vLLM's `priority`: any i32, default 0.
+fn priority(value: Option<i64>) -> Result<i32, ValidationError> {
+    let value = value.unwrap_or(0);
+    i32::try_from(value).map_err(|_| out_of_range("priority", "in [-2147483648, 2147483647]", value))
+}
+
+/// vLLM's `cache_salt`: a non-empty string when given.
+fn cache_salt(value: Option<String>) -> Result<Option<String>, ValidationError> {
+    match value {
+        Some(salt) if salt.is_empty() => Err(ValidationError::Empty { field: "cache_salt" }),
+        salt => Ok(salt),
+    }
+}
+
+/// Chat's `logprobs` (a flag) and `top_logprobs` (in [0, 20], only with
+/// `logprobs`), as the number of top tokens to return per position.
+fn chat_logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Option<u32>, ValidationError> {
+    match (logprobs.unwrap_or(false), top_logprobs) {
+        (false, None) => Ok(None),
+        (false, Some(k)) => Err(out_of_range("top_logprobs", "absent unless `logprobs` is true", k)),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Ok(Some(k as u32)),
+        (true, Some(k)) => Err(out_of_range("top_logprobs", "in [0, 20]", k)),
+    }
+}
+
+fn out_of_range(field: &'static str, limit: &'static str, value: impl ToString) -> ValidationError {
+    ValidationError::OutOfRange { field, limit, value: value.to_string() }
+}
+
+fn temperature(value: Option<f64>) -> Result<f32, ValidationError> {
+    match value.unwrap_or(1.0) {
+        t if (0.0..=2.0).contains(&t) => Ok(t as f32),
+        t => Err(out_of_range("temperature", "in [0, 2]", t)),
+    }
+}
+
+fn top_p(value: Option<f64>) -> Result<f32, ValidationError> {
+    match value.unwrap_or(1.0) {
+        p if p > 0.0 && p <= 1.0 => Ok(p as f32),
+        p => Err(out_of_range("top_p", "in (0, 1]", p)),
+    }
+}
+
+/// vLLM's convention: -1 and 0 turn top-k off (0 on the wire).
+fn top_k(value: Option<i64>) -> Result<u32, ValidationError> {
+    match value.unwrap_or(-1) {
+        -1 | 0 => Ok(0),
+        k if k >= 1 => Ok(u32::try_from(k).unwrap_or(u32::MAX)),
+        k => Err(out_of_range("top_k", "-1, 0 (off) or >= 1", k)),
+    }
+}
+
+/// An optional float: `default` when absent, else it must pass `ok`.
+fn in_range(
+    field: &'static str,
+    limit: &'static str,
+    value: Option<f64>,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+) -> Result<f32, ValidationError> {
+    match value.unwrap_or(default) {
+        v if ok(v) => Ok(v as f32),
+        v => Err(out_of_range(field, limit, v)),
+    }
+}
+
+/// OpenAI's presence and frequency penalties: in [-2, 2], default 0 (off).
+fn penalty(field: &'static str, value: Option<f64>) -> Result<f32, ValidationError> {
+    in_range(field, "in [-2, 2]", value, 0.0, |p| (-2.0..=2.0).contains(&p))
+}
+
+/// Token ids arrive as string keys (`{"50256": -100}`); each must name a token
+/// of the vocabulary, each bias be in [-100, 100]. Sorted by id.
+fn logit_bias(value: Option<HashMap<String, f64>>, vocab_size: u32) -> Result<Vec<(u32, f32)>, ValidationError> {
+    let mut biases = Vec::new();
+    for (key, bias) in value.unwrap_or_default() {
+        let token = key.trim().parse::<u32>().ok().filter(|&t| t < vocab_size).ok_or_else(|| {
+            out_of_range(
+                "logit_bias",
+                "keyed by token ids in [0, vocab_size)",
+                format!("{key:?} (vocab_size {vocab_size})"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(out_of_range("logit_bias", "biases in [-100, 100]", format!("{bias} for token {token}")));
+        }
+        biases.push((token, bias as f32));
+    }
+    biases.sort_unstable_by_key(|&(token, _)| token);
+    Ok(biases)
+}
+
+fn stop_token_ids(value: Option<Vec<i64>>, vocab_size: u32) -> Result<Vec<u32>, ValidationError> {
+    value
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| {
+            u32::try_from(id).ok().filter(|&t| t < vocab_size).ok_or_else(|| {
+                out_of_range(
+                    "stop_token_ids",
+                    "token ids in [0, vocab_size)",
+                    format!("{id} (vocab_size {vocab_size})"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn min_tokens(value: Option<i64>, max_tokens: u32) -> Result<u32, ValidationError> {
+    match value.unwrap_or(0) {
+        n if (0..=i64::from(max_tokens)).contains(&n) => Ok(n as u32),
+        n => Err(out_of_range("min_tokens", "in [0, max_tokens]", format!("{n} (max_tokens {max_tokens})"))),
+    }
+}
+
+fn stops(stop: Option<StopSpec>) -> Result<Vec<String>, ValidationError> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(StopSpec::One(s)) => vec![s],
+        Some(StopSpec::Many(list)) => list,
+    };
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(out_of_range("stop", "at most 4 strings", stops.len()));
+    }
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,8 @@
+//! The last stage: the workers' token stream becomes text deltas (incremental
+//! detokenization, stop strings, tool calls) and then OpenAI response bodies
+//! and stream chunks.
+
+pub mod format;
+pub mod response;
+pub mod stream;
+pub mod tool_calls;

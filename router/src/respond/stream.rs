@@ -1,0 +1,371 @@
+//! From generated token ids to text deltas: incremental detokenization that
+//! never splits a UTF-8 character, stop strings, `max_tokens`, and usage.
+//!
+//! [`Output`] is a synchronous state machine fed one token at a time, so it is
+//! tested without any I/O; [`deltas`] drives it over a backend's token stream
+//! and stops pulling (which cancels the generation) as soon as it finishes.
+
+use std::sync::Arc;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use tokenizers::Tokenizer;
+
+use crate::pd::{BackendError, Finish, TokenLogprobs, TokenStream};
+use crate::respond::response::{ChatTokenLogprob, TopLogprob};
+
+/// Text decoded from the generated ids so far, handed out piece by piece.
+///
+/// Byte-level tokenizers may split one character over several tokens, and
+/// decoding a lone token can differ from decoding it in context (leading
+/// spaces). So each step decodes a short window: ids from `prefix_offset`,
+/// compared with the same window up to `read_offset`; the difference is new
+/// text unless it ends in U+FFFD, an incomplete character that the next
+/// token will complete.
+#[derive(Debug)]
+pub struct Detokenizer {
+    tokenizer: Arc<Tokenizer>,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special_tokens: bool,
+}
+
+impl Detokenizer {
+    /// A detokenizer with nothing decoded yet; special tokens decode to nothing.
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
+    }
+
+    /// The same detokenizer, keeping special tokens' text when
+    /// `skip_special_tokens` is false (vLLM's `skip_special_tokens`).
+    pub fn skip_special_tokens(self, skip_special_tokens: bool) -> Self {
+        Self { skip_special_tokens, ..self }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, self.skip_special_tokens).unwrap_or_default()
+    }
+
+    /// Adds one id; returns the text it completes (maybe empty).
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        self.take(false)
+    }
+
+    /// Returns all text still held back (an incomplete character at the end
+    /// of the generation comes out as U+FFFD).
+    pub fn flush(&mut self) -> String {
+        self.take(true)
+    }
+
+    fn take(&mut self, force: bool) -> String {
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = self.decode(&self.ids[self.prefix_offset..]);
+        if full.len() <= prefix.len() || (!force && full.ends_with('\u{FFFD}')) {
+            return String::new();
+        }
+        let new = if full.starts_with(&prefix) {
+            full[prefix.len()..].to_owned()
+        } else {
+            // Decoding in context changed the prefix's text: skip as many chars.
+            full.chars().skip(prefix.chars().count()).collect()
+        };
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        new
+    }
+}
+
+/// Finds stop strings in the generated text and holds back text that may be
+/// the start of one.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+}
+
+/// What [`StopMatcher::check`] decided for the text so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopCheck {
+    /// No stop string; text up to this byte offset is safe to send.
+    SafeUpTo(usize),
+    /// A stop string starts at this byte offset; the text ends there.
+    StopAt(usize),
+}
+
+impl StopMatcher {
+    /// A matcher for `stops` (empty strings are ignored).
+    pub fn new(stops: Vec<String>) -> Self {
+        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        Self { stops }
+    }
+
+    /// The length of the stop string that starts at `at` in `text` (the
+    /// shortest, should several start there: it is the one a stream meets
+    /// first). 0 when none does.
+    pub fn len_at(&self, text: &str, at: usize) -> usize {
+        let rest = text.get(at..).unwrap_or_default();
+        self.stops.iter().filter(|s| rest.starts_with(s.as_str())).map(String::len).min().unwrap_or(0)
+    }
+
+    /// Checks `text`; `from` is where new text begins (earlier text was
+    /// already checked, but a stop may straddle the boundary).
+    pub fn check(&self, text: &str, from: usize) -> StopCheck {
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut start = from.saturating_sub(longest.saturating_sub(1));
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let first_stop = self.stops.iter().filter_map(|s| text[start..].find(s.as_str()).map(|i| start + i)).min();
+        if let Some(at) = first_stop {
+            return StopCheck::StopAt(at);
+        }
+        // Hold back the longest suffix that is a proper prefix of a stop.
+        let held = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|prefix| text.ends_with(prefix))
+            .map(|prefix| prefix.len())
+            .max()
+            .unwrap_or(0);
+        StopCheck::SafeUpTo(text.len() - held)
+    }
+}
+
+/// Text and ids of one choice to send to the client.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Delta {
+    /// The choice, in `0..n`.
+    pub index: u32,
+    /// New text (may be empty on the finish delta).
+    pub text: String,
+    /// The ids generated since the last delta.
+    pub token_ids: Vec<u32>,
+    /// With logprobs asked: those of the tokens whose text this delta
+    /// carries (see [`Output`]); else empty.
+    pub logprobs: Vec<ChatTokenLogprob>,
+    /// Set on the last delta.
+    pub finish: Option<Finish>,
+}
+
+/// Logprobs below this are sent as this (OpenAI's and vLLM's floor): JSON
+/// has no `-inf`.
+const MIN_LOGPROB: f32 = -9999.0;
+
+/// A token's logprobs with the token's text, for the client.
+fn token_logprob(tokenizer: &Tokenizer, id: u32, logprobs: &TokenLogprobs) -> ChatTokenLogprob {
+    let (token, bytes) = token_text(tokenizer, id);
+    let top_logprobs = logprobs
+        .top
+        .iter()
+        .map(|&(id, logprob)| {
+            let (token, bytes) = token_text(tokenizer, id);
+            TopLogprob { token, logprob: logprob.max(MIN_LOGPROB), bytes }
+        })
+        .collect();
+    ChatTokenLogprob { token, logprob: logprobs.logprob.max(MIN_LOGPROB), bytes, top_logprobs }
+}
+
+/// One token's text on its own (special tokens included) and its UTF-8 bytes.
+fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let text = tokenizer.decode(&[id], false).unwrap_or_default();
+    let bytes = text.as_bytes().to_vec();
+    (text, bytes)
+}
+
+/// The output state of one choice.
+///
+/// Logprobs follow the text: each pending token remembers where its text
+/// starts in `text`, and its logprobs go out with the delta that sends text
+/// past that point. Tokens whose text starts at or after a stop string's cut
+/// never have their logprobs reported; the finish delta of a normal end
+/// carries the rest (an eos token, whose text is empty).
+#[derive(Debug)]
+pub struct Output {
+    detok: Detokenizer,
+    stops: StopMatcher,
+    max_tokens: u32,
+    text: String,
+    sent: usize,
+    pending_ids: Vec<u32>,
+    /// Tokens with logprobs not yet sent: where their text starts, the id, the logprobs.
+    pending_logprobs: Vec<(usize, u32, TokenLogprobs)>,
+    completion_tokens: u32,
+    finished: bool,
+    include_stop_str: bool,
+}
+
+impl Output {
+    /// Output for a generation of at most `max_tokens` that ends at `stops`.
+    pub fn new(tokenizer: Arc<Tokenizer>, stops: Vec<String>, max_tokens: u32) -> Self {
+        Self {
+            detok: Detokenizer::new(tokenizer),
+            stops: StopMatcher::new(stops),
+            max_tokens,
+            text: String::new(),
+            sent: 0,
+            pending_ids: Vec::new(),
+            pending_logprobs: Vec::new(),
+            completion_tokens: 0,
+            finished: false,
+            include_stop_str: false,
+        }
+    }
+
+    /// The same output keeping the stop string that ends it in the text
+    /// (vLLM's `include_stop_str_in_output`).
+    pub fn include_stop_str(self, include_stop_str: bool) -> Self {
+        Self { include_stop_str, ..self }
+    }
+
+    /// The same output with special tokens' text kept when
+    /// `skip_special_tokens` is false.
+    pub fn skip_special_tokens(self, skip_special_tokens: bool) -> Self {
+        Self { detok: self.detok.skip_special_tokens(skip_special_tokens), ..self }
+    }
+
+    /// Generated tokens used so far (those after a stop are not counted).
+    pub fn completion_tokens(&self) -> u32 {
+        self.completion_tokens
+    }
+
+    /// Whether the output is complete; later tokens are ignored.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Feeds one generated id. `finish` is the worker's verdict when this is
+    /// its last token. Returns a delta when there is text to send or the
+    /// output ended.
+    pub fn push(&mut self, id: u32, finish: Option<Finish>) -> Option<Delta> {
+        self.push_with_logprobs(id, None, finish)
+    }
+
+    /// [`Self::push`] for a token that comes with its logprobs.
+    pub fn push_with_logprobs(
+        &mut self,
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+        finish: Option<Finish>,
+    ) -> Option<Delta> {
+        if self.finished {
+            return None;
+        }
+        self.completion_tokens += 1;
+        self.pending_ids.push(id);
+        let from = self.text.len();
+        if let Some(logprobs) = logprobs {
+            self.pending_logprobs.push((from, id, logprobs));
+        }
+        // vLLM leaves the token that stopped the generation (eos, a stop
+        // token id) out of the text unless stop strings are kept; it matters
+        // once special tokens are not skipped.
+        let stop_token = finish == Some(Finish::Stop) && !self.include_stop_str;
+        if !stop_token {
+            self.text.push_str(&self.detok.push(id));
+        }
+        if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
+            return Some(self.cut_at_stop(at));
+        }
+        let finish = finish.or((self.completion_tokens >= self.max_tokens).then_some(Finish::Length));
+        if let Some(finish) = finish {
+            return Some(self.end(finish));
+        }
+        let StopCheck::SafeUpTo(safe) = self.stops.check(&self.text, self.text.len()) else {
+            unreachable!("stops were checked above");
+        };
+        (safe > self.sent).then(|| self.delta_up_to(safe, None))
+    }
+
+    /// Ends the output because the workers finished: flushes held text.
+    pub fn end(&mut self, finish: Finish) -> Delta {
+        let from = self.text.len();
+        self.text.push_str(&self.detok.flush());
+        if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
+            return self.cut_at_stop(at);
+        }
+        self.finish_with(finish)
+    }
+
+    /// Ends the text where a stop string starts, or where it ends when the
+    /// stop string is kept; the tokens from there on are not reported in
+    /// logprobs.
+    fn cut_at_stop(&mut self, at: usize) -> Delta {
+        let at = if self.include_stop_str { at + self.stops.len_at(&self.text, at) } else { at };
+        self.text.truncate(at);
+        self.pending_logprobs.retain(|&(start, _, _)| start < at);
+        self.finish_with(Finish::Stop)
+    }
+
+    fn finish_with(&mut self, finish: Finish) -> Delta {
+        self.finished = true;
+        self.delta_up_to(self.text.len(), Some(finish))
+    }
+
+    fn delta_up_to(&mut self, end: usize, finish: Option<Finish>) -> Delta {
+        let text = self.text[self.sent..end].to_owned();
+        self.sent = end;
+        // Logprobs of the tokens whose text starts before `end`; on the last
+        // delta, of every token left.
+        let sent = if finish.is_some() {
+            self.pending_logprobs.len()
+        } else {
+            self.pending_logprobs.partition_point(|&(start, _, _)| start < end)
+        };
+        let tokenizer = &self.detok.tokenizer;
+        let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(tokenizer, id, &l)).collect();
+        Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish }
+    }
+}
+
+/// Drives one [`Output`] per choice over `tokens` (`outputs[i]` is choice
+/// `i`): deltas until every choice's finish delta or an error. Dropping
+/// `tokens` once all are finished cancels the generation on the workers.
+pub fn deltas(tokens: TokenStream, outputs: Vec<Output>) -> BoxStream<'static, Result<Delta, BackendError>> {
+    let state = Some((tokens, outputs, Vec::<Delta>::new()));
+    stream::unfold(state, |state| async move {
+        let (mut tokens, mut outputs, mut ready) = state?;
+        loop {
+            let all_finished = outputs.iter().all(Output::is_finished);
+            if !ready.is_empty() {
+                let delta = ready.remove(0);
+                let next = (!all_finished || !ready.is_empty()).then_some((tokens, outputs, ready));
+                return Some((Ok(delta), next));
+            }
+            if all_finished {
+                return None;
+            }
+            let chunk = match tokens.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Some((Err(e), None)),
+                None => {
+                    // The workers ended without a reason for these choices.
+                    for (index, output) in (0..).zip(outputs.iter_mut()).filter(|(_, o)| !o.is_finished()) {
+                        ready.push(Delta { index, ..output.end(Finish::Stop) });
+                    }
+                    continue;
+                }
+            };
+            let index = chunk.index;
+            let Some(output) = outputs.get_mut(index as usize) else {
+                let error = format!("the workers sent choice {index} of {}", outputs.len());
+                return Some((Err(BackendError::Worker(error)), None));
+            };
+            let last = chunk.token_ids.len().saturating_sub(1);
+            let mut logprobs = chunk.logprobs.into_iter();
+            for (i, id) in chunk.token_ids.iter().enumerate() {
+                let finish = if i == last { chunk.finish } else { None };
+                ready.extend(output.push_with_logprobs(*id, logprobs.next(), finish).map(|d| Delta { index, ..d }));
+            }
+            if chunk.token_ids.is_empty() && !output.is_finished() {
+                if let Some(finish) = chunk.finish {
+                    ready.push(Delta { index, ..output.end(finish) });
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests;

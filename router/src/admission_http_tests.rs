@@ -12,11 +12,11 @@ use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::admission::{Admission, AdmissionConfig};
+use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::fleet::model::Model;
 use crate::fleet::served::ServedModel;
 use crate::http::app::app;
 use crate::http::state::AppState;
-use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::testutil::{card, EOS};
 
 /// Records each request as it starts; the request with id `slow` holds its

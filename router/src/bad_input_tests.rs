@@ -9,10 +9,10 @@ use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use tower::ServiceExt;
 
+use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::fleet::model::Model;
 use crate::http::app::app;
 use crate::http::state::{AppState, DEFAULT_MAX_BODY_BYTES};
-use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::testutil::{card, EOS};
 
 #[derive(Default)]

@@ -9,5 +9,6 @@ pub mod error;
 pub mod generate;
 pub mod meta;
 pub mod openapi;
+pub mod sse;
 pub mod state;
 pub mod tokenize;

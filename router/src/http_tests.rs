@@ -9,10 +9,10 @@ use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use crate::backend::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
 use crate::fleet::model::Model;
 use crate::http::app::app;
 use crate::http::state::AppState;
-use crate::pd::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
 use crate::testutil::{card, ids, EOS};
 
 /// Answers every request with `chunks`, recording what it was asked.

@@ -26,8 +26,10 @@
 //! - [`tenancy`]: API keys and tenants, their limits, and each request's usage.
 
 pub mod admission;
+pub mod backend;
 pub mod config;
 pub mod fleet;
+pub mod generate;
 pub mod http;
 pub mod metrics;
 pub mod pd;

@@ -33,9 +33,10 @@ use prometheus::{
 };
 
 use crate::admission::AdmissionStats;
+use crate::backend::{BackendError, TokenStream};
 use crate::fleet::model::ModelName;
 use crate::fleet::roster::Roster;
-use crate::pd::{BackendError, PlacementCounters, TokenStream};
+use crate::pd::PlacementCounters;
 use crate::placement::prefix_index::PrefixIndex;
 use crate::respond::stream::Delta;
 

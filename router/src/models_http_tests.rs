@@ -11,13 +11,13 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::fleet::model::{Model, ModelName};
 use crate::fleet::roster::{Member, Roster};
 use crate::fleet::served::{ServedModel, ServedModels};
 use crate::http::app::app;
 use crate::http::state::AppState;
 use crate::metrics::ScrapedPool;
-use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::tenancy::keys::{digest_hex, KeyRing};
 use crate::tenancy::Keys;
 use crate::testutil::{card, EOS};

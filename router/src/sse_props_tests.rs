@@ -14,10 +14,10 @@ use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::fleet::model::Model;
 use crate::http::app::app;
 use crate::http::state::AppState;
-use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::testutil::{card, EOS};
 
 /// Streams `chunks` of byte tokens, then EOS.

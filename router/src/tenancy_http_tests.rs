@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
+use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::fleet::model::Model;
 use crate::http::app::app;
 use crate::http::state::AppState;
-use crate::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
 use crate::tenancy::keys::{digest_hex, KeyRing};
 use crate::tenancy::usage::UsageLog;
 use crate::tenancy::Keys;

@@ -12,9 +12,9 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use crate::admission::{Admission, AdmissionConfig};
+use crate::backend::Backend;
 use crate::fleet::model::{Model, ModelName};
 use crate::metrics::{ModelScrape, ScrapedPool};
-use crate::pd::Backend;
 
 /// Why a request's model cannot serve it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

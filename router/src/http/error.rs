@@ -15,8 +15,8 @@ use std::borrow::Cow;
 use utoipa::ToSchema;
 
 use crate::admission::AdmissionError;
+use crate::backend::BackendError;
 use crate::fleet::served::Unservable;
-use crate::pd::BackendError;
 use crate::prepare::validate::ValidationError;
 use crate::tenancy::limits::LimitError;
 use crate::tenancy::{AuthError, ModelNotAllowed};

@@ -1,40 +1,30 @@
-//! `/v1/chat/completions` and `/v1/completions`: validate, start the
-//! generation, answer as one JSON body or as server-sent events.
+//! `/v1/chat/completions` and `/v1/completions`: one body for both. The
+//! handler extracts, prepares, hands the request to the generate step and
+//! answers as one JSON body or as server-sent events ([`super::sse`]).
 
-use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{BoxStream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::admission::hold;
+use crate::backend::BackendError;
 use crate::fleet::model::{unix_now, Model};
-use crate::fleet::served::ServedModel;
-use crate::http::error::ErrorResponse;
-use crate::http::error::{ApiError, AppJson};
+use crate::generate::{generate, GenerateError, Generation, Job};
+use crate::http::error::{ApiError, AppJson, ErrorResponse};
+use crate::http::sse::{sse, Streamed};
 use crate::http::state::AppState;
-use crate::pd::{BackendError, Finish, GenerateRequest};
 use crate::prepare::request::{ChatCompletionRequest, CompletionRequest};
-use crate::prepare::validate::{check_request_id, validate_chat, validate_completion, ValidRequest};
+use crate::prepare::validate::{check_request_id, validate_chat, validate_completion, ValidRequest, ValidationError};
 use crate::respond::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
-use crate::respond::response::Usage;
-use crate::respond::stream::{deltas, Delta, Output};
-use crate::tenancy::limits::Running;
-use crate::tenancy::usage::{meter, UsageRecord};
+use crate::respond::stream::Delta;
 use crate::tenancy::Caller;
 
 /// Header that carries the request id in and out.
 const REQUEST_ID: &str = "x-request-id";
-/// Stream events buffered between the generation task and the client.
-const EVENT_BUFFER: usize = 32;
 
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
@@ -57,22 +47,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     AppJson(body): AppJson<ChatCompletionRequest>,
 ) -> Response {
-    let arrival = Instant::now();
-    let request_id = request_id(&headers, body.params.request_id.as_deref());
-    let user = body.params.user.clone();
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat", user = user.as_deref(),
-        model = tracing::field::Empty);
-    cluster::telemetry::set_parent_from_http(&span, &headers);
-    let answer = async {
-        let (served, model) = state.model(body.model.as_deref()).await?;
-        tracing::Span::current().record("model", model.served_name.as_str());
-        let valid = for_caller(&caller, &model, validate_chat(&model, body)?)?;
-        let format = ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)
-    }
-    .instrument(span)
-    .await;
-    with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
+    handle(state, caller, headers, body).await
 }
 
 /// `POST /v1/completions`.
@@ -96,39 +71,99 @@ pub async fn completions(
     headers: HeaderMap,
     AppJson(body): AppJson<CompletionRequest>,
 ) -> Response {
+    handle(state, caller, headers, body).await
+}
+
+/// What differs between the two generation endpoints.
+trait Endpoint: Sized {
+    /// The `endpoint` of the request's span.
+    const NAME: &'static str;
+    /// How its answers are written.
+    type Format: ChunkFormat;
+    /// The body's `model`.
+    fn model(&self) -> Option<&str>;
+    /// The body's `request_id` (vLLM's extra).
+    fn request_id(&self) -> Option<&str>;
+    /// The body's `user`.
+    fn user(&self) -> Option<&str>;
+    /// The prepared request.
+    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError>;
+    /// The answer's format for `valid`.
+    fn format(valid: &ValidRequest) -> Self::Format;
+}
+
+impl Endpoint for ChatCompletionRequest {
+    const NAME: &'static str = "chat";
+    type Format = ChatFormat;
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        self.params.request_id.as_deref()
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.params.user.as_deref()
+    }
+
+    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
+        validate_chat(model, self)
+    }
+
+    fn format(valid: &ValidRequest) -> ChatFormat {
+        ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone())
+    }
+}
+
+impl Endpoint for CompletionRequest {
+    const NAME: &'static str = "completions";
+    type Format = CompletionFormat;
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        self.params.request_id.as_deref()
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.params.user.as_deref()
+    }
+
+    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
+        validate_completion(model, self)
+    }
+
+    fn format(valid: &ValidRequest) -> CompletionFormat {
+        CompletionFormat::new(valid.echo.clone())
+    }
+}
+
+/// Either endpoint: the span, the model, preparation under the caller's key,
+/// then the answer. Every response carries the request id.
+async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap, body: E) -> Response {
     let arrival = Instant::now();
-    let request_id = request_id(&headers, body.params.request_id.as_deref());
-    let user = body.params.user.clone();
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions",
-        user = user.as_deref(), model = tracing::field::Empty);
+    let request_id = request_id(&headers, body.request_id());
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = E::NAME, user = body.user(),
+        model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
-        let (served, model) = state.model(body.model.as_deref()).await?;
+        let (served, model) = state.model(body.model()).await?;
         tracing::Span::current().record("model", model.served_name.as_str());
-        let valid = for_caller(&caller, &model, validate_completion(&model, body)?)?;
-        let format = CompletionFormat::new(valid.echo.clone());
-        Ok::<_, ApiError>(run(&state, &served, &caller, &model, &request_id, arrival, valid, format).await)
+        let mut valid = body.prepare(&model)?;
+        caller.authorize(&model.served_name)?;
+        // The request runs under its tenant's cache salt.
+        valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
+        let format = E::format(&valid);
+        let job = Job { request_id: request_id.clone(), arrival, caller, served, model, valid };
+        answer(&state, job, format).await
     }
     .instrument(span)
     .await;
     with_request_id(answer.unwrap_or_else(IntoResponse::into_response), &request_id)
-}
-
-/// `valid` as `caller` may send it: on a model its tenant may use, under
-/// its tenant's cache salt.
-fn for_caller(caller: &Caller, model: &Model, mut valid: ValidRequest) -> Result<ValidRequest, ApiError> {
-    caller.authorize(&model.served_name)?;
-    valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
-    Ok(valid)
-}
-
-/// Holds `valid` to its caller's limits, counting a refusal in the metrics.
-fn caller_limits(state: &AppState, caller: &Caller, valid: &ValidRequest) -> Result<Running, ApiError> {
-    let most_new_tokens = u64::from(valid.sampling.max_tokens) * u64::from(valid.sampling.n.max(1));
-    caller.check_request().and_then(|()| caller.admit(valid.prompt_token_ids.len(), most_new_tokens)).map_err(|e| {
-        state.metrics.tenants().limited(caller.tenant(), caller.key_id(), e.kind());
-        ApiError::Limit(e)
-    })
 }
 
 /// The client's `X-Request-Id`, else the body's `request_id` (vLLM's extra)
@@ -147,79 +182,39 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
     response
 }
 
-/// Starts the generation on `served`'s workers and answers in the
-/// endpoint's format. `arrival` is when the handler started, the origin of
-/// the time to first token.
-#[allow(clippy::too_many_arguments)]
-async fn run<F: ChunkFormat>(
-    state: &AppState,
-    served: &ServedModel,
-    caller: &Caller,
-    model: &Model,
-    request_id: &str,
-    arrival: Instant,
-    valid: ValidRequest,
-    format: F,
-) -> Response {
-    let running = match caller_limits(state, caller, &valid) {
-        Ok(running) => running,
-        Err(e) => return e.into_response(),
-    };
-    let prompt = Arc::new(valid.prompt_token_ids);
+/// Runs `job` and answers in `format`: a stream of events, or one body once
+/// every choice is done.
+async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result<Response, ApiError> {
+    let valid = &job.valid;
+    let (stream, include_usage, return_token_ids) = (valid.stream, valid.include_usage, valid.return_token_ids);
+    let (logprobs, n) = (valid.sampling.logprobs.is_some(), valid.sampling.n);
+    let model = job.model.served_name.clone();
+    let Generation { deltas, prompt } = generate(&state.metrics, state.usage(), job).await?;
     let meta = ResponseMeta {
         id: format!("{}-{}", format.id_prefix(), uuid::Uuid::new_v4().simple()),
         created: unix_now(),
-        model: model.served_name.clone(),
-        prompt_token_ids: valid.return_token_ids.then(|| prompt.clone()),
-        logprobs: valid.sampling.logprobs.is_some(),
-        n: valid.sampling.n,
+        model,
+        prompt_token_ids: return_token_ids.then(|| prompt.clone()),
+        logprobs,
+        n,
     };
-    // Each choice has its own detokenizer, stop strings and max_tokens count.
-    let outputs = (0..valid.sampling.n.max(1))
-        .map(|_| {
-            Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens)
-                .include_stop_str(valid.include_stop_str_in_output)
-                .skip_special_tokens(valid.skip_special_tokens)
-        })
-        .collect();
-    // Waits here, before any byte of the answer, so a full queue is a plain 429.
-    // A client that leaves while queued drops this future and its place in line.
-    let queued = Instant::now();
-    let mut request = GenerateRequest {
-        request_id: request_id.to_owned(),
-        prompt_token_ids: prompt.clone(),
-        sampling: valid.sampling,
-        priority: valid.priority,
-        cache_salt: valid.cache_salt,
-        first_worker: None,
-    };
-    // Placement runs when the turn comes, on the load of that moment.
-    let chooser = served.backend.first_leg_chooser(&request);
-    let permit = match served.admission.admit_with(request.priority, chooser).await {
-        Ok(permit) => permit,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let name = model.served_name.as_str();
-    // Only admitted requests: a refusal never waited, and its prompt never runs.
-    state.metrics.observe_queue_time(name, queued.elapsed());
-    state.metrics.count_prompt_tokens(name, prompt.len());
-    request.first_worker = Some(permit.worker());
-    let tokens = served.backend.generate(request);
-    // The slot is held until the token stream ends or is dropped (client gone).
-    let tokens = hold(state.metrics.time_tokens(name, tokens, arrival), permit);
-    let usage = UsageRecord::start(state.usage(), caller, request_id, name, prompt.len(), running);
-    let deltas = meter(state.metrics.count_deltas(name, deltas(tokens, outputs)), usage);
-    if valid.stream {
-        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage: valid.include_usage };
-        return sse(stream).into_response();
+    if stream {
+        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage };
+        return Ok(sse(stream).into_response());
     }
-    let collected = match collect(deltas, meta.n).await {
-        Ok(collected) => collected,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
+    let collected = collect(deltas, meta.n).await?;
     let completion_tokens: usize = collected.iter().map(|c| c.token_ids.len()).sum();
     tracing::info!(prompt_tokens = prompt.len(), completion_tokens, "request done");
-    Json(format.whole(&meta, prompt.len(), collected)).into_response()
+    Ok(Json(format.whole(&meta, prompt.len(), collected)).into_response())
+}
+
+impl From<GenerateError> for ApiError {
+    fn from(e: GenerateError) -> Self {
+        match e {
+            GenerateError::Limit(e) => Self::Limit(e),
+            GenerateError::Admission(e) => Self::Admission(e),
+        }
+    }
 }
 
 /// Every choice's whole output, in choice order.
@@ -239,81 +234,4 @@ async fn collect(
         out.finish = delta.finish.or(out.finish);
     }
     Ok(outs)
-}
-
-/// One streaming answer in the making.
-struct Streamed<F> {
-    meta: ResponseMeta,
-    format: F,
-    deltas: BoxStream<'static, Result<Delta, BackendError>>,
-    prompt_tokens: usize,
-    include_usage: bool,
-}
-
-/// Runs the stream in its own task so a slow client never stalls the token
-/// stream's bookkeeping, and stops it (dropping the generation) as soon as
-/// the client goes away.
-fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> impl IntoResponse {
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(write_events(streamed, tx).in_current_span());
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
-}
-
-async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Result<Event, Infallible>>) {
-    let send = |data: String| {
-        let tx = tx.clone();
-        async move { tx.send(Ok(Event::default().data(data))).await.is_ok() }
-    };
-    for chunk in s.format.opening(&s.meta) {
-        if !send(chunk).await {
-            return;
-        }
-    }
-    let mut completion_tokens = 0;
-    let mut first = true;
-    let mut finished = vec![false; s.meta.n.max(1) as usize];
-    loop {
-        let next = tokio::select! {
-            next = s.deltas.next() => next,
-            () = tx.closed() => {
-                tracing::info!("client disconnected");
-                return;
-            }
-        };
-        let delta = match next {
-            None => break,
-            Some(Ok(delta)) => delta,
-            Some(Err(e)) => {
-                let error = ApiError::from(e);
-                tracing::warn!(%error, "stream failed");
-                // Each choice the failure cut short ends visibly, as vLLM's
-                // do: `finish_reason: "error"`, then the error itself.
-                for index in (0..finished.len()).filter(|&i| !finished[i]) {
-                    let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
-                    for chunk in s.format.delta(&s.meta, &end, first) {
-                        send(chunk).await;
-                    }
-                    first = false;
-                }
-                send(error.body().to_string()).await;
-                break;
-            }
-        };
-        if let Some(done) = finished.get_mut(delta.index as usize) {
-            *done |= delta.finish.is_some();
-        }
-        completion_tokens += delta.token_ids.len();
-        for chunk in s.format.delta(&s.meta, &delta, first) {
-            if !send(chunk).await {
-                return;
-            }
-        }
-        first = false;
-    }
-    tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens, "request done");
-    if s.include_usage {
-        let usage = Usage::new(s.prompt_tokens as u32, completion_tokens as u32);
-        send(s.format.usage(&s.meta, usage)).await;
-    }
-    send("[DONE]".to_owned()).await;
 }

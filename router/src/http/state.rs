@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::backend::Backend;
 use crate::fleet::model::{Model, ModelName};
 use crate::fleet::served::{ServedModel, ServedModels};
 use crate::http::error::ApiError;
 use crate::metrics::Metrics;
-use crate::pd::Backend;
 use crate::tenancy::keys::KeyRing;
 use crate::tenancy::usage::{UsageLog, UsageSink};
 use crate::tenancy::Keys;

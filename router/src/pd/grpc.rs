@@ -17,12 +17,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
+use crate::backend::{BackendError, Finish, GenerateRequest, Sampling, TokenChunk, TokenLogprobs, TokenStream};
 use crate::fleet::breaker::Failure;
 use crate::fleet::roster::Roster;
-use crate::pd::{
-    BackendError, DecodeLeg, Finish, FirstToken, GenerateRequest, PrefillOutcome, Sampling, TokenChunk, TokenLogprobs,
-    TokenStream, WorkerLegs,
-};
+use crate::pd::{DecodeLeg, FirstToken, PrefillOutcome, WorkerLegs};
 
 /// vLLM's `kv_transfer_params` asking the prefill worker to pin the KV for a
 /// remote decode. The router writes only this; the answer is opaque to it.

@@ -8,6 +8,7 @@ use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::backend::Sampling;
 use crate::placement::{Demand, Leg, Placement, RoundRobin, Slots};
 
 /// Fake pools: prefill answers `prefill`, decode streams `decode_chunks`.

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::backend::Sampling;
 use crate::fleet::model::Model;
-use crate::pd::Sampling;
 pub use crate::prepare::error::ValidationError;
 use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, MessageContent, Prompt,

@@ -9,7 +9,7 @@ use super::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
     ChatTokenLogprob, Completion, CompletionChoice, FunctionCall, ToolCallObject, Usage,
 };
-use crate::pd::Finish;
+use crate::backend::Finish;
 use crate::respond::stream::Delta;
 use crate::respond::tool_calls::{parse_output, OutputParser, ToolCall};
 

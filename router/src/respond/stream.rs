@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::stream::{self, BoxStream, StreamExt};
 use tokenizers::Tokenizer;
 
-use crate::pd::{BackendError, Finish, TokenLogprobs, TokenStream};
+use crate::backend::{BackendError, Finish, TokenLogprobs, TokenStream};
 use crate::respond::response::{ChatTokenLogprob, TopLogprob};
 
 /// Text decoded from the generated ids so far, handed out piece by piece.

@@ -16,8 +16,8 @@ use serde_json::json;
 
 use super::limits::Running;
 use super::Caller;
+use crate::backend::BackendError;
 use crate::metrics::TenantCounters;
-use crate::pd::BackendError;
 use crate::respond::stream::Delta;
 
 /// An append-only file of one JSON object per finished request.

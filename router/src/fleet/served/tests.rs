@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::pd::{GenerateRequest, TokenStream};
+use crate::backend::{GenerateRequest, TokenStream};
 use crate::testutil::card;
 
 /// A backend that is never called: resolving a model runs nothing.

@@ -151,8 +151,8 @@ async fn served_at_openapi_json_and_every_documented_route_exists() {
 /// A backend that is never called: the routes above fail or answer before generating.
 struct NoBackend;
 
-impl crate::pd::Backend for NoBackend {
-    fn generate(&self, _: crate::pd::GenerateRequest) -> crate::pd::TokenStream {
+impl crate::backend::Backend for NoBackend {
+    fn generate(&self, _: crate::backend::GenerateRequest) -> crate::backend::TokenStream {
         unreachable!("no generation in these tests")
     }
 }

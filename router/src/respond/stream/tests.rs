@@ -1,7 +1,7 @@
 use futures::stream::{self, StreamExt};
 
 use super::*;
-use crate::pd::{TokenChunk, TokenLogprobs};
+use crate::backend::{TokenChunk, TokenLogprobs};
 use crate::testutil::{ids, tokenizer, EOS};
 
 fn push_all(output: &mut Output, ids: &[u32]) -> Vec<Delta> {

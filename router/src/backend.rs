@@ -1,0 +1,182 @@
+//! The seam between the router's stages and the workers: what a validated
+//! request asks of them ([`GenerateRequest`], [`Sampling`]) and what comes
+//! back ([`TokenStream`] of [`TokenChunk`]s, [`Finish`], [`BackendError`]).
+//! [`crate::pd`] implements [`Backend`] over the prefill and decode workers.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+
+use crate::admission::Chooser;
+
+/// How to pick tokens, validated: no option is left open except the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// In (0, 1]; 1 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// `None` lets the worker pick.
+    pub seed: Option<u64>,
+    /// Most tokens to generate, the first included.
+    pub max_tokens: u32,
+    /// In [0, 1]; 0 is off.
+    pub min_p: f32,
+    /// In [-2, 2]; 0 is off.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; 0 is off.
+    pub frequency_penalty: f32,
+    /// In (0, 2]; 1 is off.
+    pub repetition_penalty: f32,
+    /// Token ids in the vocabulary with biases in [-100, 100], sorted by id.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Token ids (in the vocabulary) that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's eos tokens.
+    pub ignore_eos: bool,
+    /// No stop before this many tokens; at most `max_tokens`.
+    pub min_tokens: u32,
+    /// `None`: no logprobs; `Some(k)`: each token's logprob and the `k`
+    /// (at most 20) most likely tokens'.
+    pub logprobs: Option<u32>,
+    /// Choices generated from the one prompt, in [1, 16].
+    pub n: u32,
+}
+
+impl Default for Sampling {
+    /// vLLM's defaults: temperature 1, every filter and penalty off, 16 tokens.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 16,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+            logprobs: None,
+            n: 1,
+        }
+    }
+}
+
+/// One generation as the backend sees it.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Carried in every worker call and log line.
+    pub request_id: String,
+    /// The prompt, tokenized.
+    pub prompt_token_ids: Arc<Vec<u32>>,
+    /// Sampling parameters.
+    pub sampling: Sampling,
+    /// Scheduling priority on the workers, lower first.
+    pub priority: i32,
+    /// Prefix-cache salt; `None` shares blocks with unsalted requests.
+    pub cache_salt: Option<String>,
+    /// The worker of the first leg (prefill, or decode when colocated) that
+    /// admission reserved a slot on; `None` lets placement pick.
+    pub first_worker: Option<usize>,
+}
+
+/// Why the workers ended a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token (or a stop string, decided by the router).
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// A worker failed mid-generation (vLLM's `error`); never sent by a
+    /// worker, only set by the router on the choices a failure cut short.
+    Error,
+}
+
+impl Finish {
+    /// The OpenAI `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The logprobs of one generated token, as the workers computed them: the
+/// log-softmax of the raw logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token's logprob.
+    pub logprob: f32,
+    /// The most likely tokens and their logprobs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Newly generated tokens of one choice; `finish` is set on that choice's
+/// last chunk.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenChunk {
+    /// The choice, in `0..n`.
+    pub index: u32,
+    /// New token ids, in order.
+    pub token_ids: Vec<u32>,
+    /// With `Sampling::logprobs`: one entry per token id; else empty.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// Set when the generation is over.
+    pub finish: Option<Finish>,
+}
+
+/// A worker call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// No worker could be reached (503).
+    #[error("no worker available: {0}")]
+    Unavailable(String),
+    /// A worker answered with an error or broke the protocol (502).
+    #[error("worker error: {0}")]
+    Worker(String),
+    /// The worker aborted the request (502).
+    #[error("the worker aborted the request")]
+    Aborted,
+    /// The decode worker could not get the prompt's KV from the prefill
+    /// worker (the prefill worker died, stalled, or sent corrupt blocks);
+    /// the decode worker itself is fine (502).
+    #[error("KV hand-off failed: {0}")]
+    KvTransfer(String),
+}
+
+impl BackendError {
+    /// A stable label for the OpenAI `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "worker_unavailable",
+            Self::Worker(_) => "worker_error",
+            Self::Aborted => "worker_aborted",
+            Self::KvTransfer(_) => "kv_transfer_failed",
+        }
+    }
+}
+
+/// The generated tokens of one request, its choices' chunks interleaved.
+/// Ends once every choice's chunk with a finish reason went by, or after an
+/// error.
+pub type TokenStream = BoxStream<'static, Result<TokenChunk, BackendError>>;
+
+/// The seam between HTTP and the workers.
+pub trait Backend: Send + Sync + 'static {
+    /// How admission should pick the first leg's worker for `request` when
+    /// its turn comes; `None`: the least busy one.
+    fn first_leg_chooser(&self, _request: &GenerateRequest) -> Option<Chooser> {
+        None
+    }
+
+    /// Starts a generation. Dropping the stream cancels it.
+    fn generate(&self, request: GenerateRequest) -> TokenStream;
+}

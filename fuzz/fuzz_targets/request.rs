@@ -11,9 +11,9 @@ use axum::body::{to_bytes, Body};
 use axum::http::Request;
 use futures::stream::{self, StreamExt};
 use libfuzzer_sys::fuzz_target;
-use router::model::Model;
-use router::pd::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use router::server::{app, AppState};
+use router::fleet::model::Model;
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::{app, AppState};
 use router::testutil::{card, EOS};
 use tower::ServiceExt;
 

@@ -8,6 +8,13 @@ use router::pd::KvFailurePolicy;
 use router::placement::{self, CacheAwareConfig};
 use tokio::net::TcpListener;
 
+// A request is about two thousand small allocations (JSON values, token
+// strings, stream chunks); mimalloc serves them with a quarter fewer
+// instructions than glibc's allocator (callgrind, `pdserve-router-overhead`'s
+// requests).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// OpenAI-compatible router in front of prefill and decode workers.
 #[derive(Debug, Parser)]
 #[command(name = "router", version)]

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prompt::encode::Encoder;
 use proto::worker::ModelCard;
 use tokenizers::Tokenizer;
 
@@ -35,6 +36,8 @@ pub struct Model {
     pub vocab_size: u32,
     /// The model's tokenizer.
     pub tokenizer: Arc<Tokenizer>,
+    /// Text -> ids with the tokenizer's results, on its fast path when it has one.
+    pub encoder: Encoder,
     /// The chat template; `None` when the card has none (chat is then refused).
     pub template: Option<ChatTemplate>,
     /// The BOS token's text, the template's `bos_token` (also for a request's own template).
@@ -66,6 +69,7 @@ impl Model {
         } else {
             Some(ChatTemplate::new(&card.chat_template, &card.bos_token, &card.eos_token)?)
         };
+        let tokenizer = Arc::new(tokenizer);
         let bos_token_id = card.add_bos_token.then(|| tokenizer.token_to_id(&card.bos_token)).flatten();
         let vocab_size = u32::try_from(tokenizer.get_vocab_size(true)).unwrap_or(u32::MAX);
         // No token stands for more text than its spelling in the vocabulary
@@ -78,7 +82,8 @@ impl Model {
             served_name: served_name.unwrap_or_else(|| card.model_name.clone()),
             context_length: card.context_length,
             vocab_size,
-            tokenizer: Arc::new(tokenizer),
+            encoder: Encoder::new(tokenizer.clone()),
+            tokenizer,
             template,
             bos_token: card.bos_token.clone(),
             eos_token: card.eos_token.clone(),

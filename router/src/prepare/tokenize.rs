@@ -128,8 +128,7 @@ fn encode(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
     if text.len() > model.max_prompt_bytes {
         return Err(ValidationError::TextTooLong { bytes: text.len(), context_length: model.context_length });
     }
-    let encoding = model.tokenizer.encode(text, false).map_err(|e| ValidationError::Tokenize(e.to_string()))?;
-    Ok(encoding.get_ids().to_vec())
+    model.encoder.encode(text).map_err(|e| ValidationError::Tokenize(e.to_string()))
 }
 
 #[cfg(test)]

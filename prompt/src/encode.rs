@@ -9,7 +9,7 @@
 //! digits isolated when the pre-tokenizer says so, GPT-2's pattern on the
 //! `regex` crate, each piece's bytes mapped to GPT-2's byte alphabet, and
 //! HF's own BPE model (with its word cache) for the merges. The ids are the
-//! same; `engine/tests/encoder.rs` holds it to `Tokenizer::encode` over the
+//! same; `engine/tests/fast_tokenizer.rs` holds it to `Tokenizer::encode` over the
 //! code points and random text.
 //!
 //! Any other pipeline (a normalizer, SentencePiece, added tokens that strip
@@ -20,6 +20,8 @@ use std::sync::Arc;
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
 use tokenizers::{Model, ModelWrapper, PreTokenizerWrapper, Tokenizer};
+
+use crate::byte_level;
 
 /// GPT-2's split pattern without its `\s+(?!\S)` lookahead, which the
 /// `regex` crate lacks; [`ByteLevelBpe::pieces`] gives a whitespace run the
@@ -104,7 +106,13 @@ impl ByteLevelBpe {
         } else {
             Some(AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&spellings).ok()?)
         };
-        Some(Self { added, added_ids, split_digits, pattern: Regex::new(GPT2_PATTERN).ok()?, byte_chars: byte_chars() })
+        Some(Self {
+            added,
+            added_ids,
+            split_digits,
+            pattern: Regex::new(GPT2_PATTERN).ok()?,
+            byte_chars: byte_level::byte_chars(),
+        })
     }
 
     fn encode(&self, model: &ModelWrapper, text: &str) -> tokenizers::Result<Vec<u32>> {
@@ -202,20 +210,4 @@ fn byte_level_pre_tokenizer(pre: &PreTokenizerWrapper) -> Option<bool> {
         }
         _ => None,
     }
-}
-
-/// GPT-2's byte alphabet: printable bytes stand for themselves, the others
-/// take the characters from U+0100 on, in byte order.
-fn byte_chars() -> [char; 256] {
-    let mut chars = ['\0'; 256];
-    let mut next = 256u32;
-    for (b, c) in (0..=255u8).zip(chars.iter_mut()) {
-        *c = if matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
-            char::from(b)
-        } else {
-            next += 1;
-            char::from_u32(next - 1).unwrap_or('\0')
-        };
-    }
-    chars
 }

@@ -6,10 +6,12 @@
 //! - [`chat_template`]: a model's chat template rendered as Hugging Face renders it (the router
 //!   from the model card, the engine's offline batch from the model).
 //! - [`encode`]: text -> token ids as the Hugging Face tokenizer gives them, on a fast path for
-//!   byte-level BPE vocabularies.
+//!   byte-level BPE vocabularies; [`decode`] the way back.
 //! - [`block_hash`]: the salted, chained hash of full KV blocks that names cached prefixes on the
 //!   workers and in the router's index.
 
 pub mod block_hash;
+mod byte_level;
 pub mod chat_template;
+pub mod decode;
 pub mod encode;

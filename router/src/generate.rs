@@ -68,7 +68,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
     // Each choice has its own detokenizer, stop strings and max_tokens count.
     let outputs = (0..valid.sampling.n.max(1))
         .map(|_| {
-            Output::new(model.tokenizer.clone(), valid.stops.clone(), valid.sampling.max_tokens)
+            Output::new(model.decoder.clone(), valid.stops.clone(), valid.sampling.max_tokens)
                 .include_stop_str(valid.include_stop_str_in_output)
                 .skip_special_tokens(valid.skip_special_tokens)
         })

@@ -48,6 +48,11 @@ pub fn tokenizer() -> Arc<Tokenizer> {
     Arc::new(Tokenizer::from_str(&tokenizer_json()).unwrap())
 }
 
+/// The tokenizer's decoder.
+pub fn decoder() -> prompt::decode::Decoder {
+    prompt::decode::Decoder::new(tokenizer())
+}
+
 /// Token ids of `text`'s bytes.
 pub fn ids(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()

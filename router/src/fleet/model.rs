@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prompt::decode::Decoder;
 use prompt::encode::Encoder;
 use proto::worker::ModelCard;
 use tokenizers::Tokenizer;
@@ -38,6 +39,8 @@ pub struct Model {
     pub tokenizer: Arc<Tokenizer>,
     /// Text -> ids with the tokenizer's results, on its fast path when it has one.
     pub encoder: Encoder,
+    /// Ids -> text with the tokenizer's results, from a table when it can.
+    pub decoder: Decoder,
     /// The chat template; `None` when the card has none (chat is then refused).
     pub template: Option<ChatTemplate>,
     /// The BOS token's text, the template's `bos_token` (also for a request's own template).
@@ -83,6 +86,7 @@ impl Model {
             context_length: card.context_length,
             vocab_size,
             encoder: Encoder::new(tokenizer.clone()),
+            decoder: Decoder::new(tokenizer.clone()),
             tokenizer,
             template,
             bos_token: card.bos_token.clone(),

@@ -115,7 +115,7 @@ pub fn decode(model: &Model, ids: &[u32]) -> Result<String, ValidationError> {
 
 /// Token ids back to text, special tokens left out when `skip_special_tokens`.
 pub fn decode_with(model: &Model, ids: &[u32], skip_special_tokens: bool) -> Result<String, ValidationError> {
-    model.tokenizer.decode(ids, skip_special_tokens).map_err(|e| ValidationError::Tokenize(e.to_string()))
+    model.decoder.decode(ids, skip_special_tokens).map_err(|e| ValidationError::Tokenize(e.to_string()))
 }
 
 /// Each id's token as the vocabulary spells it (vLLM's `token_strs`).

@@ -5,10 +5,8 @@
 //! tested without any I/O; [`deltas`] drives it over a backend's token stream
 //! and stops pulling (which cancels the generation) as soon as it finishes.
 
-use std::sync::Arc;
-
 use futures::stream::{self, BoxStream, StreamExt};
-use tokenizers::Tokenizer;
+use prompt::decode::Decoder;
 
 use crate::backend::{BackendError, Finish, TokenLogprobs, TokenStream};
 use crate::respond::response::{ChatTokenLogprob, TopLogprob};
@@ -23,7 +21,7 @@ use crate::respond::response::{ChatTokenLogprob, TopLogprob};
 /// token will complete.
 #[derive(Debug)]
 pub struct Detokenizer {
-    tokenizer: Arc<Tokenizer>,
+    decoder: Decoder,
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
@@ -32,8 +30,8 @@ pub struct Detokenizer {
 
 impl Detokenizer {
     /// A detokenizer with nothing decoded yet; special tokens decode to nothing.
-    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
+    pub fn new(decoder: Decoder) -> Self {
+        Self { decoder, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
     }
 
     /// The same detokenizer, keeping special tokens' text when
@@ -43,7 +41,7 @@ impl Detokenizer {
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer.decode(ids, self.skip_special_tokens).unwrap_or_default()
+        self.decoder.decode(ids, self.skip_special_tokens).unwrap_or_default()
     }
 
     /// Adds one id; returns the text it completes (maybe empty).
@@ -153,13 +151,13 @@ pub struct Delta {
 const MIN_LOGPROB: f32 = -9999.0;
 
 /// A token's logprobs with the token's text, for the client.
-fn token_logprob(tokenizer: &Tokenizer, id: u32, logprobs: &TokenLogprobs) -> ChatTokenLogprob {
-    let (token, bytes) = token_text(tokenizer, id);
+fn token_logprob(decoder: &Decoder, id: u32, logprobs: &TokenLogprobs) -> ChatTokenLogprob {
+    let (token, bytes) = token_text(decoder, id);
     let top_logprobs = logprobs
         .top
         .iter()
         .map(|&(id, logprob)| {
-            let (token, bytes) = token_text(tokenizer, id);
+            let (token, bytes) = token_text(decoder, id);
             TopLogprob { token, logprob: logprob.max(MIN_LOGPROB), bytes }
         })
         .collect();
@@ -167,8 +165,8 @@ fn token_logprob(tokenizer: &Tokenizer, id: u32, logprobs: &TokenLogprobs) -> Ch
 }
 
 /// One token's text on its own (special tokens included) and its UTF-8 bytes.
-fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
-    let text = tokenizer.decode(&[id], false).unwrap_or_default();
+fn token_text(decoder: &Decoder, id: u32) -> (String, Vec<u8>) {
+    let text = decoder.decode(&[id], false).unwrap_or_default();
     let bytes = text.as_bytes().to_vec();
     (text, bytes)
 }
@@ -197,9 +195,9 @@ pub struct Output {
 
 impl Output {
     /// Output for a generation of at most `max_tokens` that ends at `stops`.
-    pub fn new(tokenizer: Arc<Tokenizer>, stops: Vec<String>, max_tokens: u32) -> Self {
+    pub fn new(decoder: Decoder, stops: Vec<String>, max_tokens: u32) -> Self {
         Self {
-            detok: Detokenizer::new(tokenizer),
+            detok: Detokenizer::new(decoder),
             stops: StopMatcher::new(stops),
             max_tokens,
             text: String::new(),
@@ -312,8 +310,8 @@ impl Output {
         } else {
             self.pending_logprobs.partition_point(|&(start, _, _)| start < end)
         };
-        let tokenizer = &self.detok.tokenizer;
-        let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(tokenizer, id, &l)).collect();
+        let decoder = &self.detok.decoder;
+        let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l)).collect();
         Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish }
     }
 }

@@ -2,7 +2,7 @@ use futures::stream::{self, StreamExt};
 
 use super::*;
 use crate::backend::{TokenChunk, TokenLogprobs};
-use crate::testutil::{ids, tokenizer, EOS};
+use crate::testutil::{decoder, ids, EOS};
 
 fn push_all(output: &mut Output, ids: &[u32]) -> Vec<Delta> {
     ids.iter().filter_map(|&id| output.push(id, None)).collect()
@@ -14,7 +14,7 @@ fn texts(deltas: &[Delta]) -> Vec<&str> {
 
 #[test]
 fn detokenizer_never_splits_a_multibyte_char() {
-    let mut detok = Detokenizer::new(tokenizer());
+    let mut detok = Detokenizer::new(decoder());
     // "é" is 0xC3 0xA9: two tokens, one character.
     let out: Vec<String> = ids("aé b").into_iter().map(|id| detok.push(id)).collect();
     assert_eq!(out, ["a", "", "é", " ", "b"]);
@@ -22,14 +22,14 @@ fn detokenizer_never_splits_a_multibyte_char() {
 
 #[test]
 fn detokenizer_flushes_an_incomplete_char_at_the_end() {
-    let mut detok = Detokenizer::new(tokenizer());
+    let mut detok = Detokenizer::new(decoder());
     assert_eq!(detok.push(0xE2), "");
     assert_eq!(detok.flush(), "\u{FFFD}");
 }
 
 #[test]
 fn special_tokens_produce_no_text() {
-    let mut output = Output::new(tokenizer(), vec![], 10);
+    let mut output = Output::new(decoder(), vec![], 10);
     assert_eq!(push_all(&mut output, &ids("hi")).len(), 2);
     let last = output.push(EOS, Some(Finish::Stop)).unwrap();
     assert_eq!(last.text, "");
@@ -49,7 +49,7 @@ fn stop_matcher_holds_back_a_possible_stop_prefix() {
 
 #[test]
 fn stop_string_cuts_text_and_holds_back_while_streaming() {
-    let mut output = Output::new(tokenizer(), vec!["\n\n".into()], 100);
+    let mut output = Output::new(decoder(), vec!["\n\n".into()], 100);
     let deltas = push_all(&mut output, &ids("ab\ncd\n\nef"));
     assert_eq!(texts(&deltas), ["a", "b", "\nc", "d", ""]);
     let last = deltas.last().unwrap();
@@ -61,7 +61,7 @@ fn stop_string_cuts_text_and_holds_back_while_streaming() {
 
 #[test]
 fn held_back_text_is_flushed_when_the_worker_finishes() {
-    let mut output = Output::new(tokenizer(), vec!["xyz".into()], 100);
+    let mut output = Output::new(decoder(), vec!["xyz".into()], 100);
     let mut deltas = push_all(&mut output, &ids("ax"));
     deltas.push(output.end(Finish::Length));
     assert_eq!(texts(&deltas), ["a", "x"]);
@@ -70,7 +70,7 @@ fn held_back_text_is_flushed_when_the_worker_finishes() {
 
 #[test]
 fn max_tokens_finishes_with_length() {
-    let mut output = Output::new(tokenizer(), vec![], 2);
+    let mut output = Output::new(decoder(), vec![], 2);
     let deltas = push_all(&mut output, &ids("abc"));
     assert_eq!(texts(&deltas), ["a", "b"]);
     assert_eq!(deltas[1].finish, Some(Finish::Length));
@@ -83,7 +83,7 @@ async fn deltas_stop_pulling_after_a_stop_string() {
         Ok(TokenChunk { index: 0, token_ids: ids("more"), logprobs: vec![], finish: None }),
         Err(BackendError::Aborted),
     ];
-    let output = Output::new(tokenizer(), vec!["!".into()], 100);
+    let output = Output::new(decoder(), vec!["!".into()], 100);
     let all: Vec<_> = deltas(stream::iter(chunks).boxed(), vec![output]).collect().await;
     let all: Vec<Delta> = all.into_iter().map(Result::unwrap).collect();
     assert_eq!(texts(&all), ["h", "i", ""]);
@@ -101,7 +101,7 @@ fn reported(deltas: &[Delta]) -> Vec<String> {
 
 #[test]
 fn logprobs_go_out_with_their_text_and_stop_strings_cut_them() {
-    let mut output = Output::new(tokenizer(), vec!["cd".into()], 100);
+    let mut output = Output::new(decoder(), vec!["cd".into()], 100);
     let mut deltas = Vec::new();
     for id in ids("abcde") {
         deltas.extend(output.push_with_logprobs(id, lp(id), None));
@@ -118,7 +118,7 @@ fn logprobs_go_out_with_their_text_and_stop_strings_cut_them() {
 
 #[test]
 fn a_split_character_and_eos_report_every_token() {
-    let mut output = Output::new(tokenizer(), vec![], 100);
+    let mut output = Output::new(decoder(), vec![], 100);
     let mut deltas = Vec::new();
     for id in ids("é") {
         deltas.extend(output.push_with_logprobs(id, lp(id), None));
@@ -134,7 +134,7 @@ fn a_split_character_and_eos_report_every_token() {
 
 #[test]
 fn minus_infinity_is_sent_as_the_floor() {
-    let mut output = Output::new(tokenizer(), vec![], 100);
+    let mut output = Output::new(decoder(), vec![], 100);
     let inf = TokenLogprobs { logprob: f32::NEG_INFINITY, top: vec![] };
     let delta = output.push_with_logprobs(b'a'.into(), Some(inf), None).unwrap();
     assert_eq!(delta.logprobs[0].logprob, -9999.0);

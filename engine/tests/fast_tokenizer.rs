@@ -1,4 +1,5 @@
-//! `prompt::encode::Encoder` gives exactly `Tokenizer::encode`'s ids on the
+//! `prompt::encode::Encoder` gives exactly `Tokenizer::encode`'s ids, and
+//! `prompt::decode::Decoder` exactly `Tokenizer::decode`'s text, on the
 //! default model's tokenizer, as the router receives it in the model card:
 //! over the Unicode code points in several contexts, random text from a fixed
 //! seed, and the golden prompts.
@@ -8,6 +9,7 @@ mod common;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use prompt::decode::Decoder;
 use prompt::encode::Encoder;
 use tokenizers::Tokenizer;
 
@@ -139,5 +141,39 @@ fn the_golden_prompts_encode_to_their_ids() {
         let text = tokenizer.decode(&record.prompt, false).unwrap();
         assert_same(&tokenizer, &encoder, &text);
         assert_eq!(encoder.encode(&text).unwrap(), record.prompt, "{}", record.id);
+    }
+}
+
+#[test]
+fn decoding_gives_the_tokenizers_text() {
+    let tokenizer = tokenizer();
+    let decoder = Decoder::new(tokenizer.clone());
+    assert!(decoder.is_fast(), "SmolLM2's byte-level vocabulary should decode from the table");
+    let vocab = tokenizer.get_vocab_size(true) as u32;
+    let same = |ids: &[u32]| {
+        for skip in [false, true] {
+            assert_eq!(decoder.decode(ids, skip).unwrap(), tokenizer.decode(ids, skip).unwrap(), "{ids:?} {skip}");
+        }
+    };
+    // Every id alone (half characters come out as U+FFFD), and one past the vocabulary.
+    for id in 0..=vocab {
+        same(&[id]);
+    }
+    // Random runs from a fixed seed: characters split over tokens, specials among them.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let len = next() % 8;
+        let ids: Vec<u32> = (0..len).map(|_| (next() % u64::from(vocab)) as u32).collect();
+        same(&ids);
+    }
+    for record in common::golden() {
+        same(&record.prompt);
+        same(&record.completion);
     }
 }

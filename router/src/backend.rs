@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::stream::BoxStream;
 
 use crate::admission::Chooser;
+use crate::placement::Demand;
 
 /// How to pick tokens, validated: no option is left open except the seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +85,17 @@ pub struct GenerateRequest {
     /// The worker of the first leg (prefill, or decode when colocated) that
     /// admission reserved a slot on; `None` lets placement pick.
     pub first_worker: Option<usize>,
+    /// The prompt as placement sees it, its salted block hashes computed
+    /// once ([`GenerateRequest::demand_for`]) for every placement decision.
+    pub demand: Arc<Demand>,
+}
+
+impl GenerateRequest {
+    /// Placement's view of `prompt` under `cache_salt`, for workers whose KV
+    /// blocks hold `block_size` tokens ([`Backend::block_size`]).
+    pub fn demand_for(prompt: &[u32], cache_salt: Option<&str>, block_size: Option<u32>) -> Arc<Demand> {
+        Arc::new(Demand::new(prompt, cache_salt, block_size))
+    }
 }
 
 /// Why the workers ended a generation.
@@ -171,6 +183,12 @@ pub type TokenStream = BoxStream<'static, Result<TokenChunk, BackendError>>;
 
 /// The seam between HTTP and the workers.
 pub trait Backend: Send + Sync + 'static {
+    /// Tokens per KV block on the workers, once known: what a request's
+    /// prompt is hashed in.
+    fn block_size(&self) -> Option<u32> {
+        None
+    }
+
     /// How admission should pick the first leg's worker for `request` when
     /// its turn comes; `None`: the least busy one.
     fn first_leg_chooser(&self, _request: &GenerateRequest) -> Option<Chooser> {

@@ -74,6 +74,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
         })
         .collect();
     let queued = Instant::now();
+    let demand = GenerateRequest::demand_for(&prompt, valid.cache_salt.as_deref(), served.backend.block_size());
     let mut request = GenerateRequest {
         request_id,
         prompt_token_ids: prompt.clone(),
@@ -81,6 +82,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
         priority: valid.priority,
         cache_salt: valid.cache_salt,
         first_worker: None,
+        demand,
     };
     // Placement runs when the turn comes, on the load of that moment.
     let chooser = served.backend.first_leg_chooser(&request);

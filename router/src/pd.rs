@@ -177,10 +177,6 @@ impl<L: WorkerLegs> PdBackend<L> {
         }
     }
 
-    fn demand(&self, request: &GenerateRequest) -> Demand {
-        Demand::new(&request.prompt_token_ids, request.cache_salt.as_deref(), self.placement.block_size())
-    }
-
     /// The first leg's pool.
     fn first_leg(&self) -> Leg {
         if self.legs.num_prefill() == 0 {
@@ -195,7 +191,7 @@ impl<L: WorkerLegs> PdBackend<L> {
     /// on another decode worker: the client cannot tell.
     fn colocated(&self, worker: usize, request: GenerateRequest) -> TokenStream {
         let n = request.sampling.n.max(1);
-        let demand = self.demand(&request);
+        let demand = request.demand.clone();
         let leg = DecodeLeg { request, handoff: None, first_token_ids: Vec::new() };
         let (legs, placement, in_flight) = (self.legs.clone(), self.placement.clone(), self.decode_in_flight.clone());
         let opened = async move {
@@ -231,8 +227,12 @@ impl<L: WorkerLegs> PdBackend<L> {
 }
 
 impl<L: WorkerLegs> Backend for PdBackend<L> {
+    fn block_size(&self) -> Option<u32> {
+        self.placement.block_size()
+    }
+
     fn first_leg_chooser(&self, request: &GenerateRequest) -> Option<Chooser> {
-        let demand = self.demand(request);
+        let demand = request.demand.clone();
         let placement = self.placement.clone();
         let leg = self.first_leg();
         let counters = self.counters.clone();
@@ -248,7 +248,7 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
 
     fn generate(&self, request: GenerateRequest) -> TokenStream {
         let n = request.sampling.n.max(1);
-        let demand = self.demand(&request);
+        let demand = request.demand.clone();
         // Admission holds a slot on the first leg's worker: use that one.
         let first_worker = |num: usize| {
             request.first_worker.filter(|&w| w < num).unwrap_or_else(|| {
@@ -308,7 +308,7 @@ enum PdState<L: WorkerLegs> {
 struct PdRun<L> {
     legs: Arc<L>,
     placement: Arc<dyn Placement>,
-    demand: Demand,
+    demand: Arc<Demand>,
     prefill_worker: usize,
     decode_worker: usize,
     /// Counts this request on its decode worker until the run is dropped.

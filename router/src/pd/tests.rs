@@ -104,6 +104,7 @@ fn request() -> GenerateRequest {
         priority: 0,
         cache_salt: None,
         first_worker: None,
+        demand: GenerateRequest::demand_for(&[1, 2, 3], None, None),
     }
 }
 

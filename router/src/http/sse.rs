@@ -2,10 +2,13 @@
 //! their own.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
 use futures::stream::{BoxStream, StreamExt};
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -16,8 +19,13 @@ use crate::respond::format::{ChunkFormat, ResponseMeta};
 use crate::respond::response::Usage;
 use crate::respond::stream::Delta;
 
-/// Stream events buffered between the generation task and the client.
+/// Writes (each one or more events) buffered between the generation task
+/// and the client.
 const EVENT_BUFFER: usize = 32;
+
+/// An idle stream sends an empty comment this often, so proxies and load
+/// balancers do not time it out while a long prompt prefills.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// One streaming answer in the making.
 pub struct Streamed<F> {
@@ -36,67 +44,120 @@ pub struct Streamed<F> {
 /// Runs the stream in its own task so a slow client never stalls the token
 /// stream's bookkeeping, and stops it (dropping the generation) as soon as
 /// the client goes away.
-pub fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> impl IntoResponse {
+pub fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> Response {
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(write_events(streamed, tx).in_current_span());
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>));
+    ([(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Result<Event, Infallible>>) {
-    let send = |data: String| {
-        let tx = tx.clone();
-        async move { tx.send(Ok(Event::default().data(data))).await.is_ok() }
-    };
+/// Events written as `data: ...` lines into one buffer, sent as one write:
+/// every delta already generated goes out together instead of one write
+/// (and one wake-up of the connection) per event.
+#[derive(Default)]
+struct Events(String);
+
+impl Events {
+    /// Adds one event. Our payloads are single-line JSON (or `[DONE]`).
+    fn push(&mut self, data: &str) {
+        self.0.push_str("data: ");
+        self.0.push_str(data);
+        self.0.push_str("\n\n");
+    }
+
+    /// Sends what was added, if anything; false once the client is gone.
+    async fn send(&mut self, tx: &mpsc::Sender<Bytes>) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        tx.send(Bytes::from(std::mem::take(&mut self.0))).await.is_ok()
+    }
+}
+
+/// Where a stream stands between writes.
+struct Progress {
+    completion_tokens: usize,
+    first: bool,
+    finished: Vec<bool>,
+}
+
+async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes>) {
+    let mut events = Events::default();
     for chunk in s.format.opening(&s.meta) {
-        if !send(chunk).await {
+        events.push(&chunk);
+    }
+    let mut progress = Progress { completion_tokens: 0, first: true, finished: vec![false; s.meta.n.max(1) as usize] };
+    loop {
+        if !events.send(&tx).await {
             return;
         }
-    }
-    let mut completion_tokens = 0;
-    let mut first = true;
-    let mut finished = vec![false; s.meta.n.max(1) as usize];
-    loop {
         let next = tokio::select! {
             next = s.deltas.next() => next,
             () = tx.closed() => {
                 tracing::info!("client disconnected");
                 return;
             }
+            () = tokio::time::sleep(KEEP_ALIVE) => {
+                events.0.push_str(":\n\n");
+                continue;
+            }
         };
-        let delta = match next {
-            None => break,
-            Some(Ok(delta)) => delta,
-            Some(Err(e)) => {
-                let error = ApiError::from(e);
-                tracing::warn!(%error, "stream failed");
-                // Each choice the failure cut short ends visibly, as vLLM's
-                // do: `finish_reason: "error"`, then the error itself.
-                for index in (0..finished.len()).filter(|&i| !finished[i]) {
-                    let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
-                    for chunk in s.format.delta(&s.meta, &end, first) {
-                        send(chunk).await;
-                    }
-                    first = false;
-                }
-                send(error.body().to_string()).await;
+        // This delta and every one already generated, in one write.
+        let mut next = Some(next);
+        let mut ended = false;
+        while let Some(item) = next {
+            if !add(&mut s, &mut events, &mut progress, item) {
+                ended = true;
                 break;
             }
-        };
-        if let Some(done) = finished.get_mut(delta.index as usize) {
-            *done |= delta.finish.is_some();
+            next = s.deltas.next().now_or_never();
         }
-        completion_tokens += delta.token_ids.len();
-        for chunk in s.format.delta(&s.meta, &delta, first) {
-            if !send(chunk).await {
-                return;
-            }
+        if ended {
+            break;
         }
-        first = false;
     }
-    tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens, "request done");
+    tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens = progress.completion_tokens, "request done");
     if s.include_usage {
-        let usage = Usage::new(s.prompt_tokens as u32, completion_tokens as u32);
-        send(s.format.usage(&s.meta, usage)).await;
+        let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32);
+        events.push(&s.format.usage(&s.meta, usage));
     }
-    send("[DONE]".to_owned()).await;
+    events.push("[DONE]");
+    events.send(&tx).await;
+}
+
+/// Adds the events of one item of the stream; false when it ended the stream.
+fn add<F: ChunkFormat>(
+    s: &mut Streamed<F>,
+    events: &mut Events,
+    progress: &mut Progress,
+    item: Option<Result<Delta, BackendError>>,
+) -> bool {
+    let delta = match item {
+        None => return false,
+        Some(Ok(delta)) => delta,
+        Some(Err(e)) => {
+            let error = ApiError::from(e);
+            tracing::warn!(%error, "stream failed");
+            // Each choice the failure cut short ends visibly, as vLLM's
+            // do: `finish_reason: "error"`, then the error itself.
+            for index in (0..progress.finished.len()).filter(|&i| !progress.finished[i]) {
+                let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
+                for chunk in s.format.delta(&s.meta, &end, progress.first) {
+                    events.push(&chunk);
+                }
+                progress.first = false;
+            }
+            events.push(&error.body().to_string());
+            return false;
+        }
+    };
+    if let Some(done) = progress.finished.get_mut(delta.index as usize) {
+        *done |= delta.finish.is_some();
+    }
+    progress.completion_tokens += delta.token_ids.len();
+    for chunk in s.format.delta(&s.meta, &delta, progress.first) {
+        events.push(&chunk);
+    }
+    progress.first = false;
+    true
 }

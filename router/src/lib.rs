@@ -38,20 +38,6 @@ pub mod prepare;
 pub mod respond;
 pub mod tenancy;
 
-#[cfg(test)]
-mod admission_http_tests;
-#[cfg(test)]
-mod bad_input_tests;
-#[cfg(test)]
-mod e2e_tests;
-#[cfg(test)]
-mod http_tests;
-#[cfg(test)]
-mod models_http_tests;
-#[cfg(test)]
-mod sse_props_tests;
-#[cfg(test)]
-mod tenancy_http_tests;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testutil;
 

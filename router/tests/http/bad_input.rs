@@ -9,11 +9,11 @@ use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use crate::fleet::model::Model;
-use crate::http::app::app;
-use crate::http::state::{AppState, DEFAULT_MAX_BODY_BYTES};
-use crate::testutil::{card, EOS};
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::fleet::model::Model;
+use router::http::app::app;
+use router::http::state::{AppState, DEFAULT_MAX_BODY_BYTES};
+use router::testutil::{card, EOS};
 
 #[derive(Default)]
 struct Recording {

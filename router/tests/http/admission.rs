@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-use crate::admission::{Admission, AdmissionConfig};
-use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use crate::fleet::model::Model;
-use crate::fleet::served::ServedModel;
-use crate::http::app::app;
-use crate::http::state::AppState;
-use crate::testutil::{card, EOS};
+use router::admission::{Admission, AdmissionConfig};
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::fleet::model::Model;
+use router::fleet::served::ServedModel;
+use router::http::app::app;
+use router::http::state::AppState;
+use router::testutil::{card, EOS};
 
 /// Records each request as it starts; the request with id `slow` holds its
 /// stream open until `release` is notified.

@@ -11,16 +11,16 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use crate::fleet::model::{Model, ModelName};
-use crate::fleet::roster::{Member, Roster};
-use crate::fleet::served::{ServedModel, ServedModels};
-use crate::http::app::app;
-use crate::http::state::AppState;
-use crate::metrics::ScrapedPool;
-use crate::tenancy::keys::{digest_hex, KeyRing};
-use crate::tenancy::Keys;
-use crate::testutil::{card, EOS};
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::fleet::model::{Model, ModelName};
+use router::fleet::roster::{Member, Roster};
+use router::fleet::served::{ServedModel, ServedModels};
+use router::http::app::app;
+use router::http::state::AppState;
+use router::metrics::ScrapedPool;
+use router::tenancy::keys::{digest_hex, KeyRing};
+use router::tenancy::Keys;
+use router::testutil::{card, EOS};
 
 /// Answers `byte` then EOS, recording each request's id.
 struct OneToken {

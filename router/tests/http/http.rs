@@ -9,11 +9,11 @@ use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::backend::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
-use crate::fleet::model::Model;
-use crate::http::app::app;
-use crate::http::state::AppState;
-use crate::testutil::{card, ids, EOS};
+use router::backend::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
+use router::fleet::model::Model;
+use router::http::app::app;
+use router::http::state::AppState;
+use router::testutil::{card, ids, EOS};
 
 /// Answers every request with `chunks`, recording what it was asked.
 struct FakeBackend {
@@ -347,11 +347,11 @@ async fn models_and_health() {
 
 #[tokio::test]
 async fn ready_waits_for_the_model_and_a_worker_in_every_pool_and_health_only_for_the_process() {
-    use crate::fleet::model::ModelName;
-    use crate::fleet::roster::{Member, Roster};
-    use crate::fleet::served::ServedModel;
-    use crate::http::state::Readiness;
-    use crate::metrics::ScrapedPool;
+    use router::fleet::model::ModelName;
+    use router::fleet::roster::{Member, Roster};
+    use router::fleet::served::ServedModel;
+    use router::http::state::Readiness;
+    use router::metrics::ScrapedPool;
     let backend = Arc::new(FakeBackend { chunks: vec![], seen: Mutex::new(Vec::new()) });
     let (model, tx) = ServedModel::loading(ModelName::unknown(), backend);
     let decode = Arc::new(Roster::with_capacity(1));
@@ -418,7 +418,7 @@ async fn tokenize_chat_matches_chat_completions() {
     assert_eq!(body["tokens"], last_prompt(&backend));
     let model = Model::from_card(&card(), None).unwrap();
     let request = serde_json::from_value(chat_body(json!({}))).unwrap();
-    let valid = crate::prepare::validate::validate_chat(&model, request).unwrap();
+    let valid = router::prepare::validate::validate_chat(&model, request).unwrap();
     assert_eq!(body["tokens"], json!(valid.prompt_token_ids));
     assert_eq!(body["count"], valid.prompt_token_ids.len());
 

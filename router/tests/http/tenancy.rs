@@ -11,14 +11,14 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use crate::fleet::model::Model;
-use crate::http::app::app;
-use crate::http::state::AppState;
-use crate::tenancy::keys::{digest_hex, KeyRing};
-use crate::tenancy::usage::UsageLog;
-use crate::tenancy::Keys;
-use crate::testutil::{card, EOS};
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::fleet::model::Model;
+use router::http::app::app;
+use router::http::state::AppState;
+use router::tenancy::keys::{digest_hex, KeyRing};
+use router::tenancy::usage::UsageLog;
+use router::tenancy::Keys;
+use router::testutil::{card, EOS};
 
 /// Answers `a`, `b`, `c` then EOS; a request with id `slow` waits for
 /// `release` before its first token, and `hang` stops after `c` without

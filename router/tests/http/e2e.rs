@@ -1,4 +1,4 @@
-//! [`crate::run`] against fake gRPC workers on real ports: model-card
+//! [`router::run`] against fake gRPC workers on real ports: model-card
 //! loading, the gRPC edge, prefill -> decode hand-off and `ReleaseKv`.
 
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::testutil::{card, ids, EOS};
+use router::testutil::{card, ids, EOS};
 
 /// Prefill samples "H"; decode continues with "ello" and eos.
 #[derive(Clone, Default)]
@@ -109,19 +109,19 @@ async fn serve_worker(worker: FakeWorker) -> String {
 
 async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
     // Hand off even the tiny prompts here: these tests are about the hand-off.
-    let policy = crate::Policy::CacheAware(crate::placement::CacheAwareConfig {
+    let policy = router::Policy::CacheAware(router::placement::CacheAwareConfig {
         local_prefill_max_tokens: 0,
         ..Default::default()
     });
     start_router_with(prefill, decode, policy).await
 }
 
-async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: crate::Policy) -> String {
+async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: router::Policy) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let config = crate::Config {
-        prefill: prefill.into_iter().map(crate::WorkerUrl::unnamed).collect(),
-        decode: decode.into_iter().map(crate::WorkerUrl::unnamed).collect(),
+    let config = router::Config {
+        prefill: prefill.into_iter().map(router::WorkerUrl::unnamed).collect(),
+        decode: decode.into_iter().map(router::WorkerUrl::unnamed).collect(),
         discovery: None,
         shutdown_grace: Duration::from_secs(1),
         served_model_name: Some("served".into()),
@@ -131,7 +131,7 @@ async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: cr
         on_kv_failure: Default::default(),
         tenancy: Default::default(),
     };
-    tokio::spawn(crate::run(listener, config, std::future::pending()));
+    tokio::spawn(router::run(listener, config, std::future::pending()));
     addr
 }
 
@@ -222,7 +222,7 @@ async fn a_dead_worker_trips_its_breaker_and_no_request_is_lost() {
     let dead = dead_url().await;
     // In turn, so the first request is placed on the dead worker for sure.
     let decode = vec![dead, serve_worker(live.clone()).await];
-    let router = start_router_with(vec![], decode, crate::Policy::RoundRobin).await;
+    let router = start_router_with(vec![], decode, router::Policy::RoundRobin).await;
     for _ in 0..6 {
         let (status, body) = http(&router, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 3})).await;
         assert!(status.contains("200"), "a dead worker is retried on the live one: {status} {body}");

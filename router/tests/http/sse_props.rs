@@ -14,11 +14,11 @@ use proto::worker::ModelCard;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
-use crate::fleet::model::Model;
-use crate::http::app::app;
-use crate::http::state::AppState;
-use crate::testutil::{card, EOS};
+use router::backend::{Backend, Finish, GenerateRequest, TokenChunk, TokenStream};
+use router::fleet::model::Model;
+use router::http::app::app;
+use router::http::state::AppState;
+use router::testutil::{card, EOS};
 
 /// Streams `chunks` of byte tokens, then EOS.
 struct Scripted {

@@ -13,7 +13,8 @@
 //! are refused when the last one leaves, so nothing waits for a pool that
 //! may never come back.
 //!
-//! The router serves one model, so one [`Admission`] is the model's queue.
+//! Each served model has its own [`Admission`] (`crate::fleet::served`): one
+//! model's backlog never holds up another's requests.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

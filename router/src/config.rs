@@ -55,10 +55,10 @@ impl FromStr for WorkerUrl {
 /// How the router places requests on workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    /// By cached prefix and load ([`CacheAware`]), following every worker's
+    /// By cached prefix and load ([`crate::placement::CacheAware`]), following every worker's
     /// KV event stream.
     CacheAware(CacheAwareConfig),
-    /// In turn, blind to caches and load ([`RoundRobin`]).
+    /// In turn, blind to caches and load ([`crate::placement::RoundRobin`]).
     RoundRobin,
 }
 

@@ -2,28 +2,31 @@
 //! sends each request through a prefill worker and a decode worker (or a
 //! decode worker alone, colocated), and streams the text back.
 //!
-//! # Layout
+//! # Layout, in the order a request meets it
 //!
-//! - [`server`]: routes and shared state; [`app`] builds the `Router`.
-//! - [`served`]: the served models by name; a request's `model` picks one.
-//! - [`pools`]: one model's worker pools, placement and queue, from the command line or discovery.
-//! - [`handlers`]: the two generation endpoints, JSON and SSE.
-//! - [`tokenize_api`]: vLLM's `/tokenize`, `/detokenize` and `/version`.
-//! - [`openai`]: request and response types, chunk formats.
-//! - [`validation`]: OpenAI body -> [`validation::ValidRequest`], every bound checked.
-//! - [`error`]: [`error::ApiError`], the one error-to-response mapping, and `AppJson`.
-//! - [`model`], [`tokenize`]: model card -> tokenizer, chat template (`prompt::chat_template`), prompt ids.
-//! - [`pd`]: the [`pd::Backend`] seam and the prefill -> decode orchestration.
-//! - [`placement`]: which worker serves a leg: cost over cached prefixes and load, or round-robin.
-//! - [`prefix_index`]: each worker's cached block hashes, followed from its KV event stream.
-//! - [`roster`]: who is in each pool now: worker slots, filled and emptied as workers come and go.
-//! - [`breaker`]: each slot's circuit breaker (closed / open / half-open), fed by the gRPC edge.
-//! - [`discovery`]: every model's pools kept in step with etcd registrations (`--etcd`).
-//! - [`admission`]: the priority queue in front of the workers, capped in flight and in length.
-//! - [`workers`]: the gRPC clients and model-card loading.
-//! - [`stream`]: incremental detokenization, stop strings, deltas.
-//! - [`metrics`]: the Prometheus metrics served at `GET /metrics`.
+//! - [`http`]: all axum code. [`http::app`] is the route table; [`http::generate`] is the one
+//!   handler body of `/v1/chat/completions` and `/v1/completions`, [`http::sse`] writes their
+//!   streams; [`http::meta`] (health, ready, models, metrics), [`http::tokenize`] (vLLM's
+//!   `/tokenize`, `/detokenize`, `/version`), [`http::auth`] (the API key extractor),
+//!   [`http::error`] (the one error-to-response mapping) and [`http::openapi`].
 //! - [`tenancy`]: API keys and tenants, their limits, and each request's usage.
+//! - [`fleet`]: who serves what: the served models by name ([`fleet::served`]), each model's
+//!   card ([`fleet::model`]: tokenizer, chat template, limits), pools ([`fleet::pools`]), slots
+//!   ([`fleet::roster`]) and breakers ([`fleet::breaker`]), kept in step with etcd by
+//!   [`fleet::discovery`].
+//! - [`prepare`]: an OpenAI body ([`prepare::request`]) -> [`prepare::validate::ValidRequest`]:
+//!   the template rendered and the prompt tokenized ([`prepare::tokenize`]), every bound checked.
+//! - [`generate`]: the caller's limits, [`admission`] (the priority queue in front of the
+//!   workers), the [`backend`] and the stream decorators, without HTTP.
+//! - [`backend`]: the seam between the stages and the workers, and the domain types that cross it.
+//! - [`placement`]: which worker serves a leg, by cached prefix ([`placement::prefix_index`],
+//!   followed from each worker's KV events) and load, or round-robin.
+//! - [`pd`]: the backend over the workers: the prefill -> decode run, and the gRPC client
+//!   ([`pd::grpc`]).
+//! - [`respond`]: tokens -> text deltas (incremental detokenization, stop strings, tool calls)
+//!   -> OpenAI response bodies and stream chunks.
+//! - [`metrics`]: the Prometheus metrics served at `GET /metrics`.
+//! - [`config`]: what the router needs to run, from the command line; [`run`] serves it.
 
 pub mod admission;
 pub mod backend;

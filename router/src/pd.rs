@@ -13,7 +13,7 @@
 //! The token stream is lazy: the decode call is made only when the consumer
 //! asks for the token after the first. A consumer that stops after the first
 //! token (stop string, client gone) drops the stream while the prefill
-//! worker's blocks are still pinned; the [`KvPin`] guard then releases them
+//! worker's blocks are still pinned; the `KvPin` guard then releases them
 //! at once instead of waiting for the worker's timeout. Dropping the stream
 //! during decode drops the gRPC stream, which cancels the work on the worker.
 

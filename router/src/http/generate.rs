@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::stream::{BoxStream, StreamExt};
 use tracing::Instrument;
 
@@ -205,7 +205,8 @@ async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result
     let collected = collect(deltas, meta.n).await?;
     let completion_tokens: usize = collected.iter().map(|c| c.token_ids.len()).sum();
     tracing::info!(prompt_tokens = prompt.len(), completion_tokens, "request done");
-    Ok(Json(format.whole(&meta, prompt.len(), collected)).into_response())
+    let body = format.whole(&meta, prompt.len(), collected);
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 impl From<GenerateError> for ApiError {

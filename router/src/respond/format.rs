@@ -66,8 +66,9 @@ fn json(value: &impl Serialize) -> String {
 pub trait ChunkFormat: Send + 'static {
     /// Prefix of response ids (`chatcmpl`, `cmpl`).
     fn id_prefix(&self) -> &'static str;
-    /// The whole non-streaming answer: one [`Collected`] per choice, in order.
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value;
+    /// The whole non-streaming answer as JSON text: one [`Collected`] per
+    /// choice, in order.
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String;
     /// Chunks sent before any text.
     fn opening(&self, meta: &ResponseMeta) -> Vec<String>;
     /// Chunks for one delta; `first` is true for the first delta. Takes
@@ -152,7 +153,7 @@ impl ChunkFormat for ChatFormat {
         "chatcmpl"
     }
 
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
         let mut response = chat_response(meta, prompt_tokens, out, self.tools);
         if let Some(echo) = &self.echo {
             for choice in &mut response.choices {
@@ -160,7 +161,7 @@ impl ChunkFormat for ChatFormat {
                 choice.message.content = Some(format!("{echo}{content}"));
             }
         }
-        serde_json::to_value(response).unwrap_or_default()
+        json(&response)
     }
 
     /// A role chunk per choice, the first with the prompt ids; then, with
@@ -263,14 +264,14 @@ impl ChunkFormat for CompletionFormat {
         "cmpl"
     }
 
-    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> serde_json::Value {
+    fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
         let mut response = completion_response(meta, prompt_tokens, out);
         if let Some(echo) = &self.echo {
             for choice in &mut response.choices {
                 choice.text.insert_str(0, echo);
             }
         }
-        serde_json::to_value(response).unwrap_or_default()
+        json(&response)
     }
 
     fn opening(&self, _meta: &ResponseMeta) -> Vec<String> {

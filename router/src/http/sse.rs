@@ -88,7 +88,9 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
     }
     let mut progress = Progress { completion_tokens: 0, first: true, finished: vec![false; s.meta.n.max(1) as usize] };
     loop {
-        if !events.send(&tx).await {
+        // The role chunks wait for the first token and go out with it, as
+        // vLLM sends them: one write fewer, and no chunk without content.
+        if !progress.first && !events.send(&tx).await {
             return;
         }
         let next = tokio::select! {
@@ -99,6 +101,9 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
             }
             () = tokio::time::sleep(KEEP_ALIVE) => {
                 events.0.push_str(":\n\n");
+                if !events.send(&tx).await {
+                    return;
+                }
                 continue;
             }
         };

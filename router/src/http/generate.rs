@@ -17,7 +17,7 @@ use crate::generate::{generate, GenerateError, Generation, Job};
 use crate::http::error::{ApiError, AppJson, ErrorResponse};
 use crate::http::sse::{sse, Streamed};
 use crate::http::state::AppState;
-use crate::prepare::request::{ChatCompletionRequest, CompletionRequest};
+use crate::prepare::request::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::prepare::validate::{check_request_id, validate_chat, validate_completion, ValidRequest, ValidationError};
 use crate::respond::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
 use crate::respond::stream::Delta;
@@ -82,10 +82,8 @@ trait Endpoint: Sized {
     type Format: ChunkFormat;
     /// The body's `model`.
     fn model(&self) -> Option<&str>;
-    /// The body's `request_id` (vLLM's extra).
-    fn request_id(&self) -> Option<&str>;
-    /// The body's `user`.
-    fn user(&self) -> Option<&str>;
+    /// The body's fields common to both endpoints.
+    fn params(&self) -> &CommonParams;
     /// The prepared request.
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError>;
     /// The answer's format for `valid`.
@@ -100,12 +98,8 @@ impl Endpoint for ChatCompletionRequest {
         self.model.as_deref()
     }
 
-    fn request_id(&self) -> Option<&str> {
-        self.params.request_id.as_deref()
-    }
-
-    fn user(&self) -> Option<&str> {
-        self.params.user.as_deref()
+    fn params(&self) -> &CommonParams {
+        &self.params
     }
 
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
@@ -125,12 +119,8 @@ impl Endpoint for CompletionRequest {
         self.model.as_deref()
     }
 
-    fn request_id(&self) -> Option<&str> {
-        self.params.request_id.as_deref()
-    }
-
-    fn user(&self) -> Option<&str> {
-        self.params.user.as_deref()
+    fn params(&self) -> &CommonParams {
+        &self.params
     }
 
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
@@ -146,8 +136,9 @@ impl Endpoint for CompletionRequest {
 /// then the answer. Every response carries the request id.
 async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap, body: E) -> Response {
     let arrival = Instant::now();
-    let request_id = request_id(&headers, body.request_id());
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = E::NAME, user = body.user(),
+    let request_id = request_id(&headers, body.params().request_id.as_deref());
+    let user = body.params().user.as_deref();
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = E::NAME, user,
         model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {

@@ -1159,8 +1159,6 @@ fn still_landing(request: &EngineRequest) -> bool {
     matches!(&request.kv, KvSource::Reserved { landing: Some(landing), .. } if !landing.is_settled())
 }
 
-/// Copies each block's KV to its destination (forks' partial prompt blocks).
-/// Both ids come from the block manager, so a failure is a bug: logged.
 /// Why a step's forward pass failed, and whether any later step can succeed.
 struct StepFailure {
     message: String,
@@ -1175,6 +1173,8 @@ impl From<ForwardError> for StepFailure {
     }
 }
 
+/// Copies each block's KV to its destination (forks' partial prompt blocks).
+/// Both ids come from the block manager, so a failure is a bug: logged.
 fn copy_blocks(kv: &mut KvStorage, copies: &[BlockCopy]) {
     for c in copies {
         if let Err(e) = kv.copy_block(c.src, c.dst) {

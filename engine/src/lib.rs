@@ -21,16 +21,17 @@ pub mod landing;
 pub mod model;
 pub mod offline;
 pub mod parallel;
+pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
-pub use engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, EngineStats, FailureKind,
-    FinishReason, KvReservation, KvSource, RequestError, MAX_N,
-};
+pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
 pub use landing::{KvLanding, LandingReporter};
+pub use request::{
+    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, RequestError, MAX_N,
+};
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};

@@ -78,7 +78,7 @@
 
 use crate::batch::ForwardBatch;
 use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
-use crate::engine::{EngineEvent, FailureKind, FinishReason, RequestError};
+use crate::request::{EngineEvent, FailureKind, FinishReason, RequestError};
 use crate::sampler::TokenLogprobs;
 use prompt::block_hash::extend_block_hashes;
 use std::collections::{HashMap, VecDeque};

@@ -9,6 +9,8 @@
 use super::*;
 use crate::batch::{ForwardBatch, ForwardError, Logits};
 use crate::block_manager::KvEvent;
+use crate::request::FinishReason;
+use crate::sampler::{SamplingParams, TokenLogprobs};
 use std::sync::Condvar;
 
 /// Permits for forward passes: a step waits until one is available.

@@ -6,7 +6,7 @@
 //!          context_start..context_start+num_tokens of that sequence
 //! ```
 
-use crate::landing::Landings;
+use crate::kv::landing::Landings;
 
 /// The new tokens of one sequence in a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqChunk>,
     /// Hand-offs whose KV is still landing in blocks of this step (see
-    /// [`crate::landing`]): a model that [`Forward::waits_for_layers`] calls
+    /// [`crate::kv::landing`]): a model that [`Forward::waits_for_layers`] calls
     /// [`ForwardBatch::wait_for_layer`] before each layer's cache.
     pub landings: Landings,
 }

@@ -39,8 +39,8 @@
 
 use crate::batch::{Forward, ForwardError, Logits};
 use crate::block_manager::{blocks_for, KvEvent};
-use crate::kv_cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
-use crate::landing::{KvLanding, Landings};
+use crate::kv::cache::{KvArena, KvCacheShape, KvStorage, KvStorageError};
+use crate::kv::landing::{KvLanding, Landings};
 use crate::request::{
     Command, EngineError, EngineEvent, EngineRequest, FailureKind, KvReservation, KvSource, RequestError, Submission,
     MAX_N,

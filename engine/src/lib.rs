@@ -7,7 +7,7 @@
 //!   ([`model::DeviceLlama`], which mirrors the KV cache in device memory). Weights are read-only;
 //!   KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
-//! - [`kv_cache`]: paged KV storage, addressed by block id.
+//! - [`kv`]: paged KV storage, addressed by block id, and hand-offs landing in it.
 //! - [`batch`]: what one forward step computes.
 //! - `sampler`, `block_manager` (ref counts, prefix cache, [`KvEvent`]s),
 //!   `scheduler`, `engine`: the serving loop.
@@ -16,8 +16,7 @@
 pub mod batch;
 pub mod block_manager;
 pub mod engine;
-pub mod kv_cache;
-pub mod landing;
+pub mod kv;
 pub mod model;
 pub mod offline;
 pub mod parallel;
@@ -29,8 +28,8 @@ pub mod tokenizer;
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
-pub use kv_cache::{KvArena, KvCacheShape, KvStorage};
-pub use landing::{KvLanding, LandingReporter};
+pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
+pub use kv::landing::{KvLanding, LandingReporter};
 pub use request::{
     EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, RequestError, MAX_N,
 };

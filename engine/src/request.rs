@@ -7,8 +7,8 @@
 //! request, the reservation and the command refer to each other and must share a module to keep
 //! the module graph free of circles.
 
-use crate::kv_cache::KvArena;
-use crate::landing::KvLanding;
+use crate::kv::cache::KvArena;
+use crate::kv::landing::KvLanding;
 use crate::sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 use std::sync::{mpsc, Arc};
 use tokio::sync::mpsc::UnboundedSender;
@@ -119,7 +119,7 @@ impl KvReservation {
     }
 
     /// Tensor-parallel rank `rank`'s cache memory, in the layout of
-    /// [`crate::kv_cache`]; the reserved ids name blocks of every rank's.
+    /// [`crate::kv::cache`]; the reserved ids name blocks of every rank's.
     ///
     /// # Panics
     /// If `rank` is not below the engine's [`EngineHandle::tp_size`](crate::EngineHandle::tp_size).

@@ -24,7 +24,7 @@ use super::linear::{Linear, Scratch};
 use super::vmath::silu_mul;
 use super::{Config, ModelError};
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
-use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::parallel::Communicator;
 
 pub(super) struct Layer {

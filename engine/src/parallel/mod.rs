@@ -22,7 +22,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 
 use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
-use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
 
 /// The model a worker steps for `--device` and `--tensor-parallel-size`:

@@ -9,9 +9,13 @@
 use super::*;
 use crate::batch::{ForwardBatch, ForwardError, Logits};
 use crate::block_manager::KvEvent;
-use crate::request::FinishReason;
+use crate::kv::landing::KvLanding;
+use crate::request::{
+    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, MAX_N,
+};
 use crate::sampler::{SamplingParams, TokenLogprobs};
 use std::sync::Condvar;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Permits for forward passes: a step waits until one is available.
 struct Gate {
@@ -1054,5 +1058,4 @@ fn token_events_carry_logprobs_only_when_asked() {
     assert_eq!(without.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 5, logprobs: None }));
 }
 
-#[path = "parallel_sampling_tests.rs"]
 mod parallel_sampling;

@@ -9,12 +9,11 @@
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv`]: paged KV storage, addressed by block id, and hand-offs landing in it.
 //! - [`batch`]: what one forward step computes.
-//! - `sampler`, `block_manager` (ref counts, prefix cache, [`KvEvent`]s),
+//! - `sampler`, `scheduler::block_manager` (ref counts, prefix cache, [`KvEvent`]s),
 //!   `scheduler`, `engine`: the serving loop.
 //! - [`offline`]: offline batch inference ([`offline::Llm`], vLLM's `LLM.generate` / `LLM.chat`).
 
 pub mod batch;
-pub mod block_manager;
 pub mod engine;
 pub mod kv;
 pub mod model;
@@ -26,7 +25,6 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
-pub use block_manager::{BlockHash, KvEvent};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
 pub use kv::landing::{KvLanding, LandingReporter};
@@ -34,3 +32,4 @@ pub use request::{
     EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, RequestError, MAX_N,
 };
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
+pub use scheduler::block_manager::{BlockHash, KvEvent};

@@ -1,9 +1,9 @@
 //! The handle callers hold on a running engine.
 
 use super::shared::Shared;
-use crate::block_manager::{blocks_for, KvEvent};
 use crate::kv::cache::{KvArena, KvCacheShape, KvStorageError};
 use crate::request::{Command, EngineError, EngineEvent, EngineRequest, KvReservation, KvSource, Submission, MAX_N};
+use crate::scheduler::block_manager::{blocks_for, KvEvent};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, PoisonError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};

@@ -1,7 +1,7 @@
 //! What the handles and the step thread share (see the [`crate::engine`] docs).
 
-use crate::block_manager::KvEvent;
 use crate::kv::cache::{KvArena, KvCacheShape, KvStorage};
+use crate::scheduler::block_manager::KvEvent;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};

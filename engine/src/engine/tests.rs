@@ -8,12 +8,12 @@
 
 use super::*;
 use crate::batch::{ForwardBatch, ForwardError, Logits};
-use crate::block_manager::KvEvent;
 use crate::kv::landing::KvLanding;
 use crate::request::{
     EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, MAX_N,
 };
 use crate::sampler::{SamplingParams, TokenLogprobs};
+use crate::scheduler::block_manager::KvEvent;
 use std::sync::Condvar;
 use tokio::sync::mpsc::UnboundedReceiver;
 

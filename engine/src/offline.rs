@@ -390,5 +390,4 @@ fn collect(results: Vec<Result<Output, OfflineError>>) -> Result<Vec<Output>, Of
 }
 
 #[cfg(test)]
-#[path = "serving/offline_tests.rs"]
 mod tests;

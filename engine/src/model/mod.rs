@@ -8,6 +8,7 @@
 //! [`load_hf`] (safetensors weights, `tokenizer.json`, `tokenizer_config.json`).
 
 mod attention;
+mod device;
 mod device_llama;
 mod hf;
 pub(crate) mod kernels;
@@ -24,8 +25,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use crate::tokenizer::TokenizerError;
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) use device_llama::no_cuda;
-pub use device_llama::{ComputeDevice, DeviceLlama, GpuMemory};
+pub(crate) use device::no_cuda;
+pub use device::{ComputeDevice, GpuMemory};
+pub use device_llama::DeviceLlama;
 pub use hf::load_hf;
 pub use llama::Llama;
 

@@ -33,7 +33,7 @@ mod step;
 pub use handle::{EngineHandle, EngineStats};
 pub use shared::MAX_PENDING_KV_EVENTS;
 
-use crate::batch::Forward;
+use crate::forward::Forward;
 use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use shared::Shared;

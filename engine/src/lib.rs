@@ -8,13 +8,13 @@
 //!   KV and positions come in through [`ForwardBatch`] and [`KvStorage`].
 //! - [`tokenizer`]: a Hugging Face tokenizer built from GGUF metadata.
 //! - [`kv`]: paged KV storage, addressed by block id, and hand-offs landing in it.
-//! - [`batch`]: what one forward step computes.
+//! - [`forward`]: what one forward step computes.
 //! - `sampler`, `scheduler::block_manager` (ref counts, prefix cache, [`KvEvent`]s),
 //!   `scheduler`, `engine`: the serving loop.
 //! - [`offline`]: offline batch inference ([`offline::Llm`], vLLM's `LLM.generate` / `LLM.chat`).
 
-pub mod batch;
 pub mod engine;
+pub mod forward;
 pub mod kv;
 pub mod model;
 pub mod offline;
@@ -24,8 +24,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
-pub use batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
+pub use forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
 pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
 pub use kv::landing::{KvLanding, LandingReporter};
 pub use request::{

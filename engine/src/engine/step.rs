@@ -15,7 +15,7 @@
 //! (and leaves the live set) when its last choice's `Finished` is sent.
 
 use super::shared::{Shared, MAX_PENDING_KV_EVENTS};
-use crate::batch::{Forward, ForwardError, Logits};
+use crate::forward::{Forward, ForwardError, Logits};
 use crate::kv::cache::KvStorage;
 use crate::kv::landing::{KvLanding, Landings};
 use crate::request::{Command, EngineEvent, EngineRequest, FailureKind, KvSource, RequestError, Submission};

@@ -7,7 +7,7 @@
 //! waits on a gate so tests can hold a step while they queue more work.
 
 use super::*;
-use crate::batch::{ForwardBatch, ForwardError, Logits};
+use crate::forward::{ForwardBatch, ForwardError, Logits};
 use crate::kv::landing::KvLanding;
 use crate::request::{
     EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, MAX_N,

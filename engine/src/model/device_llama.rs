@@ -31,7 +31,7 @@ use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
 use super::{Config, ModelError, WeightDtype};
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::parallel::{Communicator, RankModel};
 

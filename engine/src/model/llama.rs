@@ -23,7 +23,7 @@ use super::attention::{paged_attention, Dims, Rope, TokenSlot};
 use super::linear::{Linear, Scratch};
 use super::vmath::silu_mul;
 use super::{Config, ModelError};
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::parallel::Communicator;
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
 

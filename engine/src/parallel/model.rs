@@ -19,7 +19,7 @@
 
 use super::cpu::CpuGroup;
 use super::{CommError, Communicator, RankModel, DEFAULT_TIMEOUT};
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
 use std::panic::{catch_unwind, AssertUnwindSafe};

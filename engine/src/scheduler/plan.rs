@@ -1,7 +1,7 @@
 //! What one step does, as the scheduler plans it for the engine ([`StepPlan`]), and the tokens
 //! sampled from its logits ([`SampledToken`]).
 
-use crate::batch::ForwardBatch;
+use crate::forward::ForwardBatch;
 use crate::sampler::TokenLogprobs;
 use std::ops::Range;
 

@@ -111,7 +111,7 @@ pub enum ForwardError {
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error(transparent)]
-    Comm(#[from] crate::parallel::CommError),
+    Comm(#[from] crate::comm::CommError),
 }
 
 /// A model the serving loop can step: reads the batch's tokens, writes their

@@ -13,12 +13,12 @@
 //!   `scheduler`, `engine`: the serving loop.
 //! - [`offline`]: offline batch inference ([`offline::Llm`], vLLM's `LLM.generate` / `LLM.chat`).
 
+pub mod comm;
 pub mod engine;
 pub mod forward;
 pub mod kv;
 pub mod model;
 pub mod offline;
-pub mod parallel;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

@@ -31,9 +31,9 @@ use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
 use super::{Config, ModelError, WeightDtype};
+use crate::comm::{Communicator, RankModel};
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv::cache::{KvCacheShape, KvStorage};
-use crate::parallel::{Communicator, RankModel};
 
 /// A [`Llama`] on a candle device. See the module docs.
 pub struct DeviceLlama {

@@ -15,6 +15,7 @@
 
 pub mod comm;
 pub mod engine;
+mod error;
 pub mod forward;
 pub mod kv;
 pub mod model;

@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine::comm::{RankModel, TensorParallel};
-use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, WeightDtype};
+use engine::forward::RankModel;
+use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, TensorParallel, WeightDtype};
 use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason, Forward, ForwardBatch,
     KvCacheShape, KvSource, KvStorage, SamplingParams,

@@ -8,7 +8,8 @@ mod common;
 
 use common::{golden, model_path};
 use engine::comm::cpu::CpuGroup;
-use engine::comm::{Communicator, RankModel};
+use engine::comm::Communicator;
+use engine::forward::RankModel;
 use engine::model::{load_gguf, Llama};
 use engine::{Forward, ForwardBatch, KvStorage};
 

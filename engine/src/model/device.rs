@@ -58,7 +58,7 @@ impl ComputeDevice {
 
     /// The device of each of `world_size` tensor-parallel ranks: GPUs
     /// `0..world_size` for more than one rank on CUDA (which
-    /// [`crate::comm::TensorParallel::on_devices`] requires of
+    /// [`super::TensorParallel::on_devices`] requires of
     /// `cuda:0`), `self` for one rank.
     pub fn ranks(self, world_size: usize) -> Vec<ComputeDevice> {
         match self {

@@ -31,8 +31,8 @@ use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
 use super::{Config, ModelError, WeightDtype};
-use crate::comm::{Communicator, RankModel};
-use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::comm::Communicator;
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 
 /// A [`Llama`] on a candle device. See the module docs.

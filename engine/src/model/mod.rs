@@ -14,6 +14,7 @@ mod hf;
 pub(crate) mod kernels;
 mod linear;
 mod llama;
+mod parallel;
 mod vmath;
 
 use std::fs::File;
@@ -30,6 +31,7 @@ pub use device::{ComputeDevice, GpuMemory};
 pub use device_llama::DeviceLlama;
 pub use hf::load_hf;
 pub use llama::Llama;
+pub use parallel::{place, TensorParallel};
 
 /// The resolved shape of a Llama model: no optional fields left.
 #[derive(Debug, Clone, PartialEq)]

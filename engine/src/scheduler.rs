@@ -75,6 +75,9 @@
 //! admission, from the `n` first tokens the prefill worker sampled. A choice
 //! that cannot get its partial block at the fork is queued for recompute.
 //! A request admitted with `n` choices reserves `n` of `max_num_seqs`.
+//!
+//! The step plan's types are in `plan`, one sequence's state in `sequence`, and block ref counts
+//! and the prefix cache in [`block_manager`].
 
 pub mod block_manager;
 mod plan;

@@ -66,7 +66,7 @@ impl Ours {
         num_blocks: usize,
         max_num_seqs: usize,
     ) -> anyhow::Result<EngineHandle> {
-        let model = engine::parallel::place(self.model.clone(), device, tp_size, WeightDtype::Auto)
+        let model = engine::model::place(self.model.clone(), device, tp_size, WeightDtype::Auto)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let whole = self.model.kv_shape(BLOCK_SIZE, num_blocks);
         let shape = KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, ..whole };

@@ -12,11 +12,9 @@
 //! ([`prompt::chat_template`]), which places its own special tokens, and is encoded without
 //! adding any; token-id prompts go in unchanged.
 
-use crate::engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FailureKind, FinishReason,
-    RequestError,
-};
+use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{LoadedModel, ModelInfo};
+use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, RequestError};
 use crate::{Forward, KvSource, SamplingParams};
 use prompt::chat_template::ChatTemplate;
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
@@ -392,5 +390,4 @@ fn collect(results: Vec<Result<Output, OfflineError>>) -> Result<Vec<Output>, Of
 }
 
 #[cfg(test)]
-#[path = "serving/offline_tests.rs"]
 mod tests;

@@ -59,7 +59,7 @@
 //! have KV (prompt or generated) is registered under its hash; provided KV is
 //! registered the same way once its first step ran. Finishing, aborting and
 //! preempting drop references; unowned cached blocks stay reusable until
-//! evicted (see [`crate::block_manager`]).
+//! evicted (see [`block_manager`]).
 //!
 //! # Parallel sampling (`n > 1`)
 //!
@@ -75,14 +75,21 @@
 //! admission, from the `n` first tokens the prefill worker sampled. A choice
 //! that cannot get its partial block at the fork is queued for recompute.
 //! A request admitted with `n` choices reserves `n` of `max_num_seqs`.
+//!
+//! The step plan's types are in `plan`, one sequence's state in `sequence`, and block ref counts
+//! and the prefix cache in [`block_manager`].
 
-use crate::batch::ForwardBatch;
-use crate::block_manager::{blocks_for, BlockHash, BlockManager, KvEvent};
-use crate::engine::{EngineEvent, FailureKind, FinishReason, RequestError};
-use crate::sampler::TokenLogprobs;
+pub mod block_manager;
+mod plan;
+mod sequence;
+
+pub use plan::{BlockCopy, KvWrite, SampledToken, ScheduledSeq, StepPlan};
+
+use crate::request::{EngineEvent, FailureKind, FinishReason, RequestError};
+use block_manager::{blocks_for, BlockManager, KvEvent};
 use prompt::block_hash::extend_block_hashes;
+use sequence::Sequence;
 use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,181 +164,6 @@ impl std::fmt::Debug for ProvidedData {
             ProvidedData::Bytes(data) => f.debug_struct("Bytes").field("len", &data.len()).finish(),
             ProvidedData::InBlocks(ids) => f.debug_tuple("InBlocks").field(ids).finish(),
         }
-    }
-}
-
-/// A token sampled for one sequence of a step, with its logprobs if asked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampledToken {
-    pub id: u32,
-    pub logprobs: Option<TokenLogprobs>,
-}
-
-/// Everything one step does, in order: write provided KV, then run one
-/// forward pass over `seqs`. The logits have one row per sequence with
-/// `need_logits`, in the order of `seqs`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct StepPlan {
-    pub kv_writes: Vec<KvWrite>,
-    /// Blocks to copy (`src -> dst`) after `kv_writes`, before the forward
-    /// pass: forked choices' own copies of a partial prompt block.
-    pub block_copies: Vec<BlockCopy>,
-    pub seqs: Vec<ScheduledSeq>,
-}
-
-/// Copy block `src`'s KV into block `dst` (a fork's partial prompt block).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockCopy {
-    pub src: u32,
-    pub dst: u32,
-}
-
-/// Provided KV to copy into freshly allocated blocks before the forward pass.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KvWrite {
-    pub request_id: String,
-    pub block_ids: Vec<u32>,
-    pub data: Vec<u8>,
-}
-
-impl std::fmt::Debug for KvWrite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvWrite")
-            .field("request_id", &self.request_id)
-            .field("block_ids", &self.block_ids)
-            .field("data_len", &self.data.len())
-            .finish()
-    }
-}
-
-/// One sequence's share of the forward pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScheduledSeq {
-    pub request_id: String,
-    /// The new tokens, at positions `context_start..`.
-    pub tokens: Vec<u32>,
-    pub context_start: usize,
-    /// The sequence's prompt length (see [`crate::SeqChunk::prompt_len`]).
-    pub prompt_len: usize,
-    pub block_table: Vec<u32>,
-    /// The chunk ends the sequence's known tokens: sample a token from its
-    /// logits. False for a prefill chunk that is not the last.
-    pub need_logits: bool,
-    /// With `need_logits`, the choices that sample from this row: just the
-    /// sequence's own, or all `n` at the fork step (each with its own sampler).
-    pub choices: Range<u32>,
-}
-
-impl StepPlan {
-    /// Whether the step has nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.kv_writes.is_empty() && self.block_copies.is_empty() && self.seqs.is_empty()
-    }
-
-    /// The forward batch of the step.
-    pub fn to_batch(&self) -> ForwardBatch {
-        let mut batch = ForwardBatch::default();
-        for s in &self.seqs {
-            batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
-        }
-        batch
-    }
-
-    /// Tokens fed to the forward pass.
-    pub fn num_tokens(&self) -> usize {
-        self.seqs.iter().map(|s| s.tokens.len()).sum()
-    }
-
-    /// Sequences that sample a token (rows of the logits).
-    pub fn num_logits(&self) -> usize {
-        self.seqs.iter().filter(|s| s.need_logits).count()
-    }
-
-    /// Tokens sampled in all: one per row, `n` per forking row.
-    pub fn num_samples(&self) -> usize {
-        self.seqs.iter().filter(|s| s.need_logits).map(|s| s.choices.len()).sum()
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Sequence {
-    id: String,
-    /// Which of the request's choices this is (0 before the fork).
-    choice: u32,
-    /// Choices this sequence stands for: `n` until it forks, then 1.
-    fork: usize,
-    /// With provided KV: the first tokens of choices `1..n`, forked at admission.
-    provided_forks: Vec<u32>,
-    /// Prompt, then every generated token (the last one not yet fed).
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    /// Leading tokens of `tokens` whose KV is in `blocks`.
-    num_computed: usize,
-    /// Generated tokens, counting a provided first token.
-    num_generated: usize,
-    max_tokens: usize,
-    stop_token_ids: Vec<u32>,
-    ignore_eos: bool,
-    min_tokens: usize,
-    pin_on_finish: bool,
-    blocks: Vec<u32>,
-    /// Provided KV still to be taken in at admission: its bytes, or
-    /// `Some(None)` when it is in the leading `blocks` already. Taken at
-    /// admission; a preempted sequence recomputes instead.
-    provided_kv: Option<Option<Vec<u8>>>,
-    cache_salt: Vec<u8>,
-    /// Chained hashes of the full blocks of `tokens` computed so far (tokens
-    /// never change, so they stay valid across preemption).
-    hashes: Vec<BlockHash>,
-    /// Leading blocks of `blocks` already registered in the prefix cache
-    /// (or found there).
-    num_registered: usize,
-    /// Prompt tokens found in the prefix cache at the first admission.
-    num_cached_tokens: Option<usize>,
-    priority: i32,
-    /// Order of `Scheduler::add` calls.
-    arrival: u64,
-}
-
-impl Sequence {
-    /// The next `n` new tokens.
-    fn chunk(&self, n: usize) -> ScheduledSeq {
-        let end = self.num_computed + n;
-        ScheduledSeq {
-            request_id: self.id.clone(),
-            tokens: self.tokens[self.num_computed..end].to_vec(),
-            context_start: self.num_computed,
-            prompt_len: self.prompt_len,
-            block_table: self.blocks.clone(),
-            need_logits: end == self.tokens.len(),
-            choices: self.choice..self.choice + self.fork as u32,
-        }
-    }
-
-    /// Whether this is the sequence's request and choice.
-    fn is(&self, request_id: &str, choice: u32) -> bool {
-        self.id == request_id && self.choice == choice
-    }
-
-    /// The request's choices this sequence stands for.
-    fn choices(&self) -> Range<u32> {
-        self.choice..self.choice + self.fork as u32
-    }
-
-    /// Tokens without KV yet.
-    fn num_new(&self) -> usize {
-        self.tokens.len() - self.num_computed
-    }
-
-    /// Scheduling order: smaller is served first, larger is preempted first.
-    fn rank(&self) -> (i32, u64) {
-        (self.priority, self.arrival)
-    }
-
-    /// `Length` if the sequence may not generate another token.
-    fn length_limit(&self, max_model_len: usize) -> Option<FinishReason> {
-        let done = self.num_generated >= self.max_tokens || self.tokens.len() >= max_model_len;
-        done.then_some(FinishReason::Length)
     }
 }
 
@@ -1009,5 +841,4 @@ fn register_computed_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block
 }
 
 #[cfg(test)]
-#[path = "serving/scheduler_tests.rs"]
 mod tests;

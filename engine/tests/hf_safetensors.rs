@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, WeightDtype};
-use engine::parallel::{RankModel, TensorParallel};
+use engine::forward::RankModel;
+use engine::model::{load, load_metadata, ComputeDevice, LoadOptions, LoadedModel, TensorParallel, WeightDtype};
 use engine::{
     Engine, EngineConfig, EngineError, EngineEvent, EngineHandle, EngineRequest, FinishReason, Forward, ForwardBatch,
     KvCacheShape, KvSource, KvStorage, SamplingParams,
@@ -425,7 +425,7 @@ fn tensor_parallel_logits(m: &LoadedModel, world: usize, tokens: &[u32], prompt_
     let ranks: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
         let handles: Vec<_> = shards
             .iter()
-            .zip(engine::parallel::cpu::CpuGroup::ranks(world))
+            .zip(engine::comm::cpu::CpuGroup::ranks(world))
             .map(|(shard, comm)| {
                 let batches = &batches;
                 s.spawn(move || {

@@ -7,9 +7,10 @@
 mod common;
 
 use common::{golden, model_path};
+use engine::comm::cpu::CpuGroup;
+use engine::comm::Communicator;
+use engine::forward::RankModel;
 use engine::model::{load_gguf, Llama};
-use engine::parallel::cpu::CpuGroup;
-use engine::parallel::{Communicator, RankModel};
 use engine::{Forward, ForwardBatch, KvStorage};
 
 const BLOCK_SIZE: usize = 16;

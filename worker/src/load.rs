@@ -37,7 +37,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let rank_shape = |num_blocks| KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, num_blocks, ..whole };
     // Copies of the weights (shards, device matrices) are made and the loaded
     // model dropped before the KV budget is measured.
-    let model = engine::parallel::place(Arc::new(loaded.model), args.device, tp_size, args.dtype)
+    let model = engine::model::place(Arc::new(loaded.model), args.device, tp_size, args.dtype)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let rank_block_bytes = rank_shape(1).block_bytes();
     let num_blocks = match args.num_kv_blocks {

@@ -31,9 +31,9 @@ use std::time::Instant;
 use bench::ours::{blocks_for, decode_tokens_per_sec, run, warm_up, Ours};
 use bench::{align, load_average, percentile};
 use clap::Parser;
+use engine::comm::cpu::CpuGroup;
+use engine::comm::Communicator;
 use engine::model::ComputeDevice;
-use engine::parallel::cpu::CpuGroup;
-use engine::parallel::Communicator;
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -225,7 +225,7 @@ fn memcpy_gb_per_s(bytes: usize, reps: u64) -> f64 {
 mod gpu {
     use super::*;
     use candle_core::Tensor;
-    use engine::parallel::nccl::NcclGroup;
+    use engine::comm::nccl::NcclGroup;
 
     pub fn measure(world: usize, bytes: usize, reps: u64) -> anyhow::Result<Row> {
         let len = bytes / 4;

@@ -1,6 +1,6 @@
 //! RoPE and paged causal attention on plain slices.
 //!
-//! The KV cache is paged (see [`crate::kv_cache`]), so attention gathers K/V
+//! The KV cache is paged (see [`crate::kv::cache`]), so attention gathers K/V
 //! by block table instead of through one contiguous tensor per sequence.
 
 use rayon::prelude::*;

@@ -23,9 +23,9 @@ use super::attention::{paged_attention, Dims, Rope, TokenSlot};
 use super::linear::{Linear, Scratch};
 use super::vmath::silu_mul;
 use super::{Config, ModelError};
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits};
-use crate::kv_cache::{KvCacheShape, KvStorage};
-use crate::parallel::Communicator;
+use crate::comm::Communicator;
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
+use crate::kv::cache::{KvCacheShape, KvStorage};
 
 pub(super) struct Layer {
     pub attn_norm: Vec<f32>,
@@ -157,7 +157,7 @@ impl Llama {
     /// and V, column-parallel) and of the MLP (the rows of gate and up), and
     /// the matching input columns of the output and down projections
     /// (row-parallel: each rank's product is a partial sum that
-    /// [`crate::parallel::RankModel::forward_rank`] all-reduces). Norms, the embedding and the LM
+    /// [`crate::forward::RankModel::forward_rank`] all-reduces). Norms, the embedding and the LM
     /// head stay whole on every rank: the LM head is 28 M of the model's
     /// 135 M parameters, and replicating it costs no collective per step,
     /// where a vocab-parallel head would gather 49,152 logits per row.
@@ -275,7 +275,7 @@ pub(super) fn kv_shape(config: &Config, block_size: usize, num_blocks: usize) ->
     }
 }
 
-impl crate::parallel::RankModel for Llama {
+impl crate::forward::RankModel for Llama {
     fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
         Llama::check(self, batch, kv)
     }

@@ -9,10 +9,12 @@
 
 mod attention;
 mod device;
+mod device_llama;
 mod hf;
 pub(crate) mod kernels;
 mod linear;
 mod llama;
+mod parallel;
 mod vmath;
 
 use std::fs::File;
@@ -25,9 +27,11 @@ use crate::tokenizer::TokenizerError;
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use device::no_cuda;
-pub use device::{ComputeDevice, DeviceLlama, GpuMemory};
+pub use device::{ComputeDevice, GpuMemory};
+pub use device_llama::DeviceLlama;
 pub use hf::load_hf;
 pub use llama::Llama;
+pub use parallel::{place, TensorParallel};
 
 /// The resolved shape of a Llama model: no optional fields left.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,9 +7,15 @@
 //! waits on a gate so tests can hold a step while they queue more work.
 
 use super::*;
-use crate::batch::{ForwardBatch, ForwardError, Logits};
-use crate::block_manager::KvEvent;
+use crate::forward::{ForwardBatch, ForwardError, Logits};
+use crate::kv::landing::KvLanding;
+use crate::request::{
+    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, MAX_N,
+};
+use crate::sampler::{SamplingParams, TokenLogprobs};
+use crate::scheduler::block_manager::KvEvent;
 use std::sync::Condvar;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Permits for forward passes: a step waits until one is available.
 struct Gate {
@@ -1052,5 +1058,4 @@ fn token_events_carry_logprobs_only_when_asked() {
     assert_eq!(without.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 5, logprobs: None }));
 }
 
-#[path = "parallel_sampling_tests.rs"]
 mod parallel_sampling;

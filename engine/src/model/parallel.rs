@@ -1,4 +1,5 @@
-//! A Llama sharded over CPU ranks, stepped by the engine like any model.
+//! Tensor parallelism: [`TensorParallel`] is a Llama sharded over ranks (CPU threads, or one GPU
+//! each), stepped by the engine like any model; [`place`] picks the model a worker steps.
 //!
 //! Rank 0 is the engine's step thread: it owns the scheduler, so it alone
 //! decides what a step computes. Each other rank is a thread that only
@@ -14,18 +15,37 @@
 //! ```
 //!
 //! A rank that fails, panics or is gone breaks the group: its peers' next
-//! collective fails at once (see [`super::cpu`]), this step and every later
+//! collective fails at once (see [`crate::comm::cpu`]), this step and every later
 //! one return [`ForwardError::Comm`], and the engine fails for good.
 
-use super::cpu::CpuGroup;
-use super::{CommError, Communicator, RankModel, DEFAULT_TIMEOUT};
-use crate::batch::{Forward, ForwardBatch, ForwardError, Logits, RankKv};
-use crate::kv_cache::{KvCacheShape, KvStorage};
+use crate::comm::cpu::CpuGroup;
+use crate::comm::{CommError, Communicator, DEFAULT_TIMEOUT};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv, RankModel};
+use crate::kv::cache::{KvCacheShape, KvStorage};
 use crate::model::{ComputeDevice, DeviceLlama, Llama, ModelError, WeightDtype};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// The model a worker steps for `--device` and `--tensor-parallel-size`:
+/// `model` itself (the engine's kernels on the CPU), [`DeviceLlama`] on one
+/// GPU, or a [`TensorParallel`] of either over `tp_size` ranks. Matrices on a
+/// device are in `dtype`. `model` is dropped once copied, so the caller
+/// holds one copy of the weights only while it is built.
+pub fn place(
+    model: Arc<Llama>,
+    device: ComputeDevice,
+    tp_size: usize,
+    dtype: WeightDtype,
+) -> Result<Arc<dyn Forward>, ModelError> {
+    Ok(match device {
+        ComputeDevice::Cpu if tp_size > 1 => Arc::new(TensorParallel::new(&model, tp_size)?),
+        ComputeDevice::Cpu => model,
+        device if tp_size > 1 => Arc::new(TensorParallel::on_devices(&model, device, tp_size, dtype)?),
+        device => Arc::new(DeviceLlama::on(&model, device, dtype)?),
+    })
+}
 
 /// A [`Llama`] run across `world_size` ranks (Megatron sharding, see
 /// [`Llama::shard`]), each with its own KV cache of its KV heads: CPU ranks
@@ -252,7 +272,8 @@ impl Drop for TensorParallel {
 /// NCCL communicators over GPUs `0..world_size`.
 #[cfg(feature = "cuda")]
 fn gpu_comms(world_size: usize) -> Result<Vec<Box<dyn Communicator>>, ModelError> {
-    let comms = super::nccl::NcclGroup::ranks(world_size).map_err(|e| ModelError::TensorParallel(e.to_string()))?;
+    let comms =
+        crate::comm::nccl::NcclGroup::ranks(world_size).map_err(|e| ModelError::TensorParallel(e.to_string()))?;
     Ok(comms.into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect())
 }
 

@@ -25,7 +25,7 @@ use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use cudarc::nccl::{Comm, ReduceOp};
 
 use super::{all_reduce_through_host, CommError, Communicator, DEFAULT_TIMEOUT};
-use crate::batch::ForwardError;
+use crate::forward::ForwardError;
 
 /// Creates the ranks of one group over this machine's GPUs.
 pub struct NcclGroup;

@@ -1,4 +1,6 @@
-//! One forward step: the new tokens of several sequences, flattened.
+//! One forward step: what it computes ([`ForwardBatch`], the new tokens of several sequences,
+//! flattened), the model that runs it ([`Forward`]; [`RankModel`] for one tensor-parallel rank's
+//! shard), and what it returns ([`Logits`]).
 //!
 //! ```text
 //! tokens:  | seq 0 chunk (prefill) | seq 1 (1 decode token) | seq 2 (1) |
@@ -6,7 +8,11 @@
 //!          context_start..context_start+num_tokens of that sequence
 //! ```
 
-use crate::landing::Landings;
+pub use crate::error::ForwardError;
+
+use crate::comm::Communicator;
+use crate::kv::cache::{KvCacheShape, KvStorage};
+use crate::kv::landing::Landings;
 
 /// The new tokens of one sequence in a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +42,7 @@ pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqChunk>,
     /// Hand-offs whose KV is still landing in blocks of this step (see
-    /// [`crate::landing`]): a model that [`Forward::waits_for_layers`] calls
+    /// [`crate::kv::landing`]): a model that [`Forward::waits_for_layers`] calls
     /// [`ForwardBatch::wait_for_layer`] before each layer's cache.
     pub landings: Landings,
 }
@@ -103,17 +109,6 @@ impl Logits {
     }
 }
 
-/// A forward step that could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error("invalid batch: {0}")]
-    InvalidBatch(String),
-    #[error(transparent)]
-    Comm(#[from] crate::parallel::CommError),
-}
-
 /// A model the serving loop can step: reads the batch's tokens, writes their
 /// K/V into `kv` at the slots their block tables name, and returns logits.
 /// Weights are shared and read-only, so `&self`.
@@ -150,3 +145,32 @@ pub trait Forward: Send + Sync + 'static {
 /// One tensor-parallel rank's KV cache, which the engine's step thread and
 /// that rank's thread take turns to lock.
 pub type RankKv = std::sync::Arc<std::sync::RwLock<crate::KvStorage>>;
+
+/// One rank's shard of a model, as [`TensorParallel`](crate::model::TensorParallel) steps it: the
+/// engine's kernels ([`crate::model::Llama::shard`]) or candle tensors on a
+/// device ([`crate::model::DeviceLlama`]).
+pub trait RankModel: Send + Sync + 'static {
+    /// Rejects a batch this rank could not run; every rank would refuse it
+    /// the same way, so rank 0 checks before any rank starts.
+    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError>;
+    /// One step on this rank's KV cache, all-reducing its partial sums
+    /// through `comm`; every rank returns the same logits.
+    fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError>;
+    /// A follower's share of a step: [`RankModel::forward_rank`] without the
+    /// LM head, since only rank 0's logits are sampled.
+    fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError>;
+    /// The KV cache shape of this rank: its share of the KV heads.
+    fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape;
+    /// Size of a logits row.
+    fn vocab_size(&self) -> usize;
+}

@@ -1,0 +1,99 @@
+//! What one step does, as the scheduler plans it for the engine ([`StepPlan`]), and the tokens
+//! sampled from its logits ([`SampledToken`]).
+
+use crate::forward::ForwardBatch;
+use crate::sampler::TokenLogprobs;
+use std::ops::Range;
+
+/// A token sampled for one sequence of a step, with its logprobs if asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Everything one step does, in order: write provided KV, then run one
+/// forward pass over `seqs`. The logits have one row per sequence with
+/// `need_logits`, in the order of `seqs`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    pub kv_writes: Vec<KvWrite>,
+    /// Blocks to copy (`src -> dst`) after `kv_writes`, before the forward
+    /// pass: forked choices' own copies of a partial prompt block.
+    pub block_copies: Vec<BlockCopy>,
+    pub seqs: Vec<ScheduledSeq>,
+}
+
+/// Copy block `src`'s KV into block `dst` (a fork's partial prompt block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// Provided KV to copy into freshly allocated blocks before the forward pass.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KvWrite {
+    pub request_id: String,
+    pub block_ids: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for KvWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvWrite")
+            .field("request_id", &self.request_id)
+            .field("block_ids", &self.block_ids)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// One sequence's share of the forward pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub request_id: String,
+    /// The new tokens, at positions `context_start..`.
+    pub tokens: Vec<u32>,
+    pub context_start: usize,
+    /// The sequence's prompt length (see [`crate::SeqChunk::prompt_len`]).
+    pub prompt_len: usize,
+    pub block_table: Vec<u32>,
+    /// The chunk ends the sequence's known tokens: sample a token from its
+    /// logits. False for a prefill chunk that is not the last.
+    pub need_logits: bool,
+    /// With `need_logits`, the choices that sample from this row: just the
+    /// sequence's own, or all `n` at the fork step (each with its own sampler).
+    pub choices: Range<u32>,
+}
+
+impl StepPlan {
+    /// Whether the step has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.kv_writes.is_empty() && self.block_copies.is_empty() && self.seqs.is_empty()
+    }
+
+    /// The forward batch of the step.
+    pub fn to_batch(&self) -> ForwardBatch {
+        let mut batch = ForwardBatch::default();
+        for s in &self.seqs {
+            batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
+        }
+        batch
+    }
+
+    /// Tokens fed to the forward pass.
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Sequences that sample a token (rows of the logits).
+    pub fn num_logits(&self) -> usize {
+        self.seqs.iter().filter(|s| s.need_logits).count()
+    }
+
+    /// Tokens sampled in all: one per row, `n` per forking row.
+    pub fn num_samples(&self) -> usize {
+        self.seqs.iter().filter(|s| s.need_logits).map(|s| s.choices.len()).sum()
+    }
+}

@@ -1,0 +1,89 @@
+//! One sequence: its tokens (prompt, then generated), how many have KV, its blocks and limits.
+
+use super::block_manager::BlockHash;
+use super::plan::ScheduledSeq;
+use crate::request::FinishReason;
+use std::ops::Range;
+
+/// One sequence as the scheduler tracks it: a request, or one choice of it once forked.
+#[derive(Debug, Clone)]
+pub(super) struct Sequence {
+    pub(super) id: String,
+    /// Which of the request's choices this is (0 before the fork).
+    pub(super) choice: u32,
+    /// Choices this sequence stands for: `n` until it forks, then 1.
+    pub(super) fork: usize,
+    /// With provided KV: the first tokens of choices `1..n`, forked at admission.
+    pub(super) provided_forks: Vec<u32>,
+    /// Prompt, then every generated token (the last one not yet fed).
+    pub(super) tokens: Vec<u32>,
+    pub(super) prompt_len: usize,
+    /// Leading tokens of `tokens` whose KV is in `blocks`.
+    pub(super) num_computed: usize,
+    /// Generated tokens, counting a provided first token.
+    pub(super) num_generated: usize,
+    pub(super) max_tokens: usize,
+    pub(super) stop_token_ids: Vec<u32>,
+    pub(super) ignore_eos: bool,
+    pub(super) min_tokens: usize,
+    pub(super) pin_on_finish: bool,
+    pub(super) blocks: Vec<u32>,
+    /// Provided KV still to be taken in at admission: its bytes, or
+    /// `Some(None)` when it is in the leading `blocks` already. Taken at
+    /// admission; a preempted sequence recomputes instead.
+    pub(super) provided_kv: Option<Option<Vec<u8>>>,
+    pub(super) cache_salt: Vec<u8>,
+    /// Chained hashes of the full blocks of `tokens` computed so far (tokens
+    /// never change, so they stay valid across preemption).
+    pub(super) hashes: Vec<BlockHash>,
+    /// Leading blocks of `blocks` already registered in the prefix cache
+    /// (or found there).
+    pub(super) num_registered: usize,
+    /// Prompt tokens found in the prefix cache at the first admission.
+    pub(super) num_cached_tokens: Option<usize>,
+    pub(super) priority: i32,
+    /// Order of `Scheduler::add` calls.
+    pub(super) arrival: u64,
+}
+
+impl Sequence {
+    /// The next `n` new tokens.
+    pub(super) fn chunk(&self, n: usize) -> ScheduledSeq {
+        let end = self.num_computed + n;
+        ScheduledSeq {
+            request_id: self.id.clone(),
+            tokens: self.tokens[self.num_computed..end].to_vec(),
+            context_start: self.num_computed,
+            prompt_len: self.prompt_len,
+            block_table: self.blocks.clone(),
+            need_logits: end == self.tokens.len(),
+            choices: self.choice..self.choice + self.fork as u32,
+        }
+    }
+
+    /// Whether this is the sequence's request and choice.
+    pub(super) fn is(&self, request_id: &str, choice: u32) -> bool {
+        self.id == request_id && self.choice == choice
+    }
+
+    /// The request's choices this sequence stands for.
+    pub(super) fn choices(&self) -> Range<u32> {
+        self.choice..self.choice + self.fork as u32
+    }
+
+    /// Tokens without KV yet.
+    pub(super) fn num_new(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Scheduling order: smaller is served first, larger is preempted first.
+    pub(super) fn rank(&self) -> (i32, u64) {
+        (self.priority, self.arrival)
+    }
+
+    /// `Length` if the sequence may not generate another token.
+    pub(super) fn length_limit(&self, max_model_len: usize) -> Option<FinishReason> {
+        let done = self.num_generated >= self.max_tokens || self.tokens.len() >= max_model_len;
+        done.then_some(FinishReason::Length)
+    }
+}

@@ -7,8 +7,8 @@ Every non-test source file is a module. A module depends on another when its cod
 into it: `crate::a::b::Item`, `super::x`, `self::child::y` or a child module by name, in `use`
 trees and in expressions alike. A path is charged to the deepest module it reaches, so naming
 `crate::pd::Finish` depends on `pd` (or on `pd/finish.rs` if `Finish` lives there). A re-export
-(`pub use`) is an alias, not a dependency: a path through it is charged to the module that defines
-the item. Declaring a child (`mod x;`) is not a dependency; using what a child defines is. Test modules (files named
+(`pub use`) is an alias, not a dependency, unless the module uses the item itself: a path through
+it is charged to the module that defines the item. Declaring a child (`mod x;`) is not a dependency; using what a child defines is. Test modules (files named
 `tests.rs`, `*_tests.rs`, `testutil.rs`, or under a `tests/` folder) and `main.rs` are left out:
 they sit on top of everything and may name anything.
 
@@ -173,10 +173,14 @@ class Crate:
         graph = {m: set() for m in self.files}
         for mod, text in self.texts():
             paths = []
+            body = USE_STMT.sub("", text)
             for m in USE_STMT.finditer(text):
-                if not m.group(1):
-                    paths.extend([s.split("@")[0] for s in p] for p in expand_use_tree(m.group(2)))
-            for m in EXPR_PATH.finditer(USE_STMT.sub("", text)):
+                for p in expand_use_tree(m.group(2)):
+                    segs = [s.split("@")[0] for s in p]
+                    # A re-export the module also uses itself is a dependency too.
+                    if not m.group(1) or re.search(rf"\b{re.escape(p[-1].split('@')[-1])}\b", body):
+                        paths.append(segs)
+            for m in EXPR_PATH.finditer(body):
                 paths.append(re.sub(r"\s+", "", m.group(1)).split("::"))
             for segs in paths:
                 target = self.resolve(mod, segs)

@@ -6,340 +6,38 @@
 //! context length). A `.gguf` file goes through [`load_gguf_with`], which
 //! takes all of that from the file; a folder with `config.json` through
 //! [`load_hf`] (safetensors weights, `tokenizer.json`, `tokenizer_config.json`).
+//!
+//! What every part shares ([`Config`], [`ModelInfo`], [`ModelError`], the load
+//! options) is in `config`, a leaf, so the loaders here use the forward passes
+//! and the forward passes use only it.
 
 mod attention;
+mod config;
 mod device;
 mod device_llama;
 mod hf;
 pub(crate) mod kernels;
 mod linear;
 mod llama;
+mod loaded;
 mod parallel;
 mod vmath;
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 
-use crate::tokenizer::TokenizerError;
-
+pub use config::{Config, LoadOptions, ModelError, ModelInfo, ModelMetadata, WeightDtype};
 #[cfg(not(feature = "cuda"))]
 pub(crate) use device::no_cuda;
 pub use device::{ComputeDevice, GpuMemory};
 pub use device_llama::DeviceLlama;
 pub use hf::load_hf;
 pub use llama::Llama;
+pub use loaded::LoadedModel;
 pub use parallel::{place, TensorParallel};
-
-/// The resolved shape of a Llama model: no optional fields left.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub num_layers: usize,
-    /// Width of the residual stream (`embedding_length`).
-    pub hidden: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    /// Inner width of the gated MLP (`feed_forward_length`).
-    pub ffn: usize,
-    pub vocab_size: usize,
-    /// RoPE base frequency (`rope.freq_base`).
-    pub rope_theta: f32,
-    pub rms_eps: f32,
-    /// Longest sequence the model was trained for; longer batches are rejected.
-    pub context_length: usize,
-}
-
-/// What the serving layers need to know about a loaded model besides its weights.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelInfo {
-    /// The served model name: [`LoadOptions::model_name`], else the GGUF file
-    /// stem or the Hugging Face folder's name.
-    pub model_name: String,
-    /// `tokenizer.chat_template`, a Jinja template, when the file has one.
-    pub chat_template: Option<String>,
-    pub context_length: usize,
-    pub bos_token_id: Option<u32>,
-    /// Tokens that end generation: `eos_token_id`, then `eot_token_id` if it differs.
-    pub eos_token_ids: Vec<u32>,
-    /// Text of the BOS token (empty when the file has none), for chat templates.
-    pub bos_token: String,
-    /// Text of the first EOS token, for chat templates.
-    pub eos_token: String,
-    /// Whether prompts that are not rendered from a chat template should start
-    /// with BOS (`tokenizer.ggml.add_bos_token`).
-    pub add_bos_token: bool,
-}
-
-/// A model ready to serve.
-pub struct LoadedModel {
-    pub model: Llama,
-    pub tokenizer: tokenizers::Tokenizer,
-    pub info: ModelInfo,
-}
-
-/// Choices made at load time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadOptions {
-    /// Overrides the served model name (default: the GGUF file stem or the
-    /// Hugging Face folder's name).
-    pub model_name: Option<String>,
-    /// A `tokenizer.json` file, or a folder holding one (with its
-    /// `tokenizer_config.json`), instead of the model's own. Hugging Face
-    /// folders only: a GGUF file's tokenizer is part of the file.
-    pub tokenizer: Option<PathBuf>,
-    /// The precision weight matrices are kept in. Hugging Face folders only:
-    /// GGUF weights keep their stored quantization.
-    pub dtype: WeightDtype,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self { model_name: None, tokenizer: None, dtype: WeightDtype::Auto }
-    }
-}
-
-/// The precision of a checkpoint's weight matrices after loading (vLLM's `--dtype`).
-/// Activations are f32 whatever this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightDtype {
-    /// Keep what the checkpoint stores (f32, f16 or bf16).
-    #[default]
-    Auto,
-    F32,
-    F16,
-    BF16,
-}
-
-impl std::str::FromStr for WeightDtype {
-    type Err = String;
-
-    /// Accepts vLLM's names: `auto`, `float32`/`float`/`f32`,
-    /// `float16`/`half`/`f16`, `bfloat16`/`bf16`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "float32" | "float" | "f32" => Ok(Self::F32),
-            "float16" | "half" | "f16" => Ok(Self::F16),
-            "bfloat16" | "bf16" => Ok(Self::BF16),
-            other => Err(format!("unknown dtype {other:?} (use auto, float32, float16 or bfloat16)")),
-        }
-    }
-}
-
-impl std::fmt::Display for WeightDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::F32 => "float32",
-            Self::F16 => "float16",
-            Self::BF16 => "bfloat16",
-        })
-    }
-}
-
-/// Why a model could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("cannot open model file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    #[error("cannot read GGUF {path}: {source}")]
-    Gguf { path: PathBuf, source: candle_core::Error },
-    #[error("GGUF metadata key `{0}` is missing")]
-    MissingKey(String),
-    #[error("GGUF metadata key `{key}` has the wrong type or value: {reason}")]
-    BadValue { key: String, reason: String },
-    #[error("unsupported architecture `{0}` (only `llama` is supported)")]
-    UnsupportedArch(String),
-    #[error("GGUF tensor `{0}` is missing")]
-    MissingTensor(String),
-    #[error("GGUF tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    BadShape { name: String, got: Vec<usize>, expected: Vec<usize> },
-    #[error("tensor operation failed while loading: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error("tokenizer: {0}")]
-    Tokenizer(#[from] TokenizerError),
-    #[error("device {device}: {reason}")]
-    Device { device: String, reason: String },
-    #[error("tensor parallelism: {0}")]
-    TensorParallel(String),
-    #[error("model path {0} does not exist")]
-    NotFound(PathBuf),
-    #[error("{0} is neither a .gguf file nor a Hugging Face model folder (a folder with config.json)")]
-    UnknownFormat(PathBuf),
-    #[error("--dtype {0} does not apply to GGUF files: GGUF weights keep their stored quantization")]
-    DtypeForGguf(WeightDtype),
-    #[error("--tokenizer does not apply to GGUF files: the tokenizer is part of the file")]
-    TokenizerForGguf,
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not valid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
-    #[error("{path}: `{key}` {reason}")]
-    ConfigValue { path: PathBuf, key: String, reason: String },
-    #[error("{path}: {reason}")]
-    Unsupported { path: PathBuf, reason: String },
-    #[error("cannot parse safetensors file {path}: {source}")]
-    Safetensors { path: PathBuf, source: safetensors::SafeTensorError },
-    #[error("tensor `{name}` is missing: {reason}")]
-    MissingWeight { name: String, reason: String },
-    #[error("tensor `{name}` in {path}: {reason}")]
-    BadWeight { name: String, path: PathBuf, reason: String },
-    #[error("cannot load tokenizer {path}: {reason}")]
-    TokenizerFile { path: PathBuf, reason: String },
-}
-
-/// Typed reads of GGUF metadata whose errors name the key.
-pub(crate) struct Metadata<'a>(pub &'a Content);
-
-impl Metadata<'_> {
-    fn value(&self, key: &str) -> Result<&Value, ModelError> {
-        self.0.metadata.get(key).ok_or_else(|| ModelError::MissingKey(key.to_string()))
-    }
-
-    fn bad(key: &str, e: impl std::fmt::Display) -> ModelError {
-        ModelError::BadValue { key: key.to_string(), reason: e.to_string() }
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.0.metadata.contains_key(key)
-    }
-
-    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
-        // Writers disagree on u32 vs u64 for counts.
-        let v = self.value(key)?;
-        let n = match v {
-            Value::U64(n) => *n,
-            Value::I64(n) => u64::try_from(*n).map_err(|e| Self::bad(key, e))?,
-            other => u64::from(other.to_u32().map_err(|e| Self::bad(key, e))?),
-        };
-        usize::try_from(n).map_err(|e| Self::bad(key, e))
-    }
-
-    pub fn u32(&self, key: &str) -> Result<u32, ModelError> {
-        self.value(key)?.to_u32().map_err(|e| Self::bad(key, e))
-    }
-
-    pub fn f32(&self, key: &str) -> Result<f32, ModelError> {
-        match self.value(key)? {
-            Value::F64(x) => Ok(*x as f32),
-            v => v.to_f32().map_err(|e| Self::bad(key, e)),
-        }
-    }
-
-    pub fn string(&self, key: &str) -> Result<&str, ModelError> {
-        self.value(key)?.to_string().map(String::as_str).map_err(|e| Self::bad(key, e))
-    }
-
-    pub fn bool(&self, key: &str) -> Result<bool, ModelError> {
-        self.value(key)?.to_bool().map_err(|e| Self::bad(key, e))
-    }
-
-    fn opt<T>(
-        &self,
-        key: &str,
-        get: impl FnOnce(&Self, &str) -> Result<T, ModelError>,
-    ) -> Result<Option<T>, ModelError> {
-        if self.has(key) {
-            get(self, key).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-}
-
-impl Config {
-    /// Resolves the `llama.*` metadata of a GGUF file; optional keys fall back
-    /// to llama.cpp's defaults.
-    pub fn from_gguf(content: &Content) -> Result<Self, ModelError> {
-        let md = Metadata(content);
-        let arch = md.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArch(arch.to_string()));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let hidden = md.usize(&key("embedding_length"))?;
-        let num_heads = md.usize(&key("attention.head_count"))?;
-        if num_heads == 0 || hidden % num_heads != 0 {
-            return Err(Metadata::bad(
-                &key("attention.head_count"),
-                format!("{num_heads} heads do not divide hidden size {hidden}"),
-            ));
-        }
-        let num_kv_heads = md.opt(&key("attention.head_count_kv"), Metadata::usize)?.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(Metadata::bad(
-                &key("attention.head_count_kv"),
-                format!("{num_kv_heads} KV heads do not divide {num_heads} heads"),
-            ));
-        }
-        let head_dim = hidden / num_heads;
-        if let Some(rope_dim) = md.opt(&key("rope.dimension_count"), Metadata::usize)? {
-            // Partial rotary embeddings are not implemented.
-            if rope_dim != head_dim {
-                return Err(Metadata::bad(&key("rope.dimension_count"), format!("{rope_dim} != head_dim {head_dim}")));
-            }
-        }
-        let vocab_size = match md.opt(&key("vocab_size"), Metadata::usize)? {
-            Some(n) => n,
-            None => md
-                .value("tokenizer.ggml.tokens")?
-                .to_vec()
-                .map_err(|e| Metadata::bad("tokenizer.ggml.tokens", e))?
-                .len(),
-        };
-        Ok(Self {
-            num_layers: md.usize(&key("block_count"))?,
-            hidden,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            ffn: md.usize(&key("feed_forward_length"))?,
-            vocab_size,
-            rope_theta: md.opt(&key("rope.freq_base"), Metadata::f32)?.unwrap_or(10_000.0),
-            rms_eps: md.f32(&key("attention.layer_norm_rms_epsilon"))?,
-            context_length: md.usize(&key("context_length"))?,
-        })
-    }
-}
-
-impl ModelInfo {
-    fn from_gguf(content: &Content, model_name: String, config: &Config) -> Result<Self, ModelError> {
-        let md = Metadata(content);
-        let tokens =
-            md.value("tokenizer.ggml.tokens")?.to_vec().map_err(|e| Metadata::bad("tokenizer.ggml.tokens", e))?;
-        let text = |key: &str, id: u32| -> Result<String, ModelError> {
-            let t = tokens.get(id as usize).ok_or_else(|| {
-                Metadata::bad(key, format!("token id {id} outside the vocabulary of {}", tokens.len()))
-            })?;
-            t.to_string().cloned().map_err(|e| Metadata::bad(key, e))
-        };
-        let bos_token_id = md.opt("tokenizer.ggml.bos_token_id", Metadata::u32)?;
-        let eos = md.u32("tokenizer.ggml.eos_token_id")?;
-        let mut eos_token_ids = vec![eos];
-        if let Some(eot) = md.opt("tokenizer.ggml.eot_token_id", Metadata::u32)? {
-            if eot != eos {
-                text("tokenizer.ggml.eot_token_id", eot)?;
-                eos_token_ids.push(eot);
-            }
-        }
-        Ok(Self {
-            model_name,
-            chat_template: md.opt("tokenizer.chat_template", |m, k| m.string(k).map(str::to_string))?,
-            context_length: config.context_length,
-            bos_token: match bos_token_id {
-                Some(id) => text("tokenizer.ggml.bos_token_id", id)?,
-                None => String::new(),
-            },
-            bos_token_id,
-            eos_token: text("tokenizer.ggml.eos_token_id", eos)?,
-            eos_token_ids,
-            add_bos_token: md.opt("tokenizer.ggml.add_bos_token", Metadata::bool)?.unwrap_or(false),
-        })
-    }
-}
 
 /// Loads a model from `path`: a `.gguf` file, or a Hugging Face folder
 /// (one with `config.json`).
@@ -348,12 +46,6 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelErro
         Format::HfFolder => load_hf(path, options),
         Format::Gguf => load_gguf_with(path, options),
     }
-}
-
-/// A model's tokenizer and serving metadata without its weights.
-pub struct ModelMetadata {
-    pub tokenizer: tokenizers::Tokenizer,
-    pub info: ModelInfo,
 }
 
 /// Reads what [`load`] reads except the weights: a GGUF file's header and

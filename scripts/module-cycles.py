@@ -173,7 +173,7 @@ class Crate:
         graph = {m: set() for m in self.files}
         for mod, text in self.texts():
             paths = []
-            body = USE_STMT.sub("", text)
+            body = MOD_DECL.sub("", USE_STMT.sub("", text))
             for m in USE_STMT.finditer(text):
                 for p in expand_use_tree(m.group(2)):
                     segs = [s.split("@")[0] for s in p]

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod process;
 pub mod sse;
 
+pub use process::bin;
 use process::Process;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -35,20 +36,6 @@ pub fn golden() -> serde_json::Value {
         .unwrap_or_else(|| workspace_root().join("tests/data/golden/smollm2-greedy.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden file is JSON")
-}
-
-/// A binary of this workspace, built by `cargo build --bins` next to the
-/// running executable (a test in `target/<profile>/deps/`, or a benchmark
-/// binary in `target/<profile>/`).
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("executable path");
-    let mut dir = exe.parent().expect("target dir");
-    if dir.ends_with("deps") {
-        dir = dir.parent().expect("target/<profile>");
-    }
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
-    path
 }
 
 /// Polls `GET /ready` until it answers 200: the router has loaded the model

@@ -2,6 +2,7 @@
 
 use rustix::process::{kill_process, Pid, Signal};
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ impl Process {
     /// [`Process::start`] with `env` set in the child's environment (on top
     /// of the test's own), so tests need not change their own environment.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(crate::bin(name))
+        let mut child = Command::new(bin(name))
             .args(args)
             .envs(env.iter().copied())
             // Per-request info lines from every process drown test output; RUST_LOG overrides.
@@ -154,4 +155,18 @@ impl Drop for Process {
         }
         let _ = self.child.wait();
     }
+}
+
+/// A binary of this workspace, built by `cargo build --bins` next to the
+/// running executable (a test in `target/<profile>/deps/`, or a benchmark
+/// binary in `target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("executable path");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
+    path
 }

@@ -25,22 +25,8 @@ use crate::cost::CostProfile;
 use crate::workload::{Slo, TraceRequest};
 use events::{Event, Events};
 use serde::{Deserialize, Serialize};
+pub use worker::EngineLimits;
 use worker::{Output, Seq, Worker};
-
-/// The engine limits every worker runs with (the worker flags of the same names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineLimits {
-    /// Most sequences in one batch (workers' default 64).
-    pub max_num_seqs: usize,
-    /// Most tokens in one step (workers' default 2048).
-    pub max_num_batched_tokens: usize,
-}
-
-impl Default for EngineLimits {
-    fn default() -> Self {
-        Self { max_num_seqs: 64, max_num_batched_tokens: 2048 }
-    }
-}
 
 /// How many workers of each kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

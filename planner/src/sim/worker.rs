@@ -2,9 +2,24 @@
 //! `engine::scheduler` (decodes first, then prefill chunks under the token
 //! budget, FCFS admission up to `max_num_seqs`) without the model.
 
-use super::EngineLimits;
 use crate::cost::{attention_pairs, StepLoad};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+
+/// The engine limits every worker runs with (the worker flags of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineLimits {
+    /// Most sequences in one batch (workers' default 64).
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (workers' default 2048).
+    pub max_num_batched_tokens: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self { max_num_seqs: 64, max_num_batched_tokens: 2048 }
+    }
+}
 
 /// A sequence on a worker.
 #[derive(Debug, Clone)]

@@ -37,7 +37,9 @@ async fn schemathesis_finds_no_server_error_on_the_openapi_document() {
         // (a float such as 1.0 for an integer field, fields that exclude each
         // other), so some schema-valid bodies are rightly refused with 400.
         .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
-        .args(["--max-time", &secs, "--workers", "2"])
+        // A fixed seed: CI generates the same cases on every run (a failure
+        // reproduces); longer random runs are for `st run` by hand.
+        .args(["--max-time", &secs, "--workers", "2", "--seed", "20261206"])
         .env("NO_COLOR", "1")
         .output()
         .await

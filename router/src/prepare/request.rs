@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 mod schema;
@@ -17,7 +19,8 @@ pub struct ChatCompletionRequest {
     /// Must equal the served model name; absent means the served model.
     pub model: Option<String>,
     /// The conversation; required.
-    #[schema(value_type = Vec<ChatMessage>, min_items = 1)]
+    #[schema(value_type = Vec<ChatMessage>, min_items = 1, required = true)]
+    #[serde(default, deserialize_with = "objects")]
     pub messages: Option<Vec<ChatMessage>>,
     /// Return each generated token's logprob (default false).
     pub logprobs: Option<bool>,
@@ -106,6 +109,7 @@ pub struct CommonParams {
     /// Stream server-sent events instead of one JSON body.
     pub stream: Option<bool>,
     /// Streaming options (`include_usage`).
+    #[serde(default, deserialize_with = "object")]
     pub stream_options: Option<StreamOptions>,
     /// Stop strings: one or a list of up to 4.
     #[schema(schema_with = schema::stop)]
@@ -239,6 +243,7 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// Chat form: the conversation, rendered as `/v1/chat/completions` renders it.
     #[schema(min_items = 1)]
+    #[serde(default, deserialize_with = "objects")]
     pub messages: Option<Vec<ChatMessage>>,
     /// Add the model's special tokens (BOS); default true for `prompt`, false for `messages`.
     pub add_special_tokens: Option<bool>,
@@ -260,4 +265,23 @@ pub struct DetokenizeRequest {
     /// The token ids to decode; required, each in the vocabulary.
     #[schema(schema_with = schema::required_token_ids, required = true)]
     pub tokens: Option<Vec<i64>>,
+}
+
+/// An optional JSON object as `T`. serde also reads a struct from an array
+/// (its fields by position), so `"stream_options": [null]` would pass for
+/// options; the API's objects are objects.
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<Map<String, Value>>::deserialize(d)?
+        .map(|map| T::deserialize(Value::Object(map)).map_err(D::Error::custom))
+        .transpose()
+}
+
+/// An optional list of JSON objects, each as `T` (see [`object`]).
+fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    let Some(items) = Option::<Vec<Map<String, Value>>>::deserialize(d)? else { return Ok(None) };
+    items
+        .into_iter()
+        .map(|map| T::deserialize(Value::Object(map)).map_err(D::Error::custom))
+        .collect::<Result<_, _>>()
+        .map(Some)
 }

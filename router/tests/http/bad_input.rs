@@ -94,6 +94,23 @@ async fn every_bad_body_gets_its_4xx_and_reaches_no_worker() {
         ),
         ("empty body", "/v1/completions", JSON, Vec::new(), StatusCode::BAD_REQUEST, "invalid_json"),
         ("a JSON array", "/v1/completions", JSON, b"[1, 2]".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        // serde reads a struct from an array by position; schemathesis found this one.
+        (
+            "stream_options as an array",
+            "/v1/completions",
+            JSON,
+            completion(r#", "stream_options": [null]"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "a message as an array",
+            "/v1/chat/completions",
+            JSON,
+            br#"{"messages": [["user", "Hi"]]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
         ("no content type", "/v1/completions", None, completion(""), StatusCode::BAD_REQUEST, "invalid_json"),
         ("text/plain", "/v1/completions", Some("text/plain"), completion(""), StatusCode::BAD_REQUEST, "invalid_json"),
         ("nesting 100,000 deep", "/v1/completions", JSON, deep, StatusCode::BAD_REQUEST, "invalid_json"),

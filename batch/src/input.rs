@@ -2,9 +2,11 @@
 //!
 //! A line holds exactly one of `prompt` (text), `prompt_token_ids` (ids) or `messages` (a chat,
 //! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional
-//! sampling fields with vLLM's names and defaults. Unknown fields are errors, so a misspelt
+//! sampling fields with vLLM's names and defaults, and at most one structured output
+//! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
 //! parameter never goes unnoticed. Blank lines are skipped.
 
+use constraint::api::{requested, Guided, ResponseFormat, StructuredOutputs};
 use engine::offline::{ChatMessage, Input, Prompt, Request};
 use engine::SamplingParams;
 use serde::Deserialize;
@@ -38,6 +40,14 @@ struct RawLine {
     repetition_penalty: Option<f32>,
     ignore_eos: Option<bool>,
     min_tokens: Option<u32>,
+    response_format: Option<ResponseFormat>,
+    structured_outputs: Option<StructuredOutputs>,
+    guided_json: Option<serde_json::Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
+    guided_grammar: Option<String>,
+    guided_decoding_backend: Option<String>,
+    guided_whitespace_pattern: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +139,18 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         ..d
     };
     sampling.validate().map_err(|e| e.to_string())?;
-    Ok((line.id, Request { input, sampling }))
+    let guided = Guided {
+        guided_json: line.guided_json,
+        guided_regex: line.guided_regex,
+        guided_choice: line.guided_choice,
+        guided_grammar: line.guided_grammar,
+        guided_decoding_backend: line.guided_decoding_backend,
+        guided_whitespace_pattern: line.guided_whitespace_pattern,
+    };
+    let constraint = requested(line.response_format.as_ref(), line.structured_outputs.as_ref(), &guided)
+        .map_err(|e| e.to_string())?
+        .map(|r| r.constraint);
+    Ok((line.id, Request { input, sampling, constraint }))
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         eos_token: card.eos_token,
         add_bos_token: card.add_bos_token,
         bos_token_id,
+        eos_token_ids: card.eos_token_ids,
     };
     let llm = Llm::from_engine(loaded.engine, tokenizer, text_config)?;
 

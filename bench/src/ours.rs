@@ -110,6 +110,7 @@ pub async fn run(engine: &EngineHandle, prompts: Vec<Vec<u32>>, max_tokens: u32)
             cache_salt: None,
             priority: 0,
             n: 1,
+            grammar: None,
         };
         let submitted = Instant::now();
         let events = engine.submit(request)?;

@@ -101,7 +101,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         face,
         kv_events: worker.kv_events().clone(),
     };
-    let decode = service::DecodeService::new(loaded.engine, pullers, loaded.vocab_size)
+    let decode = service::DecodeService::new(loaded.engine, pullers, loaded.vocab_size, loaded.grammars)
         .with_layer_streaming(args.kv_layer_streaming);
     let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))

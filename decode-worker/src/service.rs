@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 use worker::blocks::pull_target;
 use worker::convert;
+use worker::structured::Grammars;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeChunk, Status>> + Send>>;
 
@@ -23,6 +24,7 @@ pub struct DecodeService {
     pullers: Vec<Arc<KvPuller>>,
     vocab_size: usize,
     layer_streaming: bool,
+    grammars: Arc<Grammars>,
 }
 
 impl DecodeService {
@@ -30,9 +32,9 @@ impl DecodeService {
     ///
     /// # Panics
     /// If there is not one puller per rank of the engine.
-    pub fn new(engine: EngineHandle, pullers: Vec<Arc<KvPuller>>, vocab_size: usize) -> Self {
+    pub fn new(engine: EngineHandle, pullers: Vec<Arc<KvPuller>>, vocab_size: usize, grammars: Arc<Grammars>) -> Self {
         assert_eq!(pullers.len(), engine.tp_size(), "one KV puller per tensor-parallel rank");
-        Self { engine, pullers, vocab_size, layer_streaming: false }
+        Self { engine, pullers, vocab_size, layer_streaming: false, grammars }
     }
 
     /// Decodes while the KV streams in, layer by layer (`--kv-layer-streaming`;
@@ -143,9 +145,11 @@ impl DecodeService {
         landing
     }
 
-    async fn start(&self, req: pb::DecodeRequest) -> Result<ChunkStream, Status> {
+    async fn start(&self, mut req: pb::DecodeRequest) -> Result<ChunkStream, Status> {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
         let n = convert::choices(req.sampling.as_ref())?;
+        // The matcher takes the prefill's first token before sampling the rest.
+        let grammar = self.grammars.compile(req.sampling.as_mut().and_then(|s| s.constraint.take())).await?;
         let sampling = convert::sampling(req.sampling.clone())?;
         let kv = self.kv_source(&req, n).await?;
         let engine_req = EngineRequest {
@@ -157,6 +161,7 @@ impl DecodeService {
             cache_salt: req.cache_salt,
             priority: req.priority,
             n,
+            grammar,
         };
         let streaming = matches!(&engine_req.kv, KvSource::Reserved { landing: Some(_), .. });
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;

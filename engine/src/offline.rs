@@ -19,8 +19,11 @@ use crate::{Forward, KvSource, SamplingParams};
 use prompt::chat_template::ChatTemplate;
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use constraint::{Constraint, ConstraintError, Grammar, Vocabulary};
+use prompt::decode::Decoder;
 use tokenizers::Tokenizer;
 
 /// A prompt for [`Llm::generate`].
@@ -57,6 +60,8 @@ pub enum Input {
 pub struct Request {
     pub input: Input,
     pub sampling: SamplingParams,
+    /// The structured output the answer is held to (vLLM's `structured_outputs`).
+    pub constraint: Option<Constraint>,
 }
 
 /// The result of one request.
@@ -106,6 +111,9 @@ pub enum OfflineError {
     Template(String),
     #[error("tokenizer: {0}")]
     Tokenize(String),
+    /// The request's structured output cannot be enforced.
+    #[error("structured output: {0}")]
+    Constraint(#[from] ConstraintError),
     #[error("the KV cache budget of {budget} B holds no block of {block_bytes} B")]
     NoKvBlocks { budget: usize, block_bytes: usize },
     #[error("max_model_len {max_model_len} exceeds the model's context length {context_length}")]
@@ -163,6 +171,8 @@ pub struct TextConfig {
     /// Put BOS first in text prompts.
     pub add_bos_token: bool,
     pub bos_token_id: Option<u32>,
+    /// Tokens that end generation: a structured output allows them only where it may end.
+    pub eos_token_ids: Vec<u32>,
 }
 
 impl From<&ModelInfo> for TextConfig {
@@ -173,6 +183,7 @@ impl From<&ModelInfo> for TextConfig {
             eos_token: info.eos_token.clone(),
             add_bos_token: info.add_bos_token,
             bos_token_id: info.bos_token_id,
+            eos_token_ids: info.eos_token_ids.clone(),
         }
     }
 }
@@ -183,6 +194,8 @@ pub struct Llm {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     text: TextConfig,
+    /// Built on the first structured output.
+    vocabulary: OnceLock<Result<Vocabulary, ConstraintError>>,
 }
 
 impl std::fmt::Debug for Llm {
@@ -230,7 +243,7 @@ impl Llm {
             ),
             _ => None,
         };
-        Ok(Self { engine, tokenizer, template, text })
+        Ok(Self { engine, tokenizer, template, text, vocabulary: OnceLock::new() })
     }
 
     /// The running engine.
@@ -246,7 +259,11 @@ impl Llm {
     /// Generates for every prompt with the same parameters; outputs are in prompt order. Fails
     /// with the first failed request's error ([`OfflineError::Request`]) after all have run.
     pub fn generate(&self, prompts: Vec<Prompt>, params: &SamplingParams) -> Result<Vec<Output>, OfflineError> {
-        let requests = prompts.into_iter().map(|p| Request { input: Input::Prompt(p), sampling: params.clone() });
+        let requests = prompts.into_iter().map(|p| Request {
+            input: Input::Prompt(p),
+            sampling: params.clone(),
+            constraint: None,
+        });
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
@@ -256,7 +273,11 @@ impl Llm {
         conversations: Vec<Vec<ChatMessage>>,
         params: &SamplingParams,
     ) -> Result<Vec<Output>, OfflineError> {
-        let requests = conversations.into_iter().map(|c| Request { input: Input::Chat(c), sampling: params.clone() });
+        let requests = conversations.into_iter().map(|c| Request {
+            input: Input::Chat(c),
+            sampling: params.clone(),
+            constraint: None,
+        });
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
@@ -275,6 +296,7 @@ impl Llm {
         let mut running = Vec::new();
         for (index, request) in requests.into_iter().enumerate() {
             let submitted = self.prompt_ids(&request.input).and_then(|ids| {
+                let grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
                 let num_prompt_tokens = ids.len();
                 let events = self.engine.submit(EngineRequest {
                     request_id: format!("offline-{batch}-{index}"),
@@ -285,6 +307,7 @@ impl Llm {
                     cache_salt: None,
                     priority: 0,
                     n: 1,
+                    grammar,
                 })?;
                 Ok((events, num_prompt_tokens))
             });
@@ -345,6 +368,16 @@ impl Llm {
                 })
             })
             .collect()
+    }
+
+    /// A structured output compiled against the model's vocabulary (built on first use).
+    pub fn compile(&self, constraint: &Constraint) -> Result<Grammar, ConstraintError> {
+        let vocabulary = self.vocabulary.get_or_init(|| {
+            let decoder = Decoder::new(Arc::new(self.tokenizer.clone()));
+            Vocabulary::new(&decoder, self.engine.vocab_size(), &self.text.eos_token_ids)
+        });
+        let (grammar, _) = vocabulary.as_ref().map_err(Clone::clone)?.compile(constraint)?;
+        Ok(grammar)
     }
 
     /// The token ids the model sees for an input.

@@ -39,6 +39,10 @@ pub struct EngineRequest {
     /// request's seed, so with a seed every choice is reproducible, and
     /// choice 0 draws exactly what an `n = 1` request draws.
     pub n: u32,
+    /// The structured output every choice is held to, compiled (each choice
+    /// gets its own copy). Compiled before submission, never on the step
+    /// thread: a schema can take milliseconds to compile.
+    pub grammar: Option<constraint::Grammar>,
 }
 
 /// Most choices one request may ask for (as the router's `n` limit).

@@ -8,6 +8,8 @@
 //!
 //! As in vLLM, the raw logits are first processed in place:
 //!
+//! 0. a structured output's grammar sets every token it forbids next to
+//!    `-inf` (nothing after can bring one back);
 //! 1. `logit_bias` is added;
 //! 2. while fewer than `min_tokens` tokens were generated, the stop tokens
 //!    (`stop_token_ids`, plus the model's eos unless `ignore_eos`) are set to
@@ -184,6 +186,8 @@ pub struct Sampler {
     penalties: Penalties,
     /// `SamplingParams::logprobs`.
     logprobs: Option<u32>,
+    /// The structured output this sequence is held to, if any.
+    grammar: Option<constraint::Grammar>,
 }
 
 /// Repetition, presence and frequency penalties, and the token history they
@@ -277,7 +281,15 @@ impl Sampler {
             num_generated: 0,
             penalties,
             logprobs: params.logprobs,
+            grammar: None,
         }
+    }
+
+    /// Holds the sequence to a compiled structured output: every token the
+    /// grammar forbids is masked before anything else processes the logits.
+    pub fn with_grammar(mut self, grammar: Option<constraint::Grammar>) -> Self {
+        self.grammar = grammar;
+        self
     }
 
     /// Draws from stream `stream` of the seeded generator instead of stream 0:
@@ -317,10 +329,14 @@ impl Sampler {
         self.observe(token);
     }
 
-    /// Counts a generated token for the penalties and `min_tokens`.
+    /// Counts a generated token for the penalties and `min_tokens`, and
+    /// moves the grammar past it.
     fn observe(&mut self, token: u32) {
         self.num_generated += 1;
         self.penalties.observe_output(token);
+        if let Some(grammar) = &mut self.grammar {
+            grammar.accept(token);
+        }
     }
 
     /// Chooses the next token from one row of logits, which it processes in
@@ -329,6 +345,9 @@ impl Sampler {
     /// NaN logits never win. A temperature draw takes exactly one value from
     /// the RNG, so a sequence's stream position is its number of draws.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        if let Some(grammar) = &mut self.grammar {
+            grammar.mask(logits);
+        }
         self.process(logits);
         let token = self.choose(logits);
         self.observe(token);

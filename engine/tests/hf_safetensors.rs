@@ -480,6 +480,7 @@ fn tp_requests(spec: &Spec) -> Vec<EngineRequest> {
         cache_salt: None,
         priority: 0,
         n,
+        grammar: None,
     };
     let seeded = SamplingParams { temperature: 0.8, seed: Some(5), max_tokens: 12, ..SamplingParams::default() };
     vec![

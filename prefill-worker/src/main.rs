@@ -106,7 +106,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         face,
         kv_events: worker.kv_events().clone(),
     };
-    let prefill = service::PrefillService::new(loaded.engine, connector, loaded.vocab_size, max_model_len);
+    let prefill =
+        service::PrefillService::new(loaded.engine, connector, loaded.vocab_size, max_model_len, loaded.grammars);
     let services = tonic::transport::Server::builder()
         .add_service(WorkerServer::new(worker))
         .add_service(PrefillServer::new(prefill));

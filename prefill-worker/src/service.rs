@@ -3,9 +3,11 @@
 use engine::{EngineEvent, EngineHandle, EngineRequest, KvSource};
 use kv_transfer::{KvConnectors, KvTransferParams};
 use proto::worker as pb;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 use worker::convert;
+use worker::structured::Grammars;
 
 /// One choice's first token and how it ended, as the engine reported them.
 #[derive(Default)]
@@ -20,16 +22,25 @@ pub struct PrefillService {
     connector: KvConnectors,
     vocab_size: usize,
     max_model_len: usize,
+    grammars: Arc<Grammars>,
 }
 
 impl PrefillService {
-    pub fn new(engine: EngineHandle, connector: KvConnectors, vocab_size: usize, max_model_len: usize) -> Self {
-        Self { engine, connector, vocab_size, max_model_len }
+    pub fn new(
+        engine: EngineHandle,
+        connector: KvConnectors,
+        vocab_size: usize,
+        max_model_len: usize,
+        grammars: Arc<Grammars>,
+    ) -> Self {
+        Self { engine, connector, vocab_size, max_model_len, grammars }
     }
 
-    async fn run(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
+    async fn run(&self, mut req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
         let n = convert::choices(req.sampling.as_ref())?;
+        // The first token is sampled under the constraint, as the decode worker continues it.
+        let grammar = self.grammars.compile(req.sampling.as_mut().and_then(|s| s.constraint.take())).await?;
         let sampling = convert::sampling(req.sampling)?;
         let remote_decode = match req.kv_transfer_params.map(KvTransferParams::try_from).transpose() {
             Ok(None) => false,
@@ -51,6 +62,7 @@ impl PrefillService {
             cache_salt: req.cache_salt,
             priority: req.priority,
             n,
+            grammar,
         };
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         // Every choice hears one token and `Finished`; choice 0's carries the pin.

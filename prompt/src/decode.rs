@@ -48,6 +48,19 @@ impl Decoder {
         self.table.is_some()
     }
 
+    /// How many ids the table knows (`None` without a table).
+    pub fn table_len(&self) -> Option<usize> {
+        self.table.as_ref().map(|t| t.tokens.len())
+    }
+
+    /// One id's bytes and whether it is a special token, from the table;
+    /// `None` without a table or for an id the vocabulary lacks. Structured
+    /// outputs match grammars on these bytes.
+    pub fn token_bytes(&self, id: u32) -> Option<(&[u8], bool)> {
+        let token = self.table.as_ref()?.tokens.get(usize::try_from(id).ok()?)?.as_ref()?;
+        Some((&token.bytes, token.special))
+    }
+
     /// The text of `ids`; special tokens' text left out when
     /// `skip_special_tokens`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> tokenizers::Result<String> {

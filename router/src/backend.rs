@@ -44,6 +44,8 @@ pub struct Sampling {
     pub logprobs: Option<u32>,
     /// Choices generated from the one prompt, in [1, 16].
     pub n: u32,
+    /// The structured output every choice is held to (checked to compile).
+    pub constraint: Option<Arc<constraint::Constraint>>,
 }
 
 impl Default for Sampling {
@@ -65,6 +67,7 @@ impl Default for Sampling {
             min_tokens: 0,
             logprobs: None,
             n: 1,
+            constraint: None,
         }
     }
 }

@@ -42,6 +42,28 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
     Ok(params)
 }
 
+/// A wire constraint as the constraint library's, or `invalid_argument`.
+pub fn constraint(wire: pb::Constraint) -> Result<constraint::Constraint, Status> {
+    use pb::constraint::Kind;
+    use pb::json_constraint::Whitespace as Ws;
+    match wire.kind {
+        Some(Kind::Json(json)) => {
+            let schema = serde_json::from_str(&json.schema)
+                .map_err(|e| Status::invalid_argument(format!("constraint.json.schema is not JSON: {e}")))?;
+            let whitespace = match json.whitespace {
+                None => constraint::Whitespace::Compact,
+                Some(Ws::Flexible(_)) => constraint::Whitespace::Flexible,
+                Some(Ws::Pattern(p)) => constraint::Whitespace::Pattern(p),
+            };
+            Ok(constraint::Constraint::Json { schema, whitespace })
+        }
+        Some(Kind::Regex(rx)) => Ok(constraint::Constraint::Regex(rx)),
+        Some(Kind::Choice(c)) => Ok(constraint::Constraint::Choice(c.choices)),
+        Some(Kind::Lark(g)) => Ok(constraint::Constraint::Lark(g)),
+        None => Err(Status::invalid_argument("constraint names no kind")),
+    }
+}
+
 /// The engine's finish reason on the wire.
 pub fn finish_reason(r: engine::FinishReason) -> pb::FinishReason {
     match r {

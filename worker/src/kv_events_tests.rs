@@ -403,6 +403,7 @@ async fn engine_events_reach_a_grpc_subscriber_and_shutdown_ends_the_stream() {
         cache_salt: None,
         priority: 0,
         n: 1,
+        grammar: None,
     };
     let mut events = engine.submit(request).expect("submit");
     while events.recv().await.is_some() {}

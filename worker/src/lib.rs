@@ -9,6 +9,7 @@
 //! - [`kv_events`]: the engine's KV events as a snapshot-then-deltas stream for routers.
 //! - [`blocks`]: the engine's KV cache as a kv-transfer block source.
 //! - [`convert`]: wire types to engine types, with the checks a worker owes its callers.
+//! - [`structured`]: structured outputs compiled against the model's vocabulary.
 //! - [`mock`]: `--mock`, services that answer without a model, for benchmarks only.
 
 pub mod args;
@@ -21,6 +22,7 @@ pub mod load;
 pub mod memory;
 pub mod mock;
 pub mod service;
+pub mod structured;
 
 pub use args::EngineArgs;
 pub use kv_events::{KvEventConfig, KvEventPublisher, KvEventSource, KvEventStream};

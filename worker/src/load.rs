@@ -14,6 +14,8 @@ pub struct LoadedEngine {
     pub engine: EngineHandle,
     pub card: pb::ModelCard,
     pub vocab_size: usize,
+    /// Structured outputs compiled against the model's vocabulary.
+    pub grammars: Arc<crate::structured::Grammars>,
 }
 
 /// Loads the model and starts the engine's step loop.
@@ -55,6 +57,8 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         enable_prefix_caching: args.prefix_caching(),
     };
     let engine = Engine::start(model, shape, config);
+    let grammars =
+        Arc::new(crate::structured::Grammars::new(loaded.tokenizer.clone(), vocab_size, info.eos_token_ids.clone()));
     let card = model_card(args, info, &loaded.tokenizer, max_model_len)?;
     info!(
         model = card.model_name,
@@ -65,7 +69,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         secs = started.elapsed().as_secs_f32(),
         "engine ready"
     );
-    Ok(LoadedEngine { engine, card, vocab_size })
+    Ok(LoadedEngine { engine, card, vocab_size, grammars })
 }
 
 /// The model card alone, from the tokenizer and metadata: no weights are

@@ -162,6 +162,11 @@ impl EngineHandle {
         std::mem::take(&mut *self.shared.kv_events.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Width of a logits row: token ids must be below it.
+    pub fn vocab_size(&self) -> usize {
+        self.shared.vocab_size
+    }
+
     /// The KV cache's shape, on each rank.
     pub fn shape(&self) -> KvCacheShape {
         self.shared.shape
@@ -198,6 +203,13 @@ impl EngineHandle {
         }
         let p = &req.sampling;
         p.validate()?;
+        if let Some(width) = req.grammar.as_ref().map(|g| g.vocab_size()).filter(|&w| w != s.vocab_size) {
+            return Err(EngineError::InvalidSampling {
+                field: "grammar",
+                limit: "compiled for the model's vocabulary",
+                value: format!("a vocabulary of {width} tokens, not {}", s.vocab_size),
+            });
+        }
         if !(1..=MAX_N).contains(&req.n) {
             return Err(EngineError::InvalidSampling { field: "n", limit: "in [1, 16]", value: req.n.to_string() });
         }

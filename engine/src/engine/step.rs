@@ -193,6 +193,7 @@ impl StepLoop {
                     .with_stream(choice as u64)
                     .with_eos(self.scheduler.eos_token_ids())
                     .with_prompt(&request.prompt_token_ids)
+                    .with_grammar(request.grammar.clone())
             })
             .collect();
         if let Some(p) = &provided {

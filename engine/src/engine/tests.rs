@@ -164,6 +164,7 @@ fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest 
         cache_salt: None,
         priority: 0,
         n: 1,
+        grammar: None,
     }
 }
 

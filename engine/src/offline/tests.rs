@@ -49,7 +49,11 @@ fn batched_outputs_keep_input_order_and_match_single_runs() {
     let requests: Vec<Request> = prompts
         .iter()
         .zip(lengths)
-        .map(|(ids, n)| Request { input: Input::Prompt(Prompt::TokenIds(ids.clone())), sampling: greedy(n) })
+        .map(|(ids, n)| Request {
+            input: Input::Prompt(Prompt::TokenIds(ids.clone())),
+            sampling: greedy(n),
+            constraint: None,
+        })
         .collect();
     let mut reports = Vec::new();
     let batched = llm.run(requests, &mut |p| reports.push(*p));
@@ -71,8 +75,8 @@ fn batched_outputs_keep_input_order_and_match_single_runs() {
 fn a_failed_request_does_not_stop_the_others() {
     let llm = llm();
     let requests = vec![
-        Request { input: Input::Prompt(Prompt::TokenIds(vec![])), sampling: greedy(2) },
-        Request { input: Input::Prompt(Prompt::Text("Hello".into())), sampling: greedy(2) },
+        Request { input: Input::Prompt(Prompt::TokenIds(vec![])), sampling: greedy(2), constraint: None },
+        Request { input: Input::Prompt(Prompt::Text("Hello".into())), sampling: greedy(2), constraint: None },
     ];
     let results = llm.run(requests, &mut |_| {});
     assert!(matches!(results[0], Err(OfflineError::Rejected(EngineError::EmptyPrompt { .. }))), "{:?}", results[0]);

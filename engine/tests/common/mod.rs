@@ -83,5 +83,6 @@ pub fn greedy_request(id: &str, prompt: &[u32], max_tokens: u32) -> engine::Engi
         cache_salt: None,
         priority: 0,
         n: 1,
+        grammar: None,
     }
 }

@@ -10,6 +10,7 @@ use prompt::encode::Encoder;
 use proto::worker::ModelCard;
 use tokenizers::Tokenizer;
 
+use constraint::{Constraint, ConstraintError, Vocabulary};
 use prompt::chat_template::ChatTemplate;
 
 /// Why a model card could not be turned into a [`Model`].
@@ -54,6 +55,10 @@ pub struct Model {
     /// Texts longer than this cannot fit the context whatever their tokens
     /// (see [`Model::from_card`]), so they are refused without tokenizing.
     pub max_prompt_bytes: usize,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// The vocabulary structured outputs compile against; built on the first one.
+    vocabulary: OnceLock<Result<Vocabulary, ConstraintError>>,
 }
 
 /// Slack on the longest token's spelling as the most text one token covers:
@@ -94,7 +99,19 @@ impl Model {
             bos_token_id,
             created: unix_now(),
             max_prompt_bytes,
+            eos_token_ids: card.eos_token_ids.clone(),
+            vocabulary: OnceLock::new(),
         })
+    }
+
+    /// Compiles a structured output against the model's vocabulary, to refuse one that cannot
+    /// be enforced before any worker runs. The workers compile it again for their matchers.
+    pub fn check_constraint(&self, constraint: &Constraint) -> Result<(), ConstraintError> {
+        let vocabulary = self
+            .vocabulary
+            .get_or_init(|| Vocabulary::new(&self.decoder, self.vocab_size as usize, &self.eos_token_ids));
+        vocabulary.as_ref().map_err(Clone::clone)?.compile(constraint)?;
+        Ok(())
     }
 }
 

@@ -166,8 +166,30 @@ impl From<&Sampling> for SamplingParams {
             min_tokens: s.min_tokens,
             logprobs: s.logprobs,
             n: s.n,
+            constraint: s.constraint.as_deref().map(wire_constraint),
         }
     }
+}
+
+/// A constraint on the wire (`worker::convert::constraint` reads it back).
+fn wire_constraint(c: &constraint::Constraint) -> proto::worker::Constraint {
+    use constraint::{Constraint, Whitespace};
+    use proto::worker::constraint::Kind;
+    use proto::worker::json_constraint::Whitespace as Ws;
+    let kind = match c {
+        Constraint::Json { schema, whitespace } => Kind::Json(proto::worker::JsonConstraint {
+            schema: schema.to_string(),
+            whitespace: match whitespace {
+                Whitespace::Compact => None,
+                Whitespace::Flexible => Some(Ws::Flexible(true)),
+                Whitespace::Pattern(p) => Some(Ws::Pattern(p.clone())),
+            },
+        }),
+        Constraint::Regex(rx) => Kind::Regex(rx.clone()),
+        Constraint::Choice(choices) => Kind::Choice(proto::worker::Choices { choices: choices.clone() }),
+        Constraint::Lark(grammar) => Kind::Lark(grammar.clone()),
+    };
+    proto::worker::Constraint { kind: Some(kind) }
 }
 
 fn logprobs(wire: proto::worker::TokenLogprobs) -> TokenLogprobs {
@@ -395,6 +417,10 @@ mod tests {
             min_tokens: 6,
             logprobs: Some(3),
             n: 2,
+            constraint: Some(Arc::new(constraint::Constraint::Json {
+                schema: serde_json::json!({"type": "object"}),
+                whitespace: constraint::Whitespace::Pattern(" ?".into()),
+            })),
         };
         let wire = SamplingParams::from(&sampling);
         let want = SamplingParams {
@@ -413,6 +439,12 @@ mod tests {
             min_tokens: 6,
             logprobs: Some(3),
             n: 2,
+            constraint: Some(proto::worker::Constraint {
+                kind: Some(proto::worker::constraint::Kind::Json(proto::worker::JsonConstraint {
+                    schema: r#"{"type":"object"}"#.into(),
+                    whitespace: Some(proto::worker::json_constraint::Whitespace::Pattern(" ?".into())),
+                })),
+            }),
         };
         assert_eq!(wire, want);
         // The defaults: repetition 1 is sent, so no worker reads proto's 0.

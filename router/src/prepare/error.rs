@@ -37,6 +37,9 @@ pub enum ValidationError {
     /// A token id of `field` (a prompt, `/detokenize`'s tokens) is not in the vocabulary.
     #[error("token id {value} in `{field}` must be in [0, {vocab_size})")]
     TokenOutOfVocab { field: &'static str, value: i64, vocab_size: u32 },
+    /// A structured output that does not compile for the model.
+    #[error("`{field}` cannot be enforced: {reason}")]
+    Constraint { field: &'static str, reason: String },
     /// The chat template rejected the conversation.
     #[error("chat template error: {0}")]
     Template(String),
@@ -53,6 +56,7 @@ impl ValidationError {
             | Self::Empty { field }
             | Self::OutOfRange { field, .. }
             | Self::Unsupported { field, .. }
+            | Self::Constraint { field, .. }
             | Self::TokenOutOfVocab { field, .. } => Some(Cow::Borrowed(field)),
             Self::MissingContent { index, .. } => Some(Cow::Owned(format!("messages[{index}].content"))),
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some(Cow::Borrowed("prompt")),

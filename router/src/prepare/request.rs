@@ -164,6 +164,31 @@ pub struct CommonParams {
     /// so there are no transfer parameters for a client to pass.
     #[schema(value_type = Option<Object>)]
     pub kv_transfer_params: Option<serde_json::Value>,
+    /// OpenAI's structured output: `{"type": "text"}`, `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, enforced token
+    /// by token. At most one of this, `structured_outputs` and the `guided_*` fields.
+    #[serde(default, deserialize_with = "object")]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<constraint::api::ResponseFormat>,
+    /// vLLM extra: exactly one of `json`, `regex`, `choice`, `grammar` (Lark) or
+    /// `json_object`, with `disable_any_whitespace`, `disable_additional_properties`,
+    /// `whitespace_pattern` and `disable_fallback`.
+    #[serde(default, deserialize_with = "object")]
+    #[schema(value_type = Option<Object>)]
+    pub structured_outputs: Option<constraint::api::StructuredOutputs>,
+    /// vLLM extra (older name of `structured_outputs.json`): a JSON schema, as an object or its text.
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    /// vLLM extra (older name of `structured_outputs.regex`).
+    pub guided_regex: Option<String>,
+    /// vLLM extra (older name of `structured_outputs.choice`).
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM extra (older name of `structured_outputs.grammar`): a Lark grammar.
+    pub guided_grammar: Option<String>,
+    /// vLLM extra: `auto`, `guidance` or `llguidance`, the one backend there is.
+    pub guided_decoding_backend: Option<String>,
+    /// vLLM extra: the whitespace a `guided_json` answer may use, as a regex.
+    pub guided_whitespace_pattern: Option<String>,
 }
 
 /// `stream_options` of a streaming request.

@@ -4,6 +4,10 @@
 //! field, the limit and the value given.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use constraint::api::{Guided, Requested};
+use constraint::Constraint;
 
 use crate::backend::Sampling;
 use crate::fleet::model::Model;
@@ -63,7 +67,9 @@ pub struct ValidRequest {
 pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ValidationError> {
     let messages = chat_messages(req.messages)?;
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
+    let tool_choice = req.tool_choice.clone();
     let tools = chat_tools(req.tools, req.tool_choice)?;
+    let forced_calls = tools.as_deref().and_then(|tools| forced_tool_calls(tools, tool_choice.as_ref()));
     let parse_tool_calls = tools.is_some();
     let render = chat_render(req.render, &messages, tools)?;
     let prompt = tokenize::render_chat(model, &messages, &render)?;
@@ -71,6 +77,18 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     let echo = req.echo.unwrap_or(false).then(|| messages.last().filter(|m| m.role == "assistant")).flatten();
     let echo = echo.map(|m| m.content.clone());
     let mut valid = finish(model, prompt, req.params)?;
+    if let Some(calls) = forced_calls {
+        if valid.sampling.constraint.is_some() {
+            return Err(ValidationError::Unsupported {
+                field: "tool_choice",
+                reason: "a required tool call is itself a structured output; drop the other one".into(),
+            });
+        }
+        model
+            .check_constraint(&calls)
+            .map_err(|e| ValidationError::Constraint { field: "tool_choice", reason: e.to_string() })?;
+        valid.sampling.constraint = Some(Arc::new(calls));
+    }
     valid.sampling.logprobs = logprobs;
     valid.parse_tool_calls = parse_tool_calls;
     valid.echo = echo;
@@ -311,6 +329,41 @@ fn tool_name(tool: &serde_json::Value) -> Result<&str, ValidationError> {
     }
 }
 
+/// `tool_choice: "required"` or a named function, as a grammar: the answer is calls in the
+/// Hermes format the tool-call parser reads (`<tool_call>{"name": ..., "arguments": {...}}
+/// </tool_call>`), each naming an allowed tool with arguments valid against its `parameters`.
+/// "required" allows one call or more, a named function exactly one. `None` for "auto"/"none".
+fn forced_tool_calls(tools: &[serde_json::Value], choice: Option<&serde_json::Value>) -> Option<Constraint> {
+    let only = match choice? {
+        serde_json::Value::String(s) if s == "required" => None,
+        named @ serde_json::Value::Object(_) => Some(named_choice(named).ok()?),
+        _ => return None,
+    };
+    let calls: Vec<serde_json::Value> = tools
+        .iter()
+        .filter_map(|tool| {
+            let function = &tool["function"];
+            let name = function["name"].as_str().filter(|name| only.is_none_or(|only| only == *name))?;
+            let parameters =
+                function.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            Some(serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            }))
+        })
+        .collect();
+    let schema = serde_json::json!({
+        "anyOf": calls,
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}
+    });
+    let start = if only.is_some() { "start: call" } else { "start: call (\"\\n\" call)*" };
+    Some(Constraint::Lark(format!(
+        "{start}\ncall: \"<tool_call>\\n\" arguments \"\\n</tool_call>\"\narguments: %json {schema}\n"
+    )))
+}
+
 /// The function a `{"type": "function", "function": {"name"}}` choice names.
 fn named_choice(choice: &serde_json::Value) -> Result<&str, ValidationError> {
     let kind = choice.get("type").and_then(serde_json::Value::as_str);
@@ -350,6 +403,7 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         n if (1..=i64::from(MAX_N)).contains(&n) => n as u32,
         n => return Err(out_of_range("n", "in [1, 16]", n)),
     };
+    let constraint = structured_output(model, &params)?;
     let sampling = Sampling {
         temperature: temperature(params.temperature)?,
         top_p: top_p(params.top_p)?,
@@ -370,6 +424,7 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         // Chat sets it after; the completions endpoint returns none.
         logprobs: None,
         n,
+        constraint,
     };
     let stream = params.stream.unwrap_or(false);
     if let Some(id) = &params.request_id {
@@ -395,6 +450,25 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         include_stop_str_in_output: params.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
     })
+}
+
+/// The request's one structured output, compiled once against the model's vocabulary so a bad
+/// one is refused here, before any worker runs.
+fn structured_output(model: &Model, params: &CommonParams) -> Result<Option<Arc<Constraint>>, ValidationError> {
+    let guided = Guided {
+        guided_json: params.guided_json.clone(),
+        guided_regex: params.guided_regex.clone(),
+        guided_choice: params.guided_choice.clone(),
+        guided_grammar: params.guided_grammar.clone(),
+        guided_decoding_backend: params.guided_decoding_backend.clone(),
+        guided_whitespace_pattern: params.guided_whitespace_pattern.clone(),
+    };
+    let requested =
+        constraint::api::requested(params.response_format.as_ref(), params.structured_outputs.as_ref(), &guided)
+            .map_err(|e| ValidationError::Unsupported { field: e.field, reason: e.reason })?;
+    let Some(Requested { constraint, field }) = requested else { return Ok(None) };
+    model.check_constraint(&constraint).map_err(|e| ValidationError::Constraint { field, reason: e.to_string() })?;
+    Ok(Some(Arc::new(constraint)))
 }
 
 /// A body's `request_id` (vLLM extra): it becomes a log field and a response

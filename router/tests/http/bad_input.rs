@@ -288,3 +288,61 @@ async fn a_body_just_under_the_limit_is_read() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
     assert_eq!(error["error"]["param"], "prompt");
 }
+
+/// Each structured output that cannot be enforced is refused before any worker runs, with a 400
+/// whose `param` names the field that asked for it.
+#[tokio::test]
+async fn every_bad_structured_output_is_a_400_naming_its_field() {
+    let (app, backend) = setup();
+    let cases: &[(&str, &str)] = &[
+        (
+            r#""response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}}"#,
+            "response_format.json_schema.schema",
+        ),
+        (
+            r#""response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "color"}}}"#,
+            "response_format.json_schema.schema",
+        ),
+        (
+            r#""response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}"#,
+            "response_format.json_schema.schema",
+        ),
+        (r#""structured_outputs": {"regex": "(unclosed"}"#, "structured_outputs.regex"),
+        (r#""structured_outputs": {"grammar": "start: undefined_rule"}"#, "structured_outputs.grammar"),
+        (r#""structured_outputs": {"grammar": "root ::= \"a\""}"#, "structured_outputs.grammar"),
+        (r#""structured_outputs": {"choice": []}"#, "structured_outputs.choice"),
+        (r#""structured_outputs": {"json": "{not json"}"#, "structured_outputs.json"),
+        (r#""structured_outputs": {"structural_tag": {}}"#, "structured_outputs.structural_tag"),
+        (r#""structured_outputs": {}"#, "structured_outputs"),
+        (r#""structured_outputs": {"regex": "a", "choice": ["a"]}"#, "structured_outputs.choice"),
+        (r#""response_format": {"type": "json_object"}, "guided_regex": "a""#, "guided_regex"),
+        (r#""guided_json": {"type": "integer", "minimum": 3, "maximum": 1}"#, "guided_json"),
+        (r#""guided_choice": ["a"], "guided_decoding_backend": "xgrammar""#, "guided_decoding_backend"),
+    ];
+    for (extra, field) in cases {
+        for (path, body) in [
+            ("/v1/chat/completions", chat(&format!(", {extra}"))),
+            ("/v1/completions", completion(&format!(", {extra}"))),
+        ] {
+            let (status, body) = send(&app, path, JSON, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{extra} on {path}: {body}");
+            assert_eq!(body["error"]["param"], *field, "{extra} on {path}: {body}");
+            assert_eq!(body["error"]["type"], "BadRequestError", "{body}");
+        }
+    }
+    // Fields of the wrong shape are refused as JSON errors.
+    for extra in [
+        r#""response_format": {"type": "yaml"}"#,
+        r#""response_format": [1]"#,
+        r#""structured_outputs": ["a"]"#,
+        r#""structured_outputs": {"jsn": {}}"#,
+    ] {
+        let (status, body) = send(&app, "/v1/completions", JSON, completion(&format!(", {extra}"))).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_json")),
+            "{extra}: {body}"
+        );
+    }
+    assert_eq!(*backend.started.lock().unwrap(), 0, "no bad structured output reached a worker");
+}

@@ -1,0 +1,97 @@
+//! One sequence's matcher: which tokens may come next, and the token that came.
+
+use std::sync::Arc;
+
+use llguidance::Matcher;
+use toktrie::SimpleVob;
+
+/// A compiled constraint at one point of one sequence. Cloning gives an independent matcher at
+/// the same point (each choice of a request gets one).
+#[derive(Clone)]
+pub struct Grammar {
+    matcher: Matcher,
+    /// Every token that ends generation: each is allowed exactly where the grammar may end.
+    eos: Arc<[u32]>,
+    /// Whether a failure already forced the end (logged once).
+    failed: bool,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammar").field("stopped", &self.matcher.is_stopped()).field("failed", &self.failed).finish()
+    }
+}
+
+impl Grammar {
+    pub(crate) fn new(matcher: Matcher, eos: Arc<[u32]>, vocab_size: usize) -> Self {
+        Self { matcher, eos, failed: false, vocab_size }
+    }
+
+    /// Sets to `-inf` the logit of every token the constraint forbids next. An end-of-sequence
+    /// token stays only where the answer may end; once the answer is complete, only they stay.
+    ///
+    /// Should the matcher fail (it cannot on tokens it allowed), only the end-of-sequence tokens
+    /// stay, so the answer ends where it stands rather than leaving the constraint.
+    pub fn mask(&mut self, logits: &mut [f32]) {
+        let allowed =
+            if self.failed { None } else { self.matcher.compute_mask_or_eos().map_err(|e| self.fail(&e)).ok() };
+        let eos_allowed = allowed.as_ref().is_none_or(|mask| self.eos.first().is_some_and(|&t| mask.is_allowed(t)));
+        let kept: Vec<(usize, f32)> = if eos_allowed {
+            self.eos.iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l))).collect()
+        } else {
+            Vec::new()
+        };
+        match &allowed {
+            Some(mask) => forbid_unset(mask, logits),
+            None => logits.fill(f32::NEG_INFINITY),
+        }
+        for (t, logit) in kept {
+            logits[t] = logit;
+        }
+    }
+
+    /// Advances past `token`, sampled under [`Grammar::mask`] (or by a prefill worker under
+    /// the same constraint).
+    pub fn accept(&mut self, token: u32) {
+        if self.failed {
+            return;
+        }
+        // The trie knows one end-of-sequence token; the model may have several.
+        let token = if self.eos.contains(&token) { self.eos[0] } else { token };
+        if let Err(e) = self.matcher.consume_token(token) {
+            self.fail(&e);
+        }
+    }
+
+    /// Width of the masks: the vocabulary this grammar was compiled for.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Whether the answer is complete: only an end-of-sequence token may follow.
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    fn fail(&mut self, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, "structured output matcher failed; ending the answer");
+        self.failed = true;
+    }
+}
+
+/// `-inf` for every id the mask leaves unset, ids past its end included.
+fn forbid_unset(mask: &SimpleVob, logits: &mut [f32]) {
+    let words = mask.as_slice();
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let word = words.get(w).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (bit, logit) in chunk.iter_mut().enumerate() {
+            if word & (1 << bit) == 0 {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@
 #   curl if missing, for the example request serve.sh prints.
 # - test: Debian's etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
-#   scripts/fuzz.sh); the `openai` client and schemathesis in .venv.
+#   scripts/fuzz.sh); the `openai` client, `jsonschema` and schemathesis in .venv.
 # Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,6 +64,11 @@ scripts/fetch-model.sh >/dev/null
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   say "installing the openai client into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check openai
+fi
+# The structured-output tests validate answers with an independent JSON Schema validator.
+if ! .venv/bin/python -c "import jsonschema" 2>/dev/null; then
+  say "installing jsonschema into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check jsonschema
 fi
 # Schemathesis fuzzes the router's /openapi.json (tests/tests/schemathesis.rs).
 if [ "$(.venv/bin/st --version 2>/dev/null)" != "st, version 4.32.5" ]; then

@@ -96,3 +96,42 @@ fn a_request_the_engine_refuses_gets_an_error_record() {
     assert_eq!(recs[1]["id"], "good");
     assert!(recs[1]["text"].is_string());
 }
+
+#[test]
+fn lines_take_structured_outputs_as_the_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    let schema = r#"{"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "year": {"type": "integer", "minimum": 1000, "maximum": 2100}}, "required": ["city", "year"], "additionalProperties": false}"#;
+    std::fs::write(
+        &input,
+        [
+            format!(r#"{{"id": "schema", "messages": [{{"role": "user", "content": "Name a capital and a year."}}], "temperature": 0, "max_tokens": 40, "response_format": {{"type": "json_schema", "json_schema": {{"name": "c", "schema": {schema}}}}}}}"#),
+            r#"{"id": "choice", "prompt": "The weather today is", "temperature": 1, "seed": 3, "max_tokens": 8, "structured_outputs": {"choice": ["sunny", "rainy"]}}"#.to_string(),
+            r#"{"id": "regex", "prompt": "My phone number is", "max_tokens": 20, "guided_regex": "[0-9]{3}-[0-9]{4}"}"#.to_string(),
+            r#"{"id": "bad", "prompt": "x", "guided_regex": "(unclosed"}"#.to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1), "the bad line fails: {}", String::from_utf8_lossy(&out.stderr));
+    let recs = records(&output);
+    let answer: serde_json::Value = serde_json::from_str(recs[0]["text"].as_str().unwrap()).unwrap();
+    assert!(["Paris", "Rome"].contains(&answer["city"].as_str().unwrap()), "{answer}");
+    assert!((1000..=2100).contains(&answer["year"].as_i64().unwrap()), "{answer}");
+    assert!(["sunny", "rainy"].contains(&recs[1]["text"].as_str().unwrap()), "{}", recs[1]);
+    let phone = recs[2]["text"].as_str().unwrap();
+    assert!(
+        phone.len() == 8 && phone.as_bytes()[3] == b'-' && phone.replace('-', "").bytes().all(|b| b.is_ascii_digit()),
+        "{phone:?}"
+    );
+    assert!(recs[3]["error"].as_str().unwrap().contains("structured output"), "{}", recs[3]);
+
+    // Two structured outputs on one line stop the run before the model loads, naming the line.
+    std::fs::write(&input, r#"{"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}"#).unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 1") && stderr.contains("guided_choice"), "{stderr}");
+}

@@ -24,6 +24,8 @@ pub struct Timeline {
     pub submitted: Instant,
     /// One instant per generated token, in order.
     pub tokens: Vec<Instant>,
+    /// The generated token ids, in order.
+    pub token_ids: Vec<u32>,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
 }
@@ -85,6 +87,11 @@ impl Ours {
         }
     }
 
+    /// Tokens that end generation.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.info.eos_token_ids
+    }
+
     /// A prompt source over this model's tokenizer.
     pub fn prompts(&self) -> anyhow::Result<Prompts<'_>> {
         Prompts::new(&self.tokenizer)
@@ -99,6 +106,16 @@ pub fn blocks_for(seqs: usize, tokens: usize) -> usize {
 /// Submits every prompt at once (greedy, `max_tokens` each, EOS ignored so every request generates
 /// exactly `max_tokens`) and records when each token arrives.
 pub async fn run(engine: &EngineHandle, prompts: Vec<Vec<u32>>, max_tokens: u32) -> anyhow::Result<Vec<Timeline>> {
+    run_constrained(engine, prompts, max_tokens, None).await
+}
+
+/// [`run`], every request held to a copy of `grammar` when one is given.
+pub async fn run_constrained(
+    engine: &EngineHandle,
+    prompts: Vec<Vec<u32>>,
+    max_tokens: u32,
+    grammar: Option<&constraint::Grammar>,
+) -> anyhow::Result<Vec<Timeline>> {
     let mut pending = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let request = EngineRequest {
@@ -110,7 +127,7 @@ pub async fn run(engine: &EngineHandle, prompts: Vec<Vec<u32>>, max_tokens: u32)
             cache_salt: None,
             priority: 0,
             n: 1,
-            grammar: None,
+            grammar: grammar.cloned(),
         };
         let submitted = Instant::now();
         let events = engine.submit(request)?;
@@ -118,11 +135,15 @@ pub async fn run(engine: &EngineHandle, prompts: Vec<Vec<u32>>, max_tokens: u32)
     }
     let waits = pending.into_iter().map(|(submitted, mut events)| async move {
         let mut tokens = Vec::with_capacity(max_tokens as usize);
+        let mut token_ids = Vec::with_capacity(max_tokens as usize);
         while let Some(event) = events.recv().await {
             match event {
-                EngineEvent::Token { .. } => tokens.push(Instant::now()),
+                EngineEvent::Token { id, .. } => {
+                    tokens.push(Instant::now());
+                    token_ids.push(id);
+                }
                 EngineEvent::Finished { num_cached_tokens, .. } => {
-                    return Ok(Timeline { submitted, tokens, cached_tokens: num_cached_tokens })
+                    return Ok(Timeline { submitted, tokens, token_ids, cached_tokens: num_cached_tokens })
                 }
                 EngineEvent::Error(e) => anyhow::bail!("engine error: {e}"),
             }
@@ -159,6 +180,7 @@ mod tests {
         Timeline {
             submitted: start,
             tokens: token_ms.iter().map(|&ms| start + Duration::from_millis(ms)).collect(),
+            token_ids: vec![0; token_ms.len()],
             cached_tokens: 0,
         }
     }

@@ -1,9 +1,13 @@
 //! One sequence's matcher: which tokens may come next, and the token that came.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use llguidance::Matcher;
 use toktrie::SimpleVob;
+
+/// Told how long each mask took (a worker feeds a histogram with it).
+pub type MaskObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// A compiled constraint at one point of one sequence. Cloning gives an independent matcher at
 /// the same point (each choice of a request gets one).
@@ -15,6 +19,7 @@ pub struct Grammar {
     /// Whether a failure already forced the end (logged once).
     failed: bool,
     vocab_size: usize,
+    observer: Option<MaskObserver>,
 }
 
 impl std::fmt::Debug for Grammar {
@@ -24,8 +29,8 @@ impl std::fmt::Debug for Grammar {
 }
 
 impl Grammar {
-    pub(crate) fn new(matcher: Matcher, eos: Arc<[u32]>, vocab_size: usize) -> Self {
-        Self { matcher, eos, failed: false, vocab_size }
+    pub(crate) fn new(matcher: Matcher, eos: Arc<[u32]>, vocab_size: usize, observer: Option<MaskObserver>) -> Self {
+        Self { matcher, eos, failed: false, vocab_size, observer }
     }
 
     /// Sets to `-inf` the logit of every token the constraint forbids next. An end-of-sequence
@@ -34,6 +39,14 @@ impl Grammar {
     /// Should the matcher fail (it cannot on tokens it allowed), only the end-of-sequence tokens
     /// stay, so the answer ends where it stands rather than leaving the constraint.
     pub fn mask(&mut self, logits: &mut [f32]) {
+        let started = self.observer.as_ref().map(|_| Instant::now());
+        self.apply_mask(logits);
+        if let (Some(observe), Some(started)) = (&self.observer, started) {
+            observe(started.elapsed());
+        }
+    }
+
+    fn apply_mask(&mut self, logits: &mut [f32]) {
         let allowed =
             if self.failed { None } else { self.matcher.compute_mask_or_eos().map_err(|e| self.fail(&e)).ok() };
         let eos_allowed = allowed.as_ref().is_none_or(|mask| self.eos.first().is_some_and(|&t| mask.is_allowed(t)));
@@ -57,8 +70,16 @@ impl Grammar {
         if self.failed {
             return;
         }
-        // The trie knows one end-of-sequence token; the model may have several.
-        let token = if self.eos.contains(&token) { self.eos[0] } else { token };
+        let token = if self.eos.contains(&token) {
+            // A complete answer takes no more tokens, its end included.
+            if self.matcher.is_stopped() {
+                return;
+            }
+            // The trie knows one end-of-sequence token; the model may have several.
+            self.eos[0]
+        } else {
+            token
+        };
         if let Err(e) = self.matcher.consume_token(token) {
             self.fail(&e);
         }

@@ -24,6 +24,6 @@ pub mod vocabulary;
 mod error;
 
 pub use error::ConstraintError;
-pub use grammar::Grammar;
+pub use grammar::{Grammar, MaskObserver};
 pub use spec::{Constraint, Whitespace};
 pub use vocabulary::Vocabulary;

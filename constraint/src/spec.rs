@@ -40,6 +40,17 @@ pub enum Whitespace {
 }
 
 impl Constraint {
+    /// What kind of constraint this is, for metrics and logs: `json`, `regex`, `choice` or
+    /// `grammar`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Json { .. } => "json",
+            Self::Regex(_) => "regex",
+            Self::Choice(_) => "choice",
+            Self::Lark(_) => "grammar",
+        }
+    }
+
     /// `{"type": "object"}`: any JSON object (`response_format: json_object`).
     pub fn json_object(whitespace: Whitespace) -> Self {
         Self::Json { schema: json!({"type": "object"}), whitespace }

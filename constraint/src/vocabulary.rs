@@ -8,6 +8,7 @@ use llguidance::{Matcher, ParserFactory};
 use prompt::decode::Decoder;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
+use crate::grammar::MaskObserver;
 use crate::{Constraint, ConstraintError, Grammar};
 
 /// A model's tokens, ready to compile constraints against. Built once per model (the trie takes
@@ -16,6 +17,8 @@ pub struct Vocabulary {
     factory: ParserFactory,
     /// Every token that ends generation; the trie knows only the first as its eos.
     eos: Arc<[u32]>,
+    /// Given to every grammar compiled here.
+    observer: Option<MaskObserver>,
 }
 
 impl std::fmt::Debug for Vocabulary {
@@ -68,7 +71,15 @@ impl Vocabulary {
         let env: TokEnv = Arc::new(Env { trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Vocabulary(e.to_string()))?;
         factory.quiet();
-        Ok(Self { factory, eos: eos_token_ids.into() })
+        // A failure's message is logged once; the parser's whole state would flood the log.
+        factory.limits_mut().verbose_errors = false;
+        Ok(Self { factory, eos: eos_token_ids.into(), observer: None })
+    }
+
+    /// Every grammar compiled from now on tells `observer` how long each of its masks took.
+    pub fn with_mask_observer(mut self, observer: MaskObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Width of the masks: the logits row's.
@@ -86,6 +97,6 @@ impl Vocabulary {
         if let Some(error) = matcher.get_error() {
             return Err(ConstraintError::Invalid(error));
         }
-        Ok((Grammar::new(matcher, self.eos.clone(), self.vocab_size()), start.elapsed()))
+        Ok((Grammar::new(matcher, self.eos.clone(), self.vocab_size(), self.observer.clone()), start.elapsed()))
     }
 }

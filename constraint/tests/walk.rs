@@ -209,3 +209,20 @@ fn a_vocabulary_without_a_byte_table_is_refused() {
     let decoder = Decoder::new(Arc::new(tokenizer));
     assert!(matches!(Vocabulary::new(&decoder, 10, &[0]), Err(ConstraintError::Vocabulary(_))));
 }
+
+#[test]
+fn the_end_of_a_complete_answer_is_taken_without_a_failure() {
+    let (vocab, _, eos) = vocabulary();
+    let (mut grammar, _) = vocab.compile(&Constraint::Choice(vec!["a".into()])).unwrap();
+    let mut logits = vec![0.0f32; vocab.vocab_size()];
+    grammar.mask(&mut logits);
+    let a = (0..logits.len()).find(|&t| logits[t] == 0.0).unwrap() as u32;
+    grammar.accept(a);
+    assert!(grammar.is_complete());
+    grammar.accept(eos[1]);
+    logits.fill(0.0);
+    grammar.mask(&mut logits);
+    let allowed: Vec<u32> = (0..logits.len() as u32).filter(|&t| logits[t as usize] == 0.0).collect();
+    assert_eq!(allowed, eos);
+    assert!(!format!("{grammar:?}").contains("failed: true"), "{grammar:?}");
+}

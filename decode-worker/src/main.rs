@@ -88,7 +88,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }))
         })
         .collect();
-    let face = start_face(&args.lifecycle, Role::Decode, Some(loaded.engine.clone())).await?;
+    let face = start_face(&args.lifecycle, Role::Decode, Some((loaded.engine.clone(), &loaded.grammars))).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), None).with_pullers(pullers.clone());
     let launch = Launch {
         name: "decode-worker",

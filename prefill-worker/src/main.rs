@@ -92,7 +92,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let kv_host = config.advertise_host.clone();
     let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let face = start_face(&args.lifecycle, Role::Prefill, Some(loaded.engine.clone())).await?;
+    let face = start_face(&args.lifecycle, Role::Prefill, Some((loaded.engine.clone(), &loaded.grammars))).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));
     let max_model_len = loaded.card.context_length as usize;
     let launch = Launch {

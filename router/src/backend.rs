@@ -46,6 +46,9 @@ pub struct Sampling {
     pub n: u32,
     /// The structured output every choice is held to (checked to compile).
     pub constraint: Option<Arc<constraint::Constraint>>,
+    /// Tokens at the end of the prompt that are already part of the constrained answer (a
+    /// recomputed hand-off's first token).
+    pub constraint_prefix: Vec<u32>,
 }
 
 impl Default for Sampling {
@@ -68,6 +71,7 @@ impl Default for Sampling {
             logprobs: None,
             n: 1,
             constraint: None,
+            constraint_prefix: Vec::new(),
         }
     }
 }

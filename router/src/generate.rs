@@ -91,6 +91,9 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
     // Only admitted requests: a refusal never waited, and its prompt never runs.
     metrics.observe_queue_time(name, queued.elapsed());
     metrics.count_prompt_tokens(name, prompt.len());
+    if let (Some(constraint), Some(took)) = (&request.sampling.constraint, valid.constraint_compile) {
+        metrics.count_structured_output(name, constraint.kind(), took);
+    }
     request.first_worker = Some(permit.worker());
     let record = UsageRecord::start(usage, &caller, &request.request_id, name, prompt.len(), running);
     let tokens = served.backend.generate(request);

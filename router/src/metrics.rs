@@ -79,6 +79,9 @@ const ITL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
     2.5, 5.0, 10.0,
 ];
+/// Compiling a structured output: a regex in tens of microseconds, a large schema in tens of
+/// milliseconds.
+const COMPILE_BUCKETS: &[f64] = &[0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0];
 /// Whole requests and queue waits: up to minutes for long generations.
 const REQUEST_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 300.0];
@@ -106,6 +109,8 @@ pub struct Metrics {
     inflight_requests: IntGaugeVec,
     tenants: TenantCounters,
     worker_circuit_state: IntGaugeVec,
+    structured_requests: IntCounterVec,
+    structured_compile: HistogramVec,
 }
 
 /// Per-key counters, labelled by tenant and key id (`anonymous` without keys).
@@ -233,6 +238,16 @@ impl Metrics {
                 &["model"],
             ),
             placements: counter_vec("placements_total", "Request legs placed, by pool and worker index.", pool_worker),
+            structured_requests: counter_vec(
+                "structured_output_requests_total",
+                "Admitted requests held to a structured output, by kind (json, regex, choice, grammar).",
+                &["model", "kind"],
+            ),
+            structured_compile: per_model_histogram(
+                "structured_output_compile_seconds",
+                "Time the router took to compile a request's structured output against the vocabulary.",
+                COMPILE_BUCKETS,
+            ),
             worker_up: gauge_vec(
                 "worker_up",
                 "1 while the worker's KV event stream is live and snapshotted.",
@@ -288,6 +303,13 @@ impl Metrics {
     /// Records how long an admitted request for `model` waited for its slot.
     pub fn observe_queue_time(&self, model: &str, waited: Duration) {
         self.queue_time.with_label_values(&[model]).observe(waited.as_secs_f64());
+    }
+
+    /// Counts an admitted request for `model` held to a structured output of `kind`, and how long
+    /// its compile took.
+    pub fn count_structured_output(&self, model: &str, kind: &str, compile: Duration) {
+        self.structured_requests.with_label_values(&[model, kind]).inc();
+        self.structured_compile.with_label_values(&[model]).observe(compile.as_secs_f64());
     }
 
     /// Counts the prompt tokens of an admitted request for `model`.

@@ -467,6 +467,10 @@ fn recompute_leg(leg: &DecodeLeg) -> DecodeLeg {
     let sampling = &mut request.sampling;
     sampling.max_tokens = sampling.max_tokens.saturating_sub(1).max(1);
     sampling.min_tokens = sampling.min_tokens.saturating_sub(1);
+    // The first token was sampled under the constraint: the matcher resumes after it.
+    if sampling.constraint.is_some() {
+        sampling.constraint_prefix.extend(&leg.first_token_ids);
+    }
     DecodeLeg { request, handoff: None, first_token_ids: Vec::new() }
 }
 

@@ -8,6 +8,7 @@
 pub mod etcd;
 pub mod metrics;
 pub mod process;
+pub mod python;
 pub mod sse;
 
 pub use process::bin;

@@ -6,9 +6,9 @@
 
 use futures::StreamExt;
 use serde_json::json;
-use std::path::PathBuf;
 use tests::process::Process;
-use tests::{model_path, start_router, take_turn, workspace_root, Cluster, ClusterOptions};
+use tests::python::run_client;
+use tests::{model_path, start_router, take_turn, Cluster, ClusterOptions};
 use vllm_client::{StreamEvent, VllmClient};
 
 const PARIS: &str = "What is the capital of France? Answer in one word.";
@@ -41,34 +41,11 @@ fn weather_tool() -> serde_json::Value {
     }])
 }
 
-/// The Python that has `openai` installed: `PDSERVE_PYTHON`, else the project's venv.
-fn python() -> PathBuf {
-    std::env::var_os("PDSERVE_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin/python"))
-}
-
-/// Runs `tests/python/{script}` against `router_url` with the project's
-/// Python and checks it printed `{ok_line}`.
-async fn run_python_client(script: &str, router_url: &str, model: &str, ok_line: &str) {
-    let python = python();
-    assert!(
-        python.is_file(),
-        "{} is missing: run scripts/test.sh, which installs the openai package",
-        python.display()
-    );
-    let script = workspace_root().join("tests/python").join(script);
-    let base = format!("{router_url}/v1");
-    let output = tokio::process::Command::new(&python).arg(&script).arg(&base).arg(model).output().await.unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{} failed:\n{stdout}\n{stderr}", script.display());
-    assert!(stdout.contains(ok_line), "{stdout}");
-}
-
 #[tokio::test]
 async fn openai_python_sdk_chats() {
     let cluster = Cluster::start(ClusterOptions::default());
     let model = cluster.model_name().await;
-    run_python_client("openai_chat.py", cluster.router.url(), &model, "openai client ok").await;
+    run_client("openai_chat.py", cluster.router.url(), &model, &[], "openai client ok").await;
 }
 
 #[tokio::test]
@@ -130,7 +107,7 @@ async fn vllm_client_crate_chats() {
 async fn openai_python_sdk_reads_tool_calls() {
     let _turn = take_turn();
     let (_decode, router, model) = tool_calling_router().await;
-    run_python_client("openai_tools.py", router.url(), &model, "openai tools ok").await;
+    run_client("openai_tools.py", router.url(), &model, &[], "openai tools ok").await;
 }
 
 #[tokio::test]

@@ -183,4 +183,41 @@ async fn constrained_answers_obey_and_agree_between_disaggregated_and_colocated(
             }
         }
     }
+
+    // The metrics saw it all: constrained requests by kind, compile and mask times.
+    let router = tests::metrics::scrape(cluster.router.url()).await;
+    let json = tests::metrics::sample(&router, "pdserve_router_structured_output_requests_total", &[("kind", "json")]);
+    let choice =
+        tests::metrics::sample(&router, "pdserve_router_structured_output_requests_total", &[("kind", "choice")]);
+    assert!(json >= 4.0 && choice >= 3.0, "json {json}, choice {choice}");
+    assert!(tests::metrics::sample(&router, "pdserve_router_structured_output_compile_seconds_count", &[]) >= 12.0);
+    for worker in [&cluster.prefill, &cluster.decode] {
+        let text = tests::metrics::scrape(&worker.health_url()).await;
+        assert!(
+            tests::metrics::sample(&text, "pdserve_worker_structured_output_requests_total", &[("kind", "grammar")])
+                >= 1.0
+        );
+        assert!(tests::metrics::sample(&text, "pdserve_worker_structured_output_compile_seconds_count", &[]) >= 10.0);
+        assert!(tests::metrics::sample(&text, "pdserve_worker_structured_output_mask_seconds_count", &[]) >= 10.0);
+    }
+}
+
+/// The OpenAI SDK's `parse()` with a Pydantic model, `json_object`, and a corpus of 32 JSON
+/// schemas (nested objects, bounded arrays, enums, `anyOf` / `oneOf` / `allOf`, `$ref`, string
+/// formats and patterns, bounded numbers) asked at temperature 0 and at temperature 1 with two
+/// seeds: every answer validates against its schema with the `jsonschema` package.
+#[tokio::test]
+async fn the_openai_sdk_parses_and_every_answer_of_a_schema_corpus_validates_independently() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    let schemas = tests::workspace_root().join("tests/data/structured/schemas.json");
+    let schemas = schemas.to_str().unwrap();
+    tests::python::run_client(
+        "structured_outputs.py",
+        cluster.router.url(),
+        &model,
+        &[schemas],
+        "structured outputs ok",
+    )
+    .await;
 }

@@ -20,6 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cluster::discovery::{Registration, Role};
 use engine::EngineHandle;
+
+use crate::structured::Grammars;
 use futures::Stream;
 use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::{TcpListener, TcpStream};
@@ -92,13 +94,16 @@ impl Face {
 pub async fn start_face(
     args: &LifecycleArgs,
     role: Role,
-    engine: Option<EngineHandle>,
+    engine: Option<(EngineHandle, &Grammars)>,
 ) -> anyhow::Result<(Face, SocketAddr)> {
     use anyhow::Context;
     let listener =
         TcpListener::bind(args.http_listen).await.with_context(|| format!("binding HTTP on {}", args.http_listen))?;
     let addr = listener.local_addr()?;
-    let face = Face::new(role, engine);
+    let face = Face::new(role, engine.as_ref().map(|(engine, _)| engine.clone()));
+    if let Some((_, grammars)) = engine {
+        grammars.register(&face.metrics.registry)?;
+    }
     face.clone().serve(listener);
     Ok((face, addr))
 }

@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prompt::decode::Decoder;
 use prompt::encode::Encoder;
@@ -105,13 +105,14 @@ impl Model {
     }
 
     /// Compiles a structured output against the model's vocabulary, to refuse one that cannot
-    /// be enforced before any worker runs. The workers compile it again for their matchers.
-    pub fn check_constraint(&self, constraint: &Constraint) -> Result<(), ConstraintError> {
+    /// be enforced before any worker runs; returns how long the compile took. The workers
+    /// compile it again for their matchers.
+    pub fn check_constraint(&self, constraint: &Constraint) -> Result<Duration, ConstraintError> {
         let vocabulary = self
             .vocabulary
             .get_or_init(|| Vocabulary::new(&self.decoder, self.vocab_size as usize, &self.eos_token_ids));
-        vocabulary.as_ref().map_err(Clone::clone)?.compile(constraint)?;
-        Ok(())
+        let (_, took) = vocabulary.as_ref().map_err(Clone::clone)?.compile(constraint)?;
+        Ok(took)
     }
 }
 

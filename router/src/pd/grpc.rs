@@ -167,6 +167,7 @@ impl From<&Sampling> for SamplingParams {
             logprobs: s.logprobs,
             n: s.n,
             constraint: s.constraint.as_deref().map(wire_constraint),
+            constraint_prefix: s.constraint_prefix.clone(),
         }
     }
 }
@@ -421,6 +422,7 @@ mod tests {
                 schema: serde_json::json!({"type": "object"}),
                 whitespace: constraint::Whitespace::Pattern(" ?".into()),
             })),
+            constraint_prefix: vec![5],
         };
         let wire = SamplingParams::from(&sampling);
         let want = SamplingParams {
@@ -445,6 +447,7 @@ mod tests {
                     whitespace: Some(proto::worker::json_constraint::Whitespace::Pattern(" ?".into())),
                 })),
             }),
+            constraint_prefix: vec![5],
         };
         assert_eq!(wire, want);
         // The defaults: repetition 1 is sent, so no worker reads proto's 0.

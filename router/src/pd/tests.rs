@@ -330,6 +330,20 @@ async fn a_failed_hand_off_is_recomputed_on_the_decode_worker() {
     assert_eq!(*leg.request.prompt_token_ids, [1, 2, 3, 7], "the streamed first token ends the prompt");
     assert_eq!((leg.handoff.as_ref(), leg.first_token_ids.len()), (None, 0));
     assert_eq!(leg.request.sampling.max_tokens, 7, "one token was already generated");
+    assert!(leg.request.sampling.constraint_prefix.is_empty(), "no constraint, nothing to resume");
+}
+
+#[tokio::test]
+async fn a_recomputed_hand_off_resumes_the_constraint_after_the_first_token() {
+    let (legs, backend) = with_failing_handoff(KvFailurePolicy::Recompute);
+    let mut constrained = request();
+    constrained.sampling.constraint = Some(Arc::new(constraint::Constraint::Regex("[0-9]+".into())));
+    let items: Vec<_> = backend.generate(constrained).collect().await;
+    assert!(items.iter().all(Result::is_ok));
+    let calls = legs.decode_calls.lock().unwrap();
+    let sampling = &calls[1].1.request.sampling;
+    assert_eq!(*calls[1].1.request.prompt_token_ids, [1, 2, 3, 7]);
+    assert_eq!(sampling.constraint_prefix, [7], "the matcher takes the first token before sampling");
 }
 
 #[tokio::test]

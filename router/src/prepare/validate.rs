@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use constraint::api::{Guided, Requested};
 use constraint::Constraint;
@@ -61,6 +62,8 @@ pub struct ValidRequest {
     pub include_stop_str_in_output: bool,
     /// Leave special tokens out of the generated text (vLLM extra).
     pub skip_special_tokens: bool,
+    /// How long the router took to compile `sampling.constraint`, when there is one.
+    pub constraint_compile: Option<Duration>,
 }
 
 /// Validates a chat request: renders, tokenizes and checks every parameter.
@@ -84,10 +87,11 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
                 reason: "a required tool call is itself a structured output; drop the other one".into(),
             });
         }
-        model
+        let took = model
             .check_constraint(&calls)
             .map_err(|e| ValidationError::Constraint { field: "tool_choice", reason: e.to_string() })?;
         valid.sampling.constraint = Some(Arc::new(calls));
+        valid.constraint_compile = Some(took);
     }
     valid.sampling.logprobs = logprobs;
     valid.parse_tool_calls = parse_tool_calls;
@@ -403,7 +407,7 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         n if (1..=i64::from(MAX_N)).contains(&n) => n as u32,
         n => return Err(out_of_range("n", "in [1, 16]", n)),
     };
-    let constraint = structured_output(model, &params)?;
+    let (constraint, constraint_compile) = structured_output(model, &params)?.unzip();
     let sampling = Sampling {
         temperature: temperature(params.temperature)?,
         top_p: top_p(params.top_p)?,
@@ -425,6 +429,7 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         logprobs: None,
         n,
         constraint,
+        constraint_prefix: Vec::new(),
     };
     let stream = params.stream.unwrap_or(false);
     if let Some(id) = &params.request_id {
@@ -449,12 +454,16 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         echo: None,
         include_stop_str_in_output: params.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
+        constraint_compile,
     })
 }
 
 /// The request's one structured output, compiled once against the model's vocabulary so a bad
 /// one is refused here, before any worker runs.
-fn structured_output(model: &Model, params: &CommonParams) -> Result<Option<Arc<Constraint>>, ValidationError> {
+fn structured_output(
+    model: &Model,
+    params: &CommonParams,
+) -> Result<Option<(Arc<Constraint>, Duration)>, ValidationError> {
     let guided = Guided {
         guided_json: params.guided_json.clone(),
         guided_regex: params.guided_regex.clone(),
@@ -467,8 +476,10 @@ fn structured_output(model: &Model, params: &CommonParams) -> Result<Option<Arc<
         constraint::api::requested(params.response_format.as_ref(), params.structured_outputs.as_ref(), &guided)
             .map_err(|e| ValidationError::Unsupported { field: e.field, reason: e.reason })?;
     let Some(Requested { constraint, field }) = requested else { return Ok(None) };
-    model.check_constraint(&constraint).map_err(|e| ValidationError::Constraint { field, reason: e.to_string() })?;
-    Ok(Some(Arc::new(constraint)))
+    let took = model
+        .check_constraint(&constraint)
+        .map_err(|e| ValidationError::Constraint { field, reason: e.to_string() })?;
+    Ok(Some((Arc::new(constraint), took)))
 }
 
 /// A body's `request_id` (vLLM extra): it becomes a log field and a response

@@ -373,7 +373,10 @@ impl Sampler {
                 *l += bias;
             }
         }
-        if self.num_generated < self.min_tokens {
+        // A complete structured answer can only end: its end outranks `min_tokens` (the
+        // scheduler still does not stop before them, so the eos tokens pad the rest).
+        let complete = self.grammar.as_ref().is_some_and(constraint::Grammar::is_complete);
+        if self.num_generated < self.min_tokens && !complete {
             for &t in &self.stop_ids {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;

@@ -3,6 +3,10 @@
 //! the decode worker's matcher takes it and continues) and when colocated, greedy and sampled,
 //! streamed or not.
 
+// The recompute test holds the cluster turn (a std mutex) for its whole run: tests run on their
+// own runtimes and no task awaits the lock.
+#![allow(clippy::await_holding_lock)]
+
 use serde_json::{json, Value};
 use tests::{sse, Cluster, ClusterOptions};
 
@@ -133,6 +137,13 @@ async fn constrained_answers_obey_and_agree_between_disaggregated_and_colocated(
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     check_person(&text);
 
+    // A complete answer ends even under `min_tokens`: its end outranks them.
+    let body = ask(&model, "Pick one.", json!({"min_tokens": 12, "structured_outputs": {"choice": ["yes", "no"]}}));
+    let padded = answer(&cluster.router, &body).await;
+    let text = padded["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text == "yes" || text == "no", "{padded}");
+    assert_eq!(padded["choices"][0]["finish_reason"], "stop", "{padded}");
+
     // Cut short mid-structure, the answer says so.
     let body = ask(
         &model,
@@ -220,4 +231,32 @@ async fn the_openai_sdk_parses_and_every_answer_of_a_schema_corpus_validates_ind
         "structured outputs ok",
     )
     .await;
+}
+
+/// A hand-off the decode worker cannot pull (the prefill worker advertises an address nothing
+/// listens on, and no shared memory) is recomputed on the decode worker: the first token, sampled
+/// under the constraint by the prefill worker, ends the new prompt, and the decode worker's matcher
+/// resumes after it, so the answer is still whole, valid, and the colocated one.
+#[tokio::test]
+async fn a_recomputed_hand_off_keeps_the_constraint() {
+    let _turn = tests::take_turn();
+    let prefill =
+        tests::start_prefill_with("127.0.0.1:0", &["--kv-advertise-host", "127.0.0.2", "--no-kv-shared-memory"]);
+    let decode = tests::start_decode();
+    let router = tests::start_router(&[&prefill], &[&decode], &["--local-prefill-max-tokens", "0"]);
+    let colocated = tests::start_router(&[], &[&decode], &[]);
+    let model: Value = reqwest::get(format!("{}/v1/models", router.url())).await.unwrap().json().await.unwrap();
+    let model = model["data"][0]["id"].as_str().unwrap().to_string();
+    let body = ask(
+        &model,
+        "Describe a person who lives in a big city.",
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema()}}}),
+    );
+    let pd = answer(&router, &body).await;
+    let alone = answer(&colocated, &body).await;
+    check_person(pd["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(pd["choices"][0]["finish_reason"], "stop", "{pd}");
+    assert_eq!(pd["choices"][0]["token_ids"], alone["choices"][0]["token_ids"]);
+    let pulled = tests::worker_stats(decode.url()).await;
+    assert_eq!((pulled.kv_pulls_tcp, pulled.kv_pulls_shm), (0, 0), "recomputed, not pulled: {pulled:?}");
 }

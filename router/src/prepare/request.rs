@@ -232,7 +232,7 @@ pub enum MessageContent {
     /// Plain text.
     Text(String),
     /// Content parts; only `{"type": "text", "text": ...}` is supported.
-    Parts(Vec<ContentPart>),
+    Parts(#[serde(deserialize_with = "object_list")] Vec<ContentPart>),
 }
 
 /// One element of a list-shaped `content`.
@@ -299,6 +299,14 @@ fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option
     Option::<Map<String, Value>>::deserialize(d)?
         .map(|map| T::deserialize(Value::Object(map)).map_err(D::Error::custom))
         .transpose()
+}
+
+/// A list of JSON objects, each as `T` (see [`object`]).
+fn object_list<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Map<String, Value>>::deserialize(d)?
+        .into_iter()
+        .map(|map| T::deserialize(Value::Object(map)).map_err(D::Error::custom))
+        .collect()
 }
 
 /// An optional list of JSON objects, each as `T` (see [`object`]).

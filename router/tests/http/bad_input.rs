@@ -104,6 +104,14 @@ async fn every_bad_body_gets_its_4xx_and_reaches_no_worker() {
             "invalid_json",
         ),
         (
+            "a content part as an array",
+            "/v1/chat/completions",
+            JSON,
+            br#"{"messages": [{"role": "user", "content": [["text", "Hi"]]}]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+        (
             "a message as an array",
             "/v1/chat/completions",
             JSON,

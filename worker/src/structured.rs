@@ -84,15 +84,17 @@ impl Grammars {
         built.as_ref().map_err(Clone::clone)
     }
 
-    /// The wire constraint compiled for this model, on a blocking thread (a schema can take
-    /// milliseconds), past the answer's tokens already generated (`prefix`, which end the
-    /// prompt); `invalid_argument` when it does not compile.
+    /// The request's constraint (taken out of its sampling params) compiled for this model, on a
+    /// blocking thread (a schema can take milliseconds), past the answer's tokens already
+    /// generated (`constraint_prefix`, which end the prompt); `invalid_argument` when it does not
+    /// compile.
     pub async fn compile(
         self: &Arc<Self>,
-        wire: Option<pb::Constraint>,
-        prefix: Vec<u32>,
+        sampling: Option<&mut pb::SamplingParams>,
     ) -> Result<Option<Grammar>, Status> {
-        let Some(wire) = wire else { return Ok(None) };
+        let Some(sampling) = sampling else { return Ok(None) };
+        let Some(wire) = sampling.constraint.take() else { return Ok(None) };
+        let prefix = std::mem::take(&mut sampling.constraint_prefix);
         let constraint = convert::constraint(wire)?;
         let kind = constraint.kind();
         let this = self.clone();

@@ -170,10 +170,15 @@ async fn keep_registered(
     let value = worker.encode_to_vec();
     let mut backoff = Backoff::default();
     loop {
-        let lease = tokio::select! {
-            _ = &mut stop => return,
-            lease = put_with_lease(&config, &key, &value, ttl) => lease,
-        };
+        // Not raced against `stop`: a put cancelled after etcd applied it would leave the key
+        // behind for a whole TTL. Each call is bounded, so a deregistration waits little.
+        let lease = put_with_lease(&config, &key, &value, ttl).await;
+        if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+            if let Ok((mut client, lease)) = lease {
+                revoke(&mut client, lease, &key).await;
+            }
+            return;
+        }
         match lease {
             Ok((mut client, lease)) => {
                 tracing::info!(key, lease, "registered in etcd");
@@ -186,10 +191,7 @@ async fn keep_registered(
                 state.send_replace(RegistrationState::Pending);
                 match ended {
                     None => {
-                        match tokio::time::timeout(CALL_TIMEOUT, client.lease_revoke(lease)).await {
-                            Ok(Ok(_)) => tracing::info!(key, "deregistered from etcd"),
-                            _ => tracing::warn!(key, "could not revoke the etcd lease; the key lapses with it"),
-                        }
+                        revoke(&mut client, lease, &key).await;
                         return;
                     }
                     Some(why) => tracing::warn!(key, %why, "etcd registration lost; registering again"),
@@ -201,6 +203,14 @@ async fn keep_registered(
             _ = &mut stop => return,
             _ = backoff.wait() => {}
         }
+    }
+}
+
+/// Revokes `lease`, which deletes `key` now rather than when the lease lapses.
+async fn revoke(client: &mut Client, lease: i64, key: &str) {
+    match tokio::time::timeout(CALL_TIMEOUT, client.lease_revoke(lease)).await {
+        Ok(Ok(_)) => tracing::info!(key, "deregistered from etcd"),
+        _ => tracing::warn!(key, "could not revoke the etcd lease; the key lapses with it"),
     }
 }
 

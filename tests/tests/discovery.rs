@@ -84,6 +84,25 @@ async fn workers_appear_with_their_registration_and_leave_at_once_on_deregister(
     assert_eq!(ids(&snapshot), ["p1"]);
 }
 
+/// A worker told to deregister while its registration is still in flight leaves no key behind
+/// for a TTL: the registration completes, then its lease is revoked (a put cancelled after etcd
+/// applied it used to linger for the whole 10 s).
+#[tokio::test]
+async fn a_deregistration_racing_the_registration_leaves_no_key() {
+    let etcd = Etcd::start();
+    let config = config(&etcd);
+    for round in 0..40u64 {
+        let id = format!("w{round}");
+        let registration = register(config.clone(), worker(&id, Role::Decode), Duration::from_secs(30)).unwrap();
+        // Let the registration reach etcd, or not: either way nothing may be left.
+        tokio::time::sleep(Duration::from_micros(round * 150)).await;
+        registration.deregister().await;
+        let (_late, mut late) = follow(&config);
+        let snapshot = until(&mut late, Duration::from_secs(10), "watcher connected", |w| w.connected).await;
+        assert!(ids(&snapshot).is_empty(), "round {round}: {snapshot:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_worker_that_stops_renewing_disappears_within_its_ttl() {
     let etcd = Etcd::start();

@@ -65,12 +65,16 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
     let Job { request_id, arrival, caller, served, model, valid } = job;
     let running = caller_limits(metrics, &caller, &valid)?;
     let prompt = Arc::new(valid.prompt_token_ids);
+    // As vLLM: an end on the model's eos has no `stop_reason`, even when it is a stop token id.
+    let stop_reasons: Vec<u32> =
+        valid.sampling.stop_token_ids.iter().copied().filter(|id| !model.eos_token_ids.contains(id)).collect();
     // Each choice has its own detokenizer, stop strings and max_tokens count.
     let outputs = (0..valid.sampling.n.max(1))
         .map(|_| {
             Output::new(model.decoder.clone(), valid.stops.clone(), valid.sampling.max_tokens)
                 .include_stop_str(valid.include_stop_str_in_output)
                 .skip_special_tokens(valid.skip_special_tokens)
+                .stop_token_ids(stop_reasons.clone())
         })
         .collect();
     let queued = Instant::now();

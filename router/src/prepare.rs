@@ -2,6 +2,7 @@
 //! token ids. No HTTP here: failures are [`validate::ValidationError`]s.
 
 pub mod error;
+pub mod not_honoured;
 pub mod request;
 pub mod tokenize;
 pub mod validate;

@@ -189,3 +189,25 @@ async fn the_router_finishes_its_streams_after_sigterm_and_refuses_new_requests(
     let exit = exit_within(router, Duration::from_secs(20)).await.expect("the drained router exits");
     assert!(exit.success(), "{exit}");
 }
+
+/// With the only decode worker of a static list killed, `/ready` turns 503 without any request
+/// having to fail first: its KV event stream, which cache-aware placement follows, ends.
+#[tokio::test]
+async fn ready_turns_503_when_the_only_decode_worker_dies() {
+    let _turn = tests::take_turn();
+    let mut decode = start_decode_with(&[]);
+    let router = start_router(&[], &[&decode], &[]);
+    let url = router.url().to_owned();
+    assert_eq!(status(&format!("{url}/ready")).await, 200);
+    decode.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&format!("{url}/ready")).await == 200 {
+        assert!(Instant::now() < deadline, "/ready still 200 with no decode worker alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = {
+        let response = reqwest::get(format!("{url}/ready")).await.unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!((code, body["error"]["code"].as_str()), (503, Some("no_worker")), "{body}");
+}

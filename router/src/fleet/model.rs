@@ -57,8 +57,32 @@ pub struct Model {
     pub max_prompt_bytes: usize,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// OpenAI's `system_fingerprint`: names this router's version and the model card it serves,
+    /// so a client can tell when the backend configuration behind its answers changed.
+    pub fingerprint: String,
     /// The vocabulary structured outputs compile against; built on the first one.
     vocabulary: OnceLock<Result<Vocabulary, ConstraintError>>,
+}
+
+/// `fp_` and 12 hex digits of an FNV-1a hash of the router's version and the card's contents:
+/// stable across restarts, different when either changes.
+fn fingerprint(card: &ModelCard) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes.iter().chain(&[0xff]) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(env!("CARGO_PKG_VERSION").as_bytes());
+    eat(card.model_name.as_bytes());
+    eat(card.tokenizer_json.as_bytes());
+    eat(card.chat_template.as_bytes());
+    eat(&card.context_length.to_le_bytes());
+    eat(&card.block_size.to_le_bytes());
+    for id in &card.eos_token_ids {
+        eat(&id.to_le_bytes());
+    }
+    format!("fp_{:012x}", hash >> 16)
 }
 
 /// Slack on the longest token's spelling as the most text one token covers:
@@ -100,6 +124,7 @@ impl Model {
             created: unix_now(),
             max_prompt_bytes,
             eos_token_ids: card.eos_token_ids.clone(),
+            fingerprint: fingerprint(card),
             vocabulary: OnceLock::new(),
         })
     }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::admission::{Admission, AdmissionConfig};
 use crate::backend::Backend;
+use crate::fleet::breaker::Circuit;
 use crate::fleet::model::{Model, ModelName};
 use crate::metrics::{ModelScrape, ScrapedPool};
 
@@ -103,12 +104,12 @@ impl ServedModel {
     }
 
     /// Why it cannot serve now, if it cannot: its card is not loaded, or a
-    /// pool it needs has no worker.
+    /// pool it needs has no reachable worker.
     pub fn blocker(&self) -> Option<Unservable> {
         if self.loaded().is_none() {
             return Some(Unservable::NotReady);
         }
-        self.pools.iter().find(|p| p.roster.active().is_empty()).map(|p| Unservable::NoWorkers(p.pool))
+        self.pools.iter().find(|p| !reachable(p)).map(|p| Unservable::NoWorkers(p.pool))
     }
 
     /// Its gauges' sources, once it has a name to label them with.
@@ -119,6 +120,17 @@ impl ServedModel {
             pools: self.pools.clone(),
         })
     }
+}
+
+/// Whether some worker of `pool` can be sent a request: in the pool, its breaker not open (its
+/// last call found it unreachable, or kept failing), and, where placement follows the workers'
+/// KV event streams, its stream up (a killed worker's stream ends at once, before any request
+/// finds it dead).
+fn reachable(pool: &ScrapedPool) -> bool {
+    pool.roster.active().into_iter().any(|worker| {
+        pool.roster.breaker(worker).circuit() != Circuit::Open
+            && pool.index.as_ref().is_none_or(|index| index.is_up(worker))
+    })
 }
 
 /// Every model the router serves, by name. Models are added (static pools at

@@ -4,11 +4,12 @@
 //! in [`super::openapi`].
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::Method;
+use axum::http::{Method, Uri};
 use axum::middleware;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
+use crate::http::error::ApiError;
 use crate::http::state::AppState;
 use crate::http::{generate, meta, openapi, tokenize};
 use crate::metrics;
@@ -59,5 +60,22 @@ pub fn app(state: AppState) -> Router {
     // would drown them.
     let generation = generation.route_layer(middleware::from_fn_with_state(state.metrics.clone(), metrics::track));
     let limit = DefaultBodyLimit::max(state.max_body_bytes);
-    Router::new().merge(generation).merge(other).layer(limit).with_state(state)
+    Router::new()
+        .merge(generation)
+        .merge(other)
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(limit)
+        .with_state(state)
+}
+
+/// An OpenAI-shaped 404 for a path no route serves (`/v1/embeddings`, a typo), so SDKs raise
+/// a `NotFoundError` that says what happened.
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_owned() }
+}
+
+/// An OpenAI-shaped 405 for a served path called with another method.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
 }

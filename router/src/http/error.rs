@@ -30,6 +30,12 @@ pub enum ApiError {
     /// `model` names a model this router does not serve (404).
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
+    /// No route at this path (404).
+    #[error("`{method} {path}` is not served by this router; /openapi.json lists the routes it serves")]
+    RouteNotFound { method: String, path: String },
+    /// The path is served, with other methods (405).
+    #[error("`{path}` does not take {method}; /openapi.json lists the methods it takes")]
+    MethodNotAllowed { method: String, path: String },
     /// The body is not the JSON we expect (400).
     #[error("{0}")]
     InvalidJson(String),
@@ -74,7 +80,8 @@ impl ApiError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::Limit(e) if e.is_rate_limit() => StatusCode::TOO_MANY_REQUESTS,
             Self::Limit(_) => StatusCode::BAD_REQUEST,
-            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotReady | Self::ShuttingDown | Self::NoWorkers(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(BackendError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Backend(_) => StatusCode::BAD_GATEWAY,
@@ -90,6 +97,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowedError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
             _ => "InternalServerError",
@@ -101,6 +109,8 @@ impl ApiError {
         match self {
             Self::Validation(e) => e.code(),
             Self::ModelNotFound(_) => "model_not_found",
+            Self::RouteNotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge => "request_too_large",
             Self::Unauthorized(_) => "invalid_api_key",

@@ -20,6 +20,7 @@ use crate::http::state::AppState;
 use crate::prepare::request::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::prepare::validate::{check_request_id, validate_chat, validate_completion, ValidRequest, ValidationError};
 use crate::respond::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
+use crate::respond::response::{ChatCompletion, Completion, StreamEvent};
 use crate::respond::stream::Delta;
 use crate::tenancy::Caller;
 
@@ -28,10 +29,11 @@ const REQUEST_ID: &str = "x-request-id";
 
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
+    security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `chat.completion`; with `stream`, `text/event-stream` of \
-            `chat.completion.chunk`s ending in `[DONE]`",
-            content(("application/json"), ("text/event-stream"))),
+            `chat.completion.chunk`s (each a `data:` line) ending in `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
         (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
         (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
@@ -52,10 +54,11 @@ pub async fn chat_completions(
 
 /// `POST /v1/completions`.
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+    security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `text_completion`; with `stream`, `text/event-stream` of \
-            chunks ending in `[DONE]`",
-            content(("application/json"), ("text/event-stream"))),
+            `text_completion` chunks (each a `data:` line) ending in `data: [DONE]`",
+            content((Completion = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
         (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
         (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
@@ -84,6 +87,12 @@ trait Endpoint: Sized {
     fn model(&self) -> Option<&str>;
     /// The body's fields common to both endpoints.
     fn params(&self) -> &CommonParams;
+    /// The names of the body's fields that are part of neither API (ignored).
+    fn unknown(&self) -> Vec<&str>;
+    /// OpenAI's `safety_identifier` (chat only), logged as `user` is.
+    fn safety_identifier(&self) -> Option<&str> {
+        None
+    }
     /// The prepared request.
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError>;
     /// The answer's format for `valid`.
@@ -102,12 +111,20 @@ impl Endpoint for ChatCompletionRequest {
         &self.params
     }
 
+    fn unknown(&self) -> Vec<&str> {
+        self.unknown.keys().map(String::as_str).collect()
+    }
+
+    fn safety_identifier(&self) -> Option<&str> {
+        self.safety_identifier.as_deref()
+    }
+
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
         validate_chat(model, self)
     }
 
     fn format(valid: &ValidRequest) -> ChatFormat {
-        ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone())
+        ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone()).with_reasoning(valid.include_reasoning)
     }
 }
 
@@ -121,6 +138,10 @@ impl Endpoint for CompletionRequest {
 
     fn params(&self) -> &CommonParams {
         &self.params
+    }
+
+    fn unknown(&self) -> Vec<&str> {
+        self.unknown.keys().map(String::as_str).collect()
     }
 
     fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
@@ -139,9 +160,14 @@ async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap
     let request_id = request_id(&headers, body.params().request_id.as_deref());
     let user = body.params().user.as_deref();
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = E::NAME, user,
-        model = tracing::field::Empty);
+        safety_identifier = body.safety_identifier(), model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
     let answer = async {
+        let unknown = body.unknown();
+        if !unknown.is_empty() {
+            // As vLLM: fields of neither API are ignored, and named in the log.
+            tracing::debug!(fields = ?unknown, "ignored fields that are part of neither the OpenAI nor the vLLM API");
+        }
         let (served, model) = state.model(body.model()).await?;
         tracing::Span::current().record("model", model.served_name.as_str());
         let mut valid = body.prepare(&model)?;
@@ -180,10 +206,14 @@ async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result
     let (stream, include_usage, return_token_ids) = (valid.stream, valid.include_usage, valid.return_token_ids);
     let (logprobs, n) = (valid.sampling.logprobs.is_some(), valid.sampling.n);
     let model = job.model.served_name.clone();
+    // As vLLM: the response id is the request id (the client's, or a fresh uuid).
+    let id = format!("{}-{}", format.id_prefix(), job.request_id);
+    let system_fingerprint = job.model.fingerprint.clone();
     let Generation { deltas, prompt } = generate(&state.metrics, state.usage(), job).await?;
     let meta = ResponseMeta {
-        id: format!("{}-{}", format.id_prefix(), uuid::Uuid::new_v4().simple()),
+        id,
         created: unix_now(),
+        system_fingerprint,
         model,
         prompt_token_ids: return_token_ids.then(|| prompt.clone()),
         logprobs,
@@ -224,6 +254,7 @@ async fn collect(
         out.token_ids.extend(delta.token_ids);
         out.logprobs.extend(delta.logprobs);
         out.finish = delta.finish.or(out.finish);
+        out.stop_reason = delta.stop_reason.or(out.stop_reason.take());
     }
     Ok(outs)
 }

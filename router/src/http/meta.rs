@@ -37,8 +37,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// The served models the caller's key may use, those whose card has loaded.
-#[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
-    (status = 200, description = "A `list` of the served models this key may use", content_type = "application/json"),
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security((), ("bearer" = [])), responses(
+    (status = 200, description = "A `list` of the served models this key may use", body = ModelList),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 503, description = "No model has loaded yet", body = ErrorResponse)))]
 pub async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<ModelList>, ApiError> {

@@ -10,7 +10,8 @@
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use crate::http::error::{ErrorObject, ErrorResponse};
 
@@ -24,8 +25,12 @@ use crate::prepare::request::{
 #[openapi(
     info(
         title = "pdserve router",
-        description = "OpenAI-compatible API of the pdserve disaggregated serving cluster, with vLLM's extras."
+        description = "OpenAI-compatible API of the pdserve disaggregated serving cluster, with vLLM's extras. \
+            Every field of the OpenAI and vLLM request bodies is either honoured or refused with a 400 naming \
+            it; fields of neither API are ignored."
     ),
+    servers((url = "/", description = "The router that serves this document")),
+    modifiers(&BearerScheme),
     paths(
         crate::http::generate::chat_completions,
         crate::http::generate::completions,
@@ -51,9 +56,28 @@ use crate::prepare::request::{
         DetokenizeRequest,
         ErrorResponse,
         ErrorObject,
+        // The chunks a stream's events carry, as JSON text.
+        crate::respond::response::ChatChunk,
     ))
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme the authenticated routes name: `Authorization: Bearer <key>`,
+/// required only when the router is started with API keys.
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("An API key, when the router is started with `--api-keys`; none otherwise"))
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 /// The document as JSON text.
 pub fn document() -> String {

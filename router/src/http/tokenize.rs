@@ -18,8 +18,8 @@ use crate::respond::response::{DetokenizeResponse, TokenizeResponse, VersionResp
 use crate::tenancy::Caller;
 
 /// `POST /tokenize`.
-#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, responses(
-    (status = 200, description = "`tokens`, `count`, `max_model_len`, maybe `token_strs`", content_type = "application/json"),
+#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, security((), ("bearer" = [])), responses(
+    (status = 200, description = "`tokens`, `count`, `max_model_len`, maybe `token_strs`", body = TokenizeResponse),
     (status = 400, description = "A parameter is missing or invalid; `param` names it", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
@@ -43,8 +43,8 @@ pub async fn tokenize(
 }
 
 /// `POST /detokenize`.
-#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest, responses(
-    (status = 200, description = "The decoded `prompt`", content_type = "application/json"),
+#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest, security((), ("bearer" = [])), responses(
+    (status = 200, description = "The decoded `prompt`", body = DetokenizeResponse),
     (status = 400, description = "`tokens` is missing or out of the vocabulary", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
@@ -64,7 +64,7 @@ pub async fn detokenize(
 
 /// `GET /version`: needs no model, so it answers while the card loads.
 #[utoipa::path(get, path = "/version", tag = "vllm",
-    responses((status = 200, description = "The router's `version`", content_type = "application/json")))]
+    responses((status = 200, description = "The router's `version`", body = VersionResponse)))]
 pub async fn version() -> Json<VersionResponse> {
     Json(VersionResponse { version: env!("CARGO_PKG_VERSION") })
 }

@@ -37,6 +37,10 @@ pub enum ValidationError {
     /// A token id of `field` (a prompt, `/detokenize`'s tokens) is not in the vocabulary.
     #[error("token id {value} in `{field}` must be in [0, {vocab_size})")]
     TokenOutOfVocab { field: &'static str, value: i64, vocab_size: u32 },
+    /// A field of the OpenAI or vLLM API that this server does not honour, set to a value that
+    /// would change the answer.
+    #[error("`{field}` is not supported by this server; it may only be {accepted}")]
+    NotHonoured { field: &'static str, accepted: &'static str },
     /// A structured output that does not compile for the model.
     #[error("`{field}` cannot be enforced: {reason}")]
     Constraint { field: &'static str, reason: String },
@@ -57,6 +61,7 @@ impl ValidationError {
             | Self::OutOfRange { field, .. }
             | Self::Unsupported { field, .. }
             | Self::Constraint { field, .. }
+            | Self::NotHonoured { field, .. }
             | Self::TokenOutOfVocab { field, .. } => Some(Cow::Borrowed(field)),
             Self::MissingContent { index, .. } => Some(Cow::Owned(format!("messages[{index}].content"))),
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some(Cow::Borrowed("prompt")),
@@ -71,6 +76,7 @@ impl ValidationError {
         match self {
             Self::Missing { .. } | Self::MissingContent { .. } => "missing_required_parameter",
             Self::Unsupported { .. } => "unsupported_value",
+            Self::NotHonoured { .. } => "unsupported_parameter",
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } | Self::ContextExceeded { .. } => {
                 "context_length_exceeded"
             }

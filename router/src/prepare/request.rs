@@ -2,7 +2,12 @@
 //!
 //! Numbers are read wide (`f64`, `i64`) so that out-of-range values reach
 //! validation, which names the field and the limit, instead of failing in
-//! serde with a less helpful message. Unknown fields are ignored.
+//! serde with a less helpful message.
+//!
+//! Every field of the OpenAI and vLLM APIs is a field here: either honoured, or read as raw JSON
+//! into a `…NotHonoured` struct so validation can refuse it by name unless it holds its no-op
+//! value. Fields of neither API are ignored, as OpenAI and vLLM ignore them, and collected into
+//! `unknown` so the handler can log their names.
 
 use std::collections::HashMap;
 
@@ -42,9 +47,36 @@ pub struct ChatCompletionRequest {
     /// vLLM extra: start the answer with the last message's content when it
     /// is an assistant message (the answer's role); default false.
     pub echo: Option<bool>,
+    /// vLLM extra: also add the tokenizer's special tokens (BOS) before the rendered
+    /// conversation; default false, as the chat template writes its own.
+    pub add_special_tokens: Option<bool>,
+    /// vLLM extra: documents for retrieval-augmented generation, each an object of strings
+    /// (`{"title", "text"}`), passed to the chat template as `documents`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub documents: Option<serde_json::Value>,
+    /// OpenAI's reasoning effort (`minimal`, `low`, `medium`, `high`), passed to the chat
+    /// template as `reasoning_effort` as vLLM does; templates that do not read it ignore it.
+    #[schema(schema_with = schema::reasoning_effort)]
+    pub reasoning_effort: Option<serde_json::Value>,
+    /// vLLM extra: return the `<think>` reasoning as `reasoning_content`; default true. When
+    /// false the reasoning is left out of the answer (it still counts in `usage`).
+    pub include_reasoning: Option<bool>,
+    /// OpenAI: a stable identifier of the end user, for abuse tracing; recorded in the request's
+    /// log span as `user` is.
+    pub safety_identifier: Option<String>,
     /// Shared sampling and output options.
     #[serde(flatten)]
     pub params: CommonParams,
+    /// Fields of both APIs that are refused unless they hold their no-op value.
+    #[serde(flatten)]
+    pub not_honoured: NotHonoured,
+    /// Chat fields of the OpenAI and vLLM APIs that are refused unless they hold their no-op value.
+    #[serde(flatten)]
+    pub chat_not_honoured: ChatNotHonoured,
+    /// Fields of neither API, ignored (and logged at debug level by name).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: Map<String, Value>,
 }
 
 /// vLLM's chat rendering options, shared by `/v1/chat/completions` and
@@ -74,13 +106,27 @@ pub struct CompletionRequest {
     pub prompt: Option<Prompt>,
     /// Start each choice's text with the prompt's text; default false.
     pub echo: Option<bool>,
-    /// Most likely tokens per position to return. Completion logprobs are
-    /// not computed here; the field is read only to refuse it with `echo`,
-    /// which would need prompt logprobs.
+    /// Return each generated token's logprob and this many most likely alternatives per
+    /// position, in [0, 20], in OpenAI's completions shape (`tokens`, `token_logprobs`,
+    /// `top_logprobs`, `text_offset`). Not with `echo`, which would need prompt logprobs.
+    #[schema(minimum = 0, maximum = 20)]
     pub logprobs: Option<i64>,
+    /// vLLM extra: add the tokenizer's special tokens (BOS) to a text prompt; default true.
+    pub add_special_tokens: Option<bool>,
     /// Shared sampling and output options.
     #[serde(flatten)]
     pub params: CommonParams,
+    /// Fields of both APIs that are refused unless they hold their no-op value.
+    #[serde(flatten)]
+    pub not_honoured: NotHonoured,
+    /// Completion fields of the OpenAI and vLLM APIs that are refused unless they hold their
+    /// no-op value.
+    #[serde(flatten)]
+    pub completion_not_honoured: CompletionNotHonoured,
+    /// Fields of neither API, ignored (and logged at debug level by name).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: Map<String, Value>,
 }
 
 /// Fields both endpoints accept.
@@ -153,17 +199,20 @@ pub struct CommonParams {
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM extra: leave special tokens out of the generated text; default true.
     pub skip_special_tokens: Option<bool>,
+    /// vLLM extra, default true. vLLM applies it only with slow (Python) tokenizers; with a fast
+    /// one, as every tokenizer here is, special tokens kept in the text are written unspaced
+    /// whatever its value, and so they are here.
+    pub spaces_between_special_tokens: Option<bool>,
     /// The end user, for abuse tracing; recorded in the request's log span.
     pub user: Option<String>,
     /// vLLM extra: the request id when no `X-Request-Id` header is sent;
     /// non-empty, at most 256 printable ASCII characters.
     #[schema(min_length = 1, max_length = 256, pattern = "^[ -~]+$")]
     pub request_id: Option<String>,
-    /// vLLM extra for disaggregated serving: an object (or null). Accepted
-    /// and ignored: this router runs the prefill -> decode KV hand-off itself,
-    /// so there are no transfer parameters for a client to pass.
-    #[schema(value_type = Option<Object>)]
-    pub kv_transfer_params: Option<serde_json::Value>,
+    /// vLLM extra: keep only the last this many tokens of the prompt (at least 1); a prompt no
+    /// longer than that is kept whole.
+    #[schema(minimum = 1)]
+    pub truncate_prompt_tokens: Option<i64>,
     /// OpenAI's structured output: `{"type": "text"}`, `{"type": "json_object"}` or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, enforced token
     /// by token. At most one of this, `structured_outputs` and the `guided_*` fields.
@@ -196,6 +245,111 @@ pub struct CommonParams {
 pub struct StreamOptions {
     /// Send a last chunk with empty `choices` and the usage counts.
     pub include_usage: Option<bool>,
+    /// vLLM extra: also put the usage so far in every chunk. Not supported: refused when true.
+    #[schema(schema_with = schema::only_false)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// Fields both endpoints' APIs define that this server does not honour. Each is read as raw
+/// JSON: null, absence or the value that changes nothing passes; anything else is a 400 naming
+/// the field and saying it is not supported. The OpenAPI document allows only those values.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct NotHonoured {
+    /// vLLM: candidates to sample per choice before keeping the best. Only `n` (the default)
+    /// is accepted: every choice generated is returned.
+    #[schema(schema_with = schema::no_op_best_of)]
+    pub best_of: Option<Value>,
+    /// vLLM: beam search. Not supported: only false.
+    #[schema(schema_with = schema::only_false)]
+    pub use_beam_search: Option<Value>,
+    /// vLLM: beam search's length penalty. Not supported: only 1.
+    #[schema(schema_with = schema::only_one)]
+    pub length_penalty: Option<Value>,
+    /// vLLM: token ids the answer is restricted to. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub allowed_token_ids: Option<Value>,
+    /// vLLM: words the answer must not contain. Not supported: only null or `[]`.
+    #[schema(schema_with = schema::only_empty_list)]
+    pub bad_words: Option<Value>,
+    /// vLLM: logprobs of the prompt's tokens. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub prompt_logprobs: Option<Value>,
+    /// vLLM: logprob tokens as `token_id:{id}` strings. Not supported: only null or false.
+    #[schema(schema_with = schema::only_false)]
+    pub return_tokens_as_token_ids: Option<Value>,
+    /// vLLM: server-side logits processors by qualified name. Not supported: only null or `[]`.
+    #[schema(schema_with = schema::only_empty_list)]
+    pub logits_processors: Option<Value>,
+    /// vLLM: arguments for custom extensions. None are installed: only null or `{}`.
+    #[schema(schema_with = schema::only_empty_object)]
+    pub vllm_xargs: Option<Value>,
+    /// vLLM for disaggregated serving: this router runs the prefill -> decode KV hand-off
+    /// itself, so there are no transfer parameters for a client to pass: only null or `{}`.
+    #[schema(schema_with = schema::only_empty_object)]
+    pub kv_transfer_params: Option<Value>,
+    /// vLLM: keyword arguments of a multimodal processor. No model here is multimodal: only
+    /// null or `{}`.
+    #[schema(schema_with = schema::only_empty_object)]
+    pub mm_processor_kwargs: Option<Value>,
+}
+
+/// Chat fields of the OpenAI and vLLM APIs that this server does not honour (see
+/// [`NotHonoured`]).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ChatNotHonoured {
+    /// OpenAI: false allows at most one tool call. Only true (the default) or null.
+    #[schema(schema_with = schema::only_true)]
+    pub parallel_tool_calls: Option<Value>,
+    /// OpenAI: audio output. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub audio: Option<Value>,
+    /// OpenAI: output modalities. Only `["text"]` or null.
+    #[schema(schema_with = schema::only_text_modality)]
+    pub modalities: Option<Value>,
+    /// OpenAI: predicted output. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub prediction: Option<Value>,
+    /// OpenAI: web search. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub web_search_options: Option<Value>,
+    /// OpenAI's deprecated function calling; use `tools`. Only null.
+    #[schema(schema_with = schema::only_null)]
+    pub functions: Option<Value>,
+    /// OpenAI's deprecated function calling; use `tool_choice`. Only null.
+    #[schema(schema_with = schema::only_null)]
+    pub function_call: Option<Value>,
+    /// OpenAI: store the completion. Nothing is stored here: only false or null.
+    #[schema(schema_with = schema::only_false)]
+    pub store: Option<Value>,
+    /// OpenAI: tags for stored completions. Nothing is stored here: only null or `{}`.
+    #[schema(schema_with = schema::only_empty_object)]
+    pub metadata: Option<Value>,
+    /// OpenAI: processing tier. Only `auto`, `default` or null.
+    #[schema(schema_with = schema::only_default_tier)]
+    pub service_tier: Option<Value>,
+    /// OpenAI: verbosity of the answer. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub verbosity: Option<Value>,
+    /// OpenAI: a key grouping requests for prompt caching. Not supported (use vLLM's
+    /// `cache_salt`, or rely on the router's prefix affinity): only null.
+    #[schema(schema_with = schema::only_null)]
+    pub prompt_cache_key: Option<Value>,
+    /// vLLM: a structural-tag structured output. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub structural_tag: Option<Value>,
+}
+
+/// Completion fields of the OpenAI and vLLM APIs that this server does not honour (see
+/// [`NotHonoured`]).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CompletionNotHonoured {
+    /// OpenAI: text after the completion (fill-in-the-middle). Not supported, as in vLLM: only
+    /// null or `""`.
+    #[schema(schema_with = schema::only_empty_string)]
+    pub suffix: Option<Value>,
+    /// vLLM: prompt embeddings instead of a prompt. Not supported: only null.
+    #[schema(schema_with = schema::only_null)]
+    pub prompt_embeds: Option<Value>,
 }
 
 /// `stop`: a string or a list of strings.

@@ -64,18 +64,27 @@ pub struct ValidRequest {
     pub skip_special_tokens: bool,
     /// How long the router took to compile `sampling.constraint`, when there is one.
     pub constraint_compile: Option<Duration>,
+    /// Return a chat's `<think>` reasoning as `reasoning_content` (vLLM extra); when false it
+    /// is left out.
+    pub include_reasoning: bool,
 }
 
 /// Validates a chat request: renders, tokenizes and checks every parameter.
 pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ValidationError> {
+    req.not_honoured.check(req.params.n)?;
+    req.chat_not_honoured.check()?;
     let messages = chat_messages(req.messages)?;
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
     let tool_choice = req.tool_choice.clone();
     let tools = chat_tools(req.tools, req.tool_choice)?;
     let forced_calls = tools.as_deref().and_then(|tools| forced_tool_calls(tools, tool_choice.as_ref()));
     let parse_tool_calls = tools.is_some();
-    let render = chat_render(req.render, &messages, tools)?;
-    let prompt = tokenize::render_chat(model, &messages, &render)?;
+    let mut render = chat_render(req.render, &messages, tools)?;
+    template_extras(&mut render, req.documents, req.reasoning_effort)?;
+    let mut prompt = tokenize::render_chat(model, &messages, &render)?;
+    if req.add_special_tokens.unwrap_or(false) {
+        prompt = tokenize::with_bos(model, prompt);
+    }
     // vLLM echoes the last message only when it has the answer's role.
     let echo = req.echo.unwrap_or(false).then(|| messages.last().filter(|m| m.role == "assistant")).flatten();
     let echo = echo.map(|m| m.content.clone());
@@ -96,8 +105,45 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     valid.sampling.logprobs = logprobs;
     valid.parse_tool_calls = parse_tool_calls;
     valid.echo = echo;
+    valid.include_reasoning = req.include_reasoning.unwrap_or(true);
     Ok(valid)
 }
+
+/// vLLM's `documents` and OpenAI's `reasoning_effort`, as template variables of those names
+/// (unless `chat_template_kwargs` sets them, which wins as in vLLM).
+fn template_extras(
+    render: &mut ChatRender,
+    documents: Option<serde_json::Value>,
+    reasoning_effort: Option<serde_json::Value>,
+) -> Result<(), ValidationError> {
+    let documents = match documents {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Array(documents))
+            if documents
+                .iter()
+                .all(|d| d.as_object().is_some_and(|d| d.values().all(serde_json::Value::is_string))) =>
+        {
+            Some(serde_json::Value::Array(documents))
+        }
+        Some(other) => return Err(out_of_range("documents", "a list of objects of strings", other)),
+    };
+    let reasoning_effort = match reasoning_effort {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(effort)) if REASONING_EFFORTS.contains(&effort.as_str()) => {
+            Some(serde_json::Value::String(effort))
+        }
+        Some(other) => return Err(out_of_range("reasoning_effort", "one of minimal, low, medium, high", other)),
+    };
+    for (name, value) in [("documents", documents), ("reasoning_effort", reasoning_effort)] {
+        if let Some(value) = value {
+            render.kwargs.get_or_insert_with(Default::default).entry(name).or_insert(value);
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI's `reasoning_effort` levels.
+const REASONING_EFFORTS: [&str; 4] = ["minimal", "low", "medium", "high"];
 
 impl Default for ChatRender {
     fn default() -> Self {
@@ -149,18 +195,22 @@ pub fn chat_render(
 
 /// Validates a completion request: tokenizes the prompt and checks every parameter.
 pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<ValidRequest, ValidationError> {
+    req.not_honoured.check(req.params.n)?;
+    req.completion_not_honoured.check()?;
     let echo = req.echo.unwrap_or(false);
-    if echo && req.logprobs.is_some() {
+    let logprobs = completion_logprobs(req.logprobs)?;
+    if echo && logprobs.is_some() {
         return Err(ValidationError::Unsupported {
             field: "echo",
             reason: "echo with logprobs needs prompt logprobs, which are not supported".into(),
         });
     }
     let skip_special_tokens = req.params.skip_special_tokens.unwrap_or(true);
+    let add_special_tokens = req.add_special_tokens.unwrap_or(true);
     let mut echo_text = None;
     let prompt = match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
         Prompt::Text(text) => {
-            let ids = text_prompt(model, &text)?;
+            let ids = text_prompt(model, &text, add_special_tokens)?;
             echo_text = echo.then_some(text);
             ids
         }
@@ -168,7 +218,7 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
             [] => return Err(ValidationError::Empty { field: "prompt" }),
             [text] => {
                 echo_text = echo.then(|| text.clone());
-                text_prompt(model, text)?
+                text_prompt(model, text, add_special_tokens)?
             }
             _ => {
                 return Err(ValidationError::Unsupported {
@@ -187,14 +237,24 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
     };
     let mut valid = finish(model, prompt, req.params)?;
     valid.echo = echo_text;
+    valid.sampling.logprobs = logprobs;
     Ok(valid)
 }
 
-fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationError> {
+fn text_prompt(model: &Model, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ValidationError> {
     if text.is_empty() {
         return Err(ValidationError::Empty { field: "prompt" });
     }
-    tokenize::text_prompt(model, text)
+    tokenize::text_ids(model, text, add_special_tokens)
+}
+
+/// Completions' `logprobs`: the number of most likely tokens per position, in [0, 20].
+fn completion_logprobs(logprobs: Option<i64>) -> Result<Option<u32>, ValidationError> {
+    match logprobs {
+        None => Ok(None),
+        Some(k) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(out_of_range("logprobs", "in [0, 20]", k)),
+    }
 }
 
 /// A chat's `messages` as the chat template sees them: required, not empty,
@@ -209,10 +269,15 @@ pub fn chat_messages(messages: Option<Vec<ChatMessage>>) -> Result<Vec<TemplateM
 }
 
 fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessage, ValidationError> {
+    let mut message = message;
+    // OpenAI's newer name for the system role; templates know only `system`.
+    if message.role == "developer" {
+        message.role = "system".into();
+    }
     if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
         return Err(ValidationError::OutOfRange {
             field: "messages.role",
-            limit: "one of system, user, assistant, tool",
+            limit: "one of system, developer, user, assistant, tool",
             value: message.role,
         });
     }
@@ -379,9 +444,23 @@ fn named_choice(choice: &serde_json::Value) -> Result<&str, ValidationError> {
 }
 
 /// Checks the shared parameters against the tokenized prompt.
-fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<ValidRequest, ValidationError> {
+fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<ValidRequest, ValidationError> {
     if prompt.is_empty() {
         return Err(ValidationError::Empty { field: "prompt" });
+    }
+    if let Some(keep) = params.truncate_prompt_tokens {
+        let keep = usize::try_from(keep)
+            .ok()
+            .filter(|&k| k >= 1)
+            .ok_or_else(|| out_of_range("truncate_prompt_tokens", ">= 1", keep))?;
+        // vLLM keeps the end of the prompt, nearest to what is generated.
+        prompt.drain(..prompt.len().saturating_sub(keep));
+    }
+    if params.stream_options.as_ref().and_then(|o| o.continuous_usage_stats) == Some(true) {
+        return Err(ValidationError::NotHonoured {
+            field: "stream_options.continuous_usage_stats",
+            accepted: "false or null",
+        });
     }
     if prompt.len() >= model.context_length as usize {
         return Err(ValidationError::PromptTooLong {
@@ -435,10 +514,6 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
     if let Some(id) = &params.request_id {
         check_request_id(id)?;
     }
-    match &params.kv_transfer_params {
-        None | Some(serde_json::Value::Null | serde_json::Value::Object(_)) => {}
-        Some(other) => return Err(out_of_range("kv_transfer_params", "an object or null", other)),
-    }
     Ok(ValidRequest {
         prompt_token_ids: prompt,
         sampling,
@@ -455,6 +530,8 @@ fn finish(model: &Model, prompt: Vec<u32>, params: CommonParams) -> Result<Valid
         include_stop_str_in_output: params.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
         constraint_compile,
+        // Chat sets it after; completions have no reasoning to leave out.
+        include_reasoning: true,
     })
 }
 

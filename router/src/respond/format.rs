@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use super::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
-    ChatTokenLogprob, Completion, CompletionChoice, FunctionCall, ToolCallObject, Usage,
+    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, FunctionCall, StopReason, ToolCallObject,
+    TopByText, Usage,
 };
 use crate::backend::Finish;
 use crate::respond::stream::Delta;
@@ -20,11 +21,13 @@ pub struct ResponseMeta {
     pub id: String,
     /// Unix seconds.
     pub created: u64,
+    /// OpenAI's `system_fingerprint` (the router's version and the model card).
+    pub system_fingerprint: String,
     /// The served model name.
     pub model: String,
     /// The prompt ids, set only when the client asked for token ids.
     pub prompt_token_ids: Option<Arc<Vec<u32>>>,
-    /// The client asked for logprobs (chat only): choices carry them, else null.
+    /// The client asked for logprobs: choices carry them, else null.
     pub logprobs: bool,
     /// Choices of the answer (`n`).
     pub n: u32,
@@ -42,6 +45,32 @@ impl ResponseMeta {
     fn logprobs(&self, content: &[ChatTokenLogprob]) -> Option<ChatLogprobs> {
         self.logprobs.then(|| ChatLogprobs { content: content.to_vec() })
     }
+
+    /// Completions' logprobs of `tokens`, whose text starts `offset` characters into the choice.
+    fn completion_logprobs(&self, tokens: &[ChatTokenLogprob], offset: usize) -> Option<CompletionLogprobs> {
+        self.logprobs.then(|| completion_logprobs(tokens, offset))
+    }
+}
+
+/// OpenAI's completions shape of `tokens`' logprobs; `offset` is where the first token's text
+/// starts in the choice's text.
+fn completion_logprobs(tokens: &[ChatTokenLogprob], mut offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for token in tokens {
+        out.tokens.push(token.token.clone());
+        out.token_logprobs.push(token.logprob);
+        // The chosen token first, then the most likely ones: OpenAI's "up to logprobs + 1".
+        let mut top = vec![(token.token.clone(), token.logprob)];
+        for alternative in &token.top_logprobs {
+            if !top.iter().any(|(text, _)| *text == alternative.token) {
+                top.push((alternative.token.clone(), alternative.logprob));
+            }
+        }
+        out.top_logprobs.push(TopByText(top));
+        out.text_offset.push(offset);
+        offset += token.token.chars().count();
+    }
+    out
 }
 
 /// A whole generation of one choice, for non-streaming answers.
@@ -55,6 +84,8 @@ pub struct Collected {
     pub logprobs: Vec<ChatTokenLogprob>,
     /// Why it ended.
     pub finish: Option<Finish>,
+    /// The stop string or token that ended it.
+    pub stop_reason: Option<StopReason>,
 }
 
 /// Serializes a chunk; our response types always serialize.
@@ -92,6 +123,8 @@ pub struct ChatFormat {
     choices: Vec<ChoiceStream>,
     /// `echo`: the final assistant message's content each answer starts with.
     echo: Option<String>,
+    /// Leave `<think>` reasoning out of the answer (vLLM's `include_reasoning: false`).
+    hide_reasoning: bool,
 }
 
 /// One streamed choice's parser and what it has not sent yet.
@@ -107,7 +140,12 @@ struct ChoiceStream {
 impl ChatFormat {
     /// A chat format; `tools` turns tool-call parsing on.
     pub fn new(tools: bool) -> Self {
-        Self { tools, choices: Vec::new(), echo: None }
+        Self { tools, choices: Vec::new(), echo: None, hide_reasoning: false }
+    }
+
+    /// The same format, returning reasoning as `reasoning_content` only if `include`.
+    pub fn with_reasoning(self, include: bool) -> Self {
+        Self { hide_reasoning: !include, ..self }
     }
 
     /// The same format, starting each choice's content with `echo` (vLLM's
@@ -131,20 +169,15 @@ impl ChatFormat {
             object: "chat.completion.chunk",
             created: meta.created,
             model: meta.model.clone(),
+            system_fingerprint: meta.system_fingerprint.clone(),
             choices,
             usage: None,
             prompt_token_ids: None,
         }
     }
 
-    fn choice(
-        index: u32,
-        delta: ChatDelta,
-        finish_reason: Option<&'static str>,
-        ids: Option<Vec<u32>>,
-        logprobs: Option<ChatLogprobs>,
-    ) -> ChatChunkChoice {
-        ChatChunkChoice { index, delta, logprobs, finish_reason, token_ids: ids }
+    fn choice(delta: ChatDelta, ids: Option<Vec<u32>>, logprobs: Option<ChatLogprobs>) -> ChatChunkChoice {
+        ChatChunkChoice { index: 0, delta, logprobs, finish_reason: None, stop_reason: None, token_ids: ids }
     }
 }
 
@@ -155,10 +188,13 @@ impl ChunkFormat for ChatFormat {
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
         let mut response = chat_response(meta, prompt_tokens, out, self.tools);
-        if let Some(echo) = &self.echo {
-            for choice in &mut response.choices {
+        for choice in &mut response.choices {
+            if let Some(echo) = &self.echo {
                 let content = choice.message.content.take().unwrap_or_default();
                 choice.message.content = Some(format!("{echo}{content}"));
+            }
+            if self.hide_reasoning {
+                choice.message.reasoning_content = None;
             }
         }
         json(&response)
@@ -169,7 +205,8 @@ impl ChunkFormat for ChatFormat {
     fn opening(&self, meta: &ResponseMeta) -> Vec<String> {
         let roles = (0..meta.n.max(1)).map(|index| {
             let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
-            let mut chunk = Self::chunk(meta, vec![Self::choice(index, delta, None, meta.ids(&[]), None)]);
+            let mut chunk =
+                Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, meta.ids(&[]), None) }]);
             if index == 0 {
                 chunk.prompt_token_ids = meta.prompt_ids();
             }
@@ -178,13 +215,14 @@ impl ChunkFormat for ChatFormat {
         let echoes = self.echo.iter().flat_map(|echo| {
             (0..meta.n.max(1)).map(move |index| {
                 let delta = ChatDelta { content: Some(echo.clone()), ..ChatDelta::default() };
-                json(&Self::chunk(meta, vec![Self::choice(index, delta, None, None, None)]))
+                json(&Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, None, None) }]))
             })
         });
         roles.chain(echoes).collect()
     }
 
     fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
+        let hide_reasoning = self.hide_reasoning;
         let stream = self.stream(delta.index);
         let mut parsed = stream.parser.feed(&delta.text);
         if delta.finish.is_some() {
@@ -193,7 +231,7 @@ impl ChunkFormat for ChatFormat {
         stream.ids.extend_from_slice(&delta.token_ids);
         stream.logprobs.extend_from_slice(&delta.logprobs);
         let mut deltas = Vec::new();
-        if !parsed.reasoning.is_empty() {
+        if !parsed.reasoning.is_empty() && !hide_reasoning {
             deltas.push(ChatDelta { reasoning_content: Some(parsed.reasoning), ..ChatDelta::default() });
         }
         if !parsed.content.is_empty() {
@@ -210,14 +248,18 @@ impl ChunkFormat for ChatFormat {
         for chat_delta in deltas {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
             let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs));
-            let choice = Self::choice(delta.index, chat_delta, None, ids, logprobs);
+            let choice = ChatChunkChoice { index: delta.index, ..Self::choice(chat_delta, ids, logprobs) };
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         if let Some(finish) = delta.finish {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
             let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs)).filter(|l| !l.content.is_empty());
-            let reason = finish_reason(finish, stream.calls > 0);
-            let choice = Self::choice(delta.index, ChatDelta::default(), Some(reason), ids, logprobs);
+            let choice = ChatChunkChoice {
+                index: delta.index,
+                finish_reason: Some(finish_reason(finish, stream.calls > 0)),
+                stop_reason: delta.stop_reason.clone(),
+                ..Self::choice(ChatDelta::default(), ids, logprobs)
+            };
             chunks.push(json(&Self::chunk(meta, vec![choice])));
         }
         chunks
@@ -235,8 +277,9 @@ impl ChunkFormat for ChatFormat {
 pub struct CompletionFormat {
     /// `echo`: the prompt's text each choice's text starts with.
     echo: Option<String>,
-    /// Choices whose first chunk went out (the one that carries the echo).
-    started: Vec<bool>,
+    /// Per choice: whether its first chunk (the one that carries the echo) went out, and the
+    /// characters of token text its logprobs have covered so far (their next `text_offset`).
+    started: Vec<(bool, usize)>,
 }
 
 impl CompletionFormat {
@@ -245,17 +288,13 @@ impl CompletionFormat {
         Self { echo, started: Vec::new() }
     }
 
-    /// The echo for choice `index` if its first chunk has not gone out yet.
-    fn echo_for(&mut self, index: u32) -> &str {
+    /// Choice `index`'s progress, made on its first delta.
+    fn progress(&mut self, index: u32) -> &mut (bool, usize) {
         let index = index as usize;
         if self.started.len() <= index {
-            self.started.resize(index + 1, false);
+            self.started.resize(index + 1, (false, 0));
         }
-        let first = !std::mem::replace(&mut self.started[index], true);
-        match &self.echo {
-            Some(echo) if first => echo,
-            _ => "",
-        }
+        &mut self.started[index]
     }
 }
 
@@ -265,7 +304,8 @@ impl ChunkFormat for CompletionFormat {
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
-        let mut response = completion_response(meta, prompt_tokens, out);
+        let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
+        let mut response = completion_response(meta, prompt_tokens, out, echo_len);
         if let Some(echo) = &self.echo {
             for choice in &mut response.choices {
                 choice.text.insert_str(0, echo);
@@ -280,12 +320,22 @@ impl ChunkFormat for CompletionFormat {
 
     fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
-        let text = format!("{}{}", self.echo_for(delta.index), delta.text);
+        let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
+        let (started, offset) = *self.progress(delta.index);
+        let echo = match &self.echo {
+            Some(echo) if !started => echo.as_str(),
+            _ => "",
+        };
+        let text = format!("{echo}{}", delta.text);
+        let logprobs = meta.completion_logprobs(&delta.logprobs, echo_len + offset);
+        let covered: usize = delta.logprobs.iter().map(|t| t.token.chars().count()).sum();
+        *self.progress(delta.index) = (true, offset + covered);
         let choice = CompletionChoice {
             index: delta.index,
             text,
-            logprobs: None,
+            logprobs,
             finish_reason: delta.finish.map(Finish::as_str),
+            stop_reason: delta.stop_reason.clone(),
             prompt_token_ids: prompt_ids.clone(),
             token_ids: meta.ids(&delta.token_ids),
         };
@@ -309,6 +359,7 @@ fn completion(
         object: "text_completion",
         created: meta.created,
         model: meta.model.clone(),
+        system_fingerprint: meta.system_fingerprint.clone(),
         choices,
         usage,
         prompt_token_ids,
@@ -374,6 +425,7 @@ pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collect
                 logprobs: meta.logprobs(&out.logprobs),
                 message,
                 finish_reason: out.finish.map(|f| finish_reason(f, made_calls)),
+                stop_reason: out.stop_reason,
             }
         })
         .collect();
@@ -382,6 +434,7 @@ pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collect
         object: "chat.completion",
         created: meta.created,
         model: meta.model.clone(),
+        system_fingerprint: meta.system_fingerprint.clone(),
         choices,
         usage,
         prompt_token_ids: meta.prompt_ids(),
@@ -389,16 +442,19 @@ pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collect
 }
 
 /// The whole `text_completion` answer.
-pub fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> Completion {
+/// Each choice's text starts after `echo_len` characters of echo, which its logprobs' offsets
+/// count.
+fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>, echo_len: usize) -> Completion {
     let usage = usage_of(prompt_tokens, &out);
     let choices = (0..)
         .zip(out)
         .map(|(index, out)| CompletionChoice {
             index,
             token_ids: meta.ids(&out.token_ids),
+            logprobs: meta.completion_logprobs(&out.logprobs, echo_len),
             text: out.text,
-            logprobs: None,
             finish_reason: out.finish.map(Finish::as_str),
+            stop_reason: out.stop_reason,
             prompt_token_ids: meta.prompt_ids(),
         })
         .collect();

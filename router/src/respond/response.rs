@@ -1,9 +1,10 @@
 //! Response bodies and stream chunks of the OpenAI endpoints.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// Token counts of one request.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
@@ -21,7 +22,7 @@ impl Usage {
 }
 
 /// `GET /v1/models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
     /// Always `list`.
     pub object: &'static str,
@@ -30,7 +31,7 @@ pub struct ModelList {
 }
 
 /// One entry of [`ModelList`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelObject {
     /// The served model name.
     pub id: String,
@@ -45,12 +46,14 @@ pub struct ModelObject {
 }
 
 /// Non-streaming chat answer (`chat.completion`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    /// The router's version and model card, hashed (`fp_` and 12 hex digits).
+    pub system_fingerprint: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
     /// vLLM extra, with `return_token_ids`.
@@ -59,13 +62,13 @@ pub struct ChatCompletion {
 }
 
 /// A chat choice's `logprobs` (OpenAI's shape): one entry per reported token.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
 /// One generated token's logprob and the most likely alternatives.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ChatTokenLogprob {
     /// The token's text.
     pub token: String,
@@ -77,7 +80,7 @@ pub struct ChatTokenLogprob {
 }
 
 /// One of the most likely tokens at a position.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
@@ -85,20 +88,23 @@ pub struct TopLogprob {
 }
 
 /// One choice of [`ChatCompletion`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     /// Null unless the request asked for logprobs.
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM extra: with `finish_reason: "stop"`, the stop string or stop token id that ended the
+    /// choice; null otherwise.
+    pub stop_reason: Option<StopReason>,
     /// vLLM extra, with `return_token_ids`: the generated ids.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
 }
 
 /// The generated message.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
@@ -113,7 +119,7 @@ pub struct AssistantMessage {
 }
 
 /// One tool call: whole in a message; in a stream chunk with its `index`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ToolCallObject {
     /// Stream chunks only: the call's position among the choice's calls.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,7 +133,7 @@ pub struct ToolCallObject {
 }
 
 /// The function a [`ToolCallObject`] calls.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct FunctionCall {
     pub name: String,
     /// The arguments, a JSON object as a string.
@@ -135,12 +141,14 @@ pub struct FunctionCall {
 }
 
 /// One streamed chat event (`chat.completion.chunk`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChunk {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    /// The router's version and model card, hashed (`fp_` and 12 hex digits).
+    pub system_fingerprint: String,
     pub choices: Vec<ChatChunkChoice>,
     /// Only on the usage chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,7 +159,7 @@ pub struct ChatChunk {
 }
 
 /// One choice of a [`ChatChunk`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
@@ -159,13 +167,16 @@ pub struct ChatChunkChoice {
     /// whose text this chunk carries.
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM extra: with `finish_reason: "stop"`, the stop string or stop token id that ended the
+    /// choice; null otherwise.
+    pub stop_reason: Option<StopReason>,
     /// vLLM extra, with `return_token_ids`: the ids behind this delta.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
 }
 
 /// What a chat chunk adds; every field absent on the finish chunk (`{}`).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -180,12 +191,14 @@ pub struct ChatDelta {
 }
 
 /// Completion answer (`text_completion`), whole or as one stream chunk.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Completion {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    /// The router's version and model card, hashed (`fp_` and 12 hex digits).
+    pub system_fingerprint: String,
     pub choices: Vec<CompletionChoice>,
     /// Always on a whole answer; on a stream only in the usage chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -196,12 +209,16 @@ pub struct Completion {
 }
 
 /// One choice of a [`Completion`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    pub logprobs: Option<()>,
+    /// With `logprobs`: those of this choice's (or this chunk's) tokens; else null.
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM extra: with `finish_reason: "stop"`, the stop string or stop token id that ended the
+    /// choice; null otherwise.
+    pub stop_reason: Option<StopReason>,
     /// vLLM extra, with `return_token_ids`: vLLM puts the prompt ids here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
@@ -211,7 +228,52 @@ pub struct CompletionChoice {
 }
 
 /// vLLM's `POST /tokenize` answer.
-#[derive(Debug, Serialize)]
+/// What ended a choice with `finish_reason: "stop"`, as vLLM reports it in `stop_reason`: the
+/// stop string, or the stop token id (null for the model's eos).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopReason {
+    /// A stop string matched.
+    Text(String),
+    /// One of `stop_token_ids` was generated.
+    Token(u32),
+}
+
+/// One server-sent event of a streamed answer, as the OpenAPI document describes
+/// `text/event-stream`: `data` holds a chunk (`chat.completion.chunk` or `text_completion`) as
+/// JSON text, and the last event's is `[DONE]`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEvent {
+    /// The chunk as JSON text, or `[DONE]`.
+    pub data: String,
+}
+
+/// OpenAI's completions `logprobs`: parallel lists, one entry per token.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, ToSchema)]
+pub struct CompletionLogprobs {
+    /// Each token's text.
+    pub tokens: Vec<String>,
+    /// Each token's logprob.
+    pub token_logprobs: Vec<f32>,
+    /// Per token: the token itself and the `logprobs` most likely tokens, by text, most likely
+    /// first (at most `logprobs` + 1 entries, as OpenAI).
+    pub top_logprobs: Vec<TopByText>,
+    /// Each token's offset, in characters, in the choice's text.
+    pub text_offset: Vec<usize>,
+}
+
+/// A JSON object from token text to logprob, in insertion order.
+#[derive(Debug, Clone, Default, PartialEq, ToSchema)]
+#[schema(value_type = std::collections::HashMap<String, f32>)]
+pub struct TopByText(pub Vec<(String, f32)>);
+
+impl Serialize for TopByText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(token, logprob)| (token, logprob)))
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TokenizeResponse {
     /// Number of tokens.
     pub count: usize,
@@ -224,14 +286,14 @@ pub struct TokenizeResponse {
 }
 
 /// vLLM's `POST /detokenize` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DetokenizeResponse {
     /// The decoded text.
     pub prompt: String,
 }
 
 /// vLLM's `GET /version` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct VersionResponse {
     /// The router's crate version.
     pub version: &'static str,

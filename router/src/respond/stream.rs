@@ -9,7 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use prompt::decode::Decoder;
 
 use crate::backend::{BackendError, Finish, TokenLogprobs, TokenStream};
-use crate::respond::response::{ChatTokenLogprob, TopLogprob};
+use crate::respond::response::{ChatTokenLogprob, StopReason, TopLogprob};
 
 /// Text decoded from the generated ids so far, handed out piece by piece.
 ///
@@ -144,6 +144,9 @@ pub struct Delta {
     pub logprobs: Vec<ChatTokenLogprob>,
     /// Set on the last delta.
     pub finish: Option<Finish>,
+    /// With a `stop` finish: the stop string or stop token id that ended the choice (vLLM's
+    /// `stop_reason`); `None` for an eos token.
+    pub stop_reason: Option<StopReason>,
 }
 
 /// Logprobs below this are sent as this (OpenAI's and vLLM's floor): JSON
@@ -191,6 +194,10 @@ pub struct Output {
     completion_tokens: u32,
     finished: bool,
     include_stop_str: bool,
+    /// The request's stop token ids that are not the model's eos: ending on one is reported as
+    /// the `stop_reason`.
+    stop_token_ids: Vec<u32>,
+    stop_reason: Option<StopReason>,
 }
 
 impl Output {
@@ -207,7 +214,15 @@ impl Output {
             completion_tokens: 0,
             finished: false,
             include_stop_str: false,
+            stop_token_ids: Vec::new(),
+            stop_reason: None,
         }
+    }
+
+    /// The same output reporting an end on one of `ids` (the request's stop token ids that are
+    /// not eos tokens) as its `stop_reason`.
+    pub fn stop_token_ids(self, ids: Vec<u32>) -> Self {
+        Self { stop_token_ids: ids, ..self }
     }
 
     /// The same output keeping the stop string that ends it in the text
@@ -258,6 +273,9 @@ impl Output {
         // vLLM leaves the token that stopped the generation (eos, a stop
         // token id) out of the text unless stop strings are kept; it matters
         // once special tokens are not skipped.
+        if finish == Some(Finish::Stop) && self.stop_token_ids.contains(&id) {
+            self.stop_reason = Some(StopReason::Token(id));
+        }
         let stop_token = finish == Some(Finish::Stop) && !self.include_stop_str;
         if !stop_token {
             self.text.push_str(&self.detok.push(id));
@@ -289,7 +307,9 @@ impl Output {
     /// stop string is kept; the tokens from there on are not reported in
     /// logprobs.
     fn cut_at_stop(&mut self, at: usize) -> Delta {
-        let at = if self.include_stop_str { at + self.stops.len_at(&self.text, at) } else { at };
+        let len = self.stops.len_at(&self.text, at);
+        self.stop_reason = Some(StopReason::Text(self.text[at..at + len].to_owned()));
+        let at = if self.include_stop_str { at + len } else { at };
         self.text.truncate(at);
         self.pending_logprobs.retain(|&(start, _, _)| start < at);
         self.finish_with(Finish::Stop)
@@ -312,7 +332,8 @@ impl Output {
         };
         let decoder = &self.detok.decoder;
         let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l)).collect();
-        Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish }
+        let stop_reason = if finish == Some(Finish::Stop) { self.stop_reason.take() } else { None };
+        Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish, stop_reason }
     }
 }
 

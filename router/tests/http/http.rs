@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use router::backend::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
+use router::fleet::breaker::Failure;
 use router::fleet::model::Model;
 use router::http::app::app;
 use router::http::state::AppState;
@@ -86,7 +87,7 @@ async fn chat_completion_body() {
     assert_eq!(
         body["choices"],
         json!([{"index": 0, "message": {"role": "assistant", "content": "Hé you"},
-                "logprobs": null, "finish_reason": "stop"}])
+                "logprobs": null, "finish_reason": "stop", "stop_reason": null}])
     );
     let prompt_tokens = backend.seen.lock().unwrap()[0].prompt_token_ids.len();
     assert_eq!(
@@ -170,8 +171,10 @@ async fn n_choices_each_with_index_finish_and_stop_strings() {
     assert_eq!(backend.seen.lock().unwrap()[0].sampling.n, 2);
     assert_eq!(
         whole["choices"],
-        json!([{"index": 0, "message": {"role": "assistant", "content": "ab"}, "logprobs": null, "finish_reason": "stop"},
-               {"index": 1, "message": {"role": "assistant", "content": "xy"}, "logprobs": null, "finish_reason": "length"}])
+        json!([{"index": 0, "message": {"role": "assistant", "content": "ab"}, "logprobs": null, "finish_reason": "stop",
+                "stop_reason": "!"},
+               {"index": 1, "message": {"role": "assistant", "content": "xy"}, "logprobs": null, "finish_reason": "length",
+                "stop_reason": null}])
     );
     // Completion tokens of both choices: "ab!" (the stop token counts) and "xy".
     assert_eq!(whole["usage"]["completion_tokens"], 5);
@@ -369,6 +372,12 @@ async fn ready_waits_for_the_model_and_a_worker_in_every_pool_and_health_only_fo
     let (code, body) = get_json(app.clone(), "/ready").await;
     assert_eq!((code, body["error"]["code"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!("no_worker")));
     decode.join(Member::new("http://127.0.0.1:1", "d"));
+    assert_eq!(status("/ready").await, StatusCode::OK);
+    // Its only worker found unreachable: the pool has no worker to send a request to.
+    decode.breaker(0).failed(Failure::Unreachable);
+    let (code, body) = get_json(app.clone(), "/ready").await;
+    assert_eq!((code, body["error"]["code"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!("no_worker")));
+    decode.breaker(0).succeeded();
     assert_eq!(status("/ready").await, StatusCode::OK);
     readiness.start_draining();
     let (code, body) = get_json(app.clone(), "/ready").await;
@@ -957,8 +966,10 @@ async fn request_id_header_wins_over_the_body() {
             (status, id, body)
         }
     };
-    let (_, id, _) = send(None, json!({"prompt": "a", "request_id": "body-id"})).await;
+    let (_, id, body) = send(None, json!({"prompt": "a", "request_id": "body-id"})).await;
     assert_eq!(id, "body-id");
+    // As vLLM: the response id is built from the request id.
+    assert_eq!(body["id"], "cmpl-body-id", "{body}");
     assert_eq!(backend.seen.lock().unwrap().last().unwrap().request_id, "body-id");
     let (_, id, _) = send(Some("header-id"), json!({"prompt": "a", "request_id": "body-id"})).await;
     assert_eq!(id, "header-id");
@@ -971,15 +982,35 @@ async fn request_id_header_wins_over_the_body() {
 }
 
 #[tokio::test]
-async fn user_and_kv_transfer_params_are_accepted() {
+async fn user_is_accepted_and_client_kv_transfer_params_refused() {
     let (app, _) = setup(hello_chunks());
-    let body = chat_body(
-        json!({"user": "alice", "kv_transfer_params": {"do_remote_prefill": true}, "return_token_ids": true}),
-    );
+    let body = chat_body(json!({"user": "alice", "kv_transfer_params": {}, "return_token_ids": true}));
     let (status, whole) = post_json(app.clone(), "/v1/chat/completions", body).await;
     assert_eq!(status, StatusCode::OK, "{whole}");
     assert_eq!(whole["choices"][0]["token_ids"], json!([72, 195, 169, 32, 121, 111, 117, 256]));
     assert!(whole["prompt_token_ids"].is_array());
-    let (status, body) = post_json(app, "/v1/chat/completions", chat_body(json!({"kv_transfer_params": "x"}))).await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("kv_transfer_params"));
+    // The router runs the hand-off itself; a client's transfer parameters would be ignored.
+    for params in [json!("x"), json!({"do_remote_prefill": true})] {
+        let body = chat_body(json!({"kv_transfer_params": params}));
+        let (status, body) = post_json(app.clone(), "/v1/chat/completions", body).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("kv_transfer_params"));
+    }
+}
+
+/// Paths and methods the router does not serve get OpenAI-shaped errors (SDKs then raise a
+/// `NotFoundError` that says what happened), and a 405 still names the allowed methods.
+#[tokio::test]
+async fn unknown_routes_and_methods_get_openai_shaped_errors() {
+    let (app, _) = setup(hello_chunks());
+    for path in ["/v1/embeddings", "/v1/responses", "/v1/audio/speech", "/rerank", "/nope"] {
+        let (status, body) = post_json(app.clone(), path, json!({"model": "tiny", "input": "x"})).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "NotFoundError", Value::Null);
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(path), "{body}");
+    }
+    let response = app.clone().oneshot(Request::get("/v1/completions").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers()["allow"], "POST");
+    let body: Value = serde_json::from_slice(&to_bytes(response.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 }

@@ -4,6 +4,7 @@
 mod admission;
 mod bad_input;
 mod e2e;
+mod fields;
 mod http;
 mod models;
 mod sse_props;

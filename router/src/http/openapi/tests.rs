@@ -118,6 +118,39 @@ fn errors_have_the_openai_shape() {
     }
 }
 
+#[test]
+fn every_answer_has_its_body_schema_and_the_servers_and_bearer_scheme_are_named() {
+    let doc = document();
+    assert_eq!(doc["servers"][0]["url"], "/");
+    let bearer = &doc["components"]["securitySchemes"]["bearer"];
+    assert_eq!((bearer["type"].as_str(), bearer["scheme"].as_str()), (Some("http"), Some("bearer")), "{bearer}");
+    let bodies = [
+        ("/v1/chat/completions", "post", "ChatCompletion", true),
+        ("/v1/completions", "post", "Completion", true),
+        ("/v1/models", "get", "ModelList", true),
+        ("/tokenize", "post", "TokenizeResponse", true),
+        ("/detokenize", "post", "DetokenizeResponse", true),
+        ("/version", "get", "VersionResponse", false),
+    ];
+    for (path, method, schema, keyed) in bodies {
+        let operation = &doc["paths"][path][method];
+        let body = &operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"];
+        assert_eq!(body.as_str(), Some(format!("#/components/schemas/{schema}").as_str()), "{path}");
+        if !keyed {
+            assert!(operation.get("security").is_none(), "{path}");
+            continue;
+        }
+        // Open without keys, or with a Bearer key when the router has them.
+        let security = operation["security"].as_array().expect("security listed");
+        assert!(security.iter().any(|s| s.get("bearer").is_some()), "{path}");
+        assert!(security.iter().any(|s| s.as_object().is_some_and(|s| s.is_empty())), "{path}");
+    }
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let stream = &doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]["$ref"];
+        assert_eq!(stream, "#/components/schemas/StreamEvent", "{path}");
+    }
+}
+
 #[tokio::test]
 async fn served_at_openapi_json_and_every_documented_route_exists() {
     let (state, _tx) = crate::http::state::AppState::loading(std::sync::Arc::new(NoBackend));

@@ -93,3 +93,65 @@ pub fn role() -> impl Into<RefOr<Schema>> {
 pub fn text_part() -> impl Into<RefOr<Schema>> {
     string_enum(&["text"])
 }
+
+/// Chat `reasoning_effort`: OpenAI's levels, or null.
+pub fn reasoning_effort() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(string_enum(&["minimal", "low", "medium", "high"])).item(null())
+}
+
+/// A refused field that passes only as null or `values`, the values that change nothing.
+fn only(values: ObjectBuilder) -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(values).item(null())
+}
+
+/// A refused field: only null.
+pub fn only_null() -> impl Into<RefOr<Schema>> {
+    null()
+}
+
+/// A refused flag: only false or null.
+pub fn only_false() -> impl Into<RefOr<Schema>> {
+    only(ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([false])))
+}
+
+/// A flag whose other value is refused: only true or null.
+pub fn only_true() -> impl Into<RefOr<Schema>> {
+    only(ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([true])))
+}
+
+/// A refused number: only 1 or null.
+pub fn only_one() -> impl Into<RefOr<Schema>> {
+    only(ObjectBuilder::new().schema_type(Type::Number).enum_values(Some([1])))
+}
+
+/// `best_of`: only 1 (with the default `n`) or null; validation also takes it equal to `n`.
+pub fn no_op_best_of() -> impl Into<RefOr<Schema>> {
+    only(ObjectBuilder::new().schema_type(Type::Integer).enum_values(Some([1])))
+}
+
+/// A refused list: only `[]` or null.
+pub fn only_empty_list() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(ArrayBuilder::new().max_items(Some(0))).item(null())
+}
+
+/// A refused object: only `{}` or null.
+pub fn only_empty_object() -> impl Into<RefOr<Schema>> {
+    only(ObjectBuilder::new().schema_type(Type::Object).max_properties(Some(0)))
+}
+
+/// A refused string: only `""` or null.
+pub fn only_empty_string() -> impl Into<RefOr<Schema>> {
+    only(string().max_length(Some(0)))
+}
+
+/// Chat `modalities`: only `["text"]` or null.
+pub fn only_text_modality() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new()
+        .item(ArrayBuilder::new().items(string_enum(&["text"])).min_items(Some(1)).max_items(Some(1)))
+        .item(null())
+}
+
+/// Chat `service_tier`: only `auto`, `default` or null.
+pub fn only_default_tier() -> impl Into<RefOr<Schema>> {
+    only(string_enum(&["auto", "default"]))
+}

@@ -276,7 +276,10 @@ fn new_fields_default_like_vllm() {
     .unwrap();
     assert!(req.include_stop_str_in_output && !req.skip_special_tokens);
     assert_eq!(req.echo.as_deref(), Some("a"));
-    assert!(completion(json!({"prompt": "a", "kv_transfer_params": {"remote_host": "x"}})).is_ok());
+    // The router runs the hand-off itself: transfer parameters from a client are refused.
+    assert!(completion(json!({"prompt": "a", "kv_transfer_params": {}})).is_ok());
+    let transfer = completion(json!({"prompt": "a", "kv_transfer_params": {"remote_host": "x"}}));
+    assert_eq!(field_of(transfer).as_deref(), Some("kv_transfer_params"));
 }
 
 #[test]

@@ -1,0 +1,119 @@
+//! The rule for the fields of the OpenAI and vLLM APIs this server does not honour: each passes
+//! only absent, null or holding the value that changes nothing; anything else is a 400 naming it.
+
+use serde_json::Value;
+
+use crate::prepare::error::ValidationError;
+use crate::prepare::request::{ChatNotHonoured, CompletionNotHonoured, NotHonoured};
+
+/// The one value of a field that changes nothing.
+#[derive(Debug, Clone, Copy)]
+enum NoOp {
+    False,
+    True,
+    /// The number 1 (an integer or a float).
+    One,
+    EmptyList,
+    EmptyObject,
+    EmptyString,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// `["text"]`.
+    TextOnly,
+    /// Only null.
+    Nothing,
+}
+
+impl NoOp {
+    fn allows(self, value: &Value) -> bool {
+        match self {
+            Self::False => value == &Value::Bool(false),
+            Self::True => value == &Value::Bool(true),
+            Self::One => value.as_f64() == Some(1.0),
+            Self::EmptyList => value.as_array().is_some_and(Vec::is_empty),
+            Self::EmptyObject => value.as_object().is_some_and(serde_json::Map::is_empty),
+            Self::EmptyString => value.as_str() == Some(""),
+            Self::OneOf(values) => value.as_str().is_some_and(|s| values.contains(&s)),
+            Self::TextOnly => value.as_array().is_some_and(|v| v.len() == 1 && v[0] == "text"),
+            Self::Nothing => false,
+        }
+    }
+
+    /// What the refusal says is accepted instead.
+    fn accepted(self) -> &'static str {
+        match self {
+            Self::False => "false or null",
+            Self::True => "true or null",
+            Self::One => "1 or null",
+            Self::EmptyList => "[] or null",
+            Self::EmptyObject => "{} or null",
+            Self::EmptyString => "\"\" or null",
+            Self::OneOf(_) => "\"auto\", \"default\" or null",
+            Self::TextOnly => "[\"text\"] or null",
+            Self::Nothing => "null",
+        }
+    }
+}
+
+fn check(fields: &[(&'static str, &Option<Value>, NoOp)]) -> Result<(), ValidationError> {
+    for &(field, value, no_op) in fields {
+        match value {
+            None | Some(Value::Null) => {}
+            Some(value) if no_op.allows(value) => {}
+            Some(_) => return Err(ValidationError::NotHonoured { field, accepted: no_op.accepted() }),
+        }
+    }
+    Ok(())
+}
+
+impl NotHonoured {
+    /// Refuses the first field set to something that would change the answer; `n` is the
+    /// request's `n`, the one `best_of` that changes nothing besides 1.
+    pub fn check(&self, n: Option<i64>) -> Result<(), ValidationError> {
+        if let Some(best_of) = self.best_of.as_ref().filter(|v| !v.is_null()) {
+            if best_of.as_i64() != Some(n.unwrap_or(1)) && best_of.as_f64() != Some(1.0) {
+                return Err(ValidationError::NotHonoured { field: "best_of", accepted: "1, `n` or null" });
+            }
+        }
+        check(&[
+            ("use_beam_search", &self.use_beam_search, NoOp::False),
+            ("length_penalty", &self.length_penalty, NoOp::One),
+            ("allowed_token_ids", &self.allowed_token_ids, NoOp::Nothing),
+            ("bad_words", &self.bad_words, NoOp::EmptyList),
+            ("prompt_logprobs", &self.prompt_logprobs, NoOp::Nothing),
+            ("return_tokens_as_token_ids", &self.return_tokens_as_token_ids, NoOp::False),
+            ("logits_processors", &self.logits_processors, NoOp::EmptyList),
+            ("vllm_xargs", &self.vllm_xargs, NoOp::EmptyObject),
+            ("kv_transfer_params", &self.kv_transfer_params, NoOp::EmptyObject),
+            ("mm_processor_kwargs", &self.mm_processor_kwargs, NoOp::EmptyObject),
+        ])
+    }
+}
+
+impl ChatNotHonoured {
+    /// Refuses the first field set to something that would change the answer.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        check(&[
+            ("parallel_tool_calls", &self.parallel_tool_calls, NoOp::True),
+            ("audio", &self.audio, NoOp::Nothing),
+            ("modalities", &self.modalities, NoOp::TextOnly),
+            ("prediction", &self.prediction, NoOp::Nothing),
+            ("web_search_options", &self.web_search_options, NoOp::Nothing),
+            ("functions", &self.functions, NoOp::Nothing),
+            ("function_call", &self.function_call, NoOp::Nothing),
+            ("store", &self.store, NoOp::False),
+            ("metadata", &self.metadata, NoOp::EmptyObject),
+            ("service_tier", &self.service_tier, NoOp::OneOf(&["auto", "default"])),
+            ("verbosity", &self.verbosity, NoOp::Nothing),
+            ("prompt_cache_key", &self.prompt_cache_key, NoOp::Nothing),
+            ("structural_tag", &self.structural_tag, NoOp::Nothing),
+        ])
+    }
+}
+
+impl CompletionNotHonoured {
+    /// Refuses the first field set to something that would change the answer.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        check(&[("suffix", &self.suffix, NoOp::EmptyString), ("prompt_embeds", &self.prompt_embeds, NoOp::Nothing)])
+    }
+}

@@ -84,6 +84,9 @@ pub struct Config {
     /// How long to wait for a worker's model card at start-up (static lists;
     /// with discovery the router waits for workers as long as it takes).
     pub model_card_timeout: Duration,
+    /// A Jinja chat template every model is served with instead of its card's (vLLM's
+    /// `--chat-template`); a request's own `chat_template` still wins.
+    pub chat_template: Option<String>,
     /// In-flight and queue limits of the admission queue.
     pub admission: AdmissionConfig,
     /// The placement policy.

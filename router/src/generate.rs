@@ -75,6 +75,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
                 .include_stop_str(valid.include_stop_str_in_output)
                 .skip_special_tokens(valid.skip_special_tokens)
                 .stop_token_ids(stop_reasons.clone())
+                .tokens_as_ids(valid.return_tokens_as_token_ids)
         })
         .collect();
     let queued = Instant::now();

@@ -58,7 +58,7 @@ pub use http::state::AppState;
 
 use crate::fleet::discovery::{ModelPools, NewModel};
 use crate::fleet::model::ModelName;
-use crate::fleet::pools::{load_discovered, load_static, static_models, Pools};
+use crate::fleet::pools::{load_discovered, load_static, static_models, CardLoad, Pools};
 use crate::fleet::served::ServedModels;
 use crate::http::state::Readiness;
 use crate::metrics::Metrics;
@@ -165,7 +165,7 @@ fn static_pools(
         // Only the unnamed model can collide: it learns its name from its card.
         let taken = if group.name.is_none() { named.clone() } else { Vec::new() };
         let fallback = config.served_model_name.clone();
-        let load = load_static(group, config.model_card_timeout, name, fallback, tx, taken);
+        let load = load_static(group, CardLoad::of(&config), name, fallback, tx, taken);
         loads.push(load.boxed());
     }
     Ok((Arc::new(ServedModels::new(served)), loads))
@@ -182,7 +182,7 @@ fn discovered_model(d: &Discovery, config: &Config, metrics: &Arc<Metrics>, mode
         let (model, tx) = pools.serve(name.clone(), &config, &metrics);
         models.add(model);
         let (prefill, decode) = pools.handles();
-        loaders.push(AbortOnDrop(tokio::spawn(load_discovered(pools, config.model_card_timeout, name, tx))));
+        loaders.push(AbortOnDrop(tokio::spawn(load_discovered(pools, CardLoad::of(&config), name, tx))));
         ModelPools { prefill, decode }
     })
 }

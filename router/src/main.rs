@@ -61,6 +61,10 @@ struct Args {
     /// Seconds to wait at start-up for a worker to return the model card.
     #[arg(long, default_value_t = 120)]
     model_card_timeout_secs: u64,
+    /// A Jinja chat template to serve every model with instead of its own, as vLLM's
+    /// `--chat-template`: a file, or the template itself (text with a `{`).
+    #[arg(long, value_parser = chat_template)]
+    chat_template: Option<String>,
     /// Requests running at once on each worker of a request's first leg (prefill, or decode when
     /// colocated); more wait in the admission queue, lowest `priority` first.
     #[arg(long, default_value_t = router::admission::DEFAULT_MAX_INFLIGHT_PER_WORKER,
@@ -114,6 +118,15 @@ enum KvFailureArg {
     Fail,
 }
 
+/// `--chat-template`: the file's text, else the argument itself when it reads as a template.
+fn chat_template(arg: &str) -> Result<String, String> {
+    match std::fs::read_to_string(arg) {
+        Ok(text) => Ok(text),
+        Err(_) if arg.contains('{') => Ok(arg.to_owned()),
+        Err(e) => Err(format!("{arg}: {e} (give a template file, or the template itself)")),
+    }
+}
+
 /// `--policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum PolicyArg {
@@ -143,6 +156,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         served_model_name: args.served_model_name,
         model_card_timeout: Duration::from_secs(args.model_card_timeout_secs),
+        chat_template: args.chat_template,
         admission: router::admission::AdmissionConfig {
             max_inflight_per_worker: args.max_inflight_per_worker,
             max_queued: args.max_queued_requests,

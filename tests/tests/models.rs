@@ -120,3 +120,44 @@ async fn a_router_on_etcd_serves_each_registered_model_on_its_own_workers() {
     assert_eq!(complete(&url, Some("a/v1")).await.0, 200);
     assert_eq!(reqwest::get(format!("{url}/ready")).await.unwrap().status(), 200);
 }
+
+/// `--chat-template` (a file or the template itself, as vLLM's) replaces the model's template
+/// for every chat; a request's own `chat_template` still wins.
+#[tokio::test]
+async fn the_routers_chat_template_replaces_the_models() {
+    let _turn = take_turn();
+    let model = model_path();
+    let decode =
+        Process::start("decode-worker", &["--mock", "--listen", "127.0.0.1:0", "--model", model.to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("template.jinja");
+    std::fs::write(&file, "FILE{% for m in messages %}[{{ m.content }}]{% endfor %}").unwrap();
+    for (flag, want) in
+        [(file.to_str().unwrap(), "FILE[Hi]"), ("ARG{% for m in messages %}<{{ m.content }}>{% endfor %}", "ARG<Hi>")]
+    {
+        let router = tests::start_router(&[], &[&decode], &["--chat-template", flag]);
+        let url = router.url();
+        let client = reqwest::Client::new();
+        let text = |body: Value| {
+            let client = client.clone();
+            async move {
+                let ids: Value =
+                    client.post(format!("{url}/tokenize")).json(&body).send().await.unwrap().json().await.unwrap();
+                let text: Value = client
+                    .post(format!("{url}/detokenize"))
+                    .json(&json!({"tokens": ids["tokens"]}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                text["prompt"].as_str().unwrap().to_owned()
+            }
+        };
+        let messages = json!([{"role": "user", "content": "Hi"}]);
+        assert_eq!(text(json!({"messages": messages})).await, want);
+        let own = json!({"messages": messages, "chat_template": "OWN{{ messages[0].content }}"});
+        assert_eq!(text(own).await, "OWNHi");
+    }
+}

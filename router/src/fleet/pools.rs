@@ -18,6 +18,7 @@ use crate::pd::grpc::{load_model_card, worker_clients, GrpcWorkers, WorkerError}
 use crate::pd::PdBackend;
 use crate::placement::prefix_index::{self, PrefixIndex};
 use crate::placement::{CacheAware, Placement, RoundRobin};
+use proto::worker::ModelCard;
 
 /// The workers of one model on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +164,30 @@ fn members(pool: &PoolHandle) -> Vec<String> {
     pool.roster.active().into_iter().filter_map(|w| pool.roster.member(w)).map(|m| m.url).collect()
 }
 
+/// How model cards are loaded: how long a worker may take to answer, and the router's own chat
+/// template, which replaces every card's.
+#[derive(Debug, Clone)]
+pub struct CardLoad {
+    /// The wait for a worker's card at start-up (static lists).
+    pub timeout: Duration,
+    /// `--chat-template`.
+    pub chat_template: Option<String>,
+}
+
+impl CardLoad {
+    /// As `config` asks.
+    pub fn of(config: &Config) -> Self {
+        Self { timeout: config.model_card_timeout, chat_template: config.chat_template.clone() }
+    }
+
+    fn apply(&self, mut card: ModelCard) -> ModelCard {
+        if let Some(template) = &self.chat_template {
+            card.chat_template = template.clone();
+        }
+        card
+    }
+}
+
 /// Loads a static model's card from whichever of its workers answers
 /// within `timeout`, names the model (`name` if known, else `fallback`,
 /// else the card's) and hands it to its requests; then holds the sender so
@@ -170,7 +195,7 @@ fn members(pool: &PoolHandle) -> Vec<String> {
 /// is an error.
 pub async fn load_static(
     model: StaticModel,
-    timeout: Duration,
+    load: CardLoad,
     name: ModelName,
     fallback: Option<String>,
     tx: tokio::sync::watch::Sender<Option<Arc<Model>>>,
@@ -178,7 +203,7 @@ pub async fn load_static(
 ) -> Result<(), RunError> {
     // Any worker serves the card; decode workers exist in every mode.
     let urls: Vec<String> = model.decode.iter().chain(&model.prefill).cloned().collect();
-    let card = load_model_card(&urls, timeout).await?;
+    let card = load.apply(load_model_card(&urls, load.timeout).await?);
     let model = Model::from_card(&card, name.get().map(str::to_owned).or(fallback))?;
     if taken.contains(&model.served_name) {
         return Err(RunError::DuplicateModel(model.served_name));
@@ -195,7 +220,7 @@ pub async fn load_static(
 /// card that cannot be used may be fixed by the next worker).
 pub async fn load_discovered(
     pools: Arc<Pools>,
-    timeout: Duration,
+    load: CardLoad,
     name: ModelName,
     tx: tokio::sync::watch::Sender<Option<Arc<Model>>>,
 ) {
@@ -206,10 +231,10 @@ pub async fn load_discovered(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let loaded = load_model_card(&urls, timeout)
+        let loaded = load_model_card(&urls, load.timeout)
             .await
             .map_err(RunError::from)
-            .and_then(|card| Ok(Model::from_card(&card, Some(served_name.clone()))?));
+            .and_then(|card| Ok(Model::from_card(&load.apply(card), Some(served_name.clone()))?));
         match loaded {
             Ok(model) => {
                 tracing::info!(model = %model.served_name, context_length = model.context_length, "model ready");

@@ -204,6 +204,7 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
 async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result<Response, ApiError> {
     let valid = &job.valid;
     let (stream, include_usage, return_token_ids) = (valid.stream, valid.include_usage, valid.return_token_ids);
+    let continuous_usage = valid.continuous_usage;
     let (logprobs, n) = (valid.sampling.logprobs.is_some(), valid.sampling.n);
     let model = job.model.served_name.clone();
     // As vLLM: the response id is the request id (the client's, or a fresh uuid).
@@ -220,7 +221,7 @@ async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result
         n,
     };
     if stream {
-        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage };
+        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage, continuous_usage };
         return Ok(sse(stream).into_response());
     }
     let collected = collect(deltas, meta.n).await?;

@@ -39,6 +39,15 @@ pub struct Streamed<F> {
     pub prompt_tokens: usize,
     /// Whether a usage chunk ends the stream.
     pub include_usage: bool,
+    /// Whether every chunk carries the usage so far (vLLM's `continuous_usage_stats`).
+    pub continuous_usage: bool,
+}
+
+impl<F> Streamed<F> {
+    /// The usage so far, for every chunk when continuous usage is asked.
+    fn running_usage(&self, completion_tokens: usize) -> Option<Usage> {
+        self.continuous_usage.then(|| Usage::new(self.prompt_tokens as u32, completion_tokens as u32))
+    }
 }
 
 /// Runs the stream in its own task so a slow client never stalls the token
@@ -83,7 +92,8 @@ struct Progress {
 
 async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes>) {
     let mut events = Events::default();
-    for chunk in s.format.opening(&s.meta) {
+    let opening_usage = s.continuous_usage.then(|| Usage::new(s.prompt_tokens as u32, 0));
+    for chunk in s.format.opening(&s.meta, opening_usage) {
         events.push(&chunk);
     }
     let mut progress = Progress { completion_tokens: 0, first: true, finished: vec![false; s.meta.n.max(1) as usize] };
@@ -147,7 +157,8 @@ fn add<F: ChunkFormat>(
             // do: `finish_reason: "error"`, then the error itself.
             for index in (0..progress.finished.len()).filter(|&i| !progress.finished[i]) {
                 let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
-                for chunk in s.format.delta(&s.meta, &end, progress.first) {
+                let usage = s.running_usage(progress.completion_tokens);
+                for chunk in s.format.delta(&s.meta, &end, progress.first, usage) {
                     events.push(&chunk);
                 }
                 progress.first = false;
@@ -160,7 +171,8 @@ fn add<F: ChunkFormat>(
         *done |= delta.finish.is_some();
     }
     progress.completion_tokens += delta.token_ids.len();
-    for chunk in s.format.delta(&s.meta, &delta, progress.first) {
+    let usage = s.running_usage(progress.completion_tokens);
+    for chunk in s.format.delta(&s.meta, &delta, progress.first, usage) {
         events.push(&chunk);
     }
     progress.first = false;

@@ -199,6 +199,9 @@ pub struct CommonParams {
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM extra: leave special tokens out of the generated text; default true.
     pub skip_special_tokens: Option<bool>,
+    /// vLLM extra: name the tokens of `logprobs` `token_id:{id}` rather than by their text (for
+    /// tokens whose bytes are not valid UTF-8 alone); default false.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM extra, default true. vLLM applies it only with slow (Python) tokenizers; with a fast
     /// one, as every tokenizer here is, special tokens kept in the text are written unspaced
     /// whatever its value, and so they are here.
@@ -245,8 +248,8 @@ pub struct CommonParams {
 pub struct StreamOptions {
     /// Send a last chunk with empty `choices` and the usage counts.
     pub include_usage: Option<bool>,
-    /// vLLM extra: also put the usage so far in every chunk. Not supported: refused when true.
-    #[schema(schema_with = schema::only_false)]
+    /// vLLM extra: also put the usage so far (prompt tokens, tokens generated up to that chunk)
+    /// in every chunk; default false.
     pub continuous_usage_stats: Option<bool>,
 }
 
@@ -274,9 +277,6 @@ pub struct NotHonoured {
     /// vLLM: logprobs of the prompt's tokens. Not supported: only null.
     #[schema(schema_with = schema::only_null)]
     pub prompt_logprobs: Option<Value>,
-    /// vLLM: logprob tokens as `token_id:{id}` strings. Not supported: only null or false.
-    #[schema(schema_with = schema::only_false)]
-    pub return_tokens_as_token_ids: Option<Value>,
     /// vLLM: server-side logits processors by qualified name. Not supported: only null or `[]`.
     #[schema(schema_with = schema::only_empty_list)]
     pub logits_processors: Option<Value>,

@@ -46,6 +46,8 @@ pub struct ValidRequest {
     pub stream: bool,
     /// Send a usage chunk at the end of the stream.
     pub include_usage: bool,
+    /// Put the usage so far in every chunk of the stream (vLLM extra).
+    pub continuous_usage: bool,
     /// Return prompt and generated token ids (vLLM extra).
     pub return_token_ids: bool,
     /// Chat with tools (and `tool_choice` not `none`): parse tool calls out
@@ -67,6 +69,8 @@ pub struct ValidRequest {
     /// Return a chat's `<think>` reasoning as `reasoning_content` (vLLM extra); when false it
     /// is left out.
     pub include_reasoning: bool,
+    /// Name logprob tokens `token_id:{id}` rather than by their text (vLLM extra).
+    pub return_tokens_as_token_ids: bool,
 }
 
 /// Validates a chat request: renders, tokenizes and checks every parameter.
@@ -456,12 +460,6 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         // vLLM keeps the end of the prompt, nearest to what is generated.
         prompt.drain(..prompt.len().saturating_sub(keep));
     }
-    if params.stream_options.as_ref().and_then(|o| o.continuous_usage_stats) == Some(true) {
-        return Err(ValidationError::NotHonoured {
-            field: "stream_options.continuous_usage_stats",
-            accepted: "false or null",
-        });
-    }
     if prompt.len() >= model.context_length as usize {
         return Err(ValidationError::PromptTooLong {
             prompt_tokens: prompt.len(),
@@ -519,7 +517,8 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         sampling,
         stops: stops(params.stop)?,
         stream,
-        include_usage: stream && params.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        include_usage: stream && params.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+        continuous_usage: stream && params.stream_options.and_then(|o| o.continuous_usage_stats).unwrap_or(false),
         return_token_ids: params.return_token_ids.unwrap_or(false),
         // Chat sets it after; completions never parse tool calls.
         parse_tool_calls: false,
@@ -532,6 +531,7 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         constraint_compile,
         // Chat sets it after; completions have no reasoning to leave out.
         include_reasoning: true,
+        return_tokens_as_token_ids: params.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
 

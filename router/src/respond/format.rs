@@ -100,11 +100,12 @@ pub trait ChunkFormat: Send + 'static {
     /// The whole non-streaming answer as JSON text: one [`Collected`] per
     /// choice, in order.
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String;
-    /// Chunks sent before any text.
-    fn opening(&self, meta: &ResponseMeta) -> Vec<String>;
+    /// Chunks sent before any text; each carries `usage` when given (vLLM's continuous usage).
+    fn opening(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<String>;
     /// Chunks for one delta; `first` is true for the first delta. Takes
     /// `&mut self` because a format may hold text back across deltas.
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String>;
+    /// Each chunk carries `usage`, the counts so far, when given (vLLM's continuous usage).
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<String>;
     /// The usage chunk (`choices: []`).
     fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String;
 }
@@ -163,7 +164,7 @@ impl ChatFormat {
         &mut self.choices[index]
     }
 
-    fn chunk(meta: &ResponseMeta, choices: Vec<ChatChunkChoice>) -> ChatChunk {
+    fn chunk(meta: &ResponseMeta, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatChunk {
         ChatChunk {
             id: meta.id.clone(),
             object: "chat.completion.chunk",
@@ -171,7 +172,7 @@ impl ChatFormat {
             model: meta.model.clone(),
             system_fingerprint: meta.system_fingerprint.clone(),
             choices,
-            usage: None,
+            usage,
             prompt_token_ids: None,
         }
     }
@@ -202,11 +203,11 @@ impl ChunkFormat for ChatFormat {
 
     /// A role chunk per choice, the first with the prompt ids; then, with
     /// `echo`, a content chunk per choice with the echoed text.
-    fn opening(&self, meta: &ResponseMeta) -> Vec<String> {
+    fn opening(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<String> {
         let roles = (0..meta.n.max(1)).map(|index| {
             let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
-            let mut chunk =
-                Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, meta.ids(&[]), None) }]);
+            let choice = ChatChunkChoice { index, ..Self::choice(delta, meta.ids(&[]), None) };
+            let mut chunk = Self::chunk(meta, vec![choice], usage);
             if index == 0 {
                 chunk.prompt_token_ids = meta.prompt_ids();
             }
@@ -215,13 +216,13 @@ impl ChunkFormat for ChatFormat {
         let echoes = self.echo.iter().flat_map(|echo| {
             (0..meta.n.max(1)).map(move |index| {
                 let delta = ChatDelta { content: Some(echo.clone()), ..ChatDelta::default() };
-                json(&Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, None, None) }]))
+                json(&Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, None, None) }], usage))
             })
         });
         roles.chain(echoes).collect()
     }
 
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool, usage: Option<Usage>) -> Vec<String> {
         let hide_reasoning = self.hide_reasoning;
         let stream = self.stream(delta.index);
         let mut parsed = stream.parser.feed(&delta.text);
@@ -249,7 +250,7 @@ impl ChunkFormat for ChatFormat {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
             let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs));
             let choice = ChatChunkChoice { index: delta.index, ..Self::choice(chat_delta, ids, logprobs) };
-            chunks.push(json(&Self::chunk(meta, vec![choice])));
+            chunks.push(json(&Self::chunk(meta, vec![choice], usage)));
         }
         if let Some(finish) = delta.finish {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
@@ -260,15 +261,13 @@ impl ChunkFormat for ChatFormat {
                 stop_reason: delta.stop_reason.clone(),
                 ..Self::choice(ChatDelta::default(), ids, logprobs)
             };
-            chunks.push(json(&Self::chunk(meta, vec![choice])));
+            chunks.push(json(&Self::chunk(meta, vec![choice], usage)));
         }
         chunks
     }
 
     fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String {
-        let mut chunk = Self::chunk(meta, Vec::new());
-        chunk.usage = Some(usage);
-        json(&chunk)
+        json(&Self::chunk(meta, Vec::new(), Some(usage)))
     }
 }
 
@@ -314,11 +313,11 @@ impl ChunkFormat for CompletionFormat {
         json(&response)
     }
 
-    fn opening(&self, _meta: &ResponseMeta) -> Vec<String> {
+    fn opening(&self, _meta: &ResponseMeta, _usage: Option<Usage>) -> Vec<String> {
         Vec::new()
     }
 
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
         let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
         let (started, offset) = *self.progress(delta.index);
@@ -339,7 +338,7 @@ impl ChunkFormat for CompletionFormat {
             prompt_token_ids: prompt_ids.clone(),
             token_ids: meta.ids(&delta.token_ids),
         };
-        let chunk = completion(meta, vec![choice], None, prompt_ids);
+        let chunk = completion(meta, vec![choice], usage, prompt_ids);
         vec![json(&chunk)]
     }
 

@@ -153,23 +153,25 @@ pub struct Delta {
 /// has no `-inf`.
 const MIN_LOGPROB: f32 = -9999.0;
 
-/// A token's logprobs with the token's text, for the client.
-fn token_logprob(decoder: &Decoder, id: u32, logprobs: &TokenLogprobs) -> ChatTokenLogprob {
-    let (token, bytes) = token_text(decoder, id);
+/// A token's logprobs with the token's text (or `token_id:{id}`, when `ids_as_text`), for the
+/// client.
+fn token_logprob(decoder: &Decoder, id: u32, logprobs: &TokenLogprobs, ids_as_text: bool) -> ChatTokenLogprob {
+    let (token, bytes) = token_text(decoder, id, ids_as_text);
     let top_logprobs = logprobs
         .top
         .iter()
         .map(|&(id, logprob)| {
-            let (token, bytes) = token_text(decoder, id);
+            let (token, bytes) = token_text(decoder, id, ids_as_text);
             TopLogprob { token, logprob: logprob.max(MIN_LOGPROB), bytes }
         })
         .collect();
     ChatTokenLogprob { token, logprob: logprobs.logprob.max(MIN_LOGPROB), bytes, top_logprobs }
 }
 
-/// One token's text on its own (special tokens included) and its UTF-8 bytes.
-fn token_text(decoder: &Decoder, id: u32) -> (String, Vec<u8>) {
-    let text = decoder.decode(&[id], false).unwrap_or_default();
+/// One token's text on its own (special tokens included), or vLLM's `token_id:{id}` when
+/// `ids_as_text` (for tokens whose text is not valid UTF-8 alone), and its UTF-8 bytes.
+fn token_text(decoder: &Decoder, id: u32, ids_as_text: bool) -> (String, Vec<u8>) {
+    let text = if ids_as_text { format!("token_id:{id}") } else { decoder.decode(&[id], false).unwrap_or_default() };
     let bytes = text.as_bytes().to_vec();
     (text, bytes)
 }
@@ -198,6 +200,8 @@ pub struct Output {
     /// the `stop_reason`.
     stop_token_ids: Vec<u32>,
     stop_reason: Option<StopReason>,
+    /// Name logprob tokens `token_id:{id}` (vLLM's `return_tokens_as_token_ids`).
+    ids_as_text: bool,
 }
 
 impl Output {
@@ -216,7 +220,14 @@ impl Output {
             include_stop_str: false,
             stop_token_ids: Vec::new(),
             stop_reason: None,
+            ids_as_text: false,
         }
+    }
+
+    /// The same output naming the tokens of its logprobs `token_id:{id}` rather than by their
+    /// text, when `ids_as_text` (vLLM's `return_tokens_as_token_ids`).
+    pub fn tokens_as_ids(self, ids_as_text: bool) -> Self {
+        Self { ids_as_text, ..self }
     }
 
     /// The same output reporting an end on one of `ids` (the request's stop token ids that are
@@ -330,8 +341,9 @@ impl Output {
         } else {
             self.pending_logprobs.partition_point(|&(start, _, _)| start < end)
         };
-        let decoder = &self.detok.decoder;
-        let logprobs = self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l)).collect();
+        let (decoder, ids_as_text) = (&self.detok.decoder, self.ids_as_text);
+        let logprobs =
+            self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l, ids_as_text)).collect();
         let stop_reason = if finish == Some(Finish::Stop) { self.stop_reason.take() } else { None };
         Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish, stop_reason }
     }

@@ -126,6 +126,7 @@ async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: ro
         shutdown_grace: Duration::from_secs(1),
         served_model_name: Some("served".into()),
         model_card_timeout: Duration::from_secs(10),
+        chat_template: None,
         admission: Default::default(),
         policy,
         on_kv_failure: Default::default(),

@@ -500,14 +500,17 @@ fn cases() -> Vec<Case> {
         case(
             "return_tokens_as_token_ids",
             CHAT,
-            json!({"logprobs": true, "return_tokens_as_token_ids": true}),
-            Refused,
+            json!({"logprobs": true, "top_logprobs": 1, "return_tokens_as_token_ids": true}),
+            Effect(|o| {
+                let first = &o.body["choices"][0]["logprobs"]["content"][0];
+                first["token"] == "token_id:60" && first["top_logprobs"][0]["token"] == "token_id:60"
+            }),
         ),
         case(
             "return_tokens_as_token_ids",
             COMPLETION,
             json!({"logprobs": 1, "return_tokens_as_token_ids": true}),
-            Refused,
+            Effect(|o| o.body["choices"][0]["logprobs"]["tokens"][0] == "token_id:84"),
         ),
         case(
             "return_token_ids",
@@ -532,7 +535,13 @@ fn cases() -> Vec<Case> {
             "stream_options",
             BOTH,
             json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}),
-            Refused,
+            Effect(|o| {
+                let counts: Vec<u64> =
+                    o.events.iter().filter_map(|e| e["usage"]["completion_tokens"].as_u64()).collect();
+                o.events.iter().all(|e| e["usage"]["prompt_tokens"].is_u64())
+                    && counts.windows(2).all(|w| w[0] <= w[1])
+                    && counts.last() > Some(&0)
+            }),
         ),
         // Scheduling, caching, tracing.
         case("priority", BOTH, json!({"priority": -3}), Effect(|o| o.seen().priority == -3)),

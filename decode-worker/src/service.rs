@@ -180,17 +180,19 @@ impl DecodeService {
         // Dropping this stream (the router cancelled) drops the receiver, which aborts the sequence.
         let events = tokio_stream::iter(first).chain(UnboundedReceiverStream::new(events));
         let chunks = events.map(move |event| match event {
-            EngineEvent::Token { index, id, logprobs } => Ok(pb::DecodeChunk {
+            EngineEvent::Token { index, id, logprobs, num_cached_tokens } => Ok(pb::DecodeChunk {
                 token_ids: vec![id],
                 finish_reason: pb::FinishReason::Unspecified as i32,
                 logprobs: logprobs.map(convert::logprobs).into_iter().collect(),
                 index,
+                num_cached_tokens: u32::try_from(num_cached_tokens).unwrap_or(u32::MAX),
             }),
-            EngineEvent::Finished { index, reason, .. } => Ok(pb::DecodeChunk {
+            EngineEvent::Finished { index, reason, num_cached_tokens, .. } => Ok(pb::DecodeChunk {
                 token_ids: vec![],
                 finish_reason: convert::finish_reason(reason) as i32,
                 logprobs: vec![],
                 index,
+                num_cached_tokens: u32::try_from(num_cached_tokens).unwrap_or(u32::MAX),
             }),
             EngineEvent::Error(e) => Err(convert::request_error(e)),
         });

@@ -173,7 +173,14 @@ impl Drop for KvReservation {
 pub enum EngineEvent {
     /// A generated token of choice `index`, with its logprobs when the
     /// request asked for them (`SamplingParams::logprobs`).
-    Token { index: u32, id: u32, logprobs: Option<TokenLogprobs> },
+    Token {
+        index: u32,
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+        /// Prompt tokens whose KV came from the prefix cache at the request's first admission,
+        /// on every token: a reader that stops early (a stop string) still has it.
+        num_cached_tokens: usize,
+    },
     /// Generation of choice `index` ended.
     Finished {
         index: u32,

@@ -313,7 +313,9 @@ impl Scheduler {
             let seq = &mut self.running[pos];
             seq.tokens.push(first.id);
             seq.num_generated += 1;
-            let event = EngineEvent::Token { index: seq.choice, id: first.id, logprobs: first.logprobs };
+            let num_cached_tokens = seq.num_cached_tokens.unwrap_or(0);
+            let event =
+                EngineEvent::Token { index: seq.choice, id: first.id, logprobs: first.logprobs, num_cached_tokens };
             self.events.push((seq.id.clone(), event));
             if let Some(reason) = self.stop_reason(&self.running[pos], first.id) {
                 let seq = self.running.remove(pos);
@@ -339,7 +341,8 @@ impl Scheduler {
     /// `block_copies`) or queues it for recompute when no block is free.
     fn start_fork(&mut self, parent: &Sequence, choice: u32, token: SampledToken) {
         let mut child = self.fork_child(parent, choice, token.id);
-        let event = EngineEvent::Token { index: choice, id: token.id, logprobs: token.logprobs };
+        let num_cached_tokens = child.num_cached_tokens.unwrap_or(0);
+        let event = EngineEvent::Token { index: choice, id: token.id, logprobs: token.logprobs, num_cached_tokens };
         self.events.push((child.id.clone(), event));
         if let Some(reason) = self.stop_reason(&child, token.id) {
             self.finish(child, reason);

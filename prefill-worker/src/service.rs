@@ -70,7 +70,7 @@ impl PrefillService {
         let (mut pinned, mut num_cached_tokens) = (None, 0);
         while let Some(event) = events.recv().await {
             match event {
-                EngineEvent::Token { index, id, logprobs } => {
+                EngineEvent::Token { index, id, logprobs, .. } => {
                     let choice = choices.get_mut(index as usize).ok_or_else(|| Status::internal("bad choice"))?;
                     choice.token = Some((id, logprobs));
                 }

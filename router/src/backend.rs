@@ -150,6 +150,9 @@ pub struct TokenChunk {
     pub logprobs: Vec<TokenLogprobs>,
     /// Set when the generation is over.
     pub finish: Option<Finish>,
+    /// Prompt tokens served from the workers' prefix cache, on the chunks of the worker that
+    /// computed the prompt (the prefill worker's first tokens; colocated, every chunk).
+    pub cached_tokens: Option<u32>,
 }
 
 /// A worker call failed.

@@ -430,6 +430,7 @@ impl<L: WorkerLegs> PdRun<L> {
             remote_request_id: Some(request.request_id.clone()),
         });
         let all_finished = outcome.choices.iter().all(|c| c.finish.is_some());
+        let cached_tokens = Some(outcome.num_cached_tokens);
         let first_token_ids: Vec<u32> = outcome.choices.iter().map(|c| c.token_id).collect();
         let firsts: Vec<Result<TokenChunk, BackendError>> = outcome
             .choices
@@ -441,6 +442,7 @@ impl<L: WorkerLegs> PdRun<L> {
                     token_ids: vec![c.token_id],
                     logprobs: c.logprobs.into_iter().collect(),
                     finish: c.finish,
+                    cached_tokens,
                 })
             })
             .collect();

@@ -48,6 +48,15 @@ async fn openai_python_sdk_chats() {
     run_client("openai_chat.py", cluster.router.url(), &model, &[], "openai client ok").await;
 }
 
+/// Completions logprobs, `stop_reason`, cached tokens, `system_fingerprint`, ids from the request
+/// id and continuous usage, as the OpenAI SDK reads them, from a disaggregated cluster.
+#[tokio::test]
+async fn openai_python_sdk_reads_the_api_fields_beyond_the_basics() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    run_client("openai_api_fields.py", cluster.router.url(), &model, &[], "openai api fields ok").await;
+}
+
 #[tokio::test]
 async fn vllm_client_crate_chats() {
     let cluster = Cluster::start(ClusterOptions::default());

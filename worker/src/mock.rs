@@ -242,6 +242,7 @@ impl pb::decode_server::Decode for MockDecode {
                     finish_reason: if last { pb::FinishReason::Length } else { pb::FinishReason::Unspecified } as i32,
                     logprobs: Vec::new(),
                     index,
+                    num_cached_tokens: 0,
                 })
             })
         });
@@ -264,6 +265,7 @@ fn reply_chunks(
             finish_reason: finish as i32,
             logprobs: Vec::new(),
             index,
+            num_cached_tokens: 0,
         })
     })
 }

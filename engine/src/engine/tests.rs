@@ -297,7 +297,7 @@ fn abort_frees_a_running_request_at_once() {
     let waiting = engine.submit(request("b", &[9], SamplingParams::greedy(50))).unwrap();
     model.gate.add(1);
     let mut rx = rx;
-    assert_eq!(rx.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 6, logprobs: None }));
+    assert_eq!(rx.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 6, logprobs: None, num_cached_tokens: 0 }));
     engine.abort("a");
     engine.abort("b");
     engine.abort("unknown");
@@ -622,7 +622,10 @@ fn dropping_the_receiver_frees_the_request() {
     let waiting = engine.submit(request("wait", &[20, 21], SamplingParams::greedy(50))).unwrap();
     let after = engine.submit(request("after", &[9], SamplingParams::greedy(2))).unwrap();
     model.gate.add(1);
-    assert_eq!(running.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 4, logprobs: None }));
+    assert_eq!(
+        running.blocking_recv(),
+        Some(EngineEvent::Token { index: 0, id: 4, logprobs: None, num_cached_tokens: 0 })
+    );
     drop(running);
     drop(waiting);
     model.gate.open();
@@ -953,7 +956,10 @@ fn a_long_prompt_is_prefilled_in_chunks_while_another_request_decodes() {
     let engine = Engine::start(model.clone(), kv_shape(4, 32), EngineConfig { max_num_batched_tokens: 4, ..config() });
     let mut decoding = engine.submit(request("d", &[1], SamplingParams::greedy(10))).unwrap();
     model.gate.add(1);
-    assert_eq!(decoding.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 2, logprobs: None }));
+    assert_eq!(
+        decoding.blocking_recv(),
+        Some(EngineEvent::Token { index: 0, id: 2, logprobs: None, num_cached_tokens: 0 })
+    );
     let prompt: Vec<u32> = (20..30).collect();
     let long = engine.submit(request("long", &prompt, SamplingParams::greedy(2))).unwrap();
     model.gate.open();
@@ -1005,7 +1011,10 @@ fn a_better_priority_request_is_admitted_before_earlier_worse_ones() {
     };
     let mut first = engine.submit(prioritized("first", 1, 10)).unwrap();
     model.gate.add(1);
-    assert_eq!(first.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 2, logprobs: None }));
+    assert_eq!(
+        first.blocking_recv(),
+        Some(EngineEvent::Token { index: 0, id: 2, logprobs: None, num_cached_tokens: 0 })
+    );
     let rxs: Vec<_> = [("b", 5, 10), ("c", 9, 10), ("urgent", 13, -10), ("d", 17, 0)]
         .into_iter()
         .map(|(id, token, priority)| engine.submit(prioritized(id, token, priority)).unwrap())
@@ -1043,7 +1052,9 @@ fn token_events_carry_logprobs_only_when_asked() {
     let mut row = vec![0.0; 16];
     let mut last = 4;
     for _ in 0..3 {
-        let Some(EngineEvent::Token { index: 0, id, logprobs: Some(logprobs) }) = with.blocking_recv() else {
+        let Some(EngineEvent::Token { index: 0, id, logprobs: Some(logprobs), num_cached_tokens: 0 }) =
+            with.blocking_recv()
+        else {
             panic!("a token with logprobs");
         };
         // The fake's row after `last`, as the model returned it.
@@ -1056,7 +1067,10 @@ fn token_events_carry_logprobs_only_when_asked() {
     let (tokens, _) = collect(engine.submit(request("without", &[3, 4], SamplingParams::greedy(3))).unwrap());
     assert_eq!(tokens, [5, 6, 7]);
     let mut without = engine.submit(request("again", &[3, 4], SamplingParams::greedy(1))).unwrap();
-    assert_eq!(without.blocking_recv(), Some(EngineEvent::Token { index: 0, id: 5, logprobs: None }));
+    assert_eq!(
+        without.blocking_recv(),
+        Some(EngineEvent::Token { index: 0, id: 5, logprobs: None, num_cached_tokens: 0 })
+    );
 }
 
 mod parallel_sampling;

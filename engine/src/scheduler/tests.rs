@@ -57,9 +57,9 @@ fn admits_fcfs_up_to_max_num_seqs_and_batches_decodes_with_a_prefill() {
     // `a` stops on EOS; `c` joins the next step next to `b`'s decode.
     s.finish_step(&plan, &[99, 21]);
     let events = s.take_events();
-    assert_eq!(events[0], ("a".into(), EngineEvent::Token { index: 0, id: 10, logprobs: None }));
+    assert_eq!(events[0], ("a".into(), EngineEvent::Token { index: 0, id: 10, logprobs: None, num_cached_tokens: 0 }));
     assert_eq!(events.len(), 5);
-    assert_eq!(events[2], ("a".into(), EngineEvent::Token { index: 0, id: 99, logprobs: None }));
+    assert_eq!(events[2], ("a".into(), EngineEvent::Token { index: 0, id: 99, logprobs: None, num_cached_tokens: 0 }));
     assert_eq!(
         events[3],
         (
@@ -125,7 +125,11 @@ fn preempts_the_newest_and_recomputes_it_with_its_tokens() {
     assert_eq!(shape(&plan), vec![("new", 4, 1)]);
     assert_eq!((plan.seqs[0].tokens.as_slice(), plan.seqs[0].block_table.as_slice()), (&[20][..], &[1, 2][..]));
     let tokens: Vec<_> = s.take_events().into_iter().filter(|(id, _)| id == "new").map(|(_, e)| e).collect();
-    assert_eq!(tokens, vec![EngineEvent::Token { index: 0, id: 20, logprobs: None }], "the token is not emitted twice");
+    assert_eq!(
+        tokens,
+        vec![EngineEvent::Token { index: 0, id: 20, logprobs: None, num_cached_tokens: 0 }],
+        "the token is not emitted twice"
+    );
 }
 
 #[test]
@@ -195,8 +199,8 @@ fn provided_kv_is_written_and_the_first_token_is_fed() {
     assert_eq!(
         events[..2],
         [
-            EngineEvent::Token { index: 0, id: 43, logprobs: None },
-            EngineEvent::Token { index: 0, id: 44, logprobs: None }
+            EngineEvent::Token { index: 0, id: 43, logprobs: None, num_cached_tokens: 0 },
+            EngineEvent::Token { index: 0, id: 44, logprobs: None, num_cached_tokens: 0 }
         ]
     );
     assert!(matches!(events[2], EngineEvent::Finished { reason: FinishReason::Length, .. }));
@@ -545,8 +549,8 @@ fn a_long_prompt_is_chunked_to_the_budget_while_another_keeps_decoding() {
     assert_eq!(
         long[..2],
         [
-            EngineEvent::Token { index: 0, id: 19, logprobs: None },
-            EngineEvent::Token { index: 0, id: 20, logprobs: None }
+            EngineEvent::Token { index: 0, id: 19, logprobs: None, num_cached_tokens: 0 },
+            EngineEvent::Token { index: 0, id: 20, logprobs: None, num_cached_tokens: 0 }
         ]
     );
     assert!(matches!(long[2], EngineEvent::Finished { reason: FinishReason::Length, num_prompt_tokens: 9, .. }));

@@ -256,6 +256,7 @@ async fn collect(
         out.logprobs.extend(delta.logprobs);
         out.finish = delta.finish.or(out.finish);
         out.stop_reason = delta.stop_reason.or(out.stop_reason.take());
+        out.cached_tokens = delta.cached_tokens.or(out.cached_tokens);
     }
     Ok(outs)
 }

@@ -45,8 +45,9 @@ pub struct Streamed<F> {
 
 impl<F> Streamed<F> {
     /// The usage so far, for every chunk when continuous usage is asked.
-    fn running_usage(&self, completion_tokens: usize) -> Option<Usage> {
-        self.continuous_usage.then(|| Usage::new(self.prompt_tokens as u32, completion_tokens as u32))
+    fn running_usage(&self, progress: &Progress) -> Option<Usage> {
+        let usage = Usage::new(self.prompt_tokens as u32, progress.completion_tokens as u32);
+        self.continuous_usage.then(|| usage.cached(progress.cached_tokens))
     }
 }
 
@@ -86,6 +87,8 @@ impl Events {
 /// Where a stream stands between writes.
 struct Progress {
     completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache, once a finished choice said.
+    cached_tokens: Option<u32>,
     first: bool,
     finished: Vec<bool>,
 }
@@ -96,7 +99,12 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
     for chunk in s.format.opening(&s.meta, opening_usage) {
         events.push(&chunk);
     }
-    let mut progress = Progress { completion_tokens: 0, first: true, finished: vec![false; s.meta.n.max(1) as usize] };
+    let mut progress = Progress {
+        completion_tokens: 0,
+        cached_tokens: None,
+        first: true,
+        finished: vec![false; s.meta.n.max(1) as usize],
+    };
     loop {
         // The role chunks wait for the first token and go out with it, as
         // vLLM sends them: one write fewer, and no chunk without content.
@@ -133,7 +141,8 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
     }
     tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens = progress.completion_tokens, "request done");
     if s.include_usage {
-        let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32);
+        let usage =
+            Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached_tokens);
         events.push(&s.format.usage(&s.meta, usage));
     }
     events.push("[DONE]");
@@ -157,7 +166,7 @@ fn add<F: ChunkFormat>(
             // do: `finish_reason: "error"`, then the error itself.
             for index in (0..progress.finished.len()).filter(|&i| !progress.finished[i]) {
                 let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
-                let usage = s.running_usage(progress.completion_tokens);
+                let usage = s.running_usage(progress);
                 for chunk in s.format.delta(&s.meta, &end, progress.first, usage) {
                     events.push(&chunk);
                 }
@@ -171,7 +180,8 @@ fn add<F: ChunkFormat>(
         *done |= delta.finish.is_some();
     }
     progress.completion_tokens += delta.token_ids.len();
-    let usage = s.running_usage(progress.completion_tokens);
+    progress.cached_tokens = delta.cached_tokens.or(progress.cached_tokens);
+    let usage = s.running_usage(progress);
     for chunk in s.format.delta(&s.meta, &delta, progress.first, usage) {
         events.push(&chunk);
     }

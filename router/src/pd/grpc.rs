@@ -306,6 +306,9 @@ impl WorkerLegs for GrpcWorkers {
             worker,
             prompt_tokens = leg.request.prompt_token_ids.len(),
         );
+        // After a hand-off the prompt's KV came over the wire: the prefill worker's count of
+        // cached tokens stands. Colocated (or recomputing), the decode worker's does.
+        let computes_prompt = leg.handoff.is_none();
         let wire = DecodeRequest {
             request_id: leg.request.request_id,
             prompt_token_ids: leg.request.prompt_token_ids.to_vec(),
@@ -336,7 +339,8 @@ impl WorkerLegs for GrpcWorkers {
                     )));
                 }
                 let logprobs = chunk.logprobs.into_iter().map(logprobs).collect();
-                Ok(TokenChunk { index: chunk.index, finish, token_ids: chunk.token_ids, logprobs })
+                let cached_tokens = computes_prompt.then_some(chunk.num_cached_tokens);
+                Ok(TokenChunk { index: chunk.index, finish, token_ids: chunk.token_ids, logprobs, cached_tokens })
             });
             Ok(tokens.boxed())
         }

@@ -68,7 +68,7 @@ fn handoff() -> KvTransferParams {
 }
 
 fn chunk(ids: &[u32], finish: Option<Finish>) -> Result<TokenChunk, BackendError> {
-    Ok(TokenChunk { index: 0, token_ids: ids.to_vec(), logprobs: vec![], finish })
+    Ok(TokenChunk { index: 0, token_ids: ids.to_vec(), logprobs: vec![], finish, cached_tokens: None })
 }
 
 fn setup(
@@ -190,9 +190,27 @@ async fn decode_stream_without_finish_is_an_error() {
 #[tokio::test]
 async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
     let decoded = vec![
-        Ok(TokenChunk { index: 1, token_ids: vec![21], logprobs: vec![], finish: Some(Finish::Length) }),
-        Ok(TokenChunk { index: 0, token_ids: vec![], logprobs: vec![], finish: Some(Finish::Stop) }),
-        Ok(TokenChunk { index: 2, token_ids: vec![31], logprobs: vec![], finish: Some(Finish::Length) }),
+        Ok(TokenChunk {
+            index: 1,
+            token_ids: vec![21],
+            logprobs: vec![],
+            finish: Some(Finish::Length),
+            cached_tokens: None,
+        }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: vec![],
+            logprobs: vec![],
+            finish: Some(Finish::Stop),
+            cached_tokens: None,
+        }),
+        Ok(TokenChunk {
+            index: 2,
+            token_ids: vec![31],
+            logprobs: vec![],
+            finish: Some(Finish::Length),
+            cached_tokens: None,
+        }),
         // Past every choice's finish: never read.
         Err(BackendError::Aborted),
     ];

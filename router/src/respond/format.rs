@@ -86,6 +86,8 @@ pub struct Collected {
     pub finish: Option<Finish>,
     /// The stop string or token that ended it.
     pub stop_reason: Option<StopReason>,
+    /// Prompt tokens the workers served from their prefix cache, when they said.
+    pub cached_tokens: Option<u32>,
 }
 
 /// Serializes a chunk; our response types always serialize.
@@ -368,6 +370,7 @@ fn completion(
 /// Completion tokens count every choice's.
 fn usage_of(prompt_tokens: usize, out: &[Collected]) -> Usage {
     Usage::new(prompt_tokens as u32, out.iter().map(|c| c.token_ids.len() as u32).sum())
+        .cached(out.iter().filter_map(|c| c.cached_tokens).max())
 }
 
 /// `tool_calls` once a choice made calls (OpenAI and vLLM do so whatever

@@ -12,12 +12,28 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
+    /// The prompt tokens served from the workers' prefix cache, once the workers said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache rather than being computed.
+    pub cached_tokens: u32,
 }
 
 impl Usage {
     /// Usage with `total_tokens` filled in.
     pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        let total_tokens = prompt_tokens + completion_tokens;
+        Self { prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details: None }
+    }
+
+    /// The same usage with `cached` prompt tokens served from the prefix cache, when known.
+    pub fn cached(self, cached: Option<u32>) -> Self {
+        Self { prompt_tokens_details: cached.map(|cached_tokens| PromptTokensDetails { cached_tokens }), ..self }
     }
 }
 

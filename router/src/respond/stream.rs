@@ -147,6 +147,9 @@ pub struct Delta {
     /// With a `stop` finish: the stop string or stop token id that ended the choice (vLLM's
     /// `stop_reason`); `None` for an eos token.
     pub stop_reason: Option<StopReason>,
+    /// On the last delta: the prompt tokens the workers served from their prefix cache, when
+    /// they said.
+    pub cached_tokens: Option<u32>,
 }
 
 /// Logprobs below this are sent as this (OpenAI's and vLLM's floor): JSON
@@ -202,6 +205,8 @@ pub struct Output {
     stop_reason: Option<StopReason>,
     /// Name logprob tokens `token_id:{id}` (vLLM's `return_tokens_as_token_ids`).
     ids_as_text: bool,
+    /// The latest count of prompt tokens served from the prefix cache the workers sent.
+    cached_tokens: Option<u32>,
 }
 
 impl Output {
@@ -221,7 +226,14 @@ impl Output {
             stop_token_ids: Vec::new(),
             stop_reason: None,
             ids_as_text: false,
+            cached_tokens: None,
         }
+    }
+
+    /// Notes the workers' count of prompt tokens served from their prefix cache; the last
+    /// delta reports the latest.
+    pub fn cached_tokens(&mut self, count: u32) {
+        self.cached_tokens = Some(count);
     }
 
     /// The same output naming the tokens of its logprobs `token_id:{id}` rather than by their
@@ -345,7 +357,9 @@ impl Output {
         let logprobs =
             self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l, ids_as_text)).collect();
         let stop_reason = if finish == Some(Finish::Stop) { self.stop_reason.take() } else { None };
-        Delta { index: 0, text, token_ids: std::mem::take(&mut self.pending_ids), logprobs, finish, stop_reason }
+        let cached_tokens = if finish.is_some() { self.cached_tokens } else { None };
+        let token_ids = std::mem::take(&mut self.pending_ids);
+        Delta { index: 0, text, token_ids, logprobs, finish, stop_reason, cached_tokens }
     }
 }
 
@@ -382,6 +396,9 @@ pub fn deltas(tokens: TokenStream, outputs: Vec<Output>) -> BoxStream<'static, R
                 let error = format!("the workers sent choice {index} of {}", outputs.len());
                 return Some((Err(BackendError::Worker(error)), None));
             };
+            if let Some(count) = chunk.cached_tokens {
+                output.cached_tokens(count);
+            }
             let last = chunk.token_ids.len().saturating_sub(1);
             let mut logprobs = chunk.logprobs.into_iter();
             for (i, id) in chunk.token_ids.iter().enumerate() {

@@ -32,7 +32,13 @@ impl Backend for GatedBackend {
         let slow = request.request_id == "slow";
         self.started.lock().unwrap().push(request);
         let release = self.release.clone();
-        let done = TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) };
+        let done = TokenChunk {
+            index: 0,
+            token_ids: vec![EOS],
+            logprobs: vec![],
+            finish: Some(Finish::Stop),
+            cached_tokens: None,
+        };
         stream::once(async move {
             if slow {
                 release.notified().await;

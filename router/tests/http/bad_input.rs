@@ -23,7 +23,13 @@ struct Recording {
 impl Backend for Recording {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
         *self.started.lock().unwrap() += 1;
-        let done = TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) };
+        let done = TokenChunk {
+            index: 0,
+            token_ids: vec![EOS],
+            logprobs: vec![],
+            finish: Some(Finish::Stop),
+            cached_tokens: None,
+        };
         stream::iter([Ok(done)]).boxed()
     }
 }

@@ -63,7 +63,7 @@ impl Prefill for FakeWorker {
             first_token_id: u32::from(b'H'),
             finish_reason: FinishReason::Unspecified.into(),
             kv_transfer_params: Some(KvTransferParams { json }),
-            num_cached_tokens: 0,
+            num_cached_tokens: 2,
             first_token_logprobs: None,
             choices: vec![],
         }))
@@ -83,12 +83,13 @@ impl Decode for FakeWorker {
         first.extend(ids("ello"));
         self.decoded.lock().unwrap().push(request);
         let chunks = vec![
-            Ok(DecodeChunk { token_ids: first, finish_reason: 0, logprobs: vec![], index: 0 }),
+            Ok(DecodeChunk { token_ids: first, finish_reason: 0, logprobs: vec![], index: 0, num_cached_tokens: 3 }),
             Ok(DecodeChunk {
                 token_ids: vec![EOS],
                 finish_reason: FinishReason::Stop.into(),
                 logprobs: vec![],
                 index: 0,
+                num_cached_tokens: 3,
             }),
         ];
         Ok(Response::new(stream::iter(chunks).boxed()))
@@ -165,6 +166,8 @@ async fn disaggregated_request_goes_prefill_then_decode() {
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "Hello");
     assert_eq!(body["usage"]["completion_tokens"], 6);
+    // The prefill worker computed the prompt: its count of cached tokens is the one reported.
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 2, "{body}");
     let decoded = decode.decoded.lock().unwrap().remove(0);
     assert_eq!(decoded.first_token_id, Some(u32::from(b'H')));
     assert_eq!(decoded.request_id, "r1");
@@ -199,6 +202,8 @@ async fn colocated_request_goes_to_decode_only() {
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["choices"][0]["text"], "Hel");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
+    // Read from the first chunk, although the answer stopped short of the stream's end.
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 3, "{body}");
     let decoded = decode.decoded.lock().unwrap().remove(0);
     assert!(decoded.kv_transfer_params.is_none() && decoded.first_token_id.is_none());
 }

@@ -604,8 +604,15 @@ impl Backend for Scripted {
                     token_ids: ids(text),
                     logprobs: ids(text).into_iter().map(lp).collect(),
                     finish: None,
+                    cached_tokens: None,
                 },
-                TokenChunk { index, token_ids: vec![last], logprobs: vec![lp(last)], finish: Some(Finish::Stop) },
+                TokenChunk {
+                    index,
+                    token_ids: vec![last],
+                    logprobs: vec![lp(last)],
+                    finish: Some(Finish::Stop),
+                    cached_tokens: None,
+                },
             ]
         });
         stream::iter(chunks.map(Ok).collect::<Vec<_>>()).boxed()

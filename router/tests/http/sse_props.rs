@@ -30,9 +30,17 @@ impl Backend for Scripted {
         let mut chunks: Vec<_> = self
             .chunks
             .iter()
-            .map(|ids| Ok(TokenChunk { index: 0, token_ids: ids.clone(), logprobs: vec![], finish: None }))
+            .map(|ids| {
+                Ok(TokenChunk { index: 0, token_ids: ids.clone(), logprobs: vec![], finish: None, cached_tokens: None })
+            })
             .collect();
-        chunks.push(Ok(TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) }));
+        chunks.push(Ok(TokenChunk {
+            index: 0,
+            token_ids: vec![EOS],
+            logprobs: vec![],
+            finish: Some(Finish::Stop),
+            cached_tokens: None,
+        }));
         stream::iter(chunks).boxed()
     }
 }

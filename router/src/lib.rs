@@ -165,7 +165,7 @@ fn static_pools(
         // Only the unnamed model can collide: it learns its name from its card.
         let taken = if group.name.is_none() { named.clone() } else { Vec::new() };
         let fallback = config.served_model_name.clone();
-        let load = load_static(group, CardLoad::of(&config), name, fallback, tx, taken);
+        let load = load_static(group, CardLoad::of(config), name, fallback, tx, taken);
         loads.push(load.boxed());
     }
     Ok((Arc::new(ServedModels::new(served)), loads))

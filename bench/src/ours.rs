@@ -146,6 +146,7 @@ pub async fn run_constrained(
                     return Ok(Timeline { submitted, tokens, token_ids, cached_tokens: num_cached_tokens })
                 }
                 EngineEvent::Error(e) => anyhow::bail!("engine error: {e}"),
+                EngineEvent::PromptLogprobs { .. } => anyhow::bail!("prompt logprobs were not asked for"),
             }
         }
         anyhow::bail!("the engine dropped a request without finishing it")

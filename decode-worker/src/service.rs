@@ -186,6 +186,11 @@ impl DecodeService {
                 logprobs: logprobs.map(convert::logprobs).into_iter().collect(),
                 index,
                 num_cached_tokens: u32::try_from(num_cached_tokens).unwrap_or(u32::MAX),
+                prompt_logprobs: Vec::new(),
+            }),
+            EngineEvent::PromptLogprobs { logprobs, .. } => Ok(pb::DecodeChunk {
+                prompt_logprobs: logprobs.into_iter().map(convert::logprobs).collect(),
+                ..pb::DecodeChunk::default()
             }),
             EngineEvent::Finished { index, reason, num_cached_tokens, .. } => Ok(pb::DecodeChunk {
                 token_ids: vec![],
@@ -193,6 +198,7 @@ impl DecodeService {
                 logprobs: vec![],
                 index,
                 num_cached_tokens: u32::try_from(num_cached_tokens).unwrap_or(u32::MAX),
+                prompt_logprobs: Vec::new(),
             }),
             EngineEvent::Error(e) => Err(convert::request_error(e)),
         });

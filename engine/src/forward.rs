@@ -29,6 +29,9 @@ pub struct SeqChunk {
     pub block_table: Vec<u32>,
     /// Whether the step must return logits for the chunk's last token.
     pub need_logits: bool,
+    /// Whether the step returns logits for every token of the chunk (prompt logprobs), not
+    /// just the last.
+    pub all_logits: bool,
     /// The sequence's prompt length: rows at positions below it are prompt
     /// tokens, the rest were generated. Models must compute a row the same
     /// way however its sequence is batched, chunked or recomputed; this lets
@@ -64,9 +67,31 @@ impl ForwardBatch {
             context_start,
             block_table,
             need_logits,
+            all_logits: false,
             prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Asks for a logits row for every token of the last chunk pushed (prompt logprobs).
+    pub fn score_last(&mut self) {
+        if let Some(chunk) = self.seqs.last_mut() {
+            chunk.all_logits = true;
+        }
+    }
+
+    /// The tokens (indices into [`Self::tokens`]) whose logits the step returns, in row order:
+    /// every token of a chunk with `all_logits`, else the last token of one with `need_logits`.
+    pub fn logit_rows(&self) -> Vec<usize> {
+        let mut rows = Vec::new();
+        for s in &self.seqs {
+            if s.all_logits {
+                rows.extend(s.token_start..s.token_start + s.num_tokens);
+            } else if s.need_logits {
+                rows.push(s.token_start + s.num_tokens - 1);
+            }
+        }
+        rows
     }
 
     /// Blocks until layer `layer` of every hand-off still landing is in
@@ -78,14 +103,14 @@ impl ForwardBatch {
         }
     }
 
-    /// Number of sequences whose logits the step returns.
+    /// Number of logits rows the step returns (see [`Self::logit_rows`]).
     pub fn num_logits(&self) -> usize {
-        self.seqs.iter().filter(|s| s.need_logits).count()
+        self.seqs.iter().map(|s| if s.all_logits { s.num_tokens } else { usize::from(s.need_logits) }).sum()
     }
 }
 
-/// Logits of one step: one row of `vocab_size` values per sequence whose
-/// [`SeqChunk::need_logits`] is set, in batch order.
+/// Logits of one step: one row of `vocab_size` values per token of
+/// [`ForwardBatch::logit_rows`], in that order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logits {
     pub vocab_size: usize,

@@ -15,7 +15,7 @@
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{LoadedModel, ModelInfo};
 use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, RequestError};
-use crate::{Forward, KvSource, SamplingParams};
+use crate::{Forward, KvSource, SamplingParams, TokenLogprobs};
 use prompt::chat_template::ChatTemplate;
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +76,9 @@ pub struct Output {
     pub num_prompt_tokens: usize,
     /// Of those, tokens whose KV came from the prefix cache.
     pub num_cached_tokens: usize,
+    /// With `prompt_logprobs` asked: the logprobs of prompt tokens 1.. (token 0 has none), each
+    /// given the tokens before it; empty otherwise.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// How far a batch has got, for a progress bar.
@@ -333,6 +336,7 @@ impl Llm {
             }
             drop(merged);
             let mut token_ids: Vec<Vec<u32>> = vec![Vec::new(); total];
+            let mut prompt_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); total];
             let mut last_report = Instant::now();
             progress(&Progress { elapsed: started.elapsed(), ..state });
             while let Some((index, num_prompt_tokens, event)) = events.recv().await {
@@ -346,9 +350,14 @@ impl Llm {
                         }
                         continue;
                     }
+                    EngineEvent::PromptLogprobs { logprobs, .. } => {
+                        prompt_logprobs[index].extend(logprobs);
+                        continue;
+                    }
                     EngineEvent::Finished { reason, num_cached_tokens, .. } => {
                         let ids = std::mem::take(&mut token_ids[index]);
                         self.output(ids, reason, num_prompt_tokens, num_cached_tokens)
+                            .map(|out| Output { prompt_logprobs: std::mem::take(&mut prompt_logprobs[index]), ..out })
                     }
                     EngineEvent::Error(e) => Err(OfflineError::Failed(e)),
                 };
@@ -409,7 +418,7 @@ impl Llm {
         num_cached_tokens: usize,
     ) -> Result<Output, OfflineError> {
         let text = self.tokenizer.decode(&token_ids, true).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
-        Ok(Output { text, token_ids, finish_reason, num_prompt_tokens, num_cached_tokens })
+        Ok(Output { text, token_ids, finish_reason, num_prompt_tokens, num_cached_tokens, prompt_logprobs: Vec::new() })
     }
 }
 

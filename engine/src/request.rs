@@ -181,6 +181,11 @@ pub enum EngineEvent {
         /// on every token: a reader that stops early (a stop string) still has it.
         num_cached_tokens: usize,
     },
+    /// With `SamplingParams::prompt_logprobs`: the logprobs of prompt tokens `start..start +
+    /// logprobs.len()`, each given the tokens before it. They come in order, from position 1 (the
+    /// first token has none) to the prompt's end, before the first `Token`, once per request
+    /// whatever its choices.
+    PromptLogprobs { start: usize, logprobs: Vec<TokenLogprobs> },
     /// Generation of choice `index` ended.
     Finished {
         index: u32,
@@ -309,6 +314,10 @@ impl SamplingParams {
         }
         if let Some(k) = p.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(EngineError::InvalidSampling { field: "logprobs", limit: "in [0, 20]", value: k.to_string() });
+        }
+        if let Some(k) = p.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            let value = k.to_string();
+            return Err(EngineError::InvalidSampling { field: "prompt_logprobs", limit: "in [0, 20]", value });
         }
         Ok(())
     }

@@ -75,6 +75,11 @@ pub struct SamplingParams {
     /// logprob and the `k` most likely tokens' (`k` in `0..=`[`MAX_TOP_LOGPROBS`]),
     /// taken from the raw logits (see [`TokenLogprobs`]).
     pub logprobs: Option<u32>,
+    /// `None`: none. `Some(k)`: vLLM's prompt logprobs, each prompt token's logprob given the
+    /// tokens before it (the first has none) and the `k` most likely tokens' there, reported
+    /// in [`EngineEvent::PromptLogprobs`](crate::EngineEvent::PromptLogprobs). The prompt is
+    /// then computed whole, never taken from the prefix cache.
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// Most `top` entries a request may ask for per token (OpenAI's limit).
@@ -87,6 +92,9 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub struct TokenLogprobs {
     /// The chosen token's logprob.
     pub logprob: f32,
+    /// The chosen token's rank in the row, 1 for the most likely (vLLM's `rank`: one more than
+    /// the tokens with a strictly larger logit).
+    pub rank: u32,
     /// The most likely tokens and their logprobs, most likely first, equal
     /// logprobs by lower id. NaN logits never appear.
     pub top: Vec<(u32, f32)>,
@@ -99,8 +107,10 @@ impl TokenLogprobs {
         let lse = log_sum_exp(raw);
         let logprob = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l - lse };
         let chosen_logit = raw.get(chosen as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        let above = raw.iter().filter(|&&l| l > chosen_logit).count();
         Self {
             logprob: logprob(chosen_logit),
+            rank: u32::try_from(above).unwrap_or(u32::MAX).saturating_add(1),
             top: top_k(raw, k).into_iter().map(|(id, l)| (id, logprob(l))).collect(),
         }
     }
@@ -156,6 +166,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }

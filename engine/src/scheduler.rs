@@ -86,6 +86,7 @@ mod sequence;
 pub use plan::{BlockCopy, KvWrite, SampledToken, ScheduledSeq, StepPlan};
 
 use crate::request::{EngineEvent, FailureKind, FinishReason, RequestError};
+use crate::sampler::TokenLogprobs;
 use block_manager::{blocks_for, BlockManager, KvEvent};
 use prompt::block_hash::extend_block_hashes;
 use sequence::Sequence;
@@ -136,6 +137,9 @@ pub struct NewSequence {
     pub priority: i32,
     /// Choices (at least 1) that share the prompt (see the module docs).
     pub n: usize,
+    /// Report the prompt's logprobs (with this many top tokens): the prompt is computed whole,
+    /// with a logits row per token.
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// The prompt's KV computed elsewhere and the first generated token of each
@@ -234,6 +238,9 @@ impl Scheduler {
             num_cached_tokens: None,
             priority: new.priority,
             arrival: self.num_arrivals,
+            prompt_logprobs: new.prompt_logprobs,
+            // Position 0 has no logprob: nothing comes before it.
+            prompt_logprobs_next: 1,
         };
         self.num_arrivals += 1;
         if let Some(p) = new.provided {
@@ -322,6 +329,27 @@ impl Scheduler {
                 self.finish(seq, reason);
             }
         }
+    }
+
+    /// Reports the prompt logprobs that `chunk`'s rows give (`row(i)` is the raw logits row of its
+    /// token `i`, which predicts position `chunk.context_start + i + 1`), for the prompt
+    /// positions not reported yet.
+    pub fn report_prompt_logprobs<'a>(&mut self, chunk: &ScheduledSeq, row: impl Fn(usize) -> &'a [f32]) {
+        let Some(seq) = self.running.iter_mut().find(|s| s.is(&chunk.request_id, chunk.choices.start)) else {
+            return;
+        };
+        let Some(k) = seq.prompt_logprobs else { return };
+        // A row predicts the token after it: the chunk covers positions after its first token.
+        let start = seq.prompt_logprobs_next.max(chunk.context_start + 1);
+        let end = (chunk.context_start + chunk.tokens.len() + 1).min(seq.prompt_len);
+        if start >= end {
+            return;
+        }
+        let logprobs = (start..end)
+            .map(|p| TokenLogprobs::from_logits(row(p - chunk.context_start - 1), seq.tokens[p], k as usize))
+            .collect();
+        seq.prompt_logprobs_next = end;
+        self.events.push((seq.id.clone(), EngineEvent::PromptLogprobs { start, logprobs }));
     }
 
     /// Why a sequence that just generated `token` ends, if it does.
@@ -733,7 +761,7 @@ impl Scheduler {
         let Some(seq) = self.waiting.front_mut() else {
             return Vec::new();
         };
-        if !self.config.enable_prefix_caching || seq.provided_kv.is_some() {
+        if !self.config.enable_prefix_caching || seq.provided_kv.is_some() || seq.scores_prompt() {
             return Vec::new();
         }
         extend_block_hashes(&seq.cache_salt, &seq.tokens, bs, &mut seq.hashes);

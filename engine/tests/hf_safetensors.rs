@@ -533,6 +533,7 @@ fn served_tokens(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec
                     EngineEvent::Token { index, id, .. } => choices[index as usize].push(id),
                     EngineEvent::Finished { reason, .. } => assert_eq!(reason, FinishReason::Length),
                     EngineEvent::Error(e) => panic!("request failed: {e}"),
+                    EngineEvent::PromptLogprobs { .. } => panic!("prompt logprobs were not asked for"),
                 }
             }
             choices

@@ -27,6 +27,7 @@ fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) ->
             EngineEvent::Token { id: t, .. } => tokens.push(t),
             EngineEvent::Finished { num_cached_tokens, .. } => return (tokens, num_cached_tokens),
             EngineEvent::Error(e) => panic!("{id}: {e}"),
+            EngineEvent::PromptLogprobs { .. } => panic!("{id}: prompt logprobs were not asked for"),
         }
     }
 }

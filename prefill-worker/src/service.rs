@@ -67,7 +67,7 @@ impl PrefillService {
         let mut events = self.engine.submit(engine_req).map_err(convert::engine_error)?;
         // Every choice hears one token and `Finished`; choice 0's carries the pin.
         let mut choices: Vec<FirstToken> = (0..n).map(|_| FirstToken::default()).collect();
-        let (mut pinned, mut num_cached_tokens) = (None, 0);
+        let (mut pinned, mut num_cached_tokens, mut prompt_logprobs) = (None, 0, Vec::new());
         while let Some(event) = events.recv().await {
             match event {
                 EngineEvent::Token { index, id, logprobs, .. } => {
@@ -80,11 +80,15 @@ impl PrefillService {
                     pinned = pinned.or(pinned_blocks);
                     num_cached_tokens = cached;
                 }
+                EngineEvent::PromptLogprobs { logprobs, .. } => {
+                    prompt_logprobs.extend(logprobs.into_iter().map(convert::logprobs));
+                }
                 EngineEvent::Error(e) => return Err(convert::request_error(e)),
             }
         }
         let mut response = self.answer(&req.request_id, choices, pinned, wanted_tokens, prompt_len)?;
         response.num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
+        response.prompt_logprobs = prompt_logprobs;
         Ok(response)
     }
 
@@ -125,6 +129,7 @@ impl PrefillService {
             num_cached_tokens: 0,
             first_token_logprobs: first.logprobs,
             choices: wire,
+            prompt_logprobs: Vec::new(),
         };
         match (all_finished, pinned) {
             (false, Some(blocks)) => {

@@ -42,6 +42,9 @@ pub struct Sampling {
     /// `None`: no logprobs; `Some(k)`: each token's logprob and the `k`
     /// (at most 20) most likely tokens'.
     pub logprobs: Option<u32>,
+    /// `None`: none. `Some(k)`: vLLM's prompt logprobs, each prompt token's logprob given the
+    /// tokens before it and the `k` (at most 20) most likely tokens' there.
+    pub prompt_logprobs: Option<u32>,
     /// Choices generated from the one prompt, in [1, 16].
     pub n: u32,
     /// The structured output every choice is held to (checked to compile).
@@ -69,6 +72,7 @@ impl Default for Sampling {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            prompt_logprobs: None,
             n: 1,
             constraint: None,
             constraint_prefix: Vec::new(),
@@ -136,6 +140,8 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     /// The most likely tokens and their logprobs, most likely first.
     pub top: Vec<(u32, f32)>,
+    /// The token's rank in its row, 1 for the most likely (0 when the worker did not say).
+    pub rank: u32,
 }
 
 /// Newly generated tokens of one choice; `finish` is set on that choice's
@@ -153,6 +159,9 @@ pub struct TokenChunk {
     /// Prompt tokens served from the workers' prefix cache, on the chunks of the worker that
     /// computed the prompt (the prefill worker's first tokens; colocated, every chunk).
     pub cached_tokens: Option<u32>,
+    /// With `Sampling::prompt_logprobs`, on chunks before any token: the logprobs of the next
+    /// prompt tokens from token 1 on, in order.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// A worker call failed.

@@ -69,7 +69,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
     let stop_reasons: Vec<u32> =
         valid.sampling.stop_token_ids.iter().copied().filter(|id| !model.eos_token_ids.contains(id)).collect();
     // Each choice has its own detokenizer, stop strings and max_tokens count.
-    let outputs = (0..valid.sampling.n.max(1))
+    let mut outputs: Vec<Output> = (0..valid.sampling.n.max(1))
         .map(|_| {
             Output::new(model.decoder.clone(), valid.stops.clone(), valid.sampling.max_tokens)
                 .include_stop_str(valid.include_stop_str_in_output)
@@ -78,6 +78,11 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
                 .tokens_as_ids(valid.return_tokens_as_token_ids)
         })
         .collect();
+    if valid.sampling.prompt_logprobs.is_some() {
+        // The prompt's logprobs are the request's: choice 0 reports them.
+        let first = outputs.remove(0).score_prompt(prompt.clone());
+        outputs.insert(0, first);
+    }
     let queued = Instant::now();
     let demand = GenerateRequest::demand_for(&prompt, valid.cache_salt.as_deref(), served.backend.block_size());
     let mut request = GenerateRequest {

@@ -44,6 +44,8 @@ pub struct PrefillOutcome {
     pub handoff: Option<KvTransferParams>,
     /// Prompt tokens the worker served from its prefix cache.
     pub num_cached_tokens: u32,
+    /// With `Sampling::prompt_logprobs`: prompt tokens 1.. with their logprobs.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// One choice's first token, sampled by the prefill worker.
@@ -431,6 +433,8 @@ impl<L: WorkerLegs> PdRun<L> {
         });
         let all_finished = outcome.choices.iter().all(|c| c.finish.is_some());
         let cached_tokens = Some(outcome.num_cached_tokens);
+        // The request's prompt logprobs ride with choice 0's first token.
+        let mut prompt_logprobs = Some(outcome.prompt_logprobs);
         let first_token_ids: Vec<u32> = outcome.choices.iter().map(|c| c.token_id).collect();
         let firsts: Vec<Result<TokenChunk, BackendError>> = outcome
             .choices
@@ -443,6 +447,7 @@ impl<L: WorkerLegs> PdRun<L> {
                     logprobs: c.logprobs.into_iter().collect(),
                     finish: c.finish,
                     cached_tokens,
+                    prompt_logprobs: prompt_logprobs.take().unwrap_or_default(),
                 })
             })
             .collect();

@@ -99,3 +99,46 @@ async fn logprobs_agree_between_disaggregated_and_colocated() {
     let stats = cluster.prefill_stats().await;
     assert_eq!(stats.pinned_blocks, 0, "every hand-off was released");
 }
+
+/// Prompt logprobs end to end, as loglikelihood scoring reads them: `echo` with `logprobs` gives
+/// every prompt token (the first with null) then the generated ones, and vLLM's
+/// `prompt_logprobs` the same values keyed by token id, equal whether the prefill worker or the
+/// decode worker (colocated) computed the prompt, and never from a warm prefix cache.
+#[tokio::test]
+async fn prompt_logprobs_agree_between_disaggregated_and_colocated() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    let prompt = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is";
+    let body = json!({"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 1,
+                      "logprobs": 2, "echo": true, "prompt_logprobs": 2});
+    let mut answers = Vec::new();
+    for router in [&cluster.router, &cluster.colocated_router, &cluster.router] {
+        let response = post(&format!("{}/v1/completions", router.url()), &body).await;
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        let choice = &answer["choices"][0];
+        let lp = &choice["logprobs"];
+        let prompt_tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+        let tokens = lp["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), prompt_tokens + 1, "{answer}");
+        assert!(choice["text"].as_str().unwrap().starts_with(prompt), "{answer}");
+        let scored = lp["token_logprobs"].as_array().unwrap();
+        assert!(scored[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+        assert!(scored[1..].iter().all(|l| f(l) <= 0.0), "{lp}");
+        // " Madrid" is the likely next word: the prompt's last tokens are no surprise either.
+        let field = choice["prompt_logprobs"].as_array().expect("prompt_logprobs");
+        assert_eq!(field.len(), prompt_tokens, "{answer}");
+        for (position, entry) in field.iter().enumerate().skip(1) {
+            let entries = entry.as_object().expect("an object per scored token");
+            let own: Vec<&Value> = entries.values().filter(|e| e["decoded_token"] == tokens[position]).collect();
+            assert!(!own.is_empty() && own.iter().any(|e| (f(&e["logprob"]) - f(&scored[position])).abs() < 1e-6));
+            assert!(entries.values().all(|e| e["rank"].as_u64().unwrap() >= 1));
+        }
+        answers.push(scored.clone());
+    }
+    for other in &answers[1..] {
+        for (a, b) in answers[0].iter().zip(other).skip(1) {
+            assert!((f(a) - f(b)).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+}

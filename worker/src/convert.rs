@@ -37,6 +37,7 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
         ignore_eos: p.ignore_eos,
         min_tokens: p.min_tokens,
         logprobs: p.logprobs,
+        prompt_logprobs: p.prompt_logprobs,
     };
     params.validate().map_err(engine_error)?;
     Ok(params)
@@ -88,6 +89,7 @@ pub fn logprobs(l: engine::TokenLogprobs) -> pb::TokenLogprobs {
     pb::TokenLogprobs {
         logprob: l.logprob,
         top: l.top.into_iter().map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob }).collect(),
+        rank: l.rank,
     }
 }
 
@@ -142,6 +144,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 4,
             logprobs: Some(5),
+            prompt_logprobs: Some(2),
             ..wire()
         };
         let want = engine::SamplingParams {
@@ -159,6 +162,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 4,
             logprobs: Some(5),
+            prompt_logprobs: Some(2),
         };
         assert_eq!(sampling(Some(p)).unwrap(), want);
     }

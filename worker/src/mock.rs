@@ -181,6 +181,7 @@ impl pb::prefill_server::Prefill for MockPrefill {
             .into()
         });
         let choice = pb::PrefillChoice { token_id: self.token_id, logprobs: None, finish_reason: finish as i32 };
+        let prompt_logprobs = certain_prompt(&request.prompt_token_ids, sampling.prompt_logprobs);
         Ok(Response::new(pb::PrefillResponse {
             request_id: request.request_id,
             first_token_id: self.token_id,
@@ -189,6 +190,7 @@ impl pb::prefill_server::Prefill for MockPrefill {
             num_cached_tokens: 0,
             first_token_logprobs: None,
             choices: vec![choice; choices(&sampling) as usize],
+            prompt_logprobs,
         }))
     }
 
@@ -196,6 +198,18 @@ impl pb::prefill_server::Prefill for MockPrefill {
         // Nothing was pinned; answering "released" keeps the router's logs quiet.
         Ok(Response::new(pb::ReleaseKvResponse { released: true }))
     }
+}
+
+/// The mock's prompt logprobs, with `top` of them asked: a model certain of every prompt token
+/// (logprob 0, rank 1), from token 1 on.
+fn certain_prompt(prompt: &[u32], top: Option<u32>) -> Vec<pb::TokenLogprobs> {
+    let Some(top) = top else { return Vec::new() };
+    let certain = |&token_id: &u32| pb::TokenLogprobs {
+        logprob: 0.0,
+        rank: 1,
+        top: (top > 0).then_some(pb::TopLogprob { token_id, logprob: 0.0 }).into_iter().collect(),
+    };
+    prompt.iter().skip(1).map(certain).collect()
 }
 
 /// A decode answer: every chunk at once.
@@ -228,8 +242,14 @@ impl pb::decode_server::Decode for MockDecode {
         );
         // After a hand-off the prefill worker already sent the first token.
         let max_tokens = sampling.max_tokens.max(1);
+        // Colocated, the prompt's logprobs come first, as a real worker sends them.
+        let scored = (!handed_off).then(|| certain_prompt(&request.prompt_token_ids, sampling.prompt_logprobs));
+        let scored = scored
+            .filter(|l| !l.is_empty())
+            .map(|prompt_logprobs| Ok(pb::DecodeChunk { prompt_logprobs, ..pb::DecodeChunk::default() }));
         if let (Some(reply), false) = (self.reply.clone(), handed_off) {
-            return Ok(Response::new(Box::pin(futures::stream::iter(reply_chunks(reply, max_tokens, &sampling)))));
+            let chunks = scored.into_iter().chain(reply_chunks(reply, max_tokens, &sampling));
+            return Ok(Response::new(Box::pin(futures::stream::iter(chunks))));
         }
         let count = if handed_off { max_tokens - 1 } else { max_tokens };
         let token_id = self.token_id;
@@ -240,12 +260,12 @@ impl pb::decode_server::Decode for MockDecode {
                 Ok(pb::DecodeChunk {
                     token_ids: if count == 0 { Vec::new() } else { vec![token_id] },
                     finish_reason: if last { pb::FinishReason::Length } else { pb::FinishReason::Unspecified } as i32,
-                    logprobs: Vec::new(),
                     index,
-                    num_cached_tokens: 0,
+                    ..pb::DecodeChunk::default()
                 })
             })
         });
+        let chunks = scored.into_iter().chain(chunks);
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 }
@@ -263,9 +283,8 @@ fn reply_chunks(
         Ok(pb::DecodeChunk {
             token_ids: reply[..cut].to_vec(),
             finish_reason: finish as i32,
-            logprobs: Vec::new(),
             index,
-            num_cached_tokens: 0,
+            ..Default::default()
         })
     })
 }

@@ -203,6 +203,8 @@ impl StepLoop {
             }
         }
         self.clients.insert(request.request_id.clone(), Client { events, samplers, unfinished: n });
+        // A prompt computed elsewhere has no logits here to score it with.
+        let prompt_logprobs = if provided.is_some() { None } else { request.sampling.prompt_logprobs };
         self.scheduler.add(NewSequence {
             request_id: request.request_id,
             prompt: request.prompt_token_ids,
@@ -215,6 +217,7 @@ impl StepLoop {
             provided,
             priority: request.priority,
             n,
+            prompt_logprobs,
         });
     }
 
@@ -318,11 +321,19 @@ impl StepLoop {
         });
         match logits {
             Ok(mut logits) => {
-                // Row `i` belongs to the `i`-th sequence with logits; a
-                // prefill chunk that is not the last samples nothing.
+                // Each sequence's rows in turn: every token's when it scores its prompt, else
+                // the last token's when it samples (a prefill chunk that is not the last has none).
                 let mut sampled: Vec<SampledToken> = Vec::with_capacity(plan.num_samples());
-                for (i, s) in plan.seqs.iter().filter(|s| s.need_logits).enumerate() {
-                    sampled.extend(self.sample_row(s, logits.row_mut(i)));
+                let mut first_row = 0;
+                for s in &plan.seqs {
+                    let rows = s.num_rows();
+                    if s.all_logits {
+                        self.scheduler.report_prompt_logprobs(s, |i| logits.row(first_row + i));
+                    }
+                    if s.need_logits {
+                        sampled.extend(self.sample_row(s, logits.row_mut(first_row + rows - 1)));
+                    }
+                    first_row += rows;
                 }
                 self.scheduler.finish_step_with(&plan, sampled);
                 // Forks just made copy their partial prompt block now, before
@@ -403,7 +414,7 @@ impl StepLoop {
         let terminal: Vec<bool> = events
             .iter()
             .map(|(id, event)| match event {
-                EngineEvent::Token { .. } => false,
+                EngineEvent::Token { .. } | EngineEvent::PromptLogprobs { .. } => false,
                 EngineEvent::Error(_) => true,
                 EngineEvent::Finished { .. } => self.clients.get_mut(id).is_none_or(|c| {
                     c.unfinished = c.unfinished.saturating_sub(1);

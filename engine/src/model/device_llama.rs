@@ -250,8 +250,7 @@ impl DeviceLlama {
         }
         write_back(kv, &plan.new_slots, &new_k, &new_v)?;
 
-        let last: Vec<u32> =
-            batch.seqs.iter().filter(|s| s.need_logits).map(|s| (s.token_start + s.num_tokens - 1) as u32).collect();
+        let last: Vec<u32> = batch.logit_rows().into_iter().map(|t| t as u32).collect();
         if last.is_empty() || !logits {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }

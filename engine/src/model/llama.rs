@@ -411,8 +411,7 @@ impl Llama {
             add(&mut x, &y);
         }
 
-        let last: Vec<usize> =
-            batch.seqs.iter().filter(|s| s.need_logits).map(|s| s.token_start + s.num_tokens - 1).collect();
+        let last = batch.logit_rows();
         if last.is_empty() || !logits {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }

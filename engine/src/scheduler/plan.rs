@@ -62,9 +62,23 @@ pub struct ScheduledSeq {
     /// The chunk ends the sequence's known tokens: sample a token from its
     /// logits. False for a prefill chunk that is not the last.
     pub need_logits: bool,
+    /// Return a logits row for every token (prompt logprobs), not just the last: row `i`
+    /// predicts position `context_start + i + 1`. The last row is still the one sampled.
+    pub all_logits: bool,
     /// With `need_logits`, the choices that sample from this row: just the
     /// sequence's own, or all `n` at the fork step (each with its own sampler).
     pub choices: Range<u32>,
+}
+
+impl ScheduledSeq {
+    /// Its rows of the step's logits.
+    pub fn num_rows(&self) -> usize {
+        if self.all_logits {
+            self.tokens.len()
+        } else {
+            usize::from(self.need_logits)
+        }
+    }
 }
 
 impl StepPlan {
@@ -78,6 +92,9 @@ impl StepPlan {
         let mut batch = ForwardBatch::default();
         for s in &self.seqs {
             batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
+            if s.all_logits {
+                batch.score_last();
+            }
         }
         batch
     }
@@ -87,9 +104,10 @@ impl StepPlan {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
     }
 
-    /// Sequences that sample a token (rows of the logits).
+    /// Rows of the logits: one per sequence that samples a token, one per token of a chunk
+    /// with `all_logits`.
     pub fn num_logits(&self) -> usize {
-        self.seqs.iter().filter(|s| s.need_logits).count()
+        self.seqs.iter().map(ScheduledSeq::num_rows).sum()
     }
 
     /// Tokens sampled in all: one per row, `n` per forking row.

@@ -44,6 +44,11 @@ pub(super) struct Sequence {
     pub(super) priority: i32,
     /// Order of `Scheduler::add` calls.
     pub(super) arrival: u64,
+    /// Report prompt logprobs, with this many top tokens.
+    pub(super) prompt_logprobs: Option<u32>,
+    /// The next prompt position whose logprob is to be reported (a recomputed prompt does not
+    /// report again).
+    pub(super) prompt_logprobs_next: usize,
 }
 
 impl Sequence {
@@ -57,8 +62,15 @@ impl Sequence {
             prompt_len: self.prompt_len,
             block_table: self.blocks.clone(),
             need_logits: end == self.tokens.len(),
+            // Row `i` predicts position `num_computed + i + 1`.
+            all_logits: self.scores_prompt() && end >= self.prompt_logprobs_next,
             choices: self.choice..self.choice + self.fork as u32,
         }
+    }
+
+    /// Whether prompt logprobs are still to be reported.
+    pub(super) fn scores_prompt(&self) -> bool {
+        self.prompt_logprobs.is_some() && self.prompt_logprobs_next < self.prompt_len
     }
 
     /// Whether this is the sequence's request and choice.

@@ -28,6 +28,7 @@ fn seq(id: &str, prompt: &[u32], max_tokens: usize) -> NewSequence {
         provided: None,
         priority: 0,
         n: 1,
+        prompt_logprobs: None,
     }
 }
 

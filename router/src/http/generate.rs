@@ -206,6 +206,7 @@ async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result
     let (stream, include_usage, return_token_ids) = (valid.stream, valid.include_usage, valid.return_token_ids);
     let continuous_usage = valid.continuous_usage;
     let (logprobs, n) = (valid.sampling.logprobs.is_some(), valid.sampling.n);
+    let prompt_logprobs_field = valid.prompt_logprobs_field;
     let model = job.model.served_name.clone();
     // As vLLM: the response id is the request id (the client's, or a fresh uuid).
     let id = format!("{}-{}", format.id_prefix(), job.request_id);
@@ -218,6 +219,7 @@ async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result
         model,
         prompt_token_ids: return_token_ids.then(|| prompt.clone()),
         logprobs,
+        prompt_logprobs_field,
         n,
     };
     if stream {
@@ -257,6 +259,7 @@ async fn collect(
         out.finish = delta.finish.or(out.finish);
         out.stop_reason = delta.stop_reason.or(out.stop_reason.take());
         out.cached_tokens = delta.cached_tokens.or(out.cached_tokens);
+        out.prompt_logprobs = delta.prompt_logprobs.or(out.prompt_logprobs.take());
     }
     Ok(outs)
 }

@@ -165,6 +165,7 @@ impl From<&Sampling> for SamplingParams {
             ignore_eos: s.ignore_eos,
             min_tokens: s.min_tokens,
             logprobs: s.logprobs,
+            prompt_logprobs: s.prompt_logprobs,
             n: s.n,
             constraint: s.constraint.as_deref().map(wire_constraint),
             constraint_prefix: s.constraint_prefix.clone(),
@@ -194,7 +195,11 @@ fn wire_constraint(c: &constraint::Constraint) -> proto::worker::Constraint {
 }
 
 fn logprobs(wire: proto::worker::TokenLogprobs) -> TokenLogprobs {
-    TokenLogprobs { logprob: wire.logprob, top: wire.top.into_iter().map(|t| (t.token_id, t.logprob)).collect() }
+    TokenLogprobs {
+        logprob: wire.logprob,
+        top: wire.top.into_iter().map(|t| (t.token_id, t.logprob)).collect(),
+        rank: wire.rank,
+    }
 }
 
 /// What a failed call says about the worker's health: only unreachable
@@ -286,7 +291,8 @@ impl WorkerLegs for GrpcWorkers {
                 }
                 choices
             };
-            Ok(PrefillOutcome { choices, handoff, num_cached_tokens })
+            let prompt_logprobs = answer.prompt_logprobs.into_iter().map(logprobs).collect();
+            Ok(PrefillOutcome { choices, handoff, num_cached_tokens, prompt_logprobs })
         }
         .instrument(span)
         .boxed()
@@ -338,9 +344,11 @@ impl WorkerLegs for GrpcWorkers {
                         chunk.logprobs.len()
                     )));
                 }
+                let prompt_logprobs = chunk.prompt_logprobs.into_iter().map(logprobs).collect();
                 let logprobs = chunk.logprobs.into_iter().map(logprobs).collect();
                 let cached_tokens = computes_prompt.then_some(chunk.num_cached_tokens);
-                Ok(TokenChunk { index: chunk.index, finish, token_ids: chunk.token_ids, logprobs, cached_tokens })
+                let (index, token_ids) = (chunk.index, chunk.token_ids);
+                Ok(TokenChunk { index, finish, token_ids, logprobs, cached_tokens, prompt_logprobs })
             });
             Ok(tokens.boxed())
         }
@@ -421,6 +429,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 6,
             logprobs: Some(3),
+            prompt_logprobs: Some(2),
             n: 2,
             constraint: Some(Arc::new(constraint::Constraint::Json {
                 schema: serde_json::json!({"type": "object"}),
@@ -444,6 +453,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 6,
             logprobs: Some(3),
+            prompt_logprobs: Some(2),
             n: 2,
             constraint: Some(proto::worker::Constraint {
                 kind: Some(proto::worker::constraint::Kind::Json(proto::worker::JsonConstraint {

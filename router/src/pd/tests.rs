@@ -68,7 +68,14 @@ fn handoff() -> KvTransferParams {
 }
 
 fn chunk(ids: &[u32], finish: Option<Finish>) -> Result<TokenChunk, BackendError> {
-    Ok(TokenChunk { index: 0, token_ids: ids.to_vec(), logprobs: vec![], finish, cached_tokens: None })
+    Ok(TokenChunk {
+        index: 0,
+        token_ids: ids.to_vec(),
+        logprobs: vec![],
+        finish,
+        cached_tokens: None,
+        prompt_logprobs: vec![],
+    })
 }
 
 fn setup(
@@ -83,6 +90,7 @@ fn setup(
             choices: vec![FirstToken { token_id: 7, logprobs: None, finish }],
             handoff: finish.is_none().then(handoff),
             num_cached_tokens: 5,
+            prompt_logprobs: vec![],
         },
         decode_chunks,
         decode_calls: Mutex::new(Vec::new()),
@@ -142,6 +150,7 @@ async fn prefill_without_kv_transfer_params_is_an_error() {
             choices: vec![FirstToken { token_id: 7, logprobs: None, finish: None }],
             handoff: None,
             num_cached_tokens: 0,
+            prompt_logprobs: vec![],
         },
         decode_chunks: vec![chunk(&[8], Some(Finish::Stop))],
         decode_calls: Mutex::new(Vec::new()),
@@ -196,6 +205,7 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
             logprobs: vec![],
             finish: Some(Finish::Length),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         Ok(TokenChunk {
             index: 0,
@@ -203,6 +213,7 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         Ok(TokenChunk {
             index: 2,
@@ -210,11 +221,12 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
             logprobs: vec![],
             finish: Some(Finish::Length),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         // Past every choice's finish: never read.
         Err(BackendError::Aborted),
     ];
-    let lp = TokenLogprobs { logprob: -0.5, top: vec![] };
+    let lp = TokenLogprobs { logprob: -0.5, top: vec![], rank: 1 };
     let firsts = vec![
         FirstToken { token_id: 7, logprobs: None, finish: Some(Finish::Stop) },
         FirstToken { token_id: 20, logprobs: Some(lp.clone()), finish: None },
@@ -223,7 +235,12 @@ async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
     let (released_tx, mut released) = mpsc::unbounded_channel();
     let legs = Arc::new(FakeLegs {
         prefill_workers: 1,
-        prefill: PrefillOutcome { choices: firsts, handoff: Some(handoff()), num_cached_tokens: 0 },
+        prefill: PrefillOutcome {
+            choices: firsts,
+            handoff: Some(handoff()),
+            num_cached_tokens: 0,
+            prompt_logprobs: vec![],
+        },
         decode_chunks: decoded,
         decode_calls: Mutex::new(Vec::new()),
         released: released_tx,

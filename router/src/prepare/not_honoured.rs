@@ -80,7 +80,6 @@ impl NotHonoured {
             ("length_penalty", &self.length_penalty, NoOp::One),
             ("allowed_token_ids", &self.allowed_token_ids, NoOp::Nothing),
             ("bad_words", &self.bad_words, NoOp::EmptyList),
-            ("prompt_logprobs", &self.prompt_logprobs, NoOp::Nothing),
             ("logits_processors", &self.logits_processors, NoOp::EmptyList),
             ("vllm_xargs", &self.vllm_xargs, NoOp::EmptyObject),
             ("kv_transfer_params", &self.kv_transfer_params, NoOp::EmptyObject),

@@ -108,7 +108,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     /// Return each generated token's logprob and this many most likely alternatives per
     /// position, in [0, 20], in OpenAI's completions shape (`tokens`, `token_logprobs`,
-    /// `top_logprobs`, `text_offset`). Not with `echo`, which would need prompt logprobs.
+    /// `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens first (the first with
+    /// null logprobs), as loglikelihood scoring reads them. Not `echo` with `stream`.
     #[schema(minimum = 0, maximum = 20)]
     pub logprobs: Option<i64>,
     /// vLLM extra: add the tokenizer's special tokens (BOS) to a text prompt; default true.
@@ -212,6 +213,11 @@ pub struct CommonParams {
     /// non-empty, at most 256 printable ASCII characters.
     #[schema(min_length = 1, max_length = 256, pattern = "^[ -~]+$")]
     pub request_id: Option<String>,
+    /// vLLM extra: each prompt token's logprob given the tokens before it, with this many most
+    /// likely tokens there, in [0, 20], in the answer's `prompt_logprobs`; not with `stream`.
+    /// The prompt is then computed whole, without the prefix cache.
+    #[schema(minimum = 0, maximum = 20)]
+    pub prompt_logprobs: Option<i64>,
     /// vLLM extra: keep only the last this many tokens of the prompt (at least 1); a prompt no
     /// longer than that is kept whole.
     #[schema(minimum = 1)]
@@ -274,9 +280,6 @@ pub struct NotHonoured {
     /// vLLM: words the answer must not contain. Not supported: only null or `[]`.
     #[schema(schema_with = schema::only_empty_list)]
     pub bad_words: Option<Value>,
-    /// vLLM: logprobs of the prompt's tokens. Not supported: only null.
-    #[schema(schema_with = schema::only_null)]
-    pub prompt_logprobs: Option<Value>,
     /// vLLM: server-side logits processors by qualified name. Not supported: only null or `[]`.
     #[schema(schema_with = schema::only_empty_list)]
     pub logits_processors: Option<Value>,

@@ -71,6 +71,9 @@ pub struct ValidRequest {
     pub include_reasoning: bool,
     /// Name logprob tokens `token_id:{id}` rather than by their text (vLLM extra).
     pub return_tokens_as_token_ids: bool,
+    /// The answer carries vLLM's `prompt_logprobs` field (the request asked for it by name, not
+    /// only through `echo` with `logprobs`).
+    pub prompt_logprobs_field: bool,
 }
 
 /// Validates a chat request: renders, tokenizes and checks every parameter.
@@ -203,10 +206,11 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
     req.completion_not_honoured.check()?;
     let echo = req.echo.unwrap_or(false);
     let logprobs = completion_logprobs(req.logprobs)?;
-    if echo && logprobs.is_some() {
+    let echo_logprobs = echo && logprobs.is_some();
+    if echo_logprobs && req.params.stream == Some(true) {
         return Err(ValidationError::Unsupported {
             field: "echo",
-            reason: "echo with logprobs needs prompt logprobs, which are not supported".into(),
+            reason: "echo with logprobs scores the prompt, which is not available with `stream`".into(),
         });
     }
     let skip_special_tokens = req.params.skip_special_tokens.unwrap_or(true);
@@ -242,6 +246,10 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
     let mut valid = finish(model, prompt, req.params)?;
     valid.echo = echo_text;
     valid.sampling.logprobs = logprobs;
+    // As vLLM: echoed logprobs score the prompt with as many top tokens as the answer's.
+    if echo_logprobs {
+        valid.sampling.prompt_logprobs = valid.sampling.prompt_logprobs.or(logprobs);
+    }
     Ok(valid)
 }
 
@@ -485,6 +493,17 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         n => return Err(out_of_range("n", "in [1, 16]", n)),
     };
     let (constraint, constraint_compile) = structured_output(model, &params)?.unzip();
+    let prompt_logprobs = match params.prompt_logprobs {
+        None => None,
+        Some(k) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Some(k as u32),
+        Some(k) => return Err(out_of_range("prompt_logprobs", "in [0, 20]", k)),
+    };
+    if prompt_logprobs.is_some() && params.stream == Some(true) {
+        return Err(ValidationError::Unsupported {
+            field: "prompt_logprobs",
+            reason: "not available with `stream`, as in vLLM".into(),
+        });
+    }
     let sampling = Sampling {
         temperature: temperature(params.temperature)?,
         top_p: top_p(params.top_p)?,
@@ -504,6 +523,7 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         min_tokens: min_tokens(params.min_tokens, max_tokens)?,
         // Chat sets it after; the completions endpoint returns none.
         logprobs: None,
+        prompt_logprobs,
         n,
         constraint,
         constraint_prefix: Vec::new(),
@@ -532,6 +552,7 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         // Chat sets it after; completions have no reasoning to leave out.
         include_reasoning: true,
         return_tokens_as_token_ids: params.return_tokens_as_token_ids.unwrap_or(false),
+        prompt_logprobs_field: prompt_logprobs.is_some(),
     })
 }
 

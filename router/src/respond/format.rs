@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
-    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, FunctionCall, StopReason, ToolCallObject,
-    TopByText, Usage,
+    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, FunctionCall, PromptTokenLogprob, StopReason,
+    ToolCallObject, TopByText, Usage, VllmPromptLogprobs,
 };
 use crate::backend::Finish;
 use crate::respond::stream::Delta;
@@ -29,6 +29,8 @@ pub struct ResponseMeta {
     pub prompt_token_ids: Option<Arc<Vec<u32>>>,
     /// The client asked for logprobs: choices carry them, else null.
     pub logprobs: bool,
+    /// The client asked for `prompt_logprobs`: the answer carries vLLM's field.
+    pub prompt_logprobs_field: bool,
     /// Choices of the answer (`n`).
     pub n: u32,
 }
@@ -57,19 +59,52 @@ impl ResponseMeta {
 fn completion_logprobs(tokens: &[ChatTokenLogprob], mut offset: usize) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     for token in tokens {
-        out.tokens.push(token.token.clone());
-        out.token_logprobs.push(token.logprob);
-        // The chosen token first, then the most likely ones: OpenAI's "up to logprobs + 1".
-        let mut top = vec![(token.token.clone(), token.logprob)];
-        for alternative in &token.top_logprobs {
-            if !top.iter().any(|(text, _)| *text == alternative.token) {
-                top.push((alternative.token.clone(), alternative.logprob));
-            }
-        }
-        out.top_logprobs.push(TopByText(top));
-        out.text_offset.push(offset);
+        let alternatives = token.top_logprobs.iter().map(|t| (t.token.as_str(), t.logprob));
+        out.push(&token.token, Some((token.logprob, top_by_text(&token.token, token.logprob, alternatives))), offset);
         offset += token.token.chars().count();
     }
+    out
+}
+
+/// The chosen token first, then the most likely ones not it: OpenAI's "up to logprobs + 1".
+fn top_by_text<'a>(chosen: &str, logprob: f32, alternatives: impl Iterator<Item = (&'a str, f32)>) -> TopByText {
+    let mut top = vec![(chosen.to_owned(), logprob)];
+    for (text, logprob) in alternatives {
+        if !top.iter().any(|(t, _)| t == text) {
+            top.push((text.to_owned(), logprob));
+        }
+    }
+    TopByText(top)
+}
+
+impl CompletionLogprobs {
+    /// Adds one token: its text, its logprob and top tokens (none for a prompt's first), where
+    /// its text starts.
+    fn push(&mut self, token: &str, scored: Option<(f32, TopByText)>, offset: usize) {
+        self.tokens.push(token.to_owned());
+        let (logprob, top) = scored.unzip();
+        self.token_logprobs.push(logprob);
+        self.top_logprobs.push(top);
+        self.text_offset.push(offset);
+    }
+}
+
+/// An echoed prompt's tokens with their logprobs, ahead of `generated`'s (whose offsets move
+/// past the prompt's text): what loglikelihood scoring reads.
+fn with_prompt(prompt: &[PromptTokenLogprob], generated: CompletionLogprobs) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = 0;
+    for token in prompt {
+        let alternatives = token.top.iter().map(|(_, text, logprob)| (text.as_str(), *logprob));
+        let scored = token.logprob.map(|logprob| (logprob, top_by_text(&token.token, logprob, alternatives)));
+        out.push(&token.token, scored, offset);
+        offset += token.token.chars().count();
+    }
+    let shift = offset.saturating_sub(generated.text_offset.first().copied().unwrap_or(0));
+    out.tokens.extend(generated.tokens);
+    out.token_logprobs.extend(generated.token_logprobs);
+    out.top_logprobs.extend(generated.top_logprobs);
+    out.text_offset.extend(generated.text_offset.into_iter().map(|o| o + shift));
     out
 }
 
@@ -88,6 +123,8 @@ pub struct Collected {
     pub stop_reason: Option<StopReason>,
     /// Prompt tokens the workers served from their prefix cache, when they said.
     pub cached_tokens: Option<u32>,
+    /// With prompt logprobs asked (on choice 0): the prompt's tokens with their logprobs.
+    pub prompt_logprobs: Option<Arc<Vec<PromptTokenLogprob>>>,
 }
 
 /// Serializes a chunk; our response types always serialize.
@@ -306,10 +343,18 @@ impl ChunkFormat for CompletionFormat {
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
         let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
+        let prompt = out.iter().find_map(|c| c.prompt_logprobs.clone());
         let mut response = completion_response(meta, prompt_tokens, out, echo_len);
-        if let Some(echo) = &self.echo {
-            for choice in &mut response.choices {
+        for choice in &mut response.choices {
+            if let Some(echo) = &self.echo {
                 choice.text.insert_str(0, echo);
+                // Echoed with logprobs: the prompt's tokens lead them, as OpenAI and vLLM give them.
+                if let (Some(prompt), Some(generated)) = (&prompt, choice.logprobs.take()) {
+                    choice.logprobs = Some(with_prompt(prompt, generated));
+                }
+            }
+            if meta.prompt_logprobs_field {
+                choice.prompt_logprobs = prompt.as_deref().map(|p| VllmPromptLogprobs::of(p));
             }
         }
         json(&response)
@@ -337,6 +382,8 @@ impl ChunkFormat for CompletionFormat {
             logprobs,
             finish_reason: delta.finish.map(Finish::as_str),
             stop_reason: delta.stop_reason.clone(),
+            // Refused with `stream`.
+            prompt_logprobs: None,
             prompt_token_ids: prompt_ids.clone(),
             token_ids: meta.ids(&delta.token_ids),
         };
@@ -416,6 +463,8 @@ fn assistant_message(text: String, tools: bool) -> AssistantMessage {
 /// The whole `chat.completion` answer; `tools` turns tool-call parsing on.
 pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>, tools: bool) -> ChatCompletion {
     let usage = usage_of(prompt_tokens, &out);
+    let prompt_logprobs = out.iter().find_map(|c| c.prompt_logprobs.clone());
+    let prompt_logprobs = prompt_logprobs.filter(|_| meta.prompt_logprobs_field).map(|p| VllmPromptLogprobs::of(&p));
     let choices = (0..)
         .zip(out)
         .map(|(index, out)| {
@@ -440,6 +489,7 @@ pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collect
         choices,
         usage,
         prompt_token_ids: meta.prompt_ids(),
+        prompt_logprobs,
     }
 }
 
@@ -457,6 +507,7 @@ fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Colle
             text: out.text,
             finish_reason: out.finish.map(Finish::as_str),
             stop_reason: out.stop_reason,
+            prompt_logprobs: None,
             prompt_token_ids: meta.prompt_ids(),
         })
         .collect();

@@ -75,6 +75,9 @@ pub struct ChatCompletion {
     /// vLLM extra, with `return_token_ids`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM extra, with `prompt_logprobs`: the prompt's tokens with their logprobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<VllmPromptLogprobs>,
 }
 
 /// A chat choice's `logprobs` (OpenAI's shape): one entry per reported token.
@@ -235,6 +238,9 @@ pub struct CompletionChoice {
     /// vLLM extra: with `finish_reason: "stop"`, the stop string or stop token id that ended the
     /// choice; null otherwise.
     pub stop_reason: Option<StopReason>,
+    /// vLLM extra, with `prompt_logprobs`: the prompt's tokens with their logprobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<VllmPromptLogprobs>,
     /// vLLM extra, with `return_token_ids`: vLLM puts the prompt ids here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
@@ -243,7 +249,74 @@ pub struct CompletionChoice {
     pub token_ids: Option<Vec<u32>>,
 }
 
-/// vLLM's `POST /tokenize` answer.
+/// One prompt token as vLLM's prompt logprobs describe it: its logprob given the tokens before
+/// it (none for the first), its rank there, and the most likely tokens there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenLogprob {
+    /// The token.
+    pub id: u32,
+    /// Its text on its own (or `token_id:{id}`).
+    pub token: String,
+    /// `None` for the prompt's first token, which nothing predicts.
+    pub logprob: Option<f32>,
+    /// Its rank among the vocabulary there, 1 for the most likely.
+    pub rank: u32,
+    /// The most likely tokens there, most likely first: id, text, logprob.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// vLLM's `prompt_logprobs` field: per prompt token, null for the first, else an object from
+/// token id (as text) to `{logprob, rank, decoded_token}` holding the prompt token and the most
+/// likely ones.
+#[derive(Debug, Clone, PartialEq, ToSchema)]
+#[schema(value_type = Vec<Option<std::collections::HashMap<String, VllmLogprob>>>)]
+pub struct VllmPromptLogprobs(pub Vec<Option<Vec<(u32, VllmLogprob)>>>);
+
+/// One entry of vLLM's logprob dictionaries.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct VllmLogprob {
+    pub logprob: f32,
+    /// 1 for the most likely; null where vLLM does not know it (a top token other than the
+    /// prompt token).
+    pub rank: Option<u32>,
+    pub decoded_token: String,
+}
+
+impl Serialize for VllmPromptLogprobs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Entries<'a>(&'a [(u32, VllmLogprob)]);
+        impl Serialize for Entries<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|(id, l)| (id.to_string(), l)))
+            }
+        }
+        serializer.collect_seq(self.0.iter().map(|entry| entry.as_deref().map(Entries)))
+    }
+}
+
+impl VllmPromptLogprobs {
+    /// The field for `tokens`: the prompt token first, then the most likely ones not it.
+    pub fn of(tokens: &[PromptTokenLogprob]) -> Self {
+        Self(
+            tokens
+                .iter()
+                .map(|t| {
+                    let logprob = t.logprob?;
+                    let own = VllmLogprob { logprob, rank: Some(t.rank), decoded_token: t.token.clone() };
+                    let mut entries = vec![(t.id, own)];
+                    for (rank, (id, text, logprob)) in (1..).zip(&t.top) {
+                        if *id != t.id {
+                            let l = VllmLogprob { logprob: *logprob, rank: Some(rank), decoded_token: text.clone() };
+                            entries.push((*id, l));
+                        }
+                    }
+                    Some(entries)
+                })
+                .collect(),
+        )
+    }
+}
+
 /// What ended a choice with `finish_reason: "stop"`, as vLLM reports it in `stop_reason`: the
 /// stop string, or the stop token id (null for the model's eos).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -269,11 +342,11 @@ pub struct StreamEvent {
 pub struct CompletionLogprobs {
     /// Each token's text.
     pub tokens: Vec<String>,
-    /// Each token's logprob.
-    pub token_logprobs: Vec<f32>,
+    /// Each token's logprob; null for an echoed prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
     /// Per token: the token itself and the `logprobs` most likely tokens, by text, most likely
-    /// first (at most `logprobs` + 1 entries, as OpenAI).
-    pub top_logprobs: Vec<TopByText>,
+    /// first (at most `logprobs` + 1 entries, as OpenAI); null where `token_logprobs` is.
+    pub top_logprobs: Vec<Option<TopByText>>,
     /// Each token's offset, in characters, in the choice's text.
     pub text_offset: Vec<usize>,
 }
@@ -289,6 +362,7 @@ impl Serialize for TopByText {
     }
 }
 
+/// vLLM's `POST /tokenize` answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TokenizeResponse {
     /// Number of tokens.

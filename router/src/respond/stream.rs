@@ -9,7 +9,9 @@ use futures::stream::{self, BoxStream, StreamExt};
 use prompt::decode::Decoder;
 
 use crate::backend::{BackendError, Finish, TokenLogprobs, TokenStream};
-use crate::respond::response::{ChatTokenLogprob, StopReason, TopLogprob};
+use std::sync::Arc;
+
+use crate::respond::response::{ChatTokenLogprob, PromptTokenLogprob, StopReason, TopLogprob};
 
 /// Text decoded from the generated ids so far, handed out piece by piece.
 ///
@@ -150,6 +152,9 @@ pub struct Delta {
     /// On the last delta: the prompt tokens the workers served from their prefix cache, when
     /// they said.
     pub cached_tokens: Option<u32>,
+    /// With prompt logprobs asked, on choice 0's first delta: every prompt token with its
+    /// logprob.
+    pub prompt_logprobs: Option<Arc<Vec<PromptTokenLogprob>>>,
 }
 
 /// Logprobs below this are sent as this (OpenAI's and vLLM's floor): JSON
@@ -207,6 +212,17 @@ pub struct Output {
     ids_as_text: bool,
     /// The latest count of prompt tokens served from the prefix cache the workers sent.
     cached_tokens: Option<u32>,
+    /// With prompt logprobs asked (choice 0 only): the prompt, the logprobs received so far, and
+    /// whether they went out.
+    scoring: Option<Scoring>,
+}
+
+/// A prompt being scored: its ids and the logprobs of tokens `1..=logprobs.len()` received.
+#[derive(Debug)]
+struct Scoring {
+    prompt: Arc<Vec<u32>>,
+    logprobs: Vec<TokenLogprobs>,
+    sent: bool,
 }
 
 impl Output {
@@ -227,7 +243,45 @@ impl Output {
             stop_reason: None,
             ids_as_text: false,
             cached_tokens: None,
+            scoring: None,
         }
+    }
+
+    /// The same output reporting `prompt`'s logprobs (as the workers send them) on its first
+    /// delta.
+    pub fn score_prompt(self, prompt: Arc<Vec<u32>>) -> Self {
+        Self { scoring: Some(Scoring { prompt, logprobs: Vec::new(), sent: false }), ..self }
+    }
+
+    /// Takes more of the prompt's logprobs, in order.
+    pub fn prompt_logprobs(&mut self, more: Vec<TokenLogprobs>) {
+        if let Some(scoring) = &mut self.scoring {
+            scoring.logprobs.extend(more);
+        }
+    }
+
+    /// The prompt's tokens with their logprobs, once: the first delta carries them.
+    fn take_prompt_logprobs(&mut self) -> Option<Arc<Vec<PromptTokenLogprob>>> {
+        let scoring = self.scoring.as_mut().filter(|s| !s.sent)?;
+        scoring.sent = true;
+        let (decoder, ids_as_text) = (&self.detok.decoder, self.ids_as_text);
+        let scored = scoring.prompt.iter().enumerate().map(|(position, &id)| {
+            let (token, _) = token_text(decoder, id, ids_as_text);
+            let logprobs = position.checked_sub(1).and_then(|i| scoring.logprobs.get(i));
+            PromptTokenLogprob {
+                id,
+                token,
+                logprob: logprobs.map(|l| l.logprob.max(MIN_LOGPROB)),
+                rank: logprobs.map_or(0, |l| l.rank),
+                top: logprobs
+                    .map(|l| {
+                        let text = |id| token_text(decoder, id, ids_as_text).0;
+                        l.top.iter().map(|&(id, lp)| (id, text(id), lp.max(MIN_LOGPROB))).collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        });
+        Some(Arc::new(scored.collect()))
     }
 
     /// Notes the workers' count of prompt tokens served from their prefix cache; the last
@@ -359,7 +413,8 @@ impl Output {
         let stop_reason = if finish == Some(Finish::Stop) { self.stop_reason.take() } else { None };
         let cached_tokens = if finish.is_some() { self.cached_tokens } else { None };
         let token_ids = std::mem::take(&mut self.pending_ids);
-        Delta { index: 0, text, token_ids, logprobs, finish, stop_reason, cached_tokens }
+        let prompt_logprobs = self.take_prompt_logprobs();
+        Delta { index: 0, text, token_ids, logprobs, finish, stop_reason, cached_tokens, prompt_logprobs }
     }
 }
 
@@ -392,10 +447,15 @@ pub fn deltas(tokens: TokenStream, outputs: Vec<Output>) -> BoxStream<'static, R
                 }
             };
             let index = chunk.index;
-            let Some(output) = outputs.get_mut(index as usize) else {
+            if index as usize >= outputs.len() {
                 let error = format!("the workers sent choice {index} of {}", outputs.len());
                 return Some((Err(BackendError::Worker(error)), None));
-            };
+            }
+            if !chunk.prompt_logprobs.is_empty() {
+                // They belong to the request: choice 0 reports them.
+                outputs[0].prompt_logprobs(chunk.prompt_logprobs);
+            }
+            let output = &mut outputs[index as usize];
             if let Some(count) = chunk.cached_tokens {
                 output.cached_tokens(count);
             }

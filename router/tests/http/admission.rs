@@ -38,6 +38,7 @@ impl Backend for GatedBackend {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         };
         stream::once(async move {
             if slow {

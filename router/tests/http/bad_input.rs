@@ -29,6 +29,7 @@ impl Backend for Recording {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         };
         stream::iter([Ok(done)]).boxed()
     }

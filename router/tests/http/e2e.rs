@@ -66,6 +66,7 @@ impl Prefill for FakeWorker {
             num_cached_tokens: 2,
             first_token_logprobs: None,
             choices: vec![],
+            prompt_logprobs: vec![],
         }))
     }
     async fn release_kv(&self, request: Request<ReleaseKvRequest>) -> Result<Response<ReleaseKvResponse>, Status> {
@@ -83,13 +84,14 @@ impl Decode for FakeWorker {
         first.extend(ids("ello"));
         self.decoded.lock().unwrap().push(request);
         let chunks = vec![
-            Ok(DecodeChunk { token_ids: first, finish_reason: 0, logprobs: vec![], index: 0, num_cached_tokens: 3 }),
+            Ok(DecodeChunk { token_ids: first, num_cached_tokens: 3, ..DecodeChunk::default() }),
             Ok(DecodeChunk {
                 token_ids: vec![EOS],
                 finish_reason: FinishReason::Stop.into(),
                 logprobs: vec![],
                 index: 0,
                 num_cached_tokens: 3,
+                prompt_logprobs: vec![],
             }),
         ];
         Ok(Response::new(stream::iter(chunks).boxed()))

@@ -496,7 +496,49 @@ fn cases() -> Vec<Case> {
                     && o.body["choices"][0]["logprobs"]["text_offset"][1] == 1
             }),
         ),
-        case("prompt_logprobs", BOTH, json!({"prompt_logprobs": 1}), Refused),
+        case(
+            "prompt_logprobs",
+            COMPLETION,
+            json!({"prompt_logprobs": 1}),
+            Effect(|o| {
+                let scored = &o.body["choices"][0]["prompt_logprobs"];
+                o.seen().sampling.prompt_logprobs == Some(1)
+                    && scored[0].is_null()
+                    && scored[2]["105"] == json!({"logprob": -0.5, "rank": 2, "decoded_token": "i"})
+                    && scored[2]["122"]["rank"] == 1
+            }),
+        ),
+        case(
+            "prompt_logprobs",
+            CHAT,
+            json!({"prompt_logprobs": 0}),
+            Effect(|o| {
+                let scored = o.body["prompt_logprobs"].as_array().cloned().unwrap_or_default();
+                scored.len() == o.seen().prompt_token_ids.len()
+                    && scored[0].is_null()
+                    && scored[1..].iter().all(|t| t.as_object().is_some_and(|t| t.len() == 2))
+            }),
+        ),
+        case("prompt_logprobs", BOTH, json!({"prompt_logprobs": 1, "stream": true}), Refused),
+        case(
+            "echo",
+            COMPLETION,
+            json!({"echo": true, "logprobs": 1}),
+            Effect(|o| {
+                let lp = &o.body["choices"][0]["logprobs"];
+                o.seen().sampling.prompt_logprobs == Some(1)
+                    // The walk's model puts BOS (`<eos>` here) first.
+                    && lp["tokens"].as_array().is_some_and(|t| t[..4] == [json!("<eos>"), json!("H"), json!("i"), json!("T")])
+                    && lp["token_logprobs"][0].is_null()
+                    && lp["top_logprobs"][0].is_null()
+                    && lp["token_logprobs"][2] == -0.5
+                    && lp["top_logprobs"][2] == json!({"i": -0.5, "z": -0.25})
+                    && lp["token_logprobs"][3] == -1.0
+                    && lp["text_offset"].as_array().is_some_and(|o| o[..4] == [json!(0), json!(5), json!(6), json!(7)])
+                    && o.body["choices"][0].get("prompt_logprobs").is_none()
+            }),
+        ),
+        case("echo", COMPLETION, json!({"echo": true, "logprobs": 1, "stream": true}), Refused),
         case(
             "return_tokens_as_token_ids",
             CHAT,
@@ -595,8 +637,19 @@ impl Backend for Scripted {
         let text = if chat { "<think>ok</think>The end" } else { "The end" };
         let n = request.sampling.n;
         let last = request.sampling.stop_token_ids.first().copied().unwrap_or(EOS);
+        // Asked to score the prompt: each prompt token at logprob -0.5, second to 'z'.
+        let scored: Vec<TokenChunk> = request
+            .sampling
+            .prompt_logprobs
+            .map(|_| {
+                let score = |_: &u32| TokenLogprobs { logprob: -0.5, top: vec![(b'z'.into(), -0.25)], rank: 2 };
+                let prompt_logprobs = request.prompt_token_ids.iter().skip(1).map(score).collect();
+                TokenChunk { prompt_logprobs, ..TokenChunk::default() }
+            })
+            .into_iter()
+            .collect();
         *self.seen.lock().unwrap() = Some(request);
-        let lp = |id: u32| TokenLogprobs { logprob: -1.0, top: vec![(id, -1.0), (b'z'.into(), -2.0)] };
+        let lp = |id: u32| TokenLogprobs { logprob: -1.0, top: vec![(id, -1.0), (b'z'.into(), -2.0)], rank: 1 };
         let chunks = (0..n).flat_map(move |index| {
             [
                 TokenChunk {
@@ -605,6 +658,7 @@ impl Backend for Scripted {
                     logprobs: ids(text).into_iter().map(lp).collect(),
                     finish: None,
                     cached_tokens: None,
+                    prompt_logprobs: vec![],
                 },
                 TokenChunk {
                     index,
@@ -612,10 +666,11 @@ impl Backend for Scripted {
                     logprobs: vec![lp(last)],
                     finish: Some(Finish::Stop),
                     cached_tokens: None,
+                    prompt_logprobs: vec![],
                 },
             ]
         });
-        stream::iter(chunks.map(Ok).collect::<Vec<_>>()).boxed()
+        stream::iter(scored.into_iter().chain(chunks).map(Ok).collect::<Vec<_>>()).boxed()
     }
 }
 

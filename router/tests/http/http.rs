@@ -32,14 +32,29 @@ impl Backend for FakeBackend {
 fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
     // "Hé" with the é split over two tokens, then " you" and eos.
     vec![
-        Ok(TokenChunk { index: 0, token_ids: ids("H"), logprobs: vec![], finish: None, cached_tokens: None }),
-        Ok(TokenChunk { index: 0, token_ids: ids("é you"), logprobs: vec![], finish: None, cached_tokens: None }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("H"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("é you"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        }),
         Ok(TokenChunk {
             index: 0,
             token_ids: vec![EOS],
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
     ]
 }
@@ -106,7 +121,11 @@ async fn chat_completion_body() {
 
 /// "Hi" then eos, each with logprobs that name the token (logprob -id).
 fn chunks_with_logprobs() -> Vec<Result<TokenChunk, BackendError>> {
-    let lp = |id: u32| TokenLogprobs { logprob: -(id as f32), top: vec![(id, -(id as f32)), (b'z'.into(), -200.0)] };
+    let lp = |id: u32| TokenLogprobs {
+        logprob: -(id as f32),
+        top: vec![(id, -(id as f32)), (b'z'.into(), -200.0)],
+        rank: 1,
+    };
     vec![
         Ok(TokenChunk {
             index: 0,
@@ -114,6 +133,7 @@ fn chunks_with_logprobs() -> Vec<Result<TokenChunk, BackendError>> {
             logprobs: ids("Hi").into_iter().map(lp).collect(),
             finish: None,
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         Ok(TokenChunk {
             index: 0,
@@ -121,6 +141,7 @@ fn chunks_with_logprobs() -> Vec<Result<TokenChunk, BackendError>> {
             logprobs: vec![lp(EOS)],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
     ]
 }
@@ -170,7 +191,14 @@ async fn chat_logprobs_body_and_stream() {
 async fn n_choices_each_with_index_finish_and_stop_strings() {
     // Choice 0 says "ab!" then eos; choice 1 says "xy" and hits max_tokens; interleaved.
     let chunk = |index, text: &str, finish| {
-        Ok(TokenChunk { index, token_ids: ids(text), logprobs: vec![], finish, cached_tokens: None })
+        Ok(TokenChunk {
+            index,
+            token_ids: ids(text),
+            logprobs: vec![],
+            finish,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        })
     };
     let chunks = vec![
         chunk(1, "x", None),
@@ -183,6 +211,7 @@ async fn n_choices_each_with_index_finish_and_stop_strings() {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
     ];
     let (app, backend) = setup(chunks);
@@ -330,13 +359,21 @@ async fn worker_failures_are_5xx_or_stream_errors() {
 #[tokio::test]
 async fn a_worker_dying_mid_stream_ends_each_open_choice_with_an_error() {
     let chunks = vec![
-        Ok(TokenChunk { index: 0, token_ids: ids("H"), logprobs: vec![], finish: None, cached_tokens: None }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("H"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        }),
         Ok(TokenChunk {
             index: 1,
             token_ids: vec![EOS],
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         Err(BackendError::Unavailable("decode worker gone".into())),
     ];
@@ -640,7 +677,14 @@ fn weather_tool() -> Value {
 /// A think block, a line of text and a Hermes tool call, split mid-tag.
 fn tool_call_chunks() -> Vec<Result<TokenChunk, BackendError>> {
     let chunk = |text: &str| {
-        Ok(TokenChunk { index: 0, token_ids: ids(text), logprobs: vec![], finish: None, cached_tokens: None })
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids(text),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        })
     };
     vec![
         chunk("<thi"),
@@ -654,6 +698,7 @@ fn tool_call_chunks() -> Vec<Result<TokenChunk, BackendError>> {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
     ]
 }
@@ -836,7 +881,14 @@ struct HangingBackend;
 
 impl Backend for HangingBackend {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
-        let first = TokenChunk { index: 0, token_ids: ids("Hi"), logprobs: vec![], finish: None, cached_tokens: None };
+        let first = TokenChunk {
+            index: 0,
+            token_ids: ids("Hi"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        };
         stream::iter([Ok(first)]).chain(stream::pending()).boxed()
     }
 }
@@ -911,7 +963,9 @@ async fn completion_echo_whole_and_streamed() {
     assert_eq!(texts, ["abHé you", "ab"]);
     assert!(firsts.iter().all(|f| f.as_deref().unwrap().starts_with("ab")));
 
-    let (status, body) = post_json(app, "/v1/completions", json!({"prompt": "ab", "echo": true, "logprobs": 1})).await;
+    // Echo with logprobs scores the prompt, which a stream cannot carry.
+    let body = json!({"prompt": "ab", "echo": true, "logprobs": 1, "stream": true});
+    let (status, body) = post_json(app, "/v1/completions", body).await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "BadRequestError", json!("echo"));
 }
 
@@ -967,6 +1021,7 @@ async fn skip_special_tokens_false_keeps_them_in_the_text() {
             logprobs: vec![],
             finish: None,
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
         Ok(TokenChunk {
             index: 0,
@@ -974,6 +1029,7 @@ async fn skip_special_tokens_false_keeps_them_in_the_text() {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }),
     ];
     let (app, _) = setup(chunks);

@@ -42,7 +42,14 @@ impl Backend for OneToken {
     fn generate(&self, request: GenerateRequest) -> TokenStream {
         self.seen.lock().unwrap().push(request.request_id);
         let chunk = |t: u32, finish| {
-            Ok(TokenChunk { index: 0, token_ids: vec![t], logprobs: vec![], finish, cached_tokens: None })
+            Ok(TokenChunk {
+                index: 0,
+                token_ids: vec![t],
+                logprobs: vec![],
+                finish,
+                cached_tokens: None,
+                prompt_logprobs: vec![],
+            })
         };
         stream::iter([chunk(self.byte, None), chunk(EOS, Some(Finish::Stop))]).boxed()
     }

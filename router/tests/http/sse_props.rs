@@ -31,7 +31,14 @@ impl Backend for Scripted {
             .chunks
             .iter()
             .map(|ids| {
-                Ok(TokenChunk { index: 0, token_ids: ids.clone(), logprobs: vec![], finish: None, cached_tokens: None })
+                Ok(TokenChunk {
+                    index: 0,
+                    token_ids: ids.clone(),
+                    logprobs: vec![],
+                    finish: None,
+                    cached_tokens: None,
+                    prompt_logprobs: vec![],
+                })
             })
             .collect();
         chunks.push(Ok(TokenChunk {
@@ -40,6 +47,7 @@ impl Backend for Scripted {
             logprobs: vec![],
             finish: Some(Finish::Stop),
             cached_tokens: None,
+            prompt_logprobs: vec![],
         }));
         stream::iter(chunks).boxed()
     }

@@ -36,7 +36,14 @@ impl Backend for Backend3 {
         self.started.lock().unwrap().push(request);
         let release = self.release.clone();
         let chunk = |t: u32, finish| {
-            Ok(TokenChunk { index: 0, token_ids: vec![t], logprobs: vec![], finish, cached_tokens: None })
+            Ok(TokenChunk {
+                index: 0,
+                token_ids: vec![t],
+                logprobs: vec![],
+                finish,
+                cached_tokens: None,
+                prompt_logprobs: vec![],
+            })
         };
         let mut tokens = vec![chunk(97, None), chunk(98, None), chunk(99, None)];
         if !hang {

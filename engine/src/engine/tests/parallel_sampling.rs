@@ -17,6 +17,7 @@ fn collect_choices(mut rx: UnboundedReceiver<EngineEvent>, n: usize) -> Vec<(Vec
                 assert!(choice.1.replace(event).is_none(), "choice {index} finished twice");
             }
             EngineEvent::Error(e) => panic!("{e}"),
+            EngineEvent::PromptLogprobs { .. } => panic!("prompt logprobs were not asked for"),
         }
     }
     out.into_iter().map(|(tokens, last)| (tokens, last.expect("every choice finishes"))).collect()

@@ -293,7 +293,7 @@ fn new_fields_out_of_range_name_the_field() {
         (json!({"prompt": "a", "request_id": "a\tb"}), "request_id"),
         (json!({"prompt": "a", "kv_transfer_params": 5}), "kv_transfer_params"),
         (json!({"prompt": "a", "kv_transfer_params": [1]}), "kv_transfer_params"),
-        (json!({"prompt": "a", "echo": true, "logprobs": 0}), "echo"),
+        (json!({"prompt": "a", "echo": true, "logprobs": 0, "stream": true}), "echo"),
     ] {
         assert_eq!(field_of(completion(body.clone())).as_deref(), Some(field), "{body}");
     }

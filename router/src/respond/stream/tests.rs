@@ -79,8 +79,22 @@ fn max_tokens_finishes_with_length() {
 #[tokio::test]
 async fn deltas_stop_pulling_after_a_stop_string() {
     let chunks = vec![
-        Ok(TokenChunk { index: 0, token_ids: ids("hi!"), logprobs: vec![], finish: None, cached_tokens: None }),
-        Ok(TokenChunk { index: 0, token_ids: ids("more"), logprobs: vec![], finish: None, cached_tokens: None }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("hi!"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        }),
+        Ok(TokenChunk {
+            index: 0,
+            token_ids: ids("more"),
+            logprobs: vec![],
+            finish: None,
+            cached_tokens: None,
+            prompt_logprobs: vec![],
+        }),
         Err(BackendError::Aborted),
     ];
     let output = Output::new(decoder(), vec!["!".into()], 100);
@@ -92,7 +106,7 @@ async fn deltas_stop_pulling_after_a_stop_string() {
 
 /// Logprobs whose value is the token id, to tell them apart.
 fn lp(id: u32) -> Option<TokenLogprobs> {
-    Some(TokenLogprobs { logprob: -(id as f32), top: vec![(id, -(id as f32))] })
+    Some(TokenLogprobs { logprob: -(id as f32), top: vec![(id, -(id as f32))], rank: 1 })
 }
 
 fn reported(deltas: &[Delta]) -> Vec<String> {
@@ -135,7 +149,7 @@ fn a_split_character_and_eos_report_every_token() {
 #[test]
 fn minus_infinity_is_sent_as_the_floor() {
     let mut output = Output::new(decoder(), vec![], 100);
-    let inf = TokenLogprobs { logprob: f32::NEG_INFINITY, top: vec![] };
+    let inf = TokenLogprobs { logprob: f32::NEG_INFINITY, top: vec![], rank: 1 };
     let delta = output.push_with_logprobs(b'a'.into(), Some(inf), None).unwrap();
     assert_eq!(delta.logprobs[0].logprob, -9999.0);
 }

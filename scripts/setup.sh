@@ -16,7 +16,8 @@
 #   curl if missing, for the example request serve.sh prints.
 # - test: Debian's etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
-#   scripts/fuzz.sh); the `openai` client, `jsonschema` and schemathesis in .venv.
+#   scripts/fuzz.sh); the `openai` client, `jsonschema`, lm-evaluation-harness and schemathesis in
+#   .venv.
 # Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,6 +70,12 @@ fi
 if ! .venv/bin/python -c "import jsonschema" 2>/dev/null; then
   say "installing jsonschema into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check jsonschema
+fi
+# lm-evaluation-harness scores a multiple-choice task through /v1/completions
+# (tests/tests/clients.rs); its `api` extra is the HTTP client, without torch.
+if ! .venv/bin/python -c "import lm_eval" 2>/dev/null; then
+  say "installing lm-evaluation-harness into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "lm_eval[api]==0.4.13"
 fi
 # Schemathesis fuzzes the router's /openapi.json (tests/tests/schemathesis.rs).
 if [ "$(.venv/bin/st --version 2>/dev/null)" != "st, version 4.32.5" ]; then

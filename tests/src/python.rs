@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::workspace_root;
 
-/// The Python that has `openai` and `jsonschema` installed: `PDSERVE_PYTHON`, else the
+/// The Python that has `openai`, `jsonschema` and `lm_eval` installed: `PDSERVE_PYTHON`, else the
 /// project's venv (scripts/setup.sh).
 pub fn python() -> PathBuf {
     std::env::var_os("PDSERVE_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin/python"))

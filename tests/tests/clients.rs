@@ -57,6 +57,16 @@ async fn openai_python_sdk_reads_the_api_fields_beyond_the_basics() {
     run_client("openai_api_fields.py", cluster.router.url(), &model, &[], "openai api fields ok").await;
 }
 
+/// lm-evaluation-harness's `local-completions` model scores a multiple-choice task made in the
+/// test (loglikelihoods from `echo` with `logprobs`, through the router's remote tokenizer), and
+/// every number equals the one computed from the model's logits token by token.
+#[tokio::test]
+async fn lm_evaluation_harness_scores_a_multiple_choice_task() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    run_client("lm_eval_loglikelihood.py", cluster.router.url(), &model, &[], "lm-eval loglikelihood ok").await;
+}
+
 #[tokio::test]
 async fn vllm_client_crate_chats() {
     let cluster = Cluster::start(ClusterOptions::default());

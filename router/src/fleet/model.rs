@@ -44,6 +44,8 @@ pub struct Model {
     pub decoder: Decoder,
     /// The chat template; `None` when the card has none (chat is then refused).
     pub template: Option<ChatTemplate>,
+    /// The chat template's Jinja source, empty when there is none (`/tokenizer_info`).
+    pub template_source: String,
     /// The BOS token's text, the template's `bos_token` (also for a request's own template).
     pub bos_token: String,
     /// The EOS token's text, the template's `eos_token`.
@@ -118,6 +120,7 @@ impl Model {
             decoder: Decoder::new(tokenizer.clone()),
             tokenizer,
             template,
+            template_source: card.chat_template.clone(),
             bos_token: card.bos_token.clone(),
             eos_token: card.eos_token.clone(),
             bos_token_id,

@@ -36,6 +36,7 @@ fn routes() -> Vec<Route> {
         route(Method::POST, "/tokenize", post(tokenize::tokenize), false),
         route(Method::POST, "/detokenize", post(tokenize::detokenize), false),
         route(Method::GET, "/version", get(tokenize::version), false),
+        route(Method::GET, "/tokenizer_info", get(tokenize::tokenizer_info), false),
         route(Method::GET, "/metrics", get(meta::render_metrics), false),
         route(Method::GET, "/openapi.json", get(openapi::openapi_json), false),
     ]

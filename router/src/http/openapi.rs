@@ -42,6 +42,7 @@ use crate::prepare::request::{
         crate::http::tokenize::tokenize,
         crate::http::tokenize::detokenize,
         crate::http::tokenize::version,
+        crate::http::tokenize::tokenizer_info,
     ),
     components(schemas(
         ChatCompletionRequest,

@@ -1,10 +1,11 @@
-//! vLLM's utility endpoints: `POST /tokenize`, `POST /detokenize`, `GET /version`.
+//! vLLM's utility endpoints: `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`,
+//! `GET /version`.
 //!
 //! Tokenization goes through the same functions as the generation endpoints
 //! (`tokenize`, `validation::chat_messages`), so `/tokenize` returns exactly
 //! the prompt ids a chat or completion request would run.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::Json;
 
 use crate::fleet::model::Model;
@@ -14,7 +15,7 @@ use crate::http::state::AppState;
 use crate::prepare::request::{DetokenizeRequest, TokenizeRequest};
 use crate::prepare::tokenize;
 use crate::prepare::validate::{chat_messages, chat_render, chat_tools, ValidationError};
-use crate::respond::response::{DetokenizeResponse, TokenizeResponse, VersionResponse};
+use crate::respond::response::{DetokenizeResponse, TokenizeResponse, TokenizerInfo, VersionResponse};
 use crate::tenancy::Caller;
 
 /// `POST /tokenize`.
@@ -60,6 +61,39 @@ pub async fn detokenize(
     let tokens = body.tokens.ok_or(ValidationError::Missing { field: "tokens" })?;
     let ids = tokenize::vocab_ids(&model, "tokens", &tokens)?;
     Ok(Json(DetokenizeResponse { prompt: tokenize::decode(&model, &ids)? }))
+}
+
+/// `GET /tokenizer_info`'s query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct TokenizerInfoQuery {
+    /// The served model; needed only when several are served.
+    pub model: Option<String>,
+}
+
+/// `GET /tokenizer_info`: the model's tokenizer settings and chat template, as vLLM's.
+#[utoipa::path(get, path = "/tokenizer_info", tag = "vllm", params(TokenizerInfoQuery), security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The tokenizer's special tokens, context length and chat template", body = TokenizerInfo),
+        (status = 400, description = "Several models are served and none was named", body = ErrorResponse),
+        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
+        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
+        (status = 503, description = "The model is still loading", body = ErrorResponse)))]
+pub async fn tokenizer_info(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<TokenizerInfoQuery>,
+) -> Result<Json<TokenizerInfo>, ApiError> {
+    let (_, model) = state.model(query.model.as_deref()).await?;
+    caller.authorize(&model.served_name)?;
+    Ok(Json(TokenizerInfo {
+        tokenizer_class: "PreTrainedTokenizerFast",
+        eos_token: model.eos_token.clone(),
+        bos_token: model.bos_token.clone(),
+        add_bos_token: model.bos_token_id.is_some(),
+        model_max_length: model.context_length,
+        chat_template: Some(model.template_source.clone()).filter(|t| !t.trim().is_empty()),
+    }))
 }
 
 /// `GET /version`: needs no model, so it answers while the card loads.

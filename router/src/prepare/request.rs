@@ -413,6 +413,9 @@ pub enum Prompt {
     TokenIds(Vec<i64>),
     /// A batch of texts; only a batch of one is supported.
     Texts(Vec<String>),
+    /// A batch of token-id prompts (what lm-evaluation-harness sends); only a batch of one is
+    /// supported.
+    TokenIdLists(Vec<Vec<i64>>),
 }
 
 /// Body of vLLM's `POST /tokenize`: the completion form (`prompt`) or the

@@ -242,6 +242,22 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
             }
             ids
         }
+        Prompt::TokenIdLists(lists) => match lists.as_slice() {
+            [] => return Err(ValidationError::Empty { field: "prompt" }),
+            [ids] => {
+                let ids = tokenize::token_id_prompt(model, ids)?;
+                if echo {
+                    echo_text = Some(tokenize::decode_with(model, &ids, skip_special_tokens)?);
+                }
+                ids
+            }
+            _ => {
+                return Err(ValidationError::Unsupported {
+                    field: "prompt",
+                    reason: format!("batched prompts are not supported, got {}", lists.len()),
+                })
+            }
+        },
     };
     let mut valid = finish(model, prompt, req.params)?;
     valid.echo = echo_text;

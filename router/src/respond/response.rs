@@ -382,6 +382,24 @@ pub struct DetokenizeResponse {
     pub prompt: String,
 }
 
+/// vLLM's `GET /tokenizer_info` answer: what a client needs to tokenize as the server does
+/// through `/tokenize` (lm-evaluation-harness's remote tokenizer reads it).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenizerInfo {
+    /// Always `PreTrainedTokenizerFast`: the tokenizer is a Hugging Face `tokenizer.json`.
+    pub tokenizer_class: &'static str,
+    /// The end-of-sequence token's text.
+    pub eos_token: String,
+    /// The beginning-of-sequence token's text.
+    pub bos_token: String,
+    /// Whether text prompts get BOS first.
+    pub add_bos_token: bool,
+    /// Longest prompt plus completion, in tokens.
+    pub model_max_length: u32,
+    /// The chat template's Jinja source; null when the model has none.
+    pub chat_template: Option<String>,
+}
+
 /// vLLM's `GET /version` answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VersionResponse {

@@ -55,6 +55,12 @@ pub fn prompt() -> impl Into<RefOr<Schema>> {
         .item(text())
         .item(ArrayBuilder::new().items(token_id()).min_items(Some(1)))
         .item(ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(1)))
+        .item(
+            ArrayBuilder::new()
+                .items(ArrayBuilder::new().items(token_id()).min_items(Some(1)))
+                .min_items(Some(1))
+                .max_items(Some(1)),
+        )
 }
 
 fn token_id() -> ObjectBuilder {

@@ -9,7 +9,9 @@
 //! As in vLLM, the raw logits are first processed in place:
 //!
 //! 0. a structured output's grammar sets every token it forbids next to
-//!    `-inf` (nothing after can bring one back);
+//!    `-inf` (nothing after can bring one back), and so do `allowed_token_ids`
+//!    (every token not listed) and `bad_words` (a word's last token, when the
+//!    output ends with the rest of it);
 //! 1. `logit_bias` is added;
 //! 2. while fewer than `min_tokens` tokens were generated, the stop tokens
 //!    (`stop_token_ids`, plus the model's eos unless `ignore_eos`) are set to
@@ -80,6 +82,12 @@ pub struct SamplingParams {
     /// in [`EngineEvent::PromptLogprobs`](crate::EngineEvent::PromptLogprobs). The prompt is
     /// then computed whole, never taken from the prefix cache.
     pub prompt_logprobs: Option<u32>,
+    /// vLLM's `allowed_token_ids`: when set, every other token is masked (its logprob, which
+    /// describes the raw logits, is unchanged). Must not be empty.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `bad_words`, as token sequences: a one-token word is never sampled; a longer one's
+    /// last token is masked whenever the output ends with the rest of it.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 /// Most `top` entries a request may ask for per token (OpenAI's limit).
@@ -167,6 +175,8 @@ impl Default for SamplingParams {
             min_tokens: 0,
             logprobs: None,
             prompt_logprobs: None,
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
         }
     }
 }
@@ -199,6 +209,12 @@ pub struct Sampler {
     logprobs: Option<u32>,
     /// The structured output this sequence is held to, if any.
     grammar: Option<constraint::Grammar>,
+    /// `SamplingParams::allowed_token_ids`, sorted and deduplicated.
+    allowed: Option<Vec<u32>>,
+    /// `SamplingParams::bad_words`.
+    bad_words: Vec<Vec<u32>>,
+    /// The output so far, kept only for multi-token bad words.
+    output: Vec<u32>,
 }
 
 /// Repetition, presence and frequency penalties, and the token history they
@@ -293,6 +309,13 @@ impl Sampler {
             penalties,
             logprobs: params.logprobs,
             grammar: None,
+            allowed: params.allowed_token_ids.clone().map(|mut ids| {
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }),
+            bad_words: params.bad_words.iter().filter(|w| !w.is_empty()).cloned().collect(),
+            output: Vec::new(),
         }
     }
 
@@ -345,6 +368,9 @@ impl Sampler {
     fn observe(&mut self, token: u32) {
         self.num_generated += 1;
         self.penalties.observe_output(token);
+        if self.bad_words.iter().any(|w| w.len() > 1) {
+            self.output.push(token);
+        }
         if let Some(grammar) = &mut self.grammar {
             grammar.accept(token);
         }
@@ -359,6 +385,7 @@ impl Sampler {
         if let Some(grammar) = &mut self.grammar {
             grammar.mask(logits);
         }
+        self.mask_disallowed(logits);
         self.process(logits);
         let token = self.choose(logits);
         self.observe(token);
@@ -375,6 +402,28 @@ impl Sampler {
         let raw = logits.to_vec();
         let token = self.sample(logits);
         (token, Some(TokenLogprobs::from_logits(&raw, token, k as usize)))
+    }
+
+    /// `allowed_token_ids` and `bad_words`: what the request forbids, masked like a grammar's.
+    fn mask_disallowed(&self, logits: &mut [f32]) {
+        if let Some(allowed) = &self.allowed {
+            let mut next = allowed.iter().copied().peekable();
+            for (id, logit) in (0u32..).zip(logits.iter_mut()) {
+                if next.peek() == Some(&id) {
+                    next.next();
+                } else {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for word in &self.bad_words {
+            let (last, before) = word.split_last().expect("empty bad words are dropped");
+            if self.output.ends_with(before) {
+                if let Some(logit) = logits.get_mut(*last as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
     }
 
     /// Steps 1 to 3 of the module docs.
@@ -741,6 +790,40 @@ mod tests {
         let mut s = greedy_with(p).with_eos(&[0]);
         s.record(2);
         assert_eq!([sample_copy(&mut s, &row), sample_copy(&mut s, &row)], [2, 0]);
+    }
+
+    #[test]
+    fn allowed_token_ids_restrict_the_draw_and_leave_the_logprobs_raw() {
+        let row = [4.0, 3.0, 2.0, 1.0];
+        let p =
+            SamplingParams { allowed_token_ids: Some(vec![3, 2, 3]), logprobs: Some(1), ..SamplingParams::default() };
+        let mut s = greedy_with(p.clone());
+        let (token, logprobs) = s.sample_with_logprobs(&mut row.to_vec());
+        assert_eq!(token, 2);
+        // The logprobs describe the model: token 0 is still the most likely.
+        let logprobs = logprobs.unwrap();
+        assert_eq!((logprobs.rank, logprobs.top[0].0), (3, 0));
+        for seed in 0..50 {
+            let mut s = Sampler::new(&SamplingParams { temperature: 1.0, ..p.clone() }, seed);
+            assert!([2, 3].contains(&sample_copy(&mut s, &row)), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn bad_words_mask_a_word_alone_and_a_word_s_last_token_after_its_start() {
+        let row = [1.0, 4.0, 3.0, 2.0];
+        // Token 1 alone, and the pair (2, 3).
+        let p = SamplingParams { bad_words: vec![vec![1], vec![2, 3]], ..SamplingParams::default() };
+        let mut s = greedy_with(p);
+        // 1 is banned: 2 is next best; after 2, its pair's 3 is banned too: 0... unless 2 again.
+        assert_eq!(sample_copy(&mut s, &row), 2);
+        assert_eq!(sample_copy(&mut s, &row), 2);
+        let mut s = greedy_with(SamplingParams { bad_words: vec![vec![2, 3]], ..SamplingParams::default() });
+        s.record(2);
+        assert_eq!(sample_copy(&mut s, &[0.0, 0.0, 1.0, 2.0]), 2, "3 may not follow 2");
+        assert_eq!(sample_copy(&mut s, &[0.0, 0.0, 1.0, 2.0]), 2);
+        s.record(0);
+        assert_eq!(sample_copy(&mut s, &[0.0, 0.0, 1.0, 2.0]), 3, "3 may follow anything else");
     }
 
     #[test]

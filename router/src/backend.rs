@@ -45,6 +45,10 @@ pub struct Sampling {
     /// `None`: none. `Some(k)`: vLLM's prompt logprobs, each prompt token's logprob given the
     /// tokens before it and the `k` (at most 20) most likely tokens' there.
     pub prompt_logprobs: Option<u32>,
+    /// vLLM's `allowed_token_ids` (in the vocabulary, not empty): every other token is masked.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `bad_words`, tokenized: each a token sequence the output may not end with.
+    pub bad_words: Vec<Vec<u32>>,
     /// Choices generated from the one prompt, in [1, 16].
     pub n: u32,
     /// The structured output every choice is held to (checked to compile).
@@ -73,6 +77,8 @@ impl Default for Sampling {
             min_tokens: 0,
             logprobs: None,
             prompt_logprobs: None,
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
             n: 1,
             constraint: None,
             constraint_prefix: Vec::new(),

@@ -135,3 +135,41 @@ async fn bad_requests_get_openai_errors() {
     let ok = post(&chat, json!({"model": model, "messages": msgs, "max_tokens": 2})).await;
     assert_eq!(ok.status(), 200);
 }
+
+/// vLLM's `bad_words` and `allowed_token_ids` hold on the real model, the same whether the prefill
+/// worker samples the first token (disaggregated) or the decode worker does (colocated).
+#[tokio::test]
+async fn bad_words_and_allowed_token_ids_hold_on_both_paths() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    let complete = |extra: Value| {
+        let model = model.clone();
+        let urls = [cluster.router.url().to_owned(), cluster.colocated_router.url().to_owned()];
+        async move {
+            let mut answers = Vec::new();
+            for url in urls {
+                let mut body = json!({"model": model, "prompt": "The capital of France is", "temperature": 0,
+                                      "max_tokens": 6, "return_token_ids": true});
+                body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+                let answer: Value = post(&format!("{url}/v1/completions"), body).await.json().await.unwrap();
+                answers.push(answer["choices"][0].clone());
+            }
+            assert_eq!(answers[0]["token_ids"], answers[1]["token_ids"], "disaggregated vs colocated");
+            answers.remove(0)
+        }
+    };
+    let free = complete(json!({})).await;
+    let text = free["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{free}");
+    let banned = complete(json!({"bad_words": ["Paris"]})).await;
+    assert!(!banned["text"].as_str().unwrap().contains("Paris"), "{banned}");
+    assert_ne!(banned["token_ids"], free["token_ids"]);
+
+    let url = format!("{}/tokenize", cluster.router.url());
+    let body = json!({"prompt": " London Rome Berlin and.", "add_special_tokens": false});
+    let ids: Value = post(&url, body).await.json().await.unwrap();
+    let allowed: Vec<u64> = ids["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    let restricted = complete(json!({"allowed_token_ids": allowed})).await;
+    let ids: Vec<u64> = restricted["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert!(!ids.is_empty() && ids.iter().all(|id| allowed.contains(id)), "{restricted} vs {allowed:?}");
+}

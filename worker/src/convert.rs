@@ -38,6 +38,8 @@ pub fn sampling(p: Option<pb::SamplingParams>) -> Result<engine::SamplingParams,
         min_tokens: p.min_tokens,
         logprobs: p.logprobs,
         prompt_logprobs: p.prompt_logprobs,
+        allowed_token_ids: Some(p.allowed_token_ids).filter(|ids| !ids.is_empty()),
+        bad_words: p.bad_words.into_iter().map(|w| w.token_ids).collect(),
     };
     params.validate().map_err(engine_error)?;
     Ok(params)
@@ -145,6 +147,8 @@ mod tests {
             min_tokens: 4,
             logprobs: Some(5),
             prompt_logprobs: Some(2),
+            allowed_token_ids: vec![4, 9],
+            bad_words: vec![pb::TokenIds { token_ids: vec![1, 2] }, pb::TokenIds { token_ids: vec![3] }],
             ..wire()
         };
         let want = engine::SamplingParams {
@@ -163,6 +167,8 @@ mod tests {
             min_tokens: 4,
             logprobs: Some(5),
             prompt_logprobs: Some(2),
+            allowed_token_ids: Some(vec![4, 9]),
+            bad_words: vec![vec![1, 2], vec![3]],
         };
         assert_eq!(sampling(Some(p)).unwrap(), want);
     }

@@ -166,6 +166,8 @@ impl From<&Sampling> for SamplingParams {
             min_tokens: s.min_tokens,
             logprobs: s.logprobs,
             prompt_logprobs: s.prompt_logprobs,
+            allowed_token_ids: s.allowed_token_ids.clone().unwrap_or_default(),
+            bad_words: s.bad_words.iter().map(|w| proto::worker::TokenIds { token_ids: w.clone() }).collect(),
             n: s.n,
             constraint: s.constraint.as_deref().map(wire_constraint),
             constraint_prefix: s.constraint_prefix.clone(),
@@ -430,6 +432,8 @@ mod tests {
             min_tokens: 6,
             logprobs: Some(3),
             prompt_logprobs: Some(2),
+            allowed_token_ids: Some(vec![4, 9]),
+            bad_words: vec![vec![1, 2]],
             n: 2,
             constraint: Some(Arc::new(constraint::Constraint::Json {
                 schema: serde_json::json!({"type": "object"}),
@@ -454,6 +458,8 @@ mod tests {
             min_tokens: 6,
             logprobs: Some(3),
             prompt_logprobs: Some(2),
+            allowed_token_ids: vec![4, 9],
+            bad_words: vec![proto::worker::TokenIds { token_ids: vec![1, 2] }],
             n: 2,
             constraint: Some(proto::worker::Constraint {
                 kind: Some(proto::worker::constraint::Kind::Json(proto::worker::JsonConstraint {

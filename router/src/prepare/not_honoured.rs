@@ -78,8 +78,6 @@ impl NotHonoured {
         check(&[
             ("use_beam_search", &self.use_beam_search, NoOp::False),
             ("length_penalty", &self.length_penalty, NoOp::One),
-            ("allowed_token_ids", &self.allowed_token_ids, NoOp::Nothing),
-            ("bad_words", &self.bad_words, NoOp::EmptyList),
             ("logits_processors", &self.logits_processors, NoOp::EmptyList),
             ("vllm_xargs", &self.vllm_xargs, NoOp::EmptyObject),
             ("kv_transfer_params", &self.kv_transfer_params, NoOp::EmptyObject),

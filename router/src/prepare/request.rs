@@ -218,6 +218,13 @@ pub struct CommonParams {
     /// The prompt is then computed whole, without the prefix cache.
     #[schema(minimum = 0, maximum = 20)]
     pub prompt_logprobs: Option<i64>,
+    /// vLLM extra: token ids the answer is restricted to (not empty, each in the vocabulary);
+    /// their logprobs still describe the model's raw logits.
+    #[schema(schema_with = schema::allowed_token_ids)]
+    pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM extra: words the answer may not contain, each tokenized as it would start the text
+    /// and as it would follow a space; a word's last token is masked after the rest of it.
+    pub bad_words: Option<Vec<String>>,
     /// vLLM extra: keep only the last this many tokens of the prompt (at least 1); a prompt no
     /// longer than that is kept whole.
     #[schema(minimum = 1)]
@@ -274,12 +281,6 @@ pub struct NotHonoured {
     /// vLLM: beam search's length penalty. Not supported: only 1.
     #[schema(schema_with = schema::only_one)]
     pub length_penalty: Option<Value>,
-    /// vLLM: token ids the answer is restricted to. Not supported: only null.
-    #[schema(schema_with = schema::only_null)]
-    pub allowed_token_ids: Option<Value>,
-    /// vLLM: words the answer must not contain. Not supported: only null or `[]`.
-    #[schema(schema_with = schema::only_empty_list)]
-    pub bad_words: Option<Value>,
     /// vLLM: server-side logits processors by qualified name. Not supported: only null or `[]`.
     #[schema(schema_with = schema::only_empty_list)]
     pub logits_processors: Option<Value>,

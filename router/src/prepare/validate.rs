@@ -540,6 +540,8 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         // Chat sets it after; the completions endpoint returns none.
         logprobs: None,
         prompt_logprobs,
+        allowed_token_ids: allowed_token_ids(model, params.allowed_token_ids.as_deref())?,
+        bad_words: bad_words(model, params.bad_words.as_deref().unwrap_or_default())?,
         n,
         constraint,
         constraint_prefix: Vec::new(),
@@ -718,6 +720,34 @@ fn stop_token_ids(value: Option<Vec<i64>>, vocab_size: u32) -> Result<Vec<u32>, 
             })
         })
         .collect()
+}
+
+/// vLLM's `allowed_token_ids`: not empty, each in the vocabulary.
+fn allowed_token_ids(model: &Model, ids: Option<&[i64]>) -> Result<Option<Vec<u32>>, ValidationError> {
+    match ids {
+        None => Ok(None),
+        Some([]) => Err(ValidationError::Empty { field: "allowed_token_ids" }),
+        Some(ids) => tokenize::vocab_ids(model, "allowed_token_ids", ids).map(Some),
+    }
+}
+
+/// vLLM's `bad_words` as token sequences: each word as it would start the text, and as it would
+/// follow a space when that spelling is a different token sequence of the same length.
+fn bad_words(model: &Model, words: &[String]) -> Result<Vec<Vec<u32>>, ValidationError> {
+    let mut sequences = Vec::new();
+    for word in words {
+        let word = word.trim_start();
+        if word.is_empty() {
+            return Err(ValidationError::Empty { field: "bad_words" });
+        }
+        let alone = tokenize::text_ids(model, word, false)?;
+        let spaced = tokenize::text_ids(model, &format!(" {word}"), false)?;
+        if spaced.len() == alone.len() && spaced.first() != alone.first() {
+            sequences.push(spaced);
+        }
+        sequences.push(alone);
+    }
+    Ok(sequences)
 }
 
 fn min_tokens(value: Option<i64>, max_tokens: u32) -> Result<u32, ValidationError> {

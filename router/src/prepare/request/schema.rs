@@ -75,6 +75,11 @@ pub fn token_ids() -> impl Into<RefOr<Schema>> {
     OneOfBuilder::new().item(ArrayBuilder::new().items(token_id())).item(null())
 }
 
+/// `allowed_token_ids`: a non-empty list of token ids, or null.
+pub fn allowed_token_ids() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(ArrayBuilder::new().items(token_id()).min_items(Some(1))).item(null())
+}
+
 /// `/detokenize`'s `tokens`: required, so not null.
 pub fn required_token_ids() -> impl Into<RefOr<Schema>> {
     ArrayBuilder::new().items(token_id())

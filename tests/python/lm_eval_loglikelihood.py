@@ -88,7 +88,7 @@ def main() -> None:
         results = lm_eval.simple_evaluate(
             model="local-completions",
             model_args={"model": model, "base_url": f"{base_url}/completions", "num_concurrent": 1,
-                        "max_retries": 1, "tokenized_requests": True},
+                        "max_retries": 1, "tokenized_requests": True, "batch_size": 4},
             tasks=["pdserve_mc"],
             task_manager=TaskManager(include_path=scratch),
             log_samples=True,

@@ -2,6 +2,7 @@
 //! handler extracts, prepares, hands the request to the generate step and
 //! answers as one JSON body or as server-sent events ([`super::sse`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
@@ -13,7 +14,7 @@ use tracing::Instrument;
 
 use crate::backend::BackendError;
 use crate::fleet::model::{unix_now, Model};
-use crate::generate::{generate, GenerateError, Generation, Job};
+use crate::generate::{generate, GenerateError, Job};
 use crate::http::error::{ApiError, AppJson, ErrorResponse};
 use crate::http::sse::{sse, Streamed};
 use crate::http::state::AppState;
@@ -93,10 +94,10 @@ trait Endpoint: Sized {
     fn safety_identifier(&self) -> Option<&str> {
         None
     }
-    /// The prepared request.
-    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError>;
-    /// The answer's format for `valid`.
-    fn format(valid: &ValidRequest) -> Self::Format;
+    /// The prepared requests: one, or one per prompt of a completions batch.
+    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError>;
+    /// The answer's format for `valid` (one request per prompt).
+    fn format(valid: &[ValidRequest]) -> Self::Format;
 }
 
 impl Endpoint for ChatCompletionRequest {
@@ -119,11 +120,12 @@ impl Endpoint for ChatCompletionRequest {
         self.safety_identifier.as_deref()
     }
 
-    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
-        validate_chat(model, self)
+    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError> {
+        validate_chat(model, self).map(|valid| vec![valid])
     }
 
-    fn format(valid: &ValidRequest) -> ChatFormat {
+    fn format(valid: &[ValidRequest]) -> ChatFormat {
+        let valid = &valid[0];
         ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone()).with_reasoning(valid.include_reasoning)
     }
 }
@@ -144,12 +146,12 @@ impl Endpoint for CompletionRequest {
         self.unknown.keys().map(String::as_str).collect()
     }
 
-    fn prepare(self, model: &Model) -> Result<ValidRequest, ValidationError> {
+    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError> {
         validate_completion(model, self)
     }
 
-    fn format(valid: &ValidRequest) -> CompletionFormat {
-        CompletionFormat::new(valid.echo.clone())
+    fn format(valid: &[ValidRequest]) -> CompletionFormat {
+        CompletionFormat::new(valid.iter().map(|v| v.echo.clone()).collect(), valid[0].sampling.n.max(1))
     }
 }
 
@@ -170,13 +172,22 @@ async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap
         }
         let (served, model) = state.model(body.model()).await?;
         tracing::Span::current().record("model", model.served_name.as_str());
-        let mut valid = body.prepare(&model)?;
+        let valid = body.prepare(&model)?;
         caller.authorize(&model.served_name)?;
-        // The request runs under its tenant's cache salt.
-        valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
         let format = E::format(&valid);
-        let job = Job { request_id: request_id.clone(), arrival, caller, served, model, valid };
-        answer(&state, job, format).await
+        // A batch's prompts run as requests of their own, `<id>-<i>` on the workers, as vLLM's.
+        let batched = valid.len() > 1;
+        let jobs = (0..)
+            .zip(valid)
+            .map(|(i, mut valid): (usize, ValidRequest)| {
+                // The request runs under its tenant's cache salt.
+                valid.cache_salt = caller.cache_salt(valid.cache_salt.take());
+                let request_id = if batched { format!("{request_id}-{i}") } else { request_id.clone() };
+                let (caller, served, model) = (caller.clone(), served.clone(), model.clone());
+                Job { request_id, arrival, caller, served, model, valid }
+            })
+            .collect();
+        answer(&state, &request_id, jobs, format).await
     }
     .instrument(span)
     .await;
@@ -199,38 +210,66 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
     response
 }
 
-/// Runs `job` and answers in `format`: a stream of events, or one body once
-/// every choice is done.
-async fn answer<F: ChunkFormat>(state: &AppState, job: Job, format: F) -> Result<Response, ApiError> {
-    let valid = &job.valid;
+/// Runs `jobs` (one, or one per prompt of a completions batch) and answers in `format`: a stream
+/// of events, or one body once every choice is done. A batch's choices are numbered prompt-major,
+/// as OpenAI numbers them: choice `j` of prompt `i` is `i * n + j`.
+async fn answer<F: ChunkFormat>(
+    state: &AppState,
+    request_id: &str,
+    jobs: Vec<Job>,
+    format: F,
+) -> Result<Response, ApiError> {
+    let valid = &jobs[0].valid;
     let (stream, include_usage, return_token_ids) = (valid.stream, valid.include_usage, valid.return_token_ids);
     let continuous_usage = valid.continuous_usage;
-    let (logprobs, n) = (valid.sampling.logprobs.is_some(), valid.sampling.n);
+    let (logprobs, per_prompt) = (valid.sampling.logprobs.is_some(), valid.sampling.n.max(1));
     let prompt_logprobs_field = valid.prompt_logprobs_field;
-    let model = job.model.served_name.clone();
+    let model = jobs[0].model.served_name.clone();
     // As vLLM: the response id is the request id (the client's, or a fresh uuid).
-    let id = format!("{}-{}", format.id_prefix(), job.request_id);
-    let system_fingerprint = job.model.fingerprint.clone();
-    let Generation { deltas, prompt } = generate(&state.metrics, state.usage(), job).await?;
+    let id = format!("{}-{}", format.id_prefix(), request_id);
+    let system_fingerprint = jobs[0].model.fingerprint.clone();
+    // Each prompt waits for its own turn; a refusal of any drops those already started.
+    let mut generations = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        generations.push(generate(&state.metrics, state.usage(), job).await?);
+    }
+    let prompts: Vec<Arc<Vec<u32>>> = generations.iter().map(|g| g.prompt.clone()).collect();
+    let prompt_tokens: usize = prompts.iter().map(|p| p.len()).sum();
+    let deltas = prompt_major(generations.into_iter().map(|g| g.deltas).collect(), per_prompt);
     let meta = ResponseMeta {
         id,
         created: unix_now(),
         system_fingerprint,
         model,
-        prompt_token_ids: return_token_ids.then(|| prompt.clone()),
+        prompt_token_ids: return_token_ids.then(|| prompts.clone()),
         logprobs,
         prompt_logprobs_field,
-        n,
+        n: per_prompt * prompts.len() as u32,
+        per_prompt,
     };
     if stream {
-        let stream = Streamed { meta, format, deltas, prompt_tokens: prompt.len(), include_usage, continuous_usage };
+        let stream = Streamed { meta, format, deltas, prompt_tokens, include_usage, continuous_usage };
         return Ok(sse(stream).into_response());
     }
     let collected = collect(deltas, meta.n).await?;
     let completion_tokens: usize = collected.iter().map(|c| c.token_ids.len()).sum();
-    tracing::info!(prompt_tokens = prompt.len(), completion_tokens, "request done");
-    let body = format.whole(&meta, prompt.len(), collected);
+    tracing::info!(prompt_tokens, completion_tokens, "request done");
+    let body = format.whole(&meta, prompt_tokens, collected);
     Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The deltas of every prompt's generation as one stream, each choice renumbered prompt-major.
+fn prompt_major(
+    mut streams: Vec<BoxStream<'static, Result<Delta, BackendError>>>,
+    per_prompt: u32,
+) -> BoxStream<'static, Result<Delta, BackendError>> {
+    if streams.len() == 1 {
+        return streams.remove(0);
+    }
+    let renumbered = (0u32..).zip(streams).map(|(prompt, deltas)| {
+        deltas.map(move |delta| delta.map(|d| Delta { index: prompt * per_prompt + d.index, ..d })).boxed()
+    });
+    futures::stream::select_all(renumbered).boxed()
 }
 
 impl From<GenerateError> for ApiError {

@@ -47,7 +47,7 @@ impl<F> Streamed<F> {
     /// The usage so far, for every chunk when continuous usage is asked.
     fn running_usage(&self, progress: &Progress) -> Option<Usage> {
         let usage = Usage::new(self.prompt_tokens as u32, progress.completion_tokens as u32);
-        self.continuous_usage.then(|| usage.cached(progress.cached_tokens))
+        self.continuous_usage.then(|| usage.cached(progress.cached()))
     }
 }
 
@@ -87,10 +87,17 @@ impl Events {
 /// Where a stream stands between writes.
 struct Progress {
     completion_tokens: usize,
-    /// Prompt tokens served from the prefix cache, once a finished choice said.
-    cached_tokens: Option<u32>,
+    /// Per prompt: its tokens served from the prefix cache, once a choice said.
+    cached_tokens: Vec<Option<u32>>,
     first: bool,
     finished: Vec<bool>,
+}
+
+impl Progress {
+    /// The prompt tokens served from the prefix cache, over every prompt that said.
+    fn cached(&self) -> Option<u32> {
+        self.cached_tokens.iter().flatten().copied().reduce(|a, b| a + b)
+    }
 }
 
 async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes>) {
@@ -99,9 +106,10 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
     for chunk in s.format.opening(&s.meta, opening_usage) {
         events.push(&chunk);
     }
+    let prompts = (s.meta.n / s.meta.per_prompt.max(1)).max(1) as usize;
     let mut progress = Progress {
         completion_tokens: 0,
-        cached_tokens: None,
+        cached_tokens: vec![None; prompts],
         first: true,
         finished: vec![false; s.meta.n.max(1) as usize],
     };
@@ -141,8 +149,7 @@ async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes
     }
     tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens = progress.completion_tokens, "request done");
     if s.include_usage {
-        let usage =
-            Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached_tokens);
+        let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached());
         events.push(&s.format.usage(&s.meta, usage));
     }
     events.push("[DONE]");
@@ -180,7 +187,9 @@ fn add<F: ChunkFormat>(
         *done |= delta.finish.is_some();
     }
     progress.completion_tokens += delta.token_ids.len();
-    progress.cached_tokens = delta.cached_tokens.or(progress.cached_tokens);
+    if let Some(cached) = progress.cached_tokens.get_mut((delta.index / s.meta.per_prompt.max(1)) as usize) {
+        *cached = delta.cached_tokens.or(*cached);
+    }
     let usage = s.running_usage(progress);
     for chunk in s.format.delta(&s.meta, &delta, progress.first, usage) {
         events.push(&chunk);

@@ -131,7 +131,7 @@ pub struct CompletionRequest {
 }
 
 /// Fields both endpoints accept.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CommonParams {
     /// Most tokens to generate; absent means up to the context length.
     #[schema(minimum = 1)]
@@ -257,7 +257,7 @@ pub struct CommonParams {
 }
 
 /// `stream_options` of a streaming request.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Send a last chunk with empty `choices` and the usage counts.
     pub include_usage: Option<bool>,
@@ -357,7 +357,7 @@ pub struct CompletionNotHonoured {
 }
 
 /// `stop`: a string or a list of strings.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     /// One stop string.
@@ -404,6 +404,9 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// Most prompts one completion request may batch: each runs as its own request on the workers.
+pub const MAX_PROMPTS: usize = 64;
+
 /// `prompt` of a completion request.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -412,10 +415,9 @@ pub enum Prompt {
     Text(String),
     /// Token ids, passed through (checked against the vocabulary).
     TokenIds(Vec<i64>),
-    /// A batch of texts; only a batch of one is supported.
+    /// A batch of texts: each prompt runs on its own, with `n` choices each.
     Texts(Vec<String>),
-    /// A batch of token-id prompts (what lm-evaluation-harness sends); only a batch of one is
-    /// supported.
+    /// A batch of token-id prompts (what lm-evaluation-harness sends).
     TokenIdLists(Vec<Vec<i64>>),
 }
 

@@ -15,7 +15,7 @@ use crate::fleet::model::Model;
 pub use crate::prepare::error::ValidationError;
 use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, MessageContent, Prompt,
-    StopSpec,
+    StopSpec, MAX_PROMPTS,
 };
 use crate::prepare::tokenize::{self, ChatRender};
 use prompt::chat_template::TemplateMessage;
@@ -200,8 +200,9 @@ pub fn chat_render(
     })
 }
 
-/// Validates a completion request: tokenizes the prompt and checks every parameter.
-pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<ValidRequest, ValidationError> {
+/// Validates a completion request: tokenizes each prompt and checks every parameter. A batch of
+/// prompts gives one request per prompt, in order, each with the same parameters.
+pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vec<ValidRequest>, ValidationError> {
     req.not_honoured.check(req.params.n)?;
     req.completion_not_honoured.check()?;
     let echo = req.echo.unwrap_or(false);
@@ -215,58 +216,55 @@ pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vali
     }
     let skip_special_tokens = req.params.skip_special_tokens.unwrap_or(true);
     let add_special_tokens = req.add_special_tokens.unwrap_or(true);
-    let mut echo_text = None;
-    let prompt = match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
-        Prompt::Text(text) => {
-            let ids = text_prompt(model, &text, add_special_tokens)?;
-            echo_text = echo.then_some(text);
-            ids
-        }
-        Prompt::Texts(texts) => match texts.as_slice() {
-            [] => return Err(ValidationError::Empty { field: "prompt" }),
-            [text] => {
-                echo_text = echo.then(|| text.clone());
-                text_prompt(model, text, add_special_tokens)?
+    // Each prompt's ids, and the text its choices start with under `echo`.
+    let prompts: Vec<(Vec<u32>, Option<String>)> =
+        match req.prompt.ok_or(ValidationError::Missing { field: "prompt" })? {
+            Prompt::Text(text) => vec![(text_prompt(model, &text, add_special_tokens)?, echo.then_some(text))],
+            Prompt::Texts(texts) => {
+                batch(texts.len())?;
+                let prompt = |text: String| Ok((text_prompt(model, &text, add_special_tokens)?, echo.then_some(text)));
+                texts.into_iter().map(prompt).collect::<Result<_, ValidationError>>()?
             }
-            _ => {
-                return Err(ValidationError::Unsupported {
-                    field: "prompt",
-                    reason: format!("batched prompts are not supported, got {}", texts.len()),
-                })
+            Prompt::TokenIds(ids) => vec![id_prompt(model, &ids, echo, skip_special_tokens)?],
+            Prompt::TokenIdLists(lists) => {
+                batch(lists.len())?;
+                lists.iter().map(|ids| id_prompt(model, ids, echo, skip_special_tokens)).collect::<Result<_, _>>()?
             }
-        },
-        Prompt::TokenIds(ids) => {
-            let ids = tokenize::token_id_prompt(model, &ids)?;
-            if echo {
-                echo_text = Some(tokenize::decode_with(model, &ids, skip_special_tokens)?);
+        };
+    prompts
+        .into_iter()
+        .map(|(prompt, echo_text)| {
+            let mut valid = finish(model, prompt, req.params.clone())?;
+            valid.echo = echo_text;
+            valid.sampling.logprobs = logprobs;
+            // As vLLM: echoed logprobs score the prompt with as many top tokens as the answer's.
+            if echo_logprobs {
+                valid.sampling.prompt_logprobs = valid.sampling.prompt_logprobs.or(logprobs);
             }
-            ids
-        }
-        Prompt::TokenIdLists(lists) => match lists.as_slice() {
-            [] => return Err(ValidationError::Empty { field: "prompt" }),
-            [ids] => {
-                let ids = tokenize::token_id_prompt(model, ids)?;
-                if echo {
-                    echo_text = Some(tokenize::decode_with(model, &ids, skip_special_tokens)?);
-                }
-                ids
-            }
-            _ => {
-                return Err(ValidationError::Unsupported {
-                    field: "prompt",
-                    reason: format!("batched prompts are not supported, got {}", lists.len()),
-                })
-            }
-        },
-    };
-    let mut valid = finish(model, prompt, req.params)?;
-    valid.echo = echo_text;
-    valid.sampling.logprobs = logprobs;
-    // As vLLM: echoed logprobs score the prompt with as many top tokens as the answer's.
-    if echo_logprobs {
-        valid.sampling.prompt_logprobs = valid.sampling.prompt_logprobs.or(logprobs);
+            Ok(valid)
+        })
+        .collect()
+}
+
+/// Checks a batch's size: not empty, at most [`MAX_PROMPTS`].
+fn batch(prompts: usize) -> Result<(), ValidationError> {
+    match prompts {
+        0 => Err(ValidationError::Empty { field: "prompt" }),
+        n if n > MAX_PROMPTS => Err(out_of_range("prompt", "a batch of at most 64 prompts", format!("{n} prompts"))),
+        _ => Ok(()),
     }
-    Ok(valid)
+}
+
+/// A token-id prompt and, under `echo`, its text.
+fn id_prompt(
+    model: &Model,
+    ids: &[i64],
+    echo: bool,
+    skip_special_tokens: bool,
+) -> Result<(Vec<u32>, Option<String>), ValidationError> {
+    let ids = tokenize::token_id_prompt(model, ids)?;
+    let text = if echo { Some(tokenize::decode_with(model, &ids, skip_special_tokens)?) } else { None };
+    Ok((ids, text))
 }
 
 fn text_prompt(model: &Model, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ValidationError> {

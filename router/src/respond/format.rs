@@ -25,19 +25,35 @@ pub struct ResponseMeta {
     pub system_fingerprint: String,
     /// The served model name.
     pub model: String,
-    /// The prompt ids, set only when the client asked for token ids.
-    pub prompt_token_ids: Option<Arc<Vec<u32>>>,
+    /// Each prompt's ids (one, unless a completions batch), set only when the client asked for
+    /// token ids.
+    pub prompt_token_ids: Option<Vec<Arc<Vec<u32>>>>,
     /// The client asked for logprobs: choices carry them, else null.
     pub logprobs: bool,
     /// The client asked for `prompt_logprobs`: the answer carries vLLM's field.
     pub prompt_logprobs_field: bool,
-    /// Choices of the answer (`n`).
+    /// Choices of the answer in all: `n` per prompt.
     pub n: u32,
+    /// Choices per prompt (`n`): choice `i` answers prompt `i / per_prompt`.
+    pub per_prompt: u32,
 }
 
 impl ResponseMeta {
+    /// The prompt ids of the answer's top level: the one prompt's (none for a batch, whose
+    /// choices carry their own).
     fn prompt_ids(&self) -> Option<Vec<u32>> {
-        self.prompt_token_ids.as_ref().map(|ids| ids.to_vec())
+        self.prompt_token_ids.as_ref().filter(|p| p.len() == 1).map(|p| p[0].to_vec())
+    }
+
+    /// The prompt ids of choice `index`.
+    fn prompt_ids_of(&self, index: u32) -> Option<Vec<u32>> {
+        let prompt = (index / self.per_prompt.max(1)) as usize;
+        self.prompt_token_ids.as_ref().and_then(|p| p.get(prompt)).map(|ids| ids.to_vec())
+    }
+
+    /// The prompt choice `index` answers.
+    fn prompt_of(&self, index: u32) -> usize {
+        (index / self.per_prompt.max(1)) as usize
     }
 
     fn ids(&self, ids: &[u32]) -> Option<Vec<u32>> {
@@ -313,17 +329,25 @@ impl ChunkFormat for ChatFormat {
 /// `text_completion` chunks: one per delta, the last with its finish reason.
 #[derive(Debug, Clone, Default)]
 pub struct CompletionFormat {
-    /// `echo`: the prompt's text each choice's text starts with.
-    echo: Option<String>,
+    /// `echo`: per prompt, the text each of its choices' text starts with.
+    echoes: Vec<Option<String>>,
+    /// Choices per prompt.
+    per_prompt: u32,
     /// Per choice: whether its first chunk (the one that carries the echo) went out, and the
     /// characters of token text its logprobs have covered so far (their next `text_offset`).
     started: Vec<(bool, usize)>,
 }
 
 impl CompletionFormat {
-    /// A completion format; `echo` is the prompt text to start each choice with.
-    pub fn new(echo: Option<String>) -> Self {
-        Self { echo, started: Vec::new() }
+    /// A completion format for `per_prompt` choices of each prompt; `echoes` holds, per prompt,
+    /// the text to start its choices with.
+    pub fn new(echoes: Vec<Option<String>>, per_prompt: u32) -> Self {
+        Self { echoes, per_prompt: per_prompt.max(1), started: Vec::new() }
+    }
+
+    /// The echo of choice `index`'s prompt.
+    fn echo(&self, index: u32) -> Option<&str> {
+        self.echoes.get((index / self.per_prompt) as usize).and_then(Option::as_deref)
     }
 
     /// Choice `index`'s progress, made on its first delta.
@@ -342,11 +366,15 @@ impl ChunkFormat for CompletionFormat {
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
-        let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
-        let prompt = out.iter().find_map(|c| c.prompt_logprobs.clone());
-        let mut response = completion_response(meta, prompt_tokens, out, echo_len);
+        // Each prompt's scored tokens ride with one of its choices.
+        let scored: Vec<Option<Arc<Vec<PromptTokenLogprob>>>> =
+            out.chunks(self.per_prompt as usize).map(|c| c.iter().find_map(|c| c.prompt_logprobs.clone())).collect();
+        let echo_lens: Vec<usize> =
+            (0..out.len() as u32).map(|i| self.echo(i).map_or(0, |echo| echo.chars().count())).collect();
+        let mut response = completion_response(meta, prompt_tokens, out, &echo_lens);
         for choice in &mut response.choices {
-            if let Some(echo) = &self.echo {
+            let prompt = scored.get(meta.prompt_of(choice.index)).cloned().flatten();
+            if let Some(echo) = self.echo(choice.index) {
                 choice.text.insert_str(0, echo);
                 // Echoed with logprobs: the prompt's tokens lead them, as OpenAI and vLLM give them.
                 if let (Some(prompt), Some(generated)) = (&prompt, choice.logprobs.take()) {
@@ -366,12 +394,9 @@ impl ChunkFormat for CompletionFormat {
 
     fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<String> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
-        let echo_len = self.echo.as_deref().map_or(0, |echo| echo.chars().count());
+        let echo_len = self.echo(delta.index).map_or(0, |echo| echo.chars().count());
         let (started, offset) = *self.progress(delta.index);
-        let echo = match &self.echo {
-            Some(echo) if !started => echo.as_str(),
-            _ => "",
-        };
+        let echo = if started { "" } else { self.echo(delta.index).unwrap_or_default() };
         let text = format!("{echo}{}", delta.text);
         let logprobs = meta.completion_logprobs(&delta.logprobs, echo_len + offset);
         let covered: usize = delta.logprobs.iter().map(|t| t.token.chars().count()).sum();
@@ -384,7 +409,8 @@ impl ChunkFormat for CompletionFormat {
             stop_reason: delta.stop_reason.clone(),
             // Refused with `stream`.
             prompt_logprobs: None,
-            prompt_token_ids: prompt_ids.clone(),
+            // A choice's first chunk carries its prompt's ids.
+            prompt_token_ids: if started { None } else { meta.prompt_ids_of(delta.index) },
             token_ids: meta.ids(&delta.token_ids),
         };
         let chunk = completion(meta, vec![choice], usage, prompt_ids);
@@ -414,10 +440,12 @@ fn completion(
     }
 }
 
-/// Completion tokens count every choice's.
-fn usage_of(prompt_tokens: usize, out: &[Collected]) -> Usage {
-    Usage::new(prompt_tokens as u32, out.iter().map(|c| c.token_ids.len() as u32).sum())
-        .cached(out.iter().filter_map(|c| c.cached_tokens).max())
+/// Completion tokens count every choice's; cached tokens every prompt's.
+fn usage_of(meta: &ResponseMeta, prompt_tokens: usize, out: &[Collected]) -> Usage {
+    let per_prompt =
+        out.chunks(meta.per_prompt.max(1) as usize).map(|c| c.iter().filter_map(|c| c.cached_tokens).max());
+    let cached = per_prompt.fold(None, |sum: Option<u32>, c| c.map_or(sum, |c| Some(sum.unwrap_or(0) + c)));
+    Usage::new(prompt_tokens as u32, out.iter().map(|c| c.token_ids.len() as u32).sum()).cached(cached)
 }
 
 /// `tool_calls` once a choice made calls (OpenAI and vLLM do so whatever
@@ -462,7 +490,7 @@ fn assistant_message(text: String, tools: bool) -> AssistantMessage {
 
 /// The whole `chat.completion` answer; `tools` turns tool-call parsing on.
 pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>, tools: bool) -> ChatCompletion {
-    let usage = usage_of(prompt_tokens, &out);
+    let usage = usage_of(meta, prompt_tokens, &out);
     let prompt_logprobs = out.iter().find_map(|c| c.prompt_logprobs.clone());
     let prompt_logprobs = prompt_logprobs.filter(|_| meta.prompt_logprobs_field).map(|p| VllmPromptLogprobs::of(&p));
     let choices = (0..)
@@ -493,22 +521,26 @@ pub fn chat_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collect
     }
 }
 
-/// The whole `text_completion` answer.
-/// Each choice's text starts after `echo_len` characters of echo, which its logprobs' offsets
-/// count.
-fn completion_response(meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>, echo_len: usize) -> Completion {
-    let usage = usage_of(prompt_tokens, &out);
+/// The whole `text_completion` answer. Choice `i`'s text starts after `echo_lens[i]` characters
+/// of echo, which its logprobs' offsets count.
+fn completion_response(
+    meta: &ResponseMeta,
+    prompt_tokens: usize,
+    out: Vec<Collected>,
+    echo_lens: &[usize],
+) -> Completion {
+    let usage = usage_of(meta, prompt_tokens, &out);
     let choices = (0..)
         .zip(out)
         .map(|(index, out)| CompletionChoice {
             index,
             token_ids: meta.ids(&out.token_ids),
-            logprobs: meta.completion_logprobs(&out.logprobs, echo_len),
+            logprobs: meta.completion_logprobs(&out.logprobs, echo_lens.get(index as usize).copied().unwrap_or(0)),
             text: out.text,
             finish_reason: out.finish.map(Finish::as_str),
             stop_reason: out.stop_reason,
             prompt_logprobs: None,
-            prompt_token_ids: meta.prompt_ids(),
+            prompt_token_ids: meta.prompt_ids_of(index),
         })
         .collect();
     completion(meta, choices, Some(usage), meta.prompt_ids())

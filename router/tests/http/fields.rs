@@ -261,6 +261,12 @@ fn cases() -> Vec<Case> {
         ),
         case("prompt", COMPLETION, json!({"prompt": "Zebra"}), Effect(|o| o.prompt().ends_with("Zebra"))),
         case("prompt", COMPLETION, json!({"prompt": [90, 101]}), Effect(|o| o.prompt().ends_with("Ze"))),
+        case(
+            "prompt",
+            COMPLETION,
+            json!({"prompt": ["Ze", "bra"], "n": 2}),
+            Effect(|o| o.prompt().ends_with("bra") && o.body["choices"].as_array().is_some_and(|c| c.len() == 4)),
+        ),
         case("suffix", COMPLETION, json!({"suffix": "tail"}), Refused),
         case("prompt_embeds", COMPLETION, json!({"prompt_embeds": "AAAA"}), Refused),
         case(

@@ -1117,3 +1117,39 @@ async fn unknown_routes_and_methods_get_openai_shaped_errors() {
     let body: Value = serde_json::from_slice(&to_bytes(response.into_body(), usize::MAX).await.unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 }
+
+/// A batch of prompts runs one request per prompt (`<id>-<i>` on the workers, as vLLM's), and
+/// the answer's choices come prompt-major, each with its prompt's echo and ids; usage adds up.
+#[tokio::test]
+async fn a_batch_of_prompts_answers_prompt_major() {
+    let (app, backend) = setup(hello_chunks());
+    let body = json!({"prompt": ["ab", "cd"], "echo": true, "return_token_ids": true});
+    let (status, whole) = post_json(app.clone(), "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choices = whole["choices"].as_array().unwrap();
+    let texts: Vec<&str> = choices.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["abHé you", "cdHé you"]);
+    assert_eq!(choices.iter().map(|c| c["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
+    assert_eq!(choices[1]["prompt_token_ids"], json!(ids("cd")));
+    assert_eq!(whole["usage"]["prompt_tokens"], 4);
+    assert_eq!(whole["usage"]["completion_tokens"], 16);
+    let seen: Vec<String> = backend.seen.lock().unwrap().iter().map(|r| r.request_id.clone()).collect();
+    assert_eq!(seen, ["req-42-0", "req-42-1"]);
+
+    // Streamed, each choice's first chunk carries its echo and its prompt's ids.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, text) = post(app, "/v1/completions", &streamed.to_string()).await;
+    let chunks: Vec<Value> =
+        events(&text).iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let mut by_choice = [String::new(), String::new()];
+    for chunk in &chunks {
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        if by_choice[index].is_empty() {
+            assert_eq!(choice["prompt_token_ids"], json!(ids(["ab", "cd"][index])), "{chunk}");
+        }
+        by_choice[index].push_str(choice["text"].as_str().unwrap());
+    }
+    assert_eq!(by_choice, ["abHé you", "cdHé you"]);
+}

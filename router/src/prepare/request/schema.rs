@@ -6,6 +6,8 @@
 use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
 
+use super::MAX_PROMPTS;
+
 fn string() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(Type::String)
 }
@@ -54,12 +56,12 @@ pub fn prompt() -> impl Into<RefOr<Schema>> {
     OneOfBuilder::new()
         .item(text())
         .item(ArrayBuilder::new().items(token_id()).min_items(Some(1)))
-        .item(ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(1)))
+        .item(ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(MAX_PROMPTS)))
         .item(
             ArrayBuilder::new()
                 .items(ArrayBuilder::new().items(token_id()).min_items(Some(1)))
                 .min_items(Some(1))
-                .max_items(Some(1)),
+                .max_items(Some(MAX_PROMPTS)),
         )
 }
 

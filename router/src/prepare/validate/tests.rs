@@ -10,7 +10,10 @@ fn model() -> Model {
 }
 
 fn completion(body: Value) -> Result<ValidRequest, ValidationError> {
-    validate_completion(&model(), serde_json::from_value(body).unwrap())
+    validate_completion(&model(), serde_json::from_value(body).unwrap()).map(|mut batch| {
+        assert_eq!(batch.len(), 1, "one prompt");
+        batch.remove(0)
+    })
 }
 
 fn chat(body: Value) -> Result<ValidRequest, ValidationError> {
@@ -159,8 +162,17 @@ fn prompt_shapes() {
     assert_eq!(field_of(completion(json!({}))).as_deref(), Some("prompt"));
     assert_eq!(field_of(completion(json!({"prompt": ""}))).as_deref(), Some("prompt"));
     assert_eq!(field_of(completion(json!({"prompt": []}))).as_deref(), Some("prompt"));
-    assert_eq!(field_of(completion(json!({"prompt": ["a", "b"]}))).as_deref(), Some("prompt"));
     assert_eq!(field_of(completion(json!({"prompt": [999]}))).as_deref(), Some("prompt"));
+    // Batches: one request per prompt, in order, each checked; not empty, at most 64.
+    let batch =
+        |prompt: Value| validate_completion(&model(), serde_json::from_value(json!({"prompt": prompt})).unwrap());
+    let texts = batch(json!(["a", "bc"])).unwrap();
+    assert_eq!(texts.iter().map(|v| v.prompt_token_ids.clone()).collect::<Vec<_>>(), [ids("a"), ids("bc")]);
+    let lists = batch(json!([[1, 2], [3]])).unwrap();
+    assert_eq!(lists.iter().map(|v| v.prompt_token_ids.clone()).collect::<Vec<_>>(), [vec![1, 2], vec![3]]);
+    for bad in [json!([[]]), json!([[1], [999]]), json!(["a", ""]), json!(vec!["a"; 65])] {
+        assert_eq!(batch(bad.clone()).err().and_then(|e| e.param()).as_deref(), Some("prompt"), "{bad}");
+    }
 }
 
 #[test]

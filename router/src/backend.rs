@@ -86,6 +86,20 @@ impl Default for Sampling {
     }
 }
 
+/// vLLM's beam search (`use_beam_search`): how many beams, and how length weighs in their score.
+/// It runs over the backend step by step (`crate::generate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamSearch {
+    /// Beams kept each step and answered (`n`), at most [`MAX_BEAM_WIDTH`].
+    pub width: u32,
+    /// The exponent of the length a beam's cumulative logprob is divided by.
+    pub length_penalty: f32,
+}
+
+/// The widest beam search: each step asks `2 × width` alternatives per beam, and the workers give
+/// at most 20.
+pub const MAX_BEAM_WIDTH: u32 = 10;
+
 /// One generation as the backend sees it.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {

@@ -11,6 +11,9 @@ use futures::stream::BoxStream;
 
 use crate::admission::{hold, AdmissionError};
 use crate::backend::{BackendError, GenerateRequest};
+use beam::beam_search;
+
+mod beam;
 use crate::fleet::model::Model;
 use crate::fleet::served::ServedModel;
 use crate::metrics::Metrics;
@@ -83,6 +86,7 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
         let first = outputs.remove(0).score_prompt(prompt.clone());
         outputs.insert(0, first);
     }
+    let beam = valid.beam;
     let queued = Instant::now();
     let demand = GenerateRequest::demand_for(&prompt, valid.cache_salt.as_deref(), served.backend.block_size());
     let mut request = GenerateRequest {
@@ -106,7 +110,10 @@ pub async fn generate(metrics: &Metrics, usage: UsageSink, job: Job) -> Result<G
     }
     request.first_worker = Some(permit.worker());
     let record = UsageRecord::start(usage, &caller, &request.request_id, name, prompt.len(), running);
-    let tokens = served.backend.generate(request);
+    let tokens = match beam {
+        Some(search) => beam_search(served.backend.clone(), request, search, model.eos_token_ids.clone()),
+        None => served.backend.generate(request),
+    };
     // The slot is held until the token stream ends or is dropped (client gone).
     let tokens = hold(metrics.time_tokens(name, tokens, arrival), permit);
     let deltas = meter(metrics.count_deltas(name, deltas(tokens, outputs)), record);

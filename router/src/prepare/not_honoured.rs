@@ -11,8 +11,6 @@ use crate::prepare::request::{ChatNotHonoured, CompletionNotHonoured, NotHonoure
 enum NoOp {
     False,
     True,
-    /// The number 1 (an integer or a float).
-    One,
     EmptyList,
     EmptyObject,
     EmptyString,
@@ -29,7 +27,6 @@ impl NoOp {
         match self {
             Self::False => value == &Value::Bool(false),
             Self::True => value == &Value::Bool(true),
-            Self::One => value.as_f64() == Some(1.0),
             Self::EmptyList => value.as_array().is_some_and(Vec::is_empty),
             Self::EmptyObject => value.as_object().is_some_and(serde_json::Map::is_empty),
             Self::EmptyString => value.as_str() == Some(""),
@@ -44,7 +41,6 @@ impl NoOp {
         match self {
             Self::False => "false or null",
             Self::True => "true or null",
-            Self::One => "1 or null",
             Self::EmptyList => "[] or null",
             Self::EmptyObject => "{} or null",
             Self::EmptyString => "\"\" or null",
@@ -76,8 +72,6 @@ impl NotHonoured {
             }
         }
         check(&[
-            ("use_beam_search", &self.use_beam_search, NoOp::False),
-            ("length_penalty", &self.length_penalty, NoOp::One),
             ("logits_processors", &self.logits_processors, NoOp::EmptyList),
             ("vllm_xargs", &self.vllm_xargs, NoOp::EmptyObject),
             ("kv_transfer_params", &self.kv_transfer_params, NoOp::EmptyObject),

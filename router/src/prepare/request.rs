@@ -225,6 +225,13 @@ pub struct CommonParams {
     /// vLLM extra: words the answer may not contain, each tokenized as it would start the text
     /// and as it would follow a space; a word's last token is masked after the rest of it.
     pub bad_words: Option<Vec<String>>,
+    /// vLLM extra: answer the `n` (at most 10) best beams of a beam search instead of sampling;
+    /// not with `stream`, and not with sampling options it cannot honour (a temperature other
+    /// than 0 or 1, top-p/k, min-p, penalties, bias, stop strings, logprobs, structured outputs).
+    pub use_beam_search: Option<bool>,
+    /// vLLM extra: with `use_beam_search`, a beam's cumulative logprob is divided by its length to
+    /// this power; default 1.
+    pub length_penalty: Option<f64>,
     /// vLLM extra: keep only the last this many tokens of the prompt (at least 1); a prompt no
     /// longer than that is kept whole.
     #[schema(minimum = 1)]
@@ -275,12 +282,6 @@ pub struct NotHonoured {
     /// is accepted: every choice generated is returned.
     #[schema(schema_with = schema::no_op_best_of)]
     pub best_of: Option<Value>,
-    /// vLLM: beam search. Not supported: only false.
-    #[schema(schema_with = schema::only_false)]
-    pub use_beam_search: Option<Value>,
-    /// vLLM: beam search's length penalty. Not supported: only 1.
-    #[schema(schema_with = schema::only_one)]
-    pub length_penalty: Option<Value>,
     /// vLLM: server-side logits processors by qualified name. Not supported: only null or `[]`.
     #[schema(schema_with = schema::only_empty_list)]
     pub logits_processors: Option<Value>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use constraint::api::{Guided, Requested};
 use constraint::Constraint;
 
-use crate::backend::Sampling;
+use crate::backend::{BeamSearch, Sampling, MAX_BEAM_WIDTH};
 use crate::fleet::model::Model;
 pub use crate::prepare::error::ValidationError;
 use crate::prepare::request::{
@@ -71,6 +71,8 @@ pub struct ValidRequest {
     pub include_reasoning: bool,
     /// Name logprob tokens `token_id:{id}` rather than by their text (vLLM extra).
     pub return_tokens_as_token_ids: bool,
+    /// Beam search instead of sampling (vLLM extra): `sampling.n` beams.
+    pub beam: Option<BeamSearch>,
     /// The answer carries vLLM's `prompt_logprobs` field (the request asked for it by name, not
     /// only through `echo` with `logprobs`).
     pub prompt_logprobs_field: bool,
@@ -97,6 +99,12 @@ pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidR
     let echo = echo.map(|m| m.content.clone());
     let mut valid = finish(model, prompt, req.params)?;
     if let Some(calls) = forced_calls {
+        if valid.beam.is_some() {
+            return Err(ValidationError::Unsupported {
+                field: "tool_choice",
+                reason: "a required tool call is a structured output, which beam search cannot hold to".into(),
+            });
+        }
         if valid.sampling.constraint.is_some() {
             return Err(ValidationError::Unsupported {
                 field: "tool_choice",
@@ -507,6 +515,7 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         n => return Err(out_of_range("n", "in [1, 16]", n)),
     };
     let (constraint, constraint_compile) = structured_output(model, &params)?.unzip();
+    let beam_params = (params.use_beam_search, params.length_penalty);
     let prompt_logprobs = match params.prompt_logprobs {
         None => None,
         Some(k) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Some(k as u32),
@@ -569,7 +578,9 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         include_reasoning: true,
         return_tokens_as_token_ids: params.return_tokens_as_token_ids.unwrap_or(false),
         prompt_logprobs_field: prompt_logprobs.is_some(),
+        beam: None,
     })
+    .and_then(|valid| beam_search(beam_params, valid))
 }
 
 /// The request's one structured output, compiled once against the model's vocabulary so a bad
@@ -718,6 +729,58 @@ fn stop_token_ids(value: Option<Vec<i64>>, vocab_size: u32) -> Result<Vec<u32>, 
             })
         })
         .collect()
+}
+
+/// vLLM's `use_beam_search` and `length_penalty`: `n` beams, and nothing a beam search cannot
+/// honour (it scores beams by the model's raw logprobs and answers whole).
+fn beam_search(
+    (use_beam_search, length_penalty): (Option<bool>, Option<f64>),
+    mut valid: ValidRequest,
+) -> Result<ValidRequest, ValidationError> {
+    let asked_penalty = length_penalty;
+    let length_penalty = length_penalty.unwrap_or(1.0);
+    if !length_penalty.is_finite() {
+        return Err(out_of_range("length_penalty", "a finite number", length_penalty));
+    }
+    if use_beam_search != Some(true) {
+        if asked_penalty.is_some_and(|p| p != 1.0) {
+            return Err(ValidationError::Unsupported {
+                field: "length_penalty",
+                reason: "weighs beams: only with `use_beam_search`".into(),
+            });
+        }
+        return Ok(valid);
+    }
+    let s = &valid.sampling;
+    let unsupported = [
+        ("stream", valid.stream),
+        ("temperature", s.temperature != 0.0 && s.temperature != 1.0),
+        ("top_p", s.top_p != 1.0),
+        ("top_k", s.top_k != 0),
+        ("min_p", s.min_p != 0.0),
+        ("presence_penalty", s.presence_penalty != 0.0),
+        ("frequency_penalty", s.frequency_penalty != 0.0),
+        ("repetition_penalty", s.repetition_penalty != 1.0),
+        ("logit_bias", !s.logit_bias.is_empty()),
+        ("min_tokens", s.min_tokens != 0),
+        ("stop", !valid.stops.is_empty()),
+        ("prompt_logprobs", s.prompt_logprobs.is_some()),
+        ("allowed_token_ids", s.allowed_token_ids.is_some()),
+        ("bad_words", !s.bad_words.is_empty()),
+        ("response_format", s.constraint.is_some()),
+    ];
+    if let Some((field, _)) = unsupported.into_iter().find(|(_, set)| *set) {
+        return Err(ValidationError::Unsupported {
+            field,
+            reason: "not with `use_beam_search`, which scores beams by the model's raw logprobs and answers whole"
+                .into(),
+        });
+    }
+    if s.n > MAX_BEAM_WIDTH {
+        return Err(out_of_range("n", "at most 10 beams with `use_beam_search`", s.n));
+    }
+    valid.beam = Some(BeamSearch { width: s.n, length_penalty: length_penalty as f32 });
+    Ok(valid)
 }
 
 /// vLLM's `allowed_token_ids`: not empty, each in the vocabulary.

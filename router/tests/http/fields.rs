@@ -395,8 +395,28 @@ fn cases() -> Vec<Case> {
             Effect(|o| o.seen().sampling.n == 2 && o.body["choices"].as_array().is_some_and(|c| c.len() == 2)),
         ),
         case("best_of", BOTH, json!({"best_of": 3}), Refused),
-        case("use_beam_search", BOTH, json!({"use_beam_search": true}), Refused),
+        case(
+            "use_beam_search",
+            BOTH,
+            json!({"use_beam_search": true, "n": 2, "max_tokens": 3}),
+            Effect(|o| {
+                // The last step asked one token and 2 × width alternatives after a beam.
+                let s = &o.seen().sampling;
+                o.body["choices"].as_array().is_some_and(|c| c.len() == 2)
+                    && (s.max_tokens, s.logprobs, s.n) == (1, Some(4), 1)
+                    && o.seen().request_id.contains("-beam2-")
+            }),
+        ),
+        // What beam search cannot honour is refused by name.
+        case("stream", BOTH, json!({"use_beam_search": true, "stream": true}), Refused),
+        case("top_p", BOTH, json!({"use_beam_search": true, "top_p": 0.5}), Refused),
         case("length_penalty", BOTH, json!({"length_penalty": 0.5}), Refused),
+        case(
+            "length_penalty",
+            BOTH,
+            json!({"use_beam_search": true, "length_penalty": 0.5, "max_tokens": 2}),
+            Effect(|o| o.seen().request_id.contains("-beam1-")),
+        ),
         case(
             "allowed_token_ids",
             BOTH,

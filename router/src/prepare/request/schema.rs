@@ -132,11 +132,6 @@ pub fn only_true() -> impl Into<RefOr<Schema>> {
     only(ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([true])))
 }
 
-/// A refused number: only 1 or null.
-pub fn only_one() -> impl Into<RefOr<Schema>> {
-    only(ObjectBuilder::new().schema_type(Type::Number).enum_values(Some([1])))
-}
-
 /// `best_of`: only 1 (with the default `n`) or null; validation also takes it equal to `n`.
 pub fn no_op_best_of() -> impl Into<RefOr<Schema>> {
     only(ObjectBuilder::new().schema_type(Type::Integer).enum_values(Some([1])))

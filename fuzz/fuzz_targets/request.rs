@@ -22,8 +22,8 @@ struct Instant;
 
 impl Backend for Instant {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
-        let text = TokenChunk { index: 0, token_ids: vec![111, 107], logprobs: vec![], finish: None };
-        let end = TokenChunk { index: 0, token_ids: vec![EOS], logprobs: vec![], finish: Some(Finish::Stop) };
+        let text = TokenChunk { token_ids: vec![111, 107], ..TokenChunk::default() };
+        let end = TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() };
         stream::iter([Ok(text), Ok(end)]).boxed()
     }
 }

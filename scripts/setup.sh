@@ -16,8 +16,8 @@
 #   curl if missing, for the example request serve.sh prints.
 # - test: Debian's etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
-#   scripts/fuzz.sh); the `openai` client, `jsonschema`, lm-evaluation-harness and schemathesis in
-#   .venv.
+#   scripts/fuzz.sh), Node.js and npm; the `openai` client, `jsonschema`, lm-evaluation-harness and
+#   schemathesis in .venv, the Spectral OpenAPI linter in .cache/tools.
 # Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +42,8 @@ if [ "$level" -ge 3 ]; then
   command -v promtool >/dev/null || missing+=(prometheus)
   # libFuzzer, which scripts/fuzz.sh builds, is C++.
   command -v c++ >/dev/null || missing+=(g++)
+  # Spectral, the OpenAPI linter the tests run on /openapi.json, is a Node.js tool.
+  command -v npm >/dev/null || missing+=(nodejs npm)
 fi
 scripts/apt-install.sh "${missing[@]}"
 
@@ -76,6 +78,12 @@ fi
 if ! .venv/bin/python -c "import lm_eval" 2>/dev/null; then
   say "installing lm-evaluation-harness into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "lm_eval[api]==0.4.13"
+fi
+# Spectral lints the router's /openapi.json (tests/tests/schemathesis.rs), from npm.
+if [ ! -x "$tools/spectral/node_modules/.bin/spectral" ] ||
+   ! grep -qs '"version": "6.16.3"' "$tools/spectral/node_modules/@stoplight/spectral-cli/package.json"; then
+  say "installing the Spectral OpenAPI linter into $tools/spectral"
+  npm install --silent --no-audit --no-fund --prefix "$tools/spectral" @stoplight/spectral-cli@6.16.3 >&2
 fi
 # Schemathesis fuzzes the router's /openapi.json (tests/tests/schemathesis.rs).
 if [ "$(.venv/bin/st --version 2>/dev/null)" != "st, version 4.32.5" ]; then

@@ -29,7 +29,7 @@ use crate::tenancy::Caller;
 const REQUEST_ID: &str = "x-request-id";
 
 /// `POST /v1/chat/completions`.
-#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
+#[utoipa::path(post, path = "/v1/chat/completions", description = "OpenAI's chat completions with vLLM's extras: every field is honoured or refused with a 400 naming it.", tag = "openai", request_body = ChatCompletionRequest,
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `chat.completion`; with `stream`, `text/event-stream` of \
@@ -54,7 +54,7 @@ pub async fn chat_completions(
 }
 
 /// `POST /v1/completions`.
-#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+#[utoipa::path(post, path = "/v1/completions", description = "OpenAI's completions with vLLM's extras (a batch of prompts, echo with logprobs, prompt logprobs, beam search).", tag = "openai", request_body = CompletionRequest,
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `text_completion`; with `stream`, `text/event-stream` of \

@@ -15,14 +15,14 @@ use crate::respond::response::{ModelList, ModelObject};
 use crate::tenancy::Caller;
 
 /// Liveness: 200 while the router serves HTTP at all.
-#[utoipa::path(get, path = "/health", tag = "meta", responses((status = 200, description = "The router is alive")))]
+#[utoipa::path(get, path = "/health", description = "Liveness: 200 while the router serves HTTP at all.", tag = "meta", responses((status = 200, description = "The router is alive")))]
 pub async fn health() -> StatusCode {
     StatusCode::OK
 }
 
 /// Readiness: 200 while some model can serve (its card loaded, a worker in
 /// every pool it needs) and the router is not shutting down; 503 otherwise.
-#[utoipa::path(get, path = "/ready", tag = "meta", responses(
+#[utoipa::path(get, path = "/ready", description = "Readiness: 200 while some model can serve (its card loaded, a reachable worker in every pool it needs).", tag = "meta", responses(
     (status = 200, description = "Requests can be served"),
     (status = 503, description = "No model can serve (loading, or a pool without workers), or the router is shutting down",
      body = ErrorResponse)))]
@@ -37,7 +37,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// The served models the caller's key may use, those whose card has loaded.
-#[utoipa::path(get, path = "/v1/models", tag = "openai", security((), ("bearer" = [])), responses(
+#[utoipa::path(get, path = "/v1/models", description = "The served models this key may use, with their context length.", tag = "openai", security((), ("bearer" = [])), responses(
     (status = 200, description = "A `list` of the served models this key may use", body = ModelList),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
     (status = 503, description = "No model has loaded yet", body = ErrorResponse)))]
@@ -62,7 +62,7 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> Result<Jso
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
-#[utoipa::path(get, path = "/metrics", tag = "meta", responses(
+#[utoipa::path(get, path = "/metrics", description = "Prometheus text exposition of the router's metrics.", tag = "meta", responses(
     (status = 200, description = "Prometheus text format", content_type = "text/plain"),
     (status = 500, description = "The metrics could not be encoded")))]
 pub async fn render_metrics(State(state): State<AppState>) -> Response {

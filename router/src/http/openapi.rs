@@ -25,11 +25,17 @@ use crate::prepare::request::{
 #[openapi(
     info(
         title = "pdserve router",
+        contact(name = "pdserve"),
         description = "OpenAI-compatible API of the pdserve disaggregated serving cluster, with vLLM's extras. \
             Every field of the OpenAI and vLLM request bodies is either honoured or refused with a 400 naming \
             it; fields of neither API are ignored."
     ),
     servers((url = "/", description = "The router that serves this document")),
+    tags(
+        (name = "openai", description = "OpenAI's API, with vLLM's extra fields"),
+        (name = "vllm", description = "vLLM's own endpoints"),
+        (name = "meta", description = "Probes, metrics and this document"),
+    ),
     modifiers(&BearerScheme),
     paths(
         crate::http::generate::chat_completions,
@@ -57,8 +63,6 @@ use crate::prepare::request::{
         DetokenizeRequest,
         ErrorResponse,
         ErrorObject,
-        // The chunks a stream's events carry, as JSON text.
-        crate::respond::response::ChatChunk,
     ))
 )]
 pub struct ApiDoc;
@@ -86,7 +90,7 @@ pub fn document() -> String {
 }
 
 /// `GET /openapi.json`: built once, it never changes while the router runs.
-#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+#[utoipa::path(get, path = "/openapi.json", description = "This document.", tag = "meta",
     responses((status = 200, description = "This OpenAPI document", content_type = "application/json")))]
 pub async fn openapi_json() -> Response {
     static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -19,7 +19,7 @@ use crate::respond::response::{DetokenizeResponse, TokenizeResponse, TokenizerIn
 use crate::tenancy::Caller;
 
 /// `POST /tokenize`.
-#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest, security((), ("bearer" = [])), responses(
+#[utoipa::path(post, path = "/tokenize", description = "vLLM's tokenize: a prompt or a conversation, rendered and tokenized as generation would.", tag = "vllm", request_body = TokenizeRequest, security((), ("bearer" = [])), responses(
     (status = 200, description = "`tokens`, `count`, `max_model_len`, maybe `token_strs`", body = TokenizeResponse),
     (status = 400, description = "A parameter is missing or invalid; `param` names it", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
@@ -44,7 +44,7 @@ pub async fn tokenize(
 }
 
 /// `POST /detokenize`.
-#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest, security((), ("bearer" = [])), responses(
+#[utoipa::path(post, path = "/detokenize", description = "vLLM's detokenize: token ids to text, special tokens kept.", tag = "vllm", request_body = DetokenizeRequest, security((), ("bearer" = [])), responses(
     (status = 200, description = "The decoded `prompt`", body = DetokenizeResponse),
     (status = 400, description = "`tokens` is missing or out of the vocabulary", body = ErrorResponse),
     (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
@@ -65,13 +65,14 @@ pub async fn detokenize(
 
 /// `GET /tokenizer_info`'s query.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TokenizerInfoQuery {
     /// The served model; needed only when several are served.
     pub model: Option<String>,
 }
 
 /// `GET /tokenizer_info`: the model's tokenizer settings and chat template, as vLLM's.
-#[utoipa::path(get, path = "/tokenizer_info", tag = "vllm", params(TokenizerInfoQuery), security((), ("bearer" = [])),
+#[utoipa::path(get, path = "/tokenizer_info", description = "vLLM's tokenizer info: special tokens, context length and chat template.", tag = "vllm", params(TokenizerInfoQuery), security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The tokenizer's special tokens, context length and chat template", body = TokenizerInfo),
         (status = 400, description = "Several models are served and none was named", body = ErrorResponse),
@@ -97,7 +98,7 @@ pub async fn tokenizer_info(
 }
 
 /// `GET /version`: needs no model, so it answers while the card loads.
-#[utoipa::path(get, path = "/version", tag = "vllm",
+#[utoipa::path(get, path = "/version", description = "The router's version.", tag = "vllm",
     responses((status = 200, description = "The router's `version`", body = VersionResponse)))]
 pub async fn version() -> Json<VersionResponse> {
     Json(VersionResponse { version: env!("CARGO_PKG_VERSION") })

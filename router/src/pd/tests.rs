@@ -199,30 +199,9 @@ async fn decode_stream_without_finish_is_an_error() {
 #[tokio::test]
 async fn n_choices_start_from_the_prefill_and_decode_until_all_finish() {
     let decoded = vec![
-        Ok(TokenChunk {
-            index: 1,
-            token_ids: vec![21],
-            logprobs: vec![],
-            finish: Some(Finish::Length),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 2,
-            token_ids: vec![31],
-            logprobs: vec![],
-            finish: Some(Finish::Length),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { index: 1, token_ids: vec![21], finish: Some(Finish::Length), ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: vec![], finish: Some(Finish::Stop), ..TokenChunk::default() }),
+        Ok(TokenChunk { index: 2, token_ids: vec![31], finish: Some(Finish::Length), ..TokenChunk::default() }),
         // Past every choice's finish: never read.
         Err(BackendError::Aborted),
     ];

@@ -32,14 +32,7 @@ impl Backend for GatedBackend {
         let slow = request.request_id == "slow";
         self.started.lock().unwrap().push(request);
         let release = self.release.clone();
-        let done = TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        };
+        let done = TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() };
         stream::once(async move {
             if slow {
                 release.notified().await;

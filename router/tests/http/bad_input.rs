@@ -23,14 +23,7 @@ struct Recording {
 impl Backend for Recording {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
         *self.started.lock().unwrap() += 1;
-        let done = TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        };
+        let done = TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() };
         stream::iter([Ok(done)]).boxed()
     }
 }

@@ -32,30 +32,9 @@ impl Backend for FakeBackend {
 fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
     // "Hé" with the é split over two tokens, then " you" and eos.
     vec![
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids("H"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids("é you"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: ids("H"), ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: ids("é you"), ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }),
     ]
 }
 
@@ -128,20 +107,15 @@ fn chunks_with_logprobs() -> Vec<Result<TokenChunk, BackendError>> {
     };
     vec![
         Ok(TokenChunk {
-            index: 0,
             token_ids: ids("Hi"),
             logprobs: ids("Hi").into_iter().map(lp).collect(),
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
+            ..TokenChunk::default()
         }),
         Ok(TokenChunk {
-            index: 0,
             token_ids: vec![EOS],
             logprobs: vec![lp(EOS)],
             finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
+            ..TokenChunk::default()
         }),
     ]
 }
@@ -205,14 +179,7 @@ async fn n_choices_each_with_index_finish_and_stop_strings() {
         chunk(0, "a", None),
         chunk(0, "b!", None),
         chunk(1, "y", Some(Finish::Length)),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }),
     ];
     let (app, backend) = setup(chunks);
     let body = chat_body(json!({"n": 2, "stop": "!"}));
@@ -359,22 +326,8 @@ async fn worker_failures_are_5xx_or_stream_errors() {
 #[tokio::test]
 async fn a_worker_dying_mid_stream_ends_each_open_choice_with_an_error() {
     let chunks = vec![
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids("H"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 1,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: ids("H"), ..TokenChunk::default() }),
+        Ok(TokenChunk { index: 1, token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }),
         Err(BackendError::Unavailable("decode worker gone".into())),
     ];
     let (app, _) = setup(chunks);
@@ -676,30 +629,14 @@ fn weather_tool() -> Value {
 
 /// A think block, a line of text and a Hermes tool call, split mid-tag.
 fn tool_call_chunks() -> Vec<Result<TokenChunk, BackendError>> {
-    let chunk = |text: &str| {
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids(text),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        })
-    };
+    let chunk = |text: &str| Ok(TokenChunk { token_ids: ids(text), ..TokenChunk::default() });
     vec![
         chunk("<thi"),
         chunk("nk>need weather</th"),
         chunk("ink>\n\nChecking.<tool"),
         chunk("_call>\n{\"name\": \"weather\", "),
         chunk("\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }),
     ]
 }
 
@@ -881,14 +818,7 @@ struct HangingBackend;
 
 impl Backend for HangingBackend {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
-        let first = TokenChunk {
-            index: 0,
-            token_ids: ids("Hi"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        };
+        let first = TokenChunk { token_ids: ids("Hi"), ..TokenChunk::default() };
         stream::iter([Ok(first)]).chain(stream::pending()).boxed()
     }
 }
@@ -1015,22 +945,8 @@ async fn include_stop_str_in_output_keeps_the_stop_string() {
 #[tokio::test]
 async fn skip_special_tokens_false_keeps_them_in_the_text() {
     let chunks = vec![
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![b'a'.into(), 257, b'b'.into()],
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: vec![b'a'.into(), 257, b'b'.into()], ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }),
     ];
     let (app, _) = setup(chunks);
     let text_of = |extra: Value| {

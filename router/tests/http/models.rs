@@ -41,16 +41,7 @@ impl OneToken {
 impl Backend for OneToken {
     fn generate(&self, request: GenerateRequest) -> TokenStream {
         self.seen.lock().unwrap().push(request.request_id);
-        let chunk = |t: u32, finish| {
-            Ok(TokenChunk {
-                index: 0,
-                token_ids: vec![t],
-                logprobs: vec![],
-                finish,
-                cached_tokens: None,
-                prompt_logprobs: vec![],
-            })
-        };
+        let chunk = |t: u32, finish| Ok(TokenChunk { token_ids: vec![t], finish, ..TokenChunk::default() });
         stream::iter([chunk(self.byte, None), chunk(EOS, Some(Finish::Stop))]).boxed()
     }
 }

@@ -27,28 +27,9 @@ struct Scripted {
 
 impl Backend for Scripted {
     fn generate(&self, _: GenerateRequest) -> TokenStream {
-        let mut chunks: Vec<_> = self
-            .chunks
-            .iter()
-            .map(|ids| {
-                Ok(TokenChunk {
-                    index: 0,
-                    token_ids: ids.clone(),
-                    logprobs: vec![],
-                    finish: None,
-                    cached_tokens: None,
-                    prompt_logprobs: vec![],
-                })
-            })
-            .collect();
-        chunks.push(Ok(TokenChunk {
-            index: 0,
-            token_ids: vec![EOS],
-            logprobs: vec![],
-            finish: Some(Finish::Stop),
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }));
+        let mut chunks: Vec<_> =
+            self.chunks.iter().map(|ids| Ok(TokenChunk { token_ids: ids.clone(), ..TokenChunk::default() })).collect();
+        chunks.push(Ok(TokenChunk { token_ids: vec![EOS], finish: Some(Finish::Stop), ..TokenChunk::default() }));
         stream::iter(chunks).boxed()
     }
 }

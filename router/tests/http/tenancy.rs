@@ -35,16 +35,7 @@ impl Backend for Backend3 {
         let hang = id == "hang";
         self.started.lock().unwrap().push(request);
         let release = self.release.clone();
-        let chunk = |t: u32, finish| {
-            Ok(TokenChunk {
-                index: 0,
-                token_ids: vec![t],
-                logprobs: vec![],
-                finish,
-                cached_tokens: None,
-                prompt_logprobs: vec![],
-            })
-        };
+        let chunk = |t: u32, finish| Ok(TokenChunk { token_ids: vec![t], finish, ..TokenChunk::default() });
         let mut tokens = vec![chunk(97, None), chunk(98, None), chunk(99, None)];
         if !hang {
             tokens.push(chunk(EOS, Some(Finish::Stop)));

@@ -79,22 +79,8 @@ fn max_tokens_finishes_with_length() {
 #[tokio::test]
 async fn deltas_stop_pulling_after_a_stop_string() {
     let chunks = vec![
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids("hi!"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
-        Ok(TokenChunk {
-            index: 0,
-            token_ids: ids("more"),
-            logprobs: vec![],
-            finish: None,
-            cached_tokens: None,
-            prompt_logprobs: vec![],
-        }),
+        Ok(TokenChunk { token_ids: ids("hi!"), ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: ids("more"), ..TokenChunk::default() }),
         Err(BackendError::Aborted),
     ];
     let output = Output::new(decoder(), vec!["!".into()], 100);

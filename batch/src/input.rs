@@ -2,7 +2,9 @@
 //!
 //! A line holds exactly one of `prompt` (text), `prompt_token_ids` (ids) or `messages` (a chat,
 //! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional
-//! sampling fields with vLLM's names and defaults, and at most one structured output
+//! sampling fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top
+//! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), and
+//! at most one structured output
 //! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
 //! parameter never goes unnoticed. Blank lines are skipped.
 
@@ -10,6 +12,7 @@ use constraint::api::{requested, Guided, ResponseFormat, StructuredOutputs};
 use engine::offline::{ChatMessage, Input, Prompt, Request};
 use engine::SamplingParams;
 use serde::Deserialize;
+use std::collections::HashMap;
 
 /// One request of the file.
 #[derive(Debug, Clone)]
@@ -40,6 +43,12 @@ struct RawLine {
     repetition_penalty: Option<f32>,
     ignore_eos: Option<bool>,
     min_tokens: Option<u32>,
+    logprobs: Option<u32>,
+    prompt_logprobs: Option<u32>,
+    logit_bias: Option<HashMap<String, f32>>,
+    allowed_token_ids: Option<Vec<u32>>,
+    bad_words: Option<Vec<String>>,
+    skip_special_tokens: Option<bool>,
     response_format: Option<ResponseFormat>,
     structured_outputs: Option<StructuredOutputs>,
     guided_json: Option<serde_json::Value>,
@@ -136,6 +145,10 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         repetition_penalty: line.repetition_penalty.unwrap_or(d.repetition_penalty),
         ignore_eos: line.ignore_eos.unwrap_or(d.ignore_eos),
         min_tokens: line.min_tokens.unwrap_or(d.min_tokens),
+        logprobs: line.logprobs,
+        prompt_logprobs: line.prompt_logprobs,
+        logit_bias: logit_bias(line.logit_bias.unwrap_or_default())?,
+        allowed_token_ids: line.allowed_token_ids,
         ..d
     };
     sampling.validate().map_err(|e| e.to_string())?;
@@ -150,7 +163,28 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
     let constraint = requested(line.response_format.as_ref(), line.structured_outputs.as_ref(), &guided)
         .map_err(|e| e.to_string())?
         .map(|r| r.constraint);
-    Ok((line.id, Request { input, sampling, constraint }))
+    let bad_words = line.bad_words.unwrap_or_default();
+    if bad_words.iter().any(|w| w.trim().is_empty()) {
+        return Err("bad_words: a word is empty".into());
+    }
+    let skip_special_tokens = line.skip_special_tokens.unwrap_or(true);
+    Ok((line.id, Request { input, sampling, constraint, bad_words, skip_special_tokens }))
+}
+
+/// `logit_bias` as the server takes it: token ids as string keys, biases in [-100, 100] (checked
+/// with the rest of the sampling), sorted by id.
+fn logit_bias(map: HashMap<String, f32>) -> Result<Vec<(u32, f32)>, String> {
+    let mut biases = map
+        .into_iter()
+        .map(|(key, bias)| {
+            key.trim()
+                .parse::<u32>()
+                .map(|t| (t, bias))
+                .map_err(|_| format!("logit_bias: key {key:?} is not a token id"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    biases.sort_unstable_by_key(|&(t, _)| t);
+    Ok(biases)
 }
 
 #[cfg(test)]

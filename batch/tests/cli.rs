@@ -135,3 +135,39 @@ fn lines_take_structured_outputs_as_the_server_does() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 1") && stderr.contains("guided_choice"), "{stderr}");
 }
+
+/// Lines take the server's sampling extras, with the server's checks: logprobs and prompt
+/// logprobs in the records, allowed tokens, bad words, logit bias, special tokens kept, and a
+/// `max_tokens` past the context refused for that line only.
+#[test]
+fn lines_take_the_servers_sampling_extras_and_its_context_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    let lines = [
+        r#"{"id": "scored", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "logprobs": 2, "prompt_logprobs": 1}"#,
+        r#"{"id": "free", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3}"#,
+        r#"{"id": "banned", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "bad_words": ["Paris"]}"#,
+        r#"{"id": "allowed", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "allowed_token_ids": [28, 30]}"#,
+        r#"{"id": "biased", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 2, "logit_bias": {"28": 100}}"#,
+        r#"{"id": "too long", "prompt": "Hello", "max_tokens": 100000}"#,
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1), "the too-long line fails: {}", String::from_utf8_lossy(&out.stderr));
+    let recs = records(&output);
+    let scored = &recs[0];
+    assert_eq!(scored["logprobs"].as_array().unwrap().len(), 3, "{scored}");
+    assert_eq!(scored["logprobs"][0]["top"].as_array().unwrap().len(), 2, "{scored}");
+    let prompt = scored["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(prompt.len() as u64, scored["usage"]["prompt_tokens"].as_u64().unwrap(), "{scored}");
+    assert!(prompt[0].is_null() && prompt[1]["logprob"].as_f64().unwrap() < 0.0, "{scored}");
+    // Greedy: scoring changes nothing of the answer.
+    assert_eq!(scored["token_ids"], recs[1]["token_ids"]);
+    assert!(recs[1]["text"].as_str().unwrap().contains("Paris"), "{}", recs[1]);
+    assert!(!recs[2]["text"].as_str().unwrap().contains("Paris"), "{}", recs[2]);
+    let allowed: Vec<u64> = recs[3]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert!(allowed.iter().all(|t| [28, 30].contains(t)), "{}", recs[3]);
+    assert_eq!(recs[4]["token_ids"], serde_json::json!([28, 28]), "{}", recs[4]);
+    assert!(recs[5]["error"].as_str().unwrap().contains("maximum context length"), "{}", recs[5]);
+}

@@ -62,6 +62,19 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// The structured output the answer is held to (vLLM's `structured_outputs`).
     pub constraint: Option<Constraint>,
+    /// vLLM's `bad_words` as text: tokenized as the server tokenizes them (see
+    /// [`prompt::bad_words`]) into `sampling.bad_words`.
+    pub bad_words: Vec<String>,
+    /// Leave special tokens out of the output's text (vLLM's default, true).
+    pub skip_special_tokens: bool,
+}
+
+impl Request {
+    /// A request for `input` under `sampling`, with no structured output or bad words, special
+    /// tokens left out of the text.
+    pub fn new(input: Input, sampling: SamplingParams) -> Self {
+        Self { input, sampling, constraint: None, bad_words: Vec::new(), skip_special_tokens: true }
+    }
 }
 
 /// The result of one request.
@@ -74,11 +87,15 @@ pub struct Output {
     pub finish_reason: FinishReason,
     /// Tokens of the prompt as the model saw it (after templating and BOS).
     pub num_prompt_tokens: usize,
+    /// Those tokens.
+    pub prompt_token_ids: Vec<u32>,
     /// Of those, tokens whose KV came from the prefix cache.
     pub num_cached_tokens: usize,
     /// With `prompt_logprobs` asked: the logprobs of prompt tokens 1.. (token 0 has none), each
     /// given the tokens before it; empty otherwise.
     pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// With `logprobs` asked: those of each generated token, in order; empty otherwise.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// How far a batch has got, for a progress bar.
@@ -121,6 +138,11 @@ pub enum OfflineError {
     NoKvBlocks { budget: usize, block_bytes: usize },
     #[error("max_model_len {max_model_len} exceeds the model's context length {context_length}")]
     MaxModelLen { max_model_len: usize, context_length: usize },
+    /// The prompt and `max_tokens` do not fit the context (as the server refuses them).
+    #[error(
+        "This model's maximum context length is {context_length} tokens. However, you requested {total} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion)."
+    )]
+    ContextExceeded { prompt_tokens: usize, max_tokens: u32, total: usize, context_length: usize },
     /// The engine refused the request at submit.
     #[error(transparent)]
     Rejected(#[from] EngineError),
@@ -262,11 +284,7 @@ impl Llm {
     /// Generates for every prompt with the same parameters; outputs are in prompt order. Fails
     /// with the first failed request's error ([`OfflineError::Request`]) after all have run.
     pub fn generate(&self, prompts: Vec<Prompt>, params: &SamplingParams) -> Result<Vec<Output>, OfflineError> {
-        let requests = prompts.into_iter().map(|p| Request {
-            input: Input::Prompt(p),
-            sampling: params.clone(),
-            constraint: None,
-        });
+        let requests = prompts.into_iter().map(|p| Request::new(Input::Prompt(p), params.clone()));
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
@@ -276,11 +294,7 @@ impl Llm {
         conversations: Vec<Vec<ChatMessage>>,
         params: &SamplingParams,
     ) -> Result<Vec<Output>, OfflineError> {
-        let requests = conversations.into_iter().map(|c| Request {
-            input: Input::Chat(c),
-            sampling: params.clone(),
-            constraint: None,
-        });
+        let requests = conversations.into_iter().map(|c| Request::new(Input::Chat(c), params.clone()));
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
@@ -297,14 +311,29 @@ impl Llm {
         let batch = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
         let mut results: Vec<Option<Result<Output, OfflineError>>> = (0..total).map(|_| None).collect();
         let mut running = Vec::new();
+        let skip_special_tokens: Vec<bool> = requests.iter().map(|r| r.skip_special_tokens).collect();
+        let mut prompts: Vec<Vec<u32>> = vec![Vec::new(); total];
         for (index, request) in requests.into_iter().enumerate() {
             let submitted = self.prompt_ids(&request.input).and_then(|ids| {
+                let context_length = self.engine.max_model_len();
+                let total = ids.len() + request.sampling.max_tokens as usize;
+                // A prompt alone too long is the engine's to refuse; one that fits, but not with
+                // all it asks to generate, is refused here, as the server refuses it.
+                if ids.len() < context_length && total > context_length {
+                    let (prompt_tokens, max_tokens) = (ids.len(), request.sampling.max_tokens);
+                    return Err(OfflineError::ContextExceeded { prompt_tokens, max_tokens, total, context_length });
+                }
                 let grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
+                let mut sampling = request.sampling;
+                sampling
+                    .bad_words
+                    .extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.encode(w))?);
                 let num_prompt_tokens = ids.len();
+                prompts[index].clone_from(&ids);
                 let events = self.engine.submit(EngineRequest {
                     request_id: format!("offline-{batch}-{index}"),
                     prompt_token_ids: ids,
-                    sampling: request.sampling,
+                    sampling,
                     kv: KvSource::Compute,
                     pin_on_finish: false,
                     cache_salt: None,
@@ -337,12 +366,14 @@ impl Llm {
             drop(merged);
             let mut token_ids: Vec<Vec<u32>> = vec![Vec::new(); total];
             let mut prompt_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); total];
+            let mut token_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); total];
             let mut last_report = Instant::now();
             progress(&Progress { elapsed: started.elapsed(), ..state });
             while let Some((index, num_prompt_tokens, event)) = events.recv().await {
                 let result = match event {
-                    EngineEvent::Token { id, .. } => {
+                    EngineEvent::Token { id, logprobs, .. } => {
                         token_ids[index].push(id);
+                        token_logprobs[index].extend(logprobs);
                         state.generated_tokens += 1;
                         if last_report.elapsed() >= Duration::from_millis(50) {
                             last_report = Instant::now();
@@ -356,8 +387,14 @@ impl Llm {
                     }
                     EngineEvent::Finished { reason, num_cached_tokens, .. } => {
                         let ids = std::mem::take(&mut token_ids[index]);
-                        self.output(ids, reason, num_prompt_tokens, num_cached_tokens)
-                            .map(|out| Output { prompt_logprobs: std::mem::take(&mut prompt_logprobs[index]), ..out })
+                        self.output(ids, reason, num_prompt_tokens, num_cached_tokens, skip_special_tokens[index]).map(
+                            |out| Output {
+                                prompt_token_ids: std::mem::take(&mut prompts[index]),
+                                prompt_logprobs: std::mem::take(&mut prompt_logprobs[index]),
+                                logprobs: std::mem::take(&mut token_logprobs[index]),
+                                ..out
+                            },
+                        )
                     }
                     EngineEvent::Error(e) => Err(OfflineError::Failed(e)),
                 };
@@ -416,9 +453,23 @@ impl Llm {
         finish_reason: FinishReason,
         num_prompt_tokens: usize,
         num_cached_tokens: usize,
+        skip_special_tokens: bool,
     ) -> Result<Output, OfflineError> {
-        let text = self.tokenizer.decode(&token_ids, true).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
-        Ok(Output { text, token_ids, finish_reason, num_prompt_tokens, num_cached_tokens, prompt_logprobs: Vec::new() })
+        let text = self
+            .tokenizer
+            .decode(&token_ids, skip_special_tokens)
+            .map_err(|e| OfflineError::Tokenize(e.to_string()))?;
+        let (prompt_token_ids, prompt_logprobs, logprobs) = (Vec::new(), Vec::new(), Vec::new());
+        Ok(Output {
+            text,
+            token_ids,
+            finish_reason,
+            num_prompt_tokens,
+            prompt_token_ids,
+            num_cached_tokens,
+            prompt_logprobs,
+            logprobs,
+        })
     }
 }
 

@@ -315,6 +315,10 @@ impl SamplingParams {
         if let Some(k) = p.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(EngineError::InvalidSampling { field: "logprobs", limit: "in [0, 20]", value: k.to_string() });
         }
+        if p.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
+            let value = "[]".to_string();
+            return Err(EngineError::InvalidSampling { field: "allowed_token_ids", limit: "not empty", value });
+        }
         if let Some(k) = p.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             let value = k.to_string();
             return Err(EngineError::InvalidSampling { field: "prompt_logprobs", limit: "in [0, 20]", value });

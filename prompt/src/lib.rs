@@ -9,7 +9,9 @@
 //!   byte-level BPE vocabularies; [`decode`] the way back.
 //! - [`block_hash`]: the salted, chained hash of full KV blocks that names cached prefixes on the
 //!   workers and in the router's index.
+//! - [`bad_words`]: vLLM's `bad_words` as the token sequences the samplers forbid.
 
+pub mod bad_words;
 pub mod block_hash;
 mod byte_level;
 pub mod chat_template;

@@ -167,6 +167,11 @@ impl EngineHandle {
         self.shared.vocab_size
     }
 
+    /// Longest sequence (prompt and generated tokens) the engine runs.
+    pub fn max_model_len(&self) -> usize {
+        self.shared.max_model_len
+    }
+
     /// The KV cache's shape, on each rank.
     pub fn shape(&self) -> KvCacheShape {
         self.shared.shape
@@ -213,7 +218,10 @@ impl EngineHandle {
         if !(1..=MAX_N).contains(&req.n) {
             return Err(EngineError::InvalidSampling { field: "n", limit: "in [1, 16]", value: req.n.to_string() });
         }
-        if let Some(&(token, _)) = p.logit_bias.iter().find(|(t, _)| *t as usize >= s.vocab_size) {
+        // Every token id the sampling names is one of the vocabulary.
+        let named = p.logit_bias.iter().map(|&(t, _)| t).chain(p.allowed_token_ids.iter().flatten().copied());
+        let mut named = named.chain(p.bad_words.iter().flatten().copied()).chain(p.stop_token_ids.iter().copied());
+        if let Some(token) = named.find(|&t| t as usize >= s.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size: s.vocab_size });
         }
         let first_tokens = req.kv.first_tokens();

@@ -49,11 +49,7 @@ fn batched_outputs_keep_input_order_and_match_single_runs() {
     let requests: Vec<Request> = prompts
         .iter()
         .zip(lengths)
-        .map(|(ids, n)| Request {
-            input: Input::Prompt(Prompt::TokenIds(ids.clone())),
-            sampling: greedy(n),
-            constraint: None,
-        })
+        .map(|(ids, n)| Request::new(Input::Prompt(Prompt::TokenIds(ids.clone())), greedy(n)))
         .collect();
     let mut reports = Vec::new();
     let batched = llm.run(requests, &mut |p| reports.push(*p));
@@ -75,12 +71,28 @@ fn batched_outputs_keep_input_order_and_match_single_runs() {
 fn a_failed_request_does_not_stop_the_others() {
     let llm = llm();
     let requests = vec![
-        Request { input: Input::Prompt(Prompt::TokenIds(vec![])), sampling: greedy(2), constraint: None },
-        Request { input: Input::Prompt(Prompt::Text("Hello".into())), sampling: greedy(2), constraint: None },
+        Request::new(Input::Prompt(Prompt::TokenIds(vec![])), greedy(2)),
+        Request::new(Input::Prompt(Prompt::Text("Hello".into())), greedy(2)),
     ];
     let results = llm.run(requests, &mut |_| {});
     assert!(matches!(results[0], Err(OfflineError::Rejected(EngineError::EmptyPrompt { .. }))), "{:?}", results[0]);
     assert!(results[1].is_ok(), "{:?}", results[1]);
     let err = llm.generate(vec![Prompt::TokenIds(vec![])], &greedy(2)).unwrap_err();
     assert!(err.to_string().starts_with("request 0: "), "{err}");
+}
+
+#[test]
+fn max_tokens_past_the_context_is_refused_as_the_server_refuses_it() {
+    let llm = llm();
+    let context = llm.engine().max_model_len();
+    let prompt = Prompt::Text("Hello".into());
+    let err = llm.generate(vec![prompt.clone()], &greedy(context as u32)).unwrap_err();
+    let OfflineError::Request { source, .. } = err else { panic!("{err}") };
+    assert!(
+        matches!(*source, OfflineError::ContextExceeded { max_tokens, context_length, .. }
+            if max_tokens as usize == context && context_length == context),
+        "{source}"
+    );
+    // What fits runs.
+    assert!(llm.generate(vec![prompt], &greedy(2)).is_ok());
 }

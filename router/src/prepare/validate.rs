@@ -795,20 +795,10 @@ fn allowed_token_ids(model: &Model, ids: Option<&[i64]>) -> Result<Option<Vec<u3
 /// vLLM's `bad_words` as token sequences: each word as it would start the text, and as it would
 /// follow a space when that spelling is a different token sequence of the same length.
 fn bad_words(model: &Model, words: &[String]) -> Result<Vec<Vec<u32>>, ValidationError> {
-    let mut sequences = Vec::new();
-    for word in words {
-        let word = word.trim_start();
-        if word.is_empty() {
-            return Err(ValidationError::Empty { field: "bad_words" });
-        }
-        let alone = tokenize::text_ids(model, word, false)?;
-        let spaced = tokenize::text_ids(model, &format!(" {word}"), false)?;
-        if spaced.len() == alone.len() && spaced.first() != alone.first() {
-            sequences.push(spaced);
-        }
-        sequences.push(alone);
+    if words.iter().any(|w| w.trim_start().is_empty()) {
+        return Err(ValidationError::Empty { field: "bad_words" });
     }
-    Ok(sequences)
+    prompt::bad_words::bad_word_sequences(words, |text| tokenize::text_ids(model, text, false))
 }
 
 fn min_tokens(value: Option<i64>, max_tokens: u32) -> Result<u32, ValidationError> {

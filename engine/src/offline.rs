@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use constraint::{Constraint, ConstraintError, Grammar, Vocabulary};
+use prompt::beam::Beams;
 use prompt::decode::Decoder;
 use tokenizers::Tokenizer;
 
@@ -96,6 +97,33 @@ pub struct Output {
     pub prompt_logprobs: Vec<TokenLogprobs>,
     /// With `logprobs` asked: those of each generated token, in order; empty otherwise.
     pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// vLLM's `BeamSearchParams` for [`Llm::beam_search`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamSearchParams {
+    /// Beams kept each step and answered, in `1..=10` (each step asks `2 × beam_width` top
+    /// tokens, and at most 20 are given).
+    pub beam_width: usize,
+    /// Most tokens a beam generates.
+    pub max_tokens: u32,
+    /// The exponent of the length a beam's cumulative logprob is divided by (vLLM's default 1).
+    pub length_penalty: f32,
+    /// Let the model's eos tokens not end a beam.
+    pub ignore_eos: bool,
+}
+
+/// One beam of [`Llm::beam_search`]'s answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeamOutput {
+    /// Its generated tokens, a final eos included.
+    pub token_ids: Vec<u32>,
+    /// Their text, special tokens left out.
+    pub text: String,
+    /// The sum of its tokens' raw logprobs.
+    pub cumulative_logprob: f32,
+    /// `Stop` when an eos ended it, else `Length`.
+    pub finish_reason: FinishReason,
 }
 
 /// How far a batch has got, for a progress bar.
@@ -296,6 +324,75 @@ impl Llm {
     ) -> Result<Vec<Output>, OfflineError> {
         let requests = conversations.into_iter().map(|c| Request::new(Input::Chat(c), params.clone()));
         collect(self.run(requests.collect(), &mut |_| {}))
+    }
+
+    /// vLLM's `LLM.beam_search`: for each prompt, the `beam_width` best beams, best first (see
+    /// [`prompt::beam`] for the score). Each step asks every live beam of every prompt for its
+    /// `2 × beam_width` most likely next tokens, all in one batch.
+    pub fn beam_search(
+        &self,
+        prompts: Vec<Prompt>,
+        params: &BeamSearchParams,
+    ) -> Result<Vec<Vec<BeamOutput>>, OfflineError> {
+        let width = params.beam_width;
+        if !(1..=10).contains(&width) {
+            let value = width.to_string();
+            return Err(EngineError::InvalidSampling { field: "beam_width", limit: "in [1, 10]", value }.into());
+        }
+        let eos = self.text.eos_token_ids.clone();
+        let ends = if params.ignore_eos { Vec::new() } else { eos.clone() };
+        let context_length = self.engine.max_model_len();
+        let mut searches = Vec::with_capacity(prompts.len());
+        for prompt in &prompts {
+            let ids = self.prompt_ids(&Input::Prompt(prompt.clone()))?;
+            let total = ids.len() + params.max_tokens as usize;
+            if total > context_length {
+                let (prompt_tokens, max_tokens) = (ids.len(), params.max_tokens);
+                return Err(OfflineError::ContextExceeded { prompt_tokens, max_tokens, total, context_length });
+            }
+            let beams = Beams::new(width, params.length_penalty, ids.len(), ends.clone(), eos.clone());
+            searches.push((ids, beams));
+        }
+        let ask = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 1,
+            logprobs: Some(2 * width as u32),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        for _ in 0..params.max_tokens {
+            let requests: Vec<Request> = searches
+                .iter()
+                .flat_map(|(ids, beams)| beams.live().iter().map(move |b| [ids.as_slice(), &b.tokens].concat()))
+                .map(|ids| Request::new(Input::Prompt(Prompt::TokenIds(ids)), ask.clone()))
+                .collect();
+            if requests.is_empty() {
+                break;
+            }
+            let mut answers = collect(self.run(requests, &mut |_| {}))?.into_iter();
+            for (_, beams) in &mut searches {
+                let asks = answers.by_ref().take(beams.live().len());
+                beams
+                    .step(asks.map(|out| out.logprobs.into_iter().next().map(|l| l.top).unwrap_or_default()).collect());
+            }
+        }
+        searches
+            .into_iter()
+            .map(|(_, beams)| {
+                beams
+                    .finish()
+                    .into_iter()
+                    .map(|beam| {
+                        let text = self
+                            .tokenizer
+                            .decode(&beam.tokens, true)
+                            .map_err(|e| OfflineError::Tokenize(e.to_string()))?;
+                        let finish_reason = if beam.ended { FinishReason::Stop } else { FinishReason::Length };
+                        Ok(BeamOutput { token_ids: beam.tokens, text, cumulative_logprob: beam.logprob, finish_reason })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Runs requests with their own parameters, all submitted at once, calling `progress` as

@@ -10,8 +10,10 @@
 //! - [`block_hash`]: the salted, chained hash of full KV blocks that names cached prefixes on the
 //!   workers and in the router's index.
 //! - [`bad_words`]: vLLM's `bad_words` as the token sequences the samplers forbid.
+//! - [`beam`]: vLLM's beam search as a state machine the router and the offline library drive.
 
 pub mod bad_words;
+pub mod beam;
 pub mod block_hash;
 mod byte_level;
 pub mod chat_template;

@@ -96,3 +96,26 @@ fn max_tokens_past_the_context_is_refused_as_the_server_refuses_it() {
     // What fits runs.
     assert!(llm.generate(vec![prompt], &greedy(2)).is_ok());
 }
+
+#[test]
+fn beam_search_of_width_one_is_greedy_and_wider_beams_are_distinct_and_best_first() {
+    let llm = llm();
+    let prompt = Prompt::Text("The capital of France is".into());
+    let params = BeamSearchParams { beam_width: 1, max_tokens: 6, length_penalty: 0.0, ignore_eos: false };
+    let beams = llm.beam_search(vec![prompt.clone()], &params).unwrap();
+    let greedy_tokens = llm.generate(vec![prompt.clone()], &greedy(6)).unwrap().remove(0).token_ids;
+    assert_eq!(beams[0][0].token_ids, greedy_tokens, "one beam is the greedy path");
+
+    let wide = BeamSearchParams { beam_width: 3, length_penalty: 1.0, ..params };
+    let beams = llm.beam_search(vec![prompt.clone(), Prompt::Text("Hello".into())], &wide).unwrap();
+    assert_eq!(beams.len(), 2);
+    for found in &beams {
+        assert_eq!(found.len(), 3);
+        assert!(found.windows(2).all(|w| w[0].token_ids != w[1].token_ids), "{found:?}");
+        // Best first by vLLM's score: cumulative logprob over (prompt + beam) length.
+        assert!(found.iter().all(|b| b.cumulative_logprob <= 0.0 && !b.token_ids.is_empty()));
+    }
+    assert_eq!(llm.beam_search(vec![prompt], &wide).unwrap()[0], beams[0], "deterministic");
+    let too_wide = BeamSearchParams { beam_width: 11, ..wide };
+    assert!(llm.beam_search(vec![Prompt::Text("x".into())], &too_wide).is_err());
+}

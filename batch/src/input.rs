@@ -3,13 +3,14 @@
 //! A line holds exactly one of `prompt` (text), `prompt_token_ids` (ids) or `messages` (a chat,
 //! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional
 //! sampling fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top
-//! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), and
-//! at most one structured output
+//! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), chat
+//! rendering options (`tools`, `chat_template_kwargs`, `add_generation_prompt`,
+//! `continue_final_message`), and at most one structured output
 //! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
 //! parameter never goes unnoticed. Blank lines are skipped.
 
 use constraint::api::{requested, Guided, ResponseFormat, StructuredOutputs};
-use engine::offline::{ChatMessage, Input, Prompt, Request};
+use engine::offline::{ChatMessage, ChatOptions, Input, Prompt, Request};
 use engine::SamplingParams;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -49,6 +50,10 @@ struct RawLine {
     allowed_token_ids: Option<Vec<u32>>,
     bad_words: Option<Vec<String>>,
     skip_special_tokens: Option<bool>,
+    tools: Option<Vec<serde_json::Value>>,
+    chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     response_format: Option<ResponseFormat>,
     structured_outputs: Option<StructuredOutputs>,
     guided_json: Option<serde_json::Value>,
@@ -168,7 +173,42 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         return Err("bad_words: a word is empty".into());
     }
     let skip_special_tokens = line.skip_special_tokens.unwrap_or(true);
-    Ok((line.id, Request { input, sampling, constraint, bad_words, skip_special_tokens }))
+    let chat = chat_options(
+        &input,
+        line.tools,
+        line.chat_template_kwargs,
+        line.add_generation_prompt,
+        line.continue_final_message,
+    )?;
+    Ok((line.id, Request { input, sampling, constraint, bad_words, skip_special_tokens, chat }))
+}
+
+/// A chat line's rendering options, as the server checks them: they need `messages`, and a
+/// final message left open is not also given the assistant's turn header.
+fn chat_options(
+    input: &Input,
+    tools: Option<Vec<serde_json::Value>>,
+    kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<ChatOptions, String> {
+    let asked =
+        tools.is_some() || kwargs.is_some() || add_generation_prompt.is_some() || continue_final_message.is_some();
+    if asked && !matches!(input, Input::Chat(_)) {
+        return Err(
+            "tools, chat_template_kwargs, add_generation_prompt and continue_final_message need \"messages\"".into()
+        );
+    }
+    let continue_final_message = continue_final_message.unwrap_or(false);
+    if continue_final_message && add_generation_prompt == Some(true) {
+        return Err("continue_final_message cannot be true together with add_generation_prompt".into());
+    }
+    Ok(ChatOptions {
+        tools,
+        add_generation_prompt: add_generation_prompt.unwrap_or(!continue_final_message),
+        continue_final_message,
+        kwargs,
+    })
 }
 
 /// `logit_bias` as the server takes it: token ids as string keys, biases in [-100, 100] (checked

@@ -171,3 +171,39 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
     assert_eq!(recs[4]["token_ids"], serde_json::json!([28, 28]), "{}", recs[4]);
     assert!(recs[5]["error"].as_str().unwrap().contains("maximum context length"), "{}", recs[5]);
 }
+
+/// Chat lines take the server's rendering options: no generation prompt, a final message left open
+/// for the model to continue, template variables; on a prompt line they are an error.
+#[test]
+fn chat_lines_take_the_servers_rendering_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    let output = dir.path().join("results.jsonl");
+    let user = r#"[{"role": "user", "content": "What is the capital of France?"}]"#;
+    let open = r#"[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]"#;
+    let lines = [
+        format!(r#"{{"messages": {user}, "max_tokens": 1}}"#),
+        format!(r#"{{"messages": {user}, "max_tokens": 1, "add_generation_prompt": false}}"#),
+        format!(r#"{{"messages": {open}, "max_tokens": 3, "temperature": 0, "continue_final_message": true}}"#),
+        format!(
+            r#"{{"messages": {user}, "max_tokens": 1, "chat_template_kwargs": {{"enable_thinking": false}}, "tools": []}}"#
+        ),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = run_batch(&input, &output);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recs = records(&output);
+    let prompt_tokens = |i: usize| recs[i]["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens(1) < prompt_tokens(0), "no assistant header: {} vs {}", prompt_tokens(1), prompt_tokens(0));
+    assert!(recs[2]["text"].as_str().unwrap().contains("Paris"), "{}", recs[2]);
+    assert_eq!(prompt_tokens(3), prompt_tokens(0), "{}", recs[3]);
+
+    std::fs::write(&input, r#"{"prompt": "x", "add_generation_prompt": false}"#).unwrap();
+    let out = run_batch(&input, &output);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("need \"messages\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

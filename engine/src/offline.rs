@@ -16,8 +16,8 @@ use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{LoadedModel, ModelInfo};
 use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, RequestError};
 use crate::{Forward, KvSource, SamplingParams, TokenLogprobs};
-use prompt::chat_template::ChatTemplate;
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
+use prompt::chat_template::{ChatTemplate, RenderOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -68,13 +68,35 @@ pub struct Request {
     pub bad_words: Vec<String>,
     /// Leave special tokens out of the output's text (vLLM's default, true).
     pub skip_special_tokens: bool,
+    /// How a conversation is rendered (as `LLM.chat` takes it); unused for prompts.
+    pub chat: ChatOptions,
+}
+
+/// vLLM's `LLM.chat` rendering options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatOptions {
+    /// OpenAI tool dicts for the template's `tools`.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// End with the assistant's turn header (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open for the model to continue (default false).
+    pub continue_final_message: bool,
+    /// Extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`).
+    pub kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        Self { tools: None, add_generation_prompt: true, continue_final_message: false, kwargs: None }
+    }
 }
 
 impl Request {
     /// A request for `input` under `sampling`, with no structured output or bad words, special
     /// tokens left out of the text.
     pub fn new(input: Input, sampling: SamplingParams) -> Self {
-        Self { input, sampling, constraint: None, bad_words: Vec::new(), skip_special_tokens: true }
+        let (constraint, bad_words, chat) = (None, Vec::new(), ChatOptions::default());
+        Self { input, sampling, constraint, bad_words, skip_special_tokens: true, chat }
     }
 }
 
@@ -411,7 +433,7 @@ impl Llm {
         let skip_special_tokens: Vec<bool> = requests.iter().map(|r| r.skip_special_tokens).collect();
         let mut prompts: Vec<Vec<u32>> = vec![Vec::new(); total];
         for (index, request) in requests.into_iter().enumerate() {
-            let submitted = self.prompt_ids(&request.input).and_then(|ids| {
+            let submitted = self.prompt_ids_with(&request.input, &request.chat).and_then(|ids| {
                 let context_length = self.engine.max_model_len();
                 let total = ids.len() + request.sampling.max_tokens as usize;
                 // A prompt alone too long is the engine's to refuse; one that fits, but not with
@@ -523,8 +545,14 @@ impl Llm {
         Ok(grammar)
     }
 
-    /// The token ids the model sees for an input.
+    /// The token ids the model sees for an input (a conversation rendered with the default
+    /// options).
     pub fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, OfflineError> {
+        self.prompt_ids_with(input, &ChatOptions::default())
+    }
+
+    /// The token ids the model sees for an input, a conversation rendered as `chat` asks.
+    pub fn prompt_ids_with(&self, input: &Input, chat: &ChatOptions) -> Result<Vec<u32>, OfflineError> {
         match input {
             Input::Prompt(Prompt::TokenIds(ids)) => Ok(ids.clone()),
             Input::Prompt(Prompt::Text(text)) => {
@@ -533,7 +561,14 @@ impl Llm {
             }
             Input::Chat(messages) => {
                 let template = self.template.as_ref().ok_or(OfflineError::NoChatTemplate)?;
-                let text = template.render(messages).map_err(|e| OfflineError::Template(e.to_string()))?;
+                let options = RenderOptions {
+                    tools: chat.tools.as_deref(),
+                    add_generation_prompt: chat.add_generation_prompt,
+                    continue_final_message: chat.continue_final_message,
+                    kwargs: chat.kwargs.as_ref(),
+                };
+                let text =
+                    template.render_with(messages, &options).map_err(|e| OfflineError::Template(e.to_string()))?;
                 self.encode(&text)
             }
         }

@@ -5,7 +5,8 @@
 //! sampling fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top
 //! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), chat
 //! rendering options (`tools`, `chat_template_kwargs`, `add_generation_prompt`,
-//! `continue_final_message`), and at most one structured output
+//! `continue_final_message`), `stop` strings (at most 4) and `include_stop_str_in_output`, and at
+//! most one structured output
 //! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
 //! parameter never goes unnoticed. Blank lines are skipped.
 
@@ -50,6 +51,8 @@ struct RawLine {
     allowed_token_ids: Option<Vec<u32>>,
     bad_words: Option<Vec<String>>,
     skip_special_tokens: Option<bool>,
+    stop: Option<Stop>,
+    include_stop_str_in_output: Option<bool>,
     tools: Option<Vec<serde_json::Value>>,
     chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     add_generation_prompt: Option<bool>,
@@ -62,6 +65,14 @@ struct RawLine {
     guided_grammar: Option<String>,
     guided_decoding_backend: Option<String>,
     guided_whitespace_pattern: Option<String>,
+}
+
+/// `stop`: a string or a list of strings, as the server takes it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +184,16 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         return Err("bad_words: a word is empty".into());
     }
     let skip_special_tokens = line.skip_special_tokens.unwrap_or(true);
+    let stop: Vec<String> = match line.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(list)) => list,
+    };
+    if stop.len() > 4 {
+        return Err(format!("stop: at most 4 strings, got {}", stop.len()));
+    }
+    let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    let include_stop_str_in_output = line.include_stop_str_in_output.unwrap_or(false);
     let chat = chat_options(
         &input,
         line.tools,
@@ -180,7 +201,9 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         line.add_generation_prompt,
         line.continue_final_message,
     )?;
-    Ok((line.id, Request { input, sampling, constraint, bad_words, skip_special_tokens, chat }))
+    let request =
+        Request { input, sampling, constraint, bad_words, skip_special_tokens, chat, stop, include_stop_str_in_output };
+    Ok((line.id, request))
 }
 
 /// A chat line's rendering options, as the server checks them: they need `messages`, and a

@@ -151,6 +151,7 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
         r#"{"id": "allowed", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "allowed_token_ids": [28, 30]}"#,
         r#"{"id": "biased", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 2, "logit_bias": {"28": 100}}"#,
         r#"{"id": "too long", "prompt": "Hello", "max_tokens": 100000}"#,
+        r#"{"id": "stopped", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stop": "Paris"}"#,
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = run_batch(&input, &output);
@@ -170,6 +171,10 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
     assert!(allowed.iter().all(|t| [28, 30].contains(t)), "{}", recs[3]);
     assert_eq!(recs[4]["token_ids"], serde_json::json!([28, 28]), "{}", recs[4]);
     assert!(recs[5]["error"].as_str().unwrap().contains("maximum context length"), "{}", recs[5]);
+    let (stopped, free) = (&recs[6], &recs[1]);
+    assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
+    let free_text = free["text"].as_str().unwrap();
+    assert_eq!(stopped["text"].as_str().unwrap(), &free_text[..free_text.find("Paris").unwrap()], "{stopped}");
 }
 
 /// Chat lines take the server's rendering options: no generation prompt, a final message left open

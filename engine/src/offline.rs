@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use constraint::{Constraint, ConstraintError, Grammar, Vocabulary};
 use prompt::beam::Beams;
 use prompt::decode::Decoder;
+use prompt::detokenize::{Detokenizer, StopCheck, StopMatcher};
 use tokenizers::Tokenizer;
 
 /// A prompt for [`Llm::generate`].
@@ -70,6 +71,11 @@ pub struct Request {
     pub skip_special_tokens: bool,
     /// How a conversation is rendered (as `LLM.chat` takes it); unused for prompts.
     pub chat: ChatOptions,
+    /// Stop strings: the output ends where the first one starts (finish `Stop`), and the request
+    /// stops generating there.
+    pub stop: Vec<String>,
+    /// Keep the stop string that ended the output in its text (vLLM's default, false).
+    pub include_stop_str_in_output: bool,
 }
 
 /// vLLM's `LLM.chat` rendering options.
@@ -95,8 +101,17 @@ impl Request {
     /// A request for `input` under `sampling`, with no structured output or bad words, special
     /// tokens left out of the text.
     pub fn new(input: Input, sampling: SamplingParams) -> Self {
-        let (constraint, bad_words, chat) = (None, Vec::new(), ChatOptions::default());
-        Self { input, sampling, constraint, bad_words, skip_special_tokens: true, chat }
+        let (constraint, bad_words, chat, stop) = (None, Vec::new(), ChatOptions::default(), Vec::new());
+        Self {
+            input,
+            sampling,
+            constraint,
+            bad_words,
+            skip_special_tokens: true,
+            chat,
+            stop,
+            include_stop_str_in_output: false,
+        }
     }
 }
 
@@ -279,6 +294,52 @@ impl std::fmt::Debug for Llm {
     }
 }
 
+/// A request's text followed as its tokens come, for its stop strings.
+struct StopWatch {
+    detok: Detokenizer,
+    stops: StopMatcher,
+    text: String,
+    include_stop_str: bool,
+    stopped: bool,
+}
+
+impl StopWatch {
+    fn new(decoder: Decoder, stops: Vec<String>, skip_special_tokens: bool, include_stop_str: bool) -> Self {
+        let detok = Detokenizer::new(decoder).skip_special_tokens(skip_special_tokens);
+        Self { detok, stops: StopMatcher::new(stops), text: String::new(), include_stop_str, stopped: false }
+    }
+
+    /// Takes a token; true once a stop string appeared (the text then ends there).
+    fn push(&mut self, id: u32) -> bool {
+        let from = self.text.len();
+        self.text.push_str(&self.detok.push(id));
+        self.check(from)
+    }
+
+    fn check(&mut self, from: usize) -> bool {
+        if let StopCheck::StopAt(at) = self.stops.check(&self.text, from) {
+            let end = if self.include_stop_str { at + self.stops.len_at(&self.text, at) } else { at };
+            self.text.truncate(end);
+            self.stopped = true;
+        }
+        self.stopped
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The output's text, and whether a stop string ended it.
+    fn finish(mut self) -> (String, bool) {
+        if !self.stopped {
+            let from = self.text.len();
+            self.text.push_str(&self.detok.flush());
+            self.check(from);
+        }
+        (self.text, self.stopped)
+    }
+}
+
 /// Makes request ids unique across batches and `Llm`s sharing an engine.
 static NEXT_BATCH: AtomicU64 = AtomicU64::new(0);
 
@@ -431,6 +492,16 @@ impl Llm {
         let mut results: Vec<Option<Result<Output, OfflineError>>> = (0..total).map(|_| None).collect();
         let mut running = Vec::new();
         let skip_special_tokens: Vec<bool> = requests.iter().map(|r| r.skip_special_tokens).collect();
+        // Requests with stop strings follow their text as it comes, to stop where one appears.
+        let decoder =
+            requests.iter().any(|r| !r.stop.is_empty()).then(|| Decoder::new(Arc::new(self.tokenizer.clone())));
+        let mut watches: Vec<Option<StopWatch>> = requests
+            .iter()
+            .map(|r| {
+                let decoder = decoder.clone().filter(|_| !r.stop.is_empty())?;
+                Some(StopWatch::new(decoder, r.stop.clone(), r.skip_special_tokens, r.include_stop_str_in_output))
+            })
+            .collect();
         let mut prompts: Vec<Vec<u32>> = vec![Vec::new(); total];
         for (index, request) in requests.into_iter().enumerate() {
             let submitted = self.prompt_ids_with(&request.input, &request.chat).and_then(|ids| {
@@ -491,8 +562,15 @@ impl Llm {
             while let Some((index, num_prompt_tokens, event)) = events.recv().await {
                 let result = match event {
                     EngineEvent::Token { id, logprobs, .. } => {
+                        // Past a stop string (the abort is on its way): not part of the output.
+                        if watches[index].as_ref().is_some_and(StopWatch::stopped) {
+                            continue;
+                        }
                         token_ids[index].push(id);
                         token_logprobs[index].extend(logprobs);
+                        if watches[index].as_mut().is_some_and(|w| w.push(id)) {
+                            self.engine.abort(&format!("offline-{batch}-{index}"));
+                        }
                         state.generated_tokens += 1;
                         if last_report.elapsed() >= Duration::from_millis(50) {
                             last_report = Instant::now();
@@ -506,8 +584,15 @@ impl Llm {
                     }
                     EngineEvent::Finished { reason, num_cached_tokens, .. } => {
                         let ids = std::mem::take(&mut token_ids[index]);
+                        let watched = watches[index].take().map(StopWatch::finish);
+                        let reason = if watched.as_ref().is_some_and(|(_, stopped)| *stopped) {
+                            FinishReason::Stop
+                        } else {
+                            reason
+                        };
                         self.output(ids, reason, num_prompt_tokens, num_cached_tokens, skip_special_tokens[index]).map(
                             |out| Output {
+                                text: watched.map_or(out.text, |(text, _)| text),
                                 prompt_token_ids: std::mem::take(&mut prompts[index]),
                                 prompt_logprobs: std::mem::take(&mut prompt_logprobs[index]),
                                 logprobs: std::mem::take(&mut token_logprobs[index]),

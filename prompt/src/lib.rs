@@ -9,6 +9,7 @@
 //!   byte-level BPE vocabularies; [`decode`] the way back.
 //! - [`block_hash`]: the salted, chained hash of full KV blocks that names cached prefixes on the
 //!   workers and in the router's index.
+//! - [`detokenize`]: generated ids to text as they arrive, and stop strings found in it.
 //! - [`bad_words`]: vLLM's `bad_words` as the token sequences the samplers forbid.
 //! - [`beam`]: vLLM's beam search as a state machine the router and the offline library drive.
 
@@ -18,4 +19,5 @@ pub mod block_hash;
 mod byte_level;
 pub mod chat_template;
 pub mod decode;
+pub mod detokenize;
 pub mod encode;

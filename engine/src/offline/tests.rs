@@ -119,3 +119,22 @@ fn beam_search_of_width_one_is_greedy_and_wider_beams_are_distinct_and_best_firs
     let too_wide = BeamSearchParams { beam_width: 11, ..wide };
     assert!(llm.beam_search(vec![Prompt::Text("x".into())], &too_wide).is_err());
 }
+
+#[test]
+fn stop_strings_end_the_output_where_they_start_and_stop_the_generation() {
+    let llm = llm();
+    let input = Input::Prompt(Prompt::Text("The capital of France is".into()));
+    let free = llm.run(vec![Request::new(input.clone(), greedy(12))], &mut |_| {}).remove(0).unwrap();
+    let at = free.text.find("Paris").expect("greedy names Paris");
+    let stopped = Request { stop: vec!["Paris".into()], ..Request::new(input.clone(), greedy(12)) };
+    let kept = Request { include_stop_str_in_output: true, ..stopped.clone() };
+    let outs: Vec<Output> = llm.run(vec![stopped, kept], &mut |_| {}).into_iter().map(Result::unwrap).collect();
+    assert_eq!(outs[0].text, free.text[..at]);
+    assert_eq!(outs[1].text, free.text[..at + "Paris".len()]);
+    for out in &outs {
+        assert_eq!(out.finish_reason, FinishReason::Stop);
+        // Generation stopped at the token that completed the stop string.
+        assert!(out.token_ids.len() < free.token_ids.len(), "{out:?}");
+        assert_eq!(out.token_ids[..], free.token_ids[..out.token_ids.len()]);
+    }
+}

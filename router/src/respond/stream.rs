@@ -13,124 +13,7 @@ use std::sync::Arc;
 
 use crate::respond::response::{ChatTokenLogprob, PromptTokenLogprob, StopReason, TopLogprob};
 
-/// Text decoded from the generated ids so far, handed out piece by piece.
-///
-/// Byte-level tokenizers may split one character over several tokens, and
-/// decoding a lone token can differ from decoding it in context (leading
-/// spaces). So each step decodes a short window: ids from `prefix_offset`,
-/// compared with the same window up to `read_offset`; the difference is new
-/// text unless it ends in U+FFFD, an incomplete character that the next
-/// token will complete.
-#[derive(Debug)]
-pub struct Detokenizer {
-    decoder: Decoder,
-    ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
-    skip_special_tokens: bool,
-}
-
-impl Detokenizer {
-    /// A detokenizer with nothing decoded yet; special tokens decode to nothing.
-    pub fn new(decoder: Decoder) -> Self {
-        Self { decoder, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
-    }
-
-    /// The same detokenizer, keeping special tokens' text when
-    /// `skip_special_tokens` is false (vLLM's `skip_special_tokens`).
-    pub fn skip_special_tokens(self, skip_special_tokens: bool) -> Self {
-        Self { skip_special_tokens, ..self }
-    }
-
-    fn decode(&self, ids: &[u32]) -> String {
-        self.decoder.decode(ids, self.skip_special_tokens).unwrap_or_default()
-    }
-
-    /// Adds one id; returns the text it completes (maybe empty).
-    pub fn push(&mut self, id: u32) -> String {
-        self.ids.push(id);
-        self.take(false)
-    }
-
-    /// Returns all text still held back (an incomplete character at the end
-    /// of the generation comes out as U+FFFD).
-    pub fn flush(&mut self) -> String {
-        self.take(true)
-    }
-
-    fn take(&mut self, force: bool) -> String {
-        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
-        let full = self.decode(&self.ids[self.prefix_offset..]);
-        if full.len() <= prefix.len() || (!force && full.ends_with('\u{FFFD}')) {
-            return String::new();
-        }
-        let new = if full.starts_with(&prefix) {
-            full[prefix.len()..].to_owned()
-        } else {
-            // Decoding in context changed the prefix's text: skip as many chars.
-            full.chars().skip(prefix.chars().count()).collect()
-        };
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
-        new
-    }
-}
-
-/// Finds stop strings in the generated text and holds back text that may be
-/// the start of one.
-#[derive(Debug, Default)]
-pub struct StopMatcher {
-    stops: Vec<String>,
-}
-
-/// What [`StopMatcher::check`] decided for the text so far.
-#[derive(Debug, PartialEq, Eq)]
-pub enum StopCheck {
-    /// No stop string; text up to this byte offset is safe to send.
-    SafeUpTo(usize),
-    /// A stop string starts at this byte offset; the text ends there.
-    StopAt(usize),
-}
-
-impl StopMatcher {
-    /// A matcher for `stops` (empty strings are ignored).
-    pub fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops }
-    }
-
-    /// The length of the stop string that starts at `at` in `text` (the
-    /// shortest, should several start there: it is the one a stream meets
-    /// first). 0 when none does.
-    pub fn len_at(&self, text: &str, at: usize) -> usize {
-        let rest = text.get(at..).unwrap_or_default();
-        self.stops.iter().filter(|s| rest.starts_with(s.as_str())).map(String::len).min().unwrap_or(0)
-    }
-
-    /// Checks `text`; `from` is where new text begins (earlier text was
-    /// already checked, but a stop may straddle the boundary).
-    pub fn check(&self, text: &str, from: usize) -> StopCheck {
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut start = from.saturating_sub(longest.saturating_sub(1));
-        while !text.is_char_boundary(start) {
-            start -= 1;
-        }
-        let first_stop = self.stops.iter().filter_map(|s| text[start..].find(s.as_str()).map(|i| start + i)).min();
-        if let Some(at) = first_stop {
-            return StopCheck::StopAt(at);
-        }
-        // Hold back the longest suffix that is a proper prefix of a stop.
-        let held = self
-            .stops
-            .iter()
-            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
-            .filter(|prefix| text.ends_with(prefix))
-            .map(|prefix| prefix.len())
-            .max()
-            .unwrap_or(0);
-        StopCheck::SafeUpTo(text.len() - held)
-    }
-}
+pub use prompt::detokenize::{Detokenizer, StopCheck, StopMatcher};
 
 /// Text and ids of one choice to send to the client.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -264,7 +147,7 @@ impl Output {
     fn take_prompt_logprobs(&mut self) -> Option<Arc<Vec<PromptTokenLogprob>>> {
         let scoring = self.scoring.as_mut().filter(|s| !s.sent)?;
         scoring.sent = true;
-        let (decoder, ids_as_text) = (&self.detok.decoder, self.ids_as_text);
+        let (decoder, ids_as_text) = (self.detok.decoder(), self.ids_as_text);
         let scored = scoring.prompt.iter().enumerate().map(|(position, &id)| {
             let (token, _) = token_text(decoder, id, ids_as_text);
             let logprobs = position.checked_sub(1).and_then(|i| scoring.logprobs.get(i));
@@ -407,7 +290,7 @@ impl Output {
         } else {
             self.pending_logprobs.partition_point(|&(start, _, _)| start < end)
         };
-        let (decoder, ids_as_text) = (&self.detok.decoder, self.ids_as_text);
+        let (decoder, ids_as_text) = (self.detok.decoder(), self.ids_as_text);
         let logprobs =
             self.pending_logprobs.drain(..sent).map(|(_, id, l)| token_logprob(decoder, id, &l, ids_as_text)).collect();
         let stop_reason = if finish == Some(Finish::Stop) { self.stop_reason.take() } else { None };

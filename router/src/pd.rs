@@ -478,6 +478,8 @@ fn recompute_leg(leg: &DecodeLeg) -> DecodeLeg {
     if sampling.constraint.is_some() {
         sampling.constraint_prefix.extend(&leg.first_token_ids);
     }
+    // The prefill worker already scored the prompt; the recomputed one needs no logits rows.
+    sampling.prompt_logprobs = None;
     DecodeLeg { request, handoff: None, first_token_ids: Vec::new() }
 }
 

@@ -361,6 +361,18 @@ async fn a_recomputed_hand_off_resumes_the_constraint_after_the_first_token() {
 }
 
 #[tokio::test]
+async fn a_recomputed_hand_off_does_not_score_the_prompt_again() {
+    let (legs, backend) = with_failing_handoff(KvFailurePolicy::Recompute);
+    let mut scored = request();
+    scored.sampling.prompt_logprobs = Some(1);
+    let items: Vec<_> = backend.generate(scored).collect().await;
+    assert!(items.iter().all(Result::is_ok));
+    let calls = legs.decode_calls.lock().unwrap();
+    assert_eq!(calls[0].1.request.sampling.prompt_logprobs, Some(1));
+    assert_eq!(calls[1].1.request.sampling.prompt_logprobs, None, "the prefill worker scored it");
+}
+
+#[tokio::test]
 async fn a_failed_hand_off_fails_the_stream_when_so_configured() {
     let (legs, backend) = with_failing_handoff(KvFailurePolicy::Fail);
     let items: Vec<_> = backend.generate(request()).collect().await;

@@ -5,13 +5,14 @@
 //! sampling fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top
 //! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), chat
 //! rendering options (`tools`, `chat_template_kwargs`, `add_generation_prompt`,
-//! `continue_final_message`), `stop` strings (at most 4) and `include_stop_str_in_output`, and at
-//! most one structured output
+//! `continue_final_message`), `stop` strings (at most 4), `include_stop_str_in_output`, `n`, and
+//! `use_beam_search` with `length_penalty` (`n` beams over a prompt), and at most one structured
+//! output
 //! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
 //! parameter never goes unnoticed. Blank lines are skipped.
 
 use constraint::api::{requested, Guided, ResponseFormat, StructuredOutputs};
-use engine::offline::{ChatMessage, ChatOptions, Input, Prompt, Request};
+use engine::offline::{BeamSearchParams, ChatMessage, ChatOptions, Input, Prompt, Request};
 use engine::SamplingParams;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ pub struct Line {
     pub number: usize,
     pub id: Option<serde_json::Value>,
     pub request: Request,
+    /// Beam search instead of sampling (`use_beam_search`, with `n` beams), over this prompt.
+    pub beam: Option<(BeamSearchParams, Prompt)>,
 }
 
 /// A line as written.
@@ -53,6 +56,9 @@ struct RawLine {
     skip_special_tokens: Option<bool>,
     stop: Option<Stop>,
     include_stop_str_in_output: Option<bool>,
+    n: Option<u32>,
+    use_beam_search: Option<bool>,
+    length_penalty: Option<f32>,
     tools: Option<Vec<serde_json::Value>>,
     chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     add_generation_prompt: Option<bool>,
@@ -104,7 +110,7 @@ pub fn parse(text: &str) -> Result<Vec<Line>, Vec<LineError>> {
             continue;
         }
         match parse_line(raw) {
-            Ok((id, request)) => lines.push(Line { number: i + 1, id, request }),
+            Ok((id, request, beam)) => lines.push(Line { number: i + 1, id, request, beam }),
             Err(message) => errors.push(LineError { number: i + 1, message }),
         }
     }
@@ -134,7 +140,9 @@ fn raw_line(value: serde_json::Value) -> Result<RawLine, String> {
     }
 }
 
-fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String> {
+type Parsed = (Option<serde_json::Value>, Request, Option<(BeamSearchParams, Prompt)>);
+
+fn parse_line(raw: &str) -> Result<Parsed, String> {
     let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
     let line = raw_line(value)?;
     let input = match (line.prompt, line.prompt_token_ids, line.messages) {
@@ -194,6 +202,10 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
     }
     let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
     let include_stop_str_in_output = line.include_stop_str_in_output.unwrap_or(false);
+    let n = line.n.unwrap_or(1);
+    if !(1..=16).contains(&n) {
+        return Err(format!("n: in [1, 16], got {n}"));
+    }
     let chat = chat_options(
         &input,
         line.tools,
@@ -201,9 +213,67 @@ fn parse_line(raw: &str) -> Result<(Option<serde_json::Value>, Request), String>
         line.add_generation_prompt,
         line.continue_final_message,
     )?;
-    let request =
-        Request { input, sampling, constraint, bad_words, skip_special_tokens, chat, stop, include_stop_str_in_output };
-    Ok((line.id, request))
+    let request = Request {
+        input,
+        sampling,
+        constraint,
+        bad_words,
+        skip_special_tokens,
+        chat,
+        stop,
+        include_stop_str_in_output,
+        n,
+    };
+    let beam = beam_search(line.use_beam_search, line.length_penalty, &request)?;
+    let beam = match (beam, &request.input) {
+        (Some(params), Input::Prompt(prompt)) => Some((params, prompt.clone())),
+        (Some(_), Input::Chat(_)) => return Err("messages: not with use_beam_search, which takes a prompt".into()),
+        (None, _) => None,
+    };
+    Ok((line.id, request, beam))
+}
+
+/// `use_beam_search` (with `length_penalty`): `n` beams over a prompt, as `LLM.beam_search`
+/// takes it, and nothing a beam search cannot honour.
+fn beam_search(
+    on: Option<bool>,
+    length_penalty: Option<f32>,
+    request: &Request,
+) -> Result<Option<BeamSearchParams>, String> {
+    if on != Some(true) {
+        return match length_penalty {
+            Some(p) if p != 1.0 => Err("length_penalty: only with use_beam_search".into()),
+            _ => Ok(None),
+        };
+    }
+    let s = &request.sampling;
+    let d = SamplingParams::default();
+    let unsupported = [
+        ("temperature", s.temperature != 0.0 && s.temperature != 1.0),
+        ("top_p", s.top_p != d.top_p),
+        ("top_k", s.top_k != d.top_k),
+        ("min_p", s.min_p != d.min_p),
+        ("penalties", s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 || s.repetition_penalty != 1.0),
+        ("logit_bias", !s.logit_bias.is_empty()),
+        ("min_tokens", s.min_tokens != 0),
+        ("stop", !request.stop.is_empty()),
+        ("logprobs", s.logprobs.is_some() || s.prompt_logprobs.is_some()),
+        ("allowed_token_ids", s.allowed_token_ids.is_some()),
+        ("bad_words", !request.bad_words.is_empty()),
+        ("structured output", request.constraint.is_some()),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(format!("{field}: not with use_beam_search"));
+    }
+    if request.n > 10 {
+        return Err(format!("n: at most 10 beams with use_beam_search, got {}", request.n));
+    }
+    Ok(Some(BeamSearchParams {
+        beam_width: request.n as usize,
+        max_tokens: s.max_tokens,
+        length_penalty: length_penalty.unwrap_or(1.0),
+        ignore_eos: s.ignore_eos,
+    }))
 }
 
 /// A chat line's rendering options, as the server checks them: they need `messages`, and a

@@ -90,23 +90,35 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let bar = progress_bar(lines.len() as u64, args.no_progress);
     let mut last = None;
-    let requests = lines.iter().map(|l| l.request.clone()).collect();
-    let results = llm.run(requests, &mut |p: &Progress| {
+    // Sampled lines run together; beam-search lines each run their search after them.
+    let (beams, sampled): (Vec<&input::Line>, Vec<&input::Line>) = lines.iter().partition(|l| l.beam.is_some());
+    let requests = sampled.iter().map(|l| l.request.clone()).collect();
+    let mut results = llm.run(requests, &mut |p: &Progress| {
         bar.set_position(p.done as u64);
         bar.set_message(format!("{} tokens, {:.1} tok/s", p.generated_tokens, p.tokens_per_sec()));
         last = Some(*p);
     });
     bar.finish_and_clear();
+    let mut records: Vec<(usize, serde_json::Value, bool)> = sampled
+        .iter()
+        .zip(results.drain(..))
+        .map(|(line, result)| match result {
+            Ok(o) => (line.number, output::success(line, &o), true),
+            Err(e) => (line.number, output::failure(line, &e), false),
+        })
+        .collect();
+    for line in beams {
+        let Some((params, prompt)) = line.beam.clone() else { continue };
+        records.push(match llm.beam_search(vec![prompt], &params) {
+            Ok(mut found) => (line.number, output::beams(line, &found.remove(0)), true),
+            Err(e) => (line.number, output::failure(line, &e), false),
+        });
+    }
+    records.sort_by_key(|(number, _, _)| *number);
 
     let mut failed = 0;
-    for (line, result) in lines.iter().zip(&results) {
-        let record = match result {
-            Ok(o) => output::success(line, o),
-            Err(e) => {
-                failed += 1;
-                output::failure(line, e)
-            }
-        };
+    for (_, record, ok) in records {
+        failed += usize::from(!ok);
         serde_json::to_writer(&mut out, &record)?;
         out.write_all(b"\n")?;
     }

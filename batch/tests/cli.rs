@@ -152,6 +152,8 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
         r#"{"id": "biased", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 2, "logit_bias": {"28": 100}}"#,
         r#"{"id": "too long", "prompt": "Hello", "max_tokens": 100000}"#,
         r#"{"id": "stopped", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stop": "Paris"}"#,
+        r#"{"id": "three", "prompt": "Once upon a time", "seed": 5, "max_tokens": 4, "n": 3}"#,
+        r#"{"id": "beams", "prompt": "The capital of France is", "max_tokens": 4, "n": 2, "use_beam_search": true}"#,
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = run_batch(&input, &output);
@@ -175,6 +177,19 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
     assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
     let free_text = free["text"].as_str().unwrap();
     assert_eq!(stopped["text"].as_str().unwrap(), &free_text[..free_text.find("Paris").unwrap()], "{stopped}");
+    let three = recs[7]["choices"].as_array().expect("n > 1 gives a choices list");
+    assert_eq!(three.len(), 3, "{}", recs[7]);
+    assert!(three
+        .iter()
+        .enumerate()
+        .all(|(i, c)| c["index"] == i && c["token_ids"].as_array().is_some_and(|t| !t.is_empty())));
+    let tokens: u64 = three.iter().map(|c| c["token_ids"].as_array().unwrap().len() as u64).sum();
+    assert_eq!(recs[7]["usage"]["completion_tokens"].as_u64().unwrap(), tokens, "{}", recs[7]);
+    // Beam-search lines answer their beams, best first, in their place in the file.
+    let beams = recs[8]["choices"].as_array().expect("beams");
+    assert_eq!((recs[8]["id"].as_str(), beams.len()), (Some("beams"), 2), "{}", recs[8]);
+    assert_ne!(beams[0]["token_ids"], beams[1]["token_ids"]);
+    assert!(beams.iter().all(|b| b["cumulative_logprob"].as_f64().unwrap() < 0.0), "{}", recs[8]);
 }
 
 /// Chat lines take the server's rendering options: no generation prompt, a final message left open

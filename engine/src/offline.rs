@@ -27,6 +27,7 @@ use prompt::beam::Beams;
 use prompt::decode::Decoder;
 use prompt::detokenize::{Detokenizer, StopCheck, StopMatcher};
 use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A prompt for [`Llm::generate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +77,9 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Keep the stop string that ended the output in its text (vLLM's default, false).
     pub include_stop_str_in_output: bool,
+    /// Choices to generate from the one prompt (vLLM's `n`), in `1..=16`; choice `i` draws from
+    /// stream `i` of the request's seed, as the server's.
+    pub n: u32,
 }
 
 /// vLLM's `LLM.chat` rendering options.
@@ -111,18 +115,16 @@ impl Request {
             chat,
             stop,
             include_stop_str_in_output: false,
+            n: 1,
         }
     }
 }
 
-/// The result of one request.
+/// The result of one request: its prompt and each choice's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
-    /// The generated text, special tokens (such as EOS) left out.
-    pub text: String,
-    /// Every generated token id, a final stop / EOS token included.
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
+    /// The choices, in order (`n` of them, one by default).
+    pub choices: Vec<Choice>,
     /// Tokens of the prompt as the model saw it (after templating and BOS).
     pub num_prompt_tokens: usize,
     /// Those tokens.
@@ -132,6 +134,24 @@ pub struct Output {
     /// With `prompt_logprobs` asked: the logprobs of prompt tokens 1.. (token 0 has none), each
     /// given the tokens before it; empty otherwise.
     pub prompt_logprobs: Vec<TokenLogprobs>,
+}
+
+impl Output {
+    /// The first (with the default `n`, the only) choice.
+    pub fn first(&self) -> &Choice {
+        &self.choices[0]
+    }
+}
+
+/// One choice of an [`Output`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The generated text, special tokens (such as EOS) left out unless asked for, cut at a stop
+    /// string.
+    pub text: String,
+    /// Every generated token id, a final stop / EOS token included.
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
     /// With `logprobs` asked: those of each generated token, in order; empty otherwise.
     pub logprobs: Vec<TokenLogprobs>,
 }
@@ -291,6 +311,74 @@ pub struct Llm {
 impl std::fmt::Debug for Llm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Llm").field("engine", &self.engine).finish_non_exhaustive()
+    }
+}
+
+/// One submitted request's output in the making.
+struct Pending {
+    prompt_token_ids: Vec<u32>,
+    prompt_logprobs: Vec<TokenLogprobs>,
+    num_cached_tokens: usize,
+    skip_special_tokens: bool,
+    choices: Vec<ChoiceState>,
+}
+
+/// One choice's tokens so far, and how it ended.
+#[derive(Default)]
+struct ChoiceState {
+    token_ids: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    watch: Option<StopWatch>,
+    finish: Option<FinishReason>,
+}
+
+impl Pending {
+    /// Takes choice `choice`'s next token; true once every choice is past a stop string or over.
+    fn token(&mut self, choice: u32, id: u32, logprobs: Option<TokenLogprobs>) -> bool {
+        if let Some(c) = self.choices.get_mut(choice as usize) {
+            // Past a stop string: not part of the output.
+            if !c.watch.as_ref().is_some_and(StopWatch::stopped) {
+                c.token_ids.push(id);
+                c.logprobs.extend(logprobs);
+                c.watch.as_mut().map(|w| w.push(id));
+            }
+        }
+        self.choices.iter().all(|c| c.finish.is_some() || c.watch.as_ref().is_some_and(StopWatch::stopped))
+    }
+
+    /// Choice `choice` ended; true once every choice has.
+    fn finished(&mut self, choice: u32, reason: FinishReason) -> bool {
+        if let Some(c) = self.choices.get_mut(choice as usize) {
+            c.finish = Some(reason);
+        }
+        self.choices.iter().all(|c| c.finish.is_some())
+    }
+
+    fn output(self, tokenizer: &Tokenizer) -> Result<Output, OfflineError> {
+        let skip = self.skip_special_tokens;
+        let choices = self
+            .choices
+            .into_iter()
+            .map(|c| {
+                let (text, stopped) = match c.watch.map(StopWatch::finish) {
+                    Some(watched) => watched,
+                    None => (
+                        tokenizer.decode(&c.token_ids, skip).map_err(|e| OfflineError::Tokenize(e.to_string()))?,
+                        false,
+                    ),
+                };
+                // A stop string ends a choice as `Stop`, whatever the engine made of the abort.
+                let finish_reason = if stopped { FinishReason::Stop } else { c.finish.unwrap_or(FinishReason::Abort) };
+                Ok(Choice { text, token_ids: c.token_ids, finish_reason, logprobs: c.logprobs })
+            })
+            .collect::<Result<_, OfflineError>>()?;
+        Ok(Output {
+            choices,
+            num_prompt_tokens: self.prompt_token_ids.len(),
+            prompt_token_ids: self.prompt_token_ids,
+            num_cached_tokens: self.num_cached_tokens,
+            prompt_logprobs: self.prompt_logprobs,
+        })
     }
 }
 
@@ -455,8 +543,9 @@ impl Llm {
             let mut answers = collect(self.run(requests, &mut |_| {}))?.into_iter();
             for (_, beams) in &mut searches {
                 let asks = answers.by_ref().take(beams.live().len());
-                beams
-                    .step(asks.map(|out| out.logprobs.into_iter().next().map(|l| l.top).unwrap_or_default()).collect());
+                beams.step(
+                    asks.map(|out| out.first().logprobs.first().map(|l| l.top.clone()).unwrap_or_default()).collect(),
+                );
             }
         }
         searches
@@ -490,51 +579,17 @@ impl Llm {
         let total = requests.len();
         let batch = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
         let mut results: Vec<Option<Result<Output, OfflineError>>> = (0..total).map(|_| None).collect();
-        let mut running = Vec::new();
-        let skip_special_tokens: Vec<bool> = requests.iter().map(|r| r.skip_special_tokens).collect();
         // Requests with stop strings follow their text as it comes, to stop where one appears.
         let decoder =
             requests.iter().any(|r| !r.stop.is_empty()).then(|| Decoder::new(Arc::new(self.tokenizer.clone())));
-        let mut watches: Vec<Option<StopWatch>> = requests
-            .iter()
-            .map(|r| {
-                let decoder = decoder.clone().filter(|_| !r.stop.is_empty())?;
-                Some(StopWatch::new(decoder, r.stop.clone(), r.skip_special_tokens, r.include_stop_str_in_output))
-            })
-            .collect();
-        let mut prompts: Vec<Vec<u32>> = vec![Vec::new(); total];
+        let mut pending: Vec<Option<Pending>> = (0..total).map(|_| None).collect();
+        let mut running = Vec::new();
         for (index, request) in requests.into_iter().enumerate() {
-            let submitted = self.prompt_ids_with(&request.input, &request.chat).and_then(|ids| {
-                let context_length = self.engine.max_model_len();
-                let total = ids.len() + request.sampling.max_tokens as usize;
-                // A prompt alone too long is the engine's to refuse; one that fits, but not with
-                // all it asks to generate, is refused here, as the server refuses it.
-                if ids.len() < context_length && total > context_length {
-                    let (prompt_tokens, max_tokens) = (ids.len(), request.sampling.max_tokens);
-                    return Err(OfflineError::ContextExceeded { prompt_tokens, max_tokens, total, context_length });
+            match self.submit(request, format!("offline-{batch}-{index}"), decoder.as_ref()) {
+                Ok((events, state)) => {
+                    pending[index] = Some(state);
+                    running.push((index, events));
                 }
-                let grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
-                let mut sampling = request.sampling;
-                sampling
-                    .bad_words
-                    .extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.encode(w))?);
-                let num_prompt_tokens = ids.len();
-                prompts[index].clone_from(&ids);
-                let events = self.engine.submit(EngineRequest {
-                    request_id: format!("offline-{batch}-{index}"),
-                    prompt_token_ids: ids,
-                    sampling,
-                    kv: KvSource::Compute,
-                    pin_on_finish: false,
-                    cache_salt: None,
-                    priority: 0,
-                    n: 1,
-                    grammar,
-                })?;
-                Ok((events, num_prompt_tokens))
-            });
-            match submitted {
-                Ok((events, num_prompt_tokens)) => running.push((index, events, num_prompt_tokens)),
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
@@ -543,32 +598,25 @@ impl Llm {
         runtime.block_on(async {
             // Funnel every request's events into one channel, tagged with the request's index.
             let (merged, mut events) = tokio::sync::mpsc::unbounded_channel();
-            for (index, mut rx, num_prompt_tokens) in running {
+            for (index, mut rx) in running {
                 let merged = merged.clone();
                 tokio::spawn(async move {
                     while let Some(event) = rx.recv().await {
-                        if merged.send((index, num_prompt_tokens, event)).is_err() {
+                        if merged.send((index, event)).is_err() {
                             return;
                         }
                     }
                 });
             }
             drop(merged);
-            let mut token_ids: Vec<Vec<u32>> = vec![Vec::new(); total];
-            let mut prompt_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); total];
-            let mut token_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); total];
             let mut last_report = Instant::now();
             progress(&Progress { elapsed: started.elapsed(), ..state });
-            while let Some((index, num_prompt_tokens, event)) = events.recv().await {
-                let result = match event {
-                    EngineEvent::Token { id, logprobs, .. } => {
-                        // Past a stop string (the abort is on its way): not part of the output.
-                        if watches[index].as_ref().is_some_and(StopWatch::stopped) {
-                            continue;
-                        }
-                        token_ids[index].push(id);
-                        token_logprobs[index].extend(logprobs);
-                        if watches[index].as_mut().is_some_and(|w| w.push(id)) {
+            while let Some((index, event)) = events.recv().await {
+                let Some(request) = pending[index].as_mut() else { continue };
+                let done = match event {
+                    EngineEvent::Token { index: choice, id, logprobs, .. } => {
+                        if request.token(choice, id, logprobs) {
+                            // Every choice is past a stop string: the rest is not wanted.
                             self.engine.abort(&format!("offline-{batch}-{index}"));
                         }
                         state.generated_tokens += 1;
@@ -576,35 +624,29 @@ impl Llm {
                             last_report = Instant::now();
                             progress(&Progress { elapsed: started.elapsed(), ..state });
                         }
-                        continue;
+                        false
                     }
                     EngineEvent::PromptLogprobs { logprobs, .. } => {
-                        prompt_logprobs[index].extend(logprobs);
-                        continue;
+                        request.prompt_logprobs.extend(logprobs);
+                        false
                     }
-                    EngineEvent::Finished { reason, num_cached_tokens, .. } => {
-                        let ids = std::mem::take(&mut token_ids[index]);
-                        let watched = watches[index].take().map(StopWatch::finish);
-                        let reason = if watched.as_ref().is_some_and(|(_, stopped)| *stopped) {
-                            FinishReason::Stop
-                        } else {
-                            reason
-                        };
-                        self.output(ids, reason, num_prompt_tokens, num_cached_tokens, skip_special_tokens[index]).map(
-                            |out| Output {
-                                text: watched.map_or(out.text, |(text, _)| text),
-                                prompt_token_ids: std::mem::take(&mut prompts[index]),
-                                prompt_logprobs: std::mem::take(&mut prompt_logprobs[index]),
-                                logprobs: std::mem::take(&mut token_logprobs[index]),
-                                ..out
-                            },
-                        )
+                    EngineEvent::Finished { index: choice, reason, num_cached_tokens, .. } => {
+                        request.num_cached_tokens = num_cached_tokens;
+                        request.finished(choice, reason)
                     }
-                    EngineEvent::Error(e) => Err(OfflineError::Failed(e)),
+                    EngineEvent::Error(e) => {
+                        pending[index] = None;
+                        results[index] = Some(Err(OfflineError::Failed(e)));
+                        true
+                    }
                 };
-                results[index] = Some(result);
-                state.done += 1;
-                progress(&Progress { elapsed: started.elapsed(), ..state });
+                if done {
+                    if let Some(request) = pending[index].take() {
+                        results[index] = Some(request.output(&self.tokenizer));
+                    }
+                    state.done += 1;
+                    progress(&Progress { elapsed: started.elapsed(), ..state });
+                }
             }
         });
         results
@@ -618,6 +660,53 @@ impl Llm {
                 })
             })
             .collect()
+    }
+
+    /// Checks, prepares and submits one request; its events and its output in the making.
+    fn submit(
+        &self,
+        request: Request,
+        request_id: String,
+        decoder: Option<&Decoder>,
+    ) -> Result<(UnboundedReceiver<EngineEvent>, Pending), OfflineError> {
+        let ids = self.prompt_ids_with(&request.input, &request.chat)?;
+        let context_length = self.engine.max_model_len();
+        let total = ids.len() + request.sampling.max_tokens as usize;
+        // A prompt alone too long is the engine's to refuse; one that fits, but not with all it
+        // asks to generate, is refused here, as the server refuses it.
+        if ids.len() < context_length && total > context_length {
+            let (prompt_tokens, max_tokens) = (ids.len(), request.sampling.max_tokens);
+            return Err(OfflineError::ContextExceeded { prompt_tokens, max_tokens, total, context_length });
+        }
+        let grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
+        let mut sampling = request.sampling;
+        sampling.bad_words.extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.encode(w))?);
+        let n = request.n.max(1);
+        let watch = |_| {
+            let decoder = decoder.filter(|_| !request.stop.is_empty())?.clone();
+            let (stops, skip, include) =
+                (request.stop.clone(), request.skip_special_tokens, request.include_stop_str_in_output);
+            Some(StopWatch::new(decoder, stops, skip, include))
+        };
+        let pending = Pending {
+            prompt_token_ids: ids.clone(),
+            prompt_logprobs: Vec::new(),
+            num_cached_tokens: 0,
+            skip_special_tokens: request.skip_special_tokens,
+            choices: (0..n).map(|choice| ChoiceState { watch: watch(choice), ..ChoiceState::default() }).collect(),
+        };
+        let events = self.engine.submit(EngineRequest {
+            request_id,
+            prompt_token_ids: ids,
+            sampling,
+            kv: KvSource::Compute,
+            pin_on_finish: false,
+            cache_salt: None,
+            priority: 0,
+            n,
+            grammar,
+        })?;
+        Ok((events, pending))
     }
 
     /// A structured output compiled against the model's vocabulary (built on first use).
@@ -662,31 +751,6 @@ impl Llm {
     fn encode(&self, text: &str) -> Result<Vec<u32>, OfflineError> {
         let encoding = self.tokenizer.encode(text, false).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
-    }
-
-    fn output(
-        &self,
-        token_ids: Vec<u32>,
-        finish_reason: FinishReason,
-        num_prompt_tokens: usize,
-        num_cached_tokens: usize,
-        skip_special_tokens: bool,
-    ) -> Result<Output, OfflineError> {
-        let text = self
-            .tokenizer
-            .decode(&token_ids, skip_special_tokens)
-            .map_err(|e| OfflineError::Tokenize(e.to_string()))?;
-        let (prompt_token_ids, prompt_logprobs, logprobs) = (Vec::new(), Vec::new(), Vec::new());
-        Ok(Output {
-            text,
-            token_ids,
-            finish_reason,
-            num_prompt_tokens,
-            prompt_token_ids,
-            num_cached_tokens,
-            prompt_logprobs,
-            logprobs,
-        })
     }
 }
 

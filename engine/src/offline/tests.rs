@@ -32,9 +32,9 @@ fn chat_answers_the_capital_of_france() {
     let outputs = llm().chat(vec![vec![question]], &greedy(16)).unwrap();
     assert_eq!(outputs.len(), 1);
     let out = &outputs[0];
-    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert!(out.first().text.contains("Paris"), "{:?}", out.first().text);
     assert!(out.num_prompt_tokens > 10, "the template wraps the question: {out:?}");
-    assert!(out.token_ids.len() <= 16);
+    assert!(out.first().token_ids.len() <= 16);
 }
 
 #[test]
@@ -56,14 +56,14 @@ fn batched_outputs_keep_input_order_and_match_single_runs() {
     for ((ids, n), result) in prompts.iter().zip(lengths).zip(&batched) {
         let out = result.as_ref().unwrap();
         assert_eq!(out.num_prompt_tokens, ids.len());
-        assert!(out.token_ids.len() <= n as usize);
+        assert!(out.first().token_ids.len() <= n as usize);
         let alone = llm.generate(vec![Prompt::TokenIds(ids.clone())], &greedy(n)).unwrap();
-        assert_eq!(alone[0].token_ids, out.token_ids, "prompt {ids:?}");
-        assert_eq!(alone[0].text, out.text);
+        assert_eq!(alone[0].first().token_ids, out.first().token_ids, "prompt {ids:?}");
+        assert_eq!(alone[0].first().text, out.first().text);
     }
     let last = reports.last().expect("progress was reported");
     assert_eq!((last.done, last.total), (4, 4));
-    let generated: usize = batched.iter().map(|r| r.as_ref().unwrap().token_ids.len()).sum();
+    let generated: usize = batched.iter().map(|r| r.as_ref().unwrap().first().token_ids.len()).sum();
     assert_eq!(last.generated_tokens, generated);
 }
 
@@ -103,7 +103,7 @@ fn beam_search_of_width_one_is_greedy_and_wider_beams_are_distinct_and_best_firs
     let prompt = Prompt::Text("The capital of France is".into());
     let params = BeamSearchParams { beam_width: 1, max_tokens: 6, length_penalty: 0.0, ignore_eos: false };
     let beams = llm.beam_search(vec![prompt.clone()], &params).unwrap();
-    let greedy_tokens = llm.generate(vec![prompt.clone()], &greedy(6)).unwrap().remove(0).token_ids;
+    let greedy_tokens = llm.generate(vec![prompt.clone()], &greedy(6)).unwrap().remove(0).first().token_ids.clone();
     assert_eq!(beams[0][0].token_ids, greedy_tokens, "one beam is the greedy path");
 
     let wide = BeamSearchParams { beam_width: 3, length_penalty: 1.0, ..params };
@@ -124,11 +124,12 @@ fn beam_search_of_width_one_is_greedy_and_wider_beams_are_distinct_and_best_firs
 fn stop_strings_end_the_output_where_they_start_and_stop_the_generation() {
     let llm = llm();
     let input = Input::Prompt(Prompt::Text("The capital of France is".into()));
-    let free = llm.run(vec![Request::new(input.clone(), greedy(12))], &mut |_| {}).remove(0).unwrap();
+    let free = llm.run(vec![Request::new(input.clone(), greedy(12))], &mut |_| {}).remove(0).unwrap().first().clone();
     let at = free.text.find("Paris").expect("greedy names Paris");
     let stopped = Request { stop: vec!["Paris".into()], ..Request::new(input.clone(), greedy(12)) };
     let kept = Request { include_stop_str_in_output: true, ..stopped.clone() };
-    let outs: Vec<Output> = llm.run(vec![stopped, kept], &mut |_| {}).into_iter().map(Result::unwrap).collect();
+    let outs: Vec<Choice> =
+        llm.run(vec![stopped, kept], &mut |_| {}).into_iter().map(|r| r.unwrap().first().clone()).collect();
     assert_eq!(outs[0].text, free.text[..at]);
     assert_eq!(outs[1].text, free.text[..at + "Paris".len()]);
     for out in &outs {
@@ -137,4 +138,22 @@ fn stop_strings_end_the_output_where_they_start_and_stop_the_generation() {
         assert!(out.token_ids.len() < free.token_ids.len(), "{out:?}");
         assert_eq!(out.token_ids[..], free.token_ids[..out.token_ids.len()]);
     }
+}
+
+#[test]
+fn n_choices_come_from_one_prompt_each_drawing_its_own_stream() {
+    let llm = llm();
+    let input = Input::Prompt(Prompt::Text("Once upon a time".into()));
+    let sampling = SamplingParams { temperature: 1.0, seed: Some(5), max_tokens: 8, ..SamplingParams::default() };
+    let three = Request { n: 3, ..Request::new(input.clone(), sampling.clone()) };
+    let out = llm.run(vec![three], &mut |_| {}).remove(0).unwrap();
+    assert_eq!(out.choices.len(), 3);
+    assert!(out.choices.iter().all(|c| !c.token_ids.is_empty()));
+    assert!(
+        out.choices[0].token_ids != out.choices[1].token_ids || out.choices[1].token_ids != out.choices[2].token_ids
+    );
+    // Choice 0 is what one choice draws with the same seed.
+    let one = llm.run(vec![Request::new(input, sampling)], &mut |_| {}).remove(0).unwrap();
+    assert_eq!(one.choices.len(), 1);
+    assert_eq!(one.first().token_ids, out.first().token_ids);
 }

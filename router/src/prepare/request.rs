@@ -203,9 +203,9 @@ pub struct CommonParams {
     /// vLLM extra: name the tokens of `logprobs` `token_id:{id}` rather than by their text (for
     /// tokens whose bytes are not valid UTF-8 alone); default false.
     pub return_tokens_as_token_ids: Option<bool>,
-    /// vLLM extra, default true. vLLM applies it only with slow (Python) tokenizers; with a fast
-    /// one, as every tokenizer here is, special tokens kept in the text are written unspaced
-    /// whatever its value, and so they are here.
+    /// vLLM extra, default true: whether a decoder's space before a special token that follows
+    /// another stays. Every vocabulary here is byte-level BPE, whose decoder puts none, so special
+    /// tokens kept in the text are unspaced whatever its value, as vLLM writes them.
     pub spaces_between_special_tokens: Option<bool>,
     /// The end user, for abuse tracing; recorded in the request's log span.
     pub user: Option<String>,

@@ -204,8 +204,8 @@ pub struct CommonParams {
     /// tokens whose bytes are not valid UTF-8 alone); default false.
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM extra, default true: whether a decoder's space before a special token that follows
-    /// another stays. Every vocabulary here is byte-level BPE, whose decoder puts none, so special
-    /// tokens kept in the text are unspaced whatever its value, as vLLM writes them.
+    /// another stays (true is the decoder's own output). False is taken for byte-level
+    /// vocabularies, whose decoder puts no such space, and refused for others.
     pub spaces_between_special_tokens: Option<bool>,
     /// The end user, for abuse tracing; recorded in the request's log span.
     pub user: Option<String>,

@@ -521,6 +521,16 @@ fn finish(model: &Model, mut prompt: Vec<u32>, params: CommonParams) -> Result<V
         Some(k) if (0..=i64::from(MAX_TOP_LOGPROBS)).contains(&k) => Some(k as u32),
         Some(k) => return Err(out_of_range("prompt_logprobs", "in [0, 20]", k)),
     };
+    // The decoder's own spacing is vLLM's `true`; `false` changes nothing only where the decoder
+    // puts no space between special tokens, as the byte-level one.
+    if params.spaces_between_special_tokens == Some(false) && !model.decoder.is_fast() {
+        return Err(ValidationError::Unsupported {
+            field: "spaces_between_special_tokens",
+            reason:
+                "false is taken only for byte-level vocabularies, whose decoder puts no space between special tokens"
+                    .into(),
+        });
+    }
     if prompt_logprobs.is_some() && params.stream == Some(true) {
         return Err(ValidationError::Unsupported {
             field: "prompt_logprobs",

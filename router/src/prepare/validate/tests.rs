@@ -369,3 +369,24 @@ fn a_message_needs_content_unless_it_is_an_assistant_calling_tools() {
     let messages = chat_messages(serde_json::from_value(json!([user, calling])).unwrap()).unwrap();
     assert_eq!(messages[1].content, "");
 }
+
+#[test]
+fn spaces_between_special_tokens_false_is_taken_only_where_it_changes_nothing() {
+    // The byte-level test vocabulary: its decoder puts no space between special tokens.
+    assert!(completion(json!({"prompt": "a", "spaces_between_special_tokens": false})).is_ok());
+    // A word-level vocabulary decodes with spaces between tokens: false would have to drop them.
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 2, "content": "<eos>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "<eos>": 2}, "unk_token": "a"}
+    });
+    let words = proto::worker::ModelCard { tokenizer_json: tokenizer.to_string(), ..card() };
+    let model = Model::from_card(&words, None).unwrap();
+    let body = |v: bool| serde_json::from_value(json!({"prompt": "a b", "spaces_between_special_tokens": v})).unwrap();
+    assert!(validate_completion(&model, body(true)).is_ok());
+    let refused = validate_completion(&model, body(false)).map(|_| ());
+    assert_eq!(refused.err().and_then(|e| e.param()).as_deref(), Some("spaces_between_special_tokens"));
+}

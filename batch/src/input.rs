@@ -1,15 +1,15 @@
 //! The input file: one JSON object per line.
 //!
 //! A line holds exactly one of `prompt` (text), `prompt_token_ids` (ids) or `messages` (a chat,
-//! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional
-//! sampling fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top
-//! tokens, `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), chat
+//! `[{"role", "content"}]`), an optional `id` (any JSON value, echoed back), and optional sampling
+//! fields with vLLM's names and defaults (`logprobs` and `prompt_logprobs` as counts of top tokens,
+//! `logit_bias`, `allowed_token_ids`, `bad_words`, `skip_special_tokens` among them), chat
 //! rendering options (`tools`, `chat_template_kwargs`, `add_generation_prompt`,
-//! `continue_final_message`), `stop` strings (at most 4), `include_stop_str_in_output`, `n`, and
-//! `use_beam_search` with `length_penalty` (`n` beams over a prompt), and at most one structured
-//! output
-//! (`response_format`, `structured_outputs` or a `guided_*` field, as the server takes them). Unknown fields are errors, so a misspelt
-//! parameter never goes unnoticed. Blank lines are skipped.
+//! `continue_final_message`), `stop` strings (at most 4), `include_stop_str_in_output`, `n`,
+//! `truncate_prompt_tokens`, and `use_beam_search` with `length_penalty` (`n` beams over a prompt),
+//! and at most one structured output (`response_format`, `structured_outputs` or a `guided_*`
+//! field, as the server takes them). Unknown fields are errors, so a misspelt parameter never goes
+//! unnoticed. Blank lines are skipped.
 
 use constraint::api::{requested, Guided, ResponseFormat, StructuredOutputs};
 use engine::offline::{BeamSearchParams, ChatMessage, ChatOptions, Input, Prompt, Request};
@@ -57,6 +57,7 @@ struct RawLine {
     stop: Option<Stop>,
     include_stop_str_in_output: Option<bool>,
     n: Option<u32>,
+    truncate_prompt_tokens: Option<usize>,
     use_beam_search: Option<bool>,
     length_penalty: Option<f32>,
     tools: Option<Vec<serde_json::Value>>,
@@ -202,6 +203,14 @@ fn parse_line(raw: &str) -> Result<Parsed, String> {
     }
     let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
     let include_stop_str_in_output = line.include_stop_str_in_output.unwrap_or(false);
+    // The server's ceiling, which the engine alone does not hold lines to.
+    if sampling.temperature > 2.0 {
+        return Err(format!("temperature: in [0, 2], got {}", sampling.temperature));
+    }
+    if line.truncate_prompt_tokens == Some(0) {
+        return Err("truncate_prompt_tokens: at least 1".into());
+    }
+    let truncate_prompt_tokens = line.truncate_prompt_tokens;
     let n = line.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(format!("n: in [1, 16], got {n}"));
@@ -223,6 +232,7 @@ fn parse_line(raw: &str) -> Result<Parsed, String> {
         stop,
         include_stop_str_in_output,
         n,
+        truncate_prompt_tokens,
     };
     let beam = beam_search(line.use_beam_search, line.length_penalty, &request)?;
     let beam = match (beam, &request.input) {

@@ -154,6 +154,7 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
         r#"{"id": "stopped", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stop": "Paris"}"#,
         r#"{"id": "three", "prompt": "Once upon a time", "seed": 5, "max_tokens": 4, "n": 3}"#,
         r#"{"id": "beams", "prompt": "The capital of France is", "max_tokens": 4, "n": 2, "use_beam_search": true}"#,
+        r#"{"id": "cut", "prompt": "The capital of France is", "max_tokens": 1, "truncate_prompt_tokens": 2}"#,
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = run_batch(&input, &output);
@@ -190,6 +191,7 @@ fn lines_take_the_servers_sampling_extras_and_its_context_check() {
     assert_eq!((recs[8]["id"].as_str(), beams.len()), (Some("beams"), 2), "{}", recs[8]);
     assert_ne!(beams[0]["token_ids"], beams[1]["token_ids"]);
     assert!(beams.iter().all(|b| b["cumulative_logprob"].as_f64().unwrap() < 0.0), "{}", recs[8]);
+    assert_eq!(recs[9]["usage"]["prompt_tokens"], 2, "{}", recs[9]);
 }
 
 /// Chat lines take the server's rendering options: no generation prompt, a final message left open

@@ -80,6 +80,8 @@ pub struct Request {
     /// Choices to generate from the one prompt (vLLM's `n`), in `1..=16`; choice `i` draws from
     /// stream `i` of the request's seed, as the server's.
     pub n: u32,
+    /// Keep only the prompt's last this many tokens (vLLM's `truncate_prompt_tokens`).
+    pub truncate_prompt_tokens: Option<usize>,
 }
 
 /// vLLM's `LLM.chat` rendering options.
@@ -116,6 +118,7 @@ impl Request {
             stop,
             include_stop_str_in_output: false,
             n: 1,
+            truncate_prompt_tokens: None,
         }
     }
 }
@@ -669,7 +672,11 @@ impl Llm {
         request_id: String,
         decoder: Option<&Decoder>,
     ) -> Result<(UnboundedReceiver<EngineEvent>, Pending), OfflineError> {
-        let ids = self.prompt_ids_with(&request.input, &request.chat)?;
+        let mut ids = self.prompt_ids_with(&request.input, &request.chat)?;
+        if let Some(keep) = request.truncate_prompt_tokens {
+            // As vLLM: the end of the prompt, nearest to what is generated, stays.
+            ids.drain(..ids.len().saturating_sub(keep.max(1)));
+        }
         let context_length = self.engine.max_model_len();
         let total = ids.len() + request.sampling.max_tokens as usize;
         // A prompt alone too long is the engine's to refuse; one that fits, but not with all it

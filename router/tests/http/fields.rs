@@ -638,12 +638,17 @@ fn cases() -> Vec<Case> {
                 o.seen().request_id == "walk-1" && o.body["id"].as_str().is_some_and(|id| id.ends_with("-walk-1"))
             }),
         ),
-        case("user", BOTH, json!({"user": "alice"}), Effect(|o| o.logged.iter().any(|f| f == "user=alice"))),
+        case(
+            "user",
+            BOTH,
+            json!({"user": "walk-user-4d1c"}),
+            Effect(|o| o.logged.iter().any(|f| f == "user=walk-user-4d1c")),
+        ),
         case(
             "safety_identifier",
             CHAT,
-            json!({"safety_identifier": "hash-1"}),
-            Effect(|o| o.logged.iter().any(|f| f == "safety_identifier=hash-1")),
+            json!({"safety_identifier": "walk-safety-9b2e"}),
+            Effect(|o| o.logged.iter().any(|f| f == "safety_identifier=walk-safety-9b2e")),
         ),
         case("kv_transfer_params", BOTH, json!({"kv_transfer_params": {"do_remote_decode": true}}), Refused),
         // OpenAI features with no counterpart here.
@@ -711,6 +716,19 @@ impl Backend for Scripted {
     }
 }
 
+/// Every span and event field logged in this test binary, from a global subscriber installed
+/// once: a thread's own (scoped) subscriber can miss spans whose callsites other tests' threads
+/// registered first. Checks look for values only their own request logs.
+fn captured() -> &'static Fields {
+    static CAPTURED: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let fields = Fields::default();
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(fields.clone()))
+            .expect("no other global subscriber in the HTTP tests");
+        fields
+    })
+}
+
 /// Records `name=value` of span fields and event fields.
 #[derive(Clone, Default)]
 struct Fields(Arc<Mutex<Vec<String>>>);
@@ -737,7 +755,6 @@ impl<S: tracing::Subscriber> Layer<S> for Fields {
 
 async fn run(app: &axum::Router, backend: &Scripted, logged: &Fields, endpoint: Endpoint, extra: &Value) -> Outcome {
     *backend.seen.lock().unwrap() = None;
-    logged.0.lock().unwrap().clear();
     let mut body = endpoint.base();
     body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     let request =
@@ -781,8 +798,7 @@ fn setup() -> (axum::Router, Arc<Scripted>) {
 
 #[tokio::test]
 async fn every_field_of_both_apis_is_honoured_or_refused() {
-    let logged = Fields::default();
-    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+    let logged = captured();
     let (app, backend) = setup();
     let doc: Value = {
         let outcome = app.clone().oneshot(Request::get("/openapi.json").body(Body::empty()).unwrap()).await.unwrap();
@@ -804,7 +820,7 @@ async fn every_field_of_both_apis_is_honoured_or_refused() {
     let mut failures = Vec::new();
     for case in &cases {
         for &endpoint in case.endpoints {
-            let outcome = run(&app, &backend, &logged, endpoint, &case.extra).await;
+            let outcome = run(&app, &backend, logged, endpoint, &case.extra).await;
             let ok = match case.expect {
                 Refused => {
                     outcome.status == StatusCode::BAD_REQUEST
@@ -827,14 +843,17 @@ async fn every_field_of_both_apis_is_honoured_or_refused() {
 /// Fields of neither API are ignored, as OpenAI and vLLM ignore them, and named in the log.
 #[tokio::test]
 async fn unknown_fields_are_ignored_and_logged_by_name() {
-    let logged = Fields::default();
-    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+    let logged = captured();
     let (app, backend) = setup();
     for endpoint in [Chat, Completion] {
-        let outcome = run(&app, &backend, &logged, endpoint, &json!({"frobnicate": 1, "zz_top": [1]})).await;
+        let fields = json!({"frobnicate_walk": 1, "zz_top_walk": [1]});
+        let outcome = run(&app, &backend, logged, endpoint, &fields).await;
         assert_eq!(outcome.status, StatusCode::OK, "{}", outcome.body);
         assert!(
-            outcome.logged.iter().any(|f| f.contains("fields=") && f.contains("frobnicate") && f.contains("zz_top")),
+            outcome
+                .logged
+                .iter()
+                .any(|f| f.contains("fields=") && f.contains("frobnicate_walk") && f.contains("zz_top_walk")),
             "{:?}",
             outcome.logged
         );

@@ -20,7 +20,7 @@ use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::attention::{paged_attention, Dims, Rope, TokenSlot};
-use super::linear::{Linear, Scratch};
+use super::linear::{Dequantized, Linear, Scratch};
 use super::vmath::silu_mul;
 use super::{Config, ModelError};
 use crate::comm::Communicator;
@@ -107,10 +107,12 @@ impl Llama {
         let c = &config;
         let (hidden, kv_dim) = (c.hidden, c.num_kv_heads * c.head_dim);
         let mut ld = Loader { source };
-        let token_embd = Arc::new(Linear::stacked(vec![ld.get("token_embd.weight", &[c.vocab_size, hidden])?])?);
+        let mut dequantized = Dequantized::default();
+        let mut linear = |parts: Vec<QTensor>| Linear::stacked(parts, &mut dequantized);
+        let token_embd = Arc::new(linear(vec![ld.get("token_embd.weight", &[c.vocab_size, hidden])?])?);
         // Small Llamas tie the LM head to the embedding and ship no output.weight.
         let lm_head = match ld.opt("output.weight", &[c.vocab_size, hidden])? {
-            Some(w) => Arc::new(Linear::stacked(vec![w])?),
+            Some(w) => Arc::new(linear(vec![w])?),
             None => token_embd.clone(),
         };
         let output_norm = ld.vector("output_norm.weight", &[hidden])?;
@@ -142,13 +144,14 @@ impl Llama {
             layers.push(Layer {
                 qkv_bias,
                 attn_norm: ld.vector(&name("attn_norm"), &[hidden])?,
-                qkv: Linear::stacked(vec![q, k, v])?,
-                attn_output: Linear::stacked(vec![ld.get(&name("attn_output"), &[hidden, hidden])?])?,
+                qkv: linear(vec![q, k, v])?,
+                attn_output: linear(vec![ld.get(&name("attn_output"), &[hidden, hidden])?])?,
                 ffn_norm: ld.vector(&name("ffn_norm"), &[hidden])?,
-                gate_up: Linear::stacked(vec![gate, up])?,
-                down: Linear::stacked(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?])?,
+                gate_up: linear(vec![gate, up])?,
+                down: linear(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?])?,
             });
         }
+        dequantized.log();
         Ok(Self { config, token_embd, layers, output_norm, lm_head })
     }
 

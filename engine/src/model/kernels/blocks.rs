@@ -47,6 +47,74 @@ impl Format for Q4_1 {
     }
 }
 
+/// GGUF `Q4_0` (`x = d * (q - 8)`) read exactly as [`Q4_1`] with the
+/// minimum `-8 d`: the same 4-bit quants and the same kernel. `None` when
+/// `-8 d` does not fit an f16.
+pub fn q4_0_as_q4_1(b: &[u8]) -> Option<(u16, u16, [u8; QK / 2])> {
+    let d = u16::from_le_bytes([b[0], b[1]]);
+    let mut qs = [0u8; QK / 2];
+    qs.copy_from_slice(&b[2..18]);
+    Some((d, scaled_min(d, -8.0)?, qs))
+}
+
+/// Bytes of a GGUF `Q4_0` block.
+pub const Q4_0_BYTES: usize = 18;
+
+/// `factor * d` as f16 bits, when that is exact (a power-of-two factor
+/// that neither overflows nor leaves the subnormals).
+fn scaled_min(d: u16, factor: f32) -> Option<u16> {
+    let m = f16::from_f32(f16::from_bits(d).to_f32() * factor);
+    (m.is_finite() && m.to_f32() == f16::from_bits(d).to_f32() * factor).then_some(m.to_bits())
+}
+
+/// GGUF `Q5_0` and `Q5_1`: `x = d * q + m` with 5-bit `q`: the low four
+/// bits as in [`Q4_1`], bit 4 of value `i` in bit `i` of `qh`. `Q5_0`
+/// (`x = d * (q - 16)`) is read with the minimum `-16 d`.
+pub struct Q5;
+
+/// The quants of a [`Q5`] block.
+#[derive(Clone, Copy)]
+pub struct Q5Quants {
+    /// Bit 4 of each value, value `i` in bit `i`.
+    pub qh: u32,
+    /// The low nibbles, as [`Q4_1`]'s.
+    pub qs: [u8; QK / 2],
+}
+
+impl Format for Q5 {
+    type Quants = Q5Quants;
+    /// `Q5_1`'s; `Q5_0` blocks are read by [`q5_0_as_q5`].
+    const BYTES: usize = 24;
+
+    fn parse(b: &[u8]) -> (u16, u16, Q5Quants) {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[8..24]);
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        (u16::from_le_bytes([b[0], b[1]]), u16::from_le_bytes([b[2], b[3]]), Q5Quants { qh, qs })
+    }
+
+    fn dequantize(d: u16, m: u16, q: &Q5Quants, out: &mut [f32]) {
+        let (d, m) = (f16::from_bits(d).to_f32(), f16::from_bits(m).to_f32());
+        for (j, &byte) in q.qs.iter().enumerate() {
+            let hi = |i: usize| (((q.qh >> i) & 1) << 4) as u8;
+            out[j] = d * f32::from((byte & 0x0F) | hi(j)) + m;
+            out[j + QK / 2] = d * f32::from((byte >> 4) | hi(j + QK / 2)) + m;
+        }
+    }
+}
+
+/// Bytes of a GGUF `Q5_0` block.
+pub const Q5_0_BYTES: usize = 22;
+
+/// A GGUF `Q5_0` block as a [`Q5`] one; `None` when `-16 d` does not fit an f16.
+pub fn q5_0_as_q5(b: &[u8]) -> Option<(u16, u16, Q5Quants)> {
+    let d = u16::from_le_bytes([b[0], b[1]]);
+    let mut qs = [0u8; QK / 2];
+    qs.copy_from_slice(&b[6..22]);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    Some((d, scaled_min(d, -16.0)?, Q5Quants { qh, qs }))
+}
+
 /// GGUF `Q8_0`: `x = d * q` with signed 8-bit `q`.
 pub struct Q8_0;
 
@@ -86,13 +154,26 @@ impl<F: Format> QMatrix<F> {
     /// Reads `rows * cols / QK` GGUF blocks. `None` unless `cols` is a
     /// multiple of [`QK`] and `bytes` exactly the matrix.
     pub fn from_gguf_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * F::BYTES {
+        Self::from_blocks(bytes, rows, cols, F::BYTES, |b| Some(F::parse(b)))
+    }
+
+    /// Reads `rows * cols / QK` blocks of `block_bytes` each with `parse`
+    /// (a GGUF type this format holds exactly). `None` unless `cols` is a
+    /// multiple of [`QK`], `bytes` exactly the matrix and every block parsed.
+    pub fn from_blocks(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        parse: impl Fn(&[u8]) -> Option<(u16, u16, F::Quants)>,
+    ) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * block_bytes {
             return None;
         }
         let n = rows * cols / QK;
         let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for block in bytes.chunks_exact(F::BYTES) {
-            let (bd, bm, bq) = F::parse(block);
+        for block in bytes.chunks_exact(block_bytes) {
+            let (bd, bm, bq) = parse(block)?;
             d.push(bd);
             m.push(bm);
             qs.push(bq);

@@ -14,14 +14,21 @@
 
 mod blocks;
 mod scalar;
+mod super_blocks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_super;
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-pub use blocks::{quantize_row_q8, Format, QMatrix, QuantizedRows, Q4_1, Q8_0, QK};
+pub use blocks::{
+    q4_0_as_q4_1, q5_0_as_q5, quantize_row_q8, Format, QMatrix, QuantizedRows, Q4_0_BYTES, Q4_1, Q5, Q5_0_BYTES, Q8_0,
+    QK,
+};
+pub use super_blocks::{SuperFormat, SuperMatrix, SuperRows, Q4K, Q5K, Q6K, QK_K};
 
 impl QuantizedRows {
     /// Quantizes `x`, `rows` rows of `cols` values (a multiple of [`QK`]),
@@ -140,6 +147,50 @@ macro_rules! kernel {
 
 kernel!(Q4_1, scalar::dot_q4_1, tile_q4_1);
 kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0);
+kernel!(Q5, scalar::dot_q5, tile_q5);
+
+/// A K-quant format the product kernels know.
+pub trait SuperKernel: SuperFormat + Sized {
+    /// The SIMD tile for this CPU, if there is one: as [`Tiled::tile`].
+    ///
+    /// # Safety
+    /// As [`Tiled::tile`].
+    unsafe fn simd_tile<const R: usize>(
+        w: &SuperMatrix<Self>,
+        rows: &Range<usize>,
+        x: &SuperRows,
+        i0: usize,
+        out: [*mut f32; R],
+    ) -> bool;
+}
+
+/// Implements [`SuperKernel`] with a format's x86 tile.
+macro_rules! super_kernel {
+    ($format:ty, $x86_tile:ident) => {
+        impl SuperKernel for $format {
+            #[allow(unused_variables)]
+            unsafe fn simd_tile<const R: usize>(
+                w: &SuperMatrix<Self>,
+                rows: &Range<usize>,
+                x: &SuperRows,
+                i0: usize,
+                out: [*mut f32; R],
+            ) -> bool {
+                #[cfg(target_arch = "x86_64")]
+                if x86::available() {
+                    // SAFETY: the CPU has the features; the rest is the caller's.
+                    unsafe { x86_super::$x86_tile(w, rows.clone(), x, i0, out) };
+                    return true;
+                }
+                false
+            }
+        }
+    };
+}
+
+super_kernel!(Q4K, tile_q4k);
+super_kernel!(Q5K, tile_q5k);
+super_kernel!(Q6K, tile_q6k);
 
 /// Weight rows per tile: 16 rows of `Q4_1` at 576 columns are 5.6 KiB, so a
 /// tile and the few activation rows it meets stay in L1.
@@ -152,60 +203,161 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-impl<F: Kernel> QMatrix<F> {
-    /// `out = x @ self^T`: `out` gets `x.rows` rows of [`Self::rows`] values.
-    pub fn matmul(&self, x: &QuantizedRows, out: &mut [f32]) {
-        assert_eq!(x.k, self.k, "activation rows have {} blocks, weights {}", x.k, self.k);
-        let (n, m) = (self.rows, x.rows);
-        assert_eq!(out.len(), m * n, "output of {} values for {m} x {n}", out.len());
-        if m == 0 || n == 0 {
-            return;
-        }
-        let ptr = OutPtr(out.as_mut_ptr());
-        let threads = rayon::current_num_threads();
-        // A few tasks per thread balance the cores; tiny products stay inline.
-        let tasks = if m * n * self.k < PARALLEL_MIN_BLOCK_DOTS { 1 } else { threads * 4 };
-        let chunk = n.div_ceil(tasks).next_multiple_of(TILE_ROWS).min(n);
-        let run = |c: usize| {
-            let cols = c * chunk..((c + 1) * chunk).min(n);
-            // SAFETY: `cols` are this task's own columns of every output row.
-            unsafe { self.columns(x, cols, ptr) };
-        };
-        if n.div_ceil(chunk) == 1 {
-            run(0);
-        } else {
-            (0..n.div_ceil(chunk)).into_par_iter().for_each(run);
-        }
-    }
-
-    /// Computes columns `cols` of every output row.
+/// A weight matrix the tiled product runs over: its rows, and the products
+/// of a tile of them with up to four activation rows.
+pub trait Tiled: Sync {
+    /// The activation rows this matrix multiplies with.
+    type Rows: Sync;
+    /// Output values per activation row.
+    fn rows(&self) -> usize;
+    /// Activation rows in `x`, after checking that their blocks match.
+    fn activation_rows(&self, x: &Self::Rows) -> usize;
+    /// Block products per weight row and activation row, for the
+    /// parallel threshold.
+    fn blocks(&self) -> usize;
+    /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows`; `scratch` holds
+    /// [`Tiled::blocks`] times four values.
     ///
     /// # Safety
-    /// `out` points at `x.rows * self.rows` values and nobody else writes `cols`.
-    unsafe fn columns(&self, x: &QuantizedRows, cols: Range<usize>, out: OutPtr) {
-        let n = self.rows;
-        let row = |i: usize| unsafe { out.0.add(i * n) };
-        let mut scales = vec![0.0f32; 4 * self.k];
-        let mut start = cols.start;
-        while start < cols.end {
-            let tile = start..(start + TILE_ROWS).min(cols.end);
-            let mut i = 0;
-            // SAFETY (all four): shapes checked in `matmul`; the columns are ours.
-            unsafe {
-                while i + 4 <= x.rows {
-                    let out = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-                    F::tile::<4>(self, tile.clone(), x, i, out, &mut scales);
-                    i += 4;
-                }
-                match x.rows - i {
-                    3 => F::tile::<3>(self, tile.clone(), x, i, [row(i), row(i + 1), row(i + 2)], &mut scales),
-                    2 => F::tile::<2>(self, tile.clone(), x, i, [row(i), row(i + 1)], &mut scales),
-                    1 => F::tile::<1>(self, tile.clone(), x, i, [row(i)], &mut scales),
-                    _ => {}
-                }
-            }
-            start = tile.end;
+    /// `x` has at least `i0 + R` rows, and each `out[r]` is valid for
+    /// writes at `rows`, which nobody else writes meanwhile.
+    unsafe fn tile<const R: usize>(
+        &self,
+        rows: Range<usize>,
+        x: &Self::Rows,
+        i0: usize,
+        out: [*mut f32; R],
+        scratch: &mut [f32],
+    );
+
+    /// `out = x @ self^T`: `out` gets one row of [`Tiled::rows`] values per
+    /// activation row.
+    fn matmul(&self, x: &Self::Rows, out: &mut [f32])
+    where
+        Self: Sized,
+    {
+        product(self, x, out)
+    }
+}
+
+impl<F: Kernel> Tiled for QMatrix<F> {
+    type Rows = QuantizedRows;
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn activation_rows(&self, x: &QuantizedRows) -> usize {
+        assert_eq!(x.k, self.k, "activation rows have {} blocks, weights {}", x.k, self.k);
+        x.rows
+    }
+
+    fn blocks(&self) -> usize {
+        self.k
+    }
+
+    unsafe fn tile<const R: usize>(
+        &self,
+        rows: Range<usize>,
+        x: &QuantizedRows,
+        i0: usize,
+        out: [*mut f32; R],
+        scratch: &mut [f32],
+    ) {
+        // SAFETY: the caller's; blocks checked in `activation_rows`.
+        unsafe { F::tile(self, rows, x, i0, out, scratch) }
+    }
+}
+
+impl<F: SuperKernel> Tiled for SuperMatrix<F> {
+    type Rows = SuperRows;
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn activation_rows(&self, x: &SuperRows) -> usize {
+        assert_eq!(x.k, self.k, "activation rows have {} super-blocks, weights {}", x.k, self.k);
+        x.rows
+    }
+
+    fn blocks(&self) -> usize {
+        // Each super-block is eight of the 32-value blocks the threshold counts.
+        8 * self.k
+    }
+
+    unsafe fn tile<const R: usize>(
+        &self,
+        rows: Range<usize>,
+        x: &SuperRows,
+        i0: usize,
+        out: [*mut f32; R],
+        _scratch: &mut [f32],
+    ) {
+        // SAFETY: the caller's; blocks checked in `activation_rows`.
+        if unsafe { F::simd_tile(self, &rows, x, i0, out) } {
+            return;
         }
+        for j in rows {
+            for (r, o) in out.iter().enumerate() {
+                // SAFETY: the caller's.
+                unsafe { *o.add(j) = self.dot(j, x, i0 + r) };
+            }
+        }
+    }
+}
+
+/// [`Tiled::matmul`], split over the rayon pool by weight rows.
+fn product<W: Tiled>(w: &W, x: &W::Rows, out: &mut [f32]) {
+    let (n, m) = (w.rows(), w.activation_rows(x));
+    assert_eq!(out.len(), m * n, "output of {} values for {m} x {n}", out.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    // A few tasks per thread balance the cores; tiny products stay inline.
+    let tasks = if m * n * w.blocks() < PARALLEL_MIN_BLOCK_DOTS { 1 } else { threads * 4 };
+    let chunk = n.div_ceil(tasks).next_multiple_of(TILE_ROWS).min(n);
+    let run = |c: usize| {
+        let cols = c * chunk..((c + 1) * chunk).min(n);
+        // SAFETY: `cols` are this task's own columns of every output row.
+        unsafe { columns(w, x, m, cols, ptr) };
+    };
+    if n.div_ceil(chunk) == 1 {
+        run(0);
+    } else {
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(run);
+    }
+}
+
+/// Computes columns `cols` of every one of the `m` output rows.
+///
+/// # Safety
+/// `out` points at `m * w.rows()` values and nobody else writes `cols`.
+unsafe fn columns<W: Tiled>(w: &W, x: &W::Rows, m: usize, cols: Range<usize>, out: OutPtr) {
+    let n = w.rows();
+    let row = |i: usize| unsafe { out.0.add(i * n) };
+    let mut scratch = vec![0.0f32; 4 * w.blocks()];
+    let mut start = cols.start;
+    while start < cols.end {
+        let tile = start..(start + TILE_ROWS).min(cols.end);
+        let mut i = 0;
+        // SAFETY (all four): shapes checked in `matmul`; the columns are ours.
+        unsafe {
+            while i + 4 <= m {
+                let out = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+                w.tile::<4>(tile.clone(), x, i, out, &mut scratch);
+                i += 4;
+            }
+            match m - i {
+                3 => w.tile::<3>(tile.clone(), x, i, [row(i), row(i + 1), row(i + 2)], &mut scratch),
+                2 => w.tile::<2>(tile.clone(), x, i, [row(i), row(i + 1)], &mut scratch),
+                1 => w.tile::<1>(tile.clone(), x, i, [row(i)], &mut scratch),
+                _ => {}
+            }
+        }
+        start = tile.end;
     }
 }
 

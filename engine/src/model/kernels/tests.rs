@@ -75,6 +75,162 @@ fn q8_0_products_match_the_dequantized_weights() {
 }
 
 #[test]
+fn q5_1_products_match_the_dequantized_weights() {
+    check_product::<Q5>(GgmlDType::Q5_1);
+}
+
+/// A matrix of a GGUF type read into the format that holds it exactly.
+fn read_as<F: Format>(
+    dtype: GgmlDType,
+    block_bytes: usize,
+    parse: impl Fn(&[u8]) -> Option<(u16, u16, F::Quants)>,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (QMatrix<F>, Vec<f32>) {
+    let w = Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (QMatrix::from_blocks(&q.data().unwrap(), rows, cols, block_bytes, parse).unwrap(), dense)
+}
+
+#[test]
+fn q4_0_and_q5_0_read_exactly_and_multiply_as_their_values() {
+    let (n, cols) = (40, 288);
+    let (w4, dense4) = read_as::<Q4_1>(GgmlDType::Q4_0, Q4_0_BYTES, q4_0_as_q4_1, n, cols, 21);
+    let (w5, dense5) = read_as::<Q5>(GgmlDType::Q5_0, Q5_0_BYTES, q5_0_as_q5, n, cols, 22);
+    let mut row = vec![0.0; cols];
+    for j in 0..n {
+        w4.dequantize_row(j, &mut row);
+        assert_eq!(row, dense4[j * cols..(j + 1) * cols], "q4_0 row {j}");
+        w5.dequantize_row(j, &mut row);
+        assert_eq!(row, dense5[j * cols..(j + 1) * cols], "q5_0 row {j}");
+    }
+    for m in [1, 4, 7] {
+        let mut xq = QuantizedRows::default();
+        xq.quantize(&values(m * cols, 30 + m as u64), m, cols);
+        for (name, got, dense) in [("q4_0", product(&w4, &xq), &dense4), ("q5_0", product(&w5, &xq), &dense5)] {
+            let want = reference(dense, &dequantized(&xq), n, cols);
+            assert_close(&got, &want, &format!("{name} m={m}"));
+        }
+    }
+}
+
+fn product<W: Tiled>(w: &W, x: &W::Rows) -> Vec<f32> {
+    let m = w.activation_rows(x);
+    let mut out = vec![0.0; m * w.rows()];
+    w.matmul(x, &mut out);
+    out
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b}");
+    }
+}
+
+/// A K-quant matrix quantized by candle, and its dequantized values.
+fn super_matrix<F: SuperFormat>(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (SuperMatrix<F>, Vec<f32>) {
+    let w = Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (SuperMatrix::from_gguf_bytes(&q.data().unwrap(), rows, cols).unwrap(), dense)
+}
+
+fn super_dequantized(x: &SuperRows) -> Vec<f32> {
+    x.qs.iter().zip(&x.d).flat_map(|(q, &d)| q.iter().map(move |&q| d * f32::from(q))).collect()
+}
+
+/// Dequantization equals llama.cpp's (through candle) bit for bit; products
+/// equal the f64 product of the dequantized weights and activations, for
+/// 1..9 activation rows, through the SIMD tiles and the portable dot.
+fn check_super<F: SuperKernel>(dtype: GgmlDType) {
+    let (n, cols) = (37, 3 * QK_K);
+    let (w, dense) = super_matrix::<F>(dtype, n, cols, 41);
+    let mut row = vec![0.0; cols];
+    for j in 0..n {
+        w.dequantize_row(j, &mut row);
+        assert_eq!(row, dense[j * cols..(j + 1) * cols], "{dtype:?} row {j}");
+    }
+    for m in [1, 2, 3, 5, 9] {
+        let mut x = SuperRows::default();
+        x.quantize(&values(m * cols, 50 + m as u64), m, cols);
+        let want = reference(&dense, &super_dequantized(&x), n, cols);
+        assert_close(&product(&w, &x), &want, &format!("{dtype:?} m={m}"));
+        let portable: Vec<f32> =
+            (0..m).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| w.dot(j, &x, i)).collect();
+        assert_close(&portable, &want, &format!("{dtype:?} portable m={m}"));
+    }
+}
+
+#[test]
+fn q4_k_products_match_the_dequantized_weights() {
+    check_super::<Q4K>(GgmlDType::Q4K);
+}
+
+#[test]
+fn q5_k_products_match_the_dequantized_weights() {
+    check_super::<Q5K>(GgmlDType::Q5K);
+}
+
+#[test]
+fn q6_k_products_match_the_dequantized_weights() {
+    check_super::<Q6K>(GgmlDType::Q6K);
+}
+
+#[test]
+fn super_rows_keep_values_within_half_a_step_and_sum_each_sixteen() {
+    let x = values(2 * QK_K, 61);
+    let mut q = SuperRows::default();
+    q.quantize(&x, 2, QK_K);
+    let back = super_dequantized(&q);
+    for (b, chunk) in x.chunks(QK_K).enumerate() {
+        for (g, sum) in q.bsums[b].iter().enumerate() {
+            assert_eq!(i32::from(*sum), q.qs[b][16 * g..16 * (g + 1)].iter().map(|&v| i32::from(v)).sum::<i32>());
+        }
+        for (j, v) in chunk.iter().enumerate() {
+            assert!((v - back[b * QK_K + j]).abs() <= q.d[b] * 0.5 + 1e-6, "block {b} value {j}");
+        }
+    }
+}
+
+/// Odd shapes: any number of weight rows (partial tiles, fewer rows than
+/// threads), of activation rows (every remainder of four) and of blocks per
+/// row, for every format. Fixed seed: the same cases on every run.
+#[test]
+fn products_of_odd_shapes_match_the_dequantized_weights() {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]);
+    let mut runner = TestRunner::new_with_rng(Config { cases: 48, ..Config::default() }, rng);
+    let shapes = (1usize..70, 1usize..11, 1usize..4, 0u64..1000);
+    for _ in 0..48 {
+        let (n, m, k, seed) = shapes.new_tree(&mut runner).unwrap().current();
+        let what = |f: &str| format!("{f} n={n} m={m} k={k} seed={seed}");
+        let x = values(m * k * QK_K, seed + 1);
+        let mut xq = QuantizedRows::default();
+        xq.quantize(&x, m, k * QK_K);
+        let mut xs = SuperRows::default();
+        xs.quantize(&x, m, k * QK_K);
+        let cols = k * QK_K;
+        let (x32, x256) = (dequantized(&xq), super_dequantized(&xs));
+        let (w, d) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, seed);
+        assert_close(&product(&w, &xq), &reference(&d, &x32, n, cols), &what("q4_1"));
+        let (w, d) = matrix::<Q5>(GgmlDType::Q5_1, n, cols, seed);
+        assert_close(&product(&w, &xq), &reference(&d, &x32, n, cols), &what("q5_1"));
+        let (w, d) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, seed);
+        assert_close(&product(&w, &xq), &reference(&d, &x32, n, cols), &what("q8_0"));
+        let (w, d) = super_matrix::<Q4K>(GgmlDType::Q4K, n, cols, seed);
+        assert_close(&product(&w, &xs), &reference(&d, &x256, n, cols), &what("q4_k"));
+        let (w, d) = super_matrix::<Q5K>(GgmlDType::Q5K, n, cols, seed);
+        assert_close(&product(&w, &xs), &reference(&d, &x256, n, cols), &what("q5_k"));
+        let (w, d) = super_matrix::<Q6K>(GgmlDType::Q6K, n, cols, seed);
+        assert_close(&product(&w, &xs), &reference(&d, &x256, n, cols), &what("q6_k"));
+    }
+}
+
+#[test]
 fn a_row_gives_the_same_bits_alone_or_in_any_batch() {
     let (n, cols) = (100, 64);
     let (w, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 3);
@@ -145,22 +301,36 @@ fn cpu_seconds() -> f64 {
     (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
 }
 
-/// Kernel throughput per core, in CPU time:
+/// Kernel throughput per core, in CPU time, for every format at one shape:
 /// `RAYON_NUM_THREADS=1 cargo test --release -p engine --lib kernel_speed -- --ignored --nocapture`.
 #[test]
 #[ignore = "timing, not a check"]
 fn kernel_speed() {
-    let (n, cols) = (3072, 576);
-    let (w4, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 1);
-    let (w8, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 1);
-    for m in [1usize, 4, 16, 128, 512] {
+    let (n, cols) = (3072, 1536);
+    let (q4_1, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 1);
+    let (q5, _) = matrix::<Q5>(GgmlDType::Q5_1, n, cols, 1);
+    let (q8_0, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 1);
+    let (q4k, _) = super_matrix::<Q4K>(GgmlDType::Q4K, n, cols, 1);
+    let (q5k, _) = super_matrix::<Q5K>(GgmlDType::Q5K, n, cols, 1);
+    let (q6k, _) = super_matrix::<Q6K>(GgmlDType::Q6K, n, cols, 1);
+    for m in [1usize, 4, 16, 128] {
         let x = values(m * cols, 2);
         let mut xq = QuantizedRows::default();
         xq.quantize(&x, m, cols);
+        let mut xs = SuperRows::default();
+        xs.quantize(&x, m, cols);
         let mut out = vec![0.0; m * n];
-        let reps = (20000 / m).max(40);
-        for name in ["q4_1", "q8_0"] {
-            let f = |o: &mut [f32]| if name == "q4_1" { w4.matmul(&xq, o) } else { w8.matmul(&xq, o) };
+        let reps = (4000 / m).max(10);
+        type Product<'a> = (&'a str, &'a dyn Fn(&mut [f32]));
+        let products: [Product; 6] = [
+            ("q4_1/q4_0", &|o| q4_1.matmul(&xq, o)),
+            ("q5_1/q5_0", &|o| q5.matmul(&xq, o)),
+            ("q8_0", &|o| q8_0.matmul(&xq, o)),
+            ("q4_k", &|o| q4k.matmul(&xs, o)),
+            ("q5_k", &|o| q5k.matmul(&xs, o)),
+            ("q6_k", &|o| q6k.matmul(&xs, o)),
+        ];
+        for (name, f) in products {
             f(&mut out);
             let (cpu, wall) = (cpu_seconds(), std::time::Instant::now());
             for _ in 0..reps {

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::blocks::{QMatrix, QuantizedRows, Q4_1, Q8_0, QK};
+use super::blocks::{QMatrix, QuantizedRows, Q4_1, Q5, Q8_0, QK};
 
 /// Whether this CPU can run the kernels here (`is_x86_feature_detected`
 /// caches its answer, so this is cheap).
@@ -23,13 +23,13 @@ pub fn available() -> bool {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_to_f32(bits: u16) -> f32 {
+pub(super) fn f16_to_f32(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -141,6 +141,57 @@ pub unsafe fn tile_q4_1<const R: usize>(
                 // The 16 bytes in both lanes; the high lane shifted to its high nibbles.
                 let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(q_w.get_unchecked(b).as_ptr().cast())) };
                 (_mm256_and_si256(_mm256_srlv_epi64(q, shift), mask), mask)
+            },
+            |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
+        );
+    }
+}
+
+/// As [`tile_q4_1`] for a [`Q5`] matrix: the nibbles as there, with each
+/// value's fifth bit from `qh`.
+///
+/// # Safety
+/// As [`tile_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_q5<const R: usize>(
+    w: &QMatrix<Q5>,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    i0: usize,
+    out: [*mut f32; R],
+    scales: &mut [f32],
+) {
+    let k = w.k;
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let shift = _mm256_setr_epi64x(0, 0, 4, 4);
+    // Byte i of the spread `qh` is byte i / 8 of it; `bit` picks bit i % 8.
+    let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let fifth = _mm256_set1_epi8(0x10);
+    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
+    for j in rows {
+        let row = j * k..(j + 1) * k;
+        let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
+        let offset: [f32; R] = std::array::from_fn(|r| {
+            let xr = (i0 + r) * k..(i0 + r + 1) * k;
+            block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
+        });
+        row_products!(
+            k,
+            xq,
+            &*scales,
+            offset,
+            out,
+            j,
+            |b: usize| {
+                // SAFETY: b < k; 16 bytes from a [u8; 16].
+                let block = unsafe { q_w.get_unchecked(b) };
+                let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(block.qs.as_ptr().cast())) };
+                let low = _mm256_and_si256(_mm256_srlv_epi64(q, shift), mask);
+                let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(block.qh as i32), spread);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                (_mm256_or_si256(low, _mm256_and_si256(set, fifth)), mask)
             },
             |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
         );

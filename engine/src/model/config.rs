@@ -8,9 +8,94 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::tokenizer::TokenizerError;
 
-/// The resolved shape of a Llama model: no optional fields left.
+/// The model families the forward pass implements (GGUF
+/// `general.architecture`; Hugging Face folders map onto them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    /// Llama with Q/K/V biases.
+    Qwen2,
+    /// Llama with per-head RMSNorm of Q and K, and a head size of its own.
+    Qwen3,
+    /// Per-head Q/K norms, norms after attention and MLP too, GeGLU, a
+    /// scaled embedding, and local sliding-window layers between global ones.
+    Gemma3,
+    /// Llama with Q/K/V and gate/up each stored as one fused matrix.
+    Phi3,
+}
+
+impl Arch {
+    /// The names [`Arch::from_gguf`] accepts, for error messages.
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, gemma3, phi3";
+
+    /// From a GGUF `general.architecture`.
+    pub fn from_gguf(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama" => Self::Llama,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "gemma3" => Self::Gemma3,
+            "phi3" => Self::Phi3,
+            _ => return None,
+        })
+    }
+
+    /// Whether llama.cpp rotates this family's heads NeoX-style (pairs
+    /// `i`, `i + d/2`); its GGUF converter permutes only Llama's Q/K rows to
+    /// adjacent pairs, the one convention the forward pass uses.
+    pub fn neox_rope(self) -> bool {
+        !matches!(self, Self::Llama)
+    }
+
+    /// Whether Q and K get a per-head RMSNorm before RoPE.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// Whether attention's and the MLP's outputs are normed before the residual add.
+    pub fn post_norms(self) -> bool {
+        matches!(self, Self::Gemma3)
+    }
+
+    /// The MLP's gate activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+}
+
+/// The activation of the MLP's gate (the product with `up` follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (GeGLU).
+    GeluTanh,
+}
+
+/// Local attention layers: which layers, their window and their RoPE base.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    /// Keys a query sees, itself included.
+    pub size: usize,
+    /// Every `pattern`-th layer is global, the others local (Gemma 3: 6).
+    pub pattern: usize,
+    /// RoPE base of the local layers.
+    pub rope_theta: f32,
+}
+
+impl SlidingWindow {
+    /// Whether layer `l` attends within the window.
+    pub fn is_local(&self, l: usize) -> bool {
+        l % self.pattern < self.pattern - 1
+    }
+}
+
+/// The resolved shape of a model: no optional fields left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub arch: Arch,
     pub num_layers: usize,
     /// Width of the residual stream (`embedding_length`).
     pub hidden: usize,
@@ -25,6 +110,25 @@ pub struct Config {
     pub rms_eps: f32,
     /// Longest sequence the model was trained for; longer batches are rejected.
     pub context_length: usize,
+    /// Multiplies attention scores (`1 / sqrt(head_dim)` but for Gemma 3 27B).
+    pub attention_scale: f32,
+    /// Linear RoPE scaling of the global layers: positions times this.
+    pub rope_freq_scale: f32,
+    /// Local layers, when the model has them.
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+impl Config {
+    /// Width of the query heads together (`hidden` for Llama, not for
+    /// Qwen3 or Gemma 3).
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Width of the key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
 }
 
 /// What the serving layers need to know about a loaded model besides its weights.
@@ -119,7 +223,7 @@ pub enum ModelError {
     MissingKey(String),
     #[error("GGUF metadata key `{key}` has the wrong type or value: {reason}")]
     BadValue { key: String, reason: String },
-    #[error("unsupported architecture `{0}` (only `llama` is supported)")]
+    #[error("unsupported architecture `{0}` (supported: {supported})", supported = Arch::SUPPORTED)]
     UnsupportedArch(String),
     #[error("GGUF tensor `{0}` is missing")]
     MissingTensor(String),
@@ -219,22 +323,30 @@ impl Metadata<'_> {
 }
 
 impl Config {
-    /// Resolves the `llama.*` metadata of a GGUF file; optional keys fall back
-    /// to llama.cpp's defaults.
+    /// Resolves the `<arch>.*` metadata of a GGUF file; optional keys fall
+    /// back to llama.cpp's defaults.
     pub fn from_gguf(content: &Content) -> Result<Self, ModelError> {
         let md = Metadata(content);
-        let arch = md.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArch(arch.to_string()));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
+        let name = md.string("general.architecture")?;
+        let arch = Arch::from_gguf(name).ok_or_else(|| ModelError::UnsupportedArch(name.to_string()))?;
+        let key = |k: &str| format!("{name}.{k}");
         let hidden = md.usize(&key("embedding_length"))?;
         let num_heads = md.usize(&key("attention.head_count"))?;
-        if num_heads == 0 || hidden % num_heads != 0 {
-            return Err(Metadata::bad(
-                &key("attention.head_count"),
-                format!("{num_heads} heads do not divide hidden size {hidden}"),
-            ));
+        // Qwen3 and Gemma give the head size; the others derive it.
+        let head_dim = match md.opt(&key("attention.key_length"), Metadata::usize)? {
+            Some(d) => d,
+            None if num_heads > 0 && hidden.is_multiple_of(num_heads) => hidden / num_heads,
+            None => {
+                return Err(Metadata::bad(
+                    &key("attention.head_count"),
+                    format!("{num_heads} heads do not divide hidden size {hidden}"),
+                ))
+            }
+        };
+        if let Some(v) = md.opt(&key("attention.value_length"), Metadata::usize)? {
+            if v != head_dim {
+                return Err(Metadata::bad(&key("attention.value_length"), format!("{v} != key_length {head_dim}")));
+            }
         }
         let num_kv_heads = md.opt(&key("attention.head_count_kv"), Metadata::usize)?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -243,13 +355,26 @@ impl Config {
                 format!("{num_kv_heads} KV heads do not divide {num_heads} heads"),
             ));
         }
-        let head_dim = hidden / num_heads;
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Metadata::bad(&key("attention.key_length"), format!("head size {head_dim} is not even")));
+        }
         if let Some(rope_dim) = md.opt(&key("rope.dimension_count"), Metadata::usize)? {
             // Partial rotary embeddings are not implemented.
             if rope_dim != head_dim {
                 return Err(Metadata::bad(&key("rope.dimension_count"), format!("{rope_dim} != head_dim {head_dim}")));
             }
         }
+        let scaling = md.opt(&key("rope.scaling.type"), |m, k| m.string(k).map(str::to_string))?;
+        let rope_freq_scale = match scaling.as_deref() {
+            None | Some("none") => 1.0,
+            Some("linear") => 1.0 / md.f32(&key("rope.scaling.factor"))?,
+            Some(other) => {
+                return Err(Metadata::bad(
+                    &key("rope.scaling.type"),
+                    format!("`{other}` RoPE scaling is not implemented (none and linear are)"),
+                ))
+            }
+        };
         let vocab_size = match md.opt(&key("vocab_size"), Metadata::usize)? {
             Some(n) => n,
             None => md
@@ -258,8 +383,25 @@ impl Config {
                 .map_err(|e| Metadata::bad("tokenizer.ggml.tokens", e))?
                 .len(),
         };
+        let num_layers = md.usize(&key("block_count"))?;
+        let window = md.opt(&key("attention.sliding_window"), Metadata::usize)?;
+        let sliding_window = match (arch, window) {
+            // llama.cpp's Gemma 3: five local layers, then a global one;
+            // local layers rotate with base 10,000.
+            (Arch::Gemma3, Some(size)) => Some(SlidingWindow { size, pattern: 6, rope_theta: 10_000.0 }),
+            (Arch::Gemma3, None) => return Err(ModelError::MissingKey(key("attention.sliding_window"))),
+            // llama.cpp disables Phi-3's window too (full attention).
+            _ => None,
+        };
+        // llama.cpp scales Gemma 3 27B (62 layers) by its hidden size per
+        // head rather than the head size.
+        let attention_scale = match (arch, num_layers) {
+            (Arch::Gemma3, 62) => 1.0 / ((hidden / num_heads) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         Ok(Self {
-            num_layers: md.usize(&key("block_count"))?,
+            arch,
+            num_layers,
             hidden,
             num_heads,
             num_kv_heads,
@@ -269,6 +411,9 @@ impl Config {
             rope_theta: md.opt(&key("rope.freq_base"), Metadata::f32)?.unwrap_or(10_000.0),
             rms_eps: md.f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: md.usize(&key("context_length"))?,
+            attention_scale,
+            rope_freq_scale,
+            sliding_window,
         })
     }
 }

@@ -30,7 +30,7 @@ use super::attention::Rope;
 use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
-use super::{Config, ModelError, WeightDtype};
+use super::{Arch, Config, ModelError, WeightDtype};
 use crate::comm::Communicator;
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
@@ -92,6 +92,14 @@ impl DeviceLlama {
     /// CPU, where candle's bf16 GEMM is slow; bf16 or f16 on a GPU).
     pub fn new(model: &Llama, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let config = model.config().clone();
+        // The device forward is Llama's (with Qwen2's biases); the other
+        // families' extra norms, activation and windows run on the CPU path.
+        if !matches!(config.arch, Arch::Llama | Arch::Qwen2) || config.rope_freq_scale != 1.0 {
+            return Err(ModelError::Device {
+                device: format!("{device:?}"),
+                reason: format!("{:?} models run on the CPU kernels only (--device cpu) for now", config.arch),
+            });
+        }
         let mat = |l: &Linear| l.to_tensor(device, dtype);
         let vector = |v: &[f32]| Tensor::from_slice(v, v.len(), device);
         let embed = mat(&model.token_embd)?;
@@ -640,7 +648,7 @@ fn rope(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> candle_core::Re
 /// every position, the very numbers of the CPU path's [`Rope`].
 fn rope_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let positions: Vec<usize> = (0..c.context_length).collect();
-    let Rope { cos, sin, .. } = Rope::new(&positions, c.head_dim, c.rope_theta);
+    let Rope { cos, sin, .. } = Rope::new(&positions, c.head_dim, c.rope_theta, c.rope_freq_scale);
     let shape = (c.context_length, c.head_dim / 2);
     Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
 }

@@ -1,9 +1,16 @@
-//! The Llama forward pass over a paged KV cache.
+//! The Llama forward pass over a paged KV cache, and the families that are
+//! Llama with a few changes ([`super::Arch`]).
 //!
 //! Llama (Touvron et al., 2023) as llama.cpp runs its `llama` GGUF
 //! architecture: pre-norm RMSNorm blocks, grouped-query attention with
 //! "normal" (adjacent-pair) RoPE, a SiLU-gated MLP, and an LM head tied to
-//! the token embedding when the file has no `output.weight`.
+//! the token embedding when the file has no `output.weight`. Qwen2 adds
+//! Q/K/V biases; Qwen3 a per-head RMSNorm of Q and K and a head size of its
+//! own; Phi-3 stores Q/K/V and gate/up fused; Gemma 3 adds the Q/K norms,
+//! norms after attention and the MLP, GeGLU, an embedding scaled by
+//! `sqrt(hidden)` and local sliding-window layers with their own RoPE base.
+//! Their GGUF files keep Q/K rows in NeoX order (rotating halves); the
+//! loader permutes them to adjacent pairs, so one RoPE serves all.
 //!
 //! Every token of a step, whatever its sequence, goes through each projection
 //! as one matrix (quantized weights through [`super::kernels`], so a decode
@@ -20,8 +27,9 @@ use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::attention::{paged_attention, Dims, Rope, TokenSlot};
+use super::config::Activation;
 use super::linear::{Dequantized, Linear, Scratch};
-use super::vmath::silu_mul;
+use super::vmath::{gelu_tanh_mul, silu_mul};
 use super::{Config, ModelError};
 use crate::comm::Communicator;
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
@@ -29,15 +37,22 @@ use crate::kv::cache::{KvCacheShape, KvStorage};
 
 pub(super) struct Layer {
     pub attn_norm: Vec<f32>,
-    /// Q, K and V stacked: `[hidden + 2 * kv_dim, hidden]`.
+    /// Q, K and V stacked: `[q_dim + 2 * kv_dim, hidden]`.
     pub qkv: Linear,
     /// Q, K and V biases stacked (Qwen2 has them, Llama not).
     pub qkv_bias: Option<Vec<f32>>,
+    /// RMSNorm weights of each query and each key head (`head_dim` each;
+    /// Qwen3, Gemma 3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub attn_output: Linear,
+    /// Norm of attention's output before the residual add (Gemma 3).
+    pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     /// Gate and up stacked: `[2 * ffn, hidden]`.
     pub gate_up: Linear,
     pub down: Linear,
+    /// Norm of the MLP's output before the residual add (Gemma 3).
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// Llama weights and the forward pass. See the module docs.
@@ -57,6 +72,13 @@ pub struct Llama {
 pub(crate) trait TensorSource {
     /// The tensor called `name`, or `None` when the model has none.
     fn tensor(&mut self, name: &str) -> Result<Option<QTensor>, ModelError>;
+
+    /// Whether Q/K rows (and their biases and norms) are in NeoX order,
+    /// each head's first half then its second, and need permuting to
+    /// adjacent pairs.
+    fn neox_rows(&self) -> bool {
+        false
+    }
 }
 
 /// Reads tensors by name, checking their shapes.
@@ -90,6 +112,8 @@ impl Loader<'_> {
 pub(crate) struct GgufSource<'a, R> {
     pub content: &'a Content,
     pub reader: &'a mut R,
+    /// The file's architecture, which says how its Q/K rows are ordered.
+    pub arch: super::Arch,
 }
 
 impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
@@ -99,13 +123,30 @@ impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
         }
         Ok(Some(self.content.tensor(self.reader, name, &Device::Cpu)?))
     }
+
+    fn neox_rows(&self) -> bool {
+        self.arch.neox_rope()
+    }
+}
+
+/// For each head of `head_dim` rows in `rows`, its rows in adjacent-pair
+/// order: `i` and `i + head_dim / 2` side by side.
+fn adjacent_pairs(rows: std::ops::Range<usize>, head_dim: usize) -> Vec<std::ops::Range<usize>> {
+    let half = head_dim / 2;
+    rows.step_by(head_dim).flat_map(|h| (0..half).flat_map(move |i| [h + i, h + i + half])).map(|r| r..r + 1).collect()
+}
+
+/// `values` (whole heads of `head_dim`) in adjacent-pair order.
+fn permute_values(values: &[f32], head_dim: usize) -> Vec<f32> {
+    adjacent_pairs(0..values.len(), head_dim).into_iter().map(|r| values[r.start]).collect()
 }
 
 impl Llama {
     /// Reads the weights that `config` describes.
     pub(crate) fn load(source: &mut dyn TensorSource, config: Config) -> Result<Self, ModelError> {
         let c = &config;
-        let (hidden, kv_dim) = (c.hidden, c.num_kv_heads * c.head_dim);
+        let (hidden, q_dim, kv_dim, hd) = (c.hidden, c.q_dim(), c.kv_dim(), c.head_dim);
+        let neox = source.neox_rows();
         let mut ld = Loader { source };
         let mut dequantized = Dequantized::default();
         let mut linear = |parts: Vec<QTensor>| Linear::stacked(parts, &mut dequantized);
@@ -116,24 +157,41 @@ impl Llama {
             None => token_embd.clone(),
         };
         let output_norm = ld.vector("output_norm.weight", &[hidden])?;
+        // Q and K rows, and their biases and norms, in adjacent-pair order.
+        let qk_rows = [adjacent_pairs(0..q_dim, hd), adjacent_pairs(q_dim..q_dim + kv_dim, hd)].concat();
+        let v_rows = q_dim + kv_dim..q_dim + 2 * kv_dim;
+        let qkv_order: Vec<_> = qk_rows.iter().cloned().chain(std::iter::once(v_rows)).collect();
+        let reorder = |values: Vec<f32>| if neox { permute_values(&values, hd) } else { values };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
-            let q = ld.get(&name("attn_q"), &[hidden, hidden])?;
-            let k = ld.get(&name("attn_k"), &[kv_dim, hidden])?;
-            let v = ld.get(&name("attn_v"), &[kv_dim, hidden])?;
-            let gate = ld.get(&name("ffn_gate"), &[c.ffn, hidden])?;
-            let up = ld.get(&name("ffn_up"), &[c.ffn, hidden])?;
+            // Phi-3 stores Q/K/V in one matrix, and gate and up (gate first).
+            let fused = c.arch == super::Arch::Phi3;
+            let mut qkv = match fused {
+                true => linear(vec![ld.get(&name("attn_qkv"), &[q_dim + 2 * kv_dim, hidden])?])?,
+                false => linear(vec![
+                    ld.get(&name("attn_q"), &[q_dim, hidden])?,
+                    ld.get(&name("attn_k"), &[kv_dim, hidden])?,
+                    ld.get(&name("attn_v"), &[kv_dim, hidden])?,
+                ])?,
+            };
+            let gate_up = match fused {
+                true => linear(vec![ld.get(&name("ffn_up"), &[2 * c.ffn, hidden])?])?,
+                false => linear(vec![
+                    ld.get(&name("ffn_gate"), &[c.ffn, hidden])?,
+                    ld.get(&name("ffn_up"), &[c.ffn, hidden])?,
+                ])?,
+            };
             let bias = |t: &str| format!("blk.{i}.{t}.bias");
             let biases = [
-                ld.opt(&bias("attn_q"), &[hidden])?,
+                ld.opt(&bias("attn_q"), &[q_dim])?,
                 ld.opt(&bias("attn_k"), &[kv_dim])?,
                 ld.opt(&bias("attn_v"), &[kv_dim])?,
             ];
-            let qkv_bias = match biases {
+            let mut qkv_bias = match biases {
                 [None, None, None] => None,
                 [Some(q), Some(k), Some(v)] => {
-                    let mut all = Vec::with_capacity(hidden + 2 * kv_dim);
+                    let mut all = Vec::with_capacity(q_dim + 2 * kv_dim);
                     for b in [q, k, v] {
                         all.extend(b.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
                     }
@@ -141,14 +199,29 @@ impl Llama {
                 }
                 _ => return Err(ModelError::MissingTensor(format!("blk.{i}.attn_{{q,k,v}}.bias (some but not all)"))),
             };
+            if neox {
+                qkv = qkv.select_rows(&qkv_order)?;
+                qkv_bias = qkv_bias.map(|b| qkv_order.iter().flat_map(|r| &b[r.clone()]).copied().collect());
+            }
+            let qk_norm = match c.arch.qk_norm() {
+                true => Some((
+                    reorder(ld.vector(&name("attn_q_norm"), &[hd])?),
+                    reorder(ld.vector(&name("attn_k_norm"), &[hd])?),
+                )),
+                false => None,
+            };
+            let post_norms = c.arch.post_norms();
             layers.push(Layer {
                 qkv_bias,
+                qk_norm,
                 attn_norm: ld.vector(&name("attn_norm"), &[hidden])?,
-                qkv: linear(vec![q, k, v])?,
-                attn_output: linear(vec![ld.get(&name("attn_output"), &[hidden, hidden])?])?,
+                qkv,
+                attn_output: linear(vec![ld.get(&name("attn_output"), &[hidden, q_dim])?])?,
+                post_attn_norm: post_norms.then(|| ld.vector(&name("post_attention_norm"), &[hidden])).transpose()?,
                 ffn_norm: ld.vector(&name("ffn_norm"), &[hidden])?,
-                gate_up: linear(vec![gate, up])?,
+                gate_up,
                 down: linear(vec![ld.get(&name("ffn_down"), &[hidden, c.ffn])?])?,
+                post_ffn_norm: post_norms.then(|| ld.vector(&name("post_ffw_norm"), &[hidden])).transpose()?,
             });
         }
         dequantized.log();
@@ -195,10 +268,13 @@ impl Llama {
                         .qkv_bias
                         .as_ref()
                         .map(|b| qkv_rows.iter().flat_map(|r| &b[r.clone()]).copied().collect()),
+                    qk_norm: l.qk_norm.clone(),
                     attn_output: l.attn_output.select_cols(q.clone()).map_err(split)?,
+                    post_attn_norm: l.post_attn_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
                     gate_up: l.gate_up.select_rows(&[gate.clone(), up.clone()]).map_err(split)?,
                     down: l.down.select_cols(gate.clone()).map_err(split)?,
+                    post_ffn_norm: l.post_ffn_norm.clone(),
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -348,14 +424,16 @@ impl Llama {
         if n == 0 {
             return Ok(Logits { vocab_size, data: Vec::new() });
         }
-        let (hidden, ffn) = (c.hidden, c.ffn);
-        let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (hidden, ffn, hd) = (c.hidden, c.ffn, c.head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let qkv_dim = q_dim + 2 * kv_dim;
-        let dims = Dims {
+        let global = Dims {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
+            head_dim: hd,
             block_size: kv.shape().block_size,
+            scale: c.attention_scale,
+            window: None,
         };
         let slots: Vec<TokenSlot> = batch
             .seqs
@@ -365,16 +443,27 @@ impl Llama {
             })
             .collect();
         let positions: Vec<usize> = slots.iter().map(|s| s.position).collect();
-        let rope = Rope::new(&positions, c.head_dim, c.rope_theta);
+        let rope = Rope::new(&positions, hd, c.rope_theta, c.rope_freq_scale);
+        let local = c
+            .sliding_window
+            .map(|w| (Dims { window: Some(w.size), ..global }, Rope::new(&positions, hd, w.rope_theta, 1.0)));
 
         let mut x = vec![0.0f32; n * hidden];
         for (row, &t) in x.chunks_exact_mut(hidden).zip(&batch.tokens) {
             self.token_embd.row(t as usize, row)?;
         }
+        if c.arch == super::Arch::Gemma3 {
+            let scale = (hidden as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let mut scratch = Scratch::default();
         let (mut h, mut qkv, mut attn, mut y) = (vec![0.0; n * hidden], Vec::new(), vec![0.0; n * q_dim], Vec::new());
         let mut gate_up = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
+            let (dims, rope) = match (&local, c.sliding_window) {
+                (Some((dims, rope)), Some(w)) if w.is_local(l) => (*dims, rope),
+                _ => (global, &rope),
+            };
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
             layer.qkv.forward(&h, n, &mut qkv, &mut scratch)?;
             // A hand-off streaming in: this layer's KV must be in place first.
@@ -388,6 +477,10 @@ impl Llama {
                 }
                 let (q, kv_row) = row.split_at_mut(q_dim);
                 let (k, v) = kv_row.split_at_mut(kv_dim);
+                if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                    rms_norm_in_place(q, q_norm, c.rms_eps);
+                    rms_norm_in_place(k, k_norm, c.rms_eps);
+                }
                 rope.apply(t, q);
                 rope.apply(t, k);
                 dims.store(k_cache, v_cache, &slots[t], k, v);
@@ -397,19 +490,28 @@ impl Llama {
             if let Some(comm) = comm {
                 comm.all_reduce_sum(&mut y)?;
             }
+            if let Some(norm) = &layer.post_attn_norm {
+                rms_norm_in_place(&mut y, norm, c.rms_eps);
+            }
             add(&mut x, &y);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
             layer.gate_up.forward(&h, n, &mut gate_up, &mut scratch)?;
-            // Gate and up share each row: write silu(gate) * up over the gate half.
+            // Gate and up share each row: write act(gate) * up over the gate half.
             for row in gate_up.chunks_exact_mut(2 * ffn) {
                 let (gate, up) = row.split_at_mut(ffn);
-                silu_mul(gate, up);
+                match c.arch.activation() {
+                    Activation::Silu => silu_mul(gate, up),
+                    Activation::GeluTanh => gelu_tanh_mul(gate, up),
+                }
             }
             let act: Vec<f32> = gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]).copied().collect();
             layer.down.forward(&act, n, &mut y, &mut scratch)?;
             if let Some(comm) = comm {
                 comm.all_reduce_sum(&mut y)?;
+            }
+            if let Some(norm) = &layer.post_ffn_norm {
+                rms_norm_in_place(&mut y, norm, c.rms_eps);
             }
             add(&mut x, &y);
         }
@@ -436,6 +538,17 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
             *o = v * scale * w;
         }
+    }
+}
+
+/// RMSNorm of each row of `x` (rows of `weight.len()` values: whole rows,
+/// or the heads of one token) in place.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let scale = 1.0 / (mean_sq + eps).sqrt();
+        row.iter_mut().zip(weight).for_each(|(v, &w)| *v = *v * scale * w);
     }
 }
 

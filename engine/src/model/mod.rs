@@ -12,7 +12,7 @@
 //! and the forward passes use only it.
 
 mod attention;
-mod config;
+pub(crate) mod config;
 mod device;
 mod device_llama;
 mod hf;
@@ -29,7 +29,9 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 
-pub use config::{Config, LoadOptions, ModelError, ModelInfo, ModelMetadata, WeightDtype};
+pub use config::{
+    Activation, Arch, Config, LoadOptions, ModelError, ModelInfo, ModelMetadata, SlidingWindow, WeightDtype,
+};
 #[cfg(not(feature = "cuda"))]
 pub(crate) use device::no_cuda;
 pub use device::{ComputeDevice, GpuMemory};
@@ -100,9 +102,18 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
 pub fn load_gguf_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let (content, mut reader) = read_gguf(path)?;
     let (config, ModelMetadata { tokenizer, info }) = gguf_metadata(path, &content, options)?;
-    let mut source = llama::GgufSource { content: &content, reader: &mut reader };
+    let mut source = llama::GgufSource { content: &content, reader: &mut reader, arch: config.arch };
     let model = Llama::load(&mut source, config)?;
     Ok(LoadedModel { model, tokenizer, info })
+}
+
+/// Loads only the weights of a GGUF file: for tools and tests that feed
+/// token ids and need no tokenizer or serving metadata.
+pub fn load_gguf_weights(path: &Path) -> Result<Llama, ModelError> {
+    let (content, mut reader) = read_gguf(path)?;
+    let config = Config::from_gguf(&content)?;
+    let mut source = llama::GgufSource { content: &content, reader: &mut reader, arch: config.arch };
+    Llama::load(&mut source, config)
 }
 
 /// A GGUF file's header (metadata and tensor index, not the tensor data) and

@@ -31,12 +31,23 @@ pub struct Record {
     pub margins: Vec<f64>,
 }
 
-/// llama.cpp's greedy outputs (`tests/data/golden/`), or `PDSERVE_GOLDEN`.
+/// llama.cpp's greedy outputs for the default model (`tests/data/golden/`), or `PDSERVE_GOLDEN`.
+#[allow(dead_code)]
 pub fn golden() -> Vec<Record> {
     let path = std::env::var_os("PDSERVE_GOLDEN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/smollm2-greedy.json"));
-    let text = std::fs::read_to_string(&path)
+    read_golden(&path)
+}
+
+/// `tests/data/golden/<name>`.
+#[allow(dead_code)]
+pub fn golden_file(name: &str) -> Vec<Record> {
+    read_golden(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden").join(name))
+}
+
+fn read_golden(path: &std::path::Path) -> Vec<Record> {
+    let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("golden file {}: {e} (set PDSERVE_GOLDEN)", path.display()));
     let json: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
     let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };

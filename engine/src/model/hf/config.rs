@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::model::config::Arch as Family;
 use crate::model::{Config, ModelError};
 
 /// The Hugging Face architectures whose checkpoints map onto [`crate::model::Llama`].
@@ -18,6 +19,14 @@ enum Arch {
 }
 
 impl Arch {
+    /// The forward pass's family for this architecture.
+    fn family(self) -> Family {
+        match self {
+            Self::Llama | Self::Mistral => Family::Llama,
+            Self::Qwen2 => Family::Qwen2,
+        }
+    }
+
     const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
 
     fn from_architecture(name: &str) -> Option<Self> {
@@ -193,6 +202,10 @@ impl HfConfig {
         }
 
         let config = Config {
+            arch: arch.family(),
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            rope_freq_scale: 1.0,
+            sliding_window: None,
             num_layers: f.usize("num_hidden_layers")?,
             hidden,
             num_heads,

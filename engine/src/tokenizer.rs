@@ -1,7 +1,11 @@
 //! Tokenizer from GGUF metadata.
 //!
-//! Builds a Hugging Face byte-level BPE tokenizer from `tokenizer.ggml.*`
-//! keys, so that ids match llama.cpp's for the same file. candle-core's GGUF
+//! Builds a Hugging Face tokenizer from `tokenizer.ggml.*` keys, so that ids
+//! match llama.cpp's for the same file: byte-level BPE for `gpt2` files
+//! (Llama 3, SmolLM, Qwen), and for SentencePiece `llama` files (Gemma) a BPE
+//! over the pieces with byte fallback whose merges come from the pieces'
+//! scores, which is the merge order llama.cpp's SentencePiece tokenizer
+//! follows (and how Hugging Face converts such vocabularies). candle-core's GGUF
 //! tokenizer helper is deliberately not used: for `tokenizer.ggml.pre =
 //! smollm` it adds a leading space ("Hello" becomes "ĠHello"), which shifts
 //! every prompt.
@@ -11,7 +15,12 @@
 //! true, a template post-processor prepends BOS the way llama.cpp does.
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
@@ -19,9 +28,16 @@ use tokenizers::processors::sequence::Sequence as PostSequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
 
-/// GGUF `token_type` of an ordinary vocabulary entry; every other type
-/// (control, user-defined, unknown, unused, byte) becomes a special token.
+/// GGUF `token_type` of an ordinary vocabulary entry; in byte-level files
+/// every other type (control, user-defined, unknown, unused, byte) becomes a
+/// special token.
 const TOKEN_TYPE_NORMAL: i32 = 1;
+/// GGUF `token_type`s SentencePiece files use besides normal pieces.
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// SentencePiece's word-boundary mark, which stands for a space in pieces.
+const SPACE_MARK: &str = "\u{2581}";
 
 /// Why a tokenizer could not be built from GGUF metadata.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +46,7 @@ pub enum TokenizerError {
     MissingKey(&'static str),
     #[error("GGUF metadata key `{key}` has the wrong type: {source}")]
     BadValue { key: &'static str, source: candle_core::Error },
-    #[error("unsupported tokenizer.ggml.model `{0}` (only `gpt2` byte-level BPE is supported)")]
+    #[error("unsupported tokenizer.ggml.model `{0}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece)")]
     UnsupportedModel(String),
     #[error("unsupported tokenizer.ggml.pre `{0}` (supported: smollm, gpt2, default)")]
     UnsupportedPreTokenizer(String),
@@ -60,9 +76,58 @@ fn string_array(content: &Content, key: &'static str) -> Result<Vec<String>, Tok
 /// with identical ids, which is how the router receives it.
 pub fn from_gguf(content: &Content) -> Result<Tokenizer, TokenizerError> {
     let model = get(content, "tokenizer.ggml.model")?.to_string().map_err(bad("tokenizer.ggml.model"))?;
-    if model != "gpt2" {
-        return Err(TokenizerError::UnsupportedModel(model.clone()));
-    }
+    let tokens = string_array(content, "tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(bad("tokenizer.ggml.token_type"))?
+            .iter()
+            .map(|t| t.to_i32().map_err(bad("tokenizer.ggml.token_type")))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    let (mut tokenizer, post) = match model.as_str() {
+        "gpt2" => byte_level_bpe(content, &tokens, &types)?,
+        "llama" => sentencepiece(content, &tokens, &types)?,
+        other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
+    };
+
+    let add_bos = match content.metadata.get("tokenizer.ggml.add_bos_token") {
+        Some(v) => v.to_bool().map_err(bad("tokenizer.ggml.add_bos_token"))?,
+        None => false,
+    };
+    let post: Option<PostProcessorWrapper> = if add_bos {
+        let key = "tokenizer.ggml.bos_token_id";
+        let bos = get(content, key)?.to_u32().map_err(bad(key))?;
+        let bos_text = tokens
+            .get(bos as usize)
+            .ok_or(TokenizerError::TokenIdOutOfRange { key, id: bos, vocab_size: tokens.len() })?
+            .clone();
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{bos_text} $A"))
+            .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text} $B")))
+            .map_err(TokenizerError::Build)?
+            .special_tokens(vec![(bos_text, bos)])
+            .build()
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        Some(match post {
+            Some(p) => PostSequence::new(vec![p, template.into()]).into(),
+            None => template.into(),
+        })
+    } else {
+        post
+    };
+    tokenizer.with_post_processor(post);
+    Ok(tokenizer)
+}
+
+/// A `gpt2` file: byte-level BPE with the file's merges and pre-tokenizer,
+/// and its post-processor (the byte-level offsets fix-up).
+fn byte_level_bpe(
+    content: &Content,
+    tokens: &[String],
+    types: &[i32],
+) -> Result<(Tokenizer, Option<PostProcessorWrapper>), TokenizerError> {
     // Files written before the key existed used plain GPT-2 splitting.
     let pre = match content.metadata.get("tokenizer.ggml.pre") {
         Some(v) => v.to_string().map_err(bad("tokenizer.ggml.pre"))?.clone(),
@@ -77,7 +142,6 @@ pub fn from_gguf(content: &Content) -> Result<Tokenizer, TokenizerError> {
         other => return Err(TokenizerError::UnsupportedPreTokenizer(other.to_string())),
     };
 
-    let tokens = string_array(content, "tokenizer.ggml.tokens")?;
     let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
     let merges: Merges = string_array(content, "tokenizer.ggml.merges")?
         .into_iter()
@@ -93,48 +157,106 @@ pub fn from_gguf(content: &Content) -> Result<Tokenizer, TokenizerError> {
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(byte_level));
-
-    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(bad("tokenizer.ggml.token_type"))?
-            .iter()
-            .map(|t| t.to_i32().map_err(bad("tokenizer.ggml.token_type")))
-            .collect::<Result<_, _>>()?,
-        None => Vec::new(),
-    };
     let specials: Vec<AddedToken> = tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .filter(|(_, &ty)| ty != TOKEN_TYPE_NORMAL)
         .map(|(t, _)| AddedToken::from(t.clone(), true))
         .collect();
     tokenizer.add_special_tokens(&specials);
+    Ok((tokenizer, Some(byte_level.into())))
+}
 
-    let add_bos = match content.metadata.get("tokenizer.ggml.add_bos_token") {
-        Some(v) => v.to_bool().map_err(bad("tokenizer.ggml.add_bos_token"))?,
-        None => false,
+/// A SentencePiece (`llama`) file, as llama.cpp tokenizes it: spaces become
+/// `▁` (no space is prepended unless `tokenizer.ggml.add_space_prefix`),
+/// user-defined pieces (Gemma's runs of spaces and newlines) are split out
+/// of the raw text first, then adjacent pieces merge by the score of what
+/// they form, highest first, and what no piece covers falls back to bytes.
+fn sentencepiece(
+    content: &Content,
+    tokens: &[String],
+    types: &[i32],
+) -> Result<(Tokenizer, Option<PostProcessorWrapper>), TokenizerError> {
+    let key = "tokenizer.ggml.scores";
+    let scores: Vec<f32> = get(content, key)?
+        .to_vec()
+        .map_err(bad(key))?
+        .iter()
+        .map(|v| v.to_f32().map_err(bad(key)))
+        .collect::<Result<_, _>>()?;
+    if scores.len() != tokens.len() || types.len() != tokens.len() {
+        return Err(TokenizerError::Build(format!(
+            "{} tokens but {} scores and {} token types",
+            tokens.len(),
+            scores.len(),
+            types.len()
+        )));
+    }
+    let mut vocab = Vocab::new();
+    for (id, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(id as u32);
+    }
+    // Every split of a piece into two pieces is a merge, ranked by the
+    // piece's score, then by the pieces' ids (Hugging Face's conversion).
+    let mut ranked: Vec<(f32, u32, u32, u32, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if !matches!(types[id], TOKEN_TYPE_NORMAL | TOKEN_TYPE_USER_DEFINED) {
+            continue;
+        }
+        for (split, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&piece[..split]), vocab.get(&piece[split..])) {
+                ranked.push((scores[id], id as u32, l, r, split));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let merges: Merges = ranked
+        .iter()
+        .map(|&(_, id, _, _, split)| {
+            let piece = &tokens[id as usize];
+            (piece[..split].to_string(), piece[split..].to_string())
+        })
+        .collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = content.metadata.get("tokenizer.ggml.unknown_token_id") {
+        let key = "tokenizer.ggml.unknown_token_id";
+        let id = unk.to_u32().map_err(bad(key))?;
+        let text =
+            tokens.get(id as usize).ok_or(TokenizerError::TokenIdOutOfRange { key, id, vocab_size: tokens.len() })?;
+        builder = builder.unk_token(text.clone());
+    }
+    let bpe = builder.build().map_err(|e| TokenizerError::Build(e.to_string()))?;
+
+    let mut tokenizer = Tokenizer::new(bpe);
+    let space_prefix = match content.metadata.get("tokenizer.ggml.add_space_prefix") {
+        Some(v) => v.to_bool().map_err(bad("tokenizer.ggml.add_space_prefix"))?,
+        None => true,
     };
-    let post: PostProcessorWrapper = if add_bos {
-        let key = "tokenizer.ggml.bos_token_id";
-        let bos = get(content, key)?.to_u32().map_err(bad(key))?;
-        let bos_text = tokens
-            .get(bos as usize)
-            .ok_or(TokenizerError::TokenIdOutOfRange { key, id: bos, vocab_size: tokens.len() })?
-            .clone();
-        let template = TemplateProcessing::builder()
-            .try_single(format!("{bos_text} $A"))
-            .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text} $B")))
-            .map_err(TokenizerError::Build)?
-            .special_tokens(vec![(bos_text, bos)])
-            .build()
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-        PostSequence::new(vec![byte_level.into(), template.into()]).into()
-    } else {
-        byte_level.into()
+    if space_prefix {
+        return Err(TokenizerError::Build(
+            "SentencePiece vocabularies that prepend a space (add_space_prefix) are not implemented".into(),
+        ));
+    }
+    let spaces = Replace::new(" ", SPACE_MARK).map_err(|e| TokenizerError::Build(e.to_string()))?;
+    tokenizer.with_normalizer(Some(spaces));
+    let decoder: DecoderWrapper = DecoderSequence::new(vec![
+        Replace::new(SPACE_MARK, " ").map_err(|e| TokenizerError::Build(e.to_string()))?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])
+    .into();
+    tokenizer.with_decoder(Some(decoder));
+    let added = |ty: i32, special: bool| -> Vec<AddedToken> {
+        tokens
+            .iter()
+            .zip(types)
+            .filter(|(_, &t)| t == ty)
+            .map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false))
+            .collect()
     };
-    tokenizer.with_post_processor(Some(post));
-    Ok(tokenizer)
+    tokenizer.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+    tokenizer.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+    Ok((tokenizer, None))
 }
 
 #[cfg(test)]
@@ -227,5 +349,49 @@ mod tests {
         }
         let sample = ids(&tok, &texts[0]);
         assert_eq!(tok.decode(&sample, true).unwrap(), back.decode(&sample, true).unwrap());
+    }
+
+    /// Gemma 3's SentencePiece vocabulary (`scripts/fetch-model.sh gemma3`,
+    /// or `PDSERVE_GEMMA3`) and llama.cpp's ids for it.
+    fn gemma() -> (Tokenizer, serde_json::Value) {
+        let path = std::env::var_os("PDSERVE_GEMMA3").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/gemma-3-270m-q4_k_m.gguf")
+        });
+        assert!(path.exists(), "{} not found: run scripts/fetch-model.sh gemma3", path.display());
+        let content = Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/gemma3-greedy.json");
+        let golden = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+        (from_gguf(&content).unwrap(), golden)
+    }
+
+    #[test]
+    fn sentencepiece_gives_llama_cpps_ids() {
+        let (tok, golden) = gemma();
+        let json = tok.to_string(false).unwrap();
+        let back = Tokenizer::from_str(&json).unwrap();
+        for case in golden["tokenizations"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(case["token_ids"].clone()).unwrap();
+            let got = tok.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(got, want, "{text:?}");
+            assert_eq!(back.encode(text, false).unwrap().get_ids(), want, "{text:?} after the JSON round trip");
+            assert_eq!(tok.decode(&got, false).unwrap(), text, "{text:?} decodes back");
+        }
+        for r in golden["records"].as_array().unwrap() {
+            let text = r["prompt_text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(r["prompt_token_ids"].clone()).unwrap();
+            // Chats carry `<bos>` in their text; raw prompts get it from the file's add_bos_token.
+            let raw = r.get("prompt").is_some();
+            assert_eq!(tok.encode(text, raw).unwrap().get_ids(), want, "record {}", r["id"]);
+            let stops: Vec<u32> = serde_json::from_value(golden["stop_token_ids"].clone()).unwrap();
+            let completion: Vec<u32> = serde_json::from_value(r["completion_token_ids"].clone()).unwrap();
+            let text_ids: Vec<u32> = completion.into_iter().filter(|id| !stops.contains(id)).collect();
+            assert_eq!(
+                tok.decode(&text_ids, true).unwrap().trim_end_matches(['\u{fffd}']),
+                r["completion_text"].as_str().unwrap().trim_end_matches(['\u{fffd}']),
+                "record {}",
+                r["id"]
+            );
+        }
     }
 }

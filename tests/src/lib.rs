@@ -30,6 +30,23 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The second real model, Gemma 3 270M Q4_K_M (`scripts/fetch-model.sh gemma3`);
+/// `PDSERVE_GEMMA3` overrides.
+pub fn gemma3_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_GEMMA3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".cache/models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(path.is_file(), "model {} is missing: run scripts/fetch-model.sh gemma3", path.display());
+    path
+}
+
+/// `tests/data/golden/<name>`.
+pub fn golden_file(name: &str) -> serde_json::Value {
+    let path = workspace_root().join("tests/data/golden").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("golden file is JSON")
+}
+
 /// The llama.cpp reference outputs (`tests/data/golden/`); `PDSERVE_GOLDEN` overrides.
 pub fn golden() -> serde_json::Value {
     let path = std::env::var_os("PDSERVE_GOLDEN")
@@ -75,11 +92,13 @@ pub struct ClusterOptions {
     pub router_args: Vec<String>,
     /// Extra flags for the decode worker (e.g. `--kv-transport tcp`).
     pub decode_args: Vec<String>,
+    /// The model both workers serve (default: [`model_path`]).
+    pub model: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { kv_lease_ms: 10_000, router_args: Vec::new(), decode_args: Vec::new() }
+        Self { kv_lease_ms: 10_000, router_args: Vec::new(), decode_args: Vec::new(), model: None }
     }
 }
 
@@ -168,7 +187,7 @@ impl Cluster {
     /// Starts all processes and waits until each listens.
     pub fn start(options: ClusterOptions) -> Self {
         let serial = take_turn();
-        let model = model_path();
+        let model = options.model.clone().unwrap_or_else(model_path);
         let model = model.to_str().expect("utf-8 model path");
         let lease = options.kv_lease_ms.to_string();
         let prefill = Process::start(

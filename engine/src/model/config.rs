@@ -438,9 +438,29 @@ impl ModelInfo {
                 eos_token_ids.push(eot);
             }
         }
+        // Files that name no end-of-turn token still have one (Gemma's
+        // `<end_of_turn>`): llama.cpp ends generation at these control
+        // tokens by their text, and so does this.
+        if let Ok(types) = md
+            .value("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().map_err(|e| Metadata::bad("tokenizer.ggml.token_type", e)))
+        {
+            for (id, (token, ty)) in tokens.iter().zip(types).enumerate() {
+                let control = ty.to_i32().is_ok_and(|t| t == TOKEN_TYPE_CONTROL);
+                let end_of_turn = token.to_string().is_ok_and(|t| END_OF_TURN.contains(&t.as_str()));
+                if control && end_of_turn && !eos_token_ids.contains(&(id as u32)) {
+                    eos_token_ids.push(id as u32);
+                }
+            }
+        }
+        let chat_template = md.opt("tokenizer.chat_template", |m, k| m.string(k).map(str::to_string))?;
         Ok(Self {
             model_name,
-            chat_template: md.opt("tokenizer.chat_template", |m, k| m.string(k).map(str::to_string))?,
+            // A Gemma 3 file without its template gets Gemma 3's (llama.cpp
+            // recognises the family by its tokens and does the same).
+            chat_template: chat_template.or_else(|| {
+                (config.arch == Arch::Gemma3).then(|| include_str!("chat_templates/gemma3.jinja").to_string())
+            }),
             context_length: config.context_length,
             bos_token: match bos_token_id {
                 Some(id) => text("tokenizer.ggml.bos_token_id", id)?,
@@ -453,6 +473,12 @@ impl ModelInfo {
         })
     }
 }
+
+/// GGUF `token_type` of control tokens (BOS, EOS, chat markers).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+
+/// The control tokens that end a turn, by text, as llama.cpp lists them.
+const END_OF_TURN: &[&str] = &["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"];
 
 /// A model's tokenizer and serving metadata without its weights.
 pub struct ModelMetadata {

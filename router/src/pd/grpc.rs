@@ -380,11 +380,16 @@ fn traced<T>(message: T, span: &tracing::Span) -> tonic::Request<T> {
     request
 }
 
+/// The largest model card the router accepts. A card carries the model's
+/// tokenizer as JSON: 14 MB for Gemma 3's 262k pieces and their merges, over
+/// tonic's default limit of 4 MiB.
+const MODEL_CARD_MAX_BYTES: usize = 256 << 20;
+
 /// Asks each worker in turn for the model card until one answers, backing off
 /// between rounds: workers may still be loading their model.
 pub async fn load_model_card(urls: &[String], timeout: Duration) -> Result<ModelCard, WorkerError> {
-    let clients =
-        urls.iter().map(|url| Ok((url, WorkerClient::new(channel(url)?)))).collect::<Result<Vec<_>, WorkerError>>()?;
+    let client = |url| Ok(WorkerClient::new(channel(url)?).max_decoding_message_size(MODEL_CARD_MAX_BYTES));
+    let clients = urls.iter().map(|url| Ok((url, client(url)?))).collect::<Result<Vec<_>, WorkerError>>()?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::from("no worker configured");

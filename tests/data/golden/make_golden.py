@@ -67,6 +67,25 @@ LONG = "Here is a list of the members of the club and their favourite colours.\n
     )
 ) + "The member called Ada likes"
 
+# Texts whose token ids (no BOS, special tokens not parsed) the golden file also records: what
+# trips tokenizers up (spaces, digits, accents, emoji, code, byte fallback, user-defined pieces).
+TOKENIZE = [
+    "Hello world",
+    " leading space, and trailing ",
+    "Two  spaces,   three, and\ttabs\t\tdoubled.",
+    "Newlines\n\nand\n\n\n\nruns of them.\r\nCRLF too.",
+    "Numbers: 0 7 42 2024 3.14159 -17 1,000,000 and 0x1F.",
+    "Accents: café, naïve, Zürich, São Paulo, Ångström.",
+    "Emoji 🦀🚀 and symbols ∑ ∫ √ ≤ ≥ → ©.",
+    "中文，日本語のテキスト、한국어 텍스트.",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "URL https://example.com/path?q=1&r=two#frag and e-mail a.b@c.org",
+    "Rare bytes: \u0007 \u001b[0m \u00ad soft hyphen, \ufeff BOM.",
+    "<b>HTML</b> <table><tr><td>cell</td></tr></table>",
+    "ALL CAPS SHOUTING and MiXeD cAsE wOrDs",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+]
+
 # Per model: the file, where the golden set goes, which chat template renders the chat records
 # (None: the GGUF's own) and the token texts that end generation besides EOS.
 PRESETS = {
@@ -150,12 +169,16 @@ def main() -> None:
         records.append(record)
         print(f"{rid}: {record['completion_text']!r}")
 
+    tokenizations = [
+        {"text": t, "token_ids": llm.tokenize(t.encode(), add_bos=False, special=False)} for t in TOKENIZE
+    ]
     golden = {
         "reference": f"llama.cpp (llama-cpp-python {VERSION}), greedy argmax, n_threads={THREADS}",
         "model": preset["source"],
         "eos_token_id": eos,
         "stop_token_ids": sorted(stops),
         "records": records,
+        "tokenizations": tokenizations,
     }
     (args.out or preset["out"]).write_text(json.dumps(golden, indent=1))
 

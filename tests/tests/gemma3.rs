@@ -1,0 +1,89 @@
+//! The second real model, served by the whole cluster: Gemma 3 270M in
+//! Q4_K_M (a SentencePiece vocabulary of 262k pieces, sliding-window
+//! layers, K-quant weights) against llama.cpp's greedy outputs
+//! (`tests/data/golden/gemma3-greedy.json`), over `/v1/completions` and
+//! `/v1/chat/completions`, disaggregated and colocated.
+//!
+//! Needs the model: `scripts/fetch-model.sh gemma3`, or `PDSERVE_GEMMA3`.
+
+use serde_json::{json, Value};
+use tests::{gemma3_path, golden_file, Cluster, ClusterOptions};
+
+async fn post(url: &str, body: Value) -> Value {
+    let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
+    assert_eq!(response.status(), 200, "{body}");
+    response.json().await.expect("JSON")
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
+}
+
+fn cluster() -> Cluster {
+    Cluster::start(ClusterOptions { model: Some(gemma3_path()), ..Default::default() })
+}
+
+/// Teacher-forced through the disaggregated router: at every clear
+/// decision (margin >= 0.5), the greedy next token after the reference's
+/// own prefix is the reference's, at >= 95% of positions; then every
+/// record's greedy text is the same colocated; and chats render and
+/// tokenize exactly as the reference did.
+#[tokio::test]
+async fn gemma3_matches_llama_cpp_disaggregated_and_colocated() {
+    let cluster = cluster();
+    let model = cluster.model_name().await;
+    let golden = golden_file("gemma3-greedy.json");
+    let records = golden["records"].as_array().unwrap();
+
+    let url = format!("{}/v1/completions", cluster.router.url());
+    let (mut checked, mut agreed) = (0, 0);
+    for record in records {
+        let prompt = ids(&record["prompt_token_ids"]);
+        let completion = ids(&record["completion_token_ids"]);
+        let margins = record["top2_margins"].as_array().unwrap();
+        for k in 0..completion.len().min(16) {
+            if margins[k].as_f64().unwrap() < 0.5 {
+                continue;
+            }
+            let forced = [&prompt[..], &completion[..k]].concat();
+            let body =
+                json!({"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0, "return_token_ids": true});
+            let got = ids(&post(&url, body).await["choices"][0]["token_ids"]);
+            checked += 1;
+            if got == [completion[k]] {
+                agreed += 1;
+            } else {
+                eprintln!("{} position {k}: expected {} got {got:?}", record["id"], completion[k]);
+            }
+        }
+    }
+    let rate = agreed as f64 / checked as f64;
+    eprintln!("Gemma 3 teacher-forced agreement over HTTP: {agreed}/{checked} = {:.1}%", rate * 100.0);
+    assert!(checked > 150, "the golden file has over 150 clear positions in its first 16, checked {checked}");
+    assert!(rate >= 0.95, "agreement {:.1}% is below 95%", rate * 100.0);
+
+    for record in records {
+        let body = json!({"model": model, "prompt": record["prompt_token_ids"], "max_tokens": 32, "temperature": 0, "return_token_ids": true});
+        let pd = post(&url, body.clone()).await;
+        let colocated = post(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
+        assert!(!ids(&pd["choices"][0]["token_ids"]).is_empty());
+        assert_eq!(pd["choices"][0]["token_ids"], colocated["choices"][0]["token_ids"], "record {}", record["id"]);
+        assert_eq!(pd["choices"][0]["text"], colocated["choices"][0]["text"], "record {}", record["id"]);
+    }
+
+    let chat = format!("{}/v1/chat/completions", cluster.router.url());
+    let mut chats = 0;
+    for record in records.iter().filter(|r| r.get("messages").is_some()) {
+        let body = json!({"model": model, "messages": record["messages"], "max_tokens": 8, "temperature": 0, "return_token_ids": true});
+        let response = post(&chat, body).await;
+        assert_eq!(ids(&response["prompt_token_ids"]), ids(&record["prompt_token_ids"]), "record {}", record["id"]);
+        let want = ids(&record["completion_token_ids"]);
+        let got = ids(&response["choices"][0]["token_ids"]);
+        let clear = record["top2_margins"].as_array().unwrap().iter().take(8).all(|m| m.as_f64().unwrap() >= 0.5);
+        if clear {
+            assert_eq!(got[..], want[..got.len()], "record {}: a clear greedy start", record["id"]);
+        }
+        chats += 1;
+    }
+    assert!(chats >= 8);
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{argmax, blocks, default_model, golden};
+use common::{agreement, argmax, blocks, default_model, golden, teacher_forced_logits};
 
 use engine::{Forward, ForwardBatch, KvStorage};
 
@@ -26,29 +26,9 @@ fn step(kv: &mut KvStorage, tokens: &[u32], context_start: usize, prompt_len: us
 fn teacher_forced_agreement_with_llama_cpp() {
     let (mut agree, mut total) = (0, 0);
     for r in golden() {
-        let steps = r.completion.len().min(16);
-        let len = r.prompt.len() + steps;
-        // Reversed block ids so that logical and physical order differ.
-        let mut table = blocks(0, len.div_ceil(BLOCK_SIZE));
-        table.reverse();
-        let mut cache = kv(table.len());
-        let mut logits = step(&mut cache, &r.prompt, 0, r.prompt.len(), &table);
-        let mut misses = Vec::new();
-        for k in 0..steps {
-            if r.margins[k] >= 0.5 {
-                total += 1;
-                let got = argmax(&logits);
-                if got == r.completion[k] {
-                    agree += 1;
-                } else {
-                    misses.push((k, got, r.completion[k]));
-                }
-            }
-            logits = step(&mut cache, &r.completion[k..k + 1], r.prompt.len() + k, r.prompt.len(), &table);
-        }
-        if !misses.is_empty() {
-            println!("{}: (position, ours, llama.cpp) differ at {misses:?}", r.id);
-        }
+        let rows = teacher_forced_logits(&default_model().model, &r, r.completion.len().min(16));
+        let (a, t) = agreement(&r, &rows);
+        (agree, total) = (agree + a, total + t);
     }
     let rate = agree as f64 / total as f64;
     println!("teacher-forced agreement: {agree}/{total} = {:.1}%", rate * 100.0);

@@ -15,8 +15,7 @@ use std::io::BufReader;
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
-use common::{argmax, blocks, golden, model_path};
-use engine::{Forward, ForwardBatch, KvStorage};
+use common::{agreement, argmax, golden, model_path, teacher_forced_logits};
 
 /// The format tensor `name` of `cols` columns is rewritten in: K-quants
 /// where the width allows (multiples of 256, as llama.cpp requires), the
@@ -67,29 +66,9 @@ fn rewrite(dir: &std::path::Path, dense: bool) -> std::path::PathBuf {
     out
 }
 
-const BLOCK_SIZE: usize = 16;
-
-/// Teacher-forced logits of `model` along each golden record: the prompt,
-/// then up to 16 of llama.cpp's greedy tokens.
+/// Teacher-forced logits of `model` along each golden record (16 steps).
 fn logits_along_golden(model: &engine::model::Llama) -> Vec<Vec<Vec<f32>>> {
-    golden()
-        .iter()
-        .map(|r| {
-            let steps = r.completion.len().min(16);
-            let table = blocks(0, (r.prompt.len() + steps).div_ceil(BLOCK_SIZE));
-            let mut kv = KvStorage::new(model.kv_shape(BLOCK_SIZE, table.len()));
-            let mut step = |tokens: &[u32], start: usize| {
-                let mut batch = ForwardBatch::default();
-                batch.push(tokens, start, r.prompt.len(), table.clone(), true);
-                model.forward(&batch, &mut kv).unwrap().data
-            };
-            let mut rows = vec![step(&r.prompt, 0)];
-            for k in 0..steps - 1 {
-                rows.push(step(&r.completion[k..k + 1], r.prompt.len() + k));
-            }
-            rows
-        })
-        .collect()
+    golden().iter().map(|r| teacher_forced_logits(model, r, r.completion.len().min(16))).collect()
 }
 
 /// The gap between the two largest values.
@@ -112,12 +91,8 @@ fn a_model_of_every_format_agrees_with_llama_cpp_and_with_its_own_values() {
     let ours = logits_along_golden(&load(false));
     let (mut agree, mut total) = (0, 0);
     for (r, rows) in golden().iter().zip(&ours) {
-        for (k, row) in rows.iter().enumerate() {
-            if r.margins[k] >= 0.5 {
-                total += 1;
-                agree += usize::from(argmax(row) == r.completion[k]);
-            }
-        }
+        let (a, t) = agreement(r, rows);
+        (agree, total) = (agree + a, total + t);
     }
     let rate = agree as f64 / total as f64;
     println!("mixed formats: teacher-forced agreement with llama.cpp {agree}/{total} = {:.1}%", rate * 100.0);

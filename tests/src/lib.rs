@@ -230,3 +230,39 @@ impl Cluster {
         worker_stats(self.prefill.url()).await
     }
 }
+
+/// Teacher-forced greedy agreement over `/v1/completions` at `url`: for each
+/// golden record, at every clear decision (llama.cpp's top-2 margin >= 0.5)
+/// among its first 16 positions, whether the one greedy token after the
+/// reference's own prefix is the reference's. Returns `(agreed, checked)`
+/// and prints the misses.
+pub async fn teacher_forced_agreement(url: &str, model: &str, golden: &serde_json::Value) -> (usize, usize) {
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
+    };
+    let client = reqwest::Client::new();
+    let (mut agreed, mut checked) = (0, 0);
+    for record in golden["records"].as_array().expect("records") {
+        let prompt = ids(&record["prompt_token_ids"]);
+        let completion = ids(&record["completion_token_ids"]);
+        let margins = record["top2_margins"].as_array().expect("margins");
+        for k in 0..completion.len().min(16) {
+            if margins[k].as_f64().expect("a margin") < 0.5 {
+                continue;
+            }
+            let forced = [&prompt[..], &completion[..k]].concat();
+            let body = serde_json::json!({"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0, "return_token_ids": true});
+            let response = client.post(url).json(&body).send().await.expect("POST");
+            assert_eq!(response.status(), 200, "{body}");
+            let answer: serde_json::Value = response.json().await.expect("JSON");
+            let got = ids(&answer["choices"][0]["token_ids"]);
+            checked += 1;
+            if got == [completion[k]] {
+                agreed += 1;
+            } else {
+                eprintln!("{} position {k}: expected {} got {got:?}", record["id"], completion[k]);
+            }
+        }
+    }
+    (agreed, checked)
+}

@@ -1,7 +1,7 @@
 //! Fidelity against llama.cpp's greedy outputs, and disaggregated == colocated.
 
 use serde_json::{json, Value};
-use tests::{golden, worker_stats, Cluster, ClusterOptions};
+use tests::{golden, teacher_forced_agreement, worker_stats, Cluster, ClusterOptions};
 
 async fn post(url: &str, body: Value) -> Value {
     let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
@@ -21,29 +21,7 @@ async fn greedy_tokens_match_llama_cpp_where_it_was_sure() {
     let cluster = Cluster::start(ClusterOptions::default());
     let model = cluster.model_name().await;
     let url = format!("{}/v1/completions", cluster.router.url());
-    let golden = golden();
-    let (mut checked, mut agreed) = (0, 0);
-    for record in golden["records"].as_array().unwrap() {
-        let prompt = ids(&record["prompt_token_ids"]);
-        let completion = ids(&record["completion_token_ids"]);
-        let margins = record["top2_margins"].as_array().unwrap();
-        for k in 0..completion.len().min(16) {
-            if margins[k].as_f64().unwrap() < 0.5 {
-                continue;
-            }
-            let mut forced = prompt.clone();
-            forced.extend_from_slice(&completion[..k]);
-            let body =
-                json!({"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0, "return_token_ids": true});
-            let got = ids(&post(&url, body).await["choices"][0]["token_ids"]);
-            checked += 1;
-            if got == [completion[k]] {
-                agreed += 1;
-            } else {
-                eprintln!("{} position {k}: expected {} got {got:?}", record["id"], completion[k]);
-            }
-        }
-    }
+    let (agreed, checked) = teacher_forced_agreement(&url, &model, &golden()).await;
     let rate = agreed as f64 / checked as f64;
     eprintln!("teacher-forced agreement: {agreed}/{checked} = {:.1}%", rate * 100.0);
     assert!(checked > 100, "the golden file has over 100 clear positions, checked {checked}");

@@ -7,7 +7,7 @@
 //! Needs the model: `scripts/fetch-model.sh gemma3`, or `PDSERVE_GEMMA3`.
 
 use serde_json::{json, Value};
-use tests::{gemma3_path, golden_file, Cluster, ClusterOptions};
+use tests::{gemma3_path, golden_file, teacher_forced_agreement, Cluster, ClusterOptions};
 
 async fn post(url: &str, body: Value) -> Value {
     let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
@@ -36,27 +36,7 @@ async fn gemma3_matches_llama_cpp_disaggregated_and_colocated() {
     let records = golden["records"].as_array().unwrap();
 
     let url = format!("{}/v1/completions", cluster.router.url());
-    let (mut checked, mut agreed) = (0, 0);
-    for record in records {
-        let prompt = ids(&record["prompt_token_ids"]);
-        let completion = ids(&record["completion_token_ids"]);
-        let margins = record["top2_margins"].as_array().unwrap();
-        for k in 0..completion.len().min(16) {
-            if margins[k].as_f64().unwrap() < 0.5 {
-                continue;
-            }
-            let forced = [&prompt[..], &completion[..k]].concat();
-            let body =
-                json!({"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0, "return_token_ids": true});
-            let got = ids(&post(&url, body).await["choices"][0]["token_ids"]);
-            checked += 1;
-            if got == [completion[k]] {
-                agreed += 1;
-            } else {
-                eprintln!("{} position {k}: expected {} got {got:?}", record["id"], completion[k]);
-            }
-        }
-    }
+    let (agreed, checked) = teacher_forced_agreement(&url, &model, &golden).await;
     let rate = agreed as f64 / checked as f64;
     eprintln!("Gemma 3 teacher-forced agreement over HTTP: {agreed}/{checked} = {:.1}%", rate * 100.0);
     assert!(checked > 150, "the golden file has over 150 clear positions in its first 16, checked {checked}");

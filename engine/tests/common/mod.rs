@@ -97,3 +97,47 @@ pub fn greedy_request(id: &str, prompt: &[u32], max_tokens: u32) -> engine::Engi
         grammar: None,
     }
 }
+
+/// The logits `model` gives teacher-forced along a golden record: after its
+/// prompt, then after each of its first `steps - 1` completion tokens, so
+/// row `k` predicts `completion[k]`. The block table runs backwards, so that
+/// logical and physical block order differ.
+#[allow(dead_code)]
+pub fn teacher_forced_logits(model: &engine::model::Llama, r: &Record, steps: usize) -> Vec<Vec<f32>> {
+    use engine::{Forward, ForwardBatch, KvStorage};
+    const BLOCK_SIZE: usize = 16;
+    let mut table = blocks(0, (r.prompt.len() + steps).div_ceil(BLOCK_SIZE));
+    table.reverse();
+    let mut kv = KvStorage::new(model.kv_shape(BLOCK_SIZE, table.len()));
+    let mut step = |tokens: &[u32], start: usize| {
+        let mut batch = ForwardBatch::default();
+        batch.push(tokens, start, r.prompt.len(), table.clone(), true);
+        model.forward(&batch, &mut kv).unwrap().data
+    };
+    let mut rows = vec![step(&r.prompt, 0)];
+    for k in 0..steps.saturating_sub(1) {
+        rows.push(step(&r.completion[k..k + 1], r.prompt.len() + k));
+    }
+    rows
+}
+
+/// `(agreed, clear)`: how many of the record's clear positions (llama.cpp's
+/// top-2 margin >= 0.5) the rows' greedy choice matches; prints the misses.
+#[allow(dead_code)]
+pub fn agreement(r: &Record, rows: &[Vec<f32>]) -> (usize, usize) {
+    let mut misses = Vec::new();
+    let (mut agreed, mut clear) = (0, 0);
+    for (k, row) in rows.iter().enumerate().filter(|(k, _)| r.margins[*k] >= 0.5) {
+        clear += 1;
+        let got = argmax(row);
+        if got == r.completion[k] {
+            agreed += 1;
+        } else {
+            misses.push((k, got, r.completion[k]));
+        }
+    }
+    if !misses.is_empty() {
+        println!("{}: (position, ours, llama.cpp) differ at {misses:?}", r.id);
+    }
+    (agreed, clear)
+}

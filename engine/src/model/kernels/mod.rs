@@ -145,9 +145,9 @@ macro_rules! kernel {
     };
 }
 
-kernel!(Q4_1, scalar::dot_q4_1, tile_q4_1);
+kernel!(Q4_1, scalar::dot_q4_1, tile_nibbles);
 kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0);
-kernel!(Q5, scalar::dot_q5, tile_q5);
+kernel!(Q5, scalar::dot_q5, tile_nibbles);
 
 /// A K-quant format the product kernels know.
 pub trait SuperKernel: SuperFormat + Sized {
@@ -164,9 +164,9 @@ pub trait SuperKernel: SuperFormat + Sized {
     ) -> bool;
 }
 
-/// Implements [`SuperKernel`] with a format's x86 tile.
+/// Implements [`SuperKernel`] with the x86 tile of its blocks.
 macro_rules! super_kernel {
-    ($format:ty, $x86_tile:ident) => {
+    ($format:ty) => {
         impl SuperKernel for $format {
             #[allow(unused_variables)]
             unsafe fn simd_tile<const R: usize>(
@@ -179,7 +179,7 @@ macro_rules! super_kernel {
                 #[cfg(target_arch = "x86_64")]
                 if x86::available() {
                     // SAFETY: the CPU has the features; the rest is the caller's.
-                    unsafe { x86_super::$x86_tile(w, rows.clone(), x, i0, out) };
+                    unsafe { x86_super::tile(&w.blocks, w.k, rows.clone(), x, i0, out) };
                     return true;
                 }
                 false
@@ -188,9 +188,9 @@ macro_rules! super_kernel {
     };
 }
 
-super_kernel!(Q4K, tile_q4k);
-super_kernel!(Q5K, tile_q5k);
-super_kernel!(Q6K, tile_q6k);
+super_kernel!(Q4K);
+super_kernel!(Q5K);
+super_kernel!(Q6K);
 
 /// Weight rows per tile: 16 rows of `Q4_1` at 576 columns are 5.6 KiB, so a
 /// tile and the few activation rows it meets stay in L1.

@@ -283,7 +283,7 @@ fn simd_and_portable_products_agree() {
     let mut scales = vec![0.0; cols / QK];
     // SAFETY: checked features; shapes match.
     unsafe {
-        x86::tile_q4_1::<1>(&w4, 0..n, &x, 0, [simd4.as_mut_ptr()], &mut scales);
+        x86::tile_nibbles::<Q4_1, 1>(&w4, 0..n, &x, 0, [simd4.as_mut_ptr()], &mut scales);
         x86::tile_q8_0::<1>(&w8, 0..n, &x, 0, [simd8.as_mut_ptr()], &mut scales);
     }
     for j in 0..n {

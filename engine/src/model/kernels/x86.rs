@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::blocks::{QMatrix, QuantizedRows, Q4_1, Q5, Q8_0, QK};
+use super::blocks::{Format, Q5Quants, QMatrix, QuantizedRows, Q8_0, QK};
 
 /// Whether this CPU can run the kernels here (`is_x86_feature_detected`
 /// caches its answer, so this is cheap).
@@ -101,7 +101,50 @@ macro_rules! row_products {
     }};
 }
 
-/// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a `Q4_1` matrix.
+/// Quants of 32 values in nibbles, as [`super::Q4_1`] and [`super::Q5`] keep them.
+pub(super) trait Nibbles {
+    /// The 32 values as unsigned bytes, value `i` in byte `i`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    unsafe fn unpack(&self) -> __m256i;
+}
+
+/// Byte `j` of the quants holds value `j` in its low nibble and `j + 16` in
+/// its high one: the 16 bytes in both lanes, the high lane shifted to its
+/// high nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn low_nibbles(qs: &[u8; QK / 2]) -> __m256i {
+    // SAFETY: 16 bytes from a [u8; 16].
+    let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.as_ptr().cast())) };
+    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
+}
+
+impl Nibbles for [u8; QK / 2] {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack(&self) -> __m256i {
+        low_nibbles(self)
+    }
+}
+
+impl Nibbles for Q5Quants {
+    /// The nibbles, and value `i`'s fifth bit from bit `i` of `qh`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack(&self) -> __m256i {
+        // Byte i of the spread `qh` is byte i / 8 of it; `bit` picks bit i % 8.
+        let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(self.qh as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_or_si256(low_nibbles(&self.qs), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+    }
+}
+
+/// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a matrix of
+/// unsigned nibble quants with minimums ([`super::Q4_1`], [`super::Q5`]).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]); `w` and `x`
@@ -109,8 +152,8 @@ macro_rules! row_products {
 /// at least `R * k` values, and each `out[r]` must be valid for writes at
 /// `rows`, which nobody else writes meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q4_1<const R: usize>(
-    w: &QMatrix<Q4_1>,
+pub unsafe fn tile_nibbles<F: Format<Quants: Nibbles>, const R: usize>(
+    w: &QMatrix<F>,
     rows: Range<usize>,
     x: &QuantizedRows,
     i0: usize,
@@ -120,7 +163,6 @@ pub unsafe fn tile_q4_1<const R: usize>(
     let k = w.k;
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let shift = _mm256_setr_epi64x(0, 0, 4, 4);
     let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
     for j in rows {
         let row = j * k..(j + 1) * k;
@@ -136,72 +178,17 @@ pub unsafe fn tile_q4_1<const R: usize>(
             offset,
             out,
             j,
-            |b: usize| {
-                // SAFETY: b < k; 16 bytes from a [u8; 16].
-                // The 16 bytes in both lanes; the high lane shifted to its high nibbles.
-                let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(q_w.get_unchecked(b).as_ptr().cast())) };
-                (_mm256_and_si256(_mm256_srlv_epi64(q, shift), mask), mask)
-            },
+            // SAFETY: b < k; the CPU has the features.
+            |b: usize| (unsafe { q_w.get_unchecked(b).unpack() }, mask),
             |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
         );
     }
 }
 
-/// As [`tile_q4_1`] for a [`Q5`] matrix: the nibbles as there, with each
-/// value's fifth bit from `qh`.
+/// As [`tile_nibbles`] for a `Q8_0` matrix.
 ///
 /// # Safety
-/// As [`tile_q4_1`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q5<const R: usize>(
-    w: &QMatrix<Q5>,
-    rows: Range<usize>,
-    x: &QuantizedRows,
-    i0: usize,
-    out: [*mut f32; R],
-    scales: &mut [f32],
-) {
-    let k = w.k;
-    let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let shift = _mm256_setr_epi64x(0, 0, 4, 4);
-    // Byte i of the spread `qh` is byte i / 8 of it; `bit` picks bit i % 8.
-    let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let fifth = _mm256_set1_epi8(0x10);
-    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
-    for j in rows {
-        let row = j * k..(j + 1) * k;
-        let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
-        let offset: [f32; R] = std::array::from_fn(|r| {
-            let xr = (i0 + r) * k..(i0 + r + 1) * k;
-            block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
-        });
-        row_products!(
-            k,
-            xq,
-            &*scales,
-            offset,
-            out,
-            j,
-            |b: usize| {
-                // SAFETY: b < k; 16 bytes from a [u8; 16].
-                let block = unsafe { q_w.get_unchecked(b) };
-                let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(block.qs.as_ptr().cast())) };
-                let low = _mm256_and_si256(_mm256_srlv_epi64(q, shift), mask);
-                let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(block.qh as i32), spread);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-                (_mm256_or_si256(low, _mm256_and_si256(set, fifth)), mask)
-            },
-            |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
-        );
-    }
-}
-
-/// As [`tile_q4_1`] for a `Q8_0` matrix.
-///
-/// # Safety
-/// As [`tile_q4_1`].
+/// As [`tile_nibbles`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_q8_0<const R: usize>(
     w: &QMatrix<Q8_0>,

@@ -14,13 +14,13 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::super_blocks::{Q4KBlock, Q5KBlock, Q6KBlock, SuperMatrix, SuperRows, Q4K, Q5K, Q6K, QK_K};
+use super::super_blocks::{Q4KBlock, Q5KBlock, Q6KBlock, SuperRows, QK_K};
 use super::x86::{f16_to_f32, hsum};
 
 /// One super-block ready to multiply: sub-register `s` of quants and its
 /// scales, the 16-bit weights of the activation sums, and the float
 /// factors of the integer sum and of the weighted sums.
-trait Unpack {
+pub(super) trait Unpack {
     /// Quants of values `32 s .. 32 s + 32` as unsigned bytes, and their
     /// scales as 16 lanes of i16 (lanes 0..8 for the first 16 values).
     ///
@@ -147,9 +147,8 @@ impl Unpack for Q6KBlock {
 /// The CPU must support AVX2, FMA and F16C; `w` and `x` must have the same
 /// blocks per row, `x` at least `i0 + R` rows, and each `out[r]` must be
 /// valid for writes at `rows`, which nobody else writes meanwhile.
-#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<B: Unpack, const R: usize>(
+pub(super) unsafe fn tile<B: Unpack, const R: usize>(
     blocks: &[B],
     k: usize,
     rows: Range<usize>,
@@ -190,52 +189,4 @@ unsafe fn tile<B: Unpack, const R: usize>(
             unsafe { *out[r].add(j) = hsum(main[r]) - hsum(sums[r]) };
         }
     }
-}
-
-/// [`tile`] for a `Q4_K` matrix.
-///
-/// # Safety
-/// As [`tile`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q4k<const R: usize>(
-    w: &SuperMatrix<Q4K>,
-    rows: Range<usize>,
-    x: &SuperRows,
-    i0: usize,
-    out: [*mut f32; R],
-) {
-    // SAFETY: the caller's.
-    unsafe { tile(&w.blocks, w.k, rows, x, i0, out) }
-}
-
-/// [`tile`] for a `Q5_K` matrix.
-///
-/// # Safety
-/// As [`tile`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q5k<const R: usize>(
-    w: &SuperMatrix<Q5K>,
-    rows: Range<usize>,
-    x: &SuperRows,
-    i0: usize,
-    out: [*mut f32; R],
-) {
-    // SAFETY: the caller's.
-    unsafe { tile(&w.blocks, w.k, rows, x, i0, out) }
-}
-
-/// [`tile`] for a `Q6_K` matrix.
-///
-/// # Safety
-/// As [`tile`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q6k<const R: usize>(
-    w: &SuperMatrix<Q6K>,
-    rows: Range<usize>,
-    x: &SuperRows,
-    i0: usize,
-    out: [*mut f32; R],
-) {
-    // SAFETY: the caller's.
-    unsafe { tile(&w.blocks, w.k, rows, x, i0, out) }
 }

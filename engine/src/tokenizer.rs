@@ -24,8 +24,10 @@ use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence as PostSequence;
 use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
 
 /// GGUF `token_type` of an ordinary vocabulary entry; in byte-level files
@@ -35,6 +37,9 @@ const TOKEN_TYPE_NORMAL: i32 = 1;
 /// GGUF `token_type`s SentencePiece files use besides normal pieces.
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// llama.cpp's `qwen2` pre-tokenizer pattern (Qwen2's `tokenizer.json`).
+const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// SentencePiece's word-boundary mark, which stands for a space in pieces.
 const SPACE_MARK: &str = "\u{2581}";
@@ -48,7 +53,7 @@ pub enum TokenizerError {
     BadValue { key: &'static str, source: candle_core::Error },
     #[error("unsupported tokenizer.ggml.model `{0}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece)")]
     UnsupportedModel(String),
-    #[error("unsupported tokenizer.ggml.pre `{0}` (supported: smollm, gpt2, default)")]
+    #[error("unsupported tokenizer.ggml.pre `{0}` (supported: smollm, qwen2, gpt2, default)")]
     UnsupportedPreTokenizer(String),
     #[error("malformed merge #{index} `{merge}` (expected two tokens separated by one space)")]
     BadMerge { index: usize, merge: String },
@@ -139,6 +144,13 @@ fn byte_level_bpe(
         // before the GPT-2 regex; llama.cpp's `smollm` pre-type matches it.
         "smollm" => PreSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
         "gpt2" | "default" => byte_level.into(),
+        // Qwen's split: contractions, letters with one leading non-letter,
+        // single digits, punctuation runs, newlines (llama.cpp's `qwen2`).
+        "qwen2" => {
+            let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| TokenizerError::Build(e.to_string()))?;
+            PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
         other => return Err(TokenizerError::UnsupportedPreTokenizer(other.to_string())),
     };
 

@@ -3,8 +3,11 @@
 //! files (`tests/data/tiny/`, written by its `make_tiny.py`): every
 //! position's logits within the activations' quantization noise, the same
 //! greedy token wherever llama.cpp's choice is clear, the `qwen2`
-//! pre-tokenizer's ids equal to llama.cpp's, and a tensor-parallel shard
-//! computing what one rank does.
+//! pre-tokenizer's ids equal to llama.cpp's, a tensor-parallel shard
+//! computing what one rank does, and the same weights in a Hugging Face
+//! folder (`<arch>-hf/`, Hugging Face's names, layout and config) loading
+//! to the same model. Gemma 3 is here too, with a window of 8 positions that
+//! the 24-token sequence crosses.
 
 use std::path::PathBuf;
 
@@ -106,6 +109,23 @@ fn tiny_models_of_each_architecture_match_llama_cpp() {
             let ids: Vec<u32> = serde_json::from_value(case["token_ids"].clone()).unwrap();
             assert_eq!(loaded.tokenizer.encode(text, false).unwrap().get_ids(), ids, "{arch}: {text:?}");
         }
+
+        // The Hugging Face folder: rotate-half Q/K rows, Gemma's norms
+        // stored without their +1, fused Phi-3 matrices, f32 weights that
+        // take candle's GEMM (no quantized activations).
+        let hf = engine::model::load_hf(&data().join(format!("{arch}-hf")), &Default::default()).unwrap();
+        assert_eq!(hf.model.config().arch, loaded.model.config().arch);
+        let from_hf = logits(&hf.model, &sequence);
+        let mut worst_hf = 0.0f32;
+        for (p, (a, b)) in from_hf.iter().zip(&theirs).enumerate() {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            worst_hf = worst_hf.max(diff);
+            assert!(diff < 0.02 * scale, "{arch} position {p}: the HF folder's logits differ by {diff}");
+            if margin(b) >= 0.5 {
+                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: the HF folder chooses differently");
+            }
+        }
+        println!("{arch}: the Hugging Face folder's largest logit difference {worst_hf:.4}");
 
         // Two ranks (2 KV heads, 4 heads, 128 MLP columns split evenly).
         let sharded = sharded_logits(&loaded.model, 2, &sequence);

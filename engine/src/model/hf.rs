@@ -18,8 +18,8 @@ use config::HfConfig;
 use tokenizer_files::TokenizerFiles;
 use weights::SafetensorsSource;
 
-/// Loads a Llama, Mistral (without sliding window) or Qwen2 checkpoint from a
-/// Hugging Face folder. Matrices keep their stored f32/f16/bf16 precision
+/// Loads a Llama, Mistral (without sliding window), Qwen2, Qwen3, Phi-3 or
+/// Gemma 3 (text) checkpoint from a Hugging Face folder. Matrices keep their stored f32/f16/bf16 precision
 /// unless [`LoadOptions::dtype`] asks for another; activations are f32.
 pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let (hf, ModelMetadata { tokenizer, info }) = read_metadata(dir, options)?;

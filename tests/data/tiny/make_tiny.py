@@ -1,15 +1,18 @@
 """Writes tiny random-weight GGUFs of the architectures no small real checkpoint covers here
-(qwen2, qwen3, phi3), and llama.cpp's logits on them, the reference
-`engine/tests/tiny_architectures.rs` holds the engine to.
+(qwen2, qwen3, phi3, and gemma3 with a window short enough to cross), llama.cpp's logits on them,
+and the same weights as Hugging Face folders: the reference `engine/tests/tiny_architectures.rs`
+holds the engine to.
 
     python3 -m venv .cache/golden-venv
     .cache/golden-venv/bin/pip install llama-cpp-python==0.3.36 gguf==0.19.0 numpy
     .cache/golden-venv/bin/python tests/data/tiny/make_tiny.py
 
-Each model has 2 layers, a width of 64 and a 400-token byte-level BPE vocabulary with the `qwen2`
-pre-tokenizer (Qwen's digit and punctuation splitting); its projections are Q8_0, its norms and
-embeddings f32. The weights come from a fixed-seed generator, written once and committed beside
-the logits (`<arch>.gguf`, `tiny-logits.json`), so the test needs neither Python nor llama.cpp.
+Each model has 2 layers (gemma3: 6, the last one global), a width of 64 and a 400-token byte-level
+BPE vocabulary with the `qwen2` pre-tokenizer (Qwen's digit and punctuation splitting); its
+projections are Q8_0, its norms and embeddings f32. The weights come from a fixed-seed generator,
+written once and committed beside the logits (`<arch>.gguf`, `tiny-logits.json`), so the test
+needs neither Python nor llama.cpp. `<arch>-hf/` holds the GGUF's values under Hugging Face's
+names and config (f32 safetensors, Gemma's norms without the +1 its GGUF bakes in).
 """
 
 import json
@@ -29,7 +32,12 @@ ARCHS = {
     # Qwen3's head size is its own: 4 heads of 32 are 128 wide on a 64-wide residual.
     "qwen3": {"head_dim": 32, "qk_norm": True},
     "phi3": {"head_dim": 16, "fused": True},
+    # Sliding-window layers of 8 positions, five of them before the global sixth.
+    "gemma3": {"head_dim": 16, "qk_norm": True, "post_norms": True, "layers": 6, "window": 8, "tied": True},
 }
+
+HF_ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+           "gemma3": "Gemma3ForCausalLM"}
 
 # Token ids the logits are taken along (a prompt of 24 tokens, every position's logits kept).
 SEQUENCE = [1, 300, 17, 45, 301, 88, 302, 120, 9, 303, 250, 304, 33, 305, 61, 306, 200, 2, 307, 99, 308, 150, 309, 77]
@@ -82,20 +90,26 @@ def vocabulary() -> tuple:
     return tokens, types, merges
 
 
-def write(arch: str, spec: dict, rng: np.random.Generator) -> Path:
-    hd = spec["head_dim"]
+def write(arch: str, spec: dict, rng: np.random.Generator) -> tuple:
+    """The GGUF, and its tensors' values by GGUF name (dequantized where quantized)."""
+    hd, layers = spec["head_dim"], spec.get("layers", LAYERS)
+    values = {}
     q_dim, kv_dim = HEADS * hd, KV_HEADS * hd
     tokens, types, merges = vocabulary()
     path = HERE / f"{arch}.gguf"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(CONTEXT)
     w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
+    w.add_block_count(layers)
+    if spec.get("window"):
+        w.add_sliding_window(spec["window"])
+        w.add_rope_freq_base(1000000.0)
     w.add_feed_forward_length(FFN)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+    if not spec.get("window"):
+        w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(hd)
     if hd != HIDDEN // HEADS:
         w.add_key_length(hd)
@@ -118,16 +132,27 @@ def write(arch: str, spec: dict, rng: np.random.Generator) -> Path:
 
     def q8(name, data):
         q8_0 = gguf.GGMLQuantizationType.Q8_0
-        w.add_tensor(name, gguf.quants.quantize(data, q8_0), raw_dtype=q8_0)
+        quantized = gguf.quants.quantize(data, q8_0)
+        w.add_tensor(name, quantized, raw_dtype=q8_0)
+        values[name] = gguf.quants.dequantize(quantized, q8_0).reshape(data.shape)
 
-    w.add_tensor("token_embd.weight", mat(len(tokens), HIDDEN, 1.0))
-    w.add_tensor("output_norm.weight", norm(HIDDEN))
-    # A sharper head than the layers', so that many positions have a clear greedy choice.
-    w.add_tensor("output.weight", mat(len(tokens), HIDDEN, 4.0 / np.sqrt(HIDDEN)))
-    for i in range(LAYERS):
+    def f32(name, data):
+        w.add_tensor(name, data)
+        values[name] = data
+
+    # A tied head (Gemma) is the embedding: large enough for clear greedy choices.
+    f32("token_embd.weight", mat(len(tokens), HIDDEN, 0.25 if spec.get("tied") else 1.0))
+    f32("output_norm.weight", norm(HIDDEN))
+    if not spec.get("tied"):
+        # A sharper head than the layers', so that many positions have a clear greedy choice.
+        f32("output.weight", mat(len(tokens), HIDDEN, 4.0 / np.sqrt(HIDDEN)))
+    for i in range(layers):
         n = lambda t: f"blk.{i}.{t}"
-        w.add_tensor(n("attn_norm.weight"), norm(HIDDEN))
-        w.add_tensor(n("ffn_norm.weight"), norm(HIDDEN))
+        f32(n("attn_norm.weight"), norm(HIDDEN))
+        f32(n("ffn_norm.weight"), norm(HIDDEN))
+        if spec.get("post_norms"):
+            f32(n("post_attention_norm.weight"), norm(HIDDEN))
+            f32(n("post_ffw_norm.weight"), norm(HIDDEN))
         if spec.get("fused"):
             q8(n("attn_qkv.weight"), mat(q_dim + 2 * kv_dim, HIDDEN))
             q8(n("ffn_up.weight"), mat(2 * FFN, HIDDEN))
@@ -141,21 +166,93 @@ def write(arch: str, spec: dict, rng: np.random.Generator) -> Path:
         q8(n("ffn_down.weight"), mat(HIDDEN, FFN))
         if spec.get("bias"):
             for t, d in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)]:
-                w.add_tensor(n(f"{t}.bias"), (0.1 * rng.standard_normal(d)).astype(np.float32))
+                f32(n(f"{t}.bias"), (0.1 * rng.standard_normal(d)).astype(np.float32))
         if spec.get("qk_norm"):
-            w.add_tensor(n("attn_q_norm.weight"), norm(hd))
-            w.add_tensor(n("attn_k_norm.weight"), norm(hd))
+            f32(n("attn_q_norm.weight"), norm(hd))
+            f32(n("attn_k_norm.weight"), norm(hd))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return path, values
+
+
+def hf_name(arch: str, name: str) -> str:
+    """A GGUF tensor name as Hugging Face's checkpoints name it."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+           "output_norm.weight": "model.norm.weight"}
+    if name in top:
+        return top[name]
+    _, layer, rest = name.split(".", 2)
+    tensor, kind = rest.rsplit(".", 1)
+    ffn_norm = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
+    parts = {
+        "attn_norm": "input_layernorm", "ffn_norm": ffn_norm, "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_qkv": "self_attn.qkv_proj",
+        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.gate_up_proj" if arch == "phi3" else "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    }
+    return f"model.layers.{layer}.{parts[tensor]}.{kind}"
+
+
+def write_safetensors(path: Path, tensors: dict) -> None:
+    """The safetensors format by hand: a JSON header of offsets, then the f32 data."""
+    header, data, offset = {}, [], 0
+    for name in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(data))
+
+
+def write_hf(arch: str, spec: dict, values: dict) -> Path:
+    """The GGUF's values as a Hugging Face folder: config, safetensors, tokenizer."""
+    folder = HERE / f"{arch}-hf"
+    folder.mkdir(exist_ok=True)
+    tensors = {}
+    for name, v in values.items():
+        # Gemma's RMSNorm multiplies by 1 + w; its GGUF stores 1 + w.
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            v = v - 1.0
+        tensors[hf_name(arch, name)] = v
+    write_safetensors(folder / "model.safetensors", tensors)
+    hd, layers = spec["head_dim"], spec.get("layers", LAYERS)
+    config = {
+        "architectures": [HF_ARCH[arch]], "model_type": arch, "hidden_size": HIDDEN, "intermediate_size": FFN,
+        "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "head_dim": hd, "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-6, "vocab_size": 400,
+        "rope_theta": 10000.0, "tie_word_embeddings": bool(spec.get("tied")), "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if arch == "gemma3":
+        config.update(hidden_activation="gelu_pytorch_tanh", rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                      sliding_window=spec["window"], sliding_window_pattern=6, query_pre_attn_scalar=hd,
+                      final_logit_softcapping=None, attn_logit_softcapping=None)
+    else:
+        config["hidden_act"] = "silu"
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tokens, types, merges = vocabulary()
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(tokens) if types[i] == 3],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return folder
 
 
 def main() -> None:
     reference = {"reference": VERSION, "sequence": SEQUENCE, "models": {}}
     for seed, (arch, spec) in enumerate(ARCHS.items()):
-        path = write(arch, spec, np.random.default_rng(seed))
+        path, values = write(arch, spec, np.random.default_rng(seed))
+        write_hf(arch, spec, values)
         llm = Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=2, logits_all=True, verbose=False)
         llm.eval(SEQUENCE)
         logits = [[round(float(x), 5) for x in llm.scores[i]] for i in range(len(SEQUENCE))]

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::model::config::Arch as Family;
-use crate::model::{Config, ModelError};
+use crate::model::{Config, ModelError, SlidingWindow};
 
 /// The Hugging Face architectures whose checkpoints map onto [`crate::model::Llama`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,12 @@ enum Arch {
     Mistral,
     /// Llama's shape plus Q/K/V biases.
     Qwen2,
+    /// Per-head Q/K norms and an explicit head size.
+    Qwen3,
+    /// Fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
+    /// Gemma 3's text model (see [`Family::Gemma3`]).
+    Gemma3,
 }
 
 impl Arch {
@@ -24,16 +30,23 @@ impl Arch {
         match self {
             Self::Llama | Self::Mistral => Family::Llama,
             Self::Qwen2 => Family::Qwen2,
+            Self::Qwen3 => Family::Qwen3,
+            Self::Phi3 => Family::Phi3,
+            Self::Gemma3 => Family::Gemma3,
         }
     }
 
-    const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+    const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
+                                     Phi3ForCausalLM, Gemma3ForCausalLM";
 
     fn from_architecture(name: &str) -> Option<Self> {
         match name {
             "LlamaForCausalLM" => Some(Self::Llama),
             "MistralForCausalLM" => Some(Self::Mistral),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            "Phi3ForCausalLM" => Some(Self::Phi3),
+            "Gemma3ForCausalLM" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -43,6 +56,9 @@ impl Arch {
             "llama" => Some(Self::Llama),
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
+            "phi3" => Some(Self::Phi3),
+            "gemma3_text" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -145,9 +161,20 @@ impl HfConfig {
         let f = Fields::new(path, &json)?;
         let arch = Self::arch(&f)?;
 
-        let act = f.opt_str("hidden_act")?.unwrap_or("silu");
-        if act != "silu" {
-            return Err(f.unsupported(format!("unsupported hidden_act `{act}` (only silu is implemented)")));
+        // Gemma names its activation `hidden_activation`; the forward pass
+        // gives each family the one it has.
+        let (act_key, act_default, act_wanted) = match arch {
+            Arch::Gemma3 => ("hidden_activation", "gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+            _ => ("hidden_act", "silu", "silu"),
+        };
+        let act = f.opt_str(act_key)?.unwrap_or(act_default);
+        if act != act_wanted {
+            return Err(f.unsupported(format!("unsupported {act_key} `{act}` (only {act_wanted} is implemented here)")));
+        }
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if f.get(key).is_some() {
+                return Err(f.unsupported(format!("unsupported {key} (soft-capping is not implemented)")));
+            }
         }
         let hidden = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
@@ -160,14 +187,17 @@ impl HfConfig {
                 f.bad("num_key_value_heads", format!("{num_kv_heads} KV heads do not divide {num_heads} heads"))
             );
         }
-        let head_dim = hidden / num_heads;
-        if let Some(explicit) = f.opt_usize("head_dim")? {
-            if explicit != head_dim {
+        let derived = hidden / num_heads;
+        let head_dim = match (arch, f.opt_usize("head_dim")?) {
+            // Qwen3 and Gemma give heads a size of their own.
+            (Arch::Qwen3 | Arch::Gemma3, Some(explicit)) => explicit,
+            (_, Some(explicit)) if explicit != derived => {
                 return Err(f.unsupported(format!(
-                    "unsupported head_dim {explicit}: only hidden_size / num_attention_heads = {head_dim} is implemented"
+                    "unsupported head_dim {explicit}: only hidden_size / num_attention_heads = {derived} is implemented"
                 )));
             }
-        }
+            _ => derived,
+        };
         if !head_dim.is_multiple_of(2) {
             return Err(f.unsupported(format!("unsupported odd head dimension {head_dim} (RoPE rotates pairs)")));
         }
@@ -182,20 +212,26 @@ impl HfConfig {
                 "unsupported quantization_config (quant_method `{method}`): only f32/f16/bf16 checkpoints load"
             )));
         }
-        Self::check_rope_scaling(&f)?;
+        let rope_freq_scale = Self::rope_scaling(&f)?;
         let context_length = f.usize("max_position_embeddings")?;
-        Self::check_sliding_window(&f, arch, context_length)?;
+        let num_layers = f.usize("num_hidden_layers")?;
+        let sliding_window = Self::sliding_window(&f, arch, context_length, num_layers)?;
 
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
         let qkv_bias = match arch {
             // Qwen2 always has Q/K/V biases and never an output bias.
             Arch::Qwen2 => true,
-            // Llama's attention_bias also puts a bias on o_proj, which the
+            // Elsewhere attention_bias also puts a bias on o_proj, which the
             // forward pass has no place for.
-            Arch::Llama | Arch::Mistral if attention_bias => {
+            _ if attention_bias => {
                 return Err(f.unsupported("unsupported attention_bias = true (an o_proj bias is not implemented)"));
             }
-            Arch::Llama | Arch::Mistral => false,
+            _ => false,
+        };
+        // Gemma scales scores by its query_pre_attn_scalar (the head size but in 27B).
+        let attention_scale = match arch {
+            Arch::Gemma3 => 1.0 / f.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64).sqrt() as f32,
+            _ => 1.0 / (head_dim as f32).sqrt(),
         };
         if f.opt_bool("mlp_bias")?.unwrap_or(false) {
             return Err(f.unsupported("unsupported mlp_bias = true"));
@@ -203,10 +239,10 @@ impl HfConfig {
 
         let config = Config {
             arch: arch.family(),
-            attention_scale: 1.0 / (head_dim as f32).sqrt(),
-            rope_freq_scale: 1.0,
-            sliding_window: None,
-            num_layers: f.usize("num_hidden_layers")?,
+            attention_scale,
+            rope_freq_scale,
+            sliding_window,
+            num_layers,
             hidden,
             num_heads,
             num_kv_heads,
@@ -220,7 +256,8 @@ impl HfConfig {
         let bos_token_id = f.token_ids("bos_token_id")?.first().copied();
         Ok(Self {
             config,
-            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            // Gemma ties them unless it says otherwise.
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(arch == Arch::Gemma3),
             qkv_bias,
             bos_token_id,
             eos_token_ids: f.token_ids("eos_token_id")?,
@@ -245,34 +282,67 @@ impl HfConfig {
         })
     }
 
-    /// Only plain RoPE is implemented: `rope_scaling` must be absent, null or
-    /// of type `default`.
-    fn check_rope_scaling(f: &Fields) -> Result<(), ModelError> {
-        let Some(scaling) = f.get("rope_scaling") else { return Ok(()) };
+    /// The linear RoPE scaling of `rope_scaling` (1 when absent, null or
+    /// `default`); other types are not implemented.
+    fn rope_scaling(f: &Fields) -> Result<f32, ModelError> {
+        let Some(scaling) = f.get("rope_scaling") else { return Ok(1.0) };
         let kind =
             scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).ok_or_else(|| {
                 f.bad("rope_scaling", format!("is {scaling}, expected null or an object with a type"))
             })?;
-        if kind == "default" {
-            return Ok(());
+        match kind {
+            "default" => Ok(1.0),
+            "linear" => match scaling.get("factor").and_then(Value::as_f64) {
+                Some(factor) if factor > 0.0 => Ok((1.0 / factor) as f32),
+                _ => Err(f.bad("rope_scaling", format!("is {scaling}, expected a positive factor"))),
+            },
+            other => Err(f.unsupported(format!(
+                "unsupported rope_scaling type `{other}` (unscaled and linear RoPE are implemented)"
+            ))),
         }
-        Err(f.unsupported(format!("unsupported rope_scaling type `{kind}` (only unscaled RoPE is implemented)")))
     }
 
-    /// Attention is full-causal; a window shorter than the context would
-    /// change the model.
-    fn check_sliding_window(f: &Fields, arch: Arch, context_length: usize) -> Result<(), ModelError> {
+    /// Gemma 3's local layers; elsewhere attention is full-causal, and a
+    /// window shorter than the context would change the model.
+    fn sliding_window(
+        f: &Fields,
+        arch: Arch,
+        context_length: usize,
+        num_layers: usize,
+    ) -> Result<Option<SlidingWindow>, ModelError> {
+        if arch == Arch::Gemma3 {
+            let size = f.usize("sliding_window")?;
+            let pattern = f.opt_usize("sliding_window_pattern")?.unwrap_or(6);
+            let window = SlidingWindow {
+                size,
+                pattern,
+                rope_theta: f.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0) as f32,
+            };
+            // Newer configs list each layer's kind: it must be the pattern.
+            if let Some(Value::Array(kinds)) = f.get("layer_types") {
+                let expected =
+                    (0..num_layers).map(|l| if window.is_local(l) { "sliding_attention" } else { "full_attention" });
+                if kinds.len() != num_layers || !kinds.iter().map(Value::as_str).eq(expected.map(Some)) {
+                    return Err(f.unsupported(format!(
+                        "unsupported layer_types: only one global layer after every {} local ones is implemented",
+                        pattern - 1
+                    )));
+                }
+            }
+            return Ok(Some(window));
+        }
         let in_use = match arch {
-            Arch::Qwen2 => f.opt_bool("use_sliding_window")?.unwrap_or(false),
+            Arch::Qwen2 | Arch::Qwen3 => f.opt_bool("use_sliding_window")?.unwrap_or(false),
             Arch::Mistral => true,
-            Arch::Llama => false,
+            // llama.cpp attends over the whole context for Phi-3 too.
+            Arch::Llama | Arch::Phi3 | Arch::Gemma3 => false,
         };
         match f.opt_usize("sliding_window")? {
             Some(window) if in_use && window < context_length => Err(f.unsupported(format!(
                 "unsupported sliding_window {window} (shorter than max_position_embeddings {context_length}; \
                  only full attention is implemented)"
             ))),
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 }

@@ -15,6 +15,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::config::{read_json, Fields, HfConfig};
+use crate::model::config::Arch as Family;
 use crate::model::llama::TensorSource;
 use crate::model::{ModelError, WeightDtype};
 
@@ -45,10 +46,14 @@ struct Wanted {
     /// The Hugging Face name.
     name: String,
     shape: Vec<usize>,
-    /// Q or K rows to reorder from rotate-half to adjacent-pair RoPE: the number of heads.
-    rope_heads: Option<usize>,
+    /// Runs of Q or K rows to reorder from rotate-half to adjacent-pair
+    /// RoPE: `(first row, heads)` each (two runs in Phi-3's fused QKV).
+    rope_heads: Vec<(usize, usize)>,
     /// Matrices take [`WeightDtype`]; norms and biases are kept in f32.
     matrix: bool,
+    /// Gemma's RMSNorm weights are stored as `w` for a scale of `1 + w`
+    /// (its GGUF, and so the forward pass, keeps `1 + w`).
+    plus_one: bool,
 }
 
 /// A Hugging Face checkpoint's weights, served under llama.cpp's names and
@@ -115,13 +120,20 @@ impl SafetensorsSource {
     /// Qwen2), which are then not looked up at all.
     fn wanted(&self, gguf_name: &str) -> Result<Option<Wanted>, ModelError> {
         let c = &self.config.config;
-        let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let plain = |name: String, shape: Vec<usize>, matrix: bool| Wanted { name, shape, rope_heads: None, matrix };
+        let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let gemma = c.arch == Family::Gemma3;
+        let plain = |name: String, shape: Vec<usize>, matrix: bool| Wanted {
+            name,
+            shape,
+            rope_heads: Vec::new(),
+            matrix,
+            plus_one: false,
+        };
         let unknown = || ModelError::MissingWeight {
             name: gguf_name.to_string(),
             reason: "no Hugging Face counterpart is known".to_string(),
         };
-        let wanted = match gguf_name {
+        let mut wanted = match gguf_name {
             "token_embd.weight" => plain("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden], true),
             // Tied models may still store lm_head.weight; transformers ignores it then.
             "output.weight" if self.config.tie_word_embeddings => return Ok(None),
@@ -133,14 +145,31 @@ impl SafetensorsSource {
                 let layer: usize = layer.parse().map_err(|_| unknown())?;
                 let p = format!("model.layers.{layer}");
                 let bias = self.config.qkv_bias;
+                // Gemma norms the MLP's input "pre_feedforward" and calls the
+                // norm after attention "post_attention", Llama's MLP-input name.
+                let ffn_norm = if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
                 let mut w = match tensor {
                     "attn_norm.weight" => plain(format!("{p}.input_layernorm.weight"), vec![c.hidden], false),
-                    "ffn_norm.weight" => plain(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], false),
+                    "ffn_norm.weight" => plain(format!("{p}.{ffn_norm}.weight"), vec![c.hidden], false),
+                    "post_attention_norm.weight" => {
+                        plain(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], false)
+                    }
+                    "post_ffw_norm.weight" => {
+                        plain(format!("{p}.post_feedforward_layernorm.weight"), vec![c.hidden], false)
+                    }
                     "attn_q.weight" => plain(format!("{p}.self_attn.q_proj.weight"), vec![q_dim, c.hidden], true),
                     "attn_k.weight" => plain(format!("{p}.self_attn.k_proj.weight"), vec![kv_dim, c.hidden], true),
                     "attn_v.weight" => plain(format!("{p}.self_attn.v_proj.weight"), vec![kv_dim, c.hidden], true),
+                    "attn_qkv.weight" => {
+                        plain(format!("{p}.self_attn.qkv_proj.weight"), vec![q_dim + 2 * kv_dim, c.hidden], true)
+                    }
+                    "attn_q_norm.weight" => plain(format!("{p}.self_attn.q_norm.weight"), vec![hd], false),
+                    "attn_k_norm.weight" => plain(format!("{p}.self_attn.k_norm.weight"), vec![hd], false),
                     "attn_output.weight" => plain(format!("{p}.self_attn.o_proj.weight"), vec![c.hidden, q_dim], true),
                     "ffn_gate.weight" => plain(format!("{p}.mlp.gate_proj.weight"), vec![c.ffn, c.hidden], true),
+                    "ffn_up.weight" if c.arch == Family::Phi3 => {
+                        plain(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * c.ffn, c.hidden], true)
+                    }
                     "ffn_up.weight" => plain(format!("{p}.mlp.up_proj.weight"), vec![c.ffn, c.hidden], true),
                     "ffn_down.weight" => plain(format!("{p}.mlp.down_proj.weight"), vec![c.hidden, c.ffn], true),
                     "attn_q.bias" | "attn_k.bias" | "attn_v.bias" if !bias => return Ok(None),
@@ -149,14 +178,18 @@ impl SafetensorsSource {
                     "attn_v.bias" => plain(format!("{p}.self_attn.v_proj.bias"), vec![kv_dim], false),
                     _ => return Err(unknown()),
                 };
-                if tensor.starts_with("attn_q.") {
-                    w.rope_heads = Some(c.num_heads);
-                } else if tensor.starts_with("attn_k.") {
-                    w.rope_heads = Some(c.num_kv_heads);
-                }
+                w.rope_heads = match tensor {
+                    t if t.starts_with("attn_q.") => vec![(0, c.num_heads)],
+                    t if t.starts_with("attn_k.") => vec![(0, c.num_kv_heads)],
+                    "attn_qkv.weight" => vec![(0, c.num_heads), (q_dim, c.num_kv_heads)],
+                    // One head's worth, shared by every head.
+                    "attn_q_norm.weight" | "attn_k_norm.weight" => vec![(0, 1)],
+                    _ => Vec::new(),
+                };
                 w
             }
         };
+        wanted.plus_one = gemma && gguf_name.ends_with("norm.weight");
         Ok(Some(wanted))
     }
 
@@ -196,9 +229,15 @@ impl TensorSource for SafetensorsSource {
     fn tensor(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
         let Some(w) = self.wanted(name)? else { return Ok(None) };
         let (mut values, stored) = self.read(&w)?;
-        if let Some(heads) = w.rope_heads {
-            let rows = w.shape[0];
-            values = rotate_half_to_adjacent_pairs(&values, heads, rows / heads, values.len() / rows);
+        let cols = values.len() / w.shape[0];
+        let head_dim = self.config.config.head_dim;
+        for &(first, heads) in &w.rope_heads {
+            let run = &mut values[first * cols..(first + heads * head_dim) * cols];
+            let permuted = rotate_half_to_adjacent_pairs(run, heads, head_dim, cols);
+            run.copy_from_slice(&permuted);
+        }
+        if w.plus_one {
+            values.iter_mut().for_each(|v| *v += 1.0);
         }
         let ggml = if w.matrix {
             match self.dtype {

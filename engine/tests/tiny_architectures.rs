@@ -11,9 +11,10 @@
 
 use std::path::PathBuf;
 
+use candle_core::{DType, Device};
 use engine::comm::cpu::CpuGroup;
 use engine::forward::RankModel;
-use engine::model::Llama;
+use engine::model::{DeviceLlama, Llama};
 use engine::{Forward, ForwardBatch, KvStorage};
 use serde_json::Value;
 
@@ -55,6 +56,24 @@ fn rows(data: Vec<f32>, vocab_size: usize) -> Vec<Vec<f32>> {
 fn logits(model: &Llama, sequence: &[u32]) -> Vec<Vec<f32>> {
     let mut kv = KvStorage::new(model.kv_shape(BLOCK_SIZE, sequence.len().div_ceil(BLOCK_SIZE)));
     rows(model.forward(&prefill(sequence), &mut kv).unwrap().data, model.config().vocab_size)
+}
+
+/// Every position's logits of `sequence` from `model`: the first `prefill`
+/// tokens in one step, then one decode step per token, with `model`'s own
+/// cache shape.
+fn stepped_logits(model: &dyn Forward, kv: &mut KvStorage, sequence: &[u32], prefill: usize) -> Vec<Vec<f32>> {
+    let table: Vec<u32> = (0..sequence.len().div_ceil(BLOCK_SIZE) as u32).rev().collect();
+    let vocab = model.vocab_size();
+    let mut batch = ForwardBatch::default();
+    batch.push(&sequence[..prefill], 0, prefill, table.clone(), true);
+    batch.score_last();
+    let mut out = rows(model.forward(&batch, kv).unwrap().data, vocab);
+    for p in prefill..sequence.len() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&sequence[p..p + 1], p, prefill, table.clone(), true);
+        out.extend(rows(model.forward(&batch, kv).unwrap().data, vocab));
+    }
+    out
 }
 
 /// The same with the model sharded over `world` CPU ranks (rank 0's logits).
@@ -126,6 +145,22 @@ fn tiny_models_of_each_architecture_match_llama_cpp() {
             }
         }
         println!("{arch}: the Hugging Face folder's largest logit difference {worst_hf:.4}");
+
+        // The candle device path (on candle's CPU device here), prefilling
+        // half and decoding the rest: the decode batch's window masks too.
+        let device = DeviceLlama::new(&loaded.model, &Device::Cpu, DType::F32).unwrap();
+        let mut kv = KvStorage::new(loaded.model.kv_shape(BLOCK_SIZE, sequence.len().div_ceil(BLOCK_SIZE)));
+        let on_device = stepped_logits(&device, &mut kv, &sequence, sequence.len() / 2);
+        let mut worst_device = 0.0f32;
+        for (p, (a, b)) in on_device.iter().zip(&theirs).enumerate() {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            worst_device = worst_device.max(diff);
+            assert!(diff < 0.02 * scale, "{arch} position {p}: the device path's logits differ by {diff}");
+            if margin(b) >= 0.5 {
+                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: the device path chooses differently");
+            }
+        }
+        println!("{arch}: the device path's largest logit difference {worst_device:.4}");
 
         // Two ranks (2 KV heads, 4 heads, 128 MLP columns split evenly).
         let sharded = sharded_logits(&loaded.model, 2, &sequence);

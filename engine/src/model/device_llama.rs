@@ -30,7 +30,7 @@ use super::attention::Rope;
 use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
-use super::{Arch, Config, ModelError, WeightDtype};
+use super::{Activation, Arch, Config, ModelError, WeightDtype};
 use crate::comm::Communicator;
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
@@ -51,6 +51,8 @@ pub struct DeviceLlama {
     /// f32 `[context_length, head_dim / 2]`: RoPE's cos and sin by position.
     cos: Tensor,
     sin: Tensor,
+    /// The same for the sliding-window layers (their own RoPE base).
+    local_rope: Option<(Tensor, Tensor)>,
     /// Built at the first step, when the engine's cache shape is known; only
     /// the step thread locks it.
     mirror: Mutex<Option<Mirror>>,
@@ -70,11 +72,15 @@ struct DeviceLayer {
     qkv: Tensor,
     /// f32 `[q_dim + 2 * kv_dim]`.
     qkv_bias: Option<Tensor>,
+    /// f32 `[head_dim]` each: the per-head norms of Q and K.
+    qk_norm: Option<(Tensor, Tensor)>,
     attn_output: Tensor,
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     /// Gate and up stacked: `[2 * ffn, hidden]`.
     gate_up: Tensor,
     down: Tensor,
+    post_ffn_norm: Option<Tensor>,
 }
 
 /// The device copy of the engine's KV cache: per layer, f32 `[num_blocks *
@@ -92,14 +98,6 @@ impl DeviceLlama {
     /// CPU, where candle's bf16 GEMM is slow; bf16 or f16 on a GPU).
     pub fn new(model: &Llama, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let config = model.config().clone();
-        // The device forward is Llama's (with Qwen2's biases); the other
-        // families' extra norms, activation and windows run on the CPU path.
-        if !matches!(config.arch, Arch::Llama | Arch::Qwen2) || config.rope_freq_scale != 1.0 {
-            return Err(ModelError::Device {
-                device: format!("{device:?}"),
-                reason: format!("{:?} models run on the CPU kernels only (--device cpu) for now", config.arch),
-            });
-        }
         let mat = |l: &Linear| l.to_tensor(device, dtype);
         let vector = |v: &[f32]| Tensor::from_slice(v, v.len(), device);
         let embed = mat(&model.token_embd)?;
@@ -116,14 +114,22 @@ impl DeviceLlama {
                     attn_norm: vector(&l.attn_norm)?,
                     qkv: mat(&l.qkv)?,
                     qkv_bias: l.qkv_bias.as_deref().map(vector).transpose()?,
+                    qk_norm: l
+                        .qk_norm
+                        .as_ref()
+                        .map(|(q, k)| Ok::<_, candle_core::Error>((vector(q)?, vector(k)?)))
+                        .transpose()?,
                     attn_output: mat(&l.attn_output)?,
+                    post_attn_norm: l.post_attn_norm.as_deref().map(vector).transpose()?,
                     ffn_norm: vector(&l.ffn_norm)?,
                     gate_up: mat(&l.gate_up)?,
                     down: mat(&l.down)?,
+                    post_ffn_norm: l.post_ffn_norm.as_deref().map(vector).transpose()?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let (cos, sin) = rope_tables(&config, device)?;
+        let (cos, sin) = rope_tables(&config, config.rope_theta, config.rope_freq_scale, device)?;
+        let local_rope = config.sliding_window.map(|w| rope_tables(&config, w.rope_theta, 1.0, device)).transpose()?;
         Ok(Self {
             output_norm: vector(&model.output_norm)?,
             config,
@@ -134,6 +140,7 @@ impl DeviceLlama {
             lm_head,
             cos,
             sin,
+            local_rope,
             mirror: Mutex::new(None),
             max_attention_scores: DEFAULT_MAX_ATTENTION_SCORES,
         })
@@ -197,7 +204,7 @@ impl DeviceLlama {
             Some(m) if m.mirrors(kv) => m,
             slot => slot.insert(Mirror::upload(kv, &self.device)?),
         };
-        let plan = StepSlots::new(batch, kv.shape().block_size);
+        let plan = StepSlots::new(batch, kv.shape().block_size, self.config.sliding_window.map(|w| w.size));
         let stale = kv.take_written(plan.blocks_read.iter().copied());
         let result = self.run(batch, kv, mirror, &plan, &stale, comm, logits);
         if result.is_err() {
@@ -222,37 +229,71 @@ impl DeviceLlama {
     ) -> Result<Logits, ForwardError> {
         let c = &self.config;
         let (vocab_size, n, dev) = (c.vocab_size, batch.tokens.len(), &self.device);
-        let (q_dim, kv_dim, ffn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn);
+        let (q_dim, kv_dim, ffn) = (c.q_dim(), c.kv_dim(), c.ffn);
         let scatter = scatter_index(&plan.new_slots, kv_dim, dev)?;
         let stale = StaleBlocks::new(stale, &mirror.shape, dev)?;
         let positions = Tensor::from_slice(&plan.positions, n, dev)?;
         let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
+        let local = match &self.local_rope {
+            Some((cos, sin)) => Some((cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?)),
+            None => None,
+        };
         let attend = AttendIndex::new(plan, dev)?;
         let tokens = Tensor::from_slice(&batch.tokens, n, dev)?;
 
         let mut x = self.embed.index_select(&tokens, 0)?.to_dtype(DType::F32)?;
+        if c.arch == Arch::Gemma3 {
+            x = (x * (c.hidden as f64).sqrt())?;
+        }
         let (mut new_k, mut new_v) = (Vec::with_capacity(c.num_layers), Vec::with_capacity(c.num_layers));
         for (l, layer) in self.layers.iter().enumerate() {
+            let window = c.sliding_window.filter(|w| w.is_local(l)).map(|w| w.size);
+            let (cos, sin) = match (&local, window) {
+                (Some((cos, sin)), Some(_)) => (cos, sin),
+                _ => (&cos, &sin),
+            };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let mut qkv = self.linear(&h, &layer.qkv)?;
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
-            let q = rope(&qkv.narrow(1, 0, q_dim)?, c.num_heads, &cos, &sin)?;
-            let k = rope(&qkv.narrow(1, q_dim, kv_dim)?, c.num_kv_heads, &cos, &sin)?.reshape((n, kv_dim))?;
+            let (mut q, mut k) = (qkv.narrow(1, 0, q_dim)?, qkv.narrow(1, q_dim, kv_dim)?);
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                let per_head = |t: &Tensor, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+                    let normed =
+                        candle_nn::ops::rms_norm(&t.contiguous()?.reshape((n, heads, c.head_dim))?, w, c.rms_eps)?;
+                    normed.reshape((n, heads * c.head_dim))
+                };
+                (q, k) = (per_head(&q, c.num_heads, q_norm)?, per_head(&k, c.num_kv_heads, k_norm)?);
+            }
+            let q = rope(&q, c.num_heads, cos, sin)?;
+            let k = rope(&k, c.num_kv_heads, cos, sin)?.reshape((n, kv_dim))?;
             let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?.contiguous()?;
             // A hand-off streaming in: this layer's KV must be in place first.
             batch.wait_for_layer(l);
             mirror.reload(kv, l, &stale)?;
             mirror.k[l].scatter_set(&scatter, &k, 0)?;
             mirror.v[l].scatter_set(&scatter, &v, 0)?;
-            let attn = self.attention(plan, &attend, &q, &mirror.k[l], &mirror.v[l])?;
-            x = (x + all_reduce(self.linear(&attn, &layer.attn_output)?, comm)?)?;
+            let attn = self.attention(plan, &attend, &q, &mirror.k[l], &mirror.v[l], window)?;
+            let mut y = all_reduce(self.linear(&attn, &layer.attn_output)?, comm)?;
+            if let Some(norm) = &layer.post_attn_norm {
+                y = candle_nn::ops::rms_norm(&y, norm, c.rms_eps)?;
+            }
+            x = (x + y)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = self.linear(&h, &layer.gate_up)?;
-            let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
-            x = (x + all_reduce(self.linear(&act, &layer.down)?, comm)?)?;
+            let gate = gate_up.narrow(1, 0, ffn)?;
+            let gate = match c.arch.activation() {
+                Activation::Silu => gate.silu()?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let act = (gate * gate_up.narrow(1, ffn, ffn)?)?;
+            let mut y = all_reduce(self.linear(&act, &layer.down)?, comm)?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                y = candle_nn::ops::rms_norm(&y, norm, c.rms_eps)?;
+            }
+            x = (x + y)?;
             new_k.push(k);
             new_v.push(v);
         }
@@ -269,7 +310,8 @@ impl DeviceLlama {
     }
 
     /// Causal attention of the step's queries (`q`: f32 `[n, heads,
-    /// head_dim]`) over their contexts in the cache; f32 `[n, q_dim]` out.
+    /// head_dim]`) over their contexts in the cache, within `window` positions
+    /// on a sliding-window layer; f32 `[n, q_dim]` out.
     ///
     /// The single-token sequences (decodes) attend as one padded batch, so a
     /// decode step launches the same few kernels however many sequences it
@@ -281,13 +323,14 @@ impl DeviceLlama {
         q: &Tensor,
         k_cache: &Tensor,
         v_cache: &Tensor,
+        window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         // Query head h reads KV head h / group: the group's queries form one
         // matrix against that KV head.
         let group = heads / kv_heads;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = f64::from(c.attention_scale);
         let mut outs = Vec::with_capacity(plan.chunks.len() + 1);
         if let Some(d) = &index.decode {
             let len = plan.decode.len;
@@ -298,7 +341,11 @@ impl DeviceLlama {
                 };
                 let (k, v) = (gather(k_cache)?, gather(v_cache)?);
                 let q = q.index_select(&d.tokens.narrow(0, first, b)?, 0)?.reshape((b, kv_heads, group, hd))?;
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask.narrow(0, first, b)?)?;
+                let mask = match (window, &d.window_mask) {
+                    (Some(_), Some(windowed)) => windowed,
+                    _ => &d.mask,
+                };
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask.narrow(0, first, b)?)?;
                 let p = candle_nn::ops::softmax_last_dim(&scores)?;
                 outs.push(p.matmul(&v)?.reshape((b, heads * hd))?);
             }
@@ -323,7 +370,13 @@ impl DeviceLlama {
                 let start = (chunk.context_start + first) as u32;
                 let q_pos = Tensor::arange(start, start + m as u32, &self.device)?.reshape((m, 1))?;
                 let shape = (kv_heads, group, m, len);
-                let visible = k_pos.broadcast_le(&q_pos)?.broadcast_as(shape)?;
+                let mut visible = k_pos.broadcast_le(&q_pos)?;
+                if let Some(w) = window {
+                    // And within the window: key position > query position - window.
+                    let edge = (q_pos.to_dtype(DType::F32)? - w as f64)?;
+                    visible = visible.mul(&k_pos.to_dtype(DType::F32)?.broadcast_gt(&edge)?)?;
+                }
+                let visible = visible.broadcast_as(shape)?;
                 let hidden = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(shape)?;
                 let scores =
                     visible.where_cond(&scores.reshape(shape)?, &hidden)?.reshape((kv_heads, group * m, len))?;
@@ -429,6 +482,9 @@ struct DecodeRows {
     /// `[tokens.len() * len]`: 0 where a key is in the context, -inf where
     /// it is padding.
     mask: Vec<f32>,
+    /// [`DecodeRows::mask`] for the sliding-window layers: -inf also before
+    /// each one's window.
+    window_mask: Option<Vec<f32>>,
 }
 
 /// A chunk of more than one token of a sequence.
@@ -441,7 +497,8 @@ struct ChunkRows {
 }
 
 impl StepSlots {
-    fn new(batch: &ForwardBatch, block_size: usize) -> Self {
+    /// `window`: the sliding-window layers' window, when the model has them.
+    fn new(batch: &ForwardBatch, block_size: usize, window: Option<usize>) -> Self {
         let n = batch.tokens.len();
         let mut plan = Self {
             new_slots: Vec::with_capacity(n),
@@ -472,7 +529,7 @@ impl StepSlots {
                 plan.chunk_context.extend((0..len).map(row));
             }
         }
-        plan.decode.pad(decode_contexts);
+        plan.decode.pad(decode_contexts, window);
         let computed =
             plan.decode.tokens.iter().copied().chain(
                 plan.chunks.iter().flat_map(|c| (c.token_start..c.token_start + c.num_tokens).map(|t| t as u32)),
@@ -491,13 +548,19 @@ impl StepSlots {
 }
 
 impl DecodeRows {
-    fn pad(&mut self, contexts: Vec<Vec<u32>>) {
+    fn pad(&mut self, contexts: Vec<Vec<u32>>, window: Option<usize>) {
         self.len = contexts.iter().map(Vec::len).max().unwrap_or(0);
+        let hidden = |n| std::iter::repeat_n(f32::NEG_INFINITY, n);
         for ctx in contexts {
             let last = *ctx.last().expect("a sequence's context holds its own token");
             let padding = self.len - ctx.len();
-            self.mask
-                .extend(std::iter::repeat_n(0.0, ctx.len()).chain(std::iter::repeat_n(f32::NEG_INFINITY, padding)));
+            self.mask.extend(std::iter::repeat_n(0.0, ctx.len()).chain(hidden(padding)));
+            if let Some(w) = window {
+                // Keys at positions below len - w fell out of the window.
+                let before = ctx.len().saturating_sub(w);
+                let mask = self.window_mask.get_or_insert_with(Vec::new);
+                mask.extend(hidden(before).chain(std::iter::repeat_n(0.0, ctx.len() - before)).chain(hidden(padding)));
+            }
             self.context.extend(ctx.into_iter().chain(std::iter::repeat_n(last, padding)));
         }
     }
@@ -517,6 +580,8 @@ struct DecodeIndex {
     context: Tensor,
     /// f32 `[b, 1, 1, len]`, against scores `[b, kv_heads, group, len]`.
     mask: Tensor,
+    /// The same for the sliding-window layers.
+    window_mask: Option<Tensor>,
 }
 
 impl AttendIndex {
@@ -530,6 +595,11 @@ impl AttendIndex {
                 tokens: Tensor::from_slice(&d.tokens, b, dev)?,
                 context: Tensor::from_slice(&d.context, b * d.len, dev)?,
                 mask: Tensor::from_slice(&d.mask, (b, 1, 1, d.len), dev)?,
+                window_mask: d
+                    .window_mask
+                    .as_ref()
+                    .map(|m| Tensor::from_slice(m, (b, 1, 1, d.len), dev))
+                    .transpose()?,
             })
         };
         let order = plan.order.as_ref().map(|o| Tensor::from_slice(o, o.len(), dev)).transpose()?;
@@ -645,10 +715,11 @@ fn rope(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> candle_core::Re
 }
 
 /// f32 `[context_length, head_dim / 2]` tables of RoPE's cos and sin for
-/// every position, the very numbers of the CPU path's [`Rope`].
-fn rope_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+/// every position, with base `theta` and linear scaling `freq_scale`: the
+/// very numbers of the CPU path's [`Rope`].
+fn rope_tables(c: &Config, theta: f32, freq_scale: f32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let positions: Vec<usize> = (0..c.context_length).collect();
-    let Rope { cos, sin, .. } = Rope::new(&positions, c.head_dim, c.rope_theta, c.rope_freq_scale);
+    let Rope { cos, sin, .. } = Rope::new(&positions, c.head_dim, theta, freq_scale);
     let shape = (c.context_length, c.head_dim / 2);
     Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
 }

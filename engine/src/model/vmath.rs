@@ -19,14 +19,27 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `gate[i] = gelu(gate[i]) * up[i]`, GeGLU's activation, with GELU's tanh
-/// approximation (as Gemma and llama.cpp compute it).
+/// approximation (as Gemma and llama.cpp compute it):
+/// `0.5 x (1 + tanh(u))` with `u = sqrt(2/π) (x + 0.044715 x³)`, which is
+/// `x / (1 + e^(-2u))`, so one exponential as in SiLU.
 pub(crate) fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up halves differ in length");
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for (g, u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh()) * u;
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: the CPU has the features; lengths checked above.
+        return unsafe { x86::gelu_tanh_mul(gate, up) };
     }
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// `2 sqrt(2/π)` and `2 sqrt(2/π) 0.044715`: the exponent's factors.
+const GELU_A: f32 = 1.595_769_2;
+const GELU_B: f32 = 0.071_354_82;
+
+fn gelu_tanh(x: f32) -> f32 {
+    x / (1.0 + (-x * (GELU_A + GELU_B * x * x)).exp())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -91,9 +104,47 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`super::gelu_tanh_mul`], eight lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `up` at least as long as `gate`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let (a, b) = (_mm256_set1_ps(-super::GELU_A), _mm256_set1_ps(-super::GELU_B));
+        let mut g = gate.chunks_exact_mut(8);
+        let mut u = up.chunks_exact(8);
+        for (g, u) in (&mut g).zip(&mut u) {
+            // SAFETY: 8 values each.
+            unsafe {
+                let x = _mm256_loadu_ps(g.as_ptr());
+                // -2u = x * (-A - B x²)
+                let e = exp256(_mm256_mul_ps(x, _mm256_fmadd_ps(b, _mm256_mul_ps(x, x), a)));
+                let y = _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u.as_ptr()));
+                _mm256_storeu_ps(g.as_mut_ptr(), y);
+            }
+        }
+        for (g, u) in g.into_remainder().iter_mut().zip(u.remainder()) {
+            *g = super::gelu_tanh(*g) * u;
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn gelu_matches_its_tanh_form() {
+            let xs: Vec<f32> = (-800..800).map(|i| i as f32 / 50.0).collect();
+            let mut got = xs.clone();
+            super::super::gelu_tanh_mul(&mut got, &vec![1.0; xs.len()]);
+            for (x, g) in xs.iter().zip(&got) {
+                let want = 0.5
+                    * f64::from(*x)
+                    * (1.0 + (0.797_884_560_8 * f64::from(*x) * (1.0 + 0.044_715 * f64::from(*x).powi(2))).tanh());
+                assert!((f64::from(*g) - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) = {g}, expected {want}");
+            }
+        }
 
         #[test]
         fn exp256_is_within_a_few_ulp_of_libm() {

@@ -111,7 +111,7 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
         let one = _mm256_set1_ps(1.0);
-        let (a, b) = (_mm256_set1_ps(-super::GELU_A), _mm256_set1_ps(-super::GELU_B));
+        let (a, b) = (_mm256_set1_ps(-crate::model::vmath::GELU_A), _mm256_set1_ps(-crate::model::vmath::GELU_B));
         let mut g = gate.chunks_exact_mut(8);
         let mut u = up.chunks_exact(8);
         for (g, u) in (&mut g).zip(&mut u) {
@@ -125,7 +125,7 @@ pub(crate) mod x86 {
             }
         }
         for (g, u) in g.into_remainder().iter_mut().zip(u.remainder()) {
-            *g = super::gelu_tanh(*g) * u;
+            *g = crate::model::vmath::gelu_tanh(*g) * u;
         }
     }
 

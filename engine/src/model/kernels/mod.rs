@@ -215,8 +215,14 @@ pub trait Tiled: Sync {
     /// Block products per weight row and activation row, for the
     /// parallel threshold.
     fn blocks(&self) -> usize;
+    /// Whether tiles of eight activation rows pay: where a row keeps few
+    /// registers (the K-quants' integer block sums), sharing each unpacked
+    /// weight block with eight rows is faster; the 32-value formats' two
+    /// float accumulators per row spill at eight and are faster at four.
+    const EIGHT_ROWS: bool = false;
     /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows`; `scratch` holds
-    /// [`Tiled::blocks`] times four values.
+    /// [`Tiled::blocks`] times four values (`R` is at most four unless
+    /// [`Tiled::EIGHT_ROWS`]).
     ///
     /// # Safety
     /// `x` has at least `i0 + R` rows, and each `out[r]` is valid for
@@ -271,6 +277,7 @@ impl<F: Kernel> Tiled for QMatrix<F> {
 
 impl<F: SuperKernel> Tiled for SuperMatrix<F> {
     type Rows = SuperRows;
+    const EIGHT_ROWS: bool = true;
 
     fn rows(&self) -> usize {
         self.rows
@@ -345,6 +352,11 @@ unsafe fn columns<W: Tiled>(w: &W, x: &W::Rows, m: usize, cols: Range<usize>, ou
         let mut i = 0;
         // SAFETY (all four): shapes checked in `matmul`; the columns are ours.
         unsafe {
+            while W::EIGHT_ROWS && i + 8 <= m {
+                let out = std::array::from_fn(|r| row(i + r));
+                w.tile::<8>(tile.clone(), x, i, out, &mut scratch);
+                i += 8;
+            }
             while i + 4 <= m {
                 let out = [row(i), row(i + 1), row(i + 2), row(i + 3)];
                 w.tile::<4>(tile.clone(), x, i, out, &mut scratch);

@@ -246,6 +246,17 @@ fn a_row_gives_the_same_bits_alone_or_in_any_batch() {
         w.matmul(&one, &mut alone);
         assert_eq!(alone, batched[i * n..(i + 1) * n], "row {i}");
     }
+    // The K-quants too, whose tiles take eight rows at a time (11 = 8 + 3).
+    let (w, _) = super_matrix::<Q6K>(GgmlDType::Q6K, n, 2 * QK_K, 4);
+    let x = values(11 * 2 * QK_K, 6);
+    let mut all = SuperRows::default();
+    all.quantize(&x, 11, 2 * QK_K);
+    let batched = product(&w, &all);
+    for i in 0..11 {
+        let mut one = SuperRows::default();
+        one.quantize(&x[i * 2 * QK_K..(i + 1) * 2 * QK_K], 1, 2 * QK_K);
+        assert_eq!(product(&w, &one), batched[i * n..(i + 1) * n], "q6_k row {i}");
+    }
 }
 
 #[test]

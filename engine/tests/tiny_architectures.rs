@@ -97,6 +97,25 @@ fn sharded_logits(model: &Llama, world: usize, sequence: &[u32]) -> Vec<Vec<f32>
     })
 }
 
+/// Holds `got` to `want` at every position: every logit within `tolerance`,
+/// and the same greedy token wherever `want`'s choice is clear (a top-2
+/// margin of 0.5 or more). Returns the largest difference and the number of
+/// clear positions.
+fn assert_matches(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tolerance: f32) -> (f32, usize) {
+    assert_eq!(got.len(), want.len(), "{what}: positions");
+    let (mut worst, mut clear) = (0.0f32, 0);
+    for (p, (a, b)) in got.iter().zip(want).enumerate() {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        worst = worst.max(diff);
+        assert!(diff < tolerance, "{what}, position {p}: a logit differs by {diff} (tolerance {tolerance})");
+        if margin(b) >= 0.5 {
+            clear += 1;
+            assert_eq!(argmax(a), argmax(b), "{what}, position {p}: the greedy token differs where it is clear");
+        }
+    }
+    (worst, clear)
+}
+
 #[test]
 fn tiny_models_of_each_architecture_match_llama_cpp() {
     let reference = reference();
@@ -104,24 +123,17 @@ fn tiny_models_of_each_architecture_match_llama_cpp() {
     for (arch, want) in reference["models"].as_object().unwrap() {
         let loaded = engine::model::load_gguf(&data().join(want["file"].as_str().unwrap())).unwrap();
         assert_eq!(format!("{:?}", loaded.model.config().arch).to_lowercase(), *arch);
-        let ours = logits(&loaded.model, &sequence);
         let theirs: Vec<Vec<f32>> = serde_json::from_value(want["logits"].clone()).unwrap();
         let scale = theirs.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
-        let (mut worst, mut clear) = (0.0f32, 0);
-        for (p, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            worst = worst.max(a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max));
-            if margin(b) >= 0.5 {
-                clear += 1;
-                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: greedy differs where llama.cpp is sure");
-            }
-        }
+        // Both sides quantize activations to 8 bits per 32 values, llama.cpp
+        // with f16 scales and this engine with f32 ones: noise of a percent.
+        let tolerance = 0.02 * scale;
+        let ours = logits(&loaded.model, &sequence);
+        let (worst, clear) = assert_matches(&format!("{arch} GGUF against llama.cpp"), &ours, &theirs, tolerance);
         println!(
             "{arch}: largest logit difference {worst:.4} (logits up to {scale:.2}), {clear} clear positions equal"
         );
         assert!(clear >= sequence.len() / 2, "{arch}: only {clear} clear positions");
-        // Both sides quantize activations to 8 bits per 32 values, llama.cpp
-        // with f16 scales and this engine with f32 ones: noise of a percent.
-        assert!(worst < 0.02 * scale, "{arch}: a logit differs by {worst} from llama.cpp's (of {scale})");
 
         for case in want["tokenizations"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
@@ -135,41 +147,20 @@ fn tiny_models_of_each_architecture_match_llama_cpp() {
         let hf = engine::model::load_hf(&data().join(format!("{arch}-hf")), &Default::default()).unwrap();
         assert_eq!(hf.model.config().arch, loaded.model.config().arch);
         let from_hf = logits(&hf.model, &sequence);
-        let mut worst_hf = 0.0f32;
-        for (p, (a, b)) in from_hf.iter().zip(&theirs).enumerate() {
-            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-            worst_hf = worst_hf.max(diff);
-            assert!(diff < 0.02 * scale, "{arch} position {p}: the HF folder's logits differ by {diff}");
-            if margin(b) >= 0.5 {
-                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: the HF folder chooses differently");
-            }
-        }
-        println!("{arch}: the Hugging Face folder's largest logit difference {worst_hf:.4}");
+        let (worst, _) = assert_matches(&format!("{arch} HF folder against llama.cpp"), &from_hf, &theirs, tolerance);
+        println!("{arch}: the Hugging Face folder's largest logit difference {worst:.4}");
 
         // The candle device path (on candle's CPU device here), prefilling
         // half and decoding the rest: the decode batch's window masks too.
         let device = DeviceLlama::new(&loaded.model, &Device::Cpu, DType::F32).unwrap();
         let mut kv = KvStorage::new(loaded.model.kv_shape(BLOCK_SIZE, sequence.len().div_ceil(BLOCK_SIZE)));
         let on_device = stepped_logits(&device, &mut kv, &sequence, sequence.len() / 2);
-        let mut worst_device = 0.0f32;
-        for (p, (a, b)) in on_device.iter().zip(&theirs).enumerate() {
-            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-            worst_device = worst_device.max(diff);
-            assert!(diff < 0.02 * scale, "{arch} position {p}: the device path's logits differ by {diff}");
-            if margin(b) >= 0.5 {
-                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: the device path chooses differently");
-            }
-        }
-        println!("{arch}: the device path's largest logit difference {worst_device:.4}");
+        let (worst, _) =
+            assert_matches(&format!("{arch} device path against llama.cpp"), &on_device, &theirs, tolerance);
+        println!("{arch}: the device path's largest logit difference {worst:.4}");
 
         // Two ranks (2 KV heads, 4 heads, 128 MLP columns split evenly).
         let sharded = sharded_logits(&loaded.model, 2, &sequence);
-        for (p, (a, b)) in sharded.iter().zip(&ours).enumerate() {
-            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-            assert!(diff < 0.02 * scale, "{arch} position {p}: two ranks differ from one by {diff}");
-            if margin(b) >= 0.5 {
-                assert_eq!(argmax(a), argmax(b), "{arch} position {p}: two ranks choose differently");
-            }
-        }
+        assert_matches(&format!("{arch} on two ranks against one"), &sharded, &ours, tolerance);
     }
 }

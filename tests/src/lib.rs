@@ -231,16 +231,24 @@ impl Cluster {
     }
 }
 
+/// POSTs `body` as JSON to `url`, expecting 200, and returns the JSON answer.
+pub async fn post_ok(url: &str, body: serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
+    assert_eq!(response.status(), 200, "{body}");
+    response.json().await.expect("JSON")
+}
+
+/// A JSON list of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
+}
+
 /// Teacher-forced greedy agreement over `/v1/completions` at `url`: for each
 /// golden record, at every clear decision (llama.cpp's top-2 margin >= 0.5)
 /// among its first 16 positions, whether the one greedy token after the
 /// reference's own prefix is the reference's. Returns `(agreed, checked)`
 /// and prints the misses.
 pub async fn teacher_forced_agreement(url: &str, model: &str, golden: &serde_json::Value) -> (usize, usize) {
-    let ids = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
-    };
-    let client = reqwest::Client::new();
     let (mut agreed, mut checked) = (0, 0);
     for record in golden["records"].as_array().expect("records") {
         let prompt = ids(&record["prompt_token_ids"]);
@@ -252,10 +260,7 @@ pub async fn teacher_forced_agreement(url: &str, model: &str, golden: &serde_jso
             }
             let forced = [&prompt[..], &completion[..k]].concat();
             let body = serde_json::json!({"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0, "return_token_ids": true});
-            let response = client.post(url).json(&body).send().await.expect("POST");
-            assert_eq!(response.status(), 200, "{body}");
-            let answer: serde_json::Value = response.json().await.expect("JSON");
-            let got = ids(&answer["choices"][0]["token_ids"]);
+            let got = ids(&post_ok(url, body).await["choices"][0]["token_ids"]);
             checked += 1;
             if got == [completion[k]] {
                 agreed += 1;

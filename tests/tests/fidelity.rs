@@ -1,17 +1,7 @@
 //! Fidelity against llama.cpp's greedy outputs, and disaggregated == colocated.
 
-use serde_json::{json, Value};
-use tests::{golden, teacher_forced_agreement, worker_stats, Cluster, ClusterOptions};
-
-async fn post(url: &str, body: Value) -> Value {
-    let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
-    assert_eq!(response.status(), 200, "{body}");
-    response.json().await.expect("JSON")
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
-}
+use serde_json::json;
+use tests::{golden, ids, post_ok, teacher_forced_agreement, worker_stats, Cluster, ClusterOptions};
 
 /// Teacher-forced: at every clear decision (margin >= 0.5) among the first 16
 /// positions, the greedy next token after the reference's own prefix must be
@@ -38,7 +28,7 @@ async fn chat_prompts_tokenize_exactly_like_the_reference() {
     let mut seen = 0;
     for record in golden["records"].as_array().unwrap().iter().filter(|r| r.get("messages").is_some()) {
         let body = json!({"model": model, "messages": record["messages"], "max_tokens": 1, "temperature": 0, "return_token_ids": true});
-        let response = post(&url, body).await;
+        let response = post_ok(&url, body).await;
         assert_eq!(ids(&response["prompt_token_ids"]), ids(&record["prompt_token_ids"]), "record {}", record["id"]);
         assert_eq!(
             response["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
@@ -61,8 +51,8 @@ async fn disaggregated_equals_colocated_over(decode_args: &[&str], shared_memory
     let records = golden["records"].as_array().unwrap();
     for record in records {
         let body = json!({"model": model, "prompt": record["prompt_token_ids"], "max_tokens": 32, "temperature": 0, "return_token_ids": true});
-        let pd = post(&format!("{}/v1/completions", cluster.router.url()), body.clone()).await;
-        let colocated = post(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
+        let pd = post_ok(&format!("{}/v1/completions", cluster.router.url()), body.clone()).await;
+        let colocated = post_ok(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
         let pd_ids = ids(&pd["choices"][0]["token_ids"]);
         assert!(!pd_ids.is_empty());
         assert_eq!(pd_ids, ids(&colocated["choices"][0]["token_ids"]), "record {}", record["id"]);

@@ -6,18 +6,8 @@
 //!
 //! Needs the model: `scripts/fetch-model.sh gemma3`, or `PDSERVE_GEMMA3`.
 
-use serde_json::{json, Value};
-use tests::{gemma3_path, golden_file, teacher_forced_agreement, Cluster, ClusterOptions};
-
-async fn post(url: &str, body: Value) -> Value {
-    let response = reqwest::Client::new().post(url).json(&body).send().await.expect("POST");
-    assert_eq!(response.status(), 200, "{body}");
-    response.json().await.expect("JSON")
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
-}
+use serde_json::json;
+use tests::{gemma3_path, golden_file, ids, post_ok, teacher_forced_agreement, Cluster, ClusterOptions};
 
 fn cluster() -> Cluster {
     Cluster::start(ClusterOptions { model: Some(gemma3_path()), ..Default::default() })
@@ -44,8 +34,8 @@ async fn gemma3_matches_llama_cpp_disaggregated_and_colocated() {
 
     for record in records {
         let body = json!({"model": model, "prompt": record["prompt_token_ids"], "max_tokens": 32, "temperature": 0, "return_token_ids": true});
-        let pd = post(&url, body.clone()).await;
-        let colocated = post(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
+        let pd = post_ok(&url, body.clone()).await;
+        let colocated = post_ok(&format!("{}/v1/completions", cluster.colocated_router.url()), body).await;
         assert!(!ids(&pd["choices"][0]["token_ids"]).is_empty());
         assert_eq!(pd["choices"][0]["token_ids"], colocated["choices"][0]["token_ids"], "record {}", record["id"]);
         assert_eq!(pd["choices"][0]["text"], colocated["choices"][0]["text"], "record {}", record["id"]);
@@ -55,7 +45,7 @@ async fn gemma3_matches_llama_cpp_disaggregated_and_colocated() {
     let mut chats = 0;
     for record in records.iter().filter(|r| r.get("messages").is_some()) {
         let body = json!({"model": model, "messages": record["messages"], "max_tokens": 8, "temperature": 0, "return_token_ids": true});
-        let response = post(&chat, body).await;
+        let response = post_ok(&chat, body).await;
         assert_eq!(ids(&response["prompt_token_ids"]), ids(&record["prompt_token_ids"]), "record {}", record["id"]);
         let want = ids(&record["completion_token_ids"]);
         let got = ids(&response["choices"][0]["token_ids"]);

@@ -3,16 +3,12 @@
 //! both paths give the same choices.
 
 use serde_json::{json, Value};
-use tests::{sse, Cluster, ClusterOptions};
+use tests::{ids, sse, Cluster, ClusterOptions};
 
 const QUESTION: &str = "Write one short sentence about the sea.";
 
 async fn post(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new().post(url).json(body).send().await.expect("POST")
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id")).collect()
 }
 
 /// Each choice's generated ids, checking indexes, finish reasons and usage.

@@ -1,27 +1,23 @@
-//! A generation's deltas as server-sent events, written from a task of
-//! their own.
+//! A generation's deltas as server-sent events.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{BoxStream, StreamExt};
-use futures::FutureExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tracing::Instrument;
+use futures::stream::{BoxStream, Stream, StreamExt};
+use tokio::time::{Instant, Sleep};
+use tracing::Span;
 
 use crate::backend::{BackendError, Finish};
 use crate::http::error::ApiError;
 use crate::respond::format::{ChunkFormat, ResponseMeta};
 use crate::respond::response::Usage;
 use crate::respond::stream::Delta;
-
-/// Writes (each one or more events) buffered between the generation task
-/// and the client.
-const EVENT_BUFFER: usize = 32;
 
 /// An idle stream sends an empty comment this often, so proxies and load
 /// balancers do not time it out while a long prompt prefills.
@@ -51,13 +47,12 @@ impl<F> Streamed<F> {
     }
 }
 
-/// Runs the stream in its own task so a slow client never stalls the token
-/// stream's bookkeeping, and stops it (dropping the generation) as soon as
-/// the client goes away.
+/// The answer as an event stream that hyper polls itself: no task or
+/// channel between the generation and the connection, so a token costs no
+/// extra wake-up on its way out. A client that goes away drops the body,
+/// and with it the generation.
 pub fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> Response {
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(write_events(streamed, tx).in_current_span());
-    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>));
+    let body = Body::from_stream(EventStream::new(streamed, tracing::Span::current()));
     ([(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
@@ -75,12 +70,9 @@ impl Events {
         self.0.push_str("\n\n");
     }
 
-    /// Sends what was added, if anything; false once the client is gone.
-    async fn send(&mut self, tx: &mpsc::Sender<Bytes>) -> bool {
-        if self.0.is_empty() {
-            return true;
-        }
-        tx.send(Bytes::from(std::mem::take(&mut self.0))).await.is_ok()
+    /// Takes what was added, if anything, as one write.
+    fn take(&mut self) -> Option<Bytes> {
+        (!self.0.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.0)))
     }
 }
 
@@ -100,60 +92,86 @@ impl Progress {
     }
 }
 
-async fn write_events<F: ChunkFormat>(mut s: Streamed<F>, tx: mpsc::Sender<Bytes>) {
-    let mut events = Events::default();
-    let opening_usage = s.continuous_usage.then(|| Usage::new(s.prompt_tokens as u32, 0));
-    for chunk in s.format.opening(&s.meta, opening_usage) {
-        events.push(&chunk);
-    }
-    let prompts = (s.meta.n / s.meta.per_prompt.max(1)).max(1) as usize;
-    let mut progress = Progress {
-        completion_tokens: 0,
-        cached_tokens: vec![None; prompts],
-        first: true,
-        finished: vec![false; s.meta.n.max(1) as usize],
-    };
-    loop {
-        // The role chunks wait for the first token and go out with it, as
-        // vLLM sends them: one write fewer, and no chunk without content.
-        if !progress.first && !events.send(&tx).await {
-            return;
+/// The events of one answer, written as the generation's deltas arrive.
+struct EventStream<F> {
+    s: Streamed<F>,
+    events: Events,
+    progress: Progress,
+    keep_alive: Pin<Box<Sleep>>,
+    /// The request's span, entered while the stream is polled.
+    span: Span,
+    ended: bool,
+}
+
+impl<F: ChunkFormat> EventStream<F> {
+    fn new(s: Streamed<F>, span: Span) -> Self {
+        let mut events = Events::default();
+        let opening_usage = s.continuous_usage.then(|| Usage::new(s.prompt_tokens as u32, 0));
+        for chunk in s.format.opening(&s.meta, opening_usage) {
+            events.push(&chunk);
         }
-        let next = tokio::select! {
-            next = s.deltas.next() => next,
-            () = tx.closed() => {
-                tracing::info!("client disconnected");
-                return;
-            }
-            () = tokio::time::sleep(KEEP_ALIVE) => {
-                events.0.push_str(":\n\n");
-                if !events.send(&tx).await {
-                    return;
-                }
-                continue;
-            }
+        let prompts = (s.meta.n / s.meta.per_prompt.max(1)).max(1) as usize;
+        let progress = Progress {
+            completion_tokens: 0,
+            cached_tokens: vec![None; prompts],
+            first: true,
+            finished: vec![false; s.meta.n.max(1) as usize],
         };
-        // This delta and every one already generated, in one write.
-        let mut next = Some(next);
-        let mut ended = false;
-        while let Some(item) = next {
-            if !add(&mut s, &mut events, &mut progress, item) {
-                ended = true;
-                break;
-            }
-            next = s.deltas.next().now_or_never();
-        }
-        if ended {
-            break;
-        }
+        Self { s, events, progress, keep_alive: Box::pin(tokio::time::sleep(KEEP_ALIVE)), span, ended: false }
     }
+}
+
+/// The closing events: usage when asked, then `[DONE]`.
+fn close<F: ChunkFormat>(s: &Streamed<F>, progress: &Progress, events: &mut Events) {
     tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens = progress.completion_tokens, "request done");
     if s.include_usage {
         let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached());
         events.push(&s.format.usage(&s.meta, usage));
     }
     events.push("[DONE]");
-    events.send(&tx).await;
+}
+
+impl<F: ChunkFormat> Stream for EventStream<F> {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Self { s, events, progress, keep_alive, span, ended } = self.get_mut();
+        if *ended {
+            return Poll::Ready(None);
+        }
+        let _entered = span.enter();
+        // Every delta already generated goes into one write.
+        while let Poll::Ready(item) = s.deltas.poll_next_unpin(cx) {
+            if !add(s, events, progress, item) {
+                close(s, progress, events);
+                *ended = true;
+                return Poll::Ready(events.take().map(Ok));
+            }
+        }
+        // The role chunks wait for the first token and go out with it, as
+        // vLLM sends them: one write fewer, and no chunk without content.
+        if !progress.first {
+            if let Some(write) = events.take() {
+                keep_alive.as_mut().reset(Instant::now() + KEEP_ALIVE);
+                return Poll::Ready(Some(Ok(write)));
+            }
+        }
+        if keep_alive.as_mut().poll(cx).is_ready() {
+            events.0.push_str(":\n\n");
+            keep_alive.as_mut().reset(Instant::now() + KEEP_ALIVE);
+            return Poll::Ready(events.take().map(Ok));
+        }
+        Poll::Pending
+    }
+}
+
+impl<F> Drop for EventStream<F> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _entered = self.span.enter();
+            tracing::info!("client disconnected");
+        }
+    }
 }
 
 /// Adds the events of one item of the stream; false when it ended the stream.

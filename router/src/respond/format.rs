@@ -149,7 +149,7 @@ fn json(value: &impl Serialize) -> String {
 }
 
 /// How one endpoint shapes its answers: whole, or as stream chunks (JSON strings).
-pub trait ChunkFormat: Send + 'static {
+pub trait ChunkFormat: Send + Unpin + 'static {
     /// Prefix of response ids (`chatcmpl`, `cmpl`).
     fn id_prefix(&self) -> &'static str;
     /// The whole non-streaming answer as JSON text: one [`Collected`] per

@@ -1,6 +1,7 @@
 //! [`router::run`] against fake gRPC workers on real ports: model-card
 //! loading, the gRPC edge, prefill -> decode hand-off and `ReleaseKv`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,18 @@ struct FakeWorker {
     decoded: Arc<Mutex<Vec<DecodeRequest>>>,
     prefilled: Arc<Mutex<Vec<PrefillRequest>>>,
     released: Arc<Mutex<Vec<String>>>,
+    /// When set, the decode stream sends its first chunk and then waits for ever; the flag is
+    /// raised when the router drops that stream.
+    hang: Option<Arc<AtomicBool>>,
+}
+
+/// Raises its flag when dropped.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 #[tonic::async_trait]
@@ -94,6 +107,11 @@ impl Decode for FakeWorker {
                 prompt_logprobs: vec![],
             }),
         ];
+        if let Some(dropped) = &self.hang {
+            let flag = DropFlag(dropped.clone());
+            let first = stream::iter(chunks.into_iter().take(1)).chain(stream::pending());
+            return Ok(Response::new(first.map(move |chunk| (&flag, chunk).1).boxed()));
+        }
         Ok(Response::new(stream::iter(chunks).boxed()))
     }
 }
@@ -208,6 +226,41 @@ async fn colocated_request_goes_to_decode_only() {
     assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 3, "{body}");
     let decoded = decode.decoded.lock().unwrap().remove(0);
     assert!(decoded.kv_transfer_params.is_none() && decoded.first_token_id.is_none());
+}
+
+/// A client that leaves mid-stream cancels the worker's generation: the router's event stream
+/// is polled by the connection itself, so the connection's end drops it, and with it the
+/// gRPC stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_cancels_the_generation() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let decode = FakeWorker { hang: Some(dropped.clone()), ..FakeWorker::default() };
+    let router = start_router(vec![], vec![serve_worker(decode).await]).await;
+    let body = json!({"prompt": "Hi", "max_tokens": 50, "stream": true}).to_string();
+    let mut tcp = TcpStream::connect(&router).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    // The first chunk's last token, one delta per token.
+    while !String::from_utf8_lossy(&seen).contains(r#""text":"o""#) {
+        let mut buf = [0; 4096];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(!dropped.load(Ordering::SeqCst), "cancelled while the client was still there");
+    drop(tcp);
+    // Generous for a loaded machine; it takes milliseconds.
+    for _ in 0..500 {
+        if dropped.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker's stream outlived the client by 10 s");
 }
 
 /// A URL nothing listens on: connections are refused at once.

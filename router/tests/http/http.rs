@@ -863,6 +863,32 @@ async fn a_dropped_stream_is_counted_once_and_timed() {
     panic!("the slot was never freed");
 }
 
+/// An idle stream sends a comment every 15 s, so that proxies keep it open; the tokens that come
+/// later still go out.
+#[tokio::test(start_paused = true)]
+async fn an_idle_stream_sends_keep_alive_comments() {
+    let model = Model::from_card(&card(), None).unwrap();
+    let app = app(AppState::ready(model, Arc::new(HangingBackend)));
+    let body = chat_body(json!({"stream": true}));
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    let mut frames = response.into_body().into_data_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"i\"") {
+        seen.push_str(std::str::from_utf8(&frames.next().await.unwrap().unwrap()).unwrap());
+    }
+    let start = tokio::time::Instant::now();
+    for _ in 0..2 {
+        // Time stands still until every task waits, then jumps to the next timer.
+        let frame = frames.next().await.unwrap().unwrap();
+        assert_eq!(frame, ":\n\n");
+    }
+    assert_eq!(start.elapsed(), std::time::Duration::from_secs(30));
+}
+
 #[tokio::test]
 async fn completion_echo_whole_and_streamed() {
     let (app, _) = setup(hello_chunks());

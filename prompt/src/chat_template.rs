@@ -7,11 +7,15 @@
 //! dicts, or none), and offers
 //! `raise_exception`. Templates are written for Python's Jinja, so they call
 //! Python string and dict methods (`.strip()`, `.startswith()`, `.items()`);
-//! [`python_method`] answers the common ones.
+//! [`python_method`] answers the common ones, and `tojson` writes JSON as
+//! HF's does (Python's `json.dumps`: `", "` and `": "` between items, no HTML
+//! escaping), not as minijinja's built-in does.
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 use serde::Serialize;
+
+mod python_json;
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -35,6 +39,10 @@ pub struct TemplateMessage {
     /// A `tool` turn: the function's name, when the client gave it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, when the client sent it back beside the content (vLLM's
+    /// `reasoning_content`); Qwen3's template renders it in the last turn's think block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl TemplateMessage {
@@ -65,6 +73,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", python_json::tojson);
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
         Ok(Self { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })

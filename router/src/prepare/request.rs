@@ -382,6 +382,10 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
     /// Tool turns: the function's name (optional).
     pub name: Option<String>,
+    /// Assistant turns: the reasoning an earlier answer returned beside its content (vLLM's
+    /// `reasoning_content`), passed to the template, which decides what of it to show the model
+    /// (Qwen3's keeps it for turns after the last user message).
+    pub reasoning_content: Option<String>,
 }
 
 /// A message's `content`.

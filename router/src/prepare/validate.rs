@@ -350,6 +350,7 @@ fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessag
         tool_calls,
         tool_call_id: message.tool_call_id,
         name: message.name,
+        reasoning_content: message.reasoning_content,
     })
 }
 

@@ -7,6 +7,13 @@ holds the engine to.
     .cache/golden-venv/bin/pip install llama-cpp-python==0.3.36 gguf==0.19.0 numpy
     .cache/golden-venv/bin/python tests/data/tiny/make_tiny.py
 
+The qwen3 model also carries Qwen3's own chat template (Qwen3-0.6B's, as llama.cpp's sources keep
+it; `<think>`, `</think>`, `<tool_call>` and `</tool_call>` are user-defined tokens of its vocabulary),
+and `qwen3-chat.json` records how Hugging Face `transformers` renders conversations with it (reasoning
+on and off through `enable_thinking`, history with reasoning, tools, a tool round) and llama.cpp's
+token ids for each rendering: the reference `tests/tests/chat_templates.rs` holds the router to.
+`transformers` renders only (no weights; pip install transformers==4.57.1 into the same venv).
+
 Each model has 2 layers (gemma3: 6, the last one global), a width of 64 and a 400-token byte-level
 BPE vocabulary with the `qwen2` pre-tokenizer (Qwen's digit and punctuation splitting); its
 projections are Q8_0, its norms and embeddings f32. The weights come from a fixed-seed generator,
@@ -15,6 +22,7 @@ needs neither Python nor llama.cpp. `<arch>-hf/` holds the GGUF's values under H
 names and config (f32 safetensors, Gemma's norms without the +1 its GGUF bakes in).
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,6 +32,11 @@ from llama_cpp import Llama
 
 HERE = Path(__file__).resolve().parent
 VERSION = "llama-cpp-python 0.3.36, gguf 0.19.0"
+TEMPLATE_VERSION = "transformers 4.57.1, llama-cpp-python 0.3.36"
+# Qwen3's chat template, from the llama.cpp sources `scripts/setup-llama-cpp.sh` unpacks.
+QWEN3_TEMPLATE = HERE.parents[2] / ".cache/llama.cpp/src/vendor/llama.cpp/models/templates/Qwen-Qwen3-0.6B.jinja"
+# Qwen3's tags, as user-defined tokens in the last slots of its vocabulary.
+QWEN3_TAGS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 2, 4, 2, 128, 256
 # Per architecture: the head size, and which optional parts it has.
@@ -65,8 +78,8 @@ def byte_chars() -> list:
     return [chars[b] for b in range(256)]
 
 
-def vocabulary() -> tuple:
-    """Three special tokens, the 256 bytes, then merged pieces up to 400 tokens."""
+def vocabulary(arch: str) -> tuple:
+    """Three special tokens, the 256 bytes, then merged pieces up to 400 tokens (Qwen3's tags last)."""
     b = byte_chars()
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + b
     types = [3, 3, 3] + [1] * 256
@@ -84,10 +97,11 @@ def vocabulary() -> tuple:
                 tokens.append(p)
                 types.append(1)
                 break
-    while len(tokens) < 400:
+    tags = QWEN3_TAGS if arch == "qwen3" else []
+    while len(tokens) < 400 - len(tags):
         tokens.append(f"<unused{len(tokens)}>")
         types.append(3)
-    return tokens, types, merges
+    return tokens + tags, types + [4] * len(tags), merges
 
 
 def write(arch: str, spec: dict, rng: np.random.Generator) -> tuple:
@@ -95,7 +109,7 @@ def write(arch: str, spec: dict, rng: np.random.Generator) -> tuple:
     hd, layers = spec["head_dim"], spec.get("layers", LAYERS)
     values = {}
     q_dim, kv_dim = HEADS * hd, KV_HEADS * hd
-    tokens, types, merges = vocabulary()
+    tokens, types, merges = vocabulary(arch)
     path = HERE / f"{arch}.gguf"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(CONTEXT)
@@ -122,6 +136,8 @@ def write(arch: str, spec: dict, rng: np.random.Generator) -> tuple:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
+    if arch == "qwen3":
+        w.add_chat_template(QWEN3_TEMPLATE.read_text())
 
     def mat(rows, cols, scale=None):
         scale = scale or 1.0 / np.sqrt(cols)
@@ -234,18 +250,74 @@ def write_hf(arch: str, spec: dict, values: dict) -> Path:
     else:
         config["hidden_act"] = "silu"
     (folder / "config.json").write_text(json.dumps(config, indent=1))
-    tokens, types, merges = vocabulary()
+    tokens, types, merges = vocabulary(arch)
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in enumerate(tokens) if types[i] == 3],
+                          "normalized": False, "special": types[i] == 3}
+                         for i, t in enumerate(tokens) if types[i] in (3, 4)],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    tokenizer_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    if arch == "qwen3":
+        tokenizer_config["chat_template"] = QWEN3_TEMPLATE.read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Température à Paris, in °C (<100 & >-50)",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+
+# Conversations as a client sends them (OpenAI's shape: tool-call arguments as JSON text).
+CHATS = [
+    {"name": "plain", "messages": [{"role": "user", "content": "What is 2+2?"}]},
+    {"name": "thinking off", "messages": [{"role": "user", "content": "What is 2+2?"}],
+     "chat_template_kwargs": {"enable_thinking": False}},
+    {"name": "thinking on", "messages": [{"role": "user", "content": "What is 2+2?"}],
+     "chat_template_kwargs": {"enable_thinking": True}},
+    {"name": "history drops old reasoning", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3+3?"}], "chat_template_kwargs": {"enable_thinking": False}},
+    {"name": "reasoning_content of the last turn", "messages": [
+        {"role": "user", "content": "What is 3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "Three and three."}],
+     "add_generation_prompt": False},
+    {"name": "tools", "messages": [{"role": "system", "content": "You help."},
+                                   {"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]},
+    {"name": "a tool round", "tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 2}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]},
+]
+
+
+def qwen3_chats(folder: Path, llm: Llama) -> list:
+    """Each conversation as transformers renders it with Qwen3's template, and llama.cpp's ids for it."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                  chat_template=QWEN3_TEMPLATE.read_text())
+    out = []
+    for chat in CHATS:
+        messages = copy.deepcopy(chat["messages"])
+        # As vLLM passes them: tool-call arguments parsed into objects.
+        for m in messages:
+            for call in m.get("tool_calls", []):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        text = tok.apply_chat_template(messages, tools=chat.get("tools"), tokenize=False,
+                                       add_generation_prompt=chat.get("add_generation_prompt", True),
+                                       **chat.get("chat_template_kwargs", {}))
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        out.append({**chat, "text": text, "token_ids": ids})
+    return out
 
 
 def main() -> None:
@@ -259,6 +331,9 @@ def main() -> None:
         texts = [{"text": t, "token_ids": llm.tokenize(t.encode(), add_bos=False, special=False)} for t in TEXTS]
         reference["models"][arch] = {"file": path.name, "logits": logits, "tokenizations": texts}
         print(arch, path.stat().st_size, "bytes; argmax", [int(np.argmax(r)) for r in logits][:8])
+        if arch == "qwen3":
+            chats = {"reference": TEMPLATE_VERSION, "model": path.name, "chats": qwen3_chats(HERE / "qwen3-hf", llm)}
+            (HERE / "qwen3-chat.json").write_text(json.dumps(chats, indent=1, ensure_ascii=False) + "\n")
     (HERE / "tiny-logits.json").write_text(json.dumps(reference))
 
 

@@ -1,4 +1,8 @@
 //! One sequence's matcher: which tokens may come next, and the token that came.
+//!
+//! For a model whose vocabulary has `<think>` and `</think>` tokens, the constraint holds the
+//! answer after the reasoning, as vLLM holds it with a reasoning parser: the reasoning itself is
+//! free, and the matcher sees only the tokens after `</think>`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +24,29 @@ pub struct Grammar {
     failed: bool,
     vocab_size: usize,
     observer: Option<MaskObserver>,
+    reasoning: Reasoning,
+}
+
+/// The ids of a model's `<think>` and `</think>` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThinkTokens {
+    /// `<think>`.
+    pub open: u32,
+    /// `</think>`.
+    pub close: u32,
+}
+
+/// Where an answer stands against the model's reasoning block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reasoning {
+    /// The model has no think tokens: the constraint holds from the first token.
+    Absent,
+    /// The answer may open with `<think>`, or start the constrained text at once.
+    MayOpen(ThinkTokens),
+    /// Inside the reasoning: any token, until `</think>`.
+    Thinking(ThinkTokens),
+    /// After the reasoning (or after a prompt that closed it): the constraint holds.
+    Answer,
 }
 
 impl std::fmt::Debug for Grammar {
@@ -29,8 +56,30 @@ impl std::fmt::Debug for Grammar {
 }
 
 impl Grammar {
-    pub(crate) fn new(matcher: Matcher, eos: Arc<[u32]>, vocab_size: usize, observer: Option<MaskObserver>) -> Self {
-        Self { matcher, eos, failed: false, vocab_size, observer }
+    pub(crate) fn new(
+        matcher: Matcher,
+        eos: Arc<[u32]>,
+        vocab_size: usize,
+        observer: Option<MaskObserver>,
+        think: Option<ThinkTokens>,
+    ) -> Self {
+        let reasoning = think.map_or(Reasoning::Absent, Reasoning::MayOpen);
+        Self { matcher, eos, failed: false, vocab_size, observer, reasoning }
+    }
+
+    /// Places the answer after `prompt`, before any token of it is accepted: a prompt whose last
+    /// think tag is an open `<think>` (a template that starts the reasoning) leaves the answer
+    /// reasoning until `</think>`; one whose last tag is `</think>` (Qwen3 with
+    /// `enable_thinking: false`) starts the constrained text at once, with no second block, as
+    /// vLLM's reasoning parsers decide from the prompt.
+    pub fn follow_prompt(&mut self, prompt: &[u32]) {
+        let Reasoning::MayOpen(think) = self.reasoning else { return };
+        let last_tag = prompt.iter().rev().find(|&&t| t == think.open || t == think.close);
+        self.reasoning = match last_tag {
+            Some(&t) if t == think.open => Reasoning::Thinking(think),
+            Some(_) => Reasoning::Answer,
+            None => Reasoning::MayOpen(think),
+        };
     }
 
     /// Sets to `-inf` the logit of every token the constraint forbids next. An end-of-sequence
@@ -47,6 +96,11 @@ impl Grammar {
     }
 
     fn apply_mask(&mut self, logits: &mut [f32]) {
+        let open = match self.reasoning {
+            Reasoning::Thinking(_) => return,
+            Reasoning::MayOpen(think) => logits.get(think.open as usize).map(|&l| (think.open as usize, l)),
+            Reasoning::Absent | Reasoning::Answer => None,
+        };
         let allowed =
             if self.failed { None } else { self.matcher.compute_mask_or_eos().map_err(|e| self.fail(&e)).ok() };
         let eos_allowed = allowed.as_ref().is_none_or(|mask| self.eos.first().is_some_and(|&t| mask.is_allowed(t)));
@@ -59,7 +113,7 @@ impl Grammar {
             Some(mask) => forbid_unset(mask, logits),
             None => logits.fill(f32::NEG_INFINITY),
         }
-        for (t, logit) in kept {
+        for (t, logit) in kept.into_iter().chain(open) {
             logits[t] = logit;
         }
     }
@@ -67,6 +121,20 @@ impl Grammar {
     /// Advances past `token`, sampled under [`Grammar::mask`] (or by a prefill worker under
     /// the same constraint).
     pub fn accept(&mut self, token: u32) {
+        match self.reasoning {
+            Reasoning::MayOpen(think) if token == think.open => {
+                self.reasoning = Reasoning::Thinking(think);
+                return;
+            }
+            Reasoning::MayOpen(_) => self.reasoning = Reasoning::Answer,
+            Reasoning::Thinking(think) => {
+                if token == think.close {
+                    self.reasoning = Reasoning::Answer;
+                }
+                return;
+            }
+            Reasoning::Absent | Reasoning::Answer => {}
+        }
         if self.failed {
             return;
         }
@@ -92,7 +160,7 @@ impl Grammar {
 
     /// Whether the answer is complete: only an end-of-sequence token may follow.
     pub fn is_complete(&self) -> bool {
-        self.matcher.is_stopped()
+        matches!(self.reasoning, Reasoning::Absent | Reasoning::Answer) && self.matcher.is_stopped()
     }
 
     fn fail(&mut self, error: &dyn std::fmt::Display) {

@@ -24,6 +24,6 @@ pub mod vocabulary;
 mod error;
 
 pub use error::ConstraintError;
-pub use grammar::{Grammar, MaskObserver};
+pub use grammar::{Grammar, MaskObserver, ThinkTokens};
 pub use spec::{Constraint, Whitespace};
 pub use vocabulary::Vocabulary;

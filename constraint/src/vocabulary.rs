@@ -8,7 +8,7 @@ use llguidance::{Matcher, ParserFactory};
 use prompt::decode::Decoder;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
-use crate::grammar::MaskObserver;
+use crate::grammar::{MaskObserver, ThinkTokens};
 use crate::{Constraint, ConstraintError, Grammar};
 
 /// A model's tokens, ready to compile constraints against. Built once per model (the trie takes
@@ -19,6 +19,8 @@ pub struct Vocabulary {
     eos: Arc<[u32]>,
     /// Given to every grammar compiled here.
     observer: Option<MaskObserver>,
+    /// The model's reasoning tags, when it has both as single tokens.
+    think: Option<ThinkTokens>,
 }
 
 impl std::fmt::Debug for Vocabulary {
@@ -67,19 +69,30 @@ impl Vocabulary {
                 None => Vec::new(),
             })
             .collect();
+        let id_of = |text: &[u8]| {
+            let unmarked = |w: &Vec<u8>| w.strip_prefix(&[TokTrie::SPECIAL_TOKEN_MARKER]).unwrap_or(w) == text;
+            words.iter().position(unmarked).and_then(|id| u32::try_from(id).ok())
+        };
+        let think = id_of(b"<think>").zip(id_of(b"</think>")).map(|(open, close)| ThinkTokens { open, close });
         let trie = TokTrie::from(&TokRxInfo::new(vocab_size, first_eos), &words);
         let env: TokEnv = Arc::new(Env { trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Vocabulary(e.to_string()))?;
         factory.quiet();
         // A failure's message is logged once; the parser's whole state would flood the log.
         factory.limits_mut().verbose_errors = false;
-        Ok(Self { factory, eos: eos_token_ids.into(), observer: None })
+        Ok(Self { factory, eos: eos_token_ids.into(), observer: None, think })
     }
 
     /// Every grammar compiled from now on tells `observer` how long each of its masks took.
     pub fn with_mask_observer(mut self, observer: MaskObserver) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// The model's `<think>` and `</think>` tokens, when it has both: its grammars leave the
+    /// reasoning between them free.
+    pub fn think_tokens(&self) -> Option<ThinkTokens> {
+        self.think
     }
 
     /// Width of the masks: the logits row's.
@@ -97,6 +110,7 @@ impl Vocabulary {
         if let Some(error) = matcher.get_error() {
             return Err(ConstraintError::Invalid(error));
         }
-        Ok((Grammar::new(matcher, self.eos.clone(), self.vocab_size(), self.observer.clone()), start.elapsed()))
+        let grammar = Grammar::new(matcher, self.eos.clone(), self.vocab_size(), self.observer.clone(), self.think);
+        Ok((grammar, start.elapsed()))
     }
 }

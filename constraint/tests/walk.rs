@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use constraint::{Constraint, ConstraintError, Vocabulary, Whitespace};
+use constraint::{Constraint, ConstraintError, Grammar, Vocabulary, Whitespace};
 use prompt::decode::Decoder;
 use serde_json::{json, Value};
 use tokenizers::models::bpe::BPE;
@@ -13,6 +13,11 @@ use tokenizers::{AddedToken, Tokenizer};
 
 /// The 256 byte tokens, a few multi-byte ones, and two end-of-sequence tokens (ids 300, 301).
 fn decoder() -> (Decoder, usize, Vec<u32>) {
+    decoder_with(&[])
+}
+
+/// [`decoder`] with `tags` as added (not special) tokens from id 302, as Qwen3 has its think tags.
+fn decoder_with(tags: &[&str]) -> (Decoder, usize, Vec<u32>) {
     let alphabet = ByteLevel::alphabet();
     let mut chars: Vec<char> = alphabet.into_iter().collect();
     chars.sort_unstable();
@@ -36,7 +41,8 @@ fn decoder() -> (Decoder, usize, Vec<u32>) {
     tokenizer.add_special_tokens(&[AddedToken::from("<eos>", true), AddedToken::from("<eot>", true)]);
     let eos = vec![tokenizer.token_to_id("<eos>").unwrap(), tokenizer.token_to_id("<eot>").unwrap()];
     assert_eq!(eos, [300, 301]);
-    (Decoder::new(Arc::new(tokenizer)), 302, eos)
+    tokenizer.add_tokens(&tags.iter().map(|t| AddedToken::from(*t, false)).collect::<Vec<_>>());
+    (Decoder::new(Arc::new(tokenizer)), 302 + tags.len(), eos)
 }
 
 fn vocabulary() -> (Vocabulary, Decoder, Vec<u32>) {
@@ -225,4 +231,68 @@ fn the_end_of_a_complete_answer_is_taken_without_a_failure() {
     let allowed: Vec<u32> = (0..logits.len() as u32).filter(|&t| logits[t as usize] == 0.0).collect();
     assert_eq!(allowed, eos);
     assert!(!format!("{grammar:?}").contains("failed: true"), "{grammar:?}");
+}
+
+/// The ids a grammar's mask leaves open.
+fn allowed(grammar: &mut Grammar, size: usize) -> Vec<u32> {
+    let mut logits = vec![0.0f32; size];
+    grammar.mask(&mut logits);
+    (0..size as u32).filter(|&t| logits[t as usize] == 0.0).collect()
+}
+
+/// With `<think>` and `</think>` in the vocabulary, the constraint holds the answer after the
+/// reasoning: the answer may open a think block, whose tokens are free and never reach the
+/// matcher, and the constrained text starts after `</think>`; a prompt's last tag decides where
+/// the answer starts.
+#[test]
+fn the_constraint_holds_the_answer_after_the_reasoning() {
+    let (decoder, size, eos) = decoder_with(&["<think>", "</think>"]);
+    let vocab = Vocabulary::new(&decoder, size, &eos).unwrap();
+    let think = vocab.think_tokens().expect("both tags are tokens");
+    assert_eq!((think.open, think.close), (302, 303));
+    let choice = Constraint::Choice(vec!["ab".into()]);
+    let compile = |prompt: &[u32]| {
+        let (mut grammar, _) = vocab.compile(&choice).unwrap();
+        grammar.follow_prompt(prompt);
+        grammar
+    };
+    // No tag in the prompt: "a", or a think block.
+    let mut grammar = compile(&[5, 6]);
+    let first = allowed(&mut grammar, size);
+    assert_eq!(first.len(), 2, "{first:?}");
+    let a = first[0];
+    assert_eq!(first[1], think.open);
+    grammar.accept(think.open);
+    // Reasoning: every token, those the constraint forbids and the end included.
+    assert_eq!(allowed(&mut grammar, size).len(), size);
+    for token in [a + 1, a + 1, eos[0], think.open, 7] {
+        grammar.accept(token);
+    }
+    assert!(!grammar.is_complete());
+    grammar.accept(think.close);
+    assert_eq!(allowed(&mut grammar, size), [a], "the answer starts after the reasoning, without a second block");
+    grammar.accept(a);
+    grammar.accept(a + 1);
+    assert!(grammar.is_complete());
+    assert_eq!(allowed(&mut grammar, size), eos);
+
+    // Started without a block: no block later.
+    let mut grammar = compile(&[]);
+    grammar.accept(a);
+    assert_eq!(allowed(&mut grammar, size), [a + 1]);
+    // A prompt that closed the reasoning (Qwen3 with thinking off): the constraint at once.
+    let mut grammar = compile(&[think.open, 9, think.close, 10]);
+    assert_eq!(allowed(&mut grammar, size), [a]);
+    // A prompt that opened it: free until `</think>`.
+    let mut grammar = compile(&[think.close, 1, think.open, 9]);
+    assert_eq!(allowed(&mut grammar, size).len(), size);
+    grammar.accept(think.close);
+    assert_eq!(allowed(&mut grammar, size), [a]);
+
+    // A vocabulary without the tags: the constraint from the first token, whatever the prompt.
+    let (plain, _, _) = vocabulary();
+    assert!(plain.think_tokens().is_none());
+    let (mut grammar, _) = plain.compile(&choice).unwrap();
+    grammar.follow_prompt(&[302]);
+    assert_eq!(allowed(&mut grammar, 302), [a]);
 }

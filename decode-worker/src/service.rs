@@ -149,7 +149,7 @@ impl DecodeService {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
         let n = convert::choices(req.sampling.as_ref())?;
         // The matcher takes the prefill's first token before sampling the rest.
-        let grammar = self.grammars.compile(req.sampling.as_mut()).await?;
+        let grammar = self.grammars.compile(req.sampling.as_mut(), &req.prompt_token_ids).await?;
         let sampling = convert::sampling(req.sampling.clone())?;
         let kv = self.kv_source(&req, n).await?;
         let engine_req = EngineRequest {

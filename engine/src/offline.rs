@@ -685,7 +685,10 @@ impl Llm {
             let (prompt_tokens, max_tokens) = (ids.len(), request.sampling.max_tokens);
             return Err(OfflineError::ContextExceeded { prompt_tokens, max_tokens, total, context_length });
         }
-        let grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
+        let mut grammar = request.constraint.as_ref().map(|c| self.compile(c)).transpose()?;
+        if let Some(grammar) = &mut grammar {
+            grammar.follow_prompt(&ids);
+        }
         let mut sampling = request.sampling;
         sampling.bad_words.extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.encode(w))?);
         let n = request.n.max(1);

@@ -169,13 +169,16 @@ fn byte_level_bpe(
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(byte_level));
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(types)
-        .filter(|(_, &ty)| ty != TOKEN_TYPE_NORMAL)
-        .map(|(t, _)| AddedToken::from(t.clone(), true))
-        .collect();
-    tokenizer.add_special_tokens(&specials);
+    // User-defined tokens (Qwen3's `<think>`, `<tool_call>`) are text, as in llama.cpp and HF:
+    // matched in any input, and kept when special tokens are skipped on decode; the rest
+    // (control tokens) are special.
+    let added = |special: bool| -> Vec<AddedToken> {
+        let wanted = |ty: i32| ty != TOKEN_TYPE_NORMAL && (ty == TOKEN_TYPE_USER_DEFINED) != special;
+        let chosen = tokens.iter().zip(types).filter(|(_, &ty)| wanted(ty));
+        chosen.map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false)).collect()
+    };
+    tokenizer.add_special_tokens(&added(true));
+    tokenizer.add_tokens(&added(false));
     Ok((tokenizer, Some(byte_level.into())))
 }
 
@@ -321,6 +324,19 @@ mod tests {
         assert_eq!(ids.last(), Some(&2));
         assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
         assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nHi<|im_end|>");
+    }
+
+    /// Qwen3's tags are user-defined tokens: matched in text, and kept on decode when special
+    /// tokens are skipped, as llama.cpp and HF keep them (the reasoning parser reads them).
+    #[test]
+    fn user_defined_tokens_are_text() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny/qwen3.gguf");
+        let content = Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let tok = from_gguf(&content).unwrap();
+        let ids = ids(&tok, "<|im_start|><think>x</think><|im_end|>");
+        assert_eq!(ids, [1, 398, 3 + u32::from(b'x'), 399, 2], "three specials, then the bytes in order");
+        assert_eq!(tok.decode(&ids, true).unwrap(), "<think>x</think>");
+        assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|><think>x</think><|im_end|>");
     }
 
     #[test]

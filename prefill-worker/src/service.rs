@@ -40,7 +40,7 @@ impl PrefillService {
         convert::prompt(&req.prompt_token_ids, self.vocab_size)?;
         let n = convert::choices(req.sampling.as_ref())?;
         // The first token is sampled under the constraint, as the decode worker continues it.
-        let grammar = self.grammars.compile(req.sampling.as_mut()).await?;
+        let grammar = self.grammars.compile(req.sampling.as_mut(), &req.prompt_token_ids).await?;
         let sampling = convert::sampling(req.sampling)?;
         let remote_decode = match req.kv_transfer_params.map(KvTransferParams::try_from).transpose() {
             Ok(None) => false,

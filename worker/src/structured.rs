@@ -85,12 +85,14 @@ impl Grammars {
     }
 
     /// The request's constraint (taken out of its sampling params) compiled for this model, on a
-    /// blocking thread (a schema can take milliseconds), past the answer's tokens already
-    /// generated (`constraint_prefix`, which end the prompt); `invalid_argument` when it does not
+    /// blocking thread (a schema can take milliseconds), placed after the prompt (whose think
+    /// tags say whether the answer starts in reasoning) and past the answer's tokens already
+    /// generated (`constraint_prefix`, which end `prompt`); `invalid_argument` when it does not
     /// compile.
     pub async fn compile(
         self: &Arc<Self>,
         sampling: Option<&mut pb::SamplingParams>,
+        prompt: &[u32],
     ) -> Result<Option<Grammar>, Status> {
         let Some(sampling) = sampling else { return Ok(None) };
         let Some(wire) = sampling.constraint.take() else { return Ok(None) };
@@ -106,6 +108,10 @@ impl Grammars {
                 tracing::debug!(compile_ms = took.as_secs_f64() * 1e3, "structured output compiled");
                 self.metrics.requests.with_label_values(&[kind]).inc();
                 self.metrics.compile.observe(took.as_secs_f64());
+                let Some(asked) = prompt.len().checked_sub(prefix.len()).filter(|_| prompt.ends_with(&prefix)) else {
+                    return Err(Status::invalid_argument("constraint_prefix is not the end of the prompt"));
+                };
+                grammar.follow_prompt(&prompt[..asked]);
                 for token in prefix {
                     grammar.accept(token);
                 }

@@ -11,7 +11,7 @@ The qwen3 model also carries Qwen3's own chat template (Qwen3-0.6B's, as llama.c
 it; `<think>`, `</think>`, `<tool_call>` and `</tool_call>` are user-defined tokens of its vocabulary),
 and `qwen3-chat.json` records how Hugging Face `transformers` renders conversations with it (reasoning
 on and off through `enable_thinking`, history with reasoning, tools, a tool round) and llama.cpp's
-token ids for each rendering: the reference `tests/tests/chat_templates.rs` holds the router to.
+token ids for each rendering: the reference `tests/tests/qwen3.rs` holds the router to.
 `transformers` renders only (no weights; pip install transformers==4.57.1 into the same venv).
 
 Each model has 2 layers (gemma3: 6, the last one global), a width of 64 and a 400-token byte-level

@@ -50,11 +50,13 @@ impl Vocabulary {
     /// The vocabulary of a model whose logits rows are `vocab_size` wide (ids the tokenizer lacks
     /// are never allowed) and whose generation ends at `eos_token_ids`.
     ///
-    /// Needs the decoder's byte table (a byte-level BPE vocabulary): a grammar matches bytes, so
-    /// each token's bytes must be known exactly.
+    /// Needs the decoder's byte table (a byte-level BPE vocabulary, or SentencePiece with byte
+    /// fallback): a grammar matches bytes, so each token's bytes must be known exactly.
     pub fn new(decoder: &Decoder, vocab_size: usize, eos_token_ids: &[u32]) -> Result<Self, ConstraintError> {
         if decoder.table_len().is_none() {
-            return Err(ConstraintError::Vocabulary("its tokenizer is not byte-level BPE".into()));
+            return Err(ConstraintError::Vocabulary(
+                "its tokens' bytes are unknown (neither byte-level BPE nor SentencePiece with byte fallback)".into(),
+            ));
         }
         let Some(&first_eos) = eos_token_ids.first() else {
             return Err(ConstraintError::Vocabulary("it has no end-of-sequence token".into()));

@@ -56,4 +56,35 @@ async fn gemma3_matches_llama_cpp_disaggregated_and_colocated() {
         chats += 1;
     }
     assert!(chats >= 8);
+
+    // Structured outputs over a SentencePiece vocabulary (`▁` spaces, `<0xNN>` bytes): a schema and
+    // a choice hold, the same disaggregated and colocated.
+    let schema = json!({"type": "object", "additionalProperties": false, "required": ["city", "population"],
+                        "properties": {"city": {"type": "string", "maxLength": 20},
+                                       "population": {"type": "integer", "minimum": 0, "maximum": 100000000}}});
+    let question = json!([{"role": "user", "content": "The capital of France and its population, as JSON."}]);
+    let asks = [
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}}),
+        json!({"structured_outputs": {"choice": ["Paris", "Lyon", "Marseille"]}}),
+    ];
+    for ask in asks {
+        let mut body = json!({"model": model, "messages": question, "max_tokens": 64, "temperature": 0});
+        body.as_object_mut().unwrap().extend(ask.as_object().unwrap().clone());
+        let pd = post_ok(&chat, body.clone()).await;
+        let colocated = post_ok(&format!("{}/v1/chat/completions", cluster.colocated_router.url()), body).await;
+        let choice = &pd["choices"][0];
+        assert_eq!(choice["message"], colocated["choices"][0]["message"], "{ask}");
+        assert_eq!(choice["finish_reason"], "stop", "{pd}");
+        let content = choice["message"]["content"].as_str().unwrap();
+        if ask.get("structured_outputs").is_some() {
+            assert!(["Paris", "Lyon", "Marseille"].contains(&content), "{content:?}");
+        } else {
+            let answer: serde_json::Value =
+                serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+            assert!(answer["city"].as_str().is_some_and(|c| c.chars().count() <= 20), "{answer}");
+            assert!(answer["population"].as_u64().is_some_and(|p| p <= 100_000_000), "{answer}");
+            assert_eq!(answer.as_object().unwrap().len(), 2, "{answer}");
+        }
+        eprintln!("Gemma 3 constrained: {content}");
+    }
 }

@@ -21,6 +21,38 @@ pub enum ResponseFormat {
         /// The schema and its name.
         json_schema: JsonSchemaFormat,
     },
+    /// vLLM's structural tag, in its `structures` + `triggers` shape.
+    StructuralTag(StructuralTag),
+}
+
+/// vLLM's structural tag (the `structures` + `triggers` shape vLLM's guidance backend takes):
+/// free text, in which each trigger starts one of the structures whose `begin` starts with it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StructuralTag {
+    /// `"structural_tag"`, or absent.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// What each trigger may start.
+    #[serde(default)]
+    pub structures: Vec<TagStructure>,
+    /// The texts that start a structure.
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    /// xgrammar's newer shape: refused, naming it.
+    pub format: Option<Value>,
+}
+
+/// One structure of a structural tag: `begin`, a JSON value valid against `schema`, `end`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagStructure {
+    /// The opening text; it starts with one of the triggers.
+    pub begin: String,
+    /// The JSON schema of the value between `begin` and `end`.
+    pub schema: Value,
+    /// The closing text.
+    pub end: String,
 }
 
 /// `response_format.json_schema`.
@@ -52,7 +84,7 @@ pub struct StructuredOutputs {
     pub grammar: Option<String>,
     /// Any JSON object.
     pub json_object: Option<bool>,
-    /// vLLM's xgrammar structural tags: refused (not supported).
+    /// A structural tag ([`StructuralTag`]), as an object or as its JSON text.
     pub structural_tag: Option<Value>,
     /// There is no other backend to fall back to: accepted either way.
     pub disable_fallback: Option<bool>,
@@ -123,6 +155,10 @@ pub fn requested(
             let schema = json_schema.schema.clone().unwrap_or_else(|| Value::Object(Default::default()));
             found.push(Requested { constraint: json(field, schema, Whitespace::Compact)?, field });
         }
+        Some(ResponseFormat::StructuralTag(tag)) => {
+            let field = "response_format";
+            found.push(Requested { constraint: structural_tag(field, tag)?, field });
+        }
     }
     if let Some(so) = structured_outputs {
         found.extend(from_structured_outputs(so)?);
@@ -138,12 +174,6 @@ pub fn requested(
 }
 
 fn from_structured_outputs(so: &StructuredOutputs) -> Result<Vec<Requested>, FieldError> {
-    if so.structural_tag.is_some() {
-        return Err(refuse(
-            "structured_outputs.structural_tag",
-            "structural tags are not supported; use `json`, `regex`, `choice` or `grammar`",
-        ));
-    }
     let whitespace = match (&so.whitespace_pattern, so.disable_any_whitespace) {
         (Some(pattern), _) => Whitespace::Pattern(pattern.clone()),
         (None, Some(false)) => Whitespace::Flexible,
@@ -173,6 +203,15 @@ fn from_structured_outputs(so: &StructuredOutputs) -> Result<Vec<Requested>, Fie
             field: "structured_outputs.grammar",
         });
     }
+    if let Some(tag) = &so.structural_tag {
+        let field = "structured_outputs.structural_tag";
+        let tag: StructuralTag = serde_json::from_value(schema_value(field, tag.clone())?)
+            .map_err(|e| refuse(field, format!("is not a structural tag (`structures` and `triggers`): {e}")))?;
+        if tag.kind.as_deref().is_some_and(|kind| kind != "structural_tag") {
+            return Err(refuse(field, "`type` must be `structural_tag`"));
+        }
+        found.push(Requested { constraint: structural_tag(field, &tag)?, field });
+    }
     if so.json_object == Some(true) {
         found.push(Requested {
             constraint: Constraint::json_object(whitespace),
@@ -182,7 +221,7 @@ fn from_structured_outputs(so: &StructuredOutputs) -> Result<Vec<Requested>, Fie
     if found.is_empty() {
         return Err(refuse(
             "structured_outputs",
-            "names no constraint: give one of `json`, `regex`, `choice`, `grammar` or `json_object`",
+            "names no constraint: give one of `json`, `regex`, `choice`, `grammar`, `json_object` or `structural_tag`",
         ));
     }
     Ok(found)
@@ -244,6 +283,46 @@ fn lark(field: &'static str, grammar: &str) -> Result<Constraint, FieldError> {
         return Err(refuse(field, "GBNF grammars are not supported; write the grammar in Lark syntax (`rule: ...`)"));
     }
     Ok(Constraint::Lark(grammar.to_string()))
+}
+
+/// A structural tag as a Lark grammar: free text, where a trigger can only go on as one of the
+/// structures beginning with it. Each trigger ends a lazy lexeme (text up to and including the
+/// first trigger), so the text before a structure never holds a trigger; the text after the last
+/// structure is free, as in vLLM's guidance backend. JSON inside a structure is compact.
+fn structural_tag(field: &'static str, tag: &StructuralTag) -> Result<Constraint, FieldError> {
+    if tag.format.is_some() {
+        return Err(refuse(field, "xgrammar's `format` shape is not supported; give `structures` and `triggers`"));
+    }
+    let (structures, triggers) = (&tag.structures, &tag.triggers);
+    if structures.is_empty() {
+        return Err(refuse(field, "`structures` must list at least one structure"));
+    }
+    if triggers.is_empty() || triggers.iter().any(String::is_empty) {
+        return Err(refuse(field, "`triggers` must list at least one non-empty text"));
+    }
+    let literal = |text: &str| if text.is_empty() { String::new() } else { Value::from(text).to_string() };
+    let mut tags = Vec::new();
+    let mut rules = String::new();
+    for (i, structure) in structures.iter().enumerate() {
+        let Some(trigger) = triggers.iter().find(|t| structure.begin.starts_with(t.as_str())) else {
+            return Err(refuse(field, format!("`begin` {:?} starts with none of the triggers", structure.begin)));
+        };
+        let Value::Object(schema) = &structure.schema else {
+            return Err(refuse(field, format!("the schema of {:?} must be a JSON object", structure.begin)));
+        };
+        let mut schema = schema.clone();
+        schema.entry("x-guidance").or_insert_with(|| Whitespace::Compact.options());
+        let rest = literal(&structure.begin[trigger.len()..]);
+        rules.push_str(&format!("tag_{i}_trigger[lazy]: TEXT {}\n", literal(trigger)));
+        rules.push_str(&format!(
+            "tag_{i}: tag_{i}_trigger {rest} %json {} {}\n",
+            Value::Object(schema),
+            literal(&structure.end)
+        ));
+        tags.push(format!("tag_{i}"));
+    }
+    let grammar = format!("%llguidance {{}}\nstart: ({})* TEXT\nTEXT: /(.|\\n)*/\n{rules}", tags.join(" | "));
+    Ok(Constraint::Lark(grammar))
 }
 
 /// `additionalProperties: false` on every object schema that does not set it, through every

@@ -83,7 +83,7 @@ impl Constraint {
 
 impl Whitespace {
     /// llguidance's JSON compile options for this layout.
-    fn options(&self) -> Value {
+    pub(crate) fn options(&self) -> Value {
         match self {
             Self::Compact => json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
             Self::Flexible => json!({"whitespace_flexible": true}),

@@ -296,3 +296,70 @@ fn the_constraint_holds_the_answer_after_the_reasoning() {
     grammar.follow_prompt(&[302]);
     assert_eq!(allowed(&mut grammar, 302), [a]);
 }
+
+/// vLLM's structural tag: free text, but a trigger can only go on as its structure (the rest of
+/// `begin`, JSON valid against the schema, `end`), after which the text is free again.
+#[test]
+fn a_structural_tag_holds_each_triggered_structure() {
+    use constraint::api::{requested, Guided, StructuredOutputs};
+
+    let (vocab, decoder, eos) = vocabulary();
+    let size = vocab.vocab_size();
+    let spec = json!({"structures": [{"begin": "<f=a>", "end": "</f>", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 12}},
+        "required": ["n"], "additionalProperties": false}}], "triggers": ["<f="]});
+    let so = StructuredOutputs { structural_tag: Some(spec), ..StructuredOutputs::default() };
+    let constraint = requested(None, Some(&so), &Guided::default()).unwrap().unwrap().constraint;
+    // Each byte's own token.
+    let byte_token = |b: u8| (0..size as u32).find(|&t| decoder.token_bytes(t) == Some((&[b][..], false))).unwrap();
+    let shape = regex::Regex::new(r#"^hi <f=a>\{"n": ([0-9]+)\}</f>$"#).unwrap();
+    for seed in 0..20 {
+        let (mut grammar, _) = vocab.compile(&constraint).unwrap();
+        // Free text may end at once.
+        assert!(eos.iter().all(|t| allowed(&mut grammar, size).contains(t)));
+        for &b in b"hi <f=" {
+            assert!(allowed(&mut grammar, size).contains(&byte_token(b)), "{:?} refused", b as char);
+            grammar.accept(byte_token(b));
+        }
+        // The trigger is out: only the structure may follow, never the end.
+        let next = allowed(&mut grammar, size);
+        assert_eq!(
+            next,
+            [byte_token(b'a')],
+            "{:?}",
+            next.iter().map(|&t| decoder.decode(&[t], false)).collect::<Vec<_>>()
+        );
+        let mut out: Vec<u32> = b"hi <f=".iter().map(|&b| byte_token(b)).collect();
+        let mut rng = Rng(seed * 7919 + 1);
+        while !decoder.decode(&out, false).unwrap().ends_with("</f>") {
+            let choices = allowed(&mut grammar, size);
+            assert!(!choices.iter().any(|t| eos.contains(t)), "ended inside the structure");
+            let token = choices[rng.below(choices.len())];
+            grammar.accept(token);
+            out.push(token);
+            assert!(out.len() < 100, "{:?}", decoder.decode(&out, false));
+        }
+        let text = decoder.decode(&out, false).unwrap();
+        let n: u32 = shape.captures(&text).unwrap_or_else(|| panic!("{text:?}"))[1].parse().unwrap();
+        assert!((1..=12).contains(&n), "{text}");
+        // Free again: any text (here, every printable ASCII byte), and the end.
+        let after = allowed(&mut grammar, size);
+        assert!((0x20..0x7f).all(|b| after.contains(&byte_token(b))), "{after:?}");
+        assert!(eos.iter().all(|t| after.contains(t)));
+        // A second trigger starts a second structure.
+        for &b in b" <f=" {
+            grammar.accept(byte_token(b));
+        }
+        assert_eq!(allowed(&mut grammar, size), [byte_token(b'a')]);
+    }
+
+    let refused = |spec: serde_json::Value| {
+        let so = StructuredOutputs { structural_tag: Some(spec), ..StructuredOutputs::default() };
+        requested(None, Some(&so), &Guided::default()).unwrap_err().field
+    };
+    let field = "structured_outputs.structural_tag";
+    assert_eq!(refused(json!({"structures": [], "triggers": ["<f"]})), field);
+    assert_eq!(refused(json!({"structures": [{"begin": "<g>", "end": "", "schema": {}}], "triggers": ["<f"]})), field);
+    assert_eq!(refused(json!({"type": "structural_tag", "format": {"type": "triggered_tags"}})), field);
+    assert_eq!(refused(json!("not json")), field);
+}

@@ -236,14 +236,17 @@ pub struct CommonParams {
     /// longer than that is kept whole.
     #[schema(minimum = 1)]
     pub truncate_prompt_tokens: Option<i64>,
-    /// OpenAI's structured output: `{"type": "text"}`, `{"type": "json_object"}` or
-    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, enforced token
-    /// by token. At most one of this, `structured_outputs` and the `guided_*` fields.
+    /// OpenAI's structured output: `{"type": "text"}`, `{"type": "json_object"}`,
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, or vLLM's
+    /// `{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers"}`,
+    /// enforced token by token. At most one of this, `structured_outputs` and the `guided_*`
+    /// fields.
     #[serde(default, deserialize_with = "object")]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<constraint::api::ResponseFormat>,
-    /// vLLM extra: exactly one of `json`, `regex`, `choice`, `grammar` (Lark) or
-    /// `json_object`, with `disable_any_whitespace`, `disable_additional_properties`,
+    /// vLLM extra: exactly one of `json`, `regex`, `choice`, `grammar` (Lark), `json_object`
+    /// or `structural_tag` (`{"structures": [{"begin", "schema", "end"}], "triggers"}`, or its
+    /// JSON text), with `disable_any_whitespace`, `disable_additional_properties`,
     /// `whitespace_pattern` and `disable_fallback`.
     #[serde(default, deserialize_with = "object")]
     #[schema(value_type = Option<Object>)]
@@ -339,7 +342,8 @@ pub struct ChatNotHonoured {
     /// `cache_salt`, or rely on the router's prefix affinity): only null.
     #[schema(schema_with = schema::only_null)]
     pub prompt_cache_key: Option<Value>,
-    /// vLLM: a structural-tag structured output. Not supported: only null.
+    /// vLLM: the deprecated top-level structural tag. Send it as
+    /// `structured_outputs.structural_tag`: only null here.
     #[schema(schema_with = schema::only_null)]
     pub structural_tag: Option<Value>,
 }

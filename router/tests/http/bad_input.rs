@@ -321,6 +321,15 @@ async fn every_bad_structured_output_is_a_400_naming_its_field() {
         (r#""structured_outputs": {"choice": []}"#, "structured_outputs.choice"),
         (r#""structured_outputs": {"json": "{not json"}"#, "structured_outputs.json"),
         (r#""structured_outputs": {"structural_tag": {}}"#, "structured_outputs.structural_tag"),
+        (
+            r#""structured_outputs": {"structural_tag": {"structures": [{"begin": "<g>", "schema": {}, "end": ""}], "triggers": ["<f"]}}"#,
+            "structured_outputs.structural_tag",
+        ),
+        (
+            r#""structured_outputs": {"structural_tag": {"structures": [{"begin": "<f>", "schema": {"type": "object", "if": {}}, "end": ""}], "triggers": ["<f"]}}"#,
+            "structured_outputs.structural_tag",
+        ),
+        (r#""response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}"#, "response_format"),
         (r#""structured_outputs": {}"#, "structured_outputs"),
         (r#""structured_outputs": {"regex": "a", "choice": ["a"]}"#, "structured_outputs.choice"),
         (r#""response_format": {"type": "json_object"}, "guided_regex": "a""#, "guided_regex"),

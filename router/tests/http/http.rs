@@ -1095,3 +1095,27 @@ async fn a_batch_of_prompts_answers_prompt_major() {
     }
     assert_eq!(by_choice, ["abHé you", "cdHé you"]);
 }
+
+/// vLLM's structural tag, in each place a request may put it, reaches the workers as one grammar
+/// that holds the structure after its trigger.
+#[tokio::test]
+async fn a_structural_tag_reaches_the_workers_as_a_grammar() {
+    let (app, backend) = setup(hello_chunks());
+    let tag = json!({"structures": [{"begin": "<call=f>", "schema": {"type": "object"}, "end": "</call>"}],
+                     "triggers": ["<call="]});
+    let mut response_format = tag.clone();
+    response_format["type"] = json!("structural_tag");
+    for extra in [
+        json!({"structured_outputs": {"structural_tag": tag}}),
+        json!({"structured_outputs": {"structural_tag": tag.to_string()}}),
+        json!({"response_format": response_format}),
+    ] {
+        let (status, body) = post_json(app.clone(), "/v1/chat/completions", chat_body(extra.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{extra}: {body}");
+        let seen = backend.seen.lock().unwrap().pop().unwrap();
+        let Some(constraint::Constraint::Lark(grammar)) = seen.sampling.constraint.as_deref() else {
+            panic!("{extra}: {:?}", seen.sampling.constraint)
+        };
+        assert!(grammar.contains(r#""<call=""#) && grammar.contains("%json") && grammar.contains(r#""</call>""#));
+    }
+}

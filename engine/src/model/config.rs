@@ -64,6 +64,12 @@ impl Arch {
             _ => Activation::Silu,
         }
     }
+
+    /// What the token embeddings are multiplied by before the first layer, if anything: Gemma
+    /// scales them by √hidden.
+    pub fn embedding_scale(self, hidden: usize) -> Option<f32> {
+        matches!(self, Self::Gemma3).then(|| (hidden as f32).sqrt())
+    }
 }
 
 /// The activation of the MLP's gate (the product with `up` follows).

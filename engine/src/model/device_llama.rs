@@ -30,7 +30,7 @@ use super::attention::Rope;
 use super::device::{has_bf16, ComputeDevice};
 use super::linear::Linear;
 use super::llama::{check_batch, kv_shape, Llama};
-use super::{Activation, Arch, Config, ModelError, WeightDtype};
+use super::{Activation, Config, ModelError, WeightDtype};
 use crate::comm::Communicator;
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
@@ -242,8 +242,8 @@ impl DeviceLlama {
         let tokens = Tensor::from_slice(&batch.tokens, n, dev)?;
 
         let mut x = self.embed.index_select(&tokens, 0)?.to_dtype(DType::F32)?;
-        if c.arch == Arch::Gemma3 {
-            x = (x * (c.hidden as f64).sqrt())?;
+        if let Some(scale) = c.arch.embedding_scale(c.hidden) {
+            x = (x * f64::from(scale))?;
         }
         let (mut new_k, mut new_v) = (Vec::with_capacity(c.num_layers), Vec::with_capacity(c.num_layers));
         for (l, layer) in self.layers.iter().enumerate() {

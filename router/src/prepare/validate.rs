@@ -324,6 +324,13 @@ fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessag
     if message.role == "tool" && message.tool_call_id.is_none() {
         return Err(ValidationError::Missing { field: "messages.tool_call_id" });
     }
+    if let Some(bad) = message.tool_calls.iter().flatten().find(|call| !is_tool_call(call)) {
+        return Err(ValidationError::OutOfRange {
+            field: "messages.tool_calls",
+            limit: "a list of calls, each `{\"function\": {\"name\": ..., \"arguments\": ...}}`",
+            value: bad.to_string().chars().take(80).collect(),
+        });
+    }
     let content = match message.content {
         // As OpenAI: only an assistant turn that calls tools may come without content.
         None if message.role == "assistant" && message.tool_calls.is_some() => String::new(),
@@ -352,6 +359,15 @@ fn template_message(index: usize, message: ChatMessage) -> Result<TemplateMessag
         name: message.name,
         reasoning_content: message.reasoning_content,
     })
+}
+
+/// An OpenAI tool call as templates read it: an object whose `function` names the function,
+/// with `arguments` as JSON text or an object, if at all.
+fn is_tool_call(call: &serde_json::Value) -> bool {
+    let function = call.get("function");
+    let arguments = function.and_then(|f| f.get("arguments"));
+    function.and_then(|f| f.get("name")).is_some_and(serde_json::Value::is_string)
+        && arguments.is_none_or(|a| a.is_string() || a.is_object())
 }
 
 /// A tool call's `arguments` as a JSON object when the client sent it as a

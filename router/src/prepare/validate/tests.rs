@@ -277,6 +277,13 @@ fn tool_messages_are_validated() {
     assert_eq!(field_of(chat(no_id)).as_deref(), Some("messages.tool_call_id"));
     let user_calls = json!({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]});
     assert_eq!(field_of(chat(user_calls)).as_deref(), Some("messages.tool_calls"));
+    // Found by schemathesis (seed 20261206): a call that is not a call object.
+    for bad in
+        [json!(0.0), json!({"function": {"arguments": "{}"}}), json!({"function": {"name": "f", "arguments": 1}})]
+    {
+        let calls = json!({"messages": [{"role": "assistant", "tool_calls": [bad]}]});
+        assert_eq!(field_of(chat(calls)).as_deref(), Some("messages.tool_calls"), "{bad}");
+    }
 }
 
 #[test]

@@ -38,8 +38,12 @@ async fn schemathesis_finds_no_server_error_on_the_openapi_document() {
         // other), so some schema-valid bodies are rightly refused with 400.
         .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
         // A fixed seed: CI generates the same cases on every run (a failure
-        // reproduces); longer random runs are for `st run` by hand.
-        .args(["--max-time", &secs, "--workers", "2", "--seed", "20261206"])
+        // reproduces); longer random runs are for `st run` by hand. One worker:
+        // with two, Python 3.11 before 3.11.8 (Debian's) can fail inside the
+        // generator itself ("AST constructor recursion depth mismatch", CPython
+        // gh-106905, a race between threads compiling), a crash of the tool, not
+        // a finding.
+        .args(["--max-time", &secs, "--workers", "1", "--seed", "20261206"])
         .env("NO_COLOR", "1")
         .output()
         .await

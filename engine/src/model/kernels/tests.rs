@@ -354,23 +354,35 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Kernel throughput per core, in CPU time, for every format at one shape:
-/// `RAYON_NUM_THREADS=1 cargo test --release -p engine --lib kernel_speed -- --ignored --nocapture`.
+/// `RAYON_NUM_THREADS=1 cargo test --release -p engine --lib kernel_speed -- --ignored --nocapture`;
+/// `KERNEL_SHAPE=2048x768` picks another weight shape (rows x columns), `KERNEL_M=16` one
+/// activation row count.
 #[test]
 #[ignore = "timing, not a check"]
 fn kernel_speed() {
-    let (n, cols) = (3072, 1536);
+    let (n, cols) = std::env::var("KERNEL_SHAPE")
+        .ok()
+        .and_then(|s| s.split_once('x').and_then(|(n, c)| Some((n.parse().ok()?, c.parse().ok()?))))
+        .unwrap_or((3072, 1536));
     let (q4_1, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 1);
     let (q5, _) = matrix::<Q5>(GgmlDType::Q5_1, n, cols, 1);
     let (q8_0, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 1);
-    let (q4k, _) = super_matrix::<Q4K>(GgmlDType::Q4K, n, cols, 1);
-    let (q5k, _) = super_matrix::<Q5K>(GgmlDType::Q5K, n, cols, 1);
-    let (q6k, _) = super_matrix::<Q6K>(GgmlDType::Q6K, n, cols, 1);
-    for m in [1usize, 4, 16, 128] {
+    // The K-quants need whole super-blocks; at other widths only the 32-value formats run.
+    let super_blocks = cols % QK_K == 0;
+    let super_cols = if super_blocks { cols } else { QK_K };
+    let (q4k, _) = super_matrix::<Q4K>(GgmlDType::Q4K, n, super_cols, 1);
+    let (q5k, _) = super_matrix::<Q5K>(GgmlDType::Q5K, n, super_cols, 1);
+    let (q6k, _) = super_matrix::<Q6K>(GgmlDType::Q6K, n, super_cols, 1);
+    let ms: Vec<usize> = match std::env::var("KERNEL_M") {
+        Ok(m) => vec![m.parse().unwrap()],
+        Err(_) => vec![1, 4, 16, 128],
+    };
+    for m in ms {
         let x = values(m * cols, 2);
         let mut xq = QuantizedRows::default();
         xq.quantize(&x, m, cols);
         let mut xs = SuperRows::default();
-        xs.quantize(&x, m, cols);
+        xs.quantize(&values(m * super_cols, 2), m, super_cols);
         let mut out = vec![0.0; m * n];
         let reps = (4000 / m).max(10);
         type Product<'a> = (&'a str, &'a dyn Fn(&mut [f32]));
@@ -382,7 +394,7 @@ fn kernel_speed() {
             ("q5_k", &|o| q5k.matmul(&xs, o)),
             ("q6_k", &|o| q6k.matmul(&xs, o)),
         ];
-        for (name, f) in products {
+        for (name, f) in products.into_iter().take(if super_blocks { 6 } else { 3 }) {
             f(&mut out);
             let (cpu, wall) = (cpu_seconds(), std::time::Instant::now());
             for _ in 0..reps {

@@ -119,6 +119,7 @@ pub async fn run_constrained(
     let mut pending = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let request = EngineRequest {
+            pooling: None,
             request_id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
             prompt_token_ids: prompt,
             sampling: SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() },
@@ -147,6 +148,7 @@ pub async fn run_constrained(
                 }
                 EngineEvent::Error(e) => anyhow::bail!("engine error: {e}"),
                 EngineEvent::PromptLogprobs { .. } => anyhow::bail!("prompt logprobs were not asked for"),
+                EngineEvent::Embedding(_) => anyhow::bail!("no embedding was asked for"),
             }
         }
         anyhow::bail!("the engine dropped a request without finishing it")

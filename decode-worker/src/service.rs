@@ -153,6 +153,7 @@ impl DecodeService {
         let sampling = convert::sampling(req.sampling.clone())?;
         let kv = self.kv_source(&req, n).await?;
         let engine_req = EngineRequest {
+            pooling: None,
             request_id: req.request_id,
             prompt_token_ids: req.prompt_token_ids,
             sampling,
@@ -201,6 +202,7 @@ impl DecodeService {
                 prompt_logprobs: Vec::new(),
             }),
             EngineEvent::Error(e) => Err(convert::request_error(e)),
+            EngineEvent::Embedding(_) => Err(Status::internal("an embedding for a generation")),
         });
         Ok(Box::pin(chunks))
     }

@@ -32,11 +32,26 @@ pub struct SeqChunk {
     /// Whether the step returns logits for every token of the chunk (prompt logprobs), not
     /// just the last.
     pub all_logits: bool,
+    /// Which of the chunk's final hidden states (after the output norm, before the LM head)
+    /// the step returns, for embeddings.
+    pub hidden: Hidden,
     /// The sequence's prompt length: rows at positions below it are prompt
     /// tokens, the rest were generated. Models must compute a row the same
     /// way however its sequence is batched, chunked or recomputed; this lets
     /// one treat the two kinds differently if it ever needs to.
     pub prompt_len: usize,
+}
+
+/// The final hidden states a chunk asks for (see [`SeqChunk::hidden`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Hidden {
+    /// None: a generation chunk.
+    #[default]
+    None,
+    /// The chunk's last token's (last-token pooling).
+    Last,
+    /// Every token's (mean or first-token pooling).
+    All,
 }
 
 /// All the work of one forward step.
@@ -68,6 +83,7 @@ impl ForwardBatch {
             block_table,
             need_logits,
             all_logits: false,
+            hidden: Hidden::None,
             prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
@@ -94,6 +110,27 @@ impl ForwardBatch {
         rows
     }
 
+    /// Asks for the final hidden states `hidden` of the last chunk pushed (embeddings).
+    pub fn pool_last(&mut self, hidden: Hidden) {
+        if let Some(chunk) = self.seqs.last_mut() {
+            chunk.hidden = hidden;
+        }
+    }
+
+    /// The tokens whose final hidden states the step returns, in row order (see
+    /// [`SeqChunk::hidden`]).
+    pub fn hidden_rows(&self) -> Vec<usize> {
+        let mut rows = Vec::new();
+        for s in &self.seqs {
+            match s.hidden {
+                Hidden::None => {}
+                Hidden::Last => rows.push(s.token_start + s.num_tokens - 1),
+                Hidden::All => rows.extend(s.token_start..s.token_start + s.num_tokens),
+            }
+        }
+        rows
+    }
+
     /// Blocks until layer `layer` of every hand-off still landing is in
     /// place. A failed one does not block: the engine fails its sequence
     /// after the step, whose other rows it does not touch.
@@ -110,14 +147,22 @@ impl ForwardBatch {
 }
 
 /// Logits of one step: one row of `vocab_size` values per token of
-/// [`ForwardBatch::logit_rows`], in that order.
+/// [`ForwardBatch::logit_rows`], in that order; and the final hidden states of
+/// [`ForwardBatch::hidden_rows`], in that order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logits {
     pub vocab_size: usize,
     pub data: Vec<f32>,
+    /// One row per token of [`ForwardBatch::hidden_rows`] (usually none).
+    pub hidden: Vec<Vec<f32>>,
 }
 
 impl Logits {
+    /// Logits rows and no hidden states.
+    pub fn new(vocab_size: usize, data: Vec<f32>) -> Self {
+        Self { vocab_size, data, hidden: Vec::new() }
+    }
+
     /// Number of rows.
     pub fn num_rows(&self) -> usize {
         self.data.len() / self.vocab_size.max(1)

@@ -40,11 +40,12 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
-pub use forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv, SeqChunk};
+pub use forward::{Forward, ForwardBatch, ForwardError, Hidden, Logits, RankKv, SeqChunk};
 pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
 pub use kv::landing::{KvLanding, LandingReporter};
 pub use request::{
-    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, RequestError, MAX_N,
+    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, Pooling, RequestError,
+    MAX_N,
 };
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 pub use scheduler::block_manager::{BlockHash, KvEvent};

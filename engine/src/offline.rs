@@ -629,6 +629,8 @@ impl Llm {
                         }
                         false
                     }
+                    // The offline batch generates; it submits no embedding request.
+                    EngineEvent::Embedding(_) => false,
                     EngineEvent::PromptLogprobs { logprobs, .. } => {
                         request.prompt_logprobs.extend(logprobs);
                         false
@@ -706,6 +708,7 @@ impl Llm {
             choices: (0..n).map(|choice| ChoiceState { watch: watch(choice), ..ChoiceState::default() }).collect(),
         };
         let events = self.engine.submit(EngineRequest {
+            pooling: None,
             request_id,
             prompt_token_ids: ids,
             sampling,

@@ -43,6 +43,41 @@ pub struct EngineRequest {
     /// gets its own copy). Compiled before submission, never on the step
     /// thread: a schema can take milliseconds to compile.
     pub grammar: Option<constraint::Grammar>,
+    /// Embed instead of generating: the prompt is computed and its final hidden states pooled
+    /// into one [`EngineEvent::Embedding`], then the request finishes with no token; its
+    /// sampling parameters play no part.
+    pub pooling: Option<Pooling>,
+}
+
+/// How an embedding pools the final hidden states (after the output norm) of its prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last token's: what a causal model has seen the whole prompt by (vLLM's default for
+    /// decoder models).
+    Last,
+    /// The mean over every prompt token.
+    Mean,
+    /// The first token's (BERT's CLS).
+    Cls,
+}
+
+impl EngineRequest {
+    /// An embedding request for `prompt_token_ids`, pooled by `pooling` (no cache salt, priority
+    /// 0: set them on the result).
+    pub fn embedding(request_id: impl Into<String>, prompt_token_ids: Vec<u32>, pooling: Pooling) -> Self {
+        Self {
+            request_id: request_id.into(),
+            prompt_token_ids,
+            sampling: SamplingParams::greedy(1),
+            kv: KvSource::Compute,
+            pin_on_finish: false,
+            cache_salt: None,
+            priority: 0,
+            n: 1,
+            grammar: None,
+            pooling: Some(pooling),
+        }
+    }
 }
 
 /// Most choices one request may ask for (as the router's `n` limit).
@@ -186,6 +221,8 @@ pub enum EngineEvent {
     /// first token has none) to the prompt's end, before the first `Token`, once per request
     /// whatever its choices.
     PromptLogprobs { start: usize, logprobs: Vec<TokenLogprobs> },
+    /// An embedding request's pooled vector (not normalized), before its `Finished`.
+    Embedding(Vec<f32>),
     /// Generation of choice `index` ended.
     Finished {
         index: u32,
@@ -273,6 +310,9 @@ pub enum EngineError {
     TokenOutOfVocab { token: u32, vocab_size: usize },
     #[error("{reserved} reserved KV blocks for a prompt of {prompt_len} tokens, which needs {blocks_needed}")]
     ReservationSize { reserved: usize, prompt_len: usize, blocks_needed: usize },
+    /// An embedding request that asks for something only a generation has.
+    #[error("an embedding request cannot have {0}")]
+    InvalidEmbedding(&'static str),
     #[error("the engine has stopped")]
     Stopped,
     /// The engine can run no step any more (a tensor-parallel rank died):

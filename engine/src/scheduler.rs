@@ -85,11 +85,11 @@ mod sequence;
 
 pub use plan::{BlockCopy, KvWrite, SampledToken, ScheduledSeq, StepPlan};
 
-use crate::request::{EngineEvent, FailureKind, FinishReason, RequestError};
+use crate::request::{EngineEvent, FailureKind, FinishReason, Pooling, RequestError};
 use crate::sampler::TokenLogprobs;
 use block_manager::{blocks_for, BlockManager, KvEvent};
 use prompt::block_hash::extend_block_hashes;
-use sequence::Sequence;
+use sequence::{Pooled, Sequence};
 use std::collections::{HashMap, VecDeque};
 
 /// Limits the scheduler works within.
@@ -140,6 +140,9 @@ pub struct NewSequence {
     /// Report the prompt's logprobs (with this many top tokens): the prompt is computed whole,
     /// with a logits row per token.
     pub prompt_logprobs: Option<u32>,
+    /// Embed instead of generating (see [`crate::EngineRequest::pooling`]): the sequence ends,
+    /// with an `Embedding` event, once its prompt is computed.
+    pub pooling: Option<Pooling>,
 }
 
 /// The prompt's KV computed elsewhere and the first generated token of each
@@ -241,6 +244,7 @@ impl Scheduler {
             prompt_logprobs: new.prompt_logprobs,
             // Position 0 has no logprob: nothing comes before it.
             prompt_logprobs_next: 1,
+            pooling: new.pooling.map(|pooling| Pooled { pooling, sum: Vec::new(), rows: 0 }),
         };
         self.num_arrivals += 1;
         if let Some(p) = new.provided {
@@ -303,6 +307,15 @@ impl Scheduler {
             let seq = &mut self.running[pos];
             seq.num_computed = chunk.context_start + chunk.tokens.len();
             register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
+            if seq.num_computed == seq.tokens.len() {
+                if let Some(pooled) = &seq.pooling {
+                    let event = EngineEvent::Embedding(pooled.vector());
+                    let seq = self.running.remove(pos);
+                    self.events.push((seq.id.clone(), event));
+                    self.finish(seq, FinishReason::Stop);
+                    continue;
+                }
+            }
             let mut tokens = tokens.into_iter();
             let Some(first) = tokens.next() else {
                 continue;
@@ -350,6 +363,17 @@ impl Scheduler {
             .collect();
         seq.prompt_logprobs_next = end;
         self.events.push((seq.id.clone(), EngineEvent::PromptLogprobs { start, logprobs }));
+    }
+
+    /// Takes the final hidden states `chunk` asked for (see [`ScheduledSeq::hidden`]) into its
+    /// embedding's pooling, before [`Self::finish_step_with`] ends the sequence.
+    pub fn report_hidden(&mut self, chunk: &ScheduledSeq, rows: &[Vec<f32>]) {
+        let Some(seq) = self.running.iter_mut().find(|s| s.is(&chunk.request_id, chunk.choices.start)) else {
+            return;
+        };
+        if let Some(pooled) = &mut seq.pooling {
+            pooled.take(chunk.context_start, rows);
+        }
     }
 
     /// Why a sequence that just generated `token` ends, if it does.
@@ -663,6 +687,9 @@ impl Scheduler {
         seq.num_registered = 0;
         seq.num_computed = 0;
         seq.provided_kv = None;
+        if let Some(pooled) = &mut seq.pooling {
+            pooled.reset();
+        }
         self.num_preemptions += 1;
         self.enqueue(seq);
     }
@@ -761,7 +788,7 @@ impl Scheduler {
         let Some(seq) = self.waiting.front_mut() else {
             return Vec::new();
         };
-        if !self.config.enable_prefix_caching || seq.provided_kv.is_some() || seq.scores_prompt() {
+        if !self.config.enable_prefix_caching || seq.provided_kv.is_some() || seq.computes_whole_prompt() {
             return Vec::new();
         }
         extend_block_hashes(&seq.cache_salt, &seq.tokens, bs, &mut seq.hashes);

@@ -348,8 +348,9 @@ fn kv_handed_off_through_the_arena_reaches_the_device() {
     };
     let start = || Engine::start(Arc::new(own_device_model()), shape, config.clone());
     let prefill = start();
-    let (first, last) =
-        collect(prefill.submit(EngineRequest { pin_on_finish: true, ..request("pre", prompt, 1) }).unwrap());
+    let (first, last) = collect(
+        prefill.submit(EngineRequest { pooling: None, pin_on_finish: true, ..request("pre", prompt, 1) }).unwrap(),
+    );
     let EngineEvent::Finished { pinned_blocks: Some(pinned), .. } = last else { panic!("{last:?}") };
     let mut data = Vec::new();
     prefill.read_blocks(&pinned, &mut data).unwrap();
@@ -377,7 +378,8 @@ fn kv_handed_off_through_the_arena_reaches_the_device() {
             None
         };
         let kv = KvSource::Reserved { blocks, first_tokens: vec![first[0]], landing };
-        let (got, last) = collect(decode.submit(EngineRequest { kv, ..request("handed-off", prompt, 8) }).unwrap());
+        let (got, last) =
+            collect(decode.submit(EngineRequest { pooling: None, kv, ..request("handed-off", prompt, 8) }).unwrap());
         assert!(matches!(last, EngineEvent::Finished { .. }), "{last:?}");
         assert_eq!(got, whole[1..], "decoding from {} KV", if streamed { "streamed" } else { "landed" });
     }

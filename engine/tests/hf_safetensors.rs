@@ -472,6 +472,7 @@ fn two_and_four_cpu_ranks_compute_the_logits_of_one() {
 fn tp_requests(spec: &Spec) -> Vec<EngineRequest> {
     let tokens = test_tokens(spec);
     let request = |i: usize, prompt: &[u32], sampling: SamplingParams, n: u32| EngineRequest {
+        pooling: None,
         request_id: format!("r{i}"),
         prompt_token_ids: prompt.to_vec(),
         sampling: SamplingParams { ignore_eos: true, ..sampling },
@@ -534,6 +535,7 @@ fn served_tokens(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec
                     EngineEvent::Finished { reason, .. } => assert_eq!(reason, FinishReason::Length),
                     EngineEvent::Error(e) => panic!("request failed: {e}"),
                     EngineEvent::PromptLogprobs { .. } => panic!("prompt logprobs were not asked for"),
+                    EngineEvent::Embedding(_) => panic!("no embedding was asked for"),
                 }
             }
             choices

@@ -28,6 +28,7 @@ fn generate(engine: &EngineHandle, id: &str, prompt: &[u32], max_tokens: u32) ->
             EngineEvent::Finished { num_cached_tokens, .. } => return (tokens, num_cached_tokens),
             EngineEvent::Error(e) => panic!("{id}: {e}"),
             EngineEvent::PromptLogprobs { .. } => panic!("{id}: prompt logprobs were not asked for"),
+            EngineEvent::Embedding(_) => panic!("{id}: no embedding was asked for"),
         }
     }
 }

@@ -43,6 +43,7 @@ fn scored(engine: &EngineHandle, id: &str, prompt: &[u32]) -> (Vec<TokenLogprobs
             EngineEvent::Token { .. } => {}
             EngineEvent::Finished { num_cached_tokens, .. } => return (logprobs, num_cached_tokens),
             EngineEvent::Error(e) => panic!("{id}: {e}"),
+            EngineEvent::Embedding(_) => panic!("{id}: no embedding was asked for"),
         }
     }
 }

@@ -53,6 +53,7 @@ impl PrefillService {
         let wanted_tokens = sampling.max_tokens;
         let prompt_len = req.prompt_token_ids.len();
         let engine_req = EngineRequest {
+            pooling: None,
             request_id: req.request_id.clone(),
             prompt_token_ids: req.prompt_token_ids,
             // Prefill makes the first token only; decode makes the rest.
@@ -84,6 +85,7 @@ impl PrefillService {
                     prompt_logprobs.extend(logprobs.into_iter().map(convert::logprobs));
                 }
                 EngineEvent::Error(e) => return Err(convert::request_error(e)),
+                EngineEvent::Embedding(_) => return Err(Status::internal("an embedding for a prefill")),
             }
         }
         let mut response = self.answer(&req.request_id, choices, pinned, wanted_tokens, prompt_len)?;

@@ -333,7 +333,7 @@ impl engine::Forward for OneToken {
             row[1] = 1.0;
             data.extend(row);
         }
-        Ok(engine::Logits { vocab_size: VOCAB, data })
+        Ok(engine::Logits::new(VOCAB, data))
     }
 
     fn vocab_size(&self) -> usize {
@@ -395,6 +395,7 @@ async fn engine_events_reach_a_grpc_subscriber_and_shutdown_ends_the_stream() {
     // Two full blocks and a partial one: two stores.
     let prompt = [1, 2, 3, 4, 5, 6, 7, 3, 2];
     let request = engine::EngineRequest {
+        pooling: None,
         request_id: "r".into(),
         prompt_token_ids: prompt.to_vec(),
         sampling: engine::SamplingParams::greedy(1),

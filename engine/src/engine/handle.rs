@@ -206,6 +206,18 @@ impl EngineHandle {
                 num_blocks: s.shape.num_blocks,
             });
         }
+        if req.pooling.is_some() {
+            let refused = [
+                (req.n != 1, "more than one choice"),
+                (req.kv.first_tokens().is_some(), "its KV computed elsewhere"),
+                (req.pin_on_finish, "its KV pinned for a hand-off"),
+                (req.grammar.is_some(), "a structured output"),
+                (req.sampling.prompt_logprobs.is_some(), "prompt logprobs"),
+            ];
+            if let Some((_, what)) = refused.into_iter().find(|(bad, _)| *bad) {
+                return Err(EngineError::InvalidEmbedding(what));
+            }
+        }
         let p = &req.sampling;
         p.validate()?;
         if let Some(width) = req.grammar.as_ref().map(|g| g.vocab_size()).filter(|&w| w != s.vocab_size) {

@@ -218,6 +218,7 @@ impl StepLoop {
             priority: request.priority,
             n,
             prompt_logprobs,
+            pooling: request.pooling,
         });
     }
 
@@ -325,7 +326,14 @@ impl StepLoop {
                 // the last token's when it samples (a prefill chunk that is not the last has none).
                 let mut sampled: Vec<SampledToken> = Vec::with_capacity(plan.num_samples());
                 let mut first_row = 0;
+                let pooled = std::mem::take(&mut logits.hidden);
+                let mut hidden = pooled.as_slice();
                 for s in &plan.seqs {
+                    if s.num_hidden_rows() > 0 {
+                        let (rows, rest) = hidden.split_at(s.num_hidden_rows());
+                        self.scheduler.report_hidden(s, rows);
+                        hidden = rest;
+                    }
                     let rows = s.num_rows();
                     if s.all_logits {
                         self.scheduler.report_prompt_logprobs(s, |i| logits.row(first_row + i));
@@ -403,6 +411,10 @@ impl StepLoop {
                 self.shared.vocab_size
             ));
         }
+        let hidden: usize = plan.seqs.iter().map(ScheduledSeq::num_hidden_rows).sum();
+        if logits.hidden.len() != hidden {
+            return Err(format!("model returned {} hidden states, expected {hidden}", logits.hidden.len()));
+        }
         Ok(logits)
     }
 
@@ -414,7 +426,7 @@ impl StepLoop {
         let terminal: Vec<bool> = events
             .iter()
             .map(|(id, event)| match event {
-                EngineEvent::Token { .. } | EngineEvent::PromptLogprobs { .. } => false,
+                EngineEvent::Token { .. } | EngineEvent::PromptLogprobs { .. } | EngineEvent::Embedding(_) => false,
                 EngineEvent::Error(_) => true,
                 EngineEvent::Finished { .. } => self.clients.get_mut(id).is_none_or(|c| {
                     c.unfinished = c.unfinished.saturating_sub(1);

@@ -131,7 +131,7 @@ impl Forward for FakeModel {
             seen.push(SeenSeq { tokens, context_start: s.context_start, cached });
         }
         self.steps.lock().unwrap().push(seen);
-        Ok(Logits { vocab_size: self.vocab, data })
+        Ok(Logits::new(self.vocab, data))
     }
 
     fn vocab_size(&self) -> usize {
@@ -156,6 +156,7 @@ fn config() -> EngineConfig {
 
 fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest {
     EngineRequest {
+        pooling: None,
         request_id: id.into(),
         prompt_token_ids: prompt.to_vec(),
         sampling,
@@ -344,7 +345,8 @@ fn pinned_prompt_blocks_are_held_until_released() {
     let model = FakeModel::new(32, false);
     let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
     // max_tokens 5: the abort lands after at most one step, before the request ends.
-    let req = EngineRequest { pin_on_finish: true, ..request("q", &[1, 2, 3], SamplingParams::greedy(5)) };
+    let req =
+        EngineRequest { pooling: None, pin_on_finish: true, ..request("q", &[1, 2, 3], SamplingParams::greedy(5)) };
     let rx = engine.submit(req).unwrap();
     engine.abort("q");
     model.gate.open();
@@ -356,7 +358,7 @@ fn pinned_prompt_blocks_are_held_until_released() {
 /// payload and the first token, as a prefill worker would hand them off.
 fn prefill_remotely(prompt: &[u32], block_size: usize) -> (Vec<u8>, u32) {
     let engine = Engine::start(FakeModel::new(32, true), kv_shape(block_size, 16), config());
-    let req = EngineRequest { pin_on_finish: true, ..request("pre", prompt, SamplingParams::greedy(1)) };
+    let req = EngineRequest { pooling: None, pin_on_finish: true, ..request("pre", prompt, SamplingParams::greedy(1)) };
     let (tokens, last) = collect(engine.submit(req).unwrap());
     let EngineEvent::Finished { pinned_blocks: Some(pinned), .. } = last else { panic!("{last:?}") };
     let mut data = Vec::new();
@@ -374,7 +376,7 @@ fn provided_kv_is_written_and_decode_continues_from_the_first_token() {
     let model = FakeModel::new(32, true);
     let engine = Engine::start(model.clone(), kv_shape(4, 16), config());
     // Occupy block 0 so the provided KV lands in other blocks than on the prefill side.
-    let hold = EngineRequest { pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
+    let hold = EngineRequest { pooling: None, pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
     let (_, hold_last) = collect(engine.submit(hold).unwrap());
     let req = EngineRequest {
         kv: KvSource::Provided { data: data.clone(), first_tokens: vec![first_token] },
@@ -490,7 +492,7 @@ fn kv_pulled_into_reserved_blocks_is_decoded_from_without_a_copy() {
     let shape = kv_shape(4, 16);
     let engine = Engine::start(model.clone(), shape, config());
     // Occupy block 0 so the reserved blocks are others than on the prefill side.
-    let hold = EngineRequest { pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
+    let hold = EngineRequest { pooling: None, pin_on_finish: true, ..request("hold", &[7], SamplingParams::greedy(1)) };
     let (_, hold_last) = collect(engine.submit(hold).unwrap());
     let blocks = reserve(&engine, prompt.len()).unwrap();
     assert_eq!(blocks.block_ids(), [1, 2]);
@@ -549,7 +551,7 @@ fn run_concurrently_in(num_blocks: usize, config: EngineConfig, priorities: [i32
                 SamplingParams { seed: Some(100 + u64::from(i)), max_tokens: 8, ..SamplingParams::default() }
             };
             let req = request(&format!("r{i}"), &[i, i + 1, i + 2], sampling);
-            engine.submit(EngineRequest { priority: priorities[i as usize], ..req }).unwrap()
+            engine.submit(EngineRequest { pooling: None, priority: priorities[i as usize], ..req }).unwrap()
         })
         .collect();
     model.gate.open();
@@ -867,7 +869,8 @@ fn a_tiny_cache_evicts_the_least_recently_used_blocks_and_reports_them() {
 fn pinned_requests_sharing_a_prefix_hold_it_until_both_release() {
     let engine = Engine::start(FakeModel::new(32, true), kv_shape(4, 16), config());
     let pin = |id: &str, prompt: &[u32]| {
-        let req = EngineRequest { pin_on_finish: true, ..request(id, prompt, SamplingParams::greedy(1)) };
+        let req =
+            EngineRequest { pooling: None, pin_on_finish: true, ..request(id, prompt, SamplingParams::greedy(1)) };
         match collect(engine.submit(req).unwrap()).1 {
             EngineEvent::Finished { pinned_blocks: Some(p), num_cached_tokens, .. } => (p, num_cached_tokens),
             other => panic!("{other:?}"),

@@ -197,7 +197,7 @@ impl DeviceLlama {
         let vocab_size = c.vocab_size;
         let n = batch.tokens.len();
         if n == 0 {
-            return Ok(Logits { vocab_size, data: Vec::new() });
+            return Ok(Logits::new(vocab_size, Vec::new()));
         }
         let mut mirror = self.mirror.lock().unwrap_or_else(PoisonError::into_inner);
         let mirror = match &mut *mirror {
@@ -299,14 +299,26 @@ impl DeviceLlama {
         }
         write_back(kv, &plan.new_slots, &new_k, &new_v)?;
 
-        let last: Vec<u32> = batch.logit_rows().into_iter().map(|t| t as u32).collect();
-        if last.is_empty() || !logits {
-            return Ok(Logits { vocab_size, data: Vec::new() });
+        if !logits {
+            return Ok(Logits::new(vocab_size, Vec::new()));
         }
-        let rows = x.index_select(&Tensor::from_slice(&last, last.len(), dev)?, 0)?;
-        let normed = candle_nn::ops::rms_norm(&rows, &self.output_norm, c.rms_eps)?;
-        let data = self.linear(&normed, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Logits { vocab_size, data })
+        let normed_rows = |tokens: Vec<usize>| -> candle_core::Result<Option<Tensor>> {
+            if tokens.is_empty() {
+                return Ok(None);
+            }
+            let ids: Vec<u32> = tokens.into_iter().map(|t| t as u32).collect();
+            let rows = x.index_select(&Tensor::from_slice(&ids, ids.len(), dev)?, 0)?;
+            candle_nn::ops::rms_norm(&rows, &self.output_norm, c.rms_eps).map(Some)
+        };
+        let data = match normed_rows(batch.logit_rows())? {
+            Some(normed) => self.linear(&normed, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let hidden = match normed_rows(batch.hidden_rows())? {
+            Some(normed) => normed.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?,
+            None => Vec::new(),
+        };
+        Ok(Logits { vocab_size, data, hidden })
     }
 
     /// Causal attention of the step's queries (`q`: f32 `[n, heads,

@@ -422,7 +422,7 @@ impl Llama {
         let vocab_size = c.vocab_size;
         let n = batch.tokens.len();
         if n == 0 {
-            return Ok(Logits { vocab_size, data: Vec::new() });
+            return Ok(Logits::new(vocab_size, Vec::new()));
         }
         let (hidden, ffn, hd) = (c.hidden, c.ffn, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
@@ -515,16 +515,27 @@ impl Llama {
             add(&mut x, &y);
         }
 
-        let last = batch.logit_rows();
-        if last.is_empty() || !logits {
-            return Ok(Logits { vocab_size, data: Vec::new() });
+        if !logits {
+            return Ok(Logits::new(vocab_size, Vec::new()));
         }
-        let rows: Vec<f32> = last.iter().flat_map(|&t| &x[t * hidden..(t + 1) * hidden]).copied().collect();
-        let mut normed = vec![0.0; rows.len()];
-        rms_norm(&rows, &self.output_norm, c.rms_eps, &mut normed);
+        let normed_rows = |tokens: &[usize]| {
+            let rows: Vec<f32> = tokens.iter().flat_map(|&t| &x[t * hidden..(t + 1) * hidden]).copied().collect();
+            let mut normed = vec![0.0; rows.len()];
+            rms_norm(&rows, &self.output_norm, c.rms_eps, &mut normed);
+            normed
+        };
+        let last = batch.logit_rows();
         let mut data = Vec::new();
-        self.lm_head.forward(&normed, last.len(), &mut data, &mut scratch)?;
-        Ok(Logits { vocab_size, data })
+        if !last.is_empty() {
+            self.lm_head.forward(&normed_rows(&last), last.len(), &mut data, &mut scratch)?;
+        }
+        let pooled = batch.hidden_rows();
+        let hidden_states = if pooled.is_empty() {
+            Vec::new()
+        } else {
+            normed_rows(&pooled).chunks_exact(hidden).map(<[f32]>::to_vec).collect()
+        };
+        Ok(Logits { vocab_size, data, hidden: hidden_states })
     }
 }
 

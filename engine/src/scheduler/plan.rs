@@ -1,7 +1,7 @@
 //! What one step does, as the scheduler plans it for the engine ([`StepPlan`]), and the tokens
 //! sampled from its logits ([`SampledToken`]).
 
-use crate::forward::ForwardBatch;
+use crate::forward::{ForwardBatch, Hidden};
 use crate::sampler::TokenLogprobs;
 use std::ops::Range;
 
@@ -65,12 +65,23 @@ pub struct ScheduledSeq {
     /// Return a logits row for every token (prompt logprobs), not just the last: row `i`
     /// predicts position `context_start + i + 1`. The last row is still the one sampled.
     pub all_logits: bool,
+    /// The final hidden states the chunk needs (an embedding request's), after its logits rows.
+    pub hidden: Hidden,
     /// With `need_logits`, the choices that sample from this row: just the
     /// sequence's own, or all `n` at the fork step (each with its own sampler).
     pub choices: Range<u32>,
 }
 
 impl ScheduledSeq {
+    /// Its rows of the step's final hidden states.
+    pub fn num_hidden_rows(&self) -> usize {
+        match self.hidden {
+            Hidden::None => 0,
+            Hidden::Last => 1,
+            Hidden::All => self.tokens.len(),
+        }
+    }
+
     /// Its rows of the step's logits.
     pub fn num_rows(&self) -> usize {
         if self.all_logits {
@@ -95,6 +106,7 @@ impl StepPlan {
             if s.all_logits {
                 batch.score_last();
             }
+            batch.pool_last(s.hidden);
         }
         batch
     }

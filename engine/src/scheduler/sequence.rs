@@ -2,7 +2,8 @@
 
 use super::block_manager::BlockHash;
 use super::plan::ScheduledSeq;
-use crate::request::FinishReason;
+use crate::forward::Hidden;
+use crate::request::{FinishReason, Pooling};
 use std::ops::Range;
 
 /// One sequence as the scheduler tracks it: a request, or one choice of it once forked.
@@ -49,6 +50,57 @@ pub(super) struct Sequence {
     /// The next prompt position whose logprob is to be reported (a recomputed prompt does not
     /// report again).
     pub(super) prompt_logprobs_next: usize,
+    /// An embedding request's pooling and what it has pooled so far.
+    pub(super) pooling: Option<Pooled>,
+}
+
+/// An embedding's pooling state, across the chunks of its prompt.
+#[derive(Debug, Clone)]
+pub(super) struct Pooled {
+    pub(super) pooling: Pooling,
+    /// The sum of the hidden states seen (mean), or the one kept (last, first token).
+    pub(super) sum: Vec<f32>,
+    /// Hidden states summed into `sum`.
+    pub(super) rows: usize,
+}
+
+impl Pooled {
+    /// Takes a chunk's hidden states: `rows` are those the chunk asked for, of the tokens from
+    /// `context_start`.
+    pub(super) fn take(&mut self, context_start: usize, rows: &[Vec<f32>]) {
+        let keep = match self.pooling {
+            Pooling::Last => rows.last(),
+            Pooling::Cls => rows.first().filter(|_| context_start == 0),
+            Pooling::Mean => {
+                for row in rows {
+                    if self.sum.is_empty() {
+                        self.sum = vec![0.0; row.len()];
+                    }
+                    for (s, v) in self.sum.iter_mut().zip(row) {
+                        *s += v;
+                    }
+                    self.rows += 1;
+                }
+                return;
+            }
+        };
+        if let Some(row) = keep {
+            self.sum.clone_from(row);
+            self.rows = 1;
+        }
+    }
+
+    /// The pooled vector.
+    pub(super) fn vector(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f32;
+        self.sum.iter().map(|v| v / n).collect()
+    }
+
+    /// Forgets what was pooled: the prompt is computed again after a preemption.
+    pub(super) fn reset(&mut self) {
+        self.sum.clear();
+        self.rows = 0;
+    }
 }
 
 impl Sequence {
@@ -61,11 +113,25 @@ impl Sequence {
             context_start: self.num_computed,
             prompt_len: self.prompt_len,
             block_table: self.blocks.clone(),
-            need_logits: end == self.tokens.len(),
+            need_logits: end == self.tokens.len() && self.pooling.is_none(),
             // Row `i` predicts position `num_computed + i + 1`.
             all_logits: self.scores_prompt() && end >= self.prompt_logprobs_next,
+            hidden: match self.pooling.as_ref().map(|p| p.pooling) {
+                None => Hidden::None,
+                Some(Pooling::Last) if end == self.tokens.len() => Hidden::Last,
+                Some(Pooling::Last) => Hidden::None,
+                Some(Pooling::Mean) => Hidden::All,
+                Some(Pooling::Cls) if self.num_computed == 0 => Hidden::All,
+                Some(Pooling::Cls) => Hidden::None,
+            },
             choices: self.choice..self.choice + self.fork as u32,
         }
+    }
+
+    /// Whether every prompt token must be computed here: its prompt logprobs are still to be
+    /// reported, or its embedding pools more than the last token.
+    pub(super) fn computes_whole_prompt(&self) -> bool {
+        self.scores_prompt() || self.pooling.as_ref().is_some_and(|p| p.pooling != Pooling::Last)
     }
 
     /// Whether prompt logprobs are still to be reported.

@@ -17,6 +17,7 @@ fn config(num_blocks: usize, max_num_seqs: usize) -> SchedulerConfig {
 
 fn seq(id: &str, prompt: &[u32], max_tokens: usize) -> NewSequence {
     NewSequence {
+        pooling: None,
         request_id: id.into(),
         prompt: prompt.to_vec(),
         max_tokens,

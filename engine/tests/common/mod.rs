@@ -86,6 +86,7 @@ pub fn blocks(first: u32, n: usize) -> Vec<u32> {
 #[allow(dead_code)]
 pub fn greedy_request(id: &str, prompt: &[u32], max_tokens: u32) -> engine::EngineRequest {
     engine::EngineRequest {
+        pooling: None,
         request_id: id.into(),
         prompt_token_ids: prompt.to_vec(),
         sampling: engine::SamplingParams::greedy(max_tokens),

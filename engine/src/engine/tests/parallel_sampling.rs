@@ -18,6 +18,7 @@ fn collect_choices(mut rx: UnboundedReceiver<EngineEvent>, n: usize) -> Vec<(Vec
             }
             EngineEvent::Error(e) => panic!("{e}"),
             EngineEvent::PromptLogprobs { .. } => panic!("prompt logprobs were not asked for"),
+            EngineEvent::Embedding(_) => panic!("no embedding was asked for"),
         }
     }
     out.into_iter().map(|(tokens, last)| (tokens, last.expect("every choice finishes"))).collect()

@@ -4,5 +4,6 @@
 pub mod error;
 pub mod not_honoured;
 pub mod request;
+pub mod responses;
 pub mod tokenize;
 pub mod validate;

@@ -4,5 +4,6 @@
 
 pub mod format;
 pub mod response;
+pub mod responses;
 pub mod stream;
 pub mod tool_calls;

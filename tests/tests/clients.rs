@@ -129,6 +129,15 @@ async fn openai_python_sdk_reads_tool_calls() {
     run_client("openai_tools.py", router.url(), &model, &[], "openai tools ok").await;
 }
 
+/// The Responses API as the OpenAI SDK calls it: plain, with a function tool and its output sent
+/// back, with a JSON schema text format, refused stateful fields, and streamed.
+#[tokio::test]
+async fn openai_python_sdk_reads_responses() {
+    let _turn = take_turn();
+    let (_decode, router, model) = tool_calling_router().await;
+    run_client("openai_responses.py", router.url(), &model, &[], "openai responses ok").await;
+}
+
 #[tokio::test]
 async fn vllm_client_crate_reads_tool_calls() {
     let _turn = take_turn();

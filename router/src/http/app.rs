@@ -30,6 +30,7 @@ fn routes() -> Vec<Route> {
     vec![
         route(Method::POST, "/v1/chat/completions", post(generate::chat_completions), true),
         route(Method::POST, "/v1/completions", post(generate::completions), true),
+        route(Method::POST, "/v1/responses", post(generate::responses), true),
         route(Method::GET, "/v1/models", get(meta::models), false),
         route(Method::GET, "/health", get(meta::health), false),
         route(Method::GET, "/ready", get(meta::ready), false),

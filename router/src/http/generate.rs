@@ -1,4 +1,4 @@
-//! `/v1/chat/completions` and `/v1/completions`: one body for both. The
+//! `/v1/chat/completions`, `/v1/completions` and `/v1/responses`: one path for all. The
 //! handler extracts, prepares, hands the request to the generate step and
 //! answers as one JSON body or as server-sent events ([`super::sse`]).
 
@@ -18,10 +18,13 @@ use crate::generate::{generate, GenerateError, Job};
 use crate::http::error::{ApiError, AppJson, ErrorResponse};
 use crate::http::sse::{sse, Streamed};
 use crate::http::state::AppState;
-use crate::prepare::request::{ChatCompletionRequest, CommonParams, CompletionRequest};
+use crate::prepare::request::responses::ResponsesRequest;
+use crate::prepare::request::{ChatCompletionRequest, CompletionRequest};
+use crate::prepare::responses::{validate_responses, ValidResponses};
 use crate::prepare::validate::{check_request_id, validate_chat, validate_completion, ValidRequest, ValidationError};
 use crate::respond::format::{ChatFormat, ChunkFormat, Collected, CompletionFormat, ResponseMeta};
-use crate::respond::response::{ChatCompletion, Completion, StreamEvent};
+use crate::respond::response::{ChatCompletion, Completion, NamedStreamEvent, StreamEvent};
+use crate::respond::responses::{ResponseObject, ResponsesFormat};
 use crate::respond::stream::Delta;
 use crate::tenancy::Caller;
 
@@ -78,7 +81,34 @@ pub async fn completions(
     handle(state, caller, headers, body).await
 }
 
-/// What differs between the two generation endpoints.
+/// `POST /v1/responses`.
+#[utoipa::path(post, path = "/v1/responses", description = "OpenAI's Responses API, stateless: run as a chat completion, \
+    with every field honoured or refused with a 400 naming it. Nothing is stored, so `store: true`, \
+    `previous_response_id`, `background` and `conversation` are refused.", tag = "openai", request_body = ResponsesRequest,
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A `response`; with `stream`, `text/event-stream` of typed events (`event:` and \
+            `data:` lines), from `response.created` to `response.completed` or `response.incomplete`",
+            content((ResponseObject = "application/json"), (NamedStreamEvent = "text/event-stream"))),
+        (status = 400, description = "A parameter is missing, out of range or not supported; `param` names it", body = ErrorResponse),
+        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
+        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
+        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
+        (status = 502, description = "A worker failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+    ))]
+pub async fn responses(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    AppJson(body): AppJson<ResponsesRequest>,
+) -> Response {
+    handle(state, caller, headers, body).await
+}
+
+/// What differs between the generation endpoints.
 trait Endpoint: Sized {
     /// The `endpoint` of the request's span.
     const NAME: &'static str;
@@ -86,18 +116,19 @@ trait Endpoint: Sized {
     type Format: ChunkFormat;
     /// The body's `model`.
     fn model(&self) -> Option<&str>;
-    /// The body's fields common to both endpoints.
-    fn params(&self) -> &CommonParams;
+    /// vLLM's `request_id` extra, when the body has it.
+    fn request_id(&self) -> Option<&str>;
+    /// The end user, logged.
+    fn user(&self) -> Option<&str>;
     /// The names of the body's fields that are part of neither API (ignored).
     fn unknown(&self) -> Vec<&str>;
-    /// OpenAI's `safety_identifier` (chat only), logged as `user` is.
+    /// OpenAI's `safety_identifier`, logged as `user` is.
     fn safety_identifier(&self) -> Option<&str> {
         None
     }
-    /// The prepared requests: one, or one per prompt of a completions batch.
-    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError>;
-    /// The answer's format for `valid` (one request per prompt).
-    fn format(valid: &[ValidRequest]) -> Self::Format;
+    /// The prepared requests (one, or one per prompt of a completions batch) and the format
+    /// their answer is written in.
+    fn prepare(self, model: &Model) -> Result<(Vec<ValidRequest>, Self::Format), ValidationError>;
 }
 
 impl Endpoint for ChatCompletionRequest {
@@ -108,8 +139,12 @@ impl Endpoint for ChatCompletionRequest {
         self.model.as_deref()
     }
 
-    fn params(&self) -> &CommonParams {
-        &self.params
+    fn request_id(&self) -> Option<&str> {
+        self.params.request_id.as_deref()
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.params.user.as_deref()
     }
 
     fn unknown(&self) -> Vec<&str> {
@@ -120,13 +155,12 @@ impl Endpoint for ChatCompletionRequest {
         self.safety_identifier.as_deref()
     }
 
-    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError> {
-        validate_chat(model, self).map(|valid| vec![valid])
-    }
-
-    fn format(valid: &[ValidRequest]) -> ChatFormat {
-        let valid = &valid[0];
-        ChatFormat::new(valid.parse_tool_calls).with_echo(valid.echo.clone()).with_reasoning(valid.include_reasoning)
+    fn prepare(self, model: &Model) -> Result<(Vec<ValidRequest>, ChatFormat), ValidationError> {
+        let valid = validate_chat(model, self)?;
+        let format = ChatFormat::new(valid.parse_tool_calls)
+            .with_echo(valid.echo.clone())
+            .with_reasoning(valid.include_reasoning);
+        Ok((vec![valid], format))
     }
 }
 
@@ -138,20 +172,53 @@ impl Endpoint for CompletionRequest {
         self.model.as_deref()
     }
 
-    fn params(&self) -> &CommonParams {
-        &self.params
+    fn request_id(&self) -> Option<&str> {
+        self.params.request_id.as_deref()
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.params.user.as_deref()
     }
 
     fn unknown(&self) -> Vec<&str> {
         self.unknown.keys().map(String::as_str).collect()
     }
 
-    fn prepare(self, model: &Model) -> Result<Vec<ValidRequest>, ValidationError> {
-        validate_completion(model, self)
+    fn prepare(self, model: &Model) -> Result<(Vec<ValidRequest>, CompletionFormat), ValidationError> {
+        let valid = validate_completion(model, self)?;
+        let format = CompletionFormat::new(valid.iter().map(|v| v.echo.clone()).collect(), valid[0].sampling.n.max(1));
+        Ok((valid, format))
+    }
+}
+
+impl Endpoint for ResponsesRequest {
+    const NAME: &'static str = "responses";
+    type Format = ResponsesFormat;
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
-    fn format(valid: &[ValidRequest]) -> CompletionFormat {
-        CompletionFormat::new(valid.iter().map(|v| v.echo.clone()).collect(), valid[0].sampling.n.max(1))
+    fn request_id(&self) -> Option<&str> {
+        None
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    fn unknown(&self) -> Vec<&str> {
+        self.unknown.keys().map(String::as_str).collect()
+    }
+
+    fn safety_identifier(&self) -> Option<&str> {
+        self.safety_identifier.as_deref()
+    }
+
+    fn prepare(self, model: &Model) -> Result<(Vec<ValidRequest>, ResponsesFormat), ValidationError> {
+        let ValidResponses { valid, echo } = validate_responses(model, self)?;
+        let format = ResponsesFormat::new(echo, valid.parse_tool_calls, valid.prompt_token_ids.len());
+        Ok((vec![valid], format))
     }
 }
 
@@ -159,8 +226,8 @@ impl Endpoint for CompletionRequest {
 /// then the answer. Every response carries the request id.
 async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap, body: E) -> Response {
     let arrival = Instant::now();
-    let request_id = request_id(&headers, body.params().request_id.as_deref());
-    let user = body.params().user.as_deref();
+    let request_id = request_id(&headers, body.request_id());
+    let user = body.user();
     let span = tracing::info_span!("request", request_id = %request_id, endpoint = E::NAME, user,
         safety_identifier = body.safety_identifier(), model = tracing::field::Empty);
     cluster::telemetry::set_parent_from_http(&span, &headers);
@@ -172,9 +239,8 @@ async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap
         }
         let (served, model) = state.model(body.model()).await?;
         tracing::Span::current().record("model", model.served_name.as_str());
-        let valid = body.prepare(&model)?;
+        let (valid, format) = body.prepare(&model)?;
         caller.authorize(&model.served_name)?;
-        let format = E::format(&valid);
         // A batch's prompts run as requests of their own, `<id>-<i>` on the workers, as vLLM's.
         let batched = valid.len() > 1;
         let jobs = (0..)
@@ -226,7 +292,7 @@ async fn answer<F: ChunkFormat>(
     let prompt_logprobs_field = valid.prompt_logprobs_field;
     let model = jobs[0].model.served_name.clone();
     // As vLLM: the response id is the request id (the client's, or a fresh uuid).
-    let id = format!("{}-{}", format.id_prefix(), request_id);
+    let id = format!("{}{}", format.id_prefix(), request_id);
     let system_fingerprint = jobs[0].model.fingerprint.clone();
     // Each prompt waits for its own turn; a refusal of any drops those already started.
     let mut generations = Vec::with_capacity(jobs.len());

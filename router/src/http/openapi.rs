@@ -15,6 +15,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::http::error::{ErrorObject, ErrorResponse};
 
+use crate::prepare::request::responses::{ResponsesNotHonoured, ResponsesRequest};
 use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, ContentPart,
     DetokenizeRequest, MessageContent, StreamOptions, TokenizeRequest,
@@ -40,6 +41,7 @@ use crate::prepare::request::{
     paths(
         crate::http::generate::chat_completions,
         crate::http::generate::completions,
+        crate::http::generate::responses,
         crate::http::meta::models,
         crate::http::meta::health,
         crate::http::meta::ready,
@@ -53,6 +55,8 @@ use crate::prepare::request::{
     components(schemas(
         ChatCompletionRequest,
         CompletionRequest,
+        ResponsesRequest,
+        ResponsesNotHonoured,
         ChatRenderParams,
         CommonParams,
         ChatMessage,

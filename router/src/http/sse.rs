@@ -15,7 +15,7 @@ use tracing::Span;
 
 use crate::backend::{BackendError, Finish};
 use crate::http::error::ApiError;
-use crate::respond::format::{ChunkFormat, ResponseMeta};
+use crate::respond::format::{ChunkFormat, ResponseMeta, SseEvent};
 use crate::respond::response::Usage;
 use crate::respond::stream::Delta;
 
@@ -56,18 +56,29 @@ pub fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> Response {
     ([(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-/// Events written as `data: ...` lines into one buffer, sent as one write:
-/// every delta already generated goes out together instead of one write
-/// (and one wake-up of the connection) per event.
+/// Events written as `event: ...` (when named) and `data: ...` lines into one buffer, sent as
+/// one write: every delta already generated goes out together instead of one write (and one
+/// wake-up of the connection) per event.
 #[derive(Default)]
 struct Events(String);
 
 impl Events {
     /// Adds one event. Our payloads are single-line JSON (or `[DONE]`).
-    fn push(&mut self, data: &str) {
+    fn push(&mut self, event: &SseEvent) {
+        if let Some(name) = event.name {
+            self.0.push_str("event: ");
+            self.0.push_str(name);
+            self.0.push('\n');
+        }
         self.0.push_str("data: ");
-        self.0.push_str(data);
+        self.0.push_str(&event.data);
         self.0.push_str("\n\n");
+    }
+
+    fn extend(&mut self, events: Vec<SseEvent>) {
+        for event in &events {
+            self.push(event);
+        }
     }
 
     /// Takes what was added, if anything, as one write.
@@ -104,12 +115,10 @@ struct EventStream<F> {
 }
 
 impl<F: ChunkFormat> EventStream<F> {
-    fn new(s: Streamed<F>, span: Span) -> Self {
+    fn new(mut s: Streamed<F>, span: Span) -> Self {
         let mut events = Events::default();
         let opening_usage = s.continuous_usage.then(|| Usage::new(s.prompt_tokens as u32, 0));
-        for chunk in s.format.opening(&s.meta, opening_usage) {
-            events.push(&chunk);
-        }
+        events.extend(s.format.opening(&s.meta, opening_usage));
         let prompts = (s.meta.n / s.meta.per_prompt.max(1)).max(1) as usize;
         let progress = Progress {
             completion_tokens: 0,
@@ -121,14 +130,11 @@ impl<F: ChunkFormat> EventStream<F> {
     }
 }
 
-/// The closing events: usage when asked, then `[DONE]`.
+/// The closing events (for chunk streams: usage when asked, then `[DONE]`).
 fn close<F: ChunkFormat>(s: &Streamed<F>, progress: &Progress, events: &mut Events) {
     tracing::info!(prompt_tokens = s.prompt_tokens, completion_tokens = progress.completion_tokens, "request done");
-    if s.include_usage {
-        let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached());
-        events.push(&s.format.usage(&s.meta, usage));
-    }
-    events.push("[DONE]");
+    let usage = Usage::new(s.prompt_tokens as u32, progress.completion_tokens as u32).cached(progress.cached());
+    events.extend(s.format.closing(&s.meta, s.include_usage.then_some(usage)));
 }
 
 impl<F: ChunkFormat> Stream for EventStream<F> {
@@ -192,12 +198,10 @@ fn add<F: ChunkFormat>(
             for index in (0..progress.finished.len()).filter(|&i| !progress.finished[i]) {
                 let end = Delta { index: index as u32, finish: Some(Finish::Error), ..Delta::default() };
                 let usage = s.running_usage(progress);
-                for chunk in s.format.delta(&s.meta, &end, progress.first, usage) {
-                    events.push(&chunk);
-                }
+                events.extend(s.format.delta(&s.meta, &end, progress.first, usage));
                 progress.first = false;
             }
-            events.push(&error.body().to_string());
+            events.extend(s.format.error(&s.meta, error.body()));
             return false;
         }
     };
@@ -209,9 +213,7 @@ fn add<F: ChunkFormat>(
         *cached = delta.cached_tokens.or(*cached);
     }
     let usage = s.running_usage(progress);
-    for chunk in s.format.delta(&s.meta, &delta, progress.first, usage) {
-        events.push(&chunk);
-    }
+    events.extend(s.format.delta(&s.meta, &delta, progress.first, usage));
     progress.first = false;
     true
 }

@@ -41,6 +41,17 @@ pub enum ValidationError {
     /// would change the answer.
     #[error("`{field}` is not supported by this server; it may only be {accepted}")]
     NotHonoured { field: &'static str, accepted: &'static str },
+    /// An item of a Responses API `input` list that is malformed or of a kind not supported.
+    #[error("`input[{index}]`: {reason}")]
+    InputItem { index: usize, reason: String },
+    /// A field of the Responses API that needs responses kept between requests (`store: true`,
+    /// `previous_response_id`, `background`, `conversation`): the router keeps none.
+    #[error("`{field}` needs responses kept between requests, and this router keeps none: it is stateless, so send the whole conversation as `input`")]
+    Stateless { field: &'static str },
+    /// A refusal of the chat request a Responses API request was translated into, whose field
+    /// the Responses API names `param`.
+    #[error("{source}")]
+    Translated { param: &'static str, source: Box<ValidationError> },
     /// A structured output that does not compile for the model.
     #[error("`{field}` cannot be enforced: {reason}")]
     Constraint { field: &'static str, reason: String },
@@ -62,8 +73,11 @@ impl ValidationError {
             | Self::Unsupported { field, .. }
             | Self::Constraint { field, .. }
             | Self::NotHonoured { field, .. }
+            | Self::Stateless { field }
+            | Self::Translated { param: field, .. }
             | Self::TokenOutOfVocab { field, .. } => Some(Cow::Borrowed(field)),
             Self::MissingContent { index, .. } => Some(Cow::Owned(format!("messages[{index}].content"))),
+            Self::InputItem { index, .. } => Some(Cow::Owned(format!("input[{index}]"))),
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } => Some(Cow::Borrowed("prompt")),
             Self::ContextExceeded { .. } => Some(Cow::Borrowed("max_tokens")),
             Self::Template(_) => Some(Cow::Borrowed("messages")),
@@ -76,7 +90,8 @@ impl ValidationError {
         match self {
             Self::Missing { .. } | Self::MissingContent { .. } => "missing_required_parameter",
             Self::Unsupported { .. } => "unsupported_value",
-            Self::NotHonoured { .. } => "unsupported_parameter",
+            Self::NotHonoured { .. } | Self::Stateless { .. } => "unsupported_parameter",
+            Self::Translated { source, .. } => source.code(),
             Self::PromptTooLong { .. } | Self::TextTooLong { .. } | Self::ContextExceeded { .. } => {
                 "context_length_exceeded"
             }

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use crate::prepare::error::ValidationError;
+use crate::prepare::request::responses::ResponsesNotHonoured;
 use crate::prepare::request::{ChatNotHonoured, CompletionNotHonoured, NotHonoured};
 
 /// The one value of a field that changes nothing.
@@ -18,6 +19,8 @@ enum NoOp {
     OneOf(&'static [&'static str]),
     /// `["text"]`.
     TextOnly,
+    /// `"disabled"`.
+    Disabled,
     /// Only null.
     Nothing,
 }
@@ -32,6 +35,7 @@ impl NoOp {
             Self::EmptyString => value.as_str() == Some(""),
             Self::OneOf(values) => value.as_str().is_some_and(|s| values.contains(&s)),
             Self::TextOnly => value.as_array().is_some_and(|v| v.len() == 1 && v[0] == "text"),
+            Self::Disabled => value.as_str() == Some("disabled"),
             Self::Nothing => false,
         }
     }
@@ -46,20 +50,22 @@ impl NoOp {
             Self::EmptyString => "\"\" or null",
             Self::OneOf(_) => "\"auto\", \"default\" or null",
             Self::TextOnly => "[\"text\"] or null",
+            Self::Disabled => "\"disabled\" or null",
             Self::Nothing => "null",
         }
     }
 }
 
+/// Whether `value` is set to something other than null or its no-op value.
+fn changes_something(value: &Option<Value>, no_op: NoOp) -> bool {
+    value.as_ref().is_some_and(|value| !value.is_null() && !no_op.allows(value))
+}
+
 fn check(fields: &[(&'static str, &Option<Value>, NoOp)]) -> Result<(), ValidationError> {
-    for &(field, value, no_op) in fields {
-        match value {
-            None | Some(Value::Null) => {}
-            Some(value) if no_op.allows(value) => {}
-            Some(_) => return Err(ValidationError::NotHonoured { field, accepted: no_op.accepted() }),
-        }
+    match fields.iter().find(|(_, value, no_op)| changes_something(value, *no_op)) {
+        Some(&(field, _, no_op)) => Err(ValidationError::NotHonoured { field, accepted: no_op.accepted() }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl NotHonoured {
@@ -105,5 +111,34 @@ impl CompletionNotHonoured {
     /// Refuses the first field set to something that would change the answer.
     pub fn check(&self) -> Result<(), ValidationError> {
         check(&[("suffix", &self.suffix, NoOp::EmptyString), ("prompt_embeds", &self.prompt_embeds, NoOp::Nothing)])
+    }
+}
+
+impl ResponsesNotHonoured {
+    /// Refuses the first field set to something that would change the answer. The fields that
+    /// would need responses kept between requests get a refusal that says the router is
+    /// stateless; an absent `store` is taken as false, since nothing is ever kept.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        let stateless: [(&'static str, &Option<Value>, NoOp); 4] = [
+            ("store", &self.store, NoOp::False),
+            ("previous_response_id", &self.previous_response_id, NoOp::Nothing),
+            ("background", &self.background, NoOp::False),
+            ("conversation", &self.conversation, NoOp::Nothing),
+        ];
+        if let Some((field, ..)) = stateless.iter().find(|(_, value, no_op)| changes_something(value, *no_op)) {
+            return Err(ValidationError::Stateless { field });
+        }
+        check(&[
+            ("prompt", &self.prompt, NoOp::Nothing),
+            ("include", &self.include, NoOp::EmptyList),
+            ("top_logprobs", &self.top_logprobs, NoOp::Nothing),
+            ("max_tool_calls", &self.max_tool_calls, NoOp::Nothing),
+            ("service_tier", &self.service_tier, NoOp::OneOf(&["auto", "default"])),
+            ("prompt_cache_key", &self.prompt_cache_key, NoOp::Nothing),
+            ("prompt_cache_retention", &self.prompt_cache_retention, NoOp::Nothing),
+            ("stream_options", &self.stream_options, NoOp::EmptyObject),
+            ("truncation", &self.truncation, NoOp::Disabled),
+            ("context_management", &self.context_management, NoOp::Nothing),
+        ])
     }
 }

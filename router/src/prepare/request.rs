@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+pub mod responses;
 mod schema;
 
 /// Body of `POST /v1/chat/completions`.

@@ -148,21 +148,59 @@ fn json(value: &impl Serialize) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-/// How one endpoint shapes its answers: whole, or as stream chunks (JSON strings).
+/// One server-sent event: its `event:` name (typed streams such as the Responses API's name
+/// each event; chat and completions send data-only events) and its `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, when the stream names its events.
+    pub name: Option<&'static str>,
+    /// The `data:` field: a JSON text, or `[DONE]`.
+    pub data: String,
+}
+
+impl SseEvent {
+    /// A data-only event.
+    pub fn data(data: String) -> Self {
+        Self { name: None, data }
+    }
+
+    /// An event named `name`.
+    pub fn named(name: &'static str, data: String) -> Self {
+        Self { name: Some(name), data }
+    }
+}
+
+/// The data-only event of `chunk`.
+fn chunk(chunk: &impl Serialize) -> SseEvent {
+    SseEvent::data(json(chunk))
+}
+
+/// How one endpoint shapes its answers: whole, or as server-sent events.
 pub trait ChunkFormat: Send + Unpin + 'static {
-    /// Prefix of response ids (`chatcmpl`, `cmpl`).
+    /// What response ids start with (`chatcmpl-`, `cmpl-`, `resp_`), before the request id.
     fn id_prefix(&self) -> &'static str;
     /// The whole non-streaming answer as JSON text: one [`Collected`] per
     /// choice, in order.
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String;
-    /// Chunks sent before any text; each carries `usage` when given (vLLM's continuous usage).
-    fn opening(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<String>;
-    /// Chunks for one delta; `first` is true for the first delta. Takes
+    /// Events sent before any text; each carries `usage` when given (vLLM's continuous usage).
+    fn opening(&mut self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<SseEvent>;
+    /// Events for one delta; `first` is true for the first delta. Takes
     /// `&mut self` because a format may hold text back across deltas.
-    /// Each chunk carries `usage`, the counts so far, when given (vLLM's continuous usage).
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<String>;
-    /// The usage chunk (`choices: []`).
-    fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String;
+    /// Each carries `usage`, the counts so far, when given (vLLM's continuous usage).
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<SseEvent>;
+    /// The events that end the stream, once every choice ended; `usage` when the client asked
+    /// for a usage chunk. OpenAI's chunk streams end with the usage chunk, then `[DONE]`.
+    fn closing(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<SseEvent>;
+    /// The events of a failure mid-stream, after each choice it cut short ended with
+    /// [`Finish::Error`]; `body` is the OpenAI error body. By default the body itself.
+    fn error(&mut self, _meta: &ResponseMeta, body: serde_json::Value) -> Vec<SseEvent> {
+        vec![SseEvent::data(body.to_string())]
+    }
+}
+
+/// The end of an OpenAI chunk stream: the usage chunk when asked, then `[DONE]`.
+fn chunk_stream_end(usage_chunk: Option<SseEvent>) -> Vec<SseEvent> {
+    usage_chunk.into_iter().chain([SseEvent::data("[DONE]".into())]).collect()
 }
 
 /// `chat.completion.chunk`: a role chunk, content (reasoning, tool-call)
@@ -239,7 +277,7 @@ impl ChatFormat {
 
 impl ChunkFormat for ChatFormat {
     fn id_prefix(&self) -> &'static str {
-        "chatcmpl"
+        "chatcmpl-"
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
@@ -258,7 +296,7 @@ impl ChunkFormat for ChatFormat {
 
     /// A role chunk per choice, the first with the prompt ids; then, with
     /// `echo`, a content chunk per choice with the echoed text.
-    fn opening(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<String> {
+    fn opening(&mut self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<SseEvent> {
         let roles = (0..meta.n.max(1)).map(|index| {
             let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
             let choice = ChatChunkChoice { index, ..Self::choice(delta, meta.ids(&[]), None) };
@@ -266,18 +304,18 @@ impl ChunkFormat for ChatFormat {
             if index == 0 {
                 chunk.prompt_token_ids = meta.prompt_ids();
             }
-            json(&chunk)
+            self::chunk(&chunk)
         });
         let echoes = self.echo.iter().flat_map(|echo| {
             (0..meta.n.max(1)).map(move |index| {
                 let delta = ChatDelta { content: Some(echo.clone()), ..ChatDelta::default() };
-                json(&Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, None, None) }], usage))
+                chunk(&Self::chunk(meta, vec![ChatChunkChoice { index, ..Self::choice(delta, None, None) }], usage))
             })
         });
         roles.chain(echoes).collect()
     }
 
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool, usage: Option<Usage>) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, _first: bool, usage: Option<Usage>) -> Vec<SseEvent> {
         let hide_reasoning = self.hide_reasoning;
         let stream = self.stream(delta.index);
         let mut parsed = stream.parser.feed(&delta.text);
@@ -305,7 +343,7 @@ impl ChunkFormat for ChatFormat {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
             let logprobs = meta.logprobs(&std::mem::take(&mut stream.logprobs));
             let choice = ChatChunkChoice { index: delta.index, ..Self::choice(chat_delta, ids, logprobs) };
-            chunks.push(json(&Self::chunk(meta, vec![choice], usage)));
+            chunks.push(chunk(&Self::chunk(meta, vec![choice], usage)));
         }
         if let Some(finish) = delta.finish {
             let ids = meta.ids(&std::mem::take(&mut stream.ids));
@@ -316,13 +354,13 @@ impl ChunkFormat for ChatFormat {
                 stop_reason: delta.stop_reason.clone(),
                 ..Self::choice(ChatDelta::default(), ids, logprobs)
             };
-            chunks.push(json(&Self::chunk(meta, vec![choice], usage)));
+            chunks.push(chunk(&Self::chunk(meta, vec![choice], usage)));
         }
         chunks
     }
 
-    fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String {
-        json(&Self::chunk(meta, Vec::new(), Some(usage)))
+    fn closing(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<SseEvent> {
+        chunk_stream_end(usage.map(|usage| chunk(&Self::chunk(meta, Vec::new(), Some(usage)))))
     }
 }
 
@@ -362,7 +400,7 @@ impl CompletionFormat {
 
 impl ChunkFormat for CompletionFormat {
     fn id_prefix(&self) -> &'static str {
-        "cmpl"
+        "cmpl-"
     }
 
     fn whole(&self, meta: &ResponseMeta, prompt_tokens: usize, out: Vec<Collected>) -> String {
@@ -388,11 +426,11 @@ impl ChunkFormat for CompletionFormat {
         json(&response)
     }
 
-    fn opening(&self, _meta: &ResponseMeta, _usage: Option<Usage>) -> Vec<String> {
+    fn opening(&mut self, _meta: &ResponseMeta, _usage: Option<Usage>) -> Vec<SseEvent> {
         Vec::new()
     }
 
-    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<String> {
+    fn delta(&mut self, meta: &ResponseMeta, delta: &Delta, first: bool, usage: Option<Usage>) -> Vec<SseEvent> {
         let prompt_ids = if first { meta.prompt_ids() } else { None };
         let echo_len = self.echo(delta.index).map_or(0, |echo| echo.chars().count());
         let (started, offset) = *self.progress(delta.index);
@@ -413,12 +451,11 @@ impl ChunkFormat for CompletionFormat {
             prompt_token_ids: if started { None } else { meta.prompt_ids_of(delta.index) },
             token_ids: meta.ids(&delta.token_ids),
         };
-        let chunk = completion(meta, vec![choice], usage, prompt_ids);
-        vec![json(&chunk)]
+        vec![chunk(&completion(meta, vec![choice], usage, prompt_ids))]
     }
 
-    fn usage(&self, meta: &ResponseMeta, usage: Usage) -> String {
-        json(&completion(meta, Vec::new(), Some(usage), None))
+    fn closing(&self, meta: &ResponseMeta, usage: Option<Usage>) -> Vec<SseEvent> {
+        chunk_stream_end(usage.map(|usage| chunk(&completion(meta, Vec::new(), Some(usage), None))))
     }
 }
 

@@ -337,6 +337,17 @@ pub struct StreamEvent {
     pub data: String,
 }
 
+/// One server-sent event of a typed stream (the Responses API's), as the OpenAPI document
+/// describes `text/event-stream`: `event` names it, and `data` holds the event as JSON text,
+/// whose `type` is that name and whose `sequence_number` counts up from 0.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NamedStreamEvent {
+    /// The event's type, e.g. `response.output_text.delta`.
+    pub event: String,
+    /// The event as JSON text.
+    pub data: String,
+}
+
 /// OpenAI's completions `logprobs`: parallel lists, one entry per token.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, ToSchema)]
 pub struct CompletionLogprobs {

@@ -17,9 +17,9 @@ use router::http::state::AppState;
 use router::testutil::{card, ids, EOS};
 
 /// Answers every request with `chunks`, recording what it was asked.
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     chunks: Vec<Result<TokenChunk, BackendError>>,
-    seen: Mutex<Vec<GenerateRequest>>,
+    pub(crate) seen: Mutex<Vec<GenerateRequest>>,
 }
 
 impl Backend for FakeBackend {
@@ -29,7 +29,7 @@ impl Backend for FakeBackend {
     }
 }
 
-fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
+pub(crate) fn hello_chunks() -> Vec<Result<TokenChunk, BackendError>> {
     // "Hé" with the é split over two tokens, then " you" and eos.
     vec![
         Ok(TokenChunk { token_ids: ids("H"), ..TokenChunk::default() }),
@@ -42,13 +42,16 @@ fn setup(chunks: Vec<Result<TokenChunk, BackendError>>) -> (axum::Router, Arc<Fa
     setup_card(&card(), chunks)
 }
 
-fn setup_card(card: &ModelCard, chunks: Vec<Result<TokenChunk, BackendError>>) -> (axum::Router, Arc<FakeBackend>) {
+pub(crate) fn setup_card(
+    card: &ModelCard,
+    chunks: Vec<Result<TokenChunk, BackendError>>,
+) -> (axum::Router, Arc<FakeBackend>) {
     let backend = Arc::new(FakeBackend { chunks, seen: Mutex::new(Vec::new()) });
     let model = Model::from_card(card, None).unwrap();
     (app(AppState::ready(model, backend.clone())), backend)
 }
 
-async fn post(app: axum::Router, path: &str, body: &str) -> (StatusCode, String) {
+pub(crate) async fn post(app: axum::Router, path: &str, body: &str) -> (StatusCode, String) {
     let request = Request::post(path)
         .header("content-type", "application/json")
         .header("x-request-id", "req-42")
@@ -60,7 +63,7 @@ async fn post(app: axum::Router, path: &str, body: &str) -> (StatusCode, String)
     (status, String::from_utf8(bytes.to_vec()).unwrap())
 }
 
-async fn post_json(app: axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+pub(crate) async fn post_json(app: axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
     let (status, text) = post(app, path, &body.to_string()).await;
     (status, serde_json::from_str(&text).unwrap())
 }
@@ -1047,7 +1050,7 @@ async fn user_is_accepted_and_client_kv_transfer_params_refused() {
 #[tokio::test]
 async fn unknown_routes_and_methods_get_openai_shaped_errors() {
     let (app, _) = setup(hello_chunks());
-    for path in ["/v1/embeddings", "/v1/responses", "/v1/audio/speech", "/rerank", "/nope"] {
+    for path in ["/v1/embeddings", "/v1/images/generations", "/v1/audio/speech", "/rerank", "/nope"] {
         let (status, body) = post_json(app.clone(), path, json!({"model": "tiny", "input": "x"})).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "NotFoundError", Value::Null);
         assert_eq!(body["error"]["code"], "not_found", "{body}");

@@ -7,5 +7,6 @@ mod e2e;
 mod fields;
 mod http;
 mod models;
+mod responses;
 mod sse_props;
 mod tenancy;

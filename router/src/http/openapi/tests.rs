@@ -55,6 +55,7 @@ fn lists_exactly_the_routes_the_router_serves() {
     for path in [
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/responses",
         "/v1/models",
         "/tokenize",
         "/detokenize",

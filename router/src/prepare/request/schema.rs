@@ -163,3 +163,38 @@ pub fn only_text_modality() -> impl Into<RefOr<Schema>> {
 pub fn only_default_tier() -> impl Into<RefOr<Schema>> {
     only(string_enum(&["auto", "default"]))
 }
+
+/// Responses `truncation`: only `disabled` or null.
+pub fn only_disabled() -> impl Into<RefOr<Schema>> {
+    only(string_enum(&["disabled"]))
+}
+
+/// Responses `input`: a user message's text, or a non-empty list of items (objects, each
+/// checked by validation: messages, function calls and their outputs, reasoning).
+pub fn responses_input() -> impl Into<RefOr<Schema>> {
+    let item = ObjectBuilder::new().schema_type(Type::Object);
+    OneOfBuilder::new().item(string()).item(ArrayBuilder::new().items(item).min_items(Some(1)))
+}
+
+/// `{"type": "function", "name": <non-empty>, ...}`: a Responses function tool, or a named
+/// `tool_choice`; other keys free.
+fn flat_function() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("type", string_enum(&["function"]))
+        .required("type")
+        .property("name", string().min_length(Some(1)))
+        .required("name")
+        .build()
+}
+
+/// Responses `tools`: a list of function tools, or null.
+pub fn responses_tools() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(ArrayBuilder::new().items(flat_function())).item(null())
+}
+
+/// Responses `tool_choice`: `none`, `auto`, `required`, a named function, or null. (A named
+/// function must be one of `tools`, which a schema cannot say.)
+pub fn responses_tool_choice() -> impl Into<RefOr<Schema>> {
+    OneOfBuilder::new().item(string_enum(&["none", "auto", "required"])).item(flat_function()).item(null())
+}

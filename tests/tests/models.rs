@@ -62,6 +62,11 @@ async fn named_static_pools_serve_two_models_side_by_side() {
     wait_ready(router.url());
     let url = router.url();
 
+    // `/ready` is 200 once any model is; on a loaded machine the other may still be loading.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while listed(url).await.len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(listed(url).await, ["llama/v1", "llama/v2"]);
     for model in ["llama/v1", "llama/v2", "llama/v1"] {
         let (status, answer) = complete(url, Some(model)).await;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::admission::Chooser;
@@ -129,6 +130,49 @@ impl GenerateRequest {
     }
 }
 
+/// How an embedding pools the final hidden states of its prompt's tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last token's: a causal model's whole prompt is behind it (vLLM's default for them).
+    #[default]
+    Last,
+    /// The mean over every token.
+    Mean,
+    /// The first token's.
+    Cls,
+}
+
+/// One embedding as the backend sees it: a prompt computed and pooled on one worker, with no
+/// token sampled and nothing handed off.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    /// Carried in the worker call and its log lines.
+    pub request_id: String,
+    /// The prompt, tokenized.
+    pub prompt_token_ids: Arc<Vec<u32>>,
+    /// How its final hidden states become one vector.
+    pub pooling: Pooling,
+    /// Scale the vector to unit L2 norm.
+    pub normalize: bool,
+    /// Scheduling priority on the worker, lower first.
+    pub priority: i32,
+    /// Prefix-cache salt; `None` shares blocks with unsalted requests.
+    pub cache_salt: Option<String>,
+    /// The worker admission reserved a slot on; `None` lets placement pick.
+    pub first_worker: Option<usize>,
+    /// The prompt as placement sees it (its salted block hashes).
+    pub demand: Arc<Demand>,
+}
+
+/// A pooled vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One value per hidden dimension of the model.
+    pub embedding: Vec<f32>,
+    /// Prompt tokens the worker served from its prefix cache.
+    pub cached_tokens: u32,
+}
+
 /// Why the workers ended a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -236,4 +280,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts a generation. Dropping the stream cancels it.
     fn generate(&self, request: GenerateRequest) -> TokenStream;
+
+    /// How admission should pick the worker of an embedding; `None`: the least busy one.
+    fn embed_chooser(&self, _request: &EmbedRequest) -> Option<Chooser> {
+        None
+    }
+
+    /// Computes and pools one prompt. Dropping the future cancels it. A backend without
+    /// workers that embed keeps this answer.
+    fn embed(&self, _request: EmbedRequest) -> BoxFuture<'static, Result<Embedded, BackendError>> {
+        Box::pin(std::future::ready(Err(BackendError::Unavailable("no worker here computes embeddings".into()))))
+    }
 }

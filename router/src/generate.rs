@@ -14,6 +14,8 @@ use crate::backend::{BackendError, GenerateRequest};
 use beam::beam_search;
 
 mod beam;
+mod embed;
+
 use crate::fleet::model::Model;
 use crate::fleet::served::ServedModel;
 use crate::metrics::Metrics;
@@ -22,9 +24,10 @@ use crate::respond::stream::{deltas, Delta, Output};
 use crate::tenancy::limits::{LimitError, Running};
 use crate::tenancy::usage::{meter, UsageRecord, UsageSink};
 use crate::tenancy::Caller;
+pub use embed::{embed, EmbedError};
 
-/// One prepared request and who asked for it.
-pub struct Job {
+/// One prepared request (a generation's, or [`embed`]'s) and who asked for it.
+pub struct Job<V = ValidRequest> {
     /// The request id: the client's, or a fresh one.
     pub request_id: String,
     /// When the request arrived, the origin of its time to first token.
@@ -36,7 +39,7 @@ pub struct Job {
     /// That model's card.
     pub model: Arc<Model>,
     /// The validated request.
-    pub valid: ValidRequest,
+    pub valid: V,
 }
 
 /// A generation under way.

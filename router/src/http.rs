@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod meta;

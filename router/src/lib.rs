@@ -5,8 +5,8 @@
 //! # Layout, in the order a request meets it
 //!
 //! - [`http`]: all axum code. [`http::app`] is the route table; [`http::generate`] is the one
-//!   handler body of `/v1/chat/completions` and `/v1/completions`, [`http::sse`] writes their
-//!   streams; [`http::meta`] (health, ready, models, metrics), [`http::tokenize`] (vLLM's
+//!   handler body of `/v1/chat/completions`, `/v1/completions` and `/v1/responses`, [`http::sse`]
+//!   writes their streams; [`http::embeddings`] answers `/v1/embeddings`; [`http::meta`] (health, ready, models, metrics), [`http::tokenize`] (vLLM's
 //!   `/tokenize`, `/detokenize`, `/version`), [`http::auth`] (the API key extractor),
 //!   [`http::error`] (the one error-to-response mapping) and [`http::openapi`].
 //! - [`tenancy`]: API keys and tenants, their limits, and each request's usage.
@@ -15,9 +15,12 @@
 //!   ([`fleet::roster`]) and breakers ([`fleet::breaker`]), kept in step with etcd by
 //!   [`fleet::discovery`].
 //! - [`prepare`]: an OpenAI body ([`prepare::request`]) -> [`prepare::validate::ValidRequest`]:
-//!   the template rendered and the prompt tokenized ([`prepare::tokenize`]), every bound checked.
+//!   the template rendered and the prompt tokenized ([`prepare::tokenize`]), every bound checked
+//!   ([`prepare::responses`] translates a Responses API body onto a chat one;
+//!   [`prepare::embeddings`] checks an embedding body).
 //! - [`generate`]: the caller's limits, [`admission`] (the priority queue in front of the
-//!   workers), the [`backend`] and the stream decorators, without HTTP.
+//!   workers), the [`backend`] and the stream decorators, without HTTP ([`generate::embed`]
+//!   for embeddings).
 //! - [`backend`]: the seam between the stages and the workers, and the domain types that cross it.
 //! - [`placement`]: which worker serves a leg, by cached prefix ([`placement::prefix_index`],
 //!   followed from each worker's KV events) and load, or round-robin.

@@ -22,13 +22,15 @@ pub mod grpc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
 use prometheus::IntCounterVec;
 use proto::worker::KvTransferParams;
 
 use crate::admission::{hold, Chooser};
-use crate::backend::{Backend, BackendError, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream};
+use crate::backend::{
+    Backend, BackendError, EmbedRequest, Embedded, Finish, GenerateRequest, TokenChunk, TokenLogprobs, TokenStream,
+};
 use crate::fleet::model::ModelName;
 use crate::placement::{Demand, Leg, Placement, Slots};
 
@@ -87,6 +89,13 @@ pub trait WorkerLegs: Send + Sync + 'static {
     fn decode(&self, worker: usize, leg: DecodeLeg) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
     /// `Prefill.ReleaseKv`: frees blocks no decode worker will pull.
     fn release_kv(&self, worker: usize, remote_request_id: String) -> BoxFuture<'static, Result<bool, BackendError>>;
+    /// `Worker.Embed` on worker `worker` of the `leg` pool.
+    fn embed(
+        &self,
+        leg: Leg,
+        worker: usize,
+        request: EmbedRequest,
+    ) -> BoxFuture<'static, Result<Embedded, BackendError>>;
 }
 
 /// What placement decided for one model, counted: where requests went, and
@@ -179,6 +188,21 @@ impl<L: WorkerLegs> PdBackend<L> {
         }
     }
 
+    /// Admission's pick of the first leg's worker for a prompt of `demand`, counted.
+    fn chooser(&self, demand: Arc<Demand>) -> Chooser {
+        let placement = self.placement.clone();
+        let leg = self.first_leg();
+        let counters = self.counters.clone();
+        Box::new(move |in_flight: &[usize], cap: usize| {
+            let pick = placement.pick_first(leg, &demand, &Slots { in_flight, cap });
+            if let Some(counters) = counters {
+                counters.first_leg(pick.cached_blocks, demand.hashes.len());
+                counters.placed(leg, pick.worker);
+            }
+            pick.worker
+        })
+    }
+
     /// The first leg's pool.
     fn first_leg(&self) -> Leg {
         if self.legs.num_prefill() == 0 {
@@ -234,18 +258,43 @@ impl<L: WorkerLegs> Backend for PdBackend<L> {
     }
 
     fn first_leg_chooser(&self, request: &GenerateRequest) -> Option<Chooser> {
-        let demand = request.demand.clone();
-        let placement = self.placement.clone();
+        Some(self.chooser(request.demand.clone()))
+    }
+
+    fn embed_chooser(&self, request: &EmbedRequest) -> Option<Chooser> {
+        Some(self.chooser(request.demand.clone()))
+    }
+
+    /// On the first leg's pool, where admission held its slot: prefill workers, or the decode
+    /// workers when colocated. A worker found unreachable is retried once on another.
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embedded, BackendError>> {
         let leg = self.first_leg();
-        let counters = self.counters.clone();
-        Some(Box::new(move |in_flight: &[usize], cap: usize| {
-            let pick = placement.pick_first(leg, &demand, &Slots { in_flight, cap });
-            if let Some(counters) = counters {
-                counters.first_leg(pick.cached_blocks, demand.hashes.len());
-                counters.placed(leg, pick.worker);
+        let num = match leg {
+            Leg::Prefill => self.legs.num_prefill(),
+            Leg::Decode => self.legs.num_decode(),
+        };
+        let worker = request.first_worker.filter(|&w| w < num).unwrap_or_else(|| {
+            let idle = vec![0; num];
+            self.placement.pick_first(leg, &request.demand, &Slots { in_flight: &idle, cap: usize::MAX }).worker
+        });
+        let (legs, placement) = (self.legs.clone(), self.placement.clone());
+        async move {
+            let error = match legs.embed(leg, worker, request.clone()).await {
+                Err(e @ BackendError::Unavailable(_)) => e,
+                answer => return answer,
+            };
+            placement.mark_down(leg, worker);
+            let Some(retry) = placement.pick_retry(leg, &request.demand, worker, num) else {
+                return Err(error);
+            };
+            tracing::warn!(failed = worker, retry, %error, "worker unreachable for an embedding; retrying on another");
+            let answer = legs.embed(leg, retry, request).await;
+            if matches!(answer, Err(BackendError::Unavailable(_))) {
+                placement.mark_down(leg, retry);
             }
-            pick.worker
-        }))
+            answer
+        }
+        .boxed()
     }
 
     fn generate(&self, request: GenerateRequest) -> TokenStream {

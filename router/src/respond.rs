@@ -2,6 +2,7 @@
 //! detokenization, stop strings, tool calls) and then OpenAI response bodies
 //! and stream chunks.
 
+pub mod embeddings;
 pub mod format;
 pub mod response;
 pub mod responses;

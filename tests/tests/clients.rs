@@ -48,6 +48,18 @@ async fn openai_python_sdk_chats() {
     run_client("openai_chat.py", cluster.router.url(), &model, &[], "openai client ok").await;
 }
 
+/// Embeddings as the OpenAI SDK asks for them (base64 by default, and float) from a disaggregated
+/// cluster, computed by its prefill worker: they equal llama.cpp's last-token embeddings of the
+/// default model (`tests/data/golden/smollm2-embeddings.json`).
+#[tokio::test]
+async fn openai_python_sdk_embeds_as_llama_cpp_does() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    let reference = tests::workspace_root().join("tests/data/golden/smollm2-embeddings.json");
+    let reference = reference.to_str().unwrap();
+    run_client("openai_embeddings.py", cluster.router.url(), &model, &[reference], "openai embeddings ok").await;
+}
+
 /// Completions logprobs, `stop_reason`, cached tokens, `system_fingerprint`, ids from the request
 /// id and continuous usage, as the OpenAI SDK reads them, from a disaggregated cluster.
 #[tokio::test]

@@ -106,6 +106,15 @@ pub fn prompt(ids: &[u32], vocab_size: usize) -> Result<(), Status> {
     }
 }
 
+/// An embedding's pooling; unspecified is the causal model's default, the last token.
+pub fn pooling(p: pb::Pooling) -> engine::Pooling {
+    match p {
+        pb::Pooling::Unspecified | pb::Pooling::Last => engine::Pooling::Last,
+        pb::Pooling::Mean => engine::Pooling::Mean,
+        pb::Pooling::Cls => engine::Pooling::Cls,
+    }
+}
+
 /// The engine's refusal of a request, as a gRPC status.
 pub fn engine_error(e: engine::EngineError) -> Status {
     match e {

@@ -4,7 +4,8 @@
 //! tokenizer and chat template from it, so requests go through the router
 //! exactly as they would) but never runs the model: `Prefill` answers at once
 //! with a fixed token and a fake hand-off, `Decode` streams the rest of
-//! `max_tokens` in one burst of one-token chunks. What a benchmark then
+//! `max_tokens` in one burst of one-token chunks, `Embed` answers one fixed
+//! unit vector. What a benchmark then
 //! measures is everything around the model: the router, gRPC, HTTP.
 //!
 //! The mock checks nothing it does not need to shape its answer: it costs
@@ -132,7 +133,21 @@ impl pb::worker_server::Worker for MockWorker {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         Ok(Response::new(self.kv_events.subscribe()))
     }
+
+    /// The same unit vector for every prompt ([`MOCK_EMBEDDING_DIMENSIONS`] values): the mock
+    /// computes nothing, as for its tokens.
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        if request.get_ref().prompt_token_ids.is_empty() {
+            return Err(Status::invalid_argument("prompt_token_ids is empty"));
+        }
+        let value = (1.0 / MOCK_EMBEDDING_DIMENSIONS as f64).sqrt() as f32;
+        let embedding = vec![value; MOCK_EMBEDDING_DIMENSIONS];
+        Ok(Response::new(pb::EmbedResponse { embedding, num_cached_tokens: 0 }))
+    }
 }
+
+/// Values in the mock's embeddings.
+pub const MOCK_EMBEDDING_DIMENSIONS: usize = 8;
 
 /// Choices a request asks for: `n`, where 0 (unset) means 1.
 fn choices(sampling: &pb::SamplingParams) -> u32 {

@@ -1,7 +1,8 @@
 //! The `Worker` gRPC service every worker serves.
 
+use crate::convert;
 use crate::kv_events::{KvEventConfig, KvEventPublisher, KvEventStream};
-use engine::EngineHandle;
+use engine::{EngineEvent, EngineHandle, EngineRequest};
 use kv_transfer::{KvConnectors, KvPuller};
 use proto::worker as pb;
 use std::sync::Arc;
@@ -78,6 +79,53 @@ impl pb::worker_server::Worker for WorkerService {
         _: Request<pb::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         Ok(Response::new(self.kv_events.subscribe()))
+    }
+
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let req = request.into_inner();
+        let span =
+            tracing::info_span!("embed", request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len());
+        let _entered = span.enter();
+        convert::prompt(&req.prompt_token_ids, self.engine.vocab_size())?;
+        let pooling = convert::pooling(req.pooling());
+        let request = EngineRequest {
+            cache_salt: req.cache_salt,
+            priority: req.priority,
+            ..EngineRequest::embedding(req.request_id, req.prompt_token_ids, pooling)
+        };
+        // Dropping the receiver (the router gave up) aborts the request.
+        let mut events = self.engine.submit(request).map_err(convert::engine_error)?;
+        drop(_entered);
+        let mut pooled = None;
+        while let Some(event) = events.recv().await {
+            match event {
+                EngineEvent::Embedding(v) => pooled = Some(v),
+                EngineEvent::Finished { num_cached_tokens, .. } => {
+                    let mut embedding =
+                        pooled.ok_or_else(|| Status::internal("an embedding request ended without one"))?;
+                    if req.normalize {
+                        normalize(&mut embedding);
+                    }
+                    let num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
+                    return Ok(Response::new(pb::EmbedResponse { embedding, num_cached_tokens }));
+                }
+                EngineEvent::Error(e) => return Err(convert::request_error(e)),
+                EngineEvent::Token { .. } | EngineEvent::PromptLogprobs { .. } => {
+                    return Err(Status::internal("an embedding request generated"))
+                }
+            }
+        }
+        Err(Status::internal("the engine dropped an embedding request"))
+    }
+}
+
+/// Scales `v` to unit L2 norm (a zero vector stays zero).
+fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        for x in v {
+            *x = (f64::from(*x) / norm) as f32;
+        }
     }
 }
 

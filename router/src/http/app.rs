@@ -11,7 +11,7 @@ use axum::Router;
 
 use crate::http::error::ApiError;
 use crate::http::state::AppState;
-use crate::http::{generate, meta, openapi, tokenize};
+use crate::http::{embeddings, generate, meta, openapi, tokenize};
 use crate::metrics;
 
 /// One route: its method and path (for the OpenAPI check), its handler, and
@@ -31,6 +31,7 @@ fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/chat/completions", post(generate::chat_completions), true),
         route(Method::POST, "/v1/completions", post(generate::completions), true),
         route(Method::POST, "/v1/responses", post(generate::responses), true),
+        route(Method::POST, "/v1/embeddings", post(embeddings::embeddings), true),
         route(Method::GET, "/v1/models", get(meta::models), false),
         route(Method::GET, "/health", get(meta::health), false),
         route(Method::GET, "/ready", get(meta::ready), false),
@@ -71,7 +72,7 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An OpenAI-shaped 404 for a path no route serves (`/v1/embeddings`, a typo), so SDKs raise
+/// An OpenAI-shaped 404 for a path no route serves (`/v1/images/generations`, a typo), so SDKs raise
 /// a `NotFoundError` that says what happened.
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_owned() }

@@ -263,13 +263,13 @@ async fn handle<E: Endpoint>(state: AppState, caller: Caller, headers: HeaderMap
 /// The client's `X-Request-Id`, else the body's `request_id` (vLLM's extra)
 /// when it is valid, else a fresh uuid. An invalid body id is refused by
 /// validation, and the refusal carries the uuid.
-fn request_id(headers: &HeaderMap, body_id: Option<&str>) -> String {
+pub(super) fn request_id(headers: &HeaderMap, body_id: Option<&str>) -> String {
     let header = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     let body = body_id.filter(|id| check_request_id(id).is_ok());
     header.or(body).map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
-fn with_request_id(mut response: Response, request_id: &str) -> Response {
+pub(super) fn with_request_id(mut response: Response, request_id: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }

@@ -15,6 +15,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::http::error::{ErrorObject, ErrorResponse};
 
+use crate::prepare::embeddings::EmbeddingRequest;
 use crate::prepare::request::responses::{ResponsesNotHonoured, ResponsesRequest};
 use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, ContentPart,
@@ -42,6 +43,7 @@ use crate::prepare::request::{
         crate::http::generate::chat_completions,
         crate::http::generate::completions,
         crate::http::generate::responses,
+        crate::http::embeddings::embeddings,
         crate::http::meta::models,
         crate::http::meta::health,
         crate::http::meta::ready,
@@ -57,6 +59,7 @@ use crate::prepare::request::{
         CompletionRequest,
         ResponsesRequest,
         ResponsesNotHonoured,
+        EmbeddingRequest,
         ChatRenderParams,
         CommonParams,
         ChatMessage,

@@ -10,17 +10,21 @@ use proto::worker::decode_client::DecodeClient;
 use proto::worker::prefill_client::PrefillClient;
 use proto::worker::worker_client::WorkerClient;
 use proto::worker::{
-    DecodeRequest, FinishReason, GetModelCardRequest, KvTransferParams, ModelCard, PrefillRequest, ReleaseKvRequest,
-    SamplingParams,
+    DecodeRequest, EmbedRequest as WireEmbedRequest, FinishReason, GetModelCardRequest, KvTransferParams, ModelCard,
+    Pooling as WirePooling, PrefillRequest, ReleaseKvRequest, SamplingParams,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::backend::{BackendError, Finish, GenerateRequest, Sampling, TokenChunk, TokenLogprobs, TokenStream};
+use crate::backend::{
+    BackendError, EmbedRequest, Embedded, Finish, GenerateRequest, Pooling, Sampling, TokenChunk, TokenLogprobs,
+    TokenStream,
+};
 use crate::fleet::breaker::Failure;
 use crate::fleet::roster::Roster;
 use crate::pd::{DecodeLeg, FirstToken, PrefillOutcome, WorkerLegs};
+use crate::placement::Leg;
 
 /// vLLM's `kv_transfer_params` asking the prefill worker to pin the KV for a
 /// remote decode. The router writes only this; the answer is opaque to it.
@@ -366,6 +370,54 @@ impl WorkerLegs for GrpcWorkers {
             let mut client = PrefillClient::new(channel?);
             let answer = client.release_kv(wire).await.map_err(backend_error)?;
             Ok(answer.into_inner().released)
+        }
+        .instrument(span)
+        .boxed()
+    }
+    fn embed(
+        &self,
+        leg: Leg,
+        worker: usize,
+        request: EmbedRequest,
+    ) -> BoxFuture<'static, Result<Embedded, BackendError>> {
+        let pool = match leg {
+            Leg::Prefill => self.prefill.clone(),
+            Leg::Decode => self.decode.clone(),
+        };
+        let channel = match pool.dispatch(worker) {
+            Ok(channel) => channel,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let mut client = WorkerClient::new(channel);
+        let span = tracing::info_span!(
+            "embed",
+            otel.kind = "client",
+            request_id = %request.request_id,
+            worker,
+            prompt_tokens = request.prompt_token_ids.len(),
+        );
+        let pooling = match request.pooling {
+            Pooling::Last => WirePooling::Last,
+            Pooling::Mean => WirePooling::Mean,
+            Pooling::Cls => WirePooling::Cls,
+        };
+        let wire = WireEmbedRequest {
+            request_id: request.request_id,
+            prompt_token_ids: request.prompt_token_ids.to_vec(),
+            pooling: pooling as i32,
+            normalize: request.normalize,
+            cache_salt: request.cache_salt,
+            priority: request.priority,
+        };
+        let wire = traced(wire, &span);
+        async move {
+            let answer = client.embed(wire).await;
+            pool.report(worker, &answer);
+            let answer = answer.map_err(backend_error)?.into_inner();
+            if answer.embedding.is_empty() {
+                return Err(BackendError::Worker("an empty embedding".into()));
+            }
+            Ok(Embedded { embedding: answer.embedding, cached_tokens: answer.num_cached_tokens })
         }
         .instrument(span)
         .boxed()

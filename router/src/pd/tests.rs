@@ -57,6 +57,18 @@ impl WorkerLegs for Arc<FakeLegs> {
         let _ = self.released.send(id);
         future::ready(Ok(true)).boxed()
     }
+    fn embed(&self, leg: Leg, worker: usize, _: EmbedRequest) -> BoxFuture<'static, Result<Embedded, BackendError>> {
+        let failing = match leg {
+            Leg::Prefill => self.failing_prefill.contains(&worker),
+            Leg::Decode => self.failing_decode.contains(&worker),
+        };
+        if failing {
+            return future::ready(Err(BackendError::Unavailable(format!("{leg:?} {worker} is gone")))).boxed();
+        }
+        // The vector says where it was computed.
+        let pool = if leg == Leg::Prefill { 0.0 } else { 1.0 };
+        future::ready(Ok(Embedded { embedding: vec![pool, worker as f32], cached_tokens: 0 })).boxed()
+    }
 }
 
 /// Opaque to the router: forwarded verbatim, never parsed (a field the
@@ -421,4 +433,38 @@ async fn an_unreachable_decode_worker_hands_off_to_another() {
     assert_eq!(calls.iter().map(|(w, _)| *w).collect::<Vec<_>>(), [0, 1]);
     assert_eq!(calls[1].1.handoff, Some(handoff()), "the same pinned KV, pulled by the other worker");
     assert!(released.try_recv().is_err(), "the second decode worker owns the hand-off");
+}
+
+fn embed_request(first_worker: Option<usize>) -> EmbedRequest {
+    EmbedRequest {
+        request_id: "e".into(),
+        prompt_token_ids: Arc::new(vec![1, 2, 3]),
+        pooling: crate::backend::Pooling::Last,
+        normalize: true,
+        priority: 0,
+        cache_salt: None,
+        first_worker,
+        demand: GenerateRequest::demand_for(&[1, 2, 3], None, None),
+    }
+}
+
+#[tokio::test]
+async fn an_embedding_runs_on_the_first_legs_pool_on_the_admitted_worker() {
+    // Disaggregated: on the prefill worker admission picked; colocated: on a decode worker.
+    let (_, disaggregated, _) = setup(2, None, vec![]);
+    let embedded = disaggregated.embed(embed_request(Some(1))).await.unwrap();
+    assert_eq!(embedded.embedding, [0.0, 1.0]);
+    let (_, colocated, _) = setup(0, None, vec![]);
+    let embedded = colocated.embed(embed_request(Some(1))).await.unwrap();
+    assert_eq!(embedded.embedding, [1.0, 1.0]);
+}
+
+#[tokio::test]
+async fn an_unreachable_embedding_worker_is_retried_once_on_another() {
+    let (_, backend) = with_failing_prefill(2, &[0]);
+    let embedded = backend.embed(embed_request(Some(0))).await.unwrap();
+    assert_eq!(embedded.embedding, [0.0, 1.0], "retried on prefill worker 1");
+    let (_, backend) = with_failing_prefill(2, &[0, 1]);
+    let error = backend.embed(embed_request(Some(0))).await.unwrap_err();
+    assert!(matches!(error, BackendError::Unavailable(_)), "{error:?}");
 }

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 pub mod responses;
-mod schema;
+pub(crate) mod schema;
 
 /// Body of `POST /v1/chat/completions`.
 #[derive(Debug, Default, Deserialize, ToSchema)]

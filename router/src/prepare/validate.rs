@@ -650,13 +650,13 @@ pub fn check_request_id(id: &str) -> Result<(), ValidationError> {
 }
 
 /// vLLM's `priority`: any i32, default 0.
-fn priority(value: Option<i64>) -> Result<i32, ValidationError> {
+pub(crate) fn priority(value: Option<i64>) -> Result<i32, ValidationError> {
     let value = value.unwrap_or(0);
     i32::try_from(value).map_err(|_| out_of_range("priority", "in [-2147483648, 2147483647]", value))
 }
 
 /// vLLM's `cache_salt`: a non-empty string when given.
-fn cache_salt(value: Option<String>) -> Result<Option<String>, ValidationError> {
+pub(crate) fn cache_salt(value: Option<String>) -> Result<Option<String>, ValidationError> {
     match value {
         Some(salt) if salt.is_empty() => Err(ValidationError::Empty { field: "cache_salt" }),
         salt => Ok(salt),
@@ -675,7 +675,7 @@ fn chat_logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Op
     }
 }
 
-fn out_of_range(field: &'static str, limit: &'static str, value: impl ToString) -> ValidationError {
+pub(crate) fn out_of_range(field: &'static str, limit: &'static str, value: impl ToString) -> ValidationError {
     ValidationError::OutOfRange { field, limit, value: value.to_string() }
 }
 

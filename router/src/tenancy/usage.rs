@@ -123,6 +123,13 @@ impl UsageRecord {
     }
 }
 
+impl UsageRecord {
+    /// Records how a request with no token stream (an embedding) ended.
+    pub fn end(mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+}
+
 impl Drop for UsageRecord {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Cancelled);

@@ -24,6 +24,7 @@ struct FakeWorker {
     decoded: Arc<Mutex<Vec<DecodeRequest>>>,
     prefilled: Arc<Mutex<Vec<PrefillRequest>>>,
     released: Arc<Mutex<Vec<String>>>,
+    embedded: Arc<Mutex<Vec<EmbedRequest>>>,
     /// When set, the decode stream sends its first chunk and then waits for ever; the flag is
     /// raised when the router drops that stream.
     hang: Option<Arc<AtomicBool>>,
@@ -53,6 +54,18 @@ impl Worker for FakeWorker {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         // No prefix cache here: placement sees every worker down and falls back to rendezvous.
         Err(Status::unimplemented("this fake has no prefix cache"))
+    }
+    async fn embed(
+        &self,
+        request: Request<proto::worker::EmbedRequest>,
+    ) -> Result<Response<proto::worker::EmbedResponse>, Status> {
+        // A vector that tells prompts apart: their length and first token, then the request's flags.
+        let r = request.into_inner();
+        self.embedded.lock().unwrap().push(r.clone());
+        let first = r.prompt_token_ids.first().copied().unwrap_or(0) as f32;
+        let embedding =
+            vec![r.prompt_token_ids.len() as f32, first, r.pooling as f32, f32::from(u8::from(r.normalize))];
+        Ok(Response::new(proto::worker::EmbedResponse { embedding, num_cached_tokens: 0 }))
     }
 }
 
@@ -298,4 +311,85 @@ async fn a_dead_worker_trips_its_breaker_and_no_request_is_lost() {
         metrics.contains(r#"pdserve_router_worker_circuit_state{model="served",pool="decode",worker="1"} 0"#),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_run_on_the_prefill_pool_one_call_per_input() {
+    let prefill = FakeWorker::default();
+    let decode = FakeWorker::default();
+    let router =
+        start_router(vec![serve_worker(prefill.clone()).await], vec![serve_worker(decode.clone()).await]).await;
+    let body = json!({"model": "served", "input": ["ab", "xyz"], "priority": 3, "cache_salt": "s", "pooling": "mean"});
+    let (status, body) = http(&router, "/v1/embeddings", body).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((body["object"].as_str(), body["model"].as_str()), (Some("list"), Some("served")), "{body}");
+    assert_eq!(body["id"], "embd-r1");
+    // The fake's vector is [prompt length, first token, pooling, normalize], in input order.
+    let (ab, xyz) = (ids("ab"), ids("xyz"));
+    let pooling_mean = Pooling::Mean as i32 as f64;
+    assert_eq!(
+        body["data"][0],
+        json!({"object": "embedding", "index": 0,
+        "embedding": [ab.len() as f64, ab[0] as f64, pooling_mean, 1.0]})
+    );
+    assert_eq!(body["data"][1]["embedding"], json!([xyz.len() as f64, xyz[0] as f64, pooling_mean, 1.0]));
+    let tokens = ab.len() + xyz.len();
+    assert_eq!(body["usage"], json!({"prompt_tokens": tokens, "total_tokens": tokens}));
+    // Prefill-only work: the prefill worker computes it, the decode worker never hears of it.
+    let mut calls = prefill.embedded.lock().unwrap().clone();
+    assert!(decode.embedded.lock().unwrap().is_empty());
+    calls.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    let seen: Vec<(&str, i32, Option<&str>)> =
+        calls.iter().map(|c| (c.request_id.as_str(), c.priority, c.cache_salt.as_deref())).collect();
+    assert_eq!(seen, [("r1-0", 3, Some("s")), ("r1-1", 3, Some("s"))]);
+    assert_eq!(calls[0].prompt_token_ids, ab);
+
+    // base64: the little-endian f32 bytes; token-id input; no normalization asked.
+    let body = json!({"input": [5, 6, 7], "encoding_format": "base64", "normalize": false});
+    let (status, body) = http(&router, "/v1/embeddings", body).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let encoded = body["data"][0]["embedding"].as_str().expect("a base64 string");
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap();
+    let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(values, [3.0, 5.0, Pooling::Last as i32 as f32, 0.0]);
+
+    // `dimensions` other than the model's own is refused, naming it; the model's own is fine.
+    let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab", "dimensions": 2})).await;
+    assert!(status.contains("400") && body.contains("\"param\":\"dimensions\""), "{status} {body}");
+    let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab", "dimensions": 4})).await;
+    assert!(status.contains("200"), "{status} {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_bad_input_is_a_400_naming_the_field_and_reaches_no_worker() {
+    let decode = FakeWorker::default();
+    let router = start_router(vec![], vec![serve_worker(decode.clone()).await]).await;
+    let cases = [
+        (json!({}), "input"),
+        (json!({"input": ""}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": [[]]}), "input"),
+        (json!({"input": [1_000_000]}), "input"),
+        (json!({"input": "ab", "encoding_format": "hex"}), ""),
+        (json!({"input": "ab", "dimensions": 0}), "dimensions"),
+        (json!({"input": "ab", "truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
+        (json!({"input": "ab", "pooling": "max"}), ""),
+        (json!({"input": "ab", "cache_salt": ""}), "cache_salt"),
+        (json!({"input": "ab", "priority": 1_i64 << 40}), "priority"),
+    ];
+    for (body, param) in cases {
+        let (status, answer) = http(&router, "/v1/embeddings", body.clone()).await;
+        assert!(status.contains("400"), "{body}: {status} {answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        if !param.is_empty() {
+            assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+        }
+    }
+    assert!(decode.embedded.lock().unwrap().is_empty(), "a refused request reached a worker");
+    // Colocated, a good one runs on the decode worker.
+    let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab"})).await;
+    assert!(status.contains("200"), "{status} {body}");
+    assert_eq!(decode.embedded.lock().unwrap().len(), 1);
 }

@@ -56,6 +56,7 @@ fn lists_exactly_the_routes_the_router_serves() {
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
+        "/v1/embeddings",
         "/v1/models",
         "/tokenize",
         "/detokenize",

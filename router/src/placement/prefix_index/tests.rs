@@ -148,6 +148,12 @@ impl Worker for ScriptedWorker {
         }
         Ok(Response::new(ReceiverStream::new(streams.remove(0))))
     }
+    async fn embed(
+        &self,
+        _: Request<proto::worker::EmbedRequest>,
+    ) -> Result<Response<proto::worker::EmbedResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 async fn serve(worker: Arc<ScriptedWorker>) -> (String, tokio::task::JoinHandle<()>) {

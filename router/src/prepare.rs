@@ -6,5 +6,6 @@ pub mod error;
 pub mod not_honoured;
 pub mod request;
 pub mod responses;
+pub mod scoring;
 pub mod tokenize;
 pub mod validate;

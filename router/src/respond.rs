@@ -6,5 +6,6 @@ pub mod embeddings;
 pub mod format;
 pub mod response;
 pub mod responses;
+pub mod scoring;
 pub mod stream;
 pub mod tool_calls;

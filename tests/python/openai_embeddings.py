@@ -10,6 +10,7 @@ import json
 import math
 import struct
 import sys
+import urllib.request
 
 import openai
 
@@ -56,6 +57,20 @@ def main() -> None:
     vectors = [d.embedding for d in got.data]
     nearest = max(range(1, len(vectors)), key=lambda i: cosine(vectors[0], vectors[i]))
     assert nearest == 1, (texts[0], texts[nearest])
+
+    # /v1/rerank ranks the other sentences by their similarity to the first as llama.cpp's vectors
+    # do, wherever those differ clearly, with scores at llama.cpp's cosines.
+    body = json.dumps({"model": model, "query": texts[0], "documents": texts[1:]}).encode()
+    request = urllib.request.Request(f"{base_url}/rerank", data=body, headers={"content-type": "application/json"})
+    results = json.load(urllib.request.urlopen(request))["results"]
+    reference = {i: cosine(records[0]["last"], r["last"]) for i, r in enumerate(records[1:])}
+    order = [r["index"] for r in results]
+    assert sorted(order) == list(range(len(texts) - 1)), order
+    for pos, better in enumerate(order):
+        for worse in order[pos + 1:]:
+            assert reference[worse] - reference[better] < 0.005, (order, reference)
+    for r in results:
+        assert abs(r["relevance_score"] - reference[r["index"]]) < 0.01, (r, reference)
 
     # A size the model was not trained for is refused, naming `dimensions`.
     try:

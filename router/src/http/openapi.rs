@@ -21,6 +21,7 @@ use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, ContentPart,
     DetokenizeRequest, MessageContent, StreamOptions, TokenizeRequest,
 };
+use crate::prepare::scoring::{RerankRequest, ScoreRequest};
 
 /// The document's root: every route the router serves.
 #[derive(OpenApi)]
@@ -38,12 +39,14 @@ use crate::prepare::request::{
         (name = "vllm", description = "vLLM's own endpoints"),
         (name = "meta", description = "Probes, metrics and this document"),
     ),
-    modifiers(&BearerScheme),
+    modifiers(&BearerScheme, &Aliases),
     paths(
         crate::http::generate::chat_completions,
         crate::http::generate::completions,
         crate::http::generate::responses,
         crate::http::embeddings::embeddings,
+        crate::http::embeddings::score,
+        crate::http::embeddings::rerank,
         crate::http::meta::models,
         crate::http::meta::health,
         crate::http::meta::ready,
@@ -60,6 +63,8 @@ use crate::prepare::request::{
         ResponsesRequest,
         ResponsesNotHonoured,
         EmbeddingRequest,
+        ScoreRequest,
+        RerankRequest,
         ChatRenderParams,
         CommonParams,
         ChatMessage,
@@ -88,6 +93,25 @@ impl Modify for BearerScheme {
             .components
             .get_or_insert_with(Default::default)
             .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The paths served under other names too, as vLLM serves them: each a copy of its operation with
+/// its own `operationId`.
+pub const ALIASES: [(&str, &str); 3] = [("/score", "/v1/score"), ("/rerank", "/v1/rerank"), ("/rerank", "/v2/rerank")];
+
+struct Aliases;
+
+impl Modify for Aliases {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, alias) in ALIASES {
+            let Some(mut item) = openapi.paths.paths.get(path).cloned() else { continue };
+            let suffix = alias.trim_start_matches('/').replace('/', "_");
+            if let Some(operation) = item.post.as_mut() {
+                operation.operation_id = Some(suffix);
+            }
+            openapi.paths.paths.insert(alias.to_owned(), item);
+        }
     }
 }
 

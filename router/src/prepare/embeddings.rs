@@ -93,39 +93,18 @@ pub struct ValidEmbedding {
 pub fn validate_embedding(model: &Model, req: EmbeddingRequest) -> Result<ValidEmbedding, ValidationError> {
     let add_special_tokens = req.add_special_tokens.unwrap_or(true);
     let inputs = match req.input.ok_or(ValidationError::Missing { field: "input" })? {
-        Prompt::Text(text) => vec![text_input(model, &text, add_special_tokens)?],
+        Prompt::Text(text) => vec![text_input(model, &text, add_special_tokens, "input")?],
         Prompt::Texts(texts) => {
-            batch(texts.len())?;
-            texts.iter().map(|t| text_input(model, t, add_special_tokens)).collect::<Result<_, _>>()?
+            batch(texts.len(), "input")?;
+            texts.iter().map(|t| text_input(model, t, add_special_tokens, "input")).collect::<Result<_, _>>()?
         }
         Prompt::TokenIds(ids) => vec![id_input(model, &ids)?],
         Prompt::TokenIdLists(lists) => {
-            batch(lists.len())?;
+            batch(lists.len(), "input")?;
             lists.iter().map(|ids| id_input(model, ids)).collect::<Result<_, _>>()?
         }
     };
-    let keep = match req.truncate_prompt_tokens {
-        None => None,
-        // As vLLM: -1 keeps what the context holds.
-        Some(-1) => Some(model.context_length as usize - 1),
-        Some(k) if k >= 1 => Some(k as usize),
-        Some(k) => return Err(out_of_range("truncate_prompt_tokens", ">= 1, or -1", k)),
-    };
-    let inputs = inputs
-        .into_iter()
-        .map(|mut ids: Vec<u32>| {
-            if let Some(keep) = keep {
-                // As vLLM: the end of the input is kept.
-                ids.drain(..ids.len().saturating_sub(keep));
-            }
-            if ids.len() >= model.context_length as usize {
-                let too_long =
-                    ValidationError::PromptTooLong { prompt_tokens: ids.len(), context_length: model.context_length };
-                return Err(ValidationError::Translated { param: "input", source: Box::new(too_long) });
-            }
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let inputs = fit(model, inputs, req.truncate_prompt_tokens, "input")?;
     let dimensions = match req.dimensions {
         None => None,
         Some(d) => {
@@ -148,20 +127,61 @@ pub fn validate_embedding(model: &Model, req: EmbeddingRequest) -> Result<ValidE
     })
 }
 
-fn batch(inputs: usize) -> Result<(), ValidationError> {
+/// Each input checked not to be empty, cut to `truncate_prompt_tokens` (vLLM's: the end is kept;
+/// -1 keeps what the context holds) and checked to fit the context; a refusal names `field`.
+pub(crate) fn fit(
+    model: &Model,
+    inputs: Vec<Vec<u32>>,
+    truncate_prompt_tokens: Option<i64>,
+    field: &'static str,
+) -> Result<Vec<Vec<u32>>, ValidationError> {
+    let keep = match truncate_prompt_tokens {
+        None => None,
+        Some(-1) => Some(model.context_length as usize - 1),
+        Some(k) if k >= 1 => Some(k as usize),
+        Some(k) => return Err(out_of_range("truncate_prompt_tokens", ">= 1, or -1", k)),
+    };
+    inputs
+        .into_iter()
+        .map(|mut ids| {
+            // A text can tokenize to nothing (characters the tokenizer drops).
+            if ids.is_empty() {
+                return Err(ValidationError::Empty { field });
+            }
+            if let Some(keep) = keep {
+                ids.drain(..ids.len().saturating_sub(keep));
+            }
+            if ids.len() >= model.context_length as usize {
+                let too_long =
+                    ValidationError::PromptTooLong { prompt_tokens: ids.len(), context_length: model.context_length };
+                return Err(ValidationError::Translated { param: field, source: Box::new(too_long) });
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// Checks a list of inputs' size: not empty, at most [`MAX_PROMPTS`].
+pub(crate) fn batch(inputs: usize, field: &'static str) -> Result<(), ValidationError> {
     match inputs {
-        0 => Err(ValidationError::Empty { field: "input" }),
-        n if n > MAX_PROMPTS => Err(out_of_range("input", "a list of at most 64 inputs", format!("{n} inputs"))),
+        0 => Err(ValidationError::Empty { field }),
+        n if n > MAX_PROMPTS => Err(out_of_range(field, "a list of at most 64 inputs", format!("{n} inputs"))),
         _ => Ok(()),
     }
 }
 
-fn text_input(model: &Model, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ValidationError> {
+/// A text input's token ids; a refusal names `field`.
+pub(crate) fn text_input(
+    model: &Model,
+    text: &str,
+    add_special_tokens: bool,
+    field: &'static str,
+) -> Result<Vec<u32>, ValidationError> {
     if text.is_empty() {
-        return Err(ValidationError::Empty { field: "input" });
+        return Err(ValidationError::Empty { field });
     }
     tokenize::text_ids(model, text, add_special_tokens)
-        .map_err(|e| ValidationError::Translated { param: "input", source: Box::new(e) })
+        .map_err(|e| ValidationError::Translated { param: field, source: Box::new(e) })
 }
 
 fn id_input(model: &Model, ids: &[i64]) -> Result<Vec<u32>, ValidationError> {
@@ -169,4 +189,32 @@ fn id_input(model: &Model, ids: &[i64]) -> Result<Vec<u32>, ValidationError> {
         return Err(ValidationError::Empty { field: "input" });
     }
     tokenize::vocab_ids(model, "input", ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::card;
+
+    fn model() -> Model {
+        Model::from_card(&card(), None).unwrap()
+    }
+
+    /// A text that tokenizes to nothing must be refused before a worker sees an empty prompt
+    /// (schemathesis found a 502 for one, with its fixed seed).
+    #[test]
+    fn an_input_with_no_tokens_is_refused_naming_its_field() {
+        let error = fit(&model(), vec![vec![1], vec![]], None, "documents").unwrap_err();
+        assert!(matches!(error, ValidationError::Empty { field: "documents" }), "{error:?}");
+    }
+
+    #[test]
+    fn truncation_keeps_the_end_and_the_context_bounds_every_input() {
+        let model = model();
+        assert_eq!(fit(&model, vec![vec![1, 2, 3, 4]], Some(2), "input").unwrap(), [vec![3, 4]]);
+        let long = vec![1; model.context_length as usize];
+        let error = fit(&model, vec![long.clone()], None, "text_2").unwrap_err();
+        assert!(matches!(error, ValidationError::Translated { param: "text_2", .. }), "{error:?}");
+        assert_eq!(fit(&model, vec![long], Some(-1), "input").unwrap()[0].len(), model.context_length as usize - 1);
+    }
 }

@@ -59,10 +59,11 @@ impl Worker for FakeWorker {
         &self,
         request: Request<proto::worker::EmbedRequest>,
     ) -> Result<Response<proto::worker::EmbedResponse>, Status> {
-        // A vector that tells prompts apart: their length and first token, then the request's flags.
+        // A vector that tells prompts apart: their length and first token (mod 10), then the
+        // request's flags.
         let r = request.into_inner();
         self.embedded.lock().unwrap().push(r.clone());
-        let first = r.prompt_token_ids.first().copied().unwrap_or(0) as f32;
+        let first = (r.prompt_token_ids.first().copied().unwrap_or(0) % 10) as f32;
         let embedding =
             vec![r.prompt_token_ids.len() as f32, first, r.pooling as f32, f32::from(u8::from(r.normalize))];
         Ok(Response::new(proto::worker::EmbedResponse { embedding, num_cached_tokens: 0 }))
@@ -325,15 +326,15 @@ async fn embeddings_run_on_the_prefill_pool_one_call_per_input() {
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((body["object"].as_str(), body["model"].as_str()), (Some("list"), Some("served")), "{body}");
     assert_eq!(body["id"], "embd-r1");
-    // The fake's vector is [prompt length, first token, pooling, normalize], in input order.
+    // The fake's vector is [prompt length, first token mod 10, pooling, normalize], in input order.
     let (ab, xyz) = (ids("ab"), ids("xyz"));
     let pooling_mean = Pooling::Mean as i32 as f64;
     assert_eq!(
         body["data"][0],
         json!({"object": "embedding", "index": 0,
-        "embedding": [ab.len() as f64, ab[0] as f64, pooling_mean, 1.0]})
+        "embedding": [ab.len() as f64, (ab[0] % 10) as f64, pooling_mean, 1.0]})
     );
-    assert_eq!(body["data"][1]["embedding"], json!([xyz.len() as f64, xyz[0] as f64, pooling_mean, 1.0]));
+    assert_eq!(body["data"][1]["embedding"], json!([xyz.len() as f64, (xyz[0] % 10) as f64, pooling_mean, 1.0]));
     let tokens = ab.len() + xyz.len();
     assert_eq!(body["usage"], json!({"prompt_tokens": tokens, "total_tokens": tokens}));
     // Prefill-only work: the prefill worker computes it, the decode worker never hears of it.
@@ -392,4 +393,65 @@ async fn embeddings_bad_input_is_a_400_naming_the_field_and_reaches_no_worker() 
     let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab"})).await;
     assert!(status.contains("200"), "{status} {body}");
     assert_eq!(decode.embedded.lock().unwrap().len(), 1);
+}
+
+/// The fake's vectors are `[prompt length, first token mod 10, pooling, normalize]`: a text scores 1
+/// against itself and less against a text of another length or first token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_and_rerank_compare_the_texts_embeddings() {
+    let prefill = FakeWorker::default();
+    let decode = FakeWorker::default();
+    let router =
+        start_router(vec![serve_worker(prefill.clone()).await], vec![serve_worker(decode.clone()).await]).await;
+    let score = |a: &Value| a.as_f64().unwrap();
+
+    let (status, body) = http(&router, "/score", json!({"text_1": "ab", "text_2": ["ab", "xyz", "b"]})).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((body["object"].as_str(), body["id"].as_str()), (Some("list"), Some("score-r1")));
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.iter().map(|d| d["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!((score(&data[0]["score"]) - 1.0).abs() < 1e-6, "{body}");
+    assert!(score(&data[1]["score"]) < 1.0 - 1e-4 && score(&data[2]["score"]) < 1.0 - 1e-4, "{body}");
+    // Pair by pair: each text against itself.
+    let (status, body) = http(&router, "/v1/score", json!({"text_1": ["ab", "xyz"], "text_2": ["ab", "xyz"]})).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(body["data"].as_array().unwrap().iter().all(|d| (score(&d["score"]) - 1.0).abs() < 1e-6), "{body}");
+
+    let rerank = json!({"query": "ab", "documents": ["xyz", "b", "ab"], "top_n": 2});
+    for path in ["/rerank", "/v1/rerank", "/v2/rerank"] {
+        let (status, body) = http(&router, path, rerank.clone()).await;
+        assert!(status.contains("200"), "{path}: {status} {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{body}");
+        assert_eq!((results[0]["index"].as_u64(), results[0]["document"]["text"].as_str()), (Some(2), Some("ab")));
+        assert!((score(&results[0]["relevance_score"]) - 1.0).abs() < 1e-6, "{body}");
+        assert!(score(&results[1]["relevance_score"]) <= score(&results[0]["relevance_score"]), "{body}");
+        assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 0, "{body}");
+    }
+    let (_, body) =
+        http(&router, "/rerank", json!({"query": "ab", "documents": ["ab"], "return_documents": false})).await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(body["results"][0].get("document").is_none(), "{body}");
+
+    let refused = [
+        ("/score", json!({"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}), "text_1"),
+        ("/score", json!({"text_2": ["a"]}), "text_1"),
+        ("/score", json!({"text_1": "a", "text_2": []}), "text_2"),
+        ("/score", json!({"text_1": "", "text_2": "a"}), "text_1"),
+        ("/rerank", json!({"documents": ["a"]}), "query"),
+        ("/rerank", json!({"query": "a", "documents": []}), "documents"),
+        ("/rerank", json!({"query": "a", "documents": ["a"], "top_n": -1}), "top_n"),
+        ("/rerank", json!({"query": "a", "documents": vec!["a"; 64]}), "documents"),
+    ];
+    let before = prefill.embedded.lock().unwrap().len();
+    for (path, body, param) in refused {
+        let (status, answer) = http(&router, path, body.clone()).await;
+        assert!(status.contains("400"), "{path} {body}: {status} {answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["error"]["param"], param, "{path} {body}: {answer}");
+    }
+    assert_eq!(prefill.embedded.lock().unwrap().len(), before, "a refused request reached a worker");
 }

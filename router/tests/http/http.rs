@@ -1050,7 +1050,7 @@ async fn user_is_accepted_and_client_kv_transfer_params_refused() {
 #[tokio::test]
 async fn unknown_routes_and_methods_get_openai_shaped_errors() {
     let (app, _) = setup(hello_chunks());
-    for path in ["/v1/moderations", "/v1/images/generations", "/v1/audio/speech", "/rerank", "/nope"] {
+    for path in ["/v1/moderations", "/v1/images/generations", "/v1/audio/speech", "/v1/audio/transcriptions", "/nope"] {
         let (status, body) = post_json(app.clone(), path, json!({"model": "tiny", "input": "x"})).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "NotFoundError", Value::Null);
         assert_eq!(body["error"]["code"], "not_found", "{body}");

@@ -14,7 +14,7 @@
 
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{LoadedModel, ModelInfo};
-use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, RequestError};
+use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, Pooling, RequestError};
 use crate::{Forward, KvSource, SamplingParams, TokenLogprobs};
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use prompt::chat_template::{ChatTemplate, RenderOptions};
@@ -500,6 +500,59 @@ impl Llm {
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
+    /// vLLM's `LLM.encode` / `LLM.embed`: each prompt's final hidden states pooled by `pooling`
+    /// (and scaled to unit length with `normalize`), in prompt order, all prompts batched together.
+    /// Fails with the first failed prompt's error ([`OfflineError::Request`]) after all have run.
+    pub fn encode(
+        &self,
+        prompts: Vec<Prompt>,
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Vec<Vec<f32>>, OfflineError> {
+        let batch = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
+        let submitted: Vec<Result<UnboundedReceiver<EngineEvent>, OfflineError>> = (0..)
+            .zip(prompts)
+            .map(|(index, prompt)| {
+                let ids = self.prompt_ids(&Input::Prompt(prompt))?;
+                let request = EngineRequest::embedding(format!("offline-{batch}-{index}"), ids, pooling);
+                Ok(self.engine.submit(request)?)
+            })
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime");
+        let pooled = |events: Result<UnboundedReceiver<EngineEvent>, OfflineError>| {
+            let mut events = events?;
+            let mut vector = None;
+            runtime.block_on(async {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        EngineEvent::Embedding(v) => vector = Some(v),
+                        EngineEvent::Error(e) => return Err(OfflineError::Failed(e)),
+                        EngineEvent::Finished { .. } => break,
+                        EngineEvent::Token { .. } | EngineEvent::PromptLogprobs { .. } => {}
+                    }
+                }
+                Ok(())
+            })?;
+            let mut vector = vector.ok_or_else(|| {
+                OfflineError::Failed(RequestError::new(FailureKind::Engine, "ended without its embedding"))
+            })?;
+            if normalize {
+                let norm = vector.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+                if norm > 0.0 {
+                    vector.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
+                }
+            }
+            Ok(vector)
+        };
+        // The engine runs every request meanwhile: waiting on each in turn costs nothing.
+        let results: Vec<Result<Vec<f32>, OfflineError>> = submitted.into_iter().map(pooled).collect();
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| r.map_err(|e| OfflineError::Request { index, source: Box::new(e) }))
+            .collect()
+    }
+
     /// vLLM's `LLM.beam_search`: for each prompt, the `beam_width` best beams, best first (see
     /// [`prompt::beam`] for the score). Each step asks every live beam of every prompt for its
     /// `2 × beam_width` most likely next tokens, all in one batch.
@@ -692,7 +745,7 @@ impl Llm {
             grammar.follow_prompt(&ids);
         }
         let mut sampling = request.sampling;
-        sampling.bad_words.extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.encode(w))?);
+        sampling.bad_words.extend(prompt::bad_words::bad_word_sequences(&request.bad_words, |w| self.tokenize(w))?);
         let n = request.n.max(1);
         let watch = |_| {
             let decoder = decoder.filter(|_| !request.stop.is_empty())?.clone();
@@ -744,7 +797,7 @@ impl Llm {
             Input::Prompt(Prompt::TokenIds(ids)) => Ok(ids.clone()),
             Input::Prompt(Prompt::Text(text)) => {
                 let bos = self.text.bos_token_id.filter(|_| self.text.add_bos_token);
-                Ok(bos.into_iter().chain(self.encode(text)?).collect())
+                Ok(bos.into_iter().chain(self.tokenize(text)?).collect())
             }
             Input::Chat(messages) => {
                 let template = self.template.as_ref().ok_or(OfflineError::NoChatTemplate)?;
@@ -756,12 +809,12 @@ impl Llm {
                 };
                 let text =
                     template.render_with(messages, &options).map_err(|e| OfflineError::Template(e.to_string()))?;
-                self.encode(&text)
+                self.tokenize(&text)
             }
         }
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>, OfflineError> {
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, OfflineError> {
         let encoding = self.tokenizer.encode(text, false).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }

@@ -152,3 +152,26 @@ fn an_embedding_request_asking_for_generation_features_is_refused() {
     let pinned = EngineRequest { pin_on_finish: true, ..EngineRequest::embedding("pin", prompt, Pooling::Last) };
     assert!(matches!(engine.submit(pinned), Err(EngineError::InvalidEmbedding(_))));
 }
+
+/// The offline `Llm::encode`, from text: the tokenizer gives llama.cpp's ids, and the vectors
+/// its embeddings, unit length.
+#[test]
+fn offline_encode_embeds_texts_as_llama_cpp_does() {
+    use engine::offline::{Llm, LlmConfig, Prompt};
+    let loaded = engine::model::load_gguf(&common::model_path()).expect("loading the model");
+    let llm = Llm::new(loaded, LlmConfig::default()).expect("an engine");
+    let refs = references();
+    for r in &refs {
+        let ids = llm.prompt_ids(&engine::offline::Input::Prompt(Prompt::Text(r.text.clone()))).unwrap();
+        assert_eq!(ids, r.prompt, "{:?}: token ids", r.text);
+    }
+    let prompts = refs.iter().map(|r| Prompt::Text(r.text.clone())).collect();
+    let vectors = llm.encode(prompts, Pooling::Last, true).expect("embeddings");
+    assert_eq!(vectors.len(), refs.len());
+    for (v, r) in vectors.iter().zip(&refs) {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{:?}: norm {norm}", r.text);
+        let c = cosine(v, &r.last);
+        assert!(c >= SAME, "{:?}: cosine {c} to llama.cpp's", r.text);
+    }
+}

@@ -200,7 +200,7 @@ impl Endpoint for ResponsesRequest {
     }
 
     fn request_id(&self) -> Option<&str> {
-        None
+        self.request_id.as_deref()
     }
 
     fn user(&self) -> Option<&str> {

@@ -122,6 +122,9 @@ fn to_chat(req: ResponsesRequest) -> Result<ChatCompletionRequest, ValidationErr
             stream: req.stream,
             user: req.user,
             response_format: response_format(req.text)?,
+            priority: req.priority,
+            cache_salt: req.cache_salt,
+            request_id: req.request_id,
             ..CommonParams::default()
         },
         chat_not_honoured: ChatNotHonoured {

@@ -377,3 +377,32 @@ async fn what_is_not_honoured_is_refused_by_name() {
     assert!(body["error"]["message"].as_str().unwrap().contains("stateless"), "{body}");
     assert_eq!(body["error"]["code"], "unsupported_parameter");
 }
+
+/// vLLM's extras reach the worker as chat's do: the priority and cache salt on the request, the
+/// body's request id when no `X-Request-Id` header gives one.
+#[tokio::test]
+async fn vllm_extras_priority_salt_and_request_id_are_honoured() {
+    use tower::ServiceExt;
+    let (app, backend) = setup(answer("Hello"));
+    let body = request(json!({"priority": -3, "cache_salt": "tenant-a", "request_id": "abc"}));
+    let without_header = axum::http::Request::post("/v1/responses")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(without_header).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["id"], "resp_abc");
+    let seen = backend.seen.lock().unwrap()[0].clone();
+    assert_eq!((seen.priority, seen.cache_salt.as_deref(), seen.request_id.as_str()), (-3, Some("tenant-a"), "abc"));
+    for (extra, param) in [
+        (json!({"priority": 1_i64 << 40}), "priority"),
+        (json!({"cache_salt": ""}), "cache_salt"),
+        (json!({"request_id": ""}), "request_id"),
+    ] {
+        let (status, body) = post_json(app.clone(), "/v1/responses", request(extra.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {body}");
+        assert_eq!(body["error"]["param"], param, "{extra}: {body}");
+    }
+}

@@ -59,6 +59,17 @@ pub struct ResponsesRequest {
     /// `{"effort"}`, passed to the chat template as chat's `reasoning_effort`; `summary` only null.
     #[schema(value_type = Option<Object>)]
     pub reasoning: Option<Value>,
+    /// vLLM extra: scheduling priority, lower runs first; default 0, an i32.
+    #[schema(minimum = -2147483648, maximum = 2147483647)]
+    pub priority: Option<i64>,
+    /// vLLM extra: only requests with the same salt share prefix-cache blocks; a non-empty string
+    /// when given.
+    #[schema(min_length = 1)]
+    pub cache_salt: Option<String>,
+    /// vLLM extra: the request id when no `X-Request-Id` header is sent; non-empty, at most 256
+    /// printable ASCII characters.
+    #[schema(min_length = 1, max_length = 256, pattern = "^[ -~]+$")]
+    pub request_id: Option<String>,
     /// Fields of the Responses API that are refused unless they hold their no-op value.
     #[serde(flatten)]
     pub not_honoured: ResponsesNotHonoured,

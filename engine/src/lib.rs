@@ -44,8 +44,8 @@ pub use forward::{Forward, ForwardBatch, ForwardError, Hidden, Logits, RankKv, S
 pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
 pub use kv::landing::{KvLanding, LandingReporter};
 pub use request::{
-    EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, Pooling, RequestError,
-    MAX_N,
+    l2_normalize, EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, KvReservation, KvSource, Pooling,
+    RequestError, MAX_N,
 };
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 pub use scheduler::block_manager::{BlockHash, KvEvent};

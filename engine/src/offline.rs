@@ -537,10 +537,7 @@ impl Llm {
                 OfflineError::Failed(RequestError::new(FailureKind::Engine, "ended without its embedding"))
             })?;
             if normalize {
-                let norm = vector.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-                if norm > 0.0 {
-                    vector.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
-                }
+                crate::request::l2_normalize(&mut vector);
             }
             Ok(vector)
         };

@@ -49,6 +49,14 @@ pub struct EngineRequest {
     pub pooling: Option<Pooling>,
 }
 
+/// Scales an embedding to unit L2 norm (a zero vector stays zero), as `normalize` asks for.
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
+    }
+}
+
 /// How an embedding pools the final hidden states (after the output norm) of its prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pooling {

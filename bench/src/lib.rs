@@ -5,6 +5,17 @@
 pub mod ours;
 pub mod prompts;
 
+/// Sizes every thread pool our engine uses. Called first thing, before any thread is spawned, so
+/// setting the environment is race-free and candle reads these values when it builds its pools.
+pub fn set_threads(threads: usize) -> anyhow::Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    let candle = candle_core::utils::get_num_threads();
+    anyhow::ensure!(candle == threads, "candle would use {candle} threads, not {threads}");
+    Ok(())
+}
+
 /// Nearest-rank percentile (`q` in `[0, 1]`) of ascending values; NaN when
 /// there are none.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -102,18 +102,7 @@ fn main() {
     let args: Args = cluster::cli::parse(NAME);
     let threads =
         args.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize);
-    cluster::cli::exit_on_error(NAME, set_threads(threads).and_then(|()| run(args, threads)));
-}
-
-/// Sizes every thread pool our engine uses. Called first thing, before any thread is spawned, so
-/// setting the environment is race-free and candle reads these values when it builds its pools.
-fn set_threads(threads: usize) -> anyhow::Result<()> {
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
-    let candle = candle_core::utils::get_num_threads();
-    anyhow::ensure!(candle == threads, "candle would use {candle} threads, not {threads}");
-    Ok(())
+    cluster::cli::exit_on_error(NAME, bench::set_threads(threads).and_then(|()| run(args, threads)));
 }
 
 fn run(args: Args, threads: usize) -> anyhow::Result<()> {

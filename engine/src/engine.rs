@@ -90,13 +90,17 @@ impl Engine {
             num_blocks: shape.num_blocks,
             block_bytes: shape.block_bytes() * tp_size,
             eos_token_ids: config.eos_token_ids.clone(),
-            enable_prefix_caching: config.enable_prefix_caching,
+            // An encoder's KV depends on the tokens after it, so no prefix of it is reusable.
+            enable_prefix_caching: config.enable_prefix_caching && !model.encoder(),
+            whole_prompts: model.encoder(),
         });
         let kv: Vec<KvStorage> = (0..tp_size).map(|_| KvStorage::new(shape)).collect();
         let shared = Arc::new(Shared {
             shape,
             max_model_len: config.max_model_len,
             vocab_size: model.vocab_size(),
+            encoder: model.encoder(),
+            max_num_batched_tokens: config.max_num_batched_tokens,
             kv_arenas: kv.iter().map(KvStorage::arena).collect(),
             kv: kv.into_iter().map(|kv| Arc::new(RwLock::new(kv))).collect(),
             failure: OnceLock::new(),

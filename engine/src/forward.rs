@@ -193,6 +193,13 @@ pub trait Forward: Send + Sync + 'static {
         false
     }
 
+    /// Whether the model is an encoder (BERT): every token attends to the whole prompt, so the
+    /// engine schedules each prompt whole in one step, caches no prefix, and serves embeddings
+    /// only (there is no LM head to sample from).
+    fn encoder(&self) -> bool {
+        false
+    }
+
     /// Tensor-parallel ranks the model runs on; the engine keeps one KV cache
     /// per rank, each holding that rank's share of the KV heads.
     fn tp_size(&self) -> usize {

@@ -13,9 +13,9 @@
 //! adding any; token-id prompts go in unchanged.
 
 use crate::engine::{Engine, EngineConfig, EngineHandle};
-use crate::model::{LoadedModel, ModelInfo};
+use crate::model::{ComputeDevice, Loaded, Model, ModelInfo, WeightDtype};
 use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, Pooling, RequestError};
-use crate::{Forward, KvSource, SamplingParams, TokenLogprobs};
+use crate::{KvSource, SamplingParams, TokenLogprobs};
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use prompt::chat_template::{ChatTemplate, RenderOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,6 +194,8 @@ pub struct Progress {
     pub total: usize,
     /// Tokens generated so far, over all requests.
     pub generated_tokens: usize,
+    /// Prompt tokens of the requests finished.
+    pub prompt_tokens: usize,
     /// Since the batch was submitted.
     pub elapsed: Duration,
 }
@@ -222,6 +224,9 @@ pub enum OfflineError {
     /// The request's structured output cannot be enforced.
     #[error("structured output: {0}")]
     Constraint(#[from] ConstraintError),
+    /// The model cannot run as asked (its placement failed).
+    #[error(transparent)]
+    Load(Arc<crate::model::ModelError>),
     #[error("the KV cache budget of {budget} B holds no block of {block_bytes} B")]
     NoKvBlocks { budget: usize, block_bytes: usize },
     #[error("max_model_len {max_model_len} exceeds the model's context length {context_length}")]
@@ -286,6 +291,11 @@ pub struct TextConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation: a structured output allows them only where it may end.
     pub eos_token_ids: Vec<u32>,
+    /// The model is an encoder: text prompts get its tokenizer's special tokens
+    /// (`[CLS]` … `[SEP]`), and it embeds only.
+    pub encoder: bool,
+    /// The pooling the model's own config names, for [`Llm::default_pooling`].
+    pub pooling: Option<Pooling>,
 }
 
 impl From<&ModelInfo> for TextConfig {
@@ -297,6 +307,8 @@ impl From<&ModelInfo> for TextConfig {
             add_bos_token: info.add_bos_token,
             bos_token_id: info.bos_token_id,
             eos_token_ids: info.eos_token_ids.clone(),
+            encoder: info.encoder,
+            pooling: info.pooling,
         }
     }
 }
@@ -436,10 +448,14 @@ static NEXT_BATCH: AtomicU64 = AtomicU64::new(0);
 
 impl Llm {
     /// Starts an engine over a loaded model.
-    pub fn new(loaded: LoadedModel, config: LlmConfig) -> Result<Self, OfflineError> {
-        let LoadedModel { model, tokenizer, info } = loaded;
+    pub fn new(loaded: impl Into<Loaded<Model>>, config: LlmConfig) -> Result<Self, OfflineError> {
+        let Loaded { model, tokenizer, info } = loaded.into();
         let block_bytes = model.kv_shape(config.block_size, 1).block_bytes();
-        let num_blocks = config.kv_cache_bytes / block_bytes;
+        let num_blocks =
+            match model.encoder_blocks(config.block_size, config.max_num_batched_tokens, config.max_num_seqs) {
+                Some(blocks) => blocks,
+                None => config.kv_cache_bytes / block_bytes,
+            };
         if num_blocks == 0 {
             return Err(OfflineError::NoKvBlocks { budget: config.kv_cache_bytes, block_bytes });
         }
@@ -456,7 +472,8 @@ impl Llm {
             default_seed: config.seed,
             enable_prefix_caching: config.enable_prefix_caching,
         };
-        let model: Arc<dyn Forward> = Arc::new(model);
+        let model =
+            model.place(ComputeDevice::Cpu, 1, WeightDtype::Auto).map_err(|e| OfflineError::Load(Arc::new(e)))?;
         let engine = Engine::start(model, shape, engine_config);
         Self::from_engine(engine, tokenizer, TextConfig::from(&info))
     }
@@ -500,6 +517,12 @@ impl Llm {
         collect(self.run(requests.collect(), &mut |_| {}))
     }
 
+    /// The pooling for embeddings that name none: the model's own (its Sentence-Transformers
+    /// config's), else the last token's (vLLM's default for decoders).
+    pub fn default_pooling(&self) -> Pooling {
+        self.text.pooling.unwrap_or(Pooling::Last)
+    }
+
     /// vLLM's `LLM.encode` / `LLM.embed`: each prompt's final hidden states pooled by `pooling`
     /// (and scaled to unit length with `normalize`), in prompt order, all prompts batched together.
     /// Fails with the first failed prompt's error ([`OfflineError::Request`]) after all have run.
@@ -509,18 +532,39 @@ impl Llm {
         pooling: Pooling,
         normalize: bool,
     ) -> Result<Vec<Vec<f32>>, OfflineError> {
+        let results = self.encode_each(prompts, pooling, normalize, &mut |_| {});
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| r.map_err(|e| OfflineError::Request { index, source: Box::new(e) }))
+            .collect()
+    }
+
+    /// [`Self::encode`] with one result per prompt (a prompt that fails does not stop the others),
+    /// calling `progress` as each is done.
+    pub fn encode_each(
+        &self,
+        prompts: Vec<Prompt>,
+        pooling: Pooling,
+        normalize: bool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Vec<Result<Vec<f32>, OfflineError>> {
+        let started = Instant::now();
         let batch = NEXT_BATCH.fetch_add(1, Ordering::Relaxed);
-        let submitted: Vec<Result<UnboundedReceiver<EngineEvent>, OfflineError>> = (0..)
+        let submitted: Vec<Result<(usize, UnboundedReceiver<EngineEvent>), OfflineError>> = (0..)
             .zip(prompts)
             .map(|(index, prompt)| {
                 let ids = self.prompt_ids(&Input::Prompt(prompt))?;
+                let len = ids.len();
                 let request = EngineRequest::embedding(format!("offline-{batch}-{index}"), ids, pooling);
-                Ok(self.engine.submit(request)?)
+                Ok((len, self.engine.submit(request)?))
             })
             .collect();
+        let total = submitted.len();
+        let mut state = Progress { done: 0, total, generated_tokens: 0, prompt_tokens: 0, elapsed: Duration::ZERO };
+        progress(&state);
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime");
-        let pooled = |events: Result<UnboundedReceiver<EngineEvent>, OfflineError>| {
-            let mut events = events?;
+        let pooled = |mut events: UnboundedReceiver<EngineEvent>| {
             let mut vector = None;
             runtime.block_on(async {
                 while let Some(event) = events.recv().await {
@@ -539,14 +583,22 @@ impl Llm {
             if normalize {
                 crate::request::l2_normalize(&mut vector);
             }
-            Ok(vector)
+            Ok::<_, OfflineError>(vector)
         };
         // The engine runs every request meanwhile: waiting on each in turn costs nothing.
-        let results: Vec<Result<Vec<f32>, OfflineError>> = submitted.into_iter().map(pooled).collect();
-        results
+        submitted
             .into_iter()
-            .enumerate()
-            .map(|(index, r)| r.map_err(|e| OfflineError::Request { index, source: Box::new(e) }))
+            .map(|s| {
+                let result = s.and_then(|(len, events)| {
+                    let vector = pooled(events)?;
+                    state.prompt_tokens += len;
+                    Ok(vector)
+                });
+                state.done += 1;
+                state.elapsed = started.elapsed();
+                progress(&state);
+                result
+            })
             .collect()
     }
 
@@ -646,7 +698,13 @@ impl Llm {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
-        let mut state = Progress { done: total - running.len(), total, generated_tokens: 0, elapsed: Duration::ZERO };
+        let mut state = Progress {
+            done: total - running.len(),
+            total,
+            generated_tokens: 0,
+            prompt_tokens: 0,
+            elapsed: Duration::ZERO,
+        };
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime");
         runtime.block_on(async {
             // Funnel every request's events into one channel, tagged with the request's index.
@@ -697,7 +755,9 @@ impl Llm {
                 };
                 if done {
                     if let Some(request) = pending[index].take() {
-                        results[index] = Some(request.output(&self.tokenizer));
+                        let output = request.output(&self.tokenizer);
+                        state.prompt_tokens += output.as_ref().map_or(0, |o| o.num_prompt_tokens);
+                        results[index] = Some(output);
                     }
                     state.done += 1;
                     progress(&Progress { elapsed: started.elapsed(), ..state });
@@ -792,6 +852,11 @@ impl Llm {
     pub fn prompt_ids_with(&self, input: &Input, chat: &ChatOptions) -> Result<Vec<u32>, OfflineError> {
         match input {
             Input::Prompt(Prompt::TokenIds(ids)) => Ok(ids.clone()),
+            Input::Prompt(Prompt::Text(text)) if self.text.encoder => {
+                let encoding =
+                    self.tokenizer.encode(text.as_str(), true).map_err(|e| OfflineError::Tokenize(e.to_string()))?;
+                Ok(encoding.get_ids().to_vec())
+            }
             Input::Prompt(Prompt::Text(text)) => {
                 let bos = self.text.bos_token_id.filter(|_| self.text.add_bos_token);
                 Ok(bos.into_iter().chain(self.tokenize(text)?).collect())

@@ -321,6 +321,12 @@ pub enum EngineError {
     /// An embedding request that asks for something only a generation has.
     #[error("an embedding request cannot have {0}")]
     InvalidEmbedding(&'static str),
+    /// A generation request for an encoder, which has no LM head.
+    #[error("the model is an encoder: it serves embeddings only, not generation")]
+    EncoderOnly,
+    /// An encoder's prompt longer than one step holds (it is computed whole).
+    #[error("the prompt has {prompt_len} tokens, but an encoder computes a prompt in one step of at most {max_num_batched_tokens} (--max-num-batched-tokens)")]
+    PromptExceedsStep { prompt_len: usize, max_num_batched_tokens: usize },
     #[error("the engine has stopped")]
     Stopped,
     /// The engine can run no step any more (a tensor-parallel rank died):

@@ -113,6 +113,9 @@ pub struct SchedulerConfig {
     /// Reuse cached full blocks of earlier sequences with the same salted
     /// prefix (see [`Scheduler::schedule`]); off: every prompt is computed.
     pub enable_prefix_caching: bool,
+    /// Admit a prompt only when all of it fits in the step (an encoder's, whose tokens attend
+    /// to the ones after them); off: prompts are prefilled in chunks.
+    pub whole_prompts: bool,
 }
 
 /// A request as the scheduler sees it, already validated by the engine.
@@ -732,6 +735,9 @@ impl Scheduler {
             let seq = self.waiting.front().expect("front exists");
             let computed = if seq.provided_kv.is_some() { seq.prompt_len } else { hits.len() * bs };
             let n = (seq.tokens.len() - computed).min(*budget);
+            if self.config.whole_prompts && n < seq.tokens.len() - computed {
+                break;
+            }
             // Provided KV already in blocks brings them; nothing else holds any.
             let held = seq.blocks.len();
             let fresh = blocks_for(computed + n, bs) - hits.len() - held;

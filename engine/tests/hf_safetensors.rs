@@ -644,7 +644,7 @@ fn max_difference(spec: &Spec, m: &LoadedModel, reference_weights: &Weights) -> 
 }
 
 fn load_ok(dir: &Path, options: &LoadOptions) -> LoadedModel {
-    load(dir, options).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+    load(dir, options).and_then(|m| m.into_decoder()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 /// Writes `spec` with seeded weights, loads it with `options` and checks

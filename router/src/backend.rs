@@ -133,8 +133,11 @@ impl GenerateRequest {
 /// How an embedding pools the final hidden states of its prompt's tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Pooling {
-    /// The last token's: a causal model's whole prompt is behind it (vLLM's default for them).
+    /// The model's own: what its Sentence-Transformers config names, else the last token's
+    /// (the worker knows which).
     #[default]
+    Model,
+    /// The last token's: a causal model's whole prompt is behind it (vLLM's default for them).
     Last,
     /// The mean over every token.
     Mean,

@@ -70,5 +70,6 @@ pub fn card() -> ModelCard {
         bos_token: "<eos>".into(),
         eos_token: "<eos>".into(),
         add_bos_token: false,
+        ..ModelCard::default()
     }
 }

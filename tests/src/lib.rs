@@ -40,6 +40,20 @@ pub fn gemma3_path() -> PathBuf {
     path
 }
 
+/// The embedding model, all-MiniLM-L6-v2's Sentence-Transformers folder (a BERT encoder,
+/// `scripts/fetch-model.sh minilm`); `PDSERVE_ENCODER` overrides.
+pub fn encoder_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_ENCODER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".cache/models/all-MiniLM-L6-v2"));
+    assert!(
+        path.join("config.json").is_file(),
+        "model {} is missing: run scripts/fetch-model.sh minilm",
+        path.display()
+    );
+    path
+}
+
 /// `tests/data/golden/<name>`.
 pub fn golden_file(name: &str) -> serde_json::Value {
     let path = workspace_root().join("tests/data/golden").join(name);

@@ -60,6 +60,22 @@ async fn openai_python_sdk_embeds_as_llama_cpp_does() {
     run_client("openai_embeddings.py", cluster.router.url(), &model, &[reference], "openai embeddings ok").await;
 }
 
+/// A BERT encoder (all-MiniLM-L6-v2's Sentence-Transformers folder) served by a disaggregated
+/// cluster: the OpenAI SDK's embeddings equal Sentence-Transformers' own (its mean pooling, by
+/// default), `/pooling` and `/v1/rerank` agree, and generation is refused with a 400.
+#[tokio::test]
+async fn openai_python_sdk_embeds_with_a_bert_encoder_as_sentence_transformers_does() {
+    let cluster = Cluster::start(ClusterOptions { model: Some(tests::encoder_path()), ..ClusterOptions::default() });
+    let model = cluster.model_name().await;
+    assert_eq!(model, "all-MiniLM-L6-v2");
+    let reference = tests::workspace_root().join("tests/data/golden/minilm-embeddings.json");
+    let reference = reference.to_str().unwrap();
+    let done = "openai encoder embeddings ok";
+    run_client("openai_embeddings_encoder.py", cluster.router.url(), &model, &[reference], done).await;
+    // Colocated (the decode worker embeds) gives the same.
+    run_client("openai_embeddings_encoder.py", cluster.colocated_router.url(), &model, &[reference], done).await;
+}
+
 /// Completions logprobs, `stop_reason`, cached tokens, `system_fingerprint`, ids from the request
 /// id and continuous usage, as the OpenAI SDK reads them, from a disaggregated cluster.
 #[tokio::test]

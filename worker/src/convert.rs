@@ -107,8 +107,16 @@ pub fn prompt(ids: &[u32], vocab_size: usize) -> Result<(), Status> {
 }
 
 /// An embedding's pooling; unspecified is the causal model's default, the last token.
-pub fn pooling(p: pb::Pooling) -> engine::Pooling {
+/// The pooling the model card names, if any.
+pub fn model_pooling(card: &pb::ModelCard) -> Option<engine::Pooling> {
+    (card.pooling() != pb::Pooling::Unspecified).then(|| pooling(card.pooling(), card))
+}
+
+/// A request's pooling: its own, else the model card's, else the last token's.
+pub fn pooling(p: pb::Pooling, card: &pb::ModelCard) -> engine::Pooling {
     match p {
+        // The model card's own, else the last token's (what a causal model has seen all by).
+        pb::Pooling::Unspecified if card.pooling() != pb::Pooling::Unspecified => pooling(card.pooling(), card),
         pb::Pooling::Unspecified | pb::Pooling::Last => engine::Pooling::Last,
         pb::Pooling::Mean => engine::Pooling::Mean,
         pb::Pooling::Cls => engine::Pooling::Cls,

@@ -28,9 +28,11 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         engine::model::LoadOptions { tokenizer: args.tokenizer.clone(), dtype: args.dtype, ..Default::default() };
     let loaded =
         engine::model::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
-    let model_config = loaded.model.config();
-    check_tensor_parallel(args.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads)
-        .map_err(anyhow::Error::msg)?;
+    if let engine::model::Model::Llama(llama) = &loaded.model {
+        let model_config = llama.config();
+        check_tensor_parallel(args.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads)
+            .map_err(anyhow::Error::msg)?;
+    }
     let info = loaded.info;
     let max_model_len = max_model_len(args, &info)?;
     let tp_size = args.tensor_parallel_size as usize;
@@ -39,12 +41,18 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
     let rank_shape = |num_blocks| KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, num_blocks, ..whole };
     // Copies of the weights (shards, device matrices) are made and the loaded
     // model dropped before the KV budget is measured.
-    let model = engine::model::place(Arc::new(loaded.model), args.device, tp_size, args.dtype)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // An encoder holds blocks only while its one step runs, and stores nothing in them.
+    let encoder_blocks = loaded.model.encoder_blocks(
+        args.block_size as usize,
+        args.max_num_batched_tokens as usize,
+        args.max_num_seqs as usize,
+    );
+    let model = loaded.model.place(args.device, tp_size, args.dtype).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rank_block_bytes = rank_shape(1).block_bytes();
-    let num_blocks = match args.num_kv_blocks {
-        Some(n) => n as usize,
-        None => kv_blocks(args, tp_size, rank_block_bytes as u64)?,
+    let num_blocks = match (args.num_kv_blocks, encoder_blocks) {
+        (Some(n), _) => n as usize,
+        (None, Some(n)) => n,
+        (None, None) => kv_blocks(args, tp_size, rank_block_bytes as u64)?,
     };
     let shape = rank_shape(num_blocks);
     let vocab_size = model.vocab_size();
@@ -119,6 +127,12 @@ fn model_card(
         bos_token: info.bos_token,
         eos_token: info.eos_token,
         add_bos_token: info.add_bos_token,
+        encoder: info.encoder,
+        pooling: info.pooling.map_or(pb::Pooling::Unspecified, |p| match p {
+            engine::Pooling::Last => pb::Pooling::Last,
+            engine::Pooling::Mean => pb::Pooling::Mean,
+            engine::Pooling::Cls => pb::Pooling::Cls,
+        }) as i32,
     })
 }
 

@@ -87,7 +87,7 @@ impl pb::worker_server::Worker for WorkerService {
             tracing::info_span!("embed", request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len());
         let _entered = span.enter();
         convert::prompt(&req.prompt_token_ids, self.engine.vocab_size())?;
-        let pooling = convert::pooling(req.pooling());
+        let pooling = convert::pooling(req.pooling(), &self.card);
         let request = EngineRequest {
             cache_salt: req.cache_salt,
             priority: req.priority,

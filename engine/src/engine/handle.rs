@@ -194,7 +194,8 @@ impl EngineHandle {
         if prompt_len == 0 {
             return Err(EngineError::EmptyPrompt { request_id: req.request_id.clone() });
         }
-        if prompt_len >= s.max_model_len {
+        // A generation needs room for a token after the prompt; an encoder's prompt is all there is.
+        if prompt_len >= s.max_model_len + usize::from(s.encoder) {
             return Err(EngineError::PromptTooLong { prompt_len, max_model_len: s.max_model_len });
         }
         let blocks_needed = blocks_for(prompt_len, s.shape.block_size);
@@ -204,6 +205,15 @@ impl EngineHandle {
                 blocks_needed,
                 block_size: s.shape.block_size,
                 num_blocks: s.shape.num_blocks,
+            });
+        }
+        if s.encoder && req.pooling.is_none() {
+            return Err(EngineError::EncoderOnly);
+        }
+        if s.encoder && prompt_len > s.max_num_batched_tokens {
+            return Err(EngineError::PromptExceedsStep {
+                prompt_len,
+                max_num_batched_tokens: s.max_num_batched_tokens,
             });
         }
         if req.pooling.is_some() {

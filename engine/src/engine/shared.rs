@@ -15,6 +15,10 @@ pub(super) struct Shared {
     pub(super) shape: KvCacheShape,
     pub(super) max_model_len: usize,
     pub(super) vocab_size: usize,
+    /// The model is an encoder ([`crate::Forward::encoder`]): it serves embeddings only.
+    pub(super) encoder: bool,
+    /// Most tokens of one step: an encoder's prompt must fit in one.
+    pub(super) max_num_batched_tokens: usize,
     /// One cache per tensor-parallel rank, rank order.
     pub(super) kv: Vec<Arc<RwLock<KvStorage>>>,
     /// `kv`'s memory, taken once so handing it out needs no lock.

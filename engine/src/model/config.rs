@@ -156,6 +156,12 @@ pub struct ModelInfo {
     /// Whether prompts that are not rendered from a chat template should start
     /// with BOS (`tokenizer.ggml.add_bos_token`).
     pub add_bos_token: bool,
+    /// An encoder (BERT): it serves embeddings only, and its tokenizer's
+    /// post-processor adds its special tokens (`[CLS]` … `[SEP]`) to a text.
+    pub encoder: bool,
+    /// The pooling the model's Sentence-Transformers config names
+    /// (`1_Pooling/config.json`), for embedding requests that name none.
+    pub pooling: Option<crate::request::Pooling>,
 }
 
 /// Choices made at load time.
@@ -265,6 +271,8 @@ pub enum ModelError {
     MissingWeight { name: String, reason: String },
     #[error("tensor `{name}` in {path}: {reason}")]
     BadWeight { name: String, path: PathBuf, reason: String },
+    #[error("{0} is an encoder: it serves embeddings, not generation")]
+    EncoderOnly(String),
     #[error("cannot load tokenizer {path}: {reason}")]
     TokenizerFile { path: PathBuf, reason: String },
 }
@@ -476,6 +484,8 @@ impl ModelInfo {
             eos_token: text("tokenizer.ggml.eos_token_id", eos)?,
             eos_token_ids,
             add_bos_token: md.opt("tokenizer.ggml.add_bos_token", Metadata::bool)?.unwrap_or(false),
+            encoder: false,
+            pooling: None,
         })
     }
 }

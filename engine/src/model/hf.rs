@@ -5,15 +5,18 @@
 //! Weights reach [`Llama::load`] under llama.cpp's names and layout, so the
 //! forward pass is the one GGUF files use: [`weights`] renames the tensors and
 //! reorders Q and K rows from rotate-half RoPE to adjacent pairs, as llama.cpp's
-//! converter does.
+//! converter does. BERT encoders (`BertModel`) load into [`Bert`] instead,
+//! with the pooling and length of their Sentence-Transformers config.
 
 mod config;
+mod sentence_transformers;
 mod tokenizer_files;
 mod weights;
 
 use std::path::Path;
 
-use super::{Llama, LoadOptions, LoadedModel, ModelError, ModelMetadata};
+use super::bert::Bert;
+use super::{Llama, LoadOptions, Loaded, LoadedModel, ModelError, ModelMetadata};
 use config::HfConfig;
 use tokenizer_files::TokenizerFiles;
 use weights::SafetensorsSource;
@@ -22,29 +25,65 @@ use weights::SafetensorsSource;
 /// Gemma 3 (text) checkpoint from a Hugging Face folder. Matrices keep their stored f32/f16/bf16 precision
 /// unless [`LoadOptions::dtype`] asks for another; activations are f32.
 pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
-    let (hf, ModelMetadata { tokenizer, info }) = read_metadata(dir, options)?;
+    let hf = HfConfig::read(&dir.join("config.json"))?;
+    let ModelMetadata { tokenizer, info } = decoder_metadata(dir, options, &hf)?;
     let config = hf.config.clone();
     let mut source = SafetensorsSource::open(dir, hf, options.dtype)?;
     let model = Llama::load(&mut source, config)?;
     Ok(LoadedModel { model, tokenizer, info })
 }
 
-/// Everything [`load_hf`] reads but the weights.
-pub(super) fn load_hf_metadata(dir: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
-    read_metadata(dir, options).map(|(_, metadata)| metadata)
+/// Whether the folder holds a BERT encoder, which [`load_hf_encoder`] loads.
+pub(super) fn is_encoder(dir: &Path) -> Result<bool, ModelError> {
+    config::names_encoder(&dir.join("config.json"))
 }
 
-/// The config (which the weights need) and the tokenizer and serving metadata.
-fn read_metadata(dir: &Path, options: &LoadOptions) -> Result<(HfConfig, ModelMetadata), ModelError> {
-    let hf = HfConfig::read(&dir.join("config.json"))?;
+/// Loads a BERT encoder (`BertModel`) from a Hugging Face / Sentence-Transformers folder, on
+/// the CPU, its weights in f32 unless [`LoadOptions::dtype`] asks for another.
+pub(super) fn load_hf_encoder(dir: &Path, options: &LoadOptions) -> Result<Loaded<Bert>, ModelError> {
+    let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
+    let ModelMetadata { tokenizer, info } = encoder_metadata(dir, options, config.context_length)?;
+    let dtype = match options.dtype {
+        super::WeightDtype::Auto | super::WeightDtype::F32 => candle_core::DType::F32,
+        super::WeightDtype::F16 => candle_core::DType::F16,
+        super::WeightDtype::BF16 => candle_core::DType::BF16,
+    };
+    let model = Bert::load(dir, config, &candle_core::Device::Cpu, dtype)?;
+    Ok(Loaded { model, tokenizer, info })
+}
+
+/// Everything [`load_hf`] or [`load_hf_encoder`] reads but the weights.
+pub(super) fn load_hf_metadata(dir: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
+    if is_encoder(dir)? {
+        let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
+        return encoder_metadata(dir, options, config.context_length);
+    }
+    decoder_metadata(dir, options, &HfConfig::read(&dir.join("config.json"))?)
+}
+
+/// A decoder's tokenizer and serving metadata.
+fn decoder_metadata(dir: &Path, options: &LoadOptions, hf: &HfConfig) -> Result<ModelMetadata, ModelError> {
     let files = TokenizerFiles::locate(dir, options.tokenizer.as_deref())?;
     let tokenizer = files.load()?;
-    let model_name = match &options.model_name {
+    let mut info = files.model_info(&tokenizer, hf, &dir.join("generation_config.json"), model_name(dir, options))?;
+    info.pooling = sentence_transformers::pooling(dir)?;
+    Ok(ModelMetadata { tokenizer, info })
+}
+
+/// An encoder's tokenizer and serving metadata.
+fn encoder_metadata(dir: &Path, options: &LoadOptions, context_length: usize) -> Result<ModelMetadata, ModelError> {
+    let files = TokenizerFiles::locate(dir, options.tokenizer.as_deref())?;
+    let tokenizer = files.load()?;
+    let info =
+        TokenizerFiles::encoder_info(model_name(dir, options), context_length, sentence_transformers::pooling(dir)?);
+    Ok(ModelMetadata { tokenizer, info })
+}
+
+fn model_name(dir: &Path, options: &LoadOptions) -> String {
+    match &options.model_name {
         Some(name) => name.clone(),
         None => folder_name(dir),
-    };
-    let info = files.model_info(&tokenizer, &hf, &dir.join("generation_config.json"), model_name)?;
-    Ok((hf, ModelMetadata { tokenizer, info }))
+    }
 }
 
 /// The folder's own name (`.` and trailing slashes resolved).

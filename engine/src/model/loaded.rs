@@ -3,9 +3,13 @@
 use super::config::ModelInfo;
 use super::llama::Llama;
 
-/// A model ready to serve.
-pub struct LoadedModel {
-    pub model: Llama,
+/// A model ready to serve: weights `M` (a decoder, [`Llama`], unless said otherwise), its
+/// tokenizer and metadata.
+pub struct Loaded<M = Llama> {
+    pub model: M,
     pub tokenizer: tokenizers::Tokenizer,
     pub info: ModelInfo,
 }
+
+/// A loaded decoder, which generates (and embeds).
+pub type LoadedModel = Loaded<Llama>;

@@ -12,6 +12,7 @@
 //! and the forward passes use only it.
 
 mod attention;
+pub(crate) mod bert;
 pub(crate) mod config;
 mod device;
 mod device_llama;
@@ -29,6 +30,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 
+pub use bert::{Bert, BertConfig};
 pub use config::{
     Activation, Arch, Config, LoadOptions, ModelError, ModelInfo, ModelMetadata, SlidingWindow, WeightDtype,
 };
@@ -38,15 +40,97 @@ pub use device::{ComputeDevice, GpuMemory};
 pub use device_llama::DeviceLlama;
 pub use hf::load_hf;
 pub use llama::Llama;
-pub use loaded::LoadedModel;
+pub use loaded::{Loaded, LoadedModel};
 pub use parallel::{place, TensorParallel};
 
+/// The weights [`load`] reads: a decoder, or an encoder for embeddings.
+pub enum Model {
+    /// A decoder: Llama and the families that are Llama with a few changes.
+    Llama(Llama),
+    /// A BERT encoder (Hugging Face folders only).
+    Bert(Bert),
+}
+
+impl Model {
+    /// The KV cache shape the engine allocates for this model.
+    pub fn kv_shape(&self, block_size: usize, num_blocks: usize) -> crate::KvCacheShape {
+        match self {
+            Self::Llama(m) => m.kv_shape(block_size, num_blocks),
+            Self::Bert(m) => m.kv_shape(block_size, num_blocks),
+        }
+    }
+
+    /// For an encoder, the KV blocks its engine needs: those of one step of whole prompts
+    /// (`max_num_batched_tokens` tokens over at most `max_num_seqs` prompts), since a prompt
+    /// holds its blocks for its one step only and they store nothing. `None` for a decoder,
+    /// whose cache is sized by memory.
+    pub fn encoder_blocks(
+        &self,
+        block_size: usize,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Option<usize> {
+        match self {
+            Self::Llama(_) => None,
+            Self::Bert(_) => Some(max_num_batched_tokens.div_ceil(block_size.max(1)) + max_num_seqs),
+        }
+    }
+
+    /// Puts the model where the engine steps it: on `device`, across `tp_size` ranks (see
+    /// [`place`]). An encoder runs on one rank.
+    pub fn place(
+        self,
+        device: ComputeDevice,
+        tp_size: usize,
+        dtype: WeightDtype,
+    ) -> Result<std::sync::Arc<dyn crate::Forward>, ModelError> {
+        match self {
+            Self::Llama(m) => place(std::sync::Arc::new(m), device, tp_size, dtype),
+            Self::Bert(_) if tp_size > 1 => Err(ModelError::TensorParallel(format!(
+                "size {tp_size}: a BERT encoder runs on one rank (it is small enough not to need more)"
+            ))),
+            Self::Bert(m) => Ok(match device {
+                ComputeDevice::Cpu => std::sync::Arc::new(m),
+                device => {
+                    let dtype = match dtype {
+                        WeightDtype::Auto | WeightDtype::F32 => candle_core::DType::F32,
+                        WeightDtype::F16 => candle_core::DType::F16,
+                        WeightDtype::BF16 => candle_core::DType::BF16,
+                    };
+                    std::sync::Arc::new(m.to_device(&device.candle()?, dtype)?)
+                }
+            }),
+        }
+    }
+}
+
+impl From<LoadedModel> for Loaded<Model> {
+    fn from(m: LoadedModel) -> Self {
+        Loaded { model: Model::Llama(m.model), tokenizer: m.tokenizer, info: m.info }
+    }
+}
+
+impl Loaded<Model> {
+    /// The decoder, or an error naming what the caller needs it for (the
+    /// model is an encoder).
+    pub fn into_decoder(self) -> Result<LoadedModel, ModelError> {
+        match self.model {
+            Model::Llama(model) => Ok(Loaded { model, tokenizer: self.tokenizer, info: self.info }),
+            Model::Bert(_) => Err(ModelError::EncoderOnly(self.info.model_name)),
+        }
+    }
+}
+
 /// Loads a model from `path`: a `.gguf` file, or a Hugging Face folder
-/// (one with `config.json`).
-pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+/// (one with `config.json`; a BERT encoder's loads as [`Model::Bert`]).
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Loaded<Model>, ModelError> {
     match format(path, options)? {
-        Format::HfFolder => load_hf(path, options),
-        Format::Gguf => load_gguf_with(path, options),
+        Format::HfFolder if hf::is_encoder(path)? => {
+            let m = hf::load_hf_encoder(path, options)?;
+            Ok(Loaded { model: Model::Bert(m.model), tokenizer: m.tokenizer, info: m.info })
+        }
+        Format::HfFolder => load_hf(path, options).map(Into::into),
+        Format::Gguf => load_gguf_with(path, options).map(Into::into),
     }
 }
 

@@ -12,6 +12,7 @@ fn config(num_blocks: usize, max_num_seqs: usize) -> SchedulerConfig {
         block_bytes: 8,
         eos_token_ids: vec![99],
         enable_prefix_caching: true,
+        whole_prompts: false,
     }
 }
 
@@ -556,6 +557,23 @@ fn a_long_prompt_is_chunked_to_the_budget_while_another_keeps_decoding() {
         ]
     );
     assert!(matches!(long[2], EngineEvent::Finished { reason: FinishReason::Length, num_prompt_tokens: 9, .. }));
+}
+
+#[test]
+fn whole_prompts_wait_for_a_step_with_room_instead_of_being_chunked() {
+    let config = SchedulerConfig { max_num_batched_tokens: 8, whole_prompts: true, ..config(16, 4) };
+    let mut s = Scheduler::new(config);
+    let embed = |id: &str, prompt: &[u32]| NewSequence { pooling: Some(Pooling::Mean), ..seq(id, prompt, 1) };
+    s.add(embed("a", &[1, 2, 3, 4, 5]));
+    s.add(embed("b", &[6, 7, 8, 9, 10]));
+    s.add(embed("c", &[11, 12, 13]));
+    // `b` would fit only in part: it waits, and `c` waits behind it (strict order).
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 0, 5)]);
+    s.report_hidden(&plan.seqs[0], &vec![vec![1.0]; 5]);
+    s.finish_step(&plan, &[]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 0, 5), ("c", 0, 3)]);
 }
 
 #[test]

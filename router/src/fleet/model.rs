@@ -27,6 +27,16 @@ pub enum ModelError {
     NoContext,
 }
 
+/// What a model serves, from its card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    /// Generation, and embeddings pooled from its hidden states (a decoder).
+    Generation,
+    /// Embeddings only (an encoder, BERT): it has no LM head, and its tokenizer's post-processor
+    /// puts its special tokens (`[CLS]` … `[SEP]`) around a text.
+    Embeddings,
+}
+
 /// The served model. Immutable after start-up and shared by every request.
 #[derive(Debug)]
 pub struct Model {
@@ -62,6 +72,8 @@ pub struct Model {
     /// OpenAI's `system_fingerprint`: names this router's version and the model card it serves,
     /// so a client can tell when the backend configuration behind its answers changed.
     pub fingerprint: String,
+    /// Generation and embeddings, or embeddings only.
+    pub serves: Serves,
     /// The vocabulary structured outputs compile against; built on the first one.
     vocabulary: OnceLock<Result<Vocabulary, ConstraintError>>,
 }
@@ -128,6 +140,7 @@ impl Model {
             max_prompt_bytes,
             eos_token_ids: card.eos_token_ids.clone(),
             fingerprint: fingerprint(card),
+            serves: if card.encoder { Serves::Embeddings } else { Serves::Generation },
             vocabulary: OnceLock::new(),
         })
     }

@@ -32,6 +32,7 @@ fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/completions", post(generate::completions), true),
         route(Method::POST, "/v1/responses", post(generate::responses), true),
         route(Method::POST, "/v1/embeddings", post(embeddings::embeddings), true),
+        route(Method::POST, "/pooling", post(embeddings::pooling), true),
         route(Method::POST, "/score", post(embeddings::score), true),
         route(Method::POST, "/v1/score", post(embeddings::score), true),
         route(Method::POST, "/rerank", post(embeddings::rerank), true),

@@ -1,4 +1,4 @@
-//! `POST /v1/embeddings`, vLLM's `/score` and the `/rerank` routes: each extracts, prepares, runs the
+//! `POST /v1/embeddings`, vLLM's `/pooling`, `/score` and the `/rerank` routes: each extracts, prepares, runs the
 //! embed step and answers one JSON body. Scores are cosine similarities of the texts' embeddings,
 //! as vLLM scores with an embedding model.
 
@@ -19,7 +19,9 @@ use crate::http::state::AppState;
 use crate::prepare::embeddings::{validate_embedding, EmbeddingRequest, ValidEmbedding};
 use crate::prepare::scoring::{validate_rerank, validate_score, RerankRequest, ScoreRequest, ValidScoring};
 use crate::prepare::validate::ValidationError;
-use crate::respond::embeddings::{EmbeddingData, EmbeddingList, EmbeddingUsage, EmbeddingVector};
+use crate::respond::embeddings::{
+    EmbeddingData, EmbeddingList, EmbeddingUsage, EmbeddingVector, PoolingData, PoolingList,
+};
 use crate::respond::scoring::{
     cosine, RerankDocument, RerankResponse, RerankResult, RerankUsage, ScoreData, ScoreList,
 };
@@ -60,23 +62,9 @@ pub async fn embeddings(
             Ok((valid.clone(), valid))
         },
         |call, vectors, valid| {
-            let size = vectors.first().map_or(0, |v| v.embedding.len());
-            if let Some(wanted) = valid.dimensions.filter(|&d| d as usize != size) {
-                return Err(ApiError::from(ValidationError::Unsupported {
-                    field: "dimensions",
-                    reason: format!(
-                        "this model's embeddings have {size} dimensions and it was not trained for shorter ones \
-                     (Matryoshka), so {wanted} cannot be given"
-                    ),
-                }));
-            }
             let data = (0..)
-                .zip(vectors)
-                .map(|(index, v)| EmbeddingData {
-                    object: "embedding",
-                    index,
-                    embedding: EmbeddingVector::new(v.embedding, valid.encoding),
-                })
+                .zip(encoded(vectors, &valid)?)
+                .map(|(index, embedding)| EmbeddingData { object: "embedding", index, embedding })
                 .collect();
             Ok(Json(EmbeddingList {
                 id: format!("embd-{}", call.request_id),
@@ -90,6 +78,73 @@ pub async fn embeddings(
         },
     )
     .await
+}
+
+/// `POST /pooling`.
+#[utoipa::path(post, path = "/pooling", description = "vLLM's pooling: the body of `/v1/embeddings` (`input` or \
+    `messages`), answered with each input's pooled hidden states as a `pooling` object.",
+    tag = "vllm", request_body = EmbeddingRequest,
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A `list` of `pooling` objects, one per input in input order", body = PoolingList),
+        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
+        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
+        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
+        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
+        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
+        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
+        (status = 502, description = "A worker failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+    ))]
+pub async fn pooling(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    AppJson(body): AppJson<EmbeddingRequest>,
+) -> Response {
+    let head = Head::of(&headers, body.request_id.as_deref(), body.user.clone(), &body.unknown, body.model.clone());
+    pooled(
+        &state,
+        caller,
+        &headers,
+        head,
+        "pooling",
+        |model| {
+            let valid = validate_embedding(model, body)?;
+            Ok((valid.clone(), valid))
+        },
+        |call, vectors, valid| {
+            let data = (0..)
+                .zip(encoded(vectors, &valid)?)
+                .map(|(index, data)| PoolingData { object: "pooling", index, data })
+                .collect();
+            Ok(Json(PoolingList {
+                id: format!("pool-{}", call.request_id),
+                object: "list",
+                created: unix_now(),
+                model: call.model,
+                data,
+                usage: EmbeddingUsage { prompt_tokens: call.prompt_tokens, total_tokens: call.prompt_tokens },
+            })
+            .into_response())
+        },
+    )
+    .await
+}
+
+/// The vectors as `encoding_format` asks, once their size is checked against `dimensions`.
+fn encoded(vectors: Vec<Embedded>, valid: &ValidEmbedding) -> Result<Vec<EmbeddingVector>, ApiError> {
+    let size = vectors.first().map_or(0, |v| v.embedding.len());
+    if let Some(wanted) = valid.dimensions.filter(|&d| d as usize != size) {
+        return Err(ApiError::from(ValidationError::Unsupported {
+            field: "dimensions",
+            reason: format!(
+                "this model's embeddings have {size} dimensions and it was not trained for shorter ones \
+                 (Matryoshka), so {wanted} cannot be given"
+            ),
+        }));
+    }
+    Ok(vectors.into_iter().map(|v| EmbeddingVector::new(v.embedding, valid.encoding)).collect())
 }
 
 /// `POST /score` (and `/v1/score`).

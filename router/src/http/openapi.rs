@@ -45,6 +45,7 @@ use crate::prepare::scoring::{RerankRequest, ScoreRequest};
         crate::http::generate::completions,
         crate::http::generate::responses,
         crate::http::embeddings::embeddings,
+        crate::http::embeddings::pooling,
         crate::http::embeddings::score,
         crate::http::embeddings::rerank,
         crate::http::meta::models,

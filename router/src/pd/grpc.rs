@@ -397,6 +397,7 @@ impl WorkerLegs for GrpcWorkers {
             prompt_tokens = request.prompt_token_ids.len(),
         );
         let pooling = match request.pooling {
+            Pooling::Model => WirePooling::Unspecified,
             Pooling::Last => WirePooling::Last,
             Pooling::Mean => WirePooling::Mean,
             Pooling::Cls => WirePooling::Cls,

@@ -483,7 +483,7 @@ fn object_list<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<V
 }
 
 /// An optional list of JSON objects, each as `T` (see [`object`]).
-fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+pub(crate) fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<Vec<T>>, D::Error> {
     let Some(items) = Option::<Vec<Map<String, Value>>>::deserialize(d)? else { return Ok(None) };
     items
         .into_iter()

@@ -174,7 +174,7 @@ fn embedding(
         inputs,
         encoding: EncodingFormat::Float,
         dimensions: None,
-        pooling: Pooling::Last,
+        pooling: Pooling::Model,
         normalize: true,
         priority: priority(priority_field)?,
         cache_salt: cache_salt(salt)?,

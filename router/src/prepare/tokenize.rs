@@ -5,7 +5,7 @@
 //! it is still parsed into ids because the tokenizer splits on added tokens
 //! first. A plain completion prompt gets BOS only if the model card says so.
 
-use crate::fleet::model::Model;
+use crate::fleet::model::{Model, Serves};
 use crate::prepare::error::ValidationError;
 use prompt::chat_template::{ChatTemplate, RenderOptions, TemplateMessage};
 
@@ -80,6 +80,15 @@ pub fn text_prompt(model: &Model, text: &str) -> Result<Vec<u32>, ValidationErro
 /// Tokenizes text; `add_special_tokens` (vLLM's flag) puts BOS first when
 /// the model wants it, which is all the special tokens this router adds.
 pub fn text_ids(model: &Model, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ValidationError> {
+    if model.serves == Serves::Embeddings {
+        // An encoder's special tokens come from its tokenizer's post-processor, around the text.
+        if text.len() > model.max_prompt_bytes {
+            return Err(ValidationError::TextTooLong { bytes: text.len(), context_length: model.context_length });
+        }
+        let encoding =
+            model.tokenizer.encode(text, add_special_tokens).map_err(|e| ValidationError::Tokenize(e.to_string()))?;
+        return Ok(encoding.get_ids().to_vec());
+    }
     let ids = encode(model, text)?;
     Ok(if add_special_tokens { with_bos(model, ids) } else { ids })
 }

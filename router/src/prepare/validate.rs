@@ -11,7 +11,7 @@ use constraint::api::{Guided, Requested};
 use constraint::Constraint;
 
 use crate::backend::{BeamSearch, Sampling, MAX_BEAM_WIDTH};
-use crate::fleet::model::Model;
+use crate::fleet::model::{Model, Serves};
 pub use crate::prepare::error::ValidationError;
 use crate::prepare::request::{
     ChatCompletionRequest, ChatMessage, ChatRenderParams, CommonParams, CompletionRequest, MessageContent, Prompt,
@@ -78,8 +78,24 @@ pub struct ValidRequest {
     pub prompt_logprobs_field: bool,
 }
 
+/// Refuses generation from a model that serves embeddings only, naming `model`.
+fn generates(model: &Model) -> Result<(), ValidationError> {
+    match model.serves {
+        Serves::Generation => Ok(()),
+        Serves::Embeddings => Err(ValidationError::Unsupported {
+            field: "model",
+            reason: format!(
+                "`{}` is an embedding model (an encoder with no LM head): it serves /v1/embeddings, \
+                 /pooling, /score and /rerank, not generation",
+                model.served_name
+            ),
+        }),
+    }
+}
+
 /// Validates a chat request: renders, tokenizes and checks every parameter.
 pub fn validate_chat(model: &Model, req: ChatCompletionRequest) -> Result<ValidRequest, ValidationError> {
+    generates(model)?;
     req.not_honoured.check(req.params.n)?;
     req.chat_not_honoured.check()?;
     let messages = chat_messages(req.messages)?;
@@ -211,6 +227,7 @@ pub fn chat_render(
 /// Validates a completion request: tokenizes each prompt and checks every parameter. A batch of
 /// prompts gives one request per prompt, in order, each with the same parameters.
 pub fn validate_completion(model: &Model, req: CompletionRequest) -> Result<Vec<ValidRequest>, ValidationError> {
+    generates(model)?;
     req.not_honoured.check(req.params.n)?;
     req.completion_not_honoured.check()?;
     let echo = req.echo.unwrap_or(false);

@@ -23,6 +23,34 @@ pub struct EmbeddingList {
     pub usage: EmbeddingUsage,
 }
 
+/// vLLM's `PoolingResponse`: [`EmbeddingList`] with `pooling` objects.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolingList {
+    /// `pool-<request id>`.
+    pub id: String,
+    /// Always `list`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model name.
+    pub model: String,
+    /// One per input, in input order.
+    pub data: Vec<PoolingData>,
+    /// Tokens of every input.
+    pub usage: EmbeddingUsage,
+}
+
+/// One input's pooled vector, as `/pooling` answers it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolingData {
+    /// Always `pooling`.
+    pub object: &'static str,
+    /// The input's position.
+    pub index: u32,
+    /// The vector, as `encoding_format` asked.
+    pub data: EmbeddingVector,
+}
+
 /// One input's embedding.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EmbeddingData {

@@ -346,7 +346,8 @@ async fn embeddings_run_on_the_prefill_pool_one_call_per_input() {
     assert_eq!(seen, [("r1-0", 3, Some("s")), ("r1-1", 3, Some("s"))]);
     assert_eq!(calls[0].prompt_token_ids, ab);
 
-    // base64: the little-endian f32 bytes; token-id input; no normalization asked.
+    // base64: the little-endian f32 bytes; token-id input; no normalization asked; no pooling
+    // named, so the worker applies the model's own.
     let body = json!({"input": [5, 6, 7], "encoding_format": "base64", "normalize": false});
     let (status, body) = http(&router, "/v1/embeddings", body).await;
     assert!(status.contains("200"), "{status} {body}");
@@ -354,7 +355,7 @@ async fn embeddings_run_on_the_prefill_pool_one_call_per_input() {
     let encoded = body["data"][0]["embedding"].as_str().expect("a base64 string");
     let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap();
     let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-    assert_eq!(values, [3.0, 5.0, Pooling::Last as i32 as f32, 0.0]);
+    assert_eq!(values, [3.0, 5.0, Pooling::Unspecified as i32 as f32, 0.0]);
 
     // `dimensions` other than the model's own is refused, naming it; the model's own is fine.
     let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab", "dimensions": 2})).await;
@@ -379,6 +380,10 @@ async fn embeddings_bad_input_is_a_400_naming_the_field_and_reaches_no_worker() 
         (json!({"input": "ab", "pooling": "max"}), ""),
         (json!({"input": "ab", "cache_salt": ""}), "cache_salt"),
         (json!({"input": "ab", "priority": 1_i64 << 40}), "priority"),
+        (json!({"messages": []}), "messages"),
+        (json!({"input": "ab", "messages": [{"role": "user", "content": "hi"}]}), "messages"),
+        (json!({"input": "ab", "add_generation_prompt": true}), "add_generation_prompt"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% for"}), "chat_template"),
     ];
     for (body, param) in cases {
         let (status, answer) = http(&router, "/v1/embeddings", body.clone()).await;
@@ -393,6 +398,15 @@ async fn embeddings_bad_input_is_a_400_naming_the_field_and_reaches_no_worker() 
     let (status, body) = http(&router, "/v1/embeddings", json!({"input": "ab"})).await;
     assert!(status.contains("200"), "{status} {body}");
     assert_eq!(decode.embedded.lock().unwrap().len(), 1);
+    // vLLM's /pooling: the same vectors as `pooling` objects; a conversation is one input.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "pooling": "cls"});
+    let (status, body) = http(&router, "/pooling", body).await;
+    assert!(status.contains("200"), "{status} {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((body["object"].as_str(), body["data"].as_array().map(Vec::len)), (Some("list"), Some(1)), "{body}");
+    assert_eq!(body["data"][0]["object"], "pooling");
+    assert_eq!(body["data"][0]["data"][2], json!(Pooling::Cls as i32 as f64), "{body}");
+    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("pool-")), "{body}");
 }
 
 /// The fake's vectors are `[prompt length, first token mod 10, pooling, normalize]`: a text scores 1

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::model::bert::BertConfig;
 use crate::model::config::Arch as Family;
 use crate::model::{Config, ModelError, SlidingWindow};
 
@@ -37,7 +38,7 @@ impl Arch {
     }
 
     const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-                                     Phi3ForCausalLM, Gemma3ForCausalLM";
+                                     Phi3ForCausalLM, Gemma3ForCausalLM, BertModel (embeddings)";
 
     fn from_architecture(name: &str) -> Option<Self> {
         match name {
@@ -151,6 +152,55 @@ impl<'a> Fields<'a> {
             Some(v) => Ok(vec![one(v)?]),
         }
     }
+}
+
+/// Whether `config.json` names a BERT encoder (`BertModel`, or `model_type` `bert`), which
+/// [`bert_config`] reads instead of [`HfConfig::read`].
+pub(super) fn names_encoder(path: &Path) -> Result<bool, ModelError> {
+    let json = read_json(path)?;
+    let f = Fields::new(path, &json)?;
+    let first = f.get("architectures").and_then(|a| a.as_array()?.first()?.as_str());
+    Ok(match first {
+        Some(name) => matches!(name, "BertModel" | "BertForMaskedLM" | "BertForPreTraining"),
+        None => f.opt_str("model_type")? == Some("bert"),
+    })
+}
+
+/// Reads a BERT encoder's `config.json`; `max_seq_length` is Sentence-Transformers' limit
+/// (`sentence_bert_config.json`), which becomes the context length when shorter.
+pub(super) fn bert_config(path: &Path, max_seq_length: Option<usize>) -> Result<BertConfig, ModelError> {
+    let json = read_json(path)?;
+    let f = Fields::new(path, &json)?;
+    let act = f.opt_str("hidden_act")?.unwrap_or("gelu");
+    if act != "gelu" {
+        return Err(f.unsupported(format!("unsupported hidden_act `{act}` (only gelu, the erf form, is implemented)")));
+    }
+    if let Some(kind) = f.opt_str("position_embedding_type")?.filter(|&k| k != "absolute") {
+        return Err(
+            f.unsupported(format!("unsupported position_embedding_type `{kind}` (only absolute is implemented)"))
+        );
+    }
+    let hidden = f.usize("hidden_size")?;
+    let num_heads = f.usize("num_attention_heads")?;
+    if num_heads == 0 || !hidden.is_multiple_of(num_heads) {
+        return Err(f.bad("num_attention_heads", format!("{num_heads} heads do not divide hidden_size {hidden}")));
+    }
+    let max_positions = f.usize("max_position_embeddings")?;
+    let type_vocab_size = f.opt_usize("type_vocab_size")?.unwrap_or(2);
+    if type_vocab_size == 0 {
+        return Err(f.bad("type_vocab_size", "is 0: token type 0 needs an embedding"));
+    }
+    Ok(BertConfig {
+        hidden,
+        num_layers: f.usize("num_hidden_layers")?,
+        num_heads,
+        ffn: f.usize("intermediate_size")?,
+        vocab_size: f.usize("vocab_size")?,
+        max_positions,
+        type_vocab_size,
+        layer_norm_eps: f.opt_f64("layer_norm_eps")?.unwrap_or(1e-12),
+        context_length: max_seq_length.map_or(max_positions, |n| n.min(max_positions)),
+    })
 }
 
 impl HfConfig {

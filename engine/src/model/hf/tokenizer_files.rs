@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 
 use super::config::{read_json, Fields, HfConfig};
 use crate::model::{ModelError, ModelInfo};
+use crate::request::Pooling;
 
 /// Where the tokenizer files are.
 pub(super) struct TokenizerFiles {
@@ -36,9 +37,17 @@ impl TokenizerFiles {
         Ok(Self { json, config: beside("tokenizer_config.json"), template: beside("chat_template.jinja") })
     }
 
+    /// The tokenizer, without the padding and truncation some `tokenizer.json` files carry
+    /// (sentence encoders pad to 128): a prompt is its own tokens, and one too long for the
+    /// context is refused, never cut silently.
     pub fn load(&self) -> Result<Tokenizer, ModelError> {
-        Tokenizer::from_file(&self.json)
-            .map_err(|e| ModelError::TokenizerFile { path: self.json.clone(), reason: e.to_string() })
+        let mut tokenizer = Tokenizer::from_file(&self.json)
+            .map_err(|e| ModelError::TokenizerFile { path: self.json.clone(), reason: e.to_string() })?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ModelError::TokenizerFile { path: self.json.clone(), reason: e.to_string() })?;
+        Ok(tokenizer)
     }
 
     /// What the serving layers need to know, from the tokenizer files,
@@ -119,7 +128,26 @@ impl TokenizerFiles {
                 Some(add) => add,
                 None => post_processor_adds(tokenizer, bos_token_id),
             },
+            encoder: false,
+            pooling: None,
         })
+    }
+
+    /// An encoder's serving metadata: no chat template and no stop tokens (it
+    /// never generates); its tokenizer's post-processor adds its special tokens.
+    pub fn encoder_info(model_name: String, context_length: usize, pooling: Option<Pooling>) -> ModelInfo {
+        ModelInfo {
+            model_name,
+            chat_template: None,
+            context_length,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+            add_bos_token: false,
+            encoder: true,
+            pooling,
+        }
     }
 
     /// `chat_template`: a string, or a list of `{name, template}` of which

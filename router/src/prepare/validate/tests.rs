@@ -397,3 +397,19 @@ fn spaces_between_special_tokens_false_is_taken_only_where_it_changes_nothing() 
     let refused = validate_completion(&model, body(false)).map(|_| ());
     assert_eq!(refused.err().and_then(|e| e.param()).as_deref(), Some("spaces_between_special_tokens"));
 }
+
+/// An encoder's card: chat and completions are refused naming `model`, and its texts get the
+/// tokenizer's own special tokens.
+#[test]
+fn an_encoder_generates_nothing() {
+    let encoder = Model::from_card(&proto::worker::ModelCard { encoder: true, ..card() }, None).unwrap();
+    let chat = validate_chat(
+        &encoder,
+        serde_json::from_value(json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap(),
+    );
+    let error = chat.unwrap_err();
+    assert_eq!(error.param().as_deref(), Some("model"));
+    assert!(error.to_string().contains("embedding model"), "{error}");
+    let completion = validate_completion(&encoder, serde_json::from_value(json!({"prompt": "hi"})).unwrap());
+    assert_eq!(completion.unwrap_err().param().as_deref(), Some("model"));
+}

@@ -8,7 +8,7 @@ use engine::offline::Prompt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::input::LineError;
+use crate::input::{each_line, LineError};
 
 /// One input of an embedding batch.
 #[derive(Debug, Clone)]
@@ -29,22 +29,7 @@ struct RawLine {
 
 /// Parses every non-blank line; on failure, every bad line.
 pub fn parse(text: &str) -> Result<Vec<EmbedLine>, Vec<LineError>> {
-    let mut lines = Vec::new();
-    let mut errors = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        match parse_line(raw) {
-            Ok((id, prompt)) => lines.push(EmbedLine { number: i + 1, id, prompt }),
-            Err(message) => errors.push(LineError { number: i + 1, message }),
-        }
-    }
-    if errors.is_empty() {
-        Ok(lines)
-    } else {
-        Err(errors)
-    }
+    each_line(text, parse_line, |number, (id, prompt)| EmbedLine { number, id, prompt })
 }
 
 fn parse_line(raw: &str) -> Result<(Option<Value>, Prompt), String> {

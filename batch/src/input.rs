@@ -104,14 +104,24 @@ impl std::fmt::Display for LineError {
 
 /// Parses every non-blank line; on failure, every bad line (so one run shows them all).
 pub fn parse(text: &str) -> Result<Vec<Line>, Vec<LineError>> {
+    each_line(text, parse_line, |number, (id, request, beam)| Line { number, id, request, beam })
+}
+
+/// Every non-blank line through `parse`, then `line` with its 1-based number; on failure, every
+/// bad line.
+pub fn each_line<P, L>(
+    text: &str,
+    parse: impl Fn(&str) -> Result<P, String>,
+    line: impl Fn(usize, P) -> L,
+) -> Result<Vec<L>, Vec<LineError>> {
     let mut lines = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {
             continue;
         }
-        match parse_line(raw) {
-            Ok((id, request, beam)) => lines.push(Line { number: i + 1, id, request, beam }),
+        match parse(raw) {
+            Ok(parsed) => lines.push(line(i + 1, parsed)),
             Err(message) => errors.push(LineError { number: i + 1, message }),
         }
     }

@@ -229,3 +229,51 @@ fn chat_lines_take_the_servers_rendering_options() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--embed` on the BERT encoder (`scripts/fetch-model.sh minilm`): Sentence-Transformers' vectors
+/// (`tests/data/golden/minilm-embeddings.json`), the model's own mean pooling by default, and an
+/// error record for an input past its 256 tokens while the others are written.
+#[test]
+fn embed_mode_writes_sentence_transformers_vectors() {
+    let encoder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/all-MiniLM-L6-v2");
+    assert!(encoder.exists(), "{} not found: run scripts/fetch-model.sh minilm", encoder.display());
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/minilm-embeddings.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let record = &reference["records"][0];
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("sentences.jsonl"), dir.path().join("vectors.jsonl"));
+    let long = serde_json::json!({"prompt_token_ids": vec![1000; 300]});
+    let lines = [
+        serde_json::json!({"id": "cat", "prompt": record["text"]}),
+        long,
+        serde_json::json!({"prompt_token_ids": record["prompt_token_ids"]}),
+    ];
+    std::fs::write(&input, lines.map(|l| l.to_string()).join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pdserve-batch"))
+        .arg("--model")
+        .arg(&encoder)
+        .args(["--embed", "--no-progress", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run pdserve-batch");
+    assert!(!out.status.success(), "a failed input makes the exit status 1");
+    let recs = records(&output);
+    assert_eq!(recs.len(), 3);
+    let want: Vec<f64> = serde_json::from_value(record["embedding"].clone()).unwrap();
+    for i in [0, 2] {
+        let got: Vec<f64> = serde_json::from_value(recs[i]["embedding"].clone()).unwrap();
+        let dot: f64 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
+        assert!(dot > 0.9999, "line {}: cosine {dot}", i + 1);
+        assert_eq!(recs[i]["usage"]["prompt_tokens"], record["prompt_token_ids"].as_array().unwrap().len());
+    }
+    assert_eq!(recs[0]["id"], "cat");
+    assert!(recs[1]["error"].as_str().is_some_and(|e| e.contains("300")), "{}", recs[1]);
+}

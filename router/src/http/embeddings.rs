@@ -35,14 +35,7 @@ use crate::tenancy::Caller;
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `list` of `embedding`s, one per input in input order", body = EmbeddingList),
-        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
-        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
-        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
-        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
-        (status = 502, description = "A worker failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+        PooledErrors,
     ))]
 pub async fn embeddings(
     State(state): State<AppState>,
@@ -50,33 +43,18 @@ pub async fn embeddings(
     headers: HeaderMap,
     AppJson(body): AppJson<EmbeddingRequest>,
 ) -> Response {
-    let head = Head::of(&headers, body.request_id.as_deref(), body.user.clone(), &body.unknown, body.model.clone());
-    pooled(
-        &state,
-        caller,
-        &headers,
-        head,
-        "embeddings",
-        |model| {
-            let valid = validate_embedding(model, body)?;
-            Ok((valid.clone(), valid))
-        },
-        |call, vectors, valid| {
-            let data = (0..)
-                .zip(encoded(vectors, &valid)?)
-                .map(|(index, embedding)| EmbeddingData { object: "embedding", index, embedding })
-                .collect();
-            Ok(Json(EmbeddingList {
-                id: format!("embd-{}", call.request_id),
-                object: "list",
-                created: unix_now(),
-                model: call.model,
-                data,
-                usage: EmbeddingUsage { prompt_tokens: call.prompt_tokens, total_tokens: call.prompt_tokens },
-            })
-            .into_response())
-        },
-    )
+    vectors_of(&state, caller, &headers, body, "embeddings", |call, vectors| {
+        let data = (0..).zip(vectors).map(|(index, embedding)| EmbeddingData { object: "embedding", index, embedding });
+        Json(EmbeddingList {
+            id: format!("embd-{}", call.request_id),
+            object: "list",
+            created: unix_now(),
+            usage: call.usage(),
+            model: call.model,
+            data: data.collect(),
+        })
+        .into_response()
+    })
     .await
 }
 
@@ -87,14 +65,7 @@ pub async fn embeddings(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `list` of `pooling` objects, one per input in input order", body = PoolingList),
-        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
-        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
-        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
-        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
-        (status = 502, description = "A worker failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+        PooledErrors,
     ))]
 pub async fn pooling(
     State(state): State<AppState>,
@@ -102,32 +73,43 @@ pub async fn pooling(
     headers: HeaderMap,
     AppJson(body): AppJson<EmbeddingRequest>,
 ) -> Response {
-    let head = Head::of(&headers, body.request_id.as_deref(), body.user.clone(), &body.unknown, body.model.clone());
+    vectors_of(&state, caller, &headers, body, "pooling", |call, vectors| {
+        let data = (0..).zip(vectors).map(|(index, data)| PoolingData { object: "pooling", index, data });
+        Json(PoolingList {
+            id: format!("pool-{}", call.request_id),
+            object: "list",
+            created: unix_now(),
+            usage: call.usage(),
+            model: call.model,
+            data: data.collect(),
+        })
+        .into_response()
+    })
+    .await
+}
+
+/// The flow of `/v1/embeddings` and `/pooling`: the body's inputs embedded, their vectors
+/// encoded as it asks, then `answer`.
+async fn vectors_of(
+    state: &AppState,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: EmbeddingRequest,
+    endpoint: &'static str,
+    answer: impl FnOnce(Call, Vec<EmbeddingVector>) -> Response,
+) -> Response {
+    let head = Head::of(headers, body.request_id.as_deref(), body.user.clone(), &body.unknown, body.model.clone());
     pooled(
-        &state,
+        state,
         caller,
-        &headers,
+        headers,
         head,
-        "pooling",
+        endpoint,
         |model| {
             let valid = validate_embedding(model, body)?;
             Ok((valid.clone(), valid))
         },
-        |call, vectors, valid| {
-            let data = (0..)
-                .zip(encoded(vectors, &valid)?)
-                .map(|(index, data)| PoolingData { object: "pooling", index, data })
-                .collect();
-            Ok(Json(PoolingList {
-                id: format!("pool-{}", call.request_id),
-                object: "list",
-                created: unix_now(),
-                model: call.model,
-                data,
-                usage: EmbeddingUsage { prompt_tokens: call.prompt_tokens, total_tokens: call.prompt_tokens },
-            })
-            .into_response())
-        },
+        |call, vectors, valid| Ok(answer(call, encoded(vectors, &valid)?)),
     )
     .await
 }
@@ -153,14 +135,7 @@ fn encoded(vectors: Vec<Embedded>, valid: &ValidEmbedding) -> Result<Vec<Embeddi
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A `list` of `score`s, one per text of `text_2`", body = ScoreList),
-        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
-        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
-        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
-        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
-        (status = 502, description = "A worker failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+        PooledErrors,
     ))]
 pub async fn score(
     State(state): State<AppState>,
@@ -208,14 +183,7 @@ pub async fn score(
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The best `top_n` documents, most relevant first", body = RerankResponse),
-        (status = 400, description = "A parameter is missing or out of range; `param` names it", body = ErrorResponse),
-        (status = 401, description = "API keys are configured and none valid was given", body = ErrorResponse),
-        (status = 403, description = "The key's tenant may not use `model`", body = ErrorResponse),
-        (status = 404, description = "`model` is not a served model", body = ErrorResponse),
-        (status = 413, description = "The body is larger than the router accepts", body = ErrorResponse),
-        (status = 429, description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`", body = ErrorResponse),
-        (status = 502, description = "A worker failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading or no worker is reachable", body = ErrorResponse),
+        PooledErrors,
     ))]
 pub async fn rerank(
     State(state): State<AppState>,
@@ -259,6 +227,31 @@ pub async fn rerank(
     .await
 }
 
+/// The errors every pooled endpoint may answer, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Never built: it only describes the answers `ApiError` gives.
+enum PooledErrors {
+    #[response(status = 400, description = "A parameter is missing or out of range; `param` names it")]
+    BadRequest(ErrorResponse),
+    #[response(status = 401, description = "API keys are configured and none valid was given")]
+    Unauthorized(ErrorResponse),
+    #[response(status = 403, description = "The key's tenant may not use `model`")]
+    Forbidden(ErrorResponse),
+    #[response(status = 404, description = "`model` is not a served model")]
+    NotFound(ErrorResponse),
+    #[response(status = 413, description = "The body is larger than the router accepts")]
+    TooLarge(ErrorResponse),
+    #[response(
+        status = 429,
+        description = "The admission queue is full, or a limit of the key is reached; see `Retry-After`"
+    )]
+    TooManyRequests(ErrorResponse),
+    #[response(status = 502, description = "A worker failed")]
+    BadGateway(ErrorResponse),
+    #[response(status = 503, description = "The model is still loading or no worker is reachable")]
+    Unavailable(ErrorResponse),
+}
+
 /// What a pooled request's span and model lookup need from its body, taken before the body is.
 struct Head {
     request_id: String,
@@ -287,6 +280,13 @@ struct Call {
     model: String,
     /// Tokens of every input.
     prompt_tokens: u32,
+}
+
+impl Call {
+    /// The usage of embeddings: their inputs' tokens, nothing generated.
+    fn usage(&self) -> EmbeddingUsage {
+        EmbeddingUsage { prompt_tokens: self.prompt_tokens, total_tokens: self.prompt_tokens }
+    }
 }
 
 /// The path every pooled endpoint shares: the span, the model, `prepare` (the inputs to embed and

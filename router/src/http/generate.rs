@@ -217,7 +217,8 @@ impl Endpoint for ResponsesRequest {
 
     fn prepare(self, model: &Model) -> Result<(Vec<ValidRequest>, ResponsesFormat), ValidationError> {
         let ValidResponses { valid, echo } = validate_responses(model, self)?;
-        let format = ResponsesFormat::new(echo, valid.parse_tool_calls, valid.prompt_token_ids.len());
+        let format =
+            ResponsesFormat::new(echo, valid.parse_tool_calls, valid.prompt_token_ids.len(), model.decoder.clone());
         Ok((vec![valid], format))
     }
 }

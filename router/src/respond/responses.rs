@@ -12,7 +12,8 @@ use crate::prepare::responses::Echo;
 use crate::respond::format::{ChunkFormat, Collected, ResponseMeta, SseEvent};
 use crate::respond::response::Usage;
 use crate::respond::stream::Delta;
-use crate::respond::tool_calls::{parse_output, OutputParser, ToolCall};
+use crate::respond::tool_calls::{parse_output, OutputParser, ToolCall, THINK_END};
+use prompt::decode::Decoder;
 
 mod events;
 
@@ -159,22 +160,38 @@ pub struct InputTokensDetails {
 /// `usage.output_tokens_details`.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct OutputTokensDetails {
-    /// Always 0: reasoning tokens are not told apart; `output_tokens` counts them.
+    /// Output tokens of the reasoning item: those of the think block, up to the one that
+    /// closes it.
     pub reasoning_tokens: u32,
 }
 
-impl From<Usage> for ResponseUsage {
-    fn from(usage: Usage) -> Self {
+impl ResponseUsage {
+    /// `usage`, of which `reasoning_tokens` were reasoning.
+    fn new(usage: Usage, reasoning_tokens: u32) -> Self {
         Self {
             input_tokens: usage.prompt_tokens,
             input_tokens_details: InputTokensDetails {
                 cached_tokens: usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
             },
             output_tokens: usage.completion_tokens,
-            output_tokens_details: OutputTokensDetails { reasoning_tokens: 0 },
+            output_tokens_details: OutputTokensDetails { reasoning_tokens },
             total_tokens: usage.total_tokens,
         }
     }
+}
+
+/// The output tokens of the think block that opens `ids` (as [`parse_output`] finds it): those up
+/// to and including the one that completes `</think>`, or all of them when the output ends inside
+/// the block; 0 when there is none.
+fn reasoning_tokens(decoder: &Decoder, ids: &[u32]) -> u32 {
+    let text = |n: usize| decoder.decode(&ids[..n], false).unwrap_or_default();
+    if parse_output(&text(ids.len()), false).reasoning.is_none() {
+        return 0;
+    }
+    // Whether the first n tokens hold `</think>` only grows with n: the least n that do.
+    let lengths: Vec<usize> = (1..=ids.len()).collect();
+    let open = lengths.partition_point(|&n| !text(n).contains(THINK_END));
+    (open + 1).min(ids.len()) as u32
 }
 
 /// A fresh item id with OpenAI's prefix for its kind.
@@ -200,14 +217,22 @@ pub struct ResponsesFormat {
     prompt_tokens: u32,
     /// The stream's state.
     stream: events::StreamState,
+    /// The model's ids to text, to tell the reasoning's tokens.
+    decoder: Decoder,
 }
 
 impl ResponsesFormat {
     /// The format of a response to a request with `echo`'s settings and a prompt of
-    /// `prompt_tokens`; `tools` turns function-call parsing on.
-    pub fn new(echo: Echo, tools: bool, prompt_tokens: usize) -> Self {
+    /// `prompt_tokens`; `tools` turns function-call parsing on; `decoder` is the model's.
+    pub fn new(echo: Echo, tools: bool, prompt_tokens: usize, decoder: Decoder) -> Self {
         let stream = events::StreamState::new(OutputParser::new(tools));
-        Self { echo, tools, prompt_tokens: prompt_tokens as u32, stream }
+        Self { echo, tools, prompt_tokens: prompt_tokens as u32, stream, decoder }
+    }
+
+    /// The usage of what the stream has generated so far.
+    fn stream_usage(&self) -> ResponseUsage {
+        let reasoning = reasoning_tokens(&self.decoder, self.stream.token_ids());
+        ResponseUsage::new(self.stream.usage(self.prompt_tokens), reasoning)
     }
 
     fn response(&self, meta: &ResponseMeta, status: ResponseStatus, output: Vec<OutputItem>) -> ResponseObject {
@@ -261,7 +286,7 @@ impl ChunkFormat for ResponsesFormat {
         let output = reasoning.into_iter().chain(message).chain(calls).collect();
         let mut response = self.response(meta, status, output);
         let usage = Usage::new(prompt_tokens as u32, out.token_ids.len() as u32).cached(out.cached_tokens);
-        response.usage = Some(usage.into());
+        response.usage = Some(ResponseUsage::new(usage, reasoning_tokens(&self.decoder, &out.token_ids)));
         serde_json::to_string(&response).unwrap_or_default()
     }
 
@@ -281,7 +306,7 @@ impl ChunkFormat for ResponsesFormat {
         // A failed stream ends with `error()`'s events instead.
         if status != ResponseStatus::Failed {
             let mut response = self.response(meta, status, self.stream.output().to_vec());
-            response.usage = Some(self.stream.usage(self.prompt_tokens).into());
+            response.usage = Some(self.stream_usage());
             let kind = if status == ResponseStatus::Completed { "response.completed" } else { "response.incomplete" };
             events.push(self.stream.event(kind, json!({"response": response})));
         }
@@ -300,7 +325,7 @@ impl ChunkFormat for ResponsesFormat {
         let failed = self.stream.event("error", fields);
         let mut response = self.response(meta, ResponseStatus::Failed, self.stream.output().to_vec());
         response.error = Some(json!({"code": "server_error", "message": error["message"]}));
-        response.usage = Some(self.stream.usage(self.prompt_tokens).into());
+        response.usage = Some(self.stream_usage());
         vec![failed, self.stream.event("response.failed", json!({"response": response}))]
     }
 }

@@ -16,7 +16,8 @@
 use serde_json::Value;
 
 const THINK_START: &str = "<think>";
-const THINK_END: &str = "</think>";
+/// The end of a think block.
+pub(crate) const THINK_END: &str = "</think>";
 const CALL_START: &str = "<tool_call>";
 const CALL_END: &str = "</tool_call>";
 

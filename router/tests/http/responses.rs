@@ -297,6 +297,10 @@ async fn reasoning_is_an_item_of_its_own_whole_and_streamed() {
     assert_eq!(output[0]["summary"], json!([]));
     assert_eq!(output[0]["content"], json!([{"type": "reasoning_text", "text": "Hmm."}]));
     assert_eq!(output[1]["content"][0]["text"], "Hi");
+    // One token per byte here: the think block's 19 of the 22 generated (with eos).
+    let think = "<think>Hmm.</think>".len();
+    assert_eq!(body["usage"]["output_tokens"], json!(think + 3), "{body}");
+    assert_eq!(body["usage"]["output_tokens_details"], json!({"reasoning_tokens": think}), "{body}");
 
     let events = stream(app, request(json!({}))).await;
     let reasoning: String = events
@@ -311,6 +315,21 @@ async fn reasoning_is_an_item_of_its_own_whole_and_streamed() {
     let completed = &events.last().unwrap().1["response"]["output"];
     assert_eq!(completed[0]["content"], output[0]["content"]);
     assert_eq!(completed[1]["content"], output[1]["content"]);
+    assert_eq!(events.last().unwrap().1["response"]["usage"], body["usage"]);
+}
+
+/// An answer cut short inside its think block: every output token is reasoning.
+#[tokio::test]
+async fn an_unclosed_think_block_is_all_reasoning() {
+    let chunks = vec![
+        Ok(TokenChunk { token_ids: ids("<think>Hmm, let me"), ..TokenChunk::default() }),
+        Ok(TokenChunk { token_ids: ids(" see"), finish: Some(Finish::Length), ..TokenChunk::default() }),
+    ];
+    let (app, _) = setup(chunks);
+    let (status, body) = post_json(app, "/v1/responses", request(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let generated = "<think>Hmm, let me see".len();
+    assert_eq!(body["usage"]["output_tokens_details"], json!({"reasoning_tokens": generated}), "{body}");
 }
 
 #[tokio::test]

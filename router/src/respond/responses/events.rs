@@ -31,7 +31,8 @@ pub struct StreamState {
     /// Blank text not yet in any item: it opens a message only once text follows it, or when
     /// the response would otherwise have no item.
     blank: String,
-    completion_tokens: u32,
+    /// Every generated id so far.
+    token_ids: Vec<u32>,
     cached_tokens: Option<u32>,
 }
 
@@ -43,7 +44,7 @@ impl StreamState {
             output: Vec::new(),
             open: None,
             blank: String::new(),
-            completion_tokens: 0,
+            token_ids: Vec::new(),
             cached_tokens: None,
         }
     }
@@ -55,7 +56,12 @@ impl StreamState {
 
     /// The usage of what was generated so far.
     pub fn usage(&self, prompt_tokens: u32) -> Usage {
-        Usage::new(prompt_tokens, self.completion_tokens).cached(self.cached_tokens)
+        Usage::new(prompt_tokens, self.token_ids.len() as u32).cached(self.cached_tokens)
+    }
+
+    /// Every generated id so far.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.token_ids
     }
 
     /// An event of `kind` with `fields`, numbered.
@@ -70,7 +76,7 @@ impl StreamState {
 
     /// The events of one delta's text (not its end: see [`Self::finish`]).
     pub fn delta(&mut self, delta: &Delta) -> Vec<SseEvent> {
-        self.completion_tokens += delta.token_ids.len() as u32;
+        self.token_ids.extend_from_slice(&delta.token_ids);
         self.cached_tokens = delta.cached_tokens.or(self.cached_tokens);
         let mut parsed = self.parser.feed(&delta.text);
         if delta.finish.is_some() {

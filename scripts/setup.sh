@@ -18,7 +18,7 @@
 #   gemma3, minilm); Debian's
 #   etcd-server (the discovery tests start their own etcd), prometheus
 #   (`promtool` checks every /metrics text) and g++ if there is no C++ compiler (libFuzzer, for
-#   scripts/fuzz.sh), Node.js and npm; the `openai` client, `jsonschema`, lm-evaluation-harness and
+#   scripts/fuzz.sh), Node.js and npm; the `openai` client and Agents SDK, `jsonschema`, lm-evaluation-harness and
 #   schemathesis in .venv, the Spectral OpenAPI linter in .cache/tools.
 # Debian packages need root or sudo; everything else lands inside the checkout.
 set -euo pipefail
@@ -80,6 +80,11 @@ scripts/fetch-model.sh minilm >/dev/null
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   say "installing the openai client into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check openai
+fi
+# The OpenAI Agents SDK, a Responses API client the tests run one turn of.
+if ! .venv/bin/python -c "import agents" 2>/dev/null; then
+  say "installing the OpenAI Agents SDK into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check openai-agents
 fi
 # The structured-output tests validate answers with an independent JSON Schema validator.
 if ! .venv/bin/python -c "import jsonschema" 2>/dev/null; then

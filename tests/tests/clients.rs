@@ -76,6 +76,15 @@ async fn openai_python_sdk_embeds_with_a_bert_encoder_as_sentence_transformers_d
     run_client("openai_embeddings_encoder.py", cluster.colocated_router.url(), &model, &[reference], done).await;
 }
 
+/// The OpenAI Agents SDK (`openai-agents`, on its Responses model) runs a turn against a
+/// disaggregated cluster: its own `/v1/responses` requests and parsing, unchanged.
+#[tokio::test]
+async fn openai_agents_sdk_runs_a_turn() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    run_client("openai_agents_turn.py", cluster.router.url(), &model, &[], "openai agents ok").await;
+}
+
 /// Completions logprobs, `stop_reason`, cached tokens, `system_fingerprint`, ids from the request
 /// id and continuous usage, as the OpenAI SDK reads them, from a disaggregated cluster.
 #[tokio::test]

@@ -44,6 +44,7 @@ fn llm() -> Llm {
     assert!(loaded.info.encoder);
     assert_eq!(loaded.info.pooling, Some(Pooling::Mean), "1_Pooling/config.json names mean pooling");
     assert_eq!(loaded.info.context_length, 256, "sentence_bert_config.json's max_seq_length");
+    assert_eq!(loaded.info.embedding_size, 384);
     Llm::new(loaded, LlmConfig { max_num_batched_tokens: 512, ..LlmConfig::default() }).expect("an engine")
 }
 

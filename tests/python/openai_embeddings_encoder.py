@@ -77,6 +77,14 @@ def main() -> None:
     for r in ranked["results"]:
         assert abs(r["relevance_score"] - rerank["scores"][r["index"]]) < 1e-3, r
 
+    # The card says the model's size: another `dimensions` is refused, naming it.
+    try:
+        client.embeddings.create(model=model, input=texts[0], dimensions=128)
+        raise AssertionError("dimensions=128 was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "dimensions", e.body
+    assert len(client.embeddings.create(model=model, input=texts[0], dimensions=384).data[0].embedding) == 384
+
     # An encoder does not generate: a 400 naming `model`, for chat and completions alike.
     for create in [
         lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}]),

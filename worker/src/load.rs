@@ -133,6 +133,7 @@ fn model_card(
             engine::Pooling::Mean => pb::Pooling::Mean,
             engine::Pooling::Cls => pb::Pooling::Cls,
         }) as i32,
+        embedding_size: u32::try_from(info.embedding_size).unwrap_or(u32::MAX),
     })
 }
 

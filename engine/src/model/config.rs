@@ -162,6 +162,8 @@ pub struct ModelInfo {
     /// The pooling the model's Sentence-Transformers config names
     /// (`1_Pooling/config.json`), for embedding requests that name none.
     pub pooling: Option<crate::request::Pooling>,
+    /// Values in one embedding: the width of the final hidden states.
+    pub embedding_size: usize,
 }
 
 /// Choices made at load time.
@@ -486,6 +488,7 @@ impl ModelInfo {
             add_bos_token: md.opt("tokenizer.ggml.add_bos_token", Metadata::bool)?.unwrap_or(false),
             encoder: false,
             pooling: None,
+            embedding_size: config.hidden,
         })
     }
 }

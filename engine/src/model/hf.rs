@@ -15,7 +15,7 @@ mod weights;
 
 use std::path::Path;
 
-use super::bert::Bert;
+use super::bert::{Bert, BertConfig};
 use super::{Llama, LoadOptions, Loaded, LoadedModel, ModelError, ModelMetadata};
 use config::HfConfig;
 use tokenizer_files::TokenizerFiles;
@@ -42,7 +42,7 @@ pub(super) fn is_encoder(dir: &Path) -> Result<bool, ModelError> {
 /// the CPU, its weights in f32 unless [`LoadOptions::dtype`] asks for another.
 pub(super) fn load_hf_encoder(dir: &Path, options: &LoadOptions) -> Result<Loaded<Bert>, ModelError> {
     let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
-    let ModelMetadata { tokenizer, info } = encoder_metadata(dir, options, config.context_length)?;
+    let ModelMetadata { tokenizer, info } = encoder_metadata(dir, options, &config)?;
     let dtype = match options.dtype {
         super::WeightDtype::Auto | super::WeightDtype::F32 => candle_core::DType::F32,
         super::WeightDtype::F16 => candle_core::DType::F16,
@@ -56,7 +56,7 @@ pub(super) fn load_hf_encoder(dir: &Path, options: &LoadOptions) -> Result<Loade
 pub(super) fn load_hf_metadata(dir: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
     if is_encoder(dir)? {
         let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
-        return encoder_metadata(dir, options, config.context_length);
+        return encoder_metadata(dir, options, &config);
     }
     decoder_metadata(dir, options, &HfConfig::read(&dir.join("config.json"))?)
 }
@@ -71,11 +71,15 @@ fn decoder_metadata(dir: &Path, options: &LoadOptions, hf: &HfConfig) -> Result<
 }
 
 /// An encoder's tokenizer and serving metadata.
-fn encoder_metadata(dir: &Path, options: &LoadOptions, context_length: usize) -> Result<ModelMetadata, ModelError> {
+fn encoder_metadata(dir: &Path, options: &LoadOptions, config: &BertConfig) -> Result<ModelMetadata, ModelError> {
     let files = TokenizerFiles::locate(dir, options.tokenizer.as_deref())?;
     let tokenizer = files.load()?;
-    let info =
-        TokenizerFiles::encoder_info(model_name(dir, options), context_length, sentence_transformers::pooling(dir)?);
+    let info = TokenizerFiles::encoder_info(
+        model_name(dir, options),
+        config.context_length,
+        config.hidden,
+        sentence_transformers::pooling(dir)?,
+    );
     Ok(ModelMetadata { tokenizer, info })
 }
 

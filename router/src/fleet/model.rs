@@ -74,6 +74,8 @@ pub struct Model {
     pub fingerprint: String,
     /// Generation and embeddings, or embeddings only.
     pub serves: Serves,
+    /// Values in one embedding, when the card says.
+    pub embedding_size: Option<u32>,
     /// The vocabulary structured outputs compile against; built on the first one.
     vocabulary: OnceLock<Result<Vocabulary, ConstraintError>>,
 }
@@ -141,6 +143,7 @@ impl Model {
             eos_token_ids: card.eos_token_ids.clone(),
             fingerprint: fingerprint(card),
             serves: if card.encoder { Serves::Embeddings } else { Serves::Generation },
+            embedding_size: (card.embedding_size > 0).then_some(card.embedding_size),
             vocabulary: OnceLock::new(),
         })
     }

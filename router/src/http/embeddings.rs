@@ -16,7 +16,7 @@ use crate::generate::{embed, EmbedError, Job};
 use crate::http::error::{ApiError, AppJson, ErrorResponse};
 use crate::http::generate::{request_id, with_request_id};
 use crate::http::state::AppState;
-use crate::prepare::embeddings::{validate_embedding, EmbeddingRequest, ValidEmbedding};
+use crate::prepare::embeddings::{not_matryoshka, validate_embedding, EmbeddingRequest, ValidEmbedding};
 use crate::prepare::scoring::{validate_rerank, validate_score, RerankRequest, ScoreRequest, ValidScoring};
 use crate::prepare::validate::ValidationError;
 use crate::respond::embeddings::{
@@ -117,14 +117,9 @@ async fn vectors_of(
 /// The vectors as `encoding_format` asks, once their size is checked against `dimensions`.
 fn encoded(vectors: Vec<Embedded>, valid: &ValidEmbedding) -> Result<Vec<EmbeddingVector>, ApiError> {
     let size = vectors.first().map_or(0, |v| v.embedding.len());
+    // A worker whose card did not say its size is checked on its answer.
     if let Some(wanted) = valid.dimensions.filter(|&d| d as usize != size) {
-        return Err(ApiError::from(ValidationError::Unsupported {
-            field: "dimensions",
-            reason: format!(
-                "this model's embeddings have {size} dimensions and it was not trained for shorter ones \
-                 (Matryoshka), so {wanted} cannot be given"
-            ),
-        }));
+        return Err(ApiError::from(not_matryoshka(size, wanted)));
     }
     Ok(vectors.into_iter().map(|v| EmbeddingVector::new(v.embedding, valid.encoding)).collect())
 }

@@ -149,7 +149,11 @@ pub fn validate_embedding(model: &Model, req: EmbeddingRequest) -> Result<ValidE
     let dimensions = match req.dimensions {
         None => None,
         Some(d) => {
-            Some(u32::try_from(d).ok().filter(|&d| d >= 1).ok_or_else(|| out_of_range("dimensions", ">= 1", d))?)
+            let d = u32::try_from(d).ok().filter(|&d| d >= 1).ok_or_else(|| out_of_range("dimensions", ">= 1", d))?;
+            match model.embedding_size {
+                Some(size) if size != d => return Err(not_matryoshka(size as usize, d)),
+                _ => Some(d),
+            }
         }
     };
     let pooling = match req.pooling {
@@ -167,6 +171,17 @@ pub fn validate_embedding(model: &Model, req: EmbeddingRequest) -> Result<ValidE
         priority: priority(req.priority)?,
         cache_salt: cache_salt(req.cache_salt)?,
     })
+}
+
+/// `dimensions` other than the model's own size, which it was not trained to cut to.
+pub(crate) fn not_matryoshka(size: usize, wanted: u32) -> ValidationError {
+    ValidationError::Unsupported {
+        field: "dimensions",
+        reason: format!(
+            "this model's embeddings have {size} dimensions and it was not trained for shorter ones (Matryoshka), \
+             so {wanted} cannot be given"
+        ),
+    }
 }
 
 /// The token ids of each input of the `input` form.
@@ -324,6 +339,16 @@ mod tests {
         assert!(matches!(error, ValidationError::Unsupported { field: "chat_template_kwargs", .. }), "{error:?}");
         let error = validate_embedding(&model, body(serde_json::json!({}))).unwrap_err();
         assert!(matches!(error, ValidationError::Missing { field: "input" }), "{error:?}");
+    }
+
+    /// A card that says its embedding size has `dimensions` checked before anything runs.
+    #[test]
+    fn dimensions_other_than_the_cards_size_are_refused_up_front() {
+        let sized = Model::from_card(&proto::worker::ModelCard { embedding_size: 8, ..card() }, None).unwrap();
+        let error = validate_embedding(&sized, body(serde_json::json!({"input": "hi", "dimensions": 4}))).unwrap_err();
+        assert!(matches!(error, ValidationError::Unsupported { field: "dimensions", .. }), "{error:?}");
+        let own = validate_embedding(&sized, body(serde_json::json!({"input": "hi", "dimensions": 8}))).unwrap();
+        assert_eq!(own.dimensions, Some(8));
     }
 
     /// No `pooling` leaves it to the model (the worker applies its own); a named one is sent.

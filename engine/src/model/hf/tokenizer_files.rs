@@ -130,12 +130,18 @@ impl TokenizerFiles {
             },
             encoder: false,
             pooling: None,
+            embedding_size: hf.config.hidden,
         })
     }
 
     /// An encoder's serving metadata: no chat template and no stop tokens (it
     /// never generates); its tokenizer's post-processor adds its special tokens.
-    pub fn encoder_info(model_name: String, context_length: usize, pooling: Option<Pooling>) -> ModelInfo {
+    pub fn encoder_info(
+        model_name: String,
+        context_length: usize,
+        embedding_size: usize,
+        pooling: Option<Pooling>,
+    ) -> ModelInfo {
         ModelInfo {
             model_name,
             chat_template: None,
@@ -147,6 +153,7 @@ impl TokenizerFiles {
             add_bos_token: false,
             encoder: true,
             pooling,
+            embedding_size,
         }
     }
 

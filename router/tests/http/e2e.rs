@@ -385,12 +385,15 @@ async fn embeddings_bad_input_is_a_400_naming_the_field_and_reaches_no_worker() 
         (json!({"input": "ab", "add_generation_prompt": true}), "add_generation_prompt"),
         (json!({"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% for"}), "chat_template"),
     ];
-    for (body, param) in cases {
-        let (status, answer) = http(&router, "/v1/embeddings", body.clone()).await;
-        assert!(status.contains("400"), "{body}: {status} {answer}");
-        let answer: Value = serde_json::from_str(&answer).unwrap();
-        if !param.is_empty() {
-            assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+    // /pooling takes the same body, so it refuses the same way.
+    for path in ["/v1/embeddings", "/pooling"] {
+        for (body, param) in &cases {
+            let (status, answer) = http(&router, path, body.clone()).await;
+            assert!(status.contains("400"), "{path} {body}: {status} {answer}");
+            let answer: Value = serde_json::from_str(&answer).unwrap();
+            if !param.is_empty() {
+                assert_eq!(answer["error"]["param"], *param, "{path} {body}: {answer}");
+            }
         }
     }
     assert!(decode.embedded.lock().unwrap().is_empty(), "a refused request reached a worker");

@@ -23,6 +23,16 @@ impl Etcd {
     pub fn start() -> Self {
         let data = tempfile::tempdir().expect("etcd data folder");
         let mut etcd = Self { child: None, client_port: free_port(), peer_port: free_port(), data, generation: 0 };
+        // A port is free when picked but not held: another process may bind it before etcd does
+        // (CI saw "bind: address already in use"). Then etcd exits, and other ports are tried,
+        // with a fresh data folder.
+        for _ in 0..3 {
+            match etcd.try_spawn() {
+                Ok(()) => return etcd,
+                Err(why) => eprintln!("{why}; trying other ports"),
+            }
+            (etcd.client_port, etcd.peer_port, etcd.generation) = (free_port(), free_port(), etcd.generation + 1);
+        }
         etcd.spawn();
         etcd
     }
@@ -55,6 +65,13 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts etcd and waits for its health; an error when it exits during start-up.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let data_dir = self.data_dir();
@@ -74,11 +91,13 @@ impl Etcd {
         let deadline = Instant::now() + START_TIMEOUT;
         while !self.healthy() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("etcd exited during start-up: {status}");
+                self.child = None;
+                return Err(format!("etcd exited during start-up: {status}"));
             }
             assert!(Instant::now() < deadline, "etcd did not answer /health within {START_TIMEOUT:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// etcd's own `/health` says `"health":"true"`.

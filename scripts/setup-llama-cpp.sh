@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench, llama-batched-bench, llama-server and llama-embedding into
-# .cache/llama.cpp/bin, for `pdserve-bench` and `pdserve-embed-bench` to compare against. The source is the copy vendored inside the llama-cpp-python
-# sdist (the only llama.cpp source reachable through an ordinary package client here), of the
-# version that made tests/data/golden/.
-# Idempotent: does nothing when the four binaries are there, built as below. ≈ 6 min on 2 cores.
+# Build llama.cpp's llama-bench, llama-batched-bench and llama-server into .cache/llama.cpp/bin, for
+# `pdserve-bench` and `pdserve-embed-bench` to compare against. The source is the copy vendored
+# inside the llama-cpp-python sdist (the only llama.cpp source reachable through an ordinary
+# package client here), of the version that made tests/data/golden/.
+# Idempotent: does nothing when the three binaries are there, built as below. ≈ 6 min on 2 cores.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${PDSERVE_LLAMA_CPP_DIR:-$root/.cache/llama.cpp}"
-bins=(llama-bench llama-batched-bench llama-server llama-embedding)
+bins=(llama-bench llama-batched-bench llama-server)
 version=0.3.36
 # Built for this CPU (-march=native) but without ggml's AMX path: on Intel Xeons with AMX its
 # matrix multiply (ggml_backend_amx_mul_mat) crashes with SIGSEGV in every tool. GCC keeps an

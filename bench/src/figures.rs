@@ -3,10 +3,10 @@
 //! A side that fails records its error in the figure instead of ending the run, so one missing tool
 //! never hides the other figures.
 
-use crate::llama_cpp::{median, BatchedRow, LlamaCpp};
 use crate::ours::{self, Ours};
 use crate::report::{Bound, Figure, Target};
 use crate::rss;
+use bench::llama_cpp::{median, BatchedRow, LlamaCpp};
 use std::path::Path;
 
 /// Prompt and generation lengths of figures 1 and 2.

@@ -1,7 +1,8 @@
 //! What the bench binaries share: the statistics their reports print, the
-//! machine load they are read against, and the engine driven in-process
-//! ([`ours`], over [`prompts`]).
+//! machine load they are read against, the engine driven in-process
+//! ([`ours`], over [`prompts`]) and llama.cpp's tools beside it ([`llama_cpp`]).
 
+pub mod llama_cpp;
 pub mod ours;
 pub mod prompts;
 

@@ -1,4 +1,5 @@
-//! llama.cpp's side: `llama-batched-bench` for throughput, `llama-server` for prefix-cache TTFT.
+//! llama.cpp's side: `llama-batched-bench` for throughput, `llama-server` for prefix-cache TTFT and
+//! embeddings.
 //!
 //! Both are built by `scripts/setup-llama-cpp.sh` from the llama.cpp source vendored in the
 //! llama-cpp-python sdist, and run here with the same GGUF and thread count as our engine.
@@ -89,7 +90,7 @@ impl LlamaCpp {
     /// of a request for one token.
     pub async fn server_ttft(&self, rounds: &[(Vec<u32>, Vec<u32>, Vec<u32>)]) -> anyhow::Result<ServerTtft> {
         let ctx = rounds.iter().map(|(p, a, b)| p.len() + a.len().max(b.len()) + 16).max().unwrap_or(2048);
-        let mut server = Server::start(self, ctx)?;
+        let mut server = Server::start(self, &ctx.to_string(), "1", &[])?;
         let client = reqwest::Client::new();
         server.wait_ready(&client).await?;
         let mut uncached = Vec::new();
@@ -107,14 +108,27 @@ impl LlamaCpp {
 }
 
 /// A running `llama-server`, killed on drop. Its log stays in the temp dir for a look after a failure.
-struct Server {
+/// A running `llama-server`, killed on drop.
+pub struct Server {
     child: Child,
     url: String,
     log: PathBuf,
 }
 
+impl LlamaCpp {
+    /// `llama-server --embeddings --pooling last` with `parallel` slots sharing a `ctx`-token
+    /// cache, ready to answer `/v1/embeddings` (L2-normalized, as OpenAI's).
+    pub async fn embedding_server(&self, ctx: usize, parallel: usize) -> anyhow::Result<Server> {
+        let (ctx, parallel) = (ctx.to_string(), parallel.to_string());
+        let extra = ["--embeddings", "--pooling", "last", "--kv-unified", "-b", &ctx, "-ub", &ctx];
+        let mut server = Server::start(self, &ctx, &parallel, &extra)?;
+        server.wait_ready(&reqwest::Client::new()).await?;
+        Ok(server)
+    }
+}
+
 impl Server {
-    fn start(cpp: &LlamaCpp, ctx: usize) -> anyhow::Result<Self> {
+    fn start(cpp: &LlamaCpp, ctx: &str, parallel: &str, extra: &[&str]) -> anyhow::Result<Self> {
         // Ask the OS for a free port, then hand it to the server.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = std::env::temp_dir().join(format!("pdserve-bench-llama-server-{}.log", std::process::id()));
@@ -123,7 +137,8 @@ impl Server {
             .arg("-m")
             .arg(&cpp.model)
             .args(["-t", &cpp.threads.to_string(), "-tb", &cpp.threads.to_string()])
-            .args(["-c", &ctx.to_string(), "-np", "1", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", ctx, "-np", parallel, "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -146,6 +161,23 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::bail!("llama-server did not become ready in 120 s (log: {})", self.log.display())
+    }
+
+    /// Wall time of one `/v1/embeddings` request for `inputs`, checking it answers a vector each.
+    pub async fn embed(&self, client: &reqwest::Client, inputs: &[String]) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let resp = client
+            .post(format!("{}/v1/embeddings", self.url))
+            .json(&serde_json::json!({"input": inputs}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let json: serde_json::Value = resp.json().await?;
+        let secs = started.elapsed().as_secs_f64();
+        anyhow::ensure!(status.is_success(), "llama-server answered {status}: {json}");
+        let n = json["data"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(n == inputs.len(), "llama-server answered {n} embeddings for {} inputs", inputs.len());
+        Ok(secs)
     }
 
     /// Wall time of a one-token completion, and the prompt tokens the server computed.

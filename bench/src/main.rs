@@ -45,13 +45,12 @@
 //!   machine compare fairly.
 
 mod figures;
-mod llama_cpp;
 mod report;
 mod rss;
 
+use bench::llama_cpp::{self, LlamaCpp};
 use bench::ours;
 use clap::{Parser, Subcommand};
-use llama_cpp::LlamaCpp;
 use ours::Ours;
 use report::Report;
 use std::path::PathBuf;

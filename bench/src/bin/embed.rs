@@ -1,25 +1,25 @@
-//! `pdserve-embed-bench`: embedding throughput, ours beside llama.cpp's `llama-embedding`, on the
-//! same GGUF, sentences and thread count, in one run.
+//! `pdserve-embed-bench`: embedding throughput, ours beside llama.cpp's, on the same GGUF,
+//! sentences and thread count, in one run.
 //!
 //! Two figures, each sentences/s and prompt tokens/s:
 //! - **batch 1**: the sentences embedded one after another, each alone in its forward pass;
 //! - **batch 32**: 32 sentences at a time in one forward pass.
 //!
 //! Ours is [`engine::offline::Llm::encode`] (the engine the workers run, last-token pooling,
-//! L2-normalized), timed from submit to the last vector. llama.cpp's is the `prompt eval time` that
-//! `llama-embedding --pooling last --embd-normalize 2` reports for the same sentences (its own
-//! tokenizer gives the same ids, as `tests/data/golden/smollm2-embeddings.json` shows): its model
-//! load and tokenization are left out, as ours are. `llama-embedding` packs prompts into one batch
-//! up to its context size, so batch 1 runs with a context just longer than one sentence (every
-//! sentence is over half of it) and batch 32 with one that holds exactly 32.
+//! L2-normalized), `batch` sentences a call, timed from submit to the last vector. llama.cpp's is
+//! `llama-server --embeddings --pooling last` (its `/v1/embeddings`, L2-normalized; its tokenizer
+//! gives the same ids, as `tests/data/golden/smollm2-embeddings.json` shows), `batch` sentences a
+//! request over loopback HTTP, with one slot for batch 1 and 32 slots for batch 32. Both warm up
+//! with one call first. (`llama-embedding` itself cannot embed one sentence a pass: it packs
+//! prompts into its context, at least 256 tokens, and prints no usable timing.)
 //!
 //! With `--encoder DIR` (a BERT folder such as all-MiniLM-L6-v2) ours is also measured on it
 //! (llama.cpp needs a GGUF conversion of it, which no package ships).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::time::Instant;
 
+use bench::llama_cpp::LlamaCpp;
 use bench::{align, load_average};
 use clap::Parser;
 use engine::model::{load, LoadOptions};
@@ -42,7 +42,7 @@ struct Args {
     /// Also measure ours on this BERT encoder folder.
     #[arg(long)]
     encoder: Option<PathBuf>,
-    /// Where llama-embedding is (scripts/setup-llama-cpp.sh builds it).
+    /// Where llama-server is (scripts/setup-llama-cpp.sh builds it).
     #[arg(long, default_value = ".cache/llama.cpp/bin")]
     llama_cpp_dir: PathBuf,
     /// Threads for both engines (default: the machine's cores).
@@ -124,13 +124,13 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     let llama = if args.skip_llama_cpp {
         Err("--skip-llama-cpp".to_string())
     } else {
-        LlamaEmbedding::find(&args.llama_cpp_dir, threads, &args.model)
+        LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model)
     };
     let mut rows = Vec::new();
     for batch in [1, 32] {
         let ours = ours(&decoder, &texts, batch, Pooling::Last, prompt_tokens)?;
         let llama_cpp = match &llama {
-            Ok(l) => Some(l.run(&texts, &lengths, batch)?),
+            Ok(cpp) => Some(llama_cpp(cpp, &texts, &lengths, batch)?),
             Err(_) => None,
         };
         let ratio = llama_cpp.map(|l| ours.sentences_per_s / l.sentences_per_s);
@@ -181,83 +181,22 @@ fn ours(llm: &Llm, texts: &[String], batch: usize, pooling: Pooling, tokens: usi
     Ok(Throughput::new(texts.len(), tokens, started.elapsed().as_secs_f64()))
 }
 
-/// llama.cpp's `llama-embedding`.
-struct LlamaEmbedding {
-    bin: PathBuf,
-    threads: usize,
-    model: PathBuf,
-}
-
-impl LlamaEmbedding {
-    fn find(dir: &Path, threads: usize, model: &Path) -> Result<Self, String> {
-        let bin = dir.join("llama-embedding");
-        if !bin.is_file() {
-            return Err(format!("{} not found: run scripts/setup-llama-cpp.sh", bin.display()));
+/// llama.cpp's side: `llama-server --embeddings`, one `/v1/embeddings` request per `batch`
+/// sentences, after one warm-up request; the wall time of the requests. With batch 1 the server
+/// has one slot; with 32, 32 slots whose prompts it decodes in one batch.
+fn llama_cpp(cpp: &LlamaCpp, texts: &[String], lengths: &[usize], batch: usize) -> anyhow::Result<Throughput> {
+    let longest = lengths.iter().copied().max().unwrap_or(1);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let server = cpp.embedding_server(batch * (longest + 8), batch).await?;
+        let client = reqwest::Client::new();
+        server.embed(&client, &texts[..batch]).await?;
+        let mut secs = 0.0;
+        for chunk in texts.chunks(batch) {
+            secs += server.embed(&client, chunk).await?;
         }
-        Ok(Self { bin, threads, model: model.to_path_buf() })
-    }
-
-    /// Embeds `texts` (`lengths` tokens each) `batch` to a forward pass; its reported prompt
-    /// evaluation time.
-    fn run(&self, texts: &[String], lengths: &[usize], batch: usize) -> anyhow::Result<Throughput> {
-        let longest = lengths.iter().copied().max().unwrap_or(1);
-        let shortest = lengths.iter().copied().min().unwrap_or(1);
-        // A batch is cut where the next prompt would pass the context: batch 1 needs every
-        // sentence over half the context, batch 32 a context of the 32 longest.
-        let ctx = match batch {
-            1 => {
-                anyhow::ensure!(2 * shortest > longest, "sentences of {shortest} to {longest} tokens pair up");
-                longest
-            }
-            n => {
-                let mut sorted = lengths.to_vec();
-                sorted.sort_unstable();
-                let room: usize = sorted.iter().rev().take(n).sum();
-                anyhow::ensure!(room < sorted.iter().take(n + 1).sum(), "sentences too unequal for batches of {n}");
-                room
-            }
-        };
-        let file = tempfile_path("pdserve-embed-bench");
-        std::fs::write(&file, texts.join("\n"))?;
-        let ctx = ctx.to_string();
-        let threads = self.threads.to_string();
-        let output = Command::new(&self.bin)
-            .arg("-m")
-            .arg(&self.model)
-            .arg("-f")
-            .arg(&file)
-            .args(["--pooling", "last", "--embd-normalize", "2", "-c", &ctx, "-b", &ctx, "-ub", &ctx])
-            .args(["-t", &threads, "-tb", &threads])
-            .stdin(Stdio::null())
-            .output()?;
-        let _ = std::fs::remove_file(&file);
-        let log = String::from_utf8_lossy(&output.stderr);
-        anyhow::ensure!(output.status.success(), "llama-embedding failed ({}): {}", output.status, last_lines(&log));
-        let (ms, tokens) =
-            prompt_eval(&log).ok_or_else(|| anyhow::anyhow!("no prompt eval time in: {}", last_lines(&log)))?;
-        let want: usize = lengths.iter().sum();
-        anyhow::ensure!(tokens == want, "llama-embedding evaluated {tokens} tokens, ours {want}");
-        Ok(Throughput::new(texts.len(), tokens, ms / 1000.0))
-    }
-}
-
-/// `prompt eval time = <ms> ms / <tokens> tokens` from llama.cpp's performance printout.
-fn prompt_eval(log: &str) -> Option<(f64, usize)> {
-    let line = log.lines().find(|l| l.contains("prompt eval time"))?;
-    let after = line.split('=').nth(1)?;
-    let mut parts = after.split('/');
-    let ms = parts.next()?.trim().trim_end_matches("ms").trim().parse().ok()?;
-    let tokens = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    Some((ms, tokens))
-}
-
-fn last_lines(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(12)..].join("\n")
-}
-
-fn tempfile_path(stem: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{stem}-{}.txt", std::process::id()))
+        Ok(Throughput::new(texts.len(), lengths.iter().sum(), secs))
+    })
 }
 
 fn print_table(report: &Report) {
@@ -286,18 +225,5 @@ fn print_table(report: &Report) {
     print!("{}", align(&rows, 1));
     if let Some(why) = &report.llama_cpp_skipped {
         println!("llama.cpp not measured: {why}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_eval_time_parses() {
-        let log = "llama_perf_context_print:        load time =     123.40 ms\n\
-                   llama_perf_context_print: prompt eval time =     456.78 ms /   800 tokens (    0.57 ms per token,  1751.39 tokens per second)\n";
-        assert_eq!(prompt_eval(log), Some((456.78, 800)));
-        assert_eq!(prompt_eval("nothing"), None);
     }
 }

@@ -1,6 +1,7 @@
 //! What the router needs to run, resolved from the command line, and why it
 //! can stop with an error.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -97,6 +98,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// API keys, usage log and body size.
     pub tenancy: Tenancy,
+    /// Threads of its own that serve HTTP, each with a single-threaded event loop and its own
+    /// connections to the workers (see `http::threads`); `None` serves on the caller's runtime.
+    pub http_threads: Option<NonZeroUsize>,
 }
 
 /// Who may call the router and what is recorded of it, opened before the

@@ -12,4 +12,5 @@ pub mod meta;
 pub mod openapi;
 pub mod sse;
 pub mod state;
+pub mod threads;
 pub mod tokenize;

@@ -4,7 +4,8 @@
 //!
 //! # Layout, in the order a request meets it
 //!
-//! - [`http`]: all axum code. [`http::app`] is the route table; [`http::generate`] is the one
+//! - [`http`]: all axum code. [`http::threads`] serves it from threads of their own, one event
+//!   loop each; [`http::app`] is the route table; [`http::generate`] is the one
 //!   handler body of `/v1/chat/completions`, `/v1/completions` and `/v1/responses`, [`http::sse`]
 //!   writes their streams; [`http::embeddings`] answers `/v1/embeddings`; [`http::meta`] (health, ready, models, metrics), [`http::tokenize`] (vLLM's
 //!   `/tokenize`, `/detokenize`, `/version`), [`http::auth`] (the API key extractor),
@@ -50,7 +51,6 @@ pub mod testutil;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::net::TcpListener;
@@ -115,19 +115,19 @@ pub async fn run(
         futures::future::try_join_all(loads).await.map(drop)
     };
 
-    let listener = listener.tap_io(|tcp| {
-        // Tokens are small writes; Nagle would delay each SSE event.
-        let _ = tcp.set_nodelay(true);
-    });
     let (began_tx, began) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let draining = readiness.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: refusing new requests, finishing running ones");
         draining.start_draining();
         let _ = began_tx.send(());
+        let _ = stop_tx.send(true);
+        // The serving threads hold the receivers; the sender lives until they end.
+        std::future::pending::<()>().await;
     };
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    let serve = http::threads::serve(listener, app(state), config.http_threads, stop);
     let grace = config.shutdown_grace;
     let deadline = async move {
         if began.await.is_err() {
@@ -137,6 +137,7 @@ pub async fn run(
     };
     tokio::select! {
         served = serve => Ok(served?),
+        () = shutdown => unreachable!("the shutdown future never ends"),
         loaded = load => loaded,
         () = deadline => {
             tracing::warn!(?grace, "requests still running at the end of the shutdown grace period; exiting");

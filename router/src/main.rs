@@ -1,5 +1,6 @@
 //! `router`: parse flags, set up tracing, bind, run until Ctrl-C or SIGTERM.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -109,6 +110,11 @@ struct Args {
     #[arg(long, default_value_t = router::http::state::DEFAULT_MAX_BODY_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_request_body_bytes: usize,
+    /// Threads serving HTTP, each with its own event loop and its own connections to the
+    /// workers, so a request never changes thread (vLLM's `--api-server-count` in spirit);
+    /// default: one per core.
+    #[arg(long, value_name = "N")]
+    http_threads: Option<NonZeroUsize>,
 }
 
 /// `--kv-transfer-failure`.
@@ -134,7 +140,9 @@ enum PolicyArg {
     RoundRobin,
 }
 
-#[tokio::main]
+// This runtime keeps the background work (card loading, discovery, KV event streams, telemetry);
+// requests are served on `--http-threads` threads of their own.
+#[tokio::main(worker_threads = 1)]
 async fn main() {
     let args: Args = cluster::cli::parse("router");
     let telemetry = cluster::telemetry::init("router");
@@ -173,6 +181,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             KvFailureArg::Recompute => KvFailurePolicy::Recompute,
             KvFailureArg::Fail => KvFailurePolicy::Fail,
         },
+        http_threads: Some(
+            args.http_threads.unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)),
+        ),
         tenancy: router::Tenancy::open(
             args.api_keys.as_deref(),
             args.api_keys_from_etcd,

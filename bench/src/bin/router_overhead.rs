@@ -20,9 +20,10 @@
 //! **router colocated** and **SMG**; each with streaming and non-streaming chat completions of
 //! `--max-tokens` tokens.
 //!
-//! - Latency: `--requests` sequential requests (one at a time, after a warm-up); p50/p90/p99 of
-//!   the end-to-end time (non-streaming) or of the time to the last byte (streaming). "Added" is
-//!   the target's percentile minus direct's.
+//! - Latency: `--requests` sequential requests per target (one at a time, after a warm-up, the
+//!   targets taking turns request by request so that a drift in the machine's state weighs on
+//!   all alike); p50/p90/p99 of the end-to-end time (non-streaming) or of the time to the last
+//!   byte (streaming). "Added" is the target's percentile minus direct's.
 //! - Throughput: a closed loop of `--concurrency` clients for `--seconds`: completed requests per
 //!   second. "× SMG" is that over SMG's, same mode.
 //! - CPU per request: the CPU time (user + system, all threads, from `/proc/<pid>/stat`) that the
@@ -392,14 +393,18 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
     for target in &targets {
         wait_ready(&client, &target.url).await?;
-        for stream in [false, true] {
-            let body = request_body(&model_name, args.max_tokens, stream);
-            let url = format!("{}/v1/chat/completions", target.url);
-            check_answer(&client, &url, &body, args.max_tokens, stream)
+    }
+    for stream in [false, true] {
+        let body = request_body(&model_name, args.max_tokens, stream);
+        let urls: Vec<String> = targets.iter().map(|t| format!("{}/v1/chat/completions", t.url)).collect();
+        for (target, url) in targets.iter().zip(&urls) {
+            check_answer(&client, url, &body, args.max_tokens, stream)
                 .await
                 .map_err(|e| anyhow::anyhow!("{} ({}): {e}", target.name, mode(stream)))?;
-            let (latencies, latency_errors) = latency(&client, &url, &body, args.requests).await;
-            let loop_ = throughput(&client, &url, &body, args.concurrency, args.seconds, target.pid).await;
+        }
+        let latencies = latency(&client, &urls, &body, args.requests).await;
+        for ((target, url), (latencies, latency_errors)) in targets.iter().zip(&urls).zip(latencies) {
+            let loop_ = throughput(&client, url, &body, args.concurrency, args.seconds, target.pid).await;
             rows.push(Row {
                 target: target.name,
                 stream,
@@ -541,20 +546,35 @@ async fn timed(client: &reqwest::Client, url: &str, body: reqwest::Body) -> Opti
 }
 
 /// `requests` sequential requests after a warm-up: their latencies in ms, and the errors.
-async fn latency(client: &reqwest::Client, url: &str, body: &reqwest::Body, requests: u64) -> (Vec<f64>, u64) {
-    for _ in 0..(requests / 10).clamp(10, 200) {
-        timed(client, url, clone(body)).await;
-    }
-    let mut latencies = Vec::with_capacity(requests as usize);
-    let mut errors = 0;
-    for _ in 0..requests {
-        match timed(client, url, clone(body)).await {
-            Some(t) => latencies.push(t.as_secs_f64() * 1e3),
-            None => errors += 1,
+/// Sequential requests, `requests` to each of `urls`, the targets taking turns (one request each
+/// per round, the order rotating): a change in the machine's state during the run (another
+/// process waking, the clock's frequency) weighs on every target alike. Each target's sorted
+/// latencies in ms, and its failed requests.
+async fn latency(
+    client: &reqwest::Client,
+    urls: &[String],
+    body: &reqwest::Body,
+    requests: u64,
+) -> Vec<(Vec<f64>, u64)> {
+    for url in urls {
+        for _ in 0..(requests / 10).clamp(10, 200) {
+            timed(client, url, clone(body)).await;
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    (latencies, errors)
+    let mut measured: Vec<(Vec<f64>, u64)> = urls.iter().map(|_| (Vec::with_capacity(requests as usize), 0)).collect();
+    for round in 0..requests as usize {
+        for turn in 0..urls.len() {
+            let target = (round + turn) % urls.len();
+            match timed(client, &urls[target], clone(body)).await {
+                Some(t) => measured[target].0.push(t.as_secs_f64() * 1e3),
+                None => measured[target].1 += 1,
+            }
+        }
+    }
+    for (latencies, _) in &mut measured {
+        latencies.sort_by(f64::total_cmp);
+    }
+    measured
 }
 
 /// What a closed loop measured.

@@ -316,7 +316,7 @@ async fn answer<F: ChunkFormat>(
     };
     if stream {
         let stream = Streamed { meta, format, deltas, prompt_tokens, include_usage, continuous_usage };
-        return Ok(sse(stream).into_response());
+        return Ok(sse(stream).await);
     }
     let collected = collect(deltas, meta.n).await?;
     let completion_tokens: usize = collected.iter().map(|c| c.token_ids.len()).sum();

@@ -47,12 +47,21 @@ impl<F> Streamed<F> {
     }
 }
 
+/// How long the answer's head waits for its first events: a first token that comes sooner goes
+/// out with the head, in one write that wakes the client once; after a longer wait (a long
+/// prompt prefilling) the head goes alone, and the keep-alive comments follow it.
+const HEAD_WAIT: Duration = Duration::from_millis(50);
+
 /// The answer as an event stream that hyper polls itself: no task or
 /// channel between the generation and the connection, so a token costs no
 /// extra wake-up on its way out. A client that goes away drops the body,
 /// and with it the generation.
-pub fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> Response {
-    let body = Body::from_stream(EventStream::new(streamed, tracing::Span::current()));
+pub async fn sse<F: ChunkFormat>(streamed: Streamed<F>) -> Response {
+    let mut events = EventStream::new(streamed, tracing::Span::current());
+    let body = match tokio::time::timeout(HEAD_WAIT, events.next()).await {
+        Ok(Some(first)) => Body::from_stream(futures::stream::once(std::future::ready(first)).chain(events)),
+        Ok(None) | Err(_) => Body::from_stream(events),
+    };
     ([(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")], body).into_response()
 }
 

@@ -1,7 +1,8 @@
 //! The gRPC edge: tonic clients of the prefill and decode pools, the
 //! conversions between wire and domain types, and model-card loading.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
@@ -13,6 +14,7 @@ use proto::worker::{
     DecodeRequest, EmbedRequest as WireEmbedRequest, FinishReason, GetModelCardRequest, KvTransferParams, ModelCard,
     Pooling as WirePooling, PrefillRequest, ReleaseKvRequest, SamplingParams,
 };
+use thread_local::ThreadLocal;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -74,15 +76,22 @@ pub fn worker_clients(urls: &[String]) -> Result<Vec<WorkerClient<Channel>>, Wor
 
 /// One pool's channels, slot for slot with its [`Roster`]: a slot's channel
 /// is made on first use and remade when another worker takes the slot.
+///
+/// Each thread has its own channel to each worker: a channel's tasks (its buffer and its
+/// HTTP/2 connection) live on the runtime that made it, so a call from the router's HTTP thread
+/// that owns them crosses no thread (see `http::threads`).
 #[derive(Debug)]
 struct Channels {
     roster: Arc<Roster>,
-    slots: Vec<Mutex<Option<(String, Channel)>>>,
+    slots: Vec<ThreadLocal<RefCell<Option<Slot>>>>,
 }
+
+/// A slot's member, by URL, and this thread's channel to it.
+type Slot = (String, Channel);
 
 impl Channels {
     fn new(roster: Arc<Roster>) -> Self {
-        let slots = (0..roster.capacity()).map(|_| Mutex::default()).collect();
+        let slots = (0..roster.capacity()).map(|_| ThreadLocal::new()).collect();
         Self { roster, slots }
     }
 
@@ -116,7 +125,7 @@ impl Channels {
             .roster
             .member(worker)
             .ok_or_else(|| BackendError::Unavailable(format!("worker {worker} left the pool")))?;
-        let mut slot = self.slots[worker].lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.slots[worker].get_or_default().borrow_mut();
         match &*slot {
             Some((url, channel)) if *url == member.url => Ok(channel.clone()),
             _ => {

@@ -154,7 +154,12 @@ async fn start_router(prefill: Vec<String>, decode: Vec<String>) -> String {
 async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: router::Policy) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let config = router::Config {
+    tokio::spawn(router::run(listener, config(prefill, decode, policy), std::future::pending()));
+    addr
+}
+
+fn config(prefill: Vec<String>, decode: Vec<String>, policy: router::Policy) -> router::Config {
+    router::Config {
         prefill: prefill.into_iter().map(router::WorkerUrl::unnamed).collect(),
         decode: decode.into_iter().map(router::WorkerUrl::unnamed).collect(),
         discovery: None,
@@ -166,9 +171,8 @@ async fn start_router_with(prefill: Vec<String>, decode: Vec<String>, policy: ro
         policy,
         on_kv_failure: Default::default(),
         tenancy: Default::default(),
-    };
-    tokio::spawn(router::run(listener, config, std::future::pending()));
-    addr
+        http_threads: None,
+    }
 }
 
 /// One HTTP/1.1 exchange; returns status line and body (raw for SSE).
@@ -225,6 +229,55 @@ async fn disaggregated_request_goes_prefill_then_decode() {
     }
     assert_eq!(*prefill.released.lock().unwrap(), ["r1"]);
     assert!(decode.decoded.lock().unwrap().is_empty());
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    tasks.map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap().trim().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_threads_of_its_own_serve_every_connection_and_stop_at_the_shutdown() {
+    let prefill = FakeWorker::default();
+    let decode = FakeWorker::default();
+    let policy = router::Policy::CacheAware(router::placement::CacheAwareConfig {
+        local_prefill_max_tokens: 0,
+        ..Default::default()
+    });
+    let mut config =
+        config(vec![serve_worker(prefill.clone()).await], vec![serve_worker(decode.clone()).await], policy);
+    config.http_threads = Some(std::num::NonZeroUsize::new(3).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(router::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+
+    // Concurrent connections, each a disaggregated request, streamed or not.
+    let requests = (0..12).map(|i| {
+        let chat = json!({"model": "served", "messages": [{"role": "user", "content": "Hi"}], "stream": i % 2 == 0});
+        http(&addr, "/v1/chat/completions", chat)
+    });
+    for (status, body) in futures::future::join_all(requests).await {
+        assert!(status.contains("200"), "{status} {body}");
+        assert!(body.contains("\"content\":\"Hello\"") || body.contains("[DONE]"), "{body}");
+    }
+    assert_eq!((prefill.prefilled.lock().unwrap().len(), decode.decoded.lock().unwrap().len()), (12, 12));
+    let serving = ["http-0", "http-1", "http-2"];
+    let names = thread_names();
+    for name in serving {
+        assert!(names.iter().any(|n| n == name), "no thread {name} among {names:?}");
+    }
+
+    // The shutdown ends every thread, and `run` with them.
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), running).await.expect("the router stops");
+    ended.unwrap().unwrap();
+    let names = thread_names();
+    assert!(!names.iter().any(|n| serving.contains(&n.as_str())), "threads left: {names:?}");
+    assert!(TcpStream::connect(&addr).await.is_err(), "the listener is closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

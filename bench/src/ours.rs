@@ -84,6 +84,7 @@ impl Ours {
             eos_token_ids: self.info.eos_token_ids.clone(),
             default_seed: 0,
             enable_prefix_caching: prefix_caching,
+            speculative: None,
         }
     }
 

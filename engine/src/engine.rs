@@ -35,7 +35,7 @@ pub use shared::MAX_PENDING_KV_EVENTS;
 
 use crate::forward::Forward;
 use crate::kv::cache::{KvCacheShape, KvStorage};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, SpeculativeConfig};
 use shared::Shared;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -62,6 +62,9 @@ pub struct EngineConfig {
     /// prompt's, and report cached / evicted blocks as [`KvEvent`](crate::KvEvent)s. Default
     /// on in the workers; `false` computes every prompt and reports nothing.
     pub enable_prefix_caching: bool,
+    /// Speculate on decodes with drafts found in each sequence's own tokens (see
+    /// [`SpeculativeConfig`]); `None`: one token per decode step.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// Starts engines.
@@ -93,6 +96,7 @@ impl Engine {
             // An encoder's KV depends on the tokens after it, so no prefix of it is reusable.
             enable_prefix_caching: config.enable_prefix_caching && !model.encoder(),
             whole_prompts: model.encoder(),
+            speculative: config.speculative,
         });
         let kv: Vec<KvStorage> = (0..tp_size).map(|_| KvStorage::new(shape)).collect();
         let shared = Arc::new(Shared {
@@ -113,6 +117,7 @@ impl Engine {
             held_blocks: AtomicUsize::new(0),
             kv_events: Mutex::new(Vec::new()),
             num_preemptions: AtomicU64::new(0),
+            speculation: Mutex::default(),
         });
         let (commands, receiver) = mpsc::channel();
         let step_loop = StepLoop {

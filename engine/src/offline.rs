@@ -263,6 +263,8 @@ pub struct LlmConfig {
     /// Seed for requests that bring none.
     pub seed: u64,
     pub enable_prefix_caching: bool,
+    /// Speculative decoding (see [`crate::SpeculativeConfig`]); `None`: off.
+    pub speculative: Option<crate::SpeculativeConfig>,
 }
 
 impl Default for LlmConfig {
@@ -275,6 +277,7 @@ impl Default for LlmConfig {
             max_model_len: None,
             seed: 0,
             enable_prefix_caching: true,
+            speculative: None,
         }
     }
 }
@@ -471,6 +474,7 @@ impl Llm {
             eos_token_ids: info.eos_token_ids.clone(),
             default_seed: config.seed,
             enable_prefix_caching: config.enable_prefix_caching,
+            speculative: config.speculative,
         };
         let model =
             model.place(ComputeDevice::Cpu, 1, WeightDtype::Auto).map_err(|e| OfflineError::Load(Arc::new(e)))?;

@@ -82,8 +82,10 @@
 pub mod block_manager;
 mod plan;
 mod sequence;
+mod speculate;
 
 pub use plan::{BlockCopy, KvWrite, SampledToken, ScheduledSeq, StepPlan};
+pub use speculate::{SpeculativeConfig, SpeculativeConfigError};
 
 use crate::request::{EngineEvent, FailureKind, FinishReason, Pooling, RequestError};
 use crate::sampler::TokenLogprobs;
@@ -116,6 +118,9 @@ pub struct SchedulerConfig {
     /// Admit a prompt only when all of it fits in the step (an encoder's, whose tokens attend
     /// to the ones after them); off: prompts are prefilled in chunks.
     pub whole_prompts: bool,
+    /// Feed each decode its draft tokens too, for the step to verify (see
+    /// [`ScheduledSeq::drafts`]); `None`: one token per decode.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// A request as the scheduler sees it, already validated by the engine.
@@ -199,6 +204,20 @@ pub struct Scheduler {
     block_copies: Vec<BlockCopy>,
     num_preemptions: u64,
     num_arrivals: u64,
+    speculation: SpeculationStats,
+}
+
+/// What speculative decoding did since start (vLLM's `spec_decode` counters): acceptance is
+/// `num_accepted_tokens / num_draft_tokens`, tokens per verifying forward pass
+/// `1 + num_accepted_tokens / num_drafts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpeculationStats {
+    /// Decode steps that verified drafts.
+    pub num_drafts: u64,
+    /// Draft tokens verified.
+    pub num_draft_tokens: u64,
+    /// Draft tokens accepted.
+    pub num_accepted_tokens: u64,
 }
 
 impl Scheduler {
@@ -215,6 +234,7 @@ impl Scheduler {
             block_copies: Vec::new(),
             num_preemptions: 0,
             num_arrivals: 0,
+            speculation: SpeculationStats::default(),
         }
     }
 
@@ -248,6 +268,7 @@ impl Scheduler {
             // Position 0 has no logprob: nothing comes before it.
             prompt_logprobs_next: 1,
             pooling: new.pooling.map(|pooling| Pooled { pooling, sum: Vec::new(), rows: 0 }),
+            speculation: Default::default(),
         };
         self.num_arrivals += 1;
         if let Some(p) = new.provided {
@@ -290,23 +311,39 @@ impl Scheduler {
     /// `sampled[i]` is the token of the `i`-th sequence of `plan` with
     /// `need_logits`. Finishes the sequences that stop.
     pub fn finish_step(&mut self, plan: &StepPlan, sampled: &[u32]) {
-        self.finish_step_with(plan, sampled.iter().map(|&id| SampledToken { id, logprobs: None }).collect());
+        let mut sampled = sampled.iter().map(|&id| SampledToken { id, logprobs: None });
+        let per_chunk = plan
+            .seqs
+            .iter()
+            .map(
+                |chunk| {
+                    if chunk.need_logits {
+                        sampled.by_ref().take(chunk.choices.len()).collect()
+                    } else {
+                        Vec::new()
+                    }
+                },
+            )
+            .collect();
+        self.finish_step_with(plan, per_chunk);
     }
 
     /// [`Self::finish_step`] with each token's logprobs, which its `Token`
-    /// event carries.
-    /// `sampled` holds `chunk.choices.len()` tokens per chunk with logits, in
-    /// choice order: more than one forks the sequence (see the module docs).
-    pub fn finish_step_with(&mut self, plan: &StepPlan, sampled: Vec<SampledToken>) {
-        debug_assert_eq!(plan.num_samples(), sampled.len());
-        let mut sampled = sampled.into_iter();
-        for chunk in &plan.seqs {
-            let tokens: Vec<SampledToken> =
-                if chunk.need_logits { sampled.by_ref().take(chunk.choices.len()).collect() } else { Vec::new() };
+    /// event carries: `sampled[i]` holds the tokens of `plan.seqs[i]`, none for a chunk
+    /// without logits, `chunk.choices.len()` (in choice order) for one with, more than one
+    /// forking the sequence (see the module docs); for a chunk with drafts, the drafts it
+    /// accepted and the token that followed them.
+    pub fn finish_step_with(&mut self, plan: &StepPlan, sampled: Vec<Vec<SampledToken>>) {
+        debug_assert_eq!(plan.seqs.len(), sampled.len());
+        for (chunk, tokens) in plan.seqs.iter().zip(sampled) {
             // A sequence dropped since `schedule` no longer wants its token.
             let Some(pos) = self.running.iter().position(|s| s.is(&chunk.request_id, chunk.choices.start)) else {
                 continue;
             };
+            if !chunk.drafts.is_empty() {
+                self.finish_verified(pos, chunk, tokens);
+                continue;
+            }
             let seq = &mut self.running[pos];
             seq.num_computed = chunk.context_start + chunk.tokens.len();
             register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
@@ -333,17 +370,49 @@ impl Scheduler {
                     self.start_fork(&parent, i as u32 + 1, token);
                 }
             }
-            let seq = &mut self.running[pos];
-            seq.tokens.push(first.id);
-            seq.num_generated += 1;
-            let num_cached_tokens = seq.num_cached_tokens.unwrap_or(0);
-            let event =
-                EngineEvent::Token { index: seq.choice, id: first.id, logprobs: first.logprobs, num_cached_tokens };
-            self.events.push((seq.id.clone(), event));
-            if let Some(reason) = self.stop_reason(&self.running[pos], first.id) {
+            self.emit(pos, first);
+        }
+    }
+
+    /// A speculative decode's tokens: the drafts it accepted (their KV, written by this step,
+    /// now counts as computed), then the token that followed them. The rejected drafts' KV stays
+    /// past `num_computed`, in blocks the sequence holds, and is overwritten by its next step.
+    fn finish_verified(&mut self, pos: usize, chunk: &ScheduledSeq, tokens: Vec<SampledToken>) {
+        let accepted = tokens.len().saturating_sub(1);
+        debug_assert!(tokens.iter().zip(&chunk.drafts).take(accepted).all(|(t, &d)| t.id == d));
+        self.speculation.num_drafts += 1;
+        self.speculation.num_draft_tokens += chunk.drafts.len() as u64;
+        self.speculation.num_accepted_tokens += accepted as u64;
+        let seq = &mut self.running[pos];
+        seq.speculation.verified(chunk.drafts.len(), accepted, seq.num_generated + accepted + 1);
+        seq.num_computed = chunk.context_start + 1;
+        for (i, token) in tokens.into_iter().enumerate() {
+            if i < accepted {
+                self.running[pos].num_computed += 1;
+            }
+            if !self.emit(pos, token) {
+                return;
+            }
+        }
+        register_computed_blocks(&mut self.blocks, &mut self.running[pos], self.config.block_size);
+    }
+
+    /// Appends a generated token to running sequence `pos` and tells its request, then finishes
+    /// the sequence if the token ends it. False when it did.
+    fn emit(&mut self, pos: usize, token: SampledToken) -> bool {
+        let seq = &mut self.running[pos];
+        seq.tokens.push(token.id);
+        seq.num_generated += 1;
+        let num_cached_tokens = seq.num_cached_tokens.unwrap_or(0);
+        let event = EngineEvent::Token { index: seq.choice, id: token.id, logprobs: token.logprobs, num_cached_tokens };
+        self.events.push((seq.id.clone(), event));
+        match self.stop_reason(&self.running[pos], token.id) {
+            Some(reason) => {
                 let seq = self.running.remove(pos);
                 self.finish(seq, reason);
+                false
             }
+            None => true,
         }
     }
 
@@ -618,6 +687,11 @@ impl Scheduler {
         &self.config.eos_token_ids
     }
 
+    /// What speculative decoding did so far.
+    pub fn speculation(&self) -> SpeculationStats {
+        self.speculation
+    }
+
     /// Preemptions so far.
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
@@ -631,8 +705,10 @@ impl Scheduler {
     /// budget). True if anything was preempted.
     fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) -> bool {
         let bs = self.config.block_size;
-        let mut planned: Vec<(String, u32, usize)> = Vec::new();
+        let mut planned: Vec<Planned> = Vec::new();
         let mut preempted = false;
+        let decoding = self.running.iter().filter(|s| s.num_new() == 1).count();
+        let speculate = self.config.speculative.is_some_and(|s| decoding <= s.disable_by_batch_size);
         for decodes in [true, false] {
             let mut i = 0;
             while i < self.running.len() && *budget > 0 {
@@ -641,8 +717,16 @@ impl Scheduler {
                     i += 1;
                     continue;
                 }
-                let n = seq.num_new().min(*budget);
-                let need = blocks_for(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
+                let mut drafts = if decodes && speculate { self.drafts(seq, *budget - 1) } else { Vec::new() };
+                let blocks_needed = |n: usize| blocks_for(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
+                // Drafts that need more blocks than are free are dropped: they never preempt.
+                if blocks_needed(1 + drafts.len()) > blocks_needed(1)
+                    && blocks_needed(1 + drafts.len()) > self.blocks.num_free()
+                {
+                    drafts.clear();
+                }
+                let n = seq.num_new().min(*budget) + drafts.len();
+                let need = blocks_needed(n);
                 if need > 0 {
                     let Some(ids) = self.blocks.allocate(need) else {
                         let victim = self.preempt_worst(&mut planned, budget);
@@ -655,26 +739,46 @@ impl Scheduler {
                     };
                     self.running[i].blocks.extend(ids);
                 }
-                planned.push((self.running[i].id.clone(), self.running[i].choice, n));
+                planned.push(Planned { id: self.running[i].id.clone(), choice: self.running[i].choice, n, drafts });
                 *budget -= n;
                 i += 1;
             }
         }
-        for (id, choice, n) in planned {
+        for Planned { id, choice, n, drafts } in planned {
             let seq = self.running.iter().find(|s| s.is(&id, choice)).expect("planned sequences are running");
-            plan.seqs.push(seq.chunk(n));
+            let mut chunk = seq.chunk(n - drafts.len());
+            chunk.tokens.extend(&drafts);
+            chunk.drafts = drafts;
+            plan.seqs.push(chunk);
         }
         preempted
     }
 
+    /// The draft tokens a decoding sequence verifies in its next step, at most `room`: none
+    /// without speculation, for a sequence that stands for several choices, or when its
+    /// `max_tokens` or the context leaves room for one token only.
+    fn drafts(&self, seq: &Sequence, room: usize) -> Vec<u32> {
+        let Some(speculative) = &self.config.speculative else { return Vec::new() };
+        if seq.fork != 1 || seq.pooling.is_some() {
+            return Vec::new();
+        }
+        // Each accepted draft is one token generated before the one that follows them.
+        let left = seq
+            .max_tokens
+            .saturating_sub(seq.num_generated)
+            .min(self.config.max_model_len.saturating_sub(seq.tokens.len()));
+        let limit = seq.speculation.limit(speculative, seq.num_generated);
+        speculative.propose(&seq.tokens, room.min(left.saturating_sub(1)).min(limit))
+    }
+
     /// Preempts the worst-ranked running sequence, unplanning it. Returns
     /// the index it had in `running`.
-    fn preempt_worst(&mut self, planned: &mut Vec<(String, u32, usize)>, budget: &mut usize) -> usize {
+    fn preempt_worst(&mut self, planned: &mut Vec<Planned>, budget: &mut usize) -> usize {
         let (victim, _) =
             self.running.iter().enumerate().max_by_key(|(_, s)| s.rank()).expect("a sequence asked for blocks");
         let seq = self.running.remove(victim);
-        if let Some(p) = planned.iter().position(|(id, choice, _)| seq.is(id, *choice)) {
-            *budget += planned.remove(p).2;
+        if let Some(p) = planned.iter().position(|planned| seq.is(&planned.id, planned.choice)) {
+            *budget += planned.remove(p).n;
         }
         self.preempt(seq);
         victim
@@ -886,6 +990,14 @@ impl Scheduler {
         taken.extend(mine);
         taken
     }
+}
+
+/// A running sequence planned into the step: `n` tokens, its `drafts` the last of them.
+struct Planned {
+    id: String,
+    choice: u32,
+    n: usize,
+    drafts: Vec<u32>,
 }
 
 /// Caches the sequence's full blocks whose tokens all have KV now (prompt

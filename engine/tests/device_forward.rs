@@ -345,6 +345,7 @@ fn kv_handed_off_through_the_arena_reaches_the_device() {
         default_seed: 0,
         // Freed blocks are reused at once, still holding other KV on the device.
         enable_prefix_caching: false,
+        speculative: None,
     };
     let start = || Engine::start(Arc::new(own_device_model()), shape, config.clone());
     let prefill = start();

@@ -500,6 +500,7 @@ fn tp_engine(model: Arc<dyn Forward>, shape: KvCacheShape) -> EngineHandle {
         eos_token_ids: vec![2],
         default_seed: 0,
         enable_prefix_caching: true,
+        speculative: None,
     };
     Engine::start(model, shape, config)
 }

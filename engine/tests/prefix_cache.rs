@@ -44,6 +44,7 @@ fn a_repeated_prompt_hits_the_cache_and_gives_the_same_greedy_tokens() {
         eos_token_ids: loaded.info.eos_token_ids.clone(),
         default_seed: 0,
         enable_prefix_caching: true,
+        speculative: None,
     };
     let engine = Engine::start(Arc::new(loaded.model), shape, config);
     let (prompt, completion) = golden("capital-france-one-word");

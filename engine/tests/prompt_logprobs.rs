@@ -24,6 +24,7 @@ fn engine(max_num_batched_tokens: usize) -> EngineHandle {
         eos_token_ids: loaded.info.eos_token_ids.clone(),
         default_seed: 0,
         enable_prefix_caching: true,
+        speculative: None,
     };
     Engine::start(Arc::new(loaded.model), shape, config)
 }

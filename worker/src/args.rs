@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use engine::model::{ComputeDevice, WeightDtype};
+use engine::SpeculativeConfig;
 
 /// How the worker loads its model and sizes its engine.
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +74,12 @@ pub struct EngineArgs {
     /// copy in GPU memory of the same size.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: ComputeDevice,
+    /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": K}`
+    /// (prompt lookup: each decode step also verifies up to K draft tokens copied from where
+    /// the sequence's last `prompt_lookup_max`..`prompt_lookup_min` tokens occurred before;
+    /// defaults 4 and 2). The output is the same as without it, token for token for a seed.
+    #[arg(long, value_name = "JSON", value_parser = parse_speculative)]
+    pub speculative_config: Option<SpeculativeConfig>,
 }
 
 impl EngineArgs {
@@ -117,6 +124,11 @@ pub fn parse_kv_cache_memory(text: &str) -> Result<KvCacheMemory, String> {
 /// Parses `--device`.
 pub fn parse_device(text: &str) -> Result<ComputeDevice, String> {
     text.parse()
+}
+
+/// Parses `--speculative-config` (see [`SpeculativeConfig::from_json`]).
+pub fn parse_speculative(text: &str) -> Result<SpeculativeConfig, String> {
+    SpeculativeConfig::from_json(text).map_err(|e| e.to_string())
 }
 
 /// Parses `--dtype` (vLLM's names).

@@ -367,6 +367,7 @@ async fn engine_events_reach_a_grpc_subscriber_and_shutdown_ends_the_stream() {
         eos_token_ids: Vec::new(),
         default_seed: 0,
         enable_prefix_caching: true,
+        speculative: None,
     };
     let engine = engine::Engine::start(Arc::new(OneToken), shape, config);
     let worker = crate::WorkerService::new(pb::ModelCard::default(), engine.clone(), None);

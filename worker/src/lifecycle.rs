@@ -150,6 +150,8 @@ struct WorkerMetrics {
     kv_blocks: IntGauge,
     kv_free_blocks: IntGauge,
     preemptions: IntCounter,
+    /// Drafts, draft tokens and accepted tokens of speculative decoding.
+    speculation: [IntCounter; 3],
 }
 
 impl WorkerMetrics {
@@ -178,10 +180,30 @@ impl WorkerMetrics {
         ))
         .expect("valid gauge options");
         registry.register(Box::new(kv_usage.clone())).expect("metric registered once");
-        let preemptions = IntCounter::with_opts(Opts::new("preemptions_total", "Sequences preempted for recompute."))
-            .expect("valid counter options");
-        registry.register(Box::new(preemptions.clone())).expect("metric registered once");
-        Self { registry, pending_prefill_tokens, running, waiting, kv_usage, kv_blocks, kv_free_blocks, preemptions }
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::with_opts(Opts::new(name, help)).expect("valid counter options");
+            registry.register(Box::new(counter.clone())).expect("metric registered once");
+            counter
+        };
+        let preemptions = counter("preemptions_total", "Sequences preempted for recompute.");
+        // vLLM's spec_decode counters: acceptance = accepted / draft tokens, tokens per verifying
+        // forward pass = 1 + accepted / drafts.
+        let speculation = [
+            counter("spec_decode_num_drafts_total", "Decode steps of a sequence that verified draft tokens."),
+            counter("spec_decode_num_draft_tokens_total", "Draft tokens verified."),
+            counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted."),
+        ];
+        Self {
+            registry,
+            pending_prefill_tokens,
+            running,
+            waiting,
+            kv_usage,
+            kv_blocks,
+            kv_free_blocks,
+            preemptions,
+            speculation,
+        }
     }
 
     fn observe(&self, engine: &EngineHandle) {
@@ -194,9 +216,15 @@ impl WorkerMetrics {
         self.kv_free_blocks.set(int(stats.free_blocks));
         let used = stats.total_blocks.saturating_sub(stats.free_blocks);
         self.kv_usage.set(if stats.total_blocks == 0 { 0.0 } else { used as f64 / stats.total_blocks as f64 });
-        // The engine counts since start; the counter only moves forward to it.
-        let seen = self.preemptions.get();
-        self.preemptions.inc_by(stats.num_preemptions.saturating_sub(seen));
+        // The engine counts since start; each counter only moves forward to it.
+        let advance = |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
+        advance(&self.preemptions, stats.num_preemptions);
+        let spec = stats.speculation;
+        for (counter, total) in
+            self.speculation.iter().zip([spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens])
+        {
+            advance(counter, total);
+        }
     }
 
     fn render(&self) -> Result<String, prometheus::Error> {

@@ -63,6 +63,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         eos_token_ids: info.eos_token_ids.clone(),
         default_seed: args.seed,
         enable_prefix_caching: args.prefix_caching(),
+        speculative: args.speculative_config,
     };
     let engine = Engine::start(model, shape, config);
     let grammars =

@@ -4,6 +4,7 @@ use super::shared::Shared;
 use crate::kv::cache::{KvArena, KvCacheShape, KvStorageError};
 use crate::request::{Command, EngineError, EngineEvent, EngineRequest, KvReservation, KvSource, Submission, MAX_N};
 use crate::scheduler::block_manager::{blocks_for, KvEvent};
+use crate::scheduler::SpeculationStats;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, PoisonError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -29,6 +30,8 @@ pub struct EngineStats {
     pub held_blocks: usize,
     /// Sequences preempted (for recompute) since start.
     pub num_preemptions: u64,
+    /// What speculative decoding did since start.
+    pub speculation: SpeculationStats,
 }
 
 /// A handle on a running engine; clone it freely.
@@ -88,6 +91,7 @@ impl EngineHandle {
             cached_blocks: s.cached_blocks.load(Ordering::Acquire),
             held_blocks: s.held_blocks.load(Ordering::Acquire),
             num_preemptions: s.num_preemptions.load(Ordering::Acquire),
+            speculation: *s.speculation.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
 

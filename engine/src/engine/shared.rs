@@ -2,6 +2,7 @@
 
 use crate::kv::cache::{KvArena, KvCacheShape, KvStorage};
 use crate::scheduler::block_manager::KvEvent;
+use crate::scheduler::SpeculationStats;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
@@ -36,6 +37,8 @@ pub(super) struct Shared {
     /// KV events not yet taken (a short std mutex: push or take only).
     pub(super) kv_events: Mutex<Vec<KvEvent>>,
     pub(super) num_preemptions: AtomicU64,
+    /// The scheduler's speculation counters, as of the last step.
+    pub(super) speculation: Mutex<SpeculationStats>,
 }
 
 impl Shared {

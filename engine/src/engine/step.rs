@@ -324,7 +324,7 @@ impl StepLoop {
             Ok(mut logits) => {
                 // Each sequence's rows in turn: every token's when it scores its prompt, else
                 // the last token's when it samples (a prefill chunk that is not the last has none).
-                let mut sampled: Vec<SampledToken> = Vec::with_capacity(plan.num_samples());
+                let mut sampled: Vec<Vec<SampledToken>> = Vec::with_capacity(plan.seqs.len());
                 let mut first_row = 0;
                 let pooled = std::mem::take(&mut logits.hidden);
                 let mut hidden = pooled.as_slice();
@@ -338,9 +338,14 @@ impl StepLoop {
                     if s.all_logits {
                         self.scheduler.report_prompt_logprobs(s, |i| logits.row(first_row + i));
                     }
-                    if s.need_logits {
-                        sampled.extend(self.sample_row(s, logits.row_mut(first_row + rows - 1)));
-                    }
+                    sampled.push(if !s.need_logits {
+                        Vec::new()
+                    } else if s.drafts.is_empty() {
+                        self.sample_row(s, logits.row_mut(first_row + rows - 1))
+                    } else {
+                        let vocab = logits.vocab_size;
+                        self.verify(s, logits.data[first_row * vocab..(first_row + rows) * vocab].chunks_mut(vocab))
+                    });
                     first_row += rows;
                 }
                 self.scheduler.finish_step_with(&plan, sampled);
@@ -398,6 +403,31 @@ impl StepLoop {
                 SampledToken { id, logprobs }
             })
             .collect()
+    }
+
+    /// A speculative decode's tokens: row `i` (the logits after the fed token and drafts
+    /// `..i`) is sampled as without speculation, and while it samples draft `i` the next row is
+    /// sampled too. Returns the accepted drafts, then the first token that is not one.
+    ///
+    /// The drafts are a deterministic proposal, so this is rejection sampling that keeps the
+    /// distribution: draft `d` is accepted with probability `p(d)`, and when it is not, the token
+    /// drawn is distributed as `p` without `d`. It takes one draw from the sequence's seeded
+    /// stream per token, as decoding without drafts does: the same seed gives the same tokens.
+    fn verify<'a>(&mut self, s: &ScheduledSeq, rows: impl Iterator<Item = &'a mut [f32]>) -> Vec<SampledToken> {
+        let mut tokens = Vec::with_capacity(s.drafts.len() + 1);
+        let mut sampler = self.clients.get_mut(&s.request_id).map(|c| &mut c.samplers[s.choices.start as usize]);
+        for (row, draft) in rows.zip(s.drafts.iter().map(Some).chain([None])) {
+            let (id, logprobs) = match sampler.as_mut() {
+                Some(sampler) => sampler.sample_with_logprobs(row),
+                // Dropped since the plan: its tokens go nowhere.
+                None => (argmax(row), None),
+            };
+            tokens.push(SampledToken { id, logprobs });
+            if draft != Some(&id) {
+                break;
+            }
+        }
+        tokens
     }
 
     fn check_logits(&self, plan: &StepPlan, logits: Logits) -> Result<Logits, String> {
@@ -495,6 +525,7 @@ impl StepLoop {
         s.cached_blocks.store(sched.num_cached_blocks(), Ordering::Release);
         s.held_blocks.store(sched.num_held_blocks(), Ordering::Release);
         s.num_preemptions.store(sched.num_preemptions(), Ordering::Release);
+        *s.speculation.lock().unwrap_or_else(PoisonError::into_inner) = sched.speculation();
     }
 }
 

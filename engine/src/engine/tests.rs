@@ -151,6 +151,7 @@ fn config() -> EngineConfig {
         eos_token_ids: vec![],
         default_seed: 0,
         enable_prefix_caching: true,
+        speculative: None,
     }
 }
 

@@ -70,6 +70,10 @@ pub struct ScheduledSeq {
     /// With `need_logits`, the choices that sample from this row: just the
     /// sequence's own, or all `n` at the fork step (each with its own sampler).
     pub choices: Range<u32>,
+    /// A speculative decode's draft tokens, the last `drafts.len()` of `tokens`: every token
+    /// gets a logits row, row `i` is sampled only if the drafts before it were, and draft `i`
+    /// is accepted when row `i` samples it (see [`crate::scheduler::SpeculativeConfig`]).
+    pub drafts: Vec<u32>,
 }
 
 impl ScheduledSeq {
@@ -84,7 +88,7 @@ impl ScheduledSeq {
 
     /// Its rows of the step's logits.
     pub fn num_rows(&self) -> usize {
-        if self.all_logits {
+        if self.all_logits || !self.drafts.is_empty() {
             self.tokens.len()
         } else {
             usize::from(self.need_logits)
@@ -103,7 +107,7 @@ impl StepPlan {
         let mut batch = ForwardBatch::default();
         for s in &self.seqs {
             batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
-            if s.all_logits {
+            if s.all_logits || !s.drafts.is_empty() {
                 batch.score_last();
             }
             batch.pool_last(s.hidden);
@@ -122,8 +126,8 @@ impl StepPlan {
         self.seqs.iter().map(ScheduledSeq::num_rows).sum()
     }
 
-    /// Tokens sampled in all: one per row, `n` per forking row.
+    /// Tokens sampled in all at most: one per row, `n` per forking row, one more per draft.
     pub fn num_samples(&self) -> usize {
-        self.seqs.iter().filter(|s| s.need_logits).map(|s| s.choices.len()).sum()
+        self.seqs.iter().filter(|s| s.need_logits).map(|s| s.choices.len() + s.drafts.len()).sum()
     }
 }

@@ -2,6 +2,7 @@
 
 use super::block_manager::BlockHash;
 use super::plan::ScheduledSeq;
+use super::speculate::Adaptive;
 use crate::forward::Hidden;
 use crate::request::{FinishReason, Pooling};
 use std::ops::Range;
@@ -52,6 +53,8 @@ pub(super) struct Sequence {
     pub(super) prompt_logprobs_next: usize,
     /// An embedding request's pooling and what it has pooled so far.
     pub(super) pooling: Option<Pooled>,
+    /// How its speculative drafts fared so far.
+    pub(super) speculation: Adaptive,
 }
 
 /// An embedding's pooling state, across the chunks of its prompt.
@@ -125,6 +128,7 @@ impl Sequence {
                 Some(Pooling::Cls) => Hidden::None,
             },
             choices: self.choice..self.choice + self.fork as u32,
+            drafts: Vec::new(),
         }
     }
 

@@ -12,6 +12,7 @@ fn config(num_blocks: usize, max_num_seqs: usize) -> SchedulerConfig {
         block_bytes: 8,
         eos_token_ids: vec![99],
         enable_prefix_caching: true,
+        speculative: None,
         whole_prompts: false,
     }
 }
@@ -775,4 +776,133 @@ fn pending_prefill_tokens_count_waiting_prompts_and_unfinished_chunks() {
     s.finish_step(&plan, &[10]);
     // Decoding: only `b`'s prompt is left to prefill.
     assert_eq!(s.num_pending_prefill_tokens(), 3);
+}
+
+fn speculating(k: usize) -> SchedulerConfig {
+    let speculative = SpeculativeConfig {
+        num_speculative_tokens: k,
+        prompt_lookup_max: 2,
+        prompt_lookup_min: 1,
+        disable_by_batch_size: usize::MAX,
+    };
+    SchedulerConfig { speculative: Some(speculative), ..config(16, 4) }
+}
+
+fn tokens(ids: &[u32]) -> Vec<SampledToken> {
+    ids.iter().map(|&id| SampledToken { id, logprobs: None }).collect()
+}
+
+fn token_events(s: &mut Scheduler) -> Vec<u32> {
+    s.take_events()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            EngineEvent::Token { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_decode_feeds_its_drafts_and_keeps_the_kv_of_those_accepted() {
+    let mut s = Scheduler::new(speculating(3));
+    s.add(seq("a", &[1, 2, 3, 1, 2], 10));
+    let plan = s.schedule();
+    assert!(plan.seqs[0].drafts.is_empty(), "a prefill has no drafts");
+    s.finish_step(&plan, &[3]);
+    assert_eq!(token_events(&mut s), [3]);
+
+    // "2 3" occurred before, followed by "1 2 3": the decode feeds 3, then those drafts.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 5, 4)]);
+    assert_eq!((plan.seqs[0].tokens.as_slice(), plan.seqs[0].drafts.as_slice()), (&[3, 1, 2, 3][..], &[1, 2, 3][..]));
+    assert_eq!(plan.seqs[0].block_table.len(), 3, "blocks for every draft's KV");
+    let batch = plan.to_batch();
+    assert_eq!(batch.num_logits(), 4, "a row per token");
+    assert_eq!(plan.num_samples(), 4);
+
+    // Drafts 1 and 2 accepted, 3 rejected for 7: the KV of positions 5..8 counts, 8's does not.
+    s.finish_step_with(&plan, vec![tokens(&[1, 2, 7])]);
+    assert_eq!(token_events(&mut s), [1, 2, 7]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].context_start, 8, "the rejected draft's position is written again");
+    assert_eq!(plan.seqs[0].tokens[0], 7);
+    assert_eq!(plan.seqs[0].block_table.len(), 3);
+
+    // Nothing accepted: one token, as without drafts.
+    let drafted = plan.seqs[0].drafts.len();
+    s.finish_step_with(&plan, vec![tokens(&[5])]);
+    assert_eq!(token_events(&mut s), [5]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].context_start, 9, "{drafted} drafts rejected");
+}
+
+#[test]
+fn drafts_never_pass_max_tokens_and_a_stop_among_them_ends_the_sequence() {
+    let mut s = Scheduler::new(speculating(4));
+    // 3 tokens at most: after the first, room for one draft and the token after it.
+    s.add(seq("a", &[1, 2, 1, 2], 3));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[1]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts, [2]);
+    s.finish_step_with(&plan, vec![tokens(&[2, 1])]);
+    let events = s.take_events();
+    assert!(
+        matches!(events.last(), Some((_, EngineEvent::Finished { reason: FinishReason::Length, .. }))),
+        "{events:?}"
+    );
+    assert_eq!(s.num_running(), 0);
+
+    // An accepted draft that is eos ends the sequence there; what followed it is dropped.
+    s.add(seq("b", &[7, 1, 2, 99, 7, 1], 10));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[2]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts, [99, 7, 1, 2]);
+    s.finish_step_with(&plan, vec![tokens(&[99, 7, 3])]);
+    assert_eq!(token_events(&mut s), [2, 99]);
+    assert_eq!(s.num_running(), 0);
+    assert_eq!(s.num_free_blocks(), 16, "every block back");
+}
+
+#[test]
+fn a_sequence_with_several_choices_left_to_fork_or_without_spare_blocks_gets_no_drafts() {
+    // Two choices: the shared sequence forks at its first token, then each choice speculates.
+    let mut s = Scheduler::new(speculating(2));
+    s.add(NewSequence { n: 2, ..seq("a", &[4, 5, 4, 5], 8) });
+    let plan = s.schedule();
+    s.finish_step_with(&plan, vec![tokens(&[4, 6])]);
+    let plan = s.schedule();
+    let drafts: Vec<usize> = plan.seqs.iter().map(|c| c.drafts.len()).collect();
+    assert_eq!(drafts, [2, 0], "choice 0 ends in \"5 4\", seen before; choice 1 in \"5 6\", not");
+
+    // Two blocks in all: the prompt holds one, the drafts would need a third.
+    let mut s = Scheduler::new(SchedulerConfig { num_blocks: 2, ..speculating(4) });
+    s.add(seq("b", &[1, 2, 1], 8));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[2]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts.len(), 4, "the drafts fit in the second block");
+    s.finish_step_with(&plan, vec![tokens(&[1, 2, 1, 2])]);
+    let plan = s.schedule();
+    assert!(plan.seqs[0].drafts.is_empty(), "no block is free for drafts: {:?}", plan.seqs[0]);
+    assert_eq!(s.num_preemptions(), 0);
+}
+
+#[test]
+fn a_step_with_more_decodes_than_disable_by_batch_size_has_no_drafts() {
+    let mut config = speculating(2);
+    config.speculative.as_mut().unwrap().disable_by_batch_size = 2;
+    let mut s = Scheduler::new(config);
+    for id in ["a", "b", "c"] {
+        s.add(seq(id, &[4, 5, 4, 5], 8));
+    }
+    let plan = s.schedule();
+    s.finish_step(&plan, &[4, 4, 4]);
+    let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| c.drafts.is_empty()), "three decodes, at most two speculate");
+    // One finishes: two decodes left, and they speculate.
+    s.finish_step(&plan, &[99, 5, 5]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs.iter().map(|c| c.drafts.len()).collect::<Vec<_>>(), [2, 2]);
 }

@@ -1,0 +1,268 @@
+//! Speculative decoding by prompt lookup: draft tokens for a decoding sequence found in its own
+//! text, which the next step verifies in one forward pass (see [`SpeculativeConfig`]).
+//!
+//! An answer that copies from its prompt (a summary quoting it, a rewrite, a code edit, a JSON
+//! extraction) repeats n-grams the sequence already holds: when its last `n` tokens occurred
+//! before, the tokens that followed them then are a likely continuation now. Nothing new is
+//! loaded and nothing crosses the hand-off: the drafts come from the tokens alone.
+
+/// How the decode steps speculate (vLLM's `--speculative-config` with `"method": "ngram"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculativeConfig {
+    /// Draft tokens proposed per step at most (`num_speculative_tokens`).
+    pub num_speculative_tokens: usize,
+    /// The longest suffix looked up (`prompt_lookup_max`).
+    pub prompt_lookup_max: usize,
+    /// The shortest suffix looked up (`prompt_lookup_min`).
+    pub prompt_lookup_min: usize,
+    /// No drafts in a step with more decoding sequences than this (`disable_by_batch_size`):
+    /// a large batch already reads each weight for many tokens, and its verification rows cost
+    /// more than the drafts save.
+    pub disable_by_batch_size: usize,
+}
+
+/// The default of [`SpeculativeConfig::disable_by_batch_size`].
+pub const DISABLE_BY_BATCH_SIZE: usize = 4;
+
+/// One sequence's draft length and back-off, adapted to how its drafts fared: the length follows
+/// the drafts it accepted last (one more after all were), and a step whose drafts were all
+/// rejected pauses drafting for 1, 2, 4 ... 64 tokens, so text the drafts cannot predict costs
+/// little.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Adaptive {
+    /// Drafts to propose next; 0: as many as the config allows.
+    len: usize,
+    /// No drafts before the sequence has generated this many tokens.
+    resume_at: usize,
+    /// Tokens of the next pause.
+    next_pause: usize,
+}
+
+/// The longest pause of [`Adaptive`].
+const MAX_PAUSE: usize = 64;
+
+impl Adaptive {
+    /// Drafts the sequence may propose now, having generated `num_generated` tokens.
+    pub(super) fn limit(&self, config: &SpeculativeConfig, num_generated: usize) -> usize {
+        if num_generated < self.resume_at {
+            0
+        } else if self.len == 0 {
+            config.num_speculative_tokens
+        } else {
+            self.len.min(config.num_speculative_tokens)
+        }
+    }
+
+    /// Takes a verified step: `accepted` of `drafted` drafts, the sequence now at
+    /// `num_generated` tokens.
+    pub(super) fn verified(&mut self, drafted: usize, accepted: usize, num_generated: usize) {
+        if accepted == 0 {
+            let pause = self.next_pause.max(1);
+            self.resume_at = num_generated + pause;
+            self.next_pause = (pause * 2).min(MAX_PAUSE);
+            self.len = 1;
+        } else {
+            self.next_pause = 1;
+            self.len = if accepted == drafted { drafted + 1 } else { accepted + 1 };
+        }
+    }
+}
+
+impl SpeculativeConfig {
+    /// vLLM's `--speculative-config` JSON: `{"method": "ngram", "num_speculative_tokens": K}`,
+    /// with `prompt_lookup_max` (default 4, or `prompt_lookup_min` if larger),
+    /// `prompt_lookup_min` (default 2, or `prompt_lookup_max` if smaller) and
+    /// `disable_by_batch_size` (default [`DISABLE_BY_BATCH_SIZE`]). Any other method or key is
+    /// refused by name.
+    pub fn from_json(text: &str) -> Result<Self, SpeculativeConfigError> {
+        let fail = |message: String| Err(SpeculativeConfigError(message));
+        let value: serde_json::Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(e) => return fail(format!("not JSON: {e}")),
+        };
+        let Some(object) = value.as_object() else { return fail("expected a JSON object".into()) };
+        let keys =
+            ["method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"];
+        if let Some(key) = object.keys().find(|k| !keys.contains(&k.as_str())) {
+            return fail(format!("`{key}` is not supported (keys: {})", keys.join(", ")));
+        }
+        match object.get("method").map(|m| m.as_str()) {
+            Some(Some("ngram")) => {}
+            Some(Some(other)) => {
+                return fail(format!("method `{other}` is not supported: only \"ngram\" (prompt lookup)"))
+            }
+            Some(None) => return fail("`method` must be a string".into()),
+            None => return fail("`method` is required: \"ngram\"".into()),
+        }
+        let count = |key: &str| -> Result<Option<usize>, SpeculativeConfigError> {
+            let Some(v) = object.get(key) else { return Ok(None) };
+            match v.as_u64() {
+                Some(n @ 1..=64) => Ok(Some(n as usize)),
+                _ => Err(SpeculativeConfigError(format!("`{key}` must be a whole number from 1 to 64, not {v}"))),
+            }
+        };
+        let Some(num_speculative_tokens) = count("num_speculative_tokens")? else {
+            return fail("`num_speculative_tokens` is required".into());
+        };
+        let (max, min) = (count("prompt_lookup_max")?, count("prompt_lookup_min")?);
+        let prompt_lookup_max = max.unwrap_or(min.unwrap_or(0).max(4));
+        let prompt_lookup_min = min.unwrap_or(prompt_lookup_max.min(2));
+        if prompt_lookup_min > prompt_lookup_max {
+            return fail(format!(
+                "`prompt_lookup_min` ({prompt_lookup_min}) is above `prompt_lookup_max` ({prompt_lookup_max})"
+            ));
+        }
+        let disable_by_batch_size = match object.get("disable_by_batch_size") {
+            None => DISABLE_BY_BATCH_SIZE,
+            Some(v) => match v.as_u64() {
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                None => return fail(format!("`disable_by_batch_size` must be a whole number, not {v}")),
+            },
+        };
+        Ok(Self { num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, disable_by_batch_size })
+    }
+
+    /// `num_speculative_tokens` (at most `limit`) tokens that followed the latest earlier
+    /// occurrence of the longest suffix of `tokens` that occurred before, from
+    /// `prompt_lookup_max` tokens down to `prompt_lookup_min`; empty when none did. A copy that
+    /// runs into the end of `tokens` goes on with what it copied (as LZ77 copies overlap): text
+    /// that repeats is predicted to go on repeating.
+    pub fn propose(&self, tokens: &[u32], limit: usize) -> Vec<u32> {
+        let k = self.num_speculative_tokens.min(limit);
+        if k == 0 {
+            return Vec::new();
+        }
+        let longest = self.prompt_lookup_max.min(tokens.len().saturating_sub(1));
+        for n in (self.prompt_lookup_min.max(1)..=longest).rev() {
+            let suffix = &tokens[tokens.len() - n..];
+            // The latest start `p` of an earlier occurrence: it must be followed by a token.
+            let found = (0..tokens.len() - n).rev().find(|&p| &tokens[p..p + n] == suffix);
+            if let Some(p) = found {
+                let mut drafts = Vec::with_capacity(k);
+                for j in p + n..p + n + k {
+                    let token = tokens.get(j).copied().unwrap_or_else(|| drafts[j - tokens.len()]);
+                    drafts.push(token);
+                }
+                return drafts;
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// Why a speculative config was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--speculative-config: {0}")]
+pub struct SpeculativeConfigError(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(k: usize, min: usize, max: usize) -> SpeculativeConfig {
+        SpeculativeConfig {
+            num_speculative_tokens: k,
+            prompt_lookup_max: max,
+            prompt_lookup_min: min,
+            disable_by_batch_size: DISABLE_BY_BATCH_SIZE,
+        }
+    }
+
+    #[test]
+    fn the_draft_length_follows_what_was_accepted_and_rejections_pause_drafting() {
+        let config = config(4, 1, 3);
+        let mut a = Adaptive::default();
+        assert_eq!(a.limit(&config, 0), 4);
+        a.verified(4, 2, 3);
+        assert_eq!(a.limit(&config, 3), 3, "two accepted: three next");
+        a.verified(3, 3, 7);
+        assert_eq!(a.limit(&config, 7), 4, "all accepted: one more, within the config");
+        // Nothing accepted: a pause of 1 token, then 2, then 4; an acceptance resets it.
+        a.verified(4, 0, 8);
+        assert_eq!((a.limit(&config, 8), a.limit(&config, 9)), (0, 1));
+        a.verified(1, 0, 10);
+        assert_eq!((a.limit(&config, 11), a.limit(&config, 12)), (0, 1));
+        a.verified(1, 0, 13);
+        assert_eq!((a.limit(&config, 16), a.limit(&config, 17)), (0, 1));
+        a.verified(1, 1, 19);
+        assert_eq!(a.limit(&config, 19), 2);
+        a.verified(2, 0, 20);
+        assert_eq!(a.limit(&config, 21), 1, "the pause starts again at one token");
+        for _ in 0..10 {
+            a.verified(1, 0, 100);
+        }
+        assert_eq!((a.limit(&config, 163), a.limit(&config, 164)), (0, 1), "at most 64 tokens");
+    }
+
+    #[test]
+    fn the_tokens_after_the_latest_earlier_occurrence_of_the_suffix_are_proposed() {
+        // "1 2 3 4 5 ... 1 2 3 9 ... 1 2 3": the latest earlier "1 2 3" is followed by 9.
+        let tokens = [1, 2, 3, 4, 5, 7, 1, 2, 3, 9, 8, 6, 1, 2, 3];
+        assert_eq!(config(3, 1, 3).propose(&tokens, usize::MAX), [9, 8, 6]);
+        // Past the end of the text, the copy goes on with what it copied.
+        assert_eq!(config(8, 1, 3).propose(&tokens, usize::MAX), [9, 8, 6, 1, 2, 3, 9, 8]);
+        assert_eq!(config(3, 1, 3).propose(&tokens, 2), [9, 8]);
+        assert!(config(3, 1, 3).propose(&tokens, 0).is_empty());
+    }
+
+    #[test]
+    fn the_longest_suffix_that_occurred_before_wins() {
+        // "2 3" occurred after 7 (latest) but "1 2 3" only after 0: the longer match leads.
+        let tokens = [0, 1, 2, 3, 4, 7, 2, 3, 5, 1, 2, 3];
+        assert_eq!(config(1, 1, 3).propose(&tokens, usize::MAX), [4]);
+        // With at most 2 tokens looked up, "2 3" is matched, latest first.
+        assert_eq!(config(1, 1, 2).propose(&tokens, usize::MAX), [5]);
+    }
+
+    #[test]
+    fn nothing_is_proposed_without_an_earlier_occurrence_of_a_long_enough_suffix() {
+        assert!(config(4, 2, 4).propose(&[1, 2, 3, 4, 5], usize::MAX).is_empty());
+        // "5" alone occurred before, but the shortest suffix looked up is 2 tokens.
+        assert!(config(4, 2, 4).propose(&[5, 1, 2, 3, 5], usize::MAX).is_empty());
+        assert_eq!(config(4, 1, 4).propose(&[5, 1, 2, 3, 5], usize::MAX), [1, 2, 3, 5]);
+        assert!(config(4, 1, 4).propose(&[], usize::MAX).is_empty());
+        assert!(config(4, 1, 4).propose(&[7], usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_text_that_repeats_is_predicted_to_go_on_repeating() {
+        assert_eq!(config(3, 1, 3).propose(&[4, 4, 4, 4], usize::MAX), [4, 4, 4]);
+        assert_eq!(config(5, 1, 2).propose(&[1, 2, 1, 2, 1], usize::MAX), [2, 1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn speculative_config_takes_vllms_ngram_json_and_refuses_the_rest_by_name() {
+        let config = |k, max, min| SpeculativeConfig {
+            num_speculative_tokens: k,
+            prompt_lookup_max: max,
+            prompt_lookup_min: min,
+            disable_by_batch_size: DISABLE_BY_BATCH_SIZE,
+        };
+        let batch = r#"{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 9}"#;
+        assert_eq!(SpeculativeConfig::from_json(batch).map(|c| c.disable_by_batch_size), Ok(9));
+        assert_eq!(
+            SpeculativeConfig::from_json(r#"{"method": "ngram", "num_speculative_tokens": 5}"#),
+            Ok(config(5, 4, 2))
+        );
+        let full =
+            r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 6, "prompt_lookup_min": 3}"#;
+        assert_eq!(SpeculativeConfig::from_json(full), Ok(config(3, 6, 3)));
+        let min_only = r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5}"#;
+        assert_eq!(SpeculativeConfig::from_json(min_only), Ok(config(3, 5, 5)));
+        for (bad, named) in [
+            (r#"{"method": "eagle", "num_speculative_tokens": 3}"#, "eagle"),
+            (r#"{"method": "ngram", "num_speculative_tokens": 3, "model": "x"}"#, "model"),
+            (r#"{"method": "ngram"}"#, "num_speculative_tokens"),
+            (r#"{"num_speculative_tokens": 3}"#, "method"),
+            (r#"{"method": "ngram", "num_speculative_tokens": 0}"#, "num_speculative_tokens"),
+            (
+                r#"{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}"#,
+                "prompt_lookup_min",
+            ),
+            ("ngram", "JSON"),
+        ] {
+            let error = SpeculativeConfig::from_json(bad).unwrap_err().to_string();
+            assert!(error.contains(named), "{bad}: {error}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Speculative decoding by prompt lookup on the real model: the same tokens as without it, greedy
+//! and seeded, batched, and when sequences are preempted and recomputed mid-speculation; and the
+//! drafts are really verified (some accepted, some not).
+//!
+//! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
+
+mod common;
+
+use std::sync::Arc;
+
+use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, SamplingParams, SpeculativeConfig};
+
+/// Every step speculates, however many sequences it runs.
+const DRAFTS: SpeculativeConfig = SpeculativeConfig {
+    num_speculative_tokens: 4,
+    prompt_lookup_max: 3,
+    prompt_lookup_min: 1,
+    disable_by_batch_size: usize::MAX,
+};
+
+fn engine(speculative: Option<SpeculativeConfig>, num_blocks: usize) -> EngineHandle {
+    let loaded = engine::model::load_gguf(&common::model_path()).expect("loading the model");
+    let shape = loaded.model.kv_shape(16, num_blocks);
+    let config = EngineConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 512,
+        max_model_len: 1024,
+        eos_token_ids: loaded.info.eos_token_ids.clone(),
+        default_seed: 0,
+        enable_prefix_caching: true,
+        speculative,
+    };
+    Engine::start(Arc::new(loaded.model), shape, config)
+}
+
+/// Every request's tokens, the requests submitted together (so they share steps).
+fn generate(engine: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Vec<u32>> {
+    let mut streams: Vec<_> = requests.into_iter().map(|r| engine.submit(r).unwrap()).collect();
+    streams
+        .iter_mut()
+        .map(|events| {
+            let mut tokens = Vec::new();
+            loop {
+                match events.blocking_recv().expect("a final event") {
+                    EngineEvent::Token { id, .. } => tokens.push(id),
+                    EngineEvent::Finished { .. } => return tokens,
+                    EngineEvent::Error(e) => panic!("{e}"),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The golden prompts, and each one twice in a row (which the model goes on repeating: a
+/// workload that copies from its prompt), `max_tokens` each.
+fn requests(max_tokens: u32, sampling: impl Fn(u32) -> SamplingParams) -> Vec<EngineRequest> {
+    let golden = common::golden();
+    let prompts = golden.iter().take(3).flat_map(|r| [r.prompt.clone(), [r.prompt.clone(), r.prompt.clone()].concat()]);
+    prompts
+        .enumerate()
+        .map(|(i, prompt)| EngineRequest {
+            sampling: sampling(max_tokens),
+            ..common::greedy_request(&format!("r{i}"), &prompt, max_tokens)
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_output_is_the_same_token_for_token_and_drafts_are_verified() {
+    let requests = || requests(48, SamplingParams::greedy);
+    let plain = generate(&engine(None, 512), requests());
+    let speculating = engine(Some(DRAFTS), 512);
+    let speculated = generate(&speculating, requests());
+    for (i, (a, b)) in plain.iter().zip(&speculated).enumerate() {
+        assert_eq!(a, b, "request {i}: speculation changed the greedy output");
+    }
+    let stats = speculating.stats().speculation;
+    assert!(stats.num_accepted_tokens > 0, "no draft was accepted: {stats:?}");
+    assert!(stats.num_accepted_tokens < stats.num_draft_tokens, "every draft was accepted: {stats:?}");
+    let generated: usize = speculated.iter().map(Vec::len).sum();
+    // Each accepted draft is a token that took no forward pass of its own.
+    assert!(stats.num_accepted_tokens as usize <= generated, "{stats:?}");
+}
+
+#[test]
+fn a_seed_gives_the_same_tokens_with_and_without_speculation() {
+    let sampled = |max_tokens| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(7),
+        ..SamplingParams::greedy(max_tokens)
+    };
+    let requests = || requests(40, sampled);
+    let plain = generate(&engine(None, 512), requests());
+    let speculating = engine(Some(DRAFTS), 512);
+    assert_eq!(plain, generate(&speculating, requests()), "speculation changed a seeded sample");
+    assert!(speculating.stats().speculation.num_accepted_tokens > 0);
+    // And it is reproducible on its own.
+    assert_eq!(plain, generate(&speculating, requests()));
+}
+
+#[test]
+fn preempted_sequences_roll_back_and_recompute_to_the_same_tokens() {
+    // Every one runs to `max_tokens`, so the cache must take them all.
+    let requests =
+        || requests(64, |max_tokens| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) });
+    let plain = generate(&engine(None, 512), requests());
+    // Too few blocks for all of them at once: some are preempted while they speculate.
+    let crowded = engine(Some(DRAFTS), 28);
+    let speculated = generate(&crowded, requests());
+    assert!(crowded.stats().num_preemptions > 0, "no preemption: the test proves nothing");
+    assert!(crowded.stats().speculation.num_accepted_tokens > 0);
+    assert_eq!(plain, speculated);
+}

@@ -152,7 +152,7 @@ impl SpeculativeConfig {
 
 /// Why a speculative config was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--speculative-config: {0}")]
+#[error("{0}")]
 pub struct SpeculativeConfigError(String);
 
 #[cfg(test)]

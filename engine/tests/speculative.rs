@@ -8,6 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
+use engine::model::{ComputeDevice, WeightDtype};
 use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, SamplingParams, SpeculativeConfig};
 
 /// Every step speculates, however many sequences it runs.
@@ -19,8 +20,14 @@ const DRAFTS: SpeculativeConfig = SpeculativeConfig {
 };
 
 fn engine(speculative: Option<SpeculativeConfig>, num_blocks: usize) -> EngineHandle {
+    engine_on_ranks(speculative, num_blocks, 1)
+}
+
+/// [`engine`] with the model split over `tp_size` CPU ranks.
+fn engine_on_ranks(speculative: Option<SpeculativeConfig>, num_blocks: usize, tp_size: usize) -> EngineHandle {
     let loaded = engine::model::load_gguf(&common::model_path()).expect("loading the model");
-    let shape = loaded.model.kv_shape(16, num_blocks);
+    let whole = loaded.model.kv_shape(16, num_blocks);
+    let shape = engine::KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, ..whole };
     let config = EngineConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 512,
@@ -30,7 +37,9 @@ fn engine(speculative: Option<SpeculativeConfig>, num_blocks: usize) -> EngineHa
         enable_prefix_caching: true,
         speculative,
     };
-    Engine::start(Arc::new(loaded.model), shape, config)
+    let model = engine::model::place(Arc::new(loaded.model), ComputeDevice::Cpu, tp_size, WeightDtype::Auto)
+        .expect("placing the model");
+    Engine::start(model, shape, config)
 }
 
 /// Every request's tokens, the requests submitted together (so they share steps).
@@ -112,4 +121,14 @@ fn preempted_sequences_roll_back_and_recompute_to_the_same_tokens() {
     assert!(crowded.stats().num_preemptions > 0, "no preemption: the test proves nothing");
     assert!(crowded.stats().speculation.num_accepted_tokens > 0);
     assert_eq!(plain, speculated);
+}
+
+#[test]
+fn tensor_parallel_ranks_verify_drafts_to_the_same_tokens() {
+    // SmolLM2's 3 KV heads split over 3 ranks; compared with the same ranks without speculation.
+    let requests = || requests(32, SamplingParams::greedy);
+    let plain = generate(&engine_on_ranks(None, 512, 3), requests());
+    let speculating = engine_on_ranks(Some(DRAFTS), 512, 3);
+    assert_eq!(plain, generate(&speculating, requests()));
+    assert!(speculating.stats().speculation.num_accepted_tokens > 0);
 }

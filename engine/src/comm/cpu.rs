@@ -178,13 +178,25 @@ impl Communicator for CpuComm {
         s.check_lengths(data.len())?;
         let mine = chunk(data.len(), world, rank);
         // Reduce-scatter: chunk `rank` of every buffer is read by this rank
-        // alone, and written (in this rank's buffer) by it alone.
-        for peer in (0..world).filter(|&p| p != rank) {
-            let (addr, _) = s.peer::<f32>(peer);
-            // SAFETY: the peer's buffer is `data.len()` long (checked) and
-            // alive until the last barrier; nobody writes its chunk `rank`.
-            let theirs = unsafe { std::slice::from_raw_parts(addr.add(mine.start), mine.len()) };
-            data[mine.clone()].iter_mut().zip(theirs).for_each(|(x, y)| *x += y);
+        // alone, and written (in this rank's buffer) by it alone. Every value
+        // is summed in rank order, whichever rank owns its chunk: the chunks
+        // move with the step's size, and a sum whose order moved with them
+        // would make a token's result depend on the other rows of its step.
+        let own: Vec<f32> = data[mine.clone()].to_vec();
+        for peer in 0..world {
+            let theirs = if peer == rank {
+                own.as_slice()
+            } else {
+                let (addr, _) = s.peer::<f32>(peer);
+                // SAFETY: the peer's buffer is `data.len()` long (checked) and
+                // alive until the last barrier; nobody writes its chunk `rank`.
+                unsafe { std::slice::from_raw_parts(addr.add(mine.start), mine.len()) }
+            };
+            if peer == 0 {
+                data[mine.clone()].copy_from_slice(theirs);
+            } else {
+                data[mine.clone()].iter_mut().zip(theirs).for_each(|(x, y)| *x += y);
+            }
         }
         s.wait(rank)?;
         // All-gather: chunk `peer` of the peer's buffer is final and only read.

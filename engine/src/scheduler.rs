@@ -384,7 +384,7 @@ impl Scheduler {
         self.speculation.num_draft_tokens += chunk.drafts.len() as u64;
         self.speculation.num_accepted_tokens += accepted as u64;
         let seq = &mut self.running[pos];
-        seq.speculation.verified(chunk.drafts.len(), accepted, seq.num_generated + accepted + 1);
+        seq.speculation.verified(accepted, seq.num_generated + accepted + 1);
         seq.num_computed = chunk.context_start + 1;
         for (i, token) in tokens.into_iter().enumerate() {
             if i < accepted {

@@ -53,9 +53,9 @@ impl Adaptive {
         }
     }
 
-    /// Takes a verified step: `accepted` of `drafted` drafts, the sequence now at
+    /// Takes a verified step that accepted `accepted` drafts, the sequence now at
     /// `num_generated` tokens.
-    pub(super) fn verified(&mut self, drafted: usize, accepted: usize, num_generated: usize) {
+    pub(super) fn verified(&mut self, accepted: usize, num_generated: usize) {
         if accepted == 0 {
             let pause = self.next_pause.max(1);
             self.resume_at = num_generated + pause;
@@ -63,7 +63,9 @@ impl Adaptive {
             self.len = 1;
         } else {
             self.next_pause = 1;
-            self.len = if accepted == drafted { drafted + 1 } else { accepted + 1 };
+            // All accepted or not, one more than were: after a full acceptance that is one more
+            // than were drafted (`limit` caps it at the config's).
+            self.len = accepted + 1;
         }
     }
 }
@@ -173,23 +175,23 @@ mod tests {
         let config = config(4, 1, 3);
         let mut a = Adaptive::default();
         assert_eq!(a.limit(&config, 0), 4);
-        a.verified(4, 2, 3);
+        a.verified(2, 3);
         assert_eq!(a.limit(&config, 3), 3, "two accepted: three next");
-        a.verified(3, 3, 7);
+        a.verified(3, 7);
         assert_eq!(a.limit(&config, 7), 4, "all accepted: one more, within the config");
         // Nothing accepted: a pause of 1 token, then 2, then 4; an acceptance resets it.
-        a.verified(4, 0, 8);
+        a.verified(0, 8);
         assert_eq!((a.limit(&config, 8), a.limit(&config, 9)), (0, 1));
-        a.verified(1, 0, 10);
+        a.verified(0, 10);
         assert_eq!((a.limit(&config, 11), a.limit(&config, 12)), (0, 1));
-        a.verified(1, 0, 13);
+        a.verified(0, 13);
         assert_eq!((a.limit(&config, 16), a.limit(&config, 17)), (0, 1));
-        a.verified(1, 1, 19);
+        a.verified(1, 19);
         assert_eq!(a.limit(&config, 19), 2);
-        a.verified(2, 0, 20);
+        a.verified(0, 20);
         assert_eq!(a.limit(&config, 21), 1, "the pause starts again at one token");
         for _ in 0..10 {
-            a.verified(1, 0, 100);
+            a.verified(0, 100);
         }
         assert_eq!((a.limit(&config, 163), a.limit(&config, 164)), (0, 1), "at most 64 tokens");
     }

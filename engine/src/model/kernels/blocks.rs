@@ -1,10 +1,11 @@
 //! Storage formats of quantized weights and activations.
 //!
-//! Weights are read from llama.cpp's GGUF blocks and stored split by field:
-//! the scales (and minimums) of a row in one array and its quants in
-//! another, the same bytes as GGUF but in an order SIMD code can load eight
-//! scales at a time. Activations are quantized per step into
-//! [`QuantizedRows`], which carries what both weight kinds need.
+//! Weights are read from llama.cpp's GGUF blocks and stored in groups of
+//! [`GROUP`] rows, each block of a group holding its rows' quants
+//! interleaved four bytes at a time and their scales side by side (the same
+//! numbers as the GGUF bytes, in the order whole-register products want).
+//! Activations are quantized per step into [`QuantizedRows`], which carries
+//! what every weight format needs.
 
 use half::f16;
 
@@ -138,19 +139,169 @@ impl Format for Q8_0 {
     }
 }
 
-/// A quantized `[rows, cols]` weight matrix, row-major, split by field.
-pub struct QMatrix<F: Format> {
-    /// Scale of each block (f16 bits), `rows * k`.
-    pub(super) d: Vec<u16>,
-    /// Minimum of each block (f16 bits), `rows * k`; all 0 for formats without.
-    pub(super) m: Vec<u16>,
-    pub(super) qs: Vec<F::Quants>,
+/// Weight rows stored together: the SIMD products compute one output of
+/// each of them per lane of a 512-bit register.
+pub const GROUP: usize = 16;
+
+/// One block of [`GROUP`] weight rows: their quants interleaved four bytes
+/// at a time (see [`Packing`]), their scales and minimums side by side, so a
+/// block's products with one activation row are a few whole-register
+/// instructions and its scales convert sixteen at a time. 64-byte aligned,
+/// and a multiple of 64 bytes for every format, so no load splits a line.
+#[repr(C, align(64))]
+pub struct GroupBlock<F: Packing> {
+    pub(super) q: F::Packed,
+    /// Scales (f16 bits), one per row.
+    pub(super) d: [u16; GROUP],
+    /// Minimums (f16 bits), one per row; 0 for formats without.
+    pub(super) m: [u16; GROUP],
+}
+
+// Not derived: a derive would ask the format marker `F` to be `Copy` too.
+impl<F: Packing> Clone for GroupBlock<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Packing> Copy for GroupBlock<F> {}
+
+/// How a format's block quants sit in a [`GroupBlock`]. Chunk `c` of a block
+/// is its values `4c..4c + 4`; the packed bytes hold chunks lane-major, so
+/// the 64 bytes of a chunk are four bytes of each of the 16 rows, one
+/// 32-bit lane each, ready for four-byte dot products against the same four
+/// activation bytes broadcast to every lane.
+pub trait Packing: Format {
+    /// The packed quants of one block of [`GROUP`] rows.
+    type Packed: Copy + Send + Sync + 'static;
+    /// Packed quants of a block of all-zero rows.
+    const EMPTY: Self::Packed;
+    /// Whether the format has a minimum term (`x = d * q + m`).
+    const HAS_MIN: bool;
+    /// Writes one row's block quants into lane `lane`.
+    fn pack(q: &Self::Quants, lane: usize, into: &mut Self::Packed);
+    /// Reads lane `lane`'s block quants back.
+    fn unpack(p: &Self::Packed, lane: usize) -> Self::Quants;
+    /// `Σ q[i] * x[i]` over the block, exactly, with the stored quants.
+    fn isum(q: &Self::Quants, x: &[i8; QK]) -> i32;
+}
+
+/// Byte `i` of chunk `c` of `lane`: where value `4c + i` of a byte-per-value
+/// format sits, or value `4c + i` and `4c + i + 16` of a nibble format's
+/// first 16 bytes.
+const fn at(c: usize, lane: usize, i: usize) -> usize {
+    c * 4 * GROUP + lane * 4 + i
+}
+
+/// `Q4_1`: four 64-byte chunks of nibbles. Byte `i` of chunk `c` keeps the
+/// GGUF byte `4c + i`: value `4c + i` low, `4c + i + 16` high, so one load
+/// and a mask or a shift give chunk `c` and chunk `c + 4`.
+impl Packing for Q4_1 {
+    type Packed = [u8; 4 * 4 * GROUP];
+    const EMPTY: Self::Packed = [0; 4 * 4 * GROUP];
+    const HAS_MIN: bool = true;
+
+    fn pack(q: &[u8; QK / 2], lane: usize, into: &mut Self::Packed) {
+        for (t, &byte) in q.iter().enumerate() {
+            into[at(t / 4, lane, t % 4)] = byte;
+        }
+    }
+
+    fn unpack(p: &Self::Packed, lane: usize) -> [u8; QK / 2] {
+        std::array::from_fn(|t| p[at(t / 4, lane, t % 4)])
+    }
+
+    fn isum(q: &[u8; QK / 2], x: &[i8; QK]) -> i32 {
+        let mut sum = 0;
+        for (t, &byte) in q.iter().enumerate() {
+            sum += i32::from(byte & 0x0F) * i32::from(x[t]) + i32::from(byte >> 4) * i32::from(x[t + QK / 2]);
+        }
+        sum
+    }
+}
+
+/// Bytes of [`Q5`]'s packed nibbles, before its fifth bits.
+const Q5_NIBBLES: usize = 4 * 4 * GROUP;
+
+/// [`Q5`]: the nibbles as [`Q4_1`]'s, then one 64-bit mask per chunk whose bit
+/// `4 * lane + i` is the fifth bit of value `4c + i` of `lane`: the byte
+/// lanes of that chunk's register, for a masked add of 16.
+impl Packing for Q5 {
+    type Packed = [u8; Q5_NIBBLES + 8 * 8];
+    const EMPTY: Self::Packed = [0; Q5_NIBBLES + 8 * 8];
+    const HAS_MIN: bool = true;
+
+    fn pack(q: &Q5Quants, lane: usize, into: &mut Self::Packed) {
+        for (t, &byte) in q.qs.iter().enumerate() {
+            into[at(t / 4, lane, t % 4)] = byte;
+        }
+        for v in 0..QK {
+            let (byte, bit) = Self::fifth_bit(v / 4, lane, v % 4);
+            into[byte] = (into[byte] & !(1 << bit)) | ((((q.qh >> v) & 1) as u8) << bit);
+        }
+    }
+
+    fn unpack(p: &Self::Packed, lane: usize) -> Q5Quants {
+        let qs = std::array::from_fn(|t| p[at(t / 4, lane, t % 4)]);
+        let qh = (0..QK).fold(0u32, |qh, v| {
+            let (byte, bit) = Self::fifth_bit(v / 4, lane, v % 4);
+            qh | ((u32::from(p[byte] >> bit) & 1) << v)
+        });
+        Q5Quants { qh, qs }
+    }
+
+    fn isum(q: &Q5Quants, x: &[i8; QK]) -> i32 {
+        let hi = |v: usize| ((q.qh >> v) & 1) as i32 * 16;
+        let mut sum = 0;
+        for (t, &byte) in q.qs.iter().enumerate() {
+            sum += (i32::from(byte & 0x0F) + hi(t)) * i32::from(x[t])
+                + (i32::from(byte >> 4) + hi(t + QK / 2)) * i32::from(x[t + QK / 2]);
+        }
+        sum
+    }
+}
+
+impl Q5 {
+    /// Byte and bit of the packed block holding the fifth bit of value
+    /// `4c + i` of `lane`.
+    const fn fifth_bit(c: usize, lane: usize, i: usize) -> (usize, usize) {
+        let bit = 4 * lane + i;
+        (Q5_NIBBLES + 8 * c + bit / 8, bit % 8)
+    }
+}
+
+/// `Q8_0`: eight 64-byte chunks, each quant stored offset by 128 as an
+/// unsigned byte (`q ^ 0x80`), the unsigned operand of the byte products;
+/// the kernels take `128 * Σx` back out in integers.
+impl Packing for Q8_0 {
+    type Packed = [u8; 8 * 4 * GROUP];
+    const EMPTY: Self::Packed = [0x80; 8 * 4 * GROUP];
+    const HAS_MIN: bool = false;
+
+    fn pack(q: &[i8; QK], lane: usize, into: &mut Self::Packed) {
+        for (v, &q) in q.iter().enumerate() {
+            into[at(v / 4, lane, v % 4)] = q as u8 ^ 0x80;
+        }
+    }
+
+    fn unpack(p: &Self::Packed, lane: usize) -> [i8; QK] {
+        std::array::from_fn(|v| (p[at(v / 4, lane, v % 4)] ^ 0x80) as i8)
+    }
+
+    fn isum(q: &[i8; QK], x: &[i8; QK]) -> i32 {
+        q.iter().zip(x).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum()
+    }
+}
+
+/// A quantized `[rows, cols]` weight matrix in [`GroupBlock`]s: group `g`'s
+/// block `b` at `g * k + b`; the last group padded with zero rows.
+pub struct QMatrix<F: Packing> {
+    pub(super) blocks: Vec<GroupBlock<F>>,
     pub(super) rows: usize,
     /// Blocks per row (`cols / QK`).
     pub(super) k: usize,
 }
 
-impl<F: Format> QMatrix<F> {
+impl<F: Packing> QMatrix<F> {
     /// Reads `rows * cols / QK` GGUF blocks. `None` unless `cols` is a
     /// multiple of [`QK`] and `bytes` exactly the matrix.
     pub fn from_gguf_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
@@ -170,15 +321,31 @@ impl<F: Format> QMatrix<F> {
         if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * block_bytes {
             return None;
         }
-        let n = rows * cols / QK;
-        let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for block in bytes.chunks_exact(block_bytes) {
-            let (bd, bm, bq) = parse(block)?;
-            d.push(bd);
-            m.push(bm);
-            qs.push(bq);
+        let k = cols / QK;
+        Self::build(rows, k, |j, b| parse(&bytes[(j * k + b) * block_bytes..][..block_bytes]))
+    }
+
+    /// A matrix whose row `j`'s block `b` is `block(j, b)`; `None` when a
+    /// block is.
+    fn build(rows: usize, k: usize, block: impl Fn(usize, usize) -> Option<(u16, u16, F::Quants)>) -> Option<Self> {
+        let empty = GroupBlock { q: F::EMPTY, d: [0; GROUP], m: [0; GROUP] };
+        let mut blocks = vec![empty; rows.div_ceil(GROUP) * k];
+        for j in 0..rows {
+            let lane = j % GROUP;
+            for (b, group) in blocks[j / GROUP * k..][..k].iter_mut().enumerate() {
+                let (d, m, q) = block(j, b)?;
+                group.d[lane] = d;
+                group.m[lane] = m;
+                F::pack(&q, lane, &mut group.q);
+            }
         }
-        Some(Self { d, m, qs, rows, k: cols / QK })
+        Some(Self { blocks, rows, k })
+    }
+
+    /// Row `j`'s block `b`: scale, minimum and quants.
+    pub(super) fn block(&self, j: usize, b: usize) -> (u16, u16, F::Quants) {
+        let (group, lane) = (&self.blocks[j / GROUP * self.k + b], j % GROUP);
+        (group.d[lane], group.m[lane], F::unpack(&group.q, lane))
     }
 
     /// Stacks matrices with the same number of columns into one.
@@ -187,38 +354,23 @@ impl<F: Format> QMatrix<F> {
         if parts.iter().any(|p| p.k != k) {
             return None;
         }
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
-        for p in parts {
-            d.extend(p.d);
-            m.extend(p.m);
-            qs.extend(p.qs);
-        }
-        Some(Self { d, m, qs, rows, k })
+        let owner: Vec<(usize, usize)> =
+            parts.iter().enumerate().flat_map(|(p, part)| (0..part.rows).map(move |j| (p, j))).collect();
+        Self::build(owner.len(), k, |j, b| Some(parts[owner[j].0].block(owner[j].1, b)))
     }
 
     /// The rows in `ranges`, in order: a column-parallel shard (its
     /// outputs' share of the rows).
     pub fn select_rows(&self, ranges: &[std::ops::Range<usize>]) -> Self {
-        let k = self.k;
-        let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
-        for r in ranges {
-            d.extend_from_slice(&self.d[r.start * k..r.end * k]);
-            m.extend_from_slice(&self.m[r.start * k..r.end * k]);
-            qs.extend(self.qs[r.start * k..r.end * k].iter().copied());
-        }
-        Self { d, m, qs, rows: ranges.iter().map(|r| r.len()).sum(), k }
+        let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+        Self::build(rows.len(), self.k, |j, b| Some(self.block(rows[j], b))).expect("every block is there")
     }
 
     /// Blocks `blocks` of every row (columns `blocks × QK`): a row-parallel
     /// shard (its inputs' share of the columns).
     pub fn select_col_blocks(&self, blocks: std::ops::Range<usize>) -> Self {
-        let k = self.k;
-        let pick = |row: usize| row * k + blocks.start..row * k + blocks.end;
-        let d = (0..self.rows).flat_map(|r| self.d[pick(r)].iter().copied()).collect();
-        let m = (0..self.rows).flat_map(|r| self.m[pick(r)].iter().copied()).collect();
-        let qs = (0..self.rows).flat_map(|r| self.qs[pick(r)].iter().copied()).collect();
-        Self { d, m, qs, rows: self.rows, k: blocks.len() }
+        Self::build(self.rows, blocks.len(), |j, b| Some(self.block(j, blocks.start + b)))
+            .expect("every block is there")
     }
 
     pub fn rows(&self) -> usize {
@@ -231,8 +383,9 @@ impl<F: Format> QMatrix<F> {
 
     /// Row `j` dequantized into `out` (`cols` values): an embedding lookup.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        for (b, chunk) in (j * self.k..(j + 1) * self.k).zip(out.chunks_exact_mut(QK)) {
-            F::dequantize(self.d[b], self.m[b], &self.qs[b], chunk);
+        for (b, chunk) in out.chunks_exact_mut(QK).enumerate().take(self.k) {
+            let (d, m, q) = self.block(j, b);
+            F::dequantize(d, m, &q, chunk);
         }
     }
 }
@@ -244,6 +397,8 @@ impl<F: Format> QMatrix<F> {
 pub struct QuantizedRows {
     pub(super) d: Vec<f32>,
     pub(super) s: Vec<f32>,
+    /// `Σq` of each block, for taking the `Q8_0` weights' offset back out.
+    pub(super) sums: Vec<i32>,
     pub(super) qs: Vec<[i8; QK]>,
     pub(super) rows: usize,
     pub(super) k: usize,
@@ -251,8 +406,8 @@ pub struct QuantizedRows {
 
 /// Quantizes one row of `32 * d.len()` values (round half away from zero,
 /// `d = amax / 127`, as llama.cpp).
-pub fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
-    for (((chunk, d), s), q) in x.chunks_exact(QK).zip(d).zip(s).zip(qs) {
+pub fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32], qs: &mut [[i8; QK]]) {
+    for ((((chunk, d), s), total), q) in x.chunks_exact(QK).zip(d).zip(s).zip(sums).zip(qs) {
         let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         *d = amax / 127.0;
         let inv = if *d == 0.0 { 0.0 } else { 1.0 / *d };
@@ -262,5 +417,6 @@ pub fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; Q
             sum += i32::from(*q);
         }
         *s = *d * sum as f32;
+        *total = sum;
     }
 }

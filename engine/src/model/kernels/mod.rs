@@ -3,11 +3,12 @@
 //! candle's CPU path multiplies `Q4_1` weights in a scalar loop, one row of
 //! activations at a time. Here a projection quantizes its input rows once
 //! into [`QuantizedRows`] and multiplies them with the weights' own GGUF
-//! blocks with AVX2 integer dot products (a portable fallback elsewhere), splitting
-//! the weight rows over the rayon pool and reusing every weight block for a
-//! tile of activation rows. Decode steps read each weight once per step,
-//! however many sequences they carry; prefill needs no f32 copy of the
-//! weights.
+//! numbers, stored in groups of 16 rows ([`QMatrix`]) for whole-register
+//! integer dot products (AVX-512 VNNI or AVX2; a portable fallback
+//! elsewhere), splitting the weight rows over the rayon pool and reusing
+//! every weight block for a tile of activation rows. Decode steps read each
+//! weight once per step, however many sequences they carry; prefill needs
+//! no f32 copy of the weights.
 //!
 //! A row's result is computed by the same instructions whatever else is in
 //! the step, so outputs do not depend on batch composition.
@@ -25,8 +26,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 pub use blocks::{
-    q4_0_as_q4_1, q5_0_as_q5, quantize_row_q8, Format, QMatrix, QuantizedRows, Q4_0_BYTES, Q4_1, Q5, Q5_0_BYTES, Q8_0,
-    QK,
+    q4_0_as_q4_1, q5_0_as_q5, quantize_row_q8, Packing, QMatrix, QuantizedRows, GROUP, Q4_0_BYTES, Q4_1, Q5,
+    Q5_0_BYTES, Q8_0, QK,
 };
 pub use super_blocks::{SuperFormat, SuperMatrix, SuperRows, Q4K, Q5K, Q6K, QK_K};
 
@@ -38,6 +39,7 @@ impl QuantizedRows {
         let k = cols / QK;
         self.d.resize(rows * k, 0.0);
         self.s.resize(rows * k, 0.0);
+        self.sums.resize(rows * k, 0);
         self.qs.resize(rows * k, [0; QK]);
         self.rows = rows;
         self.k = k;
@@ -45,13 +47,18 @@ impl QuantizedRows {
             x.par_chunks(cols)
                 .zip(self.d.par_chunks_mut(k))
                 .zip(self.s.par_chunks_mut(k))
+                .zip(self.sums.par_chunks_mut(k))
                 .zip(self.qs.par_chunks_mut(k))
-                .for_each(|(((x, d), s), q)| quantize_row(x, d, s, q));
+                .for_each(|((((x, d), s), sums), q)| quantize_row(x, d, s, sums, q));
         } else {
-            for (((x, d), s), q) in
-                x.chunks(cols).zip(self.d.chunks_mut(k)).zip(self.s.chunks_mut(k)).zip(self.qs.chunks_mut(k))
+            for ((((x, d), s), sums), q) in x
+                .chunks(cols)
+                .zip(self.d.chunks_mut(k))
+                .zip(self.s.chunks_mut(k))
+                .zip(self.sums.chunks_mut(k))
+                .zip(self.qs.chunks_mut(k))
             {
-                quantize_row(x, d, s, q);
+                quantize_row(x, d, s, sums, q);
             }
         }
     }
@@ -60,100 +67,26 @@ impl QuantizedRows {
 /// Values below which quantizing rows stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 16;
 
-fn quantize_row(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
+fn quantize_row(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32], qs: &mut [[i8; QK]]) {
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
         // SAFETY: the CPU has the features; lengths match by construction.
-        return unsafe { x86::quantize_row_q8(x, d, s, qs) };
+        return unsafe { x86::quantize_row_q8(x, d, s, sums, qs) };
     }
-    quantize_row_q8(x, d, s, qs)
+    quantize_row_q8(x, d, s, sums, qs)
 }
 
-/// A weight format the product kernels know.
-pub trait Kernel: Format + Sized {
-    /// `w[j] · x[i]`, portably.
-    fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32;
+/// A 32-value weight format the product kernels know: its packing, and on
+/// x86 its SIMD chunks.
+#[cfg(target_arch = "x86_64")]
+pub trait Kernel: Packing + x86::Chunks {}
+/// A 32-value weight format the product kernels know: its packing.
+#[cfg(not(target_arch = "x86_64"))]
+pub trait Kernel: Packing {}
 
-    /// The SIMD tile for this CPU, if there is one (see [`Kernel::tile`]).
-    ///
-    /// # Safety
-    /// As [`Kernel::tile`].
-    unsafe fn simd_tile<const R: usize>(
-        w: &QMatrix<Self>,
-        rows: &Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scales: &mut [f32],
-    ) -> bool;
-
-    /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows`, with `R` activation
-    /// rows per tile; `scales` is scratch of at least `R * k` values.
-    ///
-    /// # Safety
-    /// `w` and `x` have the same blocks per row, `x` at least `i0 + R` rows,
-    /// and each `out[r]` is valid for writes at `rows`, which nobody else
-    /// writes meanwhile.
-    unsafe fn tile<const R: usize>(
-        w: &QMatrix<Self>,
-        rows: Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scales: &mut [f32],
-    ) {
-        // SAFETY: the caller's.
-        if unsafe { Self::simd_tile(w, &rows, x, i0, out, scales) } {
-            return;
-        }
-        for j in rows {
-            for (r, o) in out.iter().enumerate() {
-                // SAFETY: the caller's.
-                unsafe { *o.add(j) = Self::dot(w, j, x, i0 + r) };
-            }
-        }
-    }
-}
-
-/// Implements [`Kernel`] for a format with its portable dot product and its
-/// x86 tile.
-macro_rules! kernel {
-    ($format:ty, $dot:path, $x86_tile:ident, $vnni_tile:ident) => {
-        impl Kernel for $format {
-            fn dot(w: &QMatrix<Self>, j: usize, x: &QuantizedRows, i: usize) -> f32 {
-                $dot(w, j, x, i)
-            }
-
-            #[allow(unused_variables)]
-            unsafe fn simd_tile<const R: usize>(
-                w: &QMatrix<Self>,
-                rows: &Range<usize>,
-                x: &QuantizedRows,
-                i0: usize,
-                out: [*mut f32; R],
-                scales: &mut [f32],
-            ) -> bool {
-                #[cfg(target_arch = "x86_64")]
-                if x86::available() {
-                    // SAFETY: the CPU has the features; the rest is the caller's.
-                    unsafe {
-                        if x86::vnni() {
-                            x86::$vnni_tile(w, rows.clone(), x, i0, out, scales)
-                        } else {
-                            x86::$x86_tile(w, rows.clone(), x, i0, out, scales)
-                        }
-                    };
-                    return true;
-                }
-                false
-            }
-        }
-    };
-}
-
-kernel!(Q4_1, scalar::dot_q4_1, tile_nibbles, tile_nibbles_vnni);
-kernel!(Q8_0, scalar::dot_q8_0, tile_q8_0, tile_q8_0_vnni);
-kernel!(Q5, scalar::dot_q5, tile_nibbles, tile_nibbles_vnni);
+impl Kernel for Q4_1 {}
+impl Kernel for Q5 {}
+impl Kernel for Q8_0 {}
 
 /// A K-quant format the product kernels know.
 pub trait SuperKernel: SuperFormat + Sized {
@@ -198,9 +131,9 @@ super_kernel!(Q4K);
 super_kernel!(Q5K);
 super_kernel!(Q6K);
 
-/// Weight rows per tile: 16 rows of `Q4_1` at 576 columns are 5.6 KiB, so a
-/// tile and the few activation rows it meets stay in L1.
-const TILE_ROWS: usize = 16;
+/// Weight rows per tile: one [`GROUP`]; 16 rows of `Q4_1` at 576 columns are
+/// 5.6 KiB, so a tile and the few activation rows it meets stay in L1.
+const TILE_ROWS: usize = GROUP;
 
 /// A raw output pointer that rayon tasks share; each writes its own columns.
 #[derive(Clone, Copy)]
@@ -210,7 +143,7 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// A weight matrix the tiled product runs over: its rows, and the products
-/// of a tile of them with up to four activation rows.
+/// of a tile of them with up to eight activation rows.
 pub trait Tiled: Sync {
     /// The activation rows this matrix multiplies with.
     type Rows: Sync;
@@ -221,26 +154,16 @@ pub trait Tiled: Sync {
     /// Block products per weight row and activation row, for the
     /// parallel threshold.
     fn blocks(&self) -> usize;
-    /// Whether tiles of eight activation rows pay: where a row keeps few
-    /// registers (the K-quants' integer block sums), sharing each unpacked
-    /// weight block with eight rows is faster; the 32-value formats' two
-    /// float accumulators per row spill at eight and are faster at four.
-    const EIGHT_ROWS: bool = false;
-    /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows`; `scratch` holds
-    /// [`Tiled::blocks`] times four values (`R` is at most four unless
-    /// [`Tiled::EIGHT_ROWS`]).
+    /// Whether tiles of sixteen activation rows pay, sharing each weight
+    /// block's loads with twice as many rows.
+    const SIXTEEN_ROWS: bool = false;
+    /// `out[r][j] = w[j] · x[i0 + r]` for `j` in `rows` (`R` at most eight, or sixteen if [`Tiled::SIXTEEN_ROWS`];
+    /// `rows.start` a multiple of [`TILE_ROWS`]).
     ///
     /// # Safety
     /// `x` has at least `i0 + R` rows, and each `out[r]` is valid for
     /// writes at `rows`, which nobody else writes meanwhile.
-    unsafe fn tile<const R: usize>(
-        &self,
-        rows: Range<usize>,
-        x: &Self::Rows,
-        i0: usize,
-        out: [*mut f32; R],
-        scratch: &mut [f32],
-    );
+    unsafe fn tile<const R: usize>(&self, rows: Range<usize>, x: &Self::Rows, i0: usize, out: [*mut f32; R]);
 
     /// `out = x @ self^T`: `out` gets one row of [`Tiled::rows`] values per
     /// activation row.
@@ -254,6 +177,7 @@ pub trait Tiled: Sync {
 
 impl<F: Kernel> Tiled for QMatrix<F> {
     type Rows = QuantizedRows;
+    const SIXTEEN_ROWS: bool = true;
 
     fn rows(&self) -> usize {
         self.rows
@@ -268,22 +192,37 @@ impl<F: Kernel> Tiled for QMatrix<F> {
         self.k
     }
 
-    unsafe fn tile<const R: usize>(
-        &self,
-        rows: Range<usize>,
-        x: &QuantizedRows,
-        i0: usize,
-        out: [*mut f32; R],
-        scratch: &mut [f32],
-    ) {
-        // SAFETY: the caller's; blocks checked in `activation_rows`.
-        unsafe { F::tile(self, rows, x, i0, out, scratch) }
+    unsafe fn tile<const R: usize>(&self, rows: Range<usize>, x: &QuantizedRows, i0: usize, out: [*mut f32; R]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (both): the CPU has the features; blocks checked in
+            // `activation_rows`, tiles start at whole groups; the rest is the caller's.
+            if x86::avx512() {
+                return unsafe { x86::tile_avx512(self, rows, x, i0, out) };
+            }
+            if x86::available() {
+                if R > 8 {
+                    // Sixteen rows' accumulators would not fit AVX2's registers.
+                    let (low, high) = (std::array::from_fn(|r| out[r]), std::array::from_fn(|r| out[8 + r]));
+                    return unsafe {
+                        x86::tile_avx2::<F, 8>(self, rows.clone(), x, i0, low);
+                        x86::tile_avx2::<F, 8>(self, rows, x, i0 + 8, high);
+                    };
+                }
+                return unsafe { x86::tile_avx2(self, rows, x, i0, out) };
+            }
+        }
+        for j in rows {
+            for (r, o) in out.iter().enumerate() {
+                // SAFETY: the caller's.
+                unsafe { *o.add(j) = scalar::dot(self, j, x, i0 + r) };
+            }
+        }
     }
 }
 
 impl<F: SuperKernel> Tiled for SuperMatrix<F> {
     type Rows = SuperRows;
-    const EIGHT_ROWS: bool = true;
 
     fn rows(&self) -> usize {
         self.rows
@@ -299,14 +238,7 @@ impl<F: SuperKernel> Tiled for SuperMatrix<F> {
         8 * self.k
     }
 
-    unsafe fn tile<const R: usize>(
-        &self,
-        rows: Range<usize>,
-        x: &SuperRows,
-        i0: usize,
-        out: [*mut f32; R],
-        _scratch: &mut [f32],
-    ) {
+    unsafe fn tile<const R: usize>(&self, rows: Range<usize>, x: &SuperRows, i0: usize, out: [*mut f32; R]) {
         // SAFETY: the caller's; blocks checked in `activation_rows`.
         if unsafe { F::simd_tile(self, &rows, x, i0, out) } {
             return;
@@ -351,27 +283,28 @@ fn product<W: Tiled>(w: &W, x: &W::Rows, out: &mut [f32]) {
 unsafe fn columns<W: Tiled>(w: &W, x: &W::Rows, m: usize, cols: Range<usize>, out: OutPtr) {
     let n = w.rows();
     let row = |i: usize| unsafe { out.0.add(i * n) };
-    let mut scratch = vec![0.0f32; 4 * w.blocks()];
     let mut start = cols.start;
     while start < cols.end {
         let tile = start..(start + TILE_ROWS).min(cols.end);
         let mut i = 0;
-        // SAFETY (all four): shapes checked in `matmul`; the columns are ours.
+        // SAFETY (all): shapes checked in `matmul`; the columns are ours.
         unsafe {
-            while W::EIGHT_ROWS && i + 8 <= m {
-                let out = std::array::from_fn(|r| row(i + r));
-                w.tile::<8>(tile.clone(), x, i, out, &mut scratch);
+            while W::SIXTEEN_ROWS && i + 16 <= m {
+                w.tile::<16>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r)));
+                i += 16;
+            }
+            while i + 8 <= m {
+                w.tile::<8>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r)));
                 i += 8;
             }
-            while i + 4 <= m {
-                let out = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-                w.tile::<4>(tile.clone(), x, i, out, &mut scratch);
-                i += 4;
-            }
             match m - i {
-                3 => w.tile::<3>(tile.clone(), x, i, [row(i), row(i + 1), row(i + 2)], &mut scratch),
-                2 => w.tile::<2>(tile.clone(), x, i, [row(i), row(i + 1)], &mut scratch),
-                1 => w.tile::<1>(tile.clone(), x, i, [row(i)], &mut scratch),
+                7 => w.tile::<7>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                6 => w.tile::<6>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                5 => w.tile::<5>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                4 => w.tile::<4>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                3 => w.tile::<3>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                2 => w.tile::<2>(tile.clone(), x, i, std::array::from_fn(|r| row(i + r))),
+                1 => w.tile::<1>(tile.clone(), x, i, [row(i)]),
                 _ => {}
             }
         }

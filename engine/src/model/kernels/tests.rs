@@ -1,3 +1,4 @@
+use super::blocks::Format;
 use super::*;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -20,7 +21,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// A matrix quantized by candle (so GGUF's byte layout is what we parse),
 /// and its dequantized values.
-fn matrix<F: Format>(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QMatrix<F>, Vec<f32>) {
+fn matrix<F: Packing>(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QMatrix<F>, Vec<f32>) {
     let w = Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, dtype).unwrap();
     let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -47,7 +48,7 @@ fn check_product<F: Kernel>(dtype: GgmlDType) {
     // 9 blocks per row: both the 8-wide and the scalar scale paths run.
     let (n, cols) = (70, 288);
     let (w, dense) = matrix::<F>(dtype, n, cols, 1);
-    assert_eq!(w.qs.len(), n * cols / QK);
+    assert_eq!(w.blocks.len(), n.div_ceil(GROUP) * cols / QK);
     let mut dq = vec![0.0; cols];
     w.dequantize_row(3, &mut dq);
     assert_eq!(dq, dense[3 * cols..4 * cols]);
@@ -80,7 +81,7 @@ fn q5_1_products_match_the_dequantized_weights() {
 }
 
 /// A matrix of a GGUF type read into the format that holds it exactly.
-fn read_as<F: Format>(
+fn read_as<F: Packing>(
     dtype: GgmlDType,
     block_bytes: usize,
     parse: impl Fn(&[u8]) -> Option<(u16, u16, F::Quants)>,
@@ -234,12 +235,13 @@ fn products_of_odd_shapes_match_the_dequantized_weights() {
 fn a_row_gives_the_same_bits_alone_or_in_any_batch() {
     let (n, cols) = (100, 64);
     let (w, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 3);
-    let x = values(11 * cols, 5);
+    // 27 rows: tiles of 16, 8 and 3.
+    let x = values(27 * cols, 5);
     let mut all = QuantizedRows::default();
-    all.quantize(&x, 11, cols);
-    let mut batched = vec![0.0; 11 * n];
+    all.quantize(&x, 27, cols);
+    let mut batched = vec![0.0; 27 * n];
     w.matmul(&all, &mut batched);
-    for i in 0..11 {
+    for i in 0..27 {
         let mut one = QuantizedRows::default();
         one.quantize(&x[i * cols..(i + 1) * cols], 1, cols);
         let mut alone = vec![0.0; n];
@@ -267,6 +269,7 @@ fn quantizing_activations_keeps_them_within_half_a_step() {
     let back = dequantized(&q);
     for (b, chunk) in x.chunks(QK).enumerate() {
         let sum: i32 = q.qs[b].iter().map(|&v| i32::from(v)).sum();
+        assert_eq!(q.sums[b], sum, "block {b}");
         assert_eq!(q.s[b], q.d[b] * sum as f32, "block {b}");
         for (j, v) in chunk.iter().enumerate() {
             assert!((v - back[b * QK + j]).abs() <= q.d[b] * 0.5 + 1e-6, "block {b} value {j}");
@@ -274,74 +277,125 @@ fn quantizing_activations_keeps_them_within_half_a_step() {
     }
     // The SIMD quantizer agrees with the portable one.
     let n = q.d.len();
-    let (mut d, mut s, mut qs) = (vec![0.0; n], vec![0.0; n], vec![[0i8; QK]; n]);
-    quantize_row_q8(&x, &mut d, &mut s, &mut qs);
-    assert_eq!((d, s, qs), (q.d.clone(), q.s.clone(), q.qs.clone()));
+    let (mut d, mut s, mut sums, mut qs) = (vec![0.0; n], vec![0.0; n], vec![0; n], vec![[0i8; QK]; n]);
+    quantize_row_q8(&x, &mut d, &mut s, &mut sums, &mut qs);
+    assert_eq!((d, s, sums, qs), (q.d.clone(), q.s.clone(), q.sums.clone(), q.qs.clone()));
+}
+
+/// Runs one tile over `rows` of a matrix, `R` activation rows from `i0`.
+fn run_tile<const R: usize>(n: usize, tile: impl FnOnce([*mut f32; R])) -> Vec<f32> {
+    let mut out = vec![f32::NAN; R * n];
+    let rows: [*mut f32; R] = std::array::from_fn(|r| out[r * n..].as_mut_ptr());
+    tile(rows);
+    out
+}
+
+/// The SIMD tiles (AVX2, and AVX-512 VNNI where the CPU has it) give the
+/// portable product's bits, for every format, every tile height, and a last
+/// group cut short: an answer does not depend on which CPU computed it.
+#[cfg(target_arch = "x86_64")]
+fn check_tiles_bit_for_bit<F: Kernel>(w: &QMatrix<F>, x: &QuantizedRows, what: &str) {
+    let n = w.rows;
+    let portable: Vec<f32> = (0..x.rows).flat_map(|i| (0..n).map(move |j| scalar::dot(w, j, x, i))).collect();
+    fn each_height<F: Kernel, const R: usize>(
+        w: &QMatrix<F>,
+        x: &QuantizedRows,
+        portable: &[f32],
+        what: &str,
+        avx512: bool,
+    ) {
+        let n = w.rows;
+        for i0 in 0..=x.rows - R {
+            // SAFETY: checked features; shapes match; tiles start at group 0.
+            let got = run_tile::<R>(n, |out| unsafe {
+                if avx512 {
+                    x86::tile_avx512(w, 0..n, x, i0, out)
+                } else {
+                    x86::tile_avx2(w, 0..n, x, i0, out)
+                }
+            });
+            let want = &portable[i0 * n..(i0 + R) * n];
+            assert!(
+                got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what} avx512={avx512} R={R} i0={i0}"
+            );
+        }
+    }
+    let mut kinds = vec![false];
+    if x86::avx512() {
+        kinds.push(true);
+    } else {
+        eprintln!("no AVX-512 VNNI here: only the AVX2 tiles run");
+    }
+    for avx512 in kinds {
+        each_height::<F, 1>(w, x, &portable, what, avx512);
+        each_height::<F, 3>(w, x, &portable, what, avx512);
+        each_height::<F, 8>(w, x, &portable, what, avx512);
+        if avx512 {
+            each_height::<F, 16>(w, x, &portable, what, avx512);
+        }
+    }
+    // Through the dispatch, which splits sixteen rows in two for AVX2.
+    let mut all = vec![0.0; x.rows * n];
+    w.matmul(x, &mut all);
+    assert!(all.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} matmul");
 }
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn simd_and_portable_products_agree() {
+fn simd_tiles_give_the_portable_bits() {
     if !x86::available() {
         return;
     }
-    let (n, cols) = (8, 352);
-    let (w4, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 11);
-    let (w8, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 12);
-    let mut x = QuantizedRows::default();
-    x.quantize(&values(cols, 13), 1, cols);
-    let (mut simd4, mut simd8) = ([0.0f32; 8], [0.0f32; 8]);
-    let mut scales = vec![0.0; cols / QK];
-    // SAFETY: checked features; shapes match.
-    unsafe {
-        x86::tile_nibbles::<Q4_1, 1>(&w4, 0..n, &x, 0, [simd4.as_mut_ptr()], &mut scales);
-        x86::tile_q8_0::<1>(&w8, 0..n, &x, 0, [simd8.as_mut_ptr()], &mut scales);
-    }
-    for j in 0..n {
-        let (a, b) = (scalar::dot_q4_1(&w4, j, &x, 0), scalar::dot_q8_0(&w8, j, &x, 0));
-        assert!((simd4[j] - a).abs() <= 1e-4 * (1.0 + a.abs()), "q4_1 row {j}: {} vs {a}", simd4[j]);
-        assert!((simd8[j] - b).abs() <= 1e-4 * (1.0 + b.abs()), "q8_0 row {j}: {} vs {b}", simd8[j]);
-    }
-}
-
-/// The AVX-512 VNNI tiles give the AVX2 tiles' bits, for every format and tile height, so an
-/// answer does not depend on which CPU computed it.
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn vnni_and_avx2_tiles_agree_bit_for_bit() {
-    if !x86::available() || !x86::vnni() {
-        eprintln!("no AVX-512 VNNI here: only the AVX2 tiles run");
-        return;
-    }
-    let (n, cols, m) = (16, 352, 4);
-    let (w4, _) = matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 31);
-    let (w5, _) = matrix::<Q5>(GgmlDType::Q5_1, n, cols, 32);
-    let (mut w8, _) = matrix::<Q8_0>(GgmlDType::Q8_0, n, cols, 33);
-    // The extreme weight of Q8_0: its magnitude, 128, is the largest the products see.
-    w8.qs[0][0] = -128;
+    // 21 rows: one whole group and one cut to 5; 11 blocks a row; 18 activation rows, so
+    // tiles of 16 run at two offsets.
+    let (n, cols, m) = (21, 352, 18);
     let mut x = QuantizedRows::default();
     x.quantize(&values(m * cols, 34), m, cols);
-    let mut scales = vec![0.0; m * cols / QK];
-    let run = |tile: &mut dyn FnMut([*mut f32; 4], &mut [f32])| {
-        let mut out = vec![0.0f32; m * n];
-        let rows: [*mut f32; 4] = std::array::from_fn(|r| out[r * n..].as_mut_ptr());
-        tile(rows, &mut vec![0.0; m * cols / QK]);
-        out
-    };
-    // SAFETY (all): checked features; shapes match.
-    unsafe {
-        let avx2 = run(&mut |o, s| x86::tile_nibbles::<Q4_1, 4>(&w4, 0..n, &x, 0, o, s));
-        let vnni = run(&mut |o, s| x86::tile_nibbles_vnni::<Q4_1, 4>(&w4, 0..n, &x, 0, o, s));
-        assert_eq!(avx2, vnni, "Q4_1");
-        let avx2 = run(&mut |o, s| x86::tile_nibbles::<Q5, 4>(&w5, 0..n, &x, 0, o, s));
-        let vnni = run(&mut |o, s| x86::tile_nibbles_vnni::<Q5, 4>(&w5, 0..n, &x, 0, o, s));
-        assert_eq!(avx2, vnni, "Q5");
-        let avx2 = run(&mut |o, s| x86::tile_q8_0::<4>(&w8, 0..n, &x, 0, o, s));
-        let vnni = run(&mut |o, s| x86::tile_q8_0_vnni::<4>(&w8, 0..n, &x, 0, o, s));
-        assert_eq!(avx2, vnni, "Q8_0");
-        let mut one = [0.0f32; 16];
-        x86::tile_q8_0_vnni::<1>(&w8, 0..n, &x, 0, [one.as_mut_ptr()], &mut scales);
-        assert_eq!(one[..], avx2[..n], "a row's bits do not depend on the tile height");
+    check_tiles_bit_for_bit(&matrix::<Q4_1>(GgmlDType::Q4_1, n, cols, 31).0, &x, "Q4_1");
+    check_tiles_bit_for_bit(&matrix::<Q5>(GgmlDType::Q5_1, n, cols, 32).0, &x, "Q5_1");
+    let q5_0 = read_as::<Q5>(GgmlDType::Q5_0, Q5_0_BYTES, q5_0_as_q5, n, cols, 35).0;
+    check_tiles_bit_for_bit(&q5_0, &x, "Q5_0");
+    // Q8_0 with its extreme weight, -128, whose magnitude is the largest the products see.
+    let w = Tensor::from_vec(values(n * cols, 33), (n, cols), &Device::Cpu).unwrap();
+    let mut bytes = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap().data().unwrap().into_owned();
+    bytes[2] = 0x80;
+    let w8 = QMatrix::<Q8_0>::from_gguf_bytes(&bytes, n, cols).unwrap();
+    assert_eq!(w8.block(0, 0).2[0], -128);
+    check_tiles_bit_for_bit(&w8, &x, "Q8_0");
+}
+
+/// Packing a block into its group and reading it back gives the GGUF block's
+/// numbers, in every lane.
+#[test]
+fn packed_blocks_read_back_as_stored() {
+    let (n, cols) = (19, 64);
+    let w = Tensor::from_vec(values(n * cols, 40), (n, cols), &Device::Cpu).unwrap();
+    for (dtype, bytes) in [(GgmlDType::Q4_1, Q4_1::BYTES), (GgmlDType::Q5_1, Q5::BYTES), (GgmlDType::Q8_0, Q8_0::BYTES)]
+    {
+        let data = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        let blocks = data.chunks_exact(bytes).enumerate();
+        match dtype {
+            GgmlDType::Q4_1 => {
+                let m = QMatrix::<Q4_1>::from_gguf_bytes(&data, n, cols).unwrap();
+                for (i, b) in blocks {
+                    assert_eq!(m.block(i / 2, i % 2), Q4_1::parse(b), "Q4_1 block {i}");
+                }
+            }
+            GgmlDType::Q5_1 => {
+                let m = QMatrix::<Q5>::from_gguf_bytes(&data, n, cols).unwrap();
+                for (i, b) in blocks {
+                    let ((d, mm, q), (d2, m2, q2)) = (m.block(i / 2, i % 2), Q5::parse(b));
+                    assert_eq!((d, mm, q.qh, q.qs), (d2, m2, q2.qh, q2.qs), "Q5 block {i}");
+                }
+            }
+            _ => {
+                let m = QMatrix::<Q8_0>::from_gguf_bytes(&data, n, cols).unwrap();
+                for (i, b) in blocks {
+                    assert_eq!(m.block(i / 2, i % 2), Q8_0::parse(b), "Q8_0 block {i}");
+                }
+            }
+        }
     }
 }
 

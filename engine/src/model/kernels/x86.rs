@@ -1,29 +1,35 @@
-//! AVX2 products of quantized weight rows with [`QuantizedRows`], after
-//! llama.cpp's `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`.
+//! x86 products of [`QMatrix`] groups with [`QuantizedRows`].
 //!
-//! For each weight row, the per-block scale products `d_w * d_x` (and the
-//! `Q4_1` minimum term `Σ m_w * s_x`) of every activation row of the tile are
-//! computed eight blocks at a time first; then each weight block is loaded
-//! and unpacked once and multiplied with up to `R` activation rows, with two
-//! accumulators per row (even and odd blocks) so that consecutive blocks do
-//! not wait on one another. Every row goes through the same instructions
-//! whatever `R` is and whatever rows share its tile, so results never depend
-//! on batch composition.
+//! A tile computes one weight group's 16 outputs for up to eight activation
+//! rows: each block of the group is loaded and unpacked once into its eight
+//! chunk registers (16 rows x 4 bytes each), then for each activation row the
+//! chunk's four activation bytes are broadcast and multiplied with all 16
+//! rows at once. The block's integer sums come out one per lane, so no
+//! horizontal sums are needed, and each lane's float steps are the portable
+//! [`super::scalar::dot`]'s: a row's result does not depend on the tile, the
+//! batch or the CPU.
 //!
-//! Each tile comes twice: with AVX2's two-step byte products, and with
-//! AVX-512 VNNI's one-step ones where the CPU has them (20-40% more per core
-//! here), chosen at run time. Both give the same integer lanes, so results do
-//! not depend on the CPU either.
+//! Two versions: AVX-512 VNNI (`vpdpbusd` on 512-bit registers, four byte
+//! products to i32 in one instruction) where the CPU has it, and AVX2
+//! (`maddubs` + `madd`, the group as two halves of eight lanes) elsewhere.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::blocks::{Format, Q5Quants, QMatrix, QuantizedRows, Q8_0, QK};
+use super::blocks::{Packing, QMatrix, QuantizedRows, GROUP, Q4_1, Q5, Q8_0, QK};
 
 /// Whether this CPU can run the kernels here (`is_x86_feature_detected`
 /// caches its answer, so this is cheap).
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+/// Whether this CPU also has the AVX-512 subsets of [`tile_avx512`].
+pub fn avx512() -> bool {
+    available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 #[inline]
@@ -40,239 +46,252 @@ pub(super) fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// `scales[b] = d_w[b] * d_x[b]` and, when `m_w` is given, `Σ_b m_w[b] * s_x[b]`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn block_scales(d_w: &[u16], m_w: Option<&[u16]>, d_x: &[f32], s_x: &[f32], scales: &mut [f32]) -> f32 {
-    let k = d_w.len();
-    let mut offset = _mm256_setzero_ps();
-    let mut b = 0;
-    while b + 8 <= k {
-        // SAFETY: b + 8 <= k, the length of every slice here.
-        unsafe {
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d_w.as_ptr().add(b).cast()));
-            _mm256_storeu_ps(scales.as_mut_ptr().add(b), _mm256_mul_ps(dw, _mm256_loadu_ps(d_x.as_ptr().add(b))));
-            if let Some(m_w) = m_w {
-                let mw = _mm256_cvtph_ps(_mm_loadu_si128(m_w.as_ptr().add(b).cast()));
-                offset = _mm256_fmadd_ps(mw, _mm256_loadu_ps(s_x.as_ptr().add(b)), offset);
-            }
-        }
-        b += 8;
-    }
-    let mut total = hsum(offset);
-    for b in b..k {
-        scales[b] = f16_to_f32(d_w[b]) * d_x[b];
-        if let Some(m_w) = m_w {
-            total = f16_to_f32(m_w[b]).mul_add(s_x[b], total);
-        }
-    }
-    total
+/// A packed block's eight chunks as byte registers.
+pub trait Chunks: Packing {
+    /// Whether the quants are stored offset by 128 (`Q8_0`): the AVX-512
+    /// sums start at `-128 * Σx`, and the AVX2 chunks are the signed quants.
+    const OFFSET: bool;
+
+    /// The chunks of all 16 rows, as unsigned bytes.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`tile_avx512`].
+    unsafe fn zmm(q: &Self::Packed) -> [__m512i; 8];
+
+    /// The chunks of rows `8 * half..8 * half + 8`: unsigned bytes, or the
+    /// signed quants when [`Chunks::OFFSET`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `half` is 0 or 1.
+    unsafe fn ymm(q: &Self::Packed, half: usize) -> [__m256i; 8];
 }
 
-/// Multiplies the blocks of one weight row with `R` activation rows:
-/// `out[r][j] = Σ_b scales[r][b] * (w_b · x_rb) + offset[r]`.
-/// `$unpack(b)` loads weight block `b` as `(w, sign)` and `$dot(w, sign, x)`
-/// gives the eight i32 lanes of one block's integer products. A macro, not a
-/// function taking closures: closures would not inline across the
-/// `target_feature` boundary, costing a call per block.
-macro_rules! row_products {
-    ($k:expr, $xq:expr, $scales:expr, $offset:expr, $out:expr, $j:expr, $unpack:expr, $dot:expr) => {{
-        let (k, xq, scales, offset, out, j) = ($k, $xq, $scales, $offset, $out, $j);
-        let mut even = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let step = |b: usize, acc: &mut [__m256; R]| {
-            let (w, sign) = $unpack(b);
-            for r in 0..R {
-                // SAFETY: b < k, the length of every activation row.
-                let x = unsafe { _mm256_loadu_si256(xq[r].get_unchecked(b).as_ptr().cast()) };
-                let p = _mm256_cvtepi32_ps($dot(w, sign, x));
-                let scale = unsafe { *scales.get_unchecked(r * k + b) };
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), p, acc[r]);
-            }
-        };
-        let mut b = 0;
-        while b + 2 <= k {
-            step(b, &mut even);
-            step(b + 1, &mut odd);
-            b += 2;
-        }
-        if b < k {
-            step(b, &mut even);
-        }
-        for r in 0..R {
-            // SAFETY: out[r] is valid at j (the tile's caller).
-            unsafe { *out[r].add(j) = hsum(_mm256_add_ps(even[r], odd[r])) + offset[r] };
-        }
+/// Chunk `c` of the nibble formats from loads `l` of their four 64-byte
+/// chunks: low nibbles for chunks 0..4, high for 4..8.
+macro_rules! nibble_chunks {
+    ($l:expr, $and:ident, $srli:ident, $set1:ident) => {{
+        let (l, mask) = ($l, $set1(0x0F));
+        std::array::from_fn(|c| if c < 4 { $and(l[c], mask) } else { $and($srli(l[c - 4], 4), mask) })
     }};
 }
 
-/// Quants of 32 values in nibbles, as [`super::Q4_1`] and [`super::Q5`] keep them.
-pub(super) trait Nibbles {
-    /// The 32 values as unsigned bytes, value `i` in byte `i`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2.
-    unsafe fn unpack(&self) -> __m256i;
-}
+impl Chunks for Q4_1 {
+    const OFFSET: bool = false;
 
-/// Byte `j` of the quants holds value `j` in its low nibble and `j + 16` in
-/// its high one: the 16 bytes in both lanes, the high lane shifted to its
-/// high nibbles.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn low_nibbles(qs: &[u8; QK / 2]) -> __m256i {
-    // SAFETY: 16 bytes from a [u8; 16].
-    let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(qs.as_ptr().cast())) };
-    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F))
-}
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn zmm(q: &Self::Packed) -> [__m512i; 8] {
+        // SAFETY: four 64-byte chunks of the packed block.
+        let l: [__m512i; 4] = std::array::from_fn(|c| unsafe { _mm512_loadu_si512(q.as_ptr().add(64 * c).cast()) });
+        nibble_chunks!(l, _mm512_and_si512, _mm512_srli_epi16, _mm512_set1_epi8)
+    }
 
-impl Nibbles for [u8; QK / 2] {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn unpack(&self) -> __m256i {
-        low_nibbles(self)
+    unsafe fn ymm(q: &Self::Packed, half: usize) -> [__m256i; 8] {
+        // SAFETY: the half of each of the four 64-byte chunks.
+        let l: [__m256i; 4] =
+            std::array::from_fn(|c| unsafe { _mm256_loadu_si256(q.as_ptr().add(64 * c + 32 * half).cast()) });
+        nibble_chunks!(l, _mm256_and_si256, _mm256_srli_epi16, _mm256_set1_epi8)
     }
 }
 
-impl Nibbles for Q5Quants {
-    /// The nibbles, and value `i`'s fifth bit from bit `i` of `qh`.
+impl Chunks for Q5 {
+    const OFFSET: bool = false;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn zmm(q: &Self::Packed) -> [__m512i; 8] {
+        // SAFETY: the nibbles are Q4_1's layout in the block's first bytes.
+        let mut w = unsafe { Q4_1::zmm(&*q.as_ptr().cast::<<Q4_1 as Packing>::Packed>()) };
+        let sixteen = _mm512_set1_epi8(16);
+        for (c, w) in w.iter_mut().enumerate() {
+            // SAFETY: chunk c's mask, eight bytes after the 256 of nibbles.
+            let bits = unsafe { q.as_ptr().add(256 + 8 * c).cast::<u64>().read_unaligned() };
+            *w = _mm512_mask_add_epi8(*w, bits, *w, sixteen);
+        }
+        w
+    }
+
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn unpack(&self) -> __m256i {
-        // Byte i of the spread `qh` is byte i / 8 of it; `bit` picks bit i % 8.
+    unsafe fn ymm(q: &Self::Packed, half: usize) -> [__m256i; 8] {
+        // SAFETY: as in `zmm`.
+        let mut w = unsafe { Q4_1::ymm(&*q.as_ptr().cast::<<Q4_1 as Packing>::Packed>(), half) };
+        // Byte i of the spread mask is byte i / 8 of it; `bit` picks bit i % 8.
         let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(self.qh as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-        _mm256_or_si256(low_nibbles(&self.qs), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+        for (c, w) in w.iter_mut().enumerate() {
+            // SAFETY: this half's four bytes of chunk c's mask.
+            let bits = unsafe { q.as_ptr().add(256 + 8 * c + 4 * half).cast::<i32>().read_unaligned() };
+            let set =
+                _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread), bit), bit);
+            *w = _mm256_or_si256(*w, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+        }
+        w
     }
 }
 
-/// Stamps out the tiles for one way of taking a block's integer dot product:
-/// `$dot!(w, x)` gives the eight i32 lanes of `Σ w[i] * x[i]` over
-/// each four bytes, `w` unsigned and `x` signed.
-macro_rules! tiles {
-    ($features:literal, $nibbles:ident, $q8_0:ident, $dot:ident) => {
-        /// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` of a matrix of
-        /// unsigned nibble quants with minimums ([`super::Q4_1`], [`super::Q5`]).
-        ///
-        /// # Safety
-        /// The CPU must support the target features ([`available`], and [`vnni`]
-        /// for the VNNI tiles); `w` and `x` must have the same blocks per row, `x`
-        /// at least `i0 + R` rows, `scales` at least `R * k` values, and each
-        /// `out[r]` must be valid for writes at `rows`, which nobody else writes
-        /// meanwhile.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $nibbles<F: Format<Quants: Nibbles>, const R: usize>(
-            w: &QMatrix<F>,
-            rows: Range<usize>,
-            x: &QuantizedRows,
-            i0: usize,
-            out: [*mut f32; R],
-            scales: &mut [f32],
-        ) {
-            let k = w.k;
-            let mask = _mm256_set1_epi8(0x0F);
-            let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
-            for j in rows {
-                let row = j * k..(j + 1) * k;
-                let (d_w, m_w, q_w) = (&w.d[row.clone()], &w.m[row.clone()], &w.qs[row]);
-                let offset: [f32; R] = std::array::from_fn(|r| {
-                    let xr = (i0 + r) * k..(i0 + r + 1) * k;
-                    block_scales(d_w, Some(m_w), &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
-                });
-                row_products!(
-                    k,
-                    xq,
-                    &*scales,
-                    offset,
-                    out,
-                    j,
-                    // SAFETY: b < k; the CPU has the features.
-                    |b: usize| (unsafe { q_w.get_unchecked(b).unpack() }, mask),
-                    |w: __m256i, _: __m256i, x: __m256i| $dot!(w, x)
-                );
+impl Chunks for Q8_0 {
+    const OFFSET: bool = true;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zmm(q: &Self::Packed) -> [__m512i; 8] {
+        // SAFETY: eight 64-byte chunks of the packed block.
+        std::array::from_fn(|c| unsafe { _mm512_loadu_si512(q.as_ptr().add(64 * c).cast()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn ymm(q: &Self::Packed, half: usize) -> [__m256i; 8] {
+        let offset = _mm256_set1_epi8(0x80u8 as i8);
+        // SAFETY: the half of each of the eight 64-byte chunks.
+        std::array::from_fn(|c| unsafe {
+            _mm256_xor_si256(_mm256_loadu_si256(q.as_ptr().add(64 * c + 32 * half).cast()), offset)
+        })
+    }
+}
+
+/// Activation bytes `4c..4c + 4` of block `xq`, as one i32.
+#[inline(always)]
+unsafe fn chunk_of(xq: *const i8, c: usize) -> i32 {
+    // SAFETY: the caller's block has 32 bytes.
+    unsafe { xq.add(4 * c).cast::<i32>().read_unaligned() }
+}
+
+/// `out[r][j] = w[j] · x[i0 + r]` for the weight rows `rows` (whole groups,
+/// the last one possibly cut), with 512-bit registers.
+///
+/// # Safety
+/// The CPU must have [`avx512`]; `rows.start` must be a multiple of
+/// [`GROUP`] and `rows.end` at most `w.rows`; `x` must have `w`'s blocks per
+/// row and at least `i0 + R` rows; each `out[r]` must be valid for writes at
+/// `rows`, which nobody else writes meanwhile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn tile_avx512<F: Chunks, const R: usize>(
+    w: &QMatrix<F>,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    i0: usize,
+    out: [*mut f32; R],
+) {
+    let k = w.k;
+    debug_assert!(rows.start.is_multiple_of(GROUP) && rows.end <= w.rows && x.rows >= i0 + R && x.k == k);
+    for start in rows.clone().step_by(GROUP) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, block) in w.blocks[start / GROUP * k..][..k].iter().enumerate() {
+            // SAFETY: the CPU has the features.
+            let q = unsafe { F::zmm(&block.q) };
+            // SAFETY (both): 16 f16 values of a [u16; 16].
+            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block.d.as_ptr().cast()) });
+            let mw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block.m.as_ptr().cast()) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = (i0 + r) * k + b;
+                // SAFETY: xb < x.rows * k, the length of every activation field.
+                let (xq, xd, xs, xsum) = unsafe {
+                    (
+                        x.qs.get_unchecked(xb).as_ptr(),
+                        *x.d.get_unchecked(xb),
+                        *x.s.get_unchecked(xb),
+                        *x.sums.get_unchecked(xb),
+                    )
+                };
+                let mut even = if F::OFFSET { _mm512_set1_epi32(-128 * xsum) } else { _mm512_setzero_si512() };
+                let mut odd = _mm512_setzero_si512();
+                for c in (0..8).step_by(2) {
+                    // SAFETY: a 32-byte block.
+                    let (xe, xo) = unsafe { (chunk_of(xq, c), chunk_of(xq, c + 1)) };
+                    even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(xe));
+                    odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(xo));
+                }
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xd)), *acc);
+                if F::HAS_MIN {
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs), *acc);
+                }
             }
         }
+        let lanes = (rows.end - start).min(GROUP);
+        let mask: __mmask16 = if lanes == GROUP { !0 } else { (1 << lanes) - 1 };
+        for (acc, out) in acc.iter().zip(out) {
+            // SAFETY: out is valid at start..start + lanes (the caller's).
+            unsafe { _mm512_mask_storeu_ps(out.add(start), mask, *acc) };
+        }
+    }
+}
 
-        /// As the nibble tile of the same features, for a `Q8_0` matrix.
-        ///
-        /// # Safety
-        /// As the nibble tile.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q8_0<const R: usize>(
-            w: &QMatrix<Q8_0>,
-            rows: Range<usize>,
-            x: &QuantizedRows,
-            i0: usize,
-            out: [*mut f32; R],
-            scales: &mut [f32],
-        ) {
-            let k = w.k;
-            let xq: [&[[i8; QK]]; R] = std::array::from_fn(|r| &x.qs[(i0 + r) * k..(i0 + r + 1) * k]);
-            for j in rows {
-                let row = j * k..(j + 1) * k;
-                let (d_w, q_w) = (&w.d[row.clone()], &w.qs[row]);
-                let offset: [f32; R] = std::array::from_fn(|r| {
-                    let xr = (i0 + r) * k..(i0 + r + 1) * k;
-                    block_scales(d_w, None, &x.d[xr.clone()], &x.s[xr], &mut scales[r * k..(r + 1) * k])
-                });
-                row_products!(
-                    k,
-                    xq,
-                    &*scales,
-                    offset,
-                    out,
-                    j,
-                    |b: usize| {
-                        // SAFETY: b < k; 32 bytes from an [i8; 32].
-                        let q = unsafe { _mm256_loadu_si256(q_w.get_unchecked(b).as_ptr().cast()) };
-                        // The unsigned-by-signed products take |w| times x with w's sign.
-                        (_mm256_sign_epi8(q, q), q)
-                    },
-                    |aw: __m256i, w: __m256i, x: __m256i| $dot!(aw, _mm256_sign_epi8(x, w))
-                );
+/// As [`tile_avx512`], with AVX2: each group as two halves of eight rows.
+///
+/// # Safety
+/// As [`tile_avx512`], with [`available`] for the CPU.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_avx2<F: Chunks, const R: usize>(
+    w: &QMatrix<F>,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    i0: usize,
+    out: [*mut f32; R],
+) {
+    let k = w.k;
+    debug_assert!(rows.start.is_multiple_of(GROUP) && rows.end <= w.rows && x.rows >= i0 + R && x.k == k);
+    let ones = _mm256_set1_epi16(1);
+    for start in rows.clone().step_by(GROUP) {
+        for half in 0..2 {
+            let first = start + 8 * half;
+            if first >= rows.end {
+                break;
+            }
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, block) in w.blocks[start / GROUP * k..][..k].iter().enumerate() {
+                // SAFETY: the CPU has the features; half is 0 or 1.
+                let q = unsafe { F::ymm(&block.q, half) };
+                let magnitude: [__m256i; 8] =
+                    if F::OFFSET { std::array::from_fn(|c| _mm256_sign_epi8(q[c], q[c])) } else { q };
+                // SAFETY (both): 8 f16 values of a [u16; 16] from 8 * half.
+                let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(block.d.as_ptr().add(8 * half).cast()) });
+                let mw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(block.m.as_ptr().add(8 * half).cast()) });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xb = (i0 + r) * k + b;
+                    // SAFETY: as in `tile_avx512`.
+                    let (xq, xd, xs) =
+                        unsafe { (x.qs.get_unchecked(xb).as_ptr(), *x.d.get_unchecked(xb), *x.s.get_unchecked(xb)) };
+                    let mut sum = _mm256_setzero_si256();
+                    for c in 0..8 {
+                        // SAFETY: a 32-byte block.
+                        let xc = _mm256_set1_epi32(unsafe { chunk_of(xq, c) });
+                        // Unsigned times signed bytes; Q8_0 as |w| times x with w's sign. No i16
+                        // pair saturates: at most 2 * 128 * 127.
+                        let xc = if F::OFFSET { _mm256_sign_epi8(xc, q[c]) } else { xc };
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[c], xc), ones));
+                    }
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, _mm256_set1_ps(xd)), *acc);
+                    if F::HAS_MIN {
+                        *acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs), *acc);
+                    }
+                }
+            }
+            let lanes = (rows.end - first).min(8);
+            for (acc, out) in acc.iter().zip(out) {
+                let mut lane = [0.0f32; 8];
+                // SAFETY: 8 floats into [f32; 8].
+                unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), *acc) };
+                // SAFETY: out is valid at first..first + lanes (the caller's).
+                unsafe { std::ptr::copy_nonoverlapping(lane.as_ptr(), out.add(first), lanes) };
             }
         }
-    };
-}
-
-/// AVX2: pairs of byte products to i16 (`maddubs`), then pairs of those to
-/// i32. The i16 step cannot saturate here: the weights' magnitudes are at
-/// most 128 and the activations' at most 127, so a pair is at most 32,512.
-macro_rules! madd_dot {
-    ($w:expr, $x:expr) => {
-        _mm256_madd_epi16(_mm256_maddubs_epi16($w, $x), _mm256_set1_epi16(1))
-    };
-}
-
-/// AVX-512 VNNI: four byte products straight to i32, one instruction. With
-/// no saturation in [`madd_dot`], both give the same lanes, so a product's
-/// bits do not depend on the CPU.
-macro_rules! vnni_dot {
-    ($w:expr, $x:expr) => {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $w, $x)
-    };
-}
-
-tiles!("avx2,fma,f16c", tile_nibbles, tile_q8_0, madd_dot);
-tiles!("avx2,fma,f16c,avx512vnni,avx512vl", tile_nibbles_vnni, tile_q8_0_vnni, vnni_dot);
-
-/// Whether this CPU also has AVX-512 VNNI for 256-bit vectors (cached, as
-/// [`available`]).
-pub fn vnni() -> bool {
-    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    }
 }
 
 /// Quantizes one row; the same values as [`super::blocks::quantize_row_q8`].
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len()` must be `32 * d.len()`, and
-/// `s` and `qs` as long as `d`.
+/// `s`, `sums` and `qs` as long as `d`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [[i8; QK]]) {
+pub unsafe fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32], qs: &mut [[i8; QK]]) {
     let sign_mask = _mm256_set1_ps(-0.0);
-    for (((chunk, d), s), q) in x.chunks_exact(QK).zip(d).zip(s).zip(qs) {
+    for ((((chunk, d), s), total), q) in x.chunks_exact(QK).zip(d).zip(s).zip(sums).zip(qs) {
         // SAFETY: 32 floats in four loads.
         let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * i)) });
         let mut amax = _mm256_andnot_ps(sign_mask, v[0]);
@@ -305,6 +324,7 @@ pub unsafe fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut 
         let t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
         let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-        *s = *d * _mm_cvtsi128_si32(t) as f32;
+        *total = _mm_cvtsi128_si32(t);
+        *s = *d * *total as f32;
     }
 }

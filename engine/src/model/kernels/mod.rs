@@ -88,49 +88,6 @@ impl Kernel for Q4_1 {}
 impl Kernel for Q5 {}
 impl Kernel for Q8_0 {}
 
-/// A K-quant format the product kernels know.
-pub trait SuperKernel: SuperFormat + Sized {
-    /// The SIMD tile for this CPU, if there is one: as [`Tiled::tile`].
-    ///
-    /// # Safety
-    /// As [`Tiled::tile`].
-    unsafe fn simd_tile<const R: usize>(
-        w: &SuperMatrix<Self>,
-        rows: &Range<usize>,
-        x: &SuperRows,
-        i0: usize,
-        out: [*mut f32; R],
-    ) -> bool;
-}
-
-/// Implements [`SuperKernel`] with the x86 tile of its blocks.
-macro_rules! super_kernel {
-    ($format:ty) => {
-        impl SuperKernel for $format {
-            #[allow(unused_variables)]
-            unsafe fn simd_tile<const R: usize>(
-                w: &SuperMatrix<Self>,
-                rows: &Range<usize>,
-                x: &SuperRows,
-                i0: usize,
-                out: [*mut f32; R],
-            ) -> bool {
-                #[cfg(target_arch = "x86_64")]
-                if x86::available() {
-                    // SAFETY: the CPU has the features; the rest is the caller's.
-                    unsafe { x86_super::tile(&w.blocks, w.k, rows.clone(), x, i0, out) };
-                    return true;
-                }
-                false
-            }
-        }
-    };
-}
-
-super_kernel!(Q4K);
-super_kernel!(Q5K);
-super_kernel!(Q6K);
-
 /// Weight rows per tile: one [`GROUP`]; 16 rows of `Q4_1` at 576 columns are
 /// 5.6 KiB, so a tile and the few activation rows it meets stay in L1.
 const TILE_ROWS: usize = GROUP;
@@ -221,7 +178,7 @@ impl<F: Kernel> Tiled for QMatrix<F> {
     }
 }
 
-impl<F: SuperKernel> Tiled for SuperMatrix<F> {
+impl<F: SuperFormat> Tiled for SuperMatrix<F> {
     type Rows = SuperRows;
 
     fn rows(&self) -> usize {
@@ -239,9 +196,16 @@ impl<F: SuperKernel> Tiled for SuperMatrix<F> {
     }
 
     unsafe fn tile<const R: usize>(&self, rows: Range<usize>, x: &SuperRows, i0: usize, out: [*mut f32; R]) {
-        // SAFETY: the caller's; blocks checked in `activation_rows`.
-        if unsafe { F::simd_tile(self, &rows, x, i0, out) } {
-            return;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (both): the CPU has the features; blocks checked in
+            // `activation_rows`, tiles start at whole groups; the rest is the caller's.
+            if x86::avx512() {
+                return unsafe { x86_super::tile_avx512(self, rows, x, i0, out) };
+            }
+            if x86::available() {
+                return unsafe { x86_super::tile_avx2(self, rows, x, i0, out) };
+            }
         }
         for j in rows {
             for (r, o) in out.iter().enumerate() {

@@ -5,11 +5,14 @@
 //! Their products take activations quantized per 256 values with the sum of
 //! every 16 quants ([`SuperRows`], llama.cpp's `Q8_K`): the sub-block scales
 //! then stay integers through the whole block, and the minimum (or the
-//! `Q6_K` offset of 32) is one multiply of those sums. Blocks are kept as
-//! parsed structs; the 6-bit scales and minimums of `Q4_K` / `Q5_K`, which
-//! GGUF packs into 12 bytes, are unpacked once at load.
+//! `Q6_K` offset of 32) is one multiply of those sums. Every format is read
+//! into one form ([`Canon`]: unsigned quants, a scale and a sum weight per
+//! 16 values) and stored, as the 32-value formats are, in groups of 16 rows
+//! whose quants sit four bytes per row per register lane ([`SuperGroup`]).
 
 use half::f16;
+
+use super::blocks::GROUP;
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -56,126 +59,96 @@ fn quantize_block(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; Q
     }
 }
 
+/// One row's super-block in the form every K-quant shares: value `v` is
+/// `d * scales[v / 16] * q[v] - dm * weights[v / 16]`, `dm` being `dmin`
+/// (`Q4_K`, `Q5_K`) or `32 d` (`Q6_K`, whose quants are stored plus 32).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Canon {
+    pub(super) d: u16,
+    /// `Q4_K` / `Q5_K`'s minimum scale; 0 for `Q6_K`.
+    pub(super) dmin: u16,
+    /// Scale of each group of 16 values.
+    pub(super) scales: [i8; 16],
+    /// Weight of each group's activation sum: the minimum, or `Q6_K`'s scale.
+    pub(super) weights: [i8; 16],
+    /// Unsigned quants (0..64), in value order.
+    pub(super) q: [u8; QK_K],
+}
+
 /// A GGUF K-quant format.
 pub trait SuperFormat: Send + Sync + 'static {
-    /// One parsed super-block.
-    type Block: Copy + Send + Sync + 'static;
     /// Bytes per block in a GGUF file.
     const BYTES: usize;
-    fn parse(bytes: &[u8]) -> Self::Block;
-    /// The block's 256 values, as llama.cpp computes them.
-    fn dequantize(block: &Self::Block, out: &mut [f32]);
-    /// `block · x`, portably, for activation block `xb` of `x`.
-    fn dot(block: &Self::Block, x: &SuperRows, xb: usize) -> f32;
+    /// Bits of each quant above its low four (0, 1 or 2): the high-bit planes
+    /// a [`SuperGroup`] keeps.
+    const HIGH_BITS: usize;
+    /// Whether the sum weights are scaled by `32 d` (`Q6_K`) rather than `dmin`.
+    const OFFSET_32: bool;
+    /// The high-bit planes of a [`SuperGroup`]: `512 * HIGH_BITS` bytes.
+    type Planes: Copy + Send + Sync + 'static;
+    /// Planes of all-zero quants.
+    const NO_PLANES: Self::Planes;
+    /// Reads one GGUF block.
+    fn parse(bytes: &[u8]) -> Canon;
+    /// Value `v` of a block, as llama.cpp computes it.
+    fn value(c: &Canon, v: usize) -> f32;
 }
 
-/// `Q4_K` and `Q5_K` blocks: `x = d * sc[s] * q - dmin * m[s]` for the 32
-/// values of sub-block `s`.
-#[derive(Clone, Copy)]
-pub struct Q4KBlock {
-    pub(super) d: u16,
-    pub(super) dmin: u16,
-    pub(super) scales: [u8; 8],
-    pub(super) mins: [u8; 8],
-    /// Byte `l` of each 32: value `64 j + l` in its low nibble, value
-    /// `64 j + 32 + l` in its high one.
-    pub(super) qs: [u8; QK_K / 2],
-}
-
-impl Q4KBlock {
-    /// Reads the 144 bytes of a GGUF `Q4_K` block (or `Q5_K`'s fields but `qh`).
-    fn parse(d: &[u8], scales: &[u8], qs: &[u8]) -> Self {
-        let mut block = Self {
-            d: u16::from_le_bytes([d[0], d[1]]),
-            dmin: u16::from_le_bytes([d[2], d[3]]),
-            scales: [0; 8],
-            mins: [0; 8],
-            qs: [0; QK_K / 2],
-        };
-        // Eight 6-bit scales and minimums in 12 bytes: the low six bits of
-        // bytes 0..8 for the first four, nibbles of bytes 8..12 and the top
-        // two bits of bytes 0..8 for the rest.
-        for s in 0..8 {
-            (block.scales[s], block.mins[s]) = if s < 4 {
-                (scales[s] & 63, scales[s + 4] & 63)
-            } else {
-                ((scales[s + 4] & 0x0F) | ((scales[s - 4] >> 6) << 4), (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4))
-            };
-        }
-        block.qs.copy_from_slice(qs);
-        block
-    }
-
-    /// `(Σ_s sc[s] Σ q x, Σ_s m[s] Σ x)` over the sub-blocks, with `q(v)` the
-    /// unsigned quant of value `v`.
-    fn integer_dots(&self, x: &[i8; QK_K], sums: &[i16; QK_K / 16], q: impl Fn(usize) -> i32) -> (i32, i32) {
-        let mut main = 0;
-        let mut min = 0;
-        for s in 0..8 {
-            let dot: i32 = (32 * s..32 * (s + 1)).map(|v| q(v) * i32::from(x[v])).sum();
-            main += i32::from(self.scales[s]) * dot;
-            min += i32::from(self.mins[s]) * (i32::from(sums[2 * s]) + i32::from(sums[2 * s + 1]));
-        }
-        (main, min)
-    }
-
-    fn nibble(&self, v: usize) -> u8 {
-        let byte = self.qs[v / 64 * 32 + v % 32];
-        if v % 64 < 32 {
-            byte & 0x0F
+/// `Q4_K` / `Q5_K`'s 6-bit scales and minimums, packed in 12 bytes: the low
+/// six bits of bytes 0..8 for the first four, nibbles of bytes 8..12 and the
+/// top two bits of bytes 0..8 for the rest; each covers two groups of 16.
+fn six_bit_scales(c: &mut Canon, d: &[u8], scales: &[u8]) {
+    c.d = u16::from_le_bytes([d[0], d[1]]);
+    c.dmin = u16::from_le_bytes([d[2], d[3]]);
+    for s in 0..8 {
+        let (sc, m) = if s < 4 {
+            (scales[s] & 63, scales[s + 4] & 63)
         } else {
-            byte >> 4
-        }
-    }
-
-    fn values(&self, out: &mut [f32], q: impl Fn(usize) -> u8) {
-        let (d, min) = (f16::from_bits(self.d).to_f32(), f16::from_bits(self.dmin).to_f32());
-        for (s, chunk) in out.chunks_exact_mut(32).enumerate() {
-            let (d1, m1) = (d * f32::from(self.scales[s]), min * f32::from(self.mins[s]));
-            for (l, o) in chunk.iter_mut().enumerate() {
-                *o = d1 * f32::from(q(32 * s + l)) - m1;
-            }
-        }
-    }
-
-    fn scaled(&self, x: &SuperRows, xb: usize, (main, min): (i32, i32)) -> f32 {
-        let dx = x.d[xb];
-        f16::from_bits(self.d).to_f32() * dx * main as f32 - f16::from_bits(self.dmin).to_f32() * dx * min as f32
+            ((scales[s + 4] & 0x0F) | ((scales[s - 4] >> 6) << 4), (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4))
+        };
+        c.scales[2 * s..2 * s + 2].fill(sc as i8);
+        c.weights[2 * s..2 * s + 2].fill(m as i8);
     }
 }
+
+/// `Q4_K` / `Q5_K`'s nibbles: byte `l` of each 32 holds value `64 j + l` in
+/// its low nibble and `64 j + 32 + l` in its high one.
+fn k_nibbles(c: &mut Canon, qs: &[u8]) {
+    for (v, q) in c.q.iter_mut().enumerate() {
+        let byte = qs[v / 64 * 32 + v % 32];
+        *q = if v % 64 < 32 { byte & 0x0F } else { byte >> 4 };
+    }
+}
+
+/// `Q4_K` / `Q5_K`'s value: `d sc q - dmin m`, rounded as llama.cpp does.
+fn min_value(c: &Canon, v: usize) -> f32 {
+    let g = v / 16;
+    let d1 = f16::from_bits(c.d).to_f32() * f32::from(c.scales[g] as u8);
+    let m1 = f16::from_bits(c.dmin).to_f32() * f32::from(c.weights[g] as u8);
+    d1 * f32::from(c.q[v]) - m1
+}
+
+const EMPTY_CANON: Canon = Canon { d: 0, dmin: 0, scales: [0; 16], weights: [0; 16], q: [0; QK_K] };
 
 /// GGUF `Q4_K`: 4-bit quants, 4.5 bits per weight.
 pub struct Q4K;
 
 impl SuperFormat for Q4K {
-    type Block = Q4KBlock;
     const BYTES: usize = 144;
+    const HIGH_BITS: usize = 0;
+    const OFFSET_32: bool = false;
+    type Planes = [u8; 0];
+    const NO_PLANES: [u8; 0] = [];
 
-    fn parse(b: &[u8]) -> Q4KBlock {
-        Q4KBlock::parse(&b[0..4], &b[4..16], &b[16..144])
+    fn parse(b: &[u8]) -> Canon {
+        let mut c = EMPTY_CANON;
+        six_bit_scales(&mut c, &b[0..4], &b[4..16]);
+        k_nibbles(&mut c, &b[16..144]);
+        c
     }
 
-    fn dequantize(block: &Q4KBlock, out: &mut [f32]) {
-        block.values(out, |v| block.nibble(v));
-    }
-
-    fn dot(block: &Q4KBlock, x: &SuperRows, xb: usize) -> f32 {
-        let ints = block.integer_dots(&x.qs[xb], &x.bsums[xb], |v| i32::from(block.nibble(v)));
-        block.scaled(x, xb, ints)
-    }
-}
-
-/// A `Q5_K` block: [`Q4KBlock`]'s fields with a fifth bit per value.
-#[derive(Clone, Copy)]
-pub struct Q5KBlock {
-    pub(super) low: Q4KBlock,
-    /// Bit `s` of byte `l`: the fifth bit of value `32 s + l`.
-    pub(super) qh: [u8; QK_K / 8],
-}
-
-impl Q5KBlock {
-    fn quant(&self, v: usize) -> u8 {
-        self.low.nibble(v) | (((self.qh[v % 32] >> (v / 32)) & 1) << 4)
+    fn value(c: &Canon, v: usize) -> f32 {
+        min_value(c, v)
     }
 }
 
@@ -183,44 +156,26 @@ impl Q5KBlock {
 pub struct Q5K;
 
 impl SuperFormat for Q5K {
-    type Block = Q5KBlock;
     const BYTES: usize = 176;
+    const HIGH_BITS: usize = 1;
+    const OFFSET_32: bool = false;
+    type Planes = [u8; 512];
+    const NO_PLANES: [u8; 512] = [0; 512];
 
-    fn parse(b: &[u8]) -> Q5KBlock {
-        let mut qh = [0; QK_K / 8];
-        qh.copy_from_slice(&b[16..48]);
-        Q5KBlock { low: Q4KBlock::parse(&b[0..4], &b[4..16], &b[48..176]), qh }
+    fn parse(b: &[u8]) -> Canon {
+        let mut c = EMPTY_CANON;
+        six_bit_scales(&mut c, &b[0..4], &b[4..16]);
+        k_nibbles(&mut c, &b[48..176]);
+        // Bit `s` of byte `l` of `qh`: the fifth bit of value `32 s + l`.
+        let qh = &b[16..48];
+        for (v, q) in c.q.iter_mut().enumerate() {
+            *q |= ((qh[v % 32] >> (v / 32)) & 1) << 4;
+        }
+        c
     }
 
-    fn dequantize(block: &Q5KBlock, out: &mut [f32]) {
-        block.low.values(out, |v| block.quant(v));
-    }
-
-    fn dot(block: &Q5KBlock, x: &SuperRows, xb: usize) -> f32 {
-        let ints = block.low.integer_dots(&x.qs[xb], &x.bsums[xb], |v| i32::from(block.quant(v)));
-        block.low.scaled(x, xb, ints)
-    }
-}
-
-/// A `Q6_K` block: `x = d * sc[g] * (q - 32)` for the 16 values of group `g`.
-#[derive(Clone, Copy)]
-pub struct Q6KBlock {
-    pub(super) d: u16,
-    pub(super) scales: [i8; QK_K / 16],
-    /// In each half of 128 values: byte `l` of the first 32 holds value `l`
-    /// (low nibble) and `64 + l` (high); of the next 32, `32 + l` and `96 + l`.
-    pub(super) ql: [u8; QK_K / 2],
-    /// In each half: bits `2t..2t+2` of byte `l` are the top bits of value `32 t + l`.
-    pub(super) qh: [u8; QK_K / 4],
-}
-
-impl Q6KBlock {
-    /// The unsigned quant (0..64) of value `v`.
-    fn quant(&self, v: usize) -> u8 {
-        let (half, t, l) = (v / 128, v % 128 / 32, v % 32);
-        let byte = self.ql[64 * half + 32 * (t % 2) + l];
-        let low = if t < 2 { byte & 0x0F } else { byte >> 4 };
-        low | (((self.qh[32 * half + l] >> (2 * t)) & 3) << 4)
+    fn value(c: &Canon, v: usize) -> f32 {
+        min_value(c, v)
     }
 }
 
@@ -228,43 +183,141 @@ impl Q6KBlock {
 pub struct Q6K;
 
 impl SuperFormat for Q6K {
-    type Block = Q6KBlock;
     const BYTES: usize = 210;
+    const HIGH_BITS: usize = 2;
+    const OFFSET_32: bool = true;
+    type Planes = [u8; 1024];
+    const NO_PLANES: [u8; 1024] = [0; 1024];
 
-    fn parse(b: &[u8]) -> Q6KBlock {
-        let mut block =
-            Q6KBlock { d: u16::from_le_bytes([b[208], b[209]]), scales: [0; 16], ql: [0; 128], qh: [0; 64] };
-        block.ql.copy_from_slice(&b[0..128]);
-        block.qh.copy_from_slice(&b[128..192]);
-        for (s, &byte) in block.scales.iter_mut().zip(&b[192..208]) {
-            *s = byte as i8;
+    fn parse(b: &[u8]) -> Canon {
+        let mut c = EMPTY_CANON;
+        c.d = u16::from_le_bytes([b[208], b[209]]);
+        for (g, &byte) in b[192..208].iter().enumerate() {
+            c.scales[g] = byte as i8;
+            c.weights[g] = byte as i8;
         }
-        block
+        // In each half of 128 values: byte `l` of the first 32 of `ql` holds value
+        // `l` (low nibble) and `64 + l` (high); of the next 32, `32 + l` and `96 + l`;
+        // bits `2t..2t+2` of byte `l` of `qh` are the top bits of value `32 t + l`.
+        let (ql, qh) = (&b[0..128], &b[128..192]);
+        for (v, q) in c.q.iter_mut().enumerate() {
+            let (half, t, l) = (v / 128, v % 128 / 32, v % 32);
+            let byte = ql[64 * half + 32 * (t % 2) + l];
+            let low = if t < 2 { byte & 0x0F } else { byte >> 4 };
+            *q = low | (((qh[32 * half + l] >> (2 * t)) & 3) << 4);
+        }
+        c
     }
 
-    fn dequantize(block: &Q6KBlock, out: &mut [f32]) {
-        let d = f16::from_bits(block.d).to_f32();
-        for (v, o) in out.iter_mut().enumerate() {
-            *o = d * f32::from(block.scales[v / 16]) * f32::from(block.quant(v) as i8 - 32);
-        }
-    }
-
-    fn dot(block: &Q6KBlock, x: &SuperRows, xb: usize) -> f32 {
-        let (q, sums) = (&x.qs[xb], &x.bsums[xb]);
-        let mut main = 0i32;
-        let mut offset = 0i32;
-        for (g, &sc) in block.scales.iter().enumerate() {
-            let dot: i32 = (16 * g..16 * (g + 1)).map(|v| i32::from(block.quant(v)) * i32::from(q[v])).sum();
-            main += i32::from(sc) * dot;
-            offset += i32::from(sc) * i32::from(sums[g]);
-        }
-        f16::from_bits(block.d).to_f32() * x.d[xb] * (main - 32 * offset) as f32
+    fn value(c: &Canon, v: usize) -> f32 {
+        f16::from_bits(c.d).to_f32() * f32::from(c.scales[v / 16]) * f32::from(c.q[v] as i8 - 32)
     }
 }
 
-/// A K-quant `[rows, cols]` weight matrix, row-major.
+/// One super-block of [`GROUP`] weight rows, laid out for whole-register
+/// products as the 32-value formats' [`super::blocks::GroupBlock`]: chunk
+/// `c` of sub-block `s` is the four values `32 s + 4 c..+4` of each row, one
+/// 32-bit lane per row. 64-byte aligned, a multiple of 64 bytes.
+#[repr(C, align(64))]
+pub struct SuperGroup<F: SuperFormat> {
+    /// Low nibbles: 64-byte chunk `c` of sub-block pair `p` at
+    /// `64 (8 p + c)`, sub-block `2p` in the low nibbles, `2p + 1` in the high.
+    pub(super) nibbles: [u8; 2048],
+    /// High-bit plane `h` (bit `4 + h` of each quant): one 64-bit mask per
+    /// chunk, `8 s + c`, bit `4 lane + i` for value `4c + i` of the lane.
+    pub(super) planes: F::Planes,
+    /// Group `g`'s scale of each lane at `16 g + lane`.
+    pub(super) scales: [i8; 256],
+    /// The sum weights of groups `2t` and `2t + 1` of each lane at
+    /// `32 t + 2 lane`: one i16 pair per 32-bit lane once widened.
+    pub(super) weights: [i8; 256],
+    pub(super) d: [u16; GROUP],
+    pub(super) dmin: [u16; GROUP],
+}
+
+// Not derived: a derive would ask the format marker `F` to be `Copy` too.
+impl<F: SuperFormat> Clone for SuperGroup<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: SuperFormat> Copy for SuperGroup<F> {}
+
+impl<F: SuperFormat> SuperGroup<F> {
+    const EMPTY: Self = Self {
+        nibbles: [0; 2048],
+        planes: F::NO_PLANES,
+        scales: [0; 256],
+        weights: [0; 256],
+        d: [0; GROUP],
+        dmin: [0; GROUP],
+    };
+
+    /// Byte of the nibbles holding value `v` of `lane`, and whether it is the high nibble.
+    const fn nibble_at(v: usize, lane: usize) -> (usize, bool) {
+        let (s, c, i) = (v / 32, v % 32 / 4, v % 4);
+        (64 * (8 * (s / 2) + c) + 4 * lane + i, s % 2 == 1)
+    }
+
+    /// Byte and bit of high-bit plane `h` for value `v` of `lane`.
+    const fn plane_at(h: usize, v: usize, lane: usize) -> (usize, usize) {
+        let bit = 4 * lane + v % 4;
+        (512 * h + 8 * (v / 4) + bit / 8, bit % 8)
+    }
+
+    fn planes(&mut self) -> &mut [u8] {
+        // SAFETY: `Planes` is a byte array of 512 * HIGH_BITS bytes.
+        unsafe { std::slice::from_raw_parts_mut((&raw mut self.planes).cast::<u8>(), 512 * F::HIGH_BITS) }
+    }
+
+    fn planes_ref(&self) -> &[u8] {
+        // SAFETY: as in `planes`.
+        unsafe { std::slice::from_raw_parts((&raw const self.planes).cast::<u8>(), 512 * F::HIGH_BITS) }
+    }
+
+    fn pack(&mut self, c: &Canon, lane: usize) {
+        self.d[lane] = c.d;
+        self.dmin[lane] = c.dmin;
+        for g in 0..16 {
+            self.scales[16 * g + lane] = c.scales[g];
+            self.weights[32 * (g / 2) + 2 * lane + g % 2] = c.weights[g];
+        }
+        for (v, &q) in c.q.iter().enumerate() {
+            let (byte, high) = Self::nibble_at(v, lane);
+            let (keep, put) = if high { (0x0F, (q & 0x0F) << 4) } else { (0xF0, q & 0x0F) };
+            self.nibbles[byte] = (self.nibbles[byte] & keep) | put;
+            for h in 0..F::HIGH_BITS {
+                let (byte, bit) = Self::plane_at(h, v, lane);
+                let planes = self.planes();
+                planes[byte] = (planes[byte] & !(1 << bit)) | (((q >> (4 + h)) & 1) << bit);
+            }
+        }
+    }
+
+    fn unpack(&self, lane: usize) -> Canon {
+        let mut c = EMPTY_CANON;
+        c.d = self.d[lane];
+        c.dmin = self.dmin[lane];
+        for g in 0..16 {
+            c.scales[g] = self.scales[16 * g + lane];
+            c.weights[g] = self.weights[32 * (g / 2) + 2 * lane + g % 2];
+        }
+        for (v, q) in c.q.iter_mut().enumerate() {
+            let (byte, high) = Self::nibble_at(v, lane);
+            *q = if high { self.nibbles[byte] >> 4 } else { self.nibbles[byte] & 0x0F };
+            for h in 0..F::HIGH_BITS {
+                let (byte, bit) = Self::plane_at(h, v, lane);
+                *q |= ((self.planes_ref()[byte] >> bit) & 1) << (4 + h);
+            }
+        }
+        c
+    }
+}
+
+/// A K-quant `[rows, cols]` weight matrix in [`SuperGroup`]s: group `g`'s
+/// super-block `b` at `g * k + b`; the last group padded with zero rows.
 pub struct SuperMatrix<F: SuperFormat> {
-    pub(super) blocks: Vec<F::Block>,
+    pub(super) blocks: Vec<SuperGroup<F>>,
     pub(super) rows: usize,
     /// Super-blocks per row (`cols / QK_K`).
     pub(super) k: usize,
@@ -277,7 +330,24 @@ impl<F: SuperFormat> SuperMatrix<F> {
         if !cols.is_multiple_of(QK_K) || bytes.len() != rows * cols / QK_K * F::BYTES {
             return None;
         }
-        Some(Self { blocks: bytes.chunks_exact(F::BYTES).map(F::parse).collect(), rows, k: cols / QK_K })
+        let k = cols / QK_K;
+        Some(Self::build(rows, k, |j, b| F::parse(&bytes[(j * k + b) * F::BYTES..][..F::BYTES])))
+    }
+
+    /// A matrix whose row `j`'s super-block `b` is `block(j, b)`.
+    fn build(rows: usize, k: usize, block: impl Fn(usize, usize) -> Canon) -> Self {
+        let mut blocks = vec![SuperGroup::EMPTY; rows.div_ceil(GROUP) * k];
+        for j in 0..rows {
+            for (b, group) in blocks[j / GROUP * k..][..k].iter_mut().enumerate() {
+                group.pack(&block(j, b), j % GROUP);
+            }
+        }
+        Self { blocks, rows, k }
+    }
+
+    /// Row `j`'s super-block `b`.
+    pub(super) fn block(&self, j: usize, b: usize) -> Canon {
+        self.blocks[j / GROUP * self.k + b].unpack(j % GROUP)
     }
 
     /// Stacks matrices with the same number of columns into one.
@@ -286,24 +356,20 @@ impl<F: SuperFormat> SuperMatrix<F> {
         if parts.iter().any(|p| p.k != k) {
             return None;
         }
-        let rows = parts.iter().map(|p| p.rows).sum();
-        Some(Self { blocks: parts.into_iter().flat_map(|p| p.blocks).collect(), rows, k })
+        let owner: Vec<(usize, usize)> =
+            parts.iter().enumerate().flat_map(|(p, part)| (0..part.rows).map(move |j| (p, j))).collect();
+        Some(Self::build(owner.len(), k, |j, b| parts[owner[j].0].block(owner[j].1, b)))
     }
 
     /// The rows in `ranges`, in order (a column-parallel shard).
     pub fn select_rows(&self, ranges: &[std::ops::Range<usize>]) -> Self {
-        let k = self.k;
-        let blocks = ranges.iter().flat_map(|r| self.blocks[r.start * k..r.end * k].iter().copied()).collect();
-        Self { blocks, rows: ranges.iter().map(|r| r.len()).sum(), k }
+        let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+        Self::build(rows.len(), self.k, |j, b| self.block(rows[j], b))
     }
 
     /// Super-blocks `blocks` of every row (a row-parallel shard).
     pub fn select_col_blocks(&self, blocks: std::ops::Range<usize>) -> Self {
-        let k = self.k;
-        let picked = (0..self.rows)
-            .flat_map(|r| self.blocks[r * k + blocks.start..r * k + blocks.end].iter().copied())
-            .collect();
-        Self { blocks: picked, rows: self.rows, k: blocks.len() }
+        Self::build(self.rows, blocks.len(), |j, b| self.block(j, blocks.start + b))
     }
 
     pub fn rows(&self) -> usize {
@@ -316,14 +382,41 @@ impl<F: SuperFormat> SuperMatrix<F> {
 
     /// Row `j` dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        for (block, chunk) in self.blocks[j * self.k..(j + 1) * self.k].iter().zip(out.chunks_exact_mut(QK_K)) {
-            F::dequantize(block, chunk);
+        for (b, chunk) in out.chunks_exact_mut(QK_K).enumerate().take(self.k) {
+            let c = self.block(j, b);
+            for (v, o) in chunk.iter_mut().enumerate() {
+                *o = F::value(&c, v);
+            }
         }
     }
 
-    /// `w[j] · x[i]`, portably.
+    /// `w[j] · x[i]`, portably: per super-block the exact integer sums
+    /// `Σ_g scale_g Σ q x` and `Σ_g weight_g Σ x`, each times its float factor
+    /// into its own accumulator, the second subtracted at the end. The SIMD
+    /// tiles take these steps in this order, so they give the same bits.
     pub fn dot(&self, j: usize, x: &SuperRows, i: usize) -> f32 {
-        let k = self.k;
-        (0..k).map(|b| F::dot(&self.blocks[j * k + b], x, i * k + b)).sum()
+        let (mut main, mut sums) = (0.0f32, 0.0f32);
+        for b in 0..self.k {
+            let c = self.block(j, b);
+            let xb = i * self.k + b;
+            let (xq, bsums) = (&x.qs[xb], &x.bsums[xb]);
+            let (mut dot, mut weighted) = (0i32, 0i32);
+            for (g, &sum) in bsums.iter().enumerate() {
+                let group: i32 = (16 * g..16 * (g + 1)).map(|v| i32::from(c.q[v]) * i32::from(xq[v])).sum();
+                dot += i32::from(c.scales[g]) * group;
+                weighted += i32::from(c.weights[g]) * i32::from(sum);
+            }
+            let (dw, dm) = factors::<F>(c.d, c.dmin);
+            main = (dot as f32).mul_add(dw * x.d[xb], main);
+            sums = (weighted as f32).mul_add(dm * x.d[xb], sums);
+        }
+        main - sums
     }
+}
+
+/// `(d, dm)` of a block in f32: the factors of its integer sum and of its
+/// weighted activation sums.
+pub(super) fn factors<F: SuperFormat>(d: u16, dmin: u16) -> (f32, f32) {
+    let d = f16::from_bits(d).to_f32();
+    (d, if F::OFFSET_32 { 32.0 * d } else { f16::from_bits(dmin).to_f32() })
 }

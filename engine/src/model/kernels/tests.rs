@@ -146,7 +146,7 @@ fn super_dequantized(x: &SuperRows) -> Vec<f32> {
 /// Dequantization equals llama.cpp's (through candle) bit for bit; products
 /// equal the f64 product of the dequantized weights and activations, for
 /// 1..9 activation rows, through the SIMD tiles and the portable dot.
-fn check_super<F: SuperKernel>(dtype: GgmlDType) {
+fn check_super<F: SuperFormat>(dtype: GgmlDType) {
     let (n, cols) = (37, 3 * QK_K);
     let (w, dense) = super_matrix::<F>(dtype, n, cols, 41);
     let mut row = vec![0.0; cols];
@@ -363,6 +363,55 @@ fn simd_tiles_give_the_portable_bits() {
     let w8 = QMatrix::<Q8_0>::from_gguf_bytes(&bytes, n, cols).unwrap();
     assert_eq!(w8.block(0, 0).2[0], -128);
     check_tiles_bit_for_bit(&w8, &x, "Q8_0");
+}
+
+/// The K-quant tiles give the portable product's bits, as the 32-value ones.
+#[cfg(target_arch = "x86_64")]
+fn check_super_tiles_bit_for_bit<F: SuperFormat>(dtype: GgmlDType) {
+    if !x86::available() {
+        return;
+    }
+    let (n, cols, m) = (21, 2 * QK_K, 10);
+    let (w, _) = super_matrix::<F>(dtype, n, cols, 71);
+    let mut x = SuperRows::default();
+    x.quantize(&values(m * cols, 72), m, cols);
+    let portable: Vec<f32> = (0..m).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| w.dot(j, &x, i)).collect();
+    let same = |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+    for i0 in [0, 2] {
+        // SAFETY: checked features; shapes match; tiles start at group 0.
+        let avx2 = run_tile::<8>(n, |out| unsafe { x86_super::tile_avx2(&w, 0..n, &x, i0, out) });
+        assert!(same(&avx2, &portable[i0 * n..(i0 + 8) * n]), "{dtype:?} avx2 i0={i0}");
+        if x86::avx512() {
+            let wide = run_tile::<8>(n, |out| unsafe { x86_super::tile_avx512(&w, 0..n, &x, i0, out) });
+            assert!(same(&wide, &portable[i0 * n..(i0 + 8) * n]), "{dtype:?} avx512 i0={i0}");
+        }
+    }
+    assert!(same(&product(&w, &x), &portable), "{dtype:?} matmul");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn k_quant_simd_tiles_give_the_portable_bits() {
+    check_super_tiles_bit_for_bit::<Q4K>(GgmlDType::Q4K);
+    check_super_tiles_bit_for_bit::<Q5K>(GgmlDType::Q5K);
+    check_super_tiles_bit_for_bit::<Q6K>(GgmlDType::Q6K);
+}
+
+/// A K-quant block packed into its group reads back as parsed, in every lane.
+#[test]
+fn packed_k_quant_blocks_read_back_as_parsed() {
+    fn check<F: SuperFormat>(dtype: GgmlDType) {
+        let (n, cols) = (19, 2 * QK_K);
+        let w = Tensor::from_vec(values(n * cols, 80), (n, cols), &Device::Cpu).unwrap();
+        let data = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        let m = SuperMatrix::<F>::from_gguf_bytes(&data, n, cols).unwrap();
+        for (i, bytes) in data.chunks_exact(F::BYTES).enumerate() {
+            assert_eq!(m.block(i / 2, i % 2), F::parse(bytes), "{dtype:?} block {i}");
+        }
+    }
+    check::<Q4K>(GgmlDType::Q4K);
+    check::<Q5K>(GgmlDType::Q5K);
+    check::<Q6K>(GgmlDType::Q6K);
 }
 
 /// Packing a block into its group and reading it back gives the GGUF block's

@@ -32,20 +32,6 @@ pub fn avx512() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn f16_to_f32(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub(super) fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
-
 /// A packed block's eight chunks as byte registers.
 pub trait Chunks: Packing {
     /// Whether the quants are stored offset by 128 (`Q8_0`): the AVX-512

@@ -12,6 +12,8 @@
 
 use half::f16;
 
+use rayon::prelude::*;
+
 use super::blocks::GROUP;
 
 /// Values per super-block.
@@ -40,14 +42,34 @@ impl SuperRows {
         self.bsums.resize(n, [0; QK_K / 16]);
         self.rows = rows;
         self.k = cols / QK_K;
-        for (((chunk, d), q), sums) in x.chunks_exact(QK_K).zip(&mut self.d).zip(&mut self.qs).zip(&mut self.bsums) {
-            quantize_block(chunk, d, q, sums);
+        if x.len() >= PARALLEL_MIN_VALUES {
+            x.par_chunks_exact(QK_K)
+                .zip(self.d.par_iter_mut())
+                .zip(self.qs.par_iter_mut())
+                .zip(self.bsums.par_iter_mut())
+                .for_each(|(((x, d), q), sums)| quantize(x, d, q, sums));
+        } else {
+            let blocks = x.chunks_exact(QK_K).zip(&mut self.d).zip(&mut self.qs).zip(&mut self.bsums);
+            blocks.for_each(|(((x, d), q), sums)| quantize(x, d, q, sums));
         }
     }
 }
 
+/// Values below which quantizing rows stays on the calling thread.
+const PARALLEL_MIN_VALUES: usize = 1 << 16;
+
+/// One block, with AVX2 where the CPU has it.
+fn quantize(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; QK_K / 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::available() {
+        // SAFETY: the CPU has the features; a block is 256 values.
+        return unsafe { super::x86::quantize_block_q8k(x, d, q, sums) };
+    }
+    quantize_block(x, d, q, sums)
+}
+
 /// One block of [`SuperRows`] (round half away from zero, `d = amax / 127`).
-fn quantize_block(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; QK_K / 16]) {
+pub(super) fn quantize_block(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; QK_K / 16]) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     *d = amax / 127.0;
     let inv = if *d == 0.0 { 0.0 } else { 1.0 / *d };

@@ -293,6 +293,40 @@ fn run_tile<const R: usize>(n: usize, tile: impl FnOnce([*mut f32; R])) -> Vec<f
 /// The SIMD tiles (AVX2, and AVX-512 VNNI where the CPU has it) give the
 /// portable product's bits, for every format, every tile height, and a last
 /// group cut short: an answer does not depend on which CPU computed it.
+/// Values that land exactly on halves (and just below) once scaled: the SIMD
+/// quantizers round them as `f32::round`, away from zero.
+fn halves(n: usize) -> Vec<f32> {
+    // 127 first, so the block's scale is 1 and the values are their own scaled values.
+    let edges = [127.0, 0.5, -0.5, 2.5, -3.5, 0.49999997, -0.49999997, 126.5, -126.5, 1.5, 0.0, -0.0];
+    (0..n).map(|i| if i % 32 == 0 { 127.0 } else { edges[i % edges.len()] }).collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_quantizers_round_halves_as_the_portable_ones() {
+    if !x86::available() {
+        return;
+    }
+    for x in [halves(2 * QK_K), values(2 * QK_K, 90)] {
+        let n = x.len() / QK;
+        let (mut d, mut s, mut sums, mut qs) = (vec![0.0; n], vec![0.0; n], vec![0; n], vec![[0i8; QK]; n]);
+        quantize_row_q8(&x, &mut d, &mut s, &mut sums, &mut qs);
+        let (mut d2, mut s2, mut sums2, mut qs2) = (vec![0.0; n], vec![0.0; n], vec![0; n], vec![[0i8; QK]; n]);
+        // SAFETY: checked features; lengths match.
+        unsafe { x86::quantize_row_q8(&x, &mut d2, &mut s2, &mut sums2, &mut qs2) };
+        assert_eq!((d, s, sums, qs), (d2, s2, sums2, qs2));
+        for block in x.chunks_exact(QK_K) {
+            let (mut d, mut q, mut bsums) = (0.0, [0i8; QK_K], [0i16; 16]);
+            super_blocks::quantize_block(block, &mut d, &mut q, &mut bsums);
+            let (mut d2, mut q2, mut bsums2) = (0.0, [0i8; QK_K], [0i16; 16]);
+            // SAFETY: checked features; a block of 256.
+            unsafe { x86::quantize_block_q8k(block, &mut d2, &mut q2, &mut bsums2) };
+            assert_eq!((d, q, bsums), (d2, q2, bsums2));
+        }
+    }
+    assert_eq!(halves(4)[..3], [127.0, 0.5, -0.5]);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn check_tiles_bit_for_bit<F: Kernel>(w: &QMatrix<F>, x: &QuantizedRows, what: &str) {
     let n = w.rows;

@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::blocks::{Packing, QMatrix, QuantizedRows, GROUP, Q4_1, Q5, Q8_0, QK};
+use super::super_blocks::QK_K;
 
 /// Whether this CPU can run the kernels here (`is_x86_feature_detected`
 /// caches its answer, so this is cheap).
@@ -269,6 +270,68 @@ pub unsafe fn tile_avx2<F: Chunks, const R: usize>(
     }
 }
 
+/// `round(v * inv)` half away from zero, as `f32::round`, exactly: the
+/// truncation plus one step away from zero where the dropped part is at
+/// least a half (`v * inv - trunc` is exact in f32).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn round_away(v: __m256, inv: __m256) -> __m256i {
+    let scaled = _mm256_mul_ps(v, inv);
+    let trunc = _mm256_round_ps(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    let sign = _mm256_and_ps(scaled, _mm256_set1_ps(-0.0));
+    let dropped = _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(scaled, trunc));
+    let up =
+        _mm256_and_ps(_mm256_cmp_ps(dropped, _mm256_set1_ps(0.5), _CMP_GE_OQ), _mm256_or_ps(sign, _mm256_set1_ps(1.0)));
+    _mm256_cvttps_epi32(_mm256_add_ps(trunc, up))
+}
+
+/// The largest magnitude of `v`'s lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn abs_max(v: &[__m256]) -> f32 {
+    let sign_mask = _mm256_set1_ps(-0.0);
+    let amax = v.iter().fold(_mm256_setzero_ps(), |m, vi| _mm256_max_ps(m, _mm256_andnot_ps(sign_mask, *vi)));
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
+/// Four registers of eight i32 (each within i8) as 32 bytes in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pack_bytes(q: [__m256i; 4]) -> __m256i {
+    // packs work per 128-bit lane: put the eight 4-byte groups back in order.
+    let p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// The sum of eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_i32(v: __m256i) -> i32 {
+    let t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)))
+}
+
+/// Loads `N` registers of eight floats from `x`.
+///
+/// # Safety
+/// `x` holds at least `8 N` floats.
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn load<const N: usize>(x: &[f32]) -> [__m256; N] {
+    // SAFETY: the caller's.
+    std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) })
+}
+
+/// The scale `amax / 127` and its inverse (0 for an all-zero block), as the portable quantizers.
+#[inline]
+fn scale_of(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d == 0.0 { 0.0 } else { 1.0 / d })
+}
+
 /// Quantizes one row; the same values as [`super::blocks::quantize_row_q8`].
 ///
 /// # Safety
@@ -276,41 +339,35 @@ pub unsafe fn tile_avx2<F: Chunks, const R: usize>(
 /// `s`, `sums` and `qs` as long as `d`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32], qs: &mut [[i8; QK]]) {
-    let sign_mask = _mm256_set1_ps(-0.0);
     for ((((chunk, d), s), total), q) in x.chunks_exact(QK).zip(d).zip(s).zip(sums).zip(qs) {
-        // SAFETY: 32 floats in four loads.
-        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * i)) });
-        let mut amax = _mm256_andnot_ps(sign_mask, v[0]);
-        for vi in &v[1..] {
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, *vi));
-        }
-        let amax = {
-            let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
-        };
-        *d = amax / 127.0;
-        let inv = _mm256_set1_ps(if *d == 0.0 { 0.0 } else { 1.0 / *d });
-        let mut sum = _mm256_setzero_si256();
-        let mut q32 = [_mm256_setzero_si256(); 4];
-        for (qi, vi) in q32.iter_mut().zip(v) {
-            let scaled = _mm256_mul_ps(vi, inv);
-            // Round half away from zero, as f32::round: add 0.5 with x's sign, truncate.
-            let half = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), _mm256_set1_ps(0.5));
-            *qi = _mm256_cvttps_epi32(_mm256_add_ps(scaled, half));
-            sum = _mm256_add_epi32(sum, *qi);
-        }
-        // Pack 4 x 8 i32 into 32 i8 in order (packs work per 128-bit lane).
-        let p16a = _mm256_packs_epi32(q32[0], q32[1]);
-        let p16b = _mm256_packs_epi32(q32[2], q32[3]);
-        let p8 = _mm256_packs_epi16(p16a, p16b);
-        let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 floats.
+        let v = unsafe { load::<4>(chunk) };
+        let inv;
+        (*d, inv) = scale_of(abs_max(&v));
+        let q32 = v.map(|v| round_away(v, _mm256_set1_ps(inv)));
         // SAFETY: 32 bytes into an [i8; 32].
-        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p8) };
-        let t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
-        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-        *total = _mm_cvtsi128_si32(t);
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), pack_bytes(q32)) };
+        *total = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3])));
         *s = *d * *total as f32;
+    }
+}
+
+/// Quantizes one block of 256 values for the K-quant products; the same
+/// values as the portable `super_blocks::quantize_block`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` must hold 256 values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_block_q8k(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], bsums: &mut [i16; QK_K / 16]) {
+    // SAFETY: 256 floats.
+    let v = unsafe { load::<32>(x) };
+    let inv;
+    (*d, inv) = scale_of(abs_max(&v));
+    for (c, (out, sums)) in q.chunks_exact_mut(QK).zip(bsums.chunks_exact_mut(2)).enumerate() {
+        let q32: [__m256i; 4] = std::array::from_fn(|i| round_away(v[4 * c + i], _mm256_set1_ps(inv)));
+        // SAFETY: 32 bytes into 32 of the block's bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), pack_bytes(q32)) };
+        sums[0] = hsum_i32(_mm256_add_epi32(q32[0], q32[1])) as i16;
+        sums[1] = hsum_i32(_mm256_add_epi32(q32[2], q32[3])) as i16;
     }
 }

@@ -33,8 +33,8 @@ pub async fn throughput(
 ) -> anyhow::Result<Vec<Figure>> {
     let ge = |value| Target { bound: Bound::AtLeast, value };
     let mut single = Figure::new(1, "decode, 1 sequence (128+128)", "tok/s", "ours / llama.cpp", ge(1.0));
-    let mut parallel = Figure::new(2, "decode, 16 sequences, aggregate", "tok/s", "ours / llama.cpp", ge(1.2));
-    let mut prefill = Figure::new(3, "prefill, 512-token prompt", "tok/s", "ours / llama.cpp", ge(0.8));
+    let mut parallel = Figure::new(2, "decode, 16 sequences, aggregate", "tok/s", "ours / llama.cpp", ge(1.3));
+    let mut prefill = Figure::new(3, "prefill, 512-token prompt", "tok/s", "ours / llama.cpp", ge(1.0));
     if !(1..=3).any(wanted) {
         return Ok(Vec::new());
     }

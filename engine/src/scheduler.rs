@@ -398,7 +398,8 @@ impl Scheduler {
     }
 
     /// Appends a generated token to running sequence `pos` and tells its request, then finishes
-    /// the sequence if the token ends it. False when it did.
+    /// the sequence if the token ends it (its computed full blocks registered first, as accepted
+    /// drafts may have filled one). False when it did.
     fn emit(&mut self, pos: usize, token: SampledToken) -> bool {
         let seq = &mut self.running[pos];
         seq.tokens.push(token.id);
@@ -408,6 +409,7 @@ impl Scheduler {
         self.events.push((seq.id.clone(), event));
         match self.stop_reason(&self.running[pos], token.id) {
             Some(reason) => {
+                register_computed_blocks(&mut self.blocks, &mut self.running[pos], self.config.block_size);
                 let seq = self.running.remove(pos);
                 self.finish(seq, reason);
                 false

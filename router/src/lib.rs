@@ -115,14 +115,13 @@ pub async fn run(
         futures::future::try_join_all(loads).await.map(drop)
     };
 
-    let (began_tx, began) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut began = stop.clone();
     let draining = readiness.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: refusing new requests, finishing running ones");
         draining.start_draining();
-        let _ = began_tx.send(());
         let _ = stop_tx.send(true);
         // The serving threads hold the receivers; the sender lives until they end.
         std::future::pending::<()>().await;
@@ -130,7 +129,7 @@ pub async fn run(
     let serve = http::threads::serve(listener, app(state), config.http_threads, stop);
     let grace = config.shutdown_grace;
     let deadline = async move {
-        if began.await.is_err() {
+        if began.wait_for(|began| *began).await.is_err() {
             return std::future::pending().await;
         }
         tokio::time::sleep(grace).await;

@@ -863,6 +863,11 @@ fn drafts_never_pass_max_tokens_and_a_stop_among_them_ends_the_sequence() {
     assert_eq!(token_events(&mut s), [2, 99]);
     assert_eq!(s.num_running(), 0);
     assert_eq!(s.num_free_blocks(), 16, "every block back");
+
+    // The accepted drafts' full block went into the prefix cache before the sequence ended.
+    s.add(seq("c", &[7, 1, 2, 99, 7, 1, 2, 99, 5], 10));
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].context_start, 8, "both blocks of b's tokens are cached");
 }
 
 #[test]

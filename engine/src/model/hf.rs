@@ -16,8 +16,8 @@ mod weights;
 use std::path::Path;
 
 use super::bert::{Bert, BertConfig};
-use super::{Llama, LoadOptions, Loaded, LoadedModel, ModelError, ModelMetadata};
-use config::HfConfig;
+use super::{Llama, LoadOptions, Loaded, LoadedModel, Model, ModelError, ModelMetadata};
+use config::{FolderConfig, HfConfig};
 use tokenizer_files::TokenizerFiles;
 use weights::SafetensorsSource;
 
@@ -25,7 +25,10 @@ use weights::SafetensorsSource;
 /// Gemma 3 (text) checkpoint from a Hugging Face folder. Matrices keep their stored f32/f16/bf16 precision
 /// unless [`LoadOptions::dtype`] asks for another; activations are f32.
 pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
-    let hf = HfConfig::read(&dir.join("config.json"))?;
+    load_decoder(dir, options, HfConfig::read(&dir.join("config.json"))?)
+}
+
+fn load_decoder(dir: &Path, options: &LoadOptions, hf: HfConfig) -> Result<LoadedModel, ModelError> {
     let ModelMetadata { tokenizer, info } = decoder_metadata(dir, options, &hf)?;
     let config = hf.config.clone();
     let mut source = SafetensorsSource::open(dir, hf, options.dtype)?;
@@ -33,15 +36,19 @@ pub fn load_hf(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelEr
     Ok(LoadedModel { model, tokenizer, info })
 }
 
-/// Whether the folder holds a BERT encoder, which [`load_hf_encoder`] loads.
-pub(super) fn is_encoder(dir: &Path) -> Result<bool, ModelError> {
-    config::names_encoder(&dir.join("config.json"))
+/// The folder's `config.json`, read once: a decoder's or a BERT encoder's.
+fn read_folder(dir: &Path) -> Result<FolderConfig, ModelError> {
+    FolderConfig::read(&dir.join("config.json"), || sentence_transformers::max_seq_length(dir))
 }
 
-/// Loads a BERT encoder (`BertModel`) from a Hugging Face / Sentence-Transformers folder, on
-/// the CPU, its weights in f32 unless [`LoadOptions::dtype`] asks for another.
-pub(super) fn load_hf_encoder(dir: &Path, options: &LoadOptions) -> Result<Loaded<Bert>, ModelError> {
-    let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
+/// Loads a Hugging Face folder: a decoder (as [`load_hf`]), or a BERT encoder
+/// (`BertModel`, from a Sentence-Transformers folder too) on the CPU, its weights in f32
+/// unless [`LoadOptions::dtype`] asks for another.
+pub(super) fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Loaded<Model>, ModelError> {
+    let config = match read_folder(dir)? {
+        FolderConfig::Decoder(hf) => return load_decoder(dir, options, hf).map(Into::into),
+        FolderConfig::Encoder(config) => config,
+    };
     let ModelMetadata { tokenizer, info } = encoder_metadata(dir, options, &config)?;
     let dtype = match options.dtype {
         super::WeightDtype::Auto | super::WeightDtype::F32 => candle_core::DType::F32,
@@ -49,16 +56,15 @@ pub(super) fn load_hf_encoder(dir: &Path, options: &LoadOptions) -> Result<Loade
         super::WeightDtype::BF16 => candle_core::DType::BF16,
     };
     let model = Bert::load(dir, config, &candle_core::Device::Cpu, dtype)?;
-    Ok(Loaded { model, tokenizer, info })
+    Ok(Loaded { model: Model::Bert(model), tokenizer, info })
 }
 
-/// Everything [`load_hf`] or [`load_hf_encoder`] reads but the weights.
+/// Everything [`load_folder`] reads but the weights.
 pub(super) fn load_hf_metadata(dir: &Path, options: &LoadOptions) -> Result<ModelMetadata, ModelError> {
-    if is_encoder(dir)? {
-        let config = config::bert_config(&dir.join("config.json"), sentence_transformers::max_seq_length(dir)?)?;
-        return encoder_metadata(dir, options, &config);
+    match read_folder(dir)? {
+        FolderConfig::Encoder(config) => encoder_metadata(dir, options, &config),
+        FolderConfig::Decoder(hf) => decoder_metadata(dir, options, &hf),
     }
-    decoder_metadata(dir, options, &HfConfig::read(&dir.join("config.json"))?)
 }
 
 /// A decoder's tokenizer and serving metadata.

@@ -125,11 +125,7 @@ impl Loaded<Model> {
 /// (one with `config.json`; a BERT encoder's loads as [`Model::Bert`]).
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Loaded<Model>, ModelError> {
     match format(path, options)? {
-        Format::HfFolder if hf::is_encoder(path)? => {
-            let m = hf::load_hf_encoder(path, options)?;
-            Ok(Loaded { model: Model::Bert(m.model), tokenizer: m.tokenizer, info: m.info })
-        }
-        Format::HfFolder => load_hf(path, options).map(Into::into),
+        Format::HfFolder => hf::load_folder(path, options),
         Format::Gguf => load_gguf_with(path, options).map(Into::into),
     }
 }

@@ -154,11 +154,34 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// What a folder's `config.json` describes, read once.
+pub(super) enum FolderConfig {
+    /// A decoder the Llama forward pass runs.
+    Decoder(HfConfig),
+    /// A BERT encoder.
+    Encoder(BertConfig),
+}
+
+impl FolderConfig {
+    /// Reads `config.json` at `path`: a BERT encoder's when it names one (`max_seq_length`
+    /// as in [`bert_config`]), else a decoder's ([`HfConfig::read`]).
+    pub fn read(
+        path: &Path,
+        max_seq_length: impl FnOnce() -> Result<Option<usize>, ModelError>,
+    ) -> Result<Self, ModelError> {
+        let json = read_json(path)?;
+        let f = Fields::new(path, &json)?;
+        if names_encoder(&f)? {
+            Ok(Self::Encoder(bert_config(&f, max_seq_length()?)?))
+        } else {
+            Ok(Self::Decoder(HfConfig::from_fields(&f)?))
+        }
+    }
+}
+
 /// Whether `config.json` names a BERT encoder (`BertModel`, or `model_type` `bert`), which
 /// [`bert_config`] reads instead of [`HfConfig::read`].
-pub(super) fn names_encoder(path: &Path) -> Result<bool, ModelError> {
-    let json = read_json(path)?;
-    let f = Fields::new(path, &json)?;
+fn names_encoder(f: &Fields) -> Result<bool, ModelError> {
     let first = f.get("architectures").and_then(|a| a.as_array()?.first()?.as_str());
     Ok(match first {
         Some(name) => matches!(name, "BertModel" | "BertForMaskedLM" | "BertForPreTraining"),
@@ -168,9 +191,7 @@ pub(super) fn names_encoder(path: &Path) -> Result<bool, ModelError> {
 
 /// Reads a BERT encoder's `config.json`; `max_seq_length` is Sentence-Transformers' limit
 /// (`sentence_bert_config.json`), which becomes the context length when shorter.
-pub(super) fn bert_config(path: &Path, max_seq_length: Option<usize>) -> Result<BertConfig, ModelError> {
-    let json = read_json(path)?;
-    let f = Fields::new(path, &json)?;
+fn bert_config(f: &Fields, max_seq_length: Option<usize>) -> Result<BertConfig, ModelError> {
     let act = f.opt_str("hidden_act")?.unwrap_or("gelu");
     if act != "gelu" {
         return Err(f.unsupported(format!("unsupported hidden_act `{act}` (only gelu, the erf form, is implemented)")));
@@ -208,8 +229,12 @@ impl HfConfig {
     /// (other architectures, scaled or partial RoPE, sliding windows, ...).
     pub fn read(path: &Path) -> Result<Self, ModelError> {
         let json = read_json(path)?;
-        let f = Fields::new(path, &json)?;
-        let arch = Self::arch(&f)?;
+        Self::from_fields(&Fields::new(path, &json)?)
+    }
+
+    /// [`HfConfig::read`] of a parsed `config.json`.
+    fn from_fields(f: &Fields) -> Result<Self, ModelError> {
+        let arch = Self::arch(f)?;
 
         // Gemma names its activation `hidden_activation`; the forward pass
         // gives each family the one it has.
@@ -262,10 +287,10 @@ impl HfConfig {
                 "unsupported quantization_config (quant_method `{method}`): only f32/f16/bf16 checkpoints load"
             )));
         }
-        let rope_freq_scale = Self::rope_scaling(&f)?;
+        let rope_freq_scale = Self::rope_scaling(f)?;
         let context_length = f.usize("max_position_embeddings")?;
         let num_layers = f.usize("num_hidden_layers")?;
-        let sliding_window = Self::sliding_window(&f, arch, context_length, num_layers)?;
+        let sliding_window = Self::sliding_window(f, arch, context_length, num_layers)?;
 
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
         let qkv_bias = match arch {

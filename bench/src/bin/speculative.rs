@@ -7,8 +7,8 @@
 //!   a JSON extraction), where the drafts are often right;
 //! - **chat**: open-ended questions, where they seldom are.
 //!
-//! Each is run one request at a time (**single stream**), then all requests of both workloads
-//! twice over at once (**16 concurrent**, with the default prompts). A figure is generated tokens
+//! Each is run one request at a time (**single stream**), then copy and chat requests
+//! alternating, `--concurrent` at once (**16 concurrent** by default: every prompt twice). A figure is generated tokens
 //! over the wall time from the first submit to the last answer ([`Llm::chat`], the engine the
 //! workers run). The speculative run prints its acceptance (accepted / proposed draft tokens) and
 //! the tokens each verifying step gave (1 + accepted / drafts), and checks that every answer is
@@ -71,6 +71,10 @@ struct Args {
     /// Most tokens per answer.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
+    /// Requests at once in the concurrent runs, each a row (comma-separated: `2,4,8,16` finds
+    /// where verifying stops paying, with `disable_by_batch_size` raised past them).
+    #[arg(long, value_delimiter = ',', default_value = "16", value_parser = clap::value_parser!(u32).range(2..))]
+    concurrent: Vec<u32>,
     /// Threads (default: the machine's cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
@@ -90,7 +94,7 @@ struct Figure {
 #[derive(Debug, Serialize)]
 struct Row {
     workload: &'static str,
-    mode: &'static str,
+    mode: String,
     plain: Figure,
     speculative: Figure,
     speedup: f64,
@@ -153,22 +157,26 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     let plain = llm(&args, None)?;
     let speculating = llm(&args, Some(args.speculative_config))?;
     let (copy, chat) = (copy_tasks(), chat_tasks());
-    let mixed: Vec<String> = [copy.clone(), chat.clone(), copy.clone(), chat.clone()].concat();
-    let runs: [(&str, &str, &[String], bool); 3] = [
-        ("copy", "single stream", &copy, false),
-        ("chat", "single stream", &chat, false),
-        ("copy + chat", "16 concurrent", &mixed, true),
+    // Copy and chat prompts alternating, as many as each concurrent run takes (16: each twice).
+    let mixed = |n: u32| {
+        let pick = |i: usize| if i.is_multiple_of(2) { &copy[i / 2 % copy.len()] } else { &chat[i / 2 % chat.len()] };
+        (0..n as usize).map(|i| pick(i).clone()).collect()
+    };
+    let mut runs: Vec<(&str, String, Vec<String>, bool)> = vec![
+        ("copy", "single stream".into(), copy.clone(), false),
+        ("chat", "single stream".into(), chat.clone(), false),
     ];
+    runs.extend(args.concurrent.iter().map(|&n| ("copy + chat", format!("{n} concurrent"), mixed(n), true)));
     let mut rows = Vec::new();
     for (workload, mode, prompts, at_once) in runs {
-        let (plain_ids, plain_figure) = measure(&plain, prompts, args.max_tokens, at_once)?;
+        let (plain_ids, plain_figure) = measure(&plain, &prompts, args.max_tokens, at_once)?;
         let before = speculating.engine().stats().speculation;
-        let (spec_ids, spec_figure) = measure(&speculating, prompts, args.max_tokens, at_once)?;
+        let (spec_ids, spec_figure) = measure(&speculating, &prompts, args.max_tokens, at_once)?;
         let spec = since(speculating.engine().stats().speculation, before);
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         rows.push(Row {
             workload,
-            mode,
+            mode: mode.clone(),
             plain: plain_figure,
             speculative: spec_figure,
             speedup: spec_figure.tokens_per_s / plain_figure.tokens_per_s,

@@ -420,3 +420,8 @@ pub fn quantize_row_q8(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32]
         *total = sum;
     }
 }
+
+// A group's block is exactly its quants, scales and minimums: no padding.
+const _: () = assert!(std::mem::size_of::<GroupBlock<Q4_1>>() == GROUP * (16 + 2 + 2));
+const _: () = assert!(std::mem::size_of::<GroupBlock<Q5>>() == GROUP * (16 + 4 + 2 + 2));
+const _: () = assert!(std::mem::size_of::<GroupBlock<Q8_0>>() == GROUP * (32 + 2 + 2));

@@ -442,3 +442,9 @@ pub(super) fn factors<F: SuperFormat>(d: u16, dmin: u16) -> (f32, f32) {
     let d = f16::from_bits(d).to_f32();
     (d, if F::OFFSET_32 { 32.0 * d } else { f16::from_bits(dmin).to_f32() })
 }
+
+// A group's super-block holds 128 bytes of nibbles, 32 per high-bit plane, 16 scales, 16 sum
+// weights and two f16 factors per row: no padding.
+const _: () = assert!(std::mem::size_of::<SuperGroup<Q4K>>() == GROUP * (128 + 16 + 16 + 4));
+const _: () = assert!(std::mem::size_of::<SuperGroup<Q5K>>() == GROUP * (128 + 32 + 16 + 16 + 4));
+const _: () = assert!(std::mem::size_of::<SuperGroup<Q6K>>() == GROUP * (128 + 64 + 16 + 16 + 4));

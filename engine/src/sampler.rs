@@ -556,36 +556,29 @@ fn pick(target: f64, weighted: impl Iterator<Item = (u32, f64)>) -> Option<u32> 
 /// Index of the largest logit; ties go to the lowest id, NaN never wins, and
 /// a row with no number at all gives 0.
 pub fn argmax(logits: &[f32]) -> u32 {
-    // Sixteen independent lanes, each keeping its first maximum, so the loop
-    // compiles to vector compares and blends (a 262k vocabulary per row per step);
-    // then the lowest index among the lanes holding the overall maximum.
+    // Two passes that compile to vector compares (a 262k vocabulary per row per step): the
+    // maximum in sixteen lanes, then the first position holding it.
     const LANES: usize = 16;
-    let mut best = [f32::NEG_INFINITY; LANES];
-    let mut at = [0u32; LANES];
     let chunks = logits.chunks_exact(LANES);
     let tail = chunks.remainder();
-    for (c, chunk) in (0u32..).zip(chunks) {
-        for lane in 0..LANES {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks.clone() {
+        for (best, &l) in lanes.iter_mut().zip(chunk) {
             // NaN compares false, so it never wins.
-            if chunk[lane] > best[lane] {
-                best[lane] = chunk[lane];
-                at[lane] = c * LANES as u32 + lane as u32;
-            }
+            *best = if l > *best { l } else { *best };
         }
     }
-    let mut winner = (f32::NEG_INFINITY, 0u32);
-    for (&l, &i) in best.iter().zip(&at) {
-        if l > winner.0 || (l == winner.0 && l > f32::NEG_INFINITY && i < winner.1) {
-            winner = (l, i);
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let found = |chunk: &[f32]| chunk.iter().position(|&l| l == max);
+    for (c, chunk) in chunks.enumerate() {
+        if chunk.iter().fold(false, |hit, &l| hit | (l == max)) {
+            return (c * LANES + found(chunk).expect("the chunk holds it")) as u32;
         }
     }
-    let base = (logits.len() - tail.len()) as u32;
-    for (i, &l) in (base..).zip(tail) {
-        if l > winner.0 {
-            winner = (l, i);
-        }
-    }
-    winner.1
+    (logits.len() - tail.len() + found(tail).expect("the maximum is in the tail")) as u32
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 
 use half::f16;
 
+use super::pages::HugeVec;
+
 /// Values per block, for every format here.
 pub const QK: usize = 32;
 
@@ -295,7 +297,7 @@ impl Packing for Q8_0 {
 /// A quantized `[rows, cols]` weight matrix in [`GroupBlock`]s: group `g`'s
 /// block `b` at `g * k + b`; the last group padded with zero rows.
 pub struct QMatrix<F: Packing> {
-    pub(super) blocks: Vec<GroupBlock<F>>,
+    pub(super) blocks: HugeVec<GroupBlock<F>>,
     pub(super) rows: usize,
     /// Blocks per row (`cols / QK`).
     pub(super) k: usize,
@@ -329,7 +331,7 @@ impl<F: Packing> QMatrix<F> {
     /// block is.
     fn build(rows: usize, k: usize, block: impl Fn(usize, usize) -> Option<(u16, u16, F::Quants)>) -> Option<Self> {
         let empty = GroupBlock { q: F::EMPTY, d: [0; GROUP], m: [0; GROUP] };
-        let mut blocks = vec![empty; rows.div_ceil(GROUP) * k];
+        let mut blocks = HugeVec::filled(rows.div_ceil(GROUP) * k, empty);
         for j in 0..rows {
             let lane = j % GROUP;
             for (b, group) in blocks[j / GROUP * k..][..k].iter_mut().enumerate() {

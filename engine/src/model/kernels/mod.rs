@@ -14,6 +14,7 @@
 //! the step, so outputs do not depend on batch composition.
 
 mod blocks;
+mod pages;
 mod scalar;
 mod super_blocks;
 #[cfg(target_arch = "x86_64")]

@@ -15,6 +15,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::GROUP;
+use super::pages::HugeVec;
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -339,7 +340,7 @@ impl<F: SuperFormat> SuperGroup<F> {
 /// A K-quant `[rows, cols]` weight matrix in [`SuperGroup`]s: group `g`'s
 /// super-block `b` at `g * k + b`; the last group padded with zero rows.
 pub struct SuperMatrix<F: SuperFormat> {
-    pub(super) blocks: Vec<SuperGroup<F>>,
+    pub(super) blocks: HugeVec<SuperGroup<F>>,
     pub(super) rows: usize,
     /// Super-blocks per row (`cols / QK_K`).
     pub(super) k: usize,
@@ -358,7 +359,7 @@ impl<F: SuperFormat> SuperMatrix<F> {
 
     /// A matrix whose row `j`'s super-block `b` is `block(j, b)`.
     fn build(rows: usize, k: usize, block: impl Fn(usize, usize) -> Canon) -> Self {
-        let mut blocks = vec![SuperGroup::EMPTY; rows.div_ceil(GROUP) * k];
+        let mut blocks = HugeVec::filled(rows.div_ceil(GROUP) * k, SuperGroup::EMPTY);
         for j in 0..rows {
             for (b, group) in blocks[j / GROUP * k..][..k].iter_mut().enumerate() {
                 group.pack(&block(j, b), j % GROUP);

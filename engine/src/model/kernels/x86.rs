@@ -199,12 +199,39 @@ pub unsafe fn tile_avx512<F: Chunks, const R: usize>(
                 }
             }
         }
-        let lanes = (rows.end - start).min(GROUP);
-        let mask: __mmask16 = if lanes == GROUP { !0 } else { (1 << lanes) - 1 };
         for (acc, out) in acc.iter().zip(out) {
-            // SAFETY: out is valid at start..start + lanes (the caller's).
-            unsafe { _mm512_mask_storeu_ps(out.add(start), mask, *acc) };
+            // SAFETY: out is valid at start..rows.end (the caller's).
+            unsafe { store16(*acc, out, start..rows.end) };
         }
+    }
+}
+
+/// Stores the lanes of `v` that fall in `rows` (from its first) at `out[rows.start..]`: a
+/// group's outputs, the last group's cut short.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `out` must be valid for writes at `rows` (16 of them at most used).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store16(v: __m512, out: *mut f32, rows: Range<usize>) {
+    let lanes = rows.len().min(GROUP);
+    let mask: __mmask16 = if lanes == GROUP { !0 } else { (1 << lanes) - 1 };
+    // SAFETY: the caller's.
+    unsafe { _mm512_mask_storeu_ps(out.add(rows.start), mask, v) };
+}
+
+/// As [`store16`] for eight lanes, with AVX.
+///
+/// # Safety
+/// The CPU must have AVX; `out` must be valid for writes at `rows` (8 of them at most used).
+#[inline]
+#[target_feature(enable = "avx")]
+pub(super) unsafe fn store8(v: __m256, out: *mut f32, rows: Range<usize>) {
+    let mut lane = [0.0f32; 8];
+    // SAFETY: 8 floats into [f32; 8]; then the caller's.
+    unsafe {
+        _mm256_storeu_ps(lane.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(lane.as_ptr(), out.add(rows.start), rows.len().min(8));
     }
 }
 
@@ -258,13 +285,9 @@ pub unsafe fn tile_avx2<F: Chunks, const R: usize>(
                     }
                 }
             }
-            let lanes = (rows.end - first).min(8);
             for (acc, out) in acc.iter().zip(out) {
-                let mut lane = [0.0f32; 8];
-                // SAFETY: 8 floats into [f32; 8].
-                unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), *acc) };
-                // SAFETY: out is valid at first..first + lanes (the caller's).
-                unsafe { std::ptr::copy_nonoverlapping(lane.as_ptr(), out.add(first), lanes) };
+                // SAFETY: out is valid at first..rows.end (the caller's).
+                unsafe { store8(*acc, out, first..rows.end) };
             }
         }
     }

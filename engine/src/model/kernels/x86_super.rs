@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use super::blocks::GROUP;
 use super::super_blocks::{SuperFormat, SuperGroup, SuperMatrix, SuperRows};
+use super::x86::{store16, store8};
 
 /// Activation bytes `4c..4c + 4` from `xq`, as one i32.
 #[inline(always)]
@@ -122,11 +123,9 @@ pub(super) unsafe fn tile_avx512<F: SuperFormat, const R: usize>(
                 *sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(weighted[r]), _mm512_mul_ps(dm, dx), *sums);
             }
         }
-        let lanes = (rows.end - start).min(GROUP);
-        let mask: __mmask16 = if lanes == GROUP { !0 } else { (1 << lanes) - 1 };
         for r in 0..R {
-            // SAFETY: out[r] is valid at start..start + lanes (the caller's).
-            unsafe { _mm512_mask_storeu_ps(out[r].add(start), mask, _mm512_sub_ps(main[r], sums[r])) };
+            // SAFETY: out[r] is valid at start..rows.end (the caller's).
+            unsafe { store16(_mm512_sub_ps(main[r], sums[r]), out[r], start..rows.end) };
         }
     }
 }
@@ -237,13 +236,9 @@ pub(super) unsafe fn tile_avx2<F: SuperFormat, const R: usize>(
                     sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(weighted[r]), _mm256_mul_ps(dm, dx), sums[r]);
                 }
             }
-            let lanes = (rows.end - first_row).min(8);
             for r in 0..R {
-                let mut lane = [0.0f32; 8];
-                // SAFETY: 8 floats into [f32; 8].
-                unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), _mm256_sub_ps(main[r], sums[r])) };
-                // SAFETY: out[r] is valid at first_row..first_row + lanes (the caller's).
-                unsafe { std::ptr::copy_nonoverlapping(lane.as_ptr(), out[r].add(first_row), lanes) };
+                // SAFETY: out[r] is valid at first_row..rows.end (the caller's).
+                unsafe { store8(_mm256_sub_ps(main[r], sums[r]), out[r], first_row..rows.end) };
             }
         }
     }

@@ -77,6 +77,40 @@ fn quantize_row(x: &[f32], d: &mut [f32], s: &mut [f32], sums: &mut [i32], qs: &
     quantize_row_q8(x, d, s, sums, qs)
 }
 
+impl SuperRows {
+    /// Quantizes `x`, `rows` rows of `cols` values (a multiple of [`QK_K`]),
+    /// reusing this buffer.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        assert!(cols.is_multiple_of(QK_K) && x.len() == rows * cols, "{rows} x {cols} rows from {} values", x.len());
+        let n = rows * cols / QK_K;
+        self.d.resize(n, 0.0);
+        self.qs.resize(n, [0; QK_K]);
+        self.bsums.resize(n, [0; QK_K / 16]);
+        self.rows = rows;
+        self.k = cols / QK_K;
+        if x.len() >= PARALLEL_MIN_VALUES {
+            x.par_chunks_exact(QK_K)
+                .zip(self.d.par_iter_mut())
+                .zip(self.qs.par_iter_mut())
+                .zip(self.bsums.par_iter_mut())
+                .for_each(|(((x, d), q), sums)| quantize_super_block(x, d, q, sums));
+        } else {
+            let blocks = x.chunks_exact(QK_K).zip(&mut self.d).zip(&mut self.qs).zip(&mut self.bsums);
+            blocks.for_each(|(((x, d), q), sums)| quantize_super_block(x, d, q, sums));
+        }
+    }
+}
+
+/// One block of [`SuperRows`], with AVX2 where the CPU has it.
+fn quantize_super_block(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; QK_K / 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: the CPU has the features; a block is 256 values.
+        return unsafe { x86::quantize_block_q8k(x, d, q, sums) };
+    }
+    super_blocks::quantize_block(x, d, q, sums)
+}
+
 /// A 32-value weight format the product kernels know: its packing, and on
 /// x86 its SIMD chunks.
 #[cfg(target_arch = "x86_64")]

@@ -12,8 +12,6 @@
 
 use half::f16;
 
-use rayon::prelude::*;
-
 use super::blocks::GROUP;
 use super::pages::HugeVec;
 
@@ -30,43 +28,6 @@ pub struct SuperRows {
     pub(super) rows: usize,
     /// Super-blocks per row.
     pub(super) k: usize,
-}
-
-impl SuperRows {
-    /// Quantizes `x`, `rows` rows of `cols` values (a multiple of [`QK_K`]),
-    /// reusing this buffer.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
-        assert!(cols.is_multiple_of(QK_K) && x.len() == rows * cols, "{rows} x {cols} rows from {} values", x.len());
-        let n = rows * cols / QK_K;
-        self.d.resize(n, 0.0);
-        self.qs.resize(n, [0; QK_K]);
-        self.bsums.resize(n, [0; QK_K / 16]);
-        self.rows = rows;
-        self.k = cols / QK_K;
-        if x.len() >= PARALLEL_MIN_VALUES {
-            x.par_chunks_exact(QK_K)
-                .zip(self.d.par_iter_mut())
-                .zip(self.qs.par_iter_mut())
-                .zip(self.bsums.par_iter_mut())
-                .for_each(|(((x, d), q), sums)| quantize(x, d, q, sums));
-        } else {
-            let blocks = x.chunks_exact(QK_K).zip(&mut self.d).zip(&mut self.qs).zip(&mut self.bsums);
-            blocks.for_each(|(((x, d), q), sums)| quantize(x, d, q, sums));
-        }
-    }
-}
-
-/// Values below which quantizing rows stays on the calling thread.
-const PARALLEL_MIN_VALUES: usize = 1 << 16;
-
-/// One block, with AVX2 where the CPU has it.
-fn quantize(x: &[f32], d: &mut f32, q: &mut [i8; QK_K], sums: &mut [i16; QK_K / 16]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::x86::available() {
-        // SAFETY: the CPU has the features; a block is 256 values.
-        return unsafe { super::x86::quantize_block_q8k(x, d, q, sums) };
-    }
-    quantize_block(x, d, q, sums)
 }
 
 /// One block of [`SuperRows`] (round half away from zero, `d = amax / 127`).

@@ -31,27 +31,30 @@ pub struct HugeVec<T> {
 }
 
 /// A mapping that slices point into; their ranges never overlap.
-struct Mapping(std::cell::UnsafeCell<MmapMut>);
+struct Mapping {
+    /// Keeps the pages mapped; only ever reached through `base`.
+    _map: MmapMut,
+    base: *mut u8,
+}
 
-// SAFETY: each HugeVec reads and writes only its own range of the mapping, and the
-// mapping itself (its address and length) never changes.
+// SAFETY: each HugeVec reads and writes only its own range through `base`, and the mapping
+// itself (its address and length) never changes while it lives.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(len: usize) -> std::io::Result<Self> {
-        let map = MmapMut::map_anon(len)?;
+        let mut map = MmapMut::map_anon(len)?;
         #[cfg(target_os = "linux")]
         {
             // An advice, not a need: without transparent huge pages the pages stay small.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Ok(Self(std::cell::UnsafeCell::new(map)))
+        Ok(Self { base: map.as_mut_ptr(), _map: map })
     }
 
     fn base(&self) -> *mut u8 {
-        // SAFETY: reading the mapping's address; nothing resizes it.
-        unsafe { (*self.0.get()).as_mut_ptr() }
+        self.base
     }
 }
 

@@ -81,7 +81,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let pullers: Vec<_> = (0..loaded.engine.tp_size())
         .map(|rank| {
             Arc::new(KvPuller::new(PullerConfig {
-                layout: worker::blocks::kv_layout(&loaded.engine, rank),
+                layout: worker::blocks::kv_layout(&loaded.engine, rank, loaded.draft),
                 transport: args.kv_transport,
                 checksum: !args.no_kv_checksum,
                 idle_timeout: Duration::from_millis(args.kv_stall_timeout_ms),

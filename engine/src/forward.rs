@@ -200,6 +200,12 @@ pub trait Forward: Send + Sync + 'static {
         false
     }
 
+    /// The draft model that proposes speculative tokens, sharing this model's KV blocks (see
+    /// [`crate::model::Drafted`]): the engine runs it alone to fill a step's draft slots.
+    fn draft(&self) -> Option<&dyn Forward> {
+        None
+    }
+
     /// Tensor-parallel ranks the model runs on; the engine keeps one KV cache
     /// per rank, each holding that rank's share of the KV heads.
     fn tp_size(&self) -> usize {

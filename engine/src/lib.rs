@@ -49,4 +49,4 @@ pub use request::{
 };
 pub use sampler::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 pub use scheduler::block_manager::{BlockHash, KvEvent};
-pub use scheduler::{SpeculationStats, SpeculativeConfig, SpeculativeConfigError};
+pub use scheduler::{NgramLookup, SpeculationStats, SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod};

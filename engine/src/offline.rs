@@ -452,7 +452,15 @@ static NEXT_BATCH: AtomicU64 = AtomicU64::new(0);
 impl Llm {
     /// Starts an engine over a loaded model.
     pub fn new(loaded: impl Into<Loaded<Model>>, config: LlmConfig) -> Result<Self, OfflineError> {
-        let Loaded { model, tokenizer, info } = loaded.into();
+        let loaded = loaded.into();
+        // A draft model named by the speculative config is loaded here unless paired already.
+        let loaded = match (&loaded.model, &config.speculative) {
+            (Model::Drafted(_), _) | (_, None) => loaded,
+            (_, Some(speculative)) => loaded
+                .with_draft_of(Some(speculative), &crate::model::LoadOptions::default())
+                .map_err(|e| OfflineError::Load(Arc::new(e)))?,
+        };
+        let Loaded { model, tokenizer, info } = loaded;
         let block_bytes = model.kv_shape(config.block_size, 1).block_bytes();
         let num_blocks =
             match model.encoder_blocks(config.block_size, config.max_num_batched_tokens, config.max_num_seqs) {
@@ -474,7 +482,7 @@ impl Llm {
             eos_token_ids: info.eos_token_ids.clone(),
             default_seed: config.seed,
             enable_prefix_caching: config.enable_prefix_caching,
-            speculative: config.speculative,
+            speculative: config.speculative.clone(),
         };
         let model =
             model.place(ComputeDevice::Cpu, 1, WeightDtype::Auto).map_err(|e| OfflineError::Load(Arc::new(e)))?;

@@ -85,7 +85,7 @@ mod sequence;
 mod speculate;
 
 pub use plan::{BlockCopy, KvWrite, SampledToken, ScheduledSeq, StepPlan};
-pub use speculate::{SpeculativeConfig, SpeculativeConfigError};
+pub use speculate::{NgramLookup, SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod};
 
 use crate::request::{EngineEvent, FailureKind, FinishReason, Pooling, RequestError};
 use crate::sampler::TokenLogprobs;
@@ -710,7 +710,7 @@ impl Scheduler {
         let mut planned: Vec<Planned> = Vec::new();
         let mut preempted = false;
         let decoding = self.running.iter().filter(|s| s.num_new() == 1).count();
-        let speculate = self.config.speculative.is_some_and(|s| decoding <= s.disable_by_batch_size);
+        let speculate = self.config.speculative.as_ref().is_some_and(|s| decoding <= s.disable_by_batch_size);
         for decodes in [true, false] {
             let mut i = 0;
             while i < self.running.len() && *budget > 0 {
@@ -769,8 +769,13 @@ impl Scheduler {
             .max_tokens
             .saturating_sub(seq.num_generated)
             .min(self.config.max_model_len.saturating_sub(seq.tokens.len()));
-        let limit = seq.speculation.limit(speculative, seq.num_generated);
-        speculative.propose(&seq.tokens, room.min(left.saturating_sub(1)).min(limit))
+        let k = seq.speculation.limit(speculative, seq.num_generated).min(room).min(left.saturating_sub(1));
+        match &speculative.method {
+            SpeculativeMethod::Ngram(lookup) => lookup.propose(&seq.tokens, k),
+            // Slots the engine fills with the draft model's tokens before the step (see
+            // `ScheduledSeq::drafts`).
+            SpeculativeMethod::DraftModel { .. } => vec![0; k],
+        }
     }
 
     /// Preempts the worst-ranked running sequence, unplanning it. Returns

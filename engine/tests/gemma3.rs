@@ -5,21 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{agreement, golden_file, teacher_forced_logits};
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("PDSERVE_GEMMA3")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/gemma-3-270m-q4_k_m.gguf"));
-    assert!(
-        path.exists(),
-        "model {} not found: run scripts/fetch-model.sh gemma3 or set PDSERVE_GEMMA3",
-        path.display()
-    );
-    path
-}
+use common::{agreement, gemma_path as model_path, golden_file, teacher_forced_logits};
 
 #[test]
 fn teacher_forced_agreement_with_llama_cpp() {

@@ -1,6 +1,6 @@
-//! Speculative decoding by prompt lookup on the real model: the same tokens as without it, greedy
-//! and seeded, batched, and when sequences are preempted and recomputed mid-speculation; and the
-//! drafts are really verified (some accepted, some not).
+//! Speculative decoding on the real model, by prompt lookup and with a draft model: the same
+//! tokens as without it, greedy and seeded, batched, and when sequences are preempted and
+//! recomputed mid-speculation; and the drafts are really verified (some accepted, some not).
 //!
 //! Needs the model: `scripts/fetch-model.sh`, or `PDSERVE_MODEL=<gguf>`.
 
@@ -8,16 +8,48 @@ mod common;
 
 use std::sync::Arc;
 
-use engine::model::{ComputeDevice, WeightDtype};
-use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, SamplingParams, SpeculativeConfig};
+use engine::model::{ComputeDevice, LoadOptions, WeightDtype};
+use engine::{
+    Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, NgramLookup, SamplingParams, SpeculativeConfig,
+    SpeculativeMethod,
+};
 
 /// Every step speculates, however many sequences it runs.
 const DRAFTS: SpeculativeConfig = SpeculativeConfig {
+    method: SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max: 3, prompt_lookup_min: 1 }),
     num_speculative_tokens: 4,
-    prompt_lookup_max: 3,
-    prompt_lookup_min: 1,
     disable_by_batch_size: usize::MAX,
 };
+
+/// The model drafting for itself: the same weights and kernels, whose rows give the same bits
+/// alone or batched, so a greedy draft is always the target's own token. Any draft KV out of
+/// place (a position, a layer, a step that forgot it) shows as a rejected greedy draft.
+fn self_drafting() -> SpeculativeConfig {
+    SpeculativeConfig {
+        method: SpeculativeMethod::DraftModel { model: common::model_path() },
+        num_speculative_tokens: 3,
+        disable_by_batch_size: usize::MAX,
+    }
+}
+
+/// An engine whose model is paired with `speculative`'s draft model.
+fn drafting_engine(speculative: SpeculativeConfig, num_blocks: usize) -> EngineHandle {
+    let loaded = engine::model::load(&common::model_path(), &LoadOptions::default())
+        .and_then(|l| l.with_draft_of(Some(&speculative), &LoadOptions::default()))
+        .expect("loading the model and its draft");
+    let shape = loaded.model.kv_shape(16, num_blocks);
+    let config = EngineConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 512,
+        max_model_len: 1024,
+        eos_token_ids: loaded.info.eos_token_ids.clone(),
+        default_seed: 0,
+        enable_prefix_caching: true,
+        speculative: Some(speculative),
+    };
+    let model = loaded.model.place(ComputeDevice::Cpu, 1, WeightDtype::Auto).expect("placing the model");
+    Engine::start(model, shape, config)
+}
 
 fn engine(speculative: Option<SpeculativeConfig>, num_blocks: usize) -> EngineHandle {
     engine_on_ranks(speculative, num_blocks, 1)
@@ -131,4 +163,52 @@ fn tensor_parallel_ranks_verify_drafts_to_the_same_tokens() {
     let speculating = engine_on_ranks(Some(DRAFTS), 512, 3);
     assert_eq!(plain, generate(&speculating, requests()));
     assert!(speculating.stats().speculation.num_accepted_tokens > 0);
+}
+
+#[test]
+fn a_draft_model_proposes_and_greedy_output_is_the_same() {
+    let requests = || requests(40, SamplingParams::greedy);
+    let plain = generate(&engine(None, 512), requests());
+    let drafting = drafting_engine(self_drafting(), 512);
+    assert_eq!(plain, generate(&drafting, requests()), "a draft model changed the greedy output");
+    let stats = drafting.stats().speculation;
+    assert!(stats.num_draft_tokens > 0, "nothing was drafted: {stats:?}");
+    // The draft is the target itself: every greedy draft is right, if its KV is.
+    assert_eq!(stats.num_accepted_tokens, stats.num_draft_tokens, "{stats:?}");
+    // A second round hits the prefix cache: the cached blocks' draft layers are valid too.
+    assert_eq!(plain, generate(&drafting, requests()));
+    let again = drafting.stats().speculation;
+    assert_eq!(again.num_accepted_tokens, again.num_draft_tokens, "after prefix-cache hits: {again:?}");
+}
+
+#[test]
+fn a_draft_model_keeps_seeded_samples_and_recomputes_after_preemption() {
+    let sampled = |max_tokens| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(7),
+        ignore_eos: true,
+        ..SamplingParams::greedy(max_tokens)
+    };
+    let requests = || requests(48, sampled);
+    let plain = generate(&engine(None, 512), requests());
+    let crowded = drafting_engine(self_drafting(), 28);
+    assert_eq!(plain, generate(&crowded, requests()), "a draft model changed a seeded sample");
+    assert!(crowded.stats().num_preemptions > 0, "no preemption: the test proves nothing");
+    let stats = crowded.stats().speculation;
+    // Sampled tokens differ from the greedy drafts now and then.
+    assert!(0 < stats.num_accepted_tokens && stats.num_accepted_tokens < stats.num_draft_tokens, "{stats:?}");
+}
+
+#[test]
+fn a_draft_model_of_another_shape_is_refused() {
+    let gemma = common::gemma_path();
+    let speculative = SpeculativeConfig {
+        method: SpeculativeMethod::DraftModel { model: gemma },
+        num_speculative_tokens: 3,
+        disable_by_batch_size: 4,
+    };
+    let loaded = engine::model::load(&common::model_path(), &LoadOptions::default()).unwrap();
+    let error = loaded.with_draft_of(Some(&speculative), &LoadOptions::default()).err().expect("refused").to_string();
+    assert!(error.starts_with("draft model:") && error.contains("vocabulary"), "{error}");
 }

@@ -266,7 +266,9 @@ impl Inner {
             return Err(format!("engine id {engine_id:?} is not this engine ({:?})", self.config.engine_id));
         }
         let theirs = KvLayout::try_from(theirs.ok_or("hello without a KV layout")?).map_err(|e| e.to_string())?;
-        self.layout.check_compatible(&theirs).map_err(|e| e.to_string())?;
+        self.layout
+            .check_compatible(&theirs)
+            .map_err(|e| format!("{e} (this prefill worker's first, the decode worker's second)"))?;
         let shared_memory =
             if self.config.shared_memory { shm::advertise(self.memory.memfd(), self.memory.len()) } else { None };
         Ok(Accepted { layout: Some(self.layout.into()), num_blocks: self.memory.num_blocks() as u32, shared_memory })

@@ -62,6 +62,33 @@ pub struct KvLayout {
     pub tp_rank: u32,
     /// KV heads of the whole model.
     pub total_kv_heads: u32,
+    /// Speculative decoding's draft model, whose KV is the last layers of every block.
+    pub draft: Option<DraftKv>,
+}
+
+/// The draft model whose KV follows the target's in every block (see [`KvLayout::draft`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftKv {
+    /// Its layers, the last of [`KvLayout::num_layers`].
+    pub layers: u32,
+    /// Which draft: [`DraftKv::id_of`] its file.
+    pub id: u64,
+}
+
+impl DraftKv {
+    /// The id of a draft model file: xxh3-64 of its name and size, which tell the usual
+    /// drafts apart (another model or quantization) without reading its weights.
+    pub fn id_of(file_name: &str, size: u64) -> u64 {
+        let mut bytes = file_name.as_bytes().to_vec();
+        bytes.extend(size.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+}
+
+impl fmt::Display for DraftKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "draft model {:016x} of {} layers", self.id, self.layers)
+    }
 }
 
 /// The fields on which two layouts differ, as `name: ours vs theirs`.
@@ -118,6 +145,9 @@ impl KvLayout {
                 self.num_kv_heads, self.tp_size, self.total_kv_heads
             ));
         }
+        if let Some(d) = self.draft.filter(|d| d.layers == 0 || d.layers >= self.num_layers) {
+            problems.push(format!("{d} is not within num_layers {} beside a target's", self.num_layers));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -141,6 +171,8 @@ impl KvLayout {
         cmp("head_dim", self.head_dim.to_string(), theirs.head_dim.to_string());
         cmp("dtype", self.dtype.to_string(), theirs.dtype.to_string());
         cmp("block_size", self.block_size.to_string(), theirs.block_size.to_string());
+        let draft = |d: Option<DraftKv>| d.map_or("no draft model".to_string(), |d| d.to_string());
+        cmp("speculative decoding", draft(self.draft), draft(theirs.draft));
         if diffs.is_empty() {
             Ok(())
         } else {
@@ -165,6 +197,7 @@ impl From<KvLayout> for pb::KvLayout {
             tp_size: l.tp_size,
             tp_rank: l.tp_rank,
             total_kv_heads: l.total_kv_heads,
+            draft: l.draft.map(|d| pb::DraftKv { layers: d.layers, id: d.id }),
         }
     }
 }
@@ -188,6 +221,7 @@ impl TryFrom<pb::KvLayout> for KvLayout {
             tp_size: l.tp_size,
             tp_rank: l.tp_rank,
             total_kv_heads: l.total_kv_heads,
+            draft: l.draft.map(|d| DraftKv { layers: d.layers, id: d.id }),
         })
     }
 }
@@ -228,6 +262,7 @@ mod tests {
             tp_size: 1,
             tp_rank: 0,
             total_kv_heads: 3,
+            draft: None,
         }
     }
 

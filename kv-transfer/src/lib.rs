@@ -26,7 +26,7 @@ pub mod shm;
 
 pub use client::{KvPuller, PullCounts, Pulled, PullerConfig, TransportPolicy};
 pub use connector::{BlockSource, ConnectorConfig, KvConnector, KvConnectors, PinStats};
-pub use layout::{pull_plan, KvDtype, KvLayout, LayoutMismatch, PullPiece};
+pub use layout::{pull_plan, DraftKv, KvDtype, KvLayout, LayoutMismatch, PullPiece};
 pub use memory::{KvMemory, PullTarget};
 pub use params::{KvTransferParams, RemotePrefill};
 pub use proto::kv::Transport;

@@ -3,8 +3,8 @@
 //! refusal, head slicing across TP sizes, checksums, and transport choice.
 
 use kv_transfer::{
-    BlockSource, ConnectorConfig, KvConnector, KvDtype, KvLayout, KvMemory, KvPuller, KvTransferError, PinStats,
-    PullTarget, PullerConfig, RemotePrefill, Transport, TransportPolicy,
+    BlockSource, ConnectorConfig, DraftKv, KvConnector, KvDtype, KvLayout, KvMemory, KvPuller, KvTransferError,
+    PinStats, PullTarget, PullerConfig, RemotePrefill, Transport, TransportPolicy,
 };
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ fn model(heads: u32) -> KvLayout {
         tp_size: 1,
         tp_rank: 0,
         total_kv_heads: heads,
+        draft: None,
     }
 }
 
@@ -365,11 +366,44 @@ async fn incompatible_layouts_are_refused_by_name() {
     let theirs = KvLayout { head_dim: 8, block_size: 4, ..model(3) };
     let err = puller(theirs, TransportPolicy::Tcp).pull(&remote).await.unwrap_err();
     let KvTransferError::Refused { message, .. } = err else { panic!("{err}") };
-    assert_eq!(message, "incompatible KV layout: head_dim 4 vs 8, block_size 2 vs 4");
+    assert_eq!(
+        message,
+        "incompatible KV layout: head_dim 4 vs 8, block_size 2 vs 4 \
+         (this prefill worker's first, the decode worker's second)"
+    );
     let err = puller(model(3).for_rank(2, 0), TransportPolicy::Tcp).pull(&remote).await.unwrap_err();
     assert!(err.to_string().contains("3 KV heads do not divide by tp_size 2"), "{err}");
     // Nothing was pulled: the pin is still there for a compatible puller.
     assert_eq!(connector.stats().blocks, 1);
+}
+
+#[tokio::test]
+async fn speculative_configs_whose_blocks_differ_refuse_each_other_naming_both() {
+    // The decode worker's blocks carry a draft model's KV after the target's: from a prefill
+    // worker without that draft, or with another, its draft would read KV that is not its own.
+    let rank = FakeRank::new(model(3));
+    let connector = serve(rank.clone(), Duration::from_secs(30)).await;
+    let remote = connector.pin("req-1", vec![1], 2);
+    let drafting = |id| KvLayout { num_layers: 4, draft: Some(DraftKv { layers: 2, id }), ..model(3) };
+    let err = puller(drafting(7), TransportPolicy::Tcp).pull(&remote).await.unwrap_err();
+    let KvTransferError::Refused { message, .. } = err else { panic!("{err}") };
+    assert_eq!(
+        message,
+        "incompatible KV layout: num_layers 2 vs 4, \
+         speculative decoding no draft model vs draft model 0000000000000007 of 2 layers \
+         (this prefill worker's first, the decode worker's second)"
+    );
+    // Both with drafts, of the same shape but different files: refused too.
+    let mismatch = drafting(7).check_compatible(&drafting(8)).unwrap_err().to_string();
+    assert!(
+        mismatch.contains("draft model 0000000000000007 of 2 layers vs draft model 0000000000000008"),
+        "{mismatch}"
+    );
+    assert_eq!(drafting(7).check_compatible(&drafting(7)), Ok(()));
+    // A draft that leaves the target no layers is no layout at all.
+    let whole = KvLayout { draft: Some(DraftKv { layers: 4, id: 7 }), ..drafting(7) };
+    assert!(whole.check_valid().is_err());
+    assert_eq!(connector.stats().blocks, 1, "nothing was pulled");
 }
 
 /// Pulls `blocks` from prefill TP `from` into every rank of decode TP `to`,

@@ -90,7 +90,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         shared_memory: !args.no_kv_shared_memory,
     };
     let kv_host = config.advertise_host.clone();
-    let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine))?;
+    let connector = KvConnectors::start(kv_listeners, config, EngineBlocks::ranks(&loaded.engine, loaded.draft))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding gRPC on {}", args.listen))?;
     let face = start_face(&args.lifecycle, Role::Prefill, Some((loaded.engine.clone(), &loaded.grammars))).await?;
     let worker = WorkerService::new(loaded.card.clone(), loaded.engine.clone(), Some(connector.clone()));

@@ -106,13 +106,21 @@ pub struct ClusterOptions {
     pub router_args: Vec<String>,
     /// Extra flags for the decode worker (e.g. `--kv-transport tcp`).
     pub decode_args: Vec<String>,
+    /// Extra flags for the prefill worker.
+    pub prefill_args: Vec<String>,
     /// The model both workers serve (default: [`model_path`]).
     pub model: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { kv_lease_ms: 10_000, router_args: Vec::new(), decode_args: Vec::new(), model: None }
+        Self {
+            kv_lease_ms: 10_000,
+            router_args: Vec::new(),
+            decode_args: Vec::new(),
+            prefill_args: Vec::new(),
+            model: None,
+        }
     }
 }
 
@@ -204,10 +212,12 @@ impl Cluster {
         let model = options.model.clone().unwrap_or_else(model_path);
         let model = model.to_str().expect("utf-8 model path");
         let lease = options.kv_lease_ms.to_string();
-        let prefill = Process::start(
-            "prefill-worker",
-            &["--listen", "127.0.0.1:0", "--kv-listen", "127.0.0.1:0", "--kv-lease-ms", &lease, "--model", model],
-        );
+        let prefill_args: Vec<&str> =
+            ["--listen", "127.0.0.1:0", "--kv-listen", "127.0.0.1:0", "--kv-lease-ms", &lease, "--model", model]
+                .into_iter()
+                .chain(options.prefill_args.iter().map(String::as_str))
+                .collect();
+        let prefill = Process::start("prefill-worker", &prefill_args);
         let decode_args: Vec<&str> = ["--listen", "127.0.0.1:0", "--model", model]
             .into_iter()
             .chain(options.decode_args.iter().map(String::as_str))

@@ -1,7 +1,8 @@
-//! Speculative decoding on the decode worker (`--speculative-config`, prompt lookup) end to end:
-//! the same answers as a cluster without it, disaggregated and colocated, streamed or not, with
-//! logprobs, `n` > 1 and a seed, a stop string and `max_tokens`; and its Prometheus counters
-//! show drafts verified and accepted.
+//! Speculative decoding on the decode worker (`--speculative-config`: prompt lookup, and a draft
+//! model) end to end: the same answers as a cluster without it, disaggregated and colocated,
+//! streamed or not, with logprobs, `n` > 1 and a seed, a stop string and `max_tokens`; its
+//! Prometheus counters show drafts verified and accepted; and a prefill worker whose blocks lack
+//! the decode worker's draft KV is refused at the kv-transfer handshake.
 
 use serde_json::{json, Value};
 use tests::{ids, sse, Cluster, ClusterOptions};
@@ -59,13 +60,73 @@ async fn answers(cluster: &Cluster, bodies: &[Value]) -> Vec<Vec<(Vec<u64>, Stri
     all
 }
 
+/// The answers of a cluster without speculation (see [`answers`]).
+async fn plain_answers() -> Vec<Vec<(Vec<u64>, String, String, Value)>> {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let model = cluster.model_name().await;
+    answers(&cluster, &bodies(&model)).await
+}
+
+/// The default model drafting for itself: every greedy draft is right when its KV is.
+fn self_drafting() -> String {
+    json!({"method": "draft_model", "model": tests::model_path(), "num_speculative_tokens": 3}).to_string()
+}
+
+/// The decode worker's speculative decoding counters: drafts, draft tokens, accepted tokens.
+async fn counters(cluster: &Cluster) -> (f64, f64, f64) {
+    let metrics = tests::metrics::scrape(&cluster.decode.health_url()).await;
+    let counter = |name: &str| tests::metrics::sample(&metrics, name, &[("role", "decode")]);
+    (
+        counter("pdserve_worker_spec_decode_num_drafts_total"),
+        counter("pdserve_worker_spec_decode_num_draft_tokens_total"),
+        counter("pdserve_worker_spec_decode_num_accepted_tokens_total"),
+    )
+}
+
+#[tokio::test]
+async fn a_draft_model_on_both_workers_gives_the_same_answers_and_a_mismatch_is_refused() {
+    let plain = plain_answers().await;
+    let speculative = vec!["--speculative-config".to_string(), self_drafting()];
+    let options = ClusterOptions {
+        decode_args: speculative.clone(),
+        prefill_args: speculative.clone(),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options);
+    let model = cluster.model_name().await;
+    assert_eq!(plain, answers(&cluster, &bodies(&model)).await, "a draft model changed an answer");
+    // A greedy answer over a handed-off prompt: every draft is right only if the prefill worker's
+    // blocks brought the draft's KV along with the target's.
+    let before = counters(&cluster).await;
+    let url = format!("{}/v1/chat/completions", cluster.router.url());
+    let response = reqwest::Client::new().post(&url).json(&bodies(&model)[0]).send().await.expect("POST");
+    assert_eq!(gist(&response.json().await.expect("JSON")), plain[0]);
+    let after = counters(&cluster).await;
+    let (proposed, accepted) = (after.1 - before.1, after.2 - before.2);
+    assert!(proposed > 0.0 && accepted == proposed, "{proposed} drafted, {accepted} accepted");
+    drop(cluster);
+
+    // The prefill worker has no draft model: its blocks lack the draft's KV.
+    let options = ClusterOptions {
+        decode_args: speculative,
+        router_args: vec!["--kv-transfer-failure".into(), "fail".into()],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options);
+    let body = &bodies(&cluster.model_name().await)[0];
+    let url = format!("{}/v1/chat/completions", cluster.router.url());
+    let response = reqwest::Client::new().post(&url).json(body).send().await.expect("POST");
+    let text = response.text().await.expect("body");
+    assert!(
+        text.contains("speculative decoding no draft model vs draft model")
+            && text.contains("this prefill worker's first, the decode worker's second"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn answers_are_the_same_with_and_without_speculation_on_both_paths() {
-    let plain = {
-        let cluster = Cluster::start(ClusterOptions::default());
-        let model = cluster.model_name().await;
-        answers(&cluster, &bodies(&model)).await
-    };
+    let plain = plain_answers().await;
     let options = ClusterOptions {
         decode_args: vec!["--speculative-config".into(), SPECULATIVE.into()],
         ..ClusterOptions::default()
@@ -85,12 +146,6 @@ async fn answers_are_the_same_with_and_without_speculation_on_both_paths() {
     assert_eq!((stopped.1.as_str(), stopped.2.as_str()), ("The quick brown fox ", "stop"), "the stop string ends it");
     assert_eq!(speculated[4][0].1, copied.1, "streamed as answered");
 
-    let metrics = tests::metrics::scrape(&cluster.decode.health_url()).await;
-    let counter = |name: &str| tests::metrics::sample(&metrics, name, &[("role", "decode")]);
-    let (drafts, proposed, accepted) = (
-        counter("pdserve_worker_spec_decode_num_drafts_total"),
-        counter("pdserve_worker_spec_decode_num_draft_tokens_total"),
-        counter("pdserve_worker_spec_decode_num_accepted_tokens_total"),
-    );
-    assert!(drafts > 0.0 && accepted > 0.0 && accepted <= proposed, "{drafts} {proposed} {accepted}\n{metrics}");
+    let (drafts, proposed, accepted) = counters(&cluster).await;
+    assert!(drafts > 0.0 && accepted > 0.0 && accepted <= proposed, "{drafts} {proposed} {accepted}");
 }

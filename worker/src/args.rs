@@ -77,7 +77,10 @@ pub struct EngineArgs {
     /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": K}`
     /// (prompt lookup: each decode step also verifies up to K draft tokens copied from where
     /// the sequence's last `prompt_lookup_max`..`prompt_lookup_min` tokens occurred before;
-    /// defaults 4 and 2). The output is the same as without it, token for token for a seed.
+    /// defaults 4 and 2), or `{"method": "draft_model", "model": GGUF, "num_speculative_tokens":
+    /// K}` (a smaller model of the same vocabulary and KV heads proposes K tokens; its KV rides in
+    /// the same blocks, so a prefill worker handing off to this one needs the same config). The
+    /// output is the same as without it, token for token for a seed.
     #[arg(long, value_name = "JSON", value_parser = parse_speculative)]
     pub speculative_config: Option<SpeculativeConfig>,
 }

@@ -1,7 +1,7 @@
 //! The engine's KV cache seen by kv-transfer.
 
 use engine::{EngineHandle, KvReservation};
-use kv_transfer::{BlockSource, KvDtype, KvLayout, KvMemory, PullTarget};
+use kv_transfer::{BlockSource, DraftKv, KvDtype, KvLayout, KvMemory, PullTarget};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -43,12 +43,13 @@ impl Releases {
 }
 
 impl EngineBlocks {
-    /// One block source per rank of `engine`, rank order.
-    pub fn ranks(engine: &EngineHandle) -> Vec<Arc<dyn BlockSource>> {
+    /// One block source per rank of `engine` (whose blocks carry `draft`'s KV too, if any),
+    /// rank order.
+    pub fn ranks(engine: &EngineHandle, draft: Option<DraftKv>) -> Vec<Arc<dyn BlockSource>> {
         let releases = Arc::new(Releases { engine: engine.clone(), heard: Mutex::new(HashMap::new()) });
         (0..engine.tp_size())
             .map(|rank| {
-                let layout = kv_layout(engine, rank);
+                let layout = kv_layout(engine, rank, draft);
                 let arena = engine.kv_arena(rank);
                 // SAFETY: the arena is the rank's KV cache in kv-transfer's
                 // paged layout (the engine's `KvCacheShape::segment_offset`
@@ -64,8 +65,8 @@ impl EngineBlocks {
 }
 
 /// Rank `rank`'s KV layout in kv-transfer's terms: f32, its share of the KV
-/// heads.
-pub fn kv_layout(engine: &EngineHandle, rank: usize) -> KvLayout {
+/// heads, and `draft`'s layers after the target's if the engine has a draft model.
+pub fn kv_layout(engine: &EngineHandle, rank: usize, draft: Option<DraftKv>) -> KvLayout {
     let shape = engine.shape();
     let tp_size = engine.tp_size() as u32;
     KvLayout {
@@ -77,6 +78,7 @@ pub fn kv_layout(engine: &EngineHandle, rank: usize) -> KvLayout {
         tp_size,
         tp_rank: rank as u32,
         total_kv_heads: shape.num_kv_heads as u32 * tp_size,
+        draft,
     }
 }
 
@@ -125,6 +127,7 @@ mod tests {
             tp_size: 1,
             tp_rank: 0,
             total_kv_heads: 2,
+            draft: None,
         };
         assert_eq!(shape.block_bytes(), layout.block_bytes());
         for (layer, kv, block) in [(0, 0, 0), (0, 1, 3), (2, 1, 6), (1, 0, 4)] {

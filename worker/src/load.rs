@@ -16,6 +16,8 @@ pub struct LoadedEngine {
     pub vocab_size: usize,
     /// Structured outputs compiled against the model's vocabulary.
     pub grammars: Arc<crate::structured::Grammars>,
+    /// The draft model whose KV follows the target's in every block, for the kv-transfer layout.
+    pub draft: Option<kv_transfer::DraftKv>,
 }
 
 /// Loads the model and starts the engine's step loop.
@@ -28,6 +30,8 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         engine::model::LoadOptions { tokenizer: args.tokenizer.clone(), dtype: args.dtype, ..Default::default() };
     let loaded =
         engine::model::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let loaded = loaded.with_draft_of(args.speculative_config.as_ref(), &options).context("loading the draft model")?;
+    let draft = draft_kv(&loaded.model, args).context("reading the draft model")?;
     if let engine::model::Model::Llama(llama) = &loaded.model {
         let model_config = llama.config();
         check_tensor_parallel(args.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads)
@@ -63,7 +67,7 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         eos_token_ids: info.eos_token_ids.clone(),
         default_seed: args.seed,
         enable_prefix_caching: args.prefix_caching(),
-        speculative: args.speculative_config,
+        speculative: args.speculative_config.clone(),
     };
     let engine = Engine::start(model, shape, config);
     let grammars =
@@ -78,7 +82,20 @@ pub fn load_engine(args: &EngineArgs) -> anyhow::Result<LoadedEngine> {
         secs = started.elapsed().as_secs_f32(),
         "engine ready"
     );
-    Ok(LoadedEngine { engine, card, vocab_size, grammars })
+    Ok(LoadedEngine { engine, card, vocab_size, grammars, draft })
+}
+
+/// The kv-transfer description of `model`'s draft, if it has one (see [`kv_transfer::DraftKv`]).
+fn draft_kv(model: &engine::model::Model, args: &EngineArgs) -> std::io::Result<Option<kv_transfer::DraftKv>> {
+    let (engine::model::Model::Drafted(drafted), Some(path)) =
+        (model, args.speculative_config.as_ref().and_then(|s| s.draft_model()))
+    else {
+        return Ok(None);
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let size = std::fs::metadata(path)?.len();
+    let layers = drafted.draft().config().num_layers as u32;
+    Ok(Some(kv_transfer::DraftKv { layers, id: kv_transfer::DraftKv::id_of(&name, size) }))
 }
 
 /// The model card alone, from the tokenizer and metadata: no weights are

@@ -141,6 +141,7 @@ fn smollm() -> KvLayout {
         tp_size: 1,
         tp_rank: 0,
         total_kv_heads: 3,
+        draft: None,
     }
 }
 

@@ -155,7 +155,7 @@ fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> any
 fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     let load_start = load_average();
     let plain = llm(&args, None)?;
-    let speculating = llm(&args, Some(args.speculative_config))?;
+    let speculating = llm(&args, Some(args.speculative_config.clone()))?;
     let (copy, chat) = (copy_tasks(), chat_tasks());
     // Copy and chat prompts alternating, as many as each concurrent run takes (16: each twice).
     let mixed = |n: u32| {
@@ -189,13 +189,9 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
             eprintln!("{NAME}: {workload} {mode} done");
         }
     }
-    let c = args.speculative_config;
     let report = Report {
         threads,
-        speculative: format!(
-            "ngram, {} tokens, lookup {}..={}",
-            c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max
-        ),
+        speculative: args.speculative_config.to_string(),
         max_tokens: args.max_tokens,
         rows,
         load_average: [load_start, load_average()],

@@ -15,7 +15,7 @@
 //! (and leaves the live set) when its last choice's `Finished` is sent.
 
 use super::shared::{Shared, MAX_PENDING_KV_EVENTS};
-use crate::forward::{Forward, ForwardError, Logits};
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
 use crate::kv::cache::KvStorage;
 use crate::kv::landing::{KvLanding, Landings};
 use crate::request::{Command, EngineEvent, EngineRequest, FailureKind, KvSource, RequestError, Submission};
@@ -251,8 +251,7 @@ impl StepLoop {
 
     /// Runs one planned step: provided KV writes and the forward pass under
     /// the KV write lock, then sampling.
-    fn execute(&mut self, plan: StepPlan) {
-        let mut batch = plan.to_batch();
+    fn execute(&mut self, mut plan: StepPlan) {
         let landings: Vec<(String, Arc<KvLanding>)> = plan
             .seqs
             .iter()
@@ -265,11 +264,10 @@ impl StepLoop {
                 let _ = landing.wait_for(usize::MAX);
             }
         }
-        batch.landings = Landings(landings.iter().map(|(_, l)| l.clone()).collect());
         let span = tracing::debug_span!(
             "engine_step",
             num_seqs = plan.seqs.len(),
-            num_tokens = batch.tokens.len(),
+            num_tokens = plan.num_tokens(),
             num_kv_writes = plan.kv_writes.len()
         );
         let _entered = span.enter();
@@ -285,7 +283,7 @@ impl StepLoop {
                 // block manager, so this is a bug path.
                 if let Err(e) = kv.write_blocks(&w.block_ids, data) {
                     tracing::error!(request_id = %w.request_id, rank, error = %e, "writing provided KV failed");
-                    failed_writes.push((w.request_id.as_str(), e.to_string()));
+                    failed_writes.push((w.request_id.clone(), e.to_string()));
                 }
             }
             // After the writes: a fork at admission copies provided KV.
@@ -293,15 +291,24 @@ impl StepLoop {
         }
         failed_writes.dedup_by(|a, b| a.0 == b.0);
         let result = (!plan.seqs.is_empty()).then(|| {
+            let step = || {
+                // A draft model writes its tokens into the plan before the batch is made of it.
+                if let Some(draft) = self.model.draft() {
+                    self.draft_tokens(draft, &mut plan, &landings)?;
+                }
+                let mut batch = plan.to_batch();
+                batch.landings = Landings(landings.iter().map(|(_, l)| l.clone()).collect());
+                self.model.forward_ranks(&batch, &self.shared.kv)
+            };
             // A panicking model fails this batch, not the whole engine.
-            match catch_unwind(AssertUnwindSafe(|| self.model.forward_ranks(&batch, &self.shared.kv))) {
+            match catch_unwind(AssertUnwindSafe(step)) {
                 Ok(result) => result.map_err(StepFailure::from),
                 Err(panic) => Err(StepFailure { message: panic_message(panic.as_ref()), fatal: false }),
             }
         });
         for (request_id, error) in failed_writes {
             self.scheduler.fail(
-                &[request_id],
+                &[request_id.as_str()],
                 &RequestError::new(FailureKind::KvWrite, format!("writing provided KV failed: {error}")),
             );
         }
@@ -366,6 +373,50 @@ impl StepLoop {
             }
             Err(StepFailure { message, fatal: true }) => self.fail_engine(&message),
         }
+    }
+
+    /// Fills the draft slots of the plan's speculating sequences with `draft`'s greedy tokens:
+    /// its first pass feeds each sequence's new token (the draft's KV is valid up to it, see
+    /// [`crate::model::Drafted`]), each further pass the draft before, one token per sequence
+    /// per pass, into the slots' own KV positions. Greedy drafts are a deterministic proposal,
+    /// which [`Self::verify`]'s rejection sampling expects.
+    fn draft_tokens(
+        &self,
+        draft: &dyn Forward,
+        plan: &mut StepPlan,
+        landings: &[(String, Arc<KvLanding>)],
+    ) -> Result<(), ForwardError> {
+        let drafting: Vec<usize> = (0..plan.seqs.len()).filter(|&i| !plan.seqs[i].drafts.is_empty()).collect();
+        let Some(longest) = drafting.iter().map(|&i| plan.seqs[i].drafts.len()).max() else { return Ok(()) };
+        let [kv] = self.shared.kv.as_slice() else {
+            return Err(ForwardError::InvalidBatch("a draft model runs on one rank".into()));
+        };
+        // The draft reads the KV a hand-off is still landing.
+        for (request_id, landing) in landings {
+            if drafting.iter().any(|&i| &plan.seqs[i].request_id == request_id) {
+                let _ = landing.wait_for(usize::MAX);
+            }
+        }
+        let mut kv = kv.write().unwrap_or_else(PoisonError::into_inner);
+        for j in 0..longest {
+            let fed: Vec<usize> = drafting.iter().copied().filter(|&i| plan.seqs[i].drafts.len() > j).collect();
+            let mut batch = ForwardBatch::default();
+            for &i in &fed {
+                let s = &plan.seqs[i];
+                let known = s.tokens.len() - s.drafts.len();
+                let (start, end) = if j == 0 { (0, known) } else { (known + j - 1, known + j) };
+                batch.push(&s.tokens[start..end], s.context_start + start, s.prompt_len, s.block_table.clone(), true);
+            }
+            let logits = draft.forward(&batch, &mut kv)?;
+            for (row, &i) in fed.iter().enumerate() {
+                let token = argmax(logits.row(row));
+                let s = &mut plan.seqs[i];
+                let known = s.tokens.len() - s.drafts.len();
+                s.drafts[j] = token;
+                s.tokens[known + j] = token;
+            }
+        }
+        Ok(())
     }
 
     /// No step can run any more: fails every request, now and from now on

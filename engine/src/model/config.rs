@@ -251,6 +251,9 @@ pub enum ModelError {
     Device { device: String, reason: String },
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
+    /// A draft model that cannot pair with its target.
+    #[error("draft model: {0}")]
+    Draft(String),
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
     #[error("{0} is neither a .gguf file nor a Hugging Face model folder (a folder with config.json)")]

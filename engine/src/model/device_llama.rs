@@ -193,7 +193,7 @@ impl DeviceLlama {
         logits: bool,
     ) -> Result<Logits, ForwardError> {
         let c = &self.config;
-        check_batch(c, batch, kv)?;
+        check_batch(c, 0..c.num_layers, batch, kv)?;
         let vocab_size = c.vocab_size;
         let n = batch.tokens.len();
         if n == 0 {
@@ -422,7 +422,7 @@ impl Forward for DeviceLlama {
 
 impl RankModel for DeviceLlama {
     fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
-        check_batch(&self.config, batch, kv)
+        check_batch(&self.config, 0..self.config.num_layers, batch, kv)
     }
 
     fn forward_rank(

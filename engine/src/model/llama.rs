@@ -63,6 +63,9 @@ pub struct Llama {
     pub(super) output_norm: Vec<f32>,
     /// The embedding itself when the model ties them.
     pub(super) lm_head: Arc<Linear>,
+    /// The KV cache layer of its first layer: 0, or a draft model's place after its target's
+    /// layers in the blocks they share (see [`Llama::after_kv_layers`]).
+    first_kv_layer: usize,
 }
 
 /// Where [`Llama::load`] gets its weights: tensors named as in llama.cpp's
@@ -225,7 +228,7 @@ impl Llama {
             });
         }
         dequantized.log();
-        Ok(Self { config, token_embd, layers, output_norm, lm_head })
+        Ok(Self { config, token_embd, layers, output_norm, lm_head, first_kv_layer: 0 })
     }
 
     /// Rank `rank`'s shard of `world_size` (Megatron-style tensor
@@ -285,7 +288,19 @@ impl Llama {
             layers,
             output_norm: self.output_norm.clone(),
             lm_head: self.lm_head.clone(),
+            first_kv_layer: self.first_kv_layer,
         })
+    }
+
+    /// The model with its KV in cache layers `layers..`: a draft model's, after the `layers` of
+    /// the target whose blocks it shares.
+    pub fn after_kv_layers(self, layers: usize) -> Self {
+        Self { first_kv_layer: layers, ..self }
+    }
+
+    /// The KV cache layers this model reads and writes.
+    pub fn kv_layers(&self) -> std::ops::Range<usize> {
+        self.first_kv_layer..self.first_kv_layer + self.config.num_layers
     }
 
     /// The resolved model shape.
@@ -300,18 +315,26 @@ impl Llama {
 
     /// Rejects batches that would index outside the cache or the vocabulary.
     pub(crate) fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
-        check_batch(&self.config, batch, kv)
+        check_batch(&self.config, self.kv_layers(), batch, kv)
     }
 }
 
 /// Rejects batches that would index outside the cache or the vocabulary of a
-/// model of shape `config`.
-pub(super) fn check_batch(config: &Config, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+/// model of shape `config` whose KV is in cache layers `kv_layers` (the cache may hold more: a
+/// draft model's after its target's).
+pub(super) fn check_batch(
+    config: &Config,
+    kv_layers: std::ops::Range<usize>,
+    batch: &ForwardBatch,
+    kv: &KvStorage,
+) -> Result<(), ForwardError> {
     let bad = |m: String| Err(ForwardError::InvalidBatch(m));
     let shape = kv.shape();
-    let want = kv_shape(config, shape.block_size, shape.num_blocks);
-    if *shape != want || shape.block_size == 0 {
-        return bad(format!("KV cache shape {shape:?} does not fit the model (expected {want:?})"));
+    let want = KvCacheShape { num_layers: shape.num_layers, ..kv_shape(config, shape.block_size, shape.num_blocks) };
+    if *shape != want || shape.block_size == 0 || shape.num_layers < kv_layers.end {
+        return bad(format!(
+            "KV cache shape {shape:?} does not fit the model (expected {want:?} with layers {kv_layers:?})"
+        ));
     }
     let mut next = 0;
     for (i, s) in batch.seqs.iter().enumerate() {
@@ -408,6 +431,12 @@ impl Forward for Llama {
 }
 
 impl Llama {
+    /// Writes the KV of the batch's tokens and returns nothing: a draft model keeping up with
+    /// its target (see [`super::Drafted`]).
+    pub(crate) fn fill_kv(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<(), ForwardError> {
+        rayon::scope(|_| self.step(batch, kv, None, false)).map(drop)
+    }
+
     /// One step; a shard's partial sums are all-reduced through `comm`.
     /// Without `logits`, the step ends at the last layer (empty logits).
     fn step(
@@ -466,8 +495,8 @@ impl Llama {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
             layer.qkv.forward(&h, n, &mut qkv, &mut scratch)?;
             // A hand-off streaming in: this layer's KV must be in place first.
-            batch.wait_for_layer(l);
-            let (k_cache, v_cache) = kv.layer_mut(l);
+            batch.wait_for_layer(self.first_kv_layer + l);
+            let (k_cache, v_cache) = kv.layer_mut(self.first_kv_layer + l);
             // Write the whole step's K/V first: a prefill token attends to the
             // tokens of its own chunk too.
             for (t, row) in qkv.chunks_exact_mut(qkv_dim).enumerate() {

@@ -16,6 +16,7 @@ pub(crate) mod bert;
 pub(crate) mod config;
 mod device;
 mod device_llama;
+mod drafted;
 mod hf;
 pub(crate) mod kernels;
 mod linear;
@@ -38,6 +39,7 @@ pub use config::{
 pub(crate) use device::no_cuda;
 pub use device::{ComputeDevice, GpuMemory};
 pub use device_llama::DeviceLlama;
+pub use drafted::Drafted;
 pub use hf::load_hf;
 pub use llama::Llama;
 pub use loaded::{Loaded, LoadedModel};
@@ -49,6 +51,8 @@ pub enum Model {
     Llama(Llama),
     /// A BERT encoder (Hugging Face folders only).
     Bert(Bert),
+    /// A decoder with the draft model of its speculative decoding (see [`Drafted`]).
+    Drafted(Box<Drafted>),
 }
 
 impl Model {
@@ -57,6 +61,7 @@ impl Model {
         match self {
             Self::Llama(m) => m.kv_shape(block_size, num_blocks),
             Self::Bert(m) => m.kv_shape(block_size, num_blocks),
+            Self::Drafted(m) => m.kv_shape(block_size, num_blocks),
         }
     }
 
@@ -71,7 +76,7 @@ impl Model {
         max_num_seqs: usize,
     ) -> Option<usize> {
         match self {
-            Self::Llama(_) => None,
+            Self::Llama(_) | Self::Drafted(_) => None,
             Self::Bert(_) => Some(max_num_batched_tokens.div_ceil(block_size.max(1)) + max_num_seqs),
         }
     }
@@ -86,6 +91,11 @@ impl Model {
     ) -> Result<std::sync::Arc<dyn crate::Forward>, ModelError> {
         match self {
             Self::Llama(m) => place(std::sync::Arc::new(m), device, tp_size, dtype),
+            // The draft's proposing passes and its KV layers are the CPU kernels' for now.
+            Self::Drafted(_) if device != ComputeDevice::Cpu || tp_size > 1 => Err(ModelError::Draft(format!(
+                "a target with a draft model runs on the CPU on one rank, not {device} with tensor-parallel size {tp_size}"
+            ))),
+            Self::Drafted(m) => Ok(std::sync::Arc::new(*m)),
             Self::Bert(_) if tp_size > 1 => Err(ModelError::TensorParallel(format!(
                 "size {tp_size}: a BERT encoder runs on one rank (it is small enough not to need more)"
             ))),
@@ -104,6 +114,33 @@ impl Model {
     }
 }
 
+impl Loaded<Model> {
+    /// The model paired with `speculative`'s draft model, when it names one (loaded with
+    /// `options`): the two must share their vocabulary token for token and their KV geometry.
+    pub fn with_draft_of(
+        self,
+        speculative: Option<&crate::SpeculativeConfig>,
+        options: &LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let Some(path) = speculative.and_then(|s| s.draft_model()) else { return Ok(self) };
+        let Model::Llama(target) = self.model else {
+            return Err(ModelError::Draft("speculative decoding needs a decoder to verify the drafts".into()));
+        };
+        let draft = load(path, options)?;
+        let Model::Llama(draft_model) = draft.model else {
+            return Err(ModelError::Draft(format!("{} is not a decoder", path.display())));
+        };
+        if draft.tokenizer.get_vocab(true) != self.tokenizer.get_vocab(true) {
+            return Err(ModelError::Draft(format!(
+                "{}'s vocabulary is not the target's: its tokens would mean other text",
+                path.display()
+            )));
+        }
+        let model = Model::Drafted(Box::new(Drafted::new(target, draft_model)?));
+        Ok(Self { model, ..self })
+    }
+}
+
 impl From<LoadedModel> for Loaded<Model> {
     fn from(m: LoadedModel) -> Self {
         Loaded { model: Model::Llama(m.model), tokenizer: m.tokenizer, info: m.info }
@@ -117,6 +154,7 @@ impl Loaded<Model> {
         match self.model {
             Model::Llama(model) => Ok(Loaded { model, tokenizer: self.tokenizer, info: self.info }),
             Model::Bert(_) => Err(ModelError::EncoderOnly(self.info.model_name)),
+            Model::Drafted(_) => Err(ModelError::Draft("a decoder paired with its draft stays paired".into())),
         }
     }
 }

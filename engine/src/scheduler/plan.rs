@@ -72,7 +72,9 @@ pub struct ScheduledSeq {
     pub choices: Range<u32>,
     /// A speculative decode's draft tokens, the last `drafts.len()` of `tokens`: every token
     /// gets a logits row, row `i` is sampled only if the drafts before it were, and draft `i`
-    /// is accepted when row `i` samples it (see [`crate::scheduler::SpeculativeConfig`]).
+    /// is accepted when row `i` samples it (see [`crate::scheduler::SpeculativeConfig`]). With a
+    /// draft model the scheduler plans them as zeros and the engine writes the draft's tokens
+    /// over them, here and in `tokens`, before the step.
     pub drafts: Vec<u32>,
 }
 

@@ -1,24 +1,50 @@
-//! Speculative decoding by prompt lookup: draft tokens for a decoding sequence found in its own
-//! text, which the next step verifies in one forward pass (see [`SpeculativeConfig`]).
+//! Speculative decoding: draft tokens for a decoding sequence, which the next step verifies in
+//! one forward pass (see [`SpeculativeConfig`]). Two methods propose them:
 //!
-//! An answer that copies from its prompt (a summary quoting it, a rewrite, a code edit, a JSON
-//! extraction) repeats n-grams the sequence already holds: when its last `n` tokens occurred
-//! before, the tokens that followed them then are a likely continuation now. Nothing new is
-//! loaded and nothing crosses the hand-off: the drafts come from the tokens alone.
+//! - **Prompt lookup** ([`NgramLookup`]): an answer that copies from its prompt (a summary
+//!   quoting it, a rewrite, a code edit, a JSON extraction) repeats n-grams the sequence already
+//!   holds: when its last `n` tokens occurred before, the tokens that followed them then are a
+//!   likely continuation now. Nothing new is loaded and nothing crosses the hand-off: the drafts
+//!   come from the tokens alone, here, at planning.
+//! - **A draft model** ([`SpeculativeMethod::DraftModel`]): a smaller model of the same
+//!   vocabulary, whose KV lives in the target's blocks after the target's layers. The scheduler
+//!   only reserves the drafts' slots; the engine runs the draft to fill them before the step.
 
-/// How the decode steps speculate (vLLM's `--speculative-config` with `"method": "ngram"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use std::path::PathBuf;
+
+/// How the decode steps speculate (vLLM's `--speculative-config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpeculativeConfig {
+    /// Where the drafts come from (`method`).
+    pub method: SpeculativeMethod,
     /// Draft tokens proposed per step at most (`num_speculative_tokens`).
     pub num_speculative_tokens: usize,
-    /// The longest suffix looked up (`prompt_lookup_max`).
-    pub prompt_lookup_max: usize,
-    /// The shortest suffix looked up (`prompt_lookup_min`).
-    pub prompt_lookup_min: usize,
     /// No drafts in a step with more decoding sequences than this (`disable_by_batch_size`):
     /// a large batch already reads each weight for many tokens, and its verification rows cost
     /// more than the drafts save.
     pub disable_by_batch_size: usize,
+}
+
+/// Where a speculative step's drafts come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpeculativeMethod {
+    /// Prompt lookup in the sequence's own tokens (`"method": "ngram"`).
+    Ngram(NgramLookup),
+    /// A draft model's greedy tokens (`"method": "draft_model"`, `"model": path`): a GGUF of the
+    /// same vocabulary and KV geometry as the target.
+    DraftModel {
+        /// The draft's GGUF file.
+        model: PathBuf,
+    },
+}
+
+/// Prompt lookup's suffix lengths (vLLM's `prompt_lookup_max` and `prompt_lookup_min`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NgramLookup {
+    /// The longest suffix looked up (`prompt_lookup_max`).
+    pub prompt_lookup_max: usize,
+    /// The shortest suffix looked up (`prompt_lookup_min`).
+    pub prompt_lookup_min: usize,
 }
 
 /// The default of [`SpeculativeConfig::disable_by_batch_size`].
@@ -71,11 +97,29 @@ impl Adaptive {
 }
 
 impl SpeculativeConfig {
+    /// Prompt lookup with `num_speculative_tokens` drafts and vLLM's default suffix lengths.
+    pub fn ngram(num_speculative_tokens: usize) -> Self {
+        Self {
+            method: SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max: 4, prompt_lookup_min: 2 }),
+            num_speculative_tokens,
+            disable_by_batch_size: DISABLE_BY_BATCH_SIZE,
+        }
+    }
+
+    /// The draft model's file, for the draft-model method.
+    pub fn draft_model(&self) -> Option<&std::path::Path> {
+        match &self.method {
+            SpeculativeMethod::DraftModel { model } => Some(model),
+            SpeculativeMethod::Ngram(_) => None,
+        }
+    }
+
     /// vLLM's `--speculative-config` JSON: `{"method": "ngram", "num_speculative_tokens": K}`,
-    /// with `prompt_lookup_max` (default 4, or `prompt_lookup_min` if larger),
-    /// `prompt_lookup_min` (default 2, or `prompt_lookup_max` if smaller) and
-    /// `disable_by_batch_size` (default [`DISABLE_BY_BATCH_SIZE`]). Any other method or key is
-    /// refused by name.
+    /// with `prompt_lookup_max` (default 4, or `prompt_lookup_min` if larger) and
+    /// `prompt_lookup_min` (default 2, or `prompt_lookup_max` if smaller); or
+    /// `{"method": "draft_model", "model": PATH, "num_speculative_tokens": K}` (the method may be
+    /// left out when `model` is given). Both take `disable_by_batch_size` (default
+    /// [`DISABLE_BY_BATCH_SIZE`]). Any other method or key is refused by name.
     pub fn from_json(text: &str) -> Result<Self, SpeculativeConfigError> {
         let fail = |message: String| Err(SpeculativeConfigError(message));
         let value: serde_json::Value = match serde_json::from_str(text) {
@@ -83,19 +127,26 @@ impl SpeculativeConfig {
             Err(e) => return fail(format!("not JSON: {e}")),
         };
         let Some(object) = value.as_object() else { return fail("expected a JSON object".into()) };
-        let keys =
-            ["method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"];
+        let keys = [
+            "method",
+            "model",
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "disable_by_batch_size",
+        ];
         if let Some(key) = object.keys().find(|k| !keys.contains(&k.as_str())) {
             return fail(format!("`{key}` is not supported (keys: {})", keys.join(", ")));
         }
-        match object.get("method").map(|m| m.as_str()) {
-            Some(Some("ngram")) => {}
-            Some(Some(other)) => {
-                return fail(format!("method `{other}` is not supported: only \"ngram\" (prompt lookup)"))
+        let method = match (object.get("method").map(|m| m.as_str()), object.contains_key("model")) {
+            (Some(Some("ngram")), _) => "ngram",
+            (Some(Some("draft_model")), _) | (None, true) => "draft_model",
+            (Some(Some(other)), _) => {
+                return fail(format!("method `{other}` is not supported: \"ngram\" (prompt lookup) or \"draft_model\""))
             }
-            Some(None) => return fail("`method` must be a string".into()),
-            None => return fail("`method` is required: \"ngram\"".into()),
-        }
+            (Some(None), _) => return fail("`method` must be a string".into()),
+            (None, false) => return fail("`method` is required: \"ngram\" or \"draft_model\"".into()),
+        };
         let count = |key: &str| -> Result<Option<usize>, SpeculativeConfigError> {
             let Some(v) = object.get(key) else { return Ok(None) };
             match v.as_u64() {
@@ -106,14 +157,30 @@ impl SpeculativeConfig {
         let Some(num_speculative_tokens) = count("num_speculative_tokens")? else {
             return fail("`num_speculative_tokens` is required".into());
         };
-        let (max, min) = (count("prompt_lookup_max")?, count("prompt_lookup_min")?);
-        let prompt_lookup_max = max.unwrap_or(min.unwrap_or(0).max(4));
-        let prompt_lookup_min = min.unwrap_or(prompt_lookup_max.min(2));
-        if prompt_lookup_min > prompt_lookup_max {
-            return fail(format!(
-                "`prompt_lookup_min` ({prompt_lookup_min}) is above `prompt_lookup_max` ({prompt_lookup_max})"
-            ));
-        }
+        let method = if method == "ngram" {
+            if object.contains_key("model") {
+                return fail("`model` is for \"method\": \"draft_model\", not \"ngram\"".into());
+            }
+            let (max, min) = (count("prompt_lookup_max")?, count("prompt_lookup_min")?);
+            let prompt_lookup_max = max.unwrap_or(min.unwrap_or(0).max(4));
+            let prompt_lookup_min = min.unwrap_or(prompt_lookup_max.min(2));
+            if prompt_lookup_min > prompt_lookup_max {
+                return fail(format!(
+                    "`prompt_lookup_min` ({prompt_lookup_min}) is above `prompt_lookup_max` ({prompt_lookup_max})"
+                ));
+            }
+            SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max, prompt_lookup_min })
+        } else {
+            if let Some(key) = ["prompt_lookup_max", "prompt_lookup_min"].into_iter().find(|k| object.contains_key(*k))
+            {
+                return fail(format!("`{key}` is for \"method\": \"ngram\", not \"draft_model\""));
+            }
+            match object.get("model").map(|m| m.as_str()) {
+                Some(Some(path)) if !path.is_empty() => SpeculativeMethod::DraftModel { model: PathBuf::from(path) },
+                Some(_) => return fail("`model` must be the draft model's GGUF path".into()),
+                None => return fail("`model` is required with \"method\": \"draft_model\"".into()),
+            }
+        };
         let disable_by_batch_size = match object.get("disable_by_batch_size") {
             None => DISABLE_BY_BATCH_SIZE,
             Some(v) => match v.as_u64() {
@@ -121,16 +188,29 @@ impl SpeculativeConfig {
                 None => return fail(format!("`disable_by_batch_size` must be a whole number, not {v}")),
             },
         };
-        Ok(Self { num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, disable_by_batch_size })
+        Ok(Self { method, num_speculative_tokens, disable_by_batch_size })
     }
+}
 
-    /// `num_speculative_tokens` (at most `limit`) tokens that followed the latest earlier
-    /// occurrence of the longest suffix of `tokens` that occurred before, from
-    /// `prompt_lookup_max` tokens down to `prompt_lookup_min`; empty when none did. A copy that
-    /// runs into the end of `tokens` goes on with what it copied (as LZ77 copies overlap): text
-    /// that repeats is predicted to go on repeating.
-    pub fn propose(&self, tokens: &[u32], limit: usize) -> Vec<u32> {
-        let k = self.num_speculative_tokens.min(limit);
+impl std::fmt::Display for SpeculativeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.method {
+            SpeculativeMethod::Ngram(l) => {
+                write!(f, "ngram, lookup {}..={}", l.prompt_lookup_min, l.prompt_lookup_max)?
+            }
+            SpeculativeMethod::DraftModel { model } => write!(f, "draft model {}", model.display())?,
+        }
+        write!(f, ", {} tokens", self.num_speculative_tokens)
+    }
+}
+
+impl NgramLookup {
+    /// Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of
+    /// `tokens` that occurred before, from `prompt_lookup_max` tokens down to
+    /// `prompt_lookup_min`; empty when none did. A copy that runs into the end of `tokens` goes
+    /// on with what it copied (as LZ77 copies overlap): text that repeats is predicted to go on
+    /// repeating.
+    pub fn propose(&self, tokens: &[u32], k: usize) -> Vec<u32> {
         if k == 0 {
             return Vec::new();
         }
@@ -163,11 +243,14 @@ mod tests {
 
     fn config(k: usize, min: usize, max: usize) -> SpeculativeConfig {
         SpeculativeConfig {
+            method: SpeculativeMethod::Ngram(lookup(min, max)),
             num_speculative_tokens: k,
-            prompt_lookup_max: max,
-            prompt_lookup_min: min,
             disable_by_batch_size: DISABLE_BY_BATCH_SIZE,
         }
+    }
+
+    fn lookup(min: usize, max: usize) -> NgramLookup {
+        NgramLookup { prompt_lookup_max: max, prompt_lookup_min: min }
     }
 
     #[test]
@@ -200,46 +283,41 @@ mod tests {
     fn the_tokens_after_the_latest_earlier_occurrence_of_the_suffix_are_proposed() {
         // "1 2 3 4 5 ... 1 2 3 9 ... 1 2 3": the latest earlier "1 2 3" is followed by 9.
         let tokens = [1, 2, 3, 4, 5, 7, 1, 2, 3, 9, 8, 6, 1, 2, 3];
-        assert_eq!(config(3, 1, 3).propose(&tokens, usize::MAX), [9, 8, 6]);
+        assert_eq!(lookup(1, 3).propose(&tokens, 3), [9, 8, 6]);
         // Past the end of the text, the copy goes on with what it copied.
-        assert_eq!(config(8, 1, 3).propose(&tokens, usize::MAX), [9, 8, 6, 1, 2, 3, 9, 8]);
-        assert_eq!(config(3, 1, 3).propose(&tokens, 2), [9, 8]);
-        assert!(config(3, 1, 3).propose(&tokens, 0).is_empty());
+        assert_eq!(lookup(1, 3).propose(&tokens, 8), [9, 8, 6, 1, 2, 3, 9, 8]);
+        assert_eq!(lookup(1, 3).propose(&tokens, 2), [9, 8]);
+        assert!(lookup(1, 3).propose(&tokens, 0).is_empty());
     }
 
     #[test]
     fn the_longest_suffix_that_occurred_before_wins() {
         // "2 3" occurred after 7 (latest) but "1 2 3" only after 0: the longer match leads.
         let tokens = [0, 1, 2, 3, 4, 7, 2, 3, 5, 1, 2, 3];
-        assert_eq!(config(1, 1, 3).propose(&tokens, usize::MAX), [4]);
+        assert_eq!(lookup(1, 3).propose(&tokens, 1), [4]);
         // With at most 2 tokens looked up, "2 3" is matched, latest first.
-        assert_eq!(config(1, 1, 2).propose(&tokens, usize::MAX), [5]);
+        assert_eq!(lookup(1, 2).propose(&tokens, 1), [5]);
     }
 
     #[test]
     fn nothing_is_proposed_without_an_earlier_occurrence_of_a_long_enough_suffix() {
-        assert!(config(4, 2, 4).propose(&[1, 2, 3, 4, 5], usize::MAX).is_empty());
+        assert!(lookup(2, 4).propose(&[1, 2, 3, 4, 5], 4).is_empty());
         // "5" alone occurred before, but the shortest suffix looked up is 2 tokens.
-        assert!(config(4, 2, 4).propose(&[5, 1, 2, 3, 5], usize::MAX).is_empty());
-        assert_eq!(config(4, 1, 4).propose(&[5, 1, 2, 3, 5], usize::MAX), [1, 2, 3, 5]);
-        assert!(config(4, 1, 4).propose(&[], usize::MAX).is_empty());
-        assert!(config(4, 1, 4).propose(&[7], usize::MAX).is_empty());
+        assert!(lookup(2, 4).propose(&[5, 1, 2, 3, 5], 4).is_empty());
+        assert_eq!(lookup(1, 4).propose(&[5, 1, 2, 3, 5], 4), [1, 2, 3, 5]);
+        assert!(lookup(1, 4).propose(&[], 4).is_empty());
+        assert!(lookup(1, 4).propose(&[7], 4).is_empty());
     }
 
     #[test]
     fn a_text_that_repeats_is_predicted_to_go_on_repeating() {
-        assert_eq!(config(3, 1, 3).propose(&[4, 4, 4, 4], usize::MAX), [4, 4, 4]);
-        assert_eq!(config(5, 1, 2).propose(&[1, 2, 1, 2, 1], usize::MAX), [2, 1, 2, 1, 2]);
+        assert_eq!(lookup(1, 3).propose(&[4, 4, 4, 4], 3), [4, 4, 4]);
+        assert_eq!(lookup(1, 2).propose(&[1, 2, 1, 2, 1], 5), [2, 1, 2, 1, 2]);
     }
 
     #[test]
     fn speculative_config_takes_vllms_ngram_json_and_refuses_the_rest_by_name() {
-        let config = |k, max, min| SpeculativeConfig {
-            num_speculative_tokens: k,
-            prompt_lookup_max: max,
-            prompt_lookup_min: min,
-            disable_by_batch_size: DISABLE_BY_BATCH_SIZE,
-        };
+        let config = |k, max, min| config(k, min, max);
         let batch = r#"{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 9}"#;
         assert_eq!(SpeculativeConfig::from_json(batch).map(|c| c.disable_by_batch_size), Ok(9));
         assert_eq!(
@@ -251,9 +329,19 @@ mod tests {
         assert_eq!(SpeculativeConfig::from_json(full), Ok(config(3, 6, 3)));
         let min_only = r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5}"#;
         assert_eq!(SpeculativeConfig::from_json(min_only), Ok(config(3, 5, 5)));
+        let draft = |json| {
+            SpeculativeConfig::from_json(json).map(|c| (c.draft_model().map(PathBuf::from), c.num_speculative_tokens))
+        };
+        let want = Ok((Some(PathBuf::from("d.gguf")), 3));
+        assert_eq!(draft(r#"{"method": "draft_model", "model": "d.gguf", "num_speculative_tokens": 3}"#), want);
+        assert_eq!(draft(r#"{"model": "d.gguf", "num_speculative_tokens": 3}"#), want, "the method follows `model`");
         for (bad, named) in [
             (r#"{"method": "eagle", "num_speculative_tokens": 3}"#, "eagle"),
             (r#"{"method": "ngram", "num_speculative_tokens": 3, "model": "x"}"#, "model"),
+            (r#"{"method": "draft_model", "num_speculative_tokens": 3}"#, "model"),
+            (r#"{"model": "d.gguf", "num_speculative_tokens": 3, "prompt_lookup_max": 2}"#, "prompt_lookup_max"),
+            (r#"{"model": 7, "num_speculative_tokens": 3}"#, "model"),
+            (r#"{"model": "d.gguf", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}"#, "draft_tensor"),
             (r#"{"method": "ngram"}"#, "num_speculative_tokens"),
             (r#"{"num_speculative_tokens": 3}"#, "method"),
             (r#"{"method": "ngram", "num_speculative_tokens": 0}"#, "num_speculative_tokens"),

@@ -780,9 +780,8 @@ fn pending_prefill_tokens_count_waiting_prompts_and_unfinished_chunks() {
 
 fn speculating(k: usize) -> SchedulerConfig {
     let speculative = SpeculativeConfig {
+        method: SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max: 2, prompt_lookup_min: 1 }),
         num_speculative_tokens: k,
-        prompt_lookup_max: 2,
-        prompt_lookup_min: 1,
         disable_by_batch_size: usize::MAX,
     };
     SchedulerConfig { speculative: Some(speculative), ..config(16, 4) }

@@ -12,6 +12,20 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M (`scripts/fetch-model.sh gemma3`), or `PDSERVE_GEMMA3`.
+#[allow(dead_code)]
+pub fn gemma_path() -> PathBuf {
+    let path = std::env::var_os("PDSERVE_GEMMA3")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        path.exists(),
+        "model {} not found: run scripts/fetch-model.sh gemma3 or set PDSERVE_GEMMA3",
+        path.display()
+    );
+    path
+}
+
 /// The default model, loaded once per test binary.
 #[allow(dead_code)]
 pub fn default_model() -> &'static engine::model::LoadedModel {

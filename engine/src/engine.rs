@@ -77,7 +77,9 @@ impl Engine {
     ///
     /// # Panics
     /// If `shape.block_size`, `config.max_num_seqs` or
-    /// `config.max_num_batched_tokens` is 0, or the OS refuses
+    /// `config.max_num_batched_tokens` is 0, if the config names a draft model and `model` is
+    /// not paired with one ([`crate::model::Loaded::with_draft_of`]) or the other way round, or
+    /// the OS refuses
     /// to spawn a thread.
     pub fn start(model: Arc<dyn Forward>, shape: KvCacheShape, config: EngineConfig) -> EngineHandle {
         assert!(shape.block_size > 0, "KV block_size must be at least 1");
@@ -85,6 +87,8 @@ impl Engine {
         assert!(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be at least 1");
         let tp_size = model.tp_size();
         assert!(tp_size > 0, "a model runs on at least one rank");
+        let drafting = config.speculative.as_ref().is_some_and(|s| s.draft_model().is_some());
+        assert_eq!(drafting, model.draft().is_some(), "a draft-model config needs a model paired with its draft");
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,

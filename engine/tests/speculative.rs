@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use engine::model::{ComputeDevice, LoadOptions, WeightDtype};
 use engine::{
     Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, NgramLookup, SamplingParams, SpeculativeConfig,
@@ -32,32 +30,16 @@ fn self_drafting() -> SpeculativeConfig {
     }
 }
 
-/// An engine whose model is paired with `speculative`'s draft model.
-fn drafting_engine(speculative: SpeculativeConfig, num_blocks: usize) -> EngineHandle {
-    let loaded = engine::model::load(&common::model_path(), &LoadOptions::default())
-        .and_then(|l| l.with_draft_of(Some(&speculative), &LoadOptions::default()))
-        .expect("loading the model and its draft");
-    let shape = loaded.model.kv_shape(16, num_blocks);
-    let config = EngineConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 512,
-        max_model_len: 1024,
-        eos_token_ids: loaded.info.eos_token_ids.clone(),
-        default_seed: 0,
-        enable_prefix_caching: true,
-        speculative: Some(speculative),
-    };
-    let model = loaded.model.place(ComputeDevice::Cpu, 1, WeightDtype::Auto).expect("placing the model");
-    Engine::start(model, shape, config)
-}
-
 fn engine(speculative: Option<SpeculativeConfig>, num_blocks: usize) -> EngineHandle {
     engine_on_ranks(speculative, num_blocks, 1)
 }
 
-/// [`engine`] with the model split over `tp_size` CPU ranks.
+/// [`engine`] with the model split over `tp_size` CPU ranks, paired with `speculative`'s draft
+/// model if it names one.
 fn engine_on_ranks(speculative: Option<SpeculativeConfig>, num_blocks: usize, tp_size: usize) -> EngineHandle {
-    let loaded = engine::model::load_gguf(&common::model_path()).expect("loading the model");
+    let loaded = engine::model::load(&common::model_path(), &LoadOptions::default())
+        .and_then(|l| l.with_draft_of(speculative.as_ref(), &LoadOptions::default()))
+        .expect("loading the model (and its draft)");
     let whole = loaded.model.kv_shape(16, num_blocks);
     let shape = engine::KvCacheShape { num_kv_heads: whole.num_kv_heads / tp_size, ..whole };
     let config = EngineConfig {
@@ -69,8 +51,7 @@ fn engine_on_ranks(speculative: Option<SpeculativeConfig>, num_blocks: usize, tp
         enable_prefix_caching: true,
         speculative,
     };
-    let model = engine::model::place(Arc::new(loaded.model), ComputeDevice::Cpu, tp_size, WeightDtype::Auto)
-        .expect("placing the model");
+    let model = loaded.model.place(ComputeDevice::Cpu, tp_size, WeightDtype::Auto).expect("placing the model");
     Engine::start(model, shape, config)
 }
 
@@ -169,7 +150,7 @@ fn tensor_parallel_ranks_verify_drafts_to_the_same_tokens() {
 fn a_draft_model_proposes_and_greedy_output_is_the_same() {
     let requests = || requests(40, SamplingParams::greedy);
     let plain = generate(&engine(None, 512), requests());
-    let drafting = drafting_engine(self_drafting(), 512);
+    let drafting = engine(Some(self_drafting()), 512);
     assert_eq!(plain, generate(&drafting, requests()), "a draft model changed the greedy output");
     let stats = drafting.stats().speculation;
     assert!(stats.num_draft_tokens > 0, "nothing was drafted: {stats:?}");
@@ -192,7 +173,7 @@ fn a_draft_model_keeps_seeded_samples_and_recomputes_after_preemption() {
     };
     let requests = || requests(48, sampled);
     let plain = generate(&engine(None, 512), requests());
-    let crowded = drafting_engine(self_drafting(), 28);
+    let crowded = engine(Some(self_drafting()), 28);
     assert_eq!(plain, generate(&crowded, requests()), "a draft model changed a seeded sample");
     assert!(crowded.stats().num_preemptions > 0, "no preemption: the test proves nothing");
     let stats = crowded.stats().speculation;
@@ -201,7 +182,14 @@ fn a_draft_model_keeps_seeded_samples_and_recomputes_after_preemption() {
 }
 
 #[test]
-fn a_draft_model_of_another_shape_is_refused() {
+fn a_draft_model_that_cannot_serve_is_refused() {
+    // Paired, but asked to run over several ranks: the draft runs on one.
+    let loaded = engine::model::load(&common::model_path(), &LoadOptions::default())
+        .and_then(|l| l.with_draft_of(Some(&self_drafting()), &LoadOptions::default()))
+        .unwrap();
+    let error = loaded.model.place(ComputeDevice::Cpu, 3, WeightDtype::Auto).err().expect("refused").to_string();
+    assert!(error.contains("one rank"), "{error}");
+    // Another vocabulary.
     let gemma = common::gemma_path();
     let speculative = SpeculativeConfig {
         method: SpeculativeMethod::DraftModel { model: gemma },

@@ -1,5 +1,5 @@
-//! llama.cpp's side: `llama-batched-bench` for throughput, `llama-server` for prefix-cache TTFT and
-//! embeddings.
+//! llama.cpp's side: `llama-batched-bench` for throughput, `llama-server` for prefix-cache TTFT,
+//! embeddings and chat completions (with and without its speculative decoding).
 //!
 //! Both are built by `scripts/setup-llama-cpp.sh` from the llama.cpp source vendored in the
 //! llama-cpp-python sdist, and run here with the same GGUF and thread count as our engine.
@@ -107,12 +107,47 @@ impl LlamaCpp {
     }
 }
 
-/// A running `llama-server`, killed on drop. Its log stays in the temp dir for a look after a failure.
-/// A running `llama-server`, killed on drop.
+/// A running `llama-server` on a free loopback port, killed on drop. Its log stays in the temp dir
+/// for a look after a failure.
 pub struct Server {
     child: Child,
     url: String,
     log: PathBuf,
+    args: Vec<String>,
+}
+
+/// One answer of `llama-server`'s `/v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatAnswer {
+    /// The assistant message's text.
+    pub text: String,
+    /// Tokens generated (`usage.completion_tokens`).
+    pub completion_tokens: u64,
+    /// Draft tokens proposed by speculative decoding (`timings.draft_n`; absent, so 0, without).
+    pub draft_n: u64,
+    /// Draft tokens the target accepted (`timings.draft_n_accepted`).
+    pub draft_n_accepted: u64,
+}
+
+impl ChatAnswer {
+    /// Reads a `/v1/chat/completions` response; refuses one whose prompt came from the cache
+    /// (`timings.cache_n` above 0), as it would not be measured like the others.
+    pub fn from_json(json: &serde_json::Value) -> anyhow::Result<Self> {
+        let text = json["choices"][0]["message"]["content"].as_str();
+        let text = text.ok_or_else(|| anyhow::anyhow!("no choices[0].message.content in {json}"))?;
+        let completion_tokens = json["usage"]["completion_tokens"].as_u64();
+        let completion_tokens =
+            completion_tokens.ok_or_else(|| anyhow::anyhow!("no usage.completion_tokens in {json}"))?;
+        let timings = &json["timings"];
+        let cached = timings["cache_n"].as_u64().unwrap_or(0);
+        anyhow::ensure!(cached == 0, "llama-server took {cached} prompt tokens from its cache");
+        Ok(Self {
+            text: text.to_string(),
+            completion_tokens,
+            draft_n: timings["draft_n"].as_u64().unwrap_or(0),
+            draft_n_accepted: timings["draft_n_accepted"].as_u64().unwrap_or(0),
+        })
+    }
 }
 
 impl LlamaCpp {
@@ -125,6 +160,17 @@ impl LlamaCpp {
         server.wait_ready(&reqwest::Client::new()).await?;
         Ok(server)
     }
+
+    /// `llama-server` for chat completions, one at a time (`-np 1`) in a `ctx`-token context,
+    /// with no prompt caching (`--no-cache-prompt --cache-ram 0`: a repeated prompt is computed
+    /// again), and `extra` flags (a speculative mode's), ready to answer `/v1/chat/completions`.
+    pub async fn chat_server(&self, ctx: usize, extra: &[String]) -> anyhow::Result<Server> {
+        let mut flags = vec!["--no-cache-prompt", "--cache-ram", "0"];
+        flags.extend(extra.iter().map(String::as_str));
+        let mut server = Server::start(self, &ctx.to_string(), "1", &flags)?;
+        server.wait_ready(&reqwest::Client::new()).await?;
+        Ok(server)
+    }
 }
 
 impl Server {
@@ -133,17 +179,26 @@ impl Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = std::env::temp_dir().join(format!("pdserve-bench-llama-server-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log)?;
+        let (threads, port_text) = (cpp.threads.to_string(), port.to_string());
+        let mut rest: Vec<String> =
+            ["-t", &threads, "-tb", &threads, "-c", ctx, "-np", parallel].map(String::from).to_vec();
+        rest.extend(["--host", "127.0.0.1", "--port", &port_text].map(String::from));
+        rest.extend(extra.iter().map(|a| a.to_string()));
         let child = Command::new(cpp.dir.join("llama-server"))
             .arg("-m")
             .arg(&cpp.model)
-            .args(["-t", &cpp.threads.to_string(), "-tb", &cpp.threads.to_string()])
-            .args(["-c", ctx, "-np", parallel, "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(extra)
+            .args(&rest)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()?;
-        Ok(Self { child, url: format!("http://127.0.0.1:{port}"), log })
+        let args = ["-m".to_string(), cpp.model.display().to_string()].into_iter().chain(rest).collect();
+        Ok(Self { child, url: format!("http://127.0.0.1:{port}"), log, args })
+    }
+
+    /// The arguments the server was started with (after the binary's path).
+    pub fn args(&self) -> &[String] {
+        &self.args
     }
 
     async fn wait_ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
@@ -178,6 +233,22 @@ impl Server {
         let n = json["data"].as_array().map_or(0, Vec::len);
         anyhow::ensure!(n == inputs.len(), "llama-server answered {n} embeddings for {} inputs", inputs.len());
         Ok(secs)
+    }
+
+    /// One greedy (temperature 0) chat completion of `prompt` as the user's message, so the
+    /// model's chat template applies, of up to `max_tokens` tokens, with `cache_prompt` off.
+    pub async fn chat(&self, client: &reqwest::Client, prompt: &str, max_tokens: u32) -> anyhow::Result<ChatAnswer> {
+        let body = serde_json::json!({
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "cache_prompt": false,
+        });
+        let resp = client.post(format!("{}/v1/chat/completions", self.url)).json(&body).send().await?;
+        let status = resp.status();
+        let json: serde_json::Value = resp.json().await?;
+        anyhow::ensure!(status.is_success(), "llama-server answered {status}: {json}");
+        ChatAnswer::from_json(&json)
     }
 
     /// Wall time of a one-token completion, and the prompt tokens the server computed.
@@ -232,6 +303,25 @@ mod tests {
         let row: BatchedRow = serde_json::from_str(line).unwrap();
         assert_eq!((row.pp, row.tg, row.pl), (128, 128, 16));
         assert_eq!(row.speed_tg, 33.8);
+    }
+
+    #[test]
+    fn chat_answers_read_usage_and_draft_timings() {
+        let json = serde_json::json!({
+            "choices": [{"message": {"role": "assistant", "content": "Hi."}}],
+            "usage": {"completion_tokens": 50, "prompt_tokens": 102},
+            "timings": {"cache_n": 0, "prompt_n": 102, "predicted_n": 50, "draft_n": 44, "draft_n_accepted": 36},
+        });
+        let answer = ChatAnswer::from_json(&json).unwrap();
+        assert_eq!(answer, ChatAnswer { text: "Hi.".into(), completion_tokens: 50, draft_n: 44, draft_n_accepted: 36 });
+        // Without speculation the server leaves the draft counters out.
+        let mut plain = json.clone();
+        plain["timings"] = serde_json::json!({"cache_n": 0, "predicted_n": 50});
+        assert_eq!(ChatAnswer::from_json(&plain).unwrap().draft_n, 0);
+        // A prompt served from the cache is refused.
+        let mut cached = json;
+        cached["timings"]["cache_n"] = 90.into();
+        assert!(ChatAnswer::from_json(&cached).is_err());
     }
 
     #[test]

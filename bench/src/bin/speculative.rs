@@ -1,5 +1,6 @@
-//! `pdserve-spec-bench`: speculative decoding by prompt lookup against the same engine without
-//! it, in one run, on the same model, prompts and threads.
+//! `pdserve-spec-bench`: speculative decoding (prompt lookup or a draft model) against the same
+//! engine without it, in one run, on the same model, prompts and threads; and llama.cpp's own
+//! speculative decoding beside it.
 //!
 //! Two workloads of chat requests (greedy, answers as long as the model makes them up to
 //! `--max-tokens`):
@@ -8,23 +9,64 @@
 //! - **chat**: open-ended questions, where they seldom are.
 //!
 //! Each is run one request at a time (**single stream**), then copy and chat requests
-//! alternating, `--concurrent` at once (**16 concurrent** by default: every prompt twice). A figure is generated tokens
-//! over the wall time from the first submit to the last answer ([`Llm::chat`], the engine the
-//! workers run). The speculative run prints its acceptance (accepted / proposed draft tokens) and
-//! the tokens each verifying step gave (1 + accepted / drafts), and checks that every answer is
-//! the same token for token as without speculation (greedy).
+//! alternating, `--concurrent` at once (**16 concurrent** by default: every prompt twice). A
+//! figure is generated tokens over the wall time from the first submit to the last answer
+//! ([`Llm::chat`], the engine the workers run). The speculative run prints its acceptance
+//! (accepted / proposed draft tokens) and the tokens each verifying step gave (1 + accepted /
+//! drafts), and checks that every answer is the same token for token as without speculation
+//! (greedy).
+//!
+//! # llama.cpp beside it
+//!
+//! Unless `--skip-llama-cpp`, `llama-server` (built by `scripts/setup-llama-cpp.sh`) then runs
+//! the same model and prompts, each workload single stream only: a fresh server per mode and
+//! workload (`-np 1`, the same `-t`/`-tb` as our threads, on a free 127.0.0.1 port, stopped
+//! after), the prompts as user messages through `/v1/chat/completions` (its chat template
+//! applies) one at a time, greedy, the same `max_tokens`, after one short warm-up request of
+//! another prompt. Prompt caching is off (`--no-cache-prompt --cache-ram 0` and `cache_prompt:
+//! false`; an answer whose `timings.cache_n` is above 0 fails the run). Once without
+//! speculation, then once per llama.cpp mode that corresponds to our config (`--spec-type`, k =
+//! our `num_speculative_tokens`, n = our `prompt_lookup_max`):
+//! - `"method": "ngram"`: every n-gram type this llama.cpp has, each a row:
+//!   - `ngram-simple`: the last n tokens looked up in the sequence, up to k tokens that followed
+//!     copied (prompt lookup with one n-gram size; `--spec-ngram-simple-size-n min(n, k)
+//!     --spec-ngram-simple-size-m k`: it drafts nothing when n is above k);
+//!   - `ngram-map-k` / `ngram-map-k4v`: the same lookup through a hash map of the n-grams, the
+//!     latter keeping up to 4 continuations per n-gram and drafting the most frequent
+//!     (`--spec-ngram-map-k[4v]-size-n n --spec-ngram-map-k[4v]-size-m k`);
+//!   - `ngram-mod`: a hash table of n-grams shared by all sequences of the server
+//!     (`--spec-ngram-mod-n-match n --spec-ngram-mod-n-max k --spec-ngram-mod-n-min 1`; its
+//!     default match length, 24, hardly ever matches in answers this short);
+//!   - `ngram-cache`: `llama-lookup`'s 1- to 4-gram cache of the context, whose draft length is
+//!     fixed at 8 in this llama.cpp (not k).
+//! - `"method": "draft_model"`: `-md <draft> --spec-type draft-simple --spec-draft-n-max k`
+//!   (this llama.cpp loads a draft given only `-md` but does not speculate with it, and has no
+//!   `--draft-max` any more).
+//!
+//! A figure is the answers' `usage.completion_tokens` over the wall time from the first request
+//! to the last answer; acceptance is `timings.draft_n_accepted` over `timings.draft_n` summed
+//! over the answers. The second table prints them per mode beside our speed-up and acceptance
+//! on the same workload in the same run. A mode whose server fails shows its error, and the run
+//! then fails after printing.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use bench::llama_cpp::{self, LlamaCpp};
 use bench::{align, load_average};
 use clap::Parser;
 use engine::model::{load, LoadOptions};
 use engine::offline::{ChatMessage, Llm, LlmConfig};
-use engine::{SamplingParams, SpeculationStats, SpeculativeConfig};
+use engine::{SamplingParams, SpeculationStats, SpeculativeConfig, SpeculativeMethod};
 use serde::Serialize;
 
 const NAME: &str = "pdserve-spec-bench";
+
+/// The mode of the rows that run one request at a time.
+const SINGLE_STREAM: &str = "single stream";
+
+/// llama-server's context beyond `--max-tokens`: room for the longest prompt in its chat template.
+const LLAMA_CTX: usize = 1024;
 
 /// What the copy tasks work on.
 const ARTICLE: &str = "The town council met on Tuesday evening to discuss the new bridge over the river. \
@@ -75,9 +117,15 @@ struct Args {
     /// where verifying stops paying, with `disable_by_batch_size` raised past them).
     #[arg(long, value_delimiter = ',', default_value = "16", value_parser = clap::value_parser!(u32).range(2..))]
     concurrent: Vec<u32>,
-    /// Threads (default: the machine's cores).
+    /// Threads, ours and llama.cpp's (default: the machine's cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
+    /// Where llama-server is (scripts/setup-llama-cpp.sh builds it).
+    #[arg(long, default_value = ".cache/llama.cpp/bin")]
+    llama_cpp_dir: PathBuf,
+    /// Measure our engine only, not llama.cpp's speculative decoding beside it.
+    #[arg(long)]
+    skip_llama_cpp: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -107,12 +155,56 @@ struct Row {
     same_tokens: bool,
 }
 
+/// A llama-server configuration: a name for the table and its speculative flags.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct LlamaMode {
+    name: String,
+    flags: Vec<String>,
+}
+
+/// One llama.cpp speculative mode on one workload, single stream, against llama.cpp without it.
+#[derive(Debug, Serialize)]
+struct LlamaRow {
+    workload: &'static str,
+    mode: LlamaMode,
+    plain: Figure,
+    /// `None` when the mode's server failed (see `error`).
+    speculative: Option<LlamaSpeculative>,
+    error: Option<String>,
+    /// Ours on the same workload in this run (the single-stream row).
+    our_speedup: f64,
+    our_acceptance: f64,
+}
+
+/// A llama.cpp speculative mode's figures.
+#[derive(Debug, Serialize)]
+struct LlamaSpeculative {
+    figure: Figure,
+    speedup: f64,
+    /// `draft_n_accepted` over `draft_n`.
+    acceptance: f64,
+    /// Draft tokens proposed per generated token.
+    drafts_per_token: f64,
+    /// Every answer the same text as without speculation (greedy).
+    same_text: bool,
+}
+
+/// llama.cpp's side of the report.
+#[derive(Debug, Serialize)]
+struct LlamaReport {
+    /// The arguments of the server without speculation; each mode adds its flags.
+    server_args: Vec<String>,
+    rows: Vec<LlamaRow>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     threads: usize,
     speculative: String,
     max_tokens: u32,
     rows: Vec<Row>,
+    /// `None` with `--skip-llama-cpp`.
+    llama_cpp: Option<LlamaReport>,
     load_average: [Option<f64>; 2],
 }
 
@@ -153,19 +245,68 @@ fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> any
 }
 
 fn run(args: Args, threads: usize) -> anyhow::Result<()> {
+    // The comparison is part of a run: without llama.cpp it stops before measuring anything.
+    let llama = if args.skip_llama_cpp {
+        None
+    } else {
+        let found = LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model);
+        Some(
+            found
+                .map_err(|e| anyhow::anyhow!("llama.cpp: {e}: {}, or pass --skip-llama-cpp", llama_cpp::HOW_TO_GET))?,
+        )
+    };
     let load_start = load_average();
-    let plain = llm(&args, None)?;
-    let speculating = llm(&args, Some(args.speculative_config.clone()))?;
+    let rows = measure_ours(&args)?;
+    let llama_cpp = match &llama {
+        Some(cpp) => Some(measure_llama_cpp(cpp, &args, &rows)?),
+        None => None,
+    };
+    let report = Report {
+        threads,
+        speculative: args.speculative_config.to_string(),
+        max_tokens: args.max_tokens,
+        rows,
+        llama_cpp,
+        load_average: [load_start, load_average()],
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+        if let Some(llama_cpp) = &report.llama_cpp {
+            print!("\n{}", llama_table(llama_cpp, &report));
+        }
+    }
+    // A mode whose server failed leaves its row without figures: the report shows why, and the
+    // run fails so no script takes it for a complete one.
+    let failed: Vec<String> = report
+        .llama_cpp
+        .iter()
+        .flat_map(|l| &l.rows)
+        .filter(|r| r.error.is_some())
+        .map(|r| format!("{} on {}", r.mode.name, r.workload))
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "llama.cpp mode(s) {} failed (the error is in the report)", failed.join(", "));
+    Ok(())
+}
+
+/// The single-stream prompts of each workload.
+fn single_stream_workloads() -> [(&'static str, Vec<String>); 2] {
+    [("copy", copy_tasks()), ("chat", chat_tasks())]
+}
+
+/// Our engine with and without speculation, a row per workload and mode.
+fn measure_ours(args: &Args) -> anyhow::Result<Vec<Row>> {
+    let plain = llm(args, None)?;
+    let speculating = llm(args, Some(args.speculative_config.clone()))?;
     let (copy, chat) = (copy_tasks(), chat_tasks());
     // Copy and chat prompts alternating, as many as each concurrent run takes (16: each twice).
     let mixed = |n: u32| {
         let pick = |i: usize| if i.is_multiple_of(2) { &copy[i / 2 % copy.len()] } else { &chat[i / 2 % chat.len()] };
         (0..n as usize).map(|i| pick(i).clone()).collect()
     };
-    let mut runs: Vec<(&str, String, Vec<String>, bool)> = vec![
-        ("copy", "single stream".into(), copy.clone(), false),
-        ("chat", "single stream".into(), chat.clone(), false),
-    ];
+    let mut runs: Vec<(&str, String, Vec<String>, bool)> =
+        single_stream_workloads().into_iter().map(|(w, prompts)| (w, SINGLE_STREAM.into(), prompts, false)).collect();
     runs.extend(args.concurrent.iter().map(|&n| ("copy + chat", format!("{n} concurrent"), mixed(n), true)));
     let mut rows = Vec::new();
     for (workload, mode, prompts, at_once) in runs {
@@ -173,7 +314,6 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         let before = speculating.engine().stats().speculation;
         let (spec_ids, spec_figure) = measure(&speculating, &prompts, args.max_tokens, at_once)?;
         let spec = since(speculating.engine().stats().speculation, before);
-        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         rows.push(Row {
             workload,
             mode: mode.clone(),
@@ -189,19 +329,139 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
             eprintln!("{NAME}: {workload} {mode} done");
         }
     }
-    let report = Report {
-        threads,
-        speculative: args.speculative_config.to_string(),
-        max_tokens: args.max_tokens,
-        rows,
-        load_average: [load_start, load_average()],
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(rows)
+}
+
+/// `a / b`, 0 when `b` is.
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
     } else {
-        print!("{}", table(&report));
+        a as f64 / b as f64
     }
-    Ok(())
+}
+
+/// llama.cpp's speculative modes that correspond to `config`, each with its `llama-server`
+/// flags: every n-gram type for prompt lookup, `draft-simple` for a draft model (see the module
+/// doc).
+fn llama_modes(config: &SpeculativeConfig) -> Vec<LlamaMode> {
+    let k = config.num_speculative_tokens;
+    match &config.method {
+        SpeculativeMethod::Ngram(lookup) => {
+            let n = lookup.prompt_lookup_max;
+            let map = |kind: &str| {
+                let sizes = [(format!("--spec-{kind}-size-n"), n), (format!("--spec-{kind}-size-m"), k)];
+                spec_mode(kind, format!("{kind} n={n} k={k}"), &sizes)
+            };
+            let simple = [("--spec-ngram-simple-size-n".into(), n.min(k)), ("--spec-ngram-simple-size-m".into(), k)];
+            let modulo = [
+                ("--spec-ngram-mod-n-match".into(), n),
+                ("--spec-ngram-mod-n-max".into(), k),
+                ("--spec-ngram-mod-n-min".into(), 1),
+            ];
+            vec![
+                spec_mode("ngram-simple", format!("ngram-simple n={} k={k}", n.min(k)), &simple),
+                map("ngram-map-k"),
+                map("ngram-map-k4v"),
+                spec_mode("ngram-mod", format!("ngram-mod n={n} k={k}"), &modulo),
+                spec_mode("ngram-cache", "ngram-cache k=8 (fixed)".into(), &[]),
+            ]
+        }
+        SpeculativeMethod::DraftModel { model } => {
+            let mut mode =
+                spec_mode("draft-simple", format!("draft-simple k={k}"), &[("--spec-draft-n-max".into(), k)]);
+            mode.flags.splice(0..0, ["-md".to_string(), model.display().to_string()]);
+            vec![mode]
+        }
+    }
+}
+
+/// `--spec-type kind` and each flag with its value.
+fn spec_mode(kind: &str, name: String, values: &[(String, usize)]) -> LlamaMode {
+    let mut flags = vec!["--spec-type".to_string(), kind.to_string()];
+    for (flag, value) in values {
+        flags.extend([flag.clone(), value.to_string()]);
+    }
+    LlamaMode { name, flags }
+}
+
+/// llama-server without speculation and in every mode of [`llama_modes`], each workload single
+/// stream, a row per mode and workload beside ours (`ours`' single-stream rows).
+fn measure_llama_cpp(cpp: &LlamaCpp, args: &Args, ours: &[Row]) -> anyhow::Result<LlamaReport> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let modes = llama_modes(&args.speculative_config);
+    let mut server_args = Vec::new();
+    let mut rows = Vec::new();
+    for (workload, prompts) in single_stream_workloads() {
+        let ours = ours.iter().find(|r| r.workload == workload && r.mode == SINGLE_STREAM);
+        let ours = ours.ok_or_else(|| anyhow::anyhow!("no single-stream row of ours for {workload}"))?;
+        // Without a baseline no mode compares: that fails the run.
+        let plain = runtime.block_on(llama_run(cpp, &[], &prompts, args.max_tokens))?;
+        server_args = plain.server_args.clone();
+        for mode in &modes {
+            let spec = runtime.block_on(llama_run(cpp, &mode.flags, &prompts, args.max_tokens));
+            if !args.json {
+                eprintln!("{NAME}: llama.cpp {} {workload} single stream done", mode.name);
+            }
+            let (speculative, error) = match spec {
+                Ok(spec) => (Some(compare(&plain, &spec)), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+            rows.push(LlamaRow {
+                workload,
+                mode: mode.clone(),
+                plain: plain.figure,
+                speculative,
+                error,
+                our_speedup: ours.speedup,
+                our_acceptance: ours.acceptance,
+            });
+        }
+    }
+    Ok(LlamaReport { server_args, rows })
+}
+
+/// One llama-server run of a workload: its answers, figure and draft counters.
+struct LlamaRun {
+    texts: Vec<String>,
+    figure: Figure,
+    draft_n: u64,
+    draft_n_accepted: u64,
+    server_args: Vec<String>,
+}
+
+/// A fresh chat server with `flags`, warmed up with one short request of a prompt not measured,
+/// then `prompts` one at a time; the server is stopped on return, failed or not.
+async fn llama_run(cpp: &LlamaCpp, flags: &[String], prompts: &[String], max_tokens: u32) -> anyhow::Result<LlamaRun> {
+    let server = cpp.chat_server(LLAMA_CTX + max_tokens as usize, flags).await?;
+    let client = reqwest::Client::new();
+    // Not one of the prompts: a mode that keeps n-grams across requests learns nothing from it.
+    server.chat(&client, "Hello!", 4).await?;
+    let start = Instant::now();
+    let mut answers = Vec::new();
+    for prompt in prompts {
+        answers.push(server.chat(&client, prompt, max_tokens).await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = answers.iter().map(|a| a.completion_tokens as usize).sum::<usize>();
+    Ok(LlamaRun {
+        texts: answers.iter().map(|a| a.text.clone()).collect(),
+        figure: Figure { tokens, secs, tokens_per_s: tokens as f64 / secs },
+        draft_n: answers.iter().map(|a| a.draft_n).sum(),
+        draft_n_accepted: answers.iter().map(|a| a.draft_n_accepted).sum(),
+        server_args: server.args().to_vec(),
+    })
+}
+
+/// A speculative run's figures against the plain one.
+fn compare(plain: &LlamaRun, spec: &LlamaRun) -> LlamaSpeculative {
+    LlamaSpeculative {
+        figure: spec.figure,
+        speedup: spec.figure.tokens_per_s / plain.figure.tokens_per_s,
+        acceptance: ratio(spec.draft_n_accepted, spec.draft_n),
+        drafts_per_token: ratio(spec.draft_n, spec.figure.tokens as u64),
+        same_text: spec.texts == plain.texts,
+    }
 }
 
 /// The counters' growth from `before` to `after`.
@@ -256,4 +516,115 @@ fn table(report: &Report) -> String {
     }
     lines.push(align(&rows, 2));
     lines.join("\n")
+}
+
+/// The llama.cpp rows, ours beside them, and the flags each mode ran with.
+fn llama_table(llama: &LlamaReport, report: &Report) -> String {
+    let mut lines = vec![
+        format!(
+            "llama.cpp's speculative decoding against none (llama-server, single stream, greedy, up to {} tokens), \
+             ours from the table above",
+            report.max_tokens
+        ),
+        format!("llama-server {}", llama.server_args.join(" ")),
+        String::new(),
+    ];
+    let mut rows = vec![[
+        "workload",
+        "llama.cpp mode",
+        "tokens",
+        "plain tok/s",
+        "spec tok/s",
+        "speed-up",
+        "acceptance",
+        "drafts/token",
+        "same text",
+        "our speed-up",
+        "our acceptance",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in &llama.rows {
+        let spec = match &r.speculative {
+            Some(s) => vec![
+                s.figure.tokens.to_string(),
+                format!("{:.1}", r.plain.tokens_per_s),
+                format!("{:.1}", s.figure.tokens_per_s),
+                format!("{:.2}×", s.speedup),
+                format!("{:.0}%", s.acceptance * 100.0),
+                format!("{:.2}", s.drafts_per_token),
+                if s.same_text { "yes" } else { "NO" }.to_string(),
+            ],
+            None => {
+                let plain = format!("{:.1}", r.plain.tokens_per_s);
+                ["-", &plain, "FAILED", "-", "-", "-", "-"].map(String::from).to_vec()
+            }
+        };
+        let ours = [format!("{:.2}×", r.our_speedup), format!("{:.0}%", r.our_acceptance * 100.0)];
+        rows.push([vec![r.workload.to_string(), r.mode.name.clone()], spec, ours.to_vec()].concat());
+    }
+    lines.push(align(&rows, 2));
+    // Each mode's flags once (the rows repeat them per workload), then the failures.
+    let mut seen = Vec::new();
+    for r in &llama.rows {
+        if !seen.contains(&&r.mode.name) {
+            seen.push(&r.mode.name);
+            lines.push(format!("{}: {}", r.mode.name, r.mode.flags.join(" ")));
+        }
+    }
+    for r in &llama.rows {
+        if let Some(error) = &r.error {
+            lines.push(format!("{} {} failed: {error}", r.workload, r.mode.name));
+        }
+    }
+    lines.push(String::new());
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(mode: &LlamaMode) -> String {
+        mode.flags.join(" ")
+    }
+
+    #[test]
+    fn prompt_lookup_maps_to_every_ngram_type_with_our_lengths() {
+        let config = SpeculativeConfig::from_json(r#"{"method": "ngram", "num_speculative_tokens": 3}"#).unwrap();
+        let modes = llama_modes(&config);
+        let names: Vec<&str> = modes.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ngram-simple n=3 k=3",
+                "ngram-map-k n=4 k=3",
+                "ngram-map-k4v n=4 k=3",
+                "ngram-mod n=4 k=3",
+                "ngram-cache k=8 (fixed)"
+            ]
+        );
+        // ngram-simple drafts nothing with a lookup longer than its drafts: n is capped at k.
+        assert_eq!(
+            flags(&modes[0]),
+            "--spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 3"
+        );
+        assert_eq!(
+            flags(&modes[2]),
+            "--spec-type ngram-map-k4v --spec-ngram-map-k4v-size-n 4 --spec-ngram-map-k4v-size-m 3"
+        );
+        assert_eq!(
+            flags(&modes[3]),
+            "--spec-type ngram-mod --spec-ngram-mod-n-match 4 --spec-ngram-mod-n-max 3 --spec-ngram-mod-n-min 1"
+        );
+        assert_eq!(flags(&modes[4]), "--spec-type ngram-cache");
+    }
+
+    #[test]
+    fn a_draft_model_maps_to_draft_simple() {
+        let json = r#"{"method": "draft_model", "model": "d.gguf", "num_speculative_tokens": 5}"#;
+        let modes = llama_modes(&SpeculativeConfig::from_json(json).unwrap());
+        assert_eq!(modes.len(), 1);
+        assert_eq!(flags(&modes[0]), "-md d.gguf --spec-type draft-simple --spec-draft-n-max 5");
+    }
 }

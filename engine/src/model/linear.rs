@@ -2,9 +2,9 @@
 //!
 //! GGUF weights keep their quantization and run through [`super::kernels`]:
 //! `Q4_0`/`Q4_1`, `Q5_0`/`Q5_1` and `Q8_0` in blocks of 32, `Q4_K`, `Q5_K`
-//! and `Q6_K` in super-blocks of 256. Float weights (Hugging Face
-//! checkpoints, GGUF F32/F16/BF16) are held in f32 and multiplied by
-//! candle's GEMM. A GGUF type without a kernel here is dequantized to f32 at
+//! and `Q6_K` in super-blocks of 256; GGUF `F16` stays at 16 bits
+//! ([`HalfMatrix`]). Other float weights (Hugging Face checkpoints, GGUF
+//! F32/BF16) are held in f32 and multiplied by candle's GEMM. A GGUF type without a kernel here is dequantized to f32 at
 //! load and reported in [`Dequantized`], never requantized: its numbers stay
 //! the file's.
 
@@ -15,8 +15,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{
-    q4_0_as_q4_1, q5_0_as_q5, QMatrix, QuantizedRows, SuperMatrix, SuperRows, Tiled, Q4K, Q4_0_BYTES, Q4_1, Q5, Q5K,
-    Q5_0_BYTES, Q6K, Q8_0, QK, QK_K,
+    q4_0_as_q4_1, q5_0_as_q5, FloatRows, HalfMatrix, QMatrix, QuantizedRows, SuperMatrix, SuperRows, Tiled, Q4K,
+    Q4_0_BYTES, Q4_1, Q5, Q5K, Q5_0_BYTES, Q6K, Q8_0, QK, QK_K,
 };
 use super::ModelError;
 
@@ -30,6 +30,8 @@ pub(crate) enum Linear {
     Q4K(SuperMatrix<Q4K>),
     Q5K(SuperMatrix<Q5K>),
     Q6K(SuperMatrix<Q6K>),
+    /// GGUF `F16` whose rows are whole 16-value steps.
+    F16(HalfMatrix),
     /// f32 `[rows, cols]`.
     Dense(Tensor),
     /// Matrices of different formats stacked by rows (a `Q4_K_M` file's
@@ -46,6 +48,8 @@ pub(crate) struct Scratch {
     quantized_ready: bool,
     super_rows: SuperRows,
     super_ready: bool,
+    float_rows: FloatRows,
+    float_ready: bool,
     part: Vec<f32>,
 }
 
@@ -56,6 +60,14 @@ impl Scratch {
             self.quantized_ready = true;
         }
         &self.quantized
+    }
+
+    fn float_rows(&mut self, x: &[f32], rows: usize, cols: usize) -> &FloatRows {
+        if !self.float_ready {
+            self.float_rows.fill(x, rows, cols);
+            self.float_ready = true;
+        }
+        &self.float_rows
     }
 
     fn super_rows(&mut self, x: &[f32], rows: usize, cols: usize) -> &SuperRows {
@@ -116,7 +128,8 @@ impl Linear {
             GgmlDType::Q4K => SuperMatrix::from_gguf_bytes(&bytes()?, rows, cols).map(Self::Q4K),
             GgmlDType::Q5K => SuperMatrix::from_gguf_bytes(&bytes()?, rows, cols).map(Self::Q5K),
             GgmlDType::Q6K => SuperMatrix::from_gguf_bytes(&bytes()?, rows, cols).map(Self::Q6K),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            GgmlDType::F16 => HalfMatrix::from_gguf_bytes(&bytes()?, rows, cols).map(Self::F16),
+            GgmlDType::F32 | GgmlDType::BF16 => None,
             other => {
                 dequantized.add(other, rows * cols);
                 None
@@ -155,6 +168,7 @@ impl Linear {
         same!(Q4K, SuperMatrix::stack);
         same!(Q5K, SuperMatrix::stack);
         same!(Q6K, SuperMatrix::stack);
+        same!(F16, HalfMatrix::stack);
         if parts.iter().all(|p| matches!(p, Self::Dense(_))) {
             let dense = parts.iter().map(|p| match p {
                 Self::Dense(t) => t.clone(),
@@ -174,6 +188,7 @@ impl Linear {
             Self::Q4K(m) => Self::Q4K(m.select_rows(ranges)),
             Self::Q5K(m) => Self::Q5K(m.select_rows(ranges)),
             Self::Q6K(m) => Self::Q6K(m.select_rows(ranges)),
+            Self::F16(m) => Self::F16(m.select_rows(ranges)),
             Self::Dense(t) => {
                 let parts = ranges.iter().map(|r| t.narrow(0, r.start, r.len())).collect::<Result<Vec<_>, _>>()?;
                 Self::Dense(Tensor::cat(&parts, 0)?)
@@ -223,6 +238,9 @@ impl Linear {
             Self::Q4K(m) => Self::Q4K(m.select_col_blocks(blocks(QK_K)?)),
             Self::Q5K(m) => Self::Q5K(m.select_col_blocks(blocks(QK_K)?)),
             Self::Q6K(m) => Self::Q6K(m.select_col_blocks(blocks(QK_K)?)),
+            Self::F16(m) => Self::F16(m.select_cols(cols.clone()).ok_or_else(|| {
+                candle_core::Error::Msg(format!("columns {cols:?} do not split the f16 rows' 16-value steps"))
+            })?),
             Self::Dense(t) => Self::Dense(t.narrow(1, cols.start, cols.len())?.contiguous()?),
             Self::Stack(parts) => {
                 Self::Stack(parts.iter().map(|p| p.select_cols(cols.clone())).collect::<candle_core::Result<_>>()?)
@@ -238,6 +256,7 @@ impl Linear {
             Self::Q4K(m) => m.rows(),
             Self::Q5K(m) => m.rows(),
             Self::Q6K(m) => m.rows(),
+            Self::F16(m) => m.rows(),
             Self::Dense(t) => t.dims()[0],
             Self::Stack(parts) => parts.iter().map(Self::rows).sum(),
         }
@@ -251,6 +270,7 @@ impl Linear {
             Self::Q4K(m) => m.cols(),
             Self::Q5K(m) => m.cols(),
             Self::Q6K(m) => m.cols(),
+            Self::F16(m) => m.cols(),
             Self::Dense(t) => t.dims()[1],
             Self::Stack(parts) => parts[0].cols(),
         }
@@ -266,6 +286,7 @@ impl Linear {
     ) -> candle_core::Result<()> {
         scratch.quantized_ready = false;
         scratch.super_ready = false;
+        scratch.float_ready = false;
         self.product(x, rows, out, scratch)
     }
 
@@ -281,6 +302,7 @@ impl Linear {
             Self::Q4K(m) => m.matmul(scratch.super_rows(x, rows, cols), out),
             Self::Q5K(m) => m.matmul(scratch.super_rows(x, rows, cols), out),
             Self::Q6K(m) => m.matmul(scratch.super_rows(x, rows, cols), out),
+            Self::F16(m) => m.matmul(scratch.float_rows(x, rows, cols), out),
             Self::Dense(w) => {
                 let x = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
                 let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
@@ -329,6 +351,7 @@ impl Linear {
             Self::Q4K(m) => m.dequantize_row(j, out),
             Self::Q5K(m) => m.dequantize_row(j, out),
             Self::Q6K(m) => m.dequantize_row(j, out),
+            Self::F16(m) => m.dequantize_row(j, out),
             Self::Dense(t) => out.copy_from_slice(&t.get(j)?.to_vec1::<f32>()?),
             Self::Stack(parts) => {
                 let mut first = 0;
@@ -382,11 +405,13 @@ mod tests {
         let parts = vec![
             tensor(GgmlDType::Q4K, 8, cols, 1),
             tensor(GgmlDType::Q6K, 4, cols, 2),
-            tensor(GgmlDType::Q8_0, 4, cols, 3),
+            tensor(GgmlDType::Q8_0, 2, cols, 3),
+            tensor(GgmlDType::F16, 2, cols, 4),
         ];
         let mut dequantized = Dequantized::default();
         let w = Linear::stacked(parts, &mut dequantized).unwrap();
-        assert!(matches!(&w, Linear::Stack(p) if p.len() == 3), "three formats stay three matrices");
+        assert!(matches!(&w, Linear::Stack(p) if p.len() == 4), "four formats stay four matrices");
+        assert!(matches!(&w, Linear::Stack(p) if matches!(p[3], Linear::F16(_))), "F16 keeps 16 bits");
         assert!(dequantized.by_type.is_empty(), "nothing dequantized");
         assert_eq!((w.rows(), w.cols()), (16, cols));
         let x = values(rows * cols, 9);
@@ -396,7 +421,7 @@ mod tests {
         assert_close(&out, &full);
 
         // A column-parallel shard: rows from every part, in order.
-        let ranges = [2..6, 8..10, 13..16];
+        let ranges = [2..6, 8..10, 13..15, 15..16];
         let shard = w.select_rows(&ranges).unwrap();
         let mut got = Vec::new();
         shard.forward(&x, rows, &mut got, &mut Scratch::default()).unwrap();

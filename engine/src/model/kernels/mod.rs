@@ -14,6 +14,7 @@
 //! the step, so outputs do not depend on batch composition.
 
 mod blocks;
+mod half;
 mod pages;
 mod scalar;
 mod super_blocks;
@@ -30,6 +31,7 @@ pub use blocks::{
     q4_0_as_q4_1, q5_0_as_q5, quantize_row_q8, Packing, QMatrix, QuantizedRows, GROUP, Q4_0_BYTES, Q4_1, Q5,
     Q5_0_BYTES, Q8_0, QK,
 };
+pub use half::{FloatRows, HalfMatrix};
 pub use super_blocks::{SuperFormat, SuperMatrix, SuperRows, Q4K, Q5K, Q6K, QK_K};
 
 impl QuantizedRows {

@@ -203,6 +203,7 @@ struct Report {
     speculative: String,
     max_tokens: u32,
     rows: Vec<Row>,
+    prefill: Prefill,
     /// `None` with `--skip-llama-cpp`.
     llama_cpp: Option<LlamaReport>,
     load_average: [Option<f64>; 2],
@@ -256,7 +257,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         )
     };
     let load_start = load_average();
-    let rows = measure_ours(&args)?;
+    let (rows, prefill) = measure_ours(&args)?;
     let llama_cpp = match &llama {
         Some(cpp) => Some(measure_llama_cpp(cpp, &args, &rows)?),
         None => None,
@@ -266,6 +267,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         speculative: args.speculative_config.to_string(),
         max_tokens: args.max_tokens,
         rows,
+        prefill,
         llama_cpp,
         load_average: [load_start, load_average()],
     };
@@ -295,10 +297,41 @@ fn single_stream_workloads() -> [(&'static str, Vec<String>); 2] {
     [("copy", copy_tasks()), ("chat", chat_tasks())]
 }
 
-/// Our engine with and without speculation, a row per workload and mode.
-fn measure_ours(args: &Args) -> anyhow::Result<Vec<Row>> {
+/// What a prompt's prefill costs with speculation on: a draft model's prompt KV is computed with
+/// the target's (on the prefill worker, in a cluster), prompt lookup adds nothing.
+#[derive(Debug, Serialize)]
+struct Prefill {
+    prompt_tokens: usize,
+    /// Median milliseconds to the one token of a `max_tokens: 1` answer, of three.
+    plain_ms: f64,
+    speculative_ms: f64,
+}
+
+/// [`Prefill`]: a long prompt (the article four times) answered with one token, by each engine.
+fn measure_prefill(plain: &Llm, speculating: &Llm) -> anyhow::Result<Prefill> {
+    let prompt = format!("Rewrite this text exactly:\n\n{}", [ARTICLE; 4].join("\n\n"));
+    let params = SamplingParams { temperature: 0.0, max_tokens: 1, ..SamplingParams::default() };
+    let conversation = vec![vec![ChatMessage::text("user", prompt)]];
+    let mut prompt_tokens = 0;
+    let mut median = |llm: &Llm| -> anyhow::Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let outputs = llm.chat(conversation.clone(), &params)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            prompt_tokens = outputs[0].prompt_token_ids.len();
+        }
+        Ok(llama_cpp::median(times))
+    };
+    let (plain_ms, speculative_ms) = (median(plain)?, median(speculating)?);
+    Ok(Prefill { prompt_tokens, plain_ms, speculative_ms })
+}
+
+/// Our engine with and without speculation, a row per workload and mode, and the prefill's cost.
+fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
     let plain = llm(args, None)?;
     let speculating = llm(args, Some(args.speculative_config.clone()))?;
+    let prefill = measure_prefill(&plain, &speculating)?;
     let (copy, chat) = (copy_tasks(), chat_tasks());
     // Copy and chat prompts alternating, as many as each concurrent run takes (16: each twice).
     let mixed = |n: u32| {
@@ -329,7 +362,7 @@ fn measure_ours(args: &Args) -> anyhow::Result<Vec<Row>> {
             eprintln!("{NAME}: {workload} {mode} done");
         }
     }
-    Ok(rows)
+    Ok((rows, prefill))
 }
 
 /// `a / b`, 0 when `b` is.
@@ -515,6 +548,14 @@ fn table(report: &Report) -> String {
         ]);
     }
     lines.push(align(&rows, 2));
+    let p = &report.prefill;
+    lines.push(format!(
+        "prefill of a {}-token prompt (one token answered, median of 3): plain {:.0} ms, speculative {:.0} ms ({:.2}×)",
+        p.prompt_tokens,
+        p.plain_ms,
+        p.speculative_ms,
+        p.speculative_ms / p.plain_ms
+    ));
     lines.join("\n")
 }
 

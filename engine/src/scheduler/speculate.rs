@@ -47,8 +47,15 @@ pub struct NgramLookup {
     pub prompt_lookup_min: usize,
 }
 
-/// The default of [`SpeculativeConfig::disable_by_batch_size`].
+/// The default of [`SpeculativeConfig::disable_by_batch_size`] for prompt lookup: measured with
+/// `pdserve-spec-bench --concurrent 2,4,8,16`, verifying pays up to four decoding sequences.
 pub const DISABLE_BY_BATCH_SIZE: usize = 4;
+
+/// The default of [`SpeculativeConfig::disable_by_batch_size`] with a draft model, whose k passes
+/// cost each sequence the draft's share of a step: measured with the F16 / Q4_1 SmolLM2 pair
+/// (the draft about 40% of a target step), drafting pays for one sequence only. A much smaller
+/// draft raises it.
+pub const DRAFT_MODEL_DISABLE_BY_BATCH_SIZE: usize = 1;
 
 /// One sequence's draft length and back-off, adapted to how its drafts fared: the length follows
 /// the drafts it accepted last (one more after all were), and a step whose drafts were all
@@ -119,7 +126,8 @@ impl SpeculativeConfig {
     /// `prompt_lookup_min` (default 2, or `prompt_lookup_max` if smaller); or
     /// `{"method": "draft_model", "model": PATH, "num_speculative_tokens": K}` (the method may be
     /// left out when `model` is given). Both take `disable_by_batch_size` (default
-    /// [`DISABLE_BY_BATCH_SIZE`]). Any other method or key is refused by name.
+    /// [`DISABLE_BY_BATCH_SIZE`], or [`DRAFT_MODEL_DISABLE_BY_BATCH_SIZE`] with a draft model).
+    /// Any other method or key is refused by name.
     pub fn from_json(text: &str) -> Result<Self, SpeculativeConfigError> {
         let fail = |message: String| Err(SpeculativeConfigError(message));
         let value: serde_json::Value = match serde_json::from_str(text) {
@@ -182,6 +190,7 @@ impl SpeculativeConfig {
             }
         };
         let disable_by_batch_size = match object.get("disable_by_batch_size") {
+            None if matches!(method, SpeculativeMethod::DraftModel { .. }) => DRAFT_MODEL_DISABLE_BY_BATCH_SIZE,
             None => DISABLE_BY_BATCH_SIZE,
             Some(v) => match v.as_u64() {
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
@@ -330,9 +339,10 @@ mod tests {
         let min_only = r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5}"#;
         assert_eq!(SpeculativeConfig::from_json(min_only), Ok(config(3, 5, 5)));
         let draft = |json| {
-            SpeculativeConfig::from_json(json).map(|c| (c.draft_model().map(PathBuf::from), c.num_speculative_tokens))
+            SpeculativeConfig::from_json(json)
+                .map(|c| (c.draft_model().map(PathBuf::from), c.num_speculative_tokens, c.disable_by_batch_size))
         };
-        let want = Ok((Some(PathBuf::from("d.gguf")), 3));
+        let want = Ok((Some(PathBuf::from("d.gguf")), 3, DRAFT_MODEL_DISABLE_BY_BATCH_SIZE));
         assert_eq!(draft(r#"{"method": "draft_model", "model": "d.gguf", "num_speculative_tokens": 3}"#), want);
         assert_eq!(draft(r#"{"model": "d.gguf", "num_speculative_tokens": 3}"#), want, "the method follows `model`");
         for (bad, named) in [

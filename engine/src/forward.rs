@@ -35,6 +35,10 @@ pub struct SeqChunk {
     /// Which of the chunk's final hidden states (after the output norm, before the LM head)
     /// the step returns, for embeddings.
     pub hidden: Hidden,
+    /// With a draft model ([`Forward::draft`]): whether the pass writes the draft's KV for this
+    /// chunk too (false: a decode that does not draft this step, whose draft KV the engine
+    /// catches up on when it drafts again).
+    pub draft_kv: bool,
     /// The sequence's prompt length: rows at positions below it are prompt
     /// tokens, the rest were generated. Models must compute a row the same
     /// way however its sequence is batched, chunked or recomputed; this lets
@@ -84,9 +88,27 @@ impl ForwardBatch {
             need_logits,
             all_logits: false,
             hidden: Hidden::None,
+            draft_kv: true,
             prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Leaves the draft model's KV of the last chunk pushed unwritten (see [`SeqChunk::draft_kv`]).
+    pub fn skip_draft_last(&mut self) {
+        if let Some(chunk) = self.seqs.last_mut() {
+            chunk.draft_kv = false;
+        }
+    }
+
+    /// The chunks that write the draft model's KV, as a batch of their own (the same landings).
+    pub fn draft_chunks(&self) -> ForwardBatch {
+        let mut batch = ForwardBatch { landings: self.landings.clone(), ..ForwardBatch::default() };
+        for s in self.seqs.iter().filter(|s| s.draft_kv) {
+            let tokens = &self.tokens[s.token_start..s.token_start + s.num_tokens];
+            batch.push(tokens, s.context_start, s.prompt_len, s.block_table.clone(), false);
+        }
+        batch
     }
 
     /// Asks for a logits row for every token of the last chunk pushed (prompt logprobs).

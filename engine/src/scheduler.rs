@@ -269,6 +269,7 @@ impl Scheduler {
             prompt_logprobs_next: 1,
             pooling: new.pooling.map(|pooling| Pooled { pooling, sum: Vec::new(), rows: 0 }),
             speculation: Default::default(),
+            draft_lag: None,
         };
         self.num_arrivals += 1;
         if let Some(p) = new.provided {
@@ -345,6 +346,9 @@ impl Scheduler {
                 continue;
             }
             let seq = &mut self.running[pos];
+            if !chunk.draft_kv {
+                seq.draft_lag.get_or_insert(chunk.context_start);
+            }
             seq.num_computed = chunk.context_start + chunk.tokens.len();
             register_computed_blocks(&mut self.blocks, seq, self.config.block_size);
             if seq.num_computed == seq.tokens.len() {
@@ -384,6 +388,10 @@ impl Scheduler {
         self.speculation.num_draft_tokens += chunk.drafts.len() as u64;
         self.speculation.num_accepted_tokens += accepted as u64;
         let seq = &mut self.running[pos];
+        // The draft caught up and wrote its KV for every token fed: complete again.
+        if let Some(lag) = seq.draft_lag.take() {
+            self.blocks.clear_draft_stale(&seq.blocks[lag / self.config.block_size..]);
+        }
         seq.speculation.verified(accepted, seq.num_generated + accepted + 1);
         seq.num_computed = chunk.context_start + 1;
         for (i, token) in tokens.into_iter().enumerate() {
@@ -497,6 +505,7 @@ impl Scheduler {
         child.blocks = Vec::new();
         child.num_computed = 0;
         child.num_registered = 0;
+        child.draft_lag = None;
         child
     }
 
@@ -746,9 +755,16 @@ impl Scheduler {
                 i += 1;
             }
         }
+        let by_model = self.config.speculative.as_ref().is_some_and(|s| s.draft_model().is_some());
         for Planned { id, choice, n, drafts } in planned {
             let seq = self.running.iter().find(|s| s.is(&id, choice)).expect("planned sequences are running");
             let mut chunk = seq.chunk(n - drafts.len());
+            if by_model && drafts.is_empty() && seq.num_new() == 1 {
+                // A decode that does not draft leaves the draft behind: its share of the step saved.
+                chunk.draft_kv = false;
+            } else if let Some(lag) = seq.draft_lag.filter(|_| by_model && !drafts.is_empty()) {
+                chunk.draft_catch_up = seq.tokens[lag..seq.num_computed].to_vec();
+            }
             chunk.tokens.extend(&drafts);
             chunk.drafts = drafts;
             plan.seqs.push(chunk);
@@ -800,6 +816,7 @@ impl Scheduler {
         seq.blocks.clear();
         seq.num_registered = 0;
         seq.num_computed = 0;
+        seq.draft_lag = None;
         seq.provided_kv = None;
         if let Some(pooled) = &mut seq.pooling {
             pooled.reset();
@@ -859,6 +876,8 @@ impl Scheduler {
             seq.blocks.extend(ids);
             seq.num_computed = hits.len() * bs;
             seq.num_registered = hits.len();
+            // A cached block some sequence decoded without drafting: the draft catches up from it.
+            seq.draft_lag = hits.iter().position(|&id| self.blocks.is_draft_stale(id)).map(|i| i * bs);
             seq.num_cached_tokens.get_or_insert(seq.num_computed.min(seq.prompt_len));
             tracing::debug!(request_id = %seq.id, num_tokens = seq.tokens.len(), num_new = n, "admitted");
             if let Some(bytes) = seq.provided_kv.take() {
@@ -867,6 +886,8 @@ impl Scheduler {
                     plan.kv_writes.push(KvWrite { request_id: seq.id.clone(), block_ids, data });
                 }
                 seq.num_computed = seq.prompt_len;
+                // The hand-off's blocks carry the draft's KV with the target's.
+                seq.draft_lag = None;
                 let forks = std::mem::take(&mut seq.provided_forks);
                 seq.fork = 1;
                 // The provided first tokens may already be the last ones allowed
@@ -1019,6 +1040,9 @@ fn register_computed_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block
         let parent = i.checked_sub(1).map(|p| seq.hashes[p]);
         let tokens = &seq.tokens[i * block_size..(i + 1) * block_size];
         blocks.register(seq.blocks[i], seq.hashes[i], parent, tokens);
+        if seq.draft_lag.is_some_and(|lag| lag < (i + 1) * block_size) {
+            blocks.mark_draft_stale(seq.blocks[i]);
+        }
     }
     seq.num_registered = full;
 }

@@ -200,3 +200,36 @@ fn a_draft_model_that_cannot_serve_is_refused() {
     let error = loaded.with_draft_of(Some(&speculative), &LoadOptions::default()).err().expect("refused").to_string();
     assert!(error.starts_with("draft model:") && error.contains("vocabulary"), "{error}");
 }
+
+#[test]
+fn a_draft_left_behind_while_the_batch_is_large_catches_up() {
+    // Drafting only alone: while the others run, the long request's decodes leave the draft
+    // behind (its share of those steps saved); alone, its first draft pass catches up, and every
+    // greedy draft is still right.
+    let config = SpeculativeConfig { disable_by_batch_size: 1, ..self_drafting() };
+    let requests = || {
+        let mut all =
+            requests(12, |max_tokens| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) });
+        all[0].sampling.max_tokens = 64;
+        // Ends while the draft still lags: its answer's blocks are cached without draft KV.
+        all[1].sampling.max_tokens = 40;
+        all
+    };
+    let plain_engine = engine(None, 512);
+    let plain = generate(&plain_engine, requests());
+    let drafting = engine(Some(config), 512);
+    assert_eq!(plain, generate(&drafting, requests()), "a lagging draft changed the greedy output");
+    let stats = drafting.stats().speculation;
+    assert!(stats.num_draft_tokens > 0, "the last request never drafted: {stats:?}");
+    assert_eq!(stats.num_accepted_tokens, stats.num_draft_tokens, "{stats:?}");
+
+    // The second answer's blocks were cached while the draft lagged: a follow-up prompt that
+    // reuses them catches the draft up from the first such block.
+    let second = &requests()[1];
+    let follow_up = [second.prompt_token_ids.clone(), plain[1].clone()].concat();
+    let request = || vec![common::greedy_request("follow-up", &follow_up, 24)];
+    assert_eq!(generate(&plain_engine, request()), generate(&drafting, request()));
+    let after = drafting.stats().speculation;
+    assert!(after.num_draft_tokens > stats.num_draft_tokens, "{after:?}");
+    assert_eq!(after.num_accepted_tokens, after.num_draft_tokens, "after a hit on lagging blocks: {after:?}");
+}

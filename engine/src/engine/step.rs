@@ -376,8 +376,8 @@ impl StepLoop {
     }
 
     /// Fills the draft slots of the plan's speculating sequences with `draft`'s greedy tokens:
-    /// its first pass feeds each sequence's new token (the draft's KV is valid up to it, see
-    /// [`crate::model::Drafted`]), each further pass the draft before, one token per sequence
+    /// its first pass feeds each sequence's new token, after the tokens the draft missed if any
+    /// (`draft_catch_up`; see [`crate::model::Drafted`]), each further pass the draft before, one token per sequence
     /// per pass, into the slots' own KV positions. Greedy drafts are a deterministic proposal,
     /// which [`Self::verify`]'s rejection sampling expects.
     fn draft_tokens(
@@ -404,8 +404,15 @@ impl StepLoop {
             for &i in &fed {
                 let s = &plan.seqs[i];
                 let known = s.tokens.len() - s.drafts.len();
-                let (start, end) = if j == 0 { (0, known) } else { (known + j - 1, known + j) };
-                batch.push(&s.tokens[start..end], s.context_start + start, s.prompt_len, s.block_table.clone(), true);
+                if j == 0 {
+                    // The tokens the draft missed (decodes that did not draft), then the new one.
+                    let tokens: Vec<u32> = s.draft_catch_up.iter().chain(&s.tokens[..known]).copied().collect();
+                    let start = s.context_start - s.draft_catch_up.len();
+                    batch.push(&tokens, start, s.prompt_len, s.block_table.clone(), true);
+                } else {
+                    let at = known + j - 1;
+                    batch.push(&s.tokens[at..at + 1], s.context_start + at, s.prompt_len, s.block_table.clone(), true);
+                }
             }
             let logits = draft.forward(&batch, &mut kv)?;
             for (row, &i) in fed.iter().enumerate() {

@@ -2,11 +2,13 @@
 //! each block holds the target's layers, then the draft's (speculative decoding's draft-model
 //! method, see [`crate::SpeculativeMethod::DraftModel`]).
 //!
-//! Every forward pass of the target runs the draft over the same tokens, so wherever the target's
-//! KV is valid the draft's is too: a prompt prefilled here or on a prefill worker (its blocks
-//! carry both models' layers across the hand-off), a prefix-cache hit, a recomputed sequence.
-//! Proposing is then a few one-token passes of the draft alone ([`Forward::draft`]), whose KV the
-//! verifying pass writes again for the tokens it keeps.
+//! Every forward pass of the target runs the draft over the same tokens, except decodes that do
+//! not draft this step ([`crate::SeqChunk::draft_kv`]: the draft's share of a large batch is
+//! saved while drafting is off), so the draft's KV is valid wherever the target's is, up to a
+//! sequence's `draft_lag`: a prompt prefilled here or on a prefill worker (its blocks carry both
+//! models' layers across the hand-off), a prefix-cache hit, a recomputed sequence. Proposing is
+//! then a few passes of the draft alone ([`Forward::draft`]), the first catching up on the tokens
+//! it missed; the verifying pass writes the draft's KV again for every token it feeds.
 
 use super::{Llama, ModelError};
 use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
@@ -59,7 +61,14 @@ impl Drafted {
 impl Forward for Drafted {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
         let logits = self.target.forward(batch, kv)?;
-        self.draft.fill_kv(batch, kv)?;
+        if batch.seqs.iter().all(|s| s.draft_kv) {
+            self.draft.fill_kv(batch, kv)?;
+        } else {
+            let drafted = batch.draft_chunks();
+            if !drafted.seqs.is_empty() {
+                self.draft.fill_kv(&drafted, kv)?;
+            }
+        }
         Ok(logits)
     }
 

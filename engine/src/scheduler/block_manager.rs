@@ -66,6 +66,8 @@ pub struct BlockManager {
     events: Vec<KvEvent>,
     /// Off: nothing is ever registered, looked up or reported.
     caching: bool,
+    /// Blocks whose draft-model KV is missing somewhere (see [`Self::mark_draft_stale`]).
+    draft_stale: Vec<bool>,
 }
 
 impl BlockManager {
@@ -86,6 +88,7 @@ impl BlockManager {
             cached: HashMap::new(),
             events: Vec::new(),
             caching,
+            draft_stale: vec![false; num_blocks],
         }
     }
 
@@ -113,6 +116,7 @@ impl BlockManager {
         for &id in &ids {
             debug_assert_eq!(self.ref_counts[id as usize], 0, "free block {id} had owners");
             self.ref_counts[id as usize] = 1;
+            self.draft_stale[id as usize] = false;
         }
         Some(ids)
     }
@@ -209,6 +213,26 @@ impl BlockManager {
             token_ids: token_ids.to_vec(),
             block_id: id,
         });
+    }
+
+    /// Notes that block `id`'s draft-model KV is missing for some of its tokens (its sequence
+    /// decoded them without drafting): a sequence reusing it from the prefix cache must feed the
+    /// draft from there.
+    pub fn mark_draft_stale(&mut self, id: u32) {
+        self.draft_stale[id as usize] = true;
+    }
+
+    /// Notes that the draft's KV of `ids` is complete again (a sequence caught the draft up over
+    /// them).
+    pub fn clear_draft_stale(&mut self, ids: &[u32]) {
+        for &id in ids {
+            self.draft_stale[id as usize] = false;
+        }
+    }
+
+    /// Whether block `id`'s draft-model KV is missing for some of its tokens.
+    pub fn is_draft_stale(&self, id: u32) -> bool {
+        self.draft_stale[id as usize]
     }
 
     /// Forgets every cached block, if none is in use (owned blocks may be

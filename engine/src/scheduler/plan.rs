@@ -76,6 +76,14 @@ pub struct ScheduledSeq {
     /// draft model the scheduler plans them as zeros and the engine writes the draft's tokens
     /// over them, here and in `tokens`, before the step.
     pub drafts: Vec<u32>,
+    /// With a draft model: whether the step writes the draft's KV for this chunk too (every
+    /// prefill chunk, and every decode that drafts; a decode that does not leaves the draft
+    /// behind, see `draft_catch_up`).
+    pub draft_kv: bool,
+    /// With a draft model, for a decode that drafts: the sequence's tokens before `tokens` whose
+    /// draft KV is missing, at positions `context_start - draft_catch_up.len()..`, which the
+    /// draft's first pass feeds before `tokens`.
+    pub draft_catch_up: Vec<u32>,
 }
 
 impl ScheduledSeq {
@@ -109,6 +117,9 @@ impl StepPlan {
         let mut batch = ForwardBatch::default();
         for s in &self.seqs {
             batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
+            if !s.draft_kv {
+                batch.skip_draft_last();
+            }
             if s.all_logits || !s.drafts.is_empty() {
                 batch.score_last();
             }

@@ -55,6 +55,10 @@ pub(super) struct Sequence {
     pub(super) pooling: Option<Pooled>,
     /// How its speculative drafts fared so far.
     pub(super) speculation: Adaptive,
+    /// With a draft model: the first position whose draft KV is missing, since decodes that do
+    /// not draft leave the draft behind (and a cached block may have been left so); the next
+    /// decode that drafts feeds the draft from here. `None`: the draft's KV is complete.
+    pub(super) draft_lag: Option<usize>,
 }
 
 /// An embedding's pooling state, across the chunks of its prompt.
@@ -129,6 +133,8 @@ impl Sequence {
             },
             choices: self.choice..self.choice + self.fork as u32,
             drafts: Vec::new(),
+            draft_kv: true,
+            draft_catch_up: Vec::new(),
         }
     }
 

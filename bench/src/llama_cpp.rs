@@ -53,6 +53,16 @@ impl LlamaCpp {
         Ok(Self { dir: dir.to_path_buf(), threads, model: model.to_path_buf() })
     }
 
+    /// [`Self::find`] for a benchmark whose `--skip-llama-cpp` is `skip`: `None` when skipped, an
+    /// error that says how to get llama.cpp when it is missing.
+    pub fn find_unless(skip: bool, dir: &Path, threads: usize, model: &Path) -> anyhow::Result<Option<Self>> {
+        if skip {
+            return Ok(None);
+        }
+        let found = Self::find(dir, threads, model);
+        found.map(Some).map_err(|e| anyhow::anyhow!("llama.cpp: {e}: {HOW_TO_GET}, or pass --skip-llama-cpp"))
+    }
+
     /// Runs `llama-batched-bench` with every `npl` and returns its rows. The context holds the
     /// largest batch: `max(npl) * (npp + ntg)` tokens.
     pub fn batched_bench(&self, npp: usize, ntg: usize, npl: &[usize]) -> anyhow::Result<Vec<BatchedRow>> {

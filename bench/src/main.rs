@@ -48,7 +48,7 @@ mod figures;
 mod report;
 mod rss;
 
-use bench::llama_cpp::{self, LlamaCpp};
+use bench::llama_cpp::LlamaCpp;
 use bench::ours;
 use clap::{Parser, Subcommand};
 use ours::Ours;
@@ -113,15 +113,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.model.is_file(), "model file {} not found (run scripts/fetch-model.sh)", args.model.display());
     // The comparison is the point of a run: without the baseline it stops before measuring.
-    let llama = if args.skip_llama_cpp {
-        None
-    } else {
-        let found = LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model);
-        Some(
-            found
-                .map_err(|e| anyhow::anyhow!("llama.cpp: {e}: {}, or pass --skip-llama-cpp", llama_cpp::HOW_TO_GET))?,
-        )
-    };
+    let llama = LlamaCpp::find_unless(args.skip_llama_cpp, &args.llama_cpp_dir, threads, &args.model)?;
     let load_at_start = bench::load_average();
     let wanted = |n: u8| args.only.is_none_or(|only| only == n);
     let ours = if (1..=4).any(wanted) { Some(Ours::load(&args.model)?) } else { None };

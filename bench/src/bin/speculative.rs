@@ -247,15 +247,7 @@ fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> any
 
 fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     // The comparison is part of a run: without llama.cpp it stops before measuring anything.
-    let llama = if args.skip_llama_cpp {
-        None
-    } else {
-        let found = LlamaCpp::find(&args.llama_cpp_dir, threads, &args.model);
-        Some(
-            found
-                .map_err(|e| anyhow::anyhow!("llama.cpp: {e}: {}, or pass --skip-llama-cpp", llama_cpp::HOW_TO_GET))?,
-        )
-    };
+    let llama = LlamaCpp::find_unless(args.skip_llama_cpp, &args.llama_cpp_dir, threads, &args.model)?;
     let load_start = load_average();
     let (rows, prefill) = measure_ours(&args)?;
     let llama_cpp = match &llama {

@@ -183,12 +183,12 @@ fn a_draft_model_keeps_seeded_samples_and_recomputes_after_preemption() {
 
 #[test]
 fn a_draft_model_that_cannot_serve_is_refused() {
-    // Paired, but asked to run over several ranks: the draft runs on one.
+    // Paired, but asked to run on a GPU: the draft's passes are the CPU kernels'.
     let loaded = engine::model::load(&common::model_path(), &LoadOptions::default())
         .and_then(|l| l.with_draft_of(Some(&self_drafting()), &LoadOptions::default()))
         .unwrap();
-    let error = loaded.model.place(ComputeDevice::Cpu, 3, WeightDtype::Auto).err().expect("refused").to_string();
-    assert!(error.contains("one rank"), "{error}");
+    let error = loaded.model.place(ComputeDevice::Cuda(0), 1, WeightDtype::Auto).err().expect("refused").to_string();
+    assert!(error.contains("CPU kernels"), "{error}");
     // Another vocabulary.
     let gemma = common::gemma_path();
     let speculative = SpeculativeConfig {
@@ -232,4 +232,17 @@ fn a_draft_left_behind_while_the_batch_is_large_catches_up() {
     let after = drafting.stats().speculation;
     assert!(after.num_draft_tokens > stats.num_draft_tokens, "{after:?}");
     assert_eq!(after.num_accepted_tokens, after.num_draft_tokens, "after a hit on lagging blocks: {after:?}");
+}
+
+#[test]
+fn a_draft_model_over_tensor_parallel_ranks_gives_the_same_tokens() {
+    // Both models split over 3 CPU ranks (SmolLM2's 3 KV heads), each rank's blocks holding its
+    // heads of both; compared with the same ranks without speculation.
+    let requests = || requests(32, SamplingParams::greedy);
+    let plain = generate(&engine_on_ranks(None, 512, 3), requests());
+    let drafting = engine_on_ranks(Some(self_drafting()), 512, 3);
+    assert_eq!(plain, generate(&drafting, requests()));
+    let stats = drafting.stats().speculation;
+    assert!(stats.num_draft_tokens > 0, "{stats:?}");
+    assert_eq!(stats.num_accepted_tokens, stats.num_draft_tokens, "{stats:?}");
 }

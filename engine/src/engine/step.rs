@@ -388,16 +388,12 @@ impl StepLoop {
     ) -> Result<(), ForwardError> {
         let drafting: Vec<usize> = (0..plan.seqs.len()).filter(|&i| !plan.seqs[i].drafts.is_empty()).collect();
         let Some(longest) = drafting.iter().map(|&i| plan.seqs[i].drafts.len()).max() else { return Ok(()) };
-        let [kv] = self.shared.kv.as_slice() else {
-            return Err(ForwardError::InvalidBatch("a draft model runs on one rank".into()));
-        };
         // The draft reads the KV a hand-off is still landing.
         for (request_id, landing) in landings {
             if drafting.iter().any(|&i| &plan.seqs[i].request_id == request_id) {
                 let _ = landing.wait_for(usize::MAX);
             }
         }
-        let mut kv = kv.write().unwrap_or_else(PoisonError::into_inner);
         for j in 0..longest {
             let fed: Vec<usize> = drafting.iter().copied().filter(|&i| plan.seqs[i].drafts.len() > j).collect();
             let mut batch = ForwardBatch::default();
@@ -414,7 +410,7 @@ impl StepLoop {
                     batch.push(&s.tokens[at..at + 1], s.context_start + at, s.prompt_len, s.block_table.clone(), true);
                 }
             }
-            let logits = draft.forward(&batch, &mut kv)?;
+            let logits = draft.forward_ranks(&batch, &self.shared.kv)?;
             for (row, &i) in fed.iter().enumerate() {
                 let token = argmax(logits.row(row));
                 let s = &mut plan.seqs[i];

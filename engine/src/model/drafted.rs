@@ -10,8 +10,12 @@
 //! then a few passes of the draft alone ([`Forward::draft`]), the first catching up on the tokens
 //! it missed; the verifying pass writes the draft's KV again for every token it feeds.
 
-use super::{Llama, ModelError};
-use crate::forward::{Forward, ForwardBatch, ForwardError, Logits};
+use std::sync::Arc;
+
+use super::{Llama, ModelError, TensorParallel};
+use crate::comm::cpu::CpuGroup;
+use crate::comm::Communicator;
+use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 
 /// A target [`Llama`] and its draft, the draft's KV in cache layers after the target's.
@@ -56,19 +60,52 @@ impl Drafted {
     pub fn draft(&self) -> &Llama {
         &self.draft
     }
+
+    /// The pair on `tp_size` CPU ranks: each rank holds its shard of both models and its share of
+    /// both models' KV heads. The target's ranks write the draft's KV after their own; the draft
+    /// proposes on a group of its own.
+    pub fn place(self, tp_size: usize) -> Result<Arc<dyn Forward>, ModelError> {
+        if tp_size <= 1 {
+            return Ok(Arc::new(self));
+        }
+        let ranks = |shard: &dyn Fn(usize) -> Result<Box<dyn RankModel>, ModelError>| {
+            CpuGroup::ranks(tp_size)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| Ok((shard(rank)?, Box::new(comm) as Box<dyn Communicator>)))
+                .collect::<Result<Vec<_>, ModelError>>()
+        };
+        let pair = |rank| -> Result<Box<dyn RankModel>, ModelError> {
+            let (target, draft) = (self.target.shard(rank, tp_size)?, self.draft.shard(rank, tp_size)?);
+            Ok(Box::new(Self { target, draft }))
+        };
+        let draft = |rank| -> Result<Box<dyn RankModel>, ModelError> { Ok(Box::new(self.draft.shard(rank, tp_size)?)) };
+        let target = TensorParallel::from_ranks(ranks(&pair)?)?;
+        let draft = TensorParallel::from_ranks(ranks(&draft)?)?;
+        Ok(Arc::new(DraftedRanks { target, draft }))
+    }
+}
+
+/// Runs `fill` over the chunks of `batch` that write the draft's KV (see
+/// [`crate::SeqChunk::draft_kv`]), if any.
+fn for_draft_chunks(
+    batch: &ForwardBatch,
+    fill: impl FnOnce(&ForwardBatch) -> Result<(), ForwardError>,
+) -> Result<(), ForwardError> {
+    if batch.seqs.iter().all(|s| s.draft_kv) {
+        return fill(batch);
+    }
+    let drafted = batch.draft_chunks();
+    if drafted.seqs.is_empty() {
+        return Ok(());
+    }
+    fill(&drafted)
 }
 
 impl Forward for Drafted {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
         let logits = self.target.forward(batch, kv)?;
-        if batch.seqs.iter().all(|s| s.draft_kv) {
-            self.draft.fill_kv(batch, kv)?;
-        } else {
-            let drafted = batch.draft_chunks();
-            if !drafted.seqs.is_empty() {
-                self.draft.fill_kv(&drafted, kv)?;
-            }
-        }
+        for_draft_chunks(batch, |b| self.draft.fill_kv(b, kv))?;
         Ok(logits)
     }
 
@@ -78,6 +115,76 @@ impl Forward for Drafted {
 
     fn waits_for_layers(&self) -> bool {
         true
+    }
+
+    fn draft(&self) -> Option<&dyn Forward> {
+        Some(&self.draft)
+    }
+}
+
+/// One tensor-parallel rank of a [`Drafted`] pair (see [`Drafted::place`]).
+impl RankModel for Drafted {
+    fn check(&self, batch: &ForwardBatch, kv: &KvStorage) -> Result<(), ForwardError> {
+        self.target.check(batch, kv)?;
+        self.draft.check(batch, kv)
+    }
+
+    fn forward_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<Logits, ForwardError> {
+        let logits = self.target.forward_rank(batch, kv, comm)?;
+        for_draft_chunks(batch, |b| self.draft.follow_rank(b, kv, comm))?;
+        Ok(logits)
+    }
+
+    fn follow_rank(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvStorage,
+        comm: &dyn Communicator,
+    ) -> Result<(), ForwardError> {
+        self.target.follow_rank(batch, kv, comm)?;
+        for_draft_chunks(batch, |b| self.draft.follow_rank(b, kv, comm))
+    }
+
+    fn kv_shape(&self, block_size: usize, num_blocks: usize) -> KvCacheShape {
+        Drafted::kv_shape(self, block_size, num_blocks)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.target.config().vocab_size
+    }
+}
+
+/// A [`Drafted`] pair over tensor-parallel ranks: the target's group (each rank writing the
+/// draft's KV after its own) and the draft's.
+struct DraftedRanks {
+    target: TensorParallel,
+    draft: TensorParallel,
+}
+
+impl Forward for DraftedRanks {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
+        self.target.forward(batch, kv)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.target.vocab_size()
+    }
+
+    fn waits_for_layers(&self) -> bool {
+        self.target.waits_for_layers()
+    }
+
+    fn tp_size(&self) -> usize {
+        self.target.tp_size()
+    }
+
+    fn forward_ranks(&self, batch: &ForwardBatch, kv: &[RankKv]) -> Result<Logits, ForwardError> {
+        self.target.forward_ranks(batch, kv)
     }
 
     fn draft(&self) -> Option<&dyn Forward> {

@@ -92,10 +92,10 @@ impl Model {
         match self {
             Self::Llama(m) => place(std::sync::Arc::new(m), device, tp_size, dtype),
             // The draft's proposing passes and its KV layers are the CPU kernels' for now.
-            Self::Drafted(_) if device != ComputeDevice::Cpu || tp_size > 1 => Err(ModelError::Draft(format!(
-                "a target with a draft model runs on the CPU on one rank, not {device} with tensor-parallel size {tp_size}"
-            ))),
-            Self::Drafted(m) => Ok(std::sync::Arc::new(*m)),
+            Self::Drafted(_) if device != ComputeDevice::Cpu => {
+                Err(ModelError::Draft(format!("a target with a draft model runs on the CPU kernels, not on {device}")))
+            }
+            Self::Drafted(m) => m.place(tp_size),
             Self::Bert(_) if tp_size > 1 => Err(ModelError::TensorParallel(format!(
                 "size {tp_size}: a BERT encoder runs on one rank (it is small enough not to need more)"
             ))),

@@ -759,8 +759,9 @@ impl Scheduler {
         for Planned { id, choice, n, drafts } in planned {
             let seq = self.running.iter().find(|s| s.is(&id, choice)).expect("planned sequences are running");
             let mut chunk = seq.chunk(n - drafts.len());
-            if by_model && drafts.is_empty() && seq.num_new() == 1 {
+            if by_model && drafts.is_empty() && seq.num_new() == 1 && seq.num_computed >= seq.prompt_len {
                 // A decode that does not draft leaves the draft behind: its share of the step saved.
+                // Prompt tokens never do: a prefill worker hands their draft KV off.
                 chunk.draft_kv = false;
             } else if let Some(lag) = seq.draft_lag.filter(|_| by_model && !drafts.is_empty()) {
                 chunk.draft_catch_up = seq.tokens[lag..seq.num_computed].to_vec();

@@ -910,3 +910,52 @@ fn a_step_with_more_decodes_than_disable_by_batch_size_has_no_drafts() {
     let plan = s.schedule();
     assert_eq!(plan.seqs.iter().map(|c| c.drafts.len()).collect::<Vec<_>>(), [2, 2]);
 }
+
+#[test]
+fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when_they_do() {
+    let draft = SpeculativeConfig {
+        method: SpeculativeMethod::DraftModel { model: "draft.gguf".into() },
+        num_speculative_tokens: 2,
+        disable_by_batch_size: 1,
+    };
+    let mut s = Scheduler::new(SchedulerConfig { speculative: Some(draft), ..config(32, 4) });
+    s.add(seq("a", &[1, 2, 3, 4, 5], 20));
+    s.add(seq("b", &[6, 7, 8], 2));
+    let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| c.draft_kv), "prefill chunks always write the draft's KV");
+    s.finish_step(&plan, &[10, 20]);
+    // Two decoding, above the threshold of one: nobody drafts, and the draft is left behind.
+    let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| c.drafts.is_empty() && !c.draft_kv), "{plan:?}");
+    assert!(!plan.to_batch().seqs.iter().any(|c| c.draft_kv));
+    s.finish_step(&plan, &[11, 21]);
+    // `b` is done: `a` alone drafts two slots, the draft first fed the token it missed.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("a", 6, 3)]);
+    let a = &plan.seqs[0];
+    assert_eq!((a.drafts.len(), a.draft_kv), (2, true));
+    assert_eq!(a.draft_catch_up, vec![10], "position 5");
+    s.finish_step_with(&plan, vec![tokens(&[0, 0, 12])]);
+    // Both drafts accepted (they were the zeros the engine would have overwritten): caught up.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan)[0].1, 9);
+    assert!(plan.seqs[0].draft_catch_up.is_empty(), "{plan:?}");
+
+    // A prompt's last token fed alone (chunked prefill) beside a decode, without drafting, still
+    // writes the draft's KV: on a prefill worker it is handed off.
+    let draft = s.config.speculative.clone();
+    let mut s = Scheduler::new(SchedulerConfig { speculative: draft, max_num_batched_tokens: 5, ..config(32, 4) });
+    s.add(seq("b", &[6, 7], 20));
+    s.add(seq("c", &[8, 9], 20));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[20, 30]);
+    s.add(seq("a", &[1, 2, 3, 4], 20));
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 2, 1), ("c", 2, 1), ("a", 0, 3)]);
+    s.finish_step(&plan, &[21, 31]);
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 3, 1), ("c", 3, 1), ("a", 3, 1)]);
+    assert!(plan.seqs.iter().all(|c| c.drafts.is_empty()));
+    assert!(!plan.seqs[0].draft_kv && !plan.seqs[1].draft_kv, "{plan:?}");
+    assert!(plan.seqs[2].draft_kv, "{plan:?}");
+}

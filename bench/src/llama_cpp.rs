@@ -137,6 +137,10 @@ pub struct ChatAnswer {
     pub draft_n: u64,
     /// Draft tokens the target accepted (`timings.draft_n_accepted`).
     pub draft_n_accepted: u64,
+    /// Tokens decoded (`timings.predicted_n`, the first one sampled after the prompt included).
+    pub predicted_n: u64,
+    /// Milliseconds from the first token to the last (`timings.predicted_ms`).
+    pub predicted_ms: f64,
 }
 
 impl ChatAnswer {
@@ -156,6 +160,12 @@ impl ChatAnswer {
             completion_tokens,
             draft_n: timings["draft_n"].as_u64().unwrap_or(0),
             draft_n_accepted: timings["draft_n_accepted"].as_u64().unwrap_or(0),
+            predicted_n: timings["predicted_n"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no timings.predicted_n in {json}"))?,
+            predicted_ms: timings["predicted_ms"]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("no timings.predicted_ms in {json}"))?,
         })
     }
 }
@@ -320,14 +330,27 @@ mod tests {
         let json = serde_json::json!({
             "choices": [{"message": {"role": "assistant", "content": "Hi."}}],
             "usage": {"completion_tokens": 50, "prompt_tokens": 102},
-            "timings": {"cache_n": 0, "prompt_n": 102, "predicted_n": 50, "draft_n": 44, "draft_n_accepted": 36},
+            "timings": {"cache_n": 0, "prompt_n": 102, "predicted_n": 50, "predicted_ms": 250.5, "draft_n": 44,
+                        "draft_n_accepted": 36},
         });
         let answer = ChatAnswer::from_json(&json).unwrap();
-        assert_eq!(answer, ChatAnswer { text: "Hi.".into(), completion_tokens: 50, draft_n: 44, draft_n_accepted: 36 });
+        let want = ChatAnswer {
+            text: "Hi.".into(),
+            completion_tokens: 50,
+            draft_n: 44,
+            draft_n_accepted: 36,
+            predicted_n: 50,
+            predicted_ms: 250.5,
+        };
+        assert_eq!(answer, want);
         // Without speculation the server leaves the draft counters out.
         let mut plain = json.clone();
-        plain["timings"] = serde_json::json!({"cache_n": 0, "predicted_n": 50});
+        plain["timings"] = serde_json::json!({"cache_n": 0, "predicted_n": 50, "predicted_ms": 250.5});
         assert_eq!(ChatAnswer::from_json(&plain).unwrap().draft_n, 0);
+        // Without the decode timings nothing can be measured.
+        let mut untimed = json.clone();
+        untimed["timings"] = serde_json::json!({"cache_n": 0, "predicted_n": 50});
+        assert!(ChatAnswer::from_json(&untimed).is_err());
         // A prompt served from the cache is refused.
         let mut cached = json;
         cached["timings"]["cache_n"] = 90.into();

@@ -304,6 +304,7 @@ impl Scheduler {
         if !preempted || self.running.is_empty() {
             self.admit(&mut plan, &mut budget);
         }
+        self.defer_draft_prefill(&mut plan);
         debug_assert!(plan.num_tokens() <= self.config.max_num_batched_tokens);
         plan
     }
@@ -505,7 +506,8 @@ impl Scheduler {
         child.blocks = Vec::new();
         child.num_computed = 0;
         child.num_registered = 0;
-        child.draft_lag = None;
+        // The prompt's blocks (shared or copied) lack the draft's KV where the parent's did.
+        child.draft_lag = parent.draft_lag;
         child
     }
 
@@ -728,7 +730,11 @@ impl Scheduler {
                     i += 1;
                     continue;
                 }
-                let mut drafts = if decodes && speculate { self.drafts(seq, *budget - 1) } else { Vec::new() };
+                let (mut drafts, second_row) = if decodes && speculate {
+                    self.drafts(seq, *budget - 1, decoding == 1)
+                } else {
+                    (Vec::new(), false)
+                };
                 let blocks_needed = |n: usize| blocks_for(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
                 // Drafts that need more blocks than are free are dropped: they never preempt.
                 if blocks_needed(1 + drafts.len()) > blocks_needed(1)
@@ -750,6 +756,7 @@ impl Scheduler {
                     };
                     self.running[i].blocks.extend(ids);
                 }
+                self.running[i].speculation.proposed(second_row);
                 planned.push(Planned { id: self.running[i].id.clone(), choice: self.running[i].choice, n, drafts });
                 *budget -= n;
                 i += 1;
@@ -761,7 +768,7 @@ impl Scheduler {
             let mut chunk = seq.chunk(n - drafts.len());
             if by_model && drafts.is_empty() && seq.num_new() == 1 && seq.num_computed >= seq.prompt_len {
                 // A decode that does not draft leaves the draft behind: its share of the step saved.
-                // Prompt tokens never do: a prefill worker hands their draft KV off.
+                // Prompt chunks may too, when crowded (see `defer_draft_prefill`).
                 chunk.draft_kv = false;
             } else if let Some(lag) = seq.draft_lag.filter(|_| by_model && !drafts.is_empty()) {
                 chunk.draft_catch_up = seq.tokens[lag..seq.num_computed].to_vec();
@@ -773,25 +780,57 @@ impl Scheduler {
         preempted
     }
 
+    /// With a draft model and more sequences running than may draft (`disable_by_batch_size`),
+    /// leaves the draft's KV of the step's prompt chunks unwritten: the draft catches up on them
+    /// if the sequence ever drafts, and a sequence that finishes in a crowd never pays for the
+    /// draft's prefill. Not a prompt whose blocks are to be handed off (a prefill worker's), which
+    /// carry the draft's KV to the decode worker.
+    fn defer_draft_prefill(&self, plan: &mut StepPlan) {
+        let Some(speculative) = self.config.speculative.as_ref().filter(|s| s.draft_model().is_some()) else {
+            return;
+        };
+        if self.running.len() <= speculative.disable_by_batch_size {
+            return;
+        }
+        for chunk in plan.seqs.iter_mut().filter(|c| c.context_start < c.prompt_len) {
+            let seq = self.running.iter().find(|s| s.is(&chunk.request_id, chunk.choices.start));
+            if seq.is_some_and(|s| !s.pin_on_finish) {
+                chunk.draft_kv = false;
+            }
+        }
+    }
+
     /// The draft tokens a decoding sequence verifies in its next step, at most `room`: none
     /// without speculation, for a sequence that stands for several choices, or when its
-    /// `max_tokens` or the context leaves room for one token only.
-    fn drafts(&self, seq: &Sequence, room: usize) -> Vec<u32> {
-        let Some(speculative) = &self.config.speculative else { return Vec::new() };
+    /// `max_tokens` or the context leaves room for one token only, or when a draft model lags by
+    /// more tokens than are left to generate (its catch-up, a prefill of the draft, would cost
+    /// more than the drafts of the tokens left save). A sequence decoding `alone`
+    /// verifies one prompt-lookup draft whenever any suffix of it occurred before (see
+    /// [`NgramLookup::second_row`]; true with such a draft).
+    fn drafts(&self, seq: &Sequence, room: usize, alone: bool) -> (Vec<u32>, bool) {
+        let Some(speculative) = &self.config.speculative else { return (Vec::new(), false) };
         if seq.fork != 1 || seq.pooling.is_some() {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         // Each accepted draft is one token generated before the one that follows them.
         let left = seq
             .max_tokens
             .saturating_sub(seq.num_generated)
             .min(self.config.max_model_len.saturating_sub(seq.tokens.len()));
-        let k = seq.speculation.limit(speculative, seq.num_generated).min(room).min(left.saturating_sub(1));
+        let most = room.min(left.saturating_sub(1));
+        let k = seq.speculation.limit(speculative, seq.num_generated).min(most);
         match &speculative.method {
-            SpeculativeMethod::Ngram(lookup) => lookup.propose(&seq.tokens, k),
+            SpeculativeMethod::Ngram(lookup) => match lookup.propose(&seq.tokens, k) {
+                drafts if drafts.is_empty() && alone && most > 0 => (lookup.second_row(&seq.tokens), true),
+                drafts => (drafts, false),
+            },
+            // A draft that fell far behind costs more to catch up than its drafts can save.
+            SpeculativeMethod::DraftModel { .. } if seq.draft_lag.is_some_and(|lag| seq.num_computed - lag > left) => {
+                (Vec::new(), false)
+            }
             // Slots the engine fills with the draft model's tokens before the step (see
             // `ScheduledSeq::drafts`).
-            SpeculativeMethod::DraftModel { .. } => vec![0; k],
+            SpeculativeMethod::DraftModel { .. } => (vec![0; k], false),
         }
     }
 
@@ -932,7 +971,15 @@ impl Scheduler {
         }
         extend_block_hashes(&seq.cache_salt, &seq.tokens, bs, &mut seq.hashes);
         let reusable = (seq.tokens.len().saturating_sub(1) / bs).min(seq.hashes.len());
-        self.blocks.lookup(&seq.hashes[..reusable])
+        let mut hits = self.blocks.lookup(&seq.hashes[..reusable]);
+        if seq.pin_on_finish {
+            // Blocks to be handed off must carry the draft's KV: a block cached without it is
+            // computed again (the draft's catch-up happens on decodes, which a hand-off skips).
+            if let Some(stale) = hits.iter().position(|&id| self.blocks.is_draft_stale(id)) {
+                hits.truncate(stale);
+            }
+        }
+        hits
     }
 
     /// Why a waiting sequence can never run, if so.

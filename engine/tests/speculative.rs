@@ -203,14 +203,14 @@ fn a_draft_model_that_cannot_serve_is_refused() {
 
 #[test]
 fn a_draft_left_behind_while_the_batch_is_large_catches_up() {
-    // Drafting only alone: while the others run, the long request's decodes leave the draft
-    // behind (its share of those steps saved); alone, its first draft pass catches up, and every
-    // greedy draft is still right.
+    // Drafting only alone: while the others run, the long request's prompt and decodes leave the
+    // draft behind (its share of those steps saved); alone, with more tokens left to generate
+    // than the draft lags, its first draft pass catches up, and every greedy draft is still right.
     let config = SpeculativeConfig { disable_by_batch_size: 1, ..self_drafting() };
     let requests = || {
         let mut all =
             requests(12, |max_tokens| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(max_tokens) });
-        all[0].sampling.max_tokens = 64;
+        all[0].sampling.max_tokens = 128;
         // Ends while the draft still lags: its answer's blocks are cached without draft KV.
         all[1].sampling.max_tokens = 40;
         all
@@ -227,7 +227,7 @@ fn a_draft_left_behind_while_the_batch_is_large_catches_up() {
     // reuses them catches the draft up from the first such block.
     let second = &requests()[1];
     let follow_up = [second.prompt_token_ids.clone(), plain[1].clone()].concat();
-    let request = || vec![common::greedy_request("follow-up", &follow_up, 24)];
+    let request = || vec![common::greedy_request("follow-up", &follow_up, 2 * follow_up.len() as u32)];
     assert_eq!(generate(&plain_engine, request()), generate(&drafting, request()));
     let after = drafting.stats().speculation;
     assert!(after.num_draft_tokens > stats.num_draft_tokens, "{after:?}");

@@ -50,15 +50,19 @@
 //! then fails after printing.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bench::llama_cpp::{self, LlamaCpp};
 use bench::{align, load_average};
 use clap::Parser;
 use engine::model::{load, LoadOptions};
-use engine::offline::{ChatMessage, Llm, LlmConfig};
-use engine::{SamplingParams, SpeculationStats, SpeculativeConfig, SpeculativeMethod};
+use engine::offline::{ChatMessage, Input, Llm, LlmConfig};
+use engine::{
+    EngineEvent, EngineRequest, KvSource, SamplingParams, SpeculationStats, SpeculativeConfig, SpeculativeMethod,
+};
 use serde::Serialize;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 const NAME: &str = "pdserve-spec-bench";
 
@@ -137,6 +141,10 @@ struct Figure {
     tokens: usize,
     secs: f64,
     tokens_per_s: f64,
+    /// Run one at a time: the tokens each answer decoded after its first over the time from its
+    /// first token to its last, summed over the answers (the prompts' prefill left out); `None`
+    /// for requests run at once.
+    decode_tokens_per_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,6 +154,8 @@ struct Row {
     plain: Figure,
     speculative: Figure,
     speedup: f64,
+    /// Of the decoding rates alone (single stream).
+    decode_speedup: Option<f64>,
     /// Accepted over proposed draft tokens.
     acceptance: f64,
     /// Tokens per verifying forward pass of a sequence.
@@ -173,6 +183,7 @@ struct LlamaRow {
     error: Option<String>,
     /// Ours on the same workload in this run (the single-stream row).
     our_speedup: f64,
+    our_decode_speedup: Option<f64>,
     our_acceptance: f64,
 }
 
@@ -181,6 +192,8 @@ struct LlamaRow {
 struct LlamaSpeculative {
     figure: Figure,
     speedup: f64,
+    /// Of the decoding rates alone (`timings.predicted_n` over `predicted_ms`).
+    decode_speedup: Option<f64>,
     /// `draft_n_accepted` over `draft_n`.
     acceptance: f64,
     /// Draft tokens proposed per generated token.
@@ -226,23 +239,69 @@ fn llm(args: &Args, speculative: Option<SpeculativeConfig>) -> anyhow::Result<Ll
 /// The answers' token ids and the run's figure: `prompts` one at a time, or all at once.
 fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> anyhow::Result<(Vec<Vec<u32>>, Figure)> {
     let params = SamplingParams { temperature: 0.0, max_tokens, ..SamplingParams::default() };
-    let conversation = |p: &String| vec![ChatMessage::text("user", p.clone())];
     // Warm-up: the first forward pass pays for page faults and thread start.
-    llm.chat(vec![conversation(&prompts[0])], &SamplingParams { max_tokens: 4, ..params.clone() })?;
+    receive(submit(llm, &prompts[0], &SamplingParams { max_tokens: 4, ..params.clone() })?)?;
     let start = Instant::now();
-    let outputs = if at_once {
-        llm.chat(prompts.iter().map(conversation).collect(), &params)?
+    let answers = if at_once {
+        let submitted = prompts.iter().map(|p| submit(llm, p, &params)).collect::<anyhow::Result<Vec<_>>>()?;
+        submitted.into_iter().map(receive).collect::<anyhow::Result<Vec<_>>>()?
     } else {
-        let mut outputs = Vec::new();
-        for p in prompts {
-            outputs.extend(llm.chat(vec![conversation(p)], &params)?);
-        }
-        outputs
+        prompts.iter().map(|p| submit(llm, p, &params).and_then(receive)).collect::<anyhow::Result<Vec<_>>>()?
     };
     let secs = start.elapsed().as_secs_f64();
-    let ids: Vec<Vec<u32>> = outputs.iter().map(|o| o.first().token_ids.clone()).collect();
-    let tokens = ids.iter().map(Vec::len).sum();
-    Ok((ids, Figure { tokens, secs, tokens_per_s: tokens as f64 / secs }))
+    let tokens = answers.iter().map(|a| a.ids.len()).sum();
+    // Answers received one at a time were timed as their tokens came.
+    let decode_tokens_per_s = (!at_once).then(|| {
+        let decoded = answers.iter().map(|a| a.ids.len().saturating_sub(1)).sum::<usize>();
+        decoded as f64 / answers.iter().map(|a| a.decoding.as_secs_f64()).sum::<f64>()
+    });
+    let ids = answers.into_iter().map(|a| a.ids).collect();
+    Ok((ids, Figure { tokens, secs, tokens_per_s: tokens as f64 / secs, decode_tokens_per_s }))
+}
+
+/// One answer: its token ids and the time from its first token to its last.
+struct Answer {
+    ids: Vec<u32>,
+    decoding: Duration,
+}
+
+/// Submits `prompt` as a user message through the chat template, straight to the engine, so the
+/// tokens can be timed as they come (what [`Llm::chat`] would submit).
+fn submit(llm: &Llm, prompt: &str, params: &SamplingParams) -> anyhow::Result<UnboundedReceiver<EngineEvent>> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    let input = Input::Chat(vec![ChatMessage::text("user", prompt.to_string())]);
+    Ok(llm.engine().submit(EngineRequest {
+        request_id: format!("spec-bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        prompt_token_ids: llm.prompt_ids(&input)?,
+        sampling: params.clone(),
+        kv: KvSource::Compute,
+        pin_on_finish: false,
+        cache_salt: None,
+        priority: 0,
+        n: 1,
+        grammar: None,
+        pooling: None,
+    })?)
+}
+
+/// Waits for a submitted request's answer, timing its tokens as they come.
+fn receive(mut events: UnboundedReceiver<EngineEvent>) -> anyhow::Result<Answer> {
+    let (mut ids, mut first) = (Vec::new(), None);
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            EngineEvent::Token { id, .. } => {
+                first.get_or_insert_with(Instant::now);
+                ids.push(id);
+            }
+            EngineEvent::Finished { .. } => {
+                let decoding = first.map_or(Duration::ZERO, |f| f.elapsed());
+                return Ok(Answer { ids, decoding });
+            }
+            EngineEvent::Error(e) => anyhow::bail!("engine error: {e}"),
+            EngineEvent::PromptLogprobs { .. } | EngineEvent::Embedding(_) => anyhow::bail!("unasked-for event"),
+        }
+    }
+    anyhow::bail!("the engine dropped a request without finishing it")
 }
 
 fn run(args: Args, threads: usize) -> anyhow::Result<()> {
@@ -345,6 +404,7 @@ fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
             plain: plain_figure,
             speculative: spec_figure,
             speedup: spec_figure.tokens_per_s / plain_figure.tokens_per_s,
+            decode_speedup: decode_speedup(&plain_figure, &spec_figure),
             acceptance: ratio(spec.num_accepted_tokens, spec.num_draft_tokens),
             tokens_per_verify: 1.0 + ratio(spec.num_accepted_tokens, spec.num_drafts),
             drafts_per_token: ratio(spec.num_draft_tokens, spec_figure.tokens as u64),
@@ -439,6 +499,7 @@ fn measure_llama_cpp(cpp: &LlamaCpp, args: &Args, ours: &[Row]) -> anyhow::Resul
                 speculative,
                 error,
                 our_speedup: ours.speedup,
+                our_decode_speedup: ours.decode_speedup,
                 our_acceptance: ours.acceptance,
             });
         }
@@ -469,13 +530,21 @@ async fn llama_run(cpp: &LlamaCpp, flags: &[String], prompts: &[String], max_tok
     }
     let secs = start.elapsed().as_secs_f64();
     let tokens = answers.iter().map(|a| a.completion_tokens as usize).sum::<usize>();
+    // As ours: each answer's tokens after its first over its time from the first to the last.
+    let decoded = answers.iter().map(|a| a.predicted_n.saturating_sub(1)).sum::<u64>() as f64
+        / answers.iter().map(|a| a.predicted_ms / 1e3).sum::<f64>();
     Ok(LlamaRun {
         texts: answers.iter().map(|a| a.text.clone()).collect(),
-        figure: Figure { tokens, secs, tokens_per_s: tokens as f64 / secs },
+        figure: Figure { tokens, secs, tokens_per_s: tokens as f64 / secs, decode_tokens_per_s: Some(decoded) },
         draft_n: answers.iter().map(|a| a.draft_n).sum(),
         draft_n_accepted: answers.iter().map(|a| a.draft_n_accepted).sum(),
         server_args: server.args().to_vec(),
     })
+}
+
+/// `spec`'s decoding rate over `plain`'s, when both were measured.
+fn decode_speedup(plain: &Figure, spec: &Figure) -> Option<f64> {
+    Some(spec.decode_tokens_per_s? / plain.decode_tokens_per_s?)
 }
 
 /// A speculative run's figures against the plain one.
@@ -483,6 +552,7 @@ fn compare(plain: &LlamaRun, spec: &LlamaRun) -> LlamaSpeculative {
     LlamaSpeculative {
         figure: spec.figure,
         speedup: spec.figure.tokens_per_s / plain.figure.tokens_per_s,
+        decode_speedup: decode_speedup(&plain.figure, &spec.figure),
         acceptance: ratio(spec.draft_n_accepted, spec.draft_n),
         drafts_per_token: ratio(spec.draft_n, spec.figure.tokens as u64),
         same_text: spec.texts == plain.texts,
@@ -518,6 +588,7 @@ fn table(report: &Report) -> String {
         "plain tok/s",
         "spec tok/s",
         "speed-up",
+        "decode speed-up",
         "acceptance",
         "tokens/verify",
         "drafts/token",
@@ -533,6 +604,7 @@ fn table(report: &Report) -> String {
             format!("{:.1}", r.plain.tokens_per_s),
             format!("{:.1}", r.speculative.tokens_per_s),
             format!("{:.2}×", r.speedup),
+            times(r.decode_speedup),
             format!("{:.0}%", r.acceptance * 100.0),
             format!("{:.2}", r.tokens_per_verify),
             format!("{:.2}", r.drafts_per_token),
@@ -549,6 +621,11 @@ fn table(report: &Report) -> String {
         p.speculative_ms / p.plain_ms
     ));
     lines.join("\n")
+}
+
+/// A ratio as the tables print it, `-` when not measured.
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or("-".into(), |r| format!("{r:.2}×"))
 }
 
 /// The llama.cpp rows, ours beside them, and the flags each mode ran with.
@@ -569,10 +646,12 @@ fn llama_table(llama: &LlamaReport, report: &Report) -> String {
         "plain tok/s",
         "spec tok/s",
         "speed-up",
+        "decode speed-up",
         "acceptance",
         "drafts/token",
         "same text",
         "our speed-up",
+        "our decode speed-up",
         "our acceptance",
     ]
     .map(String::from)
@@ -584,16 +663,21 @@ fn llama_table(llama: &LlamaReport, report: &Report) -> String {
                 format!("{:.1}", r.plain.tokens_per_s),
                 format!("{:.1}", s.figure.tokens_per_s),
                 format!("{:.2}×", s.speedup),
+                times(s.decode_speedup),
                 format!("{:.0}%", s.acceptance * 100.0),
                 format!("{:.2}", s.drafts_per_token),
                 if s.same_text { "yes" } else { "NO" }.to_string(),
             ],
             None => {
                 let plain = format!("{:.1}", r.plain.tokens_per_s);
-                ["-", &plain, "FAILED", "-", "-", "-", "-"].map(String::from).to_vec()
+                ["-", &plain, "FAILED", "-", "-", "-", "-", "-"].map(String::from).to_vec()
             }
         };
-        let ours = [format!("{:.2}×", r.our_speedup), format!("{:.0}%", r.our_acceptance * 100.0)];
+        let ours = [
+            format!("{:.2}×", r.our_speedup),
+            times(r.our_decode_speedup),
+            format!("{:.0}%", r.our_acceptance * 100.0),
+        ];
         rows.push([vec![r.workload.to_string(), r.mode.name.clone()], spec, ours.to_vec()].concat());
     }
     lines.push(align(&rows, 2));

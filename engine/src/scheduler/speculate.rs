@@ -69,6 +69,9 @@ pub(super) struct Adaptive {
     resume_at: usize,
     /// Tokens of the next pause.
     next_pause: usize,
+    /// The drafts planned last were a [`NgramLookup::second_row`]'s, which leave the length and
+    /// the pauses as they are.
+    second_row: bool,
 }
 
 /// The longest pause of [`Adaptive`].
@@ -86,9 +89,17 @@ impl Adaptive {
         }
     }
 
+    /// Notes where the drafts just planned came from: the adaptive length, or a second row.
+    pub(super) fn proposed(&mut self, second_row: bool) {
+        self.second_row = second_row;
+    }
+
     /// Takes a verified step that accepted `accepted` drafts, the sequence now at
     /// `num_generated` tokens.
     pub(super) fn verified(&mut self, accepted: usize, num_generated: usize) {
+        if self.second_row {
+            return;
+        }
         if accepted == 0 {
             let pause = self.next_pause.max(1);
             self.resume_at = num_generated + pause;
@@ -241,6 +252,20 @@ impl NgramLookup {
     }
 }
 
+impl NgramLookup {
+    /// The one draft a sequence decoding alone verifies when [`Self::propose`] has none (its
+    /// suffixes did not occur before, or its drafts are paused): the token that followed the
+    /// latest earlier occurrence of its longest suffix that did occur, down to its last token
+    /// alone; empty when even that token is new. Not adaptive, as its cost is not a drafts':
+    /// a lone decode's step reads every weight for one row, and the second row rides along on
+    /// the same reads (with SmolLM2-135M on 2 cores a step of 2 rows costs about 2% more than
+    /// one, a step of 3 about 20%; see `pdserve-spec-bench`), so a draft accepted a fifth of the
+    /// time (a 1-token match in open chat) still pays.
+    pub fn second_row(&self, tokens: &[u32]) -> Vec<u32> {
+        Self { prompt_lookup_min: 1, ..*self }.propose(tokens, 1)
+    }
+}
+
 /// Why a speculative config was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -316,6 +341,17 @@ mod tests {
         assert_eq!(lookup(1, 4).propose(&[5, 1, 2, 3, 5], 4), [1, 2, 3, 5]);
         assert!(lookup(1, 4).propose(&[], 4).is_empty());
         assert!(lookup(1, 4).propose(&[7], 4).is_empty());
+    }
+
+    #[test]
+    fn a_second_row_is_the_token_after_the_longest_suffix_that_occurred_down_to_one_token() {
+        // No "3 5" before: the config's lookup (2..4) has nothing, the last token alone does.
+        let tokens = [5, 1, 2, 3, 4, 5, 7, 3, 5];
+        assert!(lookup(2, 4).propose(&tokens, 4).is_empty());
+        assert_eq!(lookup(2, 4).second_row(&tokens), [7]);
+        // A longer suffix that occurred still wins, and only one token is drafted.
+        assert_eq!(lookup(2, 4).second_row(&[9, 5, 1, 2, 3, 5, 1]), [2]);
+        assert!(lookup(2, 4).second_row(&[1, 2, 3]).is_empty(), "a new last token");
     }
 
     #[test]

@@ -912,6 +912,41 @@ fn a_step_with_more_decodes_than_disable_by_batch_size_has_no_drafts() {
 }
 
 #[test]
+fn a_lone_decode_verifies_one_draft_from_its_last_token_when_no_longer_suffix_matches_or_it_is_paused() {
+    let mut config = speculating(3);
+    config.speculative.as_mut().unwrap().method =
+        SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max: 3, prompt_lookup_min: 2 });
+    let mut s = Scheduler::new(config.clone());
+    // "5 8 2 4 5 6 1 7 | 5": no earlier "7 5", but "5" was followed by 6 last.
+    s.add(seq("a", &[5, 8, 2, 4, 5, 6, 1, 7], 20));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[5]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts, [6], "one draft from the 1-token suffix");
+    // Rejected: a draft of the config's own lookup would pause drafting, this one does not.
+    s.finish_step_with(&plan, vec![tokens(&[8])]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts, [2, 4, 5], "\"5 8\" occurred before: all three, the length untouched");
+    // All three rejected: the lookup's drafts pause, and the second row goes on alone.
+    s.finish_step_with(&plan, vec![tokens(&[1])]);
+    let plan = s.schedule();
+    assert_eq!(plan.seqs[0].drafts, [7], "paused, \"1\" was followed by 7");
+    // A token never seen before: nothing to draft.
+    s.finish_step_with(&plan, vec![tokens(&[9])]);
+    let plan = s.schedule();
+    assert!(plan.seqs[0].drafts.is_empty());
+
+    // Two decoding sequences: the second row is no longer free, neither drafts.
+    let mut s = Scheduler::new(config);
+    s.add(seq("a", &[5, 8, 2, 4, 5, 6, 1, 7], 20));
+    s.add(seq("b", &[5, 8, 2, 4, 5, 6, 1, 7], 20));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[5, 5]);
+    let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| c.drafts.is_empty()), "{plan:?}");
+}
+
+#[test]
 fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when_they_do() {
     let draft = SpeculativeConfig {
         method: SpeculativeMethod::DraftModel { model: "draft.gguf".into() },
@@ -919,10 +954,11 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
         disable_by_batch_size: 1,
     };
     let mut s = Scheduler::new(SchedulerConfig { speculative: Some(draft), ..config(32, 4) });
-    s.add(seq("a", &[1, 2, 3, 4, 5], 20));
-    s.add(seq("b", &[6, 7, 8], 2));
+    // To be handed off, a prompt's chunks write the draft's KV, however crowded the step.
+    s.add(NewSequence { pin_on_finish: true, ..seq("a", &[1, 2, 3, 4, 5], 20) });
+    s.add(NewSequence { pin_on_finish: true, ..seq("b", &[6, 7, 8], 2) });
     let plan = s.schedule();
-    assert!(plan.seqs.iter().all(|c| c.draft_kv), "prefill chunks always write the draft's KV");
+    assert!(plan.seqs.iter().all(|c| c.draft_kv), "prefill chunks of pinned prompts write the draft's KV");
     s.finish_step(&plan, &[10, 20]);
     // Two decoding, above the threshold of one: nobody drafts, and the draft is left behind.
     let plan = s.schedule();
@@ -941,15 +977,16 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
     assert_eq!(shape(&plan)[0].1, 9);
     assert!(plan.seqs[0].draft_catch_up.is_empty(), "{plan:?}");
 
-    // A prompt's last token fed alone (chunked prefill) beside a decode, without drafting, still
-    // writes the draft's KV: on a prefill worker it is handed off.
+    // A pinned prompt's last token fed alone (chunked prefill) beside decodes, without drafting,
+    // still writes the draft's KV: on a prefill worker it is handed off.
     let draft = s.config.speculative.clone();
     let mut s = Scheduler::new(SchedulerConfig { speculative: draft, max_num_batched_tokens: 5, ..config(32, 4) });
     s.add(seq("b", &[6, 7], 20));
     s.add(seq("c", &[8, 9], 20));
     let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| !c.draft_kv), "crowded: prompts left to catch up, {plan:?}");
     s.finish_step(&plan, &[20, 30]);
-    s.add(seq("a", &[1, 2, 3, 4], 20));
+    s.add(NewSequence { pin_on_finish: true, ..seq("a", &[1, 2, 3, 4], 20) });
     let plan = s.schedule();
     assert_eq!(shape(&plan), vec![("b", 2, 1), ("c", 2, 1), ("a", 0, 3)]);
     s.finish_step(&plan, &[21, 31]);
@@ -958,4 +995,51 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
     assert!(plan.seqs.iter().all(|c| c.drafts.is_empty()));
     assert!(!plan.seqs[0].draft_kv && !plan.seqs[1].draft_kv, "{plan:?}");
     assert!(plan.seqs[2].draft_kv, "{plan:?}");
+    s.finish_step(&plan, &[22, 32, 40]);
+    s.abort("a");
+    s.abort("c");
+    s.take_events();
+    // `b` alone drafts: the draft first catches up on its whole prompt and what it decoded.
+    let plan = s.schedule();
+    assert_eq!(shape(&plan), vec![("b", 4, 3)]);
+    assert_eq!(plan.seqs[0].draft_catch_up, [6, 7, 20, 21], "{plan:?}");
+
+    // Blocks cached while their draft KV was deferred: an unpinned prompt reuses them (and catches
+    // up when it drafts), a pinned one computes them again, as it hands its blocks off.
+    let draft = s.config.speculative.clone();
+    let mut s = Scheduler::new(SchedulerConfig { speculative: draft.clone(), ..config(32, 4) });
+    let prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+    s.add(seq("x", &prompt, 20));
+    s.add(seq("y", &[7, 7], 20));
+    let plan = s.schedule();
+    assert!(plan.seqs.iter().all(|c| !c.draft_kv));
+    s.finish_step(&plan, &[10, 11]);
+    s.add(seq("unpinned", &prompt, 20));
+    s.add(NewSequence { pin_on_finish: true, ..seq("pinned", &prompt, 20) });
+    let plan = s.schedule();
+    let starts: Vec<(&str, usize)> = plan.seqs[2..].iter().map(|c| (c.request_id.as_str(), c.context_start)).collect();
+    assert_eq!(starts, [("unpinned", 8), ("pinned", 0)], "{plan:?}");
+    assert!(plan.seqs[3].draft_kv, "a pinned prompt writes the draft's KV in a crowd too");
+
+    // A draft behind by more tokens than are left to generate does not catch up: no drafts.
+    let mut s = Scheduler::new(SchedulerConfig { speculative: draft.clone(), ..config(32, 4) });
+    s.add(seq("short", &[1, 2, 3, 4, 5, 6], 4));
+    s.add(seq("other", &[7, 7], 20));
+    let plan = s.schedule();
+    s.finish_step(&plan, &[10, 11]);
+    s.abort("other");
+    let plan = s.schedule();
+    assert!(plan.seqs[0].drafts.is_empty(), "7 tokens to catch up, 3 left: {plan:?}");
+    s.finish_step(&plan, &[12]);
+    let plan = s.schedule();
+    assert!(plan.seqs[0].drafts.is_empty(), "8 behind, 2 left");
+
+    // One sequence, not crowded: its prompt writes the draft's KV at once, for its first draft.
+    let mut s = Scheduler::new(SchedulerConfig { speculative: draft, ..config(32, 4) });
+    s.add(seq("a", &[1, 2, 3], 20));
+    let plan = s.schedule();
+    assert!(plan.seqs[0].draft_kv);
+    s.finish_step(&plan, &[4]);
+    let plan = s.schedule();
+    assert_eq!((plan.seqs[0].drafts.len(), plan.seqs[0].draft_catch_up.len()), (2, 0));
 }

@@ -35,15 +35,28 @@ pub struct SeqChunk {
     /// Which of the chunk's final hidden states (after the output norm, before the LM head)
     /// the step returns, for embeddings.
     pub hidden: Hidden,
-    /// With a draft model ([`Forward::draft`]): whether the pass writes the draft's KV for this
-    /// chunk too (false: a decode that does not draft this step, whose draft KV the engine
-    /// catches up on when it drafts again).
-    pub draft_kv: bool,
+    /// With a draft model ([`Forward::draft`]): which of the chunk's tokens the pass writes the
+    /// draft's KV for too.
+    pub draft_kv: DraftFill,
     /// The sequence's prompt length: rows at positions below it are prompt
     /// tokens, the rest were generated. Models must compute a row the same
     /// way however its sequence is batched, chunked or recomputed; this lets
     /// one treat the two kinds differently if it ever needs to.
     pub prompt_len: usize,
+}
+
+/// Which of a chunk's tokens a pass writes the draft model's KV for (see [`SeqChunk::draft_kv`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DraftFill {
+    /// Every token's.
+    #[default]
+    All,
+    /// The last token's only: a verifying chunk, whose other tokens the draft's proposing passes
+    /// fed (the same bits: the kernels do not depend on the batch).
+    Last,
+    /// None: a decode that does not draft this step, or a prompt chunk in a crowded step; the
+    /// engine catches the draft up when the sequence drafts.
+    Skip,
 }
 
 /// The final hidden states a chunk asks for (see [`SeqChunk::hidden`]).
@@ -88,25 +101,32 @@ impl ForwardBatch {
             need_logits,
             all_logits: false,
             hidden: Hidden::None,
-            draft_kv: true,
+            draft_kv: DraftFill::All,
             prompt_len,
         });
         self.tokens.extend_from_slice(tokens);
     }
 
-    /// Leaves the draft model's KV of the last chunk pushed unwritten (see [`SeqChunk::draft_kv`]).
-    pub fn skip_draft_last(&mut self) {
+    /// Sets which tokens of the last chunk pushed get the draft model's KV (see
+    /// [`SeqChunk::draft_kv`]).
+    pub fn fill_draft_last(&mut self, fill: DraftFill) {
         if let Some(chunk) = self.seqs.last_mut() {
-            chunk.draft_kv = false;
+            chunk.draft_kv = fill;
         }
     }
 
-    /// The chunks that write the draft model's KV, as a batch of their own (the same landings).
+    /// The tokens whose draft model KV the pass writes, as a batch of their own (the same
+    /// landings): every chunk's per its [`SeqChunk::draft_kv`].
     pub fn draft_chunks(&self) -> ForwardBatch {
         let mut batch = ForwardBatch { landings: self.landings.clone(), ..ForwardBatch::default() };
-        for s in self.seqs.iter().filter(|s| s.draft_kv) {
-            let tokens = &self.tokens[s.token_start..s.token_start + s.num_tokens];
-            batch.push(tokens, s.context_start, s.prompt_len, s.block_table.clone(), false);
+        for s in &self.seqs {
+            let skipped = match s.draft_kv {
+                DraftFill::All => 0,
+                DraftFill::Last => s.num_tokens.saturating_sub(1),
+                DraftFill::Skip => continue,
+            };
+            let tokens = &self.tokens[s.token_start + skipped..s.token_start + s.num_tokens];
+            batch.push(tokens, s.context_start + skipped, s.prompt_len, s.block_table.clone(), false);
         }
         batch
     }

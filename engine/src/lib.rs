@@ -40,7 +40,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
-pub use forward::{Forward, ForwardBatch, ForwardError, Hidden, Logits, RankKv, SeqChunk};
+pub use forward::{DraftFill, Forward, ForwardBatch, ForwardError, Hidden, Logits, RankKv, SeqChunk};
 pub use kv::cache::{KvArena, KvCacheShape, KvStorage};
 pub use kv::landing::{KvLanding, LandingReporter};
 pub use request::{

@@ -8,14 +8,15 @@
 //! sequence's `draft_lag`: a prompt prefilled here or on a prefill worker (its blocks carry both
 //! models' layers across the hand-off), a prefix-cache hit, a recomputed sequence. Proposing is
 //! then a few passes of the draft alone ([`Forward::draft`]), the first catching up on the tokens
-//! it missed; the verifying pass writes the draft's KV again for every token it feeds.
+//! it missed, each feeding the token it proposed; the verifying pass then writes the draft's KV
+//! of the last draft only ([`crate::DraftFill::Last`]).
 
 use std::sync::Arc;
 
 use super::{Llama, ModelError, TensorParallel};
 use crate::comm::cpu::CpuGroup;
 use crate::comm::Communicator;
-use crate::forward::{Forward, ForwardBatch, ForwardError, Logits, RankKv, RankModel};
+use crate::forward::{DraftFill, Forward, ForwardBatch, ForwardError, Logits, RankKv, RankModel};
 use crate::kv::cache::{KvCacheShape, KvStorage};
 
 /// A target [`Llama`] and its draft, the draft's KV in cache layers after the target's.
@@ -92,7 +93,7 @@ fn for_draft_chunks(
     batch: &ForwardBatch,
     fill: impl FnOnce(&ForwardBatch) -> Result<(), ForwardError>,
 ) -> Result<(), ForwardError> {
-    if batch.seqs.iter().all(|s| s.draft_kv) {
+    if batch.seqs.iter().all(|s| s.draft_kv == DraftFill::All) {
         return fill(batch);
     }
     let drafted = batch.draft_chunks();

@@ -1,7 +1,7 @@
 //! What one step does, as the scheduler plans it for the engine ([`StepPlan`]), and the tokens
 //! sampled from its logits ([`SampledToken`]).
 
-use crate::forward::{ForwardBatch, Hidden};
+use crate::forward::{DraftFill, ForwardBatch, Hidden};
 use crate::sampler::TokenLogprobs;
 use std::ops::Range;
 
@@ -118,7 +118,10 @@ impl StepPlan {
         for s in &self.seqs {
             batch.push(&s.tokens, s.context_start, s.prompt_len, s.block_table.clone(), s.need_logits);
             if !s.draft_kv {
-                batch.skip_draft_last();
+                batch.fill_draft_last(DraftFill::Skip);
+            } else if !s.drafts.is_empty() {
+                // The draft's proposing passes fed all but the last draft.
+                batch.fill_draft_last(DraftFill::Last);
             }
             if s.all_logits || !s.drafts.is_empty() {
                 batch.score_last();

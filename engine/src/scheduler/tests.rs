@@ -963,7 +963,7 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
     // Two decoding, above the threshold of one: nobody drafts, and the draft is left behind.
     let plan = s.schedule();
     assert!(plan.seqs.iter().all(|c| c.drafts.is_empty() && !c.draft_kv), "{plan:?}");
-    assert!(!plan.to_batch().seqs.iter().any(|c| c.draft_kv));
+    assert!(plan.to_batch().seqs.iter().all(|c| c.draft_kv == crate::DraftFill::Skip));
     s.finish_step(&plan, &[11, 21]);
     // `b` is done: `a` alone drafts two slots, the draft first fed the token it missed.
     let plan = s.schedule();
@@ -971,6 +971,11 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
     let a = &plan.seqs[0];
     assert_eq!((a.drafts.len(), a.draft_kv), (2, true));
     assert_eq!(a.draft_catch_up, vec![10], "position 5");
+    // The verifying pass writes the last draft's draft KV only: the proposing passes fed the rest.
+    let batch = plan.to_batch();
+    assert_eq!(batch.seqs[0].draft_kv, crate::DraftFill::Last);
+    let fill = batch.draft_chunks();
+    assert_eq!((fill.tokens.len(), fill.seqs[0].context_start), (1, 8));
     s.finish_step_with(&plan, vec![tokens(&[0, 0, 12])]);
     // Both drafts accepted (they were the zeros the engine would have overwritten): caught up.
     let plan = s.schedule();

@@ -9,12 +9,16 @@
 //! - **chat**: open-ended questions, where they seldom are.
 //!
 //! Each is run one request at a time (**single stream**), then copy and chat requests
-//! alternating, `--concurrent` at once (**16 concurrent** by default: every prompt twice). A
-//! figure is generated tokens over the wall time from the first submit to the last answer
-//! ([`Llm::chat`], the engine the workers run). The speculative run prints its acceptance
-//! (accepted / proposed draft tokens) and the tokens each verifying step gave (1 + accepted /
-//! drafts), and checks that every answer is the same token for token as without speculation
-//! (greedy).
+//! alternating, `--concurrent` at once (**16 concurrent** by default: every prompt twice),
+//! submitted straight to the engine the workers run (the prompt through the chat template, as
+//! [`Llm::chat`] would). A figure is generated tokens over the wall time from the first submit to
+//! the last answer, prefill included; single stream also prints the **decode speed-up**, of each
+//! answer's tokens after its first over the time from its first token to its last (the prompt's
+//! prefill, which speculation does not touch, left out: the time per output token). Every figure
+//! is the median of `--repeat` runs, without and with speculation alternating, each after a
+//! short warm-up answer. The speculative run prints its acceptance (accepted / proposed draft
+//! tokens) and the tokens each verifying step gave (1 + accepted / drafts), and checks that every
+//! answer is the same token for token as without speculation (greedy).
 //!
 //! # llama.cpp beside it
 //!
@@ -44,8 +48,9 @@
 //!   `--draft-max` any more).
 //!
 //! A figure is the answers' `usage.completion_tokens` over the wall time from the first request
-//! to the last answer; acceptance is `timings.draft_n_accepted` over `timings.draft_n` summed
-//! over the answers. The second table prints them per mode beside our speed-up and acceptance
+//! to the last answer, and the decode rate `timings.predicted_n` - 1 over `predicted_ms` (the
+//! server's time from the first token to the last) summed over the answers; acceptance is
+//! `timings.draft_n_accepted` over `timings.draft_n` summed over the answers. One run each. The second table prints them per mode beside our speed-up and acceptance
 //! on the same workload in the same run. A mode whose server fails shows its error, and the run
 //! then fails after printing.
 
@@ -127,6 +132,10 @@ struct Args {
     /// Where llama-server is (scripts/setup-llama-cpp.sh builds it).
     #[arg(long, default_value = ".cache/llama.cpp/bin")]
     llama_cpp_dir: PathBuf,
+    /// Times each of our runs, without and with speculation alternating; a figure is the median
+    /// (this machine's speed drifts by several percent from one run to the next).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Measure our engine only, not llama.cpp's speculative decoding beside it.
     #[arg(long)]
     skip_llama_cpp: bool,
@@ -215,6 +224,8 @@ struct Report {
     threads: usize,
     speculative: String,
     max_tokens: u32,
+    /// Runs each of our figures is the median of.
+    repeat: u32,
     rows: Vec<Row>,
     prefill: Prefill,
     /// `None` with `--skip-llama-cpp`.
@@ -239,8 +250,6 @@ fn llm(args: &Args, speculative: Option<SpeculativeConfig>) -> anyhow::Result<Ll
 /// The answers' token ids and the run's figure: `prompts` one at a time, or all at once.
 fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> anyhow::Result<(Vec<Vec<u32>>, Figure)> {
     let params = SamplingParams { temperature: 0.0, max_tokens, ..SamplingParams::default() };
-    // Warm-up: the first forward pass pays for page faults and thread start.
-    receive(submit(llm, &prompts[0], &SamplingParams { max_tokens: 4, ..params.clone() })?)?;
     let start = Instant::now();
     let answers = if at_once {
         let submitted = prompts.iter().map(|p| submit(llm, p, &params)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -257,6 +266,28 @@ fn measure(llm: &Llm, prompts: &[String], max_tokens: u32, at_once: bool) -> any
     });
     let ids = answers.into_iter().map(|a| a.ids).collect();
     Ok((ids, Figure { tokens, secs, tokens_per_s: tokens as f64 / secs, decode_tokens_per_s }))
+}
+
+/// A short answer to `prompt`: the first forward pass pays for page faults and thread start.
+fn warm_up(llm: &Llm, prompt: &str) -> anyhow::Result<()> {
+    let params = SamplingParams { temperature: 0.0, max_tokens: 4, ..SamplingParams::default() };
+    receive(submit(llm, prompt, &params)?).map(drop)
+}
+
+/// Runs of the same prompts as one: their answers (which must be the same every time, as they are
+/// greedy) and the median of each rate.
+fn median_run(runs: Vec<(Vec<Vec<u32>>, Figure)>) -> anyhow::Result<(Vec<Vec<u32>>, Figure)> {
+    let (ids, first) = runs.first().cloned().ok_or_else(|| anyhow::anyhow!("no run"))?;
+    anyhow::ensure!(runs.iter().all(|(other, _)| *other == ids), "a greedy answer changed from one run to the next");
+    let secs = llama_cpp::median(runs.iter().map(|(_, f)| f.secs).collect());
+    let decode: Option<Vec<f64>> = runs.iter().map(|(_, f)| f.decode_tokens_per_s).collect();
+    let figure = Figure {
+        tokens: first.tokens,
+        secs,
+        tokens_per_s: first.tokens as f64 / secs,
+        decode_tokens_per_s: decode.map(llama_cpp::median),
+    };
+    Ok((ids, figure))
 }
 
 /// One answer: its token ids and the time from its first token to its last.
@@ -317,6 +348,7 @@ fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         threads,
         speculative: args.speculative_config.to_string(),
         max_tokens: args.max_tokens,
+        repeat: args.repeat,
         rows,
         prefill,
         llama_cpp,
@@ -394,10 +426,18 @@ fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
     runs.extend(args.concurrent.iter().map(|&n| ("copy + chat", format!("{n} concurrent"), mixed(n), true)));
     let mut rows = Vec::new();
     for (workload, mode, prompts, at_once) in runs {
-        let (plain_ids, plain_figure) = measure(&plain, &prompts, args.max_tokens, at_once)?;
-        let before = speculating.engine().stats().speculation;
-        let (spec_ids, spec_figure) = measure(&speculating, &prompts, args.max_tokens, at_once)?;
-        let spec = since(speculating.engine().stats().speculation, before);
+        let (mut plain_runs, mut spec_runs) = (Vec::new(), Vec::new());
+        let mut spec = SpeculationStats::default();
+        for _ in 0..args.repeat {
+            warm_up(&plain, &prompts[0])?;
+            plain_runs.push(measure(&plain, &prompts, args.max_tokens, at_once)?);
+            warm_up(&speculating, &prompts[0])?;
+            let before = speculating.engine().stats().speculation;
+            spec_runs.push(measure(&speculating, &prompts, args.max_tokens, at_once)?);
+            spec = add(spec, since(speculating.engine().stats().speculation, before));
+        }
+        let (plain_ids, plain_figure) = median_run(plain_runs)?;
+        let (spec_ids, spec_figure) = median_run(spec_runs)?;
         rows.push(Row {
             workload,
             mode: mode.clone(),
@@ -407,7 +447,7 @@ fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
             decode_speedup: decode_speedup(&plain_figure, &spec_figure),
             acceptance: ratio(spec.num_accepted_tokens, spec.num_draft_tokens),
             tokens_per_verify: 1.0 + ratio(spec.num_accepted_tokens, spec.num_drafts),
-            drafts_per_token: ratio(spec.num_draft_tokens, spec_figure.tokens as u64),
+            drafts_per_token: ratio(spec.num_draft_tokens, spec_figure.tokens as u64 * u64::from(args.repeat)),
             same_tokens: plain_ids == spec_ids,
         });
         if !args.json {
@@ -559,6 +599,15 @@ fn compare(plain: &LlamaRun, spec: &LlamaRun) -> LlamaSpeculative {
     }
 }
 
+/// Both runs' counters together.
+fn add(a: SpeculationStats, b: SpeculationStats) -> SpeculationStats {
+    SpeculationStats {
+        num_drafts: a.num_drafts + b.num_drafts,
+        num_draft_tokens: a.num_draft_tokens + b.num_draft_tokens,
+        num_accepted_tokens: a.num_accepted_tokens + b.num_accepted_tokens,
+    }
+}
+
 /// The counters' growth from `before` to `after`.
 fn since(after: SpeculationStats, before: SpeculationStats) -> SpeculationStats {
     SpeculationStats {
@@ -571,8 +620,9 @@ fn since(after: SpeculationStats, before: SpeculationStats) -> SpeculationStats 
 fn table(report: &Report) -> String {
     let mut lines = vec![
         format!(
-            "speculative decoding ({}) against none; {} threads, greedy, up to {} tokens per answer",
-            report.speculative, report.threads, report.max_tokens
+            "speculative decoding ({}) against none; {} threads, greedy, up to {} tokens per answer, \
+             each figure the median of {} runs (without and with alternating)",
+            report.speculative, report.threads, report.max_tokens, report.repeat
         ),
         format!(
             "load average {} at start, {} at end",

@@ -258,8 +258,8 @@ impl NgramLookup {
     /// latest earlier occurrence of its longest suffix that did occur, down to its last token
     /// alone; empty when even that token is new. Not adaptive, as its cost is not a drafts':
     /// a lone decode's step reads every weight for one row, and the second row rides along on
-    /// the same reads (with SmolLM2-135M on 2 cores a step of 2 rows costs about 2% more than
-    /// one, a step of 3 about 20%; see `pdserve-spec-bench`), so a draft accepted a fifth of the
+    /// the same reads (with SmolLM2-135M on 2 cores, measured in the engine, a step of 2 rows
+    /// costs about 5% more than one, a step of 3 about 27%), so a draft accepted a fifth of the
     /// time (a 1-token match in open chat) still pays.
     pub fn second_row(&self, tokens: &[u32]) -> Vec<u32> {
         Self { prompt_lookup_min: 1, ..*self }.propose(tokens, 1)

@@ -2,7 +2,7 @@
 
 use crate::prompts::Prompts;
 use engine::model::{ComputeDevice, Llama, LoadedModel, ModelInfo, WeightDtype};
-use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvCacheShape, KvSource, SamplingParams};
+use engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, KvCacheShape, SamplingParams};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -119,18 +119,10 @@ pub async fn run_constrained(
 ) -> anyhow::Result<Vec<Timeline>> {
     let mut pending = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let request = EngineRequest {
-            pooling: None,
-            request_id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-            prompt_token_ids: prompt,
-            sampling: SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() },
-            kv: KvSource::Compute,
-            pin_on_finish: false,
-            cache_salt: None,
-            priority: 0,
-            n: 1,
-            grammar: grammar.cloned(),
-        };
+        let sampling = SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() };
+        let request_id = format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let request =
+            EngineRequest { grammar: grammar.cloned(), ..EngineRequest::generate(request_id, prompt, sampling) };
         let submitted = Instant::now();
         let events = engine.submit(request)?;
         pending.push((submitted, events));

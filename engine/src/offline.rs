@@ -15,7 +15,7 @@
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{ComputeDevice, Loaded, Model, ModelInfo, WeightDtype};
 use crate::request::{EngineError, EngineEvent, EngineRequest, FailureKind, FinishReason, Pooling, RequestError};
-use crate::{KvSource, SamplingParams, TokenLogprobs};
+use crate::{SamplingParams, TokenLogprobs};
 pub use prompt::chat_template::TemplateMessage as ChatMessage;
 use prompt::chat_template::{ChatTemplate, RenderOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -829,18 +829,8 @@ impl Llm {
             skip_special_tokens: request.skip_special_tokens,
             choices: (0..n).map(|choice| ChoiceState { watch: watch(choice), ..ChoiceState::default() }).collect(),
         };
-        let events = self.engine.submit(EngineRequest {
-            pooling: None,
-            request_id,
-            prompt_token_ids: ids,
-            sampling,
-            kv: KvSource::Compute,
-            pin_on_finish: false,
-            cache_salt: None,
-            priority: 0,
-            n,
-            grammar,
-        })?;
+        let events =
+            self.engine.submit(EngineRequest { n, grammar, ..EngineRequest::generate(request_id, ids, sampling) })?;
         Ok((events, pending))
     }
 

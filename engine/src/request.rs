@@ -70,21 +70,27 @@ pub enum Pooling {
 }
 
 impl EngineRequest {
-    /// An embedding request for `prompt_token_ids`, pooled by `pooling` (no cache salt, priority
-    /// 0: set them on the result).
-    pub fn embedding(request_id: impl Into<String>, prompt_token_ids: Vec<u32>, pooling: Pooling) -> Self {
+    /// A request generating one choice from `prompt_token_ids` as `sampling` asks, computing its
+    /// prompt here (no cache salt, priority 0, no grammar: set them on the result).
+    pub fn generate(request_id: impl Into<String>, prompt_token_ids: Vec<u32>, sampling: SamplingParams) -> Self {
         Self {
             request_id: request_id.into(),
             prompt_token_ids,
-            sampling: SamplingParams::greedy(1),
+            sampling,
             kv: KvSource::Compute,
             pin_on_finish: false,
             cache_salt: None,
             priority: 0,
             n: 1,
             grammar: None,
-            pooling: Some(pooling),
+            pooling: None,
         }
+    }
+
+    /// An embedding request for `prompt_token_ids`, pooled by `pooling` (no cache salt, priority
+    /// 0: set them on the result).
+    pub fn embedding(request_id: impl Into<String>, prompt_token_ids: Vec<u32>, pooling: Pooling) -> Self {
+        Self { pooling: Some(pooling), ..Self::generate(request_id, prompt_token_ids, SamplingParams::greedy(1)) }
     }
 }
 

@@ -63,9 +63,7 @@ use bench::{align, load_average};
 use clap::Parser;
 use engine::model::{load, LoadOptions};
 use engine::offline::{ChatMessage, Input, Llm, LlmConfig};
-use engine::{
-    EngineEvent, EngineRequest, KvSource, SamplingParams, SpeculationStats, SpeculativeConfig, SpeculativeMethod,
-};
+use engine::{EngineEvent, EngineRequest, SamplingParams, SpeculationStats, SpeculativeConfig, SpeculativeMethod};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -301,18 +299,8 @@ struct Answer {
 fn submit(llm: &Llm, prompt: &str, params: &SamplingParams) -> anyhow::Result<UnboundedReceiver<EngineEvent>> {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
     let input = Input::Chat(vec![ChatMessage::text("user", prompt.to_string())]);
-    Ok(llm.engine().submit(EngineRequest {
-        request_id: format!("spec-bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        prompt_token_ids: llm.prompt_ids(&input)?,
-        sampling: params.clone(),
-        kv: KvSource::Compute,
-        pin_on_finish: false,
-        cache_salt: None,
-        priority: 0,
-        n: 1,
-        grammar: None,
-        pooling: None,
-    })?)
+    let request_id = format!("spec-bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    Ok(llm.engine().submit(EngineRequest::generate(request_id, llm.prompt_ids(&input)?, params.clone()))?)
 }
 
 /// Waits for a submitted request's answer, timing its tokens as they come.

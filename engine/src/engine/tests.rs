@@ -156,18 +156,7 @@ fn config() -> EngineConfig {
 }
 
 fn request(id: &str, prompt: &[u32], sampling: SamplingParams) -> EngineRequest {
-    EngineRequest {
-        pooling: None,
-        request_id: id.into(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling,
-        kv: KvSource::Compute,
-        pin_on_finish: false,
-        cache_salt: None,
-        priority: 0,
-        n: 1,
-        grammar: None,
-    }
+    EngineRequest::generate(id, prompt.to_vec(), sampling)
 }
 
 /// Every token a request heard, and its last event.

@@ -99,18 +99,7 @@ pub fn blocks(first: u32, n: usize) -> Vec<u32> {
 /// A greedy request for `max_tokens` that computes its own prompt.
 #[allow(dead_code)]
 pub fn greedy_request(id: &str, prompt: &[u32], max_tokens: u32) -> engine::EngineRequest {
-    engine::EngineRequest {
-        pooling: None,
-        request_id: id.into(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: engine::SamplingParams::greedy(max_tokens),
-        kv: engine::KvSource::Compute,
-        pin_on_finish: false,
-        cache_salt: None,
-        priority: 0,
-        n: 1,
-        grammar: None,
-    }
+    engine::EngineRequest::generate(id, prompt.to_vec(), engine::SamplingParams::greedy(max_tokens))
 }
 
 /// The logits `model` gives teacher-forced along a golden record: after its

@@ -825,7 +825,9 @@ impl Scheduler {
                 drafts => (drafts, false),
             },
             // A draft that fell far behind costs more to catch up than its drafts can save.
-            SpeculativeMethod::DraftModel { .. } if seq.draft_lag.is_some_and(|lag| seq.num_computed - lag > left) => {
+            SpeculativeMethod::DraftModel { .. }
+                if seq.draft_lag.is_some_and(|lag| seq.num_computed.saturating_sub(lag) > left) =>
+            {
                 (Vec::new(), false)
             }
             // Slots the engine fills with the draft model's tokens before the step (see

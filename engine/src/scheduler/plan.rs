@@ -77,8 +77,9 @@ pub struct ScheduledSeq {
     /// over them, here and in `tokens`, before the step.
     pub drafts: Vec<u32>,
     /// With a draft model: whether the step writes the draft's KV for this chunk too (every
-    /// prefill chunk, and every decode that drafts; a decode that does not leaves the draft
-    /// behind, see `draft_catch_up`).
+    /// decode that drafts, of its last draft only: see [`crate::DraftFill`]; every prefill chunk
+    /// but those of a crowded step not to be handed off; a decode that does not draft leaves the
+    /// draft behind, see `draft_catch_up`).
     pub draft_kv: bool,
     /// With a draft model, for a decode that drafts: the sequence's tokens before `tokens` whose
     /// draft KV is missing, at positions `context_start - draft_catch_up.len()..`, which the

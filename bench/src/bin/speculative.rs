@@ -50,7 +50,8 @@
 //! A figure is the answers' `usage.completion_tokens` over the wall time from the first request
 //! to the last answer, and the decode rate `timings.predicted_n` - 1 over `predicted_ms` (the
 //! server's time from the first token to the last) summed over the answers; acceptance is
-//! `timings.draft_n_accepted` over `timings.draft_n` summed over the answers. One run each. The second table prints them per mode beside our speed-up and acceptance
+//! `timings.draft_n_accepted` over `timings.draft_n` summed over the answers; one run each. The
+//! second table prints them per mode beside our speed-up and acceptance
 //! on the same workload in the same run. A mode whose server fails shows its error, and the run
 //! then fails after printing.
 
@@ -305,15 +306,16 @@ fn submit(llm: &Llm, prompt: &str, params: &SamplingParams) -> anyhow::Result<Un
 
 /// Waits for a submitted request's answer, timing its tokens as they come.
 fn receive(mut events: UnboundedReceiver<EngineEvent>) -> anyhow::Result<Answer> {
-    let (mut ids, mut first) = (Vec::new(), None);
+    let (mut ids, mut first, mut last) = (Vec::new(), None, None);
     while let Some(event) = events.blocking_recv() {
         match event {
             EngineEvent::Token { id, .. } => {
-                first.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                (first, last) = (first.or(Some(now)), Some(now));
                 ids.push(id);
             }
             EngineEvent::Finished { .. } => {
-                let decoding = first.map_or(Duration::ZERO, |f| f.elapsed());
+                let decoding = first.zip(last).map_or(Duration::ZERO, |(first, last)| last - first);
                 return Ok(Answer { ids, decoding });
             }
             EngineEvent::Error(e) => anyhow::bail!("engine error: {e}"),

@@ -486,7 +486,7 @@ impl Llama {
         }
         let mut scratch = Scratch::default();
         let (mut h, mut qkv, mut attn, mut y) = (vec![0.0; n * hidden], Vec::new(), vec![0.0; n * q_dim], Vec::new());
-        let mut gate_up = Vec::new();
+        let (mut gate_up, mut act) = (Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             let (dims, rope) = match (&local, c.sliding_window) {
                 (Some((dims, rope)), Some(w)) if w.is_local(l) => (*dims, rope),
@@ -533,7 +533,9 @@ impl Llama {
                     Activation::GeluTanh => gelu_tanh_mul(gate, up),
                 }
             }
-            let act: Vec<f32> = gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]).copied().collect();
+            // One buffer for every layer: a prompt's is megabytes, fresh pages each time.
+            act.clear();
+            act.extend(gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]));
             layer.down.forward(&act, n, &mut y, &mut scratch)?;
             if let Some(comm) = comm {
                 comm.all_reduce_sum(&mut y)?;

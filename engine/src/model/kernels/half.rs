@@ -178,6 +178,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
+    use super::super::x86::prefetch_bytes_ahead;
     use super::{FloatRows, HalfMatrix, LANES};
 
     pub fn avx512() -> bool {
@@ -213,6 +214,7 @@ mod x86 {
         let xs: [&[f32]; R] = std::array::from_fn(|r| x.row(i0 + r));
         for j in rows {
             let wr = w.row(j);
+            prefetch_bytes_ahead(wr.as_ptr().cast(), size_of_val(wr));
             let mut acc = [_mm512_setzero_ps(); R];
             for k in (0..w.cols).step_by(LANES) {
                 // SAFETY: `k + 16 <= cols` for the weights and every activation row.
@@ -250,6 +252,7 @@ mod x86 {
         let xs: [&[f32]; R] = std::array::from_fn(|r| x.row(i0 + r));
         for j in rows {
             let wr = w.row(j);
+            prefetch_bytes_ahead(wr.as_ptr().cast(), size_of_val(wr));
             // Lanes 0..8 of every row, then lanes 8..16: each lane still adds its columns in order.
             let mut halves = [[_mm256_setzero_ps(); R]; 2];
             for (half, acc) in halves.iter_mut().enumerate() {

@@ -178,8 +178,8 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::super::x86::prefetch_bytes_ahead;
     use super::{FloatRows, HalfMatrix, LANES};
+    use crate::model::kernels::x86::prefetch_bytes_ahead;
 
     pub fn avx512() -> bool {
         is_x86_feature_detected!("avx512f")

@@ -45,11 +45,7 @@ const PREFETCH_AHEAD: usize = 4096;
 /// Not in the super-block tiles: measured there (Gemma 3 Q4_K_M), no clear gain.
 #[inline(always)]
 fn prefetch_ahead<T>(block: &T) {
-    let ahead = std::ptr::from_ref(block).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
-    for line in (0..size_of::<T>()).step_by(64) {
-        // SAFETY: a prefetch is a hint: it never faults, even past the weights' end.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
-    }
+    prefetch_bytes_ahead(std::ptr::from_ref(block).cast(), size_of::<T>());
 }
 
 /// As [`prefetch_ahead`], for the `bytes` bytes from `start`: an f16 tile's weight row (SmolLM2
@@ -289,7 +285,10 @@ pub unsafe fn tile_avx2<F: Chunks, const R: usize>(
             }
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.blocks[start / GROUP * k..][..k].iter().enumerate() {
-                prefetch_ahead(block);
+                // The second half multiplies the blocks the first brought in.
+                if half == 0 {
+                    prefetch_ahead(block);
+                }
                 // SAFETY: the CPU has the features; half is 0 or 1.
                 let q = unsafe { F::ymm(&block.q, half) };
                 let magnitude: [__m256i; 8] =

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::Device;
+use rayon::prelude::*;
 
 use super::attention::{paged_attention, Dims, Rope, TokenSlot};
 use super::config::Activation;
@@ -414,11 +415,11 @@ impl crate::forward::RankModel for Llama {
 
 impl Forward for Llama {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<Logits, ForwardError> {
-        // Run the step on a rayon worker: each of its ~120 parallel products
-        // then forks from inside the pool, where the other workers are still
-        // spinning from the last one, instead of waking the pool from outside
-        // and sleeping on a latch every time (tens of microseconds each).
-        rayon::scope(|_| self.step(batch, kv, None, true))
+        // Run the step on a rayon worker, with the others polling for work: each of its
+        // ~150 parallel products then forks from inside the pool to workers already awake,
+        // instead of waking the pool from outside and sleeping on a latch every time (tens of
+        // microseconds each).
+        super::awake::with_workers_awake(|| self.step(batch, kv, None, true))
     }
 
     fn vocab_size(&self) -> usize {
@@ -434,7 +435,7 @@ impl Llama {
     /// Writes the KV of the batch's tokens and returns nothing: a draft model keeping up with
     /// its target (see [`super::Drafted`]).
     pub(crate) fn fill_kv(&self, batch: &ForwardBatch, kv: &mut KvStorage) -> Result<(), ForwardError> {
-        rayon::scope(|_| self.step(batch, kv, None, false)).map(drop)
+        super::awake::with_workers_awake(|| self.step(batch, kv, None, false)).map(drop)
     }
 
     /// One step; a shard's partial sums are all-reduced through `comm`.
@@ -497,20 +498,23 @@ impl Llama {
             // A hand-off streaming in: this layer's KV must be in place first.
             batch.wait_for_layer(self.first_kv_layer + l);
             let (k_cache, v_cache) = kv.layer_mut(self.first_kv_layer + l);
-            // Write the whole step's K/V first: a prefill token attends to the
-            // tokens of its own chunk too.
-            for (t, row) in qkv.chunks_exact_mut(qkv_dim).enumerate() {
+            qkv.par_chunks_exact_mut(qkv_dim).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(t, row)| {
                 if let Some(bias) = &layer.qkv_bias {
                     row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
                 }
                 let (q, kv_row) = row.split_at_mut(q_dim);
-                let (k, v) = kv_row.split_at_mut(kv_dim);
+                let k = &mut kv_row[..kv_dim];
                 if let Some((q_norm, k_norm)) = &layer.qk_norm {
                     rms_norm_in_place(q, q_norm, c.rms_eps);
                     rms_norm_in_place(k, k_norm, c.rms_eps);
                 }
                 rope.apply(t, q);
                 rope.apply(t, k);
+            });
+            // Write the whole step's K/V first: a prefill token attends to the
+            // tokens of its own chunk too.
+            for (t, row) in qkv.chunks_exact(qkv_dim).enumerate() {
+                let (k, v) = row[q_dim..].split_at(kv_dim);
                 dims.store(k_cache, v_cache, &slots[t], k, v);
             }
             paged_attention(dims, &slots, &qkv, qkv_dim, k_cache, v_cache, &mut attn);
@@ -521,21 +525,26 @@ impl Llama {
             if let Some(norm) = &layer.post_attn_norm {
                 rms_norm_in_place(&mut y, norm, c.rms_eps);
             }
-            add(&mut x, &y);
+            add(&mut x, &y, hidden);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
             layer.gate_up.forward(&h, n, &mut gate_up, &mut scratch)?;
-            // Gate and up share each row: write act(gate) * up over the gate half.
-            for row in gate_up.chunks_exact_mut(2 * ffn) {
-                let (gate, up) = row.split_at_mut(ffn);
-                match c.arch.activation() {
-                    Activation::Silu => silu_mul(gate, up),
-                    Activation::GeluTanh => gelu_tanh_mul(gate, up),
-                }
-            }
-            // One buffer for every layer: a prompt's is megabytes, fresh pages each time.
-            act.clear();
-            act.extend(gate_up.chunks_exact(2 * ffn).flat_map(|row| &row[..ffn]));
+            // Gate and up share each row: act(gate) * up, written over the gate half and then
+            // into the down projection's input. One buffer for every layer: a prompt's is
+            // megabytes, fresh pages each time.
+            act.resize(n * ffn, 0.0);
+            gate_up
+                .par_chunks_exact_mut(2 * ffn)
+                .zip(act.par_chunks_exact_mut(ffn))
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(row, out)| {
+                    let (gate, up) = row.split_at_mut(ffn);
+                    match c.arch.activation() {
+                        Activation::Silu => silu_mul(gate, up),
+                        Activation::GeluTanh => gelu_tanh_mul(gate, up),
+                    }
+                    out.copy_from_slice(gate);
+                });
             layer.down.forward(&act, n, &mut y, &mut scratch)?;
             if let Some(comm) = comm {
                 comm.all_reduce_sum(&mut y)?;
@@ -543,7 +552,7 @@ impl Llama {
             if let Some(norm) = &layer.post_ffn_norm {
                 rms_norm_in_place(&mut y, norm, c.rms_eps);
             }
-            add(&mut x, &y);
+            add(&mut x, &y, hidden);
         }
 
         if !logits {
@@ -570,30 +579,38 @@ impl Llama {
     }
 }
 
+/// Rows of a step per task of the per-row work between the products: a prompt's rows are
+/// split over the pool (a 409-token prompt spent about a tenth of its prefill in them on one
+/// thread), a decode's few stay on the calling thread.
+const ROWS_PER_TASK: usize = 16;
+
 /// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
-    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+    x.par_chunks_exact(dim).zip(out.par_chunks_exact_mut(dim)).with_min_len(ROWS_PER_TASK).for_each(|(xr, or)| {
         let mean_sq = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
         let scale = 1.0 / (mean_sq + eps).sqrt();
         for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
             *o = v * scale * w;
         }
-    }
+    });
 }
 
 /// RMSNorm of each row of `x` (rows of `weight.len()` values: whole rows,
 /// or the heads of one token) in place.
 fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    for row in x.chunks_exact_mut(dim) {
+    x.par_chunks_exact_mut(dim).with_min_len(ROWS_PER_TASK).for_each(|row| {
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
         let scale = 1.0 / (mean_sq + eps).sqrt();
         row.iter_mut().zip(weight).for_each(|(v, &w)| *v = *v * scale * w);
-    }
+    });
 }
 
-/// `x += y`, the residual connection.
-fn add(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+/// `x += y`, the residual connection, `x` and `y` rows of `width` values.
+fn add(x: &mut [f32], y: &[f32], width: usize) {
+    x.par_chunks_mut(width)
+        .zip(y.par_chunks(width))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
 }

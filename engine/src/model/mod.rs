@@ -12,6 +12,7 @@
 //! and the forward passes use only it.
 
 mod attention;
+mod awake;
 pub(crate) mod bert;
 pub(crate) mod config;
 mod device;

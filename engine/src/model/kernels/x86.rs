@@ -33,29 +33,43 @@ pub fn avx512() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// How far ahead of the block a tile multiplies it asks for the weights: 4 KiB, about a
-/// microsecond of the stream. The hardware prefetchers alone kept a decode step waiting on
-/// every block (SmolLM2 Q4_1 on the AVX-512 tile, 2 threads: a step of one row 4.4 → 3.1 ms, of
-/// five 10.8 → 6.2 ms; 2 to 8 KiB ahead did as well, 16 KiB worse).
-const PREFETCH_AHEAD: usize = 4096;
+/// How far ahead of the block a tile multiplies it asks for the weights, into L2: 8 KiB, a
+/// couple of microseconds of the stream. The hardware prefetchers alone kept a decode step
+/// waiting on every block (SmolLM2 Q4_1 on the AVX-512 tile, 2 threads: a step of one row
+/// 4.4 → 3.1 ms, of five 10.8 → 6.2 ms, with 4 KiB ahead into L1). Into L2, whose queue keeps
+/// more lines in flight than L1's fill buffers, and further ahead, alternating runs of one
+/// build: a one-row step 3.3-4.2 → 3.0-3.7 ms, five rows 4.8-5.7 → 4.7-5.4 ms; Gemma 3
+/// Q4_K_M (its `Q5_0` and `Q8_0` matrices) 12.3-12.4 → 11.7 ms and 17.6-17.7 → 15.8 ms.
+const BLOCK_PREFETCH_AHEAD: usize = 8192;
 
-/// Asks the CPU to bring the cache lines of a `T` at [`PREFETCH_AHEAD`] bytes past `block`
-/// into L1: the weights a tile reaches a few blocks from now.
+/// Asks the CPU to bring the cache lines of a `T` at [`BLOCK_PREFETCH_AHEAD`] bytes past
+/// `block` into L2: the weights a tile reaches several blocks from now.
 ///
 /// Not in the super-block tiles: measured there (Gemma 3 Q4_K_M), no clear gain.
 #[inline(always)]
 fn prefetch_ahead<T>(block: &T) {
-    prefetch_bytes_ahead(std::ptr::from_ref(block).cast(), size_of::<T>());
+    let start = std::ptr::from_ref(block).cast::<u8>();
+    prefetch_lines::<_MM_HINT_T1>(start.wrapping_add(BLOCK_PREFETCH_AHEAD), size_of::<T>());
 }
 
-/// As [`prefetch_ahead`], for the `bytes` bytes from `start`: an f16 tile's weight row (SmolLM2
-/// F16, 2 threads: a step of five rows 26.4-26.9 → 21.2-22.0 ms, of one or two 2-3% faster).
+/// How far ahead of its weight row an f16 tile asks for the next ones, into L1: 4 KiB (8 KiB
+/// into L2, as the quantized tiles, was 1-3% slower on SmolLM2 F16).
+const ROW_PREFETCH_AHEAD: usize = 4096;
+
+/// The `bytes` bytes at [`ROW_PREFETCH_AHEAD`] past `start`, into L1: an f16 tile's weight row
+/// (SmolLM2 F16, 2 threads: a step of five rows 26.4-26.9 → 21.2-22.0 ms, of one or two 2-3%
+/// faster).
 #[inline(always)]
 pub(super) fn prefetch_bytes_ahead(start: *const u8, bytes: usize) {
-    let ahead = start.wrapping_add(PREFETCH_AHEAD).cast::<i8>();
+    prefetch_lines::<_MM_HINT_T0>(start.wrapping_add(ROW_PREFETCH_AHEAD), bytes);
+}
+
+/// Prefetches (with hint `HINT`) the cache lines of the `bytes` bytes from `start`.
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(start: *const u8, bytes: usize) {
     for line in (0..bytes).step_by(64) {
         // SAFETY: a prefetch is a hint: it never faults, even past the weights' end.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
+        unsafe { _mm_prefetch::<HINT>(start.wrapping_add(line).cast()) };
     }
 }
 

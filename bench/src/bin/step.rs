@@ -1,0 +1,138 @@
+//! `pdserve-step-bench`: what a forward step costs by how many rows it carries: one sequence's
+//! `r` new tokens at a given context, a logits row each, as a speculative verifying pass of
+//! `r - 1` drafts computes them, against a one-row decode.
+//!
+//! A verifying pass of `r` rows gains time only when it yields more tokens than its cost in
+//! one-row steps, so the ratios here bound what speculation can give on this machine: with the
+//! tokens per verifying pass that `pdserve-spec-bench` prints, the decode speed-up is at most
+//! that figure over the ratio of the pass's rows. The step runs straight on the model (no
+//! scheduler, no sampling), the row counts interleaved so that a drift of the machine's speed
+//! touches them all alike; each figure is the median over `--iterations` steps. CPU time is the
+//! process's threads' time on a CPU over the step (`/proc/self/task/*/schedstat`, in ns), which
+//! other tenants of the machine do not inflate as they do the wall time.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bench::{align, load_average, percentile};
+use clap::Parser;
+use engine::{Forward, ForwardBatch, KvStorage};
+
+const NAME: &str = "pdserve-step-bench";
+
+/// Tokens per KV block of the cache the steps run over.
+const BLOCK_SIZE: usize = 16;
+
+#[derive(Debug, Parser)]
+#[command(name = NAME, version, about = "The cost of a forward step by its rows")]
+struct Args {
+    /// The GGUF to run.
+    #[arg(long, env = "PDSERVE_MODEL", default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Tokens already in the sequence's cache, each a row of the table (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "50,300")]
+    context: Vec<usize>,
+    /// Most rows a step carries: every count from 1 up is measured.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=64))]
+    rows: u32,
+    /// Steps of each row count.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    iterations: u32,
+    /// Threads (default: the machine's cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+}
+
+fn main() {
+    let args: Args = cluster::cli::parse(NAME);
+    let threads =
+        args.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize);
+    cluster::cli::exit_on_error(NAME, bench::set_threads(threads).and_then(|()| run(&args, threads)));
+}
+
+/// Nanoseconds the process's threads have spent on a CPU; `None` without `/proc`'s schedstat.
+fn cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// Median wall and CPU milliseconds of a step, per row count (index 0: one row).
+struct Costs {
+    wall: Vec<f64>,
+    cpu: Option<Vec<f64>>,
+}
+
+fn measure(model: &engine::model::Llama, context: usize, rows: usize, iterations: u32) -> anyhow::Result<Costs> {
+    let blocks = (context + rows).div_ceil(BLOCK_SIZE);
+    let mut kv = KvStorage::new(model.kv_shape(BLOCK_SIZE, blocks));
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let vocab = model.vocab_size() as u32;
+    // Any tokens do: the step's cost does not depend on them.
+    let prompt: Vec<u32> = (0..context as u32).map(|i| (100 + 7 * i) % vocab).collect();
+    if context > 0 {
+        let mut batch = ForwardBatch::default();
+        batch.push(&prompt, 0, context, table.clone(), true);
+        model.forward(&batch, &mut kv)?;
+    }
+    let (mut wall, mut cpu) = (vec![Vec::new(); rows], vec![Vec::new(); rows]);
+    // One untimed round first: the first steps pay for page faults.
+    for round in 0..=iterations {
+        for r in 1..=rows {
+            let tokens: Vec<u32> = (0..r as u32).map(|i| (200 + i) % vocab).collect();
+            let mut batch = ForwardBatch::default();
+            batch.push(&tokens, context, context, table.clone(), true);
+            // Every row's logits, as a verifying pass.
+            batch.score_last();
+            let (start, cpu_start) = (Instant::now(), cpu_ns());
+            model.forward(&batch, &mut kv)?;
+            let elapsed = start.elapsed().as_secs_f64() * 1e3;
+            let cpu_used = cpu_ns().zip(cpu_start).map(|(end, start)| end.saturating_sub(start) as f64 / 1e6);
+            if round > 0 {
+                wall[r - 1].push(elapsed);
+                cpu[r - 1].extend(cpu_used);
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    let cpu = cpu.iter().all(|c| c.len() == iterations as usize).then(|| cpu.into_iter().map(median).collect());
+    Ok(Costs { wall: wall.into_iter().map(median).collect(), cpu })
+}
+
+fn run(args: &Args, threads: usize) -> anyhow::Result<()> {
+    let loaded =
+        engine::model::load_gguf(&args.model).map_err(|e| anyhow::anyhow!("loading {}: {e}", args.model.display()))?;
+    let load_start = load_average();
+    let mut table = vec![["context", "rows", "wall ms", "vs 1 row", "CPU ms", "vs 1 row"].map(String::from).to_vec()];
+    for &context in &args.context {
+        let costs = measure(&loaded.model, context, args.rows as usize, args.iterations)?;
+        for (i, wall) in costs.wall.iter().enumerate() {
+            let cpu = costs.cpu.as_ref().map(|c| (c[i], c[i] / c[0]));
+            table.push(vec![
+                context.to_string(),
+                (i + 1).to_string(),
+                format!("{wall:.3}"),
+                format!("{:.2}×", wall / costs.wall[0]),
+                cpu.map_or("-".into(), |(c, _)| format!("{c:.3}")),
+                cpu.map_or("-".into(), |(_, r)| format!("{r:.2}×")),
+            ]);
+        }
+        eprintln!("{NAME}: context {context} done");
+    }
+    println!(
+        "forward steps of one sequence by rows (a logits row each), {} on {threads} threads, median of {} steps",
+        args.model.display(),
+        args.iterations
+    );
+    let load = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.2}"));
+    println!("load average {} at start, {} at end\n", load(load_start), load(load_average()));
+    println!("{}", align(&table, 0));
+    println!("a verifying pass of r rows saves time only when it gives more tokens than its cost in one-row steps");
+    Ok(())
+}

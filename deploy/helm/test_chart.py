@@ -596,6 +596,8 @@ def check_grafana_dashboard():
         "pdserve_router_e2e_request_latency_seconds_bucket", "pdserve_router_requests_total",
         "pdserve_router_admission_queue_depth", "pdserve_router_inflight_requests",
         "pdserve_router_generation_tokens_total", "pdserve_router_prompt_tokens_total",
+        "pdserve_worker_decode_steps_total", "pdserve_worker_spec_decode_num_drafts_total",
+        "pdserve_worker_spec_decode_num_draft_tokens_total", "pdserve_worker_spec_decode_num_accepted_tokens_total",
     }
     used = set(re.findall(r"pdserve_\w+", text))
     assert used <= known, used - known

@@ -209,15 +209,69 @@ pub struct Scheduler {
 
 /// What speculative decoding did since start (vLLM's `spec_decode` counters): acceptance is
 /// `num_accepted_tokens / num_draft_tokens`, tokens per verifying forward pass
-/// `1 + num_accepted_tokens / num_drafts`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// `1 + num_accepted_tokens / num_drafts`, and tokens per forward pass of a decoding sequence,
+/// drafting or not, `1 + num_accepted_tokens / num_decode_steps`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpeculationStats {
+    /// Forward passes of a sequence past its prompt (each generates one token, and the drafts it
+    /// accepted if it verified any), with speculation or without.
+    pub num_decode_steps: u64,
     /// Decode steps that verified drafts.
     pub num_drafts: u64,
     /// Draft tokens verified.
     pub num_draft_tokens: u64,
-    /// Draft tokens accepted.
+    /// Draft tokens accepted (as vLLM counts them, those accepted after a token that ended the
+    /// sequence too).
     pub num_accepted_tokens: u64,
+    /// Draft tokens verified by position in their step's drafts (index 0: the first draft).
+    pub num_draft_tokens_per_pos: Vec<u64>,
+    /// Draft tokens accepted by position (vLLM's `num_accepted_tokens_per_pos`): over
+    /// `num_draft_tokens_per_pos`, how acceptance falls along the drafts, which picks
+    /// `num_speculative_tokens`.
+    pub num_accepted_tokens_per_pos: Vec<u64>,
+}
+
+impl SpeculationStats {
+    /// The counters' growth since `before` (an earlier reading of the same counters).
+    pub fn since(&self, before: &Self) -> Self {
+        self.zip(before, |now, then| now - then)
+    }
+
+    /// Both counts together.
+    pub fn plus(&self, other: &Self) -> Self {
+        self.zip(other, |a, b| a + b)
+    }
+
+    fn zip(&self, other: &Self, f: impl Fn(u64, u64) -> u64) -> Self {
+        let per_pos = |a: &[u64], b: &[u64]| {
+            (0..a.len().max(b.len()))
+                .map(|i| f(a.get(i).copied().unwrap_or(0), b.get(i).copied().unwrap_or(0)))
+                .collect()
+        };
+        Self {
+            num_decode_steps: f(self.num_decode_steps, other.num_decode_steps),
+            num_drafts: f(self.num_drafts, other.num_drafts),
+            num_draft_tokens: f(self.num_draft_tokens, other.num_draft_tokens),
+            num_accepted_tokens: f(self.num_accepted_tokens, other.num_accepted_tokens),
+            num_draft_tokens_per_pos: per_pos(&self.num_draft_tokens_per_pos, &other.num_draft_tokens_per_pos),
+            num_accepted_tokens_per_pos: per_pos(&self.num_accepted_tokens_per_pos, &other.num_accepted_tokens_per_pos),
+        }
+    }
+
+    /// Counts a verifying step of `drafted` drafts that accepted the first `accepted`.
+    fn verified(&mut self, drafted: usize, accepted: usize) {
+        self.num_drafts += 1;
+        self.num_draft_tokens += drafted as u64;
+        self.num_accepted_tokens += accepted as u64;
+        for (counts, n) in
+            [(&mut self.num_draft_tokens_per_pos, drafted), (&mut self.num_accepted_tokens_per_pos, accepted)]
+        {
+            if counts.len() < n {
+                counts.resize(n, 0);
+            }
+            counts[..n].iter_mut().for_each(|c| *c += 1);
+        }
+    }
 }
 
 impl Scheduler {
@@ -342,6 +396,9 @@ impl Scheduler {
             let Some(pos) = self.running.iter().position(|s| s.is(&chunk.request_id, chunk.choices.start)) else {
                 continue;
             };
+            if chunk.need_logits && chunk.context_start >= chunk.prompt_len {
+                self.speculation.num_decode_steps += 1;
+            }
             if !chunk.drafts.is_empty() {
                 self.finish_verified(pos, chunk, tokens);
                 continue;
@@ -385,9 +442,8 @@ impl Scheduler {
     fn finish_verified(&mut self, pos: usize, chunk: &ScheduledSeq, tokens: Vec<SampledToken>) {
         let accepted = tokens.len().saturating_sub(1);
         debug_assert!(tokens.iter().zip(&chunk.drafts).take(accepted).all(|(t, &d)| t.id == d));
-        self.speculation.num_drafts += 1;
-        self.speculation.num_draft_tokens += chunk.drafts.len() as u64;
-        self.speculation.num_accepted_tokens += accepted as u64;
+        // As vLLM counts them: drafts accepted after a token that ends the sequence too.
+        self.speculation.verified(chunk.drafts.len(), accepted);
         let seq = &mut self.running[pos];
         // The draft caught up and wrote its KV for every token fed: complete again.
         if let Some(lag) = seq.draft_lag.take() {
@@ -701,8 +757,8 @@ impl Scheduler {
     }
 
     /// What speculative decoding did so far.
-    pub fn speculation(&self) -> SpeculationStats {
-        self.speculation
+    pub fn speculation(&self) -> &SpeculationStats {
+        &self.speculation
     }
 
     /// Preemptions so far.

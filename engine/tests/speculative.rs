@@ -91,7 +91,8 @@ fn requests(max_tokens: u32, sampling: impl Fn(u32) -> SamplingParams) -> Vec<En
 #[test]
 fn greedy_output_is_the_same_token_for_token_and_drafts_are_verified() {
     let requests = || requests(48, SamplingParams::greedy);
-    let plain = generate(&engine(None, 512), requests());
+    let plain_engine = engine(None, 512);
+    let plain = generate(&plain_engine, requests());
     let speculating = engine(Some(DRAFTS), 512);
     let speculated = generate(&speculating, requests());
     for (i, (a, b)) in plain.iter().zip(&speculated).enumerate() {
@@ -100,9 +101,20 @@ fn greedy_output_is_the_same_token_for_token_and_drafts_are_verified() {
     let stats = speculating.stats().speculation;
     assert!(stats.num_accepted_tokens > 0, "no draft was accepted: {stats:?}");
     assert!(stats.num_accepted_tokens < stats.num_draft_tokens, "every draft was accepted: {stats:?}");
-    let generated: usize = speculated.iter().map(Vec::len).sum();
-    // Each accepted draft is a token that took no forward pass of its own.
-    assert!(stats.num_accepted_tokens as usize <= generated, "{stats:?}");
+    // Each answer's first token comes with its prompt; every later one from a decode step, or
+    // as a draft that step accepted. Only an answer's last step may count more: the drafts
+    // accepted after a token that ended it, and the token it then did not give after them.
+    let decoded = speculated.iter().map(|tokens| tokens.len() as u64 - 1).sum::<u64>();
+    assert_eq!(plain_engine.stats().speculation.num_decode_steps, decoded);
+    let counted = stats.num_decode_steps + stats.num_accepted_tokens;
+    let most = decoded + (speculated.len() * DRAFTS.num_speculative_tokens) as u64;
+    assert!((decoded..=most).contains(&counted), "{decoded} decoded: {stats:?}");
+    assert!(stats.num_drafts < stats.num_decode_steps, "{stats:?}");
+    // Every verifying step has a first draft; the counts by position add up to the totals.
+    assert_eq!(stats.num_draft_tokens_per_pos.first(), Some(&stats.num_drafts), "{stats:?}");
+    assert!(stats.num_draft_tokens_per_pos.len() <= DRAFTS.num_speculative_tokens, "{stats:?}");
+    assert_eq!(stats.num_draft_tokens_per_pos.iter().sum::<u64>(), stats.num_draft_tokens);
+    assert_eq!(stats.num_accepted_tokens_per_pos.iter().sum::<u64>(), stats.num_accepted_tokens);
 }
 
 #[test]

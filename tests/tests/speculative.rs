@@ -72,14 +72,16 @@ fn self_drafting() -> String {
     json!({"method": "draft_model", "model": tests::model_path(), "num_speculative_tokens": 3}).to_string()
 }
 
-/// The decode worker's speculative decoding counters: drafts, draft tokens, accepted tokens.
-async fn counters(cluster: &Cluster) -> (f64, f64, f64) {
+/// The decode worker's speculative decoding counters: drafts, draft tokens, accepted tokens and
+/// decode steps.
+async fn counters(cluster: &Cluster) -> (f64, f64, f64, f64) {
     let metrics = tests::metrics::scrape(&cluster.decode.health_url()).await;
     let counter = |name: &str| tests::metrics::sample(&metrics, name, &[("role", "decode")]);
     (
         counter("pdserve_worker_spec_decode_num_drafts_total"),
         counter("pdserve_worker_spec_decode_num_draft_tokens_total"),
         counter("pdserve_worker_spec_decode_num_accepted_tokens_total"),
+        counter("pdserve_worker_decode_steps_total"),
     )
 }
 
@@ -146,6 +148,29 @@ async fn answers_are_the_same_with_and_without_speculation_on_both_paths() {
     assert_eq!((stopped.1.as_str(), stopped.2.as_str()), ("The quick brown fox ", "stop"), "the stop string ends it");
     assert_eq!(speculated[4][0].1, copied.1, "streamed as answered");
 
-    let (drafts, proposed, accepted) = counters(&cluster).await;
+    let (drafts, proposed, accepted, steps) = counters(&cluster).await;
     assert!(drafts > 0.0 && accepted > 0.0 && accepted <= proposed, "{drafts} {proposed} {accepted}");
+    assert!(steps > drafts, "{steps} decode steps, {drafts} of them verifying");
+    // By position: every verifying step has a first draft, a draft at position i + 1 only
+    // after one at i, and one is accepted only after those before it were.
+    let metrics = tests::metrics::scrape(&cluster.decode.health_url()).await;
+    let by_position = |name: &str| -> Vec<f64> {
+        (0..8)
+            .map(|i| {
+                let position = i.to_string();
+                let labels = [("role", "decode"), ("position", position.as_str())];
+                tests::metrics::sample(&metrics, &format!("pdserve_worker_spec_decode_num_{name}_per_pos"), &labels)
+            })
+            .collect()
+    };
+    let (proposed_at, accepted_at) = (by_position("draft_tokens"), by_position("accepted_tokens"));
+    assert_eq!((proposed_at.iter().sum::<f64>(), accepted_at.iter().sum::<f64>()), (proposed, accepted));
+    assert_eq!(proposed_at[0], drafts);
+    for i in 1..proposed_at.len() {
+        assert!(
+            proposed_at[i] <= proposed_at[i - 1] && accepted_at[i] <= accepted_at[i - 1],
+            "{proposed_at:?} {accepted_at:?}"
+        );
+    }
+    assert!(accepted_at.iter().zip(&proposed_at).all(|(a, p)| a <= p), "{proposed_at:?} {accepted_at:?}");
 }

@@ -23,7 +23,7 @@ use engine::EngineHandle;
 
 use crate::structured::Grammars;
 use futures::Stream;
-use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::discovery::{DiscoveryArgs, Endpoints};
@@ -150,8 +150,10 @@ struct WorkerMetrics {
     kv_blocks: IntGauge,
     kv_free_blocks: IntGauge,
     preemptions: IntCounter,
-    /// Drafts, draft tokens and accepted tokens of speculative decoding.
-    speculation: [IntCounter; 3],
+    /// Decode steps, then drafts, draft tokens and accepted tokens of speculative decoding.
+    speculation: [IntCounter; 4],
+    /// Draft tokens verified and accepted by their position in a step's drafts.
+    per_position: [IntCounterVec; 2],
 }
 
 impl WorkerMetrics {
@@ -186,12 +188,32 @@ impl WorkerMetrics {
             counter
         };
         let preemptions = counter("preemptions_total", "Sequences preempted for recompute.");
-        // vLLM's spec_decode counters: acceptance = accepted / draft tokens, tokens per verifying
-        // forward pass = 1 + accepted / drafts.
+        // vLLM's spec_decode counters and the decode steps: acceptance = accepted / draft tokens,
+        // tokens per verifying forward pass = 1 + accepted / drafts, tokens per forward pass of a
+        // decoding sequence (drafting or not) = 1 + accepted / decode steps.
         let speculation = [
+            counter(
+                "decode_steps_total",
+                "Forward passes of a sequence past its prompt, each generating a token and the drafts it accepted.",
+            ),
             counter("spec_decode_num_drafts_total", "Decode steps of a sequence that verified draft tokens."),
             counter("spec_decode_num_draft_tokens_total", "Draft tokens verified."),
             counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted."),
+        ];
+        let per_position = |name: &str, help: &str| {
+            let counter = IntCounterVec::new(Opts::new(name, help), &["position"]).expect("valid counter options");
+            registry.register(Box::new(counter.clone())).expect("metric registered once");
+            counter
+        };
+        let per_position = [
+            per_position(
+                "spec_decode_num_draft_tokens_per_pos",
+                "Draft tokens verified, by position in their step's drafts (0: the first).",
+            ),
+            per_position(
+                "spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in their step's drafts (0: the first).",
+            ),
         ];
         Self {
             registry,
@@ -203,6 +225,7 @@ impl WorkerMetrics {
             kv_free_blocks,
             preemptions,
             speculation,
+            per_position,
         }
     }
 
@@ -220,10 +243,20 @@ impl WorkerMetrics {
         let advance = |counter: &IntCounter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
         advance(&self.preemptions, stats.num_preemptions);
         let spec = stats.speculation;
-        for (counter, total) in
-            self.speculation.iter().zip([spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens])
-        {
+        for (counter, total) in self.speculation.iter().zip([
+            spec.num_decode_steps,
+            spec.num_drafts,
+            spec.num_draft_tokens,
+            spec.num_accepted_tokens,
+        ]) {
             advance(counter, total);
+        }
+        for (counters, totals) in
+            self.per_position.iter().zip([&spec.num_draft_tokens_per_pos, &spec.num_accepted_tokens_per_pos])
+        {
+            for (position, &total) in totals.iter().enumerate() {
+                advance(&counters.with_label_values(&[&position.to_string()]), total);
+            }
         }
     }
 

@@ -73,6 +73,9 @@ const NAME: &str = "pdserve-spec-bench";
 /// The mode of the rows that run one request at a time.
 const SINGLE_STREAM: &str = "single stream";
 
+/// Prefills of the long prompt timed with speculation and without, alternating.
+const PREFILL_RUNS: usize = 5;
+
 /// llama-server's context beyond `--max-tokens`: room for the longest prompt in its chat template.
 const LLAMA_CTX: usize = 1024;
 
@@ -168,6 +171,8 @@ struct Row {
     acceptance: f64,
     /// Tokens per verifying forward pass of a sequence.
     tokens_per_verify: f64,
+    /// Tokens per forward pass of a decoding sequence, verifying or not.
+    tokens_per_pass: f64,
     /// Draft tokens proposed per generated token (how often there was something to verify).
     drafts_per_token: f64,
     same_tokens: bool,
@@ -386,17 +391,21 @@ fn measure_prefill(plain: &Llm, speculating: &Llm) -> anyhow::Result<Prefill> {
     let params = SamplingParams { temperature: 0.0, max_tokens: 1, ..SamplingParams::default() };
     let conversation = vec![vec![ChatMessage::text("user", prompt)]];
     let mut prompt_tokens = 0;
-    let mut median = |llm: &Llm| -> anyhow::Result<f64> {
-        let mut times = Vec::new();
-        for _ in 0..3 {
-            let start = Instant::now();
-            let outputs = llm.chat(conversation.clone(), &params)?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-            prompt_tokens = outputs[0].prompt_token_ids.len();
-        }
-        Ok(llama_cpp::median(times))
+    let mut time = |llm: &Llm| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let outputs = llm.chat(conversation.clone(), &params)?;
+        prompt_tokens = outputs[0].prompt_token_ids.len();
+        Ok(start.elapsed().as_secs_f64() * 1e3)
     };
-    let (plain_ms, speculative_ms) = (median(plain)?, median(speculating)?);
+    // A first prompt pays for page faults; then the two alternate, as the machine's speed drifts.
+    time(plain)?;
+    time(speculating)?;
+    let (mut plain_times, mut speculative_times) = (Vec::new(), Vec::new());
+    for _ in 0..PREFILL_RUNS {
+        plain_times.push(time(plain)?);
+        speculative_times.push(time(speculating)?);
+    }
+    let (plain_ms, speculative_ms) = (llama_cpp::median(plain_times), llama_cpp::median(speculative_times));
     Ok(Prefill { prompt_tokens, plain_ms, speculative_ms })
 }
 
@@ -424,7 +433,7 @@ fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
             warm_up(&speculating, &prompts[0])?;
             let before = speculating.engine().stats().speculation;
             spec_runs.push(measure(&speculating, &prompts, args.max_tokens, at_once)?);
-            spec = add(spec, since(speculating.engine().stats().speculation, before));
+            spec = spec.plus(&speculating.engine().stats().speculation.since(&before));
         }
         let (plain_ids, plain_figure) = median_run(plain_runs)?;
         let (spec_ids, spec_figure) = median_run(spec_runs)?;
@@ -437,6 +446,7 @@ fn measure_ours(args: &Args) -> anyhow::Result<(Vec<Row>, Prefill)> {
             decode_speedup: decode_speedup(&plain_figure, &spec_figure),
             acceptance: ratio(spec.num_accepted_tokens, spec.num_draft_tokens),
             tokens_per_verify: 1.0 + ratio(spec.num_accepted_tokens, spec.num_drafts),
+            tokens_per_pass: 1.0 + ratio(spec.num_accepted_tokens, spec.num_decode_steps),
             drafts_per_token: ratio(spec.num_draft_tokens, spec_figure.tokens as u64 * u64::from(args.repeat)),
             same_tokens: plain_ids == spec_ids,
         });
@@ -589,24 +599,6 @@ fn compare(plain: &LlamaRun, spec: &LlamaRun) -> LlamaSpeculative {
     }
 }
 
-/// Both runs' counters together.
-fn add(a: SpeculationStats, b: SpeculationStats) -> SpeculationStats {
-    SpeculationStats {
-        num_drafts: a.num_drafts + b.num_drafts,
-        num_draft_tokens: a.num_draft_tokens + b.num_draft_tokens,
-        num_accepted_tokens: a.num_accepted_tokens + b.num_accepted_tokens,
-    }
-}
-
-/// The counters' growth from `before` to `after`.
-fn since(after: SpeculationStats, before: SpeculationStats) -> SpeculationStats {
-    SpeculationStats {
-        num_drafts: after.num_drafts - before.num_drafts,
-        num_draft_tokens: after.num_draft_tokens - before.num_draft_tokens,
-        num_accepted_tokens: after.num_accepted_tokens - before.num_accepted_tokens,
-    }
-}
-
 fn table(report: &Report) -> String {
     let mut lines = vec![
         format!(
@@ -631,6 +623,7 @@ fn table(report: &Report) -> String {
         "decode speed-up",
         "acceptance",
         "tokens/verify",
+        "tokens/pass",
         "drafts/token",
         "same tokens",
     ]
@@ -647,6 +640,7 @@ fn table(report: &Report) -> String {
             times(r.decode_speedup),
             format!("{:.0}%", r.acceptance * 100.0),
             format!("{:.2}", r.tokens_per_verify),
+            format!("{:.2}", r.tokens_per_pass),
             format!("{:.2}", r.drafts_per_token),
             if r.same_tokens { "yes" } else { "NO" }.to_string(),
         ]);
@@ -654,7 +648,7 @@ fn table(report: &Report) -> String {
     lines.push(align(&rows, 2));
     let p = &report.prefill;
     lines.push(format!(
-        "prefill of a {}-token prompt (one token answered, median of 3): plain {:.0} ms, speculative {:.0} ms ({:.2}×)",
+        "prefill of a {}-token prompt (one token answered, median of {PREFILL_RUNS}): plain {:.0} ms, speculative {:.0} ms ({:.2}×)",
         p.prompt_tokens,
         p.plain_ms,
         p.speculative_ms,

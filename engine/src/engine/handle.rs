@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc, PoisonError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 /// A snapshot of the engine's load.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     /// Live requests: submitted and not finished (waiting + running).
     pub num_sequences: usize,
@@ -91,7 +91,7 @@ impl EngineHandle {
             cached_blocks: s.cached_blocks.load(Ordering::Acquire),
             held_blocks: s.held_blocks.load(Ordering::Acquire),
             num_preemptions: s.num_preemptions.load(Ordering::Acquire),
-            speculation: *s.speculation.lock().unwrap_or_else(PoisonError::into_inner),
+            speculation: s.speculation.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
 

@@ -579,7 +579,7 @@ impl StepLoop {
         s.cached_blocks.store(sched.num_cached_blocks(), Ordering::Release);
         s.held_blocks.store(sched.num_held_blocks(), Ordering::Release);
         s.num_preemptions.store(sched.num_preemptions(), Ordering::Release);
-        *s.speculation.lock().unwrap_or_else(PoisonError::into_inner) = sched.speculation();
+        s.speculation.lock().unwrap_or_else(PoisonError::into_inner).clone_from(sched.speculation());
     }
 }
 

@@ -1048,3 +1048,19 @@ fn a_draft_model_is_left_behind_by_decodes_that_do_not_draft_and_catches_up_when
     let plan = s.schedule();
     assert_eq!((plan.seqs[0].drafts.len(), plan.seqs[0].draft_catch_up.len()), (2, 0));
 }
+
+#[test]
+fn speculation_counts_by_position_add_up_and_subtract_across_lengths() {
+    let mut before = SpeculationStats::default();
+    before.verified(2, 1);
+    let mut now = before.clone();
+    now.verified(4, 3);
+    now.verified(1, 0);
+    assert_eq!((now.num_drafts, now.num_draft_tokens, now.num_accepted_tokens), (3, 7, 4));
+    assert_eq!(now.num_draft_tokens_per_pos, [3, 2, 1, 1]);
+    assert_eq!(now.num_accepted_tokens_per_pos, [2, 1, 1]);
+    let grown = now.since(&before);
+    assert_eq!((grown.num_drafts, grown.num_draft_tokens_per_pos.as_slice()), (2, [2, 1, 1, 1].as_slice()));
+    assert_eq!(grown.num_accepted_tokens_per_pos, [1, 1, 1]);
+    assert_eq!(grown.plus(&before), now);
+}

@@ -15,7 +15,7 @@ use common::{argmax, blocks, default_model, golden, greedy_request as request};
 use engine::model::{ComputeDevice, DeviceLlama};
 use engine::{
     Engine, EngineConfig, EngineEvent, EngineRequest, Forward, ForwardBatch, KvCacheShape, KvLanding, KvReservation,
-    KvSource, KvStorage,
+    KvSource, KvStorage, NgramLookup, SpeculationStats, SpeculativeConfig, SpeculativeMethod, TokenLogprobs,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -304,6 +304,74 @@ fn the_host_cache_and_the_device_mirror_stay_equal() {
 }
 
 /// Every token a request heard, and its last event.
+/// Prompt lookup's verifying passes on the device: a sequence's token and its drafts in one
+/// pass, a logits row each, the KV past the first rejected draft written over by the next pass.
+/// Each answer is the run without drafts' token for token, with the same logprobs, up to the
+/// first token whose two best logprobs were too close to call: a pass of several rows may sum a
+/// row's products in another grouping than a one-row decode (a GPU's kernels do), which moves a
+/// logit by rounding only.
+#[test]
+fn drafts_verified_on_the_device_keep_the_greedy_tokens() {
+    // bf16 on a GPU rounds each layer's output to 8 bits of mantissa, f32 on the CPU to 24.
+    let (too_close, tolerance) = if on_cuda() { (0.25, 0.1) } else { (0.01, 1e-3) };
+    let records = golden();
+    // Each prompt twice in a row: the model goes on repeating it, so drafts are accepted.
+    let prompts: Vec<Vec<u32>> =
+        records.iter().take(3).map(|r| [r.prompt.clone(), r.prompt.clone()].concat()).collect();
+    let shape = default_model().model.kv_shape(BLOCK_SIZE, 64);
+    let run = |speculative: Option<SpeculativeConfig>| -> (Vec<Vec<(u32, TokenLogprobs)>>, SpeculationStats) {
+        let config = EngineConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 512,
+            max_model_len: 512,
+            eos_token_ids: vec![],
+            default_seed: 0,
+            enable_prefix_caching: false,
+            speculative,
+        };
+        let engine = Engine::start(Arc::new(own_device_model()), shape, config);
+        let answers = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let mut request = request(&format!("r{i}"), prompt, 48);
+                request.sampling.logprobs = Some(2);
+                let mut events = engine.submit(request).unwrap();
+                let mut tokens = Vec::new();
+                loop {
+                    match events.blocking_recv().expect("a final event") {
+                        EngineEvent::Token { id, logprobs: Some(logprobs), .. } => tokens.push((id, logprobs)),
+                        EngineEvent::Finished { .. } => return tokens,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            })
+            .collect();
+        (answers, engine.stats().speculation)
+    };
+    let (plain, _) = run(None);
+    let drafts = SpeculativeConfig {
+        method: SpeculativeMethod::Ngram(NgramLookup { prompt_lookup_max: 3, prompt_lookup_min: 1 }),
+        num_speculative_tokens: 4,
+        disable_by_batch_size: usize::MAX,
+    };
+    let (speculated, stats) = run(Some(drafts));
+    assert!(stats.num_accepted_tokens >= 10, "too few drafts accepted to show anything: {stats:?}");
+    let mut compared = 0;
+    for (i, (plain, speculated)) in plain.iter().zip(&speculated).enumerate() {
+        for (j, ((id, logprobs), (drafted_id, drafted_logprobs))) in plain.iter().zip(speculated).enumerate() {
+            if logprobs.top[0].1 - logprobs.top[1].1 < too_close {
+                break;
+            }
+            assert_eq!(id, drafted_id, "answer {i}, token {j}: drafts changed the greedy token");
+            let moved = (logprobs.logprob - drafted_logprobs.logprob).abs();
+            assert!(moved < tolerance, "answer {i}, token {j}: its logprob moved by {moved}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 64, "only {compared} tokens were clear enough to compare");
+}
+
 fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
     let mut tokens = Vec::new();
     loop {

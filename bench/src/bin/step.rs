@@ -10,6 +10,12 @@
 //! touches them all alike; each figure is the median over `--iterations` steps. CPU time is the
 //! process's threads' time on a CPU over the step (`/proc/self/task/*/schedstat`, in ns), which
 //! other tenants of the machine do not inflate as they do the wall time.
+//!
+//! Under the table, what bounds each extra row: its multiply-adds (every weight of every product,
+//! the LM head's included), the least time they take at this CPU's peak rate of int8
+//! multiply-adds (AVX-512 VNNI's `vpdpbusd` on every thread, the instruction the quantized
+//! weights' products run on, which no kernel passes), and what a row past the first cost at each
+//! context: its products, its attention over the context, its norms and activations.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -112,6 +118,7 @@ fn run(args: &Args, threads: usize) -> anyhow::Result<()> {
         engine::model::load_gguf(&args.model).map_err(|e| anyhow::anyhow!("loading {}: {e}", args.model.display()))?;
     let load_start = load_average();
     let mut table = vec![["context", "rows", "wall ms", "vs 1 row", "CPU ms", "vs 1 row"].map(String::from).to_vec()];
+    let mut measured = Vec::new();
     for &context in &args.context {
         let costs = measure(&loaded.model, context, args.rows as usize, args.iterations)?;
         for (i, wall) in costs.wall.iter().enumerate() {
@@ -126,6 +133,7 @@ fn run(args: &Args, threads: usize) -> anyhow::Result<()> {
             ]);
         }
         eprintln!("{NAME}: context {context} done");
+        measured.push((context, costs));
     }
     println!(
         "forward steps of one sequence by rows (a logits row each), {} on {threads} threads, median of {} steps",
@@ -136,5 +144,80 @@ fn run(args: &Args, threads: usize) -> anyhow::Result<()> {
     println!("load average {} at start, {} at end\n", load(load_start), load(load_average()));
     println!("{}", align(&table, 0));
     println!("a verifying pass of r rows saves time only when it gives more tokens than its cost in one-row steps");
+    let macs = multiply_adds_per_row(loaded.model.config());
+    let peak = int8_peak(threads);
+    println!("\neach row's products: {:.1} M multiply-adds", macs / 1e6);
+    match peak {
+        Some(peak) => println!(
+            "this CPU's int8 peak: {:.0} G multiply-adds/s (vpdpbusd on {threads} threads): a row's products take at least {:.3} ms",
+            peak / 1e9,
+            macs / peak * 1e3
+        ),
+        None => println!("this CPU's int8 peak: not measured (no AVX-512 VNNI)"),
+    }
+    for (context, costs) in &measured {
+        let (rows, last) = (costs.wall.len(), costs.wall.last().copied().unwrap_or(0.0));
+        if rows > 1 {
+            let extra = (last - costs.wall[0]) / (rows - 1) as f64;
+            let floor = peak.map_or(String::new(), |peak| format!(", {:.1}× that least", extra / (macs / peak * 1e3)));
+            println!("context {context}: each row past the first {extra:.3} ms (over rows 2-{rows}){floor}");
+        }
+    }
     Ok(())
+}
+
+/// Multiply-adds of one token's products in a dense model: attention's Q, K, V and output
+/// projections, the gated MLP's three, and the LM head.
+fn multiply_adds_per_row(c: &engine::model::Config) -> f64 {
+    let attention = c.hidden * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.hidden;
+    let mlp = 3 * c.hidden * c.ffn;
+    (c.num_layers * (attention + mlp) + c.hidden * c.vocab_size) as f64
+}
+
+/// Multiply-adds per second that `threads` threads issuing nothing but independent `vpdpbusd`
+/// (64 int8 multiply-adds each) reach; `None` on a CPU without AVX-512 VNNI.
+fn int8_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+        const ROUNDS: u64 = 10_000_000;
+        let start = Instant::now();
+        let spinners: Vec<_> = (0..threads)
+            .map(|_| {
+                // SAFETY: the CPU has the features (checked above).
+                std::thread::spawn(|| unsafe { vnni::spin(ROUNDS) })
+            })
+            .collect();
+        let sums: i32 = spinners.into_iter().map(|s| s.join().unwrap_or(0)).fold(0, i32::wrapping_add);
+        std::hint::black_box(sums);
+        let total = threads as f64 * ROUNDS as f64 * (vnni::CHAINS * 64) as f64;
+        return Some(total / start.elapsed().as_secs_f64());
+    }
+    let _ = threads;
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    /// Independent accumulators: enough to cover the instruction's latency on every port.
+    pub const CHAINS: usize = 16;
+
+    /// `rounds` rounds of one `vpdpbusd` per accumulator.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn spin(rounds: u64) -> i32 {
+        // Values the compiler cannot see, so that it cannot fold the products.
+        let (a, b) = (std::hint::black_box(_mm512_set1_epi8(3)), std::hint::black_box(_mm512_set1_epi8(5)));
+        let mut chains = [_mm512_setzero_si512(); CHAINS];
+        for _ in 0..rounds {
+            for chain in chains.iter_mut() {
+                *chain = _mm512_dpbusd_epi32(*chain, a, b);
+            }
+        }
+        let sum = chains.iter().fold(_mm512_setzero_si512(), |s, &c| _mm512_add_epi32(s, c));
+        _mm512_reduce_add_epi32(sum)
+    }
 }

@@ -303,7 +303,6 @@ fn the_host_cache_and_the_device_mirror_stay_equal() {
     assert_close(&moved, &decode, "a decode over handed-off blocks");
 }
 
-/// Every token a request heard, and its last event.
 /// Prompt lookup's verifying passes on the device: a sequence's token and its drafts in one
 /// pass, a logits row each, the KV past the first rejected draft written over by the next pass.
 /// Each answer is the run without drafts' token for token, with the same logprobs, up to the
@@ -372,6 +371,7 @@ fn drafts_verified_on_the_device_keep_the_greedy_tokens() {
     assert!(compared >= 64, "only {compared} tokens were clear enough to compare");
 }
 
+/// Every token a request heard, and its last event.
 fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
     let mut tokens = Vec::new();
     loop {
